@@ -1,0 +1,99 @@
+"""Probe a media file with the FFmpeg binary shipped by ``imageio-ffmpeg`` (there is no ffprobe)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+
+PROBE_TIMEOUT_S = 30.0
+
+_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+_VIDEO_RE = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})")
+_FPS_RE = re.compile(r"(\d+(?:\.\d+)?) fps")
+_AUDIO_RE = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+).*?, (\d+) Hz, ([^,]+)")
+
+
+class MediaProbeError(ValueError):
+    """The file is missing, unreadable, or not a media file FFmpeg understands."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What FFmpeg reports about a media file's first video and audio streams.
+
+    Attributes:
+        path: The probed file.
+        duration_s: Container duration in seconds (0.0 if unknown).
+        video_codec: e.g. ``"h264"``, ``"hevc"``; None without a video stream.
+        width: Coded width in pixels (before any rotation metadata); 0 without video.
+        height: Coded height in pixels; 0 without video.
+        fps: Average frame rate in frames per second; 0.0 if unknown or no video.
+        audio_codec: e.g. ``"aac"``, ``"pcm_s16le"``; None without an audio stream.
+        audio_sample_rate_hz: Audio sample rate in Hz; 0 without audio.
+        audio_layout: Channel layout as FFmpeg names it (``"mono"``, ``"stereo"``, ``"5.1"``, ...).
+    """
+
+    path: Path
+    duration_s: float
+    video_codec: str | None
+    width: int
+    height: int
+    fps: float
+    audio_codec: str | None
+    audio_sample_rate_hz: int
+    audio_layout: str | None
+
+    @property
+    def has_video(self) -> bool:
+        """True when the file has a video stream."""
+        return self.video_codec is not None
+
+    @property
+    def has_audio(self) -> bool:
+        """True when the file has an audio stream."""
+        return self.audio_codec is not None
+
+
+def probe_media(path: str | Path, timeout_s: float = PROBE_TIMEOUT_S) -> MediaInfo:
+    """Read stream information from ``ffmpeg -i`` (no decoding).
+
+    Args:
+        path: Media file.
+        timeout_s: Seconds to wait for FFmpeg.
+
+    Returns:
+        The file's :class:`MediaInfo`.
+
+    Raises:
+        MediaProbeError: If the file does not exist or FFmpeg finds no audio or video stream in it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MediaProbeError(f"no such file: {path}")
+    proc = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
+        capture_output=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    text = proc.stderr.decode("utf-8", errors="replace")
+    duration_s = 0.0
+    if m := _DURATION_RE.search(text):
+        duration_s = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    video_codec, width, height, fps = None, 0, 0, 0.0
+    for line in text.splitlines():
+        if video_codec is None and (m := _VIDEO_RE.search(line)) and "attached pic" not in line:
+            video_codec, width, height = m.group(1), int(m.group(2)), int(m.group(3))
+            if f := _FPS_RE.search(line):
+                fps = float(f.group(1))
+    audio_codec, rate, layout = None, 0, None
+    if m := _AUDIO_RE.search(text):
+        audio_codec, rate, layout = m.group(1), int(m.group(2)), m.group(3).strip()
+    if video_codec is None and audio_codec is None:
+        last = text.strip().splitlines()[-1] if text.strip() else "no output"
+        raise MediaProbeError(f"{path.name}: not a readable audio or video file ({last})")
+    return MediaInfo(path, duration_s, video_codec, width, height, fps, audio_codec, rate, layout)
