@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""LatentSync-Realtime server: keeps the avatar live on RTMP and serves the HTTP API.
+
+Usage:
+    .venv/bin/python infer_serv.py [--config FILE] [--print-config] [key=value ...]
+
+Overrides use the config's dotted keys, e.g. ``stream.fps=30 avatar.idle_video=idle.mp4``.
+SIGINT/SIGTERM stop everything cleanly (FFmpeg flushed, FIFOs removed) within 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from werkzeug.serving import make_server
+
+from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
+from latentsync.media.probe import MediaProbeError
+from latentsync.serving.app import create_app
+from latentsync.serving.runtime import Runtime
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
+logger = logging.getLogger("latentsync.serve")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse the command line (see module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
+                        help="YAML config file (default: configs/server.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stream.fps=30")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM. Returns the process exit code."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    runtime = Runtime(config)
+    server = make_server(config.server.host, config.server.port, create_app(runtime), threaded=True)
+    http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
+    http_thread.start()
+    logger.info("API on http://%s:%d", config.server.host, config.server.port)
+    code = 0
+    try:
+        runtime.start()
+        logger.info("streaming to %s — open it in VLC/OBS/ffplay", redact_rtmp_url(config.stream.rtmp_url))
+        while not stop.wait(0.5):
+            pass
+    except MediaProbeError as exc:
+        logger.error("cannot start: %s", exc)
+        code = 1
+    finally:
+        server.shutdown()
+        http_thread.join(2.0)
+        runtime.stop()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Typed server configuration: defaults, a YAML file, then command-line ``key=value`` overrides.
+
+The schema is a tree of dataclasses turned into an OmegaConf structured config, so unknown
+keys and values of the wrong type are rejected by OmegaConf with the full key name; semantic
+checks (ranges, even sizes, supported AAC rates) follow in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+# Sample rates the FFmpeg AAC encoder accepts (MPEG-4 Audio sampling frequency index table).
+AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class EngineName(str, enum.Enum):
+    """Lip-sync engines."""
+
+    parametric = "parametric"
+    latentsync = "latentsync"
+
+
+@dataclass
+class ServerConfig:
+    """HTTP API listener."""
+
+    host: str = "127.0.0.1"
+    port: int = 11001
+
+
+@dataclass
+class StreamConfig:
+    """The live output: clock, encoder and RTMP destination.
+
+    ``width``/``height`` of None take the idle avatar video's own size (rounded down to even).
+    """
+
+    rtmp_url: str = "rtmp://127.0.0.1:1935/live/avatar"
+    fps: int = 25
+    audio_sample_rate: int = 48000
+    audio_channels: int = 2
+    width: int | None = None
+    height: int | None = None
+    crossfade_frames: int = 5
+    idle_audio: bool = True
+    idle_pingpong: bool = False
+    video_bitrate_kbps: int = 2500
+    audio_bitrate_kbps: int = 128
+    x264_preset: str = "veryfast"
+    keyframe_interval_s: float = 2.0
+    sink_queue_s: float = 1.0
+    max_catchup_s: float = 1.0
+    restart_backoff_min_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    record_path: str | None = None
+
+
+@dataclass
+class AvatarConfig:
+    """The digital human: idle loop and base video for speech (None: the built-in default avatar)."""
+
+    idle_video: str | None = None
+    video: str | None = None
+    cache_dir: str = ".cache/avatars"
+
+
+@dataclass
+class EngineConfig:
+    """Lip-sync engine and its worker pool (``workers`` None: one per GPU, or 1 on CPU)."""
+
+    name: EngineName = EngineName.parametric
+    workers: int | None = None
+
+
+@dataclass
+class LogConfig:
+    """Logging."""
+
+    level: str = "INFO"
+    json: bool = False
+
+
+@dataclass
+class AppConfig:
+    """The whole server configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{key}: {first}" if key else first
+
+
+def load_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> AppConfig:
+    """Build the configuration from defaults, an optional YAML file and dotlist overrides.
+
+    Args:
+        config_file: YAML file with any subset of the keys (None: defaults only).
+        overrides: ``key=value`` strings, e.g. ``["stream.fps=30", "engine.name=parametric"]``.
+
+    Returns:
+        The validated :class:`AppConfig`.
+
+    Raises:
+        ConfigError: On an unknown key, a value of the wrong type, a malformed override, a missing
+            file, or a value out of range; the message names the key.
+    """
+    schema = OmegaConf.structured(AppConfig)
+    try:
+        layers = [schema]
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item or item.startswith("="):
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(config, AppConfig)
+    validate(config)
+    return config
+
+
+def _check(ok: bool, key: str, value: object, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is invalid, expected {want}")
+
+
+def validate(config: AppConfig) -> None:
+    """Check value ranges that the types alone do not express.
+
+    Args:
+        config: The configuration to check.
+
+    Raises:
+        ConfigError: Naming the first key whose value is out of range.
+    """
+    s = config.stream
+    _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
+    _check(s.rtmp_url.startswith(("rtmp://", "rtmps://")), "stream.rtmp_url", "<hidden>", "an rtmp:// URL")
+    _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
+    _check(s.audio_sample_rate in AAC_SAMPLE_RATES_HZ, "stream.audio_sample_rate", s.audio_sample_rate,
+           f"one of {AAC_SAMPLE_RATES_HZ}")
+    _check(s.audio_channels in (1, 2), "stream.audio_channels", s.audio_channels, "1 or 2")
+    for key in ("width", "height"):
+        value = getattr(s, key)
+        _check(value is None or (16 <= value <= 7680 and value % 2 == 0), f"stream.{key}", value,
+               "an even number of pixels in 16..7680 (yuv420p) or null")
+    _check((s.width is None) == (s.height is None), "stream.width", s.width, "set together with stream.height")
+    _check(0 <= s.crossfade_frames <= 10 * s.fps, "stream.crossfade_frames", s.crossfade_frames,
+           f"0..{10 * s.fps}")
+    _check(100 <= s.video_bitrate_kbps <= 50000, "stream.video_bitrate_kbps", s.video_bitrate_kbps, "100..50000")
+    _check(16 <= s.audio_bitrate_kbps <= 512, "stream.audio_bitrate_kbps", s.audio_bitrate_kbps, "16..512")
+    presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
+    _check(s.x264_preset in presets, "stream.x264_preset", s.x264_preset, f"one of {presets}")
+    _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
+    _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
+    _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")
+    _check(0 < s.restart_backoff_min_s <= s.restart_backoff_max_s <= 300, "stream.restart_backoff_min_s",
+           s.restart_backoff_min_s, "0 < min <= stream.restart_backoff_max_s <= 300")
+    for key in ("idle_video", "video"):
+        value = getattr(config.avatar, key)
+        _check(value is None or Path(value).is_file(), f"avatar.{key}", value, "an existing video file or null")
+    _check(config.engine.workers is None or 1 <= config.engine.workers <= 64, "engine.workers",
+           config.engine.workers, "1..64 or null")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
+
+
+def to_yaml(config: AppConfig) -> str:
+    """Render a configuration as YAML (for ``--print-config``), with the RTMP stream key hidden."""
+    node = OmegaConf.structured(config)
+    node.stream.rtmp_url = redact_rtmp_url(config.stream.rtmp_url)
+    return OmegaConf.to_yaml(node)
+
+
+def redact_rtmp_url(url: str) -> str:
+    """Hide the stream key (the last path element) and any credentials of an RTMP URL.
+
+    ``rtmp://user:pw@host:1935/live/secretkey`` becomes ``rtmp://host:1935/live/***``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    hostpart, slash, path = rest.partition("/")
+    hostpart = hostpart.rsplit("@", 1)[-1]
+    app, _, _key = path.rpartition("/")
+    return f"{scheme}://{hostpart}{slash}{app + '/' if app else ''}***" if slash else f"{scheme}://{hostpart}"

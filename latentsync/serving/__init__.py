@@ -1,0 +1,1 @@
+"""Serving: HTTP API, streaming controller, FFmpeg sink and the runtime that owns them."""

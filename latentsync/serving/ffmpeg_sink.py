@@ -1,0 +1,471 @@
+"""FFmpegSink: two named pipes (raw video + s16le audio) read by one supervised FFmpeg → RTMP.
+
+One long-running FFmpeg (the ``imageio-ffmpeg`` binary) reads ``rawvideo`` from a video FIFO and
+``s16le`` from an audio FIFO, encodes H.264 (libx264, zerolatency) + AAC and pushes FLV to the
+RTMP URL. There is no ``-re``: the StreamingController's clock paces the stream, and FFmpeg
+derives PTS from frame and sample counts, so A/V sync holds by construction.
+
+Each FIFO has its own writer thread fed by its own bounded queue, so a full pipe on one side can
+never block the other (FFmpeg reads its inputs from separate demuxer threads). A supervisor thread
+restarts FFmpeg with fresh FIFOs and exponential backoff when it exits or cannot reach the server.
+:meth:`FFmpegSink.offer` never blocks: a tick whose frame and audio cannot both be queued is
+refused as a whole and the caller counts it as dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import imageio_ffmpeg
+import numpy as np
+
+from latentsync.config import redact_rtmp_url
+
+logger = logging.getLogger(__name__)
+
+F_SETPIPE_SZ = 1031  # fcntl command from <linux/fcntl.h>: resize a pipe's kernel buffer
+PIPE_BUFFER_BYTES = 1 << 20  # 1 MiB, the default /proc/sys/fs/pipe-max-size for unprivileged users
+FIFO_OPEN_TIMEOUT_S = 10.0  # FFmpeg must open both FIFOs within this time after it starts
+FLUSH_TIMEOUT_S = 4.0  # graceful close: time FFmpeg gets to drain, flush and exit after EOF
+STABLE_RUN_S = 10.0  # a run at least this long resets the restart backoff to its minimum
+STDERR_TAIL_LINES = 50
+REACHABILITY_POLL_S = 0.25  # during a backoff wait, how often to test whether the RTMP server is back
+DEFAULT_RTMP_PORT = 1935
+
+
+def server_reachable(rtmp_url: str, timeout_s: float = 0.5) -> bool:
+    """True when a TCP connection to the RTMP URL's host and port succeeds within ``timeout_s``."""
+    parts = urlsplit(rtmp_url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or DEFAULT_RTMP_PORT), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """What the sink needs to know about the stream.
+
+    Attributes:
+        rtmp_url: Destination, e.g. ``rtmp://127.0.0.1:1935/live/avatar`` (the key is a secret).
+        width: Frame width in pixels (even).
+        height: Frame height in pixels (even).
+        fps: Frames per second.
+        sample_rate_hz: Audio rate of the s16le mono input and the AAC output, in Hz.
+        audio_channels: AAC output channels (1 or 2; the mono input is upmixed).
+        video_bitrate_kbps: H.264 target (and max) bitrate in kbit/s.
+        audio_bitrate_kbps: AAC bitrate in kbit/s.
+        x264_preset: libx264 preset.
+        keyframe_interval_s: Seconds between keyframes (GOP length).
+        queue_frames: Capacity of each writer queue, in ticks.
+        backoff_min_s: First restart delay in seconds (doubles per failed run).
+        backoff_max_s: Restart delay cap in seconds.
+        record_path: Optional second output (any container FFmpeg infers from the suffix), written
+            through FFmpeg's tee muxer next to the RTMP push; restarts write ``<stem>-<n><suffix>``.
+    """
+
+    rtmp_url: str
+    width: int
+    height: int
+    fps: int
+    sample_rate_hz: int
+    audio_channels: int = 2
+    video_bitrate_kbps: int = 2500
+    audio_bitrate_kbps: int = 128
+    x264_preset: str = "veryfast"
+    keyframe_interval_s: float = 2.0
+    queue_frames: int = 25
+    backoff_min_s: float = 0.5
+    backoff_max_s: float = 10.0
+    record_path: str | None = None
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    """A snapshot of the sink's counters.
+
+    Attributes:
+        up: FFmpeg is running and both FIFOs are open.
+        starts: FFmpeg processes started so far.
+        restarts: Starts after the first one (``starts - 1``, never negative).
+        frames_written: Video frames written into the video FIFO, over all runs.
+        pid: PID of the current FFmpeg, or None.
+        last_error: Last lines FFmpeg printed before it last exited (stream key redacted).
+    """
+
+    up: bool
+    starts: int
+    restarts: int
+    frames_written: int
+    pid: int | None
+    last_error: str
+
+
+def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: Path, run_index: int) -> list[str]:
+    """The FFmpeg argv for one run.
+
+    Args:
+        settings: Stream settings.
+        video_fifo: FIFO carrying ``(H, W, 3) uint8`` RGB frames back to back.
+        audio_fifo: FIFO carrying mono s16le samples.
+        run_index: 0 for the first run; names the recording file of later runs.
+
+    Returns:
+        The command line (contains the RTMP URL: never log it unredacted).
+    """
+    s = settings
+    gop = max(1, round(s.keyframe_interval_s * s.fps))
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning",
+        "-thread_queue_size", "8", "-f", "rawvideo", "-pix_fmt", "rgb24",
+        "-video_size", f"{s.width}x{s.height}", "-framerate", str(s.fps), "-i", str(video_fifo),
+        "-thread_queue_size", "64", "-f", "s16le", "-sample_rate", str(s.sample_rate_hz),
+        "-ch_layout", "mono", "-i", str(audio_fifo),
+        "-map", "0:v:0", "-map", "1:a:0",
+        "-c:v", "libx264", "-preset", s.x264_preset, "-tune", "zerolatency", "-pix_fmt", "yuv420p",
+        "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
+        "-b:v", f"{s.video_bitrate_kbps}k", "-maxrate", f"{s.video_bitrate_kbps}k",
+        "-bufsize", f"{2 * s.video_bitrate_kbps}k",
+        "-c:a", "aac", "-b:a", f"{s.audio_bitrate_kbps}k", "-ar", str(s.sample_rate_hz),
+        "-ac", str(s.audio_channels),
+    ]  # fmt: skip
+    if s.record_path is None:
+        return cmd + ["-flvflags", "no_duration_filesize", "-f", "flv", s.rtmp_url]
+    record = Path(s.record_path)
+    if run_index > 0:
+        record = record.with_name(f"{record.stem}-{run_index}{record.suffix}")
+    # The tee muxer has no global-header flag of its own: FLV and MP4/MKV need the SPS/PPS out of band.
+    targets = f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{s.rtmp_url}|[onfail=ignore]{record}"
+    return cmd + ["-flags", "+global_header", "-f", "tee", targets]
+
+
+class _Run:
+    """One FFmpeg process with its FIFOs, writer threads and bounded queues."""
+
+    def __init__(self, index: int, fifo_dir: Path, queue_frames: int):
+        self.index = index
+        self.video_fifo = fifo_dir / f"video-{index}.fifo"
+        self.audio_fifo = fifo_dir / f"audio-{index}.fifo"
+        self.video_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=queue_frames)
+        self.audio_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=queue_frames)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.threads: list[threading.Thread] = []
+        self.failed = threading.Event()  # a writer hit EPIPE / open timeout
+        self.closing = threading.Event()  # writers: finish what is queued, then close
+        self.opened = 0  # FIFOs opened by their writers (0..2)
+        self.opened_lock = threading.Lock()
+        self.accepting = False  # offer() may queue into this run
+        self.started_at = 0.0
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+
+    @property
+    def up(self) -> bool:
+        return self.opened == 2 and not self.failed.is_set()
+
+
+class FFmpegSink:
+    """Feeds ticks (one frame + its audio) to a supervised FFmpeg that pushes FLV over RTMP.
+
+    Thread model: :meth:`offer` is called by one producer thread (the StreamingController);
+    a supervisor thread owns the FFmpeg process; two writer threads per run move queued data
+    into the FIFOs; one thread drains FFmpeg's stderr into the log.
+
+    Args:
+        settings: Stream settings.
+        fifo_dir: Private directory (mode 0700) for the FIFOs; must exist.
+    """
+
+    def __init__(self, settings: SinkSettings, fifo_dir: Path):
+        self._settings = settings
+        self._fifo_dir = Path(fifo_dir)
+        self._redacted_url = redact_rtmp_url(settings.rtmp_url)
+        key = settings.rtmp_url.rstrip("/").rsplit("/", 1)[-1]
+        # Secrets to scrub from FFmpeg's messages: the full URL first, then the bare stream key.
+        self._secrets = tuple(x for x in (settings.rtmp_url, key if len(key) >= 4 else "") if x)
+        self._frame_bytes = settings.width * settings.height * 3
+        self._run: _Run | None = None
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._starts = 0
+        self._frames_written = 0
+        self._last_error = ""
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the supervisor (FFmpeg comes up in the background). Safe to call twice."""
+        with self._lock:
+            if self._supervisor is not None or self._stop.is_set():
+                return
+            self._supervisor = threading.Thread(target=self._supervise, name="ffmpeg-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def wait_accepting(self, timeout_s: float) -> bool:
+        """Wait until :meth:`offer` can accept ticks (FFmpeg launched). Returns False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self._stop.is_set():
+            run = self._run
+            if run is not None and run.accepting:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self, timeout_s: float = 8.0) -> None:
+        """Stop FFmpeg gracefully (EOF on both FIFOs, so it flushes), then remove the FIFOs.
+
+        Safe to call twice or before :meth:`start`.
+
+        Args:
+            timeout_s: Upper bound in seconds for the whole shutdown.
+        """
+        self._stop.set()
+        supervisor = self._supervisor
+        if supervisor is not None:
+            supervisor.join(timeout_s)
+            if supervisor.is_alive():
+                logger.error("ffmpeg supervisor did not stop within %.1f s", timeout_s)
+        run = self._run
+        if run is not None:  # the supervisor normally did all this; make sure nothing survives
+            self._kill(run)
+            self._remove_fifos(run)
+
+    # ----------------------------------------------------------------- producer side
+    def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
+        """Queue one tick without blocking.
+
+        Args:
+            video: ``(H, W, 3) uint8`` RGB frame, C-contiguous; must not be modified afterwards.
+            audio: ``(N,) int16`` mono samples for this frame.
+
+        Returns:
+            True if both were queued; False if the tick was refused as a whole (FFmpeg down or
+            restarting, or a queue full because the encoder or network cannot keep up).
+
+        Raises:
+            ValueError: If the frame has the wrong shape or dtype.
+        """
+        if video.dtype != np.uint8 or video.nbytes != self._frame_bytes:
+            raise ValueError(
+                f"frame must be ({self._settings.height}, {self._settings.width}, 3) uint8, "
+                f"got {video.shape} {video.dtype}"
+            )
+        run = self._run
+        if run is None or not run.accepting:
+            return False
+        # Single producer: the writers only ever make room, so checking both first is race-free.
+        if run.video_queue.full() or run.audio_queue.full():
+            return False
+        run.video_queue.put_nowait(video)
+        run.audio_queue.put_nowait(audio)
+        return True
+
+    def stats(self) -> SinkStats:
+        """Return a snapshot of the counters."""
+        run = self._run
+        up = run is not None and run.up and run.accepting
+        pid = run.proc.pid if run is not None and run.proc is not None and run.proc.poll() is None else None
+        return SinkStats(
+            up=up,
+            starts=self._starts,
+            restarts=max(0, self._starts - 1),
+            frames_written=self._frames_written,
+            pid=pid,
+            last_error=self._last_error,
+        )
+
+    # ----------------------------------------------------------------- supervisor
+    def _supervise(self) -> None:
+        backoff_s = self._settings.backoff_min_s
+        index = 0
+        while not self._stop.is_set():
+            run = _Run(index, self._fifo_dir, self._settings.queue_frames)
+            self._run = run
+            try:
+                self._launch(run)
+                while not self._stop.is_set():
+                    if run.proc is not None and run.proc.poll() is not None:
+                        break
+                    if run.failed.wait(0.1):
+                        break
+            except OSError as exc:
+                logger.error("cannot start ffmpeg: %s", exc)
+            graceful = self._stop.is_set()
+            self._teardown(run, graceful=graceful)
+            lasted_s = time.monotonic() - run.started_at
+            if graceful:
+                break
+            self._last_error = " | ".join(list(run.stderr_tail)[-3:])
+            backoff_s = self._settings.backoff_min_s if lasted_s >= STABLE_RUN_S else backoff_s
+            logger.warning(
+                "ffmpeg run %d ended after %.1f s (exit %s: %s); restarting in %.1f s",
+                run.index, lasted_s, run.proc.returncode if run.proc else None,
+                self._last_error or "no message", backoff_s,
+            )  # fmt: skip
+            if self._wait_backoff(backoff_s):
+                break
+            backoff_s = min(backoff_s * 2, self._settings.backoff_max_s)
+            index += 1
+
+    def _wait_backoff(self, backoff_s: float) -> bool:
+        """Sleep ``backoff_s`` seconds before the next start, cut short when the RTMP server returns.
+
+        A server seen unreachable during the wait and then reachable again ends the wait at once,
+        so a restarted server is reconnected within a poll interval rather than a long backoff.
+
+        Returns:
+            True if the sink is closing.
+        """
+        deadline = time.monotonic() + backoff_s
+        was_unreachable = False
+        while (left := deadline - time.monotonic()) > 0:
+            reachable = server_reachable(self._settings.rtmp_url, timeout_s=min(0.5, left))
+            if reachable and was_unreachable:
+                logger.info("rtmp server %s is reachable again", self._redacted_url)
+                return self._stop.is_set()
+            was_unreachable = was_unreachable or not reachable
+            if self._stop.wait(max(0.0, min(REACHABILITY_POLL_S, deadline - time.monotonic()))):
+                return True
+        return self._stop.is_set()
+
+    def _launch(self, run: _Run) -> None:
+        for fifo in (run.video_fifo, run.audio_fifo):
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo, 0o600)
+        cmd = build_ffmpeg_command(self._settings, run.video_fifo, run.audio_fifo, run.index)
+        run.started_at = time.monotonic()
+        run.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._starts += 1
+        logger.info(
+            "ffmpeg run %d started (pid %d) → %s, %dx%d@%d",
+            run.index, run.proc.pid, self._redacted_url,
+            self._settings.width, self._settings.height, self._settings.fps,
+        )  # fmt: skip
+        run.threads = [
+            threading.Thread(target=self._drain_stderr, args=(run,), name=f"ffmpeg-stderr-{run.index}", daemon=True),
+            threading.Thread(
+                target=self._write_fifo, args=(run, run.video_fifo, run.video_queue, True),
+                name=f"fifo-video-{run.index}", daemon=True,
+            ),
+            threading.Thread(
+                target=self._write_fifo, args=(run, run.audio_fifo, run.audio_queue, False),
+                name=f"fifo-audio-{run.index}", daemon=True,
+            ),
+        ]  # fmt: skip
+        for thread in run.threads:
+            thread.start()
+        run.accepting = True
+
+    def _teardown(self, run: _Run, graceful: bool) -> None:
+        run.accepting = False
+        run.closing.set()
+        if not graceful:
+            run.failed.set()  # writers drop what is queued and close at once
+        proc = run.proc
+        if proc is not None and graceful:
+            # Writers flush their queues, then close the FIFOs: EOF makes FFmpeg finish the FLV.
+            deadline = time.monotonic() + FLUSH_TIMEOUT_S
+            for thread in run.threads[1:]:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+        self._kill(run)
+        for thread in run.threads:
+            thread.join(2.0)
+        self._remove_fifos(run)
+
+    def _kill(self, run: _Run) -> None:
+        run.failed.set()
+        proc = run.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2.0)
+
+    @staticmethod
+    def _remove_fifos(run: _Run) -> None:
+        for fifo in (run.video_fifo, run.audio_fifo):
+            fifo.unlink(missing_ok=True)
+
+    # ----------------------------------------------------------------- worker threads
+    def _open_fifo(self, run: _Run, path: Path) -> int | None:
+        """Open a FIFO for writing once FFmpeg has opened it for reading (non-blocking poll)."""
+        deadline = time.monotonic() + FIFO_OPEN_TIMEOUT_S
+        while not run.failed.is_set():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno not in (errno.ENXIO, errno.ENOENT):
+                    raise
+                if run.proc is not None and run.proc.poll() is not None:
+                    return None
+                if time.monotonic() > deadline:
+                    logger.error("ffmpeg did not open %s within %.0f s", path.name, FIFO_OPEN_TIMEOUT_S)
+                    return None
+                time.sleep(0.01)
+                continue
+            os.set_blocking(fd, True)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BUFFER_BYTES)
+            return fd
+        return None
+
+    def _write_fifo(self, run: _Run, path: Path, source: queue.Queue[np.ndarray], is_video: bool) -> None:
+        fd = None
+        try:
+            fd = self._open_fifo(run, path)
+            if fd is None:
+                run.failed.set()
+                return
+            with run.opened_lock:
+                run.opened += 1
+            while not run.failed.is_set():
+                try:
+                    item = source.get(timeout=0.1)
+                except queue.Empty:
+                    if run.closing.is_set():
+                        return
+                    continue
+                view = memoryview(np.ascontiguousarray(item)).cast("B")
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if is_video:
+                    self._frames_written += 1
+        except OSError as exc:  # EPIPE: FFmpeg went away
+            if not run.closing.is_set():
+                logger.warning("writing %s failed: %s", path.name, exc)
+            run.failed.set()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _drain_stderr(self, run: _Run) -> None:
+        assert run.proc is not None and run.proc.stderr is not None
+        for raw in iter(run.proc.stderr.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            for secret in self._secrets:
+                line = line.replace(secret, self._redacted_url if secret.startswith("rtmp") else "***")
+            if line:
+                run.stderr_tail.append(line)
+                logger.info("ffmpeg[%d]: %s", run.index, line)
+        run.proc.stderr.close()
