@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local RTMP server for development and tests: nginx + libnginx-mod-rtmp (Debian) on loopback.
 #
-#   scripts/rtmp_server.sh start|stop|status|restart
+#   scripts/rtmp_server.sh start|stop|status|restart|install
 #
 # Environment:
 #   RTMP_PORT       RTMP listen port on 127.0.0.1 (default 1935)
@@ -105,8 +105,9 @@ case "${1:-}" in
     echo "rtmp server on 127.0.0.1:$RTMP_PORT stopped"
     ;;
   restart) "$0" stop && "$0" start ;;
+  install) ensure_installed; echo "nginx with the RTMP module is installed" ;;
   status)
     if is_running; then echo "running (pid $(cat "$RUN_DIR/nginx.pid")) on 127.0.0.1:$RTMP_PORT"; else echo "stopped"; exit 3; fi
     ;;
-  *) echo "usage: $0 start|stop|status|restart" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|restart|install" >&2; exit 2 ;;
 esac

@@ -106,6 +106,16 @@ class Runtime:
             shutil.rmtree(self._work_dir, ignore_errors=True)
         logger.info("runtime stopped")
 
+    @property
+    def controller(self) -> StreamingController | None:
+        """The StreamingController, once started."""
+        return self._controller
+
+    @property
+    def sink(self) -> FFmpegSink | None:
+        """The FFmpegSink, once started."""
+        return self._sink
+
     def health(self) -> tuple[bool, dict]:
         """Stream health for ``GET /health``.
 

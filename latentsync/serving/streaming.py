@@ -172,6 +172,11 @@ class StreamingController:
             self._thread.join(timeout_s)
         self._state = StreamState.STOPPED
 
+    @property
+    def native_thread_id(self) -> int | None:
+        """OS thread id of the clock thread (for per-thread CPU accounting), or None before start."""
+        return self._thread.native_id if self._thread is not None else None
+
     def stats(self) -> ControllerStats:
         """Return a snapshot of the tick accounting."""
         return ControllerStats(

@@ -1,0 +1,45 @@
+# LatentSync-Realtime. `make run` streams; `make test` runs the test suite. Both set themselves up.
+VENV := .venv
+STAMP := $(VENV)/.installed
+RTMP_PORT ?= 1935
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test setup lint rtmp-start rtmp-stop bench clean
+
+$(STAMP): requirements.txt scripts/bootstrap.sh
+	@bash scripts/bootstrap.sh
+
+setup: $(STAMP)
+
+## run: set up, start the local RTMP server and stream the avatar (Ctrl-C stops)
+run: setup
+	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
+	@echo ""
+	@echo "  Live stream:  rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar   (VLC: Media > Open Network Stream; or ffplay)"
+	@echo "  Health:       http://127.0.0.1:11001/health"
+	@echo ""
+	$(VENV)/bin/python infer_serv.py stream.rtmp_url=rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar $(ARGS)
+
+## test: set up (nginx-rtmp too), lint, then the whole pytest suite
+test: setup
+	@bash scripts/rtmp_server.sh install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+rtmp-start:
+	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
+
+rtmp-stop:
+	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh stop
+
+## bench: streaming benchmark (60 s at 832x1248 against the local RTMP server)
+bench: setup
+	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
+	$(VENV)/bin/python scripts/bench/stream_bench.py --seconds 60
+
+clean:
+	rm -rf .cache .run out

@@ -1,0 +1,234 @@
+"""Test helpers: a private nginx-rtmp server, the server under test as a real process, and a real
+RTMP client (FFmpeg) that records and measures the stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
+RTMP_SCRIPT = REPO / "scripts" / "rtmp_server.sh"
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data; fails (never skips) when the shared data is missing."""
+    path = DATA / relative
+    if not path.is_file():
+        pytest.fail(f"shared test data missing: {path} (clone the repo with ../shared beside it)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_rtmp_tools() -> None:
+    """Skip locally when nginx-rtmp is absent; under CI=true a missing tool is a failure."""
+    if Path("/usr/lib/nginx/modules/ngx_rtmp_module.so").is_file() and shutil.which("nginx"):
+        return
+    message = "nginx + libnginx-mod-rtmp not installed (run scripts/rtmp_server.sh install)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+class RtmpServer:
+    """A private nginx-rtmp instance on a free loopback port, run by scripts/rtmp_server.sh."""
+
+    def __init__(self, run_dir: Path):
+        self.port = free_port()
+        self.http_port = free_port()
+        self.run_dir = run_dir
+        self.env = dict(os.environ, RTMP_PORT=str(self.port), RTMP_HTTP_PORT=str(self.http_port),
+                        RTMP_RUN_DIR=str(run_dir))
+
+    def _script(self, verb: str) -> None:
+        subprocess.run(["bash", str(RTMP_SCRIPT), verb], env=self.env, check=True, capture_output=True, timeout=60)
+
+    def start(self) -> None:
+        self._script("start")
+
+    def stop(self) -> None:
+        self._script("stop")
+
+    def url(self, key: str = "avatar") -> str:
+        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
+
+    def publishing(self, key: str = "avatar") -> bool:
+        """True when nginx reports a client publishing to ``live/<key>`` (its /stat page)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/stat", timeout=2) as r:
+                root = ET.fromstring(r.read())
+        except (OSError, ET.ParseError):
+            return False
+        for stream in root.iter("stream"):
+            if stream.findtext("name") == key and any(c.find("publishing") is not None for c in stream.iter("client")):
+                return True
+        return False
+
+
+class ServerProcess:
+    """``infer_serv.py`` as a subprocess with its own port and RTMP key."""
+
+    def __init__(self, overrides: list[str], log_path: Path, tmpdir: Path | None = None):
+        self.port = free_port()
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if tmpdir is not None:
+            self.env["TMPDIR"] = str(tmpdir)  # the server's private FIFO directory goes here
+        self.overrides = [f"server.port={self.port}", *overrides]
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "infer_serv.py"), *self.overrides],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+        )
+        return self
+
+    def health(self) -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+        except OSError:
+            return 0, {}
+
+    def wait_healthy(self, timeout_s: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, f"server exited:\n{self.log()}"
+            status, body = self.health()
+            if status == 200:
+                return body
+            time.sleep(0.2)
+        raise AssertionError(f"server not healthy within {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 10.0) -> tuple[int | None, float]:
+        """SIGTERM; returns (exit code, seconds it took). Kills it if it overruns."""
+        if self.proc is None:
+            return None, 0.0
+        t = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                self._log.close()
+                return None, time.monotonic() - t
+        self._log.close()
+        return self.proc.returncode, time.monotonic() - t
+
+
+def pull_stream(url: str, seconds: float, out_path: Path) -> Path:
+    """Record ``seconds`` of an RTMP stream with FFmpeg (stream copy into FLV)."""
+    cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-rw_timeout", "10000000", "-i", url,
+           "-t", f"{seconds}", "-c", "copy", "-y", str(out_path)]
+    proc = subprocess.run(cmd, capture_output=True, timeout=seconds + 30, check=False)
+    assert proc.returncode == 0 and out_path.stat().st_size > 0, proc.stderr.decode(errors="replace")[-2000:]
+    return out_path
+
+
+class StreamRecorder:
+    """A real RTMP client (FFmpeg) recording a stream into FLV in the background.
+
+    Started before the publisher, it waits on nginx (``idle_streams`` is on) and captures the stream
+    from its very first packet; it ends ``rw_timeout_s`` after the publisher stops.
+    """
+
+    def __init__(self, url: str, out_path: Path, rw_timeout_s: float = 4.0, max_s: float = 120.0):
+        self.out_path = out_path
+        cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-rw_timeout", str(int(rw_timeout_s * 1e6)),
+               "-i", url, "-t", str(max_s), "-c", "copy", "-y", str(out_path)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def wait(self, timeout_s: float = 30.0) -> Path:
+        try:
+            _, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        assert self.out_path.exists() and self.out_path.stat().st_size > 0, err.decode(errors="replace")[-2000:]
+        return self.out_path
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@dataclass
+class Recording:
+    """What a recorded stream holds."""
+
+    video_codec: str
+    width: int
+    height: int
+    video_pts_ms: np.ndarray
+    audio_codec: str
+    audio_rate_hz: int
+    audio_samples: int
+
+    @property
+    def fps(self) -> float:
+        pts = self.video_pts_ms
+        return (len(pts) - 1) / ((pts[-1] - pts[0]) / 1000.0)
+
+    @property
+    def video_duration_s(self) -> float:
+        return len(self.video_pts_ms) / self.fps
+
+    @property
+    def audio_duration_s(self) -> float:
+        return self.audio_samples / self.audio_rate_hz
+
+
+_STREAM_RE = re.compile(r"Stream #0:(\d+).*?: (Video|Audio): (\w+)[^,]*,(.*)")
+
+
+def analyse_recording(path: Path) -> Recording:
+    """Read codecs and sizes from the container, packet PTS (framecrc) and the decoded audio length."""
+    info = subprocess.run([FFMPEG, "-hide_banner", "-i", str(path)], capture_output=True, timeout=30).stderr.decode()
+    video = audio = None
+    for m in _STREAM_RE.finditer(info):
+        if m.group(2) == "Video":
+            size = re.search(r"(\d{2,5})x(\d{2,5})", m.group(4))
+            video = (m.group(3), int(size.group(1)), int(size.group(2)))
+        else:
+            audio = (m.group(3), int(re.search(r"(\d+) Hz", m.group(4)).group(1)))
+    assert video and audio, f"recording lacks a stream:\n{info}"
+    crc = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",
+                          "-c", "copy", "-f", "framecrc", "-"], capture_output=True, timeout=60, check=True)
+    pts = np.array([int(line.split(",")[2]) for line in crc.stdout.decode().splitlines()
+                    if line and not line.startswith("#")], dtype=np.int64)
+    pcm = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
+                          "-ac", "1", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True)
+    return Recording(video[0], video[1], video[2], np.sort(pts), audio[0], audio[1], len(pcm.stdout) // 2)

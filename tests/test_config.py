@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import pytest
+
+from latentsync.config import ConfigError, EngineName, load_config, redact_rtmp_url, to_yaml
+from tests.streamtools import REPO
+
+
+def test_defaults_match_the_documented_keys():
+    c = load_config()
+    assert (c.server.host, c.server.port) == ("127.0.0.1", 11001)
+    assert c.stream.rtmp_url == "rtmp://127.0.0.1:1935/live/avatar"
+    assert (c.stream.fps, c.stream.audio_sample_rate, c.stream.crossfade_frames) == (25, 48000, 5)
+    assert c.stream.width is None and c.stream.height is None
+    assert c.avatar.idle_video is None and c.avatar.video is None
+    assert c.engine.name is EngineName.parametric and c.engine.workers is None
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stream:\n  fps: 30\n  audio_sample_rate: 44100\nengine:\n  name: latentsync\n")
+    c = load_config(cfg, ["stream.fps=24", "stream.width=640", "stream.height=360", "engine.workers=2"])
+    assert (c.stream.fps, c.stream.audio_sample_rate, c.stream.width, c.stream.height) == (24, 44100, 640, 360)
+    assert c.engine.name is EngineName.latentsync and c.engine.workers == 2
+
+
+def test_shipped_server_yaml_loads_and_has_every_key():
+    c = load_config(REPO / "configs" / "server.yaml")
+    text = (REPO / "configs" / "server.yaml").read_text()
+    for section in ("server", "stream", "avatar", "engine", "log"):
+        for key in getattr(c, section).__dataclass_fields__:
+            assert f"  {key}:" in text, f"configs/server.yaml lacks {section}.{key}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["stream.fsp=30"], "stream.fsp"),
+        (["bogus.key=1"], "bogus"),
+        (["stream.fps=abc"], "stream.fps"),
+        (["stream.fps=0"], "stream.fps"),
+        (["stream.audio_sample_rate=12345"], "stream.audio_sample_rate"),
+        (["stream.width=641", "stream.height=360"], "stream.width"),
+        (["stream.width=640"], "stream.width"),
+        (["stream.crossfade_frames=-1"], "stream.crossfade_frames"),
+        (["stream.rtmp_url=http://x/y"], "stream.rtmp_url"),
+        (["engine.name=wav2lip"], "engine.name"),
+        (["engine.workers=0"], "engine.workers"),
+        (["avatar.idle_video=/no/such/video.mp4"], "avatar.idle_video"),
+        (["server.port=70000"], "server.port"),
+        (["fps"], "fps"),
+    ],
+)
+def test_bad_keys_and_values_are_rejected_naming_the_key(overrides, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_stream_key_is_redacted():
+    assert redact_rtmp_url("rtmp://user:pw@live.example:1935/app/s3cr3t") == "rtmp://live.example:1935/app/***"
+    c = load_config(overrides=["stream.rtmp_url=rtmp://127.0.0.1/live/s3cr3t"])
+    assert "s3cr3t" not in to_yaml(c)

@@ -1,0 +1,82 @@
+"""End to end: infer_serv.py streams the idle avatar to a real nginx-rtmp server; a real client records it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.streamtools import ServerProcess, StreamRecorder, analyse_recording, pull_stream, shared_file
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+
+CASES = [
+    # (video, extra overrides, expected (width, height), audio rate)
+    ("video/2s_GirlMuseum_0730.mp4", [], (832, 1248), 48000),
+    ("video/10s_girl_0729_00_formal.mp4", ["stream.width=416", "stream.height=624"], (416, 624), 48000),
+    ("video/20250106_124532_sig.mp4", ["stream.audio_sample_rate=44100"], (768, 768), 44100),
+]
+STREAM_S = 11.0
+
+
+@pytest.mark.parametrize(("video", "extra", "size", "rate"), CASES, ids=[c[0].split("/")[-1] for c in CASES])
+def test_idle_stream_reaches_rtmp_with_exact_timing(rtmp_server, tmp_path, video, extra, size, rate):
+    key = f"e2e-{tmp_path.name}"
+    fifo_tmp = tmp_path / "tmp"
+    fifo_tmp.mkdir()
+    # The client connects first and waits, so it records the stream from its first packet to its last.
+    recorder = StreamRecorder(rtmp_server.url(key), tmp_path / "pull.flv")
+    time.sleep(0.5)
+    server = ServerProcess(
+        [f"avatar.idle_video={shared_file(video)}", f"stream.rtmp_url={rtmp_server.url(key)}", *extra],
+        tmp_path / "server.log",
+        tmpdir=fifo_tmp,
+    ).start()
+    try:
+        server.wait_healthy()
+        time.sleep(STREAM_S)
+        status, health = server.health()
+    finally:
+        code, took_s = server.stop()
+        recorder_path = recorder.wait()
+    recording = analyse_recording(recorder_path)
+
+    # What the viewer got: >= 10 s at 25 fps, the configured size, H.264 + AAC at the configured rate.
+    assert recording.video_duration_s >= 10.0
+    assert recording.fps == pytest.approx(25.0, abs=0.5)
+    assert (recording.width, recording.height) == size
+    assert (recording.video_codec, recording.audio_codec, recording.audio_rate_hz) == ("h264", "aac", rate)
+    # Whole stream, first packet to last: as much audio as video, within one frame (1024-sample AAC
+    # priming and the last AAC frame's padding included).
+    assert abs(recording.audio_duration_s - recording.video_duration_s) <= 1 / 25, (
+        recording.audio_duration_s, recording.video_duration_s)
+    # Every tick the controller emitted reached the viewer.
+    assert status == 200 and health["state"] == "idle"
+    assert health["dropped_ticks"] == 0 and health["ffmpeg_restarts"] == 0
+    assert len(recording.video_pts_ms) >= health["frames_emitted"]
+    # Clean shutdown: exit 0 within 10 s, FIFO directory removed, stream key never logged.
+    assert code == 0 and took_s < 10.0, server.log()
+    assert list(fifo_tmp.iterdir()) == [], "FIFO directory left behind"
+    assert key not in server.log(), "stream key leaked into the log"
+
+
+def test_second_output_through_the_tee_muxer(rtmp_server, tmp_path):
+    key = f"tee-{tmp_path.name}"
+    record = tmp_path / "live.mkv"
+    server = ServerProcess(
+        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
+         f"stream.record_path={record}"],
+        tmp_path / "server.log",
+    ).start()
+    try:
+        server.wait_healthy()
+        live = analyse_recording(pull_stream(rtmp_server.url(key), 2.0, tmp_path / "pull.flv"))
+        _, health = server.health()
+    finally:
+        code, _ = server.stop()
+    assert code == 0, server.log()
+    assert len(live.video_pts_ms) > 20  # the RTMP push works next to the recording
+    local = analyse_recording(record)  # flushed and finalised on SIGTERM
+    assert (local.width, local.height) == (256, 456)
+    assert len(local.video_pts_ms) >= health["frames_emitted"]
+    assert abs(local.audio_duration_s - local.video_duration_s) <= 1 / 25

@@ -1,0 +1,84 @@
+"""Faults in the streaming path: FFmpeg killed, RTMP server gone and back. The stream must recover."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.streamtools import ServerProcess, analyse_recording, pull_stream, shared_file
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+
+RECOVERY_LIMIT_S = 5.0
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
+    """Seconds until predicate() is true, or None on timeout."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout_s:
+        if predicate():
+            return time.monotonic() - t
+        time.sleep(poll_s)
+    return None
+
+
+@pytest.fixture
+def streaming_server(rtmp_server, tmp_path):
+    key = f"faults-{tmp_path.name}"
+    server = ServerProcess(
+        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}"],
+        tmp_path / "server.log",
+    ).start()
+    server.wait_healthy()
+    assert wait_for(lambda: rtmp_server.publishing(key), 10.0) is not None, server.log()
+    yield server, key
+    code, took_s = server.stop()
+    assert code == 0 and took_s < 10.0, server.log()
+
+
+def test_killed_ffmpeg_is_restarted_and_the_stream_is_back_within_5_s(rtmp_server, streaming_server, tmp_path):
+    server, key = streaming_server
+    _, before = server.health()
+    old_pid = before["ffmpeg_pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    t_kill = time.monotonic()
+
+    def republished() -> bool:
+        _, h = server.health()
+        return h.get("ffmpeg_pid") not in (None, old_pid) and h.get("ffmpeg_up") and rtmp_server.publishing(key)
+
+    assert wait_for(republished, RECOVERY_LIMIT_S + 5) is not None, server.log()
+    back_after_s = time.monotonic() - t_kill
+    assert back_after_s <= RECOVERY_LIMIT_S, f"stream back only after {back_after_s:.2f} s"
+    # A real client gets frames again, and the clock never stopped meanwhile.
+    recording = analyse_recording(pull_stream(rtmp_server.url(key), 3.0, tmp_path / "after.flv"))
+    assert len(recording.video_pts_ms) > 10
+    _, after = server.health()
+    assert after["ffmpeg_restarts"] == 1
+    assert after["ticks"] > before["ticks"] + 25 * back_after_s - 5
+
+
+def test_rtmp_server_restart_is_reconnected(rtmp_server, streaming_server, tmp_path):
+    server, key = streaming_server
+    rtmp_server.stop()
+    try:
+        status, during = server.health()
+        time.sleep(3.0)
+        status, during = server.health()
+        assert status == 503 and not during["ffmpeg_up"], during  # honest health while the server is away
+        ticks_during = during["ticks"]
+    finally:
+        rtmp_server.start()
+    t_back = time.monotonic()
+    assert wait_for(lambda: rtmp_server.publishing(key), RECOVERY_LIMIT_S + 10) is not None, server.log()
+    reconnect_s = time.monotonic() - t_back
+    assert reconnect_s <= RECOVERY_LIMIT_S, f"reconnected {reconnect_s:.2f} s after the server came back"
+    recording = analyse_recording(pull_stream(rtmp_server.url(key), 3.0, tmp_path / "after.flv"))
+    assert len(recording.video_pts_ms) > 10
+    status, after = server.health()
+    assert status == 200 and after["ffmpeg_restarts"] >= 1
+    assert after["ticks"] > ticks_during  # the controller kept ticking through the outage
+    assert after["dropped_ticks"] > 0  # ticks with nowhere to go were counted, not queued forever
