@@ -161,16 +161,20 @@ class StreamRecorder:
     """A real RTMP client (FFmpeg) recording a stream into FLV in the background.
 
     Started before the publisher, it waits on nginx (``idle_streams`` is on) and captures the stream
-    from its very first packet; it ends ``rw_timeout_s`` after the publisher stops.
+    from its very first packet; :meth:`finish` ends it (SIGINT: FFmpeg finalises the file).
     """
 
-    def __init__(self, url: str, out_path: Path, rw_timeout_s: float = 4.0, max_s: float = 120.0):
+    def __init__(self, url: str, out_path: Path, rw_timeout_s: float = 60.0, max_s: float = 120.0):
         self.out_path = out_path
         cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-rw_timeout", str(int(rw_timeout_s * 1e6)),
                "-i", url, "-t", str(max_s), "-c", "copy", "-y", str(out_path)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def wait(self, timeout_s: float = 30.0) -> Path:
+    def finish(self, settle_s: float = 2.5, timeout_s: float = 15.0) -> Path:
+        """Stop recording ``settle_s`` after the publisher is gone; returns the file."""
+        time.sleep(settle_s)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
         try:
             _, err = self.proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:

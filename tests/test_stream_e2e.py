@@ -38,7 +38,7 @@ def test_idle_stream_reaches_rtmp_with_exact_timing(rtmp_server, tmp_path, video
         status, health = server.health()
     finally:
         code, took_s = server.stop()
-        recorder_path = recorder.wait()
+        recorder_path = recorder.finish()
     recording = analyse_recording(recorder_path)
 
     # What the viewer got: >= 10 s at 25 fps, the configured size, H.264 + AAC at the configured rate.
@@ -70,7 +70,7 @@ def test_second_output_through_the_tee_muxer(rtmp_server, tmp_path):
     ).start()
     try:
         server.wait_healthy()
-        live = analyse_recording(pull_stream(rtmp_server.url(key), 2.0, tmp_path / "pull.flv"))
+        live = analyse_recording(pull_stream(rtmp_server.url(key), 4.0, tmp_path / "pull.flv"))
         _, health = server.health()
     finally:
         code, _ = server.stop()

@@ -17,6 +17,7 @@ from latentsync.config import AppConfig
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
+from latentsync.serving.mixer import ProgramMixer
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Runtime:
         self._work_dir: Path | None = None
         self._sink: FFmpegSink | None = None
         self._controller: StreamingController | None = None
+        self._mixer: ProgramMixer | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
 
@@ -83,8 +85,9 @@ class Runtime:
             record_path=s.record_path,
         )  # fmt: skip
         self._sink = FFmpegSink(settings, self._work_dir)
+        self._mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
         self._controller = StreamingController(
-            IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong),
+            self._mixer,
             self._sink, fps=s.fps, sample_rate_hz=s.audio_sample_rate, max_catchup_s=s.max_catchup_s,
         )  # fmt: skip
         self._sink.start()
@@ -137,6 +140,7 @@ class Runtime:
             frames_emitted=c.frames_emitted,
             ticks=c.ticks,
             late_ticks=c.late_ticks,
+            underrun_ticks=self._mixer.underrun_ticks if self._mixer else 0,
             dropped_ticks=c.dropped_ticks,
             max_tick_lateness_ms=round(c.max_lateness_ms, 3),
             ffmpeg_up=k.up,

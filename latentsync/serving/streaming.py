@@ -45,6 +45,19 @@ class TickSink(Protocol):
         ...
 
 
+class TickSource(Protocol):
+    """What the controller asks for one tick's content (the IdleLoop, or the ProgramMixer)."""
+
+    @property
+    def state(self) -> StreamState:
+        """What the source is putting on air."""
+        ...
+
+    def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the next ``(H, W, 3) uint8`` frame and ``(num_samples,) int16`` audio; never blocks."""
+        ...
+
+
 class IdleLoop:
     """Loops the idle clip forever: video frame by frame, its audio sample-continuously.
 
@@ -72,6 +85,11 @@ class IdleLoop:
     def frame_shape(self) -> tuple[int, int, int]:
         """``(H, W, 3)`` of every frame."""
         return tuple(self.frames.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def state(self) -> StreamState:
+        """Always :attr:`StreamState.IDLE`."""
+        return StreamState.IDLE
 
     def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         """Advance one frame.
@@ -122,7 +140,7 @@ class StreamingController:
     """Owns the output clock thread.
 
     Args:
-        idle: The idle loop (what plays while nothing is said).
+        source: What each tick shows and sounds (the ProgramMixer, or a bare IdleLoop).
         sink: Where each tick's frame and audio go.
         fps: Frames per second of the output.
         sample_rate_hz: Audio samples per second of the output.
@@ -133,14 +151,14 @@ class StreamingController:
 
     def __init__(
         self,
-        idle: IdleLoop,
+        source: TickSource,
         sink: TickSink,
         fps: int,
         sample_rate_hz: int,
         max_catchup_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self._idle = idle
+        self._source = source
         self._sink = sink
         self._fps = int(fps)
         self._sample_rate_hz = int(sample_rate_hz)
@@ -180,7 +198,7 @@ class StreamingController:
     def stats(self) -> ControllerStats:
         """Return a snapshot of the tick accounting."""
         return ControllerStats(
-            state=self._state,
+            state=self._source.state if self._state is not StreamState.STOPPED and self._t0 else self._state,
             ticks=self._ticks,
             frames_emitted=self._emitted,
             dropped_ticks=self._dropped,
@@ -220,7 +238,7 @@ class StreamingController:
 
     def _emit_one(self) -> None:
         num_samples = samples_in_frame(self._emitted, self._sample_rate_hz, self._fps)
-        video, audio = self._idle.next(num_samples)
+        video, audio = self._source.next(num_samples)
         if self._sink.offer(video, audio):
             self._emitted += 1
         else:

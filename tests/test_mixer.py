@@ -1,0 +1,165 @@
+"""ProgramMixer: crossfades, speech audio on its first frame, underruns, back-to-back programs, interrupts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latentsync.serving.mixer import ProgramMixer
+from latentsync.serving.streaming import IdleLoop, StreamState
+
+N = 1920  # samples per tick (48 kHz at 25 fps)
+FADE = 5
+
+
+def idle_loop() -> IdleLoop:
+    frames = np.zeros((10, 4, 4, 3), dtype=np.uint8)  # black
+    audio = np.full(10 * N, 1000, dtype=np.int16)  # constant idle hum
+    return IdleLoop(frames, audio)
+
+
+class FakeProgram:
+    """Frames are flat grey at 200 with the frame index in pixel (0, 0); audio sample i is i % 30000."""
+
+    def __init__(self, task_id: str, num_frames: int, available: int | None = None, ready: bool = True):
+        self.task_id = task_id
+        self.num_frames = num_frames
+        self.available = num_frames if available is None else available
+        self.ready = ready
+        self.cancelled = False
+        self.events: list[tuple[str, int]] = []
+        self.audio_track = (np.arange(num_frames * N) % 30000).astype(np.int16)
+
+    def ready_to_start(self):
+        return self.ready
+
+    def frame(self, index):
+        if index >= self.available:
+            return None
+        f = np.full((4, 4, 3), 200, dtype=np.uint8)
+        f[0, 0, 0] = index % 200
+        return f
+
+    def continuation_frame(self, index):
+        return np.full((4, 4, 3), 100, dtype=np.uint8)
+
+    def audio(self, start, count):
+        out = np.zeros(count, dtype=np.int16)
+        chunk = self.audio_track[start : start + count]
+        out[: len(chunk)] = chunk
+        return out
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def on_air(self, event, frames):
+        self.events.append((event, frames))
+
+
+def run(mixer: ProgramMixer, ticks: int):
+    out = []
+    for _ in range(ticks):
+        frame, audio = mixer.next(N)
+        out.append((mixer.state, frame.copy(), audio.copy()))
+    return out
+
+
+def test_idle_fade_in_speech_fade_out_idle():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    assert [s for s, _, _ in run(mixer, 3)] == [StreamState.IDLE] * 3
+    program = FakeProgram("a", 20)
+    assert mixer.enqueue(program)
+    ticks = run(mixer, 20 + FADE + 3)
+    states = [mixer_state for mixer_state, _, _ in ticks]
+    # Fade in over FADE frames (the program already plays), speak, fade out over FADE frames, idle.
+    assert states[:FADE] == [StreamState.FADE_IN] * FADE
+    assert states[FADE:20] == [StreamState.SPEAKING] * (20 - FADE)
+    assert states[20 : 20 + FADE] == [StreamState.FADE_OUT] * FADE
+    assert states[-1] is StreamState.IDLE
+    # Video: blended from black towards the program's grey, strictly increasing, then pure.
+    grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
+    assert grey[:FADE] == sorted(grey[:FADE]) and 0 < grey[0] < grey[FADE - 1] < 200
+    assert grey[FADE:20] == [200] * (20 - FADE)
+    # The program's own frames play in order from its first frame, none skipped.
+    assert [int(f[0, 0, 0]) for _, f, _ in ticks[FADE:20]] == list(range(FADE, 20))
+    # Audio: the speech starts on the program's first frame at full level; the idle hum fades out under it.
+    speech = np.concatenate([a for _, _, a in ticks[:20]]).astype(np.int64)
+    hum = speech - program.audio_track[: 20 * N]
+    assert hum[0] > 0 and np.all(np.diff(hum[::N][:FADE]) < 0) and np.all(hum[FADE * N :] == 0)
+    # After the program: hum fades back in.
+    tail = [int(a[0]) for _, _, a in ticks[20:]]
+    assert tail == sorted(tail) and tail[-1] == 1000
+    assert program.events == [("first_frame", 0), ("done", 20)]
+    assert mixer.programs_finished == 1 and mixer.underrun_ticks == 0
+
+
+def test_underrun_holds_the_last_frame_in_silence_and_keeps_sync():
+    mixer = ProgramMixer(idle_loop(), 0)
+    program = FakeProgram("a", 30, available=10)
+    mixer.enqueue(program)
+    first = run(mixer, 14)
+    assert [int(f[0, 0, 0]) for _, f, _ in first[:10]] == list(range(10))
+    for _, frame, audio in first[10:]:  # underrun: last frame held, silence
+        assert int(frame[0, 0, 0]) == 9 and not audio.any()
+    assert mixer.underrun_ticks == 4
+    program.available = 30  # the next chunk arrives
+    rest = run(mixer, 20)
+    # Frame 10 comes with audio of frame 10: the pause did not shift speech against video.
+    assert int(rest[0][1][0, 0, 0]) == 10
+    np.testing.assert_array_equal(rest[0][2], program.audio_track[10 * N : 11 * N])
+    assert program.events[-1] == ("done", 30)
+
+
+def test_back_to_back_programs_never_return_to_idle():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    a, b = FakeProgram("a", 12), FakeProgram("b", 12)
+    mixer.enqueue(a)
+    mixer.enqueue(b)
+    states = [s for s, _, _ in run(mixer, 24 + FADE)]
+    assert StreamState.IDLE not in states[:24]
+    assert states[12:12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
+    assert a.events[-1] == ("done", 12) and b.events[-1] == ("done", 12)
+
+
+def test_program_waits_for_the_jitter_buffer():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 10, ready=False)
+    mixer.enqueue(program)
+    assert {s for s, _, _ in run(mixer, 5)} == {StreamState.IDLE}
+    program.ready = True
+    assert run(mixer, 1)[0][0] is StreamState.FADE_IN
+
+
+def test_interrupt_on_air_fades_out_within_crossfade_frames():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 100)
+    mixer.enqueue(program)
+    run(mixer, 20)
+    mixer.interrupt("a")
+    ticks = run(mixer, FADE + 1)
+    assert [s for s, _, _ in ticks[:FADE]] == [StreamState.FADE_OUT] * FADE
+    assert ticks[FADE][0] is StreamState.IDLE
+    assert program.events[-1] == ("interrupted", 20)
+    # The speech fades out under the returning hum instead of being cut.
+    speech_level = [np.abs(a.astype(np.int64) - 1000).mean() for _, _, a in ticks[:FADE]]
+    assert speech_level == sorted(speech_level, reverse=True)
+    assert mixer.programs_interrupted == 1
+
+
+def test_interrupt_or_cancel_of_a_queued_program_drops_it():
+    mixer = ProgramMixer(idle_loop(), 0)
+    a, b, c = FakeProgram("a", 5), FakeProgram("b", 5), FakeProgram("c", 5)
+    for p in (a, b, c):
+        mixer.enqueue(p)
+    mixer.interrupt("b")
+    c.cancelled = True
+    run(mixer, 20)
+    assert a.events[-1] == ("done", 5)
+    assert b.events == [] and c.events == []
+    assert mixer.pending() == 0
+
+
+def test_playlist_is_bounded():
+    mixer = ProgramMixer(idle_loop(), FADE, max_programs=2)
+    assert mixer.enqueue(FakeProgram("a", 5, ready=False))
+    assert mixer.enqueue(FakeProgram("b", 5))
+    assert not mixer.enqueue(FakeProgram("c", 5))
