@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from latentsync.media import load_clip
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.
 PREPARATION_VERSION = 1
+#: Paste geometries (box, soft mask) an Avatar keeps for reuse (ping-pong revisits base frames).
+_GEOMETRY_CACHE_FRAMES = 64
 #: Bytes read at a time when hashing the video file.
 _HASH_BLOCK_BYTES = 1 << 20
 
@@ -168,6 +171,7 @@ class Avatar:
         self.pasteable = arrays["pasteable"]
         self.mask = arrays["mask"]
         self.audio = audio
+        self._geometries: OrderedDict[int, PasteGeometry] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
@@ -187,8 +191,16 @@ class Avatar:
         return pingpong_index(i, len(self))
 
     def paste_geometry(self, index: int) -> PasteGeometry:
-        """Paste geometry of base frame ``index`` (box, inverse warp and soft mask)."""
-        return PasteGeometry.from_affine(self.affines[index], self.frame_size)
+        """Paste geometry of base frame ``index`` (box, inverse warp and soft mask), memoised."""
+        geometry = self._geometries.get(index)
+        if geometry is None:
+            geometry = PasteGeometry.from_affine(self.affines[index], self.frame_size)
+            self._geometries[index] = geometry
+            if len(self._geometries) > _GEOMETRY_CACHE_FRAMES:
+                self._geometries.popitem(last=False)
+        else:
+            self._geometries.move_to_end(index)
+        return geometry
 
     def paste(self, index: int, face: np.ndarray, frame: np.ndarray | None = None) -> np.ndarray:
         """Paste a generated face into base frame ``index``.

@@ -3,7 +3,8 @@
 Two implementations of one operation (docs/LATENTSYNC_1_0.md, "Face preparation"):
 :func:`paste_face_reference` warps and blends over the whole frame, as LatentSync 1.0 does;
 :func:`paste_face` does the same work only on the face's bounding box plus the blur margin, which
-gives the same pixels (outside the box the soft mask is exactly zero) at a fraction of the cost.
+gives the same pixels (outside the box the soft mask is exactly zero) at a fraction of the cost;
+it also works on 8-bit masks and blends with OpenCV (within one grey level of the reference).
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def _soft_mask(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hard, soft
 
 
+def _soft_mask_fast(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_soft_mask` on an 8-bit mask (0-255): same shapes, several times faster.
+
+    Returns:
+        ``(face_weight, frame_weight)`` float32: ``soft * hard`` and ``1 - soft``.
+
+    """
+    hard = cv2.erode(warped_ones, np.ones((_FIRST_EROSION_PX, _FIRST_EROSION_PX), np.uint8))
+    edge = int(math.sqrt(float(cv2.sumElems(hard)[0]) / 255.0)) // _EDGE_DIVISOR
+    soft = hard
+    if edge > 0:
+        soft = cv2.erode(hard, np.ones((2 * edge, 2 * edge), np.uint8))
+        soft = cv2.GaussianBlur(soft, (2 * edge + 1, 2 * edge + 1), 0)
+    soft_f = soft.astype(np.float32) * np.float32(1 / 255)
+    face_weight = cv2.multiply(soft_f, hard.astype(np.float32), scale=1 / 255)
+    return face_weight, 1.0 - soft_f
+
+
 def _blend(background: np.ndarray, restored: np.ndarray, hard: np.ndarray, soft: np.ndarray) -> np.ndarray:
     """``soft * hard * restored + (1 - soft) * background``, rounded to uint8."""
     s = soft[..., None]
@@ -81,15 +100,15 @@ class PasteGeometry:
     Attributes:
         box: ``(x0, y0, x1, y1)`` int region of the frame that the paste may change.
         inverse: ``(2, 3) float64`` template-to-box affine (the inverse affine shifted to the box).
-        hard: ``(y1 - y0, x1 - x0) float32`` eroded warped template mask.
-        soft: ``(y1 - y0, x1 - x0) float32`` soft blend mask in [0, 1].
+        face_weight: ``(y1 - y0, x1 - x0) float32`` weight of the face: soft mask times eroded mask.
+        frame_weight: ``(y1 - y0, x1 - x0) float32`` weight of the frame: one minus the soft mask.
 
     """
 
     box: tuple[int, int, int, int]
     inverse: np.ndarray
-    hard: np.ndarray
-    soft: np.ndarray
+    face_weight: np.ndarray
+    frame_weight: np.ndarray
 
     @classmethod
     def from_affine(cls, affine: np.ndarray, frame_size: tuple[int, int]) -> PasteGeometry:
@@ -123,9 +142,9 @@ class PasteGeometry:
             raise ValueError(f"face box {pts.min(axis=0)}..{pts.max(axis=0)} lies outside the {w}x{h} frame")
         shifted = inverse.copy()
         shifted[:, 2] -= (x0, y0)
-        ones = np.ones((th, tw), np.float32)
-        hard, soft = _soft_mask(cv2.warpAffine(ones, shifted, (x1 - x0, y1 - y0)))
-        return cls((x0, y0, x1, y1), shifted, hard, soft)
+        ones = np.full((th, tw), 255, np.uint8)
+        face_weight, frame_weight = _soft_mask_fast(cv2.warpAffine(ones, shifted, (x1 - x0, y1 - y0)))
+        return cls((x0, y0, x1, y1), shifted, face_weight, frame_weight)
 
 
 def paste_face(
@@ -164,5 +183,7 @@ def paste_face(
     x0, y0, x1, y1 = geometry.box
     restored = cv2.warpAffine(_face_to_template(face), geometry.inverse, (x1 - x0, y1 - y0))
     out = frame if inplace else frame.copy()
-    out[y0:y1, x0:x1] = _blend(out[y0:y1, x0:x1], restored, geometry.hard, geometry.soft)
+    # dst = (w1 * face + w2 * frame) / (w1 + w2); w1 + w2 = 1 except on the outermost pixel ring.
+    box = out[y0:y1, x0:x1]
+    out[y0:y1, x0:x1] = cv2.blendLinear(restored, box, geometry.face_weight, geometry.frame_weight)
     return out
