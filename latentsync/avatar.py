@@ -1,0 +1,345 @@
+"""Avatar: a base video's frames plus per-frame face geometry, prepared once and cached on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from latentsync.face import (
+    FACE_SIZE,
+    PasteGeometry,
+    TrackerOptions,
+    compute_affines,
+    make_keep_mask,
+    paste_face,
+    smooth_landmarks,
+    template_to_face_affine,
+    track_face,
+    transform_points,
+    warp_face,
+)
+from latentsync.media import load_clip
+
+#: Bump when the prepared data changes meaning, so old caches are not reused.
+PREPARATION_VERSION = 1
+#: Paste geometries (box, soft mask) an Avatar keeps for reuse (ping-pong revisits base frames).
+_GEOMETRY_CACHE_FRAMES = 64
+#: Bytes read at a time when hashing the video file.
+_HASH_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class AvatarSettings:
+    """Everything that changes what :meth:`Avatar.prepare` produces (all part of the cache key).
+
+    Attributes:
+        fps: Stream frame rate in frames per second; the video is resampled to it by timestamp.
+        sample_rate_hz: Sample rate of the avatar's own (idle) audio track in Hz.
+        size: Output ``(width, height)`` in pixels, or None to keep the video's size.
+        min_face_fraction: Preparation fails when fewer than this fraction (0-1) of frames show a face.
+        max_gap_frames: Frames farther than this from any frame with a detected face are passed
+            through unchanged by :meth:`Avatar.paste` (their interpolated geometry is a guess).
+        tracker: Face detector/tracker settings.
+
+    """
+
+    fps: int = 25
+    sample_rate_hz: int = 16000
+    size: tuple[int, int] | None = None
+    min_face_fraction: float = 0.5
+    max_gap_frames: int = 12
+    tracker: TrackerOptions = dataclasses.field(default_factory=TrackerOptions)
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {self.fps!r}")
+        if self.sample_rate_hz <= 0:
+            raise ValueError(f"sample_rate_hz must be positive, got {self.sample_rate_hz!r}")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) <= 0):
+            raise ValueError(f"size must be (width, height) > 0 or None, got {self.size!r}")
+        if not 0.0 <= self.min_face_fraction <= 1.0:
+            raise ValueError(f"min_face_fraction must be in [0, 1], got {self.min_face_fraction!r}")
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (used in the cache key and the cache's meta file)."""
+        return dataclasses.asdict(self)
+
+
+def pingpong_index(i: int, n: int) -> int:
+    """Base-frame index for output frame ``i`` when looping ``n`` frames forward, backward, ...
+
+    The sequence for ``n = 4`` is 0 1 2 3 2 1 0 1 2 3 ...: the end frames are not repeated, so
+    the motion never stalls or jumps.
+
+    Args:
+        i: Output frame number, ``i >= 0``.
+        n: Number of base frames, ``n >= 1``.
+
+    Returns:
+        An index in ``[0, n)``.
+
+    Raises:
+        ValueError: If ``n < 1`` or ``i < 0``.
+
+    """
+    if n < 1 or i < 0:
+        raise ValueError(f"pingpong_index needs i >= 0 and n >= 1, got i={i!r}, n={n!r}")
+    if n == 1:
+        return 0
+    period = 2 * n - 2
+    k = i % period
+    return k if k < n else period - k
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(video: str | Path, settings: AvatarSettings) -> str:
+    """Cache key of a prepared avatar: a hash of the video bytes and the settings.
+
+    Returns:
+        24 hex characters.
+
+    """
+    payload = json.dumps(
+        {"video": file_digest(video), "settings": settings.to_json(), "version": PREPARATION_VERSION},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+#: Arrays stored in a cache directory, each as ``<name>.npy``.
+_ARRAYS = (
+    "frames", "faces", "affines", "landmarks", "aligned_landmarks", "boxes", "found", "pasteable", "mask",
+)  # fmt: skip
+
+
+class Avatar:
+    """A prepared base video: frames, face geometry, aligned faces and the fixed mask.
+
+    Build with :meth:`prepare` (detects and caches) or :meth:`load` (reads a cache directory).
+    Large arrays are memory-mapped read-only.
+
+    Attributes:
+        frames: ``(F, H, W, 3) uint8`` RGB base frames at ``fps``.
+        faces: ``(F, 256, 256, 3) uint8`` RGB aligned faces.
+        affines: ``(F, 2, 3) float64`` frame-to-template (210x280) affines.
+        landmarks: ``(F, 68, 2) float32`` detected (or interpolated) landmarks in frame pixels.
+        aligned_landmarks: ``(F, 68, 2) float32`` the same landmarks in aligned 256x256 face pixels.
+        boxes: ``(F, 4) float32`` face boxes ``(x0, y0, x1, y1)`` in frame pixels.
+        found: ``(F,) bool``: the face was detected in this frame (not interpolated).
+        pasteable: ``(F,) bool``: a generated face may be pasted into this frame.
+        mask: ``(256, 256) float32`` fixed keep-mask (1 = keep, 0 = generated).
+        audio: ``(N,) int16`` the video's own audio at ``sample_rate_hz``, or None.
+        fps: Frame rate in frames per second.
+        sample_rate_hz: Audio sample rate in Hz.
+        key: Cache key.
+        path: Cache directory it was loaded from.
+        meta: Preparation summary (source name, settings, counts, timing).
+
+    """
+
+    def __init__(self, path: Path, arrays: dict[str, np.ndarray], audio: np.ndarray | None, meta: dict):
+        self.path = path
+        self.meta = meta
+        self.key: str = meta["key"]
+        self.fps: int = int(meta["settings"]["fps"])
+        self.sample_rate_hz: int = int(meta["settings"]["sample_rate_hz"])
+        self.frames = arrays["frames"]
+        self.faces = arrays["faces"]
+        self.affines = arrays["affines"]
+        self.landmarks = arrays["landmarks"]
+        self.aligned_landmarks = arrays["aligned_landmarks"]
+        self.boxes = arrays["boxes"]
+        self.found = arrays["found"]
+        self.pasteable = arrays["pasteable"]
+        self.mask = arrays["mask"]
+        self.audio = audio
+        self._geometries: OrderedDict[int, PasteGeometry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def num_frames(self) -> int:
+        """Number of base frames ``F``."""
+        return len(self)
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the frames in pixels."""
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+    def frame_index(self, i: int) -> int:
+        """Return the base frame shown at output frame ``i`` (ping-pong, :func:`pingpong_index`)."""
+        return pingpong_index(i, len(self))
+
+    def paste_geometry(self, index: int) -> PasteGeometry:
+        """Paste geometry of base frame ``index`` (box, inverse warp and soft mask), memoised."""
+        geometry = self._geometries.get(index)
+        if geometry is None:
+            geometry = PasteGeometry.from_affine(self.affines[index], self.frame_size)
+            self._geometries[index] = geometry
+            if len(self._geometries) > _GEOMETRY_CACHE_FRAMES:
+                self._geometries.popitem(last=False)
+        else:
+            self._geometries.move_to_end(index)
+        return geometry
+
+    def paste(self, index: int, face: np.ndarray, frame: np.ndarray | None = None) -> np.ndarray:
+        """Paste a generated face into base frame ``index``.
+
+        Only the face's box is touched. Frames marked not pasteable (face long lost) come back
+        unchanged.
+
+        Args:
+            index: Base frame index in ``[0, F)``.
+            face: ``(256, 256, 3) uint8`` RGB generated face aligned like ``faces[index]``.
+            frame: Frame to paste into, ``(H, W, 3) uint8`` RGB; default: a copy of the base frame.
+                It is modified in place when given.
+
+        Returns:
+            ``(H, W, 3) uint8`` RGB frame.
+
+        """
+        if frame is None:
+            frame = np.array(self.frames[index])
+        if not self.pasteable[index]:
+            return frame
+        return paste_face(frame, face, geometry=self.paste_geometry(index), inplace=True)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Avatar:
+        """Load a prepared avatar from its cache directory (arrays memory-mapped, read-only).
+
+        Raises:
+            FileNotFoundError: If ``path`` is not a complete avatar cache.
+
+        """
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path}: not a prepared avatar (no meta.json)")
+        meta = json.loads(meta_file.read_text())
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+        audio_file = path / "audio.npy"
+        audio = np.load(audio_file, mmap_mode="r") if audio_file.is_file() else None
+        return cls(path, arrays, audio, meta)
+
+    @classmethod
+    def prepare(
+        cls,
+        video: str | Path,
+        settings: AvatarSettings | None = None,
+        cache_dir: str | Path = ".cache/avatars",
+        progress: bool = False,
+    ) -> Avatar:
+        """Prepare a base video as an avatar, or load it from the cache when already prepared.
+
+        Steps: decode at ``settings.fps`` (and size), track one face (largest/most central),
+        fill frames without a face from their neighbours, smooth the landmarks, compute the
+        template affines, cut the aligned 256x256 faces; store everything under
+        ``cache_dir/<video stem>-<key>``, written to a temporary folder and renamed when complete.
+
+        Args:
+            video: Path of the base video.
+            settings: Preparation settings (defaults: :class:`AvatarSettings`).
+            cache_dir: Root folder of the avatar cache (created if needed).
+            progress: Show a tqdm progress bar on stderr.
+
+        Returns:
+            The :class:`Avatar`, memory-mapped from its cache directory.
+
+        Raises:
+            FileNotFoundError: If ``video`` does not exist.
+            latentsync.media.MediaProbeError: If it has no decodable video.
+            latentsync.face.FaceNotFoundError: If too few frames show a face (names which).
+
+        """
+        settings = settings or AvatarSettings()
+        video = Path(video)
+        if not video.is_file():
+            raise FileNotFoundError(f"base video not found: {video}")
+        key = cache_key(video, settings)
+        root = Path(cache_dir)
+        target = root / f"{video.stem}-{key}"
+        if (target / "meta.json").is_file():
+            return cls.load(target)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{video.stem}-", dir=root))
+        try:
+            meta = _prepare_into(tmp, video, settings, key, progress)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "meta.json").is_file():  # not a concurrent preparation that won
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls.load(target)
+
+
+def _prepare_into(folder: Path, video: Path, settings: AvatarSettings, key: str, progress: bool) -> dict:
+    """Run the preparation and write the arrays into ``folder``; returns the meta dict."""
+    from tqdm import tqdm
+
+    t0 = time.monotonic()
+    clip = load_clip(video, settings.fps, settings.sample_rate_hz, size=settings.size, with_audio=True)
+    n = clip.num_frames
+    np.save(folder / "frames.npy", clip.frames)
+    t_decode = time.monotonic() - t0
+    with tqdm(total=n, desc=f"faces {video.name}", unit="frame", disable=not progress) as bar:
+        track = track_face(clip.frames, settings.tracker, settings.min_face_fraction, progress=bar.update)
+    smoothed = smooth_landmarks(track.landmarks)
+    affines = compute_affines(smoothed)
+    faces = np.lib.format.open_memmap(folder / "faces.npy", "w+", np.uint8, (n, FACE_SIZE, FACE_SIZE, 3))
+    aligned = np.empty((n, 68, 2), np.float32)
+    for i in range(n):
+        faces[i] = warp_face(clip.frames[i], affines[i])
+        aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
+    faces.flush()
+    del faces
+    found_idx = np.flatnonzero(track.found)
+    gap = np.abs(np.arange(n)[:, None] - found_idx[None, :]).min(axis=1)
+    pasteable = gap <= settings.max_gap_frames
+    np.save(folder / "affines.npy", affines)
+    np.save(folder / "landmarks.npy", track.landmarks.astype(np.float32))
+    np.save(folder / "aligned_landmarks.npy", aligned)
+    np.save(folder / "boxes.npy", track.boxes.astype(np.float32))
+    np.save(folder / "found.npy", track.found)
+    np.save(folder / "pasteable.npy", pasteable)
+    np.save(folder / "mask.npy", make_keep_mask())
+    if clip.audio is not None:
+        np.save(folder / "audio.npy", clip.audio)
+    widths = track.boxes[:, 2] - track.boxes[:, 0]
+    return {
+        "key": key,
+        "source": video.name,
+        "settings": settings.to_json(),
+        "version": PREPARATION_VERSION,
+        "num_frames": n,
+        "frame_size": [int(clip.frames.shape[2]), int(clip.frames.shape[1])],
+        "faces_found": int(track.num_found),
+        "face_width_px": {"min": float(widths.min()), "median": float(np.median(widths)),
+                          "max": float(widths.max())},
+        "decode_s": round(t_decode, 3),
+        "prepare_s": round(time.monotonic() - t0, 3),
+    }

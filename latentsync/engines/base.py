@@ -1,0 +1,121 @@
+"""The engine interface: typed chunk messages and the narrow :class:`Engine` protocol.
+
+Nothing outside ``latentsync.engines`` knows which engine runs: the server builds one with
+:func:`latentsync.engines.create_engine` and only talks through these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+#: Frames per chunk (LatentSync 1.0 processes 16 frames together).
+CHUNK_FRAMES = 16
+#: Sample rate of the audio given to engines, in Hz (Whisper's rate).
+ENGINE_SAMPLE_RATE_HZ = 16000
+
+
+@dataclass(frozen=True)
+class ChunkRequest:
+    """One chunk of work: 16 output frames of one task.
+
+    Attributes:
+        task_id: Id of the task the chunk belongs to.
+        chunk_index: Position of the chunk in the task, from 0.
+        frame_indices: ``(16,) int64`` avatar base-frame indices, one per output frame.
+        features: Per-frame features of these 16 frames: rows of what :meth:`Engine.features`
+            returned for the whole task (``features[k0 : k0 + 16]``, padded by the caller), or None.
+        audio: ``(samples,) float32`` mono audio of the chunk at 16 kHz in [-1, 1], or None. An
+            engine uses it only when ``features`` is None.
+        seed: Random seed for engines that sample noise (None: engine default).
+        guidance_scale: Classifier-free guidance scale (1.0 = none); engines without it ignore it.
+        num_inference_steps: Denoising steps (None: engine default); ignored where meaningless.
+
+    """
+
+    task_id: str
+    chunk_index: int
+    frame_indices: np.ndarray
+    features: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    seed: int | None = None
+    guidance_scale: float = 1.0
+    num_inference_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if np.ndim(self.frame_indices) != 1 or len(self.frame_indices) == 0:
+            shape = np.shape(self.frame_indices)
+            raise ValueError(f"frame_indices must be a non-empty 1-D array, got shape {shape}")
+        if self.features is None and self.audio is None:
+            raise ValueError(f"chunk {self.task_id}/{self.chunk_index}: needs features or audio")
+        if self.features is not None and len(self.features) != len(self.frame_indices):
+            raise ValueError(
+                f"chunk {self.task_id}/{self.chunk_index}: {len(self.features)} feature rows "
+                f"for {len(self.frame_indices)} frames"
+            )
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """Generated faces of one chunk.
+
+    Attributes:
+        task_id: Id of the task, as in the request.
+        chunk_index: Chunk position, as in the request.
+        frame_indices: ``(16,) int64`` avatar base-frame indices, as in the request.
+        faces: ``(16, 256, 256, 3) uint8`` RGB aligned faces, to paste into the base frames.
+        generate_s: Seconds spent in :meth:`Engine.generate`.
+        timings_s: Optional breakdown of ``generate_s`` by stage, in seconds.
+
+    """
+
+    task_id: str
+    chunk_index: int
+    frame_indices: np.ndarray
+    faces: np.ndarray
+    generate_s: float
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A lip-sync engine bound to one prepared avatar.
+
+    Lifecycle: construct (cheap), :meth:`load` once (heavy: models, per-avatar caches),
+    :meth:`features` once per task, :meth:`generate` once per chunk, :meth:`close` at the end.
+    ``load`` and ``close`` are safe to call twice.
+    """
+
+    name: str
+
+    def load(self) -> None:
+        """Load models and per-avatar data."""
+        ...
+
+    def features(self, audio_16k: np.ndarray) -> np.ndarray:
+        """Compute a task's per-frame audio features.
+
+        Args:
+            audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1].
+
+        Returns:
+            Array whose first axis is the output frame at the avatar's fps:
+            ``ceil(N * fps / 16000)`` rows.
+
+        """
+        ...
+
+    def generate(self, request: ChunkRequest) -> ChunkResult:
+        """Generate the faces of one chunk."""
+        ...
+
+    def close(self) -> None:
+        """Release resources."""
+        ...
+
+
+def num_output_frames(num_samples: int, fps: int, sample_rate_hz: int = ENGINE_SAMPLE_RATE_HZ) -> int:
+    """Output frames covering ``num_samples`` of audio: ``ceil(num_samples * fps / sample_rate_hz)``."""
+    return -(-int(num_samples) * int(fps) // int(sample_rate_hz))

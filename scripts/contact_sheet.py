@@ -1,0 +1,80 @@
+"""Contact sheet: idle and speaking frames of the parametric engine, cropped around the face.
+
+Writes out/contact_<video stem>.png: top row base frames (idle), bottom row the same base frames
+lip-synced to the speech at its most open moments, each a crop around the face of the full
+(pasted) output frame. Usage: python scripts/contact_sheet.py VIDEO [VIDEO ...] [--audio WAV]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentsync.avatar import Avatar, AvatarSettings  # noqa: E402
+from latentsync.engines import CHUNK_FRAMES, ChunkRequest, create_engine  # noqa: E402
+from latentsync.media import decode_audio  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_AUDIO = ROOT.parent / "shared" / "data" / "audio" / "demo1_audio.wav"
+
+
+def _crop(frame: np.ndarray, box: np.ndarray, side_px: int) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2 + 0.1 * (y1 - y0), 0.75 * max(x1 - x0, y1 - y0)
+    m = np.array([[side_px / (2 * half), 0, -(cx - half) * side_px / (2 * half)],
+                  [0, side_px / (2 * half), -(cy - half) * side_px / (2 * half)]])
+    size = (side_px, side_px)
+    return cv2.warpAffine(frame, m, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+
+
+def contact_sheet(video: Path, audio_path: Path, out_dir: Path, cache_dir: Path, columns: int = 6) -> Path:
+    avatar = Avatar.prepare(video, AvatarSettings(fps=25), cache_dir, progress=True)
+    audio = decode_audio(audio_path, 16000).astype(np.float32) / 32768.0
+    engine = create_engine("parametric", None, avatar)
+    engine.load()
+    feats = engine.features(audio)
+    # The most open moments, spread over the clip (at least 8 frames apart).
+    chosen: list[int] = []
+    for k in np.argsort(-feats[:, 0]):
+        if all(abs(int(k) - c) >= 8 for c in chosen):
+            chosen.append(int(k))
+        if len(chosen) == columns:
+            break
+    chosen.sort()
+    idle_row, speak_row = [], []
+    for k in chosen:
+        base = avatar.frame_index(k)
+        idx = np.full(CHUNK_FRAMES, base)
+        chunk = np.repeat(feats[k : k + 1], CHUNK_FRAMES, axis=0)
+        result = engine.generate(ChunkRequest("sheet", k, idx, features=chunk))
+        frame = avatar.paste(base, result.faces[0])
+        idle_row.append(_crop(np.asarray(avatar.frames[base]), avatar.boxes[base], 256))
+        speak_row.append(_crop(frame, avatar.boxes[base], 256))
+    engine.close()
+    sheet = np.vstack([np.hstack(idle_row), np.hstack(speak_row)])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"contact_{video.stem}.png"
+    cv2.imwrite(str(path), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("videos", type=Path, nargs="+")
+    parser.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "out")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "avatars")
+    args = parser.parse_args(argv)
+    for video in args.videos:
+        print(contact_sheet(video, args.audio, args.out_dir, args.cache_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

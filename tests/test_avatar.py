@@ -1,0 +1,114 @@
+"""Avatar preparation on the real videos, the on-disk cache and ping-pong indexing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import Avatar, AvatarSettings, cache_key, pingpong_index
+from latentsync.face import FACE_SIZE, template_to_face_affine, transform_points
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VIDEOS = [
+    "2s_GirlMuseum_0730.mp4",
+    "10s_girl_0729_00_formal.mp4",
+    "20250106_124532_sig.mp4",
+    "nanmote002.mp4",
+]
+
+
+def _video(name: str) -> Path:
+    path = DATA / "video" / name
+    assert path.is_file(), f"test media missing: {path} (expected ../shared/data beside the repository)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def avatar_cache(tmp_path_factory) -> Path:
+    # Shared with tests/test_parametric.py through the session's base temp dir.
+    return tmp_path_factory.getbasetemp() / "avatars"
+
+
+@pytest.fixture(scope="module", params=VIDEOS)
+def prepared(request, avatar_cache) -> tuple[str, Avatar]:
+    return request.param, Avatar.prepare(_video(request.param), AvatarSettings(fps=25), avatar_cache)
+
+
+def test_pingpong_index():
+    assert [pingpong_index(i, 4) for i in range(12)] == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1]
+    assert [pingpong_index(i, 1) for i in range(3)] == [0, 0, 0]
+    assert [pingpong_index(i, 2) for i in range(5)] == [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError):
+        pingpong_index(0, 0)
+
+
+def test_settings_are_validated_and_keyed(tmp_path):
+    with pytest.raises(ValueError, match="fps"):
+        AvatarSettings(fps=0)
+    video = _video("nanmote002.mp4")
+    assert cache_key(video, AvatarSettings(fps=25)) != cache_key(video, AvatarSettings(fps=24))
+    assert cache_key(video, AvatarSettings()) == cache_key(video, AvatarSettings())
+    with pytest.raises(FileNotFoundError):
+        Avatar.prepare(tmp_path / "missing.mp4", AvatarSettings(), tmp_path)
+
+
+def test_every_video_prepares_with_a_face_on_most_frames(prepared):
+    name, avatar = prepared
+    n = avatar.num_frames
+    w, h = avatar.frame_size
+    assert avatar.frames.shape == (n, h, w, 3) and avatar.frames.dtype == np.uint8
+    assert avatar.faces.shape == (n, FACE_SIZE, FACE_SIZE, 3) and avatar.faces.dtype == np.uint8
+    assert avatar.affines.shape == (n, 2, 3) and avatar.landmarks.shape == (n, 68, 2)
+    assert avatar.mask.shape == (256, 256)
+    assert avatar.found.mean() >= 0.95, f"{name}: face on {avatar.found.sum()}/{n} frames"
+    widths = avatar.boxes[:, 2] - avatar.boxes[:, 0]
+    assert 40 < np.median(widths) < 400
+
+
+def test_aligned_faces_are_stable(prepared):
+    name, avatar = prepared
+    pairs = zip(_smoothed(avatar), avatar.affines, strict=True)
+    smoothed_aligned = np.stack([transform_points(lm, template_to_face_affine(a)) for lm, a in pairs])
+    jitter = np.linalg.norm(np.diff(smoothed_aligned, axis=0), axis=2).mean()
+    assert jitter < 1.5, f"{name}: mean landmark jitter {jitter:.2f} px in the aligned crop"
+    # Raw detections of the rigid nose, not smoothed: the alignment itself holds still.
+    nose = np.asarray(avatar.aligned_landmarks)[:, 27:36]
+    nose_jitter = np.linalg.norm(np.diff(nose, axis=0), axis=2).mean()
+    assert nose_jitter < 1.5, f"{name}: raw nose jitter {nose_jitter:.2f} px in the aligned crop"
+
+
+def _smoothed(avatar: Avatar) -> np.ndarray:
+    from latentsync.face import smooth_landmarks
+
+    return smooth_landmarks(np.asarray(avatar.landmarks))
+
+
+def test_cache_reload_is_identical_and_fast(prepared, avatar_cache):
+    name, avatar = prepared
+    t0 = time.monotonic()
+    again = Avatar.prepare(_video(name), AvatarSettings(fps=25), avatar_cache)
+    elapsed = time.monotonic() - t0
+    minutes = avatar.num_frames / avatar.fps / 60
+    assert elapsed < max(1.0 * minutes, 0.5), f"{name}: reload took {elapsed:.2f} s"
+    assert again.path == avatar.path and again.key == avatar.key
+    for field in ("frames", "faces", "affines", "landmarks", "aligned_landmarks", "boxes", "found", "mask"):
+        assert np.array_equal(np.asarray(getattr(again, field)), np.asarray(getattr(avatar, field))), field
+    assert isinstance(again.frames, np.memmap)
+
+
+def test_paste_changes_only_the_face_box(prepared):
+    _, avatar = prepared
+    i = avatar.num_frames // 2
+    base = np.asarray(avatar.frames[i])
+    out = avatar.paste(i, np.zeros((256, 256, 3), np.uint8))
+    x0, y0, x1, y1 = avatar.paste_geometry(i).box
+    changed = np.argwhere((out != base).any(axis=2))
+    assert len(changed) > 0
+    assert changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+    # Pasting the frame's own aligned face back changes little (two resamplings).
+    same = avatar.paste(i, np.asarray(avatar.faces[i]))
+    assert np.abs(same[y0:y1, x0:x1].astype(np.int16) - base[y0:y1, x0:x1]).mean() < 4.0
