@@ -167,3 +167,34 @@ def test_full_size_random_checkpoint_round_trip(tmp_path):
     for name, tensor in expected.items():
         assert torch.equal(ours[name], tensor), name
     path.unlink()
+
+
+def load_check_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts/check_checkpoints.py"
+    spec = importlib.util.spec_from_file_location("check_checkpoints", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_check_checkpoints_reports_problems(tmp_path, capsys):
+    import json
+
+    from latentsync.models.vae import sd_vae_ft_mse_config
+
+    script = load_check_script()
+    unet = save_official(tmp_path / "latentsync_unet.pt", tiny_state_dict())  # wrong architecture
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    config = {**sd_vae_ft_mse_config(), "latent_channels": 16, "scaling_factor": 0.13025}
+    (vae / "config.json").write_text(json.dumps(config))
+    code = script.main(["--unet", str(unet), "--whisper", str(tmp_path / "tiny.pt"), "--vae", str(vae)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[FAIL] U-Net" in out and "missing key(s)" in out and "latentsync_unet.pt" in out
+    assert "[FAIL] Whisper" in out and "not found" in out
+    assert "latent_channels = 16" in out and "scaling_factor 0.13025" in out
+    assert "no weight file" in out

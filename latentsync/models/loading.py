@@ -17,6 +17,7 @@ import os
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -69,7 +70,21 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
     return dtype
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class UNetCheckpoint:
+    """Contents of a U-Net checkpoint file.
+
+    Attributes:
+        state_dict: ``{name: tensor}`` on CPU, memory-mapped when possible.
+        global_step: Training step stored beside the weights, or ``None`` for a bare state dict.
+
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    global_step: int | None
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> UNetCheckpoint:
     """Read a U-Net checkpoint lazily (memory-mapped) without executing pickled code.
 
     Args:
@@ -77,7 +92,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             ``{name: tensor}`` state dict, saved with ``torch.save``.
 
     Returns:
-        ``{name: tensor}`` on CPU; tensors are memory-mapped when the file is in the zip format that
+        The state dict and global step. Tensors are memory-mapped when the file is in the zip format that
         ``torch.save`` has written since PyTorch 1.6 (older files are read fully, with a warning).
 
     Raises:
@@ -108,9 +123,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"checkpoint {path} holds neither a state dict nor a {{'global_step', 'state_dict'}} dict "
             f"(top-level type {type(obj).__name__})"
         )
-    if isinstance(obj, Mapping) and "global_step" in obj:
-        logger.info("%s: global_step %s", path, obj["global_step"])
-    return dict(state_dict)
+    step = obj.get("global_step") if state_dict is not obj else None
+    return UNetCheckpoint(dict(state_dict), int(step) if step is not None else None)
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Return the state dict of :func:`read_checkpoint` (same arguments and errors)."""
+    return read_checkpoint(path).state_dict
 
 
 def check_state_dict(
