@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -176,6 +177,7 @@ def load_check_script():
     path = Path(__file__).resolve().parents[1] / "scripts/check_checkpoints.py"
     spec = importlib.util.spec_from_file_location("check_checkpoints", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
