@@ -1,0 +1,580 @@
+"""LatentSync 1.0 U-Net: a checkpoint-compatible ``UNet3DConditionModel`` written for inference.
+
+The network is Stable-Diffusion-1.5-shaped and runs on video latents ``(B, C, F, H, W)``. Convolutions and
+attention work on every frame independently; the ResNet GroupNorms and ``conv_norm_out`` normalise over
+all F frames of a chunk jointly, which is the only place where frames interact (see
+``shared/docs/LATENTSYNC_1_0.md``). Internally activations are kept frame-flattened,
+``(B * F, C, H, W)``, so no layout change is needed between layers; channels-last memory is supported
+and makes the attention token reshapes free.
+
+``UNet3DConditionModel(UNet3DConfig()).state_dict()`` has exactly the 686 names and shapes of the
+official ``latentsync_unet.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from latentsync.models.attention import FrameTransformer
+from latentsync.models.resnet import Downsample, JointGroupNorm, ResnetBlock, Upsample
+
+CROSS_ATTN_DOWN = "CrossAttnDownBlock3D"
+DOWN = "DownBlock3D"
+CROSS_ATTN_UP = "CrossAttnUpBlock3D"
+UP = "UpBlock3D"
+
+
+@dataclass(frozen=True)
+class UNet3DConfig:
+    """Architecture of the U-Net. Defaults are the ``model`` section of LatentSync 1.0's second_stage.yaml.
+
+    Attributes:
+        in_channels: Input channels (13 = noisy latents 4 + mask 1 + masked latents 4 + reference latents 4).
+        out_channels: Output channels (4, predicted noise).
+        block_out_channels: Channels per resolution level.
+        down_block_types: ``"CrossAttnDownBlock3D"`` or ``"DownBlock3D"`` per level.
+        up_block_types: ``"UpBlock3D"`` or ``"CrossAttnUpBlock3D"`` per level (deepest first).
+        layers_per_block: ResNets per down block (up blocks have one more).
+        norm_num_groups: Groups of every GroupNorm.
+        norm_eps: Epsilon of the ResNet GroupNorms and ``conv_norm_out``.
+        transformer_norm_eps: Epsilon of the GroupNorm at each transformer's entry (1e-6 in the original).
+        attention_heads: Heads per attention layer; the yaml's ``attention_head_dim: 8`` means 8 heads.
+        cross_attention_dim: Width of the audio features (384, Whisper tiny).
+        flip_sin_to_cos: Sinusoidal timestep embedding as ``[cos, sin]``.
+        freq_shift: Frequency shift of the timestep embedding.
+        downsample_padding: Padding of the stride-2 convolutions.
+        mid_block_scale_factor: Output divisor of the mid-block ResNets.
+        sample_size: Nominal latent size (64; LatentSync runs at 32 for 256 px faces). Informational.
+        joint_frame_norm: True reproduces LatentSync 1.0 (ResNet norms over all frames). False makes them
+            per frame; that variant is NOT checkpoint-faithful and exists for experiments and tests.
+
+    """
+
+    in_channels: int = 13
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = (CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, DOWN)
+    up_block_types: tuple[str, ...] = (UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    transformer_norm_eps: float = 1e-6
+    attention_heads: int = 8
+    cross_attention_dim: int = 384
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    sample_size: int = 64
+    joint_frame_norm: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        """Validate the configuration.
+
+        Raises:
+            ValueError: On inconsistent lengths, unknown block types or indivisible channel counts.
+
+        """
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"block_out_channels {self.block_out_channels}, down_block_types {self.down_block_types} and "
+                f"up_block_types {self.up_block_types} must have the same length"
+            )
+        for name in self.down_block_types:
+            if name not in (CROSS_ATTN_DOWN, DOWN):
+                raise ValueError(f"unknown down block type {name!r}")
+        for name in self.up_block_types:
+            if name not in (CROSS_ATTN_UP, UP):
+                raise ValueError(f"unknown up block type {name!r}")
+        for channels in self.block_out_channels:
+            if channels % self.norm_num_groups or channels % self.attention_heads:
+                raise ValueError(
+                    f"channels {channels} must be divisible by norm_num_groups {self.norm_num_groups} "
+                    f"and attention_heads {self.attention_heads}"
+                )
+
+    @property
+    def time_embed_dim(self) -> int:
+        """Width of the timestep embedding, ``4 * block_out_channels[0]`` (1280)."""
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> UNet3DConfig:
+        """Return a two-level config for tests: ``block_out_channels=(32, 64)``, 8 groups, 4 heads.
+
+        Args:
+            **overrides: Fields to change.
+
+        Returns:
+            The config.
+
+        """
+        values: dict[str, Any] = {
+            "block_out_channels": (32, 64),
+            "down_block_types": (CROSS_ATTN_DOWN, DOWN),
+            "up_block_types": (UP, CROSS_ATTN_UP),
+            "norm_num_groups": 8,
+            "attention_heads": 4,
+            "sample_size": 16,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_original(cls, model_section: Mapping[str, Any]) -> UNet3DConfig:
+        """Build from the ``model`` section of an original LatentSync yaml (e.g. second_stage.yaml).
+
+        Args:
+            model_section: Mapping with the original keys (``attention_head_dim``, ``use_motion_module``...).
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: If the section asks for a feature LatentSync 1.0 does not use and this model lacks
+                (motion modules, temporal or cross-frame attention, group-norm audio conditioning,
+                scale-shift time embedding, a custom audio layer) or lacks the audio layer.
+
+        """
+        unsupported = {
+            "use_motion_module": False,
+            "unet_use_cross_frame_attention": False,
+            "unet_use_temporal_attention": False,
+            "custom_audio_layer": False,
+            "center_input_sample": False,
+            "add_audio_layer": True,
+            "audio_condition_method": "cross_attn",
+            "resnet_time_scale_shift": "default",
+            "mid_block_type": "UNetMidBlock3DCrossAttn",
+            "act_fn": "silu",
+        }
+        for key, supported in unsupported.items():
+            if key in model_section and model_section[key] != supported:
+                raise ValueError(
+                    f"unsupported model option {key}={model_section[key]!r} (need {supported!r})"
+                )
+        renames = {"attention_head_dim": "attention_heads"}
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in model_section.items():
+            key = renames.get(key, key)
+            if key in known:
+                values[key] = tuple(value) if isinstance(value, list | tuple) else value
+        for key in ("norm_eps", "mid_block_scale_factor"):
+            if key in values:
+                values[key] = float(values[key])
+        return cls(**values)
+
+
+class DownBlock(nn.Module):
+    """One encoder level: ResNets (each optionally followed by a transformer), then a stride-2 conv.
+
+    Args:
+        in_channels: Channels entering the level.
+        out_channels: Channels of the level.
+        config: The U-Net config (groups, eps, heads, audio width).
+        has_attention: ``CrossAttnDownBlock3D`` (True) or ``DownBlock3D`` (False).
+        add_downsample: Whether a ``downsamplers.0`` conv ends the level.
+
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        config: UNet3DConfig,
+        has_attention: bool,
+        add_downsample: bool,
+    ) -> None:
+        super().__init__()
+        c = config
+        self.attentions = (
+            nn.ModuleList(
+                [
+                    FrameTransformer(
+                        out_channels,
+                        c.attention_heads,
+                        c.cross_attention_dim,
+                        c.norm_num_groups,
+                        c.transformer_norm_eps,
+                    )
+                    for _ in range(c.layers_per_block)
+                ]
+            )
+            if has_attention
+            else None
+        )
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    c.time_embed_dim,
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    joint_norm=c.joint_frame_norm,
+                )
+                for i in range(c.layers_per_block)
+            ]
+        )
+        self.downsamplers = (
+            nn.ModuleList([Downsample(out_channels, c.downsample_padding)]) if add_downsample else None
+        )
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Run the level.
+
+        Args:
+            x: ``(B * F, in_channels, H, W)``.
+            temb: ``(B, time_embed_dim)``.
+            audio: ``(B * F, S, cross_attention_dim)`` or ``None``.
+            num_frames: ``F``.
+
+        Returns:
+            The output and the skip activations handed to the decoder (one per ResNet, plus the
+            downsampled output when there is a downsampler).
+
+        """
+        skips: tuple[torch.Tensor, ...] = ()
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb, num_frames)
+            if self.attentions is not None:
+                x = self.attentions[i](x, audio)
+            skips += (x,)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips += (x,)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """One decoder level: ResNets on ``cat([x, skip])``, each optionally followed by a transformer.
+
+    A 2x nearest upsample + conv ends every level but the last.
+
+    Args:
+        in_channels: Channels of the matching encoder level's input (for the last skip).
+        out_channels: Channels of the level.
+        prev_output_channels: Channels arriving from the deeper level.
+        config: The U-Net config.
+        has_attention: ``CrossAttnUpBlock3D`` (True) or ``UpBlock3D`` (False).
+        add_upsample: Whether an ``upsamplers.0`` ends the level.
+
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        prev_output_channels: int,
+        config: UNet3DConfig,
+        has_attention: bool,
+        add_upsample: bool,
+    ) -> None:
+        super().__init__()
+        c = config
+        num_layers = c.layers_per_block + 1
+        self.attentions = (
+            nn.ModuleList(
+                [
+                    FrameTransformer(
+                        out_channels,
+                        c.attention_heads,
+                        c.cross_attention_dim,
+                        c.norm_num_groups,
+                        c.transformer_norm_eps,
+                    )
+                    for _ in range(num_layers)
+                ]
+            )
+            if has_attention
+            else None
+        )
+        resnets = []
+        for i in range(num_layers):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            resnet_in = prev_output_channels if i == 0 else out_channels
+            resnets.append(
+                ResnetBlock(
+                    resnet_in + skip_channels,
+                    out_channels,
+                    c.time_embed_dim,
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    joint_norm=c.joint_frame_norm,
+                )
+            )
+        self.resnets = nn.ModuleList(resnets)
+        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: tuple[torch.Tensor, ...],
+        temb: torch.Tensor,
+        audio: torch.Tensor | None,
+        num_frames: int,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Run the level.
+
+        Args:
+            x: ``(B * F, prev_output_channels, H, W)``.
+            skips: One skip activation per ResNet, consumed last-first.
+            temb: ``(B, time_embed_dim)``.
+            audio: ``(B * F, S, cross_attention_dim)`` or ``None``.
+            num_frames: ``F``.
+            upsample_size: Forced output size of the upsampler, or ``None`` to double.
+
+        Returns:
+            ``(B * F, out_channels, H', W')``.
+
+        """
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
+            if self.attentions is not None:
+                x = self.attentions[i](x, audio)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """Bottleneck: ResNet, then (transformer, ResNet) ``num_layers`` times (1 in LatentSync 1.0).
+
+    Args:
+        channels: Channels of the deepest level.
+        config: The U-Net config.
+        num_layers: Transformer/ResNet pairs after the first ResNet.
+
+    """
+
+    def __init__(self, channels: int, config: UNet3DConfig, num_layers: int = 1) -> None:
+        super().__init__()
+        c = config
+        self.attentions = nn.ModuleList(
+            [
+                FrameTransformer(
+                    channels,
+                    c.attention_heads,
+                    c.cross_attention_dim,
+                    c.norm_num_groups,
+                    c.transformer_norm_eps,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    channels,
+                    channels,
+                    c.time_embed_dim,
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    output_scale_factor=c.mid_block_scale_factor,
+                    joint_norm=c.joint_frame_norm,
+                )
+                for _ in range(num_layers + 1)
+            ]
+        )
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int
+    ) -> torch.Tensor:
+        """``(B * F, C, H, W)`` -> same shape."""
+        x = self.resnets[0](x, temb, num_frames)
+        for attention, resnet in zip(self.attentions, self.resnets[1:], strict=True):
+            x = resnet(attention(x, audio), temb, num_frames)
+        return x
+
+
+class UNet3DConditionModel(nn.Module):
+    """LatentSync 1.0 denoising U-Net (audio-conditioned, checkpoint-compatible, inference-oriented).
+
+    Args:
+        config: Architecture; defaults to LatentSync 1.0 (second_stage.yaml).
+        device: Where to create the parameters (``"meta"`` builds a shape-only model in no time).
+        dtype: Parameter dtype (float32 by default; float16/bfloat16 for GPU inference).
+
+    Example:
+        >>> model = UNet3DConditionModel(UNet3DConfig.tiny())
+        >>> out = model(torch.randn(1, 13, 2, 16, 16), 951, torch.randn(1, 2, 50, 384))
+        >>> out.shape
+        torch.Size([1, 4, 2, 16, 16])
+
+    """
+
+    def __init__(
+        self,
+        config: UNet3DConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config = UNet3DConfig() if config is None else config
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(config)
+        if dtype is not None:
+            self.to(dtype)
+
+    def _build(self, c: UNet3DConfig) -> None:
+        channels = c.block_out_channels
+        self.conv_in = nn.Conv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
+        self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(channels[0], c.time_embed_dim)
+
+        self.down_blocks = nn.ModuleList()
+        output_channels = channels[0]
+        for i, block_type in enumerate(c.down_block_types):
+            input_channels, output_channels = output_channels, channels[i]
+            self.down_blocks.append(
+                DownBlock(
+                    input_channels,
+                    output_channels,
+                    c,
+                    has_attention=block_type == CROSS_ATTN_DOWN,
+                    add_downsample=i < len(channels) - 1,
+                )
+            )
+
+        # Registered before mid_block so that state_dict() lists keys in the official file's order.
+        self.up_blocks = nn.ModuleList()
+        reversed_channels = list(reversed(channels))
+        output_channels = reversed_channels[0]
+        for i, block_type in enumerate(c.up_block_types):
+            prev_output_channels, output_channels = output_channels, reversed_channels[i]
+            input_channels = reversed_channels[min(i + 1, len(channels) - 1)]
+            self.up_blocks.append(
+                UpBlock(
+                    input_channels,
+                    output_channels,
+                    prev_output_channels,
+                    c,
+                    has_attention=block_type == CROSS_ATTN_UP,
+                    add_upsample=i < len(channels) - 1,
+                )
+            )
+        self.mid_block = MidBlock(channels[-1], c)
+
+        self.conv_norm_out = JointGroupNorm(
+            c.norm_num_groups, channels[0], c.norm_eps, joint=c.joint_frame_norm
+        )
+        self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the parameters."""
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.conv_in.weight.device
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        audio_embeds: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Predict the noise of a chunk of video latents.
+
+        Args:
+            sample: ``(B, in_channels, F, H, W)`` latents (13 channels: noisy 4, mask 1, masked-image 4,
+                reference 4), in the model's dtype. H and W need not be multiples of 8.
+            timestep: Diffusion timestep(s) in ``[0, 1000)``: a number, a 0-d tensor, or a ``(B,)`` tensor.
+            audio_embeds: Whisper features per frame, ``(B, F, S, cross_attention_dim)`` (S = 50, width
+                384), or the original pipeline's flattened ``(B * F, S, cross_attention_dim)`` with the
+                frame index minor. Frame ``f`` of video ``b`` attends only to its own S tokens. ``None``
+                skips the audio layers (the original does the same).
+
+        Returns:
+            ``(B, out_channels, F, H, W)`` predicted noise, same dtype as ``sample``, contiguous.
+
+        Raises:
+            ValueError: If the shapes of ``sample``, ``timestep`` or ``audio_embeds`` do not fit.
+
+        """
+        if sample.dim() != 5 or sample.shape[1] != self.config.in_channels:
+            raise ValueError(
+                f"sample must be (B, {self.config.in_channels}, F, H, W), got {tuple(sample.shape)}"
+            )
+        batch, _, num_frames, height, width = sample.shape
+        audio = self._flatten_audio(audio_embeds, batch, num_frames)
+        temb = self.time_embedding(self._timestep_features(timestep, batch, sample.device).to(self.dtype))
+
+        # (B, C, F, H, W) -> (B * F, C, H, W), in the memory format of the convolution weights.
+        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+            x = (
+                sample.permute(0, 2, 3, 4, 1)
+                .reshape(batch * num_frames, height, width, -1)
+                .permute(0, 3, 1, 2)
+            )
+        else:
+            x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width)
+
+        x = self.conv_in(x)
+        skips: tuple[torch.Tensor, ...] = (x,)
+        for down_block in self.down_blocks:
+            x, block_skips = down_block(x, temb, audio, num_frames)
+            skips += block_skips
+
+        x = self.mid_block(x, temb, audio, num_frames)
+
+        factor = 2 ** (len(self.up_blocks) - 1)
+        force_size = height % factor != 0 or width % factor != 0
+        for i, up_block in enumerate(self.up_blocks):
+            n = len(up_block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            upsample_size = (
+                tuple(skips[-1].shape[-2:]) if force_size and i < len(self.up_blocks) - 1 else None
+            )
+            x = up_block(x, block_skips, temb, audio, num_frames, upsample_size)
+
+        x = self.conv_out(torch.nn.functional.silu(self.conv_norm_out(x, num_frames)))
+        return x.reshape(batch, num_frames, -1, height, width).transpose(1, 2).contiguous()
+
+    def _flatten_audio(
+        self, audio_embeds: torch.Tensor | None, batch: int, num_frames: int
+    ) -> torch.Tensor | None:
+        if audio_embeds is None:
+            return None
+        width = self.config.cross_attention_dim
+        if audio_embeds.dim() == 4 and audio_embeds.shape[:2] == (batch, num_frames):
+            audio_embeds = audio_embeds.flatten(0, 1)
+        if (
+            audio_embeds.dim() != 3
+            or audio_embeds.shape[0] != batch * num_frames
+            or audio_embeds.shape[2] != width
+        ):
+            raise ValueError(
+                f"audio_embeds must be ({batch}, {num_frames}, S, {width}) or "
+                f"({batch * num_frames}, S, {width}), got {tuple(audio_embeds.shape)}"
+            )
+        return audio_embeds.to(self.dtype)
+
+    def _timestep_features(
+        self, timestep: torch.Tensor | int | float, batch: int, device: torch.device
+    ) -> torch.Tensor:
+        if not torch.is_tensor(timestep):
+            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            timestep = torch.tensor([timestep], dtype=dtype, device=device)
+        elif timestep.dim() == 0:
+            timestep = timestep[None].to(device)
+        if timestep.dim() != 1 or timestep.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or ({batch},), got {tuple(timestep.shape)}"
+            )
+        return self.time_proj(timestep.to(device).expand(batch))

@@ -1,0 +1,232 @@
+"""Tests of the LatentSync 1.0 U-Net: checkpoint layout, shapes, gradients, frame coupling, dtypes."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from latentsync.models.attention import Attention
+from latentsync.models.resnet import JointGroupNorm
+from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig
+
+STATE_DICT_LISTING = (
+    Path(__file__).resolve().parents[1].parent / "shared/docs/latentsync_1_0_unet_state_dict.txt"
+)
+OFFICIAL_PARAMETER_COUNT = 849_962_244  # shared/docs/LATENTSYNC_1_0.md
+
+
+def read_listing() -> list[tuple[str, tuple[int, ...]]]:
+    if not STATE_DICT_LISTING.is_file():
+        pytest.fail(f"missing test data {STATE_DICT_LISTING}: clone the repository with shared/ beside it")
+    rows = []
+    for line in STATE_DICT_LISTING.read_text().splitlines():
+        if line.strip():
+            name, shape = line.split(" ", 1)
+            rows.append((name, tuple(ast.literal_eval(shape))))
+    return rows
+
+
+def tiny_model(seed: int = 0, **overrides) -> UNet3DConditionModel:
+    torch.manual_seed(seed)
+    model = UNet3DConditionModel(UNet3DConfig.tiny(**overrides))
+    # Non-trivial norm affine parameters so that the tests see them.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm | nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def tiny_inputs(frames: int = 2, size: tuple[int, int] = (16, 16), batch: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 13, frames, *size, generator=g)
+    audio = torch.randn(batch, frames, 50, 384, generator=g)
+    return sample, audio
+
+
+def test_full_size_state_dict_matches_official_listing():
+    model = UNet3DConditionModel(device="meta")
+    ours = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    official = read_listing()
+    assert len(official) == 686
+    assert ours == official  # same names, shapes and order
+    assert sum(t.numel() for t in model.state_dict().values()) == OFFICIAL_PARAMETER_COUNT
+
+
+def test_tiny_forward_shape_and_dtype():
+    model = tiny_model()
+    sample, audio = tiny_inputs()
+    with torch.inference_mode():
+        out = model(sample, 951, audio)
+    assert out.shape == (1, 4, 2, 16, 16)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous()
+    assert torch.isfinite(out).all()
+
+
+def test_tiny_forward_is_deterministic_across_builds():
+    sample, audio = tiny_inputs()
+    with torch.inference_mode():
+        first = tiny_model(seed=3)(sample, torch.tensor(501), audio)
+        second = tiny_model(seed=3)(sample, torch.tensor(501), audio)
+    assert torch.equal(first, second)
+
+
+def test_tiny_backward_reaches_every_parameter():
+    model = tiny_model().train()
+    sample, audio = tiny_inputs()
+    sample.requires_grad_(True)
+    model(sample, torch.tensor([10]), audio).square().mean().backward()
+    assert sample.grad is not None and sample.grad.abs().sum() > 0
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+
+
+def test_audio_layouts_and_timestep_forms_agree():
+    model = tiny_model()
+    sample, audio = tiny_inputs(frames=3, batch=2)
+    with torch.inference_mode():
+        ref = model(sample, 250, audio)
+        flat = model(sample, torch.tensor([250, 250]), audio.flatten(0, 1))
+        zero_d = model(sample, torch.tensor(250.0), audio)
+    torch.testing.assert_close(flat, ref, rtol=0, atol=0)
+    torch.testing.assert_close(zero_d, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_odd_latent_size_is_supported():
+    model = tiny_model()
+    sample, audio = tiny_inputs(frames=2, size=(15, 17))
+    with torch.inference_mode():
+        assert model(sample, 1, audio).shape == (1, 4, 2, 15, 17)
+
+
+def test_bad_shapes_raise_value_error():
+    model = tiny_model()
+    sample, audio = tiny_inputs(frames=2)
+    with pytest.raises(ValueError, match="sample must be"):
+        model(sample[:, :12], 1, audio)
+    with pytest.raises(ValueError, match="audio_embeds must be"):
+        model(sample, 1, audio[:, :1])
+    with pytest.raises(ValueError, match="timestep"):
+        model(sample, torch.tensor([1, 2, 3]), audio)
+
+
+def test_joint_group_norm_equals_group_norm_on_5d_video():
+    torch.manual_seed(0)
+    batch, frames, channels, h, w = 2, 3, 16, 5, 7
+    video = torch.randn(batch, channels, frames, h, w) * 3 + 1
+    reference = nn.GroupNorm(4, channels, eps=1e-5)
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    ours = JointGroupNorm(4, channels, eps=1e-5)
+    ours.load_state_dict(reference.state_dict())
+    flat = video.transpose(1, 2).reshape(batch * frames, channels, h, w)
+    expected = reference(video).transpose(1, 2).reshape(batch * frames, channels, h, w)
+    torch.testing.assert_close(ours(flat, frames), expected, rtol=1e-5, atol=1e-5)
+    cl = flat.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours(cl, frames), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frames_are_coupled_through_the_joint_group_norm_only():
+    joint = tiny_model()
+    per_frame = UNet3DConditionModel(UNet3DConfig.tiny(joint_frame_norm=False)).eval()
+    per_frame.load_state_dict(joint.state_dict())
+    sample, audio = tiny_inputs(frames=3)
+    changed_sample = sample.clone()
+    changed_sample[:, :, 2] += torch.randn_like(changed_sample[:, :, 2])
+    changed_audio = audio.clone()
+    changed_audio[:, 2] += 1.0
+
+    with torch.inference_mode():
+        for model, coupled in ((joint, True), (per_frame, False)):
+            ref = model(sample, 500, audio)
+            by_frame = model(changed_sample, 500, audio)
+            by_audio = model(sample, 500, changed_audio)
+            for out in (by_frame, by_audio):
+                assert not torch.allclose(out[:, :, 2], ref[:, :, 2])  # the changed frame itself
+                if coupled:  # original LatentSync 1.0: frame 1 sees frame 2 through the GroupNorm statistics
+                    assert (out[:, :, 1] - ref[:, :, 1]).abs().max() > 1e-4
+                else:  # everything else (convs, attention) is per frame
+                    torch.testing.assert_close(out[:, :, :2], ref[:, :, :2], rtol=0, atol=1e-6)
+
+
+def test_attention_modules_are_per_frame():
+    model = tiny_model()
+    block = model.down_blocks[0].attentions[0].transformer_blocks[0]
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen.setdefault(name, []).append(output.detach().clone())
+
+        return hook
+
+    block.attn1.register_forward_hook(keep("self"))
+    block.audio_cross_attn.attn.register_forward_hook(keep("audio"))
+    frames = 3
+    tokens = torch.randn(frames, 64, 32)
+    audio = torch.randn(frames, 50, 384)
+    changed_tokens, changed_audio = tokens.clone(), audio.clone()
+    changed_tokens[2] += 1.0
+    changed_audio[2] += 1.0
+    with torch.inference_mode():
+        for t, a in ((tokens, audio), (changed_tokens, audio), (tokens, changed_audio)):
+            block(t, a)
+    ref_self, tok_self, _ = seen["self"]
+    ref_audio, tok_audio, aud_audio = seen["audio"]
+    torch.testing.assert_close(tok_self[:2], ref_self[:2], rtol=0, atol=0)
+    assert not torch.allclose(tok_self[2], ref_self[2])
+    torch.testing.assert_close(aud_audio[:2], ref_audio[:2], rtol=0, atol=0)
+    assert not torch.allclose(aud_audio[2], ref_audio[2])
+    assert not torch.allclose(tok_audio[2], ref_audio[2])
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attention = Attention(32, heads=4, context_dim=24)
+    x, context = torch.randn(2, 9, 32), torch.randn(2, 5, 24)
+    q = attention.to_q(x).view(2, 9, 4, 8).transpose(1, 2)
+    k = attention.to_k(context).view(2, 5, 4, 8).transpose(1, 2)
+    v = attention.to_v(context).view(2, 5, 4, 8).transpose(1, 2)
+    weights = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1)
+    expected = attention.to_out[0]((weights @ v).transpose(1, 2).reshape(2, 9, 32))
+    torch.testing.assert_close(attention(x, context), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_and_bfloat16():
+    model = tiny_model()
+    sample, audio = tiny_inputs(frames=2)
+    with torch.inference_mode():
+        ref = model(sample, 700, audio)
+        model_cl = tiny_model().to(memory_format=torch.channels_last)
+        torch.testing.assert_close(model_cl(sample, 700, audio), ref, rtol=1e-4, atol=1e-4)
+        model_bf16 = UNet3DConditionModel(model.config, dtype=torch.bfloat16).eval()
+        model_bf16.load_state_dict(model.state_dict())
+        out = model_bf16(sample.bfloat16(), 700, audio)
+    assert model_bf16.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_config_from_original_yaml_section():
+    section = {
+        "act_fn": "silu",
+        "add_audio_layer": True,
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "cross_attention_dim": 384,
+        "in_channels": 13,
+        "norm_eps": "1e-5",
+        "use_motion_module": False,
+        "motion_module_kwargs": {"num_attention_heads": 8},
+    }
+    assert UNet3DConfig.from_original(section) == UNet3DConfig()
+    with pytest.raises(ValueError, match="use_motion_module"):
+        UNet3DConfig.from_original({**section, "use_motion_module": True})
+    with pytest.raises(ValueError, match="same length"):
+        UNet3DConfig(block_out_channels=(32, 64))
