@@ -74,12 +74,53 @@ class AvatarConfig:
     cache_dir: str = ".cache/avatars"
 
 
+class DType(str, enum.Enum):
+    """Floating-point precision for the LatentSync models on GPU (CPU always runs float32)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+@dataclass
+class LatentSyncConfig:
+    """LatentSync 1.0 files and sampling settings (the files are the user's; never downloaded)."""
+
+    unet_path: str = "checkpoints/latentsync_unet.pt"
+    unet_config: str = "configs/unet/second_stage.yaml"
+    whisper_path: str = "checkpoints/whisper/tiny.pt"
+    vae_path: str = "checkpoints/sd-vae-ft-mse"
+    scheduler_config: str = "configs/scheduler_config.json"
+    dtype: DType = DType.float16
+    inference_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 1247
+    compile: bool = False
+
+
 @dataclass
 class EngineConfig:
-    """Lip-sync engine and its worker pool (``workers`` None: one per GPU, or 1 on CPU)."""
+    """Lip-sync engine and its worker pool.
+
+    ``workers`` None: one worker process per GPU, or 1 on CPU. ``device`` None: ``cuda`` when a
+    GPU is visible, else ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds
+    is retried once on a fresh worker, then its task fails.
+    """
 
     name: EngineName = EngineName.parametric
     workers: int | None = None
+    device: str | None = None
+    chunk_deadline_s: float = 60.0
+    latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
+
+
+@dataclass
+class ApiConfig:
+    """Upload limits of ``POST /generate_video``."""
+
+    max_audio_s: float = 300.0
+    max_upload_mb: float = 50.0
+    max_queued: int = 16
 
 
 @dataclass
@@ -98,6 +139,7 @@ class AppConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -185,6 +227,18 @@ def validate(config: AppConfig) -> None:
         _check(value is None or Path(value).is_file(), f"avatar.{key}", value, "an existing video file or null")
     _check(config.engine.workers is None or 1 <= config.engine.workers <= 64, "engine.workers",
            config.engine.workers, "1..64 or null")
+    e = config.engine
+    _check(e.device is None or e.device == "cpu" or e.device.startswith("cuda"), "engine.device", e.device,
+           "cpu, cuda, cuda:N or null")
+    _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
+    _check(1 <= e.latentsync.inference_steps <= 1000, "engine.latentsync.inference_steps",
+           e.latentsync.inference_steps, "1..1000")
+    _check(0.0 <= e.latentsync.guidance_scale <= 20.0, "engine.latentsync.guidance_scale",
+           e.latentsync.guidance_scale, "0..20")
+    a = config.api
+    _check(0.1 <= a.max_audio_s <= 3600, "api.max_audio_s", a.max_audio_s, "0.1..3600")
+    _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
+    _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 
