@@ -23,6 +23,7 @@ from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.app import create_app
 from latentsync.serving.runtime import Runtime
+from latentsync.serving.workers import WorkerPoolError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
 logger = logging.getLogger("latentsync.serve")
@@ -71,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         runtime.start()
-        logger.info("streaming to %s — open it in VLC/OBS/ffplay", redact_rtmp_url(config.stream.rtmp_url))
+        logger.info(
+            "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
+            redact_rtmp_url(config.stream.rtmp_url), config.server.host, config.server.port,
+        )
         while not stop.wait(0.5):
             pass
-    except MediaProbeError as exc:
+    except (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         code = 1
     finally:

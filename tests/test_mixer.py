@@ -138,7 +138,8 @@ def test_interrupt_on_air_fades_out_within_crossfade_frames():
     ticks = run(mixer, FADE + 1)
     assert [s for s, _, _ in ticks[:FADE]] == [StreamState.FADE_OUT] * FADE
     assert ticks[FADE][0] is StreamState.IDLE
-    assert program.events[-1] == ("interrupted", 20)
+    # Interrupted at frame 20; off air (idle back) after exactly FADE more frames.
+    assert program.events[-2:] == [("interrupted", 20), ("off_air", 20 + FADE)]
     # The speech fades out under the returning hum instead of being cut.
     speech_level = [np.abs(a.astype(np.int64) - 1000).mean() for _, _, a in ticks[:FADE]]
     assert speech_level == sorted(speech_level, reverse=True)
@@ -156,6 +157,17 @@ def test_interrupt_or_cancel_of_a_queued_program_drops_it():
     assert a.events[-1] == ("done", 5)
     assert b.events == [] and c.events == []
     assert mixer.pending() == 0
+
+
+def test_failed_generation_fades_out_instead_of_holding_forever():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 40, available=16)
+    mixer.enqueue(program)
+    run(mixer, 16)
+    program.cancelled = True  # what SpeechProgram reports once the missing chunk will never come
+    ticks = run(mixer, FADE + 1)
+    assert [s for s, _, _ in ticks] == [StreamState.FADE_OUT] * FADE + [StreamState.IDLE]
+    assert mixer.underrun_ticks == 0
 
 
 def test_playlist_is_bounded():

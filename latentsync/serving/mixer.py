@@ -58,7 +58,8 @@ class Program(Protocol):
     def on_air(self, event: str, frames_streamed: int) -> None:
         """Progress callback on the controller thread (must not block).
 
-        ``event`` is ``"first_frame"``, ``"done"`` or ``"interrupted"``.
+        ``event`` is ``"first_frame"``, ``"done"``, ``"interrupted"`` (fade-out begins) or ``"off_air"``
+        (the fade-out after an interruption has ended: idle is back).
         """
         ...
 
@@ -125,6 +126,7 @@ class ProgramMixer:
         self._fading_in = False
         self._last_frame: np.ndarray | None = None
         self._state = StreamState.IDLE
+        self.ticks = 0  # ticks produced (one per emitted or dropped frame)
         self.underrun_ticks = 0
         self.programs_finished = 0
         self.programs_interrupted = 0
@@ -175,6 +177,7 @@ class ProgramMixer:
         Returns:
             ``(H, W, 3) uint8`` frame and ``(num_samples,) int16`` audio.
         """
+        self.ticks += 1
         self._apply_interrupts()
         if self._current is None:
             self._start_next_program()
@@ -204,6 +207,8 @@ class ProgramMixer:
             self._fade_step = 0
             self._current = None
             self._fading_in = False
+            if self._crossfade == 0:
+                self._end_fade_out(self._outgoing)
 
     def _start_next_program(self) -> None:
         with self._lock:
@@ -226,6 +231,12 @@ class ProgramMixer:
         program = self._current
         assert program is not None
         frame = program.frame(self._pos)
+        if frame is None and program.is_cancelled():  # generation failed for good: fade out now
+            with self._lock:
+                self._interrupts.add(program.task_id)
+            self._apply_interrupts()
+            self._state = StreamState.FADE_OUT
+            return self._fade_out_tick(num_samples)
         if frame is None:  # underrun: hold the picture, silence, do not advance the program
             self.underrun_ticks += 1
             held = self._last_frame if self._last_frame is not None else program.continuation_frame(self._pos)
@@ -265,5 +276,10 @@ class ProgramMixer:
         audio = _mix(out_audio, 1.0 - alpha, idle_audio, alpha)
         self._fade_step += 1
         if self._fade_step >= self._crossfade:
-            self._outgoing = None
+            self._end_fade_out(outgoing)
         return frame, audio
+
+    def _end_fade_out(self, outgoing: _Outgoing) -> None:
+        self._outgoing = None
+        if outgoing.program is not None and outgoing.fade_audio:  # an interrupted program is now off air
+            outgoing.program.on_air("off_air", outgoing.index)

@@ -1,0 +1,496 @@
+"""Tasks: one uploaded speech from acceptance to the last frame on air.
+
+A :class:`TaskProcessor` thread per task turns the audio into per-frame features and 16-frame
+chunks, submits them to the :class:`~latentsync.serving.workers.WorkerPool` (a bounded window ahead
+of playback), and puts the out-of-order results back in order in a :class:`SpeechProgram`, which
+the controller's mixer plays: faces are pasted into full frames just in time, on the controller
+thread, so buffered chunks hold only 256x256 faces.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from latentsync.engines import CHUNK_FRAMES, ChunkRequest, ChunkResult
+from latentsync.media.timing import samples_before_frame
+from latentsync.serving.workers import JobFailed, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+#: Chunks a task may have generated or in flight ahead of the frame on air (bounds memory:
+#: 16 x 256 x 256 x 3 bytes = 3 MiB per chunk).
+MAX_CHUNKS_AHEAD = 48
+#: Extra frames the jitter buffer keeps in hand beyond the computed minimum.
+JITTER_MARGIN_FRAMES = 8
+#: Finished tasks kept for ``GET /tasks``.
+MAX_FINISHED_TASKS = 200
+
+
+class TaskState(str, enum.Enum):
+    """Lifecycle of a task."""
+
+    queued = "queued"
+    preparing = "preparing"
+    generating = "generating"
+    streaming = "streaming"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+FINAL_STATES = (TaskState.done, TaskState.failed, TaskState.cancelled)
+
+
+@dataclass
+class TaskAudio:
+    """A task's speech, decoded twice by FFmpeg.
+
+    Attributes:
+        stream: ``(N,) int16`` mono at the stream's sample rate (what goes on air).
+        engine_16k: ``(M,) float32`` mono at 16 kHz in [-1, 1] (what the engine analyses).
+        sample_rate_hz: Rate of ``stream`` in Hz.
+    """
+
+    stream: np.ndarray
+    engine_16k: np.ndarray
+    sample_rate_hz: int
+
+    @property
+    def duration_s(self) -> float:
+        """Duration in seconds."""
+        return self.stream.shape[0] / self.sample_rate_hz
+
+
+@dataclass
+class Task:
+    """One request's state as the API reports it (times are ``time.time()`` seconds)."""
+
+    task_id: str
+    audio: TaskAudio
+    num_frames: int
+    num_chunks: int
+    seed: int | None = None
+    guidance_scale: float | None = None
+    state: TaskState = TaskState.queued
+    error: str | None = None
+    chunks_generated: int = 0
+    frames_streamed: int = 0
+    received_at: float = field(default_factory=time.time)
+    received_monotonic: float = field(default_factory=time.monotonic)
+    generation_started_at: float | None = None
+    first_chunk_at: float | None = None
+    first_frame_on_air_at: float | None = None
+    first_frame_on_air_monotonic: float | None = None
+    finished_at: float | None = None
+    cancel_requested_tick: int | None = None
+    off_air_tick: int | None = None
+
+    def to_json(self) -> dict:
+        """The ``GET /tasks/<id>`` body."""
+        return {
+            "task_id": self.task_id,
+            "status": self.state.value,
+            "audio_duration_s": round(self.audio.duration_s, 3),
+            "frames_total": self.num_frames,
+            "frames_streamed": self.frames_streamed,
+            "chunks_total": self.num_chunks,
+            "chunks_generated": self.chunks_generated,
+            "error": self.error,
+            "received_at": self.received_at,
+            "first_frame_on_air_at": self.first_frame_on_air_at,
+            "finished_at": self.finished_at,
+            "interrupt_latency_frames": (
+                self.off_air_tick - self.cancel_requested_tick
+                if self.off_air_tick is not None and self.cancel_requested_tick is not None
+                else None
+            ),
+            "time_to_first_frame_s": (
+                round(self.first_frame_on_air_monotonic - self.received_monotonic, 3)
+                if self.first_frame_on_air_monotonic is not None
+                else None
+            ),
+        }
+
+
+class SpeechProgram:
+    """The reorder buffer and jitter buffer of one task, as the mixer's :class:`Program`.
+
+    Generated chunks arrive in any order (:meth:`add_chunk`); frames are handed out in order
+    (:meth:`frame`), pasted into the avatar's base frames just in time.
+
+    Args:
+        task: The task.
+        avatar: The prepared avatar (base frames, paste geometry).
+        fps: Stream frame rate.
+    """
+
+    def __init__(self, task: Task, avatar, fps: int, tick_counter=None):
+        self.task = task
+        self._tick_counter = tick_counter
+        self.task_id = task.task_id
+        self.num_frames = task.num_frames
+        self._avatar = avatar
+        self._fps = fps
+        self._lock = threading.Lock()
+        self._chunks: dict[int, np.ndarray] = {}  # chunk index -> (16, 256, 256, 3) faces
+        self._ready_chunks = 0  # contiguous chunks from 0 that have arrived
+        self._received = 0
+        self._cancelled = threading.Event()
+        self._failed = False
+        self._started_monotonic: float | None = None
+        self._first_chunk_monotonic: float | None = None
+        self._on_air_index = 0
+        self.changed = threading.Condition(self._lock)
+
+    # ----------------------------------------------------------------- producer side
+    def add_chunk(self, result: ChunkResult) -> None:
+        """Store a generated chunk (any order)."""
+        with self._lock:
+            if self._cancelled.is_set():
+                return
+            self._chunks[result.chunk_index] = np.asarray(result.faces)
+            while self._ready_chunks in self._chunks:
+                self._ready_chunks += 1
+            if self._first_chunk_monotonic is None:
+                self._first_chunk_monotonic = time.monotonic()
+            self._received += 1
+            self.task.chunks_generated = self._received
+            self.changed.notify_all()
+
+    def generation_started(self) -> None:
+        """Mark the moment chunk generation began (the jitter buffer measures from here)."""
+        self._started_monotonic = time.monotonic()
+
+    def fail(self) -> None:
+        """Generation failed: the program will never start, or stops where frames run out."""
+        with self._lock:
+            self._failed = True
+            self.changed.notify_all()
+
+    def cancel(self) -> None:
+        """Drop everything buffered; the mixer skips (or fades out) this program."""
+        with self._lock:
+            self._cancelled.set()
+            self._chunks.clear()
+            self.changed.notify_all()
+
+    def frames_on_air(self) -> int:
+        """Index of the next frame the mixer will ask for."""
+        return self._on_air_index
+
+    def wait_for_room(self, chunk_index: int, timeout_s: float) -> bool:
+        """Block until ``chunk_index`` is within :data:`MAX_CHUNKS_AHEAD` of the frame on air."""
+        with self._lock:
+            return self.changed.wait_for(
+                lambda: self._cancelled.is_set() or chunk_index < self._on_air_index // CHUNK_FRAMES + MAX_CHUNKS_AHEAD,
+                timeout_s,
+            )
+
+    # ----------------------------------------------------------------- mixer side (controller thread)
+    def ready_to_start(self) -> bool:
+        """Jitter buffer: start once the frames in hand plus those generated while playing cover the task.
+
+        With ``R`` frames ready, generation at ``g`` frames/s and playback at ``r`` = fps, frame
+        ``k`` is needed at ``k / r`` and ready at ``(k - R) / g``; no underrun for any ``k < N``
+        needs ``R >= (N - 1) * (1 - g / r)``. A faster-than-real-time engine starts with its first chunk.
+        """
+        if self._cancelled.is_set() or self._failed and self._ready_chunks == 0:
+            return False
+        ready_frames = min(self._ready_chunks * CHUNK_FRAMES, self.num_frames)
+        if ready_frames == 0:
+            return False
+        if ready_frames >= self.num_frames:
+            return True
+        started = self._started_monotonic or self._first_chunk_monotonic
+        elapsed = max(time.monotonic() - (started or time.monotonic()), 1e-3)
+        rate_fps = self._ready_chunks * CHUNK_FRAMES / elapsed
+        needed = (self.num_frames - 1) * max(0.0, 1.0 - rate_fps / self._fps)
+        return ready_frames >= min(self.num_frames, needed + (JITTER_MARGIN_FRAMES if needed > 0 else 0))
+
+    def frame(self, index: int) -> np.ndarray | None:
+        """Full frame ``index`` with its generated face pasted in, or None if not generated yet."""
+        chunk, offset = divmod(index, CHUNK_FRAMES)
+        faces = self._chunks.get(chunk)
+        if faces is None:
+            return None
+        with self._lock:
+            self._on_air_index = index + 1
+            self.task.frames_streamed = index + 1
+            if offset == CHUNK_FRAMES - 1 or index + 1 >= self.num_frames:
+                self._chunks.pop(chunk, None)  # played: free it
+            self.changed.notify_all()
+        return self._avatar.paste(self._avatar.frame_index(index), faces[offset])
+
+    def continuation_frame(self, index: int) -> np.ndarray:
+        """Base frame ``index`` without a generated face (fades after the speech)."""
+        return self._avatar.frames[self._avatar.frame_index(index)]
+
+    def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
+        """``(num_samples,) int16`` of the task's speech from ``start_sample``; zeros past the end."""
+        out = np.zeros(num_samples, dtype=np.int16)
+        part = self.task.audio.stream[start_sample : start_sample + num_samples]
+        out[: part.shape[0]] = part
+        return out
+
+    def is_cancelled(self) -> bool:
+        """True once cancelled, or once generation failed and the next frame will never come."""
+        if self._cancelled.is_set():
+            return True
+        return self._failed and (self._on_air_index // CHUNK_FRAMES) not in self._chunks
+
+    def on_air(self, event: str, frames_streamed: int) -> None:
+        """Mixer callback: keep the task's state and timestamps."""
+        task = self.task
+        task.frames_streamed = frames_streamed
+        if event == "first_frame":
+            task.first_frame_on_air_at = time.time()
+            task.first_frame_on_air_monotonic = time.monotonic()
+            if task.state not in FINAL_STATES:
+                task.state = TaskState.streaming
+        elif event == "done":
+            task.finished_at = time.time()
+            if task.state not in FINAL_STATES:
+                task.state = TaskState.done if not self._failed else TaskState.failed
+        elif event == "interrupted":
+            task.finished_at = time.time()
+            if task.state not in FINAL_STATES:
+                task.state = TaskState.cancelled
+            self.cancel()
+        elif event == "off_air" and self._tick_counter is not None:
+            task.off_air_tick = self._tick_counter()
+
+
+class TaskProcessor:
+    """Thread that generates one task's chunks (features first, then chunks in order).
+
+    Args:
+        task: The task.
+        program: Its reorder/jitter buffer.
+        pool: The worker pool.
+        avatar: The prepared avatar (for base-frame indices).
+        deadline_s: Per-job deadline in seconds.
+    """
+
+    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float):
+        self.task = task
+        self.program = program
+        self._pool = pool
+        self._avatar = avatar
+        self._deadline_s = deadline_s
+        self._stop = threading.Event()
+        self._failure = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"task-{task.task_id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop submitting work (cancellation or shutdown)."""
+        self._stop.set()
+        self.program.cancel()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the thread."""
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _fail(self, reason: str) -> None:
+        task = self.task
+        if task.state in FINAL_STATES:
+            return
+        task.error = reason
+        self._failure.set()
+        self.program.fail()
+        if task.state is not TaskState.streaming:
+            task.state = TaskState.failed
+            task.finished_at = time.time()
+        else:  # on air: it ends where the frames run out; mark failed now so the API tells the truth
+            task.state = TaskState.failed
+        logger.warning("task %s failed: %s", task.task_id, reason)
+
+    def _run(self) -> None:
+        task = self.task
+        try:
+            task.state = TaskState.preparing
+            features = self._features()
+            if features is None:
+                return
+            task.state = TaskState.generating
+            task.generation_started_at = time.time()
+            self.program.generation_started()
+            rows = _pad_rows(features, task.num_chunks * CHUNK_FRAMES)
+            for c in range(task.num_chunks):
+                while not self.program.wait_for_room(c, 0.5):
+                    if self._stop.is_set() or self._failure.is_set():
+                        return
+                if self._stop.is_set() or self._failure.is_set() or self.program.is_cancelled():
+                    return
+                frames = np.arange(c * CHUNK_FRAMES, (c + 1) * CHUNK_FRAMES)
+                frames = np.minimum(frames, task.num_frames - 1)  # last chunk padded, never dropped
+                request = ChunkRequest(
+                    task_id=task.task_id,
+                    chunk_index=c,
+                    frame_indices=np.array([self._avatar.frame_index(int(i)) for i in frames], dtype=np.int64),
+                    features=rows[c * CHUNK_FRAMES : (c + 1) * CHUNK_FRAMES],
+                    seed=task.seed,
+                    guidance_scale=task.guidance_scale if task.guidance_scale is not None else 1.0,
+                )
+                self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail)
+        except JobFailed as exc:
+            self._fail(str(exc))
+        except Exception as exc:  # never let a task thread die silently
+            logger.exception("task %s crashed", task.task_id)
+            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+
+    def _features(self) -> np.ndarray | None:
+        box: dict[str, object] = {}
+        done = threading.Event()
+
+        def ok(value):
+            box["value"] = value
+            done.set()
+
+        def err(reason):
+            box["error"] = reason
+            done.set()
+
+        label = f"features of task {self.task.task_id}"
+        self._pool.submit_features(self.task.audio.engine_16k, self._deadline_s, ok, err, label)
+        while not done.wait(0.2):
+            if self._stop.is_set():
+                return None
+        if "error" in box:
+            self._fail(str(box["error"]))
+            return None
+        return np.asarray(box["value"])
+
+
+def _pad_rows(features: np.ndarray, rows: int) -> np.ndarray:
+    """Crop or pad (repeating the last row) a per-frame array to exactly ``rows`` rows."""
+    if features.shape[0] >= rows:
+        return features[:rows]
+    pad = np.repeat(features[-1:], rows - features.shape[0], axis=0)
+    return np.concatenate([features, pad], axis=0)
+
+
+class TaskManager:
+    """Accepts tasks, runs their processors, keeps recent ones for the API.
+
+    Args:
+        pool: The worker pool.
+        avatar: The prepared avatar.
+        enqueue_program: Puts a program on the controller's playlist (False when full).
+        interrupt_program: Fades a program out / drops it from the playlist.
+        tick_counter: Returns the mixer's tick count (to measure interrupt latency in frames).
+        fps: Stream frame rate.
+        sample_rate_hz: Stream audio rate in Hz.
+        max_queued: Tasks that may wait (not yet on air) before new ones are refused.
+        deadline_s: Per-job deadline in seconds.
+    """
+
+    def __init__(self, pool: WorkerPool, avatar, enqueue_program, interrupt_program, tick_counter, fps: int,
+                 sample_rate_hz: int, max_queued: int, deadline_s: float):  # fmt: skip
+        self._pool = pool
+        self._avatar = avatar
+        self._enqueue = enqueue_program
+        self._interrupt = interrupt_program
+        self._tick_counter = tick_counter
+        self._fps = fps
+        self._sample_rate_hz = sample_rate_hz
+        self._max_queued = max_queued
+        self._deadline_s = deadline_s
+        self._lock = threading.Lock()
+        self._tasks: collections.OrderedDict[str, tuple[Task, TaskProcessor]] = collections.OrderedDict()
+        self._closed = False
+
+    def waiting(self) -> int:
+        """Tasks accepted and not on air yet."""
+        with self._lock:
+            return sum(1 for t, _ in self._tasks.values() if t.state in (TaskState.queued, TaskState.preparing,
+                                                                          TaskState.generating))  # fmt: skip
+
+    def submit(self, audio: TaskAudio, seed: int | None, guidance_scale: float | None) -> tuple[Task, int] | None:
+        """Accept a task.
+
+        Returns:
+            ``(task, position)`` where position counts the tasks ahead of it (0: next on air), or
+            None when ``max_queued`` tasks already wait (the caller answers 429).
+        """
+        num_frames = max(1, math.ceil(audio.stream.shape[0] * self._fps / self._sample_rate_hz))
+        padded = np.zeros(samples_before_frame(num_frames, self._sample_rate_hz, self._fps), dtype=np.int16)
+        padded[: audio.stream.shape[0]] = audio.stream[: padded.shape[0]]
+        audio = TaskAudio(padded, audio.engine_16k, audio.sample_rate_hz)
+        task = Task(uuid.uuid4().hex, audio, num_frames, math.ceil(num_frames / CHUNK_FRAMES), seed, guidance_scale)
+        program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter)
+        processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s)
+        with self._lock:
+            if self._closed:
+                return None
+            ahead = sum(1 for t, _ in self._tasks.values() if t.state not in FINAL_STATES)
+            waiting = sum(1 for t, _ in self._tasks.values()
+                          if t.state in (TaskState.queued, TaskState.preparing, TaskState.generating))
+            if waiting >= self._max_queued or not self._enqueue(program):
+                return None
+            self._tasks[task.task_id] = (task, processor)
+            self._trim()
+        processor.start()
+        return task, ahead
+
+    def _trim(self) -> None:
+        finished = [k for k, (t, _) in self._tasks.items() if t.state in FINAL_STATES]
+        for key in finished[: max(0, len(finished) - MAX_FINISHED_TASKS)]:
+            del self._tasks[key]
+
+    def get(self, task_id: str) -> Task | None:
+        """The task, if known."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+        return entry[0] if entry else None
+
+    def list(self, limit: int = 50) -> list[Task]:
+        """Most recent tasks first."""
+        with self._lock:
+            tasks = [t for t, _ in self._tasks.values()]
+        return list(reversed(tasks))[:limit]
+
+    def cancel(self, task_id: str) -> Task | None:
+        """Cancel a waiting task, or fade out one on air (within ``crossfade_frames``)."""
+        with self._lock:
+            entry = self._tasks.get(task_id)
+        if entry is None:
+            return None
+        task, processor = entry
+        if task.state in FINAL_STATES:
+            return task
+        on_air = task.state is TaskState.streaming
+        task.cancel_requested_tick = self._tick_counter()
+        self._interrupt(task_id)
+        processor.stop()
+        if not on_air:
+            task.state = TaskState.cancelled
+            task.finished_at = time.time()
+        return task
+
+    def close(self, timeout_s: float = 3.0) -> None:
+        """Cancel every unfinished task and stop their threads."""
+        with self._lock:
+            self._closed = True
+            entries = list(self._tasks.values())
+        for task, processor in entries:
+            if task.state not in FINAL_STATES:
+                processor.stop()
+                task.state = TaskState.cancelled
+                task.error = task.error or "server shutting down"
+        deadline = time.monotonic() + timeout_s
+        for _, processor in entries:
+            processor.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,392 @@
+"""WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
+
+One worker process per GPU (or one on CPU) loads the prepared avatar and its engine once, in the
+pool initializer, then serves ``features`` and ``generate`` calls. Jobs wait in our own FIFO and at
+most one per worker is handed to the ``multiprocessing.Pool`` at a time, so a job's deadline counts
+from when a worker takes it, not from when it was queued. A job that misses its deadline, or that
+was running on a worker that died, is retried once on a fresh pool (the pool is rebuilt, since a
+hung worker would keep its slot forever); a second failure fails the job with a reason. The stream
+never depends on the pool: the pool only produces faces.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.pool
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentsync.engines import ChunkRequest, ChunkResult
+
+logger = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.1
+POOL_TERMINATE_TIMEOUT_S = 5.0
+
+# --------------------------------------------------------------------------- worker process side
+# A spawned worker process holds exactly one engine; this slot exists only inside worker processes
+# (the pool initializer fills it once), never in the server process.
+_WORKER_SLOT: dict[str, Any] = {}
+
+
+def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices) -> None:
+    """Pool initializer: load the avatar and the engine once. Never raises (errors are kept)."""
+    try:
+        with counter.get_lock():
+            index = counter.value
+            counter.value += 1
+        options = dict(engine_options)
+        if devices:
+            options["device"] = devices[index % len(devices)]
+        from latentsync.avatar import Avatar
+        from latentsync.engines import create_engine
+
+        avatar = Avatar.load(avatar_path)
+        engine = create_engine(engine_name, options, avatar)
+        engine.load()
+        _WORKER_SLOT.update(engine=engine, index=index, error=None)
+    except Exception as exc:  # reported to the parent by every later call
+        _WORKER_SLOT.update(engine=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+
+
+def _engine():
+    if _WORKER_SLOT.get("engine") is None:
+        raise RuntimeError(f"worker failed to start: {_WORKER_SLOT.get('error', 'not initialised')}")
+    return _WORKER_SLOT["engine"]
+
+
+def _worker_ping() -> tuple[int, str | None]:
+    return os.getpid(), _WORKER_SLOT.get("error")
+
+
+def _worker_features(audio_16k: np.ndarray) -> np.ndarray:
+    return _engine().features(audio_16k)
+
+
+def _worker_generate(request: ChunkRequest) -> ChunkResult:
+    return _engine().generate(request)
+
+
+# --------------------------------------------------------------------------- server side
+class WorkerPoolError(RuntimeError):
+    """The workers could not start (the message carries the worker's own error)."""
+
+
+class JobFailed(RuntimeError):
+    """A job failed for good (after its retry, or because the engine raised)."""
+
+
+@dataclass
+class _Job:
+    key: int
+    func: Callable
+    args: tuple
+    on_done: Callable[[Any], None]
+    on_error: Callable[[str], None]
+    deadline_s: float
+    label: str
+    attempts: int = 0
+    submitted_at: float = 0.0
+    generation: int = -1
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters of the pool.
+
+    Attributes:
+        workers: Worker processes per pool.
+        in_flight: Jobs running in a worker.
+        queued: Jobs waiting for a worker.
+        rebuilds: Times the pool was replaced after a dead or hung worker.
+        retried: Jobs resubmitted after a failure.
+        failed: Jobs that failed for good.
+        completed: Jobs finished successfully.
+    """
+
+    workers: int
+    in_flight: int
+    queued: int
+    rebuilds: int
+    retried: int
+    failed: int
+    completed: int
+
+
+class WorkerPool:
+    """Owns the engine worker processes.
+
+    Args:
+        engine_name: ``"parametric"`` or ``"latentsync"``.
+        engine_options: Options for :func:`latentsync.engines.create_engine` (picklable).
+        avatar_path: Cache directory of the prepared avatar (workers memory-map it).
+        workers: Number of worker processes.
+        devices: Device per worker index (e.g. ``["cuda:0", "cuda:1"]``), or empty to let the
+            engine choose.
+        start_timeout_s: Seconds the workers get to load their engine.
+    """
+
+    def __init__(
+        self,
+        engine_name: str,
+        engine_options: Mapping[str, Any],
+        avatar_path: str | Path,
+        workers: int,
+        devices: list[str] | None = None,
+        start_timeout_s: float = 600.0,
+    ):
+        self._engine_name = engine_name
+        self._engine_options = dict(engine_options)
+        self._avatar_path = str(avatar_path)
+        self._workers = int(workers)
+        self._devices = list(devices or [])
+        self._start_timeout_s = start_timeout_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.RLock()
+        self._pool: multiprocessing.pool.Pool | None = None
+        self._pool_pids: list[int] = []
+        self._generation = 0
+        self._jobs: dict[int, _Job] = {}  # running in the pool (at most one per worker)
+        self._queue: collections.deque[_Job] = collections.deque()  # waiting for a worker
+        self._keys = itertools.count()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._rebuilds = 0
+        self._retried = 0
+        self._failed = 0
+        self._completed = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the workers and wait until every one has loaded its engine.
+
+        Raises:
+            WorkerPoolError: If a worker's engine failed to load (its message is included) or the
+                workers did not come up within ``start_timeout_s``.
+        """
+        with self._lock:
+            if self._pool is not None:
+                return
+            self._pool = self._new_pool()
+        self._check_workers(self._start_timeout_s)
+        self._monitor = threading.Thread(target=self._watch, name="worker-pool-monitor", daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        """Terminate the workers; pending jobs fail with "shutting down". Safe to call twice."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(2.0)
+        with self._lock:
+            pool, self._pool = self._pool, None
+            jobs = list(self._jobs.values()) + list(self._queue)
+            self._jobs.clear()
+            self._queue.clear()
+        for job in jobs:
+            self._finish_error(job, "server shutting down")
+        if pool is not None:
+            self._terminate(pool)
+
+    def stats(self) -> PoolStats:
+        """Return a snapshot of the counters."""
+        with self._lock:
+            return PoolStats(
+                self._workers, len(self._jobs), len(self._queue), self._rebuilds, self._retried, self._failed,
+                self._completed,
+            )
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the current worker processes."""
+        with self._lock:
+            pool = self._pool
+            return [p.pid for p in getattr(pool, "_pool", []) if p.pid is not None]
+
+    # ----------------------------------------------------------------- jobs
+    def submit_features(
+        self, audio_16k: np.ndarray, deadline_s: float, on_done: Callable[[np.ndarray], None],
+        on_error: Callable[[str], None], label: str = "features",
+    ) -> None:  # fmt: skip
+        """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
+
+        Args:
+            audio_16k: ``(N,) float32`` mono audio at 16 kHz.
+            deadline_s: Seconds the job may take before it is retried (once).
+            on_done: Called with the features, on a pool thread.
+            on_error: Called with a reason string when the job fails for good.
+            label: Name used in logs and errors.
+        """
+        self._submit(_worker_features, (audio_16k,), on_done, on_error, deadline_s, label)
+
+    def submit_chunk(
+        self, request: ChunkRequest, deadline_s: float, on_done: Callable[[ChunkResult], None],
+        on_error: Callable[[str], None],
+    ) -> None:  # fmt: skip
+        """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
+
+        Args:
+            request: The chunk.
+            deadline_s: Seconds the job may take before it is retried (once).
+            on_done: Called with the :class:`ChunkResult`, on a pool thread.
+            on_error: Called with a reason string when the job fails for good.
+        """
+        label = f"chunk {request.chunk_index} of task {request.task_id}"
+        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label)
+
+    def _submit(self, func, args, on_done, on_error, deadline_s, label) -> None:
+        job = _Job(next(self._keys), func, args, on_done, on_error, deadline_s, label)
+        with self._lock:
+            if self._pool is None or self._stop.is_set():
+                raise JobFailed("worker pool is not running")
+            self._queue.append(job)
+            self._dispatch_waiting()
+
+    def _dispatch_waiting(self) -> None:
+        """Hand queued jobs to the pool while a worker is free (lock held)."""
+        while self._queue and len(self._jobs) < self._workers and self._pool is not None:
+            job = self._queue.popleft()
+            self._jobs[job.key] = job
+            self._dispatch(job)
+
+    def _dispatch(self, job: _Job) -> None:
+        """Send a job to the current pool (lock held)."""
+        assert self._pool is not None
+        job.attempts += 1
+        job.submitted_at = time.monotonic()
+        job.generation = generation = self._generation
+        self._pool.apply_async(
+            job.func, job.args,
+            callback=lambda result: self._on_result(job, generation, result),
+            error_callback=lambda exc: self._on_exception(job, generation, exc),
+        )  # fmt: skip
+
+    def _on_result(self, job: _Job, generation: int, result: Any) -> None:
+        with self._lock:
+            if generation != job.generation or self._jobs.pop(job.key, None) is None:
+                return  # a stale answer from a replaced pool
+            self._completed += 1
+            self._dispatch_waiting()
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        job.on_done(result)
+
+    def _on_exception(self, job: _Job, generation: int, exc: BaseException) -> None:
+        with self._lock:
+            if generation != job.generation or self._jobs.pop(job.key, None) is None:
+                return
+            self._dispatch_waiting()
+        # The engine raised: deterministic, so no retry.
+        self._finish_error(job, f"{job.label} failed: {type(exc).__name__}: {exc}")
+
+    def _finish_error(self, job: _Job, reason: str) -> None:
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        with self._lock:
+            self._failed += 1
+        logger.warning("%s", reason)
+        job.on_error(reason)
+
+    # ----------------------------------------------------------------- supervision
+    def _new_pool(self) -> multiprocessing.pool.Pool:
+        counter = self._ctx.Value("i", 0)
+        pool = self._ctx.Pool(
+            processes=self._workers,
+            initializer=_worker_init,
+            initargs=(self._engine_name, self._engine_options, self._avatar_path, counter, self._devices),
+        )
+        self._generation += 1
+        self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
+        return pool
+
+    def _check_workers(self, timeout_s: float) -> None:
+        """Ping every worker; raise with the worker's own error if its engine did not load."""
+        with self._lock:
+            pool = self._pool
+        assert pool is not None
+        pings = [pool.apply_async(_worker_ping) for _ in range(self._workers)]
+        deadline = time.monotonic() + timeout_s
+        for ping in pings:
+            try:
+                _pid, error = ping.get(max(0.1, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                self.close()
+                raise WorkerPoolError(f"engine workers did not start within {timeout_s:.0f} s") from None
+            if error:
+                self.close()
+                raise WorkerPoolError(f"engine worker failed to start: {error}")
+
+    @staticmethod
+    def _terminate(pool: multiprocessing.pool.Pool) -> None:
+        procs = list(getattr(pool, "_pool", []))
+        for proc in procs:  # a SIGSTOPped worker ignores SIGTERM until continued: kill outright
+            if proc.is_alive():
+                proc.kill()
+        pool.terminate()
+        done = threading.Thread(target=pool.join, daemon=True)
+        done.start()
+        done.join(POOL_TERMINATE_TIMEOUT_S)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            with self._lock:
+                pool = self._pool
+                if pool is None:
+                    return
+                dead = [p for p in getattr(pool, "_pool", []) if p.exitcode is not None]
+                dead = dead or [pid for pid in self._pool_pids if not _pid_alive(pid)]
+                now = time.monotonic()
+                late = [j for j in self._jobs.values() if now - j.submitted_at > j.deadline_s]
+                if not dead and not late:
+                    continue
+                reason = "a worker died" if dead else f"{late[0].label} missed its {late[0].deadline_s:.1f} s deadline"
+                self._rebuild(reason)
+
+    def _rebuild(self, reason: str) -> None:
+        """Replace the pool; running jobs go back to the head of the queue, or fail on their 2nd try (lock held)."""
+        self._rebuilds += 1
+        logger.warning("rebuilding the worker pool: %s (%d jobs in flight)", reason, len(self._jobs))
+        old = self._pool
+        assert old is not None
+        threading.Thread(target=self._terminate, args=(old,), name="worker-pool-terminate", daemon=True).start()
+        self._pool = self._new_pool()
+        running = sorted(self._jobs.values(), key=lambda j: j.key, reverse=True)
+        self._jobs.clear()
+        for job in running:
+            if job.attempts >= 2:
+                threading.Thread(
+                    target=self._finish_error, args=(job, f"{job.label} failed twice ({reason})"), daemon=True
+                ).start()
+            else:
+                self._retried += 1
+                self._queue.appendleft(job)
+        self._dispatch_waiting()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by the pool) still answers kill(0): read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
