@@ -236,3 +236,92 @@ def analyse_recording(path: Path) -> Recording:
     pcm = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
                           "-ac", "1", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True)
     return Recording(video[0], video[1], video[2], np.sort(pts), audio[0], audio[1], len(pcm.stdout) // 2)
+
+
+def first_pts_s(path: Path, stream: str) -> float:
+    """PTS of the first packet of ``stream`` ("v" or "a") in seconds (FLV time base 1/1000)."""
+    crc = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", f"0:{stream}:0",
+                          "-c", "copy", "-f", "framecrc", "-"], capture_output=True, timeout=60, check=True)
+    tb = 1 / 1000
+    for line in crc.stdout.decode().splitlines():
+        if line.startswith("#tb"):
+            num, den = line.split(":")[1].strip().split("/")
+            tb = int(num) / int(den)
+        elif line and not line.startswith("#"):
+            return int(line.split(",")[2]) * tb
+    raise AssertionError(f"no {stream} packets in {path}")
+
+
+def decode_recording(path: Path, sample_rate_hz: int) -> tuple[np.ndarray, float, np.ndarray, float]:
+    """Frames ``(F, H, W, 3) uint8`` with the first frame's time, and mono audio with its first sample's time."""
+    # passthrough: no frames duplicated to pad the video back to t=0 (it starts at its first keyframe)
+    gen = imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough"])
+    meta = next(gen)
+    width, height = meta["size"]
+    frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in gen])
+    pcm = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
+                          "-ac", "1", "-ar", str(sample_rate_hz), "-f", "s16le", "-"],
+                         capture_output=True, timeout=60, check=True)
+    audio = np.frombuffer(pcm.stdout, "<i2").astype(np.float32) / 32768.0
+    return frames, first_pts_s(path, "v"), audio, first_pts_s(path, "a")
+
+
+def mouth_openings(frames: np.ndarray) -> np.ndarray:
+    """Inner-lip distance / face height per frame from a fresh MediaPipe face mesh (NaN where no face)."""
+    import mediapipe as mp
+
+    out = np.full(len(frames), np.nan)
+    with mp.solutions.face_mesh.FaceMesh(static_image_mode=False, max_num_faces=1, refine_landmarks=True) as mesh:
+        for i, frame in enumerate(frames):
+            found = mesh.process(frame).multi_face_landmarks
+            if found:
+                lm = np.array([(p.x * frame.shape[1], p.y * frame.shape[0]) for p in found[0].landmark])
+                out[i] = np.linalg.norm(lm[13] - lm[14]) / np.linalg.norm(lm[10] - lm[152])
+    return out
+
+
+def rms_envelope(audio: np.ndarray, hop: int) -> np.ndarray:
+    """RMS of consecutive ``hop``-sample blocks."""
+    n = len(audio) // hop
+    return np.sqrt(np.mean(audio[: n * hop].reshape(n, hop) ** 2, axis=1))
+
+
+class Api:
+    """Minimal HTTP client for the server under test (urllib, multipart by hand)."""
+
+    def __init__(self, port: int):
+        self.base = f"http://127.0.0.1:{port}"
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def post_audio(self, content: bytes | None, filename: str = "speech.wav", fields: dict | None = None):
+        boundary = "----latentsync-test-boundary"
+        parts = []
+        for name, value in (fields or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        if content is not None:
+            parts.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
+            )
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        content_type = f"multipart/form-data; boundary={boundary}"
+        return self.request("POST", "/generate_video", body, {"Content-Type": content_type})
+
+    def task(self, task_id: str) -> dict:
+        return self.request("GET", f"/tasks/{task_id}")[1]
+
+    def wait_task(self, task_id: str, states: tuple[str, ...], timeout_s: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            t = self.task(task_id)
+            if t.get("status") in states:
+                return t
+            time.sleep(0.05)
+        raise AssertionError(f"task {task_id} not in {states} within {timeout_s} s: {self.task(task_id)}")

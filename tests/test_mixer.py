@@ -88,7 +88,7 @@ def test_idle_fade_in_speech_fade_out_idle():
     # After the program: hum fades back in.
     tail = [int(a[0]) for _, _, a in ticks[20:]]
     assert tail == sorted(tail) and tail[-1] == 1000
-    assert program.events == [("first_frame", 0), ("done", 20)]
+    assert program.events == [("first_frame", 0), ("done", 20), ("off_air", 20 + FADE)]
     assert mixer.programs_finished == 1 and mixer.underrun_ticks == 0
 
 
@@ -106,7 +106,7 @@ def test_underrun_holds_the_last_frame_in_silence_and_keeps_sync():
     # Frame 10 comes with audio of frame 10: the pause did not shift speech against video.
     assert int(rest[0][1][0, 0, 0]) == 10
     np.testing.assert_array_equal(rest[0][2], program.audio_track[10 * N : 11 * N])
-    assert program.events[-1] == ("done", 30)
+    assert program.events[-1] == ("off_air", 30)
 
 
 def test_back_to_back_programs_never_return_to_idle():
@@ -117,7 +117,8 @@ def test_back_to_back_programs_never_return_to_idle():
     states = [s for s, _, _ in run(mixer, 24 + FADE)]
     assert StreamState.IDLE not in states[:24]
     assert states[12:12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
-    assert a.events[-1] == ("done", 12) and b.events[-1] == ("done", 12)
+    assert a.events == [("first_frame", 0), ("done", 12), ("off_air", 12 + FADE)]  # faded under b's start
+    assert b.events[-2:] == [("done", 12), ("off_air", 12 + FADE)]
 
 
 def test_program_waits_for_the_jitter_buffer():
@@ -154,7 +155,7 @@ def test_interrupt_or_cancel_of_a_queued_program_drops_it():
     mixer.interrupt("b")
     c.cancelled = True
     run(mixer, 20)
-    assert a.events[-1] == ("done", 5)
+    assert a.events[-2:] == [("done", 5), ("off_air", 5)]
     assert b.events == [] and c.events == []
     assert mixer.pending() == 0
 

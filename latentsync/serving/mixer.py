@@ -203,6 +203,8 @@ class ProgramMixer:
         if current is not None and current.task_id in ids:
             current.on_air("interrupted", self._pos)
             self.programs_interrupted += 1
+            if self._outgoing is not None:  # interrupted mid crossfade: what it faded from is gone too
+                self._end_fade_out(self._outgoing)
             self._outgoing = _Outgoing(None, current, self._pos, self._audio_pos, fade_audio=True)
             self._fade_step = 0
             self._current = None
@@ -252,7 +254,7 @@ class ProgramMixer:
             self._fade_step += 1
             if self._fade_step >= self._crossfade:
                 self._fading_in = False
-                self._outgoing = None
+                self._end_fade_out(self._outgoing)
         self._pos += 1
         self._audio_pos += num_samples
         if self._pos >= program.num_frames:
@@ -263,7 +265,7 @@ class ProgramMixer:
             self._outgoing = _Outgoing(None, program, self._pos, self._audio_pos, fade_audio=False)
             self._fade_step = 0
             if self._crossfade == 0:
-                self._outgoing = None
+                self._end_fade_out(self._outgoing)
         return frame, audio
 
     def _fade_out_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -281,5 +283,5 @@ class ProgramMixer:
 
     def _end_fade_out(self, outgoing: _Outgoing) -> None:
         self._outgoing = None
-        if outgoing.program is not None and outgoing.fade_audio:  # an interrupted program is now off air
+        if outgoing.program is not None:  # the program is now off air (finished or interrupted)
             outgoing.program.on_air("off_air", outgoing.index)

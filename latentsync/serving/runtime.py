@@ -172,7 +172,7 @@ class Runtime:
         self._tasks = TaskManager(
             pool, avatar, self._mixer.enqueue, self._mixer.interrupt, lambda: mixer.ticks, fps=cfg.stream.fps,
             sample_rate_hz=cfg.stream.audio_sample_rate, max_queued=cfg.api.max_queued,
-            deadline_s=engine.chunk_deadline_s,
+            deadline_s=engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
         )  # fmt: skip
 
     def stop(self) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from latentsync.engines import CHUNK_FRAMES, ChunkRequest, ChunkResult
+from latentsync.engines import CHUNK_FRAMES, ENGINE_SAMPLE_RATE_HZ, ChunkRequest, ChunkResult
 from latentsync.media.timing import samples_before_frame
 from latentsync.serving.workers import JobFailed, WorkerPool
 
@@ -72,12 +72,17 @@ class TaskAudio:
 
 @dataclass
 class Task:
-    """One request's state as the API reports it (times are ``time.time()`` seconds)."""
+    """One request's state as the API reports it (times are ``time.time()`` seconds).
+
+    ``num_frames`` frames carry the speech; ``tail_frames`` more are generated from silence (mouth
+    closing) for the crossfade back to idle, so the avatar never mouths words after the speech.
+    """
 
     task_id: str
     audio: TaskAudio
     num_frames: int
     num_chunks: int
+    tail_frames: int = 0
     seed: int | None = None
     guidance_scale: float | None = None
     state: TaskState = TaskState.queued
@@ -218,21 +223,33 @@ class SpeechProgram:
 
     def frame(self, index: int) -> np.ndarray | None:
         """Full frame ``index`` with its generated face pasted in, or None if not generated yet."""
-        chunk, offset = divmod(index, CHUNK_FRAMES)
-        faces = self._chunks.get(chunk)
+        faces = self._take(index)
         if faces is None:
             return None
+        self.task.frames_streamed = index + 1
+        return self._avatar.paste(self._avatar.frame_index(index), faces)
+
+    def _take(self, index: int) -> np.ndarray | None:
+        """The generated face of frame ``index``; frees its chunk once the chunk's last frame is taken."""
+        chunk, offset = divmod(index, CHUNK_FRAMES)
         with self._lock:
+            faces = self._chunks.get(chunk)
+            if faces is None:
+                return None
             self._on_air_index = index + 1
-            self.task.frames_streamed = index + 1
-            if offset == CHUNK_FRAMES - 1 or index + 1 >= self.num_frames:
-                self._chunks.pop(chunk, None)  # played: free it
+            if offset == CHUNK_FRAMES - 1:
+                del self._chunks[chunk]
             self.changed.notify_all()
-        return self._avatar.paste(self._avatar.frame_index(index), faces[offset])
+            return faces[offset]
 
     def continuation_frame(self, index: int) -> np.ndarray:
-        """Base frame ``index`` without a generated face (fades after the speech)."""
-        return self._avatar.frames[self._avatar.frame_index(index)]
+        """Frame ``index`` past the speech (the fade back to idle).
+
+        The generated closed-mouth tail where it exists, else the plain base frame.
+        """
+        base = self._avatar.frame_index(index)
+        face = self._take(index) if index < self.num_frames + self.task.tail_frames else None
+        return self._avatar.paste(base, face) if face is not None else self._avatar.frames[base]
 
     def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
         """``(num_samples,) int16`` of the task's speech from ``start_sample``; zeros past the end."""
@@ -265,8 +282,11 @@ class SpeechProgram:
             if task.state not in FINAL_STATES:
                 task.state = TaskState.cancelled
             self.cancel()
-        elif event == "off_air" and self._tick_counter is not None:
-            task.off_air_tick = self._tick_counter()
+        elif event == "off_air":
+            if self._tick_counter is not None and task.cancel_requested_tick is not None:
+                task.off_air_tick = self._tick_counter()
+            with self._lock:  # the fade is over: nothing more will be played
+                self._chunks.clear()
 
 
 class TaskProcessor:
@@ -304,6 +324,13 @@ class TaskProcessor:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def _advance(self, state: TaskState) -> None:
+        """Move to ``state`` unless the task already ended (a cancel may land at any moment)."""
+        if self.task.state not in FINAL_STATES:
+            self.task.state = state
+            if self._stop.is_set():  # cancel() stops us before it marks the task: never undo that
+                self.task.state = TaskState.cancelled
+
     def _fail(self, reason: str) -> None:
         task = self.task
         if task.state in FINAL_STATES:
@@ -321,11 +348,11 @@ class TaskProcessor:
     def _run(self) -> None:
         task = self.task
         try:
-            task.state = TaskState.preparing
+            self._advance(TaskState.preparing)
             features = self._features()
             if features is None:
                 return
-            task.state = TaskState.generating
+            self._advance(TaskState.generating)
             task.generation_started_at = time.time()
             self.program.generation_started()
             rows = _pad_rows(features, task.num_chunks * CHUNK_FRAMES)
@@ -336,7 +363,7 @@ class TaskProcessor:
                 if self._stop.is_set() or self._failure.is_set() or self.program.is_cancelled():
                     return
                 frames = np.arange(c * CHUNK_FRAMES, (c + 1) * CHUNK_FRAMES)
-                frames = np.minimum(frames, task.num_frames - 1)  # last chunk padded, never dropped
+                frames = np.minimum(frames, task.num_frames + task.tail_frames - 1)  # last chunk padded, never dropped
                 request = ChunkRequest(
                     task_id=task.task_id,
                     chunk_index=c,
@@ -392,6 +419,7 @@ class TaskManager:
         enqueue_program: Puts a program on the controller's playlist (False when full).
         interrupt_program: Fades a program out / drops it from the playlist.
         tick_counter: Returns the mixer's tick count (to measure interrupt latency in frames).
+        tail_frames: Silent frames generated after each speech (the crossfade back to idle).
         fps: Stream frame rate.
         sample_rate_hz: Stream audio rate in Hz.
         max_queued: Tasks that may wait (not yet on air) before new ones are refused.
@@ -399,7 +427,7 @@ class TaskManager:
     """
 
     def __init__(self, pool: WorkerPool, avatar, enqueue_program, interrupt_program, tick_counter, fps: int,
-                 sample_rate_hz: int, max_queued: int, deadline_s: float):  # fmt: skip
+                 sample_rate_hz: int, max_queued: int, deadline_s: float, tail_frames: int = 0):  # fmt: skip
         self._pool = pool
         self._avatar = avatar
         self._enqueue = enqueue_program
@@ -409,6 +437,7 @@ class TaskManager:
         self._sample_rate_hz = sample_rate_hz
         self._max_queued = max_queued
         self._deadline_s = deadline_s
+        self._tail_frames = tail_frames
         self._lock = threading.Lock()
         self._tasks: collections.OrderedDict[str, tuple[Task, TaskProcessor]] = collections.OrderedDict()
         self._closed = False
@@ -429,8 +458,14 @@ class TaskManager:
         num_frames = max(1, math.ceil(audio.stream.shape[0] * self._fps / self._sample_rate_hz))
         padded = np.zeros(samples_before_frame(num_frames, self._sample_rate_hz, self._fps), dtype=np.int16)
         padded[: audio.stream.shape[0]] = audio.stream[: padded.shape[0]]
-        audio = TaskAudio(padded, audio.engine_16k, audio.sample_rate_hz)
-        task = Task(uuid.uuid4().hex, audio, num_frames, math.ceil(num_frames / CHUNK_FRAMES), seed, guidance_scale)
+        tail = self._tail_frames
+        silence = np.zeros(math.ceil((tail + 1) * ENGINE_SAMPLE_RATE_HZ / self._fps), dtype=np.float32)
+        audio = TaskAudio(padded, np.concatenate([audio.engine_16k, silence]), audio.sample_rate_hz)
+        task = Task(
+            task_id=uuid.uuid4().hex, audio=audio, num_frames=num_frames,
+            num_chunks=math.ceil((num_frames + tail) / CHUNK_FRAMES), tail_frames=tail, seed=seed,
+            guidance_scale=guidance_scale,
+        )  # fmt: skip
         program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter)
         processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s)
         with self._lock:
@@ -472,13 +507,11 @@ class TaskManager:
         task, processor = entry
         if task.state in FINAL_STATES:
             return task
-        on_air = task.state is TaskState.streaming
         task.cancel_requested_tick = self._tick_counter()
-        self._interrupt(task_id)
+        self._interrupt(task_id)  # on air: fades out within crossfade_frames; queued: leaves the playlist
         processor.stop()
-        if not on_air:
-            task.state = TaskState.cancelled
-            task.finished_at = time.time()
+        task.state = TaskState.cancelled
+        task.finished_at = time.time()
         return task
 
     def close(self, timeout_s: float = 3.0) -> None:

@@ -333,14 +333,24 @@ class WorkerPool:
 
     @staticmethod
     def _terminate(pool: multiprocessing.pool.Pool) -> None:
+        """Terminate a pool without ever hanging the caller, and leave no worker process behind.
+
+        ``Pool.terminate`` takes the task-queue lock, which an idle worker holds while it waits
+        for work; a worker killed while holding it would block ``terminate`` forever. So healthy
+        workers are left to ``terminate`` (in a daemon thread, bounded wait), only stopped (hung)
+        workers are killed first, and whatever is still alive afterwards is killed.
+        """
         procs = list(getattr(pool, "_pool", []))
-        for proc in procs:  # a SIGSTOPped worker ignores SIGTERM until continued: kill outright
+        for proc in procs:
+            if proc.pid is not None and _pid_state(proc.pid) == "T":  # SIGSTOPped: SIGTERM would wait forever
+                proc.kill()
+        closer = threading.Thread(target=pool.terminate, name="worker-pool-terminate", daemon=True)
+        closer.start()
+        closer.join(POOL_TERMINATE_TIMEOUT_S)
+        for proc in procs:
             if proc.is_alive():
                 proc.kill()
-        pool.terminate()
-        done = threading.Thread(target=pool.join, daemon=True)
-        done.start()
-        done.join(POOL_TERMINATE_TIMEOUT_S)
+                proc.join(1.0)
 
     def _watch(self) -> None:
         while not self._stop.wait(MONITOR_INTERVAL_S):
@@ -378,15 +388,14 @@ class WorkerPool:
         self._dispatch_waiting()
 
 
+def _pid_state(pid: int) -> str | None:
+    """Process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by the pool) still answers kill(0): read its state.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """True while the process exists and is not a zombie (killed, not yet reaped)."""
+    return _pid_state(pid) not in (None, "Z", "X")
