@@ -270,7 +270,7 @@ class LatentSyncEngine:
         whisper = WhisperFeatureExtractor.from_checkpoint(files["whisper_path"], device=device, dtype=dtype)
         timings["whisper"] = time.perf_counter() - t
         t = time.perf_counter()
-        vae = AutoencoderKL.from_pretrained(files["vae_path"]).to(device=device, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(files["vae_path"], torch_dtype=dtype, low_cpu_mem_usage=False).to(device)
         vae.eval().requires_grad_(False)
         if channels_last:
             vae.to(memory_format=torch.channels_last)
