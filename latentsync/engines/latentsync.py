@@ -1,0 +1,476 @@
+"""The ``latentsync`` engine: LatentSync 1.0 (audio-conditioned latent diffusion) behind the Engine protocol.
+
+The user brings the files (never downloaded): the U-Net checkpoint and its yaml, Whisper ``tiny.pt``,
+the ``sd-vae-ft-mse`` folder and the DDIM scheduler config (shared/docs/LATENTSYNC_1_0.md, "Files a user
+brings"). :meth:`LatentSyncEngine.load` checks that every one exists before loading anything, then loads
+the models (float32 on CPU, the configured dtype on a GPU) and the avatar's latent cache.
+
+Latent cache: a chunk needs, per avatar frame, the VAE latents of the aligned face (reference) and of the
+face with its generated region greyed out (masked). They depend only on the avatar frame, the VAE weights
+and the dtype, so they are computed once, for every frame, the first time an avatar is loaded with a given
+VAE file and dtype, and stored beside the avatar's own cache as ``<avatar.path>/latents-<key>.npy``
+(``(F, 2, 4, 32, 32) float32``: ``[:, 0]`` reference, ``[:, 1]`` masked); later loads memory-map it.
+``key`` hashes the VAE's config and weight bytes, the dtype, the sampling seed and a format version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from latentsync.avatar import file_digest
+from latentsync.engines.base import ENGINE_SAMPLE_RATE_HZ, ChunkRequest, ChunkResult, num_output_frames
+
+logger = logging.getLogger(__name__)
+
+#: Root of the repository: relative file options are looked up in the working directory, then here.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Config section the options come from (used in error messages).
+CONFIG_SECTION = "engine.latentsync"
+#: Bump when the latent cache changes meaning (its files are then recomputed under a new name).
+LATENT_CACHE_VERSION = 1
+#: Seed of the noise that samples the cached latents from the VAE's latent distribution (frame k uses
+#: ``seed + k``). Fixed, so the cache never depends on a request; LatentSync 1.0's default seed.
+LATENT_SAMPLE_SEED = 1247
+#: Avatar frames VAE-encoded per batch when the latent cache is built (x2: face and masked face).
+ENCODE_BATCH_FRAMES = 16
+#: Shortest audio given to the Whisper features, in samples (one 25 fps frame): shorter clips are
+#: zero-padded so that they have a mel frame and an encoder position.
+MIN_FEATURE_SAMPLES = ENGINE_SAMPLE_RATE_HZ // 25
+#: Weight files diffusers reads from an ``AutoencoderKL`` folder, in its order of preference.
+VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+#: dtype option values.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class LatentSyncOptions:
+    """Settings of the engine: the fields of the server's ``engine.latentsync`` section plus ``device``.
+
+    Attributes:
+        unet_path: U-Net checkpoint (``latentsync_unet.pt``, ``{"global_step", "state_dict"}``).
+        unet_config: Yaml whose ``model`` section describes the U-Net (``configs/unet/second_stage.yaml``).
+        whisper_path: OpenAI Whisper ``tiny.pt``.
+        vae_path: diffusers ``AutoencoderKL`` folder (``sd-vae-ft-mse``: config.json + weights).
+        scheduler_config: DDIM ``scheduler_config.json`` (or a folder holding one).
+        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: model precision on a GPU (CPU: float32).
+        inference_steps: Default DDIM steps per chunk (20).
+        guidance_scale: Default classifier-free guidance scale (1.0: none).
+        seed: Default seed of a task's initial noise (1247, LatentSync 1.0's).
+        compile: Wrap the U-Net and VAE decode in ``torch.compile``.
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``...; None: ``cuda`` when available, else ``cpu``.
+
+    Relative paths are looked up in the current working directory, then in the repository root.
+
+    """
+
+    unet_path: str = "checkpoints/latentsync_unet.pt"
+    unet_config: str = "configs/unet/second_stage.yaml"
+    whisper_path: str = "checkpoints/whisper/tiny.pt"
+    vae_path: str = "checkpoints/sd-vae-ft-mse"
+    scheduler_config: str = "configs/scheduler_config.json"
+    dtype: str = "float16"
+    inference_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 1247
+    compile: bool = False
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        """Check the values.
+
+        Raises:
+            ValueError: Naming the option and quoting its bad value.
+
+        """
+        if self.dtype not in DTYPES:
+            raise ValueError(f"{CONFIG_SECTION}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        steps = self.inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ValueError(f"{CONFIG_SECTION}.inference_steps must be an int in [1, 1000], got {steps!r}")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 1):
+            raise ValueError(f"{CONFIG_SECTION}.guidance_scale must be a number >= 1.0, got {scale!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{CONFIG_SECTION}.seed must be an int, got {self.seed!r}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"engine.device {self.device!r} is not a torch device: {exc}") from exc
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> LatentSyncOptions:
+        """Build from a plain dict (the server passes the ``engine.latentsync`` fields and ``device``).
+
+        Args:
+            options: Values by field name; missing ones take the defaults. Enum values (the config's
+                ``DType``) are read through their ``.value``; paths may be ``str`` or ``Path``.
+
+        Returns:
+            The options.
+
+        Raises:
+            ValueError: If a key is not a field (named, with the known ones) or a value is invalid.
+
+        """
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown latentsync engine option(s) {unknown}; known: {sorted(known)}")
+        values = {k: getattr(v, "value", v) for k, v in options.items()}
+        for key in ("unet_path", "unet_config", "whisper_path", "vae_path", "scheduler_config"):
+            if key in values:
+                values[key] = os.fspath(values[key])
+        if isinstance(values.get("guidance_scale"), int) and not isinstance(values["guidance_scale"], bool):
+            values["guidance_scale"] = float(values["guidance_scale"])
+        return cls(**values)
+
+
+def _find(key: str, value: str, hint: str, is_dir: bool = False) -> Path:
+    """Resolve a file option: absolute as is, relative against the working directory then the repo root.
+
+    Raises:
+        FileNotFoundError: Naming the option, its value and ``hint``.
+
+    """
+    path = Path(value).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_dir() if is_dir else candidate.is_file():
+            return candidate
+    kind = "folder" if is_dir else "file"
+    raise FileNotFoundError(f"{CONFIG_SECTION}.{key}: {value} not found ({kind}) — {hint}")
+
+
+class LatentSyncEngine:
+    """LatentSync 1.0 lip sync for one prepared avatar (engine name ``"latentsync"``).
+
+    Args:
+        avatar: The prepared :class:`latentsync.avatar.Avatar` (aligned 256x256 faces, keep-mask, fps,
+            cache folder ``path`` where the latent cache is written).
+        options: Files and sampling settings.
+
+    Attributes:
+        device: Device the models run on (set by :meth:`load`).
+        dtype: Model dtype (float32 on CPU, ``options.dtype`` elsewhere; set by :meth:`load`).
+        latent_cache_path: File of the avatar's latent cache (None before :meth:`load`, or when the avatar
+            folder is not writable and the latents are kept in memory only).
+        latents_computed: True when the last :meth:`load` had to compute the latents (no cache file yet).
+        load_timings_s: Seconds per step of the last :meth:`load` (``check``, ``unet``, ``whisper``,
+            ``vae``, ``latents``).
+
+    """
+
+    name = "latentsync"
+
+    def __init__(self, avatar, options: LatentSyncOptions | None = None) -> None:
+        self.avatar = avatar
+        self.options = options or LatentSyncOptions()
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        self.latent_cache_path: Path | None = None
+        self.latents_computed = False
+        self.load_timings_s: dict[str, float] = {}
+        self._pipeline = None
+        self._whisper = None
+        self._latents: np.ndarray | None = None
+        self._keep_mask: torch.Tensor | None = None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether :meth:`load` has completed (and :meth:`close` not been called since)."""
+        return self._pipeline is not None
+
+    def resolve_files(self) -> dict[str, Path]:
+        """Find every file the engine needs, without reading any.
+
+        Returns:
+            Paths by option name: ``unet_path``, ``unet_config``, ``whisper_path``, ``vae_path`` (the folder),
+            ``vae_config`` and ``vae_weights`` (files in it), ``scheduler_config``.
+
+        Raises:
+            FileNotFoundError: For the first missing one, naming the ``engine.latentsync`` key and the path.
+
+        """
+        o = self.options
+        weights = "LatentSync weights are never downloaded; see checkpoints/README.md"
+        found = {
+            "unet_path": _find("unet_path", o.unet_path, weights),
+            "unet_config": _find("unet_config", o.unet_config, "the U-Net yaml (configs/unet/second_stage.yaml)"),
+            "whisper_path": _find("whisper_path", o.whisper_path, weights),
+            "vae_path": _find("vae_path", o.vae_path, weights, is_dir=True),
+        }
+        vae_dir = found["vae_path"]
+        found["vae_config"] = _find("vae_path", str(vae_dir / "config.json"), weights)
+        weight_file = next((vae_dir / n for n in VAE_WEIGHT_FILES if (vae_dir / n).is_file()), None)
+        if weight_file is None:
+            raise FileNotFoundError(
+                f"{CONFIG_SECTION}.vae_path: {o.vae_path} has no {' or '.join(VAE_WEIGHT_FILES)} — {weights}"
+            )
+        found["vae_weights"] = weight_file
+        found["scheduler_config"] = _find(
+            "scheduler_config", o.scheduler_config, "the DDIM config (configs/scheduler_config.json)"
+        )
+        return found
+
+    def load(self) -> None:
+        """Check the files, load U-Net, Whisper encoder, VAE and scheduler, and the avatar's latents.
+
+        Safe to call twice (the second call does nothing).
+
+        Raises:
+            FileNotFoundError: If a file is missing (before any model is loaded; names the config key).
+            latentsync.models.loading.CheckpointError: If the U-Net file does not fit the yaml's model.
+            latentsync.models.whisper_features.WhisperCheckpointError: If ``tiny.pt`` is not Whisper.
+            ValueError: If the U-Net yaml has no usable ``model`` section, or models do not fit together.
+
+        """
+        if self.loaded:
+            return
+        from diffusers import AutoencoderKL
+
+        from latentsync.models.loading import load_unet
+        from latentsync.models.unet3d import UNet3DConfig
+        from latentsync.models.whisper_features import WhisperFeatureExtractor
+        from latentsync.pipelines import LipsyncPipeline, load_scheduler
+
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        files = self.resolve_files()
+        device = torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float32 if device.type == "cpu" else DTYPES[self.options.dtype]
+        channels_last = device.type == "cuda"
+        yaml_model = OmegaConf.load(files["unet_config"]).get("model")
+        if yaml_model is None:
+            raise ValueError(f"{CONFIG_SECTION}.unet_config: {files['unet_config']} has no 'model' section")
+        unet_config = UNet3DConfig.from_original(OmegaConf.to_container(yaml_model, resolve=True))
+        timings["check"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        unet = load_unet(
+            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=channels_last
+        )
+        timings["unet"] = time.perf_counter() - t
+        t = time.perf_counter()
+        whisper = WhisperFeatureExtractor.from_checkpoint(files["whisper_path"], device=device, dtype=dtype)
+        timings["whisper"] = time.perf_counter() - t
+        t = time.perf_counter()
+        vae = AutoencoderKL.from_pretrained(files["vae_path"], torch_dtype=dtype, low_cpu_mem_usage=False).to(device)
+        vae.eval().requires_grad_(False)
+        if channels_last:
+            vae.to(memory_format=torch.channels_last)
+        scheduler = load_scheduler(files["scheduler_config"])
+        pipeline = LipsyncPipeline(unet, vae, scheduler, compile_models=self.options.compile)
+        timings["vae"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        keep_mask = np.asarray(self.avatar.mask, np.float32)
+        key = self._latent_cache_key(files, dtype)
+        self._latents = self._load_or_compute_latents(pipeline, keep_mask, key)
+        timings["latents"] = time.perf_counter() - t
+
+        self.device, self.dtype = device, dtype
+        self._keep_mask = torch.from_numpy(np.array(keep_mask)).to(device)
+        self._whisper = whisper
+        self._pipeline = pipeline
+        self.load_timings_s = timings
+        logger.info(
+            "latentsync engine loaded on %s (%s): %s", device, str(dtype).removeprefix("torch."),
+            ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
+        )  # fmt: skip
+
+    def _latent_cache_key(self, files: Mapping[str, Path], dtype: torch.dtype) -> str:
+        """24 hex digits identifying the latents: VAE config and weight bytes, dtype, avatar, seed, version."""
+        h = hashlib.sha256()
+        h.update(f"v{LATENT_CACHE_VERSION} seed{LATENT_SAMPLE_SEED} {dtype} avatar {self.avatar.key}\n".encode())
+        h.update(Path(files["vae_config"]).read_bytes())
+        h.update(file_digest(files["vae_weights"]).encode())
+        return h.hexdigest()[:24]
+
+    def _load_or_compute_latents(self, pipeline, keep_mask: np.ndarray, key: str) -> np.ndarray:
+        """Memory-map the avatar's latent cache, or compute it (all frames) and write it atomically."""
+        faces = self.avatar.faces
+        n, height, width = faces.shape[:3]
+        f = pipeline.vae_scale_factor
+        shape = (n, 2, pipeline.latent_channels, height // f, width // f)
+        path = Path(self.avatar.path) / f"latents-{key}.npy"
+        if path.is_file():
+            try:
+                cached = np.load(path, mmap_mode="r")
+                if cached.shape == shape and cached.dtype == np.float32:
+                    self.latent_cache_path, self.latents_computed = path, False
+                    return cached
+                logger.warning("latent cache %s has shape %s, expected %s: recomputing", path, cached.shape, shape)
+            except (OSError, ValueError) as exc:
+                logger.warning("latent cache %s unreadable (%s): recomputing", path, exc)
+
+        self.latents_computed = True
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".latents-{key}-", suffix=".npy", dir=path.parent)
+            os.close(fd)
+        except OSError as exc:
+            logger.warning("avatar folder %s not writable (%s): latents kept in memory only", path.parent, exc)
+            self.latent_cache_path = None
+            latents = np.empty(shape, np.float32)
+            self._encode_all(pipeline, keep_mask, latents)
+            return latents
+        tmp = Path(tmp_name)
+        try:
+            latents = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            self._encode_all(pipeline, keep_mask, latents)
+            latents.flush()
+            del latents
+            os.replace(tmp, path)  # atomic: a concurrent loader sees the whole file or none
+        finally:
+            tmp.unlink(missing_ok=True)
+        logger.info("latent cache of %d avatar frames written to %s", n, path)
+        self.latent_cache_path = path
+        return np.load(path, mmap_mode="r")
+
+    def _encode_all(self, pipeline, keep_mask: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out (F, 2, 4, h, w)`` with the latents of every avatar frame, in batches."""
+        faces = self.avatar.faces
+        for start in range(0, len(faces), ENCODE_BATCH_FRAMES):
+            stop = min(start + ENCODE_BATCH_FRAMES, len(faces))
+            reference, masked = pipeline.encode_faces(
+                np.asarray(faces[start:stop]), keep_mask, seed=LATENT_SAMPLE_SEED, first_index=start
+            )
+            out[start:stop, 0] = reference
+            out[start:stop, 1] = masked
+
+    def close(self) -> None:
+        """Release the models and the latent map; safe to call twice or before :meth:`load`."""
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        self._pipeline = None
+        self._whisper = None
+        self._latents = None
+        self._keep_mask = None
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def _require_loaded(self, what: str) -> None:
+        if not self.loaded:
+            raise RuntimeError(f"LatentSyncEngine.{what}() before load()")
+
+    def features(self, audio_16k: np.ndarray) -> np.ndarray:
+        """Whisper-tiny features of a task, one ``(50, 384)`` row per output frame.
+
+        Frame ``i`` takes encoder positions ``int(i * 50 / fps) - 4 .. + 5`` clamped to the clip, so frames
+        past the audio's end repeat its last positions (shared/docs/LATENTSYNC_1_0.md, "Audio features").
+
+        Args:
+            audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1] (int16 is rescaled by 1/32768).
+
+        Returns:
+            ``(ceil(N * fps / 16000), 50, 384) float32`` (rows, 10 positions x 5 layers, width).
+
+        Raises:
+            RuntimeError: If :meth:`load` was not called.
+            ValueError: If ``audio_16k`` is not 1-D.
+
+        """
+        self._require_loaded("features")
+        audio = np.asarray(audio_16k)
+        if audio.ndim != 1:
+            raise ValueError(f"audio_16k must be a 1-D mono waveform, got shape {audio.shape}")
+        audio = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
+        n_frames = num_output_frames(len(audio), self.avatar.fps)
+        dims = self._whisper.encoder.dims
+        if n_frames == 0:
+            return np.zeros((0, 10 * (dims.n_audio_layer + 1), dims.n_audio_state), np.float32)
+        if len(audio) < MIN_FEATURE_SAMPLES:
+            audio = np.pad(audio, (0, MIN_FEATURE_SAMPLES - len(audio)))
+        clip = self._whisper.prepare(audio, fps=self.avatar.fps)
+        return clip.frames(0, n_frames).float().cpu().numpy()
+
+    def generate(self, request: ChunkRequest) -> ChunkResult:
+        """Generate the lip-synced faces of one chunk.
+
+        Settings: ``request.seed`` (None: ``options.seed``) seeds the task's initial noise, the same for
+        every chunk of the task; ``request.num_inference_steps`` (None: ``options.inference_steps``);
+        ``request.guidance_scale``, except that the request's default 1.0 means "the engine's default"
+        (``options.guidance_scale``), since :class:`ChunkRequest` has no "unset" value for it.
+
+        Args:
+            request: The chunk: ``frame_indices`` (avatar base frames, normally 16) and ``features`` rows
+                from :meth:`features` (the caller pads the last chunk), or only ``audio`` (then the
+                features are computed from the chunk's audio alone, the last row repeated if short).
+
+        Returns:
+            :class:`ChunkResult` with ``(len(frame_indices), 256, 256, 3) uint8`` RGB faces (pixels where the
+            avatar's keep-mask is 1 are the avatar face's) and timings ``features``, ``inputs``, ``unet``,
+            ``vae_decode``, ``compose`` in seconds.
+
+        Raises:
+            RuntimeError: If :meth:`load` was not called.
+            ValueError: If a frame index is outside the avatar, or the features or settings do not fit.
+
+        """
+        from latentsync.pipelines import initial_noise
+
+        self._require_loaded("generate")
+        t0 = time.perf_counter()
+        idx = np.asarray(request.frame_indices, np.int64)
+        n_avatar = len(self.avatar.faces)
+        if idx.min() < 0 or idx.max() >= n_avatar:
+            raise ValueError(f"frame index out of range [0, {n_avatar}): {idx.tolist()}")
+        feats = request.features
+        if feats is None:
+            feats = self.features(request.audio)
+            if len(feats) == 0:
+                raise ValueError(f"chunk {request.task_id}/{request.chunk_index}: empty audio")
+            feats = feats[np.minimum(np.arange(len(idx)), len(feats) - 1)]
+        feats = np.asarray(feats, np.float32)
+        t_features = time.perf_counter() - t0
+
+        seed = self.options.seed if request.seed is None else int(request.seed)
+        steps = request.num_inference_steps or self.options.inference_steps
+        guidance = self.options.guidance_scale if request.guidance_scale == 1.0 else float(request.guidance_scale)
+        latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
+        height, width = latents.shape[-2:]
+        output = self._pipeline(
+            faces=np.asarray(self.avatar.faces[idx]),
+            reference_latents=latents[:, 0],
+            masked_latents=latents[:, 1],
+            keep_mask=self._keep_mask,
+            audio_features=feats,
+            noise=initial_noise(seed, height, width, latents.shape[2]),
+            num_inference_steps=int(steps),
+            guidance_scale=guidance,
+        )
+        elapsed = time.perf_counter() - t0
+        timings = {"features": t_features, **output.timings_s}
+        return ChunkResult(request.task_id, request.chunk_index, idx, output.faces, elapsed, timings)
+
+
+def create(options: Mapping[str, Any] | None, avatar) -> LatentSyncEngine:
+    """Build a (not yet loaded) LatentSync engine; called by ``create_engine("latentsync", ...)``.
+
+    Args:
+        options: The ``engine.latentsync`` fields as a plain dict (``dtype`` a string) plus ``device``
+            (str or None); see :class:`LatentSyncOptions`. None: all defaults.
+        avatar: The prepared :class:`latentsync.avatar.Avatar`.
+
+    Returns:
+        The engine; call :meth:`LatentSyncEngine.load` before using it.
+
+    Raises:
+        ValueError: If an option is unknown (named) or has an invalid value.
+
+    """
+    return LatentSyncEngine(avatar, LatentSyncOptions.from_mapping(options))

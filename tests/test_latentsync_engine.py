@@ -1,0 +1,208 @@
+"""The ``latentsync`` engine end to end on CPU, with tiny random checkpoints and a real prepared avatar."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.engines import ChunkRequest, Engine, create_engine, num_output_frames
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.fail(f"missing test data {path}: clone the repository with shared/ beside it")
+    return path
+
+
+def load_script(name: str):
+    path = REPO / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def speech_16k(name: str = "7s_shan_0801_01.wav") -> np.ndarray:
+    audio, rate = soundfile.read(shared_file(f"audio/{name}"), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != 16000:
+        audio = librosa.resample(audio, orig_sr=rate, target_sr=16000)
+    return audio.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory) -> dict[str, Path]:
+    return load_script("make_tiny_checkpoints").make_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory) -> Avatar:
+    video = shared_file("video/nanmote002.mp4")
+    return Avatar.prepare(video, AvatarSettings(fps=25), cache_dir=tmp_path_factory.mktemp("avatars"))
+
+
+def options(tiny_files, **overrides) -> dict:
+    values = {k: str(v) for k, v in tiny_files.items()}
+    values.update(
+        scheduler_config="configs/scheduler_config.json",
+        dtype="float16",  # ignored on CPU (float32), as the server passes it
+        inference_steps=2,
+        guidance_scale=1.0,
+        seed=1247,
+        compile=False,
+        device="cpu",
+    )
+    values.update(overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_files, avatar):
+    engine = create_engine("latentsync", options(tiny_files), avatar)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def speech_features(engine):
+    return engine.features(speech_16k())
+
+
+def chunk(features: np.ndarray, k: int = 0, **kwargs) -> ChunkRequest:
+    rows = slice(16 * k, 16 * k + 16)
+    return ChunkRequest("task", k, np.arange(16, dtype=np.int64) + 16 * k, features=features[rows], **kwargs)
+
+
+def test_engine_protocol_and_load(engine, avatar):
+    assert isinstance(engine, Engine)
+    assert engine.name == "latentsync"
+    assert engine.device == torch.device("cpu") and engine.dtype == torch.float32
+    assert set(engine.load_timings_s) == {"check", "unet", "whisper", "vae", "latents"}
+    engine.load()  # second call: no-op
+
+
+def test_features_shape_on_real_audio(engine, speech_features):
+    audio = speech_16k()
+    assert speech_features.shape == (num_output_frames(len(audio), 25), 50, 384)
+    assert speech_features.dtype == np.float32 and np.isfinite(speech_features).all()
+    assert engine.features(audio[:100]).shape == (1, 50, 384)  # shorter than one mel frame: padded
+    assert engine.features(np.zeros(0, np.float32)).shape == (0, 50, 384)
+    int16 = (audio[:16000] * 32767).astype(np.int16)
+    np.testing.assert_allclose(engine.features(int16), engine.features(audio[:16000]), atol=2e-2)
+
+
+def test_generate_keeps_masked_pixels_exactly(engine, avatar, speech_features):
+    result = engine.generate(chunk(speech_features, 1))
+    assert result.faces.shape == (16, 256, 256, 3) and result.faces.dtype == np.uint8
+    assert result.task_id == "task" and result.chunk_index == 1
+    np.testing.assert_array_equal(result.frame_indices, np.arange(16, 32))
+    faces = np.asarray(avatar.faces[16:32])
+    keep = np.asarray(avatar.mask) == 1
+    np.testing.assert_array_equal(result.faces[:, keep], faces[:, keep])
+    assert (result.faces[:, ~keep] != faces[:, ~keep]).any()
+    assert {"features", "unet", "vae_decode", "compose"} <= set(result.timings_s)
+    assert result.generate_s > 0
+
+
+def test_same_seed_same_output_other_seed_differs(engine, speech_features):
+    a = engine.generate(chunk(speech_features, seed=5)).faces
+    b = engine.generate(chunk(speech_features, seed=5)).faces
+    c = engine.generate(chunk(speech_features, seed=6)).faces
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    default = engine.generate(chunk(speech_features)).faces  # seed None -> options seed 1247
+    np.testing.assert_array_equal(default, engine.generate(chunk(speech_features, seed=1247)).faces)
+
+
+def test_classifier_free_guidance_runs(engine, speech_features):
+    plain = engine.generate(chunk(speech_features, seed=3)).faces
+    guided = engine.generate(chunk(speech_features, seed=3, guidance_scale=1.5))
+    assert guided.faces.shape == (16, 256, 256, 3)
+    assert not np.array_equal(plain, guided.faces)
+
+
+def test_audio_only_request_and_short_chunk(engine, avatar):
+    audio = speech_16k()[: 16000 * 16 // 25]
+    request = ChunkRequest("t", 0, np.arange(16), audio=audio, num_inference_steps=1)
+    assert engine.generate(request).faces.shape == (16, 256, 256, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.generate(ChunkRequest("t", 0, np.array([0, len(avatar)]), features=np.zeros((2, 50, 384))))
+
+
+def test_latent_cache_written_once_and_reused(engine, tiny_files, avatar):
+    path = engine.latent_cache_path
+    assert path is not None and path.parent == Path(avatar.path) and path.name.startswith("latents-")
+    latents = np.load(path, mmap_mode="r")
+    assert latents.shape == (len(avatar), 2, 4, 32, 32) and latents.dtype == np.float32
+    mtime = path.stat().st_mtime_ns
+    again = create_engine("latentsync", options(tiny_files), avatar)
+    again.load()
+    try:
+        assert again.latents_computed is False
+        assert again.latent_cache_path == path and path.stat().st_mtime_ns == mtime
+        assert sorted(p.name for p in Path(avatar.path).glob("*latents-*")) == [path.name]  # no temp leftovers
+    finally:
+        again.close()
+
+
+def test_missing_file_names_file_and_key(tiny_files, avatar, tmp_path):
+    missing = tmp_path / "nowhere" / "latentsync_unet.pt"
+    engine = create_engine("latentsync", options(tiny_files, unet_path=str(missing)), avatar)
+    with pytest.raises(FileNotFoundError) as info:
+        engine.load()
+    message = str(info.value)
+    assert "engine.latentsync.unet_path" in message and str(missing) in message
+    assert "never downloaded" in message and "checkpoints/README.md" in message
+    assert not engine.loaded and engine.load_timings_s == {}
+    for key in ("whisper_path", "vae_path", "unet_config", "scheduler_config"):
+        engine = create_engine("latentsync", options(tiny_files, **{key: str(tmp_path / "gone")}), avatar)
+        with pytest.raises(FileNotFoundError, match=f"engine.latentsync.{key}: .*gone"):
+            engine.load()
+    empty_vae = tmp_path / "vae"
+    empty_vae.mkdir()
+    (empty_vae / "config.json").write_text("{}")
+    engine = create_engine("latentsync", options(tiny_files, vae_path=str(empty_vae)), avatar)
+    with pytest.raises(FileNotFoundError, match="vae_path: .*diffusion_pytorch_model.safetensors"):
+        engine.load()
+
+
+def test_options_are_validated(tiny_files, avatar):
+    with pytest.raises(ValueError, match="bogus"):
+        create_engine("latentsync", {"bogus": 1}, avatar)
+    with pytest.raises(ValueError, match="dtype.*'float8'"):
+        create_engine("latentsync", {"dtype": "float8"}, avatar)
+    with pytest.raises(ValueError, match="inference_steps.*0"):
+        create_engine("latentsync", {"inference_steps": 0}, avatar)
+    with pytest.raises(ValueError, match="guidance_scale.*0.5"):
+        create_engine("latentsync", {"guidance_scale": 0.5}, avatar)
+    engine = create_engine("latentsync", None, avatar)  # defaults: the server's config values
+    assert engine.options.unet_path == "checkpoints/latentsync_unet.pt" and engine.options.inference_steps == 20
+    with pytest.raises(RuntimeError, match="before load"):
+        engine.generate(ChunkRequest("t", 0, np.arange(16), features=np.zeros((16, 50, 384), np.float32)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_on_gpu_half_precision(tiny_files, avatar):
+    engine = create_engine("latentsync", options(tiny_files, device="cuda", dtype="float16"), avatar)
+    engine.load()
+    try:
+        assert engine.dtype == torch.float16
+        result = engine.generate(chunk(engine.features(speech_16k()[:48000])))
+        keep = np.asarray(avatar.mask) == 1
+        np.testing.assert_array_equal(result.faces[:, keep], np.asarray(avatar.faces[:16])[:, keep])
+    finally:
+        engine.close()
