@@ -30,7 +30,8 @@ class ChunkRequest:
         audio: ``(samples,) float32`` mono audio of the chunk at 16 kHz in [-1, 1], or None. An
             engine uses it only when ``features`` is None.
         seed: Random seed for engines that sample noise (None: engine default).
-        guidance_scale: Classifier-free guidance scale (1.0 = none); engines without it ignore it.
+        guidance_scale: Classifier-free guidance scale (1.0 = none; None: the engine's configured
+            default); engines without guidance ignore it.
         num_inference_steps: Denoising steps (None: engine default); ignored where meaningless.
 
     """
@@ -41,7 +42,7 @@ class ChunkRequest:
     features: np.ndarray | None = None
     audio: np.ndarray | None = None
     seed: int | None = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None
     num_inference_steps: int | None = None
 
     def __post_init__(self) -> None:

@@ -403,8 +403,7 @@ class LatentSyncEngine:
 
         Settings: ``request.seed`` (None: ``options.seed``) seeds the task's initial noise, the same for
         every chunk of the task; ``request.num_inference_steps`` (None: ``options.inference_steps``);
-        ``request.guidance_scale``, except that the request's default 1.0 means "the engine's default"
-        (``options.guidance_scale``), since :class:`ChunkRequest` has no "unset" value for it.
+        ``request.guidance_scale`` (None: ``options.guidance_scale``).
 
         Args:
             request: The chunk: ``frame_indices`` (avatar base frames, normally 16) and ``features`` rows
@@ -440,7 +439,7 @@ class LatentSyncEngine:
 
         seed = self.options.seed if request.seed is None else int(request.seed)
         steps = request.num_inference_steps or self.options.inference_steps
-        guidance = self.options.guidance_scale if request.guidance_scale == 1.0 else float(request.guidance_scale)
+        guidance = self.options.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
         latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
         height, width = latents.shape[-2:]
         output = self._pipeline(

@@ -93,7 +93,7 @@ def create_app(runtime: Runtime) -> Flask:
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
-        guidance = _form_number("guidance_scale", float, 0.0, 20.0)
+        guidance = _form_number("guidance_scale", float, 1.0, 20.0)
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         path = runtime.upload_path()  # our own name: the client's filename is never used as a path

@@ -267,7 +267,8 @@ class SpeechProgram:
     def on_air(self, event: str, frames_streamed: int) -> None:
         """Mixer callback: keep the task's state and timestamps."""
         task = self.task
-        task.frames_streamed = frames_streamed
+        if event != "off_air":  # off_air counts the fade frames too: not speech
+            task.frames_streamed = frames_streamed
         if event == "first_frame":
             task.first_frame_on_air_at = time.time()
             task.first_frame_on_air_monotonic = time.monotonic()
@@ -370,7 +371,7 @@ class TaskProcessor:
                     frame_indices=np.array([self._avatar.frame_index(int(i)) for i in frames], dtype=np.int64),
                     features=rows[c * CHUNK_FRAMES : (c + 1) * CHUNK_FRAMES],
                     seed=task.seed,
-                    guidance_scale=task.guidance_scale if task.guidance_scale is not None else 1.0,
+                    guidance_scale=task.guidance_scale,
                 )
                 self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail)
         except JobFailed as exc:
