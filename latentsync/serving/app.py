@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 from flask import Flask, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from latentsync.media.probe import MediaProbeError, probe_media
+from latentsync.media.probe import MediaProbeError
 from latentsync.serving.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def create_app(runtime: Runtime) -> Flask:
 
     @app.post("/generate_video")
     def generate_video():
+        received = (time.time(), time.monotonic())  # TTFF counts from the request's arrival
         tasks = runtime.tasks
         if tasks is None:
             raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
@@ -102,22 +104,18 @@ def create_app(runtime: Runtime) -> Flask:
             if path.stat().st_size == 0:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
             try:
-                info = probe_media(path)
-            except MediaProbeError:
-                raise ApiError(400, "not_audio", "the upload is not an audio file FFmpeg can read") from None
-            if not info.has_audio:
-                raise ApiError(400, "not_audio", "the upload has no audio stream")
-            try:
                 audio = runtime.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
-            except MediaProbeError:
-                raise ApiError(400, "unreadable", "the audio stream could not be decoded") from None
+            except MediaProbeError as exc:
+                if "matches no streams" in str(exc):
+                    raise ApiError(400, "not_audio", "the upload has no audio stream") from None
+                raise ApiError(400, "not_audio", "the upload is not an audio file FFmpeg can read") from None
         finally:
             path.unlink(missing_ok=True)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
             raise ApiError(400, "too_short", f"audio shorter than one frame (1/{fps} s): {audio.duration_s:.4f} s")
-        accepted = tasks.submit(audio, seed, guidance)
+        accepted = tasks.submit(audio, seed, guidance, received=received)
         if accepted is None:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         task, position = accepted

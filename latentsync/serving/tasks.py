@@ -449,8 +449,17 @@ class TaskManager:
             return sum(1 for t, _ in self._tasks.values() if t.state in (TaskState.queued, TaskState.preparing,
                                                                           TaskState.generating))  # fmt: skip
 
-    def submit(self, audio: TaskAudio, seed: int | None, guidance_scale: float | None) -> tuple[Task, int] | None:
+    def submit(
+        self, audio: TaskAudio, seed: int | None, guidance_scale: float | None,
+        received: tuple[float, float] | None = None,
+    ) -> tuple[Task, int] | None:  # fmt: skip
         """Accept a task.
+
+        Args:
+            audio: The decoded speech.
+            seed: Engine seed (None: engine default).
+            guidance_scale: Engine guidance (None: engine default).
+            received: ``(time.time(), time.monotonic())`` when the request arrived (None: now).
 
         Returns:
             ``(task, position)`` where position counts the tasks ahead of it (0: next on air), or
@@ -467,6 +476,8 @@ class TaskManager:
             num_chunks=math.ceil((num_frames + tail) / CHUNK_FRAMES), tail_frames=tail, seed=seed,
             guidance_scale=guidance_scale,
         )  # fmt: skip
+        if received is not None:
+            task.received_at, task.received_monotonic = received
         program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter)
         processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s)
         with self._lock:
