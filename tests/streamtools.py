@@ -183,6 +183,19 @@ class StreamRecorder:
         assert self.out_path.exists() and self.out_path.stat().st_size > 0, err.decode(errors="replace")[-2000:]
         return self.out_path
 
+    def wait_end(self, timeout_s: float = 30.0) -> Path:
+        """Wait until the client ends by itself (``rw_timeout_s`` after the publisher stops).
+
+        Unlike :meth:`finish` this loses nothing: FFmpeg has read and written every packet.
+        """
+        try:
+            _, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        assert self.out_path.exists() and self.out_path.stat().st_size > 0, err.decode(errors="replace")[-2000:]
+        return self.out_path
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
