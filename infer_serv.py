@@ -22,7 +22,9 @@ from werkzeug.serving import make_server
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.app import create_app
+from latentsync.serving.logs import configure_logging
 from latentsync.serving.runtime import Runtime
+from latentsync.serving.systemd import sd_notify
 from latentsync.serving.workers import WorkerPoolError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
@@ -50,11 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log.level, config.log.json)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -76,12 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
             redact_rtmp_url(config.stream.rtmp_url), config.server.host, config.server.port,
         )
+        sd_notify("READY=1")
         while not stop.wait(0.5):
             pass
     except (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError) as exc:
         logger.error("cannot start: %s", exc)
         code = 1
     finally:
+        sd_notify("STOPPING=1")
         server.shutdown()
         http_thread.join(2.0)
         runtime.stop()

@@ -116,11 +116,17 @@ class EngineConfig:
 
 @dataclass
 class ApiConfig:
-    """Upload limits of ``POST /generate_video``."""
+    """HTTP API limits and access.
+
+    ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
+    ``rate_limit_per_min``: uploads accepted per client address per minute (0: unlimited).
+    """
 
     max_audio_s: float = 300.0
     max_upload_mb: float = 50.0
     max_queued: int = 16
+    token: str | None = None
+    rate_limit_per_min: int = 120
 
 
 @dataclass
@@ -239,6 +245,8 @@ def validate(config: AppConfig) -> None:
     _check(0.1 <= a.max_audio_s <= 3600, "api.max_audio_s", a.max_audio_s, "0.1..3600")
     _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
     _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
+    _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
+    _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 
@@ -247,6 +255,8 @@ def to_yaml(config: AppConfig) -> str:
     """Render a configuration as YAML (for ``--print-config``), with the RTMP stream key hidden."""
     node = OmegaConf.structured(config)
     node.stream.rtmp_url = redact_rtmp_url(config.stream.rtmp_url)
+    if config.api.token is not None:
+        node.api.token = "***"
     return OmegaConf.to_yaml(node)
 
 

@@ -1,7 +1,10 @@
 """Flask app factory: routes only; all state lives in the Runtime passed in.
 
 Routes:
-    ``GET /health``: stream health (200 while streaming, 503 otherwise).
+    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503;
+    ``?ready=1``: 200 only when streaming and the engine accepts uploads (readiness);
+    ``?live=1``: 200 while the output clock ticks, even with the RTMP server away (liveness).
+    ``GET /metrics``: Prometheus text format.
     ``POST /generate_video``: multipart ``audio_file`` (+ optional ``seed``, ``guidance_scale``) →
     202 with a task id, or a JSON error.
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
@@ -12,14 +15,19 @@ temporary file and no task behind.
 
 from __future__ import annotations
 
+import collections
+import errno
+import hmac
 import logging
 import math
+import threading
 import time
 
-from flask import Flask, jsonify, request, url_for
+from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from latentsync.media.probe import MediaProbeError
+from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -55,20 +63,82 @@ def _form_number(name: str, kind: type, low: float, high: float) -> float | int 
     return value
 
 
-def create_app(runtime: Runtime) -> Flask:
+def _storage_error(exc: OSError) -> ApiError:
+    """The API error for an upload that could not be written to the temporary directory."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ApiError(507, "insufficient_storage", "no space left to store the upload; try again later")
+    return ApiError(500, "upload_failed", f"could not store the upload: {exc.strerror or exc}")
+
+
+class RateLimiter:
+    """Sliding one-minute window of accepted uploads per client address (bounded memory).
+
+    Args:
+        per_minute: Uploads allowed per address per 60 s (0: unlimited).
+        max_clients: Addresses tracked at once; the least recently seen are forgotten first.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 4096):
+        self._per_minute = per_minute
+        self._max_clients = max_clients
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def allow(self, client: str) -> bool:
+        """Count one upload from ``client``; False when it is over its limit."""
+        if self._per_minute <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            stamps = self._seen.pop(client, None) or collections.deque()
+            self._seen[client] = stamps
+            while stamps and now - stamps[0] > 60.0:
+                stamps.popleft()
+            if len(self._seen) > self._max_clients:
+                self._seen.popitem(last=False)
+            if len(stamps) >= self._per_minute:
+                return False
+            stamps.append(now)
+            return True
+
+
+def create_app(runtime: Runtime | None = None) -> Flask:
     """Build the HTTP API around a runtime.
 
     Args:
-        runtime: The object that owns the stream and the tasks.
+        runtime: The object that owns the stream and the tasks. None (the gunicorn entry point
+            ``latentsync.serving.app:create_app()``): build one from ``$LATENTSYNC_CONFIG`` (a YAML
+            file, default ``configs/server.yaml``) and ``$LATENTSYNC_OVERRIDES`` (``key=value ...``)
+            and start it in the background, in this (already forked) worker process, once.
 
     Returns:
-        The Flask app.
+        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``.
+
+    Raises:
+        latentsync.config.ConfigError: If the environment's configuration is invalid.
     """
+    if runtime is None:
+        runtime = _runtime_from_environment()
     app = Flask("latentsync-realtime")
+    app.extensions["latentsync.runtime"] = runtime
     app.json.sort_keys = False  # type: ignore[attr-defined]
     api = runtime.config.api
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
     fps = runtime.config.stream.fps
+    limiter = RateLimiter(api.rate_limit_per_min)
+    token = api.token.encode() if api.token else None
+
+    @app.before_request
+    def require_token():
+        if token is None or request.path == "/health":
+            return None
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
+            response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return response, status
+        return None
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -83,7 +153,17 @@ def create_app(runtime: Runtime) -> Flask:
     @app.get("/health")
     def health():
         streaming, body = runtime.health()
-        return jsonify(body), (200 if streaming else 503)
+        if request.args.get("live"):
+            ok = body.get("ticking", False)
+        elif request.args.get("ready"):
+            ok = streaming and body.get("engine_ready", False)
+        else:
+            ok = streaming
+        return jsonify(body), (200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(runtime.metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
 
     @app.post("/generate_video")
     def generate_video():
@@ -91,16 +171,25 @@ def create_app(runtime: Runtime) -> Flask:
         tasks = runtime.tasks
         if tasks is None:
             raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
-        upload = request.files.get("audio_file")
+        try:  # werkzeug spools large multipart bodies to the temp directory
+            upload = request.files.get("audio_file")
+        except OSError as exc:
+            raise _storage_error(exc) from None
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
         guidance = _form_number("guidance_scale", float, 1.0, 20.0)
+        if not limiter.allow(request.remote_addr or "?"):
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
-        path = runtime.upload_path()  # our own name: the client's filename is never used as a path
+        path = None
         try:
-            upload.save(path)
+            try:  # our own file name: the client's filename is never used as a path
+                path = runtime.upload_path()
+                upload.save(path)
+            except OSError as exc:
+                raise _storage_error(exc) from None
             if path.stat().st_size == 0:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
             try:
@@ -110,7 +199,8 @@ def create_app(runtime: Runtime) -> Flask:
                     raise ApiError(400, "not_audio", "the upload has no audio stream") from None
                 raise ApiError(400, "not_audio", "the upload is not an audio file FFmpeg can read") from None
         finally:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
@@ -119,7 +209,8 @@ def create_app(runtime: Runtime) -> Flask:
         if accepted is None:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         task, position = accepted
-        logger.info("task %s accepted: %.2f s of audio, position %d", task.task_id, audio.duration_s, position)
+        logger.info("task %s accepted: %.2f s of audio, position %d", task.task_id, audio.duration_s, position,
+                    extra={"task_id": task.task_id})  # fmt: skip
         body = {
             "task_id": task.task_id,
             "status": "queued",  # every accepted task starts queued (its thread may have moved on already)
@@ -148,3 +239,37 @@ def create_app(runtime: Runtime) -> Flask:
         return jsonify(task.to_json())
 
     return app
+
+
+def _runtime_from_environment() -> Runtime:
+    """Build and start (in a background thread) the runtime of a gunicorn worker."""
+    import os
+    import shlex
+    import signal
+    from pathlib import Path
+
+    from latentsync.config import load_config
+    from latentsync.serving.logs import configure_logging
+    from latentsync.serving.systemd import sd_notify
+
+    default = Path(__file__).resolve().parents[2] / "configs" / "server.yaml"
+    config = load_config(
+        os.environ.get("LATENTSYNC_CONFIG") or (default if default.is_file() else None),
+        shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")),
+    )
+    configure_logging(config.log.level, config.log.json)
+    runtime = Runtime(config)
+
+    def start() -> None:
+        try:
+            runtime.start()
+        except Exception as exc:
+            logger.error("cannot start: %s", exc)
+            runtime.stop()
+            os.kill(os.getppid(), signal.SIGTERM)  # ask the gunicorn master to shut down: nothing to serve
+            return
+        logger.info("ready: uploads accepted")
+        sd_notify("READY=1")
+
+    threading.Thread(target=start, name="runtime-start", daemon=True).start()
+    return runtime

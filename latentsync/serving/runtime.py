@@ -24,8 +24,10 @@ from latentsync.media.audio import decode_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
+from latentsync.serving.metrics import ServerMetrics
 from latentsync.serving.mixer import ProgramMixer
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
+from latentsync.serving.systemd import Watchdog
 from latentsync.serving.tasks import TaskAudio, TaskManager
 from latentsync.serving.workers import WorkerPool
 
@@ -59,6 +61,8 @@ class Runtime:
         self._tasks: TaskManager | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
+        self.metrics = ServerMetrics(self.metrics_snapshot)
+        self._watchdog = Watchdog(self._clock_alive)
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -140,6 +144,13 @@ class Runtime:
         if not self._sink.wait_accepting(SINK_START_TIMEOUT_S):
             logger.warning("ffmpeg not accepting after %.0f s; the clock starts anyway", SINK_START_TIMEOUT_S)
         self._controller.start()
+        self._watchdog.start()
+
+    def _clock_alive(self) -> bool:
+        c = self._controller.stats() if self._controller is not None else None
+        if c is None or c.last_tick_monotonic == 0:
+            return False
+        return time.monotonic() - c.last_tick_monotonic < HEALTH_TICK_STALE_S
 
     def _start_engine(self) -> None:
         cfg = self.config
@@ -163,7 +174,8 @@ class Runtime:
                 "compile": ls.compile, "device": devices[0] if devices else None,
             }  # fmt: skip
         t = time.monotonic()
-        pool = WorkerPool(engine.name.value, options, avatar.path, workers, devices=devices)
+        pool = WorkerPool(engine.name.value, options, avatar.path, workers, devices=devices,
+                          on_chunk_done=self.metrics.observe_chunk)  # fmt: skip
         self._pool = pool
         pool.start()
         logger.info("%d %s engine worker(s) ready (%.1f s)", workers, engine.name.value, time.monotonic() - t)
@@ -174,6 +186,7 @@ class Runtime:
             pool, avatar, self._mixer.enqueue, self._mixer.interrupt, lambda: mixer.ticks, fps=cfg.stream.fps,
             sample_rate_hz=cfg.stream.audio_sample_rate, max_queued=cfg.api.max_queued,
             deadline_s=engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
+            on_ttff=self.metrics.observe_ttff,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -181,8 +194,10 @@ class Runtime:
         with self._lock:
             if self._stopped:
                 return
-            self._stopped = True
+            self._stopped = True  # from here uploads get 503
+        self._fade_out_speech()
         steps = [
+            ("watchdog", self._watchdog.close),
             ("tasks", self._tasks.close if self._tasks else None),
             ("controller", self._controller.close if self._controller else None),
             ("ffmpeg", self._sink.close if self._sink else None),
@@ -198,6 +213,19 @@ class Runtime:
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
         logger.info("runtime stopped")
+
+    def _fade_out_speech(self, timeout_s: float = 1.0) -> None:
+        """Cut the speech on air with the usual crossfade (not mid-word) before the clock stops."""
+        mixer = self._mixer
+        if mixer is None or mixer.current_task_id is None or self._controller is None:
+            return
+        task_id = mixer.current_task_id
+        mixer.interrupt(task_id)
+        deadline = time.monotonic() + timeout_s
+        while mixer.state is not StreamState.IDLE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        logger.info("task %s faded out for shutdown (stream %s)", task_id, mixer.state.value,
+                    extra={"task_id": task_id})  # fmt: skip
 
     # ----------------------------------------------------------------- uploads
     def upload_path(self, suffix: str = ".upload") -> Path:
@@ -233,7 +261,27 @@ class Runtime:
         engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
         return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
 
-    # ----------------------------------------------------------------- health
+    # ----------------------------------------------------------------- health and metrics
+    def metrics_snapshot(self) -> dict:
+        """Current counters for the metrics collector (cheap; called at every scrape)."""
+        _, h = self.health()
+        pool = self._pool.stats() if self._pool is not None else None
+        tasks = self.tasks
+        return {
+            **{k: h.get(k, 0) for k in ("frames_emitted", "late_ticks", "dropped_ticks", "underrun_ticks",
+                                        "ffmpeg_restarts")},
+            "state": h.get("state"),
+            "ffmpeg_up": h.get("ffmpeg_up", False),
+            "engine_ready": h.get("engine_ready", False),
+            "worker_rebuilds": pool.rebuilds if pool else 0,
+            "chunks_retried": pool.retried if pool else 0,
+            "pool_queued": pool.queued if pool else 0,
+            "pool_in_flight": pool.in_flight if pool else 0,
+            "playlist": self._mixer.pending() if self._mixer else 0,
+            "tasks_waiting": tasks.waiting() if tasks else 0,
+            "tasks_final": tasks.final_counts() if tasks else {},
+        }  # fmt: skip
+
     def health(self) -> tuple[bool, dict]:
         """Stream health for ``GET /health``.
 
@@ -273,7 +321,8 @@ class Runtime:
             p = self._pool.stats()
             body["workers"] = {"count": p.workers, "pids": self._pool.worker_pids(), "rebuilds": p.rebuilds,
                                "in_flight": p.in_flight, "queued": p.queued}  # fmt: skip
-        ticking = c.last_tick_monotonic > 0 and time.monotonic() - c.last_tick_monotonic < HEALTH_TICK_STALE_S
+        ticking = self._clock_alive()
+        body["ticking"] = ticking
         return (ticking and k.up and not self._stopped), body
 
 

@@ -138,9 +138,10 @@ class SpeechProgram:
         fps: Stream frame rate.
     """
 
-    def __init__(self, task: Task, avatar, fps: int, tick_counter=None):
+    def __init__(self, task: Task, avatar, fps: int, tick_counter=None, on_ttff=None):
         self.task = task
         self._tick_counter = tick_counter
+        self._on_ttff = on_ttff
         self.task_id = task.task_id
         self.num_frames = task.num_frames
         self._avatar = avatar
@@ -272,6 +273,8 @@ class SpeechProgram:
         if event == "first_frame":
             task.first_frame_on_air_at = time.time()
             task.first_frame_on_air_monotonic = time.monotonic()
+            if self._on_ttff is not None:
+                self._on_ttff(task.first_frame_on_air_monotonic - task.received_monotonic)
             if task.state not in FINAL_STATES:
                 task.state = TaskState.streaming
         elif event == "done":
@@ -344,7 +347,7 @@ class TaskProcessor:
             task.finished_at = time.time()
         else:  # on air: it ends where the frames run out; mark failed now so the API tells the truth
             task.state = TaskState.failed
-        logger.warning("task %s failed: %s", task.task_id, reason)
+        logger.warning("task %s failed: %s", task.task_id, reason, extra={"task_id": task.task_id})
 
     def _run(self) -> None:
         task = self.task
@@ -377,7 +380,7 @@ class TaskProcessor:
         except JobFailed as exc:
             self._fail(str(exc))
         except Exception as exc:  # never let a task thread die silently
-            logger.exception("task %s crashed", task.task_id)
+            logger.exception("task %s crashed", task.task_id, extra={"task_id": task.task_id})
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
 
     def _features(self) -> np.ndarray | None:
@@ -421,6 +424,7 @@ class TaskManager:
         interrupt_program: Fades a program out / drops it from the playlist.
         tick_counter: Returns the mixer's tick count (to measure interrupt latency in frames).
         tail_frames: Silent frames generated after each speech (the crossfade back to idle).
+        on_ttff: Called with each task's time to first frame in seconds (metrics).
         fps: Stream frame rate.
         sample_rate_hz: Stream audio rate in Hz.
         max_queued: Tasks that may wait (not yet on air) before new ones are refused.
@@ -428,7 +432,8 @@ class TaskManager:
     """
 
     def __init__(self, pool: WorkerPool, avatar, enqueue_program, interrupt_program, tick_counter, fps: int,
-                 sample_rate_hz: int, max_queued: int, deadline_s: float, tail_frames: int = 0):  # fmt: skip
+                 sample_rate_hz: int, max_queued: int, deadline_s: float, tail_frames: int = 0,
+                 on_ttff=None):  # fmt: skip
         self._pool = pool
         self._avatar = avatar
         self._enqueue = enqueue_program
@@ -439,6 +444,8 @@ class TaskManager:
         self._max_queued = max_queued
         self._deadline_s = deadline_s
         self._tail_frames = tail_frames
+        self._on_ttff = on_ttff
+        self._trimmed_final: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._tasks: collections.OrderedDict[str, tuple[Task, TaskProcessor]] = collections.OrderedDict()
         self._closed = False
@@ -478,7 +485,7 @@ class TaskManager:
         )  # fmt: skip
         if received is not None:
             task.received_at, task.received_monotonic = received
-        program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter)
+        program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter, self._on_ttff)
         processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s)
         with self._lock:
             if self._closed:
@@ -496,7 +503,15 @@ class TaskManager:
     def _trim(self) -> None:
         finished = [k for k, (t, _) in self._tasks.items() if t.state in FINAL_STATES]
         for key in finished[: max(0, len(finished) - MAX_FINISHED_TASKS)]:
+            self._trimmed_final[self._tasks[key][0].state.value] += 1
             del self._tasks[key]
+
+    def final_counts(self) -> dict[str, int]:
+        """Tasks that ended since start, by final state (``done``, ``failed``, ``cancelled``)."""
+        with self._lock:
+            counts = collections.Counter(self._trimmed_final)
+            counts.update(t.state.value for t, _ in self._tasks.values() if t.state in FINAL_STATES)
+        return {state.value: counts.get(state.value, 0) for state in FINAL_STATES}
 
     def get(self, task_id: str) -> Task | None:
         """The task, if known."""

@@ -137,6 +137,8 @@ class WorkerPool:
         devices: Device per worker index (e.g. ``["cuda:0", "cuda:1"]``), or empty to let the
             engine choose.
         start_timeout_s: Seconds the workers get to load their engine.
+        on_chunk_done: Called with ``(frames, seconds from dispatch to result)`` for every chunk that
+            comes back (metrics).
     """
 
     def __init__(
@@ -147,6 +149,7 @@ class WorkerPool:
         workers: int,
         devices: list[str] | None = None,
         start_timeout_s: float = 600.0,
+        on_chunk_done: Callable[[int, float], None] | None = None,
     ):
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
@@ -154,6 +157,7 @@ class WorkerPool:
         self._workers = int(workers)
         self._devices = list(devices or [])
         self._start_timeout_s = start_timeout_s
+        self._on_chunk_done = on_chunk_done
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._pool: multiprocessing.pool.Pool | None = None
@@ -278,6 +282,8 @@ class WorkerPool:
                 return  # a stale answer from a replaced pool
             self._completed += 1
             self._dispatch_waiting()
+        if self._on_chunk_done is not None and isinstance(result, ChunkResult):
+            self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
         with job.lock:
             if job.finished:
                 return

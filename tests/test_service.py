@@ -1,0 +1,260 @@
+"""Running it like a service: gunicorn, SIGTERM, metrics, health levels, token, rate limit, JSON logs,
+and faults that must lose nothing (hung worker, full temp disk). Real processes, real RTMP server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.streamtools import REPO, Api, ServerProcess, free_port, shared_file
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+
+TOKEN = "s3cret-token-for-the-tests-0123456789"
+SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
+
+
+def wait_ready(server, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not server.health()[1].get("engine_ready"):
+        assert time.monotonic() < deadline, f"engine not ready:\n{server.log()}"
+        assert server.proc.poll() is None, server.log()
+        time.sleep(0.2)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def children_of(health: dict) -> list[int]:
+    return [p for p in [health.get("ffmpeg_pid"), *health.get("workers", {}).get("pids", [])] if p]
+
+
+def base_overrides(rtmp_server, key: str, tmp_path_factory) -> list[str]:
+    return [
+        f"avatar.idle_video={shared_file('video/nanmote002.mp4')}",
+        f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
+        f"stream.rtmp_url={rtmp_server.url(key)}",
+    ]
+
+
+# --------------------------------------------------------------------------- hardened API
+@pytest.fixture(scope="module")
+def guarded(rtmp_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("guarded")
+    server = ServerProcess(
+        [*base_overrides(rtmp_server, "guarded", tmp_path_factory), f"api.token={TOKEN}",
+         "api.rate_limit_per_min=2", "log.json=true"],
+        tmp / "server.log",
+    ).start()
+    server.wait_healthy()
+    wait_ready(server)
+    yield server
+    code, _ = server.stop()
+    assert code == 0, server.log()
+
+
+def authed(port: int) -> Api:
+    api = Api(port)
+    plain = api.request
+
+    def request(method, path, body=None, headers=None):
+        return plain(method, path, body, {**(headers or {}), "Authorization": f"Bearer {TOKEN}"})
+
+    api.request = request
+    return api
+
+
+def test_token_guards_everything_but_health(guarded):
+    anonymous = Api(guarded.port)
+    for method, path in (("GET", "/tasks"), ("GET", "/metrics"), ("DELETE", "/tasks/x")):
+        status, body = anonymous.request(method, path)
+        assert status == 401 and body["error"]["code"] == "unauthorized", (path, body)
+    status, body = anonymous.post_audio(shared_file(SPEECH).read_bytes())
+    assert status == 401
+    wrong = Api(guarded.port).request("GET", "/tasks", headers={"Authorization": "Bearer nope"})
+    assert wrong[0] == 401
+    assert guarded.health()[0] == 200  # health stays open for load balancers and systemd checks
+    assert authed(guarded.port).request("GET", "/tasks")[0] == 200
+    assert TOKEN not in guarded.log()
+
+
+def test_rate_limit_and_json_logs_with_task_ids(guarded):
+    api = authed(guarded.port)
+    answers = [api.post_audio(shared_file(SPEECH).read_bytes()) for _ in range(3)]
+    assert [s for s, _ in answers[:2]] == [202, 202]
+    assert answers[2][0] == 429 and answers[2][1]["error"]["code"] == "rate_limited"
+    for _, body in answers[:2]:
+        api.request("DELETE", f"/tasks/{body['task_id']}")
+    lines = [json.loads(line) for line in guarded.log().splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    accepted = [line for line in lines if line.get("task_id") == answers[0][1]["task_id"]]
+    assert accepted, "no log line carries the task id"
+
+
+def test_metrics_and_health_levels(guarded):
+    api = authed(guarded.port)
+    req = urllib.request.Request(f"{api.base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    for name in (
+        "latentsync_ticks_emitted_total", "latentsync_ticks_late_total", "latentsync_ticks_dropped_total",
+        "latentsync_ticks_underrun_total", 'latentsync_stream_state{state="idle"}', "latentsync_ffmpeg_restarts_total",
+        'latentsync_queue_depth{queue="tasks_waiting"}', 'latentsync_tasks_total{state="cancelled"}',
+        "latentsync_chunk_generation_seconds_bucket", "latentsync_time_to_first_frame_seconds_bucket",
+        "latentsync_generation_fps", "latentsync_worker_restarts_total",
+    ):  # fmt: skip
+        assert name in text, name
+    emitted = float(next(line.split()[-1] for line in text.splitlines()
+                         if line.startswith("latentsync_ticks_emitted_total")))
+    assert emitted > 0
+    for query in ("", "?ready=1", "?live=1"):
+        with urllib.request.urlopen(f"{api.base}/health{query}", timeout=5) as r:
+            assert r.status == 200
+
+
+# --------------------------------------------------------------------------- faults
+@pytest.fixture
+def tmpfs_dir(tmp_path):
+    """A 4 MiB tmpfs (root), so uploads hit a full disk; None when this machine cannot mount one."""
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)], capture_output=True).returncode:
+        yield None
+        return
+    yield target
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
+    rtmp_server, tmp_path, tmp_path_factory, tmpfs_dir
+):
+    if tmpfs_dir is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("cannot mount a tmpfs for the full-disk test (needs root)")
+        pytest.skip("cannot mount a tmpfs (needs root)")
+    server = ServerProcess(base_overrides(rtmp_server, "diskfull", tmp_path_factory), tmp_path / "server.log",
+                           tmpdir=tmpfs_dir).start()
+    try:
+        server.wait_healthy()
+        wait_ready(server)
+        api = Api(server.port)
+        status, body = api.post_audio(os.urandom(6 * 1024 * 1024), "big.wav")  # larger than the 4 MiB disk
+        assert status == 507 and body["error"]["code"] == "insufficient_storage", body
+        assert "space" in body["error"]["message"]
+        time.sleep(1.0)
+        status, health = server.health()
+        assert status == 200 and health["dropped_ticks"] == 0
+        status, body = api.post_audio(shared_file(SPEECH).read_bytes())  # a normal upload still fits
+        assert status == 202, body
+        assert api.wait_task(body["task_id"], ("done", "failed"), 60)["status"] == "done"
+    finally:
+        code, _ = server.stop()
+    assert code == 0, server.log()
+    assert list(tmpfs_dir.iterdir()) == []
+
+
+def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_path, tmp_path_factory):
+    deadline_s = 4.0
+    server = ServerProcess(
+        [*base_overrides(rtmp_server, "hung", tmp_path_factory), f"engine.chunk_deadline_s={deadline_s}"],
+        tmp_path / "server.log",
+    ).start()
+    stopped = None
+    try:
+        server.wait_healthy()
+        wait_ready(server)
+        api = Api(server.port)
+        stopped = server.health()[1]["workers"]["pids"][0]
+        os.kill(stopped, signal.SIGSTOP)  # hang: alive but never answers
+        status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+        assert status == 202
+        t = time.monotonic()
+        final = api.wait_task(body["task_id"], ("done", "failed"), timeout_s=4 * deadline_s + 60)
+        assert final["status"] == "done" or final["error"], final
+        assert time.monotonic() - t < 4 * deadline_s + 60
+        health = server.health()[1]
+        assert health["workers"]["rebuilds"] >= 1 and not alive(stopped)
+        status, nxt = api.post_audio(shared_file(SPEECH).read_bytes())
+        assert status == 202 and api.wait_task(nxt["task_id"], ("done", "failed"), 60)["status"] == "done"
+        assert server.health()[1]["dropped_ticks"] == 0
+    finally:
+        if stopped and alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        code, _ = server.stop()
+    assert code == 0, server.log()
+
+
+def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tmp_path, tmp_path_factory):
+    (tmp_path / "tmp").mkdir()
+    server = ServerProcess(base_overrides(rtmp_server, "sigterm", tmp_path_factory), tmp_path / "server.log",
+                           tmpdir=tmp_path / "tmp").start()
+    server.wait_healthy()
+    wait_ready(server)
+    api = Api(server.port)
+    status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+    assert status == 202
+    api.wait_task(body["task_id"], ("streaming",), 30)
+    children = children_of(server.health()[1])
+    assert len(children) >= 2
+    code, took_s = server.stop(timeout_s=10.0)
+    assert code == 0 and took_s < 10.0, (code, took_s, server.log())
+    assert not [p for p in children if alive(p)], "child processes survived"
+    assert list((tmp_path / "tmp").iterdir()) == [], "FIFOs or temp files left behind"
+    assert "faded out for shutdown (stream idle)" in server.log()  # speech cut with a fade, not mid-frame
+
+
+# --------------------------------------------------------------------------- gunicorn
+def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, tmp_path, tmp_path_factory):
+    port = free_port()
+    (tmp_path / "tmp").mkdir()
+    env = dict(
+        os.environ, TMPDIR=str(tmp_path / "tmp"),
+        LATENTSYNC_OVERRIDES=" ".join([f"server.port={port}", *base_overrides(rtmp_server, "guni", tmp_path_factory)]),
+    )  # fmt: skip
+    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    proc = subprocess.Popen([str(gunicorn), "-c", "configs/gunicorn.conf.py", "latentsync.serving.app:create_app()"],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = ServerProcess([], tmp_path / "gunicorn.log")
+    server.port = port
+    server.proc = proc
+    try:
+        deadline = time.monotonic() + 180
+        while not server.health()[1].get("engine_ready"):
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            time.sleep(0.3)
+        api = Api(port)
+        status, body = api.post_audio(shared_file(SPEECH).read_bytes())
+        assert status == 202
+        assert api.wait_task(body["task_id"], ("done", "failed"), 60)["status"] == "done"
+        health = server.health()[1]
+        worker_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                      text=True).stdout.split()]  # fmt: skip
+        assert len(worker_pids) == 1, worker_pids  # exactly one gunicorn worker process
+        children = children_of(health) + worker_pids
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(15)
+        took_s = time.monotonic() - t
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert code == 0 and took_s < 10.0, (code, took_s)
+    assert not [p for p in children if alive(p)]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert "runtime stopped" in (tmp_path / "gunicorn.log").read_text()
