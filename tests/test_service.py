@@ -183,6 +183,9 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
         status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
         assert status == 202
         t = time.monotonic()
+        while server.health()[1]["workers"]["rebuilds"] == 0:  # the hang is noticed at the deadline
+            assert time.monotonic() - t < deadline_s + 2.0, "hung worker not replaced within the chunk deadline"
+            time.sleep(0.05)
         final = api.wait_task(body["task_id"], ("done", "failed"), timeout_s=4 * deadline_s + 60)
         assert final["status"] == "done" or final["error"], final
         assert time.monotonic() - t < 4 * deadline_s + 60

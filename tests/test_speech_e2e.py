@@ -272,6 +272,9 @@ def test_killed_worker_mid_task_then_next_task_succeeds(server):
     pid = server.health()[1]["workers"]["pids"][0]
     os.kill(pid, signal.SIGKILL)
     t = time.monotonic()
+    while server.health()[1]["workers"]["rebuilds"] == 0:  # retried on a fresh pool, well within the deadline
+        assert time.monotonic() - t < DEADLINE_S, "dead worker not noticed within the chunk deadline"
+        time.sleep(0.05)
     final = server.api.wait_task(accepted["task_id"], ("done", "failed"), timeout_s=2 * DEADLINE_S + 30)
     assert final["status"] == "done" or final["error"], final  # retried, or failed with a reason
     assert time.monotonic() - t < 2 * DEADLINE_S + 30
