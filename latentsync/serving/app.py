@@ -224,19 +224,18 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = runtime.tasks
         return jsonify({"tasks": [t.to_json() for t in tasks.list()] if tasks else []})
 
-    @app.get("/tasks/<task_id>")
-    def get_task(task_id: str):
-        task = runtime.tasks.get(task_id) if runtime.tasks else None
+    def task_json(task, task_id: str):
         if task is None:
             raise ApiError(404, "not_found", f"no task {task_id!r}")
         return jsonify(task.to_json())
 
+    @app.get("/tasks/<task_id>")
+    def get_task(task_id: str):
+        return task_json(runtime.tasks.get(task_id) if runtime.tasks else None, task_id)
+
     @app.delete("/tasks/<task_id>")
     def cancel_task(task_id: str):
-        task = runtime.tasks.cancel(task_id) if runtime.tasks else None
-        if task is None:
-            raise ApiError(404, "not_found", f"no task {task_id!r}")
-        return jsonify(task.to_json())
+        return task_json(runtime.tasks.cancel(task_id) if runtime.tasks else None, task_id)
 
     return app
 

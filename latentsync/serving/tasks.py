@@ -48,6 +48,7 @@ class TaskState(str, enum.Enum):
 
 
 FINAL_STATES = (TaskState.done, TaskState.failed, TaskState.cancelled)
+WAITING_STATES = (TaskState.queued, TaskState.preparing, TaskState.generating)
 
 
 @dataclass
@@ -92,7 +93,6 @@ class Task:
     received_at: float = field(default_factory=time.time)
     received_monotonic: float = field(default_factory=time.monotonic)
     generation_started_at: float | None = None
-    first_chunk_at: float | None = None
     first_frame_on_air_at: float | None = None
     first_frame_on_air_monotonic: float | None = None
     finished_at: float | None = None
@@ -453,8 +453,11 @@ class TaskManager:
     def waiting(self) -> int:
         """Tasks accepted and not on air yet."""
         with self._lock:
-            return sum(1 for t, _ in self._tasks.values() if t.state in (TaskState.queued, TaskState.preparing,
-                                                                          TaskState.generating))  # fmt: skip
+            return self._count(WAITING_STATES)
+
+    def _count(self, states: tuple[TaskState, ...]) -> int:
+        """Tasks in one of ``states`` (lock held)."""
+        return sum(1 for t, _ in self._tasks.values() if t.state in states)
 
     def submit(
         self, audio: TaskAudio, seed: int | None, guidance_scale: float | None,
@@ -490,10 +493,8 @@ class TaskManager:
         with self._lock:
             if self._closed:
                 return None
-            ahead = sum(1 for t, _ in self._tasks.values() if t.state not in FINAL_STATES)
-            waiting = sum(1 for t, _ in self._tasks.values()
-                          if t.state in (TaskState.queued, TaskState.preparing, TaskState.generating))
-            if waiting >= self._max_queued or not self._enqueue(program):
+            ahead = self._count((*WAITING_STATES, TaskState.streaming))
+            if self._count(WAITING_STATES) >= self._max_queued or not self._enqueue(program):
                 return None
             self._tasks[task.task_id] = (task, processor)
             self._trim()

@@ -1,0 +1,78 @@
+"""Unit tests of the service plumbing: rate limiter, sd_notify + watchdog, JSON log lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+
+from latentsync.serving.app import RateLimiter
+from latentsync.serving.logs import JsonFormatter
+from latentsync.serving.systemd import Watchdog, sd_notify, watchdog_interval_s
+
+
+def test_rate_limiter_counts_per_client_and_is_bounded():
+    limiter = RateLimiter(per_minute=2, max_clients=2)
+    assert [limiter.allow("a") for _ in range(3)] == [True, True, False]
+    assert limiter.allow("b")
+    assert limiter.allow("c")  # "a" is forgotten: only two clients are tracked
+    assert limiter.allow("a")
+    assert all(RateLimiter(per_minute=0).allow("x") for _ in range(1000))  # 0 = unlimited
+
+
+def _listener(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(2.0)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    return sock
+
+
+def test_sd_notify_sends_datagrams_and_is_a_noop_outside_systemd(tmp_path, monkeypatch):
+    sock = _listener(tmp_path, monkeypatch)
+    assert sd_notify("READY=1")
+    assert sock.recv(64) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")
+
+
+def test_watchdog_pings_only_while_the_clock_ticks(tmp_path, monkeypatch):
+    sock = _listener(tmp_path, monkeypatch)
+    ticking = {"alive": True}
+    dog = Watchdog(lambda: ticking["alive"], interval_s=0.05)
+    dog.start()
+    assert sock.recv(64) == b"WATCHDOG=1"
+    ticking["alive"] = False
+    time.sleep(0.15)
+    sock.settimeout(0.0)
+    while True:  # drain pings sent before the clock "froze"
+        try:
+            sock.recv(64)
+        except BlockingIOError:
+            break
+    sock.settimeout(0.3)
+    try:
+        sock.recv(64)
+        raise AssertionError("a frozen clock still pinged the watchdog")
+    except TimeoutError:
+        pass
+    dog.close()
+    dog.close()
+
+
+def test_watchdog_interval_from_environment(monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "10000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval_s() == 5.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
+    assert watchdog_interval_s() is None
+
+
+def test_json_log_lines_carry_task_ids():
+    record = logging.LogRecord("latentsync.tasks", logging.WARNING, __file__, 1, "task %s failed", ("t1",), None)
+    record.task_id = "t1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["msg"] == "task t1 failed" and line["task_id"] == "t1" and line["level"] == "WARNING"
+    assert line["ts"].endswith("Z")
