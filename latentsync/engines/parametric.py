@@ -200,8 +200,8 @@ class _MouthGeometry:
         )
 
     def curve(self, which: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Inner-lip y at ``x``; flat continuation beyond the corners."""
-        return np.interp(x, self.inner_x, which)
+        """Inner-lip y at ``x`` (float32, like the pixel grids); flat continuation beyond the corners."""
+        return np.interp(x, self.inner_x, which).astype(np.float32)
 
 
 class MouthRenderer:
