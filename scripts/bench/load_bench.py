@@ -247,7 +247,8 @@ def main() -> int:
         print("server RSS: not checked (give --pid with --url)")
     dropped = (health_before.get("dropped_ticks"), health_after.get("dropped_ticks"))
     print(f"/health dropped ticks: {dropped[0]} before, {dropped[1]} after; late ticks: "
-          f"{health_before.get('late_ticks')} before, {health_after.get('late_ticks')} after; "
+          f"{health_before.get('late_ticks')} before, {health_after.get('late_ticks')} after "
+          f"(max lateness {health_after.get('max_tick_lateness_ms')} ms); "
           f"ffmpeg restarts: {health_before.get('ffmpeg_restarts')} -> {health_after.get('ffmpeg_restarts')}")
     if dropped[0] != dropped[1]:
         failures.append(f"dropped ticks went from {dropped[0]} to {dropped[1]}")
