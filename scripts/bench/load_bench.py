@@ -10,7 +10,8 @@ only, each thread a bounded loop), then every accepted task is cancelled so the 
 prints latencies (median/p95/max ms) and counts by status, and checks:
 
 * every answer is 202 or 429 (no 5xx, no connection error);
-* the server process's RSS (``VmRSS`` in ``/proc/<pid>/status``) grew by at most ``--max-rss-growth-mb``;
+* the server process's RSS (``VmRSS`` in ``/proc/<pid>/status``) grew by at most ``--max-rss-growth-mb``
+  (measured after a warm-up burst of one upload per client, so first-use allocations do not count);
 * ``/health`` reports the same number of dropped ticks before and after.
 
 Without ``--url`` the bench starts its own ``infer_serv.py`` (parametric engine, default
@@ -111,6 +112,30 @@ def post_loop(url: str, body: bytes, headers: dict, count: int, out: list[Answer
             out.append(answer)
 
 
+def burst(base: str, body: bytes, headers: dict, per_client: list[int]) -> tuple[list[Answer], float]:
+    """Run one thread per client, each POSTing its count in a row; returns the answers and the wall time (s)."""
+    answers: list[Answer] = []
+    lock = threading.Lock()
+    threads = [threading.Thread(target=post_loop, args=(base, body, headers, n, answers, lock), daemon=True)
+               for n in per_client if n]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HTTP_TIMEOUT_S * max(per_client) + 10)
+    return answers, time.monotonic() - t0
+
+
+def cancel_and_drain(base: str, answers: list[Answer]) -> list[str]:
+    """DELETE every accepted task, wait until the stream is idle again; returns the cancelled task ids."""
+    accepted = [a.task_id for a in answers if a.status == 202 and a.task_id]
+    for task_id in accepted:
+        http("DELETE", f"{base}/tasks/{task_id}")
+    wait_drained(base, 60)
+    time.sleep(2.0)  # let freed memory settle before reading RSS
+    return accepted
+
+
 def wait_ready(base: str, server: subprocess.Popen | None, timeout_s: float) -> bool:
     """Wait until ``/health`` is 200 with the engine ready."""
     deadline = time.monotonic() + timeout_s
@@ -198,26 +223,16 @@ def main() -> int:
         if not wait_ready(base, server, 300):
             print(f"server at {base} did not become ready (log: .cache/load_bench_server.log)", file=sys.stderr)
             return 1
-        time.sleep(2.0)  # let start-up allocations settle before the RSS baseline
+        body, headers = multipart(args.audio.read_bytes(), args.audio.name)
+        rss_start = rss_kb(pid) if pid else None
+        # Warm-up: one upload per client at once (first decodes, per-thread malloc arenas), then drain.
+        warmup, _ = burst(base, body, headers, [1] * args.clients)
+        cancel_and_drain(base, warmup)
         _, health_before = http("GET", base + "/health")
         rss_before = rss_kb(pid) if pid else None
-        body, headers = multipart(args.audio.read_bytes(), args.audio.name)
-        answers: list[Answer] = []
-        lock = threading.Lock()
         per_client = [args.requests // args.clients + (i < args.requests % args.clients) for i in range(args.clients)]
-        threads = [threading.Thread(target=post_loop, args=(base, body, headers, n, answers, lock), daemon=True)
-                   for n in per_client if n]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(HTTP_TIMEOUT_S * max(per_client) + 10)
-        wall_s = time.monotonic() - t0
-        accepted = [a.task_id for a in answers if a.status == 202 and a.task_id]
-        for task_id in accepted:
-            http("DELETE", f"{base}/tasks/{task_id}")
-        wait_drained(base, 60)
-        time.sleep(2.0)
+        answers, wall_s = burst(base, body, headers, per_client)
+        accepted = cancel_and_drain(base, answers)
         rss_after = rss_kb(pid) if pid else None
         _, health_after = http("GET", base + "/health")
     finally:
@@ -239,8 +254,9 @@ def main() -> int:
         failures.append(f"{len(odd)} answers not 202/429, e.g. {odd[:3]}")
     if rss_before is not None and rss_after is not None:
         growth_mb = (rss_after - rss_before) / 1024
-        print(f"server RSS: {rss_before / 1024:.1f} MB before, {rss_after / 1024:.1f} MB after "
-              f"(+{growth_mb:.1f} MB; bound {args.max_rss_growth_mb:g} MB)")
+        print(f"server RSS: {rss_start / 1024:.1f} MB at start, {rss_before / 1024:.1f} MB after a warm-up burst "
+              f"of {args.clients}, {rss_after / 1024:.1f} MB after the load (+{growth_mb:.1f} MB; "
+              f"bound {args.max_rss_growth_mb:g} MB)")
         if growth_mb > args.max_rss_growth_mb:
             failures.append(f"RSS grew by {growth_mb:.1f} MB")
     else:
