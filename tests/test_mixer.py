@@ -176,3 +176,17 @@ def test_playlist_is_bounded():
     assert mixer.enqueue(FakeProgram("a", 5, ready=False))
     assert mixer.enqueue(FakeProgram("b", 5))
     assert not mixer.enqueue(FakeProgram("c", 5))
+
+
+def test_finished_tasks_release_their_audio():
+    from latentsync.serving.tasks import SpeechProgram, Task, TaskAudio, TaskState
+
+    audio = TaskAudio(np.ones(10 * N, np.int16), np.zeros(16000, np.float32), 48000)
+    task = Task(task_id="t", audio=audio, num_frames=10, num_chunks=1)
+    program = SpeechProgram(task, avatar=None, fps=25)
+    assert program.audio(0, 4).tolist() == [1, 1, 1, 1]
+    program.on_air("done", 10)
+    assert task.state is TaskState.done
+    program.on_air("off_air", 15)  # the fade back to idle is over
+    assert task.audio is None and task.to_json()["audio_duration_s"] == 0.4
+    assert program.audio(0, 4).tolist() == [0, 0, 0, 0]

@@ -80,7 +80,7 @@ class Task:
     """
 
     task_id: str
-    audio: TaskAudio
+    audio: TaskAudio | None
     num_frames: int
     num_chunks: int
     tail_frames: int = 0
@@ -98,13 +98,22 @@ class Task:
     finished_at: float | None = None
     cancel_requested_tick: int | None = None
     off_air_tick: int | None = None
+    audio_duration_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.audio is not None:
+            self.audio_duration_s = self.audio.duration_s
+
+    def release_audio(self) -> None:
+        """Drop the decoded audio once it can no longer play (finished tasks stay listed, cheaply)."""
+        self.audio = None
 
     def to_json(self) -> dict:
         """The ``GET /tasks/<id>`` body."""
         return {
             "task_id": self.task_id,
             "status": self.state.value,
-            "audio_duration_s": round(self.audio.duration_s, 3),
+            "audio_duration_s": round(self.audio_duration_s, 3),
             "frames_total": self.num_frames,
             "frames_streamed": self.frames_streamed,
             "chunks_total": self.num_chunks,
@@ -255,8 +264,10 @@ class SpeechProgram:
     def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
         """``(num_samples,) int16`` of the task's speech from ``start_sample``; zeros past the end."""
         out = np.zeros(num_samples, dtype=np.int16)
-        part = self.task.audio.stream[start_sample : start_sample + num_samples]
-        out[: part.shape[0]] = part
+        audio = self.task.audio
+        if audio is not None:
+            part = audio.stream[start_sample : start_sample + num_samples]
+            out[: part.shape[0]] = part
         return out
 
     def is_cancelled(self) -> bool:
@@ -291,6 +302,7 @@ class SpeechProgram:
                 task.off_air_tick = self._tick_counter()
             with self._lock:  # the fade is over: nothing more will be played
                 self._chunks.clear()
+            task.release_audio()
 
 
 class TaskProcessor:
@@ -345,6 +357,7 @@ class TaskProcessor:
         if task.state is not TaskState.streaming:
             task.state = TaskState.failed
             task.finished_at = time.time()
+            task.release_audio()  # never reached the air: nothing will play it
         else:  # on air: it ends where the frames run out; mark failed now so the API tells the truth
             task.state = TaskState.failed
         logger.warning("task %s failed: %s", task.task_id, reason, extra={"task_id": task.task_id})
@@ -395,8 +408,11 @@ class TaskProcessor:
             box["error"] = reason
             done.set()
 
+        audio = self.task.audio
+        if audio is None:  # cancelled before it got here
+            return None
         label = f"features of task {self.task.task_id}"
-        self._pool.submit_features(self.task.audio.engine_16k, self._deadline_s, ok, err, label)
+        self._pool.submit_features(audio.engine_16k, self._deadline_s, ok, err, label)
         while not done.wait(0.2):
             if self._stop.is_set():
                 return None
@@ -536,10 +552,13 @@ class TaskManager:
         if task.state in FINAL_STATES:
             return task
         task.cancel_requested_tick = self._tick_counter()
+        on_air = task.state is TaskState.streaming
         self._interrupt(task_id)  # on air: fades out within crossfade_frames; queued: leaves the playlist
         processor.stop()
         task.state = TaskState.cancelled
         task.finished_at = time.time()
+        if not on_air:
+            task.release_audio()  # on air, the fade-out still plays it; "off_air" releases it then
         return task
 
     def close(self, timeout_s: float = 3.0) -> None:
@@ -552,6 +571,7 @@ class TaskManager:
                 processor.stop()
                 task.state = TaskState.cancelled
                 task.error = task.error or "server shutting down"
+            task.release_audio()
         deadline = time.monotonic() + timeout_s
         for _, processor in entries:
             processor.join(max(0.0, deadline - time.monotonic()))
