@@ -72,7 +72,7 @@ class OnsetListener:
         cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer",
                "-flags", "low_delay", "-analyzeduration", "0", "-probesize", "32768", "-i", url, "-map", "0:a:0",
                "-ac", "1", "-ar", str(CLIENT_RATE), "-flush_packets", "1", "-f", "s16le", "pipe:1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.loud_times: list[float] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -162,6 +162,9 @@ def main() -> int:
             while task.get("status") not in ("done", "failed", "cancelled"):
                 time.sleep(0.1)
                 task = http("GET", base + accepted["status_url"])[1]
+            if heard is None:
+                reason = listener.proc.stderr.read().decode(errors="replace") if listener.proc.poll() is not None else ""
+                print(f"post {len(a) + 1}: the RTMP client heard no speech within 30 s {reason}", file=sys.stderr)
             a.append(t_accept - t0)
             b.append(task["first_frame_on_air_at"] - t0)
             c.append((heard - onset - t0) if heard else float("nan"))
