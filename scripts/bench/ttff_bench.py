@@ -163,7 +163,8 @@ def main() -> int:
                 time.sleep(0.1)
                 task = http("GET", base + accepted["status_url"])[1]
             if heard is None:
-                reason = listener.proc.stderr.read().decode(errors="replace") if listener.proc.poll() is not None else ""
+                dead = listener.proc.poll() is not None
+                reason = listener.proc.stderr.read().decode(errors="replace") if dead else ""
                 print(f"post {len(a) + 1}: the RTMP client heard no speech within 30 s {reason}", file=sys.stderr)
             a.append(t_accept - t0)
             b.append(task["first_frame_on_air_at"] - t0)
