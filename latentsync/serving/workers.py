@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
 import threading
 import time
 import traceback
@@ -42,6 +43,9 @@ _WORKER_SLOT: dict[str, Any] = {}
 
 def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices) -> None:
     """Pool initializer: load the avatar and the engine once. Never raises (errors are kept)."""
+    # Ctrl-C in a terminal reaches the whole process group: the server owns shutdown, not its workers
+    # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with counter.get_lock():
             index = counter.value
