@@ -348,7 +348,11 @@ class FFmpegSink:
             os.mkfifo(fifo, 0o600)
         cmd = build_ffmpeg_command(self._settings, run.video_fifo, run.audio_fifo, run.index)
         run.started_at = time.monotonic()
-        run.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Own session: a terminal's Ctrl-C stops the server, which then flushes FFmpeg itself (EOF on
+        # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
+        run.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         self._starts += 1
         logger.info(
             "ffmpeg run %d started (pid %d) → %s, %dx%d@%d",
