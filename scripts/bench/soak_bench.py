@@ -22,23 +22,20 @@ Nothing is asserted: it prints a table (exit status 1 only if the server or the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -83,33 +80,10 @@ class Drift:
         return (self.audio_s - self.video_s) * 1000.0
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    """One request; returns ``(status, JSON body)`` for any HTTP status."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
-def multipart(content: bytes, filename: str) -> tuple[bytes, dict]:
-    """A multipart/form-data body with one ``audio_file`` part, and its headers."""
-    boundary = "----soak-bench"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode()
-        + content
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def snapshot(pid: int) -> ProcessSnapshot:

@@ -18,8 +18,6 @@ on this one machine (server, client and bench share the clock).
 from __future__ import annotations
 
 import argparse
-import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data"
@@ -39,30 +38,10 @@ BLOCK = CLIENT_RATE // 100  # 10 ms
 ONSET_RMS = 0.02  # a 10 ms block louder than this (full scale 1.0) is speech
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
-def multipart(content: bytes, filename: str) -> tuple[bytes, dict]:
-    boundary = "----ttff-bench"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
-        f"Content-Type: application/octet-stream\r\n\r\n".encode()
-        + content
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 class OnsetListener:

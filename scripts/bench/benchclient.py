@@ -1,0 +1,44 @@
+"""HTTP helpers shared by the benchmarks (stdlib only): free port, JSON requests, multipart uploads."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+
+HTTP_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+         timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, dict]:  # fmt: skip
+    """One request; returns ``(status, JSON body)`` for any HTTP status (non-JSON bodies wrapped)."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw or b"{}")
+        except ValueError:
+            return e.code, {"error": {"code": "non_json", "message": raw[:200].decode(errors="replace")}}
+
+
+def multipart(content: bytes, filename: str) -> tuple[bytes, dict]:
+    """A multipart/form-data body with one ``audio_file`` part, and its headers."""
+    boundary = "----latentsync-bench"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
+        f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
