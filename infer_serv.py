@@ -67,25 +67,43 @@ def main(argv: list[str] | None = None) -> int:
     http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
     http_thread.start()
     logger.info("API on http://%s:%d", config.server.host, config.server.port)
-    code = 0
+    failure: list[str] = []
+
+    def start() -> None:
+        # In a thread, so SIGTERM during a long first start (avatar preparation, model loading)
+        # still stops the server within 10 s.
+        try:
+            runtime.start()
+        except (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError) as exc:
+            failure.append(str(exc))
+            stop.set()
+            return
+        except Exception as exc:  # unexpected: keep the traceback
+            logger.exception("start failed")
+            failure.append(f"{type(exc).__name__}: {exc}")
+            stop.set()
+            return
+        if not stop.is_set():
+            logger.info(
+                "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
+                redact_rtmp_url(config.stream.rtmp_url), config.server.host, config.server.port,
+            )
+            sd_notify("READY=1")
+
+    starter = threading.Thread(target=start, name="runtime-start", daemon=True)
+    starter.start()
     try:
-        runtime.start()
-        logger.info(
-            "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
-            redact_rtmp_url(config.stream.rtmp_url), config.server.host, config.server.port,
-        )
-        sd_notify("READY=1")
         while not stop.wait(0.5):
             pass
-    except (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError) as exc:
-        logger.error("cannot start: %s", exc)
-        code = 1
     finally:
         sd_notify("STOPPING=1")
         server.shutdown()
         http_thread.join(2.0)
         runtime.stop()
-    return code
+    if failure:
+        logger.error("cannot start: %s", failure[0])
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

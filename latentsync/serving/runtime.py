@@ -110,7 +110,8 @@ class Runtime:
                 return
             self._started = True
         self._start_stream()
-        self._start_engine()
+        if not self._stopped:
+            self._start_engine()
 
     def _start_stream(self) -> None:
         cfg = self.config
@@ -145,6 +146,10 @@ class Runtime:
             logger.warning("ffmpeg not accepting after %.0f s; the clock starts anyway", SINK_START_TIMEOUT_S)
         self._controller.start()
         self._watchdog.start()
+        if self._stopped:  # stop() ran while this was being built: undo what it could not see
+            self._watchdog.close()
+            self._controller.close()
+            self._sink.close()
 
     def _clock_alive(self) -> bool:
         c = self._controller.stats() if self._controller is not None else None
@@ -178,6 +183,9 @@ class Runtime:
                           on_chunk_done=self.metrics.observe_chunk)  # fmt: skip
         self._pool = pool
         pool.start()
+        if self._stopped:  # stop() ran while the workers were loading: it may have missed them
+            pool.close()
+            return
         logger.info("%d %s engine worker(s) ready (%.1f s)", workers, engine.name.value, time.monotonic() - t)
         mixer = self._mixer
         assert mixer is not None
