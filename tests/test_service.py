@@ -261,3 +261,19 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
     assert not [p for p in children if alive(p)]
     assert list((tmp_path / "tmp").iterdir()) == []
     assert "runtime stopped" in (tmp_path / "gunicorn.log").read_text()
+
+
+def test_sigterm_during_a_long_first_start_still_exits_within_10_s(rtmp_server, tmp_path):
+    # A fresh avatar cache: face preparation of the 10 s base video takes far longer than the stop budget.
+    server = ServerProcess(
+        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}",
+         f"avatar.video={shared_file('video/10s_girl_0729_00_formal.mp4')}",
+         f"avatar.cache_dir={tmp_path / 'avatars'}", f"stream.rtmp_url={rtmp_server.url('slowstart')}"],
+        tmp_path / "server.log",
+    ).start()
+    server.wait_healthy()  # streaming the idle loop while the avatar is still being prepared
+    assert not server.health()[1]["engine_ready"]
+    status, body = Api(server.port).post_audio(shared_file(SPEECH).read_bytes())
+    assert status == 503 and body["error"]["code"] == "starting"
+    code, took_s = server.stop(timeout_s=10.0)
+    assert code == 0 and took_s < 10.0, (code, took_s, server.log())
