@@ -104,13 +104,15 @@ class EngineConfig:
 
     ``workers`` None: one worker process per GPU, or 1 on CPU. ``device`` None: ``cuda`` when a
     GPU is visible, else ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds
-    is retried once on a fresh worker, then its task fails.
+    is retried once on a fresh worker, then its task fails. ``max_batch_chunks``: queued chunks a
+    free worker generates in one model batch (a task's first chunk always runs alone).
     """
 
     name: EngineName = EngineName.parametric
     workers: int | None = None
     device: str | None = None
     chunk_deadline_s: float = 60.0
+    max_batch_chunks: int = 4
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
 
 
@@ -237,6 +239,7 @@ def validate(config: AppConfig) -> None:
     _check(e.device is None or e.device == "cpu" or e.device.startswith("cuda"), "engine.device", e.device,
            "cpu, cuda, cuda:N or null")
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
+    _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
     _check(1 <= e.latentsync.inference_steps <= 1000, "engine.latentsync.inference_steps",
            e.latentsync.inference_steps, "1..1000")
     _check(0.0 <= e.latentsync.guidance_scale <= 20.0, "engine.latentsync.guidance_scale",

@@ -128,6 +128,24 @@ def test_same_seed_same_output_other_seed_differs(engine, speech_features):
     np.testing.assert_array_equal(default, engine.generate(chunk(speech_features, seed=1247)).faces)
 
 
+def test_batched_chunks_equal_chunks_generated_alone(engine, speech_features):
+    # Two tasks (different seeds, frames and audio) and a different guidance in one call: batched by
+    # (steps, guidance), each result as if generated alone.
+    requests = [
+        chunk(speech_features, 0, seed=1),
+        chunk(speech_features, 1, seed=2),
+        chunk(speech_features, 2, seed=3, guidance_scale=1.5),
+    ]
+    batched = engine.generate_batch(requests)
+    assert [r.chunk_index for r in batched] == [0, 1, 2]
+    assert [r.timings_s["batch"] for r in batched] == [2.0, 2.0, 1.0]
+    for request, result in zip(requests, batched, strict=True):
+        alone = engine.generate(request)
+        np.testing.assert_array_equal(result.frame_indices, alone.frame_indices)
+        diff = np.abs(result.faces.astype(int) - alone.faces.astype(int))
+        assert diff.max() <= 1, diff.max()  # float rounding of a bigger batch, at most one grey level
+
+
 def test_classifier_free_guidance_runs(engine, speech_features):
     plain = engine.generate(chunk(speech_features, seed=3)).faces
     guided = engine.generate(chunk(speech_features, seed=3, guidance_scale=1.5))

@@ -112,6 +112,10 @@ class Engine(Protocol):
         """Generate the faces of one chunk."""
         ...
 
+    def generate_batch(self, requests: list[ChunkRequest]) -> list[ChunkResult]:
+        """Generate several queued chunks at once (one model batch where the engine can); in order."""
+        ...
+
     def close(self) -> None:
         """Release resources."""
         ...

@@ -420,41 +420,64 @@ class LatentSyncEngine:
             ValueError: If a frame index is outside the avatar, or the features or settings do not fit.
 
         """
-        from latentsync.pipelines import initial_noise
+        return self.generate_batch([request])[0]
+
+    def generate_batch(self, requests: list[ChunkRequest]) -> list[ChunkResult]:
+        """Generate several chunks (of any tasks) with one U-Net batch per DDIM step.
+
+        Chunks that share the number of steps and the guidance scale run together
+        (:meth:`LipsyncPipeline.generate_batch`); each keeps its task's seed, so every result equals
+        :meth:`generate` of that chunk alone.
+
+        Args:
+            requests: The chunks, as for :meth:`generate`.
+
+        Returns:
+            One :class:`ChunkResult` per request, in order; ``generate_s`` is the whole batch's time.
+
+        Raises:
+            RuntimeError: If :meth:`load` was not called.
+            ValueError: As :meth:`generate`.
+
+        """
+        from latentsync.pipelines import LipsyncChunk, initial_noise
 
         self._require_loaded("generate")
         t0 = time.perf_counter()
-        idx = np.asarray(request.frame_indices, np.int64)
+        prepared = []
         n_avatar = len(self.avatar.faces)
-        if idx.min() < 0 or idx.max() >= n_avatar:
-            raise ValueError(f"frame index out of range [0, {n_avatar}): {idx.tolist()}")
-        feats = request.features
-        if feats is None:
-            feats = self.features(request.audio)
-            if len(feats) == 0:
-                raise ValueError(f"chunk {request.task_id}/{request.chunk_index}: empty audio")
-            feats = feats[np.minimum(np.arange(len(idx)), len(feats) - 1)]
-        feats = np.asarray(feats, np.float32)
+        for request in requests:
+            idx = np.asarray(request.frame_indices, np.int64)
+            if idx.min() < 0 or idx.max() >= n_avatar:
+                raise ValueError(f"frame index out of range [0, {n_avatar}): {idx.tolist()}")
+            feats = request.features
+            if feats is None:
+                feats = self.features(request.audio)
+                if len(feats) == 0:
+                    raise ValueError(f"chunk {request.task_id}/{request.chunk_index}: empty audio")
+                feats = feats[np.minimum(np.arange(len(idx)), len(feats) - 1)]
+            seed = self.options.seed if request.seed is None else int(request.seed)
+            steps = int(request.num_inference_steps or self.options.inference_steps)
+            guidance = self.options.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
+            latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
+            chunk = LipsyncChunk(
+                faces=np.asarray(self.avatar.faces[idx]), reference_latents=latents[:, 0],
+                masked_latents=latents[:, 1], audio_features=np.asarray(feats, np.float32),
+                noise=initial_noise(seed, latents.shape[-2], latents.shape[-1], latents.shape[2]),
+            )  # fmt: skip
+            prepared.append((request, idx, chunk, (steps, guidance, len(idx))))
         t_features = time.perf_counter() - t0
-
-        seed = self.options.seed if request.seed is None else int(request.seed)
-        steps = request.num_inference_steps or self.options.inference_steps
-        guidance = self.options.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
-        latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
-        height, width = latents.shape[-2:]
-        output = self._pipeline(
-            faces=np.asarray(self.avatar.faces[idx]),
-            reference_latents=latents[:, 0],
-            masked_latents=latents[:, 1],
-            keep_mask=self._keep_mask,
-            audio_features=feats,
-            noise=initial_noise(seed, height, width, latents.shape[2]),
-            num_inference_steps=int(steps),
-            guidance_scale=guidance,
-        )
-        elapsed = time.perf_counter() - t0
-        timings = {"features": t_features, **output.timings_s}
-        return ChunkResult(request.task_id, request.chunk_index, idx, output.faces, elapsed, timings)
+        results: dict[int, ChunkResult] = {}
+        for key in dict.fromkeys(p[3] for p in prepared):  # groups in first-seen order
+            group = [(k, p) for k, p in enumerate(prepared) if p[3] == key]
+            outputs = self._pipeline.generate_batch(
+                [p[2] for _, p in group], self._keep_mask, num_inference_steps=key[0], guidance_scale=key[1]
+            )
+            elapsed = time.perf_counter() - t0
+            for (k, (request, idx, _, _)), output in zip(group, outputs, strict=True):
+                timings = {"features": t_features, **output.timings_s, "batch": float(len(group))}
+                results[k] = ChunkResult(request.task_id, request.chunk_index, idx, output.faces, elapsed, timings)
+        return [results[k] for k in range(len(requests))]
 
 
 def create(options: Mapping[str, Any] | None, avatar) -> LatentSyncEngine:

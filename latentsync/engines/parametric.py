@@ -402,6 +402,10 @@ class ParametricEngine:
         """
         return mouth_signal(audio_16k, self.avatar.fps, self.options)
 
+    def generate_batch(self, requests: list[ChunkRequest]) -> list[ChunkResult]:
+        """Render several chunks, one after the other (faces are independent: nothing to batch)."""
+        return [self.generate(request) for request in requests]
+
     def generate(self, request: ChunkRequest) -> ChunkResult:
         """Render the chunk's faces.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,25 @@ def _as_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def _shape(array: np.ndarray | torch.Tensor | None) -> tuple[int, ...] | None:
     return None if array is None else tuple(array.shape)
+
+
+@dataclass(frozen=True)
+class LipsyncChunk:
+    """The per-chunk inputs of :meth:`LipsyncPipeline.generate_batch` (see :meth:`LipsyncPipeline.__call__`).
+
+    Attributes:
+        faces: ``(F, H, W, 3) uint8`` RGB aligned faces.
+        reference_latents: ``(F, 4, H / 8, W / 8)`` reference latents.
+        masked_latents: ``(F, 4, H / 8, W / 8)`` masked-image latents.
+        audio_features: ``(F, 50, 384)`` Whisper features.
+        noise: ``(1, 4, 1, H / 8, W / 8)`` the task's initial noise.
+    """
+
+    faces: np.ndarray | torch.Tensor
+    reference_latents: np.ndarray | torch.Tensor
+    masked_latents: np.ndarray | torch.Tensor
+    audio_features: np.ndarray | torch.Tensor
+    noise: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -304,38 +324,75 @@ class LipsyncPipeline:
             ValueError: From :meth:`check_inputs`.
 
         """
-        self.check_inputs(
-            faces, reference_latents, masked_latents, keep_mask, audio_features, noise,
-            num_inference_steps, guidance_scale,
-        )  # fmt: skip
+        chunk = LipsyncChunk(faces, reference_latents, masked_latents, audio_features, noise)
+        return self.generate_batch([chunk], keep_mask, num_inference_steps, guidance_scale)[0]
+
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        chunks: Sequence[LipsyncChunk],
+        keep_mask: np.ndarray | torch.Tensor,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+    ) -> list[LipsyncOutput]:
+        """Generate several chunks (of any tasks) in one U-Net batch per DDIM step.
+
+        Each chunk is one sample of the batch: its GroupNorm statistics span only its own frames and
+        it keeps its own initial noise, so every output equals what :meth:`__call__` gives for that
+        chunk alone (up to float rounding). All chunks share the steps and the guidance scale.
+
+        Args:
+            chunks: The chunks; each field as in :meth:`__call__`, all with the same frame count and size.
+            keep_mask: ``(H, W)`` float keep-mask, 1 = keep the face's pixel, 0 = generated.
+            num_inference_steps: DDIM steps, eta 0.
+            guidance_scale: Classifier-free guidance scale (1.0: conditional branch only).
+
+        Returns:
+            One :class:`LipsyncOutput` per chunk, in order; the stage timings are the batch's.
+
+        Raises:
+            ValueError: From :meth:`check_inputs`, or when the chunks differ in frame count or size.
+
+        """
+        if not chunks:
+            return []
+        for c in chunks:
+            self.check_inputs(
+                c.faces, c.reference_latents, c.masked_latents, keep_mask, c.audio_features, c.noise,
+                num_inference_steps, guidance_scale,
+            )  # fmt: skip
+        shapes = {_shape(c.faces) for c in chunks}
+        if len(shapes) != 1:
+            raise ValueError(f"chunks of one batch must have the same faces shape, got {sorted(shapes)}")
         timings: dict[str, float] = {}
         device, dtype = self.device, self.dtype
         do_cfg = guidance_scale > 1.0
         t0 = time.perf_counter()
 
-        frames, height, width = _shape(faces)[:3]
+        frames, height, width = _shape(chunks[0].faces)[:3]
+        n = len(chunks)
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        faces_t = _as_tensor(faces).to(device, non_blocking=True)
+        faces_t = torch.cat([_as_tensor(c.faces) for c in chunks]).to(device, non_blocking=True)  # (N*F, H, W, 3)
         mask_t = _as_tensor(keep_mask).to(device, torch.float32)
         mask_latent = F.interpolate(mask_t[None, None], size=latent_hw, mode="nearest")  # (1, 1, h, w)
 
-        def video(x: np.ndarray | torch.Tensor) -> torch.Tensor:  # (F, C, h, w) -> (1, C, F, h, w)
-            return _as_tensor(x).to(device, dtype, non_blocking=True).transpose(0, 1)[None]
+        def video(xs) -> torch.Tensor:  # N x (F, C, h, w) -> (N, C, F, h, w)
+            return torch.stack([_as_tensor(x).to(device, dtype, non_blocking=True).transpose(0, 1) for x in xs])
 
         cond = torch.cat(
             [
-                mask_latent.to(dtype)[:, :, None].expand(1, 1, frames, *latent_hw),
-                video(masked_latents),
-                video(reference_latents),
+                mask_latent.to(dtype)[:, :, None].expand(n, 1, frames, *latent_hw),
+                video([c.masked_latents for c in chunks]),
+                video([c.reference_latents for c in chunks]),
             ],
             dim=1,
-        )  # (1, 9, F, h, w)
-        audio = _as_tensor(audio_features).to(device, dtype, non_blocking=True)[None]  # (1, F, S, D)
+        )  # (N, 9, F, h, w)
+        audio = torch.stack([_as_tensor(c.audio_features).to(device, dtype, non_blocking=True) for c in chunks])
         if do_cfg:
             cond = torch.cat([cond, cond])
             audio = torch.cat([torch.zeros_like(audio), audio])  # unconditional first
-        batch = cond.shape[0]
-        latents = noise.to(device, torch.float32).repeat(1, 1, frames, 1, 1) * self.scheduler.init_noise_sigma
+        noise = torch.cat([c.noise.to(device, torch.float32) for c in chunks])  # (N, 4, 1, h, w)
+        latents = noise.repeat(1, 1, frames, 1, 1) * self.scheduler.init_noise_sigma
         self.scheduler.set_timesteps(int(num_inference_steps))
         timesteps_cpu = self.scheduler.timesteps  # indexes the scheduler's CPU tables: no device sync
         timesteps_dev = timesteps_cpu.to(device)
@@ -344,7 +401,10 @@ class LipsyncPipeline:
         timings["inputs"] = t1 - t0
 
         for i, t in enumerate(timesteps_cpu):
-            model_input = torch.cat([latents.to(dtype).expand(batch, -1, -1, -1, -1), cond], dim=1)
+            model_latents = latents.to(dtype)
+            if do_cfg:
+                model_latents = torch.cat([model_latents, model_latents])
+            model_input = torch.cat([model_latents, cond], dim=1)
             noise_pred = self._unet_forward(model_input, timesteps_dev[i], audio).float()
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
@@ -354,7 +414,7 @@ class LipsyncPipeline:
         t2 = time.perf_counter()
         timings["unet"] = t2 - t1
 
-        flat = (latents[0].transpose(0, 1) / VAE_SCALING_FACTOR).to(self.vae.dtype)  # (F, 4, h, w)
+        flat = (latents.transpose(1, 2).flatten(0, 1) / VAE_SCALING_FACTOR).to(self.vae.dtype)  # (N*F, 4, h, w)
         decoded = self._vae_decode(flat.contiguous(memory_format=self._memory_format())).sample
         self._sync()
         t3 = time.perf_counter()
@@ -363,6 +423,6 @@ class LipsyncPipeline:
         pixels = ((torch.nan_to_num(decoded.float()) + 1.0) * (_PIXEL_MAX / 2)).clamp(0.0, _PIXEL_MAX)
         keep = mask_t[..., None]  # (H, W, 1)
         out = pixels.permute(0, 2, 3, 1) * (1.0 - keep) + faces_t.float() * keep
-        result = out.round_().to(torch.uint8).cpu().numpy()
+        result = out.round_().to(torch.uint8).cpu().numpy().reshape(n, frames, height, width, 3)
         timings["compose"] = time.perf_counter() - t3
-        return LipsyncOutput(result, timings)
+        return [LipsyncOutput(result[k], dict(timings)) for k in range(n)]

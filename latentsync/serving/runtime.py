@@ -180,7 +180,7 @@ class Runtime:
             }  # fmt: skip
         t = time.monotonic()
         pool = WorkerPool(engine.name.value, options, avatar.path, workers, devices=devices,
-                          on_chunk_done=self.metrics.observe_chunk)  # fmt: skip
+                          on_chunk_done=self.metrics.observe_chunk, max_batch=engine.max_batch_chunks)  # fmt: skip
         self._pool = pool
         pool.start()
         if self._stopped:  # stop() ran while the workers were loading: it may have missed them

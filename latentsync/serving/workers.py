@@ -82,6 +82,10 @@ def _worker_generate(request: ChunkRequest) -> ChunkResult:
     return _engine().generate(request)
 
 
+def _worker_generate_batch(requests: list[ChunkRequest]) -> list[ChunkResult]:
+    return _engine().generate_batch(requests)
+
+
 # --------------------------------------------------------------------------- server side
 class WorkerPoolError(RuntimeError):
     """The workers could not start (the message carries the worker's own error)."""
@@ -102,7 +106,6 @@ class _Job:
     label: str
     attempts: int = 0
     submitted_at: float = 0.0
-    generation: int = -1
     finished: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,6 +122,7 @@ class PoolStats:
         retried: Jobs resubmitted after a failure.
         failed: Jobs that failed for good.
         completed: Jobs finished successfully.
+        dispatches: Calls sent to workers (a batch of chunks is one call).
     """
 
     workers: int
@@ -128,6 +132,7 @@ class PoolStats:
     retried: int
     failed: int
     completed: int
+    dispatches: int
 
 
 class WorkerPool:
@@ -143,6 +148,9 @@ class WorkerPool:
         start_timeout_s: Seconds the workers get to load their engine.
         on_chunk_done: Called with ``(frames, seconds from dispatch to result)`` for every chunk that
             comes back (metrics).
+        max_batch: Queued chunks a free worker takes at once (one model batch, see
+            :meth:`Engine.generate_batch`). A task's first chunk always goes alone, so batching never
+            delays a task's first frame.
     """
 
     def __init__(
@@ -154,6 +162,7 @@ class WorkerPool:
         devices: list[str] | None = None,
         start_timeout_s: float = 600.0,
         on_chunk_done: Callable[[int, float], None] | None = None,
+        max_batch: int = 1,
     ):
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
@@ -162,12 +171,12 @@ class WorkerPool:
         self._devices = list(devices or [])
         self._start_timeout_s = start_timeout_s
         self._on_chunk_done = on_chunk_done
+        self._max_batch = max(1, int(max_batch))
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._pool: multiprocessing.pool.Pool | None = None
         self._pool_pids: list[int] = []
-        self._generation = 0
-        self._jobs: dict[int, _Job] = {}  # running in the pool (at most one per worker)
+        self._running: dict[int, list[_Job]] = {}  # dispatch id -> jobs sent together (one worker each)
         self._queue: collections.deque[_Job] = collections.deque()  # waiting for a worker
         self._keys = itertools.count()
         self._stop = threading.Event()
@@ -176,6 +185,7 @@ class WorkerPool:
         self._retried = 0
         self._failed = 0
         self._completed = 0
+        self._dispatches = 0
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -200,8 +210,8 @@ class WorkerPool:
             self._monitor.join(2.0)
         with self._lock:
             pool, self._pool = self._pool, None
-            jobs = list(self._jobs.values()) + list(self._queue)
-            self._jobs.clear()
+            jobs = [j for batch in self._running.values() for j in batch] + list(self._queue)
+            self._running.clear()
             self._queue.clear()
         for job in jobs:
             self._finish_error(job, "server shutting down")
@@ -211,9 +221,10 @@ class WorkerPool:
     def stats(self) -> PoolStats:
         """Return a snapshot of the counters."""
         with self._lock:
+            in_flight = sum(len(batch) for batch in self._running.values())
             return PoolStats(
-                self._workers, len(self._jobs), len(self._queue), self._rebuilds, self._retried, self._failed,
-                self._completed,
+                self._workers, in_flight, len(self._queue), self._rebuilds, self._retried, self._failed,
+                self._completed, self._dispatches,
             )
 
     def worker_pids(self) -> list[int]:
@@ -263,44 +274,72 @@ class WorkerPool:
 
     def _dispatch_waiting(self) -> None:
         """Hand queued jobs to the pool while a worker is free (lock held)."""
-        while self._queue and len(self._jobs) < self._workers and self._pool is not None:
-            job = self._queue.popleft()
-            self._jobs[job.key] = job
-            self._dispatch(job)
+        while self._queue and len(self._running) < self._workers and self._pool is not None:
+            jobs = self._take_batch()
+            dispatch_id = next(self._keys)
+            self._running[dispatch_id] = jobs
+            self._dispatch(dispatch_id, jobs)
 
-    def _dispatch(self, job: _Job) -> None:
-        """Send a job to the current pool (lock held)."""
+    def _take_batch(self) -> list[_Job]:
+        """The queue's head job, plus the chunk jobs right behind it up to ``max_batch`` (lock held).
+
+        A task's first chunk (chunk index 0) is never batched, in either direction: batching would
+        hold its faces back until the whole batch is done.
+        """
+        batch = [self._queue.popleft()]
+
+        def batchable(job: _Job) -> bool:
+            return job.func is _worker_generate and job.args[0].chunk_index != 0
+
+        if batchable(batch[0]):
+            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0]):
+                batch.append(self._queue.popleft())
+        return batch
+
+    def _dispatch(self, dispatch_id: int, jobs: list[_Job]) -> None:
+        """Send jobs to the current pool as one call (lock held)."""
         assert self._pool is not None
-        job.attempts += 1
-        job.submitted_at = time.monotonic()
-        job.generation = generation = self._generation
+        self._dispatches += 1
+        now = time.monotonic()
+        for job in jobs:
+            job.attempts += 1
+            job.submitted_at = now
+        if len(jobs) == 1:
+            func, args = jobs[0].func, jobs[0].args
+            unpack = lambda result: [result]  # noqa: E731
+        else:
+            func, args = _worker_generate_batch, ([job.args[0] for job in jobs],)
+            unpack = list
         self._pool.apply_async(
-            job.func, job.args,
-            callback=lambda result: self._on_result(job, generation, result),
-            error_callback=lambda exc: self._on_exception(job, generation, exc),
+            func, args,
+            callback=lambda result: self._on_results(dispatch_id, unpack(result)),
+            error_callback=lambda exc: self._on_exception(dispatch_id, exc),
         )  # fmt: skip
 
-    def _on_result(self, job: _Job, generation: int, result: Any) -> None:
+    def _on_results(self, dispatch_id: int, results: list[Any]) -> None:
         with self._lock:
-            if generation != job.generation or self._jobs.pop(job.key, None) is None:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
                 return  # a stale answer from a replaced pool
-            self._completed += 1
+            self._completed += len(jobs)
             self._dispatch_waiting()
-        if self._on_chunk_done is not None and isinstance(result, ChunkResult):
-            self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
-        with job.lock:
-            if job.finished:
-                return
-            job.finished = True
-        job.on_done(result)
+        for job, result in zip(jobs, results, strict=True):
+            if self._on_chunk_done is not None and isinstance(result, ChunkResult):
+                self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
+            with job.lock:
+                if job.finished:
+                    continue
+                job.finished = True
+            job.on_done(result)
 
-    def _on_exception(self, job: _Job, generation: int, exc: BaseException) -> None:
+    def _on_exception(self, dispatch_id: int, exc: BaseException) -> None:
         with self._lock:
-            if generation != job.generation or self._jobs.pop(job.key, None) is None:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
                 return
             self._dispatch_waiting()
-        # The engine raised: deterministic, so no retry.
-        self._finish_error(job, f"{job.label} failed: {type(exc).__name__}: {exc}")
+        for job in jobs:  # the engine raised: deterministic, so no retry
+            self._finish_error(job, f"{job.label} failed: {type(exc).__name__}: {exc}")
 
     def _finish_error(self, job: _Job, reason: str) -> None:
         with job.lock:
@@ -320,7 +359,6 @@ class WorkerPool:
             initializer=_worker_init,
             initargs=(self._engine_name, self._engine_options, self._avatar_path, counter, self._devices),
         )
-        self._generation += 1
         self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
         return pool
 
@@ -371,7 +409,10 @@ class WorkerPool:
                 dead = [p for p in getattr(pool, "_pool", []) if p.exitcode is not None]
                 dead = dead or [pid for pid in self._pool_pids if not _pid_alive(pid)]
                 now = time.monotonic()
-                late = [j for j in self._jobs.values() if now - j.submitted_at > j.deadline_s]
+                late = [
+                    jobs[0] for jobs in self._running.values()
+                    if now - jobs[0].submitted_at > jobs[0].deadline_s * len(jobs)  # a batch gets n deadlines
+                ]  # fmt: skip
                 if not dead and not late:
                     continue
                 reason = "a worker died" if dead else f"{late[0].label} missed its {late[0].deadline_s:.1f} s deadline"
@@ -380,13 +421,13 @@ class WorkerPool:
     def _rebuild(self, reason: str) -> None:
         """Replace the pool; running jobs go back to the head of the queue, or fail on their 2nd try (lock held)."""
         self._rebuilds += 1
-        logger.warning("rebuilding the worker pool: %s (%d jobs in flight)", reason, len(self._jobs))
+        running = sorted((j for batch in self._running.values() for j in batch), key=lambda j: j.key, reverse=True)
+        self._running.clear()
+        logger.warning("rebuilding the worker pool: %s (%d jobs in flight)", reason, len(running))
         old = self._pool
         assert old is not None
         threading.Thread(target=self._terminate, args=(old,), name="worker-pool-terminate", daemon=True).start()
         self._pool = self._new_pool()
-        running = sorted(self._jobs.values(), key=lambda j: j.key, reverse=True)
-        self._jobs.clear()
         for job in running:
             if job.attempts >= 2:
                 threading.Thread(

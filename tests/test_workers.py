@@ -1,0 +1,77 @@
+"""WorkerPool with real spawned workers (parametric engine): order, batching, a dead worker mid-batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.engines import ChunkRequest
+from latentsync.serving.workers import WorkerPool, WorkerPoolError
+from tests.streamtools import shared_file
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory) -> Avatar:
+    return Avatar.prepare(shared_file("video/nanmote002.mp4"), AvatarSettings(fps=25),
+                          cache_dir=tmp_path_factory.getbasetemp() / "avatars")
+
+
+@pytest.fixture
+def pool(avatar):
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4)
+    pool.start()
+    yield pool
+    pool.close()
+
+
+def request(k: int) -> ChunkRequest:
+    features = np.tile(np.array([[0.8, 0.0]], np.float32), (16, 1))
+    return ChunkRequest("task", k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
+
+
+def submit_all(pool: WorkerPool, n: int, deadline_s: float = 30.0) -> tuple[dict, threading.Event, list]:
+    results, errors, done = {}, [], threading.Event()
+
+    def ok(result):
+        results[result.chunk_index] = result
+        if len(results) == n:
+            done.set()
+
+    for k in range(n):
+        pool.submit_chunk(request(k), deadline_s, ok, errors.append)
+    return results, done, errors
+
+
+def test_queued_chunks_go_in_batches_but_first_chunks_alone(pool):
+    results, done, errors = submit_all(pool, 6)
+    assert done.wait(60), errors
+    assert sorted(results) == list(range(6)) and not errors
+    for k, result in results.items():
+        assert result.faces.shape == (16, 256, 256, 3)
+        np.testing.assert_array_equal(result.frame_indices, np.arange(16) + 16 * k)
+    stats = pool.stats()
+    # chunk 0 alone (it holds back a first frame), then 1-4 together, then 5: three calls for six chunks.
+    assert stats.dispatches == 3 and stats.completed == 6 and stats.rebuilds == 0
+
+
+def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool):
+    results, done, errors = submit_all(pool, 6)
+    time.sleep(0.05)
+    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    assert done.wait(90), errors
+    assert sorted(results) == list(range(6)) and not errors
+    stats = pool.stats()
+    assert stats.rebuilds >= 1 and stats.retried >= 1
+
+
+def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
+    broken = WorkerPool("parametric", {"no_such_option": 1}, avatar.path, workers=1, start_timeout_s=60)
+    with pytest.raises(WorkerPoolError, match="no_such_option"):
+        broken.start()
+    broken.close()
