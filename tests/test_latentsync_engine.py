@@ -128,6 +128,19 @@ def test_same_seed_same_output_other_seed_differs(engine, speech_features):
     np.testing.assert_array_equal(default, engine.generate(chunk(speech_features, seed=1247)).faces)
 
 
+def test_feature_ranges_equal_the_whole_clip_rows(engine):
+    audio = np.tile(speech_16k(), 6)[: 16000 * 40]  # 40 s: two Whisper windows
+    whole = engine.features(audio)
+    assert whole.shape == (1000, 50, 384)
+    for first, stop in ((0, 16), (736, 768), (740, 760)):  # start, across the window boundary
+        np.testing.assert_allclose(engine.features(audio, first, stop), whole[first:stop], atol=1e-5)
+    # Past the end, frames clamp the encoder positions (as the original): a range agrees with a longer range.
+    tail = engine.features(audio, 984, 1008)
+    assert tail.shape == (24, 50, 384)
+    np.testing.assert_allclose(tail, engine.features(audio, 0, 1008)[984:], atol=1e-5)
+    np.testing.assert_allclose(tail[:16], whole[984:], atol=1e-5)
+
+
 def test_batched_chunks_equal_chunks_generated_alone(engine, speech_features):
     # Two tasks (different seeds, frames and audio) and a different guidance in one call: batched by
     # (steps, guidance), each result as if generated alone.

@@ -59,6 +59,15 @@ def test_signal_shape_range_and_silence(speech):
     assert np.all(mouth_signal(np.zeros(8000, np.float32), FPS) == 0)
 
 
+def test_feature_ranges_equal_the_whole_clip_rows(avatar, speech):
+    engine = create_engine("parametric", None, avatar)
+    engine.load()
+    whole = engine.features(speech)
+    for first, stop in ((0, 16), (100, 148), (len(whole) - 8, len(whole) + 8)):
+        expected = whole[np.minimum(np.arange(first, stop), len(whole) - 1)]
+        np.testing.assert_array_equal(engine.features(speech, first, stop), expected)
+
+
 def test_engine_interface(avatar, speech):
     engine = create_engine("parametric", {"look_ahead_s": 0.04}, avatar)
     assert isinstance(engine, Engine)

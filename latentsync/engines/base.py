@@ -95,15 +95,23 @@ class Engine(Protocol):
         """Load models and per-avatar data."""
         ...
 
-    def features(self, audio_16k: np.ndarray) -> np.ndarray:
-        """Compute a task's per-frame audio features.
+    def features(self, audio_16k: np.ndarray, start_frame: int = 0, end_frame: int | None = None) -> np.ndarray:
+        """Compute a task's per-frame audio features, or only those of frames ``[start_frame, end_frame)``.
+
+        A range lets the server get a long task's first chunks going without analysing the whole
+        file first; rows of a range equal the same rows of the whole (the analysis still sees the
+        whole clip where it needs to, e.g. Whisper's log-mel normalisation).
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1].
+            start_frame: First output frame (>= 0).
+            end_frame: One past the last; None: ``ceil(N * fps / 16000)``. Frames past the audio's end
+                are padded the engine's way (parametric: the last row; latentsync: clamped Whisper
+                positions, as LatentSync 1.0 does).
 
         Returns:
             Array whose first axis is the output frame at the avatar's fps:
-            ``ceil(N * fps / 16000)`` rows.
+            ``end_frame - start_frame`` rows.
 
         """
         ...

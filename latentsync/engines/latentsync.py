@@ -367,17 +367,22 @@ class LatentSyncEngine:
         if not self.loaded:
             raise RuntimeError(f"LatentSyncEngine.{what}() before load()")
 
-    def features(self, audio_16k: np.ndarray) -> np.ndarray:
+    def features(self, audio_16k: np.ndarray, start_frame: int = 0, end_frame: int | None = None) -> np.ndarray:
         """Whisper-tiny features of a task, one ``(50, 384)`` row per output frame.
+
+        With a frame range only the 30 s windows those frames need go through the encoder (the
+        log-mel is still computed over the whole clip, so the rows equal the whole-clip rows).
 
         Frame ``i`` takes encoder positions ``int(i * 50 / fps) - 4 .. + 5`` clamped to the clip, so frames
         past the audio's end repeat its last positions (shared/docs/LATENTSYNC_1_0.md, "Audio features").
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1] (int16 is rescaled by 1/32768).
+            start_frame: First output frame.
+            end_frame: One past the last (None: ``ceil(N * fps / 16000)``).
 
         Returns:
-            ``(ceil(N * fps / 16000), 50, 384) float32`` (rows, 10 positions x 5 layers, width).
+            ``(end_frame - start_frame, 50, 384) float32`` (rows, 10 positions x 5 layers, width).
 
         Raises:
             RuntimeError: If :meth:`load` was not called.
@@ -390,13 +395,14 @@ class LatentSyncEngine:
             raise ValueError(f"audio_16k must be a 1-D mono waveform, got shape {audio.shape}")
         audio = audio.astype(np.float32) / 32768.0 if audio.dtype == np.int16 else audio.astype(np.float32)
         n_frames = num_output_frames(len(audio), self.avatar.fps)
+        end = n_frames if end_frame is None else int(end_frame)
         dims = self._whisper.encoder.dims
-        if n_frames == 0:
-            return np.zeros((0, 10 * (dims.n_audio_layer + 1), dims.n_audio_state), np.float32)
+        if n_frames == 0 or end <= start_frame:
+            return np.zeros((max(end - start_frame, 0), 10 * (dims.n_audio_layer + 1), dims.n_audio_state), np.float32)
         if len(audio) < MIN_FEATURE_SAMPLES:
             audio = np.pad(audio, (0, MIN_FEATURE_SAMPLES - len(audio)))
         clip = self._whisper.prepare(audio, fps=self.avatar.fps)
-        return clip.frames(0, n_frames).float().cpu().numpy()
+        return clip.frames(int(start_frame), end).float().cpu().numpy()
 
     def generate(self, request: ChunkRequest) -> ChunkResult:
         """Generate the lip-synced faces of one chunk.

@@ -390,17 +390,24 @@ class ParametricEngine:
         """Drop the renderer; safe to call twice or before :meth:`load`."""
         self._renderer = None
 
-    def features(self, audio_16k: np.ndarray) -> np.ndarray:
-        """Per-frame mouth controls of a task (see :func:`mouth_signal`).
+    def features(self, audio_16k: np.ndarray, start_frame: int = 0, end_frame: int | None = None) -> np.ndarray:
+        """Per-frame mouth controls of a task (see :func:`mouth_signal`), or of frames ``[start, end)``.
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1].
+            start_frame: First output frame.
+            end_frame: One past the last (None: all); frames past the audio repeat the last row.
 
         Returns:
-            ``(ceil(N * fps / 16000), 2) float32``: opening in [0, 1], spread in [-1, 1].
+            ``(end_frame - start_frame, 2) float32``: opening in [0, 1], spread in [-1, 1]; all rows
+            (``ceil(N * fps / 16000)``) by default.
 
         """
-        return mouth_signal(audio_16k, self.avatar.fps, self.options)
+        signal_rows = mouth_signal(audio_16k, self.avatar.fps, self.options)  # whole clip: smoothing sees it all
+        end = len(signal_rows) if end_frame is None else int(end_frame)
+        if len(signal_rows) == 0:
+            return np.zeros((max(end - start_frame, 0), 2), np.float32)
+        return signal_rows[np.minimum(np.arange(start_frame, end), len(signal_rows) - 1)]
 
     def generate_batch(self, requests: list[ChunkRequest]) -> list[ChunkResult]:
         """Render several chunks, one after the other (faces are independent: nothing to batch)."""

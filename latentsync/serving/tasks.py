@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 #: Chunks a task may have generated or in flight ahead of the frame on air (bounds memory:
 #: 16 x 256 x 256 x 3 bytes = 3 MiB per chunk).
 MAX_CHUNKS_AHEAD = 48
+#: Frames of features asked for at once: a task's first chunks need only their own Whisper window,
+#: the next span is computed while those chunks are generated (48 chunks, ~30 s at 25 fps).
+FEATURE_SPAN_FRAMES = 48 * CHUNK_FRAMES
 #: Extra frames the jitter buffer keeps in hand beyond the computed minimum.
 JITTER_MARGIN_FRAMES = 8
 #: Finished tasks kept for ``GET /tasks``.
@@ -366,37 +369,54 @@ class TaskProcessor:
         task = self.task
         try:
             self._advance(TaskState.preparing)
-            features = self._features()
-            if features is None:
-                return
-            self._advance(TaskState.generating)
-            task.generation_started_at = time.time()
-            self.program.generation_started()
-            rows = _pad_rows(features, task.num_chunks * CHUNK_FRAMES)
-            for c in range(task.num_chunks):
-                while not self.program.wait_for_room(c, 0.5):
-                    if self._stop.is_set() or self._failure.is_set():
-                        return
-                if self._stop.is_set() or self._failure.is_set() or self.program.is_cancelled():
+            total = task.num_chunks * CHUNK_FRAMES  # the last chunk is padded, never dropped
+            spans = [(a, min(a + FEATURE_SPAN_FRAMES, total)) for a in range(0, total, FEATURE_SPAN_FRAMES)]
+            pending = self._request_features(*spans[0])
+            for k, (first, stop) in enumerate(spans):
+                rows = self._await_features(pending)
+                if rows is None:
                     return
-                frames = np.arange(c * CHUNK_FRAMES, (c + 1) * CHUNK_FRAMES)
-                frames = np.minimum(frames, task.num_frames + task.tail_frames - 1)  # last chunk padded, never dropped
-                request = ChunkRequest(
-                    task_id=task.task_id,
-                    chunk_index=c,
-                    frame_indices=np.array([self._avatar.frame_index(int(i)) for i in frames], dtype=np.int64),
-                    features=rows[c * CHUNK_FRAMES : (c + 1) * CHUNK_FRAMES],
-                    seed=task.seed,
-                    guidance_scale=task.guidance_scale,
-                )
-                self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail)
+                if k + 1 < len(spans):  # the next window's features are computed while these chunks are
+                    pending = self._request_features(*spans[k + 1])
+                if k == 0:
+                    self._advance(TaskState.generating)
+                    task.generation_started_at = time.time()
+                    self.program.generation_started()
+                for c in range(first // CHUNK_FRAMES, stop // CHUNK_FRAMES):
+                    if not self._submit_chunk(c, rows[c * CHUNK_FRAMES - first : (c + 1) * CHUNK_FRAMES - first]):
+                        return
         except JobFailed as exc:
             self._fail(str(exc))
         except Exception as exc:  # never let a task thread die silently
             logger.exception("task %s crashed", task.task_id, extra={"task_id": task.task_id})
             self._fail(f"internal error: {type(exc).__name__}: {exc}")
 
-    def _features(self) -> np.ndarray | None:
+    def _submit_chunk(self, c: int, features: np.ndarray) -> bool:
+        """Submit chunk ``c`` once it is within the buffer window; False when the task should stop."""
+        task = self.task
+        while not self.program.wait_for_room(c, 0.5):
+            if self._stop.is_set() or self._failure.is_set():
+                return False
+        if self._stop.is_set() or self._failure.is_set() or self.program.is_cancelled():
+            return False
+        frames = np.arange(c * CHUNK_FRAMES, (c + 1) * CHUNK_FRAMES)
+        frames = np.minimum(frames, task.num_frames + task.tail_frames - 1)  # last chunk padded, never dropped
+        request = ChunkRequest(
+            task_id=task.task_id,
+            chunk_index=c,
+            frame_indices=np.array([self._avatar.frame_index(int(i)) for i in frames], dtype=np.int64),
+            features=features,
+            seed=task.seed,
+            guidance_scale=task.guidance_scale,
+        )
+        self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail)
+        return True
+
+    def _request_features(self, start_frame: int, end_frame: int) -> tuple[threading.Event, dict] | None:
+        """Ask a worker for the feature rows of frames ``[start_frame, end_frame)``; returns a handle."""
+        audio = self.task.audio
+        if audio is None:  # cancelled before it got here
+            return None
         box: dict[str, object] = {}
         done = threading.Event()
 
@@ -408,11 +428,15 @@ class TaskProcessor:
             box["error"] = reason
             done.set()
 
-        audio = self.task.audio
-        if audio is None:  # cancelled before it got here
+        label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
+        self._pool.submit_features(audio.engine_16k, self._deadline_s, ok, err, label, frames=(start_frame, end_frame))
+        return done, box
+
+    def _await_features(self, pending: tuple[threading.Event, dict] | None) -> np.ndarray | None:
+        """The rows a :meth:`_request_features` handle asked for; None if the task stopped or failed."""
+        if pending is None:
             return None
-        label = f"features of task {self.task.task_id}"
-        self._pool.submit_features(audio.engine_16k, self._deadline_s, ok, err, label)
+        done, box = pending
         while not done.wait(0.2):
             if self._stop.is_set():
                 return None
@@ -420,14 +444,6 @@ class TaskProcessor:
             self._fail(str(box["error"]))
             return None
         return np.asarray(box["value"])
-
-
-def _pad_rows(features: np.ndarray, rows: int) -> np.ndarray:
-    """Crop or pad (repeating the last row) a per-frame array to exactly ``rows`` rows."""
-    if features.shape[0] >= rows:
-        return features[:rows]
-    pad = np.repeat(features[-1:], rows - features.shape[0], axis=0)
-    return np.concatenate([features, pad], axis=0)
 
 
 class TaskManager:

@@ -74,8 +74,10 @@ def _worker_ping() -> tuple[int, str | None]:
     return os.getpid(), _WORKER_SLOT.get("error")
 
 
-def _worker_features(audio_16k: np.ndarray) -> np.ndarray:
-    return _engine().features(audio_16k)
+def _worker_features(audio_16k: np.ndarray, frames: tuple[int, int] | None) -> np.ndarray:
+    if frames is None:
+        return _engine().features(audio_16k)
+    return _engine().features(audio_16k, *frames)
 
 
 def _worker_generate(request: ChunkRequest) -> ChunkResult:
@@ -236,18 +238,19 @@ class WorkerPool:
     # ----------------------------------------------------------------- jobs
     def submit_features(
         self, audio_16k: np.ndarray, deadline_s: float, on_done: Callable[[np.ndarray], None],
-        on_error: Callable[[str], None], label: str = "features",
+        on_error: Callable[[str], None], label: str = "features", frames: tuple[int, int] | None = None,
     ) -> None:  # fmt: skip
         """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz.
+            frames: ``(start, end)``: only the rows of output frames ``[start, end)`` (None: all).
             deadline_s: Seconds the job may take before it is retried (once).
             on_done: Called with the features, on a pool thread.
             on_error: Called with a reason string when the job fails for good.
             label: Name used in logs and errors.
         """
-        self._submit(_worker_features, (audio_16k,), on_done, on_error, deadline_s, label)
+        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label)
 
     def submit_chunk(
         self, request: ChunkRequest, deadline_s: float, on_done: Callable[[ChunkResult], None],
