@@ -105,14 +105,16 @@ class EngineConfig:
     ``workers`` None: one worker process per GPU, or 1 on CPU. ``device`` None: ``cuda`` when a
     GPU is visible, else ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds
     is retried once on a fresh worker, then its task fails. ``max_batch_chunks``: queued chunks a
-    free worker generates in one model batch (a task's first chunk always runs alone).
+    free worker generates in one model batch (a task's first chunk always runs alone). 1 (off) by
+    default: a batch's results all arrive when the last is done, which only pays where a bigger
+    batch is much cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
     """
 
     name: EngineName = EngineName.parametric
     workers: int | None = None
     device: str | None = None
     chunk_deadline_s: float = 60.0
-    max_batch_chunks: int = 4
+    max_batch_chunks: int = 1
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
 
 

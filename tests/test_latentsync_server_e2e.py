@@ -34,6 +34,7 @@ def engine_overrides(ckpt) -> list[str]:
         f"engine.latentsync.vae_path={ckpt / 'vae'}",
         "engine.latentsync.inference_steps=2",
         "engine.chunk_deadline_s=120",
+        "engine.max_batch_chunks=4",  # queued chunks go through the U-Net together
     ]
 
 
