@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig  # noqa: E402
 from latentsync.models.vae import VAE_LATENT_CHANNELS, VAE_SCALING_FACTOR  # noqa: E402
-from latentsync.models.whisper_features import WhisperAudioEncoder, WhisperDims  # noqa: E402
+from latentsync.models.whisper_features import WHISPER_TINY_DIMS, WhisperAudioEncoder, WhisperDims  # noqa: E402
 
 # Model section of the tiny U-Net, in the original yaml's keys. Attention only on the coarser level and
 # one ResNet per block keep a 16-frame step at ~0.07 s on two CPU cores.
@@ -54,19 +54,6 @@ TINY_UNET_MODEL = {
     "use_motion_module": False,
 }
 
-# The "dims" of OpenAI's tiny.pt (text-decoder fields included; the encoder loader ignores them).
-WHISPER_TINY_DIMS = {
-    "n_mels": 80,
-    "n_vocab": 51865,
-    "n_audio_ctx": 1500,
-    "n_audio_state": 384,
-    "n_audio_head": 6,
-    "n_audio_layer": 4,
-    "n_text_ctx": 448,
-    "n_text_state": 384,
-    "n_text_head": 6,
-    "n_text_layer": 4,
-}
 
 # A 4-block AutoencoderKL: diffusers downsamples in every block but the last, so 256 -> 32 as in sd-vae-ft-mse.
 TINY_VAE_CONFIG = {

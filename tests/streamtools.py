@@ -127,6 +127,17 @@ class ServerProcess:
             time.sleep(0.2)
         raise AssertionError(f"server not healthy within {timeout_s} s:\n{self.log()}")
 
+    def wait_engine_ready(self, timeout_s: float = 180.0) -> dict:
+        """Wait until ``/health`` reports the engine ready (uploads accepted); returns that health body."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, f"server exited:\n{self.log()}"
+            body = self.health()[1]
+            if body.get("engine_ready"):
+                return body
+            time.sleep(0.2)
+        raise AssertionError(f"engine not ready within {timeout_s} s:\n{self.log()}")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
 

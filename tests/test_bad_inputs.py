@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -78,11 +77,7 @@ def server(rtmp_server, tmp_path_factory):
     ).start()
     try:
         proc.wait_healthy()
-        deadline = time.monotonic() + 180
-        while not proc.health()[1].get("engine_ready"):
-            assert time.monotonic() < deadline, f"engine not ready:\n{proc.log()}"
-            assert proc.proc.poll() is None, proc.log()
-            time.sleep(0.3)
+        proc.wait_engine_ready()
         proc.api = Api(proc.port)
         proc.tmp = tmp
         yield proc

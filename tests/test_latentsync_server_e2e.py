@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -47,10 +46,7 @@ def test_latentsync_task_completes_and_frames_reach_rtmp(rtmp_server, tiny_check
     ).start()
     try:
         server.wait_healthy()
-        deadline = time.monotonic() + 300
-        while not server.health()[1].get("engine_ready"):
-            assert time.monotonic() < deadline and server.proc.poll() is None, server.log()
-            time.sleep(0.5)
+        server.wait_engine_ready(300)
         api = Api(server.port)
         status, accepted = api.post_audio(shared_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes())
         assert status == 202, accepted

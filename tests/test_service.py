@@ -22,14 +22,6 @@ TOKEN = "s3cret-token-for-the-tests-0123456789"
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
 
 
-def wait_ready(server, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not server.health()[1].get("engine_ready"):
-        assert time.monotonic() < deadline, f"engine not ready:\n{server.log()}"
-        assert server.proc.poll() is None, server.log()
-        time.sleep(0.2)
-
-
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -60,7 +52,7 @@ def guarded(rtmp_server, tmp_path_factory):
         tmp / "server.log",
     ).start()
     server.wait_healthy()
-    wait_ready(server)
+    server.wait_engine_ready()
     yield server
     code, _ = server.stop()
     assert code == 0, server.log()
@@ -150,7 +142,7 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
                            tmpdir=tmpfs_dir).start()
     try:
         server.wait_healthy()
-        wait_ready(server)
+        server.wait_engine_ready()
         api = Api(server.port)
         status, body = api.post_audio(os.urandom(6 * 1024 * 1024), "big.wav")  # larger than the 4 MiB disk
         assert status == 507 and body["error"]["code"] == "insufficient_storage", body
@@ -176,7 +168,7 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
     stopped = None
     try:
         server.wait_healthy()
-        wait_ready(server)
+        server.wait_engine_ready()
         api = Api(server.port)
         stopped = server.health()[1]["workers"]["pids"][0]
         os.kill(stopped, signal.SIGSTOP)  # hang: alive but never answers
@@ -206,7 +198,7 @@ def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tm
     server = ServerProcess(base_overrides(rtmp_server, "sigterm", tmp_path_factory), tmp_path / "server.log",
                            tmpdir=tmp_path / "tmp").start()
     server.wait_healthy()
-    wait_ready(server)
+    server.wait_engine_ready()
     api = Api(server.port)
     status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
     assert status == 202
@@ -236,10 +228,7 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
     server.port = port
     server.proc = proc
     try:
-        deadline = time.monotonic() + 180
-        while not server.health()[1].get("engine_ready"):
-            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "gunicorn.log").read_text()
-            time.sleep(0.3)
+        server.wait_engine_ready()
         api = Api(port)
         status, body = api.post_audio(shared_file(SPEECH).read_bytes())
         assert status == 202

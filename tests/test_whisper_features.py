@@ -12,6 +12,7 @@ import torch
 
 from latentsync.models.whisper_features import (
     POSITIONS_PER_WINDOW,
+    WHISPER_TINY_DIMS,
     WhisperAudioEncoder,
     WhisperCheckpointError,
     WhisperDims,
@@ -28,19 +29,6 @@ from latentsync.models.whisper_features import (
 )
 
 AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/audio"
-# The "dims" of OpenAI's tiny.pt, text decoder included.
-TINY_DIMS = {
-    "n_mels": 80,
-    "n_vocab": 51865,
-    "n_audio_ctx": 1500,
-    "n_audio_state": 384,
-    "n_audio_head": 6,
-    "n_audio_layer": 4,
-    "n_text_ctx": 448,
-    "n_text_state": 384,
-    "n_text_head": 6,
-    "n_text_layer": 4,
-}
 
 
 def shared_audio(name: str, sample_rate_hz: int = 16_000) -> np.ndarray:
@@ -57,7 +45,7 @@ def shared_audio(name: str, sample_rate_hz: int = 16_000) -> np.ndarray:
 def random_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """Write a tiny.pt-format file: real dims, random encoder weights, a token decoder stub."""
     torch.manual_seed(seed)
-    encoder = WhisperAudioEncoder(WhisperDims.from_checkpoint_dims(TINY_DIMS))
+    encoder = WhisperAudioEncoder(WhisperDims.from_checkpoint_dims(WHISPER_TINY_DIMS))
     with torch.no_grad():
         for name, p in encoder.named_parameters():
             if "ln" in name:
@@ -65,7 +53,7 @@ def random_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
     state["decoder.ln.weight"] = torch.ones(384)  # the real file has a text decoder: it must be ignored
     state["decoder.positional_embedding"] = torch.zeros(448, 384)
-    torch.save({"dims": dict(TINY_DIMS), "model_state_dict": state}, path)
+    torch.save({"dims": dict(WHISPER_TINY_DIMS), "model_state_dict": state}, path)
     return path
 
 
@@ -135,7 +123,7 @@ def test_checkpoint_errors(tmp_path):
     torch.save(checkpoint, tmp_path / "broken.pt")
     with pytest.raises(WhisperCheckpointError, match=r"broken\.pt.*encoder\.blocks\.3\.mlp\.2\.bias"):
         load_whisper_encoder(tmp_path / "broken.pt")
-    torch.save({"dims": {**TINY_DIMS, "n_mels": 128}, "model_state_dict": {}}, tmp_path / "large.pt")
+    torch.save({"dims": {**WHISPER_TINY_DIMS, "n_mels": 128}, "model_state_dict": {}}, tmp_path / "large.pt")
     with pytest.raises(WhisperCheckpointError, match="n_mels=80"):
         load_whisper_encoder(tmp_path / "large.pt")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")

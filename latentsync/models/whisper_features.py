@@ -27,6 +27,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import librosa
 import numpy as np
@@ -56,6 +57,16 @@ POSITIONS_AFTER = 5
 """Positions taken after a frame's centre (``(audio_feat_length[1] + 1) * 2 - 1``)."""
 POSITIONS_PER_FRAME = POSITIONS_BEFORE + 1 + POSITIONS_AFTER
 """Positions per video frame (10)."""
+
+
+#: The ``"dims"`` entry of OpenAI's ``tiny.pt`` (text-decoder fields included; the encoder ignores them).
+#: Source: the openai-whisper model card / checkpoint format; read-only.
+WHISPER_TINY_DIMS: Mapping[str, int] = MappingProxyType(
+    {
+        "n_mels": 80, "n_vocab": 51865, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6,
+        "n_audio_layer": 4, "n_text_ctx": 448, "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4,
+    }
+)  # fmt: skip
 
 
 class WhisperCheckpointError(ValueError):
