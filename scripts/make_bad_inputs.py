@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/make_bad_inputs.py tests/data/bad_inputs [--large-mb 60]
 
-Every file is made from the real recordings in ``../shared/data/audio`` with FFmpeg, numpy and the
+Every file is made from the real recordings in ``tests/data/media/audio`` with FFmpeg, numpy and the
 stdlib ``wave`` module. ``OUT_DIR/manifest.json`` lists each file with the answer the server gives
 it with its default limits (``api.max_audio_s`` 300 s, ``api.max_upload_mb`` 50 MB): the HTTP
 status, the error code (None for 202) and what the file is. The ``--large-mb`` upload must be larger
@@ -26,7 +26,7 @@ import imageio_ffmpeg
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 SPEECH = "audio/7s_shan_0801_01.wav"  # 7.1 s, 48 kHz mono s16
 SHORT_SPEECH = "audio/4s_Wavfile_1719704064_11.wav"  # 4.2 s, 16 kHz mono s16
 SEED = 20250801
@@ -137,18 +137,18 @@ def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[E
         out_dir: Destination folder (created).
         large_mb: Size of the oversized random upload in MB (1 MB = 2**20 bytes); must exceed the
             server's ``api.max_upload_mb``.
-        data_dir: The shared data folder holding ``audio/*.wav``.
+        data_dir: The media folder holding ``audio/*.wav``.
 
     Returns:
         The manifest entries, in posting order.
 
     Raises:
-        FileNotFoundError: If a shared recording is missing.
+        FileNotFoundError: If a recording is missing.
     """
     speech_path, short_path = data_dir / SPEECH, data_dir / SHORT_SPEECH
     for path in (speech_path, short_path):
         if not path.is_file():
-            raise FileNotFoundError(f"shared test data missing: {path} (clone the repo with ../shared beside it)")
+            raise FileNotFoundError(f"recording missing: {path}")
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(SEED)
     speech, rate = read_wav(speech_path)  # (N, 1) int16 at 48 kHz

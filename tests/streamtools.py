@@ -23,18 +23,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-DATA = SHARED / "data"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RTMP_SCRIPT = REPO / "scripts" / "rtmp_server.sh"
-
-
-def shared_file(relative: str) -> Path:
-    """A file from ../shared/data; fails (never skips) when the shared data is missing."""
-    path = DATA / relative
-    if not path.is_file():
-        pytest.fail(f"shared test data missing: {path} (clone the repo with ../shared beside it)")
-    return path
 
 
 def free_port() -> int:

@@ -10,8 +10,8 @@ import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings, cache_key, pingpong_index
 from latentsync.face import FACE_SIZE, template_to_face_affine, transform_points
+from tests.datafiles import media_file
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VIDEOS = [
     "2s_GirlMuseum_0730.mp4",
     "10s_girl_0729_00_formal.mp4",
@@ -21,9 +21,7 @@ VIDEOS = [
 
 
 def _video(name: str) -> Path:
-    path = DATA / "video" / name
-    assert path.is_file(), f"test media missing: {path} (expected ../shared/data beside the repository)"
-    return path
+    return media_file(f"video/{name}")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from scripts.make_bad_inputs import SHORT_SPEECH, SPEECH, make_corpus
-from tests.streamtools import Api, ServerProcess, shared_file
+from tests.datafiles import media_file
+from tests.streamtools import Api, ServerProcess
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -28,8 +29,8 @@ DURATION_TOLERANCE_S = 0.05
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
     """The corpus generated into a temporary folder, with its manifest entries."""
-    data_dir = shared_file(SPEECH).parents[1]
-    shared_file(SHORT_SPEECH)
+    data_dir = media_file(SPEECH).parents[1]
+    media_file(SHORT_SPEECH)
     out = tmp_path_factory.mktemp("bad_inputs")
     make_corpus(out, LARGE_MB, data_dir)
     return out, json.loads((out / "manifest.json").read_text())["files"]
@@ -66,7 +67,7 @@ def server(rtmp_server, tmp_path_factory):
     key = f"bad-{rtmp_server.port}"
     proc = ServerProcess(
         [
-            f"avatar.idle_video={shared_file('video/nanmote002.mp4')}",
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
             f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
             "engine.name=parametric",
             f"stream.rtmp_url={rtmp_server.url(key)}",

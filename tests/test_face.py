@@ -26,14 +26,11 @@ from latentsync.face import (
     warp_face,
 )
 from latentsync.media import load_clip
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests.datafiles import media_file
 
 
 def _video(name: str) -> Path:
-    path = DATA / "video" / name
-    assert path.is_file(), f"test media missing: {path} (expected ../shared/data beside the repository)"
-    return path
+    return media_file(f"video/{name}")
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,9 @@ import torch
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest, Engine, create_engine, num_output_frames
+from tests.datafiles import media_file
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_file(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.fail(f"missing test data {path}: clone the repository with shared/ beside it")
-    return path
 
 
 def load_script(name: str):
@@ -36,7 +29,7 @@ def load_script(name: str):
 
 
 def speech_16k(name: str = "7s_shan_0801_01.wav") -> np.ndarray:
-    audio, rate = soundfile.read(shared_file(f"audio/{name}"), dtype="float32", always_2d=True)
+    audio, rate = soundfile.read(media_file(f"audio/{name}"), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if rate != 16000:
         audio = librosa.resample(audio, orig_sr=rate, target_sr=16000)
@@ -50,7 +43,7 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:
-    video = shared_file("video/nanmote002.mp4")
+    video = media_file("video/nanmote002.mp4")
     return Avatar.prepare(video, AvatarSettings(fps=25), cache_dir=tmp_path_factory.mktemp("avatars"))
 
 

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.streamtools import REPO, Api, ServerProcess, analyse_recording, pull_stream, shared_file
+from tests.datafiles import media_file
+from tests.streamtools import REPO, Api, ServerProcess, analyse_recording, pull_stream
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -40,7 +41,7 @@ def engine_overrides(ckpt) -> list[str]:
 def test_latentsync_task_completes_and_frames_reach_rtmp(rtmp_server, tiny_checkpoints, tmp_path, tmp_path_factory):
     key = f"ls-{tmp_path.name}"
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
+        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
          f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}", *engine_overrides(tiny_checkpoints)],
         tmp_path / "server.log",
     ).start()
@@ -48,7 +49,7 @@ def test_latentsync_task_completes_and_frames_reach_rtmp(rtmp_server, tiny_check
         server.wait_healthy()
         server.wait_engine_ready(300)
         api = Api(server.port)
-        status, accepted = api.post_audio(shared_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes())
+        status, accepted = api.post_audio(media_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes())
         assert status == 202, accepted
         server_task = api.wait_task(accepted["task_id"], ("streaming", "done", "failed"), timeout_s=120)
         assert server_task["status"] != "failed", server_task
@@ -69,7 +70,7 @@ def test_missing_weights_give_a_clear_startup_error(rtmp_server, tiny_checkpoint
     missing = tmp_path / "nowhere" / "latentsync_unet.pt"
     overrides = [o for o in engine_overrides(tiny_checkpoints) if not o.startswith("engine.latentsync.unet_path")]
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url('missing')}",
+        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url('missing')}",
          f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}", *overrides,
          f"engine.latentsync.unet_path={missing}"],
         tmp_path / "server.log",

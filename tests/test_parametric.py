@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import signal
@@ -12,26 +10,20 @@ from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import CHUNK_FRAMES, ChunkRequest, Engine, create_engine
 from latentsync.engines.parametric import mouth_signal
 from latentsync.media import decode_audio
+from tests.datafiles import media_file
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FPS = 25
-
-
-def _data(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    assert path.is_file(), f"test media missing: {path} (expected ../shared/data beside the repository)"
-    return path
 
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:
     cache = tmp_path_factory.getbasetemp() / "avatars"  # shared with tests/test_avatar.py
-    return Avatar.prepare(_data("video", "2s_GirlMuseum_0730.mp4"), AvatarSettings(fps=FPS), cache)
+    return Avatar.prepare(media_file("video/2s_GirlMuseum_0730.mp4"), AvatarSettings(fps=FPS), cache)
 
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    return decode_audio(_data("audio", "demo1_audio.wav"), 16000).astype(np.float32) / 32768.0
+    return decode_audio(media_file("audio/demo1_audio.wav"), 16000).astype(np.float32) / 32768.0
 
 
 def _band_rms_per_frame(audio: np.ndarray, n_frames: int) -> np.ndarray:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.streamtools import REPO, Api, ServerProcess, free_port, shared_file
+from tests.datafiles import media_file
+from tests.streamtools import REPO, Api, ServerProcess, free_port
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -36,7 +37,7 @@ def children_of(health: dict) -> list[int]:
 
 def base_overrides(rtmp_server, key: str, tmp_path_factory) -> list[str]:
     return [
-        f"avatar.idle_video={shared_file('video/nanmote002.mp4')}",
+        f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
         f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
         f"stream.rtmp_url={rtmp_server.url(key)}",
     ]
@@ -74,7 +75,7 @@ def test_token_guards_everything_but_health(guarded):
     for method, path in (("GET", "/tasks"), ("GET", "/metrics"), ("DELETE", "/tasks/x")):
         status, body = anonymous.request(method, path)
         assert status == 401 and body["error"]["code"] == "unauthorized", (path, body)
-    status, body = anonymous.post_audio(shared_file(SPEECH).read_bytes())
+    status, body = anonymous.post_audio(media_file(SPEECH).read_bytes())
     assert status == 401
     wrong = Api(guarded.port).request("GET", "/tasks", headers={"Authorization": "Bearer nope"})
     assert wrong[0] == 401
@@ -85,7 +86,7 @@ def test_token_guards_everything_but_health(guarded):
 
 def test_rate_limit_and_json_logs_with_task_ids(guarded):
     api = authed(guarded.port)
-    answers = [api.post_audio(shared_file(SPEECH).read_bytes()) for _ in range(3)]
+    answers = [api.post_audio(media_file(SPEECH).read_bytes()) for _ in range(3)]
     assert [s for s, _ in answers[:2]] == [202, 202]
     assert answers[2][0] == 429 and answers[2][1]["error"]["code"] == "rate_limited"
     for _, body in answers[:2]:
@@ -150,7 +151,7 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
         time.sleep(1.0)
         status, health = server.health()
         assert status == 200 and health["dropped_ticks"] == 0
-        status, body = api.post_audio(shared_file(SPEECH).read_bytes())  # a normal upload still fits
+        status, body = api.post_audio(media_file(SPEECH).read_bytes())  # a normal upload still fits
         assert status == 202, body
         assert api.wait_task(body["task_id"], ("done", "failed"), 60)["status"] == "done"
     finally:
@@ -172,7 +173,7 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
         api = Api(server.port)
         stopped = server.health()[1]["workers"]["pids"][0]
         os.kill(stopped, signal.SIGSTOP)  # hang: alive but never answers
-        status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+        status, body = api.post_audio(media_file("audio/7s_shan_0801_01.wav").read_bytes())
         assert status == 202
         t = time.monotonic()
         while server.health()[1]["workers"]["rebuilds"] == 0:  # the hang is noticed at the deadline
@@ -183,7 +184,7 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
         assert time.monotonic() - t < 4 * deadline_s + 60
         health = server.health()[1]
         assert health["workers"]["rebuilds"] >= 1 and not alive(stopped)
-        status, nxt = api.post_audio(shared_file(SPEECH).read_bytes())
+        status, nxt = api.post_audio(media_file(SPEECH).read_bytes())
         assert status == 202 and api.wait_task(nxt["task_id"], ("done", "failed"), 60)["status"] == "done"
         assert server.health()[1]["dropped_ticks"] == 0
     finally:
@@ -200,7 +201,7 @@ def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tm
     server.wait_healthy()
     server.wait_engine_ready()
     api = Api(server.port)
-    status, body = api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+    status, body = api.post_audio(media_file("audio/7s_shan_0801_01.wav").read_bytes())
     assert status == 202
     api.wait_task(body["task_id"], ("streaming",), 30)
     children = children_of(server.health()[1])
@@ -230,7 +231,7 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
     try:
         server.wait_engine_ready()
         api = Api(port)
-        status, body = api.post_audio(shared_file(SPEECH).read_bytes())
+        status, body = api.post_audio(media_file(SPEECH).read_bytes())
         assert status == 202
         assert api.wait_task(body["task_id"], ("done", "failed"), 60)["status"] == "done"
         health = server.health()[1]
@@ -255,14 +256,14 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
 def test_sigterm_during_a_long_first_start_still_exits_within_10_s(rtmp_server, tmp_path):
     # A fresh avatar cache: face preparation of the 10 s base video takes far longer than the stop budget.
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}",
-         f"avatar.video={shared_file('video/10s_girl_0729_00_formal.mp4')}",
+        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+         f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
          f"avatar.cache_dir={tmp_path / 'avatars'}", f"stream.rtmp_url={rtmp_server.url('slowstart')}"],
         tmp_path / "server.log",
     ).start()
     server.wait_healthy()  # streaming the idle loop while the avatar is still being prepared
     assert not server.health()[1]["engine_ready"]
-    status, body = Api(server.port).post_audio(shared_file(SPEECH).read_bytes())
+    status, body = Api(server.port).post_audio(media_file(SPEECH).read_bytes())
     assert status == 503 and body["error"]["code"] == "starting"
     code, took_s = server.stop(timeout_s=10.0)
     assert code == 0 and took_s < 10.0, (code, took_s, server.log())

@@ -17,16 +17,8 @@ import numpy as np
 import pytest
 
 from latentsync.media import decode_audio
-from tests.streamtools import (
-    FFMPEG,
-    Api,
-    ServerProcess,
-    StreamRecorder,
-    decode_recording,
-    mouth_openings,
-    rms_envelope,
-    shared_file,
-)
+from tests.datafiles import media_file
+from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording, mouth_openings, rms_envelope
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -46,8 +38,8 @@ def server(rtmp_server, tmp_path_factory):
     key = f"speech-{rtmp_server.port}"
     proc = ServerProcess(
         [
-            f"avatar.idle_video={shared_file('video/2s_GirlMuseum_0730.mp4')}",
-            f"avatar.video={shared_file('video/10s_girl_0729_00_formal.mp4')}",
+            f"avatar.idle_video={media_file('video/2s_GirlMuseum_0730.mp4')}",
+            f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
             f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
             "engine.name=parametric",
             f"engine.chunk_deadline_s={DEADLINE_S}",
@@ -93,7 +85,7 @@ def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
 
 def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
     wait_idle(server)
-    speech_path = shared_file("audio/7s_shan_0801_01.wav")
+    speech_path = media_file("audio/7s_shan_0801_01.wav")
     recorder = StreamRecorder(rtmp_server.url(server.key), tmp_path / "rec.flv")
     time.sleep(3.5)  # idle before: at least one keyframe and ~1.5 s of idle in the recording
     status, accepted = server.api.post_audio(speech_path.read_bytes(), "7s_shan.wav")
@@ -163,7 +155,7 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
 
 def test_back_to_back_tasks_play_in_order_without_idle(server):
     wait_idle(server)
-    clip = shared_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes()
+    clip = media_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes()
     s1, first = server.api.post_audio(clip)
     s2, second = server.api.post_audio(clip)
     assert (s1, s2) == (202, 202) and second["position"] == first["position"] + 1
@@ -178,7 +170,7 @@ def test_back_to_back_tasks_play_in_order_without_idle(server):
 
 def test_delete_interrupts_within_crossfade(server):
     wait_idle(server)
-    status, accepted = server.api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+    status, accepted = server.api.post_audio(media_file("audio/7s_shan_0801_01.wav").read_bytes())
     assert status == 202
     server.api.wait_task(accepted["task_id"], ("streaming",), 30)
     time.sleep(1.0)
@@ -195,7 +187,7 @@ def test_delete_interrupts_within_crossfade(server):
 
 def test_queue_full_gets_429(server):
     wait_idle(server)
-    clip = shared_file("audio/7s_shan_0801_01.wav").read_bytes()
+    clip = media_file("audio/7s_shan_0801_01.wav").read_bytes()
     status, on_air = server.api.post_audio(clip)
     assert status == 202
     server.api.wait_task(on_air["task_id"], ("streaming",), 30)
@@ -218,7 +210,7 @@ def _encode(src, dst, *args) -> bytes:
 def test_bad_input_is_rejected_and_good_formats_accepted_while_the_stream_runs(server, tmp_path):
     wait_idle(server)
     _, before = server.health()
-    speech = shared_file("audio/4s_Wavfile_1719704064_11.wav")
+    speech = media_file("audio/4s_Wavfile_1719704064_11.wav")
     real = wav_bytes(decode_audio(speech, 16000), 16000)
     png = tmp_path / "x.png"
     import cv2
@@ -263,7 +255,7 @@ def test_bad_input_is_rejected_and_good_formats_accepted_while_the_stream_runs(s
 
 def test_killed_worker_mid_task_then_next_task_succeeds(server):
     wait_idle(server)
-    status, accepted = server.api.post_audio(shared_file("audio/7s_shan_0801_01.wav").read_bytes())
+    status, accepted = server.api.post_audio(media_file("audio/7s_shan_0801_01.wav").read_bytes())
     assert status == 202
     pid = server.health()[1]["workers"]["pids"][0]
     os.kill(pid, signal.SIGKILL)
@@ -276,7 +268,7 @@ def test_killed_worker_mid_task_then_next_task_succeeds(server):
     assert time.monotonic() - t < 2 * DEADLINE_S + 30
     health = server.health()[1]
     assert health["workers"]["rebuilds"] >= 1 and pid not in health["workers"]["pids"]
-    status, nxt = server.api.post_audio(shared_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes())
+    status, nxt = server.api.post_audio(media_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes())
     assert status == 202
     assert server.api.wait_task(nxt["task_id"], ("done", "failed"), 60)["status"] == "done"
     assert server.health()[1]["dropped_ticks"] == 0

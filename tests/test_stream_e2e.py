@@ -7,14 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.streamtools import (
-    ServerProcess,
-    StreamRecorder,
-    analyse_recording,
-    first_pts_s,
-    pull_stream,
-    shared_file,
-)
+from tests.datafiles import media_file
+from tests.streamtools import ServerProcess, StreamRecorder, analyse_recording, first_pts_s, pull_stream
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -33,7 +27,7 @@ def test_idle_stream_reaches_rtmp_with_exact_timing(rtmp_server, tmp_path, video
     fifo_tmp = tmp_path / "tmp"
     fifo_tmp.mkdir()
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file(video)}", f"stream.rtmp_url={rtmp_server.url(key)}", *extra],
+        [f"avatar.idle_video={media_file(video)}", f"stream.rtmp_url={rtmp_server.url(key)}", *extra],
         tmp_path / "server.log",
         tmpdir=fifo_tmp,
     ).start()
@@ -73,7 +67,7 @@ def test_second_output_through_the_tee_muxer(rtmp_server, tmp_path):
     key = f"tee-{tmp_path.name}"
     record = tmp_path / "live.mkv"
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
+        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
          f"stream.record_path={record}"],
         tmp_path / "server.log",
     ).start()

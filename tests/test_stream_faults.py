@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from tests.streamtools import ServerProcess, analyse_recording, pull_stream, shared_file
+from tests.datafiles import media_file
+from tests.streamtools import ServerProcess, analyse_recording, pull_stream
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -29,7 +30,7 @@ def wait_for(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
 def streaming_server(rtmp_server, tmp_path):
     key = f"faults-{tmp_path.name}"
     server = ServerProcess(
-        [f"avatar.idle_video={shared_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}"],
+        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}"],
         tmp_path / "server.log",
     ).start()
     server.wait_healthy()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,18 +11,14 @@ from torch import nn
 from latentsync.models.attention import Attention
 from latentsync.models.resnet import JointGroupNorm
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig
+from tests.datafiles import data_file
 
-STATE_DICT_LISTING = (
-    Path(__file__).resolve().parents[1].parent / "shared/docs/latentsync_1_0_unet_state_dict.txt"
-)
-OFFICIAL_PARAMETER_COUNT = 849_962_244  # shared/docs/LATENTSYNC_1_0.md
+OFFICIAL_PARAMETER_COUNT = 849_962_244  # docs/latentsync-1.0.md
 
 
 def read_listing() -> list[tuple[str, tuple[int, ...]]]:
-    if not STATE_DICT_LISTING.is_file():
-        pytest.fail(f"missing test data {STATE_DICT_LISTING}: clone the repository with shared/ beside it")
     rows = []
-    for line in STATE_DICT_LISTING.read_text().splitlines():
+    for line in data_file("latentsync_1_0_unet_state_dict.txt").read_text().splitlines():
         if line.strip():
             name, shape = line.split(" ", 1)
             rows.append((name, tuple(ast.literal_eval(shape))))

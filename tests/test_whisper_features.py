@@ -27,14 +27,11 @@ from latentsync.models.whisper_features import (
     window_spans,
     windows_for_frames,
 )
+from tests.datafiles import media_file
 
-AUDIO_DIR = Path(__file__).resolve().parents[1].parent / "shared/data/audio"
 
-
-def shared_audio(name: str, sample_rate_hz: int = 16_000) -> np.ndarray:
-    path = AUDIO_DIR / name
-    if not path.is_file():
-        pytest.fail(f"missing test data {path}: clone the repository with shared/ beside it")
+def speech_audio(name: str, sample_rate_hz: int = 16_000) -> np.ndarray:
+    path = media_file(f"audio/{name}")
     audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if rate != sample_rate_hz:
@@ -132,7 +129,7 @@ def test_checkpoint_errors(tmp_path):
 
 
 def test_features_of_demo_audio_16k(extractor):
-    audio = shared_audio("demo1_audio.wav")  # 9.6 s at 16 kHz
+    audio = speech_audio("demo1_audio.wav")  # 9.6 s at 16 kHz
     assert len(audio) == 153_600
     clip = extractor.prepare(audio)
     assert clip.num_windows == 1 and clip.num_positions == 480
@@ -149,7 +146,7 @@ def test_features_of_demo_audio_16k(extractor):
 
 
 def test_features_of_48k_audio_resampled(extractor):
-    audio = shared_audio("7s_shan_0801_01.wav")  # 48 kHz mono, resampled by librosa (soxr)
+    audio = speech_audio("7s_shan_0801_01.wav")  # 48 kHz mono, resampled by librosa (soxr)
     clip = extractor.prepare(audio)
     assert clip.mel.shape == (80, len(audio) // 160)
     assert clip.num_positions == len(audio) // 160 // 2
@@ -158,7 +155,7 @@ def test_features_of_48k_audio_resampled(extractor):
 
 def test_windowed_features_equal_whole_clip(extractor):
     names = ["demo1_audio.wav", "7s_shan_0801_01.wav", "4s_Wavfile_1719704064_11.wav", "0716-2001.wav"]
-    audio = np.concatenate([shared_audio(n) for n in names])  # ~30.2 s: two windows, the second one short
+    audio = np.concatenate([speech_audio(n) for n in names])  # ~30.2 s: two windows, the second one short
     whole = extractor.encode(audio)
     clip = extractor.prepare(audio)
     assert clip.num_windows == 2
@@ -221,7 +218,7 @@ def test_encoder_matches_transformers_whisper_encoder(extractor):
                     converted[f"layers.{i}.{theirs}.{kind}"] = sd[f"blocks.{i}.{mine}.{kind}"]
     missing, unexpected = hf.load_state_dict(converted, strict=False)
     assert unexpected == [] and missing == []
-    mel = extractor.log_mel(shared_audio("4s_Wavfile_1719704064_11.wav"))
+    mel = extractor.log_mel(speech_audio("4s_Wavfile_1719704064_11.wav"))
     window = torch.nn.functional.pad(mel, (0, 3000 - mel.shape[1]))[None]
     with torch.inference_mode():
         mine = ours(window)[0]

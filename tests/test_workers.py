@@ -13,12 +13,12 @@ import pytest
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest
 from latentsync.serving.workers import WorkerPool, WorkerPoolError
-from tests.streamtools import shared_file
+from tests.datafiles import media_file
 
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:
-    return Avatar.prepare(shared_file("video/nanmote002.mp4"), AvatarSettings(fps=25),
+    return Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25),
                           cache_dir=tmp_path_factory.getbasetemp() / "avatars")
 
 
