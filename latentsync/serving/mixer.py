@@ -132,11 +132,6 @@ class ProgramMixer:
         self.programs_interrupted = 0
 
     @property
-    def frame_shape(self) -> tuple[int, int, int]:
-        """``(H, W, 3)`` of every frame."""
-        return self._idle.frame_shape
-
-    @property
     def state(self) -> StreamState:
         """What the last tick put on air."""
         return self._state
