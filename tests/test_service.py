@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.datafiles import media_file
@@ -145,7 +146,8 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
         server.wait_healthy()
         server.wait_engine_ready()
         api = Api(server.port)
-        status, body = api.post_audio(os.urandom(6 * 1024 * 1024), "big.wav")  # larger than the 4 MiB disk
+        big = np.random.default_rng(6).bytes(6 * 1024 * 1024)  # larger than the 4 MiB disk
+        status, body = api.post_audio(big, "big.wav")
         assert status == 507 and body["error"]["code"] == "insufficient_storage", body
         assert "space" in body["error"]["message"]
         time.sleep(1.0)

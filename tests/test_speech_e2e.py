@@ -224,7 +224,7 @@ def test_bad_input_is_rejected_and_good_formats_accepted_while_the_stream_runs(s
         (real[:44], {}, 400, None),  # header only: no samples
         (wav_bytes(np.zeros(160, np.int16), 16000), {}, 400, "too_short"),  # 0.01 s
         (wav_bytes(np.tile(decode_audio(speech, 8000), 6), 8000), {}, 400, "too_long"),  # 25 s > 20 s
-        (os.urandom(5 * 1024 * 1024), {}, 413, "too_large"),
+        (np.random.default_rng(5).bytes(5 * 1024 * 1024), {}, 413, "too_large"),
         (real, {"seed": "abc"}, 400, "bad_parameter"),
         (real, {"guidance_scale": "99"}, 400, "bad_parameter"),
     ]
