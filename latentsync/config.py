@@ -124,6 +124,8 @@ class ApiConfig:
 
     ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
     ``rate_limit_per_min``: uploads accepted per client address per minute (0: unlimited).
+    ``decode_timeout_s``: seconds FFmpeg may take to decode one upload; past it the upload gets
+    503 ``decode_timeout``.
     """
 
     max_audio_s: float = 300.0
@@ -131,6 +133,7 @@ class ApiConfig:
     max_queued: int = 16
     token: str | None = None
     rate_limit_per_min: int = 120
+    decode_timeout_s: float = 30.0
 
 
 @dataclass
@@ -251,6 +254,7 @@ def validate(config: AppConfig) -> None:
     _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
     _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
+    _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")

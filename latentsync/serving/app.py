@@ -26,6 +26,7 @@ import time
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
@@ -171,6 +172,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = runtime.tasks
         if tasks is None:
             raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
+        if not limiter.allow(request.remote_addr or "?"):  # before the body is read
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         try:  # werkzeug spools large multipart bodies to the temp directory
             upload = request.files.get("audio_file")
         except OSError as exc:
@@ -179,8 +182,6 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
         guidance = _form_number("guidance_scale", float, 1.0, 20.0)
-        if not limiter.allow(request.remote_addr or "?"):
-            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         path = None
@@ -194,13 +195,18 @@ def create_app(runtime: Runtime | None = None) -> Flask:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
             try:
                 audio = runtime.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
+            except MediaDecodeTimeout:
+                raise ApiError(503, "decode_timeout",
+                               f"decoding the upload took longer than api.decode_timeout_s = "
+                               f"{api.decode_timeout_s:g} s; send a shorter or simpler file") from None  # fmt: skip
             except MediaProbeError as exc:
                 if "matches no streams" in str(exc):
                     raise ApiError(400, "not_audio", "the upload has no audio stream") from None
-                raise ApiError(400, "not_audio", "the upload is not an audio file FFmpeg can read") from None
+                raise ApiError(400, "not_audio", "the upload is not an audio file in an accepted format "
+                               "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)") from None  # fmt: skip
         finally:
             if path is not None:
-                path.unlink(missing_ok=True)
+                runtime.discard_upload(path)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
