@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 
 from latentsync.serving.app import RateLimiter
 from latentsync.serving.logs import JsonFormatter
-from latentsync.serving.systemd import Watchdog, sd_notify, watchdog_interval_s
+from latentsync.serving.systemd import PRIVATE_NOTIFY_ENV, Watchdog, sd_notify, take_notify_socket, watchdog_interval_s
 
 
 def test_rate_limiter_counts_per_client_and_is_bounded():
@@ -65,9 +66,21 @@ def test_watchdog_pings_only_while_the_clock_ticks(tmp_path, monkeypatch):
 def test_watchdog_interval_from_environment(monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "10000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    assert watchdog_interval_s() == 5.0
-    monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
+    assert watchdog_interval_s() == 2.5  # a quarter of WatchdogSec
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getppid()))  # gunicorn's master: its worker pings for it
+    assert watchdog_interval_s() == 2.5
+    monkeypatch.setenv("WATCHDOG_PID", "0")  # meant for another process
     assert watchdog_interval_s() is None
+
+
+def test_take_notify_socket_hides_it_from_gunicorn_and_sd_notify_still_finds_it(tmp_path, monkeypatch):
+    sock = _listener(tmp_path, monkeypatch)
+    environ = dict(os.environ)
+    take_notify_socket(environ)
+    assert "NOTIFY_SOCKET" not in environ and environ[PRIVATE_NOTIFY_ENV] == str(tmp_path / "notify.sock")
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    monkeypatch.setenv(PRIVATE_NOTIFY_ENV, environ[PRIVATE_NOTIFY_ENV])
+    assert sd_notify("READY=1") and sock.recv(64) == b"READY=1"
 
 
 def test_json_log_lines_carry_task_ids():

@@ -33,6 +33,10 @@ from latentsync.serving.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
+#: Exit status of a gunicorn worker that cannot boot; the master then exits with it too
+#: (``gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR``).
+WORKER_BOOT_ERROR_EXIT = 3
+
 #: Seed range accepted from clients (torch.Generator takes 64-bit seeds; keep it portable).
 MAX_SEED = 2**31 - 1
 
@@ -250,7 +254,6 @@ def _runtime_from_environment() -> Runtime:
     """Build and start (in a background thread) the runtime of a gunicorn worker."""
     import os
     import shlex
-    import signal
     from pathlib import Path
 
     from latentsync.config import load_config
@@ -271,7 +274,11 @@ def _runtime_from_environment() -> Runtime:
         except Exception as exc:
             logger.error("cannot start: %s", exc)
             runtime.stop()
-            os.kill(os.getppid(), signal.SIGTERM)  # ask the gunicorn master to shut down: nothing to serve
+            logging.shutdown()
+            # gunicorn's master halts with this status when its worker exits with it, so systemd
+            # sees a failed start (Restart=on-failure applies); a SIGTERM to the master would exit 0.
+            os._exit(WORKER_BOOT_ERROR_EXIT)
+        if runtime.tasks is None:  # stopped (SIGTERM) while starting: not ready, never was
             return
         logger.info("ready: uploads accepted")
         sd_notify("READY=1")

@@ -387,6 +387,11 @@ class FFmpegSink:
                 thread.join(max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                logger.warning("ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index,
+                               FLUSH_TIMEOUT_S)  # fmt: skip
+            else:
+                logger.info("ffmpeg run %d flushed and exited with code %d", run.index, proc.returncode)
         self._kill(run)
         for thread in run.threads:
             thread.join(2.0)
