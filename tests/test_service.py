@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from latentsync.serving.app import PUBLIC_HEALTH_KEYS
 from tests.datafiles import media_file
 from tests.streamtools import REPO, Api, ServerProcess, free_port
 
@@ -82,6 +83,23 @@ def test_token_guards_everything_but_health(guarded):
     assert guarded.health()[0] == 200  # health stays open for load balancers and systemd checks
     assert authed(guarded.port).request("GET", "/tasks")[0] == 200
     assert TOKEN not in guarded.log()
+
+
+def test_foreign_origins_are_refused_and_health_tells_strangers_the_state_only(guarded):
+    api = authed(guarded.port)
+    evil = {"Origin": "http://evil.example"}
+    status, body = api.request("POST", "/generate_video", b"", evil)  # refused before the body is looked at
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed", body
+    assert api.request("DELETE", "/tasks/nope", headers=evil)[0] == 403
+    rebinding = {"Origin": f"http://evil.example:{guarded.port}", "Host": f"evil.example:{guarded.port}"}
+    assert api.request("DELETE", "/tasks/nope", headers=rebinding)[0] == 403  # same-origin, but not ours
+    ours = {"Origin": f"http://127.0.0.1:{guarded.port}"}
+    assert api.request("DELETE", "/tasks/nope", headers=ours)[0] == 404  # our own page: through to the route
+    assert api.request("DELETE", "/tasks/nope")[0] == 404  # no Origin (curl): allowed
+    status, stranger = guarded.health()
+    assert status == 200 and set(stranger) <= set(PUBLIC_HEALTH_KEYS) and stranger["state"] == "idle", stranger
+    status, full = api.request("GET", "/health")
+    assert status == 200 and full["workers"]["pids"] and "ffmpeg_pid" in full
 
 
 def test_rate_limit_and_json_logs_with_task_ids(guarded):

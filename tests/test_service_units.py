@@ -8,7 +8,7 @@ import os
 import socket
 import time
 
-from latentsync.serving.app import RateLimiter
+from latentsync.serving.app import PUBLIC_HEALTH_KEYS, RateLimiter, origin_allowed, public_health
 from latentsync.serving.logs import JsonFormatter
 from latentsync.serving.systemd import PRIVATE_NOTIFY_ENV, Watchdog, sd_notify, take_notify_socket, watchdog_interval_s
 
@@ -89,3 +89,23 @@ def test_json_log_lines_carry_task_ids():
     line = json.loads(JsonFormatter().format(record))
     assert line["msg"] == "task t1 failed" and line["task_id"] == "t1" and line["level"] == "WARNING"
     assert line["ts"].endswith("Z")
+
+
+def test_origin_check_allows_scripts_our_loopback_pages_and_listed_origins_only():
+    listed = frozenset({"https://studio.example.com"})
+    assert origin_allowed(None, "127.0.0.1:11001", "http", frozenset())  # curl: no Origin header
+    assert origin_allowed("http://127.0.0.1:11001", "127.0.0.1:11001", "http", frozenset())  # our page
+    assert origin_allowed("http://localhost:11001", "localhost:11001", "http", frozenset())
+    assert origin_allowed("http://[::1]:11001", "[::1]:11001", "http", frozenset())
+    assert origin_allowed("https://studio.example.com/", "10.0.0.5:11001", "http", listed)
+    assert not origin_allowed("https://evil.example", "127.0.0.1:11001", "http", listed)  # cross-site POST
+    assert not origin_allowed("null", "127.0.0.1:11001", "http", listed)  # sandboxed frame, file:// page
+    # DNS rebinding: the page's own name resolves to 127.0.0.1, so it is "same-origin" by its own account
+    assert not origin_allowed("http://evil.example:11001", "evil.example:11001", "http", frozenset())
+    assert not origin_allowed("http://127.0.0.1:8080", "127.0.0.1:11001", "http", frozenset())  # another port
+
+
+def test_public_health_tells_the_state_only():
+    body = {"state": "speaking", "ticking": True, "ffmpeg_up": True, "engine_ready": True, "uptime_s": 3.0,
+            "ffmpeg_pid": 42, "on_air_task": "t1", "ffmpeg_last_error": "x", "workers": {"pids": [43]}}
+    assert public_health(body) == {k: body[k] for k in PUBLIC_HEALTH_KEYS}

@@ -1,7 +1,8 @@
 """Flask app factory: routes only; all state lives in the Runtime passed in.
 
 Routes:
-    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503;
+    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503 (with ``api.token``
+    set, a caller without it sees the state only: :data:`PUBLIC_HEALTH_KEYS`);
     ``?ready=1``: 200 only when streaming and the engine accepts uploads (readiness);
     ``?live=1``: 200 while the output clock ticks, even with the RTMP server away (liveness).
     ``GET /metrics``: Prometheus text format.
@@ -10,7 +11,9 @@ Routes:
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
-temporary file and no task behind.
+temporary file and no task behind. A state-changing request from a browser page of a foreign
+origin gets 403 ``origin_not_allowed`` (:func:`origin_allowed`); uploads over the rate limit are
+refused before their body is read.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import logging
 import math
 import threading
 import time
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from latentsync.config import is_loopback_host
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -73,6 +78,43 @@ def _storage_error(exc: OSError) -> ApiError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ApiError(507, "insufficient_storage", "no space left to store the upload; try again later")
     return ApiError(500, "upload_failed", f"could not store the upload: {exc.strerror or exc}")
+
+
+#: Methods that change state: a browser page of another origin must not send them (CSRF).
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: What ``/health`` tells a caller without the token (when ``api.token`` is set): the state only,
+#: no process ids, task ids, errors or counters.
+PUBLIC_HEALTH_KEYS = ("state", "ticking", "ffmpeg_up", "engine_ready", "uptime_s")
+
+
+def origin_allowed(origin: str | None, host: str, scheme: str, allowed: frozenset[str]) -> bool:
+    """Whether a state-changing request with this ``Origin`` header may proceed.
+
+    Allowed: no ``Origin`` (not a browser page: curl, scripts, server-to-server), an origin in
+    ``allowed`` (``api.allowed_origins``), or a same-origin page (``Origin`` equals
+    ``scheme://Host``) whose host is loopback (``127.0.0.1``, ``[::1]``, ``localhost``). A
+    same-origin page under any other name is only trusted when listed: a DNS-rebinding page
+    (``http://evil.example:11001`` resolving to 127.0.0.1) is same-origin by its own account.
+
+    Args:
+        origin: The request's ``Origin`` header (None when absent).
+        host: The request's ``Host`` header (``host[:port]``).
+        scheme: ``http`` or ``https`` as the request arrived.
+        allowed: Origins from ``api.allowed_origins``, lower-case, without a trailing slash.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    if origin != f"{scheme}://{host}".lower():
+        return False
+    return is_loopback_host(urlsplit(origin).hostname or "")
+
+
+def public_health(body: dict) -> dict:
+    """The part of a ``/health`` body shown without the token: :data:`PUBLIC_HEALTH_KEYS` only."""
+    return {k: body[k] for k in PUBLIC_HEALTH_KEYS if k in body}
 
 
 class RateLimiter:
@@ -132,18 +174,32 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     fps = runtime.config.stream.fps
     limiter = RateLimiter(api.rate_limit_per_min)
     token = api.token.encode() if api.token else None
+    origins = frozenset(o.rstrip("/").lower() for o in api.allowed_origins)
+
+    def authorized() -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
+
+    @app.before_request
+    def check_origin():
+        if request.method in STATE_CHANGING_METHODS and not origin_allowed(
+            request.headers.get("Origin"), request.host, request.scheme, origins
+        ):
+            return _error(403, "origin_not_allowed",
+                          f"requests from web pages of {request.headers.get('Origin')!r} are not allowed "
+                          "(api.allowed_origins)")  # fmt: skip
+        return None
 
     @app.before_request
     def require_token():
-        if token is None or request.path == "/health":
+        if request.path == "/health" or authorized():
             return None
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-            response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response, status
-        return None
+        response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -164,7 +220,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             ok = streaming and body.get("engine_ready", False)
         else:
             ok = streaming
-        return jsonify(body), (200 if ok else 503)
+        return jsonify(body if authorized() else public_health(body)), (200 if ok else 503)
 
     @app.get("/metrics")
     def metrics():
