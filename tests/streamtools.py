@@ -63,7 +63,15 @@ class RtmpServer:
         self._script("stop")
 
     def url(self, key: str = "avatar") -> str:
-        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
+        """The publish URL of ``live/<key>``, with the server's publish secret (plays too)."""
+        secret = (self.run_dir / "publish.secret").read_text().strip()
+        return f"rtmp://127.0.0.1:{self.port}/live/{key}?secret={secret}"
+
+    def nginx_pids(self) -> tuple[int, list[int]]:
+        """nginx's master pid and its worker pids."""
+        master = int((self.run_dir / "nginx.pid").read_text())
+        out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        return master, [int(p) for p in out]
 
     def publishing(self, key: str = "avatar") -> bool:
         """True when nginx reports a client publishing to ``live/<key>`` (its /stat page)."""

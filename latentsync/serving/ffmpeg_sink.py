@@ -350,8 +350,10 @@ class FFmpegSink:
         run.started_at = time.monotonic()
         # Own session: a terminal's Ctrl-C stops the server, which then flushes FFmpeg itself (EOF on
         # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
+        # An empty environment: FFmpeg needs none, and the server's holds the API token and overrides.
         run.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env={},
         )
         self._starts += 1
         logger.info(
