@@ -46,12 +46,14 @@ def require_rtmp_tools() -> None:
 class RtmpServer:
     """A private nginx-rtmp instance on a free loopback port, run by scripts/rtmp_server.sh."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, push_url_file: Path | None = None):
         self.port = free_port()
         self.http_port = free_port()
         self.run_dir = run_dir
         self.env = dict(os.environ, RTMP_PORT=str(self.port), RTMP_HTTP_PORT=str(self.http_port),
                         RTMP_RUN_DIR=str(run_dir))
+        if push_url_file is not None:  # relay everything published here to the URL in that file
+            self.env["RTMP_PUSH_URL_FILE"] = str(push_url_file)
 
     def _script(self, verb: str) -> None:
         subprocess.run(["bash", str(RTMP_SCRIPT), verb], env=self.env, check=True, capture_output=True, timeout=60)

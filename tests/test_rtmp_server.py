@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.streamtools import FFMPEG
+from tests.streamtools import FFMPEG, RtmpServer
 
 pytestmark = [pytest.mark.rtmp]
 
@@ -54,3 +54,29 @@ def test_nginx_workers_do_not_run_as_root(rtmp_server):
         assert "0" not in uids, uids
     else:
         assert uids == {str(os.getuid())}
+
+
+def test_a_relay_keeps_the_destination_key_off_every_command_line(rtmp_server, tmp_path):
+    key = "platform-key-" + os.urandom(8).hex()
+    push_file = tmp_path / "push.url"
+    push_file.write_text(rtmp_server.url(key) + "\n")  # the "platform" is the session's server
+    push_file.chmod(0o600)
+    relay = RtmpServer(tmp_path / "relay", push_url_file=push_file)
+    relay.start()
+    proc = publish(relay.url("avatar"), seconds=6.0)
+    try:
+        assert wait_publishing(rtmp_server, key, timeout_s=5.0), "the relay did not push to the destination"
+        leaked = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, key)]
+        assert leaked == [], f"stream key on the command line of {leaked}"
+        assert (os.stat(relay.run_dir / "nginx.conf").st_mode & 0o077) == 0
+    finally:
+        proc.kill()
+        proc.wait(5)
+        relay.stop()
+
+
+def _cmdline_has(proc_dir: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return False
