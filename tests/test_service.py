@@ -107,6 +107,10 @@ def test_rate_limit_and_json_logs_with_task_ids(guarded):
     answers = [api.post_audio(media_file(SPEECH).read_bytes()) for _ in range(3)]
     assert [s for s, _ in answers[:2]] == [202, 202]
     assert answers[2][0] == 429 and answers[2][1]["error"]["code"] == "rate_limited"
+    # over the limit, the body is not even looked at: no "no_file" for a body without the field
+    multipart = {"Content-Type": "multipart/form-data; boundary=x"}
+    status, refused = api.request("POST", "/generate_video", b"--x--\r\n", multipart)
+    assert status == 429 and refused["error"]["code"] == "rate_limited", refused
     for _, body in answers[:2]:
         api.request("DELETE", f"/tasks/{body['task_id']}")
     lines = [json.loads(line) for line in guarded.log().splitlines() if line.startswith("{")]
