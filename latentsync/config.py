@@ -8,6 +8,8 @@ checks (ranges, even sizes, supported AAC rates) follow in :func:`validate`.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +34,16 @@ class EngineName(str, enum.Enum):
 
 @dataclass
 class ServerConfig:
-    """HTTP API listener."""
+    """HTTP API listener.
+
+    A ``host`` that is not loopback (``0.0.0.0``, a LAN address, a name other than ``localhost``)
+    needs ``api.token``, or ``allow_public_without_token: true`` to say the exposure is meant
+    (e.g. behind an authenticating reverse proxy); otherwise the server refuses to start.
+    """
 
     host: str = "127.0.0.1"
     port: int = 11001
+    allow_public_without_token: bool = False
 
 
 @dataclass
@@ -124,6 +132,12 @@ class ApiConfig:
 
     ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
     ``rate_limit_per_min``: uploads accepted per client address per minute (0: unlimited).
+    ``decode_timeout_s``: seconds FFmpeg may take to decode one upload; past it the upload gets
+    503 ``decode_timeout``.
+    ``allowed_origins``: web origins (``scheme://host[:port]``) whose pages may send state-changing
+    requests (POST, PUT, PATCH, DELETE) from a browser. Requests without an ``Origin`` header
+    (curl, scripts) and same-origin pages served from a loopback address are always allowed;
+    anything else gets 403 ``origin_not_allowed``.
     """
 
     max_audio_s: float = 300.0
@@ -131,6 +145,8 @@ class ApiConfig:
     max_queued: int = 16
     token: str | None = None
     rate_limit_per_min: int = 120
+    decode_timeout_s: float = 30.0
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -211,6 +227,12 @@ def validate(config: AppConfig) -> None:
     """
     s = config.stream
     _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
+    _check(is_loopback_host(config.server.host) or config.api.token is not None
+           or config.server.allow_public_without_token, "server.host", config.server.host,
+           "a loopback address unless api.token is set (or server.allow_public_without_token: true)")  # fmt: skip
+    for origin in config.api.allowed_origins:
+        _check(_ORIGIN_RE.fullmatch(origin) is not None, "api.allowed_origins", origin,
+               "origins like https://studio.example.com (scheme://host[:port], no path)")  # fmt: skip
     _check(s.rtmp_url.startswith(("rtmp://", "rtmps://")), "stream.rtmp_url", "<hidden>", "an rtmp:// URL")
     _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
     _check(s.audio_sample_rate in AAC_SAMPLE_RATES_HZ, "stream.audio_sample_rate", s.audio_sample_rate,
@@ -251,9 +273,28 @@ def validate(config: AppConfig) -> None:
     _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
     _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
+    _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
+
+
+_ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``), including ``[::1]``.
+
+    Args:
+        host: A listen address or a URL's host part.
+    """
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def to_yaml(config: AppConfig) -> str:

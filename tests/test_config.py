@@ -65,3 +65,14 @@ def test_stream_key_is_redacted():
     assert redact_rtmp_url("rtmp://user:pw@live.example:1935/app/s3cr3t") == "rtmp://live.example:1935/app/***"
     c = load_config(overrides=["stream.rtmp_url=rtmp://127.0.0.1/live/s3cr3t"])
     assert "s3cr3t" not in to_yaml(c)
+
+
+def test_a_public_listen_address_needs_a_token_or_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match="server.host"):
+        load_config(None, ["server.host=0.0.0.0"])
+    assert load_config(None, ["server.host=0.0.0.0", "api.token=0123456789abcdef"]).server.host == "0.0.0.0"
+    assert load_config(None, ["server.host=0.0.0.0", "server.allow_public_without_token=true"])
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_config(None, [f"server.host={host}"]).server.host == host
+    with pytest.raises(ConfigError, match="api.allowed_origins"):
+        load_config(None, ["api.allowed_origins=[https://studio.example.com/page]"])

@@ -250,7 +250,7 @@ def test_bad_input_is_rejected_and_good_formats_accepted_while_the_stream_runs(s
     assert after["dropped_ticks"] == before["dropped_ticks"] == 0
     assert after["ffmpeg_restarts"] == before["ffmpeg_restarts"]
     work_dirs = list((server.tmp / "tmp").iterdir())
-    assert len(work_dirs) == 1 and not [p for p in work_dirs[0].iterdir() if p.name.startswith("upload")]
+    assert len(work_dirs) == 1 and not list((work_dirs[0] / "uploads").iterdir())  # one folder per upload, removed
 
 
 def test_killed_worker_mid_task_then_next_task_succeeds(server):

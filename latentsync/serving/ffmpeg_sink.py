@@ -350,8 +350,10 @@ class FFmpegSink:
         run.started_at = time.monotonic()
         # Own session: a terminal's Ctrl-C stops the server, which then flushes FFmpeg itself (EOF on
         # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
+        # An empty environment: FFmpeg needs none, and the server's holds the API token and overrides.
         run.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env={},
         )
         self._starts += 1
         logger.info(
@@ -387,6 +389,11 @@ class FFmpegSink:
                 thread.join(max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                logger.warning("ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index,
+                               FLUSH_TIMEOUT_S)  # fmt: skip
+            else:
+                logger.info("ffmpeg run %d flushed and exited with code %d", run.index, proc.returncode)
         self._kill(run)
         for thread in run.threads:
             thread.join(2.0)

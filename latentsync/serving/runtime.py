@@ -8,7 +8,6 @@ Stop order is the reverse, and every part is stopped even when an earlier one fa
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -20,7 +19,7 @@ import soxr
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, EngineName
-from latentsync.media.audio import decode_audio
+from latentsync.media.audio import decode_untrusted_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
@@ -53,6 +52,7 @@ class Runtime:
         self._started = False
         self._stopped = False
         self._work_dir: Path | None = None
+        self._upload_root: Path | None = None
         self._sink: FFmpegSink | None = None
         self._controller: StreamingController | None = None
         self._mixer: ProgramMixer | None = None
@@ -67,7 +67,11 @@ class Runtime:
     # ----------------------------------------------------------------- accessors
     @property
     def work_dir(self) -> Path | None:
-        """Private temporary directory (mode 0700): FIFOs and uploads; None when not running."""
+        """Private temporary directory (mode 0700): the FIFOs and ``uploads/``; None when not running.
+
+        Uploads never lie beside the FIFOs: each gets its own folder under ``uploads/`` (see
+        :meth:`upload_path`).
+        """
         return self._work_dir
 
     @property
@@ -127,6 +131,8 @@ class Runtime:
             "on" if clip.audio is not None else "off", time.monotonic() - t,
         )  # fmt: skip
         self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-rt-"))  # mkdtemp makes it 0700
+        self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
+        self._upload_root.mkdir(mode=0o700)
         settings = SinkSettings(
             rtmp_url=s.rtmp_url, width=clip.size[0], height=clip.size[1], fps=s.fps,
             sample_rate_hz=s.audio_sample_rate, audio_channels=s.audio_channels,
@@ -236,17 +242,28 @@ class Runtime:
                     extra={"task_id": task_id})  # fmt: skip
 
     # ----------------------------------------------------------------- uploads
-    def upload_path(self, suffix: str = ".upload") -> Path:
-        """A fresh, private temporary file path for an upload (caller deletes it).
+    def upload_path(self) -> Path:
+        """A path for one upload, alone in a fresh private directory (caller calls :meth:`discard_upload`).
+
+        The directory (mode 0700) is made for this upload only and holds nothing else, so a file
+        that names a sibling (a concat list, a playlist, an MP4 data reference) finds nothing; it
+        lives under ``<work_dir>/uploads/``, never beside the stream's FIFOs.
+
+        Returns:
+            ``<work_dir>/uploads/u-<random>/upload`` (not yet created).
 
         Raises:
             RuntimeError: If the runtime is not running.
         """
-        if self._work_dir is None:
+        if self._upload_root is None:
             raise RuntimeError("runtime not started")
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=self._work_dir)
-        os.close(fd)
-        return Path(name)
+        return Path(tempfile.mkdtemp(prefix="u-", dir=self._upload_root)) / "upload"
+
+    def discard_upload(self, path: Path) -> None:
+        """Delete an upload made by :meth:`upload_path` with its directory (never raises)."""
+        folder = path.parent
+        if self._upload_root is not None and folder.parent == self._upload_root:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
         """Decode an upload for a task: at the stream rate (on air) and at 16 kHz (engine).
@@ -262,10 +279,13 @@ class Runtime:
             The :class:`TaskAudio`.
 
         Raises:
-            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio.
+            latentsync.media.audio.MediaDecodeTimeout: If decoding ran past ``api.decode_timeout_s``.
+            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio in an allowed format
+                (:data:`latentsync.media.audio.UPLOAD_FORMATS`).
         """
         rate = self.config.stream.audio_sample_rate
-        stream = decode_audio(path, rate, max_duration_s=max_duration_s)
+        stream = decode_untrusted_audio(path, rate, max_duration_s=max_duration_s,
+                                        timeout_s=self.config.api.decode_timeout_s)  # fmt: skip
         engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
         return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from latentsync.media.timing import samples_in_frame
+from latentsync.serving.systemd import name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class StreamingController:
 
     # ----------------------------------------------------------------- clock
     def _run(self) -> None:
+        name_this_thread("ls-clock")  # the thread systemd's watchdog vouches for, findable by name
         period_s = 1.0 / self._fps
         self._t0 = self._clock()
         self._started = True
