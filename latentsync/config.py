@@ -134,6 +134,17 @@ class ApiConfig:
 
 
 @dataclass
+class TasksConfig:
+    """Scheduling of accepted tasks (docs/scheduling.md).
+
+    ``generate_ahead``: tasks after the one on air that may generate at once; later tasks wait
+    holding only their decoded audio (bounded memory per waiting task).
+    """
+
+    generate_ahead: int = 1
+
+
+@dataclass
 class LogConfig:
     """Logging."""
 
@@ -150,6 +161,7 @@ class AppConfig:
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -252,6 +264,7 @@ def validate(config: AppConfig) -> None:
     _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
+    _check(0 <= config.tasks.generate_ahead <= 64, "tasks.generate_ahead", config.tasks.generate_ahead, "0..64")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 

@@ -194,7 +194,7 @@ class Runtime:
             pool, avatar, self._mixer.enqueue, self._mixer.interrupt, lambda: mixer.ticks, fps=cfg.stream.fps,
             sample_rate_hz=cfg.stream.audio_sample_rate, max_queued=cfg.api.max_queued,
             deadline_s=engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
-            on_ttff=self.metrics.observe_ttff,
+            on_ttff=self.metrics.observe_ttff, generate_ahead=cfg.tasks.generate_ahead,
         )  # fmt: skip
 
     def stop(self) -> None:
