@@ -7,8 +7,11 @@ its first frame must be on air (docs/scheduling.md). At most one call per worker
 ``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
 not from when it was queued. A job that misses its deadline, or that
 was running on a worker that died, is retried once on a fresh pool (the pool is rebuilt, since a
-hung worker would keep its slot forever); a second failure fails the job with a reason. The stream
-never depends on the pool: the pool only produces faces.
+hung worker would keep its slot forever); a second failure fails the job with a reason. A rebuilt
+pool is verified before any job goes to it: every new worker answers a ping proving its engine
+loaded; a worker that cannot load marks the pool broken (:attr:`WorkerPool.broken`), which fails
+every queued and later job at once with that reason and makes readiness fail. The stream never
+depends on the pool: the pool only produces faces.
 """
 
 from __future__ import annotations
@@ -195,6 +198,8 @@ class WorkerPool:
         self._failed = 0
         self._completed = 0
         self._dispatches = 0
+        self._verified = False  # the current pool's workers answered a ping with their engine loaded
+        self._broken: str | None = None  # why a rebuilt pool cannot serve (its workers could not load)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -209,6 +214,8 @@ class WorkerPool:
                 return
             self._pool = self._new_pool()
         self._check_workers(self._start_timeout_s)
+        with self._lock:
+            self._verified = True
         self._monitor = threading.Thread(target=self._watch, name="worker-pool-monitor", daemon=True)
         self._monitor.start()
 
@@ -235,6 +242,15 @@ class WorkerPool:
                 self._workers, in_flight, len(self._queue), self._rebuilds, self._retried, self._failed,
                 self._completed, self._dispatches,
             )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the pool cannot serve (a rebuilt worker could not load its engine), or None."""
+        return self._broken
+
+    def ready(self) -> bool:
+        """True while the pool runs and is not broken (a rebuild being verified still counts as ready)."""
+        return self._pool is not None and not self._stop.is_set() and self._broken is None
 
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes."""
@@ -292,6 +308,8 @@ class WorkerPool:
         with self._lock:
             if self._pool is None or self._stop.is_set():
                 raise JobFailed("worker pool is not running")
+            if self._broken is not None:
+                raise JobFailed(self._broken)
             if len(self._queue) >= MAX_QUEUED_JOBS:
                 raise JobFailed(f"worker pool queue full ({MAX_QUEUED_JOBS} jobs)")
             heapq.heappush(self._queue, (job.due_at, job.key, job))
@@ -316,7 +334,7 @@ class WorkerPool:
 
     def _dispatch_waiting(self) -> None:
         """Hand queued jobs to the pool while a worker is free (lock held)."""
-        while self._queue and len(self._running) < self._workers and self._pool is not None:
+        while self._queue and len(self._running) < self._workers and self._pool is not None and self._verified:
             jobs = self._take_batch()
             dispatch_id = next(self._keys)
             self._running[dispatch_id] = jobs
@@ -470,6 +488,8 @@ class WorkerPool:
         assert old is not None
         threading.Thread(target=self._terminate, args=(old,), name="worker-pool-terminate", daemon=True).start()
         self._pool = self._new_pool()
+        self._verified = False  # nothing is dispatched until every new worker proved its engine loaded
+        threading.Thread(target=self._verify, args=(self._pool,), name="worker-pool-verify", daemon=True).start()
         for job in running:
             if job.attempts >= 2:
                 threading.Thread(
@@ -479,6 +499,39 @@ class WorkerPool:
                 self._retried += 1
                 heapq.heappush(self._queue, (job.due_at, job.key, job))
         self._dispatch_waiting()
+
+
+    def _verify(self, pool: multiprocessing.pool.Pool) -> None:
+        """Ping a rebuilt pool's workers; then dispatch the waiting jobs, or mark the pool broken."""
+        pings = [pool.apply_async(_worker_ping) for _ in range(self._workers)]
+        deadline = time.monotonic() + self._start_timeout_s
+        error = None
+        for ping in pings:
+            try:
+                _pid, worker_error = ping.get(max(0.1, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                error = f"rebuilt engine workers did not start within {self._start_timeout_s:.0f} s"
+                break
+            except Exception as exc:  # the pool was terminated under us (close or another rebuild)
+                error = f"rebuilt engine worker unreachable: {type(exc).__name__}: {exc}"
+                break
+            if worker_error:
+                error = f"engine worker failed to start after a rebuild: {worker_error}"
+                break
+        with self._lock:
+            if self._pool is not pool or self._stop.is_set():
+                return  # replaced or closed meanwhile: that pool's verification decides nothing
+            if error is None:
+                self._verified = True
+                logger.info("rebuilt worker pool verified: %d worker(s) loaded their engine", self._workers)
+                self._dispatch_waiting()
+                return
+            self._broken = error
+            jobs = [job for _, _, job in self._queue]
+            self._queue.clear()
+        logger.error("worker pool broken: %s", error)
+        for job in jobs:
+            self._finish_error(job, f"{job.label} failed: {error}")
 
 
 def _pid_state(pid: int) -> str | None:
