@@ -26,6 +26,7 @@ import time
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from latentsync.config import GUIDANCE_SCALE_RANGE
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
@@ -178,7 +179,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
-        guidance = _form_number("guidance_scale", float, 1.0, 20.0)
+        guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
         if not limiter.allow(request.remote_addr or "?"):
             raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         if tasks.waiting() >= api.max_queued:

@@ -20,6 +20,7 @@ import soxr
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, EngineName
+from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
 from latentsync.media.audio import decode_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
-ENGINE_SAMPLE_RATE_HZ = 16000  # engines analyse 16 kHz audio (Whisper's rate)
 
 
 class Runtime:
@@ -170,14 +170,8 @@ class Runtime:
         devices = _engine_devices(engine.device) if engine.name is EngineName.latentsync else []
         workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
         options: dict = {}
-        if engine.name is EngineName.latentsync:
-            ls = engine.latentsync
-            options = {
-                "unet_path": ls.unet_path, "unet_config": ls.unet_config, "whisper_path": ls.whisper_path,
-                "vae_path": ls.vae_path, "scheduler_config": ls.scheduler_config, "dtype": ls.dtype.value,
-                "inference_steps": ls.inference_steps, "guidance_scale": ls.guidance_scale, "seed": ls.seed,
-                "compile": ls.compile, "device": devices[0] if devices else None,
-            }  # fmt: skip
+        if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
+            options = {"config": engine.latentsync, "device": devices[0] if devices else None}
         t = time.monotonic()
         pool = WorkerPool(engine.name.value, options, avatar.path, workers, devices=devices,
                           on_chunk_done=self.metrics.observe_chunk, max_batch=engine.max_batch_chunks)  # fmt: skip
