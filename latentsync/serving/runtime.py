@@ -25,6 +25,7 @@ from latentsync.media.audio import decode_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
+from latentsync.serving.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.metrics import ServerMetrics
 from latentsync.serving.mixer import ProgramMixer
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
@@ -61,7 +62,7 @@ class Runtime:
         self._tasks: TaskManager | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
-        self.metrics = ServerMetrics(self.metrics_snapshot)
+        self.metrics = ServerMetrics(self.health_snapshot)
         self._watchdog = Watchdog(self._clock_alive)
 
     # ----------------------------------------------------------------- accessors
@@ -264,69 +265,62 @@ class Runtime:
         return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
 
     # ----------------------------------------------------------------- health and metrics
-    def metrics_snapshot(self) -> dict:
-        """Current counters for the metrics collector (cheap; called at every scrape)."""
-        _, h = self.health()
-        pool = self._pool.stats() if self._pool is not None else None
-        tasks = self.tasks
-        return {
-            **{k: h.get(k, 0) for k in ("frames_emitted", "late_ticks", "dropped_ticks", "underrun_ticks",
-                                        "ffmpeg_restarts")},
-            "state": h.get("state"),
-            "ffmpeg_up": h.get("ffmpeg_up", False),
-            "engine_ready": h.get("engine_ready", False),
-            "worker_rebuilds": pool.rebuilds if pool else 0,
-            "chunks_retried": pool.retried if pool else 0,
-            "pool_queued": pool.queued if pool else 0,
-            "pool_in_flight": pool.in_flight if pool else 0,
-            "playlist": self._mixer.pending() if self._mixer else 0,
-            "tasks_waiting": tasks.waiting() if tasks else 0,
-            "tasks_final": tasks.final_counts() if tasks else {},
-        }  # fmt: skip
-
-    def health(self) -> tuple[bool, dict]:
-        """Stream health for ``GET /health``.
-
-        Returns:
-            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up;
-            body is a JSON-ready dict (state, frames emitted, late/dropped/underrun ticks, FFmpeg
-            restarts, uptime in seconds, engine readiness). The RTMP URL is never included.
-        """
+    def health_snapshot(self) -> HealthSnapshot:
+        """The typed health of every part, at this moment (cheap; ``/health`` and every metrics scrape)."""
         uptime_s = round(time.monotonic() - self._created_monotonic, 3)
-        body: dict = {"state": StreamState.STARTING.value, "uptime_s": uptime_s, "engine_ready": False}
-        if self._stopped:
-            body["state"] = StreamState.STOPPED.value
+        state = StreamState.STOPPED if self._stopped else StreamState.STARTING
+        pool, tasks, mixer = self._pool, self.tasks, self._mixer
+        engine = dict(
+            engine=self.config.engine.name.value,
+            engine_ready=tasks is not None and pool is not None and pool.ready(),
+            engine_error=pool.broken if pool is not None else None,
+            playlist=mixer.pending() if mixer else 0,
+            tasks_waiting=tasks.waiting() if tasks else 0,
+            tasks_admitted=tasks.admitted() if tasks else 0,
+            tasks_final=tasks.final_counts() if tasks else {},
+        )
+        if pool is not None:
+            p = pool.stats()
+            engine["workers"] = WorkersHealth(
+                count=p.workers, pids=tuple(pool.worker_pids()), rebuilds=p.rebuilds, in_flight=p.in_flight,
+                queued=p.queued, retried=p.retried, failed=p.failed, completed=p.completed, dispatches=p.dispatches,
+            )  # fmt: skip
         if self._controller is None or self._sink is None:
-            return False, body
+            return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)
         c = self._controller.stats()
         k = self._sink.stats()
-        mixer = self._mixer
-        body.update(
-            state=c.state.value,
+        ticking = self._clock_alive()
+        size = self.stream_size
+        return HealthSnapshot(
+            state=state.value if self._stopped else c.state.value,
+            uptime_s=uptime_s,
+            ticking=ticking,
+            streaming=ticking and k.up and not self._stopped,
             frames_emitted=c.frames_emitted,
             ticks=c.ticks,
             late_ticks=c.late_ticks,
-            underrun_ticks=mixer.underrun_ticks if mixer else 0,
             dropped_ticks=c.dropped_ticks,
+            underrun_ticks=mixer.underrun_ticks if mixer else 0,
             max_tick_lateness_ms=round(c.max_lateness_ms, 3),
             ffmpeg_up=k.up,
             ffmpeg_restarts=k.restarts,
             ffmpeg_pid=k.pid,
             ffmpeg_last_error=k.last_error,
-            engine_ready=self.tasks is not None and self._pool is not None and self._pool.ready(),
-            engine_error=self._pool.broken if self._pool is not None else None,
-            engine=self.config.engine.name.value,
             on_air_task=mixer.current_task_id if mixer else None,
-            stream={"width": self.stream_size[0], "height": self.stream_size[1], "fps": self.config.stream.fps,
-                    "audio_sample_rate": self.config.stream.audio_sample_rate} if self.stream_size else None,
+            stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
+            if size else None,
+            **engine,
         )  # fmt: skip
-        if self._pool is not None:
-            p = self._pool.stats()
-            body["workers"] = {"count": p.workers, "pids": self._pool.worker_pids(), "rebuilds": p.rebuilds,
-                               "in_flight": p.in_flight, "queued": p.queued}  # fmt: skip
-        ticking = self._clock_alive()
-        body["ticking"] = ticking
-        return (ticking and k.up and not self._stopped), body
+
+    def health(self) -> tuple[bool, dict]:
+        """Stream health for ``GET /health``.
+
+        Returns:
+            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up; body is
+            :meth:`HealthSnapshot.to_json` (the RTMP URL is never included).
+        """
+        snapshot = self.health_snapshot()
+        return snapshot.streaming, snapshot.to_json()
 
 
 def _engine_devices(device: str | None) -> list[str]:
