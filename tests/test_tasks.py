@@ -294,3 +294,54 @@ def test_program_events_drive_the_task():
     program.on_air(ProgramEvent.OFF_AIR, 12)
     assert task.state is TaskState.cancelled and task.audio is None
     assert task.to_json()["interrupt_latency_frames"] == 2
+
+
+def test_cancel_fail_and_done_race_through_the_real_callers():
+    """The API's cancel, a failed pool job and the mixer's last frame race on a task on air."""
+    iterations = 200
+    rng = random.Random(5)
+    pool, playlist = FakePool(), FakePlaylist()
+    manager = TaskManager(pool, FakeAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
+                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0, generate_ahead=0)  # fmt: skip
+    outcomes = {TaskState.done: 0, TaskState.failed: 0, TaskState.cancelled: 0}
+    try:
+        for i in range(iterations):
+            task, _ = manager.submit(speech(0.4), None, None)  # 10 frames: one chunk
+            program = playlist.programs[-1]
+            wait_for(lambda task=task: pool.of(task.task_id), "features job")
+            features = pool.of(task.task_id)[0]
+            pool.take(features)
+            features.on_done(np.zeros((CHUNK_FRAMES, 2), np.float32))
+            wait_for(lambda task=task: pool.of(task.task_id), "chunk job")
+            chunk = pool.of(task.task_id)[0]
+            program.on_air(ProgramEvent.FIRST_FRAME, 0)
+            assert task.state is TaskState.streaming
+            racers = [
+                lambda task=task: manager.cancel(task.task_id),
+                lambda chunk=chunk: chunk.on_error("chunk failed: boom"),
+                lambda program=program: program.on_air(ProgramEvent.DONE, 10),
+            ]
+            rng.shuffle(racers)
+            barrier = threading.Barrier(len(racers))
+
+            def run(racer, barrier=barrier):
+                barrier.wait(5.0)
+                racer()
+
+            threads = [threading.Thread(target=run, args=(r,)) for r in racers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(5.0)
+            final = task.state
+            assert final in FINAL_STATES and task.history[:4] == [TaskState.queued, TaskState.preparing,
+                                                                  TaskState.generating, TaskState.streaming], i
+            assert len(task.history) == 5 and task.history[-1] is final, (i, task.history)
+            assert (task.error == "chunk failed: boom") == (final is TaskState.failed), (i, task.error)
+            assert pool.of(task.task_id) == [] or final is TaskState.done, i  # cancel and fail drop its jobs
+            outcomes[final] += 1
+            if final is TaskState.done:  # its chunk job is still queued in the fake pool: finish it
+                pool.cancel_task(task.task_id)
+        assert manager.final_counts() == {state.value: n for state, n in outcomes.items()}
+    finally:
+        manager.close()

@@ -21,6 +21,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,7 +121,7 @@ class Task:
     #: States this task went through, in order (at most 5: queued ... final).
     history: list[TaskState] = field(default_factory=lambda: [TaskState.queued])
     #: Called with the task, outside its lock, once it reaches a final state (the scheduler's hook).
-    on_final: object = field(default=None, repr=False, compare=False)
+    on_final: Callable[[Task], None] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,7 @@ class Task:
             if to in FINAL_STATES:
                 self.finished_at = time.time()
             hook = self.on_final if to in FINAL_STATES else None
-        if callable(hook):
+        if hook is not None:
             hook(self)
         return previous
 
