@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from latentsync.config import StreamConfig
 from latentsync.serving.ffmpeg_sink import SinkSettings, build_ffmpeg_command
 
 URL = "rtmp://127.0.0.1:1935/live/s3cr3t"
 
 
 def settings(**overrides) -> SinkSettings:
-    values = dict(rtmp_url=URL, width=640, height=360, fps=25, sample_rate_hz=48000, audio_channels=2,
-                  video_bitrate_kbps=1800, audio_bitrate_kbps=96, x264_preset="veryfast", keyframe_interval_s=2.0)
+    values = dict(rtmp_url=URL, fps=25, audio_sample_rate=48000, audio_channels=2, video_bitrate_kbps=1800,
+                  audio_bitrate_kbps=96, x264_preset="veryfast", keyframe_interval_s=2.0)  # fmt: skip
     values.update(overrides)
-    return SinkSettings(**values)
+    return SinkSettings(StreamConfig(**values), width=640, height=360)
+
+
+def test_settings_read_the_stream_section():
+    s = SinkSettings(StreamConfig(fps=30, sink_queue_s=0.5, restart_backoff_min_s=0.25), width=2, height=2)
+    assert (s.fps, s.queue_frames, s.backoff_min_s, s.sample_rate_hz) == (30, 15, 0.25, 48000)
+    assert SinkSettings(StreamConfig(fps=1, sink_queue_s=0.1), 2, 2).queue_frames == 2  # never under 2
 
 
 def option(cmd: list[str], flag: str, occurrence: int = 0) -> str:

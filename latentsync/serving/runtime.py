@@ -128,16 +128,7 @@ class Runtime:
             "on" if clip.audio is not None else "off", time.monotonic() - t,
         )  # fmt: skip
         self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-rt-"))  # mkdtemp makes it 0700
-        settings = SinkSettings(
-            rtmp_url=s.rtmp_url, width=clip.size[0], height=clip.size[1], fps=s.fps,
-            sample_rate_hz=s.audio_sample_rate, audio_channels=s.audio_channels,
-            video_bitrate_kbps=s.video_bitrate_kbps, audio_bitrate_kbps=s.audio_bitrate_kbps,
-            x264_preset=s.x264_preset, keyframe_interval_s=s.keyframe_interval_s,
-            queue_frames=max(2, round(s.sink_queue_s * s.fps)),
-            backoff_min_s=s.restart_backoff_min_s, backoff_max_s=s.restart_backoff_max_s,
-            record_path=s.record_path,
-        )  # fmt: skip
-        self._sink = FFmpegSink(settings, self._work_dir)
+        self._sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
         self._mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
         self._controller = StreamingController(
             self._mixer, self._sink, fps=s.fps, sample_rate_hz=s.audio_sample_rate, max_catchup_s=s.max_catchup_s
