@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,6 +150,7 @@ def main() -> int:
               f"{'-' if ttff is None else f'{ttff:.2f}':>7}")  # fmt: skip
     print(f"RSS idle {idle_kib / 1024:.0f} MiB, peak {peak_kib / 1024:.0f} MiB (server + workers + FFmpeg)")
     print(f"underrun ticks while a task was on air: {underruns_on_air}; peak pool queue: {max_pool_queued} jobs")
+    shutil.rmtree(work, ignore_errors=True)  # kept (server.log) only when the bench failed
     return 0
 
 
