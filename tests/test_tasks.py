@@ -345,3 +345,29 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
         assert manager.final_counts() == {state.value: n for state, n in outcomes.items()}
     finally:
         manager.close()
+
+
+def test_due_at_is_the_earliest_time_each_chunk_can_be_on_air(setup):
+    manager, _, _ = setup
+    a, _ = manager.submit(speech(2.0), None, None)  # 50 frames
+    b, _ = manager.submit(speech(1.0), None, None)  # 25 frames
+    c, _ = manager.submit(speech(1.0), None, None)
+    a.first_frame_on_air_monotonic, a.frames_streamed = time.monotonic(), 20  # a on air, 20 frames played
+
+    def due(task, chunk_index):  # (earliest, latest) seconds from now the answer may be (+- float rounding)
+        before = time.monotonic()
+        at = manager.due_at(task, chunk_index)
+        return at - time.monotonic() - 1e-9, at - before + 1e-9
+
+    for task, chunk_index, expected_s in [
+        (a, 2, (32 - 20) / FPS),  # frame 32 of a, 12 frames from now
+        (a, 0, (0 - 20) / FPS),  # already played: overdue, first in line
+        (b, 0, (50 - 20) / FPS),  # when a ends
+        (b, 1, (50 - 20 + 16) / FPS),
+        (c, 1, (50 - 20 + 25 + 16) / FPS),  # after a and b
+    ]:
+        low, high = due(task, chunk_index)
+        assert low <= expected_s <= high, (task.task_id, chunk_index, low, expected_s, high)
+    manager.cancel(a.task_id)  # a gone: b is first in line and could start now
+    low, high = due(b, 1)
+    assert low <= 16 / FPS <= high
