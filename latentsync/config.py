@@ -19,6 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Sample rates the FFmpeg AAC encoder accepts (MPEG-4 Audio sampling frequency index table).
 AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+#: Classifier-free guidance scales accepted everywhere (config, engine, API ``guidance_scale``):
+#: 1.0 is no guidance (LatentSync 1.0's sampler needs >= 1; above ~20 the faces break up).
+GUIDANCE_SCALE_RANGE = (1.0, 20.0)
+#: DDIM denoising steps accepted by ``engine.latentsync.inference_steps``.
+INFERENCE_STEPS_RANGE = (1, 1000)
 
 
 class ConfigError(ValueError):
@@ -150,6 +155,17 @@ class ApiConfig:
 
 
 @dataclass
+class TasksConfig:
+    """Scheduling of accepted tasks (docs/scheduling.md).
+
+    ``generate_ahead``: tasks after the one on air that may generate at once; later tasks wait
+    holding only their decoded audio (bounded memory per waiting task).
+    """
+
+    generate_ahead: int = 1
+
+
+@dataclass
 class LogConfig:
     """Logging."""
 
@@ -166,6 +182,7 @@ class AppConfig:
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -264,10 +281,7 @@ def validate(config: AppConfig) -> None:
            "cpu, cuda, cuda:N or null")
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
     _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
-    _check(1 <= e.latentsync.inference_steps <= 1000, "engine.latentsync.inference_steps",
-           e.latentsync.inference_steps, "1..1000")
-    _check(0.0 <= e.latentsync.guidance_scale <= 20.0, "engine.latentsync.guidance_scale",
-           e.latentsync.guidance_scale, "0..20")
+    validate_latentsync(e.latentsync)
     a = config.api
     _check(0.1 <= a.max_audio_s <= 3600, "api.max_audio_s", a.max_audio_s, "0.1..3600")
     _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
@@ -275,6 +289,7 @@ def validate(config: AppConfig) -> None:
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
     _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
+    _check(0 <= config.tasks.generate_ahead <= 64, "tasks.generate_ahead", config.tasks.generate_ahead, "0..64")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 
@@ -295,6 +310,27 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync") -> None:
+    """Check the ``engine.latentsync`` values (the engine checks its settings with this too).
+
+    Args:
+        ls: The section.
+        section: Its key, for messages.
+
+    Raises:
+        ConfigError: Naming the first key whose value is out of range.
+    """
+    _check(isinstance(ls.dtype, DType), f"{section}.dtype", ls.dtype, f"one of {[d.value for d in DType]}")
+    steps, scale = ls.inference_steps, ls.guidance_scale
+    low, high = INFERENCE_STEPS_RANGE
+    _check(isinstance(steps, int) and not isinstance(steps, bool) and low <= steps <= high,
+           f"{section}.inference_steps", steps, f"an integer in {low}..{high}")  # fmt: skip
+    low, high = GUIDANCE_SCALE_RANGE
+    _check(isinstance(scale, int | float) and not isinstance(scale, bool) and low <= scale <= high,
+           f"{section}.guidance_scale", scale, f"{low:g}..{high:g}")  # fmt: skip
+    _check(isinstance(ls.seed, int) and not isinstance(ls.seed, bool), f"{section}.seed", ls.seed, "an integer")
 
 
 def to_yaml(config: AppConfig) -> str:

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from latentsync.config import is_loopback_host
+from latentsync.config import GUIDANCE_SCALE_RANGE, is_loopback_host
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -241,7 +241,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
-        guidance = _form_number("guidance_scale", float, 1.0, 20.0)
+        guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         path = None
