@@ -639,18 +639,70 @@ class TaskManager:
         program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter, self._on_ttff)
         processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s,
                                   due_at=lambda chunk_index: self.due_at(task, chunk_index))  # fmt: skip
+        with self._lock:
+            ahead = self._count((*WAITING_STATES, TaskState.streaming))
+        if not self.accept(task, program, processor):
+            return None
+        return task, ahead
+
+    def accept(self, task: Task, program: SpeechProgram, processor: TaskProcessor) -> bool:
+        """Queue a built task (an upload's, or a streamed utterance's) and start its processor.
+
+        Returns:
+            False when ``max_queued`` tasks already wait, the playlist is full or the manager is closed.
+        """
         task.on_final = self._admit
         with self._lock:
             if self._closed:
-                return None
-            ahead = self._count((*WAITING_STATES, TaskState.streaming))
+                return False
             if self._count(WAITING_STATES) >= self._max_queued or not self._enqueue(program):
-                return None
+                return False
             self._tasks[task.task_id] = (task, processor)
             self._trim()
         processor.start()
         self._admit()
-        return task, ahead
+        return True
+
+    # what a task built outside this class (latentsync.serving.speech_stream) needs
+    @property
+    def pool(self) -> WorkerPool:
+        """The worker pool."""
+        return self._pool
+
+    @property
+    def avatar(self):
+        """The prepared avatar."""
+        return self._avatar
+
+    @property
+    def fps(self) -> int:
+        """Stream frame rate."""
+        return self._fps
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """Stream audio rate in Hz."""
+        return self._sample_rate_hz
+
+    @property
+    def tail_frames(self) -> int:
+        """Silent frames generated after each speech."""
+        return self._tail_frames
+
+    @property
+    def deadline_s(self) -> float:
+        """Per-job run deadline in seconds."""
+        return self._deadline_s
+
+    @property
+    def tick_counter(self):
+        """Returns the mixer's tick count."""
+        return self._tick_counter
+
+    @property
+    def on_ttff(self):
+        """Time-to-first-frame callback (metrics), or None."""
+        return self._on_ttff
 
     def admitted(self) -> int:
         """Unfinished tasks admitted to generate (at most ``1 + generate_ahead``)."""
