@@ -166,6 +166,28 @@ class TasksConfig:
 
 
 @dataclass
+class SpeechStreamConfig:
+    """Speech that streams in: ``/ws/speech``, ``POST /speak`` (docs/streaming-speech.md).
+
+    ``max_open``: utterances open (not ended) at once; more get ``too_many_streams``.
+    ``max_buffered_s``: seconds of audio received and not yet played per utterance; a client
+    pushing faster than real time past it gets ``buffer_full`` (past half of it: ``slow_down``).
+    ``idle_timeout_s``: an open utterance that receives nothing for this long is ended.
+    ``max_text_chars``: longest text for ``/speak`` or one ``text`` message.
+    ``tts_voice``: espeak-ng voice used when a request names none; ``tts_rate_wpm``: its speed.
+    ``tts_timeout_s``: seconds espeak-ng may take for one sentence.
+    """
+
+    max_open: int = 4
+    max_buffered_s: float = 30.0
+    idle_timeout_s: float = 10.0
+    max_text_chars: int = 5000
+    tts_voice: str = "en"
+    tts_rate_wpm: int = 175
+    tts_timeout_s: float = 10.0
+
+
+@dataclass
 class LogConfig:
     """Logging."""
 
@@ -183,6 +205,7 @@ class AppConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    speech_stream: SpeechStreamConfig = field(default_factory=SpeechStreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -290,6 +313,15 @@ def validate(config: AppConfig) -> None:
     _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
     _check(0 <= config.tasks.generate_ahead <= 64, "tasks.generate_ahead", config.tasks.generate_ahead, "0..64")
+    ss = config.speech_stream
+    _check(1 <= ss.max_open <= 64, "speech_stream.max_open", ss.max_open, "1..64")
+    _check(1.0 <= ss.max_buffered_s <= 600, "speech_stream.max_buffered_s", ss.max_buffered_s, "1..600")
+    _check(0.5 <= ss.idle_timeout_s <= 600, "speech_stream.idle_timeout_s", ss.idle_timeout_s, "0.5..600")
+    _check(1 <= ss.max_text_chars <= 100000, "speech_stream.max_text_chars", ss.max_text_chars, "1..100000")
+    _check(re.fullmatch(r"[A-Za-z0-9_+\-/]{1,40}", ss.tts_voice) is not None, "speech_stream.tts_voice",
+           ss.tts_voice, "an espeak-ng voice name like en, en-us, de")  # fmt: skip
+    _check(80 <= ss.tts_rate_wpm <= 450, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, "80..450")
+    _check(0.5 <= ss.tts_timeout_s <= 120, "speech_stream.tts_timeout_s", ss.tts_timeout_s, "0.5..120")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 

@@ -9,6 +9,8 @@ Routes:
     ``POST /generate_video``: multipart ``audio_file`` (+ optional ``seed``, ``guidance_scale``) →
     202 with a task id, or a JSON error.
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
+    ``GET /ws/speech`` (WebSocket) and ``POST /speak``: streamed speech and text to speech
+    (:mod:`latentsync.serving.speech_api`, docs/streaming-speech.md).
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
 temporary file and no task behind. A state-changing request from a browser page of a foreign
@@ -35,6 +37,7 @@ from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
+from latentsync.serving.speech_api import WS_PATH, register_speech_routes
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +184,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             return True
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
+        if request.path == WS_PATH and not given:  # a browser's WebSocket cannot set headers
+            return hmac.compare_digest(request.args.get("token", "").encode(), token)
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
 
     @app.before_request
@@ -303,6 +308,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def cancel_task(task_id: str):
         return task_json(runtime.tasks.cancel(task_id) if runtime.tasks else None, task_id)
 
+    register_speech_routes(app, runtime,
+                           lambda origin: origin_allowed(origin, request.host, request.scheme, origins))  # fmt: skip
     return app
 
 

@@ -27,6 +27,8 @@ from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
 from latentsync.serving.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.metrics import ServerMetrics
 from latentsync.serving.mixer import ProgramMixer
+from latentsync.serving.speech_api import SpeechService
+from latentsync.serving.speech_stream import DEFAULT_LOOKAHEAD_FRAMES, LOOKAHEAD_FRAMES
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
 from latentsync.serving.systemd import Watchdog
 from latentsync.serving.tasks import TaskAudio, TaskManager
@@ -60,6 +62,7 @@ class Runtime:
         self._avatar: Avatar | None = None
         self._pool: WorkerPool | None = None
         self._tasks: TaskManager | None = None
+        self._speech: SpeechService | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
         self.metrics = ServerMetrics(self.health_snapshot)
@@ -99,6 +102,11 @@ class Runtime:
     def tasks(self) -> TaskManager | None:
         """The TaskManager; None until the engine is ready (uploads get 503 until then)."""
         return None if self._stopped else self._tasks
+
+    @property
+    def speech(self) -> SpeechService | None:
+        """Streamed speech (``/ws/speech``, ``/speak``); None until the engine is ready."""
+        return None if self._stopped else self._speech
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -188,6 +196,8 @@ class Runtime:
             deadline_s=engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
             on_ttff=self.metrics.observe_ttff, generate_ahead=cfg.tasks.generate_ahead,
         )  # fmt: skip
+        lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
+        self._speech = SpeechService.from_config(self._tasks, cfg, lookahead)
 
     def stop(self) -> None:
         """Stop everything in reverse order; FFmpeg flushes; temp files go. Safe to call twice."""
@@ -198,6 +208,7 @@ class Runtime:
         self._fade_out_speech()
         steps = [
             ("watchdog", self._watchdog.close),
+            ("speech", self._speech.close if self._speech else None),
             ("tasks", self._tasks.close if self._tasks else None),
             ("controller", self._controller.close if self._controller else None),
             ("ffmpeg", self._sink.close if self._sink else None),

@@ -254,8 +254,8 @@ class Utterance:
 
     def __init__(self, task: Task, fps: int, max_buffered_s: float, idle_timeout_s: float, clock=time.monotonic):
         self.task = task
-        self._fps = fps
-        self._max_buffered_s = max_buffered_s
+        self.fps = fps
+        self.max_buffered_s = max_buffered_s
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self.changed = threading.Condition()
@@ -279,13 +279,13 @@ class Utterance:
         if audio is None:
             return 0
         # the 16 kHz copy lags the input by the resampler's delay (~16 ms from 48 kHz): count what both hold
-        stream = audio.stream.shape[0] * self._fps // audio.sample_rate_hz
-        return min(stream, audio.engine_16k.shape[0] * self._fps // ENGINE_SAMPLE_RATE_HZ)
+        stream = audio.stream.shape[0] * self.fps // audio.sample_rate_hz
+        return min(stream, audio.engine_16k.shape[0] * self.fps // ENGINE_SAMPLE_RATE_HZ)
 
     def buffered_s(self) -> float:
         """Seconds received and not yet played."""
         played = self.program.content_frames_played() if self.program is not None else 0
-        return max(0, self.received_frames() - played) / self._fps
+        return max(0, self.received_frames() - played) / self.fps
 
     def push(self, mono: np.ndarray, rate_hz: int) -> float:
         """Append speech.
@@ -307,9 +307,9 @@ class Utterance:
                 raise SpeechStreamError("not_open", f"utterance {self.task_id} is {self._status()}: no more audio",
                                         409)  # fmt: skip
             audio = self.task.audio
-            if self.buffered_s() + mono.shape[0] / rate_hz > self._max_buffered_s:
+            if self.buffered_s() + mono.shape[0] / rate_hz > self.max_buffered_s:
                 raise SpeechStreamError("buffer_full", f"more than speech_stream.max_buffered_s = "
-                                        f"{self._max_buffered_s:g} s of audio waiting to play: send at real time",
+                                        f"{self.max_buffered_s:g} s of audio waiting to play: send at real time",
                                         429)  # fmt: skip
             audio.push(mono, rate_hz)
             now = self._clock()
@@ -327,10 +327,11 @@ class Utterance:
             True when it fits; False on timeout or once the utterance can take no more audio.
         """
         deadline = self._clock() + timeout_s
-        while self.buffered_s() + seconds > self._max_buffered_s:
+        while self.buffered_s() + seconds > self.max_buffered_s:
             if self.ended or self.task.state in FINAL_STATES or self._clock() >= deadline:
                 return False
             with self.changed:
+                self.last_push_monotonic = self._clock()  # a producer waiting for room is not idle
                 self.changed.wait(0.05)
         return not self.ended
 
@@ -342,7 +343,7 @@ class Utterance:
             audio = self.task.audio
             if audio is not None:
                 audio.finish()
-                self.final_frames = math.ceil(audio.stream.shape[0] * self._fps / audio.sample_rate_hz)
+                self.final_frames = math.ceil(audio.stream.shape[0] * self.fps / audio.sample_rate_hz)
             else:
                 self.final_frames = 0
             self.ended = True
