@@ -14,6 +14,7 @@ setup: $(STAMP)
 
 ## run: set up, start the local RTMP server and stream the avatar (Ctrl-C stops)
 run: setup
+	@bash scripts/tts.sh install
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 	@echo ""
 	@echo "  Live stream:  rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar   (VLC: Media > Open Network Stream; or ffplay)"
@@ -24,6 +25,7 @@ run: setup
 ## test: set up (nginx-rtmp too), lint, then the whole pytest suite
 test: setup
 	@bash scripts/rtmp_server.sh install
+	@bash scripts/tts.sh install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 

@@ -251,10 +251,11 @@ class SpeechSession:
         return self.utterance is not None and not self.utterance.ended and self.utterance.task.state not in FINAL_STATES
 
     def _pcm(self, data: bytes) -> None:
-        if not self._open() or self.fmt is None:
-            raise SpeechStreamError("not_started" if self.utterance is None else "not_open",
-                                    "send the opening JSON message ({\"type\": \"start\", \"sample_rate\": ...}) "
-                                    "before PCM" if self.utterance is None else "the utterance is over")  # fmt: skip
+        if self.fmt is None:
+            raise SpeechStreamError("not_started", "send the opening JSON message "
+                                    "({\"type\": \"start\", \"sample_rate\": ...}) before PCM")  # fmt: skip
+        if not self._open():
+            raise SpeechStreamError("not_open", "the utterance is over: open a new one", 409)
         if not data:
             return
         mono = self.fmt.decode(data)

@@ -1,0 +1,78 @@
+"""A ``/ws/speech`` client for tests and benches (simple-websocket's client, the library the server uses)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import simple_websocket
+
+
+class SpeechClient:
+    """One WebSocket connection to ``/ws/speech``.
+
+    Args:
+        port: Server port on 127.0.0.1.
+        token: Sent as the ``token`` query parameter (None: none).
+        headers: Extra handshake headers (e.g. ``Origin``).
+    """
+
+    def __init__(self, port: int, token: str | None = None, headers: dict | None = None):
+        query = f"?token={token}" if token else ""
+        self.ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{port}/ws/speech{query}", headers=headers)
+        self.events: list[dict] = []
+
+    def start(self, sample_rate: int = 16000, channels: int = 1, encoding: str = "s16le", **extra) -> None:
+        self.send_json({"type": "start", "sample_rate": sample_rate, "channels": channels, "encoding": encoding,
+                        **extra})  # fmt: skip
+
+    def send_json(self, message: dict) -> None:
+        self.ws.send(json.dumps(message))
+
+    def send_pcm(self, data: bytes) -> None:
+        self.ws.send(data)
+
+    def poll(self, timeout_s: float = 0.0) -> list[dict]:
+        """Events received within ``timeout_s`` (all that are waiting, at least one if any arrives)."""
+        got = []
+        message = self.ws.receive(timeout=timeout_s)
+        while message is not None:
+            event = json.loads(message)
+            event["t"] = time.monotonic()
+            got.append(event)
+            self.events.append(event)
+            message = self.ws.receive(timeout=0)
+        return got
+
+    def wait(self, kind: str, timeout_s: float = 30.0, **match) -> dict:
+        """The first event of type ``kind`` (matching ``match``) seen, waiting up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while True:
+            for event in self.events[seen:]:
+                if event["type"] == kind and all(event.get(k) == v for k, v in match.items()):
+                    self.events.remove(event)
+                    return event
+            seen = 0
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {kind} event {match} within {timeout_s} s; got {self.events}")
+            self.poll(min(remaining, 0.2))
+
+    def stream(self, pcm: np.ndarray, rate: int, packet_s: float = 0.02, speed: float = 1.0) -> float:
+        """Send ``(n,) int16`` mono PCM in ``packet_s`` packets at ``speed`` x real time; returns the start time."""
+        step = int(rate * packet_s)
+        t0 = time.monotonic()
+        for k, i in enumerate(range(0, len(pcm), step)):
+            due = t0 + k * packet_s / speed
+            while (now := time.monotonic()) < due:
+                self.poll(min(due - now, 0.005))
+            self.send_pcm(pcm[i : i + step].astype("<i2").tobytes())
+        return t0
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:  # already closed by the server
+            pass
