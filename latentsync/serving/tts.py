@@ -233,6 +233,12 @@ class SpeechFeeder:
             self._stop.set()
 
     def _run(self) -> None:
+        try:
+            self._feed()
+        finally:
+            self._stop.set()  # later pushes are refused: the utterance is over
+
+    def _feed(self) -> None:
         u = self.utterance
         while not self._stop.is_set():
             try:
