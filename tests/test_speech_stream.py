@@ -202,14 +202,14 @@ def test_jitter_buffer_uses_the_arrival_rate():
         program._first_chunk_monotonic = 100.05  # chunk 0 took 50 ms
         known = u.received_frames()  # 199: the 16 kHz copy lags by the resampler's delay
         assert known == 199
-        # arrival 199 frames in 10 s = 19.9 fps (0.8x): needs (199 - 1) * (1 - 19.9 / 25) + 8 = 48.4 frames
-        now[0] = 110.0
-        program._started_monotonic = 109.0  # generating for 1 s: 48 fps and more, the arrivals decide
-        for c in range(1, 3):
+        # arrival: 7.98 s received in 12 s = 16.6 fps: needs (199 - 1) * (1 - 16.6 / 25) + 8 = 74.3 frames
+        now[0] = 112.0
+        program._started_monotonic = 111.0  # generating for 1 s: 64 fps and more, the arrivals decide
+        for c in range(1, 4):
             program.add_chunk(faces(c))
-        assert not program.ready_to_start()  # 48 frames
-        program.add_chunk(faces(3))
-        assert program.ready_to_start()  # 64 frames
+        assert not program.ready_to_start()  # 64 frames
+        program.add_chunk(faces(4))
+        assert program.ready_to_start()  # 80 frames
         # faster than real time: the frame rule needs nothing more, the next chunk's prediction decides
         u2 = speech.open()
         p2 = u2.program
@@ -221,9 +221,9 @@ def test_jitter_buffer_uses_the_arrival_rate():
         p2._started_monotonic = 199.3
         p2.add_chunk(faces(0))
         p2._first_chunk_monotonic = 199.35  # chunk 0 took 50 ms
-        # arrival 35 / 0.7 = 50 fps: chunk 1 due at 199.3 + 34 / 50 + 0.05 = 200.03; needed at now + 0.64
+        # arrival ~1.4 s / 0.7 s = 2x: chunk 1 due at 199.3 + 34 / 50 + 0.05 = 200.03; needed at now + 0.64
         assert p2.ready_to_start()
-        u2.first_byte_monotonic = 198.0  # 35 / 2 = 17.5 fps: the frame rule waits for more chunks
+        u2.first_byte_monotonic = 198.0  # ~1.4 s in 2 s = 0.7x: the frame rule waits for more chunks
         assert not p2.ready_to_start()
     finally:
         manager.close()

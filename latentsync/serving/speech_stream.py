@@ -7,7 +7,8 @@ rate and channel count as it arrives, :meth:`Utterance.end` it, cancel it like a
 /tasks``); its :class:`StreamTaskProcessor` submits chunk ``c`` as soon as the audio of its 16
 frames plus the engine's look-ahead (:data:`LOOKAHEAD_FRAMES`) is in hand, and its
 :class:`StreamSpeechProgram` starts playback by the jitter-buffer rule with the arrival rate seen so
-far. When audio arrives slower than real time during playback, the program inserts *gap* frames:
+far. When the next chunk is not there at its turn (its audio arrives slower than real time, or it
+is still in the pool), the program inserts *gap* frames instead of freezing:
 the base video keeps moving (a short back-and-forth around the frame where speech paused) with
 the mouth closed and silence, and the speech resumes in sync once its next chunk is generated
 (counted as ``underrun_ticks`` of the task). Facts and figures: docs/streaming-speech.md.
@@ -282,6 +283,13 @@ class Utterance:
         stream = audio.stream.shape[0] * self.fps // audio.sample_rate_hz
         return min(stream, audio.engine_16k.shape[0] * self.fps // ENGINE_SAMPLE_RATE_HZ)
 
+    def received_s(self) -> float:
+        """Seconds of audio received (what both resampled copies hold)."""
+        audio = self.task.audio
+        if audio is None:
+            return self.received_frames() / self.fps
+        return min(audio.stream.shape[0] / audio.sample_rate_hz, audio.engine_16k.shape[0] / ENGINE_SAMPLE_RATE_HZ)
+
     def buffered_s(self) -> float:
         """Seconds received and not yet played."""
         played = self.program.content_frames_played() if self.program is not None else 0
@@ -408,10 +416,6 @@ class StreamSpeechProgram(SpeechProgram):
         """Content frames played so far."""
         return self._content_played
 
-    def _audio_complete(self, chunk: int) -> bool:
-        u = self._utterance
-        return u.ended or u.received_frames() >= (chunk + 1) * CHUNK_FRAMES + self._lookahead
-
     def _swing(self, step: int) -> int:
         period = 2 * GAP_SWING_FRAMES
         s = step % period
@@ -424,8 +428,8 @@ class StreamSpeechProgram(SpeechProgram):
         with self._lock:
             ready = chunk in self._chunks
         if self._swing_step == 0:
-            if not ready and content > 0 and content % CHUNK_FRAMES == 0 and not self._audio_complete(chunk):
-                self._swing_step = 1  # audio starved: a gap begins
+            if not ready and content > 0 and content % CHUNK_FRAMES == 0:
+                self._swing_step = 1  # audio starved (or its chunk still in the pool): a gap begins
         elif ready and self._swing_step % (2 * GAP_SWING_FRAMES) == 0:
             self._swing_step = 0  # back where it paused and the speech is here: resume
         else:
@@ -493,7 +497,7 @@ class StreamSpeechProgram(SpeechProgram):
         known = u.received_frames()
         if final is None:
             first = u.first_byte_monotonic or now
-            arrival_fps = known / max(now - first, 1e-3)
+            arrival_fps = u.received_s() * self._fps / max(now - first, 1e-3)
         else:
             arrival_fps = math.inf
         rate = min(gen_fps, arrival_fps)
