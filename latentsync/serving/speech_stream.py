@@ -42,12 +42,14 @@ logger = logging.getLogger(__name__)
 
 #: Audio frames past a chunk's last frame the engine must hear before that chunk's features are
 #: final, per engine (at 25 fps one frame is 40 ms).
-#: parametric: ``ParametricOptions.look_ahead_s`` (40 ms: the mouth leads the sound) + half the
-#: 30 ms loudness window (``_WIN_S``) + one 10 ms envelope hop = 65 ms -> 2 frames (80 ms).
+#: parametric: the last frame of a chunk is sampled at its centre + ``ParametricOptions.look_ahead_s``
+#: (40 ms), i.e. 20 ms past the chunk's end, interpolated between 10 ms envelope points whose 30 ms
+#: Hann windows (``_WIN_S``) reach at most 45 ms past the end; the last 5 ms of a Hann window carry
+#: under 3 % of its weight -> 1 frame (40 ms).
 #: latentsync: frame ``i`` reads Whisper encoder positions up to ``2 i + 5`` (20 ms each, see
 #: ``latentsync.models.whisper_features``), i.e. audio up to 80 ms past the frame's end, + the
 #: 25 ms STFT window centred on the last mel frame -> 3 frames (120 ms).
-LOOKAHEAD_FRAMES = {"parametric": 2, "latentsync": 3}
+LOOKAHEAD_FRAMES = {"parametric": 1, "latentsync": 3}
 #: Look-ahead for an engine not in :data:`LOOKAHEAD_FRAMES` (a test engine): the largest known.
 DEFAULT_LOOKAHEAD_FRAMES = max(LOOKAHEAD_FRAMES.values())
 #: Frames of audio before a chunk that its features see (10 s at 25 fps): enough for the
@@ -58,7 +60,7 @@ FEATURE_CONTEXT_FRAMES = 250
 GAP_SWING_FRAMES = 3
 #: Slack the jitter buffer keeps for an open utterance's next chunk, in seconds (arrival jitter of
 #: the client's packets and of the pool).
-STREAM_JITTER_MARGIN_S = 0.08
+STREAM_JITTER_MARGIN_S = 0.04
 #: PCM encodings accepted, with their bytes per sample.
 ENCODINGS = {"s16le": 2, "f32le": 4}
 #: Sample rates accepted, in Hz.
