@@ -176,6 +176,8 @@ class SpeechStreamConfig:
     ``max_text_chars``: longest text for ``/speak`` or one ``text`` message.
     ``tts_voice``: espeak-ng voice used when a request names none; ``tts_rate_wpm``: its speed.
     ``tts_timeout_s``: seconds espeak-ng may take for one sentence.
+    ``start_margin_s``: slack the jitter buffer keeps for an open utterance's next chunk: more
+    costs latency to the first frame, less risks gaps when the pool is slow for a moment.
     """
 
     max_open: int = 4
@@ -185,6 +187,7 @@ class SpeechStreamConfig:
     tts_voice: str = "en"
     tts_rate_wpm: int = 175
     tts_timeout_s: float = 10.0
+    start_margin_s: float = 0.04
 
 
 @dataclass
@@ -322,6 +325,7 @@ def validate(config: AppConfig) -> None:
            ss.tts_voice, "an espeak-ng voice name like en, en-us, de")  # fmt: skip
     _check(80 <= ss.tts_rate_wpm <= 450, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, "80..450")
     _check(0.5 <= ss.tts_timeout_s <= 120, "speech_stream.tts_timeout_s", ss.tts_timeout_s, "0.5..120")
+    _check(0 <= ss.start_margin_s <= 5, "speech_stream.start_margin_s", ss.start_margin_s, "0..5")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 

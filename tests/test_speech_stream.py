@@ -11,7 +11,6 @@ import pytest
 
 from latentsync.engines import CHUNK_FRAMES, ChunkResult
 from latentsync.serving.speech_stream import (
-    GAP_SWING_FRAMES,
     PcmFormat,
     SpeechStreamError,
     SpeechStreams,
@@ -161,27 +160,38 @@ def test_starved_audio_inserts_moving_gap_frames_and_speech_resumes_in_sync(stre
         assert frame is not None
         gap_bases.append(int(frame[0, 0, 0]))
         assert not program.audio(i * SAMPLES_PER_FRAME, SAMPLES_PER_FRAME).any()
-    assert gap_bases == [16, 17, 18, 17]  # swings forward from where speech paused (base frame 15)
+    assert gap_bases == [16, 15, 16, 17]  # swings out and back from where speech paused (base frame 15), growing
     assert program.underrun_ticks == 4
     u.push(tone(CHUNK_FRAMES + 4, CHUNK_FRAMES + LOOKAHEAD + 1), RATE)
     complete(pool, u.task_id, "features")
     complete(pool, u.task_id, "chunk")
     wait_for(lambda: program._ready_chunks == 2, "chunk 1 in the program")
     index = CHUNK_FRAMES + 4
-    while True:  # the swing goes back to base frame 15, then speech resumes with content frame 16
+    while True:  # the swing (1, 0, 1, 2, 1, 0) goes back to base frame 15, then speech resumes with content frame 16
         frame = program.frame(index)
         if int(frame[0, 0, 0]) >= 100:
             break
         assert not program.audio(index * SAMPLES_PER_FRAME, SAMPLES_PER_FRAME).any()
         index += 1
     gap = index - CHUNK_FRAMES
-    assert gap == 2 * GAP_SWING_FRAMES and program.underrun_ticks == gap
+    assert gap == 6 and program.underrun_ticks == gap
     assert int(frame[0, 0, 0]) == 100  # face 0 of chunk 1 = content frame 16
     resumed = program.audio(index * SAMPLES_PER_FRAME, SAMPLES_PER_FRAME)
     start = CHUNK_FRAMES * SAMPLES_PER_FRAME  # content frame 16's own audio: in sync
     np.testing.assert_array_equal(resumed, u.task.audio.stream[start : start + SAMPLES_PER_FRAME])
+    for i in range(index + 1, index + CHUNK_FRAMES):  # the rest of chunk 1
+        assert int(program.frame(i)[0, 0, 0]) == 100 + i - index
+    index += CHUNK_FRAMES
+    assert int(program.frame(index)[0, 0, 0]) == 32  # chunk 2 late: a gap, base frame 31 + 1
+    u.push(tone(CHUNK_FRAMES, 2 * CHUNK_FRAMES + 5), RATE)
+    complete(pool, u.task_id, "features")
+    complete(pool, u.task_id, "chunk")
+    wait_for(lambda: program._ready_chunks == 3, "chunk 2 in the program")
+    assert int(program.frame(index + 1)[0, 0, 0]) == 31  # back to rest: a short hiccup costs 2 frames
+    assert int(program.frame(index + 2)[0, 0, 0]) == 100
+    assert program.underrun_ticks == gap + 2
     u.end()
-    assert program.num_frames == u.final_frames + gap  # the mixer's DONE counts the gap frames too
+    assert program.num_frames == u.final_frames + gap + 2  # the mixer's DONE counts the gap frames too
 
 
 def test_jitter_buffer_uses_the_arrival_rate():

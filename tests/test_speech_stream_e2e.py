@@ -184,13 +184,18 @@ def test_bad_input_gets_error_events_and_the_stream_is_unharmed(server, rtmp_ser
     flood = c.wait("done", 15)
     codes += [e.get("code", e["type"]) for e in c.events]
     assert "buffer_full" in codes and flood["status"] == "cancelled", (codes, flood)
+    # a client that stops sending: ended after speech_stream.idle_timeout_s, what it sent plays
+    c.start(16000)
+    idle = c.wait("accepted")
+    c.send_pcm((np.sin(np.arange(8000) * 0.05) * 8000).astype("<i2").tobytes())
+    assert c.wait("error", 10)["code"] == "idle_timeout"
+    assert c.wait("done", 15, task_id=idle["task_id"])["status"] == "done"
     # a client that disconnects mid-utterance: what it sent plays, then idle; nothing leaks
     c2 = SpeechClient(server.port, TOKEN)
     c2.start(16000)
     left = c2.wait("accepted")
     c2.stream(speech_16k()[: 16000 * 2], 16000)
     c2.ws.close()
-    gone = server.api.wait_task if False else None  # noqa: F841 - Api.wait_task has no auth header
     deadline = time.monotonic() + 30
     while task(server, left["task_id"])["status"] not in ("done", "failed", "cancelled"):
         assert time.monotonic() < deadline, task(server, left["task_id"])

@@ -67,7 +67,8 @@ class SpeechService:
     def from_config(cls, manager, config, lookahead_frames: int) -> SpeechService:
         """Build from the server config (``speech_stream`` and ``api.max_audio_s``)."""
         ss = config.speech_stream
-        limits = StreamLimits(ss.max_open, ss.max_buffered_s, ss.idle_timeout_s, config.api.max_audio_s)
+        limits = StreamLimits(ss.max_open, ss.max_buffered_s, ss.idle_timeout_s, config.api.max_audio_s,
+                              ss.start_margin_s)  # fmt: skip
         try:
             tts: TextToSpeech | None = EspeakNg(ss.tts_voice, ss.tts_rate_wpm, ss.tts_timeout_s)
         except RuntimeError as exc:
@@ -193,6 +194,7 @@ class SpeechSession:
         self.feeder: SpeechFeeder | None = None
         self.fmt: PcmFormat | None = None
         self._on_air_sent = False
+        self._idle_sent = False
         self._last_progress = 0.0
         self._last_slow_down = 0.0
 
@@ -305,6 +307,7 @@ class SpeechSession:
         self.utterance = utterance
         self.feeder = service.feeder(utterance, self._feeder_error)
         self._on_air_sent = False
+        self._idle_sent = False
         with self._errors_lock:
             self._errors.clear()
         self.send("accepted", task_id=utterance.task_id, status_url=f"/tasks/{utterance.task_id}")
@@ -323,9 +326,19 @@ class SpeechSession:
         if not self._on_air_sent and task.first_frame_on_air_monotonic is not None:
             self._on_air_sent = True
             first_byte = u.first_byte_monotonic
+
+            def since_first_byte(t: float | None) -> float | None:
+                return round(t - first_byte, 3) if t is not None and first_byte is not None else None
+
+            program = u.program
             self.send("on_air", task_id=task.task_id,
-                      first_byte_to_air_s=(round(task.first_frame_on_air_monotonic - first_byte, 3)
-                                           if first_byte is not None else None))  # fmt: skip
+                      first_byte_to_air_s=since_first_byte(task.first_frame_on_air_monotonic),
+                      chunk0_audio_s=since_first_byte(program.chunk_audio_at.get(0) if program else None),
+                      chunk0_ready_s=since_first_byte(program.first_chunk_monotonic if program else None))  # fmt: skip
+        if u.end_reason == "idle_timeout" and not self._idle_sent:
+            self._idle_sent = True
+            self.send_error("idle_timeout", f"nothing received for speech_stream.idle_timeout_s = "
+                            f"{u.idle_timeout_s:g} s: the utterance was ended")  # fmt: skip
         buffered = u.buffered_s()
         limit = u.max_buffered_s
         if not u.ended and buffered > limit / 2 and now - self._last_slow_down >= SLOW_DOWN_INTERVAL_S:

@@ -55,12 +55,13 @@ DEFAULT_LOOKAHEAD_FRAMES = max(LOOKAHEAD_FRAMES.values())
 #: Frames of audio before a chunk that its features see (10 s at 25 fps): enough for the
 #: parametric engine's loudness normalisation and low-pass, and bounded cost per chunk.
 FEATURE_CONTEXT_FRAMES = 250
-#: Half period of the base video's back-and-forth during a gap, in frames: speech resumes only
-#: when the swing is back where it paused, so the picture never jumps (costs <= 2x this - 1 frames).
+#: Largest swing of the base video's back-and-forth during a gap, in frames. Speech resumes only
+#: when the swing is back where it paused, so the picture never jumps; the swings grow (1, 2, then
+#: this many frames out and back), so a short hiccup costs 2 frames and a long starvation moves.
 GAP_SWING_FRAMES = 3
 #: Slack the jitter buffer keeps for an open utterance's next chunk, in seconds (arrival jitter of
 #: the client's packets and of the pool).
-STREAM_JITTER_MARGIN_S = 0.04
+STREAM_JITTER_MARGIN_S = 0.04  # default of speech_stream.start_margin_s
 #: PCM encodings accepted, with their bytes per sample.
 ENCODINGS = {"s16le": 2, "f32le": 4}
 #: Sample rates accepted, in Hz.
@@ -383,6 +384,11 @@ class Utterance:
         return "ended" if self.ended else self.task.state.value
 
 
+def _out_and_back(frames: int) -> list[int]:
+    """Offsets of one swing ``frames`` out and back: ``[1, ..., frames, ..., 1, 0]``."""
+    return [*range(1, frames + 1), *range(frames - 1, -1, -1)]
+
+
 class StreamSpeechProgram(SpeechProgram):
     """The mixer's program of a streamed utterance: its length grows until it ends; gaps on starved audio.
 
@@ -391,12 +397,15 @@ class StreamSpeechProgram(SpeechProgram):
     """
 
     def __init__(self, task: Task, utterance: Utterance, avatar, fps: int, lookahead_frames: int, tick_counter=None,
-                 on_ttff=None, clock=time.monotonic):  # fmt: skip
+                 on_ttff=None, clock=time.monotonic, start_margin_s: float = STREAM_JITTER_MARGIN_S):  # fmt: skip
         self._utterance = utterance
         self._lookahead = lookahead_frames
         self._gap_frames = 0
         self._gap_samples = 0
         self._swing_step = 0  # frames of the running gap; 0: speaking
+        self._swing_head = [x for a in range(1, GAP_SWING_FRAMES) for x in _out_and_back(a)]
+        self._swing_cycle = _out_and_back(GAP_SWING_FRAMES)
+        self.start_margin_s = start_margin_s
         self._gap_tick = False  # the last frame() was a gap frame: its audio() is silence
         self._content_played = 0
         self.underrun_ticks = 0
@@ -414,14 +423,21 @@ class StreamSpeechProgram(SpeechProgram):
     def num_frames(self, _value: int) -> None:  # SpeechProgram.__init__ assigns it
         pass
 
+    @property
+    def first_chunk_monotonic(self) -> float | None:
+        """When the first generated chunk arrived (monotonic seconds), or None."""
+        return self._first_chunk_monotonic
+
     def content_frames_played(self) -> int:
         """Content frames played so far."""
         return self._content_played
 
     def _swing(self, step: int) -> int:
-        period = 2 * GAP_SWING_FRAMES
-        s = step % period
-        return s if s <= GAP_SWING_FRAMES else period - s
+        """Base-frame offset of gap frame ``step`` (from 1): 1, 0, 1, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2, 3, ..."""
+        head = self._swing_head
+        if step <= len(head):
+            return head[step - 1]
+        return self._swing_cycle[(step - 1 - len(head)) % len(self._swing_cycle)]
 
     def frame(self, index: int) -> np.ndarray | None:
         """Frame ``index`` of the play timeline: speech, a gap frame (base video), or None (generation late)."""
@@ -432,7 +448,7 @@ class StreamSpeechProgram(SpeechProgram):
         if self._swing_step == 0:
             if not ready and content > 0 and content % CHUNK_FRAMES == 0:
                 self._swing_step = 1  # audio starved (or its chunk still in the pool): a gap begins
-        elif ready and self._swing_step % (2 * GAP_SWING_FRAMES) == 0:
+        elif ready and self._swing(self._swing_step) == 0:
             self._swing_step = 0  # back where it paused and the speech is here: resume
         else:
             self._swing_step += 1
@@ -482,7 +498,7 @@ class StreamSpeechProgram(SpeechProgram):
         ended, else those received so far), start when the ready frames cover
         ``(N - 1) (1 - p / fps)`` (+ :data:`JITTER_MARGIN_FRAMES`), as :meth:`SpeechProgram.ready_to_start`;
         an open utterance also waits until its next chunk, predicted from the arrival rate and
-        the first chunk's processing time, is due :data:`STREAM_JITTER_MARGIN_S` before it plays.
+        the first chunk's processing time, is due ``start_margin_s`` before it plays.
         """
         u = self._utterance
         if self._cancelled.is_set() or self._failed and self._ready_chunks == 0:
@@ -515,7 +531,7 @@ class StreamSpeechProgram(SpeechProgram):
         if next_chunk in self._chunks or arrival_fps <= 0:
             return True
         due_ready = first + ((next_chunk + 1) * CHUNK_FRAMES + self._lookahead) / arrival_fps + process_s
-        return now + next_chunk * CHUNK_FRAMES / self._fps >= due_ready + STREAM_JITTER_MARGIN_S
+        return now + next_chunk * CHUNK_FRAMES / self._fps >= due_ready + self.start_margin_s
 
 
 class StreamTaskProcessor(TaskProcessor):
@@ -632,12 +648,14 @@ class StreamLimits:
         max_buffered_s: Seconds of audio received and not yet played, per utterance.
         idle_timeout_s: An open utterance that receives nothing for this long is ended.
         max_duration_s: Longest utterance (``api.max_audio_s``).
+        start_margin_s: Slack the jitter buffer keeps for an open utterance's next chunk, in seconds.
     """
 
     max_open: int = 4
     max_buffered_s: float = 30.0
     idle_timeout_s: float = 10.0
     max_duration_s: float = 300.0
+    start_margin_s: float = STREAM_JITTER_MARGIN_S
 
 
 class SpeechStreams:
@@ -681,7 +699,7 @@ class SpeechStreams:
             task.received_at, task.received_monotonic = received
         utterance = Utterance(task, m.fps, self.limits.max_buffered_s, self.limits.idle_timeout_s)
         program = StreamSpeechProgram(task, utterance, m.avatar, m.fps, self.lookahead_frames, m.tick_counter,
-                                      m.on_ttff)  # fmt: skip
+                                      m.on_ttff, start_margin_s=self.limits.start_margin_s)  # fmt: skip
         processor = StreamTaskProcessor(task, program, utterance, m.pool, m.avatar, m.deadline_s,
                                         self.lookahead_frames, m.fps,
                                         due_at=lambda c: m.due_at(task, c))  # fmt: skip

@@ -69,6 +69,7 @@ def push(port: int, pcm: np.ndarray, speed: float) -> dict:
     done = client.wait("done", 120)
     client.close()
     return {"first_byte_to_air_s": on_air["t"] - t0, "server_first_byte_to_air_s": on_air["first_byte_to_air_s"],
+            "chunk0_audio_s": on_air["chunk0_audio_s"], "chunk0_ready_s": on_air["chunk0_ready_s"],
             "gap_ticks": done["underrun_ticks"], "status": done["status"]}  # fmt: skip
 
 
@@ -149,18 +150,19 @@ def main() -> int:
     finally:
         server.stop()
         rtmp.stop()
-    print(f"\n{'scenario':<18} {'first byte/request -> on air':>28} {'gap ticks':>9} {'held ticks':>10} "
-          f"{'lag (frames, r)':>16} {'longest still':>13} status")  # fmt: skip
+    print(f"\n{'scenario':<18} {'first byte/request -> on air':>28} {'chunk 0 audio/ready':>19} {'gap ticks':>9} "
+          f"{'held ticks':>10} {'lag (frames, r)':>16} {'longest still':>13} status")  # fmt: skip
     for r in rows:
         if r["scenario"].startswith("pcm"):
             latency = f"{r['first_byte_to_air_s'] * 1000:.0f} ms (server {r['server_first_byte_to_air_s'] * 1000:.0f})"
             lag = f"{r['lag_frames']:+d} ({r['lag_r']:.2f})" if "lag_frames" in r else "-"
             frozen = str(r.get("frozen_frames", "-"))
-            print(f"{r['scenario']:<18} {latency:>28} {r['gap_ticks']:>9} {r['held_ticks']:>10} {lag:>16} "
+            c0 = f"{r['chunk0_audio_s'] * 1000:.0f}/{r['chunk0_ready_s'] * 1000:.0f} ms"
+            print(f"{r['scenario']:<18} {latency:>28} {c0:>19} {r['gap_ticks']:>9} {r['held_ticks']:>10} {lag:>16} "
                   f"{frozen:>13} {r['status']}")  # fmt: skip
         else:
             latency = f"{r['request_to_air_s'] * 1000:.0f} ms (polled {r['polled_s'] * 1000:.0f})"
-            print(f"{r['scenario']:<18} {latency:>28} {'-':>9} {'-':>10} {'-':>16} {'-':>13} "
+            print(f"{r['scenario']:<18} {latency:>28} {'-':>19} {'-':>9} {'-':>10} {'-':>16} {'-':>13} "
                   f"{r['status']} ({r['audio_s']:.1f} s)")  # fmt: skip
     print(f"dropped ticks over the whole bench: {dropped}")
     return 0
