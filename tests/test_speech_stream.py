@@ -249,3 +249,20 @@ def test_idle_utterance_is_ended_and_plays_what_it_has(streams):
     assert u.end_reason == "idle_timeout" and u.final_frames == 10
     complete(pool, u.task_id, "features")
     assert complete(pool, u.task_id, "chunk").request.chunk_index == 0
+
+
+def test_utterances_queue_with_uploads_in_order(streams):
+    from tests.test_tasks import speech as upload_audio
+
+    speech, pool = streams
+    manager = speech.manager
+    first = speech.open()
+    upload, position = manager.submit(upload_audio(1.0), None, None)
+    second = speech.open()
+    playlist = manager._enqueue.__self__.programs
+    assert [p.task_id for p in playlist] == [first.task_id, upload.task_id, second.task_id]
+    assert position == 1
+    wait_for(lambda: manager.admitted() == 2, "the first two admitted (generate_ahead 1)")
+    assert second.task.state is TaskState.queued  # waits its turn holding only its audio
+    manager.cancel(first.task_id)
+    wait_for(lambda: second.task.state is TaskState.preparing, "the next admitted after a cancel")
