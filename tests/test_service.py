@@ -17,6 +17,7 @@ import pytest
 
 from latentsync.serving.app import PUBLIC_HEALTH_KEYS
 from tests.datafiles import media_file
+from tests.speechclient import SpeechClient
 from tests.streamtools import REPO, Api, ServerProcess, free_port
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
@@ -258,6 +259,13 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
         status, body = api.post_audio(media_file(SPEECH).read_bytes())
         assert status == 202
         assert api.wait_task(body["task_id"], ("done", "failed"), 60)["status"] == "done"
+        ws = SpeechClient(port)  # the WebSocket works under gunicorn's gthread worker too
+        ws.start(16000)
+        ws.wait("accepted")
+        ws.stream((np.sin(np.arange(16000) * 0.05) * 8000).astype(np.int16), 16000)
+        ws.send_json({"type": "end"})
+        assert ws.wait("done", 30)["status"] == "done"
+        ws.close()
         health = server.health()[1]
         worker_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
                                                       text=True).stdout.split()]  # fmt: skip
