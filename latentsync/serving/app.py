@@ -29,6 +29,7 @@ from werkzeug.exceptions import HTTPException
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
+from latentsync.serving.web import PUBLIC_PATHS, register_web
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.before_request
     def require_token():
-        if token is None or request.path == "/health":
+        if token is None or request.path == "/health" or request.path in PUBLIC_PATHS:
             return None
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
@@ -237,6 +238,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def cancel_task(task_id: str):
         return task_json(runtime.tasks.cancel(task_id) if runtime.tasks else None, task_id)
 
+    register_web(app, runtime)  # WHEP, GET /events, the control page (latentsync/serving/web.py)
     return app
 
 

@@ -23,12 +23,14 @@ from latentsync.config import AppConfig, EngineName
 from latentsync.media.audio import decode_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
+from latentsync.serving.events import EventBroadcaster, EventFeed, TappedSink
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
 from latentsync.serving.metrics import ServerMetrics
 from latentsync.serving.mixer import ProgramMixer
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
 from latentsync.serving.systemd import Watchdog
 from latentsync.serving.tasks import TaskAudio, TaskManager
+from latentsync.serving.webrtc import WebRtcHub
 from latentsync.serving.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class Runtime:
         self.stream_size: tuple[int, int] | None = None
         self.metrics = ServerMetrics(self.metrics_snapshot)
         self._watchdog = Watchdog(self._clock_alive)
+        self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
+        self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
+        self._feed: EventFeed | None = None
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -138,18 +143,42 @@ class Runtime:
         )  # fmt: skip
         self._sink = FFmpegSink(settings, self._work_dir)
         self._mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
+        mixer = self._mixer
+        observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
+        if cfg.webrtc.enabled:
+            self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
+            observers.append(self.webrtc.on_tick)
+        self._feed = EventFeed(self.events, lambda: mixer.state, self._tasks_json, lambda: self.health()[1],
+                               self._viewer_count, cfg.ui.event_poll_s)  # fmt: skip
+        observers.append(self._feed.on_tick)
+        if self.webrtc is not None:
+            self.webrtc.add_viewer_listener(self._feed.publish_viewers)
         self._controller = StreamingController(
-            self._mixer, self._sink, fps=s.fps, sample_rate_hz=s.audio_sample_rate, max_catchup_s=s.max_catchup_s
+            self._mixer, TappedSink(self._sink, observers), fps=s.fps, sample_rate_hz=s.audio_sample_rate,
+            max_catchup_s=s.max_catchup_s,
         )
         self._sink.start()
         if not self._sink.wait_accepting(SINK_START_TIMEOUT_S):
             logger.warning("ffmpeg not accepting after %.0f s; the clock starts anyway", SINK_START_TIMEOUT_S)
+        if self.webrtc is not None:
+            self.webrtc.start()
+        self._feed.start()
         self._controller.start()
         self._watchdog.start()
         if self._stopped:  # stop() ran while this was being built: undo what it could not see
             self._watchdog.close()
+            self._feed.close()
+            if self.webrtc is not None:
+                self.webrtc.close()
             self._controller.close()
             self._sink.close()
+
+    def _tasks_json(self) -> list[dict]:
+        tasks = self.tasks
+        return [t.to_json() for t in tasks.list()] if tasks else []
+
+    def _viewer_count(self) -> int:
+        return self.webrtc.stats().viewers if self.webrtc is not None else 0
 
     def _clock_alive(self) -> bool:
         c = self._controller.stats() if self._controller is not None else None
@@ -208,6 +237,8 @@ class Runtime:
             ("watchdog", self._watchdog.close),
             ("tasks", self._tasks.close if self._tasks else None),
             ("controller", self._controller.close if self._controller else None),
+            ("webrtc", self.webrtc.close if self.webrtc else None),
+            ("events", self._feed.close if self._feed else None),
             ("ffmpeg", self._sink.close if self._sink else None),
             ("workers", self._pool.close if self._pool else None),
         ]
@@ -325,6 +356,12 @@ class Runtime:
             stream={"width": self.stream_size[0], "height": self.stream_size[1], "fps": self.config.stream.fps,
                     "audio_sample_rate": self.config.stream.audio_sample_rate} if self.stream_size else None,
         )  # fmt: skip
+        if self.webrtc is not None:
+            w = self.webrtc.stats()
+            body["webrtc"] = {"viewers": w.viewers, "viewers_total": w.viewers_total, "codec": w.codec,
+                              "width": w.width, "height": w.height, "frames_encoded": w.frames_encoded,
+                              "keyframes": w.keyframes, "inbox_dropped_ticks": w.inbox_dropped_ticks,
+                              "viewer_dropped_packets": w.viewer_dropped_packets}  # fmt: skip
         if self._pool is not None:
             p = self._pool.stats()
             body["workers"] = {"count": p.workers, "pids": self._pool.worker_pids(), "rebuilds": p.rebuilds,
