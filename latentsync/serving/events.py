@@ -102,7 +102,9 @@ class EventBroadcaster:
             if self._closed or len(self._subscribers) >= self.max_clients:
                 return None
             sub = Subscription(self)
-            for data in self._latest.values():
+            general = [d for k, d in self._latest.items() if not k.startswith("task:")]
+            tasks = [d for k, d in self._latest.items() if k.startswith("task:")]
+            for data in general + tasks[len(general) - SUBSCRIBER_QUEUE_EVENTS // 2:]:  # newest tasks
                 sub.queue.put_nowait(data)
             self._subscribers.append(sub)
             return sub
