@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
 from tests.datafiles import media_file
-from tests.streamtools import ServerProcess, StreamRecorder, decode_recording
+from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording
 from tests.whep_client import WhepViewer, http
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
@@ -146,3 +147,16 @@ def test_webrtc_frames_match_the_rtmp_recording(server, tmp_path):
     # and it is that very alignment, not a similar-looking one: one tick earlier or later fits clearly worse
     neighbours = [errors[i] for i in (best - 1, best + 1) if 0 <= i < len(errors)]
     assert errors[best] < 0.8 * min(neighbours), (best, errors[max(0, best - 2):best + 3])
+
+
+def test_webm_opus_upload_is_accepted_and_plays(server, tmp_path):
+    """What the page's microphone recorder sends (MediaRecorder: WebM/Opus) goes through the upload path."""
+    webm = tmp_path / "mic.webm"
+    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(media_file("audio/7s_shan_0801_01.wav")),
+                    "-t", "1.5", "-c:a", "libopus", "-f", "webm", "-y", str(webm)], check=True, timeout=60)
+    server.wait_engine_ready()
+    api = Api(server.port)
+    status, body = api.post_audio(webm.read_bytes(), filename="microphone.webm")
+    assert status == 202, body
+    task = api.wait_task(body["task_id"], ("done", "failed"), timeout_s=60)
+    assert task["status"] == "done" and task["audio_duration_s"] == pytest.approx(1.5, abs=0.05)
