@@ -96,3 +96,61 @@ def test_event_broadcaster_is_bounded():
     assert c is not None and b"speaking" in c.get(0.1)  # a new client first gets the latest state
     events.close()
     assert events.subscribe() is None
+
+
+def test_whep_routes_token_cors_and_page_without_a_running_stream():
+    from latentsync.config import load_config
+    from latentsync.serving.app import create_app
+    from latentsync.serving.runtime import Runtime
+
+    token = "t" * 20
+    app = create_app(Runtime(load_config(None, [f"api.token={token}"])))  # built, never started
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {token}"}
+    # the API token applies to WHEP and the event feed
+    r = client.post("/whep", data="v=0\r\n", content_type="application/sdp")
+    assert r.status_code == 401 and r.json["error"]["code"] == "unauthorized"
+    assert client.get("/events").status_code == 401
+    # pre-flights carry no credentials: answered before the token check
+    r = client.options("/whep", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204 and "Authorization" in r.headers["Access-Control-Allow-Headers"]
+    # the page and its files are public (no secret in them); nothing else became public
+    assert client.get("/").status_code == 200 and b"/ui/app.js" in client.get("/").data
+    assert client.get("/ui/app.js").status_code == 200
+    assert client.get("/tasks").status_code == 401
+    # with the token, WHEP answers a JSON 503 while the stream is not up
+    r = client.post("/whep", data="v=0\r\n", content_type="application/sdp", headers=auth)
+    assert r.status_code == 503 and r.json["error"]["code"] == "webrtc_off"
+    r = client.patch("/whep/x", headers=auth)
+    assert r.status_code == 405 and r.json["error"]["code"] == "no_trickle"
+
+
+def test_event_stream_is_bounded_with_a_json_503():
+    from latentsync.config import load_config
+    from latentsync.serving.app import create_app
+    from latentsync.serving.runtime import Runtime
+
+    runtime = Runtime(load_config(None, ["ui.max_event_clients=1"]))
+    client = create_app(runtime).test_client()
+    first = client.get("/events", buffered=False)
+    assert first.status_code == 200 and first.mimetype == "text/event-stream"
+    assert next(first.response) == b"retry: 2000\n\n"
+    runtime.events.publish("state", {"state": "speaking"})
+    assert b"event: state" in next(first.response)
+    second = client.get("/events")
+    assert second.status_code == 503 and second.json["error"]["code"] == "too_many_event_clients"
+    first.close()  # the client goes away: its slot frees
+    assert runtime.events.clients == 0
+    third = client.get("/events", buffered=False)
+    assert third.status_code == 200
+    runtime.events.close()  # shutdown ends open streams (list() would block forever otherwise)
+    assert list(third.response)[-1:] != [] and runtime.events.clients == 0
+
+
+@pytest.mark.parametrize("override", ["webrtc.max_viewers=0", "webrtc.max_height=721", "webrtc.video_codec=av1",
+                                      "ui.max_event_clients=0", "webrtc.keyframe_interval_s=0"])
+def test_bad_webrtc_settings_stop_the_server_naming_the_key(override):
+    from latentsync.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(None, [override])
