@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_HZ = 90000  # RTP video clock (RFC 6184 / RFC 7741)
 AUDIO_FRAME_S = 0.020  # aiortc must get 20 ms audio frames (40 ms ones are half concealed by Chromium)
+ENCODER_THREADS = 1
 INBOX_TICKS = 4  # ticks waiting for the encoder thread; more are dropped (and a keyframe is forced)
 MIN_FORCED_KEYFRAME_GAP_S = 0.2  # PLIs/joins closer than this share one forced keyframe
 LOOP_START_TIMEOUT_S = 5.0
@@ -334,9 +335,8 @@ class WebRtcHub:
             return
         try:
             self._inbox.put_nowait((index, video, audio))
-        except queue.Full:
+        except queue.Full:  # the encoder is behind: viewers skip this tick (their decoders cope, no keyframe)
             self._inbox_dropped += 1
-            self._force_keyframe.set()
 
     def request_keyframe(self) -> None:
         """Make the next encoded frame a keyframe (a joining viewer, a PLI, a viewer that dropped)."""
@@ -355,6 +355,9 @@ class WebRtcHub:
             codec = av.CodecContext.create("libvpx", "w")
             codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
         codec.width, codec.height = self.width, self.height
+        # One thread: with frame threads libvpx took 40-100 ms a frame on this 2-core machine (2.5 ms with
+        # one), and a single preview stream does not need more.
+        codec.thread_count = ENCODER_THREADS
         codec.pix_fmt = "yuv420p"
         codec.bit_rate = s.video_bitrate_kbps * 1000
         codec.framerate = fractions.Fraction(self.fps, 1)
