@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_HZ = 90000  # RTP video clock (RFC 6184 / RFC 7741)
 AUDIO_FRAME_S = 0.020  # aiortc must get 20 ms audio frames (40 ms ones are half concealed by Chromium)
+QUIET_LOGGERS = ("aioice", "aiortc")
 ENCODER_THREADS = 1
 INBOX_TICKS = 4  # ticks waiting for the encoder thread; more are dropped (and a keyframe is forced)
 MIN_FORCED_KEYFRAME_GAP_S = 0.2  # PLIs/joins closer than this share one forced keyframe
@@ -260,6 +261,9 @@ class WebRtcHub:
             self._started = True
         if self.settings.loopback_candidates:
             allow_loopback_candidates()
+        for name in QUIET_LOGGERS:  # aioice logs every ICE candidate pair check at INFO
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         ready = threading.Event()
 
         def run_loop() -> None:
