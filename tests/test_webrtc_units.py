@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fractions
 import types
 
 import numpy as np
@@ -33,12 +34,12 @@ def test_stalled_viewer_drops_its_backlog_and_resumes_at_a_keyframe(codec):
         loop = asyncio.get_running_loop()
         viewer = _Viewer(hub, "v", max_video=5, max_audio=10)
         viewer.started = True
-        encoder = hub._new_encoder()
+        encoder, opus = hub._new_encoder(), hub._new_audio_encoder()
         hub.request_keyframe()
         wants = []
         for i, frame in enumerate(_frames(30)):  # the same steps as the encoder thread; nobody reads
             packets = hub._encode_video(encoder, i, frame)
-            wants.append(viewer.push(packets, hub._audio_frames(np.zeros(1920, np.int16)), loop))
+            wants.append(viewer.push(packets, hub._encode_audio(opus, np.zeros(1920, np.int16)), loop))
             if wants[-1]:
                 hub.request_keyframe()
                 hub._last_forced_key = -1.0
@@ -154,3 +155,17 @@ def test_bad_webrtc_settings_stop_the_server_naming_the_key(override):
 
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("rate", [48000, 44100])
+def test_audio_is_encoded_once_into_20ms_opus_packets(rate):
+    hub = WebRtcHub(WebRtcConfig(), fps=25, sample_rate_hz=rate, frame_size=(96, 64))
+    opus = hub._new_audio_encoder()
+    t = np.arange(rate * 2) / rate
+    tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    per_tick = rate // 25
+    packets = [p for k in range(50) for p in hub._encode_audio(opus, tone[k * per_tick:(k + 1) * per_tick])]
+    pts = np.array([p.pts for p in packets])
+    assert set(np.diff(pts)) == {960} and pts[0] == 0  # 20 ms apart on the 48 kHz Opus clock
+    assert 2 * 50 - 3 <= len(packets) <= 2 * 50  # 2 s in, 2 s out (the resampler/encoder hold < 60 ms)
+    assert all(p.time_base == fractions.Fraction(1, 48000) for p in packets)

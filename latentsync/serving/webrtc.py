@@ -35,7 +35,10 @@ from latentsync.config import VideoCodec, WebRtcConfig
 logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_HZ = 90000  # RTP video clock (RFC 6184 / RFC 7741)
-AUDIO_FRAME_S = 0.020  # aiortc must get 20 ms audio frames (40 ms ones are half concealed by Chromium)
+AUDIO_FRAME_S = 0.020  # 20 ms Opus packets (40 ms ones sent as one RTP timestamp: Chromium conceals half)
+OPUS_RATE_HZ = 48000  # Opus RTP clock (RFC 7587)
+OPUS_FRAME_SAMPLES = 960  # 20 ms at 48 kHz
+OPUS_BITRATE_BPS = 96000  # aiortc's own Opus setting (stereo voip)
 QUIET_LOGGERS = ("aioice", "aiortc")
 ENCODER_THREADS = 1
 INBOX_TICKS = 4  # ticks waiting for the encoder thread; more are dropped (and a keyframe is forced)
@@ -125,7 +128,7 @@ class _Viewer:
         self._max_video = max_video
         self._max_audio = max_audio
         self.video: collections.deque[av.Packet] = collections.deque()
-        self.audio: collections.deque[av.AudioFrame] = collections.deque()
+        self.audio: collections.deque[av.Packet] = collections.deque()
         self.need_keyframe = True
         self.started = False  # set by the first recv(): nothing is queued for a viewer not connected yet
         self.dropped_packets = 0
@@ -136,9 +139,9 @@ class _Viewer:
 
     # encoder thread
     def push(
-        self, packets: list[av.Packet], audio_frames: list[av.AudioFrame], loop: asyncio.AbstractEventLoop
+        self, packets: list[av.Packet], audio_packets: list[av.Packet], loop: asyncio.AbstractEventLoop
     ) -> bool:
-        """Queue one tick's packets and audio frames; returns True when a keyframe is wanted."""
+        """Queue one tick's video and Opus packets; returns True when a keyframe is wanted."""
         want_key = False
         with self._lock:
             if self.closed or not self.started:
@@ -155,10 +158,10 @@ class _Viewer:
                     continue
                 self.need_keyframe = False
                 self.video.append(packet)
-            for frame in audio_frames:
+            for packet in audio_packets:
                 if len(self.audio) >= self._max_audio:
                     self.audio.popleft()
-                self.audio.append(frame)
+                self.audio.append(packet)
             wake = not self._wake_pending
             self._wake_pending = True
         if wake:
@@ -199,7 +202,7 @@ class _Viewer:
 
 
 class _QueueTrack(MediaStreamTrack):
-    """An aiortc track that yields one viewer's queued items: ``av.Packet`` (video) or 20 ms ``av.AudioFrame``."""
+    """An aiortc track that yields one viewer's queued, already encoded ``av.Packet``s (video, or 20 ms Opus)."""
 
     def __init__(self, viewer: _Viewer, kind: str):
         super().__init__()
@@ -226,7 +229,6 @@ class WebRtcHub:
         self.fps = int(fps)
         self.sample_rate_hz = int(sample_rate_hz)
         self.width, self.height = preview_size(frame_size[0], frame_size[1], settings.max_height)
-        self._audio_frame_samples = int(round(sample_rate_hz * AUDIO_FRAME_S))
         self._max_video = max(2, int(round(settings.viewer_queue_s * fps)))
         self._max_audio = max(4, int(round(settings.viewer_queue_s / AUDIO_FRAME_S)))
         self._lock = threading.Lock()
@@ -238,8 +240,8 @@ class WebRtcHub:
         self._last_forced_key = 0.0
         self._frames_encoded = 0
         self._keyframes = 0
-        self._audio_pending = np.zeros(0, dtype=np.int16)
-        self._audio_pts = 0
+        self._audio_in_pts = 0  # samples at the stream rate handed to the Opus resampler
+        self._audio_out_pts = 0  # samples at 48 kHz in the Opus packets produced
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._encoder_thread: threading.Thread | None = None
@@ -370,24 +372,23 @@ class WebRtcHub:
         return codec
 
     def _encode_loop(self) -> None:
-        encoder = None
+        encoder = audio_encoder = None
         while not self._stop.is_set():
             try:
                 index, video, audio = self._inbox.get(timeout=0.2)
             except queue.Empty:
                 continue
             if not self._viewers:
-                encoder = None  # the next viewer starts a fresh encoder (and a keyframe)
-                self._audio_pending = np.zeros(0, dtype=np.int16)
+                encoder = audio_encoder = None  # the next viewer starts fresh encoders (and a keyframe)
                 continue
             try:
                 if encoder is None:
-                    encoder = self._new_encoder()
+                    encoder, audio_encoder = self._new_encoder(), self._new_audio_encoder()
                 packets = self._encode_video(encoder, index, video)
-                frames = self._audio_frames(audio)
+                frames = self._encode_audio(audio_encoder, audio)
             except Exception:
-                logger.exception("webrtc: encoding failed; restarting the encoder")
-                encoder = None
+                logger.exception("webrtc: encoding failed; restarting the encoders")
+                encoder = audio_encoder = None
                 continue
             with self._lock:
                 viewers = list(self._viewers.values())
@@ -420,20 +421,36 @@ class WebRtcHub:
         self._frames_encoded += 1
         return packets
 
-    def _audio_frames(self, audio: np.ndarray) -> list[av.AudioFrame]:
-        pending = np.concatenate([self._audio_pending, audio.astype(np.int16, copy=False)])
-        n = self._audio_frame_samples
-        frames = []
-        while len(pending) >= n:
-            frame = av.AudioFrame.from_ndarray(pending[:n].reshape(1, n), format="s16", layout="mono")
-            frame.sample_rate = self.sample_rate_hz
-            frame.pts = self._audio_pts
-            frame.time_base = fractions.Fraction(1, self.sample_rate_hz)
-            self._audio_pts += n
-            frames.append(frame)
-            pending = pending[n:]
-        self._audio_pending = pending
-        return frames
+    def _new_audio_encoder(self) -> tuple[av.AudioResampler, av.audio.codeccontext.AudioCodecContext]:
+        """Opus once for every viewer: stereo s16 at 48 kHz in 20 ms frames, as aiortc's OpusEncoder does."""
+        resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE_HZ, frame_size=OPUS_FRAME_SAMPLES)
+        codec = av.CodecContext.create("libopus", "w")
+        codec.bit_rate = OPUS_BITRATE_BPS
+        codec.format = "s16"
+        codec.layout = "stereo"
+        codec.sample_rate = OPUS_RATE_HZ
+        codec.time_base = fractions.Fraction(1, OPUS_RATE_HZ)
+        codec.options = {"application": "voip"}
+        self._audio_in_pts = self._audio_out_pts = 0
+        return resampler, codec
+
+    def _encode_audio(self, encoder, audio: np.ndarray) -> list[av.Packet]:
+        """One tick's ``(N,) int16`` mono samples → 20 ms Opus packets (PTS in 48 kHz samples)."""
+        resampler, codec = encoder
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.int16).reshape(1, -1),
+                                           format="s16", layout="mono")  # fmt: skip
+        frame.sample_rate = self.sample_rate_hz
+        frame.pts = self._audio_in_pts
+        frame.time_base = fractions.Fraction(1, self.sample_rate_hz)
+        self._audio_in_pts += len(audio)
+        packets = []
+        for chunk in resampler.resample(frame):
+            packets += codec.encode(chunk)
+        for packet in packets:  # one packet per 20 ms frame; libopus' own PTS start negative (pre-skip)
+            packet.pts = packet.dts = self._audio_out_pts
+            packet.time_base = fractions.Fraction(1, OPUS_RATE_HZ)
+            self._audio_out_pts += OPUS_FRAME_SAMPLES
+        return packets
 
     # ----------------------------------------------------------------- signalling (Flask threads)
     def _call(self, coro, timeout_s: float):
