@@ -96,6 +96,11 @@ def test_viewers_get_every_tick_and_the_extra_viewer_is_refused(server):
         status, _, body = await extra.connect()
         await extra.close(delete=False)
         assert status == 429 and _json_error(body)["code"] == "too_many_viewers"
+        # bad requests while they watch: refused with JSON, the viewers below still get every tick
+        for method, path, data in (("POST", "/whep", b"v=0\r\nm=garbage\r\n"), ("DELETE", "/whep/nope", None)):
+            status, _, body = await asyncio.to_thread(http, method, server.base + path, data,
+                                                      {"Content-Type": "application/sdp"})
+            assert 400 <= status < 500 and "code" in _json_error(body)
         got = await asyncio.gather(*(v.receive(100) for v in viewers))
         statuses = [await v.close() for v in viewers]
         return got, statuses
