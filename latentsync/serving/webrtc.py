@@ -458,7 +458,12 @@ class WebRtcHub:
         if loop is None or self._closed:
             coro.close()
             raise WhepError(503, "webrtc_stopped", "the WebRTC egress is not running")
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout_s)
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()  # an answer that overran is abandoned (its peer connection is closed)
+            raise
 
     def answer(self, offer_sdp: str) -> tuple[str, str]:
         """Answer a WHEP offer: a new session with the program's video and audio.
