@@ -19,7 +19,7 @@ run: setup
 	@echo "  Live stream:  rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar   (VLC: Media > Open Network Stream; or ffplay)"
 	@echo "  Health:       http://127.0.0.1:11001/health"
 	@echo ""
-	$(VENV)/bin/python infer_serv.py stream.rtmp_url=rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar $(ARGS)
+	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
 ## test: set up (nginx-rtmp and chromium too), lint, then the whole pytest suite
 test: setup

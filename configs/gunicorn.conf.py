@@ -15,6 +15,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentsync.config import load_config  # noqa: E402
+from latentsync.serving.systemd import sd_notify, take_notify_socket  # noqa: E402
+
+# systemd's notify socket is for our worker (READY=1 once the stream is on air, watchdog pings), not
+# for gunicorn's arbiter, which would send READY=1 the moment it listens.
+take_notify_socket()
 
 _config = load_config(
     os.environ.get("LATENTSYNC_CONFIG") or Path(__file__).resolve().parent / "server.yaml",
@@ -26,7 +31,10 @@ workers = 1  # never more: one process owns the stream
 worker_class = "gthread"
 threads = 8
 timeout = 120  # worker heartbeat; uploads of up to api.max_upload_mb take far less
-graceful_timeout = 8  # SIGTERM: finish requests, fade speech out, flush FFmpeg, all within systemd's 10 s
+# SIGTERM: the worker finishes its requests, then worker_exit stops the runtime (speech faded out in
+# <= 1 s, clock stopped <= 2 s, FFmpeg flushed <= 8 s, engine pool closed): all inside this, which
+# stays below the unit's TimeoutStopSec=30 (the master SIGKILLs a worker that overruns it).
+graceful_timeout = 25
 keepalive = 5
 limit_request_line = 8190
 limit_request_fields = 100
@@ -40,4 +48,5 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     runtime = getattr(app, "extensions", {}).get("latentsync.runtime") if app is not None else None
     if runtime is not None:
+        sd_notify("STOPPING=1")
         runtime.stop()

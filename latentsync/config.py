@@ -8,6 +8,8 @@ checks (ranges, even sizes, supported AAC rates) follow in :func:`validate`.
 from __future__ import annotations
 
 import enum
+import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 # Sample rates the FFmpeg AAC encoder accepts (MPEG-4 Audio sampling frequency index table).
 AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+#: Classifier-free guidance scales accepted everywhere (config, engine, API ``guidance_scale``):
+#: 1.0 is no guidance (LatentSync 1.0's sampler needs >= 1; above ~20 the faces break up).
+GUIDANCE_SCALE_RANGE = (1.0, 20.0)
+#: DDIM denoising steps accepted by ``engine.latentsync.inference_steps``.
+INFERENCE_STEPS_RANGE = (1, 1000)
 
 
 class ConfigError(ValueError):
@@ -32,10 +39,16 @@ class EngineName(str, enum.Enum):
 
 @dataclass
 class ServerConfig:
-    """HTTP API listener."""
+    """HTTP API listener.
+
+    A ``host`` that is not loopback (``0.0.0.0``, a LAN address, a name other than ``localhost``)
+    needs ``api.token``, or ``allow_public_without_token: true`` to say the exposure is meant
+    (e.g. behind an authenticating reverse proxy); otherwise the server refuses to start.
+    """
 
     host: str = "127.0.0.1"
     port: int = 11001
+    allow_public_without_token: bool = False
 
 
 @dataclass
@@ -124,6 +137,12 @@ class ApiConfig:
 
     ``token``: when set, every endpoint but ``/health`` needs ``Authorization: Bearer <token>``.
     ``rate_limit_per_min``: uploads accepted per client address per minute (0: unlimited).
+    ``decode_timeout_s``: seconds FFmpeg may take to decode one upload; past it the upload gets
+    503 ``decode_timeout``.
+    ``allowed_origins``: web origins (``scheme://host[:port]``) whose pages may send state-changing
+    requests (POST, PUT, PATCH, DELETE) from a browser. Requests without an ``Origin`` header
+    (curl, scripts) and same-origin pages served from a loopback address are always allowed;
+    anything else gets 403 ``origin_not_allowed``.
     """
 
     max_audio_s: float = 300.0
@@ -131,6 +150,19 @@ class ApiConfig:
     max_queued: int = 16
     token: str | None = None
     rate_limit_per_min: int = 120
+    decode_timeout_s: float = 30.0
+    allowed_origins: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TasksConfig:
+    """Scheduling of accepted tasks (docs/scheduling.md).
+
+    ``generate_ahead``: tasks after the one on air that may generate at once; later tasks wait
+    holding only their decoded audio (bounded memory per waiting task).
+    """
+
+    generate_ahead: int = 1
 
 
 class VideoCodec(str, enum.Enum):
@@ -194,6 +226,7 @@ class AppConfig:
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -257,6 +290,12 @@ def validate(config: AppConfig) -> None:
     """
     s = config.stream
     _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
+    _check(is_loopback_host(config.server.host) or config.api.token is not None
+           or config.server.allow_public_without_token, "server.host", config.server.host,
+           "a loopback address unless api.token is set (or server.allow_public_without_token: true)")  # fmt: skip
+    for origin in config.api.allowed_origins:
+        _check(_ORIGIN_RE.fullmatch(origin) is not None, "api.allowed_origins", origin,
+               "origins like https://studio.example.com (scheme://host[:port], no path)")  # fmt: skip
     _check(s.rtmp_url.startswith(("rtmp://", "rtmps://")), "stream.rtmp_url", "<hidden>", "an rtmp:// URL")
     _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
     _check(s.audio_sample_rate in AAC_SAMPLE_RATES_HZ, "stream.audio_sample_rate", s.audio_sample_rate,
@@ -288,16 +327,15 @@ def validate(config: AppConfig) -> None:
            "cpu, cuda, cuda:N or null")
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
     _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
-    _check(1 <= e.latentsync.inference_steps <= 1000, "engine.latentsync.inference_steps",
-           e.latentsync.inference_steps, "1..1000")
-    _check(0.0 <= e.latentsync.guidance_scale <= 20.0, "engine.latentsync.guidance_scale",
-           e.latentsync.guidance_scale, "0..20")
+    validate_latentsync(e.latentsync)
     a = config.api
     _check(0.1 <= a.max_audio_s <= 3600, "api.max_audio_s", a.max_audio_s, "0.1..3600")
     _check(0.01 <= a.max_upload_mb <= 2048, "api.max_upload_mb", a.max_upload_mb, "0.01..2048")
     _check(1 <= a.max_queued <= 1000, "api.max_queued", a.max_queued, "1..1000")
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
+    _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
+    _check(0 <= config.tasks.generate_ahead <= 64, "tasks.generate_ahead", config.tasks.generate_ahead, "0..64")
     w = config.webrtc
     _check(1 <= w.max_viewers <= 64, "webrtc.max_viewers", w.max_viewers, "1..64")
     _check(64 <= w.max_height <= 4320 and w.max_height % 2 == 0, "webrtc.max_height", w.max_height,
@@ -312,6 +350,45 @@ def validate(config: AppConfig) -> None:
     _check(0.05 <= u.event_poll_s <= 10, "ui.event_poll_s", u.event_poll_s, "0.05..10")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
+
+
+_ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (``127.0.0.0/8``, ``::1``), including ``[::1]``.
+
+    Args:
+        host: A listen address or a URL's host part.
+    """
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync") -> None:
+    """Check the ``engine.latentsync`` values (the engine checks its settings with this too).
+
+    Args:
+        ls: The section.
+        section: Its key, for messages.
+
+    Raises:
+        ConfigError: Naming the first key whose value is out of range.
+    """
+    _check(isinstance(ls.dtype, DType), f"{section}.dtype", ls.dtype, f"one of {[d.value for d in DType]}")
+    steps, scale = ls.inference_steps, ls.guidance_scale
+    low, high = INFERENCE_STEPS_RANGE
+    _check(isinstance(steps, int) and not isinstance(steps, bool) and low <= steps <= high,
+           f"{section}.inference_steps", steps, f"an integer in {low}..{high}")  # fmt: skip
+    low, high = GUIDANCE_SCALE_RANGE
+    _check(isinstance(scale, int | float) and not isinstance(scale, bool) and low <= scale <= high,
+           f"{section}.guidance_scale", scale, f"{low:g}..{high:g}")  # fmt: skip
+    _check(isinstance(ls.seed, int) and not isinstance(ls.seed, bool), f"{section}.seed", ls.seed, "an integer")
 
 
 def to_yaml(config: AppConfig) -> str:

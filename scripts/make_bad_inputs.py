@@ -46,6 +46,8 @@ class Entry:
         audio_s: Expected decoded audio duration in seconds of an accepted upload (None if rejected).
         size_bytes: File size in bytes.
         what: One-line description.
+        reads: For a hostile upload: the file it makes a permissive FFmpeg read (relative to the
+            corpus folder when not absolute), or None.
     """
 
     file: str
@@ -54,6 +56,7 @@ class Entry:
     audio_s: float | None
     size_bytes: int
     what: str
+    reads: str | None = None
 
 
 def ffmpeg(*args: str) -> None:
@@ -130,6 +133,51 @@ def png_bytes(rng: np.random.Generator) -> bytes:
     return buf.tobytes()
 
 
+_MP4_CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"dinf"}
+
+
+def _alias_dref_entry(target: Path) -> bytes:
+    """A QuickTime ``alis`` data-reference entry naming ``target`` (Mac alias record, version 2).
+
+    Layout after the entry's size/type/flags (Apple QuickTime File Format, "Data reference atoms";
+    the fields FFmpeg's ``mov`` demuxer reads): 10 reserved bytes, volume name (length byte + 27),
+    12 bytes, file name (length byte + 63), 16 bytes, nlvl_from/nlvl_to (int16 each; 1/1: the
+    target lies in the movie's own folder), 16 bytes, then tagged records (type 2: absolute path)
+    ending with type -1.
+    """
+    path = str(target).encode()
+    body = bytes(10) + bytes(1 + 27) + bytes(12) + bytes([len(target.name)]) + target.name.encode().ljust(63, b"\0")
+    body += bytes(16) + struct.pack(">hh", 1, 1) + bytes(16)
+    body += struct.pack(">HH", 2, len(path)) + path.ljust(len(path) + (len(path) & 1), b"\0")
+    body += struct.pack(">hH", -1, 0)
+    return struct.pack(">I4sI", 12 + len(body), b"alis", 0) + body
+
+
+def external_dref_mp4(mp4: bytes, target: Path) -> bytes:
+    """An MP4 whose audio samples live in ``target``: its ``dref`` names that file, its own ``mdat`` is zeroed.
+
+    ``target`` must be the MP4 the boxes came from (same sample offsets). FFmpeg reads it only with
+    ``-enable_drefs 1`` and a protocol that can open it.
+    """
+
+    def walk(buf: bytes) -> bytes:
+        out, i = b"", 0
+        while i < len(buf):
+            size, kind = struct.unpack(">I4s", buf[i : i + 8])
+            body = buf[i + 8 : i + size]
+            if kind in _MP4_CONTAINERS:
+                body = walk(body)
+            elif kind == b"dref":
+                body = struct.pack(">II", 0, 1) + _alias_dref_entry(target)
+            elif kind == b"mdat":
+                kind, body = b"free", bytes(len(body))
+            out += struct.pack(">I4s", 8 + len(body), kind) + body
+            i += size
+        return out
+
+    return walk(mp4)
+
+
 def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[Entry]:
     """Write every corpus file and ``manifest.json`` into ``out_dir``.
 
@@ -196,6 +244,37 @@ def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[E
     add_encoded("good.ogg", "Ogg/Opus (libopus, 64 kb/s)", "-c:a", "libopus", "-b:a", "64k")
     add_encoded("good.flac", "FLAC", "-c:a", "flac")
     add_encoded("good.m4a", "M4A/AAC (128 kb/s)", "-c:a", "aac", "-b:a", "128k")
+    add_encoded("good.aac", "raw ADTS AAC (128 kb/s)", "-c:a", "aac", "-b:a", "128k")
+    add_encoded("good.webm", "WebM/Opus (what a browser's MediaRecorder makes)", "-c:a", "libopus", "-b:a", "64k")
+    # Hostile uploads: files that make FFmpeg read something other than themselves. Each "reads"
+    # a real target (a permissive FFmpeg decodes audio through it); the server must read nothing.
+    wav_target, m4a_target, aac_target = (speech_path.resolve(), (out_dir / "good.m4a").resolve(),
+                                          (out_dir / "good.aac").resolve())  # fmt: skip
+
+    def hostile(name: str, content: bytes, what: str, reads: Path | str | None) -> None:
+        (out_dir / name).write_bytes(content)
+        entries.append(Entry(name, 400, "not_audio", None, len(content), what, None if reads is None else str(reads)))
+
+    hostile("ffconcat_fifo.txt", b"ffconcat version 1.0\nfile video-0.fifo\n",
+            "ffconcat list naming the stream's video FIFO beside the upload (issue 10's payload)", None)
+    hostile("ffconcat_abs.txt", f"ffconcat version 1.0\nfile '{wav_target}'\n".encode(),
+            "ffconcat list naming a local WAV by absolute path", wav_target)
+    hostile("ffconcat_file_url.ffconcat", f"ffconcat version 1.0\nfile 'file:{wav_target}'\n".encode(),
+            "ffconcat list naming a local WAV as a file: URL", wav_target)
+    mpd = (f'<?xml version="1.0"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
+           f'mediaPresentationDuration="PT7S" minBufferTime="PT1S" '
+           f'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011">'
+           f'<Period><AdaptationSet mimeType="audio/mp4"><Representation id="0" bandwidth="128000" codecs="mp4a.40.2" '
+           f'audioSamplingRate="48000"><BaseURL>{m4a_target}</BaseURL></Representation></AdaptationSet></Period></MPD>\n')
+    hostile("dash_baseurl.mpd", mpd.encode(), "DASH manifest whose BaseURL is a local M4A's absolute path", m4a_target)
+    hls = f"#EXTM3U\n#EXT-X-TARGETDURATION:8\n#EXTINF:7.1,\n{aac_target}\n#EXT-X-ENDLIST\n"
+    hostile("hls_local.m3u8", hls.encode(), "HLS playlist naming a local AAC segment by absolute path", aac_target)
+    hls_zero = "#EXTM3U\n#EXT-X-TARGETDURATION:8\n#EXTINF:7.1,\nfile:///dev/zero\n#EXT-X-ENDLIST\n"
+    hostile("hls_dev_zero.m3u8", hls_zero.encode(), "HLS playlist naming /dev/zero", None)
+    hostile("concat_dev_zero.txt", b"ffconcat version 1.0\nfile /dev/zero\nfile /dev/zero\n",
+            "ffconcat list naming /dev/zero", None)
+    hostile("dref_external.mp4", external_dref_mp4(m4a_target.read_bytes(), m4a_target),
+            "MP4 whose only audio samples are in another file (an alis data reference to good.m4a)", m4a_target)
     # Too large a request body.
     large = rng.integers(0, 256, int(large_mb * 2**20), dtype=np.uint8).tobytes()
     add("large_random.bin", large, 413, "too_large", f"{large_mb:g} MB of random bytes (over api.max_upload_mb)")

@@ -46,12 +46,14 @@ def require_rtmp_tools() -> None:
 class RtmpServer:
     """A private nginx-rtmp instance on a free loopback port, run by scripts/rtmp_server.sh."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, push_url_file: Path | None = None):
         self.port = free_port()
         self.http_port = free_port()
         self.run_dir = run_dir
         self.env = dict(os.environ, RTMP_PORT=str(self.port), RTMP_HTTP_PORT=str(self.http_port),
                         RTMP_RUN_DIR=str(run_dir))
+        if push_url_file is not None:  # relay everything published here to the URL in that file
+            self.env["RTMP_PUSH_URL_FILE"] = str(push_url_file)
 
     def _script(self, verb: str) -> None:
         subprocess.run(["bash", str(RTMP_SCRIPT), verb], env=self.env, check=True, capture_output=True, timeout=60)
@@ -63,7 +65,15 @@ class RtmpServer:
         self._script("stop")
 
     def url(self, key: str = "avatar") -> str:
-        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
+        """The publish URL of ``live/<key>``, with the server's publish secret (plays too)."""
+        secret = (self.run_dir / "publish.secret").read_text().strip()
+        return f"rtmp://127.0.0.1:{self.port}/live/{key}?secret={secret}"
+
+    def nginx_pids(self) -> tuple[int, list[int]]:
+        """nginx's master pid and its worker pids."""
+        master = int((self.run_dir / "nginx.pid").read_text())
+        out = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        return master, [int(p) for p in out]
 
     def publishing(self, key: str = "avatar") -> bool:
         """True when nginx reports a client publishing to ``live/<key>`` (its /stat page)."""

@@ -2,7 +2,9 @@
 
 Every corpus file is posted to ``POST /generate_video`` and must get the status and error code its
 manifest documents, with a message; accepted uploads decode to the documented length and some play
-on air to ``done``. Throughout, the stream keeps ticking (``/health`` 200, no dropped tick, no
+on air to ``done`` (WebM/Opus among them). Hostile files (concat lists, playlists, an MP4 whose
+samples are in another file) get 400 ``not_audio`` (tests/test_upload_decoding.py proves they read
+nothing). Throughout, the stream keeps ticking (``/health`` 200, no dropped tick, no
 FFmpeg restart) and no upload file is left in the server's private directory.
 """
 
@@ -22,7 +24,7 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
 LARGE_MB = 60  # the oversized upload ...
 MAX_UPLOAD_MB = 56  # ... a bit over the server's limit; the 19 MB 20-minute clip stays under it
-PLAY_TO_DONE = ("truncated.wav", "lying_header_4gb.wav", "good.ogg")  # the others are cancelled at once
+PLAY_TO_DONE = ("truncated.wav", "lying_header_4gb.wav", "good.ogg", "good.webm")  # the others are cancelled at once
 DURATION_TOLERANCE_S = 0.05
 
 
@@ -95,8 +97,10 @@ def test_every_corpus_file_gets_its_documented_answer(server, corpus):
     try:
         for entry in entries:
             _post_and_check(server, folder, entry)
-        uploads = [p for p in (server.tmp / "tmp").rglob("upload*")]
-        assert uploads == [], f"upload files left in the server's private directory: {uploads}"
+        work_dirs = list((server.tmp / "tmp").iterdir())
+        assert len(work_dirs) == 1, work_dirs
+        uploads = list((work_dirs[0] / "uploads").iterdir())
+        assert uploads == [], f"upload folders left in the server's private directory: {uploads}"
     finally:
         watch.close()
     statuses = {status for status, _ in watch.samples}

@@ -27,7 +27,7 @@ def test_yaml_file_then_overrides(tmp_path):
 def test_shipped_server_yaml_loads_and_has_every_key():
     c = load_config(REPO / "configs" / "server.yaml")
     text = (REPO / "configs" / "server.yaml").read_text()
-    for section in ("server", "stream", "avatar", "engine", "api", "log"):
+    for section in ("server", "stream", "avatar", "engine", "api", "tasks", "log"):
         for key in getattr(c, section).__dataclass_fields__:
             assert f"  {key}:" in text, f"configs/server.yaml lacks {section}.{key}"
 
@@ -48,6 +48,10 @@ def test_shipped_server_yaml_loads_and_has_every_key():
         (["engine.workers=0"], "engine.workers"),
         (["avatar.idle_video=/no/such/video.mp4"], "avatar.idle_video"),
         (["server.port=70000"], "server.port"),
+        (["engine.latentsync.guidance_scale=0.5"], "engine.latentsync.guidance_scale"),  # the engine needs >= 1
+        (["engine.latentsync.guidance_scale=20.5"], "engine.latentsync.guidance_scale"),
+        (["engine.latentsync.inference_steps=0"], "engine.latentsync.inference_steps"),
+        (["tasks.generate_ahead=-1"], "tasks.generate_ahead"),
         (["fps"], "fps"),
     ],
 )
@@ -65,3 +69,34 @@ def test_stream_key_is_redacted():
     assert redact_rtmp_url("rtmp://user:pw@live.example:1935/app/s3cr3t") == "rtmp://live.example:1935/app/***"
     c = load_config(overrides=["stream.rtmp_url=rtmp://127.0.0.1/live/s3cr3t"])
     assert "s3cr3t" not in to_yaml(c)
+
+
+def test_a_public_listen_address_needs_a_token_or_an_explicit_opt_out():
+    with pytest.raises(ConfigError, match="server.host"):
+        load_config(None, ["server.host=0.0.0.0"])
+    assert load_config(None, ["server.host=0.0.0.0", "api.token=0123456789abcdef"]).server.host == "0.0.0.0"
+    assert load_config(None, ["server.host=0.0.0.0", "server.allow_public_without_token=true"])
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert load_config(None, [f"server.host={host}"]).server.host == host
+    with pytest.raises(ConfigError, match="api.allowed_origins"):
+        load_config(None, ["api.allowed_origins=[https://studio.example.com/page]"])
+
+
+def test_a_bad_value_stops_the_server_at_start_naming_the_key():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "infer_serv.py"), "engine.latentsync.guidance_scale=0.5"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0
+    assert "engine.latentsync.guidance_scale: 0.5 is invalid, expected 1..20" in proc.stderr + proc.stdout
+
+
+def test_one_guidance_range_for_config_engine_and_api():
+    from latentsync.config import GUIDANCE_SCALE_RANGE, LatentSyncConfig, validate_latentsync
+
+    low, high = GUIDANCE_SCALE_RANGE
+    validate_latentsync(LatentSyncConfig(guidance_scale=low))
+    validate_latentsync(LatentSyncConfig(guidance_scale=high))
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        validate_latentsync(LatentSyncConfig(guidance_scale=low - 0.5))

@@ -179,14 +179,20 @@ def test_playlist_is_bounded():
 
 
 def test_finished_tasks_release_their_audio():
+    from latentsync.serving.mixer import ProgramEvent
     from latentsync.serving.tasks import SpeechProgram, Task, TaskAudio, TaskState
 
     audio = TaskAudio(np.ones(10 * N, np.int16), np.zeros(16000, np.float32), 48000)
     task = Task(task_id="t", audio=audio, num_frames=10, num_chunks=1)
+    task.transition(TaskState.preparing)
+    task.transition(TaskState.generating)
     program = SpeechProgram(task, avatar=None, fps=25)
     assert program.audio(0, 4).tolist() == [1, 1, 1, 1]
-    program.on_air("done", 10)
+    program.on_air(ProgramEvent.FIRST_FRAME, 0)
+    program.on_air(ProgramEvent.DONE, 10)
     assert task.state is TaskState.done
-    program.on_air("off_air", 15)  # the fade back to idle is over
+    assert task.history == [TaskState.queued, TaskState.preparing, TaskState.generating, TaskState.streaming,
+                            TaskState.done]  # fmt: skip
+    program.on_air(ProgramEvent.OFF_AIR, 15)  # the fade back to idle is over
     assert task.audio is None and task.to_json()["audio_duration_s"] == 0.4
     assert program.audio(0, 4).tolist() == [0, 0, 0, 0]

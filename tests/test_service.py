@@ -12,8 +12,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from latentsync.serving.app import PUBLIC_HEALTH_KEYS
 from tests.datafiles import media_file
 from tests.streamtools import REPO, Api, ServerProcess, free_port
 
@@ -84,11 +86,32 @@ def test_token_guards_everything_but_health(guarded):
     assert TOKEN not in guarded.log()
 
 
+def test_foreign_origins_are_refused_and_health_tells_strangers_the_state_only(guarded):
+    api = authed(guarded.port)
+    evil = {"Origin": "http://evil.example"}
+    status, body = api.request("POST", "/generate_video", b"", evil)  # refused before the body is looked at
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed", body
+    assert api.request("DELETE", "/tasks/nope", headers=evil)[0] == 403
+    rebinding = {"Origin": f"http://evil.example:{guarded.port}", "Host": f"evil.example:{guarded.port}"}
+    assert api.request("DELETE", "/tasks/nope", headers=rebinding)[0] == 403  # same-origin, but not ours
+    ours = {"Origin": f"http://127.0.0.1:{guarded.port}"}
+    assert api.request("DELETE", "/tasks/nope", headers=ours)[0] == 404  # our own page: through to the route
+    assert api.request("DELETE", "/tasks/nope")[0] == 404  # no Origin (curl): allowed
+    status, stranger = guarded.health()
+    assert status == 200 and set(stranger) <= set(PUBLIC_HEALTH_KEYS) and stranger["state"] == "idle", stranger
+    status, full = api.request("GET", "/health")
+    assert status == 200 and full["workers"]["pids"] and "ffmpeg_pid" in full
+
+
 def test_rate_limit_and_json_logs_with_task_ids(guarded):
     api = authed(guarded.port)
     answers = [api.post_audio(media_file(SPEECH).read_bytes()) for _ in range(3)]
     assert [s for s, _ in answers[:2]] == [202, 202]
     assert answers[2][0] == 429 and answers[2][1]["error"]["code"] == "rate_limited"
+    # over the limit, the body is not even looked at: no "no_file" for a body without the field
+    multipart = {"Content-Type": "multipart/form-data; boundary=x"}
+    status, refused = api.request("POST", "/generate_video", b"--x--\r\n", multipart)
+    assert status == 429 and refused["error"]["code"] == "rate_limited", refused
     for _, body in answers[:2]:
         api.request("DELETE", f"/tasks/{body['task_id']}")
     lines = [json.loads(line) for line in guarded.log().splitlines() if line.startswith("{")]
@@ -145,7 +168,8 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
         server.wait_healthy()
         server.wait_engine_ready()
         api = Api(server.port)
-        status, body = api.post_audio(os.urandom(6 * 1024 * 1024), "big.wav")  # larger than the 4 MiB disk
+        big = np.random.default_rng(6).bytes(6 * 1024 * 1024)  # larger than the 4 MiB disk
+        status, body = api.post_audio(big, "big.wav")
         assert status == 507 and body["error"]["code"] == "insufficient_storage", body
         assert "space" in body["error"]["message"]
         time.sleep(1.0)

@@ -12,7 +12,7 @@ import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest
-from latentsync.serving.workers import WorkerPool, WorkerPoolError
+from latentsync.serving.workers import JobFailed, WorkerPool, WorkerPoolError
 from tests.datafiles import media_file
 
 
@@ -75,3 +75,60 @@ def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
     with pytest.raises(WorkerPoolError, match="no_such_option"):
         broken.start()
     broken.close()
+
+
+def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(avatar):
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=1)
+    pool.start()
+    try:
+        order, errors = [], []
+        features = np.tile(np.array([[0.5, 0.0]], np.float32), (16, 1))
+
+        def ok(result):
+            order.append((result.task_id, result.chunk_index))
+
+        now = time.monotonic()
+        # The first job goes to the free worker at once; the rest wait and leave by due time.
+        jobs = [("a", 0, now), ("late", 1, now + 50), ("soon", 1, now + 10), ("late", 2, now + 60),
+                ("soon", 2, now + 20), ("late", 3, now + 70), ("mid", 1, now + 30)]  # fmt: skip
+        for task_id, k, due in jobs:
+            pool.submit_chunk(ChunkRequest(task_id, k, np.arange(16, dtype=np.int64), features=features), 30.0, ok,
+                              errors.append, due_at=due)  # fmt: skip
+        assert pool.cancel_task("late") == 3  # all three still queued: the worker is busy with ("a", 0)
+        assert pool.stats().queued == 3
+        deadline = time.monotonic() + 60
+        while len(order) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert order == [("a", 0), ("soon", 1), ("soon", 2), ("mid", 1)] and not errors
+        assert pool.stats().queued == 0 and pool.stats().completed == 4
+    finally:
+        pool.close()
+
+
+def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, tmp_path):
+    flag = tmp_path / "fail-next-load"
+    pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1,
+                      start_timeout_s=60)  # fmt: skip
+    pool.start()
+    try:
+        results, done, errors = submit_all(pool, 1)
+        assert done.wait(60) and not errors and pool.ready() and pool.broken is None
+        flag.touch()  # from now on a fresh worker cannot load its engine
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        failed = threading.Event()
+        reasons: list[str] = []
+
+        def on_error(reason: str) -> None:
+            reasons.append(reason)
+            failed.set()
+
+        pool.submit_chunk(request(1), 30.0, lambda result: reasons.append("generated on a broken pool"), on_error)
+        assert failed.wait(60), "the queued job never failed"
+        assert "refuses to load" in reasons[0] and len(reasons) == 1
+        assert not pool.ready() and "refuses to load" in pool.broken
+        with pytest.raises(JobFailed, match="refuses to load"):  # later jobs fail at once, with the reason
+            pool.submit_chunk(request(2), 30.0, lambda result: None, lambda reason: None)
+        stats = pool.stats()
+        assert stats.rebuilds == 1 and stats.queued == 0 and stats.in_flight == 0
+    finally:
+        pool.close()

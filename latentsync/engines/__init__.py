@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,9 @@ def create_engine(name: str, options: Mapping[str, Any] | None, avatar) -> Engin
     """Build an engine bound to a prepared avatar (not loaded yet: call ``load()``).
 
     Args:
-        name: ``"parametric"`` (CPU, no model) or ``"latentsync"`` (LatentSync 1.0).
+        name: ``"parametric"`` (CPU, no model) or ``"latentsync"`` (LatentSync 1.0); or
+            ``"package.module:factory"``, a callable ``(options, avatar) -> Engine`` imported in the
+            worker (the seam test engines use; the server's config only ever names the two above).
         options: Engine options by field name (for ``parametric``: the fields of
             :class:`latentsync.engines.parametric.ParametricOptions`; for ``latentsync``: passed to
             its engine's constructor); None for defaults.
@@ -52,6 +55,9 @@ def create_engine(name: str, options: Mapping[str, Any] | None, avatar) -> Engin
         from latentsync.engines import latentsync as latentsync_engine  # owned elsewhere
 
         return latentsync_engine.create(options, avatar)
+    if ":" in name:
+        module, _, factory = name.partition(":")
+        return getattr(importlib.import_module(module), factory)(options, avatar)
     raise ValueError(f"unknown engine {name!r}; known: {list(ENGINE_NAMES)}")
 
 

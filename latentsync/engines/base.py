@@ -26,32 +26,27 @@ class ChunkRequest:
         chunk_index: Position of the chunk in the task, from 0.
         frame_indices: ``(16,) int64`` avatar base-frame indices, one per output frame.
         features: Per-frame features of these 16 frames: rows of what :meth:`Engine.features`
-            returned for the whole task (``features[k0 : k0 + 16]``, padded by the caller), or None.
-        audio: ``(samples,) float32`` mono audio of the chunk at 16 kHz in [-1, 1], or None. An
-            engine uses it only when ``features`` is None.
+            returned for the whole task (``features[k0 : k0 + 16]``, padded by the caller).
         seed: Random seed for engines that sample noise (None: engine default).
         guidance_scale: Classifier-free guidance scale (1.0 = none; None: the engine's configured
-            default); engines without guidance ignore it.
-        num_inference_steps: Denoising steps (None: engine default); ignored where meaningless.
+            default); engines without guidance ignore it. Denoising steps come from the config.
 
     """
 
     task_id: str
     chunk_index: int
     frame_indices: np.ndarray
-    features: np.ndarray | None = None
-    audio: np.ndarray | None = None
+    features: np.ndarray
     seed: int | None = None
     guidance_scale: float | None = None
-    num_inference_steps: int | None = None
 
     def __post_init__(self) -> None:
         if np.ndim(self.frame_indices) != 1 or len(self.frame_indices) == 0:
             shape = np.shape(self.frame_indices)
             raise ValueError(f"frame_indices must be a non-empty 1-D array, got shape {shape}")
-        if self.features is None and self.audio is None:
-            raise ValueError(f"chunk {self.task_id}/{self.chunk_index}: needs features or audio")
-        if self.features is not None and len(self.features) != len(self.frame_indices):
+        if self.features is None:
+            raise ValueError(f"chunk {self.task_id}/{self.chunk_index}: no feature rows (features is None)")
+        if len(self.features) != len(self.frame_indices):
             raise ValueError(
                 f"chunk {self.task_id}/{self.chunk_index}: {len(self.features)} feature rows "
                 f"for {len(self.frame_indices)} frames"

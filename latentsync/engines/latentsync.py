@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from latentsync.avatar import file_digest
+from latentsync.config import DType, LatentSyncConfig, validate_latentsync
 from latentsync.engines.base import ENGINE_SAMPLE_RATE_HZ, ChunkRequest, ChunkResult, num_output_frames
 
 logger = logging.getLogger(__name__)
@@ -52,93 +51,6 @@ ENCODE_BATCH_FRAMES = 16
 MIN_FEATURE_SAMPLES = ENGINE_SAMPLE_RATE_HZ // 25
 #: Weight files diffusers reads from an ``AutoencoderKL`` folder, in its order of preference.
 VAE_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-#: dtype option values.
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-@dataclass(frozen=True)
-class LatentSyncOptions:
-    """Settings of the engine: the fields of the server's ``engine.latentsync`` section plus ``device``.
-
-    Attributes:
-        unet_path: U-Net checkpoint (``latentsync_unet.pt``, ``{"global_step", "state_dict"}``).
-        unet_config: Yaml whose ``model`` section describes the U-Net (``configs/unet/second_stage.yaml``).
-        whisper_path: OpenAI Whisper ``tiny.pt``.
-        vae_path: diffusers ``AutoencoderKL`` folder (``sd-vae-ft-mse``: config.json + weights).
-        scheduler_config: DDIM ``scheduler_config.json`` (or a folder holding one).
-        dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: model precision on a GPU (CPU: float32).
-        inference_steps: Default DDIM steps per chunk (20).
-        guidance_scale: Default classifier-free guidance scale (1.0: none).
-        seed: Default seed of a task's initial noise (1247, LatentSync 1.0's).
-        compile: Wrap the U-Net and VAE decode in ``torch.compile``.
-        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``...; None: ``cuda`` when available, else ``cpu``.
-
-    Relative paths are looked up in the current working directory, then in the repository root.
-
-    """
-
-    unet_path: str = "checkpoints/latentsync_unet.pt"
-    unet_config: str = "configs/unet/second_stage.yaml"
-    whisper_path: str = "checkpoints/whisper/tiny.pt"
-    vae_path: str = "checkpoints/sd-vae-ft-mse"
-    scheduler_config: str = "configs/scheduler_config.json"
-    dtype: str = "float16"
-    inference_steps: int = 20
-    guidance_scale: float = 1.0
-    seed: int = 1247
-    compile: bool = False
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        """Check the values.
-
-        Raises:
-            ValueError: Naming the option and quoting its bad value.
-
-        """
-        if self.dtype not in DTYPES:
-            raise ValueError(f"{CONFIG_SECTION}.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        steps = self.inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ValueError(f"{CONFIG_SECTION}.inference_steps must be an int in [1, 1000], got {steps!r}")
-        scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (math.isfinite(scale) and scale >= 1):
-            raise ValueError(f"{CONFIG_SECTION}.guidance_scale must be a number >= 1.0, got {scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"{CONFIG_SECTION}.seed must be an int, got {self.seed!r}")
-        if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError) as exc:
-                raise ValueError(f"engine.device {self.device!r} is not a torch device: {exc}") from exc
-
-    @classmethod
-    def from_mapping(cls, options: Mapping[str, Any] | None) -> LatentSyncOptions:
-        """Build from a plain dict (the server passes the ``engine.latentsync`` fields and ``device``).
-
-        Args:
-            options: Values by field name; missing ones take the defaults. Enum values (the config's
-                ``DType``) are read through their ``.value``; paths may be ``str`` or ``Path``.
-
-        Returns:
-            The options.
-
-        Raises:
-            ValueError: If a key is not a field (named, with the known ones) or a value is invalid.
-
-        """
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown latentsync engine option(s) {unknown}; known: {sorted(known)}")
-        values = {k: getattr(v, "value", v) for k, v in options.items()}
-        for key in ("unet_path", "unet_config", "whisper_path", "vae_path", "scheduler_config"):
-            if key in values:
-                values[key] = os.fspath(values[key])
-        if isinstance(values.get("guidance_scale"), int) and not isinstance(values["guidance_scale"], bool):
-            values["guidance_scale"] = float(values["guidance_scale"])
-        return cls(**values)
 
 
 def _find(key: str, value: str, hint: str, is_dir: bool = False) -> Path:
@@ -163,7 +75,9 @@ class LatentSyncEngine:
     Args:
         avatar: The prepared :class:`latentsync.avatar.Avatar` (aligned 256x256 faces, keep-mask, fps,
             cache folder ``path`` where the latent cache is written).
-        options: Files and sampling settings.
+        options: Files and sampling settings: the server's ``engine.latentsync`` section as is
+            (None: its defaults).
+        device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``...; None: ``cuda`` when available, else ``cpu``.
 
     Attributes:
         device: Device the models run on (set by :meth:`load`).
@@ -178,9 +92,16 @@ class LatentSyncEngine:
 
     name = "latentsync"
 
-    def __init__(self, avatar, options: LatentSyncOptions | None = None) -> None:
+    def __init__(self, avatar, options: LatentSyncConfig | None = None, device: str | None = None) -> None:
         self.avatar = avatar
-        self.options = options or LatentSyncOptions()
+        self.options = options or LatentSyncConfig()
+        validate_latentsync(self.options)
+        if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"engine.device {device!r} is not a torch device: {exc}") from exc
+        self._device_option = device
         self.device: torch.device | None = None
         self.dtype: torch.dtype | None = None
         self.latent_cache_path: Path | None = None
@@ -244,7 +165,7 @@ class LatentSyncEngine:
             return
         from diffusers import AutoencoderKL
 
-        from latentsync.models.loading import load_unet
+        from latentsync.models.loading import load_unet, resolve_dtype
         from latentsync.models.unet3d import UNet3DConfig
         from latentsync.models.whisper_features import WhisperFeatureExtractor
         from latentsync.pipelines import LipsyncPipeline, load_scheduler
@@ -252,8 +173,8 @@ class LatentSyncEngine:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         files = self.resolve_files()
-        device = torch.device(self.options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = torch.float32 if device.type == "cpu" else DTYPES[self.options.dtype]
+        device = torch.device(self._device_option or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float32 if device.type == "cpu" else resolve_dtype(self.options.dtype.value, device)
         channels_last = device.type == "cuda"
         yaml_model = OmegaConf.load(files["unet_config"]).get("model")
         if yaml_model is None:
@@ -408,13 +329,12 @@ class LatentSyncEngine:
         """Generate the lip-synced faces of one chunk.
 
         Settings: ``request.seed`` (None: ``options.seed``) seeds the task's initial noise, the same for
-        every chunk of the task; ``request.num_inference_steps`` (None: ``options.inference_steps``);
-        ``request.guidance_scale`` (None: ``options.guidance_scale``).
+        every chunk of the task; ``options.inference_steps`` DDIM steps; ``request.guidance_scale``
+        (None: ``options.guidance_scale``).
 
         Args:
             request: The chunk: ``frame_indices`` (avatar base frames, normally 16) and ``features`` rows
-                from :meth:`features` (the caller pads the last chunk), or only ``audio`` (then the
-                features are computed from the chunk's audio alone, the last row repeated if short).
+                from :meth:`features` (the caller pads the last chunk).
 
         Returns:
             :class:`ChunkResult` with ``(len(frame_indices), 256, 256, 3) uint8`` RGB faces (pixels where the
@@ -431,7 +351,7 @@ class LatentSyncEngine:
     def generate_batch(self, requests: list[ChunkRequest]) -> list[ChunkResult]:
         """Generate several chunks (of any tasks) with one U-Net batch per DDIM step.
 
-        Chunks that share the number of steps and the guidance scale run together
+        Chunks that share the guidance scale run together
         (:meth:`LipsyncPipeline.generate_batch`); each keeps its task's seed, so every result equals
         :meth:`generate` of that chunk alone.
 
@@ -457,13 +377,8 @@ class LatentSyncEngine:
             if idx.min() < 0 or idx.max() >= n_avatar:
                 raise ValueError(f"frame index out of range [0, {n_avatar}): {idx.tolist()}")
             feats = request.features
-            if feats is None:
-                feats = self.features(request.audio)
-                if len(feats) == 0:
-                    raise ValueError(f"chunk {request.task_id}/{request.chunk_index}: empty audio")
-                feats = feats[np.minimum(np.arange(len(idx)), len(feats) - 1)]
             seed = self.options.seed if request.seed is None else int(request.seed)
-            steps = int(request.num_inference_steps or self.options.inference_steps)
+            steps = self.options.inference_steps
             guidance = self.options.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
             latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
             chunk = LipsyncChunk(
@@ -490,15 +405,33 @@ def create(options: Mapping[str, Any] | None, avatar) -> LatentSyncEngine:
     """Build a (not yet loaded) LatentSync engine; called by ``create_engine("latentsync", ...)``.
 
     Args:
-        options: The ``engine.latentsync`` fields as a plain dict (``dtype`` a string) plus ``device``
-            (str or None); see :class:`LatentSyncOptions`. None: all defaults.
+        options: ``config``: the server's :class:`~latentsync.config.LatentSyncConfig` (None: its
+            defaults); ``device`` (str or None); any other key replaces that field of ``config``
+            (``dtype`` as its name: tests and scripts). None: all defaults.
         avatar: The prepared :class:`latentsync.avatar.Avatar`.
 
     Returns:
         The engine; call :meth:`LatentSyncEngine.load` before using it.
 
     Raises:
-        ValueError: If an option is unknown (named) or has an invalid value.
+        ValueError: If an option is unknown (named) or has an invalid value (a
+            :class:`~latentsync.config.ConfigError` naming the ``engine.latentsync`` key).
 
     """
-    return LatentSyncEngine(avatar, LatentSyncOptions.from_mapping(options))
+    values = dict(options or {})
+    device = values.pop("device", None)
+    config = values.pop("config", None) or LatentSyncConfig()
+    known = {f.name for f in dataclasses.fields(LatentSyncConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown latentsync engine option(s) {unknown}; known: {sorted(known | {'device'})}")
+    if "dtype" in values:
+        try:
+            values["dtype"] = DType(getattr(values["dtype"], "value", values["dtype"]))
+        except ValueError:
+            raise ValueError(f"{CONFIG_SECTION}.dtype: {values['dtype']!r} is invalid, expected one of "
+                             f"{[d.value for d in DType]}") from None  # fmt: skip
+    for key in ("unet_path", "unet_config", "whisper_path", "vae_path", "scheduler_config"):
+        if key in values:
+            values[key] = os.fspath(values[key])
+    return LatentSyncEngine(avatar, dataclasses.replace(config, **values), device)

@@ -417,8 +417,7 @@ class ParametricEngine:
         """Render the chunk's faces.
 
         Args:
-            request: Chunk with ``features`` rows from :meth:`features` (or ``audio`` only, then
-                the signal is computed from the chunk's audio alone, without look-ahead context).
+            request: Chunk with ``features`` rows from :meth:`features`.
 
         Returns:
             :class:`ChunkResult` with ``(len(frame_indices), 256, 256, 3) uint8`` faces.
@@ -434,11 +433,7 @@ class ParametricEngine:
         idx = np.asarray(request.frame_indices, np.int64)
         if idx.min() < 0 or idx.max() >= len(self.avatar.faces):
             raise ValueError(f"frame index out of range [0, {len(self.avatar.faces)}): {idx.tolist()}")
-        feats = request.features
-        if feats is None:
-            feats = mouth_signal(request.audio, self.avatar.fps, self.options)
-            feats = np.pad(feats, ((0, max(len(idx) - len(feats), 0)), (0, 0)))[: len(idx)]
-        feats = np.asarray(feats, np.float32)
+        feats = np.asarray(request.features, np.float32)
         faces = np.empty((len(idx), *self.avatar.faces.shape[1:]), np.uint8)
         for k, i in enumerate(idx):
             faces[k] = self._renderer.render(

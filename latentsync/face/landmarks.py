@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from latentsync.face.native_log import NativeLogCapture
+
 #: MediaPipe face-mesh indices of the 68-point layout, in order (docs/LATENTSYNC_1_0.md).
 MESH_TO_68 = (
     162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,
@@ -277,7 +279,7 @@ def track_face(
     landmarks = np.zeros((n, 68, 2), np.float32)
     boxes = np.zeros((n, 4), np.float32)
     found = np.zeros(n, bool)
-    with FaceTracker(options) as tracker:
+    with NativeLogCapture(), FaceTracker(options) as tracker:
         for i in range(n):
             det = tracker.detect(np.asarray(frames[i]))
             if det is not None:

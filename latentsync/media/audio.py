@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import numpy as np
 from latentsync.media.probe import MediaProbeError
 
 DECODE_TIMEOUT_S = 120.0
+
+#: Demuxers an upload may be read with (FFmpeg's ``-format_whitelist``; a name matches any demuxer
+#: whose comma-separated name list holds it): WAV, MP3, FLAC, Ogg (Opus/Vorbis/FLAC), MP4/M4A/MOV,
+#: Matroska/WebM (browsers' MediaRecorder), raw ADTS AAC. Playlists and indirections (concat, HLS,
+#: DASH, image sequences, ...) are not on it.
+UPLOAD_FORMATS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
+
+
+class MediaDecodeTimeout(MediaProbeError):
+    """FFmpeg did not finish decoding within its time limit (the process was killed)."""
 
 
 def decode_audio(
@@ -44,6 +55,62 @@ def decode_audio(
     if proc.returncode != 0:
         reason = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
         raise MediaProbeError(f"{Path(path).name}: cannot decode audio ({reason[-1] if reason else 'ffmpeg failed'})")
+    return np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16, copy=True)
+
+
+def decode_untrusted_audio(
+    path: str | Path,
+    sample_rate_hz: int,
+    *,
+    max_duration_s: float | None = None,
+    timeout_s: float = DECODE_TIMEOUT_S,
+    formats: tuple[str, ...] = UPLOAD_FORMATS,
+) -> np.ndarray:
+    """Decode an uploaded file like :func:`decode_audio`, with FFmpeg confined to that one file.
+
+    FFmpeg gets the file as an inherited, read-only descriptor (``-fd N -i fd:``) and may use no
+    other protocol (``-protocol_whitelist fd``): no demuxer can open a second file, a device, a
+    FIFO or a network address (concat lists, HLS/DASH playlists, MP4 external data references all
+    fail). Only the demuxers in ``formats`` may be probed (``-format_whitelist``). It runs with an
+    empty environment (no token, no overrides, no proxy settings) in the upload's own directory.
+
+    Args:
+        path: The upload (a regular file; a symlink is refused).
+        sample_rate_hz: Output sample rate in Hz.
+        max_duration_s: Stop decoding after this many seconds (None: whole stream).
+        timeout_s: Seconds FFmpeg may run before it is killed.
+        formats: Allowed FFmpeg demuxer names (default :data:`UPLOAD_FORMATS`).
+
+    Returns:
+        ``(N,) int16`` mono samples at ``sample_rate_hz``, N > 0.
+
+    Raises:
+        MediaDecodeTimeout: If FFmpeg ran longer than ``timeout_s``.
+        MediaProbeError: If the file is not in an allowed format, has no audio stream, or decodes
+            to no samples (e.g. an MP4 whose samples live in another file).
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+            "-protocol_whitelist", "fd", "-format_whitelist", ",".join(formats), "-fd", str(fd), "-i", "fd:",
+        ]  # fmt: skip
+        if max_duration_s is not None:
+            cmd += ["-t", f"{max_duration_s:.6f}"]
+        cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sample_rate_hz)), "-f", "s16le", "pipe:1"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False, env={},
+                                  cwd=path.parent, pass_fds=(fd,), stdin=subprocess.DEVNULL)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s") from None
+    finally:
+        os.close(fd)
+    if proc.returncode != 0:
+        reason = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        raise MediaProbeError(f"{path.name}: cannot decode audio ({reason[-1] if reason else 'ffmpeg failed'})")
+    if len(proc.stdout) < 2:
+        raise MediaProbeError(f"{path.name}: no audio samples decoded")
     return np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16, copy=True)
 
 

@@ -1,7 +1,8 @@
 """Flask app factory: routes only; all state lives in the Runtime passed in.
 
 Routes:
-    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503;
+    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503 (with ``api.token``
+    set, a caller without it sees the state only: :data:`PUBLIC_HEALTH_KEYS`);
     ``?ready=1``: 200 only when streaming and the engine accepts uploads (readiness);
     ``?live=1``: 200 while the output clock ticks, even with the RTMP server away (liveness).
     ``GET /metrics``: Prometheus text format.
@@ -10,7 +11,9 @@ Routes:
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
-temporary file and no task behind.
+temporary file and no task behind. A state-changing request from a browser page of a foreign
+origin gets 403 ``origin_not_allowed`` (:func:`origin_allowed`); uploads over the rate limit are
+refused before their body is read.
 """
 
 from __future__ import annotations
@@ -22,16 +25,23 @@ import logging
 import math
 import threading
 import time
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
+from latentsync.config import GUIDANCE_SCALE_RANGE, is_loopback_host
+from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
 from latentsync.serving.web import PUBLIC_PATHS, register_web
 
 logger = logging.getLogger(__name__)
+
+#: Exit status of a gunicorn worker that cannot boot; the master then exits with it too
+#: (``gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR``).
+WORKER_BOOT_ERROR_EXIT = 3
 
 #: Seed range accepted from clients (torch.Generator takes 64-bit seeds; keep it portable).
 MAX_SEED = 2**31 - 1
@@ -69,6 +79,43 @@ def _storage_error(exc: OSError) -> ApiError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ApiError(507, "insufficient_storage", "no space left to store the upload; try again later")
     return ApiError(500, "upload_failed", f"could not store the upload: {exc.strerror or exc}")
+
+
+#: Methods that change state: a browser page of another origin must not send them (CSRF).
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: What ``/health`` tells a caller without the token (when ``api.token`` is set): the state only,
+#: no process ids, task ids, errors or counters.
+PUBLIC_HEALTH_KEYS = ("state", "ticking", "ffmpeg_up", "engine_ready", "uptime_s")
+
+
+def origin_allowed(origin: str | None, host: str, scheme: str, allowed: frozenset[str]) -> bool:
+    """Whether a state-changing request with this ``Origin`` header may proceed.
+
+    Allowed: no ``Origin`` (not a browser page: curl, scripts, server-to-server), an origin in
+    ``allowed`` (``api.allowed_origins``), or a same-origin page (``Origin`` equals
+    ``scheme://Host``) whose host is loopback (``127.0.0.1``, ``[::1]``, ``localhost``). A
+    same-origin page under any other name is only trusted when listed: a DNS-rebinding page
+    (``http://evil.example:11001`` resolving to 127.0.0.1) is same-origin by its own account.
+
+    Args:
+        origin: The request's ``Origin`` header (None when absent).
+        host: The request's ``Host`` header (``host[:port]``).
+        scheme: ``http`` or ``https`` as the request arrived.
+        allowed: Origins from ``api.allowed_origins``, lower-case, without a trailing slash.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    if origin != f"{scheme}://{host}".lower():
+        return False
+    return is_loopback_host(urlsplit(origin).hostname or "")
+
+
+def public_health(body: dict) -> dict:
+    """The part of a ``/health`` body shown without the token: :data:`PUBLIC_HEALTH_KEYS` only."""
+    return {k: body[k] for k in PUBLIC_HEALTH_KEYS if k in body}
 
 
 class RateLimiter:
@@ -128,18 +175,32 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     fps = runtime.config.stream.fps
     limiter = RateLimiter(api.rate_limit_per_min)
     token = api.token.encode() if api.token else None
+    origins = frozenset(o.rstrip("/").lower() for o in api.allowed_origins)
+
+    def authorized() -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
+
+    @app.before_request
+    def check_origin():
+        if request.method in STATE_CHANGING_METHODS and not origin_allowed(
+            request.headers.get("Origin"), request.host, request.scheme, origins
+        ):
+            return _error(403, "origin_not_allowed",
+                          f"requests from web pages of {request.headers.get('Origin')!r} are not allowed "
+                          "(api.allowed_origins)")  # fmt: skip
+        return None
 
     @app.before_request
     def require_token():
-        if token is None or request.path == "/health" or request.path in PUBLIC_PATHS:
+        if request.path == "/health" or request.path in PUBLIC_PATHS or authorized():
             return None
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token):
-            response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response, status
-        return None
+        response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError):
@@ -160,7 +221,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             ok = streaming and body.get("engine_ready", False)
         else:
             ok = streaming
-        return jsonify(body), (200 if ok else 503)
+        return jsonify(body if authorized() else public_health(body)), (200 if ok else 503)
 
     @app.get("/metrics")
     def metrics():
@@ -172,6 +233,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = runtime.tasks
         if tasks is None:
             raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
+        if not limiter.allow(request.remote_addr or "?"):  # before the body is read
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         try:  # werkzeug spools large multipart bodies to the temp directory
             upload = request.files.get("audio_file")
         except OSError as exc:
@@ -179,9 +242,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, 0, MAX_SEED)
-        guidance = _form_number("guidance_scale", float, 1.0, 20.0)
-        if not limiter.allow(request.remote_addr or "?"):
-            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+        guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         path = None
@@ -195,13 +256,18 @@ def create_app(runtime: Runtime | None = None) -> Flask:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
             try:
                 audio = runtime.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
+            except MediaDecodeTimeout:
+                raise ApiError(503, "decode_timeout",
+                               f"decoding the upload took longer than api.decode_timeout_s = "
+                               f"{api.decode_timeout_s:g} s; send a shorter or simpler file") from None  # fmt: skip
             except MediaProbeError as exc:
                 if "matches no streams" in str(exc):
                     raise ApiError(400, "not_audio", "the upload has no audio stream") from None
-                raise ApiError(400, "not_audio", "the upload is not an audio file FFmpeg can read") from None
+                raise ApiError(400, "not_audio", "the upload is not an audio file in an accepted format "
+                               "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)") from None  # fmt: skip
         finally:
             if path is not None:
-                path.unlink(missing_ok=True)
+                runtime.discard_upload(path)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
@@ -246,7 +312,6 @@ def _runtime_from_environment() -> Runtime:
     """Build and start (in a background thread) the runtime of a gunicorn worker."""
     import os
     import shlex
-    import signal
     from pathlib import Path
 
     from latentsync.config import load_config
@@ -267,7 +332,11 @@ def _runtime_from_environment() -> Runtime:
         except Exception as exc:
             logger.error("cannot start: %s", exc)
             runtime.stop()
-            os.kill(os.getppid(), signal.SIGTERM)  # ask the gunicorn master to shut down: nothing to serve
+            logging.shutdown()
+            # gunicorn's master halts with this status when its worker exits with it, so systemd
+            # sees a failed start (Restart=on-failure applies); a SIGTERM to the master would exit 0.
+            os._exit(WORKER_BOOT_ERROR_EXIT)
+        if runtime.tasks is None:  # stopped (SIGTERM) while starting: not ready, never was
             return
         logger.info("ready: uploads accepted")
         sd_notify("READY=1")

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import imageio_ffmpeg
 import numpy as np
 
-from latentsync.config import redact_rtmp_url
+from latentsync.config import StreamConfig, redact_rtmp_url
 
 logger = logging.getLogger(__name__)
 
@@ -59,40 +59,81 @@ def server_reachable(rtmp_url: str, timeout_s: float = 0.5) -> bool:
 
 @dataclass(frozen=True)
 class SinkSettings:
-    """What the sink needs to know about the stream.
+    """What the sink needs to know about the stream: the ``stream`` config section and the frame size.
+
+    The section is used as is (one definition of every value and default: latentsync/config.py); the
+    properties below read it. ``width``/``height`` are the size actually streamed
+    (``stream.width``/``height`` may be null: the idle video's size).
 
     Attributes:
-        rtmp_url: Destination, e.g. ``rtmp://127.0.0.1:1935/live/avatar`` (the key is a secret).
+        stream: The validated ``stream`` section.
         width: Frame width in pixels (even).
         height: Frame height in pixels (even).
-        fps: Frames per second.
-        sample_rate_hz: Audio rate of the s16le mono input and the AAC output, in Hz.
-        audio_channels: AAC output channels (1 or 2; the mono input is upmixed).
-        video_bitrate_kbps: H.264 target (and max) bitrate in kbit/s.
-        audio_bitrate_kbps: AAC bitrate in kbit/s.
-        x264_preset: libx264 preset.
-        keyframe_interval_s: Seconds between keyframes (GOP length).
-        queue_frames: Capacity of each writer queue, in ticks.
-        backoff_min_s: First restart delay in seconds (doubles per failed run).
-        backoff_max_s: Restart delay cap in seconds.
-        record_path: Optional second output (any container FFmpeg infers from the suffix), written
-            through FFmpeg's tee muxer next to the RTMP push; restarts write ``<stem>-<n><suffix>``.
     """
 
-    rtmp_url: str
+    stream: StreamConfig
     width: int
     height: int
-    fps: int
-    sample_rate_hz: int
-    audio_channels: int = 2
-    video_bitrate_kbps: int = 2500
-    audio_bitrate_kbps: int = 128
-    x264_preset: str = "veryfast"
-    keyframe_interval_s: float = 2.0
-    queue_frames: int = 25
-    backoff_min_s: float = 0.5
-    backoff_max_s: float = 10.0
-    record_path: str | None = None
+
+    @property
+    def rtmp_url(self) -> str:
+        """Destination URL (its last element, the stream key, is a secret)."""
+        return self.stream.rtmp_url
+
+    @property
+    def fps(self) -> int:
+        """Frames per second."""
+        return self.stream.fps
+
+    @property
+    def sample_rate_hz(self) -> int:
+        """Audio rate of the s16le mono input and the AAC output, in Hz."""
+        return self.stream.audio_sample_rate
+
+    @property
+    def audio_channels(self) -> int:
+        """AAC output channels (the mono input is upmixed)."""
+        return self.stream.audio_channels
+
+    @property
+    def video_bitrate_kbps(self) -> int:
+        """H.264 target (and max) bitrate in kbit/s."""
+        return self.stream.video_bitrate_kbps
+
+    @property
+    def audio_bitrate_kbps(self) -> int:
+        """AAC bitrate in kbit/s."""
+        return self.stream.audio_bitrate_kbps
+
+    @property
+    def x264_preset(self) -> str:
+        """libx264 preset."""
+        return self.stream.x264_preset
+
+    @property
+    def keyframe_interval_s(self) -> float:
+        """Seconds between keyframes (GOP length)."""
+        return self.stream.keyframe_interval_s
+
+    @property
+    def queue_frames(self) -> int:
+        """Capacity of each writer queue, in ticks (``stream.sink_queue_s`` at ``fps``, at least 2)."""
+        return max(2, round(self.stream.sink_queue_s * self.stream.fps))
+
+    @property
+    def backoff_min_s(self) -> float:
+        """First restart delay in seconds (doubles per failed run)."""
+        return self.stream.restart_backoff_min_s
+
+    @property
+    def backoff_max_s(self) -> float:
+        """Restart delay cap in seconds."""
+        return self.stream.restart_backoff_max_s
+
+    @property
+    def record_path(self) -> str | None:
+        """Optional second output through FFmpeg's tee muxer; restarts write ``<stem>-<n><suffix>``."""
+        return self.stream.record_path
 
 
 @dataclass(frozen=True)
@@ -350,8 +391,10 @@ class FFmpegSink:
         run.started_at = time.monotonic()
         # Own session: a terminal's Ctrl-C stops the server, which then flushes FFmpeg itself (EOF on
         # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
+        # An empty environment: FFmpeg needs none, and the server's holds the API token and overrides.
         run.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            env={},
         )
         self._starts += 1
         logger.info(
@@ -387,6 +430,11 @@ class FFmpegSink:
                 thread.join(max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
+            if proc.poll() is None:
+                logger.warning("ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index,
+                               FLUSH_TIMEOUT_S)  # fmt: skip
+            else:
+                logger.info("ffmpeg run %d flushed and exited with code %d", run.index, proc.returncode)
         self._kill(run)
         for thread in run.threads:
             thread.join(2.0)

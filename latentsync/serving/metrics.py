@@ -7,6 +7,7 @@ events (chunk generation, time to first frame) are observed into histograms as t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from latentsync.serving.health import HealthSnapshot
 from latentsync.serving.streaming import StreamState
 
 #: Histogram buckets in seconds: chunk generation (CPU parametric ~0.2 s, GPU diffusion ~0.3-2 s).
@@ -27,11 +29,11 @@ class ServerMetrics:
     """The server's metrics registry.
 
     Args:
-        snapshot: Returns the runtime's current counters as a dict (see
-            :meth:`latentsync.serving.runtime.Runtime.metrics_snapshot`); called at every scrape.
+        snapshot: Returns the runtime's :class:`HealthSnapshot` (see
+            :meth:`latentsync.serving.runtime.Runtime.health_snapshot`); called at every scrape.
     """
 
-    def __init__(self, snapshot: Callable[[], dict]):
+    def __init__(self, snapshot: Callable[[], HealthSnapshot]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.chunk_seconds = Histogram(
             "latentsync_chunk_generation_seconds", "Wall time from a chunk's dispatch to its faces coming back.",
@@ -66,41 +68,101 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+#: Counters: (snapshot attribute path, metric name, help).
+COUNTERS = (
+    ("frames_emitted", "latentsync_ticks_emitted", "Ticks whose frame and audio reached FFmpeg."),
+    ("ticks", "latentsync_ticks_handled", "Ticks the output clock handled."),
+    ("late_ticks", "latentsync_ticks_late", "Ticks handled more than half a frame late."),
+    ("dropped_ticks", "latentsync_ticks_dropped", "Ticks dropped whole (FFmpeg down or behind)."),
+    ("underrun_ticks", "latentsync_ticks_underrun", "Ticks that held the last frame because a chunk was late."),
+    ("ffmpeg_restarts", "latentsync_ffmpeg_restarts", "FFmpeg processes restarted."),
+    ("workers.rebuilds", "latentsync_worker_restarts", "Worker-pool rebuilds after a dead or hung worker."),
+    ("workers.retried", "latentsync_chunks_retried", "Chunks resubmitted after a worker failure."),
+    ("workers.failed", "latentsync_pool_jobs_failed", "Pool jobs that failed for good."),
+    ("workers.completed", "latentsync_pool_jobs_completed", "Pool jobs finished."),
+    ("workers.dispatches", "latentsync_pool_dispatches", "Calls sent to engine workers (a batch is one)."),
+)
+#: Gauges: (snapshot attribute path, metric name, help); booleans export as 0/1.
+GAUGES = (
+    ("uptime_s", "latentsync_uptime_seconds", "Seconds since the server started."),
+    ("ticking", "latentsync_clock_ticking", "1 while the output clock ticks (liveness)."),
+    ("streaming", "latentsync_streaming", "1 while the clock ticks and FFmpeg is up."),
+    ("max_tick_lateness_ms", "latentsync_max_tick_lateness_ms", "Worst tick lateness, in milliseconds."),
+    ("ffmpeg_up", "latentsync_ffmpeg_up", "1 while FFmpeg runs with both FIFOs open."),
+    ("engine_ready", "latentsync_engine_ready", "1 once uploads are accepted and the worker pool is not broken."),
+    ("workers.count", "latentsync_workers", "Engine worker processes."),
+    ("tasks_admitted", "latentsync_tasks_admitted", "Unfinished tasks admitted to generate."),
+)
+#: Queue depths, one ``latentsync_queue_depth`` series each: (snapshot attribute path, ``queue`` label).
+QUEUES = (
+    ("tasks_waiting", "tasks_waiting"),
+    ("playlist", "playlist"),
+    ("workers.queued", "pool_queued"),
+    ("workers.in_flight", "pool_in_flight"),
+)
+#: Snapshot fields exported another way than by value, and why (the test checks nothing is left out).
+SPECIAL = {
+    "state": "latentsync_stream_state{state}",
+    "tasks_final": "latentsync_tasks{state}",
+    "engine": "latentsync_engine_info{engine}",
+    "engine_error": "latentsync_engine_broken (1 when set)",
+    "on_air_task": "latentsync_task_on_air (1 when set; task ids are not labels)",
+    "ffmpeg_pid": "/health only: a process id is not a measurement",
+    "ffmpeg_last_error": "/health only: free text",
+    "stream": "latentsync_stream_format{width,height,fps,audio_sample_rate}",
+    "workers.pids": "/health only: process ids are not measurements",
+}
+
+
+def snapshot_value(snapshot: HealthSnapshot, path: str) -> float:
+    """The numeric value of ``path`` (``"ticks"``, ``"workers.queued"``) in a snapshot; 0 where absent.
+
+    Raises:
+        AttributeError: If ``path`` names no field (a renamed field fails loudly, never exports 0).
+    """
+    value: object = snapshot
+    for name in path.split("."):
+        if value is None:
+            return 0.0
+        value = getattr(value, name)
+    return float(value or 0)
+
+
 class _RuntimeCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict], generation_fps: Callable[[], float]):
+    def __init__(self, snapshot: Callable[[], HealthSnapshot], generation_fps: Callable[[], float]):
         self._snapshot = snapshot
         self._generation_fps = generation_fps
 
     def collect(self) -> Iterator:
         s = self._snapshot()
-        for name, doc, key in (
-            ("latentsync_ticks_emitted", "Ticks whose frame and audio reached FFmpeg.", "frames_emitted"),
-            ("latentsync_ticks_late", "Ticks handled more than half a frame late.", "late_ticks"),
-            ("latentsync_ticks_dropped", "Ticks dropped whole (FFmpeg down or behind).", "dropped_ticks"),
-            ("latentsync_ticks_underrun", "Ticks that held the last frame because a chunk was late.", "underrun_ticks"),
-            ("latentsync_ffmpeg_restarts", "FFmpeg processes restarted.", "ffmpeg_restarts"),
-            ("latentsync_worker_restarts", "Worker-pool rebuilds after a dead or hung worker.", "worker_rebuilds"),
-            ("latentsync_chunks_retried", "Chunks resubmitted after a worker failure.", "chunks_retried"),
-        ):
-            yield CounterMetricFamily(name, doc, value=s.get(key, 0))
+        for path, name, doc in COUNTERS:
+            yield CounterMetricFamily(name, doc, value=snapshot_value(s, path))
+        for path, name, doc in GAUGES:
+            yield GaugeMetricFamily(name, doc, value=snapshot_value(s, path))
+        depth = GaugeMetricFamily("latentsync_queue_depth", "Items waiting, by queue.", labels=["queue"])
+        for path, label in QUEUES:
+            depth.add_metric([label], snapshot_value(s, path))
+        yield depth
         state = GaugeMetricFamily("latentsync_stream_state", "1 for the state on air.", labels=["state"])
         for st in StreamState:
-            state.add_metric([st.value], 1.0 if s.get("state") == st.value else 0.0)
+            state.add_metric([st.value], 1.0 if s.state == st.value else 0.0)
         yield state
-        up = GaugeMetricFamily("latentsync_ffmpeg_up", "1 while FFmpeg runs with both FIFOs open.")
-        up.add_metric([], 1.0 if s.get("ffmpeg_up") else 0.0)
-        yield up
-        ready = GaugeMetricFamily("latentsync_engine_ready", "1 once uploads are accepted.")
-        ready.add_metric([], 1.0 if s.get("engine_ready") else 0.0)
-        yield ready
-        depth = GaugeMetricFamily("latentsync_queue_depth", "Items waiting, by queue.", labels=["queue"])
-        for queue in ("tasks_waiting", "playlist", "pool_queued", "pool_in_flight"):
-            depth.add_metric([queue], s.get(queue, 0))
-        yield depth
         tasks = CounterMetricFamily("latentsync_tasks", "Tasks that ended, by final state.", labels=["state"])
-        for final, count in sorted(s.get("tasks_final", {}).items()):
+        for final, count in sorted(s.tasks_final.items()):
             tasks.add_metric([final], count)
         yield tasks
+        info = GaugeMetricFamily("latentsync_engine_info", "1, labelled with the engine's name.", labels=["engine"])
+        info.add_metric([s.engine], 1.0)
+        yield info
+        yield GaugeMetricFamily("latentsync_engine_broken", "1 when the worker pool cannot load its engine.",
+                                value=1.0 if s.engine_error else 0.0)  # fmt: skip
+        yield GaugeMetricFamily("latentsync_task_on_air", "1 while a task is on air.",
+                                value=1.0 if s.on_air_task else 0.0)  # fmt: skip
+        fmt = GaugeMetricFamily("latentsync_stream_format", "Output format, by dimension.", labels=["dimension"])
+        if s.stream is not None:
+            for key, value in dataclasses.asdict(s.stream).items():
+                fmt.add_metric([key], value)
+        yield fmt
         fps = GaugeMetricFamily("latentsync_generation_fps", "Frames generated per second of chunk wall time.")
         fps.add_metric([], self._generation_fps())
         yield fps

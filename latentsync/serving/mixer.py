@@ -16,6 +16,7 @@ never blocks.
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 from typing import Protocol
 
@@ -23,6 +24,15 @@ import cv2
 import numpy as np
 
 from latentsync.serving.streaming import IdleLoop, StreamState
+
+
+class ProgramEvent(str, enum.Enum):
+    """What the mixer tells a program about its time on air (:meth:`Program.on_air`)."""
+
+    FIRST_FRAME = "first_frame"  # its frame 0 is on air
+    DONE = "done"  # its last frame was played
+    INTERRUPTED = "interrupted"  # cut: its fade-out begins
+    OFF_AIR = "off_air"  # the fade-out after it (finished or interrupted) has ended: idle is back
 
 
 class Program(Protocol):
@@ -55,12 +65,8 @@ class Program(Protocol):
         """True once the task was cancelled (the mixer then skips or fades it out)."""
         ...
 
-    def on_air(self, event: str, frames_streamed: int) -> None:
-        """Progress callback on the controller thread (must not block).
-
-        ``event`` is ``"first_frame"``, ``"done"``, ``"interrupted"`` (fade-out begins) or ``"off_air"``
-        (the fade-out after an interruption has ended: idle is back).
-        """
+    def on_air(self, event: ProgramEvent, frames_streamed: int) -> None:
+        """Progress callback on the controller thread (must not block); see :class:`ProgramEvent`."""
         ...
 
 
@@ -132,11 +138,6 @@ class ProgramMixer:
         self.programs_interrupted = 0
 
     @property
-    def frame_shape(self) -> tuple[int, int, int]:
-        """``(H, W, 3)`` of every frame."""
-        return self._idle.frame_shape
-
-    @property
     def state(self) -> StreamState:
         """What the last tick put on air."""
         return self._state
@@ -201,7 +202,7 @@ class ProgramMixer:
             self._playlist = collections.deque(p for p in self._playlist if p.task_id not in ids)
         current = self._current
         if current is not None and current.task_id in ids:
-            current.on_air("interrupted", self._pos)
+            current.on_air(ProgramEvent.INTERRUPTED, self._pos)
             self.programs_interrupted += 1
             if self._outgoing is not None:  # interrupted mid crossfade: what it faded from is gone too
                 self._end_fade_out(self._outgoing)
@@ -245,7 +246,7 @@ class ProgramMixer:
             return held, np.zeros(num_samples, dtype=np.int16)
         audio = program.audio(self._audio_pos, num_samples)
         if self._pos == 0:
-            program.on_air("first_frame", 0)
+            program.on_air(ProgramEvent.FIRST_FRAME, 0)
         if self._fading_in and self._outgoing is not None:
             alpha = (self._fade_step + 1) / (self._crossfade + 1)
             out_frame, out_audio = self._outgoing.next(num_samples)
@@ -258,7 +259,7 @@ class ProgramMixer:
         self._pos += 1
         self._audio_pos += num_samples
         if self._pos >= program.num_frames:
-            program.on_air("done", self._pos)
+            program.on_air(ProgramEvent.DONE, self._pos)
             self.programs_finished += 1
             self._current = None
             self._fading_in = False
@@ -284,4 +285,4 @@ class ProgramMixer:
     def _end_fade_out(self, outgoing: _Outgoing) -> None:
         self._outgoing = None
         if outgoing.program is not None:  # the program is now off air (finished or interrupted)
-            outgoing.program.on_air("off_air", outgoing.index)
+            outgoing.program.on_air(ProgramEvent.OFF_AIR, outgoing.index)

@@ -7,8 +7,8 @@ Stop order is the reverse, and every part is stopped even when an earlier one fa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -20,11 +20,13 @@ import soxr
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, EngineName
-from latentsync.media.audio import decode_audio
+from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
+from latentsync.media.audio import decode_untrusted_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
 from latentsync.serving.events import EventBroadcaster, EventFeed, TappedSink
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
+from latentsync.serving.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.metrics import ServerMetrics
 from latentsync.serving.mixer import ProgramMixer
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
@@ -37,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
-ENGINE_SAMPLE_RATE_HZ = 16000  # engines analyse 16 kHz audio (Whisper's rate)
 
 
 class Runtime:
@@ -55,6 +56,7 @@ class Runtime:
         self._started = False
         self._stopped = False
         self._work_dir: Path | None = None
+        self._upload_root: Path | None = None
         self._sink: FFmpegSink | None = None
         self._controller: StreamingController | None = None
         self._mixer: ProgramMixer | None = None
@@ -63,7 +65,7 @@ class Runtime:
         self._tasks: TaskManager | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
-        self.metrics = ServerMetrics(self.metrics_snapshot)
+        self.metrics = ServerMetrics(self.health_snapshot)
         self._watchdog = Watchdog(self._clock_alive)
         self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
         self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
@@ -72,7 +74,11 @@ class Runtime:
     # ----------------------------------------------------------------- accessors
     @property
     def work_dir(self) -> Path | None:
-        """Private temporary directory (mode 0700): FIFOs and uploads; None when not running."""
+        """Private temporary directory (mode 0700): the FIFOs and ``uploads/``; None when not running.
+
+        Uploads never lie beside the FIFOs: each gets its own folder under ``uploads/`` (see
+        :meth:`upload_path`).
+        """
         return self._work_dir
 
     @property
@@ -132,16 +138,9 @@ class Runtime:
             "on" if clip.audio is not None else "off", time.monotonic() - t,
         )  # fmt: skip
         self._work_dir = Path(tempfile.mkdtemp(prefix="latentsync-rt-"))  # mkdtemp makes it 0700
-        settings = SinkSettings(
-            rtmp_url=s.rtmp_url, width=clip.size[0], height=clip.size[1], fps=s.fps,
-            sample_rate_hz=s.audio_sample_rate, audio_channels=s.audio_channels,
-            video_bitrate_kbps=s.video_bitrate_kbps, audio_bitrate_kbps=s.audio_bitrate_kbps,
-            x264_preset=s.x264_preset, keyframe_interval_s=s.keyframe_interval_s,
-            queue_frames=max(2, round(s.sink_queue_s * s.fps)),
-            backoff_min_s=s.restart_backoff_min_s, backoff_max_s=s.restart_backoff_max_s,
-            record_path=s.record_path,
-        )  # fmt: skip
-        self._sink = FFmpegSink(settings, self._work_dir)
+        self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
+        self._upload_root.mkdir(mode=0o700)
+        self._sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
         self._mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
         mixer = self._mixer
         observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
@@ -199,14 +198,8 @@ class Runtime:
         devices = _engine_devices(engine.device) if engine.name is EngineName.latentsync else []
         workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
         options: dict = {}
-        if engine.name is EngineName.latentsync:
-            ls = engine.latentsync
-            options = {
-                "unet_path": ls.unet_path, "unet_config": ls.unet_config, "whisper_path": ls.whisper_path,
-                "vae_path": ls.vae_path, "scheduler_config": ls.scheduler_config, "dtype": ls.dtype.value,
-                "inference_steps": ls.inference_steps, "guidance_scale": ls.guidance_scale, "seed": ls.seed,
-                "compile": ls.compile, "device": devices[0] if devices else None,
-            }  # fmt: skip
+        if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
+            options = {"config": engine.latentsync, "device": devices[0] if devices else None}
         t = time.monotonic()
         pool = WorkerPool(engine.name.value, options, avatar.path, workers, devices=devices,
                           on_chunk_done=self.metrics.observe_chunk, max_batch=engine.max_batch_chunks)  # fmt: skip
@@ -223,7 +216,7 @@ class Runtime:
             pool, avatar, self._mixer.enqueue, self._mixer.interrupt, lambda: mixer.ticks, fps=cfg.stream.fps,
             sample_rate_hz=cfg.stream.audio_sample_rate, max_queued=cfg.api.max_queued,
             deadline_s=engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
-            on_ttff=self.metrics.observe_ttff,
+            on_ttff=self.metrics.observe_ttff, generate_ahead=cfg.tasks.generate_ahead,
         )  # fmt: skip
 
     def stop(self) -> None:
@@ -267,17 +260,28 @@ class Runtime:
                     extra={"task_id": task_id})  # fmt: skip
 
     # ----------------------------------------------------------------- uploads
-    def upload_path(self, suffix: str = ".upload") -> Path:
-        """A fresh, private temporary file path for an upload (caller deletes it).
+    def upload_path(self) -> Path:
+        """A path for one upload, alone in a fresh private directory (caller calls :meth:`discard_upload`).
+
+        The directory (mode 0700) is made for this upload only and holds nothing else, so a file
+        that names a sibling (a concat list, a playlist, an MP4 data reference) finds nothing; it
+        lives under ``<work_dir>/uploads/``, never beside the stream's FIFOs.
+
+        Returns:
+            ``<work_dir>/uploads/u-<random>/upload`` (not yet created).
 
         Raises:
             RuntimeError: If the runtime is not running.
         """
-        if self._work_dir is None:
+        if self._upload_root is None:
             raise RuntimeError("runtime not started")
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=self._work_dir)
-        os.close(fd)
-        return Path(name)
+        return Path(tempfile.mkdtemp(prefix="u-", dir=self._upload_root)) / "upload"
+
+    def discard_upload(self, path: Path) -> None:
+        """Delete an upload made by :meth:`upload_path` with its directory (never raises)."""
+        folder = path.parent
+        if self._upload_root is not None and folder.parent == self._upload_root:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
         """Decode an upload for a task: at the stream rate (on air) and at 16 kHz (engine).
@@ -293,82 +297,76 @@ class Runtime:
             The :class:`TaskAudio`.
 
         Raises:
-            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio.
+            latentsync.media.audio.MediaDecodeTimeout: If decoding ran past ``api.decode_timeout_s``.
+            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio in an allowed format
+                (:data:`latentsync.media.audio.UPLOAD_FORMATS`).
         """
         rate = self.config.stream.audio_sample_rate
-        stream = decode_audio(path, rate, max_duration_s=max_duration_s)
+        stream = decode_untrusted_audio(path, rate, max_duration_s=max_duration_s,
+                                        timeout_s=self.config.api.decode_timeout_s)  # fmt: skip
         engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
         return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
 
     # ----------------------------------------------------------------- health and metrics
-    def metrics_snapshot(self) -> dict:
-        """Current counters for the metrics collector (cheap; called at every scrape)."""
-        _, h = self.health()
-        pool = self._pool.stats() if self._pool is not None else None
-        tasks = self.tasks
-        return {
-            **{k: h.get(k, 0) for k in ("frames_emitted", "late_ticks", "dropped_ticks", "underrun_ticks",
-                                        "ffmpeg_restarts")},
-            "state": h.get("state"),
-            "ffmpeg_up": h.get("ffmpeg_up", False),
-            "engine_ready": h.get("engine_ready", False),
-            "worker_rebuilds": pool.rebuilds if pool else 0,
-            "chunks_retried": pool.retried if pool else 0,
-            "pool_queued": pool.queued if pool else 0,
-            "pool_in_flight": pool.in_flight if pool else 0,
-            "playlist": self._mixer.pending() if self._mixer else 0,
-            "tasks_waiting": tasks.waiting() if tasks else 0,
-            "tasks_final": tasks.final_counts() if tasks else {},
-        }  # fmt: skip
-
-    def health(self) -> tuple[bool, dict]:
-        """Stream health for ``GET /health``.
-
-        Returns:
-            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up;
-            body is a JSON-ready dict (state, frames emitted, late/dropped/underrun ticks, FFmpeg
-            restarts, uptime in seconds, engine readiness). The RTMP URL is never included.
-        """
+    def health_snapshot(self) -> HealthSnapshot:
+        """The typed health of every part, at this moment (cheap; ``/health`` and every metrics scrape)."""
         uptime_s = round(time.monotonic() - self._created_monotonic, 3)
-        body: dict = {"state": StreamState.STARTING.value, "uptime_s": uptime_s, "engine_ready": False}
-        if self._stopped:
-            body["state"] = StreamState.STOPPED.value
+        state = StreamState.STOPPED if self._stopped else StreamState.STARTING
+        pool, tasks, mixer = self._pool, self.tasks, self._mixer
+        engine = dict(
+            engine=self.config.engine.name.value,
+            engine_ready=tasks is not None and pool is not None and pool.ready(),
+            engine_error=pool.broken if pool is not None else None,
+            playlist=mixer.pending() if mixer else 0,
+            tasks_waiting=tasks.waiting() if tasks else 0,
+            tasks_admitted=tasks.admitted() if tasks else 0,
+            tasks_final=tasks.final_counts() if tasks else {},
+        )
+        if pool is not None:
+            p = pool.stats()
+            engine["workers"] = WorkersHealth(
+                count=p.workers, pids=tuple(pool.worker_pids()), rebuilds=p.rebuilds, in_flight=p.in_flight,
+                queued=p.queued, retried=p.retried, failed=p.failed, completed=p.completed, dispatches=p.dispatches,
+            )  # fmt: skip
         if self._controller is None or self._sink is None:
-            return False, body
+            return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)
         c = self._controller.stats()
         k = self._sink.stats()
-        mixer = self._mixer
-        body.update(
-            state=c.state.value,
+        ticking = self._clock_alive()
+        size = self.stream_size
+        return HealthSnapshot(
+            state=state.value if self._stopped else c.state.value,
+            uptime_s=uptime_s,
+            ticking=ticking,
+            streaming=ticking and k.up and not self._stopped,
             frames_emitted=c.frames_emitted,
             ticks=c.ticks,
             late_ticks=c.late_ticks,
-            underrun_ticks=mixer.underrun_ticks if mixer else 0,
             dropped_ticks=c.dropped_ticks,
+            underrun_ticks=mixer.underrun_ticks if mixer else 0,
             max_tick_lateness_ms=round(c.max_lateness_ms, 3),
             ffmpeg_up=k.up,
             ffmpeg_restarts=k.restarts,
             ffmpeg_pid=k.pid,
             ffmpeg_last_error=k.last_error,
-            engine_ready=self.tasks is not None,
-            engine=self.config.engine.name.value,
             on_air_task=mixer.current_task_id if mixer else None,
-            stream={"width": self.stream_size[0], "height": self.stream_size[1], "fps": self.config.stream.fps,
-                    "audio_sample_rate": self.config.stream.audio_sample_rate} if self.stream_size else None,
+            stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
+            if size else None,
+            **engine,
         )  # fmt: skip
-        if self.webrtc is not None:
-            w = self.webrtc.stats()
-            body["webrtc"] = {"viewers": w.viewers, "viewers_total": w.viewers_total, "codec": w.codec,
-                              "width": w.width, "height": w.height, "frames_encoded": w.frames_encoded,
-                              "keyframes": w.keyframes, "inbox_dropped_ticks": w.inbox_dropped_ticks,
-                              "viewer_dropped_packets": w.viewer_dropped_packets}  # fmt: skip
-        if self._pool is not None:
-            p = self._pool.stats()
-            body["workers"] = {"count": p.workers, "pids": self._pool.worker_pids(), "rebuilds": p.rebuilds,
-                               "in_flight": p.in_flight, "queued": p.queued}  # fmt: skip
-        ticking = self._clock_alive()
-        body["ticking"] = ticking
-        return (ticking and k.up and not self._stopped), body
+
+    def health(self) -> tuple[bool, dict]:
+        """Stream health for ``GET /health``.
+
+        Returns:
+            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up; body is
+            :meth:`HealthSnapshot.to_json` (the RTMP URL is never included).
+        """
+        snapshot = self.health_snapshot()
+        body = snapshot.to_json()
+        if self.webrtc is not None:  # WHEP egress counters (docs/webrtc.md); not in the typed snapshot
+            body["webrtc"] = dataclasses.asdict(self.webrtc.stats())
+        return snapshot.streaming, body
 
 
 def _engine_devices(device: str | None) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from latentsync.media.timing import samples_in_frame
+from latentsync.serving.systemd import name_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ class IdleLoop:
         self._audio_cursor = 0
 
     @property
-    def frame_shape(self) -> tuple[int, int, int]:
-        """``(H, W, 3)`` of every frame."""
-        return tuple(self.frames.shape[1:])  # type: ignore[return-value]
-
-    @property
     def state(self) -> StreamState:
         """Always :attr:`StreamState.IDLE`."""
         return StreamState.IDLE
@@ -146,7 +142,10 @@ class StreamingController:
         sample_rate_hz: Audio samples per second of the output.
         max_catchup_s: After a stall longer than this (seconds), the clock is re-anchored to now and
             the missed ticks are counted as dropped instead of being emitted in a burst.
-        clock: Monotonic clock in seconds (injectable for tests).
+        clock: Monotonic clock in seconds (default ``time.monotonic``; tests inject a virtual one).
+        wait: ``wait(timeout_s) -> bool`` blocks up to ``timeout_s`` seconds and returns True when the
+            clock must stop (default: the controller's own stop event, so :meth:`close` wakes it at
+            once). Tests inject one that advances a virtual clock instead of sleeping.
     """
 
     def __init__(
@@ -157,6 +156,7 @@ class StreamingController:
         sample_rate_hz: int,
         max_catchup_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
     ):
         self._source = source
         self._sink = sink
@@ -165,9 +165,11 @@ class StreamingController:
         self._max_catchup_s = float(max_catchup_s)
         self._clock = clock
         self._stop = threading.Event()
+        self._wait = wait if wait is not None else self._stop.wait
         self._thread: threading.Thread | None = None
         self._state = StreamState.STARTING
         self._t0 = 0.0
+        self._started = False
         self._ticks = 0
         self._emitted = 0
         self._dropped = 0
@@ -184,9 +186,13 @@ class StreamingController:
         self._thread.start()
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stop the clock thread (waits at most ``timeout_s`` seconds). Safe to call twice or before start."""
+        """Stop the clock thread (waits at most ``timeout_s`` seconds).
+
+        Safe to call twice, before start, and from the clock thread itself (a sink or source may stop
+        the stream; the loop then ends after the current tick without joining itself).
+        """
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
         self._state = StreamState.STOPPED
 
@@ -198,27 +204,30 @@ class StreamingController:
     def stats(self) -> ControllerStats:
         """Return a snapshot of the tick accounting."""
         return ControllerStats(
-            state=self._source.state if self._state is not StreamState.STOPPED and self._t0 else self._state,
+            state=self._source.state if self._state is not StreamState.STOPPED and self._started else self._state,
             ticks=self._ticks,
             frames_emitted=self._emitted,
             dropped_ticks=self._dropped,
             late_ticks=self._late,
             max_lateness_ms=self._max_lateness_s * 1000.0,
             last_tick_monotonic=self._last_tick,
-            uptime_s=(self._clock() - self._t0) if self._t0 else 0.0,
+            uptime_s=(self._clock() - self._t0) if self._started else 0.0,
         )
 
     # ----------------------------------------------------------------- clock
     def _run(self) -> None:
+        name_this_thread("ls-clock")  # the thread systemd's watchdog vouches for, findable by name
         period_s = 1.0 / self._fps
         self._t0 = self._clock()
+        self._started = True
         self._state = StreamState.IDLE
         tick = 0  # clock tick index k: due at t0 + k / fps
         while not self._stop.is_set():
             due = self._t0 + tick * period_s
             now = self._clock()
             if now < due:
-                self._stop.wait(due - now)
+                if self._wait(due - now):
+                    break
                 continue
             lateness = now - due
             if lateness > self._max_catchup_s:

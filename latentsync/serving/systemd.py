@@ -2,17 +2,50 @@
 
 The protocol is one datagram per message to the UNIX socket named by ``$NOTIFY_SOCKET``
 (``man sd_notify``); outside systemd every call is a no-op.
+
+Under gunicorn the main process systemd watches is gunicorn's master, but the stream lives in its
+one worker: the master would send ``READY=1`` as soon as it listens (before the stream is up), so
+``configs/gunicorn.conf.py`` moves ``$NOTIFY_SOCKET`` out of its sight into
+``$LATENTSYNC_NOTIFY_SOCKET`` (:func:`take_notify_socket`), and the worker sends ``READY=1`` and the
+watchdog pings itself (the unit has ``NotifyAccess=all``), although ``$WATCHDOG_PID`` names the master.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 logger = logging.getLogger(__name__)
+
+#: Where :func:`take_notify_socket` keeps the notify socket address away from gunicorn's master.
+PRIVATE_NOTIFY_ENV = "LATENTSYNC_NOTIFY_SOCKET"
+_PR_SET_NAME = 15  # prctl(2) option: name the calling thread (<linux/prctl.h>)
+
+
+def take_notify_socket(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Move ``$NOTIFY_SOCKET`` to ``$LATENTSYNC_NOTIFY_SOCKET`` so gunicorn's master never notifies.
+
+    gunicorn's arbiter sends ``READY=1`` when it starts listening; with the address moved, only
+    this package's :func:`sd_notify` (in the worker, once the stream is on air) can reach systemd.
+    """
+    address = environ.pop("NOTIFY_SOCKET", None)
+    if address:
+        environ[PRIVATE_NOTIFY_ENV] = address
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (``top -H``, ``/proc/<pid>/task/<tid>/comm``).
+
+    Linux only (prctl ``PR_SET_NAME``, at most 15 bytes); a no-op elsewhere or on failure.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sd_notify(message: str) -> bool:
@@ -21,7 +54,7 @@ def sd_notify(message: str) -> bool:
     Returns:
         True if it was sent; False outside systemd or on a socket error (never raises).
     """
-    address = os.environ.get("NOTIFY_SOCKET")
+    address = os.environ.get(PRIVATE_NOTIFY_ENV) or os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):  # abstract namespace
@@ -37,12 +70,18 @@ def sd_notify(message: str) -> bool:
 
 
 def watchdog_interval_s() -> float | None:
-    """Half the ``WatchdogSec`` systemd gave this process (``$WATCHDOG_USEC``), or None when off."""
+    """Seconds between watchdog pings: a quarter of ``WatchdogSec`` (``$WATCHDOG_USEC``), or None when off.
+
+    systemd wants a ping at least every ``WatchdogSec`` and advises every half of it
+    (``sd_watchdog_enabled(3)``); a quarter keeps the half even on a loaded machine. The watchdog
+    is on when ``$WATCHDOG_PID`` is unset or names this process or its parent (gunicorn's master,
+    the unit's main process: this worker pings on its behalf, ``NotifyAccess=all``).
+    """
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
+    if not usec or (pid and pid not in (str(os.getpid()), str(os.getppid()))):
         return None
-    return int(usec) / 2e6
+    return int(usec) / 4e6
 
 
 class Watchdog:

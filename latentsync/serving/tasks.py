@@ -5,6 +5,11 @@ chunks, submits them to the :class:`~latentsync.serving.workers.WorkerPool` (a b
 of playback), and puts the out-of-order results back in order in a :class:`SpeechProgram`, which
 the controller's mixer plays: faces are pasted into full frames just in time, on the controller
 thread, so buffered chunks hold only 256x256 faces.
+
+Scheduling (docs/scheduling.md): only the task on air and the next ``generate_ahead`` tasks are
+admitted to generate; every pool job carries the monotonic time by which its first frame must be
+on air, and the pool serves the earliest first. A task's state changes only through
+:meth:`Task.transition`, under the task's lock, along :data:`ALLOWED_MOVES`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from latentsync.engines import CHUNK_FRAMES, ENGINE_SAMPLE_RATE_HZ, ChunkRequest, ChunkResult
 from latentsync.media.timing import samples_before_frame
+from latentsync.serving.mixer import ProgramEvent
 from latentsync.serving.workers import JobFailed, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -52,6 +59,16 @@ class TaskState(str, enum.Enum):
 
 FINAL_STATES = (TaskState.done, TaskState.failed, TaskState.cancelled)
 WAITING_STATES = (TaskState.queued, TaskState.preparing, TaskState.generating)
+#: The task lifecycle: the moves :meth:`Task.transition` makes; final states have none.
+ALLOWED_MOVES: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.queued: frozenset({TaskState.preparing, TaskState.failed, TaskState.cancelled}),
+    TaskState.preparing: frozenset({TaskState.generating, TaskState.failed, TaskState.cancelled}),
+    TaskState.generating: frozenset({TaskState.streaming, TaskState.failed, TaskState.cancelled}),
+    TaskState.streaming: frozenset({TaskState.done, TaskState.failed, TaskState.cancelled}),
+    TaskState.done: frozenset(),
+    TaskState.failed: frozenset(),
+    TaskState.cancelled: frozenset(),
+}
 
 
 @dataclass
@@ -95,17 +112,51 @@ class Task:
     frames_streamed: int = 0
     received_at: float = field(default_factory=time.time)
     received_monotonic: float = field(default_factory=time.monotonic)
-    generation_started_at: float | None = None
     first_frame_on_air_at: float | None = None
     first_frame_on_air_monotonic: float | None = None
     finished_at: float | None = None
     cancel_requested_tick: int | None = None
     off_air_tick: int | None = None
     audio_duration_s: float = 0.0
+    #: States this task went through, in order (at most 5: queued ... final).
+    history: list[TaskState] = field(default_factory=lambda: [TaskState.queued])
+    #: Called with the task, outside its lock, once it reaches a final state (the scheduler's hook).
+    on_final: Callable[[Task], None] | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.audio is not None:
             self.audio_duration_s = self.audio.duration_s
+
+    def transition(self, to: TaskState, reason: str | None = None) -> TaskState | None:
+        """Move to state ``to`` if :data:`ALLOWED_MOVES` allows it from the current state; the only writer of ``state``.
+
+        Several threads race to end a task (API cancel, the TaskProcessor failing, the mixer
+        finishing it): the first move to a final state wins, later ones are refused.
+
+        Args:
+            to: The new state.
+            reason: Stored as ``error`` when the move is made (why it failed or was cancelled).
+
+        Returns:
+            The state moved from, or None when the move was refused (already final, or not in the table).
+        """
+        with self._lock:
+            previous = self.state
+            if to not in ALLOWED_MOVES[previous]:
+                if previous not in FINAL_STATES:
+                    logger.error("task %s: illegal move %s -> %s refused", self.task_id, previous.value, to.value)
+                return None
+            self.state = to
+            self.history.append(to)
+            if reason is not None:
+                self.error = reason
+            if to in FINAL_STATES:
+                self.finished_at = time.time()
+            hook = self.on_final if to in FINAL_STATES else None
+        if hook is not None:
+            hook(self)
+        return previous
 
     def release_audio(self) -> None:
         """Drop the decoded audio once it can no longer play (finished tasks stay listed, cheaply)."""
@@ -148,10 +199,14 @@ class SpeechProgram:
         task: The task.
         avatar: The prepared avatar (base frames, paste geometry).
         fps: Stream frame rate.
+        tick_counter: Returns the mixer's tick count (interrupt latency in frames); None: not measured.
+        on_ttff: Called with the task's time to first frame in seconds (metrics); None: not reported.
+        clock: Monotonic clock in seconds for the jitter buffer (default ``time.monotonic``).
     """
 
-    def __init__(self, task: Task, avatar, fps: int, tick_counter=None, on_ttff=None):
+    def __init__(self, task: Task, avatar, fps: int, tick_counter=None, on_ttff=None, clock=time.monotonic):
         self.task = task
+        self._clock = clock
         self._tick_counter = tick_counter
         self._on_ttff = on_ttff
         self.task_id = task.task_id
@@ -179,14 +234,14 @@ class SpeechProgram:
             while self._ready_chunks in self._chunks:
                 self._ready_chunks += 1
             if self._first_chunk_monotonic is None:
-                self._first_chunk_monotonic = time.monotonic()
+                self._first_chunk_monotonic = self._clock()
             self._received += 1
             self.task.chunks_generated = self._received
             self.changed.notify_all()
 
     def generation_started(self) -> None:
         """Mark the moment chunk generation began (the jitter buffer measures from here)."""
-        self._started_monotonic = time.monotonic()
+        self._started_monotonic = self._clock()
 
     def fail(self) -> None:
         """Generation failed: the program will never start, or stops where frames run out."""
@@ -200,10 +255,6 @@ class SpeechProgram:
             self._cancelled.set()
             self._chunks.clear()
             self.changed.notify_all()
-
-    def frames_on_air(self) -> int:
-        """Index of the next frame the mixer will ask for."""
-        return self._on_air_index
 
     def wait_for_room(self, chunk_index: int, timeout_s: float) -> bool:
         """Block until ``chunk_index`` is within :data:`MAX_CHUNKS_AHEAD` of the frame on air."""
@@ -229,7 +280,8 @@ class SpeechProgram:
         if ready_frames >= self.num_frames:
             return True
         started = self._started_monotonic or self._first_chunk_monotonic
-        elapsed = max(time.monotonic() - (started or time.monotonic()), 1e-3)
+        now = self._clock()
+        elapsed = max(now - (started or now), 1e-3)
         rate_fps = self._ready_chunks * CHUNK_FRAMES / elapsed
         needed = (self.num_frames - 1) * max(0.0, 1.0 - rate_fps / self._fps)
         return ready_frames >= min(self.num_frames, needed + (JITTER_MARGIN_FRAMES if needed > 0 else 0))
@@ -279,28 +331,23 @@ class SpeechProgram:
             return True
         return self._failed and (self._on_air_index // CHUNK_FRAMES) not in self._chunks
 
-    def on_air(self, event: str, frames_streamed: int) -> None:
+    def on_air(self, event: ProgramEvent, frames_streamed: int) -> None:
         """Mixer callback: keep the task's state and timestamps."""
         task = self.task
-        if event != "off_air":  # off_air counts the fade frames too: not speech
+        if event is not ProgramEvent.OFF_AIR:  # off_air counts the fade frames too: not speech
             task.frames_streamed = frames_streamed
-        if event == "first_frame":
+        if event is ProgramEvent.FIRST_FRAME:
             task.first_frame_on_air_at = time.time()
             task.first_frame_on_air_monotonic = time.monotonic()
             if self._on_ttff is not None:
                 self._on_ttff(task.first_frame_on_air_monotonic - task.received_monotonic)
-            if task.state not in FINAL_STATES:
-                task.state = TaskState.streaming
-        elif event == "done":
-            task.finished_at = time.time()
-            if task.state not in FINAL_STATES:
-                task.state = TaskState.done if not self._failed else TaskState.failed
-        elif event == "interrupted":
-            task.finished_at = time.time()
-            if task.state not in FINAL_STATES:
-                task.state = TaskState.cancelled
+            task.transition(TaskState.streaming)
+        elif event is ProgramEvent.DONE:
+            task.transition(TaskState.done)  # refused when generation failed meanwhile: it stays failed
+        elif event is ProgramEvent.INTERRUPTED:
+            task.transition(TaskState.cancelled)
             self.cancel()
-        elif event == "off_air":
+        elif event is ProgramEvent.OFF_AIR:
             if self._tick_counter is not None and task.cancel_requested_tick is not None:
                 task.off_air_tick = self._tick_counter()
             with self._lock:  # the fade is over: nothing more will be played
@@ -316,59 +363,76 @@ class TaskProcessor:
         program: Its reorder/jitter buffer.
         pool: The worker pool.
         avatar: The prepared avatar (for base-frame indices).
-        deadline_s: Per-job deadline in seconds.
+        deadline_s: Per-job run deadline in seconds (from a worker taking it).
+        due_at: Maps a chunk index to the ``time.monotonic()`` by which its first frame must be on
+            air (:meth:`TaskManager.due_at`); the pool serves the earliest first.
     """
 
-    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float):
+    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float,
+                 due_at=None):  # fmt: skip
         self.task = task
         self.program = program
         self._pool = pool
         self._avatar = avatar
         self._deadline_s = deadline_s
+        self._due_at = due_at or (lambda chunk_index: time.monotonic())
         self._stop = threading.Event()
         self._failure = threading.Event()
+        self._admitted = threading.Event()
+        self._started = False
         self._thread = threading.Thread(target=self._run, name=f"task-{task.task_id[:8]}", daemon=True)
 
     def start(self) -> None:
-        """Start the thread."""
-        self._thread.start()
+        """Start the thread; it waits (holding only the task's audio) until :meth:`admit`. Idempotent."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def admit(self) -> None:
+        """Let the task generate (the scheduler admits the task on air and the next ``generate_ahead``)."""
+        self._admitted.set()
+
+    @property
+    def admitted(self) -> bool:
+        """True once :meth:`admit` was called."""
+        return self._admitted.is_set()
 
     def stop(self) -> None:
-        """Stop submitting work (cancellation or shutdown)."""
+        """Stop submitting work (cancellation or shutdown) and drop what the task buffered. Idempotent."""
         self._stop.set()
         self.program.cancel()
+        self._pool.cancel_task(self.task.task_id)
 
     def join(self, timeout_s: float) -> None:
         """Wait for the thread."""
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
-    def _advance(self, state: TaskState) -> None:
-        """Move to ``state`` unless the task already ended (a cancel may land at any moment)."""
-        if self.task.state not in FINAL_STATES:
-            self.task.state = state
-            if self._stop.is_set():  # cancel() stops us before it marks the task: never undo that
-                self.task.state = TaskState.cancelled
+    def _advance(self, state: TaskState) -> bool:
+        """Move to ``state``; False when the task already ended (a cancel may land at any moment)."""
+        return not self._stop.is_set() and self.task.transition(state) is not None
 
     def _fail(self, reason: str) -> None:
         task = self.task
-        if task.state in FINAL_STATES:
-            return
-        task.error = reason
+        previous = task.transition(TaskState.failed, reason)
+        if previous is None:
+            return  # already ended
         self._failure.set()
         self.program.fail()
-        if task.state is not TaskState.streaming:
-            task.state = TaskState.failed
-            task.finished_at = time.time()
+        self._pool.cancel_task(task.task_id)  # nothing queued for it is needed any more
+        if previous is not TaskState.streaming:
             task.release_audio()  # never reached the air: nothing will play it
-        else:  # on air: it ends where the frames run out; mark failed now so the API tells the truth
-            task.state = TaskState.failed
+        # on air: it ends where the frames run out; marked failed now so the API tells the truth
         logger.warning("task %s failed: %s", task.task_id, reason, extra={"task_id": task.task_id})
 
     def _run(self) -> None:
         task = self.task
+        while not self._admitted.wait(0.5):  # waiting its turn: holds only its audio
+            if self._stop.is_set():
+                return
         try:
-            self._advance(TaskState.preparing)
+            if not self._advance(TaskState.preparing):
+                return
             total = task.num_chunks * CHUNK_FRAMES  # the last chunk is padded, never dropped
             spans = [(a, min(a + FEATURE_SPAN_FRAMES, total)) for a in range(0, total, FEATURE_SPAN_FRAMES)]
             pending = self._request_features(*spans[0])
@@ -379,8 +443,8 @@ class TaskProcessor:
                 if k + 1 < len(spans):  # the next window's features are computed while these chunks are
                     pending = self._request_features(*spans[k + 1])
                 if k == 0:
-                    self._advance(TaskState.generating)
-                    task.generation_started_at = time.time()
+                    if not self._advance(TaskState.generating):
+                        return
                     self.program.generation_started()
                 for c in range(first // CHUNK_FRAMES, stop // CHUNK_FRAMES):
                     if not self._submit_chunk(c, rows[c * CHUNK_FRAMES - first : (c + 1) * CHUNK_FRAMES - first]):
@@ -409,7 +473,8 @@ class TaskProcessor:
             seed=task.seed,
             guidance_scale=task.guidance_scale,
         )
-        self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail)
+        due_at = self._due_at(c)
+        self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail, due_at=due_at)
         return True
 
     def _request_features(self, start_frame: int, end_frame: int) -> tuple[threading.Event, dict] | None:
@@ -429,7 +494,11 @@ class TaskProcessor:
             done.set()
 
         label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
-        self._pool.submit_features(audio.engine_16k, self._deadline_s, ok, err, label, frames=(start_frame, end_frame))
+        due_at = self._due_at(start_frame // CHUNK_FRAMES)
+        self._pool.submit_features(
+            audio.engine_16k, self._deadline_s, ok, err, label, frames=(start_frame, end_frame), due_at=due_at,
+            task_id=self.task.task_id,
+        )
         return done, box
 
     def _await_features(self, pending: tuple[threading.Event, dict] | None) -> np.ndarray | None:
@@ -460,12 +529,14 @@ class TaskManager:
         fps: Stream frame rate.
         sample_rate_hz: Stream audio rate in Hz.
         max_queued: Tasks that may wait (not yet on air) before new ones are refused.
-        deadline_s: Per-job deadline in seconds.
+        deadline_s: Per-job run deadline in seconds.
+        generate_ahead: Tasks after the one on air that may generate (``tasks.generate_ahead``);
+            later ones wait holding only their audio.
     """
 
     def __init__(self, pool: WorkerPool, avatar, enqueue_program, interrupt_program, tick_counter, fps: int,
                  sample_rate_hz: int, max_queued: int, deadline_s: float, tail_frames: int = 0,
-                 on_ttff=None):  # fmt: skip
+                 on_ttff=None, generate_ahead: int = 1):  # fmt: skip
         self._pool = pool
         self._avatar = avatar
         self._enqueue = enqueue_program
@@ -477,6 +548,7 @@ class TaskManager:
         self._deadline_s = deadline_s
         self._tail_frames = tail_frames
         self._on_ttff = on_ttff
+        self._generate_ahead = int(generate_ahead)
         self._trimmed_final: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._tasks: collections.OrderedDict[str, tuple[Task, TaskProcessor]] = collections.OrderedDict()
@@ -490,6 +562,50 @@ class TaskManager:
     def _count(self, states: tuple[TaskState, ...]) -> int:
         """Tasks in one of ``states`` (lock held)."""
         return sum(1 for t, _ in self._tasks.values() if t.state in states)
+
+    def _admit(self, _task: Task | None = None) -> None:
+        """Admit the first ``1 + generate_ahead`` unfinished tasks (in playlist order) to generate.
+
+        Called on every submit and whenever a task reaches a final state (its ``on_final`` hook,
+        possibly on the controller thread: it only sets events, never blocks).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            active = [p for t, p in self._tasks.values() if t.state not in FINAL_STATES]
+        for processor in active[: 1 + self._generate_ahead]:
+            processor.admit()
+
+    def due_at(self, task: Task, chunk_index: int) -> float:
+        """The ``time.monotonic()`` by which chunk ``chunk_index`` of ``task`` must start playing.
+
+        On air: now plus the frames still to play before that chunk. Not on air yet: the earliest
+        time it could start, i.e. when every unfinished task ahead of it would end if it played
+        from now without a pause, plus the chunk's offset.
+
+        Args:
+            task: An accepted task.
+            chunk_index: Its chunk, from 0.
+
+        Returns:
+            Seconds on the monotonic clock.
+        """
+        now = time.monotonic()
+        offset_frames = chunk_index * CHUNK_FRAMES
+        with self._lock:
+            active = [t for t, _ in self._tasks.values() if t.state not in FINAL_STATES or t is task]
+        start = now
+        for other in active:
+            on_air = other.first_frame_on_air_monotonic is not None
+            if other is task:
+                if on_air:
+                    return now + (offset_frames - task.frames_streamed) / self._fps
+                return start + offset_frames / self._fps
+            if on_air:
+                start = now + max(0, other.num_frames - other.frames_streamed) / self._fps
+            else:
+                start += other.num_frames / self._fps
+        return now + offset_frames / self._fps  # no longer listed: as soon as possible
 
     def submit(
         self, audio: TaskAudio, seed: int | None, guidance_scale: float | None,
@@ -521,7 +637,9 @@ class TaskManager:
         if received is not None:
             task.received_at, task.received_monotonic = received
         program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter, self._on_ttff)
-        processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s)
+        processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s,
+                                  due_at=lambda chunk_index: self.due_at(task, chunk_index))  # fmt: skip
+        task.on_final = self._admit
         with self._lock:
             if self._closed:
                 return None
@@ -531,7 +649,13 @@ class TaskManager:
             self._tasks[task.task_id] = (task, processor)
             self._trim()
         processor.start()
+        self._admit()
         return task, ahead
+
+    def admitted(self) -> int:
+        """Unfinished tasks admitted to generate (at most ``1 + generate_ahead``)."""
+        with self._lock:
+            return sum(1 for t, p in self._tasks.values() if t.state not in FINAL_STATES and p.admitted)
 
     def _trim(self) -> None:
         finished = [k for k, (t, _) in self._tasks.items() if t.state in FINAL_STATES]
@@ -559,34 +683,36 @@ class TaskManager:
         return list(reversed(tasks))[:limit]
 
     def cancel(self, task_id: str) -> Task | None:
-        """Cancel a waiting task, or fade out one on air (within ``crossfade_frames``)."""
+        """Cancel a waiting task, or fade out one on air (within ``crossfade_frames``).
+
+        Everything the task held goes at once: its queued pool jobs leave the pool's queue, its
+        buffered chunks are dropped, its audio is released (on air: once the fade-out has played
+        it), and it stops counting toward ``api.max_queued``; the next waiting task is admitted.
+        """
         with self._lock:
             entry = self._tasks.get(task_id)
         if entry is None:
             return None
         task, processor = entry
-        if task.state in FINAL_STATES:
-            return task
-        task.cancel_requested_tick = self._tick_counter()
-        on_air = task.state is TaskState.streaming
+        tick = self._tick_counter()
+        previous = task.transition(TaskState.cancelled)
+        if previous is None:
+            return task  # already ended
+        task.cancel_requested_tick = tick
         self._interrupt(task_id)  # on air: fades out within crossfade_frames; queued: leaves the playlist
         processor.stop()
-        task.state = TaskState.cancelled
-        task.finished_at = time.time()
-        if not on_air:
+        if previous is not TaskState.streaming:
             task.release_audio()  # on air, the fade-out still plays it; "off_air" releases it then
         return task
 
     def close(self, timeout_s: float = 3.0) -> None:
-        """Cancel every unfinished task and stop their threads."""
+        """Cancel every unfinished task and stop their threads. Idempotent."""
         with self._lock:
             self._closed = True
             entries = list(self._tasks.values())
         for task, processor in entries:
-            if task.state not in FINAL_STATES:
-                processor.stop()
-                task.state = TaskState.cancelled
-                task.error = task.error or "server shutting down"
+            task.transition(TaskState.cancelled, "server shutting down")
+            processor.stop()
             task.release_audio()
         deadline = time.monotonic() + timeout_s
         for _, processor in entries:

@@ -1,17 +1,22 @@
 """WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
 
 One worker process per GPU (or one on CPU) loads the prepared avatar and its engine once, in the
-pool initializer, then serves ``features`` and ``generate`` calls. Jobs wait in our own FIFO and at
-most one per worker is handed to the ``multiprocessing.Pool`` at a time, so a job's deadline counts
-from when a worker takes it, not from when it was queued. A job that misses its deadline, or that
+pool initializer, then serves ``features`` and ``generate`` calls. Jobs wait in our own bounded
+priority queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which
+its first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
+``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
+not from when it was queued. A job that misses its deadline, or that
 was running on a worker that died, is retried once on a fresh pool (the pool is rebuilt, since a
-hung worker would keep its slot forever); a second failure fails the job with a reason. The stream
-never depends on the pool: the pool only produces faces.
+hung worker would keep its slot forever); a second failure fails the job with a reason. A rebuilt
+pool is verified before any job goes to it: every new worker answers a ping proving its engine
+loaded; a worker that cannot load marks the pool broken (:attr:`WorkerPool.broken`), which fails
+every queued and later job at once with that reason and makes readiness fail. The stream never
+depends on the pool: the pool only produces faces.
 """
 
 from __future__ import annotations
 
-import collections
+import heapq
 import itertools
 import logging
 import multiprocessing
@@ -34,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.1
 POOL_TERMINATE_TIMEOUT_S = 5.0
+#: Jobs the pool's queue holds at most (more is a scheduling bug upstream: submit raises JobFailed).
+#: The task layer keeps it far lower: (1 + tasks.generate_ahead) tasks x MAX_CHUNKS_AHEAD chunks.
+MAX_QUEUED_JOBS = 4096
 
 # --------------------------------------------------------------------------- worker process side
 # A spawned worker process holds exactly one engine; this slot exists only inside worker processes
@@ -106,6 +114,8 @@ class _Job:
     on_error: Callable[[str], None]
     deadline_s: float
     label: str
+    due_at: float = 0.0  # time.monotonic() by which the job's first frame must be on air
+    task_id: str | None = None
     attempts: int = 0
     submitted_at: float = 0.0
     finished: bool = False
@@ -179,7 +189,7 @@ class WorkerPool:
         self._pool: multiprocessing.pool.Pool | None = None
         self._pool_pids: list[int] = []
         self._running: dict[int, list[_Job]] = {}  # dispatch id -> jobs sent together (one worker each)
-        self._queue: collections.deque[_Job] = collections.deque()  # waiting for a worker
+        self._queue: list[tuple[float, int, _Job]] = []  # heap of (due_at, key, job): waiting for a worker
         self._keys = itertools.count()
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -188,6 +198,8 @@ class WorkerPool:
         self._failed = 0
         self._completed = 0
         self._dispatches = 0
+        self._verified = False  # the current pool's workers answered a ping with their engine loaded
+        self._broken: str | None = None  # why a rebuilt pool cannot serve (its workers could not load)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -202,6 +214,8 @@ class WorkerPool:
                 return
             self._pool = self._new_pool()
         self._check_workers(self._start_timeout_s)
+        with self._lock:
+            self._verified = True
         self._monitor = threading.Thread(target=self._watch, name="worker-pool-monitor", daemon=True)
         self._monitor.start()
 
@@ -212,7 +226,7 @@ class WorkerPool:
             self._monitor.join(2.0)
         with self._lock:
             pool, self._pool = self._pool, None
-            jobs = [j for batch in self._running.values() for j in batch] + list(self._queue)
+            jobs = [j for batch in self._running.values() for j in batch] + [j for _, _, j in self._queue]
             self._running.clear()
             self._queue.clear()
         for job in jobs:
@@ -229,6 +243,15 @@ class WorkerPool:
                 self._completed, self._dispatches,
             )
 
+    @property
+    def broken(self) -> str | None:
+        """Why the pool cannot serve (a rebuilt worker could not load its engine), or None."""
+        return self._broken
+
+    def ready(self) -> bool:
+        """True while the pool runs and is not broken (a rebuild being verified still counts as ready)."""
+        return self._pool is not None and not self._stop.is_set() and self._broken is None
+
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes."""
         with self._lock:
@@ -239,6 +262,7 @@ class WorkerPool:
     def submit_features(
         self, audio_16k: np.ndarray, deadline_s: float, on_done: Callable[[np.ndarray], None],
         on_error: Callable[[str], None], label: str = "features", frames: tuple[int, int] | None = None,
+        due_at: float | None = None, task_id: str | None = None,
     ) -> None:  # fmt: skip
         """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
 
@@ -249,12 +273,18 @@ class WorkerPool:
             on_done: Called with the features, on a pool thread.
             on_error: Called with a reason string when the job fails for good.
             label: Name used in logs and errors.
+            due_at: ``time.monotonic()`` by which the first frame these rows drive must be on air
+                (the queue's priority; None: now).
+            task_id: Task the job belongs to (:meth:`cancel_task` drops it); None: no task.
+
+        Raises:
+            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
-        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label)
+        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id)
 
     def submit_chunk(
         self, request: ChunkRequest, deadline_s: float, on_done: Callable[[ChunkResult], None],
-        on_error: Callable[[str], None],
+        on_error: Callable[[str], None], due_at: float | None = None,
     ) -> None:  # fmt: skip
         """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
 
@@ -263,40 +293,67 @@ class WorkerPool:
             deadline_s: Seconds the job may take before it is retried (once).
             on_done: Called with the :class:`ChunkResult`, on a pool thread.
             on_error: Called with a reason string when the job fails for good.
+            due_at: ``time.monotonic()`` by which the chunk's first frame must be on air (the
+                queue's priority: earliest first; None: now).
+
+        Raises:
+            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
         label = f"chunk {request.chunk_index} of task {request.task_id}"
-        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label)
+        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id)
 
-    def _submit(self, func, args, on_done, on_error, deadline_s, label) -> None:
-        job = _Job(next(self._keys), func, args, on_done, on_error, deadline_s, label)
+    def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id) -> None:
+        due = time.monotonic() if due_at is None else float(due_at)
+        job = _Job(next(self._keys), func, args, on_done, on_error, deadline_s, label, due, task_id)
         with self._lock:
             if self._pool is None or self._stop.is_set():
                 raise JobFailed("worker pool is not running")
-            self._queue.append(job)
+            if self._broken is not None:
+                raise JobFailed(self._broken)
+            if len(self._queue) >= MAX_QUEUED_JOBS:
+                raise JobFailed(f"worker pool queue full ({MAX_QUEUED_JOBS} jobs)")
+            heapq.heappush(self._queue, (job.due_at, job.key, job))
             self._dispatch_waiting()
+
+    def cancel_task(self, task_id: str) -> int:
+        """Drop every queued job of ``task_id`` at once (their callbacks are never called).
+
+        Jobs already running in a worker finish; their results go to callbacks that ignore a
+        cancelled task.
+
+        Returns:
+            The number of queued jobs dropped.
+        """
+        with self._lock:
+            kept = [entry for entry in self._queue if entry[2].task_id != task_id]
+            dropped = len(self._queue) - len(kept)
+            if dropped:
+                heapq.heapify(kept)
+                self._queue = kept
+        return dropped
 
     def _dispatch_waiting(self) -> None:
         """Hand queued jobs to the pool while a worker is free (lock held)."""
-        while self._queue and len(self._running) < self._workers and self._pool is not None:
+        while self._queue and len(self._running) < self._workers and self._pool is not None and self._verified:
             jobs = self._take_batch()
             dispatch_id = next(self._keys)
             self._running[dispatch_id] = jobs
             self._dispatch(dispatch_id, jobs)
 
     def _take_batch(self) -> list[_Job]:
-        """The queue's head job, plus the chunk jobs right behind it up to ``max_batch`` (lock held).
+        """The earliest-deadline job, plus the chunk jobs due right after it up to ``max_batch`` (lock held).
 
         A task's first chunk (chunk index 0) is never batched, in either direction: batching would
         hold its faces back until the whole batch is done.
         """
-        batch = [self._queue.popleft()]
+        batch = [heapq.heappop(self._queue)[2]]
 
         def batchable(job: _Job) -> bool:
             return job.func is _worker_generate and job.args[0].chunk_index != 0
 
         if batchable(batch[0]):
-            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0]):
-                batch.append(self._queue.popleft())
+            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
+                batch.append(heapq.heappop(self._queue)[2])
         return batch
 
     def _dispatch(self, dispatch_id: int, jobs: list[_Job]) -> None:
@@ -422,7 +479,7 @@ class WorkerPool:
                 self._rebuild(reason)
 
     def _rebuild(self, reason: str) -> None:
-        """Replace the pool; running jobs go back to the head of the queue, or fail on their 2nd try (lock held)."""
+        """Replace the pool; running jobs are queued again (deadlines kept), or fail on their 2nd try (lock held)."""
         self._rebuilds += 1
         running = sorted((j for batch in self._running.values() for j in batch), key=lambda j: j.key, reverse=True)
         self._running.clear()
@@ -431,6 +488,8 @@ class WorkerPool:
         assert old is not None
         threading.Thread(target=self._terminate, args=(old,), name="worker-pool-terminate", daemon=True).start()
         self._pool = self._new_pool()
+        self._verified = False  # nothing is dispatched until every new worker proved its engine loaded
+        threading.Thread(target=self._verify, args=(self._pool,), name="worker-pool-verify", daemon=True).start()
         for job in running:
             if job.attempts >= 2:
                 threading.Thread(
@@ -438,8 +497,41 @@ class WorkerPool:
                 ).start()
             else:
                 self._retried += 1
-                self._queue.appendleft(job)
+                heapq.heappush(self._queue, (job.due_at, job.key, job))
         self._dispatch_waiting()
+
+
+    def _verify(self, pool: multiprocessing.pool.Pool) -> None:
+        """Ping a rebuilt pool's workers; then dispatch the waiting jobs, or mark the pool broken."""
+        pings = [pool.apply_async(_worker_ping) for _ in range(self._workers)]
+        deadline = time.monotonic() + self._start_timeout_s
+        error = None
+        for ping in pings:
+            try:
+                _pid, worker_error = ping.get(max(0.1, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                error = f"rebuilt engine workers did not start within {self._start_timeout_s:.0f} s"
+                break
+            except Exception as exc:  # the pool was terminated under us (close or another rebuild)
+                error = f"rebuilt engine worker unreachable: {type(exc).__name__}: {exc}"
+                break
+            if worker_error:
+                error = f"engine worker failed to start after a rebuild: {worker_error}"
+                break
+        with self._lock:
+            if self._pool is not pool or self._stop.is_set():
+                return  # replaced or closed meanwhile: that pool's verification decides nothing
+            if error is None:
+                self._verified = True
+                logger.info("rebuilt worker pool verified: %d worker(s) loaded their engine", self._workers)
+                self._dispatch_waiting()
+                return
+            self._broken = error
+            jobs = [job for _, _, job in self._queue]
+            self._queue.clear()
+        logger.error("worker pool broken: %s", error)
+        for job in jobs:
+            self._finish_error(job, f"{job.label} failed: {error}")
 
 
 def _pid_state(pid: int) -> str | None:

@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from latentsync.config import DType  # noqa: E402
+from latentsync.models.loading import resolve_dtype  # noqa: E402
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig  # noqa: E402
 from latentsync.models.vae import VAE_SCALING_FACTOR, sd_vae_ft_mse_config  # noqa: E402
 from latentsync.models.whisper_features import WhisperAudioEncoder, WhisperDims  # noqa: E402
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -116,7 +116,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 
 def bench_dtype(args: argparse.Namespace, dtype_name: str) -> Result:
     device = torch.device(args.device)
-    dtype = DTYPES[dtype_name]
+    dtype = resolve_dtype(dtype_name, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtypes",
         nargs="+",
-        choices=sorted(DTYPES),
+        choices=[d.value for d in DType],
         default=None,
         help="default: float16 bfloat16 on GPU, float32 on CPU",
     )
