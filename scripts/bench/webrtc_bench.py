@@ -7,7 +7,7 @@
       WebRTC audio; the page posts and listens, one clock), median of ``--posts``,
   (c) the browser's playout delay from getStats() (jitter-buffer delay per emitted frame/sample).
 
-    scripts/rtmp_server.sh start
+    scripts/rtmp_server.sh start      # (RTMP_PORT=... for another port; the bench asks it for the publish URL)
     .venv/bin/python scripts/bench/webrtc_bench.py [--seconds 10] [--posts 10] [key=value ...]
 
 The bench starts its own infer_serv.py (832x1248 idle video from tests/data, parametric engine,
@@ -160,7 +160,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="CPU window per viewer count")
     parser.add_argument("--posts", type=int, default=10)
-    parser.add_argument("--rtmp-url", default="rtmp://127.0.0.1:1935/live/webrtc-bench")
+    parser.add_argument("--rtmp-url", default="",
+                        help="publish URL (default: scripts/rtmp_server.sh publish-url webrtc-bench)")
     parser.add_argument("--viewers-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--base", default="", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
@@ -170,6 +171,10 @@ def main() -> int:
         return 0
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    if not args.rtmp_url:  # the local dev server (scripts/rtmp_server.sh start; RTMP_PORT etc. from the environment)
+        script = str(ROOT / "scripts" / "rtmp_server.sh")
+        args.rtmp_url = subprocess.run(["bash", script, "publish-url", "webrtc-bench"], capture_output=True,
+                                       text=True, check=True, timeout=30).stdout.strip()
     cmd = [sys.executable, str(ROOT / "infer_serv.py"), f"server.port={port}", f"stream.rtmp_url={args.rtmp_url}",
            f"avatar.idle_video={VIDEO}", "stream.idle_audio=false", *args.overrides]
     log = open(ROOT / "out" / "webrtc_bench_server.log", "wb") if (ROOT / "out").is_dir() else subprocess.DEVNULL
