@@ -34,7 +34,7 @@ from pathlib import Path
 from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 HTTP_TIMEOUT_S = 120.0
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RECORDER_RW_TIMEOUT_S = 10.0  # the recorder ends by itself this long after the publisher is gone
 FINAL_STATES = ("done", "failed", "cancelled")

@@ -5,7 +5,7 @@ a table of tick accounting, CPU use of the controller thread and of FFmpeg, and 
     .venv/bin/python scripts/bench/stream_bench.py --seconds 60 [--video FILE] [key=value ...]
 
 Needs an RTMP server (`scripts/rtmp_server.sh start`). By default streams the 832x1248 idle video
-from ../shared/data, or the built-in avatar scaled to 832x1248 when that is missing.
+from tests/data/media, or the built-in avatar scaled to 832x1248 when that is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from latentsync.serving.runtime import Runtime  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "video" / "2s_GirlMuseum_0730.mp4"
+DEFAULT_VIDEO = ROOT / "tests" / "data" / "media" / "video" / "2s_GirlMuseum_0730.mp4"
 
 
 def cpu_seconds(stat_path: str) -> float:

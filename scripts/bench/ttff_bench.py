@@ -32,7 +32,7 @@ import numpy as np
 from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 CLIENT_RATE = 16000
 BLOCK = CLIENT_RATE // 100  # 10 ms
 ONSET_RMS = 0.02  # a 10 ms block louder than this (full scale 1.0) is speech
@@ -101,6 +101,9 @@ def main() -> int:
     parser.add_argument("--rtmp-port", type=int, default=1935)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if not args.audio.is_file():
+        print(f"speech file missing: {args.audio} (give one with --audio)", file=sys.stderr)
+        return 2
     sys.path.insert(0, str(ROOT))
     from latentsync.media import decode_audio
 
