@@ -35,7 +35,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "media"
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     """Run the soak in ``tmp`` (recording, the server's private directory) and print the report."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    url = f"rtmp://127.0.0.1:{args.rtmp_port}/live/soak{port}"
+    url = publish_url(args.rtmp_port, f"soak{port}")
     record = args.keep or tmp / "soak.flv"
     server_tmp = tmp / "server"
     server_tmp.mkdir()

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchclient import publish_url  # noqa: E402  (scripts/bench/)
+
 from latentsync.config import load_config  # noqa: E402
 from latentsync.serving.runtime import Runtime  # noqa: E402
 
@@ -47,9 +49,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO if DEFAULT_VIDEO.is_file() else None)
+    parser.add_argument("--rtmp-port", type=int, default=1935, help="port of scripts/rtmp_server.sh's server")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    overrides = list(args.overrides)
+    overrides = [f"stream.rtmp_url={publish_url(args.rtmp_port, 'bench')}", *args.overrides]
     if args.video is not None:
         overrides.insert(0, f"avatar.idle_video={args.video}")
     else:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "media"
@@ -109,7 +109,7 @@ def main() -> int:
 
     port = free_port()
     key = f"ttff{port}"
-    url = f"rtmp://127.0.0.1:{args.rtmp_port}/live/{key}"
+    url = publish_url(args.rtmp_port, key)
     base = f"http://127.0.0.1:{port}"
     overrides = [f"server.port={port}", f"stream.rtmp_url={url}", "stream.idle_audio=false", *args.overrides]
     log = open(ROOT / ".cache" / "ttff_bench_server.log", "wb") if (ROOT / ".cache").is_dir() else subprocess.DEVNULL
