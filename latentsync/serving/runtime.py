@@ -7,7 +7,6 @@ Stop order is the reverse, and every part is stopped even when an earlier one fa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -65,9 +64,9 @@ class Runtime:
         self._tasks: TaskManager | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
+        self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
         self.metrics = ServerMetrics(self.health_snapshot)
         self._watchdog = Watchdog(self._clock_alive)
-        self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
         self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
         self._feed: EventFeed | None = None
 
@@ -322,6 +321,8 @@ class Runtime:
             tasks_admitted=tasks.admitted() if tasks else 0,
             tasks_final=tasks.final_counts() if tasks else {},
         )
+        if self.webrtc is not None:
+            engine["webrtc"] = self.webrtc.stats()
         if pool is not None:
             p = pool.stats()
             engine["workers"] = WorkersHealth(
@@ -363,10 +364,7 @@ class Runtime:
             :meth:`HealthSnapshot.to_json` (the RTMP URL is never included).
         """
         snapshot = self.health_snapshot()
-        body = snapshot.to_json()
-        if self.webrtc is not None:  # WHEP egress counters (docs/webrtc.md); not in the typed snapshot
-            body["webrtc"] = dataclasses.asdict(self.webrtc.stats())
-        return snapshot.streaming, body
+        return snapshot.streaming, snapshot.to_json()
 
 
 def _engine_devices(device: str | None) -> list[str]:
