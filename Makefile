@@ -5,7 +5,7 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup lint rtmp-start rtmp-stop bench clean
+.PHONY: run test setup lint rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -22,10 +22,11 @@ run: setup
 	@echo ""
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
-## test: set up (nginx-rtmp too), lint, then the whole pytest suite
+## test: set up (nginx-rtmp and chromium too), lint, then the whole pytest suite
 test: setup
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
+	@bash scripts/chromium.sh install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
@@ -42,6 +43,12 @@ rtmp-stop:
 bench: setup
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 	$(VENV)/bin/python scripts/bench/stream_bench.py --seconds 60
+
+## bench-webrtc: server CPU with 0/1/4/8 WebRTC viewers, POST -> speech heard in the browser
+bench-webrtc: setup
+	@bash scripts/chromium.sh install
+	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
+	$(VENV)/bin/python scripts/bench/webrtc_bench.py
 
 clean:
 	rm -rf .cache .run out

@@ -165,6 +165,50 @@ class TasksConfig:
     generate_ahead: int = 1
 
 
+class VideoCodec(str, enum.Enum):
+    """Video codec of the WebRTC preview (what the one shared encoder produces)."""
+
+    h264 = "h264"  # constrained baseline, packetization-mode 1
+    vp8 = "vp8"
+
+
+@dataclass
+class WebRtcConfig:
+    """WHEP (WebRTC) live view of the stream (docs/webrtc.md).
+
+    ``max_height``: the preview is downscaled to at most this many rows (even), aspect kept.
+    ``keyframe_interval_s``: GOP length of the shared encoder; a joining viewer or a PLI gets a
+    keyframe on the next tick anyway. ``viewer_queue_s``: per-viewer backlog before that viewer
+    drops (it resumes at the next keyframe). ``loopback_candidates``: also offer 127.0.0.1 as an
+    ICE candidate (aioice skips loopback by default), so a browser on the same host always connects.
+    """
+
+    enabled: bool = True
+    max_viewers: int = 8
+    max_height: int = 720
+    video_codec: VideoCodec = VideoCodec.h264
+    video_bitrate_kbps: int = 1500
+    keyframe_interval_s: float = 2.0
+    viewer_queue_s: float = 0.5
+    connect_timeout_s: float = 15.0
+    signalling_timeout_s: float = 10.0
+    loopback_candidates: bool = True
+
+
+@dataclass
+class UiConfig:
+    """The control page at ``/`` and its Server-Sent Events feed (``GET /events``).
+
+    ``max_event_clients``: open ``/events`` streams at once (each holds a server thread; keep it
+    below gunicorn's ``threads``); one more gets 503. ``event_poll_s``: how often task progress,
+    viewers and health are sampled for the feed.
+    """
+
+    page: bool = True
+    max_event_clients: int = 4
+    event_poll_s: float = 0.25
+
+
 @dataclass
 class SpeechStreamConfig:
     """Speech that streams in: ``/ws/speech``, ``POST /speak`` (docs/streaming-speech.md).
@@ -209,6 +253,8 @@ class AppConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     speech_stream: SpeechStreamConfig = field(default_factory=SpeechStreamConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -326,6 +372,18 @@ def validate(config: AppConfig) -> None:
     _check(80 <= ss.tts_rate_wpm <= 450, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, "80..450")
     _check(0.5 <= ss.tts_timeout_s <= 120, "speech_stream.tts_timeout_s", ss.tts_timeout_s, "0.5..120")
     _check(0 <= ss.start_margin_s <= 5, "speech_stream.start_margin_s", ss.start_margin_s, "0..5")
+    w = config.webrtc
+    _check(1 <= w.max_viewers <= 64, "webrtc.max_viewers", w.max_viewers, "1..64")
+    _check(64 <= w.max_height <= 4320 and w.max_height % 2 == 0, "webrtc.max_height", w.max_height,
+           "an even number of rows in 64..4320")
+    _check(100 <= w.video_bitrate_kbps <= 50000, "webrtc.video_bitrate_kbps", w.video_bitrate_kbps, "100..50000")
+    _check(0.1 <= w.keyframe_interval_s <= 10, "webrtc.keyframe_interval_s", w.keyframe_interval_s, "0.1..10")
+    _check(0.1 <= w.viewer_queue_s <= 10, "webrtc.viewer_queue_s", w.viewer_queue_s, "0.1..10")
+    _check(1 <= w.connect_timeout_s <= 120, "webrtc.connect_timeout_s", w.connect_timeout_s, "1..120")
+    _check(1 <= w.signalling_timeout_s <= 60, "webrtc.signalling_timeout_s", w.signalling_timeout_s, "1..60")
+    u = config.ui
+    _check(1 <= u.max_event_clients <= 256, "ui.max_event_clients", u.max_event_clients, "1..256")
+    _check(0.05 <= u.event_poll_s <= 10, "ui.event_poll_s", u.event_poll_s, "0.05..10")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
 

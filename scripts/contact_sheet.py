@@ -21,7 +21,7 @@ from latentsync.engines import CHUNK_FRAMES, ChunkRequest, create_engine  # noqa
 from latentsync.media import decode_audio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_AUDIO = ROOT.parent / "shared" / "data" / "audio" / "demo1_audio.wav"
+DEFAULT_AUDIO = ROOT / "tests" / "data" / "media" / "audio" / "demo1_audio.wav"
 
 
 def _crop(frame: np.ndarray, box: np.ndarray, side_px: int) -> np.ndarray:
@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "avatars")
     args = parser.parse_args(argv)
+    for path in (args.audio, *args.videos):
+        if not path.is_file():
+            print(f"file missing: {path}", file=sys.stderr)
+            return 2
     for video in args.videos:
         print(contact_sheet(video, args.audio, args.out_dir, args.cache_dir))
     return 0

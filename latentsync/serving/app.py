@@ -38,6 +38,7 @@ from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from latentsync.serving.runtime import Runtime
 from latentsync.serving.speech_api import WS_PATH, register_speech_routes
+from latentsync.serving.web import PUBLIC_PATHS, register_web
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.before_request
     def require_token():
-        if request.path == "/health" or authorized():
+        if request.path == "/health" or request.path in PUBLIC_PATHS or authorized():
             return None
         response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -310,6 +311,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     register_speech_routes(app, runtime,
                            lambda origin: origin_allowed(origin, request.host, request.scheme, origins))  # fmt: skip
+    register_web(app, runtime)  # WHEP, GET /events, the control page (latentsync/serving/web.py)
     return app
 
 

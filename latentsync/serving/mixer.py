@@ -1,6 +1,6 @@
 """ProgramMixer: what goes on air at each tick — idle loop, speech programs, crossfades, underruns.
 
-State machine (ARCHITECTURE.md): ``IDLE --program ready--> FADE_IN --n frames--> SPEAKING
+State machine (docs/architecture.md): ``IDLE --program ready--> FADE_IN --n frames--> SPEAKING
 --program done--> FADE_OUT --n frames--> IDLE``; ``SPEAKING --next program ready--> FADE_IN``
 (speech→speech crossfade); any state ``--interrupt--> FADE_OUT``.
 

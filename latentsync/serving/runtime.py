@@ -23,6 +23,7 @@ from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
 from latentsync.media.audio import decode_untrusted_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import load_clip
+from latentsync.serving.events import EventBroadcaster, EventFeed, TappedSink
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
 from latentsync.serving.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.metrics import ServerMetrics
@@ -32,6 +33,7 @@ from latentsync.serving.speech_stream import DEFAULT_LOOKAHEAD_FRAMES, LOOKAHEAD
 from latentsync.serving.streaming import IdleLoop, StreamingController, StreamState
 from latentsync.serving.systemd import Watchdog
 from latentsync.serving.tasks import TaskAudio, TaskManager
+from latentsync.serving.webrtc import WebRtcHub
 from latentsync.serving.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -65,8 +67,11 @@ class Runtime:
         self._speech: SpeechService | None = None
         self._created_monotonic = time.monotonic()
         self.stream_size: tuple[int, int] | None = None
+        self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
         self.metrics = ServerMetrics(self.health_snapshot)
         self._watchdog = Watchdog(self._clock_alive)
+        self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
+        self._feed: EventFeed | None = None
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -144,18 +149,42 @@ class Runtime:
         self._upload_root.mkdir(mode=0o700)
         self._sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
         self._mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
+        mixer = self._mixer
+        observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
+        if cfg.webrtc.enabled:
+            self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
+            observers.append(self.webrtc.on_tick)
+        self._feed = EventFeed(self.events, lambda: mixer.state, self._tasks_json, lambda: self.health()[1],
+                               self._viewer_count, cfg.ui.event_poll_s)  # fmt: skip
+        observers.append(self._feed.on_tick)
+        if self.webrtc is not None:
+            self.webrtc.add_viewer_listener(self._feed.publish_viewers)
         self._controller = StreamingController(
-            self._mixer, self._sink, fps=s.fps, sample_rate_hz=s.audio_sample_rate, max_catchup_s=s.max_catchup_s
+            self._mixer, TappedSink(self._sink, observers), fps=s.fps, sample_rate_hz=s.audio_sample_rate,
+            max_catchup_s=s.max_catchup_s,
         )
         self._sink.start()
         if not self._sink.wait_accepting(SINK_START_TIMEOUT_S):
             logger.warning("ffmpeg not accepting after %.0f s; the clock starts anyway", SINK_START_TIMEOUT_S)
+        if self.webrtc is not None:
+            self.webrtc.start()
+        self._feed.start()
         self._controller.start()
         self._watchdog.start()
         if self._stopped:  # stop() ran while this was being built: undo what it could not see
             self._watchdog.close()
+            self._feed.close()
+            if self.webrtc is not None:
+                self.webrtc.close()
             self._controller.close()
             self._sink.close()
+
+    def _tasks_json(self) -> list[dict]:
+        tasks = self.tasks
+        return [t.to_json() for t in tasks.list()] if tasks else []
+
+    def _viewer_count(self) -> int:
+        return self.webrtc.stats().viewers if self.webrtc is not None else 0
 
     def _clock_alive(self) -> bool:
         c = self._controller.stats() if self._controller is not None else None
@@ -211,6 +240,8 @@ class Runtime:
             ("speech", self._speech.close if self._speech else None),
             ("tasks", self._tasks.close if self._tasks else None),
             ("controller", self._controller.close if self._controller else None),
+            ("webrtc", self.webrtc.close if self.webrtc else None),
+            ("events", self._feed.close if self._feed else None),
             ("ffmpeg", self._sink.close if self._sink else None),
             ("workers", self._pool.close if self._pool else None),
         ]
@@ -301,6 +332,8 @@ class Runtime:
             tasks_admitted=tasks.admitted() if tasks else 0,
             tasks_final=tasks.final_counts() if tasks else {},
         )
+        if self.webrtc is not None:
+            engine["webrtc"] = self.webrtc.stats()
         if pool is not None:
             p = pool.stats()
             engine["workers"] = WorkersHealth(

@@ -1,13 +1,16 @@
-"""HTTP helpers shared by the benchmarks (stdlib only): free port, JSON requests, multipart uploads."""
+"""Helpers shared by the benchmarks (stdlib only): free port, JSON requests, multipart uploads, RTMP publish URLs."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
 HTTP_TIMEOUT_S = 60.0
+RTMP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rtmp_server.sh")
 
 
 def free_port() -> int:
@@ -42,3 +45,26 @@ def multipart(content: bytes, filename: str) -> tuple[bytes, dict]:
         + f"\r\n--{boundary}--\r\n".encode()
     )
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def publish_url(rtmp_port: int, key: str, env: dict | None = None) -> str:
+    """The URL our FFmpeg publishes to on the local nginx-rtmp of ``scripts/rtmp_server.sh``.
+
+    That server refuses publishers without its secret (``rtmp_server.sh publish-url`` prints the
+    URL with it). ``env`` carries ``RTMP_RUN_DIR`` etc. for a server started with them.
+    """
+    run_env = dict(env if env is not None else os.environ, RTMP_PORT=str(rtmp_port))
+    out = subprocess.run(["bash", RTMP_SCRIPT, "publish-url", key], env=run_env, capture_output=True, text=True,
+                         check=True, timeout=30)  # fmt: skip
+    return out.stdout.strip()
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM a server started by a bench and wait ``timeout_s`` seconds for it; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 HTTP_TIMEOUT_S = 120.0
 
 
@@ -183,7 +183,7 @@ def main() -> int:
     else:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        overrides = [f"server.port={port}", f"stream.rtmp_url=rtmp://127.0.0.1:{args.rtmp_port}/live/load{port}",
+        overrides = [f"server.port={port}", f"stream.rtmp_url={publish_url(args.rtmp_port, f'load{port}')}",
                      *args.overrides]
         (ROOT / ".cache").mkdir(exist_ok=True)
         log = open(ROOT / ".cache" / "load_bench_server.log", "wb")  # noqa: SIM115 - closed below

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import imageio_ffmpeg
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
@@ -85,7 +84,7 @@ def main() -> int:
     subprocess.run([*rtmp_script, "start"], env=rtmp_env, check=True, capture_output=True, timeout=60)
     base = f"http://127.0.0.1:{api_port}"
     overrides = [
-        f"server.port={api_port}", f"stream.rtmp_url=rtmp://127.0.0.1:{rtmp_port}/live/queue{api_port}",
+        f"server.port={api_port}", f"stream.rtmp_url={publish_url(rtmp_port, f'queue{api_port}', rtmp_env)}",
         "engine.name=parametric", f"api.max_queued={args.tasks}", f"api.max_audio_s={args.audio_s + 1}",
         "api.max_upload_mb=200", "api.rate_limit_per_min=0", f"avatar.cache_dir={work / 'avatars'}",
         *args.overrides,
@@ -132,12 +131,7 @@ def main() -> int:
             max_pool_queued = max(max_pool_queued, h.get("workers", {}).get("queued", 0))
         tasks = [http("GET", f"{base}/tasks/{task_id}")[1] for task_id in ids]
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+        stop_server(server, 30)
         log.close()
         subprocess.run([*rtmp_script, "stop"], env=rtmp_env, capture_output=True, timeout=60)
 

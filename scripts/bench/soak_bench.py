@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -35,10 +34,10 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RECORDER_RW_TIMEOUT_S = 10.0  # the recorder ends by itself this long after the publisher is gone
 FINAL_STATES = ("done", "failed", "cancelled")
@@ -183,7 +182,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     """Run the soak in ``tmp`` (recording, the server's private directory) and print the report."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    url = f"rtmp://127.0.0.1:{args.rtmp_port}/live/soak{port}"
+    url = publish_url(args.rtmp_port, f"soak{port}")
     record = args.keep or tmp / "soak.flv"
     server_tmp = tmp / "server"
     server_tmp.mkdir()
@@ -199,13 +198,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         try:
             result = soak(args, base, server, server_tmp)
         finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(5)
+            stop_server(server, 15)
     try:
         _, err = recorder.communicate(timeout=RECORDER_RW_TIMEOUT_S + 30)
     except subprocess.TimeoutExpired:

@@ -5,7 +5,7 @@ a table of tick accounting, CPU use of the controller thread and of FFmpeg, and 
     .venv/bin/python scripts/bench/stream_bench.py --seconds 60 [--video FILE] [key=value ...]
 
 Needs an RTMP server (`scripts/rtmp_server.sh start`). By default streams the 832x1248 idle video
-from ../shared/data, or the built-in avatar scaled to 832x1248 when that is missing.
+from tests/data/media, or the built-in avatar scaled to 832x1248 when that is missing.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchclient import publish_url  # noqa: E402  (scripts/bench/)
+
 from latentsync.config import load_config  # noqa: E402
 from latentsync.serving.runtime import Runtime  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-DEFAULT_VIDEO = ROOT.parent / "shared" / "data" / "video" / "2s_GirlMuseum_0730.mp4"
+DEFAULT_VIDEO = ROOT / "tests" / "data" / "media" / "video" / "2s_GirlMuseum_0730.mp4"
 
 
 def cpu_seconds(stat_path: str) -> float:
@@ -47,9 +49,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO if DEFAULT_VIDEO.is_file() else None)
+    parser.add_argument("--rtmp-port", type=int, default=1935, help="port of scripts/rtmp_server.sh's server")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    overrides = list(args.overrides)
+    overrides = [f"stream.rtmp_url={publish_url(args.rtmp_port, 'bench')}", *args.overrides]
     if args.video is not None:
         overrides.insert(0, f"avatar.idle_video={args.video}")
     else:

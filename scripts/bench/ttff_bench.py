@@ -29,10 +29,10 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from benchclient import free_port, http, multipart  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data" / "media"
 CLIENT_RATE = 16000
 BLOCK = CLIENT_RATE // 100  # 10 ms
 ONSET_RMS = 0.02  # a 10 ms block louder than this (full scale 1.0) is speech
@@ -101,12 +101,15 @@ def main() -> int:
     parser.add_argument("--rtmp-port", type=int, default=1935)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if not args.audio.is_file():
+        print(f"speech file missing: {args.audio} (give one with --audio)", file=sys.stderr)
+        return 2
     sys.path.insert(0, str(ROOT))
     from latentsync.media import decode_audio
 
     port = free_port()
     key = f"ttff{port}"
-    url = f"rtmp://127.0.0.1:{args.rtmp_port}/live/{key}"
+    url = publish_url(args.rtmp_port, key)
     base = f"http://127.0.0.1:{port}"
     overrides = [f"server.port={port}", f"stream.rtmp_url={url}", "stream.idle_audio=false", *args.overrides]
     log = open(ROOT / ".cache" / "ttff_bench_server.log", "wb") if (ROOT / ".cache").is_dir() else subprocess.DEVNULL
