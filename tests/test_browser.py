@@ -138,6 +138,20 @@ def test_upload_through_the_form_speaks_and_the_badge_follows(page):
     assert (SHOTS / "speaking.png").stat().st_size > 10000
 
 
+def test_text_box_speaks_through_speak(page):
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("espeak-ng is missing (scripts/tts.sh install)")
+        pytest.skip("espeak-ng is missing (scripts/tts.sh install)")
+    page.fill("#speak-text", "Hello from the page. This is the second sentence.")
+    page.click("#speak")
+    _wait(lambda: "queued" in page.inner_text("#message"), 10, "text accepted")
+    task_id = page.inner_text("#message").split()[1]
+    _speaks_and_returns_to_idle(page)
+    task = json.loads(http("GET", page.url.rstrip("/") + f"/tasks/{task_id}")[2])
+    assert task["status"] == "done" and task["audio_duration_s"] > 1.5, task
+
+
 def test_microphone_recording_uploads_as_webm_and_plays(page):
     page.click("#rec-start")
     _wait(lambda: page.inner_text("#rec-status") == "recording…", 5, "recording")

@@ -1,4 +1,4 @@
-// LatentSync-Realtime control page: WHEP player, uploads, microphone, tasks, health (live via /events).
+// LatentSync-Realtime control page: WHEP player, uploads, text to speech, microphone, tasks, health (live via /events).
 // Plain browser APIs only (no build step, nothing from a CDN). Docs: docs/webrtc.md.
 "use strict";
 
@@ -120,6 +120,19 @@ $("upload-form").addEventListener("submit", async (event) => {
   const file = $("audio-file").files[0];
   if (!file) { say("choose an audio file first"); return; }
   await submitAudio(file, file.name);
+});
+
+// ------------------------------------------------------------------ text to speech (POST /speak, espeak-ng)
+$("speak-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const text = $("speak-text").value.trim();
+  if (!text) { say("type something to say first"); return; }
+  const response = await fetch("/speak", {
+    method: "POST", body: JSON.stringify({ text }), headers: authHeaders({ "Content-Type": "application/json" }),
+  });
+  if (response.status !== 202) { say(`text refused: ${await errorText(response)}`); return; }
+  const body = await response.json();
+  say(`task ${body.task_id} queued (text to speech)`);
 });
 
 // ------------------------------------------------------------------ microphone (MediaRecorder → WebM/Opus)
