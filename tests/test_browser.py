@@ -152,6 +152,21 @@ def test_text_box_speaks_through_speak(page):
     assert task["status"] == "done" and task["audio_duration_s"] > 1.5, task
 
 
+def test_microphone_live_over_the_websocket_speaks_while_talking(page):
+    page.click("#live-start")
+    _wait(lambda: "live (microphone)" in page.inner_text("#message"), 10, "utterance opened")
+    task_id = page.inner_text("#message").split()[1]
+    # the avatar starts speaking while the microphone is still sending (not after the recording)
+    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 10, "on air while talking")
+    assert page.inner_text("#state") in ("speaking", "fade_in")
+    time.sleep(1.5)
+    page.click("#live-stop")
+    _wait(lambda: page.inner_text("#live-status") == "done (done)", 30, "utterance done")
+    task = json.loads(http("GET", page.url.rstrip("/") + f"/tasks/{task_id}")[2])
+    assert task["status"] == "done" and task["audio_duration_s"] > 1.5, task
+    _wait(lambda: page.inner_text("#state") == "idle", 20, "badge back to 'idle'")
+
+
 def test_microphone_recording_uploads_as_webm_and_plays(page):
     page.click("#rec-start")
     _wait(lambda: page.inner_text("#rec-status") == "recording…", 5, "recording")

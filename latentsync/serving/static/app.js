@@ -135,6 +135,55 @@ $("speak-form").addEventListener("submit", async (event) => {
   say(`task ${body.task_id} queued (text to speech)`);
 });
 
+// ------------------------------------------------------------------ microphone live over /ws/speech (f32le PCM)
+// The avatar starts speaking after the first 16 frames (+ the engine's look-ahead) have arrived,
+// while you are still talking. A browser WebSocket cannot send headers: the token goes as ?token=.
+let talk = null;
+$("live-start").addEventListener("click", async () => {
+  let mic;
+  try { mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true } }); }
+  catch (err) { say(`microphone unavailable: ${err.name}`); return; }
+  const token = tokenInput.value.trim();
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws/speech${token ? `?token=${encodeURIComponent(token)}` : ""}`);
+  ws.binaryType = "arraybuffer";
+  const ctx = new AudioContext();
+  const source = ctx.createMediaStreamSource(mic);
+  const tap = ctx.createScriptProcessor(1024, 1, 1);  // 21 ms at 48 kHz; mono float32
+  const mute = ctx.createGain();
+  mute.gain.value = 0;  // the tap must reach the destination to run; nothing is heard
+  talk = { ws, ctx, mic, open: false };
+  ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate, channels: 1, encoding: "f32le" }));
+  ws.onmessage = (event) => {
+    const msg = JSON.parse(event.data);
+    if (msg.type === "accepted") { if (talk) talk.open = true; say(`task ${msg.task_id} live (microphone)`); }
+    else if (msg.type === "on_air") $("live-status").textContent = `on air after ${Math.round(msg.first_byte_to_air_s * 1000)} ms`;
+    else if (msg.type === "error") say(`live speech: ${msg.code}: ${msg.message}`);
+    else if (msg.type === "done") { $("live-status").textContent = `done (${msg.status})`; ws.close(); }
+  };
+  ws.onclose = () => stopLive(false);
+  tap.onaudioprocess = (event) => {
+    if (talk && talk.open && ws.readyState === WebSocket.OPEN) ws.send(event.inputBuffer.getChannelData(0).slice().buffer);
+  };
+  source.connect(tap);
+  tap.connect(mute);
+  mute.connect(ctx.destination);
+  $("live-start").disabled = true;
+  $("live-stop").disabled = false;
+  $("live-status").textContent = "talking…";
+});
+function stopLive(sendEnd) {
+  if (!talk) return;
+  const { ws, ctx, mic } = talk;
+  talk = null;
+  mic.getTracks().forEach((t) => t.stop());
+  ctx.close();
+  if (sendEnd && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end" }));
+  $("live-start").disabled = false;
+  $("live-stop").disabled = true;
+}
+$("live-stop").addEventListener("click", () => stopLive(true));
+
 // ------------------------------------------------------------------ microphone (MediaRecorder → WebM/Opus)
 let recorder = null;
 $("rec-start").addEventListener("click", async () => {
