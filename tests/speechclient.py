@@ -22,6 +22,7 @@ class SpeechClient:
         query = f"?token={token}" if token else ""
         self.ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{port}/ws/speech{query}", headers=headers)
         self.events: list[dict] = []
+        self.closed = False  # the server closed the connection
 
     def start(self, sample_rate: int = 16000, channels: int = 1, encoding: str = "s16le", **extra) -> None:
         self.send_json({"type": "start", "sample_rate": sample_rate, "channels": channels, "encoding": encoding,
@@ -36,13 +37,16 @@ class SpeechClient:
     def poll(self, timeout_s: float = 0.0) -> list[dict]:
         """Events received within ``timeout_s`` (all that are waiting, at least one if any arrives)."""
         got = []
-        message = self.ws.receive(timeout=timeout_s)
-        while message is not None:
-            event = json.loads(message)
-            event["t"] = time.monotonic()
-            got.append(event)
-            self.events.append(event)
-            message = self.ws.receive(timeout=0)
+        try:
+            message = self.ws.receive(timeout=timeout_s)
+            while message is not None:
+                event = json.loads(message)
+                event["t"] = time.monotonic()
+                got.append(event)
+                self.events.append(event)
+                message = self.ws.receive(timeout=0)
+        except simple_websocket.ConnectionClosed:
+            self.closed = True
         return got
 
     def wait(self, kind: str, timeout_s: float = 30.0, **match) -> dict:
@@ -56,8 +60,9 @@ class SpeechClient:
                     return event
             seen = 0
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no {kind} event {match} within {timeout_s} s; got {self.events}")
+            if remaining <= 0 or self.closed:
+                raise AssertionError(f"no {kind} event {match} within {timeout_s} s (closed: {self.closed}); "
+                                     f"got {self.events}")
             self.poll(min(remaining, 0.2))
 
     def stream(self, pcm: np.ndarray, rate: int, packet_s: float = 0.02, speed: float = 1.0) -> float:

@@ -27,6 +27,7 @@ RATE = 48000
 TOKEN = "streamin-test-token-0123456789"
 MAX_BUFFERED_S = 4
 MAX_TEXT = 2000
+MAX_OPEN = 3
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -55,6 +56,7 @@ def server(rtmp_server, tmp_path_factory):
             f"speech_stream.max_buffered_s={MAX_BUFFERED_S}",
             f"speech_stream.max_text_chars={MAX_TEXT}",
             "speech_stream.idle_timeout_s=3",
+            f"speech_stream.max_open={MAX_OPEN}",
         ],
         tmp / "server.log",
         tmpdir=tmp / "tmp",
@@ -136,7 +138,19 @@ def test_websocket_auth_and_origin(server):
         SpeechClient(server.port, TOKEN, headers={"Origin": "http://evil.example"})
     assert err.value.status_code == 403
     client = SpeechClient(server.port, headers=AUTH)  # a header token works as for HTTP
-    client.close()
+    others = [SpeechClient(server.port, TOKEN) for _ in range(MAX_OPEN - 1)]
+    with pytest.raises(simple_websocket.ConnectionError) as err:  # each connection holds a server thread
+        SpeechClient(server.port, TOKEN)
+    assert err.value.status_code == 503
+    for other in others:
+        other.close()
+    # a connection that opens nothing and says nothing is closed after speech_stream.idle_timeout_s
+    assert client.wait("error", 10)["code"] == "idle_timeout"
+    deadline = time.monotonic() + 5
+    while client.ws.connected:
+        assert time.monotonic() < deadline, "idle connection not closed"
+        time.sleep(0.05)
+    SpeechClient(server.port, TOKEN).close()  # the slots are free again
 
 
 def test_bad_input_gets_error_events_and_the_stream_is_unharmed(server, rtmp_server, tmp_path):

@@ -146,12 +146,22 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
     def error(status: int, code: str, message: str):
         return jsonify({"error": {"code": code, "message": message}}), status
 
+    connections = {"open": 0}  # WebSocket connections being served (each holds a server thread)
+    connections_lock = threading.Lock()
+    max_connections = runtime.config.speech_stream.max_open
+
     @app.before_request
     def ws_origin():
-        if request.path == WS_PATH and not origin_ok(request.headers.get("Origin")):
+        if request.path != WS_PATH:
+            return None
+        if not origin_ok(request.headers.get("Origin")):
             return error(403, "origin_not_allowed",
                          f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed "
                          "(api.allowed_origins)")  # fmt: skip
+        with connections_lock:
+            if connections["open"] >= max_connections:
+                return error(503, "too_many_connections", f"{max_connections} speech WebSockets already open "
+                             "(speech_stream.max_open)")  # fmt: skip
         return None
 
     @app.post("/speak")
@@ -178,15 +188,23 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
 
     @sock.route(WS_PATH)
     def ws_speech(ws):
-        SpeechSession(ws, runtime).run()
+        with connections_lock:
+            connections["open"] += 1
+        try:
+            SpeechSession(ws, runtime, runtime.config.speech_stream.idle_timeout_s).run()
+        finally:
+            with connections_lock:
+                connections["open"] -= 1
 
 
 class SpeechSession:
     """One ``/ws/speech`` connection: at most one open utterance at a time, events back to the client."""
 
-    def __init__(self, ws, runtime):
+    def __init__(self, ws, runtime, idle_timeout_s: float):
         self.ws = ws
         self.runtime = runtime
+        self._idle_timeout_s = idle_timeout_s
+        self._last_message = time.monotonic()
         self._send_lock = threading.Lock()
         self._errors: list[tuple[str, str]] = []
         self._errors_lock = threading.Lock()
@@ -223,7 +241,12 @@ class SpeechSession:
                 if message is None:
                     if not self.ws.connected:
                         break
+                    if self.utterance is None and time.monotonic() - self._last_message > self._idle_timeout_s:
+                        limit = f"speech_stream.idle_timeout_s = {self._idle_timeout_s:g} s"
+                        self.send_error("idle_timeout", f"no utterance and no message for {limit}: closing")
+                        break
                     continue
+                self._last_message = time.monotonic()
                 try:
                     if isinstance(message, bytes):
                         self._pcm(message)
@@ -351,6 +374,7 @@ class SpeechSession:
                       underrun_ticks=program.underrun_ticks if program else 0)  # fmt: skip
             self.utterance = None
             self.feeder = None
+            self._last_message = now  # the connection's idle time counts from here
             return
         if now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now
