@@ -262,8 +262,8 @@ class LatentSyncEngine:
         timings["check"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        unet = load_unet(
-            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=channels_last
+        unet = load_unet(  # channels-last on every device: one memory layout end to end, converted once here
+            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=True
         )
         timings["unet"] = time.perf_counter() - t
         t = time.perf_counter()

@@ -521,9 +521,10 @@ class UNet3DConditionModel(nn.Module):
                 sample.permute(0, 2, 3, 4, 1)
                 .reshape(batch * num_frames, height, width, -1)
                 .permute(0, 3, 1, 2)
+                .contiguous(memory_format=torch.channels_last)  # a no-op unless reshape kept a strided view
             )
         else:
-            x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width)
+            x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width).contiguous()
 
         x = self.conv_in(x)
         skips: tuple[torch.Tensor, ...] = (x,)
