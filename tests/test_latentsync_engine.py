@@ -216,6 +216,7 @@ def test_options_are_validated(tiny_files, avatar):
         engine.generate(ChunkRequest("t", 0, np.arange(16), features=np.zeros((16, 50, 384), np.float32)))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generate_on_gpu_half_precision(tiny_files, avatar):
     engine = create_engine("latentsync", options(tiny_files, device="cuda", dtype="float16"), avatar)

@@ -114,7 +114,7 @@ def test_bad_shapes_raise_value_error():
 def test_joint_group_norm_equals_group_norm_on_5d_video():
     torch.manual_seed(0)
     batch, frames, channels, h, w = 2, 3, 16, 5, 7
-    video = torch.randn(batch, channels, frames, h, w) * 3 + 1
+    video = random_pattern((batch, channels, frames, h, w), seed=51) * 3 + 1
     reference = nn.GroupNorm(4, channels, eps=1e-5)
     with torch.no_grad():
         reference.weight.uniform_(0.5, 1.5)
@@ -125,7 +125,53 @@ def test_joint_group_norm_equals_group_norm_on_5d_video():
     expected = reference(video).transpose(1, 2).reshape(batch * frames, channels, h, w)
     torch.testing.assert_close(ours(flat, frames), expected, rtol=1e-5, atol=1e-5)
     cl = flat.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(ours(cl, frames), expected, rtol=1e-5, atol=1e-5)
+    out_cl = ours(cl, frames)  # the fused CPU kernel on a channels_last_3d view
+    torch.testing.assert_close(out_cl, expected, rtol=1e-5, atol=1e-5)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+
+
+def conv_layouts(model: nn.Module, sample: torch.Tensor, audio: torch.Tensor) -> dict[str, set[str]]:
+    """Memory layouts met by the Conv2d layers in one forward pass: ``{"weights": ..., "inputs": ...}``.
+
+    A layout is ``"contiguous"``, ``"channels_last"``, ``"both"`` (1x1 kernels and 1-channel tensors are
+    both at once, so they fit either) or ``"other"``.
+    """
+
+    def layout(t: torch.Tensor) -> str:
+        plain, cl = t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+        return "both" if plain and cl else "contiguous" if plain else "channels_last" if cl else "other"
+
+    seen: dict[str, set[str]] = {"weights": set(), "inputs": set()}
+
+    def hook(module, args):
+        weight, x = layout(module.weight), layout(args[0])
+        seen["weights"].add(weight)
+        seen["inputs"].add(x)
+        assert "both" in (weight, x) or weight == x, f"{weight} weights, {x} input: converted on every call"
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            model(sample, 500, audio)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_one_memory_layout_end_to_end():
+    # A conv whose input layout differs from its weights' converts the weights on every call (the issue-15
+    # profile: ~640 ms of aten::copy_ per full-size CPU forward). Every conv must see its weights' layout.
+    sample, audio = tiny_inputs(frames=2, size=(16, 16))
+    assert conv_layouts(tiny_model(), sample, audio) == {"weights": {"contiguous", "both"}, "inputs": {"contiguous"}}
+    channels_last = tiny_model().to(memory_format=torch.channels_last)
+    layouts = conv_layouts(channels_last, sample, audio)
+    assert layouts == {"weights": {"channels_last", "both"}, "inputs": {"channels_last"}}
+
+
+def random_pattern(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A seeded random perturbation: no normalisation layer can cancel it (unlike a constant shift)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def test_frames_are_coupled_through_the_joint_group_norm_only():
@@ -134,9 +180,9 @@ def test_frames_are_coupled_through_the_joint_group_norm_only():
     per_frame.load_state_dict(joint.state_dict())
     sample, audio = tiny_inputs(frames=3)
     changed_sample = sample.clone()
-    changed_sample[:, :, 2] += torch.randn_like(changed_sample[:, :, 2])
+    changed_sample[:, :, 2] += random_pattern(changed_sample[:, :, 2].shape, seed=21)
     changed_audio = audio.clone()
-    changed_audio[:, 2] += 1.0
+    changed_audio[:, 2] += random_pattern(changed_audio[:, 2].shape, seed=22)
 
     with torch.inference_mode():
         for model, coupled in ((joint, True), (per_frame, False)):
@@ -165,11 +211,12 @@ def test_attention_modules_are_per_frame():
     block.attn1.register_forward_hook(keep("self"))
     block.audio_cross_attn.attn.register_forward_hook(keep("audio"))
     frames = 3
-    tokens = torch.randn(frames, 64, 32)
-    audio = torch.randn(frames, 50, 384)
+    tokens = random_pattern((frames, 64, 32), seed=31)
+    audio = random_pattern((frames, 50, 384), seed=32)
     changed_tokens, changed_audio = tokens.clone(), audio.clone()
-    changed_tokens[2] += 1.0
-    changed_audio[2] += 1.0
+    # Random patterns, not constant shifts: LayerNorm removes a constant added to every channel of a token.
+    changed_tokens[2] += random_pattern((64, 32), seed=33)
+    changed_audio[2] += random_pattern((50, 384), seed=34)
     with torch.inference_mode():
         for t, a in ((tokens, audio), (changed_tokens, audio), (tokens, changed_audio)):
             block(t, a)
@@ -185,7 +232,7 @@ def test_attention_modules_are_per_frame():
 def test_attention_matches_explicit_softmax():
     torch.manual_seed(0)
     attention = Attention(32, heads=4, context_dim=24)
-    x, context = torch.randn(2, 9, 32), torch.randn(2, 5, 24)
+    x, context = random_pattern((2, 9, 32), seed=41), random_pattern((2, 5, 24), seed=42)
     q = attention.to_q(x).view(2, 9, 4, 8).transpose(1, 2)
     k = attention.to_k(context).view(2, 5, 4, 8).transpose(1, 2)
     v = attention.to_v(context).view(2, 5, 4, 8).transpose(1, 2)
@@ -225,3 +272,48 @@ def test_config_from_original_yaml_section():
         UNet3DConfig.from_original({**section, "use_motion_module": True})
     with pytest.raises(ValueError, match="same length"):
         UNet3DConfig(block_out_channels=(32, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_channels_last_half_precision_close_to_float32(dtype):
+    reference = tiny_model()
+    sample, audio = tiny_inputs(frames=3)
+    with torch.inference_mode():
+        expected = reference(sample, 700, audio)
+        model = tiny_model().to("cuda", dtype).to(memory_format=torch.channels_last)
+        out = model(sample.to("cuda", dtype), 700, audio.to("cuda", dtype))
+    assert out.dtype == dtype and out.is_contiguous()
+    assert (out.float().cpu() - expected).abs().max() < 0.05 * expected.abs().max()
+    assert conv_layouts(model, sample.to("cuda", dtype), audio.to("cuda", dtype))["inputs"] == {"channels_last"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_joint_group_norm_equals_cpu():
+    norm = JointGroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.copy_(random_pattern((16,), seed=61))
+        norm.bias.copy_(random_pattern((16,), seed=62))
+    x = (random_pattern((6, 16, 5, 7), seed=63) * 3 + 1).contiguous(memory_format=torch.channels_last)
+    expected = norm(x, 3)
+    out = norm.to("cuda")(x.to("cuda"), 3)
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = norm.to(dtype)(x.to("cuda", dtype), 3)
+        assert half.dtype == dtype
+        torch.testing.assert_close(half.float().cpu(), expected, rtol=0.02, atol=0.02)
+        norm.float()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_forward_matches_eager():
+    model = tiny_model().to("cuda").to(memory_format=torch.channels_last)
+    sample, audio = (t.to("cuda") for t in tiny_inputs(frames=2))
+    compiled = torch.compile(model, dynamic=False)
+    with torch.inference_mode():
+        expected = model(sample, torch.tensor(700, device="cuda"), audio)
+        out = compiled(sample, torch.tensor(700, device="cuda"), audio)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)

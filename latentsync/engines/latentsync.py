@@ -1,7 +1,7 @@
 """The ``latentsync`` engine: LatentSync 1.0 (audio-conditioned latent diffusion) behind the Engine protocol.
 
 The user brings the files (never downloaded): the U-Net checkpoint and its yaml, Whisper ``tiny.pt``,
-the ``sd-vae-ft-mse`` folder and the DDIM scheduler config (shared/docs/LATENTSYNC_1_0.md, "Files a user
+the ``sd-vae-ft-mse`` folder and the DDIM scheduler config (docs/latentsync-1.0.md, "Files a user
 brings"). :meth:`LatentSyncEngine.load` checks that every one exists before loading anything, then loads
 the models (float32 on CPU, the configured dtype on a GPU) and the avatar's latent cache.
 
@@ -183,8 +183,8 @@ class LatentSyncEngine:
         timings["check"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        unet = load_unet(
-            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=channels_last
+        unet = load_unet(  # channels-last on every device: one memory layout end to end, converted once here
+            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=True
         )
         timings["unet"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -295,7 +295,7 @@ class LatentSyncEngine:
         log-mel is still computed over the whole clip, so the rows equal the whole-clip rows).
 
         Frame ``i`` takes encoder positions ``int(i * 50 / fps) - 4 .. + 5`` clamped to the clip, so frames
-        past the audio's end repeat its last positions (shared/docs/LATENTSYNC_1_0.md, "Audio features").
+        past the audio's end repeat its last positions (docs/latentsync-1.0.md, "Audio features").
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1] (int16 is rescaled by 1/32768).

@@ -156,16 +156,21 @@ class FrameTransformer(nn.Module):
         """Apply the transformer.
 
         Args:
-            x: ``(B * F, C, H, W)``; channels-last memory makes the token reshapes free.
+            x: ``(B * F, C, H, W)``, contiguous or channels-last (which makes the token reshapes free).
             audio: ``(B * F, S, audio_dim)`` or ``None``.
 
         Returns:
-            ``(B * F, C, H, W)``.
+            ``(B * F, C, H, W)`` in the memory format of ``x``.
 
         """
         n, c, h, w = x.shape
         tokens = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(n, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, audio)
-        out = self.proj_out(tokens.reshape(n, h, w, c).permute(0, 3, 1, 2))
-        return out + x
+        # The token view is channels-last. Give the output the input's layout (the model's, set by conv_in):
+        # a 3x3 conv fed activations in another layout than its weights converts the weights on every call.
+        # (1x1 conv weights are both contiguous and channels-last, so they cannot tell the layout.)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        spatial = tokens.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+        return self.proj_out(spatial) + x

@@ -19,7 +19,10 @@ class JointGroupNorm(nn.GroupNorm):
     and variance of each group are taken over ``(C / groups, F, H, W)``. This module computes exactly that
     on the frame-flattened layout ``(B * F, C, H, W)`` without moving data, for both contiguous and
     channels-last tensors. Statistics and the affine transform are computed in float32 and the result is
-    cast back to the input dtype (as PyTorch's native GroupNorm does for float16/bfloat16).
+    cast back to the input dtype (as PyTorch's native GroupNorm does for float16/bfloat16). A channels-last
+    tensor on the CPU goes through PyTorch's fused GroupNorm kernel on a 5-D channels_last_3d view (same
+    statistics, one pass); elsewhere the statistics are computed with ``var_mean``, which ``torch.compile``
+    fuses on the GPU.
 
     With ``joint=False`` it is a plain per-frame GroupNorm. That variant does NOT match LatentSync 1.0; it
     exists for experiments and for tests that isolate the per-frame parts of the network.
@@ -55,6 +58,13 @@ class JointGroupNorm(nn.GroupNorm):
         n, c, h, w = x.shape
         if n % num_frames:
             raise ValueError(f"batch*frames dimension {n} is not a multiple of num_frames={num_frames}")
+        if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last (B * F, C, H, W) memory is (B, F, H, W, C): viewed as (B, C, F, H, W) it is exactly
+            # channels_last_3d, which the CPU GroupNorm kernel normalises in place of layout, in one fused pass
+            # (no float32 copy, no separate mean/var/affine passes). CUDA's kernel would copy to contiguous.
+            video = x.unflatten(0, (n // num_frames, num_frames)).transpose(1, 2)
+            out = F.group_norm(video, self.num_groups, self.weight, self.bias, self.eps)
+            return out.transpose(1, 2).flatten(0, 1)
         # (B, F, G, C/G, H, W): a view for contiguous and channels-last memory alike.
         grouped = x.unflatten(0, (n // num_frames, num_frames)).unflatten(2, (self.num_groups, -1))
         grouped = grouped.float()

@@ -3,7 +3,7 @@
 The network is Stable-Diffusion-1.5-shaped and runs on video latents ``(B, C, F, H, W)``. Convolutions and
 attention work on every frame independently; the ResNet GroupNorms and ``conv_norm_out`` normalise over
 all F frames of a chunk jointly, which is the only place where frames interact (see
-``shared/docs/LATENTSYNC_1_0.md``). Internally activations are kept frame-flattened,
+``docs/latentsync-1.0.md``). Internally activations are kept frame-flattened,
 ``(B * F, C, H, W)``, so no layout change is needed between layers; channels-last memory is supported
 and makes the attention token reshapes free.
 
@@ -521,9 +521,10 @@ class UNet3DConditionModel(nn.Module):
                 sample.permute(0, 2, 3, 4, 1)
                 .reshape(batch * num_frames, height, width, -1)
                 .permute(0, 3, 1, 2)
+                .contiguous(memory_format=torch.channels_last)  # a no-op unless reshape kept a strided view
             )
         else:
-            x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width)
+            x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width).contiguous()
 
         x = self.conv_in(x)
         skips: tuple[torch.Tensor, ...] = (x,)

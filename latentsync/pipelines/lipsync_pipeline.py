@@ -1,7 +1,7 @@
 """LatentSync 1.0 inference for one chunk of aligned faces: glue between U-Net, VAE and DDIM scheduler.
 
 The models hold no sampling logic and the scheduler only ``set_timesteps``/``step``s (diffusers' split);
-this module wires them together, following shared/docs/LATENTSYNC_1_0.md, "One chunk (16 frames) at
+this module wires them together, following docs/latentsync-1.0.md, "One chunk (16 frames) at
 inference":
 
 1. Per avatar frame, once (:meth:`LipsyncPipeline.encode_faces`): reference latents
@@ -139,6 +139,9 @@ class LipsyncPipeline:
         vae: diffusers ``AutoencoderKL`` (sd-vae-ft-mse), on the same device.
         scheduler: ``DDIMScheduler`` (see :func:`load_scheduler`); this pipeline sets its timesteps.
         compile_models: Wrap the U-Net and the VAE decode in ``torch.compile`` (first calls are slow).
+        compile_mode: ``torch.compile`` mode when ``compile_models`` is set: ``None`` (default),
+            ``"reduce-overhead"`` (CUDA graphs: each static input shape is captured once, then replayed),
+            ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
 
     Raises:
         ValueError: If the U-Net's input channels are not ``3 * latent_channels + 1`` of the VAE.
@@ -152,6 +155,7 @@ class LipsyncPipeline:
         scheduler: DDIMScheduler,
         *,
         compile_models: bool = False,
+        compile_mode: str | None = None,
     ) -> None:
         latent_channels = int(vae.config.latent_channels)
         if unet.config.in_channels != 3 * latent_channels + 1:
@@ -164,8 +168,14 @@ class LipsyncPipeline:
         self.latent_channels = latent_channels
         #: Pixels per latent cell: diffusers' encoder halves the size in every block but the last.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self._unet_forward = torch.compile(unet, dynamic=False) if compile_models else unet
-        self._vae_decode = torch.compile(vae.decode, dynamic=False) if compile_models else vae.decode
+        if compile_models:
+            self._unet_forward = torch.compile(unet, dynamic=False, mode=compile_mode)
+            self._vae_decode = torch.compile(vae.decode, dynamic=False, mode=compile_mode)
+        else:
+            self._unet_forward, self._vae_decode = unet, vae.decode
+        #: CUDA graphs (reduce-overhead) reuse their output buffers: each call is marked as a new step, and
+        #: every output is consumed (``.float()`` copy, scheduler step, decode) before the next call.
+        self._cuda_graphs = compile_models and compile_mode in ("reduce-overhead", "max-autotune")
 
     @property
     def device(self) -> torch.device:
@@ -405,6 +415,8 @@ class LipsyncPipeline:
             if do_cfg:
                 model_latents = torch.cat([model_latents, model_latents])
             model_input = torch.cat([model_latents, cond], dim=1)
+            if self._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             noise_pred = self._unet_forward(model_input, timesteps_dev[i], audio).float()
             if do_cfg:
                 uncond, text = noise_pred.chunk(2)
@@ -415,6 +427,8 @@ class LipsyncPipeline:
         timings["unet"] = t2 - t1
 
         flat = (latents.transpose(1, 2).flatten(0, 1) / VAE_SCALING_FACTOR).to(self.vae.dtype)  # (N*F, 4, h, w)
+        if self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         decoded = self._vae_decode(flat.contiguous(memory_format=self._memory_format())).sample
         self._sync()
         t3 = time.perf_counter()
