@@ -158,7 +158,7 @@ def test_microphone_live_over_the_websocket_speaks_while_talking(page):
     task_id = page.inner_text("#message").split()[1]
     # the avatar starts speaking while the microphone is still sending (not after the recording)
     _wait(lambda: page.inner_text("#live-status").startswith("on air"), 10, "on air while talking")
-    assert page.inner_text("#state") in ("speaking", "fade_in")
+    _wait(lambda: page.inner_text("#state") in ("speaking", "fade_in"), 5, "badge 'speaking' while talking")
     time.sleep(1.5)
     page.click("#live-stop")
     _wait(lambda: page.inner_text("#live-status") == "done (done)", 30, "utterance done")
