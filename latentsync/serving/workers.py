@@ -1,7 +1,9 @@
 """WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
 
-One worker process per GPU (or one on CPU) loads the prepared avatar and its engine once, in the
-pool initializer, then serves ``features`` and ``generate`` calls. Jobs wait in our own bounded
+One worker process per GPU (or one on CPU) loads the default prepared avatar and its engine once,
+in the pool initializer, then serves ``features`` and ``generate`` calls. Every channel of the
+server shares the pool: a job may name another prepared avatar (``avatar=``), which a worker loads
+on first use and keeps among its ``max_avatars`` most recently used (docs/channels.md). Jobs wait in our own bounded
 priority queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which
 its first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
 ``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
