@@ -140,3 +140,26 @@ def test_channel_configs_inherit_the_top_level_keys_and_validate_once(tmp_path):
         load_config(None, ["max_channels=1", 'channels=[{name: a, rtmp_url: "rtmp://h/live/x"}]'])
     with pytest.raises(ConfigError, match="engine.max_avatars_per_worker"):
         load_config(None, ["engine.max_avatars_per_worker=0"])
+
+
+def test_channel_routes_of_a_server_not_started_answer_without_redirects():
+    """``/channels/main/...`` is served, never redirected to the old path (a 308 would re-send uploads)."""
+    from latentsync.serving.app import create_app
+    from latentsync.serving.runtime import Runtime
+
+    config = load_config(None, ['channels=[{name: hall, rtmp_url: "rtmp://127.0.0.1:1935/live/hall"}]'])
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    for path in ("/generate_video", "/channels/main/generate_video", "/channels/hall/generate_video"):
+        response = client.post(path, data={})
+        assert response.status_code == 503 and response.json["error"]["code"] == "starting", path
+    response = client.post("/channels/nope/generate_video", data={})
+    assert response.status_code == 404 and response.json["error"]["code"] == "no_channel"
+    for path in ("/channels/main/tasks", "/channels/hall/tasks", "/tasks"):
+        assert client.get(path).json == {"tasks": []}, path
+    for path in ("/channels/main/whep", "/channels/hall/whep"):
+        response = client.post(path, data="v=0", content_type="application/sdp")
+        assert response.status_code == 503 and response.json["error"]["code"] == "webrtc_off", path
+    assert client.post("/channels/nope/whep", data="v=0", content_type="application/sdp").status_code == 404
+    listed = client.get("/channels").json["channels"]
+    assert [c["name"] for c in listed] == ["main", "hall"] and not any(c["streaming"] for c in listed)
+    assert client.get("/channels/hall/health").json["channel"] == "hall"

@@ -12,7 +12,8 @@ Routes:
     ``GET /channels``: every channel (docs/channels.md); ``/channels/<name>/generate_video``,
     ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
     web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
-    channel ``main``'s. An unknown channel is 404 ``no_channel``.
+    channel ``main``'s (``/channels/main/...`` answers too, never redirects: a 308 would make
+    clients re-send an upload). An unknown channel is 404 ``no_channel``.
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
 temporary file and no task behind. A state-changing request from a browser page of a foreign
@@ -174,6 +175,9 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app = Flask("latentsync-realtime")
     app.extensions["latentsync.runtime"] = runtime
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # /channels/main/... is served as is: werkzeug would 308-redirect it to the rule whose defaults
+    # name main (/generate_video), and a client would have to re-send its upload.
+    app.url_map.redirect_defaults = False
     api = runtime.config.api
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
     fps = runtime.config.stream.fps
