@@ -296,6 +296,30 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
     return out
 
 
+def parse_channel(name: str, values: dict) -> ChannelConfig:
+    """A :class:`ChannelConfig` from an API body (``PUT /channels/<name>``), type-checked like the YAML.
+
+    Args:
+        name: The channel's name (from the URL; a ``name`` in ``values`` must equal it).
+        values: Field values (JSON).
+
+    Returns:
+        The channel config (not yet checked against the others: :func:`validate` does that).
+
+    Raises:
+        ConfigError: On an unknown field or a value of the wrong type (the message names it).
+    """
+    if "name" in values and values["name"] != name:
+        raise ConfigError(f"name: {values['name']!r} differs from the channel in the URL ({name!r})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ChannelConfig), {**values, "name": name})
+        channel = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(channel, ChannelConfig)
+    return channel
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

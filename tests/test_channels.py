@@ -9,6 +9,7 @@ upload) must leave the other channel's ticks untouched: no dropped tick, no FFmp
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import time
@@ -178,3 +179,45 @@ def test_halls_rtmp_server_gone_never_touches_mains_ticks(two_channels, rtmp_ser
     assert wait_for(lambda: hall_rtmp.publishing("hall"), 20) is not None, server.log()
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ticks"] > during_main["ticks"]
+
+
+def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp_server):
+    server, api = two_channels
+    before_main = health(api, "main")
+    url = hall_rtmp.url("popup")
+    for body, status, code in (
+        ({"rtmp_url": url, "nope": 1}, 400, "bad_channel"), ({"rtmp_url": url, "fps": "x"}, 400, "bad_channel"),
+        ({"rtmp_url": hall_rtmp.url("hall")}, 400, "bad_channel"), ({}, 400, "bad_channel"),  # URL taken / none
+        ({"rtmp_url": url, "idle_video": "/no/such.mp4"}, 400, "bad_channel"),
+    ):  # fmt: skip
+        got = api.request("PUT", "/channels/popup", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
+    assert api.request("PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}',
+                       {"Content-Type": "application/json"})[1]["error"]["code"] == "channel_exists"  # fmt: skip
+    assert api.request("DELETE", "/channels/main")[1]["error"]["code"] == "main_channel"
+    assert api.request("DELETE", "/channels/nope")[0] == 404
+    assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
+
+    body = json.dumps({"rtmp_url": url, "idle_video": str(media_file(VIDEO)), "fps": 20}).encode()
+    status, created = api.request("PUT", "/channels/popup", body, {"Content-Type": "application/json"})
+    assert status == 202 and created["name"] == "popup" and created["status"] in ("starting", "ready"), created
+    assert wait_for(lambda: api.request("GET", "/channels/popup")[1]["status"] == "ready", 60), server.log()
+    assert wait_for(lambda: hall_rtmp.publishing("popup"), 15) is not None, server.log()
+    popup = health(api, "popup")
+    assert popup["stream"]["fps"] == 20 and popup["workers"]["pids"] == health(api, "main")["workers"]["pids"]
+    status, task = api.post_audio(wav(2.0), path="/channels/popup/generate_video")
+    assert status == 202, task
+    deadline = time.monotonic() + 60
+    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
+    assert got["status"] == "done", got
+
+    status, deleted = api.request("DELETE", "/channels/popup")
+    assert status == 200 and deleted == {"name": "popup", "status": "stopped"}
+    assert wait_for(lambda: not hall_rtmp.publishing("popup"), 10) is not None  # its FFmpeg flushed and left
+    assert api.request("GET", "/channels/popup/health")[0] == 404
+    assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
+    main = health(api, "main")
+    assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
+    assert hall_rtmp.publishing("hall") and rtmp_server.publishing("main-ch")

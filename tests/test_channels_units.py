@@ -163,3 +163,8 @@ def test_channel_routes_of_a_server_not_started_answer_without_redirects():
     listed = client.get("/channels").json["channels"]
     assert [c["name"] for c in listed] == ["main", "hall"] and not any(c["streaming"] for c in listed)
     assert client.get("/channels/hall/health").json["channel"] == "hall"
+    assert client.get("/channels/hall").json["status"] == "starting"
+    put = client.put("/channels/popup", json={"rtmp_url": "rtmp://127.0.0.1:1935/live/popup"})
+    assert put.status_code == 503 and put.json["error"]["code"] == "starting"  # not before the pool runs
+    assert client.put("/channels/popup", data="nope").json["error"]["code"] == "bad_channel"
+    assert client.delete("/channels/main").json["error"]["code"] == "main_channel"

@@ -12,7 +12,9 @@ Routes:
     ``GET /channels``: every channel (docs/channels.md); ``/channels/<name>/generate_video``,
     ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
     web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
-    channel ``main``'s (``/channels/main/...`` answers too, never redirects: a 308 would make
+    channel ``main``'s. ``GET /channels/<name>``; ``PUT /channels/<name>`` (JSON channel fields)
+    creates a channel at run time (202; it starts in the background), ``DELETE /channels/<name>``
+    fades it out and stops it (``/channels/main/...`` answers too, never redirects: a 308 would make
     clients re-send an upload). An unknown channel is 404 ``no_channel``.
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
@@ -35,7 +37,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, is_loopback_host
+from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, ConfigError, is_loopback_host, parse_channel
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -233,6 +235,36 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.get("/channels")
     def list_channels():
         return jsonify({"channels": [c.describe() for c in list(runtime.channels.values())]})
+
+    @app.get("/channels/<name>")
+    def get_channel(name: str):
+        return jsonify(channel_or_404(name).describe())
+
+    @app.put("/channels/<name>")
+    def put_channel(name: str):
+        values = request.get_json(silent=True)
+        if not isinstance(values, dict):
+            raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
+        if runtime.channel(name) is not None:
+            raise ApiError(409, "channel_exists", f"channel {name!r} exists; reconfiguring a channel is not "
+                           "supported: DELETE it and PUT it again")  # fmt: skip
+        try:
+            channel = runtime.add_channel(parse_channel(name, values))
+        except ConfigError as exc:
+            raise ApiError(400, "bad_channel", str(exc)) from None
+        except RuntimeError as exc:
+            raise ApiError(503, "starting", str(exc)) from None
+        return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
+
+    @app.delete("/channels/<name>")
+    def delete_channel(name: str):
+        try:
+            channel = runtime.remove_channel(name)
+        except ValueError as exc:
+            raise ApiError(400, "main_channel", str(exc)) from None
+        if channel is None:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return jsonify({"name": name, "status": channel.status})
 
     @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
     @app.get("/channels/<name>/health")

@@ -103,6 +103,7 @@ class Channel:
         self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
         self._feed: EventFeed | None = None
         self._created_monotonic = time.monotonic()
+        self._error: str | None = None  # why it failed to start (a channel added at run time)
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -119,6 +120,25 @@ class Channel:
     def stopped(self) -> bool:
         """True once :meth:`stop` ran."""
         return self._stopped
+
+    @property
+    def ready(self) -> bool:
+        """True once the stream is on air (its clock counts for the systemd watchdog)."""
+        return self.controller is not None and self._error is None and not self._stopped
+
+    @property
+    def status(self) -> str:
+        """``starting`` (stream or avatar being prepared), ``ready`` (uploads accepted), ``failed``, ``stopped``."""
+        if self._error is not None:
+            return "failed"
+        if self._stopped:
+            return "stopped"
+        return "ready" if self._tasks is not None else "starting"
+
+    def fail(self, reason: str) -> None:
+        """Mark the channel failed (it could not start) and stop what of it runs."""
+        self._error = reason
+        self.stop()
 
     # ----------------------------------------------------------------- lifecycle
     def start_stream(self) -> None:
@@ -379,6 +399,8 @@ class Channel:
         streaming, body = self.health()
         return {
             "name": self.name,
+            "status": self.status,
+            "error": self._error,
             "state": body.get("state"),
             "streaming": streaming,
             "engine_ready": body.get("engine_ready", False),

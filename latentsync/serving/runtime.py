@@ -12,12 +12,13 @@ earlier one fails.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from pathlib import Path
 
-from latentsync.config import DEFAULT_CHANNEL, AppConfig, EngineName, channel_configs
+from latentsync.config import DEFAULT_CHANNEL, AppConfig, ChannelConfig, EngineName, channel_configs, validate
 from latentsync.serving.channels import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel
 from latentsync.serving.events import EventBroadcaster
 from latentsync.serving.ffmpeg_sink import FFmpegSink
@@ -57,6 +58,8 @@ class Runtime:
         }  # fmt: skip
         self.metrics = ServerMetrics(self.channel_snapshots)  # scrapes the channels (auto_describe: already here)
         self._watchdog = Watchdog(self._clock_alive)
+        self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
+        self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -146,7 +149,8 @@ class Runtime:
         self._start_engine()
 
     def _clock_alive(self) -> bool:
-        return all(channel.clock_alive() for channel in self.channels.values())
+        others = [c for name, c in list(self.channels.items()) if name != DEFAULT_CHANNEL and c.ready]
+        return self.main.clock_alive() and all(c.clock_alive() for c in others)
 
     def _start_engine(self) -> None:
         cfg = self.config
@@ -193,6 +197,65 @@ class Runtime:
             except Exception:
                 logger.exception("stopping %s failed", name)
         logger.info("runtime stopped")
+
+    # ----------------------------------------------------------------- channels at run time
+    def add_channel(self, spec: ChannelConfig) -> Channel:
+        """Create a channel while the server runs (``PUT /channels/<name>``); it starts in the background.
+
+        The new channel is checked with the others exactly as at load (:func:`latentsync.config.validate`:
+        name, unique RTMP URL, ``max_channels``, its stream/avatar values). Its stream goes on air,
+        its avatar is prepared, then it takes uploads (:attr:`Channel.status` says where it is).
+
+        Raises:
+            latentsync.config.ConfigError: If the channel is invalid or one of that name exists.
+            RuntimeError: If the runtime is not running (not started, or stopping).
+        """
+        with self._channels_lock:
+            if self._stopped or self._pool is None:
+                raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
+            candidate = dataclasses.replace(self.config, channels=[*self._specs.values(), spec])
+            validate(candidate)  # ConfigError names the key
+            channel = Channel(spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff)
+            self._specs[spec.name] = spec
+            self.channels[spec.name] = channel
+        pool = self._pool
+        threading.Thread(target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start",
+                         daemon=True).start()  # fmt: skip
+        return channel
+
+    def _start_channel(self, channel: Channel, pool: WorkerPool) -> None:
+        try:
+            channel.start_stream()
+            if not channel.stopped:
+                channel.prepare_avatar()
+            if not channel.stopped:
+                channel.attach_pool(pool)
+                logger.info("channel %s added: uploads accepted", channel.name)
+        except Exception as exc:
+            logger.error("channel %s failed to start: %s", channel.name, exc)
+            channel.fail(f"{type(exc).__name__}: {exc}")
+
+    def remove_channel(self, name: str) -> Channel | None:
+        """Delete a channel (``DELETE /channels/<name>``): its speech fades out, its FFmpeg flushes and exits.
+
+        Its tasks end (cancelled), its work directory goes; the workers drop its avatar when their
+        LRU evicts it (``engine.max_avatars_per_worker``). ``main`` cannot be removed.
+
+        Returns:
+            The stopped channel, or None if there is none of that name.
+
+        Raises:
+            ValueError: For ``main``.
+        """
+        if name == DEFAULT_CHANNEL:
+            raise ValueError(f"channel {DEFAULT_CHANNEL!r} is the top-level stream: it cannot be deleted")
+        with self._channels_lock:
+            channel = self.channels.pop(name, None)
+            self._specs.pop(name, None)
+        if channel is not None:
+            channel.stop()
+            logger.info("channel %s deleted", name)
+        return channel
 
     # ----------------------------------------------------------------- uploads (main channel)
     def upload_path(self) -> Path:

@@ -6,8 +6,10 @@ For n = 1, 2, ... channels, start ``infer_serv.py`` with ``main`` plus n-1 ``cha
 ``--duration-s`` every channel posts a 7 s upload every 10 s (channels staggered evenly), and print
 one row per n: late, underrun and dropped ticks summed over the channels, time to first frame
 (median and max over every task of every channel), and the RSS of the server's process tree (server,
-engine workers, FFmpeg) before the speech started. The table stops after the first n with late or
-underrun ticks (or at ``--max-channels``). "RSS per extra channel" is (RSS(n) - RSS(1)) / (n - 1).
+engine workers, FFmpeg) before the speech started. The table stops after the first n with underrun
+or dropped ticks or a failed upload (or at ``--max-channels``); late ticks (a tick handled more than
+half a frame late, which CPU contention from other processes causes too) are reported, and the
+largest n with none of the three is printed. "RSS per extra channel" is (RSS(n) - RSS(1)) / (n - 1).
 
     scripts/rtmp_server.sh start
     .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [key=value ...]
@@ -152,7 +154,7 @@ def main() -> int:
         row = run(n, args, args.overrides, log_dir)
         rows.append(row)
         print(f"n={n}: {row}", file=sys.stderr, flush=True)
-        if row["late"] or row["underrun"] or row["dropped"] or row["errors"]:
+        if row["underrun"] or row["dropped"] or row["errors"]:
             break
     base = rows[0]["rss_mb"]
     print(f"\nchannels bench: {args.size}, {args.duration_s:.0f} s per row, each channel a 7 s upload every "
@@ -165,7 +167,9 @@ def main() -> int:
         print(f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
               f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} |")
     ok = [r["n"] for r in rows if not (r["late"] or r["underrun"] or r["dropped"] or r["errors"])]
+    on_time = [r["n"] for r in rows if not (r["underrun"] or r["dropped"] or r["errors"])]
     print(f"\nlargest number of channels with 0 late, 0 underrun, 0 dropped ticks: {max(ok) if ok else 0}")
+    print(f"largest number of channels with 0 underrun, 0 dropped ticks: {max(on_time) if on_time else 0}")
     for r in rows:
         for e in r["errors"][:5]:
             print(f"  n={r['n']}: {e}")
