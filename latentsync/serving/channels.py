@@ -14,7 +14,6 @@ accepted from here). Stop order is the reverse, every part stopped even when an 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import tempfile
@@ -347,6 +346,8 @@ class Channel:
             tasks_admitted=tasks.admitted() if tasks else 0,
             tasks_final=tasks.final_counts() if tasks else {},
         )
+        if self.webrtc is not None:
+            engine["webrtc"] = self.webrtc.stats()
         if pool is not None:
             p = pool.stats()
             engine["workers"] = WorkersHealth(
@@ -390,8 +391,6 @@ class Channel:
         snapshot = self.health_snapshot(uptime_s)
         body = snapshot.to_json()
         body["channel"] = self.name
-        if self.webrtc is not None:  # WHEP egress counters (docs/webrtc.md); not in the typed snapshot
-            body["webrtc"] = dataclasses.asdict(self.webrtc.stats())
         return snapshot.streaming, body
 
     def describe(self) -> dict:

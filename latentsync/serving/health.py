@@ -57,6 +57,33 @@ class WorkersHealth:
 
 
 @dataclass(frozen=True)
+class WebRtcHealth:
+    """WebRTC (WHEP) egress counters (:meth:`latentsync.serving.webrtc.WebRtcHub.stats`).
+
+    Attributes:
+        viewers: Sessions open now (connecting or connected).
+        viewers_total: Sessions ever answered.
+        frames_encoded: Video frames encoded (once each, whatever the number of viewers).
+        keyframes: Keyframes among them.
+        inbox_dropped_ticks: Ticks the encoder thread could not take in time (skipped for viewers only).
+        viewer_dropped_packets: Video packets dropped from slow viewers' queues (all viewers together).
+        codec: The video codec.
+        width: Preview width in pixels.
+        height: Preview height in pixels.
+    """
+
+    viewers: int
+    viewers_total: int
+    frames_encoded: int
+    keyframes: int
+    inbox_dropped_ticks: int
+    viewer_dropped_packets: int
+    codec: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class HealthSnapshot:
     """Everything ``/health`` reports and ``/metrics`` exports, at one moment.
 
@@ -82,6 +109,7 @@ class HealthSnapshot:
         on_air_task: Id of the task on air, or None.
         stream: The output format, once known.
         workers: The worker pool, once started.
+        webrtc: WHEP egress counters, when ``webrtc.enabled``.
         playlist: Programs waiting in the mixer's playlist.
         tasks_waiting: Tasks accepted and not on air yet.
         tasks_admitted: Unfinished tasks admitted to generate (on air + ``tasks.generate_ahead``).
@@ -108,14 +136,17 @@ class HealthSnapshot:
     on_air_task: str | None = None
     stream: StreamFormat | None = None
     workers: WorkersHealth | None = None
+    webrtc: WebRtcHealth | None = None
     playlist: int = 0
     tasks_waiting: int = 0
     tasks_admitted: int = 0
     tasks_final: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        """The ``GET /health`` body: every field by name (``workers`` left out until the pool exists)."""
+        """The ``GET /health`` body: every field by name (``workers``/``webrtc`` left out while absent)."""
         body = dataclasses.asdict(self)
+        if self.webrtc is None:
+            del body["webrtc"]
         if self.workers is None:
             del body["workers"]
         else:

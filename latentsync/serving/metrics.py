@@ -87,6 +87,12 @@ COUNTERS = (
     ("workers.failed", "latentsync_pool_jobs_failed", "Pool jobs that failed for good."),
     ("workers.completed", "latentsync_pool_jobs_completed", "Pool jobs finished."),
     ("workers.dispatches", "latentsync_pool_dispatches", "Calls sent to engine workers (a batch is one)."),
+    ("webrtc.viewers_total", "latentsync_webrtc_viewers", "WHEP sessions answered."),
+    ("webrtc.frames_encoded", "latentsync_webrtc_frames_encoded", "Video frames encoded once for all WHEP viewers."),
+    ("webrtc.keyframes", "latentsync_webrtc_keyframes", "Keyframes among the WHEP video frames."),
+    ("webrtc.inbox_dropped_ticks", "latentsync_webrtc_ticks_skipped", "Ticks the WHEP encoder could not take."),
+    ("webrtc.viewer_dropped_packets", "latentsync_webrtc_viewer_packets_dropped",
+     "Video packets dropped from slow WHEP viewers' queues."),
 )
 #: Gauges: (snapshot attribute path, metric name, help); booleans export as 0/1.
 GAUGES = (
@@ -98,6 +104,7 @@ GAUGES = (
     ("engine_ready", "latentsync_engine_ready", "1 once uploads are accepted and the worker pool is not broken."),
     ("workers.count", "latentsync_workers", "Engine worker processes."),
     ("tasks_admitted", "latentsync_tasks_admitted", "Unfinished tasks admitted to generate."),
+    ("webrtc.viewers", "latentsync_webrtc_viewers_connected", "WHEP sessions open now."),
 )
 #: Queue depths, one ``latentsync_queue_depth`` series each: (snapshot attribute path, ``queue`` label).
 QUEUES = (
@@ -126,6 +133,9 @@ SPECIAL = {
     "ffmpeg_last_error": "/health only: free text",
     "stream": "latentsync_stream_format{width,height,fps,audio_sample_rate}",
     "workers.pids": "/health only: process ids are not measurements",
+    "webrtc.codec": "/health only: configuration, not a measurement",
+    "webrtc.width": "/health only: configuration, not a measurement",
+    "webrtc.height": "/health only: configuration, not a measurement",
 }
 
 

@@ -22,7 +22,6 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -31,6 +30,7 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 
 from latentsync.config import VideoCodec, WebRtcConfig
+from latentsync.serving.health import WebRtcHealth
 
 logger = logging.getLogger(__name__)
 
@@ -87,33 +87,6 @@ def allow_loopback_candidates() -> None:
 
     with_loopback.latentsync_loopback = True  # type: ignore[attr-defined]
     ice.get_host_addresses = with_loopback
-
-
-@dataclass(frozen=True)
-class WebRtcStats:
-    """WebRTC egress counters.
-
-    Attributes:
-        viewers: Sessions open now (connecting or connected).
-        viewers_total: Sessions ever answered.
-        frames_encoded: Video frames encoded (once each, whatever the number of viewers).
-        keyframes: Keyframes among them.
-        inbox_dropped_ticks: Ticks the encoder thread could not take in time (skipped for viewers only).
-        viewer_dropped_packets: Video packets dropped from slow viewers' queues (all viewers together).
-        codec: The video codec.
-        width: Preview width in pixels.
-        height: Preview height in pixels.
-    """
-
-    viewers: int
-    viewers_total: int
-    frames_encoded: int
-    keyframes: int
-    inbox_dropped_ticks: int
-    viewer_dropped_packets: int
-    codec: str
-    width: int
-    height: int
 
 
 class _Viewer:
@@ -317,11 +290,11 @@ class WebRtcHub:
         """Call ``callback(viewers: int)`` (from any thread, must not block) when the count changes."""
         self._on_viewers.append(callback)
 
-    def stats(self) -> WebRtcStats:
+    def stats(self) -> WebRtcHealth:
         """A snapshot of the counters."""
         with self._lock:
             viewers = list(self._viewers.values())
-        return WebRtcStats(
+        return WebRtcHealth(
             viewers=len(viewers), viewers_total=self._viewers_total, frames_encoded=self._frames_encoded,
             keyframes=self._keyframes, inbox_dropped_ticks=self._inbox_dropped,
             viewer_dropped_packets=sum(v.dropped_packets for v in viewers),

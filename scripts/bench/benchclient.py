@@ -57,3 +57,14 @@ def publish_url(rtmp_port: int, key: str, env: dict | None = None) -> str:
     out = subprocess.run(["bash", RTMP_SCRIPT, "publish-url", key], env=run_env, capture_output=True, text=True,
                          check=True, timeout=30)  # fmt: skip
     return out.stdout.strip()
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM a server started by a bench and wait ``timeout_s`` seconds for it; SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import imageio_ffmpeg
-from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
@@ -132,12 +131,7 @@ def main() -> int:
             max_pool_queued = max(max_pool_queued, h.get("workers", {}).get("queued", 0))
         tasks = [http("GET", f"{base}/tasks/{task_id}")[1] for task_id in ids]
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(5)
+        stop_server(server, 30)
         log.close()
         subprocess.run([*rtmp_script, "stop"], env=rtmp_env, capture_output=True, timeout=60)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import stat
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "media"
@@ -199,13 +198,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         try:
             result = soak(args, base, server, server_tmp)
         finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(5)
+            stop_server(server, 15)
     try:
         _, err = recorder.communicate(timeout=RECORDER_RW_TIMEOUT_S + 30)
     except subprocess.TimeoutExpired:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from benchclient import free_port, http  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -204,11 +204,7 @@ def main() -> int:
               if heard else "\nno speech heard")
         print("browser playout (getStats inbound-rtp):", json.dumps(stats, indent=1))
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, 15)
     return 0
 
 
