@@ -9,6 +9,7 @@ queue serves the other channel's first chunk before the long upload's later chun
 from __future__ import annotations
 
 import re
+import weakref
 
 import numpy as np
 import pytest
@@ -168,3 +169,25 @@ def test_channel_routes_of_a_server_not_started_answer_without_redirects():
     assert put.status_code == 503 and put.json["error"]["code"] == "starting"  # not before the pool runs
     assert client.put("/channels/popup", data="nope").json["error"]["code"] == "bad_channel"
     assert client.delete("/channels/main").json["error"]["code"] == "main_channel"
+
+
+def test_channels_with_the_same_idle_video_share_one_decoded_clip_until_the_last_is_gone():
+    import gc
+
+    from latentsync.serving.channels import ClipCache
+    from tests.datafiles import media_file
+
+    cache, video = ClipCache(), media_file("video/nanmote002.mp4")
+    a = cache.load(video, 25, 48000, None, True)
+    b = cache.load(video, 25, 48000, None, True)
+    assert a is b and not a.frames.flags.writeable  # one copy, read-only for every channel
+    with pytest.raises(ValueError):
+        a.frames[0, 0, 0, 0] = 1
+    other = cache.load(video, 25, 48000, (128, 228), True)  # another format: its own decode
+    assert other is not a and other.size == (128, 228)
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None and len(cache._clips) == 1  # the last user went: the clip is freed
+    again = cache.load(video, 25, 48000, None, True)  # decoded afresh
+    assert again.frames.shape[1:3] == (456, 256) and not again.frames.flags.writeable

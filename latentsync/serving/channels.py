@@ -15,9 +15,12 @@ accepted from here). Stop order is the reverse, every part stopped even when an 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from latentsync.config import AppConfig
 from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
 from latentsync.media.audio import decode_untrusted_audio
 from latentsync.media.default_avatar import ensure_default_avatar
-from latentsync.media.video import load_clip
+from latentsync.media.video import VideoClip, load_clip
 from latentsync.serving.events import EventBroadcaster, EventFeed, TappedSink
 from latentsync.serving.ffmpeg_sink import FFmpegSink, SinkSettings
 from latentsync.serving.health import HealthSnapshot, StreamFormat, WorkersHealth
@@ -43,6 +46,44 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
+
+
+class ClipCache:
+    """Decoded idle clips, shared by the channels that loop the same video in the same format.
+
+    A decoded clip is ``F x H x W x 3`` bytes (832x1248, 8 s at 25 fps: 594 MiB), so channels with
+    the same idle video hold one copy. Entries are weak: a clip is freed when the last channel using
+    it is gone (``DELETE /channels/<name>``). Shared frames are made read-only (the idle loop only
+    reads them; a write would raise instead of changing another channel's picture).
+    """
+
+    def __init__(self):
+        self._clips: weakref.WeakValueDictionary[tuple, VideoClip] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+
+    def load(self, path: str | Path, fps: int, sample_rate_hz: int, size: tuple[int, int] | None,
+             with_audio: bool) -> VideoClip:  # fmt: skip
+        """:func:`latentsync.media.video.load_clip`, or the clip already decoded with these arguments.
+
+        The key includes the file's size and modification time, so a replaced file is decoded again.
+
+        Raises:
+            latentsync.media.MediaProbeError: If the file is missing, unreadable or has no video stream.
+        """
+        try:
+            st = os.stat(path)
+            key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, fps, sample_rate_hz, size, with_audio)
+        except OSError:
+            return load_clip(path, fps, sample_rate_hz, size, with_audio=with_audio)  # raises the usual error
+        with self._lock:  # one decode per key, even when two channels start at once
+            clip = self._clips.get(key)
+            if clip is None:
+                clip = load_clip(path, fps, sample_rate_hz, size, with_audio=with_audio)
+                clip.frames.flags.writeable = False
+                if clip.audio is not None:
+                    clip.audio.flags.writeable = False
+                self._clips[key] = clip
+            return clip
 
 
 class ChannelPool:
@@ -82,12 +123,16 @@ class Channel:
         config: The channel's configuration (:func:`latentsync.config.channel_configs`): its
             ``stream`` and ``avatar`` sections are this channel's.
         on_ttff: Called with each task's time to first frame in seconds (metrics), or None.
+        clips: Decoded idle clips shared with the other channels (None: decode its own).
     """
 
-    def __init__(self, name: str, config: AppConfig, on_ttff: Callable[[float], None] | None = None):
+    def __init__(self, name: str, config: AppConfig, on_ttff: Callable[[float], None] | None = None,
+                 clips: ClipCache | None = None):  # fmt: skip
         self.name = name
         self.config = config
         self._on_ttff = on_ttff
+        self._clips = clips
+        self._clip: VideoClip | None = None  # held while the channel lives (the cache's entries are weak)
         self._stopped = False
         self._work_dir: Path | None = None
         self._upload_root: Path | None = None
@@ -151,7 +196,11 @@ class Channel:
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         size = (s.width, s.height) if s.width else None
         t = time.monotonic()
-        clip = load_clip(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        if self._clips is not None:
+            clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        else:
+            clip = load_clip(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        self._clip = clip
         self.stream_size = clip.size
         logger.info(
             "channel %s: idle clip %s: %d frames at %d fps, %dx%d, audio %s (decoded in %.1f s)", self.name,

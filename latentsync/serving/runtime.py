@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from latentsync.config import DEFAULT_CHANNEL, AppConfig, ChannelConfig, EngineName, channel_configs, validate
-from latentsync.serving.channels import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel
+from latentsync.serving.channels import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel, ClipCache
 from latentsync.serving.events import EventBroadcaster
 from latentsync.serving.ffmpeg_sink import FFmpegSink
 from latentsync.serving.health import HealthSnapshot
@@ -53,8 +53,10 @@ class Runtime:
         self._stopped = False
         self._pool: WorkerPool | None = None
         self._created_monotonic = time.monotonic()
+        self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
         self.channels: dict[str, Channel] = {
-            name: Channel(name, cfg, on_ttff=self._observe_ttff) for name, cfg in channel_configs(config).items()
+            name: Channel(name, cfg, on_ttff=self._observe_ttff, clips=self._clips)
+            for name, cfg in channel_configs(config).items()
         }  # fmt: skip
         self.metrics = ServerMetrics(self.channel_snapshots)  # scrapes the channels (auto_describe: already here)
         self._watchdog = Watchdog(self._clock_alive)
@@ -215,7 +217,8 @@ class Runtime:
                 raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
             candidate = dataclasses.replace(self.config, channels=[*self._specs.values(), spec])
             validate(candidate)  # ConfigError names the key
-            channel = Channel(spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff)
+            channel = Channel(spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff,
+                              clips=self._clips)  # fmt: skip
             self._specs[spec.name] = spec
             self.channels[spec.name] = channel
         pool = self._pool
