@@ -144,26 +144,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="512x512", help="WxH of every channel")
     parser.add_argument("--duration-s", type=float, default=300.0, help="speaking time per row (the issue: 300)")
+    parser.add_argument("--min-channels", type=int, default=1, help="first row (RSS per extra channel needs 1)")
     parser.add_argument("--max-channels", type=int, default=8)
     parser.add_argument("--rtmp-port", type=int, default=1935)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     log_dir = Path(tempfile.mkdtemp(prefix="channels-bench-"))
     rows = []
-    for n in range(1, args.max_channels + 1):
+    for n in range(args.min_channels, args.max_channels + 1):
         row = run(n, args, args.overrides, log_dir)
         rows.append(row)
         print(f"n={n}: {row}", file=sys.stderr, flush=True)
         if row["underrun"] or row["dropped"] or row["errors"]:
             break
-    base = rows[0]["rss_mb"]
+    base = rows[0]["rss_mb"] if rows[0]["n"] == 1 else None
     print(f"\nchannels bench: {args.size}, {args.duration_s:.0f} s per row, each channel a 7 s upload every "
           f"{PERIOD_S:.0f} s (server logs: {log_dir})")  # fmt: skip
     print("| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
           "| RSS per extra channel MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        extra = f"{(r['rss_mb'] - base) / (r['n'] - 1):.0f}" if r["n"] > 1 else "-"
+        extra = f"{(r['rss_mb'] - base) / (r['n'] - 1):.0f}" if r["n"] > 1 and base is not None else "-"
         print(f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
               f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} |")
     ok = [r["n"] for r in rows if not (r["late"] or r["underrun"] or r["dropped"] or r["errors"])]
