@@ -7,6 +7,7 @@ checks (ranges, even sizes, supported AAC rates) follow in :func:`validate`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import re
@@ -121,6 +122,9 @@ class EngineConfig:
     free worker generates in one model batch (a task's first chunk always runs alone). 1 (off) by
     default: a batch's results all arrive when the last is done, which only pays where a bigger
     batch is much cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
+    ``max_avatars_per_worker``: prepared avatars (engines bound to them; for latentsync the models
+    are shared and only the avatar's latents are added) a worker keeps loaded, least recently used
+    dropped first (docs/channels.md).
     """
 
     name: EngineName = EngineName.parametric
@@ -128,6 +132,7 @@ class EngineConfig:
     device: str | None = None
     chunk_deadline_s: float = 60.0
     max_batch_chunks: int = 1
+    max_avatars_per_worker: int = 4
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
 
 
@@ -242,6 +247,35 @@ class LogConfig:
     json: bool = False
 
 
+#: Channel names: lower-case letters, digits, ``-`` and ``_``, up to 32 characters (they appear in
+#: URLs, log lines and Prometheus labels).
+CHANNEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+#: The channel the top-level ``stream`` and ``avatar`` keys define (today's single stream).
+DEFAULT_CHANNEL = "main"
+
+
+@dataclass
+class ChannelConfig:
+    """One more live stream with its own avatar, served by the shared worker pool (docs/channels.md).
+
+    Every value left null is taken from the top-level ``stream`` / ``avatar`` sections (the
+    ``main`` channel's), so a channel only names what differs: at least its ``rtmp_url``.
+    """
+
+    name: str = ""
+    rtmp_url: str | None = None
+    idle_video: str | None = None
+    video: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: int | None = None
+    idle_audio: bool | None = None
+    idle_pingpong: bool | None = None
+    crossfade_frames: int | None = None
+    video_bitrate_kbps: int | None = None
+    record_path: str | None = None
+
+
 @dataclass
 class AppConfig:
     """The whole server configuration."""
@@ -256,6 +290,60 @@ class AppConfig:
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    channels: list[ChannelConfig] = field(default_factory=list)
+    max_channels: int = 8
+
+
+def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
+    """The configuration each channel runs with: ``main`` first, then ``channels`` in order.
+
+    A channel's config is the whole config with its ``stream`` and ``avatar`` sections replaced by
+    the channel's values (null values keep the top-level ones) and ``channels`` emptied.
+
+    Args:
+        config: The server configuration.
+
+    Returns:
+        Channel name -> its configuration (``main`` is ``config`` itself with ``channels`` emptied).
+    """
+    out = {DEFAULT_CHANNEL: dataclasses.replace(config, channels=[])}
+    for ch in config.channels:
+        stream_values = {k: getattr(ch, k) for k in ("rtmp_url", "fps", "idle_audio", "idle_pingpong",
+                                                     "crossfade_frames", "video_bitrate_kbps", "record_path")
+                         if getattr(ch, k) is not None}  # fmt: skip
+        if ch.width is not None or ch.height is not None:
+            stream_values.update(width=ch.width, height=ch.height)
+        avatar = dataclasses.replace(config.avatar, **{k: getattr(ch, k) for k in ("idle_video", "video")
+                                                       if getattr(ch, k) is not None})  # fmt: skip
+        if ch.idle_video is not None and ch.video is None:  # its own idle video is its base video too
+            avatar = dataclasses.replace(avatar, video=None)
+        stream = dataclasses.replace(config.stream, **stream_values)
+        out[ch.name] = dataclasses.replace(config, stream=stream, avatar=avatar, channels=[])
+    return out
+
+
+def parse_channel(name: str, values: dict) -> ChannelConfig:
+    """A :class:`ChannelConfig` from an API body (``PUT /channels/<name>``), type-checked like the YAML.
+
+    Args:
+        name: The channel's name (from the URL; a ``name`` in ``values`` must equal it).
+        values: Field values (JSON).
+
+    Returns:
+        The channel config (not yet checked against the others: :func:`validate` does that).
+
+    Raises:
+        ConfigError: On an unknown field or a value of the wrong type (the message names it).
+    """
+    if "name" in values and values["name"] != name:
+        raise ConfigError(f"name: {values['name']!r} differs from the channel in the URL ({name!r})")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ChannelConfig), {**values, "name": name})
+        channel = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_omegaconf_message(exc)) from None
+    assert isinstance(channel, ChannelConfig)
+    return channel
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
@@ -386,6 +474,35 @@ def validate(config: AppConfig) -> None:
     _check(0.05 <= u.event_poll_s <= 10, "ui.event_poll_s", u.event_poll_s, "0.05..10")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
+    _check(1 <= e.max_avatars_per_worker <= 64, "engine.max_avatars_per_worker", e.max_avatars_per_worker, "1..64")
+    _validate_channels(config)
+
+
+def _validate_channels(config: AppConfig) -> None:
+    """Names, limits and each channel's own stream/avatar values (the message names the channel)."""
+    _check(1 <= config.max_channels <= 256, "max_channels", config.max_channels, "1..256")
+    _check(len(config.channels) + 1 <= config.max_channels, "channels", f"{len(config.channels) + 1} channels",
+           f"at most max_channels = {config.max_channels} (main included)")  # fmt: skip
+    names = {DEFAULT_CHANNEL}
+    urls = {config.stream.rtmp_url}
+    for i, ch in enumerate(config.channels):
+        key = f"channels[{i}]"
+        _check(CHANNEL_NAME_RE.fullmatch(ch.name) is not None, f"{key}.name", ch.name,
+               "lower-case letters, digits, - and _ (1..32, starting with a letter or digit)")  # fmt: skip
+        _check(ch.name not in names, f"{key}.name", ch.name,
+               f"a name not used by another channel ({DEFAULT_CHANNEL!r} is the top-level stream)")  # fmt: skip
+        names.add(ch.name)
+        _check(ch.rtmp_url is not None, f"{key}.rtmp_url", None, "the channel's own rtmp:// URL")
+        _check(ch.rtmp_url not in urls, f"{key}.rtmp_url", "<hidden>", "a URL no other channel pushes to")
+        urls.add(ch.rtmp_url)
+    for name, derived in channel_configs(config).items():
+        if name == DEFAULT_CHANNEL:
+            continue
+        try:
+            validate(derived)
+        except ConfigError as exc:
+            index = next(i for i, ch in enumerate(config.channels) if ch.name == name)
+            raise ConfigError(f"channels[{index}] ({name}): {exc}") from None
 
 
 _ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

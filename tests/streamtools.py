@@ -322,7 +322,8 @@ class Api:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def post_audio(self, content: bytes | None, filename: str = "speech.wav", fields: dict | None = None):
+    def post_audio(self, content: bytes | None, filename: str = "speech.wav", fields: dict | None = None,
+                   path: str = "/generate_video"):
         boundary = "----latentsync-test-boundary"
         parts = []
         for name, value in (fields or {}).items():
@@ -334,7 +335,7 @@ class Api:
             )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"
-        return self.request("POST", "/generate_video", body, {"Content-Type": content_type})
+        return self.request("POST", path, body, {"Content-Type": content_type})
 
     def task(self, task_id: str) -> dict:
         return self.request("GET", f"/tasks/{task_id}")[1]

@@ -7,7 +7,7 @@ import dataclasses
 from prometheus_client.parser import text_string_to_metric_families
 
 from latentsync.serving.health import HealthSnapshot, StreamFormat, WebRtcHealth, WorkersHealth
-from latentsync.serving.metrics import COUNTERS, GAUGES, QUEUES, SPECIAL, ServerMetrics
+from latentsync.serving.metrics import COUNTERS, GAUGES, QUEUES, SPECIAL, ServerMetrics, server_wide
 
 
 def snapshot() -> HealthSnapshot:
@@ -61,18 +61,37 @@ def test_metric_values_come_from_their_fields():
             node = getattr(node, name)
         return float(node)
 
+    main = (("channel", "main"),)  # one snapshot: the default channel
     for path, name, _ in COUNTERS:
-        assert got[(f"{name}_total", ())] == value(path), name
+        assert got[(f"{name}_total", () if server_wide(path) else main)] == value(path), name
     for path, name, _ in GAUGES:
-        assert got[(name, ())] == value(path), name
+        assert got[(name, () if server_wide(path) else main)] == value(path), name
     for path, label in QUEUES:
-        assert got[("latentsync_queue_depth", (("queue", label),))] == value(path), label
-    assert got[("latentsync_stream_state", (("state", "speaking"),))] == 1.0
-    assert got[("latentsync_stream_state", (("state", "idle"),))] == 0.0
-    assert got[("latentsync_tasks_total", (("state", "failed"),))] == 23
+        channel = "" if server_wide(path) else "main"
+        assert got[("latentsync_queue_depth", (("channel", channel), ("queue", label)))] == value(path), label
+    assert got[("latentsync_stream_state", (*main, ("state", "speaking")))] == 1.0
+    assert got[("latentsync_stream_state", (*main, ("state", "idle")))] == 0.0
+    assert got[("latentsync_tasks_total", (*main, ("state", "failed")))] == 23
     assert got[("latentsync_engine_info", (("engine", "parametric"),))] == 1.0
-    assert got[("latentsync_engine_broken", ())] == 1.0 and got[("latentsync_task_on_air", ())] == 1.0
-    assert got[("latentsync_stream_format", (("dimension", "height"),))] == 360
+    assert got[("latentsync_engine_broken", ())] == 1.0 and got[("latentsync_task_on_air", main)] == 1.0
+    assert got[("latentsync_stream_format", (*main, ("dimension", "height")))] == 360
+
+
+def test_every_channel_gets_its_own_series_and_the_pool_one():
+    """Two channels: per-stream series once per channel, the shared pool's series once."""
+    a = snapshot()
+    b = dataclasses.replace(a, ticks=99, state="idle", tasks_final={"done": 1})
+    text = ServerMetrics(lambda: {"main": a, "shop": b}).render().decode()
+    got = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            got[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert got[("latentsync_ticks_handled_total", (("channel", "main"),))] == 12
+    assert got[("latentsync_ticks_handled_total", (("channel", "shop"),))] == 99
+    assert got[("latentsync_stream_state", (("channel", "shop"), ("state", "idle")))] == 1.0
+    assert got[("latentsync_tasks_total", (("channel", "shop"), ("state", "done")))] == 1
+    assert got[("latentsync_worker_restarts_total", ())] == 3  # the shared pool: one series
+    assert sum(1 for name, _ in got if name == "latentsync_worker_restarts_total") == 1
 
 
 def test_a_snapshot_before_start_exports_zeros_not_errors():
@@ -80,4 +99,4 @@ def test_a_snapshot_before_start_exports_zeros_not_errors():
     body = early.to_json()
     assert "workers" not in body and body["stream"] is None and body["engine_ready"] is False
     text = ServerMetrics(lambda: early).render().decode()
-    assert "latentsync_queue_depth{queue=\"pool_queued\"} 0.0" in text
+    assert 'latentsync_queue_depth{channel="",queue="pool_queued"} 0.0' in text

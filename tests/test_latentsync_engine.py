@@ -228,3 +228,23 @@ def test_generate_on_gpu_half_precision(tiny_files, avatar):
         np.testing.assert_array_equal(result.faces[:, keep], np.asarray(avatar.faces[:16])[:, keep])
     finally:
         engine.close()
+
+
+def test_with_avatar_shares_models_and_matches_a_fresh_engine(engine, tiny_files, avatar, tmp_path):
+    """A second avatar in the same worker: same models (one copy), its own latents, same faces as alone."""
+    other_avatar = Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)),
+                                  cache_dir=tmp_path)  # fmt: skip
+    assert other_avatar.key != avatar.key
+    shared = engine.with_avatar(other_avatar)
+    assert shared._pipeline is engine._pipeline and shared._whisper is engine._whisper
+    assert shared.latent_cache_path is not None and shared.latent_cache_path.parent == Path(other_avatar.path)
+    alone = create_engine("latentsync", options(tiny_files), other_avatar)
+    alone.load()
+    try:
+        features = alone.features(speech_16k())
+        request = chunk(features, 1, seed=3)
+        np.testing.assert_array_equal(shared.generate(request).faces, alone.generate(request).faces)
+    finally:
+        alone.close()
+    shared.close()
+    assert engine.loaded  # closing the shared one leaves the models in place

@@ -129,8 +129,10 @@ def test_metrics_and_health_levels(guarded):
         text = r.read().decode()
     for name in (
         "latentsync_ticks_emitted_total", "latentsync_ticks_late_total", "latentsync_ticks_dropped_total",
-        "latentsync_ticks_underrun_total", 'latentsync_stream_state{state="idle"}', "latentsync_ffmpeg_restarts_total",
-        'latentsync_queue_depth{queue="tasks_waiting"}', 'latentsync_tasks_total{state="cancelled"}',
+        "latentsync_ticks_underrun_total", 'latentsync_stream_state{channel="main",state="idle"}',
+        "latentsync_ffmpeg_restarts_total",
+        'latentsync_queue_depth{channel="main",queue="tasks_waiting"}',
+        'latentsync_tasks_total{channel="main",state="cancelled"}',
         "latentsync_chunk_generation_seconds_bucket", "latentsync_time_to_first_frame_seconds_bucket",
         "latentsync_generation_fps", "latentsync_worker_restarts_total",
     ):  # fmt: skip

@@ -132,3 +132,48 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
         assert stats.rebuilds == 1 and stats.queued == 0 and stats.in_flight == 0
     finally:
         pool.close()
+
+
+def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of_avatars(avatar, tmp_path):
+    """Channels share the pool: each job runs on its own avatar, EDF across avatars, batches never mix them."""
+    other = Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)),
+                           cache_dir=tmp_path)  # fmt: skip
+    assert other.path != avatar.path
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, max_avatars=1)
+    pool.start()
+    try:
+        order, results, errors = [], {}, []
+        rng = np.random.default_rng(3)
+        done = threading.Event()
+
+        def ok(result):
+            order.append((result.task_id, result.chunk_index))
+            results[(result.task_id, result.chunk_index)] = result
+            if len(results) == 7:
+                done.set()
+
+        now = time.monotonic()
+        jobs = [("a", 0, now, None), ("a", 1, now + 40, None), ("b", 1, now + 10, other.path),
+                ("a", 2, now + 20, avatar.path), ("b", 2, now + 30, other.path), ("b", 3, now + 35, other.path),
+                ("a", 3, now + 60, None)]  # fmt: skip
+        requests = {}
+        for task_id, k, due, path in jobs:
+            features = rng.uniform(0, 1, (16, 2)).astype(np.float32)
+            requests[(task_id, k)] = ChunkRequest(task_id, k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
+            pool.submit_chunk(requests[(task_id, k)], 30.0, ok, errors.append, due_at=due, avatar=path)
+        assert done.wait(90), errors
+        # The first job went to the free worker at once; then earliest deadline first whatever the avatar.
+        # Batches (max_batch=4) hold one avatar only: b1 alone (a2 is next), a2 alone, b2+b3, a1+a3.
+        assert order == [("a", 0), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 1), ("a", 3)]
+        from latentsync.engines.parametric import ParametricEngine
+
+        for bound, tasks in ((avatar, "a"), (other, "b")):
+            engine = ParametricEngine(bound)
+            engine.load()
+            for (task_id, k), request in requests.items():
+                if task_id == tasks:
+                    np.testing.assert_array_equal(results[(task_id, k)].faces, engine.generate(request).faces)
+        assert pool.loaded_avatars() == [[str(avatar.path)]]  # max_avatars=1: the last one used, the other dropped
+        assert pool.stats().dispatches == 5 and not errors
+    finally:
+        pool.close()

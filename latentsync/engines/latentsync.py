@@ -215,6 +215,37 @@ class LatentSyncEngine:
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
         )  # fmt: skip
 
+    def with_avatar(self, avatar) -> LatentSyncEngine:
+        """A loaded engine for another avatar that shares this engine's models (one copy per worker).
+
+        Only the new avatar's latents are added (memory-mapped from its cache, computed once when
+        missing); the U-Net, VAE, Whisper encoder and scheduler are this engine's. Closing the
+        returned engine drops its references only. Used by the shared worker pool (docs/channels.md).
+
+        Args:
+            avatar: The prepared :class:`latentsync.avatar.Avatar`.
+
+        Returns:
+            The loaded engine bound to ``avatar``.
+
+        Raises:
+            RuntimeError: If this engine is not loaded.
+            FileNotFoundError: If the VAE files went away since :meth:`load`.
+        """
+        self._require_loaded("with_avatar")
+        assert self.dtype is not None and self.device is not None
+        other = LatentSyncEngine(avatar, self.options, self._device_option)
+        keep_mask = np.asarray(avatar.mask, np.float32)
+        t = time.perf_counter()
+        other._latents = other._load_or_compute_latents(self._pipeline, keep_mask,
+                                                         other._latent_cache_key(self.resolve_files(), self.dtype))
+        other.device, other.dtype = self.device, self.dtype
+        other._keep_mask = torch.from_numpy(np.array(keep_mask)).to(self.device)
+        other._whisper = self._whisper
+        other._pipeline = self._pipeline
+        other.load_timings_s = {"latents": time.perf_counter() - t}
+        return other
+
     def _latent_cache_key(self, files: Mapping[str, Path], dtype: torch.dtype) -> str:
         """24 hex digits identifying the latents: VAE config and weight bytes, dtype, avatar, seed, version."""
         h = hashlib.sha256()

@@ -11,6 +11,13 @@ Routes:
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
     ``GET /ws/speech`` (WebSocket) and ``POST /speak``: streamed speech and text to speech
     (:mod:`latentsync.serving.speech_api`, docs/streaming-speech.md).
+    ``GET /channels``: every channel (docs/channels.md); ``/channels/<name>/generate_video``,
+    ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
+    web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
+    channel ``main``'s. ``GET /channels/<name>``; ``PUT /channels/<name>`` (JSON channel fields)
+    creates a channel at run time (202; it starts in the background), ``DELETE /channels/<name>``
+    fades it out and stops it (``/channels/main/...`` answers too, never redirects: a 308 would make
+    clients re-send an upload). An unknown channel is 404 ``no_channel``.
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
 temporary file and no task behind. A state-changing request from a browser page of a foreign
@@ -32,7 +39,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from latentsync.config import GUIDANCE_SCALE_RANGE, is_loopback_host
+from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, ConfigError, is_loopback_host, parse_channel
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -173,6 +180,9 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     app = Flask("latentsync-realtime")
     app.extensions["latentsync.runtime"] = runtime
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    # /channels/main/... is served as is: werkzeug would 308-redirect it to the rule whose defaults
+    # name main (/generate_video), and a client would have to re-send its upload.
+    app.url_map.redirect_defaults = False
     api = runtime.config.api
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
     fps = runtime.config.stream.fps
@@ -201,7 +211,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.before_request
     def require_token():
-        if request.path == "/health" or request.path in PUBLIC_PATHS or authorized():
+        if request.endpoint == "health" or request.path in PUBLIC_PATHS or authorized():
             return None
         response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -217,9 +227,54 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             return _error(413, "too_large", f"upload larger than api.max_upload_mb = {api.max_upload_mb:g} MB")
         return _error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
 
-    @app.get("/health")
-    def health():
-        streaming, body = runtime.health()
+    def channel_or_404(name: str):
+        channel = runtime.channel(name)
+        if channel is None:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return channel
+
+    def channel_tasks(name: str):
+        channel = channel_or_404(name)
+        return None if runtime.stopped else channel.tasks
+
+    @app.get("/channels")
+    def list_channels():
+        return jsonify({"channels": [c.describe() for c in list(runtime.channels.values())]})
+
+    @app.get("/channels/<name>")
+    def get_channel(name: str):
+        return jsonify(channel_or_404(name).describe())
+
+    @app.put("/channels/<name>")
+    def put_channel(name: str):
+        values = request.get_json(silent=True)
+        if not isinstance(values, dict):
+            raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
+        if runtime.channel(name) is not None:
+            raise ApiError(409, "channel_exists", f"channel {name!r} exists; reconfiguring a channel is not "
+                           "supported: DELETE it and PUT it again")  # fmt: skip
+        try:
+            channel = runtime.add_channel(parse_channel(name, values))
+        except ConfigError as exc:
+            raise ApiError(400, "bad_channel", str(exc)) from None
+        except RuntimeError as exc:
+            raise ApiError(503, "starting", str(exc)) from None
+        return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
+
+    @app.delete("/channels/<name>")
+    def delete_channel(name: str):
+        try:
+            channel = runtime.remove_channel(name)
+        except ValueError as exc:
+            raise ApiError(400, "main_channel", str(exc)) from None
+        if channel is None:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return jsonify({"name": name, "status": channel.status})
+
+    @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/health")
+    def health(name: str):
+        streaming, body = channel_or_404(name).health(runtime.uptime_s())
         if request.args.get("live"):
             ok = body.get("ticking", False)
         elif request.args.get("ready"):
@@ -232,10 +287,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def metrics():
         return Response(runtime.metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
 
-    @app.post("/generate_video")
-    def generate_video():
+    @app.post("/generate_video", defaults={"name": DEFAULT_CHANNEL})
+    @app.post("/channels/<name>/generate_video")
+    def generate_video(name: str):
         received = (time.time(), time.monotonic())  # TTFF counts from the request's arrival
-        tasks = runtime.tasks
+        channel = channel_or_404(name)
+        tasks = channel_tasks(name)
         if tasks is None:
             raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
         if not limiter.allow(request.remote_addr or "?"):  # before the body is read
@@ -253,14 +310,14 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         path = None
         try:
             try:  # our own file name: the client's filename is never used as a path
-                path = runtime.upload_path()
+                path = channel.upload_path()
                 upload.save(path)
             except OSError as exc:
                 raise _storage_error(exc) from None
             if path.stat().st_size == 0:
                 raise ApiError(400, "empty_file", "the uploaded file is empty")
             try:
-                audio = runtime.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
+                audio = channel.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
             except MediaDecodeTimeout:
                 raise ApiError(503, "decode_timeout",
                                f"decoding the upload took longer than api.decode_timeout_s = "
@@ -272,7 +329,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
                                "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)") from None  # fmt: skip
         finally:
             if path is not None:
-                runtime.discard_upload(path)
+                channel.discard_upload(path)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
@@ -281,19 +338,20 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if accepted is None:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         task, position = accepted
-        logger.info("task %s accepted: %.2f s of audio, position %d", task.task_id, audio.duration_s, position,
-                    extra={"task_id": task.task_id})  # fmt: skip
+        logger.info("task %s accepted on channel %s: %.2f s of audio, position %d", task.task_id, name,
+                    audio.duration_s, position, extra={"task_id": task.task_id})  # fmt: skip
         body = {
             "task_id": task.task_id,
             "status": "queued",  # every accepted task starts queued (its thread may have moved on already)
             "position": position,
-            "status_url": url_for("get_task", task_id=task.task_id),
+            "status_url": url_for("get_task", name=name, task_id=task.task_id),
         }
         return jsonify(body), 202
 
-    @app.get("/tasks")
-    def list_tasks():
-        tasks = runtime.tasks
+    @app.get("/tasks", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/tasks")
+    def list_tasks(name: str):
+        tasks = channel_tasks(name)
         return jsonify({"tasks": [t.to_json() for t in tasks.list()] if tasks else []})
 
     def task_json(task, task_id: str):
@@ -301,13 +359,17 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError(404, "not_found", f"no task {task_id!r}")
         return jsonify(task.to_json())
 
-    @app.get("/tasks/<task_id>")
-    def get_task(task_id: str):
-        return task_json(runtime.tasks.get(task_id) if runtime.tasks else None, task_id)
+    @app.get("/tasks/<task_id>", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/tasks/<task_id>")
+    def get_task(name: str, task_id: str):
+        tasks = channel_tasks(name)
+        return task_json(tasks.get(task_id) if tasks else None, task_id)
 
-    @app.delete("/tasks/<task_id>")
-    def cancel_task(task_id: str):
-        return task_json(runtime.tasks.cancel(task_id) if runtime.tasks else None, task_id)
+    @app.delete("/tasks/<task_id>", defaults={"name": DEFAULT_CHANNEL})
+    @app.delete("/channels/<name>/tasks/<task_id>")
+    def cancel_task(name: str, task_id: str):
+        tasks = channel_tasks(name)
+        return task_json(tasks.cancel(task_id) if tasks else None, task_id)
 
     register_speech_routes(app, runtime,
                            lambda origin: origin_allowed(origin, request.host, request.scheme, origins))  # fmt: skip

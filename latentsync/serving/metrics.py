@@ -3,13 +3,18 @@
 Counters the runtime already keeps (ticks, restarts, queue depths, tasks by final state) are read
 at scrape time by a collector, so there is one source of truth; latencies that only exist as
 events (chunk generation, time to first frame) are observed into histograms as they happen.
+
+Every per-stream series carries a ``channel`` label (``channel="main"`` for the default channel,
+docs/channels.md); the shared worker pool's series and the server's uptime and engine have none
+(:data:`SERVER_WIDE`). The pool's rows of ``latentsync_queue_depth`` have ``channel=""``, which
+PromQL treats as no label.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,11 +34,12 @@ class ServerMetrics:
     """The server's metrics registry.
 
     Args:
-        snapshot: Returns the runtime's :class:`HealthSnapshot` (see
-            :meth:`latentsync.serving.runtime.Runtime.health_snapshot`); called at every scrape.
+        snapshot: Returns every channel's :class:`HealthSnapshot` by channel name (see
+            :meth:`latentsync.serving.runtime.Runtime.channel_snapshots`), or one snapshot (exported
+            as channel ``main``); called at every scrape.
     """
 
-    def __init__(self, snapshot: Callable[[], HealthSnapshot]):
+    def __init__(self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.chunk_seconds = Histogram(
             "latentsync_chunk_generation_seconds", "Wall time from a chunk's dispatch to its faces coming back.",
@@ -107,6 +113,15 @@ QUEUES = (
     ("workers.queued", "pool_queued"),
     ("workers.in_flight", "pool_in_flight"),
 )
+#: Snapshot fields that describe the server, not one channel: exported once, without a ``channel`` label.
+SERVER_WIDE = frozenset({"uptime_s", "engine", "engine_error"})
+
+
+def server_wide(path: str) -> bool:
+    """Whether the snapshot field ``path`` is the server's (the shared pool's), not one channel's."""
+    return path in SERVER_WIDE or path.startswith("workers.")
+
+
 #: Snapshot fields exported another way than by value, and why (the test checks nothing is left out).
 SPECIAL = {
     "state": "latentsync_stream_state{state}",
@@ -139,40 +154,57 @@ def snapshot_value(snapshot: HealthSnapshot, path: str) -> float:
 
 
 class _RuntimeCollector(Collector):
-    def __init__(self, snapshot: Callable[[], HealthSnapshot], generation_fps: Callable[[], float]):
+    def __init__(self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]],
+                 generation_fps: Callable[[], float]):  # fmt: skip
         self._snapshot = snapshot
         self._generation_fps = generation_fps
 
+    def _snapshots(self) -> dict[str, HealthSnapshot]:
+        got = self._snapshot()
+        return {"main": got} if isinstance(got, HealthSnapshot) else dict(got)
+
     def collect(self) -> Iterator:
-        s = self._snapshot()
-        for path, name, doc in COUNTERS:
-            yield CounterMetricFamily(name, doc, value=snapshot_value(s, path))
-        for path, name, doc in GAUGES:
-            yield GaugeMetricFamily(name, doc, value=snapshot_value(s, path))
-        depth = GaugeMetricFamily("latentsync_queue_depth", "Items waiting, by queue.", labels=["queue"])
+        snaps = self._snapshots()
+        server = next(iter(snaps.values()))  # the pool, uptime and engine are the same in every snapshot
+        by_channel = sorted(snaps.items())
+        for kind, table in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
+            for path, name, doc in table:
+                if server_wide(path):
+                    yield kind(name, doc, value=snapshot_value(server, path))
+                    continue
+                family = kind(name, doc, labels=["channel"])
+                for channel, s in by_channel:
+                    family.add_metric([channel], snapshot_value(s, path))
+                yield family
+        depth = GaugeMetricFamily("latentsync_queue_depth", "Items waiting, by queue.", labels=["channel", "queue"])
         for path, label in QUEUES:
-            depth.add_metric([label], snapshot_value(s, path))
+            if server_wide(path):
+                depth.add_metric(["", label], snapshot_value(server, path))
+            else:
+                for channel, s in by_channel:
+                    depth.add_metric([channel, label], snapshot_value(s, path))
         yield depth
-        state = GaugeMetricFamily("latentsync_stream_state", "1 for the state on air.", labels=["state"])
-        for st in StreamState:
-            state.add_metric([st.value], 1.0 if s.state == st.value else 0.0)
-        yield state
-        tasks = CounterMetricFamily("latentsync_tasks", "Tasks that ended, by final state.", labels=["state"])
-        for final, count in sorted(s.tasks_final.items()):
-            tasks.add_metric([final], count)
-        yield tasks
+        state = GaugeMetricFamily("latentsync_stream_state", "1 for the state on air.", labels=["channel", "state"])
+        tasks = CounterMetricFamily("latentsync_tasks", "Tasks that ended, by final state.",
+                                    labels=["channel", "state"])  # fmt: skip
+        on_air = GaugeMetricFamily("latentsync_task_on_air", "1 while a task is on air.", labels=["channel"])
+        fmt = GaugeMetricFamily("latentsync_stream_format", "Output format, by dimension.",
+                                labels=["channel", "dimension"])  # fmt: skip
+        for channel, s in by_channel:
+            for st in StreamState:
+                state.add_metric([channel, st.value], 1.0 if s.state == st.value else 0.0)
+            for final, count in sorted(s.tasks_final.items()):
+                tasks.add_metric([channel, final], count)
+            on_air.add_metric([channel], 1.0 if s.on_air_task else 0.0)
+            if s.stream is not None:
+                for key, value in dataclasses.asdict(s.stream).items():
+                    fmt.add_metric([channel, key], value)
+        yield from (state, tasks, on_air, fmt)
         info = GaugeMetricFamily("latentsync_engine_info", "1, labelled with the engine's name.", labels=["engine"])
-        info.add_metric([s.engine], 1.0)
+        info.add_metric([server.engine], 1.0)
         yield info
         yield GaugeMetricFamily("latentsync_engine_broken", "1 when the worker pool cannot load its engine.",
-                                value=1.0 if s.engine_error else 0.0)  # fmt: skip
-        yield GaugeMetricFamily("latentsync_task_on_air", "1 while a task is on air.",
-                                value=1.0 if s.on_air_task else 0.0)  # fmt: skip
-        fmt = GaugeMetricFamily("latentsync_stream_format", "Output format, by dimension.", labels=["dimension"])
-        if s.stream is not None:
-            for key, value in dataclasses.asdict(s.stream).items():
-                fmt.add_metric([key], value)
-        yield fmt
+                                value=1.0 if server.engine_error else 0.0)  # fmt: skip
         fps = GaugeMetricFamily("latentsync_generation_fps", "Frames generated per second of chunk wall time.")
         fps.add_metric([], self._generation_fps())
         yield fps

@@ -7,22 +7,29 @@ Routes (docs/webrtc.md):
     as browsers send pre-flights without credentials).
     ``GET /events``: ``text/event-stream`` of ``state``, ``task``, ``viewers``, ``health`` events;
     503 past ``ui.max_event_clients``.
+    ``/channels/<name>/whep[/<id>]`` and ``/channels/<name>/events``: the same for channel
+    ``<name>`` (the paths above are channel ``main``'s; docs/channels.md); unknown: 404 ``no_channel``.
     ``GET /`` and ``GET /ui/<file>``: the control page (static files in this package; public,
     they hold no secret: the page asks for the API token when the server has one).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory, stream_with_context
 
+from latentsync.config import DEFAULT_CHANNEL
 from latentsync.serving.webrtc import WhepError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = frozenset({"/", "/ui/index.html", "/ui/app.js", "/ui/style.css"})  # no token needed
 MAX_SDP_BYTES = 64 * 1024  # a real offer is a few KB
 SSE_KEEPALIVE_S = 10.0  # a comment line this often: proxies keep the stream open, dead clients are found
+#: Paths of WHEP resources (CORS and pre-flights apply to these): ``/whep``, ``/whep/<id>`` and the
+#: same under ``/channels/<name>``.
+WHEP_PATH_RE = re.compile(r"(/channels/[^/]+)?/whep(/[^/]+)?")
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
@@ -44,13 +51,13 @@ def register_web(app: Flask, runtime) -> None:
     Args:
         app: The API app (its bearer-token check applies to these routes except the page files and
             CORS pre-flights).
-        runtime: The :class:`latentsync.serving.runtime.Runtime` (its ``webrtc`` hub and ``events``).
+        runtime: The :class:`latentsync.serving.runtime.Runtime` (its channels' ``webrtc`` hubs and ``events``).
     """
     bp = Blueprint("web", __name__)
     ui = runtime.config.ui
 
     def preflight():
-        if request.method == "OPTIONS" and (request.path == "/whep" or request.path.startswith("/whep/")):
+        if request.method == "OPTIONS" and WHEP_PATH_RE.fullmatch(request.path):
             response = Response(status=204)
             response.headers.update(CORS_HEADERS)
             response.headers["Accept-Post"] = "application/sdp"
@@ -61,21 +68,29 @@ def register_web(app: Flask, runtime) -> None:
 
     @bp.after_request
     def cors(response: Response) -> Response:
-        if request.path == "/whep" or request.path.startswith("/whep/"):
+        if WHEP_PATH_RE.fullmatch(request.path):
             response.headers.update(CORS_HEADERS)
         return response
 
-    def hub():
-        if runtime.webrtc is None:
+    def channel(name: str):
+        found = runtime.channel(name)
+        if found is None:
+            raise WhepError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return found
+
+    def hub(name: str):
+        webrtc = channel(name).webrtc
+        if webrtc is None:
             raise WhepError(503, "webrtc_off", "the WebRTC egress is off (webrtc.enabled) or not started yet")
-        return runtime.webrtc
+        return webrtc
 
     @bp.errorhandler(WhepError)
     def whep_error(exc: WhepError):
         return _error(exc.status, exc.code, exc.message)
 
-    @bp.post("/whep")
-    def whep_offer():
+    @bp.post("/whep", defaults={"name": DEFAULT_CHANNEL})
+    @bp.post("/channels/<name>/whep")
+    def whep_offer(name: str):
         if request.mimetype != "application/sdp":
             raise WhepError(415, "not_sdp", "the offer must be sent as Content-Type: application/sdp")
         if (request.content_length or 0) > MAX_SDP_BYTES:
@@ -89,27 +104,31 @@ def register_web(app: Flask, runtime) -> None:
             raise WhepError(400, "bad_sdp", "the SDP offer is not UTF-8 text") from None
         if not offer.lstrip().startswith("v=0"):
             raise WhepError(400, "bad_sdp", "the body is not an SDP offer (it must start with v=0)")
-        session_id, answer = hub().answer(offer)
+        session_id, answer = hub(name).answer(offer)
         response = Response(answer, status=201, content_type="application/sdp")
-        response.headers["Location"] = f"/whep/{session_id}"
+        prefix = "" if name == DEFAULT_CHANNEL else f"/channels/{name}"
+        response.headers["Location"] = f"{prefix}/whep/{session_id}"
         response.headers["ETag"] = f'"{session_id}"'
         return response
 
-    @bp.delete("/whep/<session_id>")
-    def whep_delete(session_id: str):
-        if not hub().end(session_id):
+    @bp.delete("/whep/<session_id>", defaults={"name": DEFAULT_CHANNEL})
+    @bp.delete("/channels/<name>/whep/<session_id>")
+    def whep_delete(name: str, session_id: str):
+        if not hub(name).end(session_id):
             raise WhepError(404, "not_found", f"no WHEP session {session_id!r}")
         return jsonify({"session_id": session_id, "status": "closed"})
 
-    @bp.route("/whep/<session_id>", methods=["PATCH"])
-    def whep_patch(session_id: str):
+    @bp.route("/whep/<session_id>", methods=["PATCH"], defaults={"name": DEFAULT_CHANNEL})
+    @bp.route("/channels/<name>/whep/<session_id>", methods=["PATCH"])
+    def whep_patch(name: str, session_id: str):
         response = _error(405, "no_trickle", "trickle ICE is not supported: the answer holds all candidates")
         response.headers["Allow"] = "DELETE, OPTIONS"
         return response
 
-    @bp.get("/events")
-    def events():
-        sub = runtime.events.subscribe()
+    @bp.get("/events", defaults={"name": DEFAULT_CHANNEL})
+    @bp.get("/channels/<name>/events")
+    def events(name: str):
+        sub = channel(name).events.subscribe()
         if sub is None:
             return _error(503, "too_many_event_clients",
                           f"{ui.max_event_clients} event streams already open (ui.max_event_clients)")  # fmt: skip

@@ -1,7 +1,9 @@
 """WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
 
-One worker process per GPU (or one on CPU) loads the prepared avatar and its engine once, in the
-pool initializer, then serves ``features`` and ``generate`` calls. Jobs wait in our own bounded
+One worker process per GPU (or one on CPU) loads the default prepared avatar and its engine once,
+in the pool initializer, then serves ``features`` and ``generate`` calls. Every channel of the
+server shares the pool: a job may name another prepared avatar (``avatar=``), which a worker loads
+on first use and keeps among its ``max_avatars`` most recently used (docs/channels.md). Jobs wait in our own bounded
 priority queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which
 its first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
 ``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
@@ -26,6 +28,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +52,9 @@ MAX_QUEUED_JOBS = 4096
 _WORKER_SLOT: dict[str, Any] = {}
 
 
-def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices) -> None:
-    """Pool initializer: load the avatar and the engine once. Never raises (errors are kept)."""
+def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices,
+                 max_avatars: int = 1) -> None:
+    """Pool initializer: load the default avatar and the engine once. Never raises (errors are kept)."""
     # Ctrl-C in a terminal reaches the whole process group: the server owns shutdown, not its workers
     # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -67,33 +71,68 @@ def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_pat
         avatar = Avatar.load(avatar_path)
         engine = create_engine(engine_name, options, avatar)
         engine.load()
-        _WORKER_SLOT.update(engine=engine, index=index, error=None)
+        engines: OrderedDict[str, Any] = OrderedDict({avatar_path: engine})
+        _WORKER_SLOT.update(engine=engine, engines=engines, default=avatar_path, name=engine_name, options=options,
+                            max_avatars=max(1, int(max_avatars)), index=index, error=None)  # fmt: skip
     except Exception as exc:  # reported to the parent by every later call
         _WORKER_SLOT.update(engine=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
 
 
-def _engine():
-    if _WORKER_SLOT.get("engine") is None:
+def _engine(avatar_path: str | None = None):
+    """The engine bound to ``avatar_path`` (None: the default avatar), loaded on first use.
+
+    A worker keeps at most ``max_avatars`` engines, least recently used dropped first. An engine
+    with ``with_avatar`` (latentsync) binds the new avatar to the models it already holds, so only
+    the avatar's data (its latents) is added; others (parametric) build a fresh engine, which is cheap.
+    """
+    base = _WORKER_SLOT.get("engine")
+    if base is None:
         raise RuntimeError(f"worker failed to start: {_WORKER_SLOT.get('error', 'not initialised')}")
-    return _WORKER_SLOT["engine"]
+    engines: OrderedDict[str, Any] = _WORKER_SLOT["engines"]
+    path = avatar_path or _WORKER_SLOT["default"]
+    engine = engines.get(path)
+    if engine is not None:
+        engines.move_to_end(path)
+        return engine
+    from latentsync.avatar import Avatar
+    from latentsync.engines import create_engine
+
+    avatar = Avatar.load(path)
+    if hasattr(base, "with_avatar"):
+        engine = base.with_avatar(avatar)
+    else:
+        engine = create_engine(_WORKER_SLOT["name"], _WORKER_SLOT["options"], avatar)
+        engine.load()
+    engines[path] = engine
+    while len(engines) > _WORKER_SLOT["max_avatars"]:
+        old_path, old = engines.popitem(last=False)
+        if old is not base:  # the default engine holds the shared models: never closed here
+            old.close()
+    return engine
 
 
 def _worker_ping() -> tuple[int, str | None]:
     return os.getpid(), _WORKER_SLOT.get("error")
 
 
-def _worker_features(audio_16k: np.ndarray, frames: tuple[int, int] | None) -> np.ndarray:
+def _worker_avatars() -> tuple[int, list[str]]:
+    """This worker's pid and the avatar paths it holds loaded, least recently used first."""
+    return os.getpid(), list(_WORKER_SLOT.get("engines") or ())
+
+
+def _worker_features(audio_16k: np.ndarray, frames: tuple[int, int] | None, avatar_path: str | None = None
+                     ) -> np.ndarray:  # fmt: skip
     if frames is None:
-        return _engine().features(audio_16k)
-    return _engine().features(audio_16k, *frames)
+        return _engine(avatar_path).features(audio_16k)
+    return _engine(avatar_path).features(audio_16k, *frames)
 
 
-def _worker_generate(request: ChunkRequest) -> ChunkResult:
-    return _engine().generate(request)
+def _worker_generate(request: ChunkRequest, avatar_path: str | None = None) -> ChunkResult:
+    return _engine(avatar_path).generate(request)
 
 
-def _worker_generate_batch(requests: list[ChunkRequest]) -> list[ChunkResult]:
-    return _engine().generate_batch(requests)
+def _worker_generate_batch(requests: list[ChunkRequest], avatar_path: str | None = None) -> list[ChunkResult]:
+    return _engine(avatar_path).generate_batch(requests)
 
 
 # --------------------------------------------------------------------------- server side
@@ -116,6 +155,7 @@ class _Job:
     label: str
     due_at: float = 0.0  # time.monotonic() by which the job's first frame must be on air
     task_id: str | None = None
+    avatar: str | None = None  # prepared avatar's path (None: the pool's default avatar)
     attempts: int = 0
     submitted_at: float = 0.0
     finished: bool = False
@@ -162,7 +202,9 @@ class WorkerPool:
             comes back (metrics).
         max_batch: Queued chunks a free worker takes at once (one model batch, see
             :meth:`Engine.generate_batch`). A task's first chunk always goes alone, so batching never
-            delays a task's first frame.
+            delays a task's first frame; only chunks of the same avatar are batched together.
+        max_avatars: Prepared avatars a worker keeps loaded (``engine.max_avatars_per_worker``, LRU):
+            a job naming another avatar (``avatar=``) loads it on first use (docs/channels.md).
     """
 
     def __init__(
@@ -175,6 +217,7 @@ class WorkerPool:
         start_timeout_s: float = 600.0,
         on_chunk_done: Callable[[int, float], None] | None = None,
         max_batch: int = 1,
+        max_avatars: int = 1,
     ):
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
@@ -184,6 +227,7 @@ class WorkerPool:
         self._start_timeout_s = start_timeout_s
         self._on_chunk_done = on_chunk_done
         self._max_batch = max(1, int(max_batch))
+        self._max_avatars = max(1, int(max_avatars))
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._pool: multiprocessing.pool.Pool | None = None
@@ -252,6 +296,23 @@ class WorkerPool:
         """True while the pool runs and is not broken (a rebuild being verified still counts as ready)."""
         return self._pool is not None and not self._stop.is_set() and self._broken is None
 
+    def loaded_avatars(self, timeout_s: float = 5.0) -> list[list[str]]:
+        """The avatar paths one call found loaded in a worker, least recently used first (tests, /health).
+
+        With several workers, each call lands on whichever worker is free, so this asks as many
+        times as there are workers; an answer may repeat a worker.
+
+        Raises:
+            JobFailed: If the pool is not running.
+            multiprocessing.TimeoutError: If no worker answered within ``timeout_s``.
+        """
+        with self._lock:
+            pool = self._pool
+        if pool is None:
+            raise JobFailed("worker pool is not running")
+        calls = [pool.apply_async(_worker_avatars) for _ in range(self._workers)]
+        return [call.get(timeout_s)[1] for call in calls]
+
     def worker_pids(self) -> list[int]:
         """PIDs of the current worker processes."""
         with self._lock:
@@ -262,7 +323,7 @@ class WorkerPool:
     def submit_features(
         self, audio_16k: np.ndarray, deadline_s: float, on_done: Callable[[np.ndarray], None],
         on_error: Callable[[str], None], label: str = "features", frames: tuple[int, int] | None = None,
-        due_at: float | None = None, task_id: str | None = None,
+        due_at: float | None = None, task_id: str | None = None, avatar: str | Path | None = None,
     ) -> None:  # fmt: skip
         """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
 
@@ -276,15 +337,17 @@ class WorkerPool:
             due_at: ``time.monotonic()`` by which the first frame these rows drive must be on air
                 (the queue's priority; None: now).
             task_id: Task the job belongs to (:meth:`cancel_task` drops it); None: no task.
+            avatar: Cache directory of the prepared avatar the job is for (None: the pool's default).
 
         Raises:
             JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
-        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id)
+        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id,
+                     avatar)  # fmt: skip
 
     def submit_chunk(
         self, request: ChunkRequest, deadline_s: float, on_done: Callable[[ChunkResult], None],
-        on_error: Callable[[str], None], due_at: float | None = None,
+        on_error: Callable[[str], None], due_at: float | None = None, avatar: str | Path | None = None,
     ) -> None:  # fmt: skip
         """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
 
@@ -295,16 +358,19 @@ class WorkerPool:
             on_error: Called with a reason string when the job fails for good.
             due_at: ``time.monotonic()`` by which the chunk's first frame must be on air (the
                 queue's priority: earliest first; None: now).
+            avatar: Cache directory of the prepared avatar the chunk is for (None: the pool's default).
 
         Raises:
             JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
         label = f"chunk {request.chunk_index} of task {request.task_id}"
-        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id)
+        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id,
+                     avatar)  # fmt: skip
 
-    def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id) -> None:
+    def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id, avatar=None) -> None:
         due = time.monotonic() if due_at is None else float(due_at)
-        job = _Job(next(self._keys), func, args, on_done, on_error, deadline_s, label, due, task_id)
+        path = None if avatar is None or str(avatar) == self._avatar_path else str(avatar)
+        job = _Job(next(self._keys), func, args + (path,), on_done, on_error, deadline_s, label, due, task_id, path)
         with self._lock:
             if self._pool is None or self._stop.is_set():
                 raise JobFailed("worker pool is not running")
@@ -349,7 +415,7 @@ class WorkerPool:
         batch = [heapq.heappop(self._queue)[2]]
 
         def batchable(job: _Job) -> bool:
-            return job.func is _worker_generate and job.args[0].chunk_index != 0
+            return job.func is _worker_generate and job.args[0].chunk_index != 0 and job.avatar == batch[0].avatar
 
         if batchable(batch[0]):
             while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
@@ -368,7 +434,7 @@ class WorkerPool:
             func, args = jobs[0].func, jobs[0].args
             unpack = lambda result: [result]  # noqa: E731
         else:
-            func, args = _worker_generate_batch, ([job.args[0] for job in jobs],)
+            func, args = _worker_generate_batch, ([job.args[0] for job in jobs], jobs[0].avatar)
             unpack = list
         self._pool.apply_async(
             func, args,
@@ -417,7 +483,8 @@ class WorkerPool:
         pool = self._ctx.Pool(
             processes=self._workers,
             initializer=_worker_init,
-            initargs=(self._engine_name, self._engine_options, self._avatar_path, counter, self._devices),
+            initargs=(self._engine_name, self._engine_options, self._avatar_path, counter, self._devices,
+                      self._max_avatars),
         )
         self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
         return pool

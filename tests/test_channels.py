@@ -1,0 +1,223 @@
+"""Two channels in ONE server process, each on its own real nginx-rtmp: routes, fairness, isolation.
+
+Channel ``main`` (the top-level keys) publishes to the session's RTMP server; channel ``hall``
+publishes to a second private nginx-rtmp that the tests stop and start. Both share one worker pool
+(parametric engine). What one channel suffers (its RTMP server gone, its FFmpeg SIGKILLed, a bad
+upload) must leave the other channel's ticks untouched: no dropped tick, no FFmpeg restart.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.datafiles import media_file
+from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+
+VIDEO = "video/nanmote002.mp4"  # 256x456: small, so two channels fit on two shared cores
+SPEECH = "audio/7s_shan_0801_01.wav"
+LONG_UPLOAD_S = 60.0
+
+
+def wait_for(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
+    """Seconds until predicate() is true, or None on timeout."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout_s:
+        if predicate():
+            return time.monotonic() - t
+        time.sleep(poll_s)
+    return None
+
+
+@pytest.fixture(scope="module")
+def hall_rtmp(tmp_path_factory):
+    """The second channel's own nginx-rtmp (a second private instance, stopped and started by tests)."""
+    require_rtmp_tools()
+    server = RtmpServer(tmp_path_factory.mktemp("rtmp-hall"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("channels")
+    video = media_file(VIDEO)
+    hall_url = hall_rtmp.url("hall")
+    server = ServerProcess([
+        f"avatar.idle_video={video}", f"stream.rtmp_url={rtmp_server.url('main-ch')}", "engine.name=parametric",
+        f'channels=[{{name: hall, rtmp_url: "{hall_url}", idle_video: "{video}"}}]', "webrtc.enabled=false",
+    ], tmp / "server.log").start()  # fmt: skip
+    server.wait_healthy()
+    server.wait_engine_ready()
+    api = Api(server.port)
+    assert wait_for(lambda: rtmp_server.publishing("main-ch") and hall_rtmp.publishing("hall"), 15), server.log()
+    assert wait_for(lambda: api.request("GET", "/channels/hall/health")[1].get("engine_ready"), 30), server.log()
+    yield server, api
+    code, took_s = server.stop()
+    assert code == 0 and took_s < 15.0, server.log()
+
+
+def health(api: Api, name: str) -> dict:
+    status, body = api.request("GET", f"/channels/{name}/health")
+    assert body.get("channel") == name, body
+    return body
+
+
+def wav(seconds: float) -> bytes:
+    audio, rate = sf.read(media_file(SPEECH), dtype="float32")
+    audio = np.tile(audio, int(np.ceil(seconds * rate / len(audio))) + 1)[: int(seconds * rate)]
+    out = io.BytesIO()
+    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def test_channels_are_listed_and_routed_and_unknown_ones_are_404(two_channels):
+    server, api = two_channels
+    status, body = api.request("GET", "/channels")
+    assert status == 200 and [c["name"] for c in body["channels"]] == ["main", "hall"]
+    assert all(c["streaming"] and c["engine_ready"] for c in body["channels"]), body
+    assert all(c["stream"]["width"] == 256 and c["stream"]["height"] == 456 for c in body["channels"]), body
+    assert "rtmp" not in str(body)  # the URLs (stream keys, secrets) are never shown
+    assert server.health()[1]["channel"] == "main"  # the old path is channel main
+    main, hall = health(api, "main"), health(api, "hall")
+    assert main["ffmpeg_pid"] != hall["ffmpeg_pid"] and main["workers"]["pids"] == hall["workers"]["pids"]
+    for method, path in (("GET", "/channels/nope/health"), ("GET", "/channels/nope/tasks"),
+                         ("GET", "/channels/nope/tasks/x"), ("DELETE", "/channels/nope/tasks/x"),
+                         ("GET", "/channels/nope/events")):  # fmt: skip
+        status, body = api.request(method, path)
+        assert status == 404 and body["error"]["code"] == "no_channel", (path, body)
+    status, body = api.post_audio(wav(1.0), path="/channels/nope/generate_video")
+    assert status == 404 and body["error"]["code"] == "no_channel"
+    with urllib.request.urlopen(f"{api.base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for series in ('latentsync_ticks_handled_total{channel="main"}', 'latentsync_ticks_handled_total{channel="hall"}',
+                   'latentsync_stream_state{channel="hall",state="idle"}', "latentsync_worker_restarts_total "):
+        assert series in text, series
+
+
+def test_a_long_upload_on_main_never_makes_halls_speech_underrun(two_channels):
+    server, api = two_channels
+    hall_before = health(api, "hall")
+    status, long_task = api.post_audio(wav(LONG_UPLOAD_S))
+    assert status == 202 and long_task["status_url"] == f"/tasks/{long_task['task_id']}", long_task
+    api.wait_task(long_task["task_id"], ("streaming",), timeout_s=60)
+    status, short = api.post_audio(wav(7.0), path="/channels/hall/generate_video")
+    assert status == 202, short
+    url = f"/channels/hall/tasks/{short['task_id']}"
+    assert short["status_url"] == url
+    assert api.request("GET", f"/tasks/{short['task_id']}")[0] == 404  # a task lives on its own channel
+    deadline = time.monotonic() + 60
+    while (task := api.request("GET", url)[1])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, task
+        time.sleep(0.1)
+    assert task["status"] == "done", task
+    hall = health(api, "hall")
+    assert hall["tasks_final"]["done"] == hall_before["tasks_final"]["done"] + 1
+    # While main was speaking its 60 s, every chunk of hall's speech was on air in time.
+    assert hall["underrun_ticks"] == hall_before["underrun_ticks"], hall
+    assert hall["dropped_ticks"] == hall_before["dropped_ticks"], hall
+    assert api.request("DELETE", f"/tasks/{long_task['task_id']}")[0] == 200
+    assert api.request("GET", "/channels/main/tasks")[1]["tasks"][-1]["task_id"] == long_task["task_id"]
+
+
+def test_a_bad_upload_on_hall_leaves_main_untouched(two_channels):
+    server, api = two_channels
+    before_main, before_hall = health(api, "main"), health(api, "hall")
+    status, body = api.post_audio(b"\x00garbage" * 500, path="/channels/hall/generate_video")
+    assert status == 400 and body["error"]["code"] == "not_audio", body
+    time.sleep(1.0)
+    main, hall = health(api, "main"), health(api, "hall")
+    assert main["ticks"] > before_main["ticks"] and main["dropped_ticks"] == before_main["dropped_ticks"]
+    assert main["tasks_final"] == before_main["tasks_final"] and hall["tasks_final"] == before_hall["tasks_final"]
+    assert hall["streaming"] and hall["tasks_waiting"] == 0
+
+
+def test_halls_ffmpeg_killed_never_touches_mains_ticks(two_channels, rtmp_server, hall_rtmp):
+    server, api = two_channels
+    before_main, before_hall = health(api, "main"), health(api, "hall")
+    os.kill(before_hall["ffmpeg_pid"], signal.SIGKILL)
+
+    def hall_back() -> bool:
+        h = health(api, "hall")
+        new_pid = h["ffmpeg_pid"] not in (None, before_hall["ffmpeg_pid"])
+        return new_pid and h["ffmpeg_up"] and hall_rtmp.publishing("hall")
+
+    assert wait_for(hall_back, 15) is not None, server.log()
+    assert wait_for(lambda: health(api, "main")["ticks"] > before_main["ticks"] + 50, 10) is not None  # 2 s on
+    main = health(api, "main")
+    assert main["dropped_ticks"] == before_main["dropped_ticks"], main
+    assert (main["ffmpeg_pid"], main["ffmpeg_restarts"]) == (before_main["ffmpeg_pid"], before_main["ffmpeg_restarts"])
+    assert health(api, "hall")["ffmpeg_restarts"] == before_hall["ffmpeg_restarts"] + 1
+    assert rtmp_server.publishing("main-ch")
+
+
+def test_halls_rtmp_server_gone_never_touches_mains_ticks(two_channels, rtmp_server, hall_rtmp):
+    server, api = two_channels
+    before_main = health(api, "main")
+    hall_rtmp.stop()
+    try:
+        assert wait_for(lambda: not health(api, "hall")["ffmpeg_up"], 10) is not None
+        time.sleep(3.0)
+        during_main, during_hall = health(api, "main"), health(api, "hall")
+        assert during_hall["dropped_ticks"] > 0 and during_hall["ticking"]  # hall's clock goes on, honestly counted
+        assert api.request("GET", "/channels/hall/health")[0] == 503 and server.health()[0] == 200
+        assert during_main["dropped_ticks"] == before_main["dropped_ticks"], during_main
+        assert during_main["ffmpeg_restarts"] == before_main["ffmpeg_restarts"] and rtmp_server.publishing("main-ch")
+    finally:
+        hall_rtmp.start()
+    assert wait_for(lambda: hall_rtmp.publishing("hall"), 20) is not None, server.log()
+    main = health(api, "main")
+    assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ticks"] > during_main["ticks"]
+
+
+def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp_server):
+    server, api = two_channels
+    before_main = health(api, "main")
+    url = hall_rtmp.url("popup")
+    for body, status, code in (
+        ({"rtmp_url": url, "nope": 1}, 400, "bad_channel"), ({"rtmp_url": url, "fps": "x"}, 400, "bad_channel"),
+        ({"rtmp_url": hall_rtmp.url("hall")}, 400, "bad_channel"), ({}, 400, "bad_channel"),  # URL taken / none
+        ({"rtmp_url": url, "idle_video": "/no/such.mp4"}, 400, "bad_channel"),
+    ):  # fmt: skip
+        got = api.request("PUT", "/channels/popup", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
+    assert api.request("PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}',
+                       {"Content-Type": "application/json"})[1]["error"]["code"] == "channel_exists"  # fmt: skip
+    assert api.request("DELETE", "/channels/main")[1]["error"]["code"] == "main_channel"
+    assert api.request("DELETE", "/channels/nope")[0] == 404
+    assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
+
+    body = json.dumps({"rtmp_url": url, "idle_video": str(media_file(VIDEO)), "fps": 20}).encode()
+    status, created = api.request("PUT", "/channels/popup", body, {"Content-Type": "application/json"})
+    assert status == 202 and created["name"] == "popup" and created["status"] in ("starting", "ready"), created
+    assert wait_for(lambda: api.request("GET", "/channels/popup")[1]["status"] == "ready", 60), server.log()
+    assert wait_for(lambda: hall_rtmp.publishing("popup"), 15) is not None, server.log()
+    popup = health(api, "popup")
+    assert popup["stream"]["fps"] == 20 and popup["workers"]["pids"] == health(api, "main")["workers"]["pids"]
+    status, task = api.post_audio(wav(2.0), path="/channels/popup/generate_video")
+    assert status == 202, task
+    deadline = time.monotonic() + 60
+    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
+    assert got["status"] == "done", got
+
+    status, deleted = api.request("DELETE", "/channels/popup")
+    assert status == 200 and deleted == {"name": "popup", "status": "stopped"}
+    assert wait_for(lambda: not hall_rtmp.publishing("popup"), 10) is not None  # its FFmpeg flushed and left
+    assert api.request("GET", "/channels/popup/health")[0] == 404
+    assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
+    main = health(api, "main")
+    assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
+    assert hall_rtmp.publishing("hall") and rtmp_server.publishing("main-ch")
