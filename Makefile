@@ -5,7 +5,7 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup lint rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test setup lint format rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -28,10 +28,16 @@ test: setup
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## format: reformat the tree (what make test checks)
+format: setup
+	$(VENV)/bin/ruff format .
 
 rtmp-start:
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start

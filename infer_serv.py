@@ -34,8 +34,12 @@ logger = logging.getLogger("latentsync.serve")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse the command line (see module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
-                        help="YAML config file (default: configs/server.yaml)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
+        help="YAML config file (default: configs/server.yaml)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. stream.fps=30")
     return parser.parse_args(argv)
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if not stop.is_set():
             logger.info(
                 "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
-                redact_rtmp_url(config.stream.rtmp_url), config.server.host, config.server.port,
+                redact_rtmp_url(config.stream.rtmp_url),
+                config.server.host,
+                config.server.port,
             )
             sd_notify("READY=1")
 

@@ -126,8 +126,16 @@ def cache_key(video: str | Path, settings: AvatarSettings) -> str:
 
 #: Arrays stored in a cache directory, each as ``<name>.npy``.
 _ARRAYS = (
-    "frames", "faces", "affines", "landmarks", "aligned_landmarks", "boxes", "found", "pasteable", "mask",
-)  # fmt: skip
+    "frames",
+    "faces",
+    "affines",
+    "landmarks",
+    "aligned_landmarks",
+    "boxes",
+    "found",
+    "pasteable",
+    "mask",
+)
 
 
 class Avatar:
@@ -338,8 +346,7 @@ def _prepare_into(folder: Path, video: Path, settings: AvatarSettings, key: str,
         "num_frames": n,
         "frame_size": [int(clip.frames.shape[2]), int(clip.frames.shape[1])],
         "faces_found": int(track.num_found),
-        "face_width_px": {"min": float(widths.min()), "median": float(np.median(widths)),
-                          "max": float(widths.max())},
+        "face_width_px": {"min": float(widths.min()), "median": float(np.median(widths)), "max": float(widths.max())},
         "decode_s": round(t_decode, 3),
         "prepare_s": round(time.monotonic() - t0, 3),
     }

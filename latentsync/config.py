@@ -308,13 +308,24 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
     """
     out = {DEFAULT_CHANNEL: dataclasses.replace(config, channels=[])}
     for ch in config.channels:
-        stream_values = {k: getattr(ch, k) for k in ("rtmp_url", "fps", "idle_audio", "idle_pingpong",
-                                                     "crossfade_frames", "video_bitrate_kbps", "record_path")
-                         if getattr(ch, k) is not None}  # fmt: skip
+        stream_values = {
+            k: getattr(ch, k)
+            for k in (
+                "rtmp_url",
+                "fps",
+                "idle_audio",
+                "idle_pingpong",
+                "crossfade_frames",
+                "video_bitrate_kbps",
+                "record_path",
+            )
+            if getattr(ch, k) is not None
+        }
         if ch.width is not None or ch.height is not None:
             stream_values.update(width=ch.width, height=ch.height)
-        avatar = dataclasses.replace(config.avatar, **{k: getattr(ch, k) for k in ("idle_video", "video")
-                                                       if getattr(ch, k) is not None})  # fmt: skip
+        avatar = dataclasses.replace(
+            config.avatar, **{k: getattr(ch, k) for k in ("idle_video", "video") if getattr(ch, k) is not None}
+        )
         if ch.idle_video is not None and ch.video is None:  # its own idle video is its base video too
             avatar = dataclasses.replace(avatar, video=None)
         stream = dataclasses.replace(config.stream, **stream_values)
@@ -404,24 +415,40 @@ def validate(config: AppConfig) -> None:
     """
     s = config.stream
     _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
-    _check(is_loopback_host(config.server.host) or config.api.token is not None
-           or config.server.allow_public_without_token, "server.host", config.server.host,
-           "a loopback address unless api.token is set (or server.allow_public_without_token: true)")  # fmt: skip
+    _check(
+        is_loopback_host(config.server.host)
+        or config.api.token is not None
+        or config.server.allow_public_without_token,
+        "server.host",
+        config.server.host,
+        "a loopback address unless api.token is set (or server.allow_public_without_token: true)",
+    )
     for origin in config.api.allowed_origins:
-        _check(_ORIGIN_RE.fullmatch(origin) is not None, "api.allowed_origins", origin,
-               "origins like https://studio.example.com (scheme://host[:port], no path)")  # fmt: skip
+        _check(
+            _ORIGIN_RE.fullmatch(origin) is not None,
+            "api.allowed_origins",
+            origin,
+            "origins like https://studio.example.com (scheme://host[:port], no path)",
+        )
     _check(s.rtmp_url.startswith(("rtmp://", "rtmps://")), "stream.rtmp_url", "<hidden>", "an rtmp:// URL")
     _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
-    _check(s.audio_sample_rate in AAC_SAMPLE_RATES_HZ, "stream.audio_sample_rate", s.audio_sample_rate,
-           f"one of {AAC_SAMPLE_RATES_HZ}")
+    _check(
+        s.audio_sample_rate in AAC_SAMPLE_RATES_HZ,
+        "stream.audio_sample_rate",
+        s.audio_sample_rate,
+        f"one of {AAC_SAMPLE_RATES_HZ}",
+    )
     _check(s.audio_channels in (1, 2), "stream.audio_channels", s.audio_channels, "1 or 2")
     for key in ("width", "height"):
         value = getattr(s, key)
-        _check(value is None or (16 <= value <= 7680 and value % 2 == 0), f"stream.{key}", value,
-               "an even number of pixels in 16..7680 (yuv420p) or null")
+        _check(
+            value is None or (16 <= value <= 7680 and value % 2 == 0),
+            f"stream.{key}",
+            value,
+            "an even number of pixels in 16..7680 (yuv420p) or null",
+        )
     _check((s.width is None) == (s.height is None), "stream.width", s.width, "set together with stream.height")
-    _check(0 <= s.crossfade_frames <= 10 * s.fps, "stream.crossfade_frames", s.crossfade_frames,
-           f"0..{10 * s.fps}")
+    _check(0 <= s.crossfade_frames <= 10 * s.fps, "stream.crossfade_frames", s.crossfade_frames, f"0..{10 * s.fps}")
     _check(100 <= s.video_bitrate_kbps <= 50000, "stream.video_bitrate_kbps", s.video_bitrate_kbps, "100..50000")
     _check(16 <= s.audio_bitrate_kbps <= 512, "stream.audio_bitrate_kbps", s.audio_bitrate_kbps, "16..512")
     presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
@@ -429,16 +456,28 @@ def validate(config: AppConfig) -> None:
     _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
     _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")
-    _check(0 < s.restart_backoff_min_s <= s.restart_backoff_max_s <= 300, "stream.restart_backoff_min_s",
-           s.restart_backoff_min_s, "0 < min <= stream.restart_backoff_max_s <= 300")
+    _check(
+        0 < s.restart_backoff_min_s <= s.restart_backoff_max_s <= 300,
+        "stream.restart_backoff_min_s",
+        s.restart_backoff_min_s,
+        "0 < min <= stream.restart_backoff_max_s <= 300",
+    )
     for key in ("idle_video", "video"):
         value = getattr(config.avatar, key)
         _check(value is None or Path(value).is_file(), f"avatar.{key}", value, "an existing video file or null")
-    _check(config.engine.workers is None or 1 <= config.engine.workers <= 64, "engine.workers",
-           config.engine.workers, "1..64 or null")
+    _check(
+        config.engine.workers is None or 1 <= config.engine.workers <= 64,
+        "engine.workers",
+        config.engine.workers,
+        "1..64 or null",
+    )
     e = config.engine
-    _check(e.device is None or e.device == "cpu" or e.device.startswith("cuda"), "engine.device", e.device,
-           "cpu, cuda, cuda:N or null")
+    _check(
+        e.device is None or e.device == "cpu" or e.device.startswith("cuda"),
+        "engine.device",
+        e.device,
+        "cpu, cuda, cuda:N or null",
+    )
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
     _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
     validate_latentsync(e.latentsync)
@@ -455,15 +494,23 @@ def validate(config: AppConfig) -> None:
     _check(1.0 <= ss.max_buffered_s <= 600, "speech_stream.max_buffered_s", ss.max_buffered_s, "1..600")
     _check(0.5 <= ss.idle_timeout_s <= 600, "speech_stream.idle_timeout_s", ss.idle_timeout_s, "0.5..600")
     _check(1 <= ss.max_text_chars <= 100000, "speech_stream.max_text_chars", ss.max_text_chars, "1..100000")
-    _check(re.fullmatch(r"[A-Za-z0-9_+\-/]{1,40}", ss.tts_voice) is not None, "speech_stream.tts_voice",
-           ss.tts_voice, "an espeak-ng voice name like en, en-us, de")  # fmt: skip
+    _check(
+        re.fullmatch(r"[A-Za-z0-9_+\-/]{1,40}", ss.tts_voice) is not None,
+        "speech_stream.tts_voice",
+        ss.tts_voice,
+        "an espeak-ng voice name like en, en-us, de",
+    )
     _check(80 <= ss.tts_rate_wpm <= 450, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, "80..450")
     _check(0.5 <= ss.tts_timeout_s <= 120, "speech_stream.tts_timeout_s", ss.tts_timeout_s, "0.5..120")
     _check(0 <= ss.start_margin_s <= 5, "speech_stream.start_margin_s", ss.start_margin_s, "0..5")
     w = config.webrtc
     _check(1 <= w.max_viewers <= 64, "webrtc.max_viewers", w.max_viewers, "1..64")
-    _check(64 <= w.max_height <= 4320 and w.max_height % 2 == 0, "webrtc.max_height", w.max_height,
-           "an even number of rows in 64..4320")
+    _check(
+        64 <= w.max_height <= 4320 and w.max_height % 2 == 0,
+        "webrtc.max_height",
+        w.max_height,
+        "an even number of rows in 64..4320",
+    )
     _check(100 <= w.video_bitrate_kbps <= 50000, "webrtc.video_bitrate_kbps", w.video_bitrate_kbps, "100..50000")
     _check(0.1 <= w.keyframe_interval_s <= 10, "webrtc.keyframe_interval_s", w.keyframe_interval_s, "0.1..10")
     _check(0.1 <= w.viewer_queue_s <= 10, "webrtc.viewer_queue_s", w.viewer_queue_s, "0.1..10")
@@ -481,16 +528,28 @@ def validate(config: AppConfig) -> None:
 def _validate_channels(config: AppConfig) -> None:
     """Names, limits and each channel's own stream/avatar values (the message names the channel)."""
     _check(1 <= config.max_channels <= 256, "max_channels", config.max_channels, "1..256")
-    _check(len(config.channels) + 1 <= config.max_channels, "channels", f"{len(config.channels) + 1} channels",
-           f"at most max_channels = {config.max_channels} (main included)")  # fmt: skip
+    _check(
+        len(config.channels) + 1 <= config.max_channels,
+        "channels",
+        f"{len(config.channels) + 1} channels",
+        f"at most max_channels = {config.max_channels} (main included)",
+    )
     names = {DEFAULT_CHANNEL}
     urls = {config.stream.rtmp_url}
     for i, ch in enumerate(config.channels):
         key = f"channels[{i}]"
-        _check(CHANNEL_NAME_RE.fullmatch(ch.name) is not None, f"{key}.name", ch.name,
-               "lower-case letters, digits, - and _ (1..32, starting with a letter or digit)")  # fmt: skip
-        _check(ch.name not in names, f"{key}.name", ch.name,
-               f"a name not used by another channel ({DEFAULT_CHANNEL!r} is the top-level stream)")  # fmt: skip
+        _check(
+            CHANNEL_NAME_RE.fullmatch(ch.name) is not None,
+            f"{key}.name",
+            ch.name,
+            "lower-case letters, digits, - and _ (1..32, starting with a letter or digit)",
+        )
+        _check(
+            ch.name not in names,
+            f"{key}.name",
+            ch.name,
+            f"a name not used by another channel ({DEFAULT_CHANNEL!r} is the top-level stream)",
+        )
         names.add(ch.name)
         _check(ch.rtmp_url is not None, f"{key}.rtmp_url", None, "the channel's own rtmp:// URL")
         _check(ch.rtmp_url not in urls, f"{key}.rtmp_url", "<hidden>", "a URL no other channel pushes to")
@@ -536,11 +595,19 @@ def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync"
     _check(isinstance(ls.dtype, DType), f"{section}.dtype", ls.dtype, f"one of {[d.value for d in DType]}")
     steps, scale = ls.inference_steps, ls.guidance_scale
     low, high = INFERENCE_STEPS_RANGE
-    _check(isinstance(steps, int) and not isinstance(steps, bool) and low <= steps <= high,
-           f"{section}.inference_steps", steps, f"an integer in {low}..{high}")  # fmt: skip
+    _check(
+        isinstance(steps, int) and not isinstance(steps, bool) and low <= steps <= high,
+        f"{section}.inference_steps",
+        steps,
+        f"an integer in {low}..{high}",
+    )
     low, high = GUIDANCE_SCALE_RANGE
-    _check(isinstance(scale, int | float) and not isinstance(scale, bool) and low <= scale <= high,
-           f"{section}.guidance_scale", scale, f"{low:g}..{high:g}")  # fmt: skip
+    _check(
+        isinstance(scale, int | float) and not isinstance(scale, bool) and low <= scale <= high,
+        f"{section}.guidance_scale",
+        scale,
+        f"{low:g}..{high:g}",
+    )
     _check(isinstance(ls.seed, int) and not isinstance(ls.seed, bool), f"{section}.seed", ls.seed, "an integer")
 
 

@@ -88,9 +88,7 @@ def check_whisper(path: Path) -> Report:
         report.problems.append(str(exc))
         return report
     if encoder.dims != WhisperDims():
-        report.problems.append(
-            f"not Whisper tiny: encoder dims {encoder.dims}, LatentSync 1.0 needs {WhisperDims()}"
-        )
+        report.problems.append(f"not Whisper tiny: encoder dims {encoder.dims}, LatentSync 1.0 needs {WhisperDims()}")
     else:
         report.notes.append(f"tiny encoder: {encoder.dims}")
     return report
@@ -110,9 +108,7 @@ def check_vae(folder: Path) -> Report:
     report = Report("VAE", folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        report.problems.append(
-            f"missing {config_path} (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse)"
-        )
+        report.problems.append(f"missing {config_path} (a diffusers AutoencoderKL folder, e.g. sd-vae-ft-mse)")
         return report
     try:
         config = json.loads(config_path.read_text())
@@ -172,9 +168,7 @@ def check_vae(folder: Path) -> Report:
         if k in renamed and tuple(d for d in renamed[k] if d != 1) != tuple(d for d in expected[k] if d != 1)
     ]
     if missing:
-        report.problems.append(
-            f"{weights.name}: {len(missing)} missing tensor(s), first: {', '.join(missing[:5])}"
-        )
+        report.problems.append(f"{weights.name}: {len(missing)} missing tensor(s), first: {', '.join(missing[:5])}")
     if mismatched:
         report.problems.append(
             f"{weights.name}: {len(mismatched)} shape mismatch(es), first: {'; '.join(mismatched[:5])}"

@@ -27,8 +27,12 @@ DEFAULT_AUDIO = ROOT / "tests" / "data" / "media" / "audio" / "demo1_audio.wav"
 def _crop(frame: np.ndarray, box: np.ndarray, side_px: int) -> np.ndarray:
     x0, y0, x1, y1 = box
     cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2 + 0.1 * (y1 - y0), 0.75 * max(x1 - x0, y1 - y0)
-    m = np.array([[side_px / (2 * half), 0, -(cx - half) * side_px / (2 * half)],
-                  [0, side_px / (2 * half), -(cy - half) * side_px / (2 * half)]])
+    m = np.array(
+        [
+            [side_px / (2 * half), 0, -(cx - half) * side_px / (2 * half)],
+            [0, side_px / (2 * half), -(cy - half) * side_px / (2 * half)],
+        ]
+    )
     size = (side_px, side_px)
     return cv2.warpAffine(frame, m, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
 

@@ -219,26 +219,54 @@ def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[E
     add("text.wav", text.encode(), 400, "not_audio", "a text file named .wav")
     add("image.png", png_bytes(rng), 400, "not_audio", "a 64x64 PNG image")
     full = wav_bytes(mono, rate)
-    add("truncated.wav", full[: 44 + int(0.5 * rate) * 2], 202, None,
-        "WAV header claiming 7.1 s, cut after 0.5 s of samples (decodes to 0.5 s)", 0.5)
+    add(
+        "truncated.wav",
+        full[: 44 + int(0.5 * rate) * 2],
+        202,
+        None,
+        "WAV header claiming 7.1 s, cut after 0.5 s of samples (decodes to 0.5 s)",
+        0.5,
+    )
     two_s = mono[: 2 * rate]
-    add("lying_header_4gb.wav", lying_header_wav(two_s, rate, 0xFFFFFFFF - 64), 202, None,
-        "WAV header claiming ~4 GB of samples; holds 2 s (decodes to 2 s)", 2.0)
+    add(
+        "lying_header_4gb.wav",
+        lying_header_wav(two_s, rate, 0xFFFFFFFF - 64),
+        202,
+        None,
+        "WAV header claiming ~4 GB of samples; holds 2 s (decodes to 2 s)",
+        2.0,
+    )
     # Unusual but valid WAV formats.
     u8 = ((mono.astype(np.int32) >> 8) + 128).astype(np.uint8)
     add("pcm_u8.wav", wav_bytes(u8, rate, sample_width=1), 202, None, "8-bit unsigned PCM, 48 kHz mono", speech_s)
-    add("float32.wav", float_wav_bytes(mono.astype(np.float32) / 32768.0, rate), 202, None,
-        "32-bit IEEE float, 48 kHz mono", speech_s)
+    add(
+        "float32.wav",
+        float_wav_bytes(mono.astype(np.float32) / 32768.0, rate),
+        202,
+        None,
+        "32-bit IEEE float, 48 kHz mono",
+        speech_s,
+    )
     add_encoded("96k_6ch.wav", "16-bit PCM, 96 kHz, 6 channels (5.1)", "-ac", "6", "-ar", "96000", "-c:a", "pcm_s16le")
     # Lengths at and beyond the limits.
-    add("tiny_10ms.wav", wav_bytes(mono[rate // 2 : rate // 2 + rate // 100], rate), 400, "too_short",
-        "0.01 s (under one 25 fps frame)")
+    add(
+        "tiny_10ms.wav",
+        wav_bytes(mono[rate // 2 : rate // 2 + rate // 100], rate),
+        400,
+        "too_short",
+        "0.01 s (under one 25 fps frame)",
+    )
     short, short_rate = read_wav(short_path)
     short8 = np.frombuffer(_resample_s16(short[:, 0], short_rate, LONG_CLIP_RATE_HZ), "<i2")
     reps = -(-LONG_CLIP_S * LONG_CLIP_RATE_HZ // len(short8))
     long_clip = np.tile(short8, reps)[: LONG_CLIP_S * LONG_CLIP_RATE_HZ]
-    add("long_20min.wav", wav_bytes(long_clip, LONG_CLIP_RATE_HZ), 400, "too_long",
-        "20 minutes, 8 kHz mono 16-bit (~19 MB: rejected for its length, not its size)")
+    add(
+        "long_20min.wav",
+        wav_bytes(long_clip, LONG_CLIP_RATE_HZ),
+        400,
+        "too_long",
+        "20 minutes, 8 kHz mono 16-bit (~19 MB: rejected for its length, not its size)",
+    )
     # Good compressed formats.
     add_encoded("good.mp3", "MP3 (libmp3lame, 128 kb/s)", "-c:a", "libmp3lame", "-b:a", "128k")
     add_encoded("good.ogg", "Ogg/Opus (libopus, 64 kb/s)", "-c:a", "libopus", "-b:a", "64k")
@@ -248,33 +276,58 @@ def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[E
     add_encoded("good.webm", "WebM/Opus (what a browser's MediaRecorder makes)", "-c:a", "libopus", "-b:a", "64k")
     # Hostile uploads: files that make FFmpeg read something other than themselves. Each "reads"
     # a real target (a permissive FFmpeg decodes audio through it); the server must read nothing.
-    wav_target, m4a_target, aac_target = (speech_path.resolve(), (out_dir / "good.m4a").resolve(),
-                                          (out_dir / "good.aac").resolve())  # fmt: skip
+    wav_target, m4a_target, aac_target = (
+        speech_path.resolve(),
+        (out_dir / "good.m4a").resolve(),
+        (out_dir / "good.aac").resolve(),
+    )
 
     def hostile(name: str, content: bytes, what: str, reads: Path | str | None) -> None:
         (out_dir / name).write_bytes(content)
         entries.append(Entry(name, 400, "not_audio", None, len(content), what, None if reads is None else str(reads)))
 
-    hostile("ffconcat_fifo.txt", b"ffconcat version 1.0\nfile video-0.fifo\n",
-            "ffconcat list naming the stream's video FIFO beside the upload (issue 10's payload)", None)
-    hostile("ffconcat_abs.txt", f"ffconcat version 1.0\nfile '{wav_target}'\n".encode(),
-            "ffconcat list naming a local WAV by absolute path", wav_target)
-    hostile("ffconcat_file_url.ffconcat", f"ffconcat version 1.0\nfile 'file:{wav_target}'\n".encode(),
-            "ffconcat list naming a local WAV as a file: URL", wav_target)
-    mpd = (f'<?xml version="1.0"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
-           f'mediaPresentationDuration="PT7S" minBufferTime="PT1S" '
-           f'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011">'
-           f'<Period><AdaptationSet mimeType="audio/mp4"><Representation id="0" bandwidth="128000" codecs="mp4a.40.2" '
-           f'audioSamplingRate="48000"><BaseURL>{m4a_target}</BaseURL></Representation></AdaptationSet></Period></MPD>\n')
+    hostile(
+        "ffconcat_fifo.txt",
+        b"ffconcat version 1.0\nfile video-0.fifo\n",
+        "ffconcat list naming the stream's video FIFO beside the upload (issue 10's payload)",
+        None,
+    )
+    hostile(
+        "ffconcat_abs.txt",
+        f"ffconcat version 1.0\nfile '{wav_target}'\n".encode(),
+        "ffconcat list naming a local WAV by absolute path",
+        wav_target,
+    )
+    hostile(
+        "ffconcat_file_url.ffconcat",
+        f"ffconcat version 1.0\nfile 'file:{wav_target}'\n".encode(),
+        "ffconcat list naming a local WAV as a file: URL",
+        wav_target,
+    )
+    mpd = (
+        f'<?xml version="1.0"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
+        f'mediaPresentationDuration="PT7S" minBufferTime="PT1S" '
+        f'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011">'
+        f'<Period><AdaptationSet mimeType="audio/mp4"><Representation id="0" bandwidth="128000" codecs="mp4a.40.2" '
+        f'audioSamplingRate="48000"><BaseURL>{m4a_target}</BaseURL></Representation></AdaptationSet></Period></MPD>\n'
+    )
     hostile("dash_baseurl.mpd", mpd.encode(), "DASH manifest whose BaseURL is a local M4A's absolute path", m4a_target)
     hls = f"#EXTM3U\n#EXT-X-TARGETDURATION:8\n#EXTINF:7.1,\n{aac_target}\n#EXT-X-ENDLIST\n"
     hostile("hls_local.m3u8", hls.encode(), "HLS playlist naming a local AAC segment by absolute path", aac_target)
     hls_zero = "#EXTM3U\n#EXT-X-TARGETDURATION:8\n#EXTINF:7.1,\nfile:///dev/zero\n#EXT-X-ENDLIST\n"
     hostile("hls_dev_zero.m3u8", hls_zero.encode(), "HLS playlist naming /dev/zero", None)
-    hostile("concat_dev_zero.txt", b"ffconcat version 1.0\nfile /dev/zero\nfile /dev/zero\n",
-            "ffconcat list naming /dev/zero", None)
-    hostile("dref_external.mp4", external_dref_mp4(m4a_target.read_bytes(), m4a_target),
-            "MP4 whose only audio samples are in another file (an alis data reference to good.m4a)", m4a_target)
+    hostile(
+        "concat_dev_zero.txt",
+        b"ffconcat version 1.0\nfile /dev/zero\nfile /dev/zero\n",
+        "ffconcat list naming /dev/zero",
+        None,
+    )
+    hostile(
+        "dref_external.mp4",
+        external_dref_mp4(m4a_target.read_bytes(), m4a_target),
+        "MP4 whose only audio samples are in another file (an alis data reference to good.m4a)",
+        m4a_target,
+    )
     # Too large a request body.
     large = rng.integers(0, 256, int(large_mb * 2**20), dtype=np.uint8).tobytes()
     add("large_random.bin", large, 413, "too_large", f"{large_mb:g} MB of random bytes (over api.max_upload_mb)")
@@ -294,9 +347,26 @@ def make_corpus(out_dir: Path, large_mb: float, data_dir: Path = DATA) -> list[E
 
 def _resample_s16(samples: np.ndarray, rate_hz: int, to_rate_hz: int) -> bytes:
     """Resample mono int16 with FFmpeg; returns raw ``s16le`` bytes."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-           "-f", "s16le", "-ar", str(rate_hz), "-ac", "1", "-i", "pipe:0",
-           "-ar", str(to_rate_hz), "-f", "s16le", "pipe:1"]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-f",
+        "s16le",
+        "-ar",
+        str(rate_hz),
+        "-ac",
+        "1",
+        "-i",
+        "pipe:0",
+        "-ar",
+        str(to_rate_hz),
+        "-f",
+        "s16le",
+        "pipe:1",
+    ]
     proc = subprocess.run(cmd, input=samples.astype("<i2").tobytes(), capture_output=True, check=True, timeout=60)
     return proc.stdout
 
@@ -305,8 +375,12 @@ def main() -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--large-mb", type=float, default=60.0,
-                        help="size of the oversized random upload in MB (default 60; above api.max_upload_mb)")
+    parser.add_argument(
+        "--large-mb",
+        type=float,
+        default=60.0,
+        help="size of the oversized random upload in MB (default 60; above api.max_upload_mb)",
+    )
     args = parser.parse_args()
     entries = make_corpus(args.out_dir, args.large_mb)
     width = max(len(e.file) for e in entries)

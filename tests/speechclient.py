@@ -25,8 +25,9 @@ class SpeechClient:
         self.closed = False  # the server closed the connection
 
     def start(self, sample_rate: int = 16000, channels: int = 1, encoding: str = "s16le", **extra) -> None:
-        self.send_json({"type": "start", "sample_rate": sample_rate, "channels": channels, "encoding": encoding,
-                        **extra})  # fmt: skip
+        self.send_json(
+            {"type": "start", "sample_rate": sample_rate, "channels": channels, "encoding": encoding, **extra}
+        )
 
     def send_json(self, message: dict) -> None:
         self.ws.send(json.dumps(message))
@@ -61,8 +62,9 @@ class SpeechClient:
             seen = 0
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.closed:
-                raise AssertionError(f"no {kind} event {match} within {timeout_s} s (closed: {self.closed}); "
-                                     f"got {self.events}")
+                raise AssertionError(
+                    f"no {kind} event {match} within {timeout_s} s (closed: {self.closed}); got {self.events}"
+                )
             self.poll(min(remaining, 0.2))
 
     def stream(self, pcm: np.ndarray, rate: int, packet_s: float = 0.02, speed: float = 1.0) -> float:

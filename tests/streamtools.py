@@ -50,8 +50,9 @@ class RtmpServer:
         self.port = free_port()
         self.http_port = free_port()
         self.run_dir = run_dir
-        self.env = dict(os.environ, RTMP_PORT=str(self.port), RTMP_HTTP_PORT=str(self.http_port),
-                        RTMP_RUN_DIR=str(run_dir))
+        self.env = dict(
+            os.environ, RTMP_PORT=str(self.port), RTMP_HTTP_PORT=str(self.http_port), RTMP_RUN_DIR=str(run_dir)
+        )
         if push_url_file is not None:  # relay everything published here to the URL in that file
             self.env["RTMP_PUSH_URL_FILE"] = str(push_url_file)
 
@@ -104,7 +105,10 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "infer_serv.py"), *self.overrides],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
         )
         return self
 
@@ -161,8 +165,22 @@ class ServerProcess:
 
 def pull_stream(url: str, seconds: float, out_path: Path) -> Path:
     """Record ``seconds`` of an RTMP stream with FFmpeg (stream copy into FLV)."""
-    cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-rw_timeout", "10000000", "-i", url,
-           "-t", f"{seconds}", "-c", "copy", "-y", str(out_path)]
+    cmd = [
+        FFMPEG,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-rw_timeout",
+        "10000000",
+        "-i",
+        url,
+        "-t",
+        f"{seconds}",
+        "-c",
+        "copy",
+        "-y",
+        str(out_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, timeout=seconds + 30, check=False)
     assert proc.returncode == 0 and out_path.stat().st_size > 0, proc.stderr.decode(errors="replace")[-2000:]
     return out_path
@@ -177,8 +195,22 @@ class StreamRecorder:
 
     def __init__(self, url: str, out_path: Path, rw_timeout_s: float = 60.0, max_s: float = 120.0):
         self.out_path = out_path
-        cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-rw_timeout", str(int(rw_timeout_s * 1e6)),
-               "-i", url, "-t", str(max_s), "-c", "copy", "-y", str(out_path)]
+        cmd = [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-rw_timeout",
+            str(int(rw_timeout_s * 1e6)),
+            "-i",
+            url,
+            "-t",
+            str(max_s),
+            "-c",
+            "copy",
+            "-y",
+            str(out_path),
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def finish(self, settle_s: float = 2.5, timeout_s: float = 15.0) -> Path:
@@ -251,19 +283,75 @@ def analyse_recording(path: Path) -> Recording:
         else:
             audio = (m.group(3), int(re.search(r"(\d+) Hz", m.group(4)).group(1)))
     assert video and audio, f"recording lacks a stream:\n{info}"
-    crc = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",
-                          "-c", "copy", "-f", "framecrc", "-"], capture_output=True, timeout=60, check=True)
-    pts = np.array([int(line.split(",")[2]) for line in crc.stdout.decode().splitlines()
-                    if line and not line.startswith("#")], dtype=np.int64)
-    pcm = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
-                          "-ac", "1", "-f", "s16le", "-"], capture_output=True, timeout=60, check=True)
+    crc = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:v:0",
+            "-c",
+            "copy",
+            "-f",
+            "framecrc",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    pts = np.array(
+        [int(line.split(",")[2]) for line in crc.stdout.decode().splitlines() if line and not line.startswith("#")],
+        dtype=np.int64,
+    )
+    pcm = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-f",
+            "s16le",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     return Recording(video[0], video[1], video[2], np.sort(pts), audio[0], audio[1], len(pcm.stdout) // 2)
 
 
 def first_pts_s(path: Path, stream: str) -> float:
     """PTS of the first packet of ``stream`` ("v" or "a") in seconds (FLV time base 1/1000)."""
-    crc = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", f"0:{stream}:0",
-                          "-c", "copy", "-f", "framecrc", "-"], capture_output=True, timeout=60, check=True)
+    crc = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            f"0:{stream}:0",
+            "-c",
+            "copy",
+            "-f",
+            "framecrc",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     tb = 1 / 1000
     for line in crc.stdout.decode().splitlines():
         if line.startswith("#tb"):
@@ -281,9 +369,28 @@ def decode_recording(path: Path, sample_rate_hz: int) -> tuple[np.ndarray, float
     meta = next(gen)
     width, height = meta["size"]
     frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in gen])
-    pcm = subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
-                          "-ac", "1", "-ar", str(sample_rate_hz), "-f", "s16le", "-"],
-                         capture_output=True, timeout=60, check=True)
+    pcm = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-ar",
+            str(sample_rate_hz),
+            "-f",
+            "s16le",
+            "-",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     audio = np.frombuffer(pcm.stdout, "<i2").astype(np.float32) / 32768.0
     return frames, first_pts_s(path, "v"), audio, first_pts_s(path, "a")
 
@@ -322,8 +429,13 @@ class Api:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def post_audio(self, content: bytes | None, filename: str = "speech.wav", fields: dict | None = None,
-                   path: str = "/generate_video"):
+    def post_audio(
+        self,
+        content: bytes | None,
+        filename: str = "speech.wav",
+        fields: dict | None = None,
+        path: str = "/generate_video",
+    ):
         boundary = "----latentsync-test-boundary"
         parts = []
         for name, value in (fields or {}).items():
@@ -331,7 +443,9 @@ class Api:
         if content is not None:
             parts.append(
                 f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
-                f"Content-Type: application/octet-stream\r\n\r\n".encode() + content + b"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n".encode()
+                + content
+                + b"\r\n"
             )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"

@@ -57,12 +57,19 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=executable, args=[
-            "--headless=new", "--no-sandbox", "--allow-loopback-in-peer-connection",
-            "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
-        ])  # fmt: skip
+        browser = pw.chromium.launch(
+            executable_path=executable,
+            args=[
+                "--headless=new",
+                "--no-sandbox",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.goto(f"http://127.0.0.1:{server.port}/")

@@ -54,10 +54,16 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("channels")
     video = media_file(VIDEO)
     hall_url = hall_rtmp.url("hall")
-    server = ServerProcess([
-        f"avatar.idle_video={video}", f"stream.rtmp_url={rtmp_server.url('main-ch')}", "engine.name=parametric",
-        f'channels=[{{name: hall, rtmp_url: "{hall_url}", idle_video: "{video}"}}]', "webrtc.enabled=false",
-    ], tmp / "server.log").start()  # fmt: skip
+    server = ServerProcess(
+        [
+            f"avatar.idle_video={video}",
+            f"stream.rtmp_url={rtmp_server.url('main-ch')}",
+            "engine.name=parametric",
+            f'channels=[{{name: hall, rtmp_url: "{hall_url}", idle_video: "{video}"}}]',
+            "webrtc.enabled=false",
+        ],
+        tmp / "server.log",
+    ).start()
     server.wait_healthy()
     server.wait_engine_ready()
     api = Api(server.port)
@@ -92,17 +98,25 @@ def test_channels_are_listed_and_routed_and_unknown_ones_are_404(two_channels):
     assert server.health()[1]["channel"] == "main"  # the old path is channel main
     main, hall = health(api, "main"), health(api, "hall")
     assert main["ffmpeg_pid"] != hall["ffmpeg_pid"] and main["workers"]["pids"] == hall["workers"]["pids"]
-    for method, path in (("GET", "/channels/nope/health"), ("GET", "/channels/nope/tasks"),
-                         ("GET", "/channels/nope/tasks/x"), ("DELETE", "/channels/nope/tasks/x"),
-                         ("GET", "/channels/nope/events")):  # fmt: skip
+    for method, path in (
+        ("GET", "/channels/nope/health"),
+        ("GET", "/channels/nope/tasks"),
+        ("GET", "/channels/nope/tasks/x"),
+        ("DELETE", "/channels/nope/tasks/x"),
+        ("GET", "/channels/nope/events"),
+    ):
         status, body = api.request(method, path)
         assert status == 404 and body["error"]["code"] == "no_channel", (path, body)
     status, body = api.post_audio(wav(1.0), path="/channels/nope/generate_video")
     assert status == 404 and body["error"]["code"] == "no_channel"
     with urllib.request.urlopen(f"{api.base}/metrics", timeout=10) as r:
         text = r.read().decode()
-    for series in ('latentsync_ticks_handled_total{channel="main"}', 'latentsync_ticks_handled_total{channel="hall"}',
-                   'latentsync_stream_state{channel="hall",state="idle"}', "latentsync_worker_restarts_total "):
+    for series in (
+        'latentsync_ticks_handled_total{channel="main"}',
+        'latentsync_ticks_handled_total{channel="hall"}',
+        'latentsync_stream_state{channel="hall",state="idle"}',
+        "latentsync_worker_restarts_total ",
+    ):
         assert series in text, series
 
 
@@ -186,14 +200,20 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     before_main = health(api, "main")
     url = hall_rtmp.url("popup")
     for body, status, code in (
-        ({"rtmp_url": url, "nope": 1}, 400, "bad_channel"), ({"rtmp_url": url, "fps": "x"}, 400, "bad_channel"),
-        ({"rtmp_url": hall_rtmp.url("hall")}, 400, "bad_channel"), ({}, 400, "bad_channel"),  # URL taken / none
+        ({"rtmp_url": url, "nope": 1}, 400, "bad_channel"),
+        ({"rtmp_url": url, "fps": "x"}, 400, "bad_channel"),
+        ({"rtmp_url": hall_rtmp.url("hall")}, 400, "bad_channel"),
+        ({}, 400, "bad_channel"),  # URL taken / none
         ({"rtmp_url": url, "idle_video": "/no/such.mp4"}, 400, "bad_channel"),
-    ):  # fmt: skip
+    ):
         got = api.request("PUT", "/channels/popup", json.dumps(body).encode(), {"Content-Type": "application/json"})
         assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
-    assert api.request("PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}',
-                       {"Content-Type": "application/json"})[1]["error"]["code"] == "channel_exists"  # fmt: skip
+    assert (
+        api.request("PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}', {"Content-Type": "application/json"})[
+            1
+        ]["error"]["code"]
+        == "channel_exists"
+    )
     assert api.request("DELETE", "/channels/main")[1]["error"]["code"] == "main_channel"
     assert api.request("DELETE", "/channels/nope")[0] == 404
     assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]

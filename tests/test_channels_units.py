@@ -28,8 +28,18 @@ class AvatarPool(FakePool):
         super().__init__()
         self.avatars: dict[int, str | None] = {}
 
-    def submit_features(self, audio_16k, deadline_s, on_done, on_error, label="features", frames=None, due_at=None,
-                        task_id=None, avatar=None):  # fmt: skip
+    def submit_features(
+        self,
+        audio_16k,
+        deadline_s,
+        on_done,
+        on_error,
+        label="features",
+        frames=None,
+        due_at=None,
+        task_id=None,
+        avatar=None,
+    ):
         super().submit_features(audio_16k, deadline_s, on_done, on_error, label, frames, due_at, task_id)
         with self.lock:
             self.avatars[id(self.jobs[-1])] = avatar
@@ -60,8 +70,18 @@ class FakeAvatar:
 def manager(pool: AvatarPool, path: str) -> tuple[TaskManager, FakePlaylist]:
     playlist = FakePlaylist()
     avatar = FakeAvatar(path)
-    tasks = TaskManager(ChannelPool(pool, path), avatar, playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                        sample_rate_hz=RATE, max_queued=4, deadline_s=5.0, generate_ahead=1)  # fmt: skip
+    tasks = TaskManager(
+        ChannelPool(pool, path),
+        avatar,
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+        generate_ahead=1,
+    )
     return tasks, playlist
 
 
@@ -109,16 +129,24 @@ def test_a_long_upload_on_one_channel_never_pushes_another_channels_deadlines():
         long_chunks = [j for j in order if j.task_id == long_task.task_id and j.kind == "chunk"]
         assert len(ahead) < len(long_chunks)  # the rest of the long upload's chunks wait behind it
         later = [j for j in pool.of(short.task_id) if j.kind == "chunk"]
-        assert all(j.due_at - first.due_at == pytest.approx(j.request.chunk_index * CHUNK_FRAMES / FPS, abs=0.5)
-                   for j in later)  # fmt: skip
+        assert all(
+            j.due_at - first.due_at == pytest.approx(j.request.chunk_index * CHUNK_FRAMES / FPS, abs=0.5) for j in later
+        )
     finally:
         shop.close()
         hall.close()
 
 
 def test_channel_configs_inherit_the_top_level_keys_and_validate_once(tmp_path):
-    config = load_config(None, ["stream.fps=30", "stream.width=256", "stream.height=456",
-                                'channels=[{name: hall, rtmp_url: "rtmp://127.0.0.1:1935/live/hall", fps: 25}]'])
+    config = load_config(
+        None,
+        [
+            "stream.fps=30",
+            "stream.width=256",
+            "stream.height=456",
+            'channels=[{name: hall, rtmp_url: "rtmp://127.0.0.1:1935/live/hall", fps: 25}]',
+        ],
+    )
     by_name = channel_configs(config)
     assert list(by_name) == ["main", "hall"]
     assert by_name["main"].stream.rtmp_url == config.stream.rtmp_url and by_name["main"].channels == []

@@ -86,8 +86,13 @@ def test_a_bad_value_stops_the_server_at_start_naming_the_key():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "infer_serv.py"), "engine.latentsync.guidance_scale=0.5"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "infer_serv.py"), "engine.latentsync.guidance_scale=0.5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "engine.latentsync.guidance_scale: 0.5 is invalid, expected 1..20" in proc.stderr + proc.stdout
 

@@ -51,8 +51,9 @@ class RecordingSink:
     """Accepts everything; optionally spends virtual time per offer, refuses every n-th offer, or
     stops the controller after a number of offers."""
 
-    def __init__(self, clock: VirtualClock | None = None, delay_s: float = 0.0, refuse_every: int = 0,
-                 stop_after: int = 0):
+    def __init__(
+        self, clock: VirtualClock | None = None, delay_s: float = 0.0, refuse_every: int = 0, stop_after: int = 0
+    ):
         self.clock = clock
         self.delay_s = delay_s
         self.refuse_every = refuse_every
@@ -80,8 +81,7 @@ class RecordingSink:
 
 def run_virtual(source, sink: RecordingSink, clock: VirtualClock, **kwargs) -> ControllerStats:
     """Run the real clock thread on virtual time until the clock or the sink ends it."""
-    controller = StreamingController(source, sink, fps=FPS, sample_rate_hz=RATE, clock=clock, wait=clock.wait,
-                                     **kwargs)
+    controller = StreamingController(source, sink, fps=FPS, sample_rate_hz=RATE, clock=clock, wait=clock.wait, **kwargs)
     sink.controller = controller
     controller.start()
     assert clock.finished.wait(10), "the controller thread did not reach the end of the virtual run"

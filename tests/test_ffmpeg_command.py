@@ -11,8 +11,16 @@ URL = "rtmp://127.0.0.1:1935/live/s3cr3t"
 
 
 def settings(**overrides) -> SinkSettings:
-    values = dict(rtmp_url=URL, fps=25, audio_sample_rate=48000, audio_channels=2, video_bitrate_kbps=1800,
-                  audio_bitrate_kbps=96, x264_preset="veryfast", keyframe_interval_s=2.0)  # fmt: skip
+    values = dict(
+        rtmp_url=URL,
+        fps=25,
+        audio_sample_rate=48000,
+        audio_channels=2,
+        video_bitrate_kbps=1800,
+        audio_bitrate_kbps=96,
+        x264_preset="veryfast",
+        keyframe_interval_s=2.0,
+    )
     values.update(overrides)
     return SinkSettings(StreamConfig(**values), width=640, height=360)
 
@@ -44,10 +52,10 @@ def test_raw_inputs_encoders_and_rtmp_output():
 
 
 def test_gop_rounds_and_never_falls_below_one_frame():
-    assert option(build_ffmpeg_command(settings(fps=30, keyframe_interval_s=0.5), Path("v"), Path("a"), 0),
-                  "-g") == "15"  # fmt: skip
-    assert option(build_ffmpeg_command(settings(fps=1, keyframe_interval_s=0.1), Path("v"), Path("a"), 0),
-                  "-g") == "1"  # fmt: skip
+    assert (
+        option(build_ffmpeg_command(settings(fps=30, keyframe_interval_s=0.5), Path("v"), Path("a"), 0), "-g") == "15"
+    )
+    assert option(build_ffmpeg_command(settings(fps=1, keyframe_interval_s=0.1), Path("v"), Path("a"), 0), "-g") == "1"
 
 
 def test_recording_goes_through_tee_with_one_file_per_run():

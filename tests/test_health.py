@@ -12,17 +12,47 @@ from latentsync.serving.metrics import COUNTERS, GAUGES, QUEUES, SPECIAL, Server
 
 def snapshot() -> HealthSnapshot:
     """Every numeric field a different value, so a metric exporting the wrong field is caught."""
-    workers = WorkersHealth(count=2, pids=(101, 102), rebuilds=3, in_flight=4, queued=5, retried=6, failed=7,
-                            completed=8, dispatches=9)  # fmt: skip
-    webrtc = WebRtcHealth(viewers=25, viewers_total=26, frames_encoded=27, keyframes=28, inbox_dropped_ticks=29,
-                          viewer_dropped_packets=30, codec="h264", width=480, height=720)  # fmt: skip
+    workers = WorkersHealth(
+        count=2, pids=(101, 102), rebuilds=3, in_flight=4, queued=5, retried=6, failed=7, completed=8, dispatches=9
+    )
+    webrtc = WebRtcHealth(
+        viewers=25,
+        viewers_total=26,
+        frames_encoded=27,
+        keyframes=28,
+        inbox_dropped_ticks=29,
+        viewer_dropped_packets=30,
+        codec="h264",
+        width=480,
+        height=720,
+    )
     return HealthSnapshot(
-        state="speaking", uptime_s=10.5, ticking=True, streaming=True, frames_emitted=11, ticks=12, late_ticks=13,
-        dropped_ticks=14, underrun_ticks=15, max_tick_lateness_ms=16.5, ffmpeg_up=True, ffmpeg_restarts=17,
-        ffmpeg_pid=18, ffmpeg_last_error="boom", engine="parametric", engine_ready=True, engine_error="no gpu",
-        on_air_task="t1", stream=StreamFormat(640, 360, 25, 48000), workers=workers, webrtc=webrtc, playlist=19,
-        tasks_waiting=20, tasks_admitted=21, tasks_final={"done": 22, "failed": 23, "cancelled": 24},
-    )  # fmt: skip
+        state="speaking",
+        uptime_s=10.5,
+        ticking=True,
+        streaming=True,
+        frames_emitted=11,
+        ticks=12,
+        late_ticks=13,
+        dropped_ticks=14,
+        underrun_ticks=15,
+        max_tick_lateness_ms=16.5,
+        ffmpeg_up=True,
+        ffmpeg_restarts=17,
+        ffmpeg_pid=18,
+        ffmpeg_last_error="boom",
+        engine="parametric",
+        engine_ready=True,
+        engine_error="no gpu",
+        on_air_task="t1",
+        stream=StreamFormat(640, 360, 25, 48000),
+        workers=workers,
+        webrtc=webrtc,
+        playlist=19,
+        tasks_waiting=20,
+        tasks_admitted=21,
+        tasks_final={"done": 22, "failed": 23, "cancelled": 24},
+    )
 
 
 def field_paths() -> set[str]:

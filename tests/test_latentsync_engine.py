@@ -232,8 +232,9 @@ def test_generate_on_gpu_half_precision(tiny_files, avatar):
 
 def test_with_avatar_shares_models_and_matches_a_fresh_engine(engine, tiny_files, avatar, tmp_path):
     """A second avatar in the same worker: same models (one copy), its own latents, same faces as alone."""
-    other_avatar = Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)),
-                                  cache_dir=tmp_path)  # fmt: skip
+    other_avatar = Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)), cache_dir=tmp_path
+    )
     assert other_avatar.key != avatar.key
     shared = engine.with_avatar(other_avatar)
     assert shared._pipeline is engine._pipeline and shared._whisper is engine._whisper

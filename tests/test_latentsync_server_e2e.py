@@ -20,8 +20,12 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny-ckpt")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoints.py"), str(out)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tiny_checkpoints.py"), str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -41,8 +45,12 @@ def engine_overrides(ckpt) -> list[str]:
 def test_latentsync_task_completes_and_frames_reach_rtmp(rtmp_server, tiny_checkpoints, tmp_path, tmp_path_factory):
     key = f"ls-{tmp_path.name}"
     server = ServerProcess(
-        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
-         f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}", *engine_overrides(tiny_checkpoints)],
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"stream.rtmp_url={rtmp_server.url(key)}",
+            f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
+            *engine_overrides(tiny_checkpoints),
+        ],
         tmp_path / "server.log",
     ).start()
     try:
@@ -70,9 +78,13 @@ def test_missing_weights_give_a_clear_startup_error(rtmp_server, tiny_checkpoint
     missing = tmp_path / "nowhere" / "latentsync_unet.pt"
     overrides = [o for o in engine_overrides(tiny_checkpoints) if not o.startswith("engine.latentsync.unet_path")]
     server = ServerProcess(
-        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url('missing')}",
-         f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}", *overrides,
-         f"engine.latentsync.unet_path={missing}"],
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"stream.rtmp_url={rtmp_server.url('missing')}",
+            f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
+            *overrides,
+            f"engine.latentsync.unet_path={missing}",
+        ],
         tmp_path / "server.log",
     ).start()
     server.proc.wait(240)

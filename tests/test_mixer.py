@@ -116,7 +116,7 @@ def test_back_to_back_programs_never_return_to_idle():
     mixer.enqueue(b)
     states = [s for s, _, _ in run(mixer, 24 + FADE)]
     assert StreamState.IDLE not in states[:24]
-    assert states[12:12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
+    assert states[12 : 12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
     assert a.events == [("first_frame", 0), ("done", 12), ("off_air", 12 + FADE)]  # faded under b's start
     assert b.events[-2:] == [("done", 12), ("off_air", 12 + FADE)]
 
@@ -191,8 +191,13 @@ def test_finished_tasks_release_their_audio():
     program.on_air(ProgramEvent.FIRST_FRAME, 0)
     program.on_air(ProgramEvent.DONE, 10)
     assert task.state is TaskState.done
-    assert task.history == [TaskState.queued, TaskState.preparing, TaskState.generating, TaskState.streaming,
-                            TaskState.done]  # fmt: skip
+    assert task.history == [
+        TaskState.queued,
+        TaskState.preparing,
+        TaskState.generating,
+        TaskState.streaming,
+        TaskState.done,
+    ]
     program.on_air(ProgramEvent.OFF_AIR, 15)  # the fade back to idle is over
     assert task.audio is None and task.to_json()["audio_duration_s"] == 0.4
     assert program.audio(0, 4).tolist() == [0, 0, 0, 0]

@@ -65,9 +65,7 @@ def test_loaded_model_runs_and_matches_source(tmp_path):
 @pytest.mark.parametrize("dtype", ["bfloat16", torch.float16, "fp32"])
 def test_target_dtype_and_channels_last(tmp_path, dtype):
     state_dict = tiny_state_dict()
-    model = load_unet(
-        save_official(tmp_path / "unet.pt", state_dict), config=TINY, dtype=dtype, channels_last=True
-    )
+    model = load_unet(save_official(tmp_path / "unet.pt", state_dict), config=TINY, dtype=dtype, channels_last=True)
     assert model.dtype == resolve_dtype(dtype, "cpu")
     assert all(p.dtype == model.dtype for p in model.parameters())
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -124,9 +122,7 @@ def test_shape_mismatches_are_named(tmp_path):
     state_dict = tiny_state_dict()
     state_dict["conv_in.weight"] = torch.zeros(32, 9, 3, 3)
     path = save_official(tmp_path / "unet.pt", state_dict)
-    with pytest.raises(
-        CheckpointError, match=r"conv_in.weight: file \(32, 9, 3, 3\) != model \(32, 13, 3, 3\)"
-    ):
+    with pytest.raises(CheckpointError, match=r"conv_in.weight: file \(32, 9, 3, 3\) != model \(32, 13, 3, 3\)"):
         load_unet(path, config=TINY)
 
 
@@ -155,9 +151,7 @@ def test_full_size_random_checkpoint_round_trip(tmp_path):
     """A random checkpoint of the real size (3.4 GB) in the official format loads through mmap."""
     shapes = {k: v.shape for k, v in UNet3DConditionModel(device="meta").state_dict().items()}
     generator = torch.Generator().manual_seed(0)
-    state_dict = {
-        k: torch.empty(shape).uniform_(-0.1, 0.1, generator=generator) for k, shape in shapes.items()
-    }
+    state_dict = {k: torch.empty(shape).uniform_(-0.1, 0.1, generator=generator) for k, shape in shapes.items()}
     path = save_official(tmp_path / "latentsync_unet.pt", state_dict, global_step=123456)
     picks = [
         "conv_in.weight",

@@ -7,8 +7,10 @@ import os
 
 from latentsync.face.native_log import NativeLogCapture
 
-ABSL = (b"W0000 00:00:1795290425.192037    9284 inference_feedback_manager.cc:114] Feedback manager "
-        b"requires a model with a single signature inference. Disabling support for feedback tensors.\n")
+ABSL = (
+    b"W0000 00:00:1795290425.192037    9284 inference_feedback_manager.cc:114] Feedback manager "
+    b"requires a model with a single signature inference. Disabling support for feedback tensors.\n"
+)
 TFLITE = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
 PRE_INIT = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
 

@@ -16,8 +16,22 @@ pytestmark = [pytest.mark.rtmp]
 
 
 def publish(url: str, seconds: float = 3.0) -> subprocess.Popen:
-    cmd = [FFMPEG, "-hide_banner", "-loglevel", "error", "-re", "-f", "lavfi", "-i", f"sine=d={seconds}",
-           "-c:a", "aac", "-f", "flv", url]  # fmt: skip
+    cmd = [
+        FFMPEG,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        f"sine=d={seconds}",
+        "-c:a",
+        "aac",
+        "-f",
+        "flv",
+        url,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

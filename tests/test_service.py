@@ -51,8 +51,12 @@ def base_overrides(rtmp_server, key: str, tmp_path_factory) -> list[str]:
 def guarded(rtmp_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guarded")
     server = ServerProcess(
-        [*base_overrides(rtmp_server, "guarded", tmp_path_factory), f"api.token={TOKEN}",
-         "api.rate_limit_per_min=2", "log.json=true"],
+        [
+            *base_overrides(rtmp_server, "guarded", tmp_path_factory),
+            f"api.token={TOKEN}",
+            "api.rate_limit_per_min=2",
+            "log.json=true",
+        ],
         tmp / "server.log",
     ).start()
     server.wait_healthy()
@@ -128,17 +132,23 @@ def test_metrics_and_health_levels(guarded):
         assert r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
     for name in (
-        "latentsync_ticks_emitted_total", "latentsync_ticks_late_total", "latentsync_ticks_dropped_total",
-        "latentsync_ticks_underrun_total", 'latentsync_stream_state{channel="main",state="idle"}',
+        "latentsync_ticks_emitted_total",
+        "latentsync_ticks_late_total",
+        "latentsync_ticks_dropped_total",
+        "latentsync_ticks_underrun_total",
+        'latentsync_stream_state{channel="main",state="idle"}',
         "latentsync_ffmpeg_restarts_total",
         'latentsync_queue_depth{channel="main",queue="tasks_waiting"}',
         'latentsync_tasks_total{channel="main",state="cancelled"}',
-        "latentsync_chunk_generation_seconds_bucket", "latentsync_time_to_first_frame_seconds_bucket",
-        "latentsync_generation_fps", "latentsync_worker_restarts_total",
-    ):  # fmt: skip
+        "latentsync_chunk_generation_seconds_bucket",
+        "latentsync_time_to_first_frame_seconds_bucket",
+        "latentsync_generation_fps",
+        "latentsync_worker_restarts_total",
+    ):
         assert name in text, name
-    emitted = float(next(line.split()[-1] for line in text.splitlines()
-                         if line.startswith("latentsync_ticks_emitted_total")))
+    emitted = float(
+        next(line.split()[-1] for line in text.splitlines() if line.startswith("latentsync_ticks_emitted_total"))
+    )
     assert emitted > 0
     for query in ("", "?ready=1", "?live=1"):
         with urllib.request.urlopen(f"{api.base}/health{query}", timeout=5) as r:
@@ -165,8 +175,9 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("cannot mount a tmpfs for the full-disk test (needs root)")
         pytest.skip("cannot mount a tmpfs (needs root)")
-    server = ServerProcess(base_overrides(rtmp_server, "diskfull", tmp_path_factory), tmp_path / "server.log",
-                           tmpdir=tmpfs_dir).start()
+    server = ServerProcess(
+        base_overrides(rtmp_server, "diskfull", tmp_path_factory), tmp_path / "server.log", tmpdir=tmpfs_dir
+    ).start()
     try:
         server.wait_healthy()
         server.wait_engine_ready()
@@ -223,8 +234,9 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
 
 def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tmp_path, tmp_path_factory):
     (tmp_path / "tmp").mkdir()
-    server = ServerProcess(base_overrides(rtmp_server, "sigterm", tmp_path_factory), tmp_path / "server.log",
-                           tmpdir=tmp_path / "tmp").start()
+    server = ServerProcess(
+        base_overrides(rtmp_server, "sigterm", tmp_path_factory), tmp_path / "server.log", tmpdir=tmp_path / "tmp"
+    ).start()
     server.wait_healthy()
     server.wait_engine_ready()
     api = Api(server.port)
@@ -245,13 +257,19 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
     port = free_port()
     (tmp_path / "tmp").mkdir()
     env = dict(
-        os.environ, TMPDIR=str(tmp_path / "tmp"),
+        os.environ,
+        TMPDIR=str(tmp_path / "tmp"),
         LATENTSYNC_OVERRIDES=" ".join([f"server.port={port}", *base_overrides(rtmp_server, "guni", tmp_path_factory)]),
-    )  # fmt: skip
+    )
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen([str(gunicorn), "-c", "configs/gunicorn.conf.py", "latentsync.serving.app:create_app()"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(gunicorn), "-c", "configs/gunicorn.conf.py", "latentsync.serving.app:create_app()"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     server = ServerProcess([], tmp_path / "gunicorn.log")
     server.port = port
     server.proc = proc
@@ -269,8 +287,10 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
         assert ws.wait("done", 30)["status"] == "done"
         ws.close()
         health = server.health()[1]
-        worker_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                                      text=True).stdout.split()]  # fmt: skip
+        worker_pids = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        ]
         assert len(worker_pids) == 1, worker_pids  # exactly one gunicorn worker process
         children = children_of(health) + worker_pids
         t = time.monotonic()
@@ -290,9 +310,12 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
 def test_sigterm_during_a_long_first_start_still_exits_within_10_s(rtmp_server, tmp_path):
     # A fresh avatar cache: face preparation of the 10 s base video takes far longer than the stop budget.
     server = ServerProcess(
-        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
-         f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
-         f"avatar.cache_dir={tmp_path / 'avatars'}", f"stream.rtmp_url={rtmp_server.url('slowstart')}"],
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
+            f"avatar.cache_dir={tmp_path / 'avatars'}",
+            f"stream.rtmp_url={rtmp_server.url('slowstart')}",
+        ],
         tmp_path / "server.log",
     ).start()
     server.wait_healthy()  # streaming the idle loop while the avatar is still being prepared

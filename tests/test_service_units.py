@@ -112,15 +112,34 @@ def test_origin_check_allows_scripts_our_loopback_pages_and_listed_origins_only(
 
 
 def test_public_health_tells_the_state_only():
-    body = {"state": "speaking", "ticking": True, "ffmpeg_up": True, "engine_ready": True, "uptime_s": 3.0,
-            "ffmpeg_pid": 42, "on_air_task": "t1", "ffmpeg_last_error": "x", "workers": {"pids": [43]}}
+    body = {
+        "state": "speaking",
+        "ticking": True,
+        "ffmpeg_up": True,
+        "engine_ready": True,
+        "uptime_s": 3.0,
+        "ffmpeg_pid": 42,
+        "on_air_task": "t1",
+        "ffmpeg_last_error": "x",
+        "workers": {"pids": [43]},
+    }
     assert public_health(body) == {k: body[k] for k in PUBLIC_HEALTH_KEYS}
 
 
 UNIT = Path(__file__).resolve().parents[1] / "scripts" / "latentsync-realtime.service"
-HARDENING = ("ProtectSystem=strict", "ProtectHome=true", "PrivateTmp=true", "UMask=0077", "CapabilityBoundingSet=",
-             "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "SystemCallFilter=@system-service",
-             "ProtectProc=invisible", "NoNewPrivileges=true", "User=latentsync", "NotifyAccess=all")
+HARDENING = (
+    "ProtectSystem=strict",
+    "ProtectHome=true",
+    "PrivateTmp=true",
+    "UMask=0077",
+    "CapabilityBoundingSet=",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    "SystemCallFilter=@system-service",
+    "ProtectProc=invisible",
+    "NoNewPrivileges=true",
+    "User=latentsync",
+    "NotifyAccess=all",
+)
 
 
 def test_unit_file_is_hardened_and_verifies(tmp_path):
@@ -134,7 +153,8 @@ def test_unit_file_is_hardened_and_verifies(tmp_path):
     local.write_text(UNIT.read_text().replace("/opt/latentsync-realtime", str(UNIT.parents[1])))
     verify = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     assert verify.returncode == 0 and not (verify.stdout + verify.stderr).strip(), verify.stdout + verify.stderr
-    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(local)], capture_output=True,
-                              text=True, timeout=60)  # fmt: skip
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", str(local)], capture_output=True, text=True, timeout=60
+    )
     exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
     assert exposure and float(exposure.group(1)) <= 2.5, security.stdout[-2000:]

@@ -108,8 +108,7 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
     env_ref, env_rec = rms_envelope(reference, hop), rms_envelope(audio, hop)
     env_ref_z = (env_ref - env_ref.mean()) / env_ref.std()
     scores = [
-        np.corrcoef(env_ref_z, env_rec[k : k + len(env_ref)])[0, 1]
-        for k in range(0, len(env_rec) - len(env_ref) + 1)
+        np.corrcoef(env_ref_z, env_rec[k : k + len(env_ref)])[0, 1] for k in range(0, len(env_rec) - len(env_ref) + 1)
     ]
     start = int(np.argmax(scores))
     assert scores[start] >= 0.9, f"speech not found in the stream audio (best r = {max(scores):.2f})"
@@ -132,10 +131,12 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
     # own audio envelope, per video frame, best lag in [-1, 1] frames.
     sel = np.flatnonzero((t >= speech_t0) & (t <= speech_t1 - 1 / FPS))
     per_frame = RATE // FPS
-    env_frames = np.array([
-        np.sqrt(np.mean(audio[max(0, int((t[j] - a0) * RATE)) : max(0, int((t[j] - a0) * RATE)) + per_frame] ** 2))
-        for j in sel
-    ])
+    env_frames = np.array(
+        [
+            np.sqrt(np.mean(audio[max(0, int((t[j] - a0) * RATE)) : max(0, int((t[j] - a0) * RATE)) + per_frame] ** 2))
+            for j in sel
+        ]
+    )
     mouth = opening[sel]
 
     def corr(lag: int) -> float:

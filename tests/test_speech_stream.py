@@ -35,8 +35,18 @@ class FramesAvatar(FakeAvatar):
 @pytest.fixture
 def streams():
     pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(pool, FramesAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0, generate_ahead=1)  # fmt: skip
+    manager = TaskManager(
+        pool,
+        FramesAvatar(),
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+        generate_ahead=1,
+    )
     yield SpeechStreams(manager, StreamLimits(max_open=2, max_buffered_s=4.0, idle_timeout_s=30.0), LOOKAHEAD), pool
     manager.close()
 
@@ -197,8 +207,17 @@ def test_starved_audio_inserts_moving_gap_frames_and_speech_resumes_in_sync(stre
 def test_jitter_buffer_uses_the_arrival_rate():
     now = [100.0]
     pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(pool, FramesAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0)  # fmt: skip
+    manager = TaskManager(
+        pool,
+        FramesAvatar(),
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+    )
     speech = SpeechStreams(manager, StreamLimits(idle_timeout_s=60.0), LOOKAHEAD)
     try:
         u = speech.open()

@@ -124,8 +124,9 @@ def test_pcm_streamed_at_real_time_plays_whole_and_in_order(server, rtmp_server,
     hop = RATE // 100
     env_ref, env_rec = rms_envelope(reference, hop), rms_envelope(audio, hop)
     env_ref_z = (env_ref - env_ref.mean()) / env_ref.std()
-    scores = [np.corrcoef(env_ref_z, env_rec[k : k + len(env_ref)])[0, 1]
-              for k in range(0, len(env_rec) - len(env_ref) + 1)]  # fmt: skip
+    scores = [
+        np.corrcoef(env_ref_z, env_rec[k : k + len(env_ref)])[0, 1] for k in range(0, len(env_rec) - len(env_ref) + 1)
+    ]
     assert max(scores) >= 0.9, f"speech not found in the stream audio (best r = {max(scores):.2f})"
     assert after["dropped_ticks"] == before["dropped_ticks"], after
     assert len(frames) > 0
@@ -236,8 +237,10 @@ def test_bad_input_gets_error_events_and_the_stream_is_unharmed(server, rtmp_ser
 def test_speak_says_three_sentences_and_rejects_bad_requests(server):
     wait_idle(server)
     api = server.api
-    post = lambda body: api.request("POST", "/speak", json.dumps(body).encode(),  # noqa: E731
-                                    {**AUTH, "Content-Type": "application/json"})  # fmt: skip
+
+    def post(body):
+        return api.request("POST", "/speak", json.dumps(body).encode(), {**AUTH, "Content-Type": "application/json"})
+
     assert post({"text": "x" * 100_000})[1]["error"]["code"] == "text_too_long"
     assert post({"text": "x" * 100_000})[0] == 413
     status, body = post({"text": "Hello.", "voice": "no-such-voice"})
@@ -249,8 +252,9 @@ def test_speak_says_three_sentences_and_rejects_bad_requests(server):
     status, body = api.request("POST", "/speak", b"{", {**AUTH, "Content-Type": "application/json"})
     assert (status, body["error"]["code"]) == (400, "bad_json")
     assert api.request("POST", "/speak", b"{}", {"Content-Type": "application/json"})[0] == 401
-    status, body = post({"text": "Good morning. This is the second sentence. And here is the third one.",
-                         "voice": "en-us", "rate": 180})  # fmt: skip
+    status, body = post(
+        {"text": "Good morning. This is the second sentence. And here is the third one.", "voice": "en-us", "rate": 180}
+    )
     assert status == 202, body
     deadline = time.monotonic() + 60
     while (t := task(server, body["task_id"]))["status"] not in ("done", "failed", "cancelled"):

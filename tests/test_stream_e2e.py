@@ -54,7 +54,11 @@ def test_idle_stream_reaches_rtmp_with_exact_timing(rtmp_server, tmp_path, video
     # stream there is as much audio as video, within one frame (AAC priming and padding included).
     audio_from_first_frame_s = recording.audio_duration_s - (v0 - a0)
     assert abs(audio_from_first_frame_s - recording.video_duration_s) <= 1 / 25, (
-        audio_from_first_frame_s, recording.video_duration_s, v0, a0)
+        audio_from_first_frame_s,
+        recording.video_duration_s,
+        v0,
+        a0,
+    )
     assert status == 200 and health["state"] == "idle"
     assert health["dropped_ticks"] == 0 and health["ffmpeg_restarts"] == 0
     # Clean shutdown: exit 0 within 10 s, FIFO directory removed, stream key never logged.
@@ -67,8 +71,11 @@ def test_second_output_through_the_tee_muxer(rtmp_server, tmp_path):
     key = f"tee-{tmp_path.name}"
     record = tmp_path / "live.mkv"
     server = ServerProcess(
-        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
-         f"stream.record_path={record}"],
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"stream.rtmp_url={rtmp_server.url(key)}",
+            f"stream.record_path={record}",
+        ],
         tmp_path / "server.log",
     ).start()
     try:

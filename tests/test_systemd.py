@@ -103,13 +103,23 @@ def start_like_systemd(tmp_path: Path, overrides: list[str], notify: Path) -> su
     """gunicorn as the unit's ExecStart, with the environment systemd gives a Type=notify service."""
     (tmp_path / "tmp").mkdir(exist_ok=True)
     env = dict(
-        os.environ, TMPDIR=str(tmp_path / "tmp"), NOTIFY_SOCKET=str(notify),
-        WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)), LATENTSYNC_OVERRIDES=" ".join(overrides),
-    )  # fmt: skip
+        os.environ,
+        TMPDIR=str(tmp_path / "tmp"),
+        NOTIFY_SOCKET=str(notify),
+        WATCHDOG_USEC=str(int(WATCHDOG_S * 1e6)),
+        LATENTSYNC_OVERRIDES=" ".join(overrides),
+    )
     gunicorn = Path(sys.executable).with_name("gunicorn")
     # WATCHDOG_PID is the main process's pid: the shell's, which exec keeps for gunicorn's master.
-    cmd = ["sh", "-c", 'export WATCHDOG_PID=$$; exec "$0" "$@"', str(gunicorn), "-c", "configs/gunicorn.conf.py",
-           "latentsync.serving.app:create_app()"]  # fmt: skip
+    cmd = [
+        "sh",
+        "-c",
+        'export WATCHDOG_PID=$$; exec "$0" "$@"',
+        str(gunicorn),
+        "-c",
+        "configs/gunicorn.conf.py",
+        "latentsync.serving.app:create_app()",
+    ]
     log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed by the caller through proc.stdout
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
@@ -166,10 +176,12 @@ class FrozenThread:
 def overrides(rtmp_server, tmp_path_factory):
     def make(key: str, *extra: str) -> list[str]:
         return [
-            f"server.port={free_port()}", f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
-            f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}", f"stream.rtmp_url={rtmp_server.url(key)}",
+            f"server.port={free_port()}",
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
+            f"stream.rtmp_url={rtmp_server.url(key)}",
             *extra,
-        ]  # fmt: skip
+        ]
 
     return make
 
@@ -226,8 +238,10 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
     text = log.read_text()
     for t, pid, message in listener.messages:
         print(f"{t:8.3f} s  pid {pid:>7}  {message}")
-    print(f"master {proc.pid}, worker {worker}; clock frozen {t_freeze:.3f} .. {t_thaw:.3f} s; "
-          f"SIGTERM took {took_s:.2f} s")
+    print(
+        f"master {proc.pid}, worker {worker}; clock frozen {t_freeze:.3f} .. {t_thaw:.3f} s; "
+        f"SIGTERM took {took_s:.2f} s"
+    )
 
     # exactly one READY=1, from the worker, once the stream was on air
     assert len(listener.times("READY=1")) == 1

@@ -52,8 +52,9 @@ class FakePool:
     cancelled: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def submit_features(self, audio_16k, deadline_s, on_done, on_error, label="features", frames=None, due_at=None,
-                        task_id=None):  # fmt: skip
+    def submit_features(
+        self, audio_16k, deadline_s, on_done, on_error, label="features", frames=None, due_at=None, task_id=None
+    ):
         with self.lock:
             self.jobs.append(FakeJob("features", task_id, due_at, on_done, on_error, frames=frames))
 
@@ -117,8 +118,18 @@ def speech(seconds: float) -> TaskAudio:
 @pytest.fixture
 def setup():
     pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(pool, FakeAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0, generate_ahead=1)  # fmt: skip
+    manager = TaskManager(
+        pool,
+        FakeAvatar(),
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+        generate_ahead=1,
+    )
     yield manager, pool, playlist
     manager.close()
 
@@ -172,8 +183,9 @@ def test_features_then_chunks_in_order_into_the_program(setup):
     for job in reversed(chunks):  # out of order: the program puts them back in order
         pool.take(job)
         r = job.request
-        job.on_done(ChunkResult(r.task_id, r.chunk_index, r.frame_indices,
-                                np.full((16, 2, 2, 3), r.chunk_index, np.uint8), 0.1))  # fmt: skip
+        job.on_done(
+            ChunkResult(r.task_id, r.chunk_index, r.frame_indices, np.full((16, 2, 2, 3), r.chunk_index, np.uint8), 0.1)
+        )
     assert task.chunks_generated == 2 and program.ready_to_start()
     assert [int(program.frame(i)[0, 0, 0]) for i in (0, 15, 16, 24)] == [0, 0, 1, 1]
 
@@ -301,8 +313,18 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
     iterations = 200
     rng = random.Random(5)
     pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(pool, FakeAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0, generate_ahead=0)  # fmt: skip
+    manager = TaskManager(
+        pool,
+        FakeAvatar(),
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+        generate_ahead=0,
+    )
     outcomes = {TaskState.done: 0, TaskState.failed: 0, TaskState.cancelled: 0}
     try:
         for i in range(iterations):
@@ -334,8 +356,12 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
             for t in threads:
                 t.join(5.0)
             final = task.state
-            assert final in FINAL_STATES and task.history[:4] == [TaskState.queued, TaskState.preparing,
-                                                                  TaskState.generating, TaskState.streaming], i
+            assert final in FINAL_STATES and task.history[:4] == [
+                TaskState.queued,
+                TaskState.preparing,
+                TaskState.generating,
+                TaskState.streaming,
+            ], i
             assert len(task.history) == 5 and task.history[-1] is final, (i, task.history)
             assert (task.error == "chunk failed: boom") == (final is TaskState.failed), (i, task.error)
             assert pool.of(task.task_id) == [] or final is TaskState.done, i  # cancel and fail drop its jobs

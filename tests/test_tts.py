@@ -45,8 +45,17 @@ def test_espeak_speaks_each_sentence_and_refuses_unknown_voices(espeak):
 
 def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
     pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(pool, FramesAvatar(), playlist.enqueue, playlist.interrupt, lambda: 0, fps=FPS,
-                          sample_rate_hz=RATE, max_queued=4, deadline_s=5.0)  # fmt: skip
+    manager = TaskManager(
+        pool,
+        FramesAvatar(),
+        playlist.enqueue,
+        playlist.interrupt,
+        lambda: 0,
+        fps=FPS,
+        sample_rate_hz=RATE,
+        max_queued=4,
+        deadline_s=5.0,
+    )
     streams = SpeechStreams(manager, StreamLimits(), 2)
     errors = []
     try:

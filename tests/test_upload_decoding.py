@@ -33,15 +33,38 @@ def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 
 def hostile(entries: list[dict]) -> list[dict]:
-    return [e for e in entries if e["status"] == 400 and e["code"] == "not_audio" and e["file"].endswith(
-        (".txt", ".ffconcat", ".mpd", ".m3u8", ".mp4"))]
+    return [
+        e
+        for e in entries
+        if e["status"] == 400
+        and e["code"] == "not_audio"
+        and e["file"].endswith((".txt", ".ffconcat", ".mpd", ".m3u8", ".mp4"))
+    ]
 
 
 def permissive_decode(path: Path) -> int:
     """Samples a default FFmpeg (any protocol, any demuxer) decodes from ``path``."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-           *PERMISSIVE.get(path.suffix, []), "-i", path.name, "-t", "10", "-map", "0:a:0", "-ac", "1",
-           "-ar", str(RATE_HZ), "-f", "s16le", "pipe:1"]  # fmt: skip
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        *PERMISSIVE.get(path.suffix, []),
+        "-i",
+        path.name,
+        "-t",
+        "10",
+        "-map",
+        "0:a:0",
+        "-ac",
+        "1",
+        "-ar",
+        str(RATE_HZ),
+        "-f",
+        "s16le",
+        "pipe:1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, cwd=path.parent, timeout=60, check=False)
     return len(proc.stdout) // 2
 

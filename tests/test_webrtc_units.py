@@ -148,8 +148,16 @@ def test_event_stream_is_bounded_with_a_json_503():
     assert list(third.response)[-1:] != [] and runtime.events.clients == 0
 
 
-@pytest.mark.parametrize("override", ["webrtc.max_viewers=0", "webrtc.max_height=721", "webrtc.video_codec=av1",
-                                      "ui.max_event_clients=0", "webrtc.keyframe_interval_s=0"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "webrtc.max_viewers=0",
+        "webrtc.max_height=721",
+        "webrtc.video_codec=av1",
+        "ui.max_event_clients=0",
+        "webrtc.keyframe_interval_s=0",
+    ],
+)
 def test_bad_webrtc_settings_stop_the_server_naming_the_key(override):
     from latentsync.config import ConfigError, load_config
 
@@ -164,7 +172,7 @@ def test_audio_is_encoded_once_into_20ms_opus_packets(rate):
     t = np.arange(rate * 2) / rate
     tone = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
     per_tick = rate // 25
-    packets = [p for k in range(50) for p in hub._encode_audio(opus, tone[k * per_tick:(k + 1) * per_tick])]
+    packets = [p for k in range(50) for p in hub._encode_audio(opus, tone[k * per_tick : (k + 1) * per_tick])]
     pts = np.array([p.pts for p in packets])
     assert set(np.diff(pts)) == {960} and pts[0] == 0  # 20 ms apart on the 48 kHz Opus clock
     assert 2 * 50 - 3 <= len(packets) <= 2 * 50  # 2 s in, 2 s out (the resampler/encoder hold < 60 ms)

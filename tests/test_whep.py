@@ -29,8 +29,12 @@ def server(rtmp_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whep")
     key = f"whep-{tmp.name}"
     proc = ServerProcess(
-        [f"avatar.idle_video={media_file('video/nanmote002.mp4')}", f"stream.rtmp_url={rtmp_server.url(key)}",
-         f"webrtc.max_viewers={MAX_VIEWERS}", "webrtc.max_height=456"],
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"stream.rtmp_url={rtmp_server.url(key)}",
+            f"webrtc.max_viewers={MAX_VIEWERS}",
+            "webrtc.max_height=456",
+        ],
         tmp / "server.log",
     ).start()
     proc.rtmp_url = rtmp_server.url(key)
@@ -50,12 +54,14 @@ def _json_error(body: bytes) -> dict:
 def test_protocol_answers_and_bad_input(server):
     base = server.base
     # CORS pre-flight and trickle ICE
-    status, headers, _ = http("OPTIONS", base + "/whep", None, {"Origin": "http://player.example",
-                                                                 "Access-Control-Request-Method": "POST"})
+    status, headers, _ = http(
+        "OPTIONS", base + "/whep", None, {"Origin": "http://player.example", "Access-Control-Request-Method": "POST"}
+    )
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "*"
     assert "Location" in headers["Access-Control-Expose-Headers"]
-    status, headers, body = http("PATCH", base + "/whep/abc", b"a=candidate:x", {"Content-Type":
-                                                                                "application/trickle-ice-sdpfrag"})
+    status, headers, body = http(
+        "PATCH", base + "/whep/abc", b"a=candidate:x", {"Content-Type": "application/trickle-ice-sdpfrag"}
+    )
     assert status == 405 and _json_error(body)["code"] == "no_trickle"
     # unknown session, wrong type, malformed SDP
     status, _, body = http("DELETE", base + "/whep/0123456789abcdef")
@@ -76,8 +82,9 @@ def test_protocol_answers_and_bad_input(server):
         await pc.close()
         return sdp
 
-    status, _, body = http("POST", base + "/whep", asyncio.run(no_media_offer()).encode(),
-                           {"Content-Type": "application/sdp"})
+    status, _, body = http(
+        "POST", base + "/whep", asyncio.run(no_media_offer()).encode(), {"Content-Type": "application/sdp"}
+    )
     assert status == 400 and _json_error(body)["code"] == "no_media", body
     health = json.loads(http("GET", base + "/health")[2])
     assert health["webrtc"]["viewers"] == 0 and health["state"] == "idle"
@@ -98,8 +105,9 @@ def test_viewers_get_every_tick_and_the_extra_viewer_is_refused(server):
         assert status == 429 and _json_error(body)["code"] == "too_many_viewers"
         # bad requests while they watch: refused with JSON, the viewers below still get every tick
         for method, path, data in (("POST", "/whep", b"v=0\r\nm=garbage\r\n"), ("DELETE", "/whep/nope", None)):
-            status, _, body = await asyncio.to_thread(http, method, server.base + path, data,
-                                                      {"Content-Type": "application/sdp"})
+            status, _, body = await asyncio.to_thread(
+                http, method, server.base + path, data, {"Content-Type": "application/sdp"}
+            )
             assert 400 <= status < 500 and "code" in _json_error(body)
         got = await asyncio.gather(*(v.receive(100) for v in viewers))
         statuses = [await v.close() for v in viewers]
@@ -150,19 +158,37 @@ def test_webrtc_frames_match_the_rtmp_recording(server, tmp_path):
     web = np.stack(received.frames[-10:]).astype(np.float32)  # 10 consecutive ticks, well after the keyframe
     assert web.shape[1:] == rtmp_frames.shape[1:] == (456, 256, 3)
     # slide the 10-tick run along the RTMP recording: it must sit on one run of 10 consecutive RTMP frames
-    errors = [np.abs(rtmp_frames[i:i + 10].astype(np.float32) - web).mean() for i in range(len(rtmp_frames) - 10)]
+    errors = [np.abs(rtmp_frames[i : i + 10].astype(np.float32) - web).mean() for i in range(len(rtmp_frames) - 10)]
     best = int(np.argmin(errors))
     assert errors[best] < 1.5, (best, errors[best])  # two lossy encodes of the same pixels (0..255 scale)
     # and it is that very alignment, not a similar-looking one: one tick earlier or later fits clearly worse
     neighbours = [errors[i] for i in (best - 1, best + 1) if 0 <= i < len(errors)]
-    assert errors[best] < 0.8 * min(neighbours), (best, errors[max(0, best - 2):best + 3])
+    assert errors[best] < 0.8 * min(neighbours), (best, errors[max(0, best - 2) : best + 3])
 
 
 def test_webm_opus_upload_is_accepted_and_plays(server, tmp_path):
     """What the page's microphone recorder sends (MediaRecorder: WebM/Opus) goes through the upload path."""
     webm = tmp_path / "mic.webm"
-    subprocess.run([FFMPEG, "-hide_banner", "-loglevel", "error", "-i", str(media_file("audio/7s_shan_0801_01.wav")),
-                    "-t", "1.5", "-c:a", "libopus", "-f", "webm", "-y", str(webm)], check=True, timeout=60)
+    subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-i",
+            str(media_file("audio/7s_shan_0801_01.wav")),
+            "-t",
+            "1.5",
+            "-c:a",
+            "libopus",
+            "-f",
+            "webm",
+            "-y",
+            str(webm),
+        ],
+        check=True,
+        timeout=60,
+    )
     server.wait_engine_ready()
     api = Api(server.port)
     status, body = api.post_audio(webm.read_bytes(), filename="microphone.webm")

@@ -140,9 +140,7 @@ def test_features_of_demo_audio_16k(extractor):
     assert features.shape == (480, 5, 384)
     # Row layout: 10 positions x 5 embeddings, position-major.
     torch.testing.assert_close(chunk[5].view(10, 5, 384), features[6:16], rtol=0, atol=0)
-    torch.testing.assert_close(
-        clip.frames(230, 246), slice_frame_features(features, 230, 246), rtol=0, atol=0
-    )
+    torch.testing.assert_close(clip.frames(230, 246), slice_frame_features(features, 230, 246), rtol=0, atol=0)
 
 
 def test_features_of_48k_audio_resampled(extractor):
@@ -167,9 +165,7 @@ def test_windowed_features_equal_whole_clip(extractor):
     torch.testing.assert_close(first, slice_frame_features(whole, 0, 16), rtol=0, atol=0)
     for start in range(16, frames_total, 16):
         stop = min(start + 16, frames_total)
-        torch.testing.assert_close(
-            clip.frames(start, stop), slice_frame_features(whole, start, stop), rtol=0, atol=0
-        )
+        torch.testing.assert_close(clip.frames(start, stop), slice_frame_features(whole, start, stop), rtol=0, atol=0)
     assert clip.encoded_windows == (0, 1)
     streamed = torch.cat([f for _, f in clip.iter_windows()])
     torch.testing.assert_close(streamed, whole, rtol=0, atol=0)

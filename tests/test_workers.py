@@ -18,8 +18,9 @@ from tests.datafiles import media_file
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:
-    return Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25),
-                          cache_dir=tmp_path_factory.getbasetemp() / "avatars")
+    return Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25), cache_dir=tmp_path_factory.getbasetemp() / "avatars"
+    )
 
 
 @pytest.fixture
@@ -89,11 +90,23 @@ def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(
 
         now = time.monotonic()
         # The first job goes to the free worker at once; the rest wait and leave by due time.
-        jobs = [("a", 0, now), ("late", 1, now + 50), ("soon", 1, now + 10), ("late", 2, now + 60),
-                ("soon", 2, now + 20), ("late", 3, now + 70), ("mid", 1, now + 30)]  # fmt: skip
+        jobs = [
+            ("a", 0, now),
+            ("late", 1, now + 50),
+            ("soon", 1, now + 10),
+            ("late", 2, now + 60),
+            ("soon", 2, now + 20),
+            ("late", 3, now + 70),
+            ("mid", 1, now + 30),
+        ]
         for task_id, k, due in jobs:
-            pool.submit_chunk(ChunkRequest(task_id, k, np.arange(16, dtype=np.int64), features=features), 30.0, ok,
-                              errors.append, due_at=due)  # fmt: skip
+            pool.submit_chunk(
+                ChunkRequest(task_id, k, np.arange(16, dtype=np.int64), features=features),
+                30.0,
+                ok,
+                errors.append,
+                due_at=due,
+            )
         assert pool.cancel_task("late") == 3  # all three still queued: the worker is busy with ("a", 0)
         assert pool.stats().queued == 3
         deadline = time.monotonic() + 60
@@ -107,8 +120,7 @@ def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(
 
 def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, tmp_path):
     flag = tmp_path / "fail-next-load"
-    pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1,
-                      start_timeout_s=60)  # fmt: skip
+    pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1, start_timeout_s=60)
     pool.start()
     try:
         results, done, errors = submit_all(pool, 1)
@@ -136,8 +148,9 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
 
 def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of_avatars(avatar, tmp_path):
     """Channels share the pool: each job runs on its own avatar, EDF across avatars, batches never mix them."""
-    other = Avatar.prepare(media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)),
-                           cache_dir=tmp_path)  # fmt: skip
+    other = Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)), cache_dir=tmp_path
+    )
     assert other.path != avatar.path
     pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, max_avatars=1)
     pool.start()
@@ -153,9 +166,15 @@ def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of
                 done.set()
 
         now = time.monotonic()
-        jobs = [("a", 0, now, None), ("a", 1, now + 40, None), ("b", 1, now + 10, other.path),
-                ("a", 2, now + 20, avatar.path), ("b", 2, now + 30, other.path), ("b", 3, now + 35, other.path),
-                ("a", 3, now + 60, None)]  # fmt: skip
+        jobs = [
+            ("a", 0, now, None),
+            ("a", 1, now + 40, None),
+            ("b", 1, now + 10, other.path),
+            ("a", 2, now + 20, avatar.path),
+            ("b", 2, now + 30, other.path),
+            ("b", 3, now + 35, other.path),
+            ("a", 3, now + 60, None),
+        ]
         requests = {}
         for task_id, k, due, path in jobs:
             features = rng.uniform(0, 1, (16, 2)).astype(np.float32)

@@ -69,7 +69,10 @@ class WhepViewer:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         status, headers, body = await asyncio.to_thread(
-            http, "POST", self.base_url + "/whep", self.pc.localDescription.sdp.encode(),
+            http,
+            "POST",
+            self.base_url + "/whep",
+            self.pc.localDescription.sdp.encode(),
             {"Content-Type": "application/sdp", **self.headers},
         )
         if status != 201:

@@ -211,9 +211,11 @@ class LatentSyncEngine:
         self._pipeline = pipeline
         self.load_timings_s = timings
         logger.info(
-            "latentsync engine loaded on %s (%s): %s", device, str(dtype).removeprefix("torch."),
+            "latentsync engine loaded on %s (%s): %s",
+            device,
+            str(dtype).removeprefix("torch."),
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
-        )  # fmt: skip
+        )
 
     def with_avatar(self, avatar) -> LatentSyncEngine:
         """A loaded engine for another avatar that shares this engine's models (one copy per worker).
@@ -237,8 +239,9 @@ class LatentSyncEngine:
         other = LatentSyncEngine(avatar, self.options, self._device_option)
         keep_mask = np.asarray(avatar.mask, np.float32)
         t = time.perf_counter()
-        other._latents = other._load_or_compute_latents(self._pipeline, keep_mask,
-                                                         other._latent_cache_key(self.resolve_files(), self.dtype))
+        other._latents = other._load_or_compute_latents(
+            self._pipeline, keep_mask, other._latent_cache_key(self.resolve_files(), self.dtype)
+        )
         other.device, other.dtype = self.device, self.dtype
         other._keep_mask = torch.from_numpy(np.array(keep_mask)).to(self.device)
         other._whisper = self._whisper
@@ -413,10 +416,12 @@ class LatentSyncEngine:
             guidance = self.options.guidance_scale if request.guidance_scale is None else float(request.guidance_scale)
             latents = self._latents[idx]  # (F, 2, 4, h, w) copy out of the memory map
             chunk = LipsyncChunk(
-                faces=np.asarray(self.avatar.faces[idx]), reference_latents=latents[:, 0],
-                masked_latents=latents[:, 1], audio_features=np.asarray(feats, np.float32),
+                faces=np.asarray(self.avatar.faces[idx]),
+                reference_latents=latents[:, 0],
+                masked_latents=latents[:, 1],
+                audio_features=np.asarray(feats, np.float32),
                 noise=initial_noise(seed, latents.shape[-2], latents.shape[-1], latents.shape[2]),
-            )  # fmt: skip
+            )
             prepared.append((request, idx, chunk, (steps, guidance, len(idx))))
         t_features = time.perf_counter() - t0
         results: dict[int, ChunkResult] = {}
@@ -460,8 +465,9 @@ def create(options: Mapping[str, Any] | None, avatar) -> LatentSyncEngine:
         try:
             values["dtype"] = DType(getattr(values["dtype"], "value", values["dtype"]))
         except ValueError:
-            raise ValueError(f"{CONFIG_SECTION}.dtype: {values['dtype']!r} is invalid, expected one of "
-                             f"{[d.value for d in DType]}") from None  # fmt: skip
+            raise ValueError(
+                f"{CONFIG_SECTION}.dtype: {values['dtype']!r} is invalid, expected one of {[d.value for d in DType]}"
+            ) from None
     for key in ("unet_path", "unet_config", "whisper_path", "vae_path", "scheduler_config"):
         if key in values:
             values[key] = os.fspath(values[key])

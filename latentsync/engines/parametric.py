@@ -223,8 +223,9 @@ class MouthRenderer:
         size = self.keep_mask.shape[0]
         self._yy, self._xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    def _field(self, g: _MouthGeometry, x: np.ndarray, y: np.ndarray, lower: bool, amount: float,
-               spread_px: float) -> tuple[np.ndarray, np.ndarray]:
+    def _field(
+        self, g: _MouthGeometry, x: np.ndarray, y: np.ndarray, lower: bool, amount: float, spread_px: float
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Forward displacement ``(dx, dy)`` of source points ``(x, y)`` of one lip region."""
         u = (x - g.centre_x) / (g.half_width * _LIP_SPAN)
         ell = np.clip(1.0 - u * u, 0.0, 1.0) ** _LIP_SHAPE
@@ -332,9 +333,15 @@ class MouthRenderer:
         cx, cy = int(g.centre_x), int(max(g.upper_y.min() - 1.8 * g.upper_thickness, 0))
         skin = face[max(cy - 4, 0) : cy + 4, max(cx - 12, 0) : cx + 12].reshape(-1, 3).astype(np.float32)
         light = float(np.clip(np.median(skin.mean(axis=1)) / 190.0, 0.45, 1.25))
-        lip_rgb = np.median(face[int(g.lower_y.max()) : int(g.lower_y.max() + g.lower_thickness),
-                                 int(g.centre_x - g.half_width / 2) : int(g.centre_x + g.half_width / 2)]
-                            .reshape(-1, 3).astype(np.float32), axis=0)
+        lip_rgb = np.median(
+            face[
+                int(g.lower_y.max()) : int(g.lower_y.max() + g.lower_thickness),
+                int(g.centre_x - g.half_width / 2) : int(g.centre_x + g.half_width / 2),
+            ]
+            .reshape(-1, 3)
+            .astype(np.float32),
+            axis=0,
+        )
         cavity = np.array([48.0, 18.0, 22.0]) * light
         edge = np.exp(-np.minimum(t, 1 - t) * gap / 2.0)[..., None]  # the lips' inner edge, 2 px
         colour = cavity[None, None, :] * (1 - 0.6 * edge) + 0.6 * edge * (0.5 * lip_rgb[None, None, :])
@@ -437,7 +444,9 @@ class ParametricEngine:
         faces = np.empty((len(idx), *self.avatar.faces.shape[1:]), np.uint8)
         for k, i in enumerate(idx):
             faces[k] = self._renderer.render(
-                np.asarray(self.avatar.faces[i]), self.avatar.aligned_landmarks[i], float(feats[k, 0]),
+                np.asarray(self.avatar.faces[i]),
+                self.avatar.aligned_landmarks[i],
+                float(feats[k, 0]),
                 float(feats[k, 1]),
             )
         elapsed = time.perf_counter() - t0

@@ -169,7 +169,11 @@ def warp_face(frame: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
     """
     crop = cv2.warpAffine(
-        frame, affine, TEMPLATE_SIZE, flags=cv2.INTER_LANCZOS4,
-        borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_VALUE,
+        frame,
+        affine,
+        TEMPLATE_SIZE,
+        flags=cv2.INTER_LANCZOS4,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=BORDER_VALUE,
     )
     return cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)

@@ -161,9 +161,7 @@ class FaceTracker:
     def _choose(self, faces: list[np.ndarray], frame_shape: tuple[int, ...]) -> FaceDetection | None:
         if not faces:
             return None
-        dets = [
-            FaceDetection(f[_MESH_TO_68].astype(np.float32), (*f.min(axis=0), *f.max(axis=0))) for f in faces
-        ]
+        dets = [FaceDetection(f[_MESH_TO_68].astype(np.float32), (*f.min(axis=0), *f.max(axis=0))) for f in faces]
         prev = self._previous
         if prev is not None:
             dist = [np.linalg.norm(d.center - prev.center) for d in dets]

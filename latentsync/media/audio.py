@@ -93,15 +93,34 @@ def decode_untrusted_audio(
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-            "-protocol_whitelist", "fd", "-format_whitelist", ",".join(formats), "-fd", str(fd), "-i", "fd:",
-        ]  # fmt: skip
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-protocol_whitelist",
+            "fd",
+            "-format_whitelist",
+            ",".join(formats),
+            "-fd",
+            str(fd),
+            "-i",
+            "fd:",
+        ]
         if max_duration_s is not None:
             cmd += ["-t", f"{max_duration_s:.6f}"]
         cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sample_rate_hz)), "-f", "s16le", "pipe:1"]
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=False, env={},
-                                  cwd=path.parent, pass_fds=(fd,), stdin=subprocess.DEVNULL)  # fmt: skip
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                timeout=timeout_s,
+                check=False,
+                env={},
+                cwd=path.parent,
+                pass_fds=(fd,),
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
             raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s") from None
     finally:

@@ -114,10 +114,31 @@ def ensure_default_avatar(cache_dir: str | Path) -> Path:
     tmp = path.with_suffix(f".{os.getpid()}.tmp.mp4")
     height, width = frames.shape[1:3]
     cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(CLIP_FPS), "-i", "pipe:0",
-        "-c:v", "libx264", "-crf", "16", "-preset", "medium", "-pix_fmt", "yuv420p", str(tmp),
-    ]  # fmt: skip
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{width}x{height}",
+        "-r",
+        str(CLIP_FPS),
+        "-i",
+        "pipe:0",
+        "-c:v",
+        "libx264",
+        "-crf",
+        "16",
+        "-preset",
+        "medium",
+        "-pix_fmt",
+        "yuv420p",
+        str(tmp),
+    ]
     proc = subprocess.run(cmd, input=frames.tobytes(), capture_output=True, timeout=120, check=False)
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -103,8 +103,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> UNetCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"U-Net checkpoint not found: {path} "
-            "(put the official latentsync_unet.pt there, see checkpoints/README.md)"
+            f"U-Net checkpoint not found: {path} (put the official latentsync_unet.pt there, see checkpoints/README.md)"
         )
     try:
         if zipfile.is_zipfile(path):
@@ -164,9 +163,7 @@ def check_state_dict(
         if missing:
             parts.append(f"{len(missing)} missing key(s), first: {', '.join(missing[:MAX_LISTED_KEYS])}")
         if mismatched:
-            parts.append(
-                f"{len(mismatched)} shape mismatch(es), first: {'; '.join(mismatched[:MAX_LISTED_KEYS])}"
-            )
+            parts.append(f"{len(mismatched)} shape mismatch(es), first: {'; '.join(mismatched[:MAX_LISTED_KEYS])}")
         if extra:
             parts.append(f"{len(extra)} unexpected key(s), first: {', '.join(extra[:MAX_LISTED_KEYS])}")
         raise CheckpointError(" ".join(parts))

@@ -158,9 +158,7 @@ class UNet3DConfig:
         }
         for key, supported in unsupported.items():
             if key in model_section and model_section[key] != supported:
-                raise ValueError(
-                    f"unsupported model option {key}={model_section[key]!r} (need {supported!r})"
-                )
+                raise ValueError(f"unsupported model option {key}={model_section[key]!r} (need {supported!r})")
         renames = {"attention_head_dim": "attention_heads"}
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
@@ -225,9 +223,7 @@ class DownBlock(nn.Module):
                 for i in range(c.layers_per_block)
             ]
         )
-        self.downsamplers = (
-            nn.ModuleList([Downsample(out_channels, c.downsample_padding)]) if add_downsample else None
-        )
+        self.downsamplers = nn.ModuleList([Downsample(out_channels, c.downsample_padding)]) if add_downsample else None
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int
@@ -389,9 +385,7 @@ class MidBlock(nn.Module):
             ]
         )
 
-    def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         """``(B * F, C, H, W)`` -> same shape."""
         x = self.resnets[0](x, temb, num_frames)
         for attention, resnet in zip(self.attentions, self.resnets[1:], strict=True):
@@ -468,9 +462,7 @@ class UNet3DConditionModel(nn.Module):
             )
         self.mid_block = MidBlock(channels[-1], c)
 
-        self.conv_norm_out = JointGroupNorm(
-            c.norm_num_groups, channels[0], c.norm_eps, joint=c.joint_frame_norm
-        )
+        self.conv_norm_out = JointGroupNorm(c.norm_num_groups, channels[0], c.norm_eps, joint=c.joint_frame_norm)
         self.conv_out = nn.Conv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
 
     @property
@@ -508,9 +500,7 @@ class UNet3DConditionModel(nn.Module):
 
         """
         if sample.dim() != 5 or sample.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"sample must be (B, {self.config.in_channels}, F, H, W), got {tuple(sample.shape)}"
-            )
+            raise ValueError(f"sample must be (B, {self.config.in_channels}, F, H, W), got {tuple(sample.shape)}")
         batch, _, num_frames, height, width = sample.shape
         audio = self._flatten_audio(audio_embeds, batch, num_frames)
         temb = self.time_embedding(self._timestep_features(timestep, batch, sample.device).to(self.dtype))
@@ -539,27 +529,19 @@ class UNet3DConditionModel(nn.Module):
         for i, up_block in enumerate(self.up_blocks):
             n = len(up_block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
-            upsample_size = (
-                tuple(skips[-1].shape[-2:]) if force_size and i < len(self.up_blocks) - 1 else None
-            )
+            upsample_size = tuple(skips[-1].shape[-2:]) if force_size and i < len(self.up_blocks) - 1 else None
             x = up_block(x, block_skips, temb, audio, num_frames, upsample_size)
 
         x = self.conv_out(torch.nn.functional.silu(self.conv_norm_out(x, num_frames)))
         return x.reshape(batch, num_frames, -1, height, width).transpose(1, 2).contiguous()
 
-    def _flatten_audio(
-        self, audio_embeds: torch.Tensor | None, batch: int, num_frames: int
-    ) -> torch.Tensor | None:
+    def _flatten_audio(self, audio_embeds: torch.Tensor | None, batch: int, num_frames: int) -> torch.Tensor | None:
         if audio_embeds is None:
             return None
         width = self.config.cross_attention_dim
         if audio_embeds.dim() == 4 and audio_embeds.shape[:2] == (batch, num_frames):
             audio_embeds = audio_embeds.flatten(0, 1)
-        if (
-            audio_embeds.dim() != 3
-            or audio_embeds.shape[0] != batch * num_frames
-            or audio_embeds.shape[2] != width
-        ):
+        if audio_embeds.dim() != 3 or audio_embeds.shape[0] != batch * num_frames or audio_embeds.shape[2] != width:
             raise ValueError(
                 f"audio_embeds must be ({batch}, {num_frames}, S, {width}) or "
                 f"({batch * num_frames}, S, {width}), got {tuple(audio_embeds.shape)}"
@@ -575,7 +557,5 @@ class UNet3DConditionModel(nn.Module):
         elif timestep.dim() == 0:
             timestep = timestep[None].to(device)
         if timestep.dim() != 1 or timestep.shape[0] not in (1, batch):
-            raise ValueError(
-                f"timestep must be a number, a 0-d tensor or ({batch},), got {tuple(timestep.shape)}"
-            )
+            raise ValueError(f"timestep must be a number, a 0-d tensor or ({batch},), got {tuple(timestep.shape)}")
         return self.time_proj(timestep.to(device).expand(batch))

@@ -63,10 +63,18 @@ POSITIONS_PER_FRAME = POSITIONS_BEFORE + 1 + POSITIONS_AFTER
 #: Source: the openai-whisper model card / checkpoint format; read-only.
 WHISPER_TINY_DIMS: Mapping[str, int] = MappingProxyType(
     {
-        "n_mels": 80, "n_vocab": 51865, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6,
-        "n_audio_layer": 4, "n_text_ctx": 448, "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4,
+        "n_mels": 80,
+        "n_vocab": 51865,
+        "n_audio_ctx": 1500,
+        "n_audio_state": 384,
+        "n_audio_head": 6,
+        "n_audio_layer": 4,
+        "n_text_ctx": 448,
+        "n_text_state": 384,
+        "n_text_head": 6,
+        "n_text_layer": 4,
     }
-)  # fmt: skip
+)
 
 
 class WhisperCheckpointError(ValueError):
@@ -170,8 +178,7 @@ def window_spans(num_mel_frames: int) -> list[tuple[int, int]]:
 
     """
     return [
-        (start, min(start + WINDOW_MEL_FRAMES, num_mel_frames))
-        for start in range(0, num_mel_frames, WINDOW_MEL_FRAMES)
+        (start, min(start + WINDOW_MEL_FRAMES, num_mel_frames)) for start in range(0, num_mel_frames, WINDOW_MEL_FRAMES)
     ]
 
 
@@ -204,14 +211,9 @@ def frame_positions(frame_index: int, total_positions: int, fps: float = VIDEO_F
 
     """
     if total_positions < 1 or frame_index < 0:
-        raise ValueError(
-            f"need total_positions >= 1 and frame_index >= 0, got {total_positions}, {frame_index}"
-        )
+        raise ValueError(f"need total_positions >= 1 and frame_index >= 0, got {total_positions}, {frame_index}")
     centre = int(frame_index * POSITIONS_PER_SECOND / fps)
-    return [
-        min(max(p, 0), total_positions - 1)
-        for p in range(centre - POSITIONS_BEFORE, centre + POSITIONS_AFTER + 1)
-    ]
+    return [min(max(p, 0), total_positions - 1) for p in range(centre - POSITIONS_BEFORE, centre + POSITIONS_AFTER + 1)]
 
 
 def window_of_position(position: int) -> int:
@@ -222,9 +224,7 @@ def window_of_position(position: int) -> int:
     return position // POSITIONS_PER_WINDOW
 
 
-def windows_for_frames(
-    frame_start: int, frame_stop: int, total_positions: int, fps: float = VIDEO_FPS
-) -> list[int]:
+def windows_for_frames(frame_start: int, frame_stop: int, total_positions: int, fps: float = VIDEO_FPS) -> list[int]:
     """Windows that must be encoded to get the features of frames ``[frame_start, frame_stop)``.
 
     Args:
@@ -274,9 +274,9 @@ class _LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (as openai-whisper does for half precision)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(
-            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
-        ).to(x.dtype)
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(
+            x.dtype
+        )
 
 
 class _MultiHeadAttention(nn.Module):
@@ -293,8 +293,7 @@ class _MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, channels = x.shape
         q, k, v = (
-            proj(x).view(n, length, self.n_head, -1).transpose(1, 2)
-            for proj in (self.query, self.key, self.value)
+            proj(x).view(n, length, self.n_head, -1).transpose(1, 2) for proj in (self.query, self.key, self.value)
         )
         out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(head_dim), as Whisper's d^-0.25 twice
         return self.out(out.transpose(1, 2).reshape(n, length, channels))
@@ -342,10 +341,7 @@ class WhisperAudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(dims.n_audio_state, dims.n_audio_state, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", _sinusoids(dims.n_audio_ctx, dims.n_audio_state))
         self.blocks = nn.ModuleList(
-            [
-                _ResidualAttentionBlock(dims.n_audio_state, dims.n_audio_head)
-                for _ in range(dims.n_audio_layer)
-            ]
+            [_ResidualAttentionBlock(dims.n_audio_state, dims.n_audio_head) for _ in range(dims.n_audio_layer)]
         )
         self.ln_post = _LayerNorm(dims.n_audio_state)
 
@@ -410,17 +406,9 @@ def load_whisper_encoder(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any read failure is reported with the file name
-        raise WhisperCheckpointError(
-            f"cannot read Whisper checkpoint {path}: {type(exc).__name__}: {exc}"
-        ) from exc
-    if (
-        not isinstance(checkpoint, Mapping)
-        or "dims" not in checkpoint
-        or "model_state_dict" not in checkpoint
-    ):
-        raise WhisperCheckpointError(
-            f"{path} is not an OpenAI Whisper checkpoint (need 'dims' and 'model_state_dict')"
-        )
+        raise WhisperCheckpointError(f"cannot read Whisper checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(checkpoint, Mapping) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+        raise WhisperCheckpointError(f"{path} is not an OpenAI Whisper checkpoint (need 'dims' and 'model_state_dict')")
     try:
         dims = WhisperDims.from_checkpoint_dims(checkpoint["dims"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -581,9 +569,7 @@ class WhisperFeatureExtractor:
 
     def log_mel(self, audio: np.ndarray | torch.Tensor) -> torch.Tensor:
         """:func:`log_mel_spectrogram` of a whole 16 kHz clip, ``(80, num_samples // 160)`` float32 on CPU."""
-        return log_mel_spectrogram(
-            torch.as_tensor(audio).cpu(), n_mels=self.encoder.dims.n_mels, filters=self.filters
-        )
+        return log_mel_spectrogram(torch.as_tensor(audio).cpu(), n_mels=self.encoder.dims.n_mels, filters=self.filters)
 
     @torch.inference_mode()
     def encode_windows(self, mel: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:

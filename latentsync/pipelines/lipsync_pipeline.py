@@ -368,9 +368,15 @@ class LipsyncPipeline:
             return []
         for c in chunks:
             self.check_inputs(
-                c.faces, c.reference_latents, c.masked_latents, keep_mask, c.audio_features, c.noise,
-                num_inference_steps, guidance_scale,
-            )  # fmt: skip
+                c.faces,
+                c.reference_latents,
+                c.masked_latents,
+                keep_mask,
+                c.audio_features,
+                c.noise,
+                num_inference_steps,
+                guidance_scale,
+            )
         shapes = {_shape(c.faces) for c in chunks}
         if len(shapes) != 1:
             raise ValueError(f"chunks of one batch must have the same faces shape, got {sorted(shapes)}")

@@ -204,9 +204,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if request.method in STATE_CHANGING_METHODS and not origin_allowed(
             request.headers.get("Origin"), request.host, request.scheme, origins
         ):
-            return _error(403, "origin_not_allowed",
-                          f"requests from web pages of {request.headers.get('Origin')!r} are not allowed "
-                          "(api.allowed_origins)")  # fmt: skip
+            return _error(
+                403,
+                "origin_not_allowed",
+                f"requests from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
+            )
         return None
 
     @app.before_request
@@ -251,8 +253,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if not isinstance(values, dict):
             raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
         if runtime.channel(name) is not None:
-            raise ApiError(409, "channel_exists", f"channel {name!r} exists; reconfiguring a channel is not "
-                           "supported: DELETE it and PUT it again")  # fmt: skip
+            raise ApiError(
+                409,
+                "channel_exists",
+                f"channel {name!r} exists; reconfiguring a channel is not supported: DELETE it and PUT it again",
+            )
         try:
             channel = runtime.add_channel(parse_channel(name, values))
         except ConfigError as exc:
@@ -319,14 +324,21 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             try:
                 audio = channel.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
             except MediaDecodeTimeout:
-                raise ApiError(503, "decode_timeout",
-                               f"decoding the upload took longer than api.decode_timeout_s = "
-                               f"{api.decode_timeout_s:g} s; send a shorter or simpler file") from None  # fmt: skip
+                raise ApiError(
+                    503,
+                    "decode_timeout",
+                    f"decoding the upload took longer than api.decode_timeout_s = "
+                    f"{api.decode_timeout_s:g} s; send a shorter or simpler file",
+                ) from None
             except MediaProbeError as exc:
                 if "matches no streams" in str(exc):
                     raise ApiError(400, "not_audio", "the upload has no audio stream") from None
-                raise ApiError(400, "not_audio", "the upload is not an audio file in an accepted format "
-                               "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)") from None  # fmt: skip
+                raise ApiError(
+                    400,
+                    "not_audio",
+                    "the upload is not an audio file in an accepted format "
+                    "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)",
+                ) from None
         finally:
             if path is not None:
                 channel.discard_upload(path)
@@ -338,8 +350,14 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if accepted is None:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
         task, position = accepted
-        logger.info("task %s accepted on channel %s: %.2f s of audio, position %d", task.task_id, name,
-                    audio.duration_s, position, extra={"task_id": task.task_id})  # fmt: skip
+        logger.info(
+            "task %s accepted on channel %s: %.2f s of audio, position %d",
+            task.task_id,
+            name,
+            audio.duration_s,
+            position,
+            extra={"task_id": task.task_id},
+        )
         body = {
             "task_id": task.task_id,
             "status": "queued",  # every accepted task starts queued (its thread may have moved on already)
@@ -371,8 +389,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = channel_tasks(name)
         return task_json(tasks.cancel(task_id) if tasks else None, task_id)
 
-    register_speech_routes(app, runtime,
-                           lambda origin: origin_allowed(origin, request.host, request.scheme, origins))  # fmt: skip
+    register_speech_routes(app, runtime, lambda origin: origin_allowed(origin, request.host, request.scheme, origins))
     register_web(app, runtime)  # WHEP, GET /events, the control page (latentsync/serving/web.py)
     return app
 

@@ -61,8 +61,9 @@ class ClipCache:
         self._clips: weakref.WeakValueDictionary[tuple, VideoClip] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
-    def load(self, path: str | Path, fps: int, sample_rate_hz: int, size: tuple[int, int] | None,
-             with_audio: bool) -> VideoClip:  # fmt: skip
+    def load(
+        self, path: str | Path, fps: int, sample_rate_hz: int, size: tuple[int, int] | None, with_audio: bool
+    ) -> VideoClip:
         """:func:`latentsync.media.video.load_clip`, or the clip already decoded with these arguments.
 
         The key includes the file's size and modification time, so a replaced file is decoded again.
@@ -126,8 +127,13 @@ class Channel:
         clips: Decoded idle clips shared with the other channels (None: decode its own).
     """
 
-    def __init__(self, name: str, config: AppConfig, on_ttff: Callable[[float], None] | None = None,
-                 clips: ClipCache | None = None):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        config: AppConfig,
+        on_ttff: Callable[[float], None] | None = None,
+        clips: ClipCache | None = None,
+    ):
         self.name = name
         self.config = config
         self._on_ttff = on_ttff
@@ -203,10 +209,15 @@ class Channel:
         self._clip = clip
         self.stream_size = clip.size
         logger.info(
-            "channel %s: idle clip %s: %d frames at %d fps, %dx%d, audio %s (decoded in %.1f s)", self.name,
-            Path(idle_path).name, clip.num_frames, clip.fps, *clip.size,
-            "on" if clip.audio is not None else "off", time.monotonic() - t,
-        )  # fmt: skip
+            "channel %s: idle clip %s: %d frames at %d fps, %dx%d, audio %s (decoded in %.1f s)",
+            self.name,
+            Path(idle_path).name,
+            clip.num_frames,
+            clip.fps,
+            *clip.size,
+            "on" if clip.audio is not None else "off",
+            time.monotonic() - t,
+        )
         self._work_dir = Path(tempfile.mkdtemp(prefix=f"latentsync-rt-{self.name}-"))  # mkdtemp makes it 0700
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
@@ -217,19 +228,31 @@ class Channel:
         if cfg.webrtc.enabled:
             self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
             observers.append(self.webrtc.on_tick)
-        self._feed = EventFeed(self.events, lambda: mixer.state, self._tasks_json, lambda: self.health()[1],
-                               self._viewer_count, cfg.ui.event_poll_s)  # fmt: skip
+        self._feed = EventFeed(
+            self.events,
+            lambda: mixer.state,
+            self._tasks_json,
+            lambda: self.health()[1],
+            self._viewer_count,
+            cfg.ui.event_poll_s,
+        )
         observers.append(self._feed.on_tick)
         if self.webrtc is not None:
             self.webrtc.add_viewer_listener(self._feed.publish_viewers)
         self.controller = StreamingController(
-            self.mixer, TappedSink(self.sink, observers), fps=s.fps, sample_rate_hz=s.audio_sample_rate,
+            self.mixer,
+            TappedSink(self.sink, observers),
+            fps=s.fps,
+            sample_rate_hz=s.audio_sample_rate,
             max_catchup_s=s.max_catchup_s,
         )
         self.sink.start()
         if not self.sink.wait_accepting(SINK_START_TIMEOUT_S):
-            logger.warning("channel %s: ffmpeg not accepting after %.0f s; the clock starts anyway", self.name,
-                           SINK_START_TIMEOUT_S)  # fmt: skip
+            logger.warning(
+                "channel %s: ffmpeg not accepting after %.0f s; the clock starts anyway",
+                self.name,
+                SINK_START_TIMEOUT_S,
+            )
         if self.webrtc is not None:
             self.webrtc.start()
         self._feed.start()
@@ -247,10 +270,16 @@ class Channel:
         cfg = self.config
         base_video = cfg.avatar.video or cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         t = time.monotonic()
-        avatar = Avatar.prepare(base_video, AvatarSettings(fps=cfg.stream.fps, size=self.stream_size),
-                                cache_dir=cfg.avatar.cache_dir)  # fmt: skip
-        logger.info("channel %s: avatar %s: %d frames (%.1f s)", self.name, Path(base_video).name,
-                    avatar.num_frames, time.monotonic() - t)  # fmt: skip
+        avatar = Avatar.prepare(
+            base_video, AvatarSettings(fps=cfg.stream.fps, size=self.stream_size), cache_dir=cfg.avatar.cache_dir
+        )
+        logger.info(
+            "channel %s: avatar %s: %d frames (%.1f s)",
+            self.name,
+            Path(base_video).name,
+            avatar.num_frames,
+            time.monotonic() - t,
+        )
         self.avatar = avatar
         return avatar
 
@@ -261,11 +290,19 @@ class Channel:
         assert mixer is not None and avatar is not None, "start_stream() and prepare_avatar() first"
         self.pool = pool
         self._tasks = TaskManager(
-            ChannelPool(pool, avatar.path), avatar, mixer.enqueue, mixer.interrupt, lambda: mixer.ticks,
-            fps=cfg.stream.fps, sample_rate_hz=cfg.stream.audio_sample_rate, max_queued=cfg.api.max_queued,
-            deadline_s=cfg.engine.chunk_deadline_s, tail_frames=cfg.stream.crossfade_frames,
-            on_ttff=self._on_ttff, generate_ahead=cfg.tasks.generate_ahead,
-        )  # fmt: skip
+            ChannelPool(pool, avatar.path),
+            avatar,
+            mixer.enqueue,
+            mixer.interrupt,
+            lambda: mixer.ticks,
+            fps=cfg.stream.fps,
+            sample_rate_hz=cfg.stream.audio_sample_rate,
+            max_queued=cfg.api.max_queued,
+            deadline_s=cfg.engine.chunk_deadline_s,
+            tail_frames=cfg.stream.crossfade_frames,
+            on_ttff=self._on_ttff,
+            generate_ahead=cfg.tasks.generate_ahead,
+        )
 
     def stop(self) -> None:
         """Fade the speech out, stop the tasks, the clock, WHEP, events and FFmpeg; temp files go.
@@ -310,8 +347,13 @@ class Channel:
         deadline = time.monotonic() + timeout_s
         while mixer.state is not StreamState.IDLE and time.monotonic() < deadline:
             time.sleep(0.02)
-        logger.info("channel %s: task %s faded out for shutdown (stream %s)", self.name, task_id,
-                    mixer.state.value, extra={"task_id": task_id})  # fmt: skip
+        logger.info(
+            "channel %s: task %s faded out for shutdown (stream %s)",
+            self.name,
+            task_id,
+            mixer.state.value,
+            extra={"task_id": task_id},
+        )
 
     def _tasks_json(self) -> list[dict]:
         tasks = self.tasks
@@ -370,8 +412,9 @@ class Channel:
                 (:data:`latentsync.media.audio.UPLOAD_FORMATS`).
         """
         rate = self.config.stream.audio_sample_rate
-        stream = decode_untrusted_audio(path, rate, max_duration_s=max_duration_s,
-                                        timeout_s=self.config.api.decode_timeout_s)  # fmt: skip
+        stream = decode_untrusted_audio(
+            path, rate, max_duration_s=max_duration_s, timeout_s=self.config.api.decode_timeout_s
+        )
         engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
         return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
 
@@ -400,9 +443,16 @@ class Channel:
         if pool is not None:
             p = pool.stats()
             engine["workers"] = WorkersHealth(
-                count=p.workers, pids=tuple(pool.worker_pids()), rebuilds=p.rebuilds, in_flight=p.in_flight,
-                queued=p.queued, retried=p.retried, failed=p.failed, completed=p.completed, dispatches=p.dispatches,
-            )  # fmt: skip
+                count=p.workers,
+                pids=tuple(pool.worker_pids()),
+                rebuilds=p.rebuilds,
+                in_flight=p.in_flight,
+                queued=p.queued,
+                retried=p.retried,
+                failed=p.failed,
+                completed=p.completed,
+                dispatches=p.dispatches,
+            )
         if self.controller is None or self.sink is None:
             return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)
         c = self.controller.stats()
@@ -426,9 +476,10 @@ class Channel:
             ffmpeg_last_error=k.last_error,
             on_air_task=mixer.current_task_id if mixer else None,
             stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
-            if size else None,
+            if size
+            else None,
             **engine,
-        )  # fmt: skip
+        )
 
     def health(self, uptime_s: float | None = None) -> tuple[bool, dict]:
         """Stream health for ``GET /health`` (``main``) and ``GET /channels/<name>/health``.

@@ -104,7 +104,7 @@ class EventBroadcaster:
             sub = Subscription(self)
             general = [d for k, d in self._latest.items() if not k.startswith("task:")]
             tasks = [d for k, d in self._latest.items() if k.startswith("task:")]
-            for data in general + tasks[len(general) - SUBSCRIBER_QUEUE_EVENTS // 2:]:  # newest tasks
+            for data in general + tasks[len(general) - SUBSCRIBER_QUEUE_EVENTS // 2 :]:  # newest tasks
                 sub.queue.put_nowait(data)
             self._subscribers.append(sub)
             return sub

@@ -172,19 +172,67 @@ def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: P
     s = settings
     gop = max(1, round(s.keyframe_interval_s * s.fps))
     cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "warning",
-        "-thread_queue_size", "8", "-f", "rawvideo", "-pix_fmt", "rgb24",
-        "-video_size", f"{s.width}x{s.height}", "-framerate", str(s.fps), "-i", str(video_fifo),
-        "-thread_queue_size", "64", "-f", "s16le", "-sample_rate", str(s.sample_rate_hz),
-        "-ch_layout", "mono", "-i", str(audio_fifo),
-        "-map", "0:v:0", "-map", "1:a:0",
-        "-c:v", "libx264", "-preset", s.x264_preset, "-tune", "zerolatency", "-pix_fmt", "yuv420p",
-        "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
-        "-b:v", f"{s.video_bitrate_kbps}k", "-maxrate", f"{s.video_bitrate_kbps}k",
-        "-bufsize", f"{2 * s.video_bitrate_kbps}k",
-        "-c:a", "aac", "-b:a", f"{s.audio_bitrate_kbps}k", "-ar", str(s.sample_rate_hz),
-        "-ac", str(s.audio_channels),
-    ]  # fmt: skip
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-nostats",
+        "-loglevel",
+        "warning",
+        "-thread_queue_size",
+        "8",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-video_size",
+        f"{s.width}x{s.height}",
+        "-framerate",
+        str(s.fps),
+        "-i",
+        str(video_fifo),
+        "-thread_queue_size",
+        "64",
+        "-f",
+        "s16le",
+        "-sample_rate",
+        str(s.sample_rate_hz),
+        "-ch_layout",
+        "mono",
+        "-i",
+        str(audio_fifo),
+        "-map",
+        "0:v:0",
+        "-map",
+        "1:a:0",
+        "-c:v",
+        "libx264",
+        "-preset",
+        s.x264_preset,
+        "-tune",
+        "zerolatency",
+        "-pix_fmt",
+        "yuv420p",
+        "-g",
+        str(gop),
+        "-keyint_min",
+        str(gop),
+        "-sc_threshold",
+        "0",
+        "-b:v",
+        f"{s.video_bitrate_kbps}k",
+        "-maxrate",
+        f"{s.video_bitrate_kbps}k",
+        "-bufsize",
+        f"{2 * s.video_bitrate_kbps}k",
+        "-c:a",
+        "aac",
+        "-b:a",
+        f"{s.audio_bitrate_kbps}k",
+        "-ar",
+        str(s.sample_rate_hz),
+        "-ac",
+        str(s.audio_channels),
+    ]
     if s.record_path is None:
         return cmd + ["-flvflags", "no_duration_filesize", "-f", "flv", s.rtmp_url]
     record = Path(s.record_path)
@@ -354,9 +402,12 @@ class FFmpegSink:
             backoff_s = self._settings.backoff_min_s if lasted_s >= STABLE_RUN_S else backoff_s
             logger.warning(
                 "ffmpeg run %d ended after %.1f s (exit %s: %s); restarting in %.1f s",
-                run.index, lasted_s, run.proc.returncode if run.proc else None,
-                self._last_error or "no message", backoff_s,
-            )  # fmt: skip
+                run.index,
+                lasted_s,
+                run.proc.returncode if run.proc else None,
+                self._last_error or "no message",
+                backoff_s,
+            )
             if self._wait_backoff(backoff_s):
                 break
             backoff_s = min(backoff_s * 2, self._settings.backoff_max_s)
@@ -393,26 +444,38 @@ class FFmpegSink:
         # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
         # An empty environment: FFmpeg needs none, and the server's holds the API token and overrides.
         run.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
             env={},
         )
         self._starts += 1
         logger.info(
             "ffmpeg run %d started (pid %d) → %s, %dx%d@%d",
-            run.index, run.proc.pid, self._redacted_url,
-            self._settings.width, self._settings.height, self._settings.fps,
-        )  # fmt: skip
+            run.index,
+            run.proc.pid,
+            self._redacted_url,
+            self._settings.width,
+            self._settings.height,
+            self._settings.fps,
+        )
         run.threads = [
             threading.Thread(target=self._drain_stderr, args=(run,), name=f"ffmpeg-stderr-{run.index}", daemon=True),
             threading.Thread(
-                target=self._write_fifo, args=(run, run.video_fifo, run.video_queue, True),
-                name=f"fifo-video-{run.index}", daemon=True,
+                target=self._write_fifo,
+                args=(run, run.video_fifo, run.video_queue, True),
+                name=f"fifo-video-{run.index}",
+                daemon=True,
             ),
             threading.Thread(
-                target=self._write_fifo, args=(run, run.audio_fifo, run.audio_queue, False),
-                name=f"fifo-audio-{run.index}", daemon=True,
+                target=self._write_fifo,
+                args=(run, run.audio_fifo, run.audio_queue, False),
+                name=f"fifo-audio-{run.index}",
+                daemon=True,
             ),
-        ]  # fmt: skip
+        ]
         for thread in run.threads:
             thread.start()
         run.accepting = True
@@ -431,8 +494,9 @@ class FFmpegSink:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
             if proc.poll() is None:
-                logger.warning("ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index,
-                               FLUSH_TIMEOUT_S)  # fmt: skip
+                logger.warning(
+                    "ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index, FLUSH_TIMEOUT_S
+                )
             else:
                 logger.info("ffmpeg run %d flushed and exited with code %d", run.index, proc.returncode)
         self._kill(run)

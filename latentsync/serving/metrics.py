@@ -42,13 +42,17 @@ class ServerMetrics:
     def __init__(self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.chunk_seconds = Histogram(
-            "latentsync_chunk_generation_seconds", "Wall time from a chunk's dispatch to its faces coming back.",
-            buckets=CHUNK_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
+            "latentsync_chunk_generation_seconds",
+            "Wall time from a chunk's dispatch to its faces coming back.",
+            buckets=CHUNK_BUCKETS_S,
+            registry=self.registry,
+        )
         self.ttff_seconds = Histogram(
-            "latentsync_time_to_first_frame_seconds", "Upload received to the task's first frame on air.",
-            buckets=TTFF_BUCKETS_S, registry=self.registry,
-        )  # fmt: skip
+            "latentsync_time_to_first_frame_seconds",
+            "Upload received to the task's first frame on air.",
+            buckets=TTFF_BUCKETS_S,
+            registry=self.registry,
+        )
         self._lock = threading.Lock()
         self._frames_generated = 0
         self._generation_seconds = 0.0
@@ -91,8 +95,11 @@ COUNTERS = (
     ("webrtc.frames_encoded", "latentsync_webrtc_frames_encoded", "Video frames encoded once for all WHEP viewers."),
     ("webrtc.keyframes", "latentsync_webrtc_keyframes", "Keyframes among the WHEP video frames."),
     ("webrtc.inbox_dropped_ticks", "latentsync_webrtc_ticks_skipped", "Ticks the WHEP encoder could not take."),
-    ("webrtc.viewer_dropped_packets", "latentsync_webrtc_viewer_packets_dropped",
-     "Video packets dropped from slow WHEP viewers' queues."),
+    (
+        "webrtc.viewer_dropped_packets",
+        "latentsync_webrtc_viewer_packets_dropped",
+        "Video packets dropped from slow WHEP viewers' queues.",
+    ),
 )
 #: Gauges: (snapshot attribute path, metric name, help); booleans export as 0/1.
 GAUGES = (
@@ -154,8 +161,9 @@ def snapshot_value(snapshot: HealthSnapshot, path: str) -> float:
 
 
 class _RuntimeCollector(Collector):
-    def __init__(self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]],
-                 generation_fps: Callable[[], float]):  # fmt: skip
+    def __init__(
+        self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]], generation_fps: Callable[[], float]
+    ):
         self._snapshot = snapshot
         self._generation_fps = generation_fps
 
@@ -185,11 +193,13 @@ class _RuntimeCollector(Collector):
                     depth.add_metric([channel, label], snapshot_value(s, path))
         yield depth
         state = GaugeMetricFamily("latentsync_stream_state", "1 for the state on air.", labels=["channel", "state"])
-        tasks = CounterMetricFamily("latentsync_tasks", "Tasks that ended, by final state.",
-                                    labels=["channel", "state"])  # fmt: skip
+        tasks = CounterMetricFamily(
+            "latentsync_tasks", "Tasks that ended, by final state.", labels=["channel", "state"]
+        )
         on_air = GaugeMetricFamily("latentsync_task_on_air", "1 while a task is on air.", labels=["channel"])
-        fmt = GaugeMetricFamily("latentsync_stream_format", "Output format, by dimension.",
-                                labels=["channel", "dimension"])  # fmt: skip
+        fmt = GaugeMetricFamily(
+            "latentsync_stream_format", "Output format, by dimension.", labels=["channel", "dimension"]
+        )
         for channel, s in by_channel:
             for st in StreamState:
                 state.add_metric([channel, st.value], 1.0 if s.state == st.value else 0.0)
@@ -203,8 +213,11 @@ class _RuntimeCollector(Collector):
         info = GaugeMetricFamily("latentsync_engine_info", "1, labelled with the engine's name.", labels=["engine"])
         info.add_metric([server.engine], 1.0)
         yield info
-        yield GaugeMetricFamily("latentsync_engine_broken", "1 when the worker pool cannot load its engine.",
-                                value=1.0 if server.engine_error else 0.0)  # fmt: skip
+        yield GaugeMetricFamily(
+            "latentsync_engine_broken",
+            "1 when the worker pool cannot load its engine.",
+            value=1.0 if server.engine_error else 0.0,
+        )
         fps = GaugeMetricFamily("latentsync_generation_fps", "Frames generated per second of chunk wall time.")
         fps.add_metric([], self._generation_fps())
         yield fps

@@ -60,7 +60,7 @@ class Runtime:
         self.channels: dict[str, Channel] = {
             name: Channel(name, cfg, on_ttff=self._observe_ttff, clips=self._clips)
             for name, cfg in channel_configs(config).items()
-        }  # fmt: skip
+        }
         self.metrics = ServerMetrics(self.channel_snapshots)  # scrapes the channels (auto_describe: already here)
         self._watchdog = Watchdog(self._clock_alive)
         self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
@@ -177,16 +177,28 @@ class Runtime:
         t = time.monotonic()
         main_avatar = self.main.avatar
         assert main_avatar is not None
-        pool = WorkerPool(engine.name.value, options, main_avatar.path, workers, devices=devices,
-                          on_chunk_done=self.metrics.observe_chunk, max_batch=engine.max_batch_chunks,
-                          max_avatars=engine.max_avatars_per_worker)  # fmt: skip
+        pool = WorkerPool(
+            engine.name.value,
+            options,
+            main_avatar.path,
+            workers,
+            devices=devices,
+            on_chunk_done=self.metrics.observe_chunk,
+            max_batch=engine.max_batch_chunks,
+            max_avatars=engine.max_avatars_per_worker,
+        )
         self._pool = pool
         pool.start()
         if self._stopped:  # stop() ran while the workers were loading: it may have missed them
             pool.close()
             return
-        logger.info("%d %s engine worker(s) ready for %d channel(s) (%.1f s)", workers, engine.name.value,
-                    len(self.channels), time.monotonic() - t)  # fmt: skip
+        logger.info(
+            "%d %s engine worker(s) ready for %d channel(s) (%.1f s)",
+            workers,
+            engine.name.value,
+            len(self.channels),
+            time.monotonic() - t,
+        )
         for channel in list(self.channels.values()):
             channel.attach_pool(pool)
         lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
@@ -228,13 +240,15 @@ class Runtime:
                 raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
             candidate = dataclasses.replace(self.config, channels=[*self._specs.values(), spec])
             validate(candidate)  # ConfigError names the key
-            channel = Channel(spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff,
-                              clips=self._clips)  # fmt: skip
+            channel = Channel(
+                spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff, clips=self._clips
+            )
             self._specs[spec.name] = spec
             self.channels[spec.name] = channel
         pool = self._pool
-        threading.Thread(target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start",
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start", daemon=True
+        ).start()
         return channel
 
     def _start_channel(self, channel: Channel, pool: WorkerPool) -> None:

@@ -67,8 +67,9 @@ class SpeechService:
     def from_config(cls, manager, config, lookahead_frames: int) -> SpeechService:
         """Build from the server config (``speech_stream`` and ``api.max_audio_s``)."""
         ss = config.speech_stream
-        limits = StreamLimits(ss.max_open, ss.max_buffered_s, ss.idle_timeout_s, config.api.max_audio_s,
-                              ss.start_margin_s)  # fmt: skip
+        limits = StreamLimits(
+            ss.max_open, ss.max_buffered_s, ss.idle_timeout_s, config.api.max_audio_s, ss.start_margin_s
+        )
         try:
             tts: TextToSpeech | None = EspeakNg(ss.tts_voice, ss.tts_rate_wpm, ss.tts_timeout_s)
         except RuntimeError as exc:
@@ -84,21 +85,29 @@ class SpeechService:
                 ``unknown_voice`` (400), ``bad_parameter`` (400).
         """
         if self.tts is None:
-            raise SpeechStreamError("tts_unavailable", "no text-to-speech engine installed (scripts/tts.sh install)",
-                                    503)  # fmt: skip
+            raise SpeechStreamError(
+                "tts_unavailable", "no text-to-speech engine installed (scripts/tts.sh install)", 503
+            )
         if not isinstance(text, str) or not text.strip():
             raise SpeechStreamError("bad_text", "'text' must be a non-empty string")
         if len(text) > self.max_text_chars:
-            raise SpeechStreamError("text_too_long", f"text of {len(text)} characters; at most "
-                                    f"speech_stream.max_text_chars = {self.max_text_chars}", 413)  # fmt: skip
+            raise SpeechStreamError(
+                "text_too_long",
+                f"text of {len(text)} characters; at most speech_stream.max_text_chars = {self.max_text_chars}",
+                413,
+            )
         if voice is not None and not isinstance(voice, str):
             raise SpeechStreamError("unknown_voice", "'voice' must be a string")
         if voice is not None:
             self.tts.check_voice(voice)  # type: ignore[attr-defined]
-        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)
-                                 or not TTS_RATE_RANGE_WPM[0] <= rate <= TTS_RATE_RANGE_WPM[1]):  # fmt: skip
-            raise SpeechStreamError("bad_parameter", f"'rate' must be an integer in {list(TTS_RATE_RANGE_WPM)} "
-                                    "words per minute")  # fmt: skip
+        if rate is not None and (
+            not isinstance(rate, int)
+            or isinstance(rate, bool)
+            or not TTS_RATE_RANGE_WPM[0] <= rate <= TTS_RATE_RANGE_WPM[1]
+        ):
+            raise SpeechStreamError(
+                "bad_parameter", f"'rate' must be an integer in {list(TTS_RATE_RANGE_WPM)} words per minute"
+            )
         return text, voice, rate
 
     def feeder(self, utterance, on_error) -> SpeechFeeder:
@@ -155,13 +164,18 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
         if request.path != WS_PATH:
             return None
         if not origin_ok(request.headers.get("Origin")):
-            return error(403, "origin_not_allowed",
-                         f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed "
-                         "(api.allowed_origins)")  # fmt: skip
+            return error(
+                403,
+                "origin_not_allowed",
+                f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
+            )
         with connections_lock:
             if connections["open"] >= max_connections:
-                return error(503, "too_many_connections", f"{max_connections} speech WebSockets already open "
-                             "(speech_stream.max_open)")  # fmt: skip
+                return error(
+                    503,
+                    "too_many_connections",
+                    f"{max_connections} speech WebSockets already open (speech_stream.max_open)",
+                )
         return None
 
     @app.post("/speak")
@@ -179,12 +193,21 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
             utterance = service.streams.open(seed=seed, received=received)
         except SpeechStreamError as exc:
             return error(exc.status, exc.code, exc.message)
-        feeder = service.feeder(utterance, lambda code, message: logger.warning(
-            "speak %s: %s: %s", utterance.task_id, code, message, extra={"task_id": utterance.task_id}))
+        feeder = service.feeder(
+            utterance,
+            lambda code, message: logger.warning(
+                "speak %s: %s: %s", utterance.task_id, code, message, extra={"task_id": utterance.task_id}
+            ),
+        )
         feeder.push_text(text, voice, rate)
         feeder.end()
-        return jsonify({"task_id": utterance.task_id, "status": "queued",
-                        "status_url": url_for("get_task", task_id=utterance.task_id)}), 202  # fmt: skip
+        return jsonify(
+            {
+                "task_id": utterance.task_id,
+                "status": "queued",
+                "status_url": url_for("get_task", task_id=utterance.task_id),
+            }
+        ), 202
 
     @sock.route(WS_PATH)
     def ws_speech(ws):
@@ -262,8 +285,11 @@ class SpeechSession:
     def _disconnect(self) -> None:
         """The client went away: an open utterance ends (what it sent plays to its end)."""
         if self.feeder is not None and self.utterance is not None and not self.utterance.ended:
-            logger.info("ws client left during utterance %s: it ends with what it has", self.utterance.task_id,
-                        extra={"task_id": self.utterance.task_id})  # fmt: skip
+            logger.info(
+                "ws client left during utterance %s: it ends with what it has",
+                self.utterance.task_id,
+                extra={"task_id": self.utterance.task_id},
+            )
             self.feeder.end()
 
     def _service(self):
@@ -277,8 +303,9 @@ class SpeechSession:
 
     def _pcm(self, data: bytes) -> None:
         if self.fmt is None:
-            raise SpeechStreamError("not_started", "send the opening JSON message "
-                                    "({\"type\": \"start\", \"sample_rate\": ...}) before PCM")  # fmt: skip
+            raise SpeechStreamError(
+                "not_started", 'send the opening JSON message ({"type": "start", "sample_rate": ...}) before PCM'
+            )
         if not self._open():
             raise SpeechStreamError("not_open", "the utterance is over: open a new one", 409)
         if not data:
@@ -354,14 +381,19 @@ class SpeechSession:
                 return round(t - first_byte, 3) if t is not None and first_byte is not None else None
 
             program = u.program
-            self.send("on_air", task_id=task.task_id,
-                      first_byte_to_air_s=since_first_byte(task.first_frame_on_air_monotonic),
-                      chunk0_audio_s=since_first_byte(program.chunk_audio_at.get(0) if program else None),
-                      chunk0_ready_s=since_first_byte(program.first_chunk_monotonic if program else None))  # fmt: skip
+            self.send(
+                "on_air",
+                task_id=task.task_id,
+                first_byte_to_air_s=since_first_byte(task.first_frame_on_air_monotonic),
+                chunk0_audio_s=since_first_byte(program.chunk_audio_at.get(0) if program else None),
+                chunk0_ready_s=since_first_byte(program.first_chunk_monotonic if program else None),
+            )
         if u.end_reason == "idle_timeout" and not self._idle_sent:
             self._idle_sent = True
-            self.send_error("idle_timeout", f"nothing received for speech_stream.idle_timeout_s = "
-                            f"{u.idle_timeout_s:g} s: the utterance was ended")  # fmt: skip
+            self.send_error(
+                "idle_timeout",
+                f"nothing received for speech_stream.idle_timeout_s = {u.idle_timeout_s:g} s: the utterance was ended",
+            )
         buffered = u.buffered_s()
         limit = u.max_buffered_s
         if not u.ended and buffered > limit / 2 and now - self._last_slow_down >= SLOW_DOWN_INTERVAL_S:
@@ -369,9 +401,14 @@ class SpeechSession:
             self.send("slow_down", task_id=task.task_id, buffered_s=round(buffered, 3), max_buffered_s=limit)
         if task.state in FINAL_STATES:
             program = u.program
-            self.send("done", task_id=task.task_id, status=task.state.value, error=task.error,
-                      frames_streamed=task.frames_streamed,
-                      underrun_ticks=program.underrun_ticks if program else 0)  # fmt: skip
+            self.send(
+                "done",
+                task_id=task.task_id,
+                status=task.state.value,
+                error=task.error,
+                frames_streamed=task.frames_streamed,
+                underrun_ticks=program.underrun_ticks if program else 0,
+            )
             self.utterance = None
             self.feeder = None
             self._last_message = now  # the connection's idle time counts from here
@@ -379,6 +416,12 @@ class SpeechSession:
         if now - self._last_progress >= PROGRESS_INTERVAL_S:
             self._last_progress = now
             program = u.program
-            self.send("progress", task_id=task.task_id, status=task.state.value, frames_streamed=task.frames_streamed,
-                      received_s=round(u.received_frames() / u.fps, 3), buffered_s=round(buffered, 3),
-                      underrun_ticks=program.underrun_ticks if program else 0)  # fmt: skip
+            self.send(
+                "progress",
+                task_id=task.task_id,
+                status=task.state.value,
+                frames_streamed=task.frames_streamed,
+                received_s=round(u.received_frames() / u.fps, 3),
+                buffered_s=round(buffered, 3),
+                underrun_ticks=program.underrun_ticks if program else 0,
+            )

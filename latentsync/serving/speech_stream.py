@@ -106,16 +106,22 @@ class PcmFormat:
         if self.encoding not in ENCODINGS:
             raise SpeechStreamError("bad_encoding", f"encoding {self.encoding!r} is not one of {sorted(ENCODINGS)}")
         low, high = SAMPLE_RATE_RANGE_HZ
-        if not isinstance(self.sample_rate_hz, int) or isinstance(self.sample_rate_hz, bool) or not (
-            low <= self.sample_rate_hz <= high
+        if (
+            not isinstance(self.sample_rate_hz, int)
+            or isinstance(self.sample_rate_hz, bool)
+            or not (low <= self.sample_rate_hz <= high)
         ):
-            raise SpeechStreamError("bad_sample_rate", f"sample_rate {self.sample_rate_hz!r} is not an integer in "
-                                    f"[{low}, {high}] Hz")  # fmt: skip
-        if not isinstance(self.channels, int) or isinstance(self.channels, bool) or not (
-            1 <= self.channels <= MAX_CHANNELS
+            raise SpeechStreamError(
+                "bad_sample_rate", f"sample_rate {self.sample_rate_hz!r} is not an integer in [{low}, {high}] Hz"
+            )
+        if (
+            not isinstance(self.channels, int)
+            or isinstance(self.channels, bool)
+            or not (1 <= self.channels <= MAX_CHANNELS)
         ):
-            raise SpeechStreamError("bad_channels",
-                                    f"channels {self.channels!r} is not an integer in [1, {MAX_CHANNELS}]")  # fmt: skip
+            raise SpeechStreamError(
+                "bad_channels", f"channels {self.channels!r} is not an integer in [1, {MAX_CHANNELS}]"
+            )
 
     @property
     def frame_bytes(self) -> int:
@@ -136,8 +142,11 @@ class PcmFormat:
                 frames; ``bad_samples`` if float samples are not finite.
         """
         if len(data) % self.frame_bytes:
-            raise SpeechStreamError("odd_length", f"{len(data)} bytes is not a whole number of {self.channels}-channel "
-                                    f"{self.encoding} samples ({self.frame_bytes} bytes each)")  # fmt: skip
+            raise SpeechStreamError(
+                "odd_length",
+                f"{len(data)} bytes is not a whole number of {self.channels}-channel "
+                f"{self.encoding} samples ({self.frame_bytes} bytes each)",
+            )
         if self.encoding == "s16le":
             x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
         else:
@@ -315,13 +324,15 @@ class Utterance:
         """
         with self.changed:
             if self.ended or self.task.state in FINAL_STATES or self.task.audio is None:
-                raise SpeechStreamError("not_open", f"utterance {self.task_id} is {self._status()}: no more audio",
-                                        409)  # fmt: skip
+                raise SpeechStreamError("not_open", f"utterance {self.task_id} is {self._status()}: no more audio", 409)
             audio = self.task.audio
             if self.buffered_s() + mono.shape[0] / rate_hz > self.max_buffered_s:
-                raise SpeechStreamError("buffer_full", f"more than speech_stream.max_buffered_s = "
-                                        f"{self.max_buffered_s:g} s of audio waiting to play: send at real time",
-                                        429)  # fmt: skip
+                raise SpeechStreamError(
+                    "buffer_full",
+                    f"more than speech_stream.max_buffered_s = "
+                    f"{self.max_buffered_s:g} s of audio waiting to play: send at real time",
+                    429,
+                )
             audio.push(mono, rate_hz)
             now = self._clock()
             if self.first_byte_monotonic is None and mono.shape[0]:
@@ -396,8 +407,18 @@ class StreamSpeechProgram(SpeechProgram):
     the next chunk's audio had not arrived. Chunks are indexed by content frame.
     """
 
-    def __init__(self, task: Task, utterance: Utterance, avatar, fps: int, lookahead_frames: int, tick_counter=None,
-                 on_ttff=None, clock=time.monotonic, start_margin_s: float = STREAM_JITTER_MARGIN_S):  # fmt: skip
+    def __init__(
+        self,
+        task: Task,
+        utterance: Utterance,
+        avatar,
+        fps: int,
+        lookahead_frames: int,
+        tick_counter=None,
+        on_ttff=None,
+        clock=time.monotonic,
+        start_margin_s: float = STREAM_JITTER_MARGIN_S,
+    ):
         self._utterance = utterance
         self._lookahead = lookahead_frames
         self._gap_frames = 0
@@ -542,8 +563,19 @@ class StreamTaskProcessor(TaskProcessor):
     audio before it, then the chunk goes to the pool, as for an upload.
     """
 
-    def __init__(self, task: Task, program: StreamSpeechProgram, utterance: Utterance, pool, avatar,
-                 deadline_s: float, lookahead_frames: int, fps: int, due_at=None, clock=time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        task: Task,
+        program: StreamSpeechProgram,
+        utterance: Utterance,
+        pool,
+        avatar,
+        deadline_s: float,
+        lookahead_frames: int,
+        fps: int,
+        due_at=None,
+        clock=time.monotonic,
+    ):
         super().__init__(task, program, pool, avatar, deadline_s, due_at)
         self.utterance = utterance
         self._lookahead = lookahead_frames
@@ -562,8 +594,12 @@ class StreamTaskProcessor(TaskProcessor):
                     return True
                 u.changed.wait(0.1)
             if u.idle_for_s() > u.idle_timeout_s:
-                logger.info("utterance %s idle for %.1f s: ended", self.task.task_id, u.idle_timeout_s,
-                            extra={"task_id": self.task.task_id})  # fmt: skip
+                logger.info(
+                    "utterance %s idle for %.1f s: ended",
+                    self.task.task_id,
+                    u.idle_timeout_s,
+                    extra={"task_id": self.task.task_id},
+                )
                 u.end("idle_timeout")
 
     def _run(self) -> None:
@@ -616,8 +652,9 @@ class StreamTaskProcessor(TaskProcessor):
         if self.utterance.ended:
             silence = np.zeros(math.ceil((self.task.tail_frames + 1) * ENGINE_SAMPLE_RATE_HZ / self._fps), np.float32)
             engine = np.concatenate([engine, silence])
-        pending = self._request_window(np.array(engine[offset:]), first - context, first - context + CHUNK_FRAMES,
-                                       chunk)  # fmt: skip
+        pending = self._request_window(
+            np.array(engine[offset:]), first - context, first - context + CHUNK_FRAMES, chunk
+        )
         return self._await_features(pending)
 
     def _request_window(self, audio_16k: np.ndarray, start: int, end: int, chunk: int):
@@ -633,9 +670,15 @@ class StreamTaskProcessor(TaskProcessor):
             done.set()
 
         self._pool.submit_features(
-            audio_16k, self._deadline_s, ok, err, f"features of chunk {chunk} of utterance {self.task.task_id}",
-            frames=(start, end), due_at=self._due_at(chunk), task_id=self.task.task_id,
-        )  # fmt: skip
+            audio_16k,
+            self._deadline_s,
+            ok,
+            err,
+            f"features of chunk {chunk} of utterance {self.task.task_id}",
+            frames=(start, end),
+            due_at=self._due_at(chunk),
+            task_id=self.task.task_id,
+        )
         return done, box
 
 
@@ -680,8 +723,9 @@ class SpeechStreams:
             self._open = {k: u for k, u in self._open.items() if not u.ended and u.task.state not in FINAL_STATES}
             return len(self._open)
 
-    def open(self, seed: int | None = None, guidance_scale: float | None = None,
-             received: tuple[float, float] | None = None) -> Utterance:  # fmt: skip
+    def open(
+        self, seed: int | None = None, guidance_scale: float | None = None, received: tuple[float, float] | None = None
+    ) -> Utterance:
         """Open an utterance: a task that waits for audio, queued behind the tasks already accepted.
 
         Raises:
@@ -689,20 +733,44 @@ class SpeechStreams:
                 ``api.max_queued`` tasks already wait.
         """
         if self.open_count() >= self.limits.max_open:
-            raise SpeechStreamError("too_many_streams", f"{self.limits.max_open} utterances already open "
-                                    "(speech_stream.max_open)", 429)  # fmt: skip
+            raise SpeechStreamError(
+                "too_many_streams", f"{self.limits.max_open} utterances already open (speech_stream.max_open)", 429
+            )
         m = self.manager
-        task = Task(task_id=uuid.uuid4().hex, audio=None, num_frames=1, num_chunks=1, tail_frames=m.tail_frames,
-                    seed=seed, guidance_scale=guidance_scale)  # fmt: skip
+        task = Task(
+            task_id=uuid.uuid4().hex,
+            audio=None,
+            num_frames=1,
+            num_chunks=1,
+            tail_frames=m.tail_frames,
+            seed=seed,
+            guidance_scale=guidance_scale,
+        )
         task.audio = StreamTaskAudio(m.sample_rate_hz, self.limits.max_duration_s)  # type: ignore[assignment]
         if received is not None:
             task.received_at, task.received_monotonic = received
         utterance = Utterance(task, m.fps, self.limits.max_buffered_s, self.limits.idle_timeout_s)
-        program = StreamSpeechProgram(task, utterance, m.avatar, m.fps, self.lookahead_frames, m.tick_counter,
-                                      m.on_ttff, start_margin_s=self.limits.start_margin_s)  # fmt: skip
-        processor = StreamTaskProcessor(task, program, utterance, m.pool, m.avatar, m.deadline_s,
-                                        self.lookahead_frames, m.fps,
-                                        due_at=lambda c: m.due_at(task, c))  # fmt: skip
+        program = StreamSpeechProgram(
+            task,
+            utterance,
+            m.avatar,
+            m.fps,
+            self.lookahead_frames,
+            m.tick_counter,
+            m.on_ttff,
+            start_margin_s=self.limits.start_margin_s,
+        )
+        processor = StreamTaskProcessor(
+            task,
+            program,
+            utterance,
+            m.pool,
+            m.avatar,
+            m.deadline_s,
+            self.lookahead_frames,
+            m.fps,
+            due_at=lambda c: m.due_at(task, c),
+        )
         if not m.accept(task, program, processor):
             raise SpeechStreamError("queue_full", "too many tasks wait (api.max_queued); retry later", 429)
         with self._lock:

@@ -368,8 +368,7 @@ class TaskProcessor:
             air (:meth:`TaskManager.due_at`); the pool serves the earliest first.
     """
 
-    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float,
-                 due_at=None):  # fmt: skip
+    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float, due_at=None):
         self.task = task
         self.program = program
         self._pool = pool
@@ -496,7 +495,13 @@ class TaskProcessor:
         label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
         due_at = self._due_at(start_frame // CHUNK_FRAMES)
         self._pool.submit_features(
-            audio.engine_16k, self._deadline_s, ok, err, label, frames=(start_frame, end_frame), due_at=due_at,
+            audio.engine_16k,
+            self._deadline_s,
+            ok,
+            err,
+            label,
+            frames=(start_frame, end_frame),
+            due_at=due_at,
             task_id=self.task.task_id,
         )
         return done, box
@@ -534,9 +539,21 @@ class TaskManager:
             later ones wait holding only their audio.
     """
 
-    def __init__(self, pool: WorkerPool, avatar, enqueue_program, interrupt_program, tick_counter, fps: int,
-                 sample_rate_hz: int, max_queued: int, deadline_s: float, tail_frames: int = 0,
-                 on_ttff=None, generate_ahead: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        pool: WorkerPool,
+        avatar,
+        enqueue_program,
+        interrupt_program,
+        tick_counter,
+        fps: int,
+        sample_rate_hz: int,
+        max_queued: int,
+        deadline_s: float,
+        tail_frames: int = 0,
+        on_ttff=None,
+        generate_ahead: int = 1,
+    ):
         self._pool = pool
         self._avatar = avatar
         self._enqueue = enqueue_program
@@ -608,9 +625,12 @@ class TaskManager:
         return now + offset_frames / self._fps  # no longer listed: as soon as possible
 
     def submit(
-        self, audio: TaskAudio, seed: int | None, guidance_scale: float | None,
+        self,
+        audio: TaskAudio,
+        seed: int | None,
+        guidance_scale: float | None,
         received: tuple[float, float] | None = None,
-    ) -> tuple[Task, int] | None:  # fmt: skip
+    ) -> tuple[Task, int] | None:
         """Accept a task.
 
         Args:
@@ -630,15 +650,25 @@ class TaskManager:
         silence = np.zeros(math.ceil((tail + 1) * ENGINE_SAMPLE_RATE_HZ / self._fps), dtype=np.float32)
         audio = TaskAudio(padded, np.concatenate([audio.engine_16k, silence]), audio.sample_rate_hz)
         task = Task(
-            task_id=uuid.uuid4().hex, audio=audio, num_frames=num_frames,
-            num_chunks=math.ceil((num_frames + tail) / CHUNK_FRAMES), tail_frames=tail, seed=seed,
+            task_id=uuid.uuid4().hex,
+            audio=audio,
+            num_frames=num_frames,
+            num_chunks=math.ceil((num_frames + tail) / CHUNK_FRAMES),
+            tail_frames=tail,
+            seed=seed,
             guidance_scale=guidance_scale,
-        )  # fmt: skip
+        )
         if received is not None:
             task.received_at, task.received_monotonic = received
         program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter, self._on_ttff)
-        processor = TaskProcessor(task, program, self._pool, self._avatar, self._deadline_s,
-                                  due_at=lambda chunk_index: self.due_at(task, chunk_index))  # fmt: skip
+        processor = TaskProcessor(
+            task,
+            program,
+            self._pool,
+            self._avatar,
+            self._deadline_s,
+            due_at=lambda chunk_index: self.due_at(task, chunk_index),
+        )
         with self._lock:
             ahead = self._count((*WAITING_STATES, TaskState.streaming))
         if not self.accept(task, program, processor):

@@ -91,8 +91,13 @@ class EspeakNg:
     #: espeak-ng writes 22050 Hz mono 16-bit WAV to stdout.
     sample_rate_hz = 22050
 
-    def __init__(self, default_voice: str = "en", default_rate_wpm: int = 175, timeout_s: float = 10.0,
-                 executable: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        default_voice: str = "en",
+        default_rate_wpm: int = 175,
+        timeout_s: float = 10.0,
+        executable: str | None = None,
+    ):
         path = executable or shutil.which("espeak-ng", path=ESPEAK_ENV["PATH"])
         if path is None:
             raise RuntimeError("espeak-ng is not installed: run scripts/tts.sh install (apt-get install espeak-ng)")
@@ -105,8 +110,14 @@ class EspeakNg:
     def voices(self) -> frozenset[str]:
         """Language codes and voice files of ``espeak-ng --voices`` (e.g. ``en``, ``en-us``, ``gmw/en-US``)."""
         if self._voices is None:
-            out = subprocess.run([self._exe, "--voices"], capture_output=True, env=ESPEAK_ENV, timeout=self.timeout_s,
-                                 check=True, stdin=subprocess.DEVNULL).stdout.decode("utf-8", "replace")  # fmt: skip
+            out = subprocess.run(
+                [self._exe, "--voices"],
+                capture_output=True,
+                env=ESPEAK_ENV,
+                timeout=self.timeout_s,
+                check=True,
+                stdin=subprocess.DEVNULL,
+            ).stdout.decode("utf-8", "replace")
             names: set[str] = set()
             for line in out.splitlines()[1:]:
                 cols = line.split()
@@ -141,11 +152,18 @@ class EspeakNg:
     def _speak(self, sentence: str, voice: str, rate_wpm: int) -> np.ndarray:
         args = [self._exe, "--stdout", "-b", "1", "-v", voice, "-s", str(rate_wpm)]
         try:
-            done = subprocess.run(args, input=sentence.encode("utf-8"), capture_output=True, env=ESPEAK_ENV,
-                                  timeout=self.timeout_s, check=False)  # fmt: skip
+            done = subprocess.run(
+                args,
+                input=sentence.encode("utf-8"),
+                capture_output=True,
+                env=ESPEAK_ENV,
+                timeout=self.timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise SpeechStreamError("tts_failed", f"espeak-ng took longer than {self.timeout_s:g} s for a sentence",
-                                    500) from None  # fmt: skip
+            raise SpeechStreamError(
+                "tts_failed", f"espeak-ng took longer than {self.timeout_s:g} s for a sentence", 500
+            ) from None
         wav = done.stdout
         at = wav.find(b"data", 12, 200)
         if done.returncode != 0 or not wav.startswith(b"RIFF") or at < 0:
@@ -168,8 +186,14 @@ class SpeechFeeder:
             faster than real time; it waits for playback to catch up).
     """
 
-    def __init__(self, utterance: Utterance, tts: TextToSpeech | None, on_error: Callable[[str, str], None],
-                 cancel: Callable[[str], object], wait_room_s: float = 120.0):  # fmt: skip
+    def __init__(
+        self,
+        utterance: Utterance,
+        tts: TextToSpeech | None,
+        on_error: Callable[[str, str], None],
+        cancel: Callable[[str], object],
+        wait_room_s: float = 120.0,
+    ):
         self.utterance = utterance
         self._tts = tts
         self._on_error = on_error
@@ -209,8 +233,9 @@ class SpeechFeeder:
         try:
             self._items.put_nowait(item)
         except queue.Full:
-            raise SpeechStreamError("buffer_full", f"{MAX_FEEDER_ITEMS} blocks already wait: send at real time",
-                                    429) from None  # fmt: skip
+            raise SpeechStreamError(
+                "buffer_full", f"{MAX_FEEDER_ITEMS} blocks already wait: send at real time", 429
+            ) from None
 
     def stop(self) -> None:
         """Stop the thread (what is queued is dropped). Idempotent."""

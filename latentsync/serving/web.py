@@ -130,8 +130,11 @@ def register_web(app: Flask, runtime) -> None:
     def events(name: str):
         sub = channel(name).events.subscribe()
         if sub is None:
-            return _error(503, "too_many_event_clients",
-                          f"{ui.max_event_clients} event streams already open (ui.max_event_clients)")  # fmt: skip
+            return _error(
+                503,
+                "too_many_event_clients",
+                f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
+            )
 
         def stream():
             try:

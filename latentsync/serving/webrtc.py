@@ -111,9 +111,7 @@ class _Viewer:
         self._wake_pending = False
 
     # encoder thread
-    def push(
-        self, packets: list[av.Packet], audio_packets: list[av.Packet], loop: asyncio.AbstractEventLoop
-    ) -> bool:
+    def push(self, packets: list[av.Packet], audio_packets: list[av.Packet], loop: asyncio.AbstractEventLoop) -> bool:
         """Queue one tick's video and Opus packets; returns True when a keyframe is wanted."""
         want_key = False
         with self._lock:
@@ -257,8 +255,13 @@ class WebRtcHub:
             raise RuntimeError("webrtc event loop did not start")
         self._encoder_thread = threading.Thread(target=self._encode_loop, name="webrtc-encoder", daemon=True)
         self._encoder_thread.start()
-        logger.info("webrtc: WHEP on, %s %dx%d, up to %d viewers", self.settings.video_codec.value,
-                    self.width, self.height, self.settings.max_viewers)  # fmt: skip
+        logger.info(
+            "webrtc: WHEP on, %s %dx%d, up to %d viewers",
+            self.settings.video_codec.value,
+            self.width,
+            self.height,
+            self.settings.max_viewers,
+        )
 
     def close(self, timeout_s: float = 3.0) -> None:
         """Close every session, stop both threads. Safe to call twice or before start."""
@@ -295,11 +298,16 @@ class WebRtcHub:
         with self._lock:
             viewers = list(self._viewers.values())
         return WebRtcHealth(
-            viewers=len(viewers), viewers_total=self._viewers_total, frames_encoded=self._frames_encoded,
-            keyframes=self._keyframes, inbox_dropped_ticks=self._inbox_dropped,
+            viewers=len(viewers),
+            viewers_total=self._viewers_total,
+            frames_encoded=self._frames_encoded,
+            keyframes=self._keyframes,
+            inbox_dropped_ticks=self._inbox_dropped,
             viewer_dropped_packets=sum(v.dropped_packets for v in viewers),
-            codec=self.settings.video_codec.value, width=self.width, height=self.height,
-        )  # fmt: skip
+            codec=self.settings.video_codec.value,
+            width=self.width,
+            height=self.height,
+        )
 
     # ----------------------------------------------------------------- the tap (controller thread)
     def on_tick(self, index: int, video: np.ndarray, audio: np.ndarray) -> None:
@@ -327,8 +335,11 @@ class WebRtcHub:
         if s.video_codec is VideoCodec.h264:
             codec = av.CodecContext.create("libx264", "w")
             macroblocks = ((self.width + 15) // 16) * ((self.height + 15) // 16)
-            codec.options = {"tune": "zerolatency", "preset": "veryfast",
-                              "level": "31" if macroblocks <= 3600 else "40"}  # fmt: skip
+            codec.options = {
+                "tune": "zerolatency",
+                "preset": "veryfast",
+                "level": "31" if macroblocks <= 3600 else "40",
+            }
             codec.profile = "Baseline"
         else:
             codec = av.CodecContext.create("libvpx", "w")
@@ -410,8 +421,9 @@ class WebRtcHub:
     def _encode_audio(self, encoder, audio: np.ndarray) -> list[av.Packet]:
         """One tick's ``(N,) int16`` mono samples → 20 ms Opus packets (PTS in 48 kHz samples)."""
         resampler, codec = encoder
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.int16).reshape(1, -1),
-                                           format="s16", layout="mono")  # fmt: skip
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(audio, dtype=np.int16).reshape(1, -1), format="s16", layout="mono"
+        )
         frame.sample_rate = self.sample_rate_hz
         frame.pts = self._audio_in_pts
         frame.time_base = fractions.Fraction(1, self.sample_rate_hz)
@@ -455,8 +467,9 @@ class WebRtcHub:
         """
         with self._lock:
             if len(self._viewers) >= self.settings.max_viewers:
-                raise WhepError(429, "too_many_viewers",
-                                f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)")  # fmt: skip
+                raise WhepError(
+                    429, "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
+                )
         try:
             return self._call(self._answer(offer_sdp), self.settings.signalling_timeout_s)
         except TimeoutError:
@@ -473,8 +486,9 @@ class WebRtcHub:
                 transceiver = pc.addTransceiver(_QueueTrack(viewer, kind), direction="sendonly")
                 if kind == "video":
                     mime = MIME[self.settings.video_codec]
-                    codecs = [c for c in RTCRtpSender.getCapabilities("video").codecs
-                              if c.mimeType in (mime, "video/rtx")]  # fmt: skip
+                    codecs = [
+                        c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType in (mime, "video/rtx")
+                    ]
                     transceiver.setCodecPreferences(codecs)
                     sender = transceiver.sender
                     original = sender._send_keyframe  # a PLI/FIR from the viewer: aiortc only flags its own encoder
@@ -487,8 +501,11 @@ class WebRtcHub:
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except OperationError as exc:
-                raise WhepError(400, "unsupported_offer", f"cannot play this offer ({exc}); the video codec is "
-                                f"{self.settings.video_codec.value}, audio Opus") from None  # fmt: skip
+                raise WhepError(
+                    400,
+                    "unsupported_offer",
+                    f"cannot play this offer ({exc}); the video codec is {self.settings.video_codec.value}, audio Opus",
+                ) from None
             except Exception as exc:
                 raise WhepError(400, "bad_sdp", f"the SDP offer cannot be parsed: {exc}") from None
             kinds = {t.kind for t in pc.getTransceivers() if t.mid is not None}
@@ -497,11 +514,15 @@ class WebRtcHub:
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:
-                raise WhepError(400, "unsupported_offer", f"cannot answer this offer ({exc}); the video codec "
-                                f"is {self.settings.video_codec.value}") from None  # fmt: skip
+                raise WhepError(
+                    400,
+                    "unsupported_offer",
+                    f"cannot answer this offer ({exc}); the video codec is {self.settings.video_codec.value}",
+                ) from None
             if "video" in kinds and MIME[self.settings.video_codec].split("/")[1] not in pc.localDescription.sdp:
-                raise WhepError(400, "unsupported_codec",
-                                f"the offer lacks {self.settings.video_codec.value} (webrtc.video_codec)")  # fmt: skip
+                raise WhepError(
+                    400, "unsupported_codec", f"the offer lacks {self.settings.video_codec.value} (webrtc.video_codec)"
+                )
         except BaseException:
             viewer.close_queues()
             await pc.close()
@@ -516,8 +537,9 @@ class WebRtcHub:
             if len(self._viewers) >= self.settings.max_viewers or self._closed:
                 viewer.close_queues()
                 await pc.close()
-                raise WhepError(429, "too_many_viewers",
-                                f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)")  # fmt: skip
+                raise WhepError(
+                    429, "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
+                )
             self._viewers[session_id] = viewer
             self._viewers_total += 1
             count = len(self._viewers)

@@ -52,8 +52,9 @@ MAX_QUEUED_JOBS = 4096
 _WORKER_SLOT: dict[str, Any] = {}
 
 
-def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices,
-                 max_avatars: int = 1) -> None:
+def _worker_init(
+    engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices, max_avatars: int = 1
+) -> None:
     """Pool initializer: load the default avatar and the engine once. Never raises (errors are kept)."""
     # Ctrl-C in a terminal reaches the whole process group: the server owns shutdown, not its workers
     # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held).
@@ -72,8 +73,16 @@ def _worker_init(engine_name: str, engine_options: Mapping[str, Any], avatar_pat
         engine = create_engine(engine_name, options, avatar)
         engine.load()
         engines: OrderedDict[str, Any] = OrderedDict({avatar_path: engine})
-        _WORKER_SLOT.update(engine=engine, engines=engines, default=avatar_path, name=engine_name, options=options,
-                            max_avatars=max(1, int(max_avatars)), index=index, error=None)  # fmt: skip
+        _WORKER_SLOT.update(
+            engine=engine,
+            engines=engines,
+            default=avatar_path,
+            name=engine_name,
+            options=options,
+            max_avatars=max(1, int(max_avatars)),
+            index=index,
+            error=None,
+        )
     except Exception as exc:  # reported to the parent by every later call
         _WORKER_SLOT.update(engine=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
 
@@ -120,8 +129,9 @@ def _worker_avatars() -> tuple[int, list[str]]:
     return os.getpid(), list(_WORKER_SLOT.get("engines") or ())
 
 
-def _worker_features(audio_16k: np.ndarray, frames: tuple[int, int] | None, avatar_path: str | None = None
-                     ) -> np.ndarray:  # fmt: skip
+def _worker_features(
+    audio_16k: np.ndarray, frames: tuple[int, int] | None, avatar_path: str | None = None
+) -> np.ndarray:
     if frames is None:
         return _engine(avatar_path).features(audio_16k)
     return _engine(avatar_path).features(audio_16k, *frames)
@@ -283,8 +293,14 @@ class WorkerPool:
         with self._lock:
             in_flight = sum(len(batch) for batch in self._running.values())
             return PoolStats(
-                self._workers, in_flight, len(self._queue), self._rebuilds, self._retried, self._failed,
-                self._completed, self._dispatches,
+                self._workers,
+                in_flight,
+                len(self._queue),
+                self._rebuilds,
+                self._retried,
+                self._failed,
+                self._completed,
+                self._dispatches,
             )
 
     @property
@@ -321,10 +337,17 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- jobs
     def submit_features(
-        self, audio_16k: np.ndarray, deadline_s: float, on_done: Callable[[np.ndarray], None],
-        on_error: Callable[[str], None], label: str = "features", frames: tuple[int, int] | None = None,
-        due_at: float | None = None, task_id: str | None = None, avatar: str | Path | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        audio_16k: np.ndarray,
+        deadline_s: float,
+        on_done: Callable[[np.ndarray], None],
+        on_error: Callable[[str], None],
+        label: str = "features",
+        frames: tuple[int, int] | None = None,
+        due_at: float | None = None,
+        task_id: str | None = None,
+        avatar: str | Path | None = None,
+    ) -> None:
         """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
 
         Args:
@@ -342,13 +365,19 @@ class WorkerPool:
         Raises:
             JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
-        self._submit(_worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id,
-                     avatar)  # fmt: skip
+        self._submit(
+            _worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id, avatar
+        )
 
     def submit_chunk(
-        self, request: ChunkRequest, deadline_s: float, on_done: Callable[[ChunkResult], None],
-        on_error: Callable[[str], None], due_at: float | None = None, avatar: str | Path | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        request: ChunkRequest,
+        deadline_s: float,
+        on_done: Callable[[ChunkResult], None],
+        on_error: Callable[[str], None],
+        due_at: float | None = None,
+        avatar: str | Path | None = None,
+    ) -> None:
         """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
 
         Args:
@@ -364,8 +393,9 @@ class WorkerPool:
             JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
         """
         label = f"chunk {request.chunk_index} of task {request.task_id}"
-        self._submit(_worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id,
-                     avatar)  # fmt: skip
+        self._submit(
+            _worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id, avatar
+        )
 
     def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id, avatar=None) -> None:
         due = time.monotonic() if due_at is None else float(due_at)
@@ -437,10 +467,11 @@ class WorkerPool:
             func, args = _worker_generate_batch, ([job.args[0] for job in jobs], jobs[0].avatar)
             unpack = list
         self._pool.apply_async(
-            func, args,
+            func,
+            args,
             callback=lambda result: self._on_results(dispatch_id, unpack(result)),
             error_callback=lambda exc: self._on_exception(dispatch_id, exc),
-        )  # fmt: skip
+        )
 
     def _on_results(self, dispatch_id: int, results: list[Any]) -> None:
         with self._lock:
@@ -483,8 +514,14 @@ class WorkerPool:
         pool = self._ctx.Pool(
             processes=self._workers,
             initializer=_worker_init,
-            initargs=(self._engine_name, self._engine_options, self._avatar_path, counter, self._devices,
-                      self._max_avatars),
+            initargs=(
+                self._engine_name,
+                self._engine_options,
+                self._avatar_path,
+                counter,
+                self._devices,
+                self._max_avatars,
+            ),
         )
         self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
         return pool
@@ -537,9 +574,10 @@ class WorkerPool:
                 dead = dead or [pid for pid in self._pool_pids if not _pid_alive(pid)]
                 now = time.monotonic()
                 late = [
-                    jobs[0] for jobs in self._running.values()
+                    jobs[0]
+                    for jobs in self._running.values()
                     if now - jobs[0].submitted_at > jobs[0].deadline_s * len(jobs)  # a batch gets n deadlines
-                ]  # fmt: skip
+                ]
                 if not dead and not late:
                     continue
                 reason = "a worker died" if dead else f"{late[0].label} missed its {late[0].deadline_s:.1f} s deadline"
@@ -566,7 +604,6 @@ class WorkerPool:
                 self._retried += 1
                 heapq.heappush(self._queue, (job.due_at, job.key, job))
         self._dispatch_waiting()
-
 
     def _verify(self, pool: multiprocessing.pool.Pool) -> None:
         """Ping a rebuilt pool's workers; then dispatch the waiting jobs, or mark the pool broken."""

@@ -20,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
-         timeout_s: float = HTTP_TIMEOUT_S) -> tuple[int, dict]:  # fmt: skip
+def http(
+    method: str, url: str, body: bytes | None = None, headers: dict | None = None, timeout_s: float = HTTP_TIMEOUT_S
+) -> tuple[int, dict]:
     """One request; returns ``(status, JSON body)`` for any HTTP status (non-JSON bodies wrapped)."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
@@ -54,8 +55,9 @@ def publish_url(rtmp_port: int, key: str, env: dict | None = None) -> str:
     URL with it). ``env`` carries ``RTMP_RUN_DIR`` etc. for a server started with them.
     """
     run_env = dict(env if env is not None else os.environ, RTMP_PORT=str(rtmp_port))
-    out = subprocess.run(["bash", RTMP_SCRIPT, "publish-url", key], env=run_env, capture_output=True, text=True,
-                         check=True, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        ["bash", RTMP_SCRIPT, "publish-url", key], env=run_env, capture_output=True, text=True, check=True, timeout=30
+    )
     return out.stdout.strip()
 
 

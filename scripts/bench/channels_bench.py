@@ -75,9 +75,19 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
     stamp = int(time.time())
     urls = {name: publish_url(args.rtmp_port, f"bench-{stamp}-{name}") for name in channel_names(n)}
     extra = ", ".join(f'{{name: {name}, rtmp_url: "{url}"}}' for name, url in urls.items() if name != "main")
-    cmd = [sys.executable, str(ROOT / "infer_serv.py"), f"server.port={port}", f"stream.rtmp_url={urls['main']}",
-           f"stream.width={width}", f"stream.height={height}", "webrtc.enabled=false", "engine.name=parametric",
-           f"max_channels={max(n, 1)}", f"channels=[{extra}]", *overrides]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "infer_serv.py"),
+        f"server.port={port}",
+        f"stream.rtmp_url={urls['main']}",
+        f"stream.width={width}",
+        f"stream.height={height}",
+        "webrtc.enabled=false",
+        "engine.name=parametric",
+        f"max_channels={max(n, 1)}",
+        f"channels=[{extra}]",
+        *overrides,
+    ]
     log = open(log_dir / f"server-{n}.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -126,10 +136,16 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
             return sum(after[c][key] - before[c][key] for c in urls)
 
         return {
-            "n": n, "late": delta("late_ticks"), "underrun": delta("underrun_ticks"), "dropped": delta("dropped_ticks"),
-            "tasks": len(ttff), "ttff_median": statistics.median(ttff) if ttff else float("nan"),
-            "ttff_max": max(ttff) if ttff else float("nan"), "rss_mb": rss_mb, "errors": errors,
-        }  # fmt: skip
+            "n": n,
+            "late": delta("late_ticks"),
+            "underrun": delta("underrun_ticks"),
+            "dropped": delta("dropped_ticks"),
+            "tasks": len(ttff),
+            "ttff_median": statistics.median(ttff) if ttff else float("nan"),
+            "ttff_max": max(ttff) if ttff else float("nan"),
+            "rss_mb": rss_mb,
+            "errors": errors,
+        }
     finally:
         server.terminate()
         try:
@@ -158,15 +174,21 @@ def main() -> int:
         if row["underrun"] or row["dropped"] or row["errors"]:
             break
     base = rows[0]["rss_mb"] if rows[0]["n"] == 1 else None
-    print(f"\nchannels bench: {args.size}, {args.duration_s:.0f} s per row, each channel a 7 s upload every "
-          f"{PERIOD_S:.0f} s (server logs: {log_dir})")  # fmt: skip
-    print("| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
-          "| RSS per extra channel MiB |")
+    print(
+        f"\nchannels bench: {args.size}, {args.duration_s:.0f} s per row, each channel a 7 s upload every "
+        f"{PERIOD_S:.0f} s (server logs: {log_dir})"
+    )
+    print(
+        "| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
+        "| RSS per extra channel MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         extra = f"{(r['rss_mb'] - base) / (r['n'] - 1):.0f}" if r["n"] > 1 and base is not None else "-"
-        print(f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
-              f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} |")
+        print(
+            f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
+            f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} |"
+        )
     ok = [r["n"] for r in rows if not (r["late"] or r["underrun"] or r["dropped"] or r["errors"])]
     on_time = [r["n"] for r in rows if not (r["underrun"] or r["dropped"] or r["errors"])]
     print(f"\nlargest number of channels with 0 late, 0 underrun, 0 dropped ticks: {max(ok) if ok else 0}")

@@ -129,8 +129,10 @@ def build_models(device: torch.device, dtype: torch.dtype, tiny: bool):
     vae_config = sd_vae_ft_mse_config()
     if tiny:
         vae_config.update(
-            block_out_channels=[16, 16, 32, 32], norm_num_groups=8, layers_per_block=1,
-        )  # fmt: skip
+            block_out_channels=[16, 16, 32, 32],
+            norm_num_groups=8,
+            layers_per_block=1,
+        )
     vae_config.pop("_class_name")
     torch.manual_seed(0)  # diffusers' own init: the same VAE weights for every dtype
     vae = AutoencoderKL.from_config(vae_config).to(device=device, dtype=dtype)
@@ -172,10 +174,13 @@ def make_chunks(pipeline: LipsyncPipeline, inputs: Inputs, frames: int, count: i
         rows = slice(k * frames, (k + 1) * frames)
         chunks.append(
             LipsyncChunk(
-                faces=inputs.faces[rows], reference_latents=reference[rows], masked_latents=masked[rows],
-                audio_features=inputs.features[rows], noise=initial_noise(1247 + k, *reference.shape[-2:]),
+                faces=inputs.faces[rows],
+                reference_latents=reference[rows],
+                masked_latents=masked[rows],
+                audio_features=inputs.features[rows],
+                noise=initial_noise(1247 + k, *reference.shape[-2:]),
             )
-        )  # fmt: skip
+        )
     return chunks
 
 
@@ -226,10 +231,12 @@ def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tu
     unet, vae, whisper = build_models(device, dtype, args.tiny)
     compile_mode = MODES[mode]
     pipeline = LipsyncPipeline(
-        unet, vae, load_scheduler(REPO / "configs/scheduler_config.json"),
+        unet,
+        vae,
+        load_scheduler(REPO / "configs/scheduler_config.json"),
         compile_models=compile_mode is not None,
         compile_mode=None if compile_mode == "default" else compile_mode,
-    )  # fmt: skip
+    )
     frames = args.frames
     keep = torch.from_numpy(inputs.keep_mask).to(device)
     all_chunks = make_chunks(pipeline, inputs, frames, max(args.chunks))
@@ -248,16 +255,20 @@ def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tu
             decode_s = statistics.median(r[0][0].timings_s["vae_decode"] for r in runs)
             rows.append(
                 Row(
-                    dtype_name, mode, guidance, count, 1000 * unet_s / args.steps, 1000 * decode_s / count,
-                    count * frames / wall_s, peak[0],
+                    dtype_name,
+                    mode,
+                    guidance,
+                    count,
+                    1000 * unet_s / args.steps,
+                    1000 * decode_s / count,
+                    count * frames / wall_s,
+                    peak[0],
                 )
-            )  # fmt: skip
+            )
             print_row(rows[-1], args)
 
     faces = inputs.faces[:frames]
-    encode_ms = time_ms(
-        lambda: pipeline.encode_faces(faces, inputs.keep_mask, seed=1247), device, 1, args.iters
-    )  # fmt: skip
+    encode_ms = time_ms(lambda: pipeline.encode_faces(faces, inputs.keep_mask, seed=1247), device, 1, args.iters)
     with torch.inference_mode():
         mel = whisper.log_mel(inputs.audio)
         whisper_ms = time_ms(lambda: whisper.encode_windows(mel, [(0, mel.shape[-1])]), device, 1, args.iters)
@@ -265,9 +276,12 @@ def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tu
     def first_chunk() -> None:
         features = whisper.prepare(inputs.audio).frames(0, frames).float().cpu().numpy()
         chunk = LipsyncChunk(
-            all_chunks[0].faces, all_chunks[0].reference_latents, all_chunks[0].masked_latents, features,
+            all_chunks[0].faces,
+            all_chunks[0].reference_latents,
+            all_chunks[0].masked_latents,
+            features,
             all_chunks[0].noise,
-        )  # fmt: skip
+        )
         pipeline.generate_batch([chunk], keep, num_inference_steps=args.steps, guidance_scale=args.guidance[0])
 
     first_ms = time_ms(first_chunk, device, 1, args.iters)

@@ -55,12 +55,6 @@ class Answer:
     error: str | None
 
 
-
-
-
-
-
-
 def rss_kb(pid: int) -> int:
     """Resident set size of a process in kB (``VmRSS`` of ``/proc/<pid>/status``)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -87,8 +81,11 @@ def burst(base: str, body: bytes, headers: dict, per_client: list[int]) -> tuple
     """Run one thread per client, each POSTing its count in a row; returns the answers and the wall time (s)."""
     answers: list[Answer] = []
     lock = threading.Lock()
-    threads = [threading.Thread(target=post_loop, args=(base, body, headers, n, answers, lock), daemon=True)
-               for n in per_client if n]
+    threads = [
+        threading.Thread(target=post_loop, args=(base, body, headers, n, answers, lock), daemon=True)
+        for n in per_client
+        if n
+    ]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -152,8 +149,10 @@ def report(answers: list[Answer], wall_s: float) -> None:
         groups.setdefault(label, []).append(a.latency_ms)
     groups["all"] = [a.latency_ms for a in answers]
     for label, ms in sorted(groups.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-        print(f"| {label:<14} | {len(ms):>5} | {statistics.median(ms):>9.1f} | {percentile(ms, 95):>8.1f} "
-              f"| {max(ms):>8.1f} |")
+        print(
+            f"| {label:<14} | {len(ms):>5} | {statistics.median(ms):>9.1f} | {percentile(ms, 95):>8.1f} "
+            f"| {max(ms):>8.1f} |"
+        )
     print(f"{len(answers)} requests in {wall_s:.1f} s ({len(answers) / wall_s:.1f} req/s)")
 
 
@@ -183,12 +182,16 @@ def main() -> int:
     else:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        overrides = [f"server.port={port}", f"stream.rtmp_url={publish_url(args.rtmp_port, f'load{port}')}",
-                     *args.overrides]
+        overrides = [
+            f"server.port={port}",
+            f"stream.rtmp_url={publish_url(args.rtmp_port, f'load{port}')}",
+            *args.overrides,
+        ]
         (ROOT / ".cache").mkdir(exist_ok=True)
         log = open(ROOT / ".cache" / "load_bench_server.log", "wb")  # noqa: SIM115 - closed below
-        server = subprocess.Popen([sys.executable, str(ROOT / "infer_serv.py"), *overrides], cwd=ROOT,
-                                  stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "infer_serv.py"), *overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
         pid = server.pid
     try:
         if not wait_ready(base, server, 300):
@@ -213,8 +216,10 @@ def main() -> int:
         if log is not None:
             log.close()
 
-    print(f"Load: {args.requests} POSTs of {args.audio.name} from {args.clients} clients "
-          f"({' '.join(args.overrides) or 'defaults'})")
+    print(
+        f"Load: {args.requests} POSTs of {args.audio.name} from {args.clients} clients "
+        f"({' '.join(args.overrides) or 'defaults'})"
+    )
     report(answers, wall_s)
     failures = []
     statuses = {a.status for a in answers}
@@ -225,18 +230,22 @@ def main() -> int:
         failures.append(f"{len(odd)} answers not 202/429, e.g. {odd[:3]}")
     if rss_before is not None and rss_after is not None:
         growth_mb = (rss_after - rss_before) / 1024
-        print(f"server RSS: {rss_start / 1024:.1f} MB at start, {rss_before / 1024:.1f} MB after a warm-up burst "
-              f"of {args.clients}, {rss_after / 1024:.1f} MB after the load (+{growth_mb:.1f} MB; "
-              f"bound {args.max_rss_growth_mb:g} MB)")
+        print(
+            f"server RSS: {rss_start / 1024:.1f} MB at start, {rss_before / 1024:.1f} MB after a warm-up burst "
+            f"of {args.clients}, {rss_after / 1024:.1f} MB after the load (+{growth_mb:.1f} MB; "
+            f"bound {args.max_rss_growth_mb:g} MB)"
+        )
         if growth_mb > args.max_rss_growth_mb:
             failures.append(f"RSS grew by {growth_mb:.1f} MB")
     else:
         print("server RSS: not checked (give --pid with --url)")
     dropped = (health_before.get("dropped_ticks"), health_after.get("dropped_ticks"))
-    print(f"/health dropped ticks: {dropped[0]} before, {dropped[1]} after; late ticks: "
-          f"{health_before.get('late_ticks')} before, {health_after.get('late_ticks')} after "
-          f"(max lateness {health_after.get('max_tick_lateness_ms')} ms); "
-          f"ffmpeg restarts: {health_before.get('ffmpeg_restarts')} -> {health_after.get('ffmpeg_restarts')}")
+    print(
+        f"/health dropped ticks: {dropped[0]} before, {dropped[1]} after; late ticks: "
+        f"{health_before.get('late_ticks')} before, {health_after.get('late_ticks')} after "
+        f"(max lateness {health_after.get('max_tick_lateness_ms')} ms); "
+        f"ffmpeg restarts: {health_before.get('ffmpeg_restarts')} -> {health_after.get('ffmpeg_restarts')}"
+    )
     if dropped[0] != dropped[1]:
         failures.append(f"dropped ticks went from {dropped[0]} to {dropped[1]}")
     print(f"accepted tasks cancelled: {len(accepted)}; state after drain: {health_after.get('state')}")

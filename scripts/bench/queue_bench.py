@@ -38,8 +38,24 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 def looped_speech(seconds: float, out: Path) -> bytes:
     """``seconds`` of the test speech looped, as 16 kHz mono 16-bit WAV bytes."""
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-stream_loop", "-1",
-           "-i", str(SPEECH), "-t", f"{seconds}", "-ac", "1", "-ar", "16000", "-y", str(out)]  # fmt: skip
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-stream_loop",
+        "-1",
+        "-i",
+        str(SPEECH),
+        "-t",
+        f"{seconds}",
+        "-ac",
+        "1",
+        "-ar",
+        "16000",
+        "-y",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, timeout=120)
     return out.read_bytes()
 
@@ -78,20 +94,30 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="queue-bench-"))
     rtmp_port, http_port, api_port = free_port(), free_port(), free_port()
-    rtmp_env = dict(os.environ, RTMP_PORT=str(rtmp_port), RTMP_HTTP_PORT=str(http_port),
-                    RTMP_RUN_DIR=str(work / "rtmp"))  # fmt: skip
+    rtmp_env = dict(
+        os.environ, RTMP_PORT=str(rtmp_port), RTMP_HTTP_PORT=str(http_port), RTMP_RUN_DIR=str(work / "rtmp")
+    )
     rtmp_script = ["bash", str(ROOT / "scripts" / "rtmp_server.sh")]
     subprocess.run([*rtmp_script, "start"], env=rtmp_env, check=True, capture_output=True, timeout=60)
     base = f"http://127.0.0.1:{api_port}"
     overrides = [
-        f"server.port={api_port}", f"stream.rtmp_url={publish_url(rtmp_port, f'queue{api_port}', rtmp_env)}",
-        "engine.name=parametric", f"api.max_queued={args.tasks}", f"api.max_audio_s={args.audio_s + 1}",
-        "api.max_upload_mb=200", "api.rate_limit_per_min=0", f"avatar.cache_dir={work / 'avatars'}",
+        f"server.port={api_port}",
+        f"stream.rtmp_url={publish_url(rtmp_port, f'queue{api_port}', rtmp_env)}",
+        "engine.name=parametric",
+        f"api.max_queued={args.tasks}",
+        f"api.max_audio_s={args.audio_s + 1}",
+        "api.max_upload_mb=200",
+        "api.rate_limit_per_min=0",
+        f"avatar.cache_dir={work / 'avatars'}",
         *args.overrides,
-    ]  # fmt: skip
+    ]
     log = open(work / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, str(args.repo / "infer_serv.py"), *overrides], cwd=args.repo,
-                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, str(args.repo / "infer_serv.py"), *overrides],
+        cwd=args.repo,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         content = looped_speech(args.audio_s, work / "speech.wav")
         deadline = time.monotonic() + 300
@@ -135,13 +161,17 @@ def main() -> int:
         log.close()
         subprocess.run([*rtmp_script, "stop"], env=rtmp_env, capture_output=True, timeout=60)
 
-    print(f"checkout {args.repo}: {args.tasks} uploads x {args.audio_s:g} s (posted in {posted_s:.1f} s), "
-          f"observed {args.observe_s:g} s from the first POST")  # fmt: skip
+    print(
+        f"checkout {args.repo}: {args.tasks} uploads x {args.audio_s:g} s (posted in {posted_s:.1f} s), "
+        f"observed {args.observe_s:g} s from the first POST"
+    )
     print(f"{'task':>4}  {'state':<10} {'chunks':>7}  {'TTFF s':>7}")
     for k, t in enumerate(tasks):
         ttff = t.get("time_to_first_frame_s")
-        print(f"{k:>4}  {t.get('status', '?'):<10} {t.get('chunks_generated', 0):>7}  "
-              f"{'-' if ttff is None else f'{ttff:.2f}':>7}")  # fmt: skip
+        print(
+            f"{k:>4}  {t.get('status', '?'):<10} {t.get('chunks_generated', 0):>7}  "
+            f"{'-' if ttff is None else f'{ttff:.2f}':>7}"
+        )
     print(f"RSS idle {idle_kib / 1024:.0f} MiB, peak {peak_kib / 1024:.0f} MiB (server + workers + FFmpeg)")
     print(f"underrun ticks while a task was on air: {underruns_on_air}; peak pool queue: {max_pool_queued} jobs")
     shutil.rmtree(work, ignore_errors=True)  # kept (server.log) only when the bench failed

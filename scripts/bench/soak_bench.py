@@ -79,12 +79,6 @@ class Drift:
         return (self.audio_s - self.video_s) * 1000.0
 
 
-
-
-
-
-
-
 def snapshot(pid: int) -> ProcessSnapshot:
     """Read RSS, threads and descriptors of ``pid`` from ``/proc``."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
@@ -109,8 +103,27 @@ def health(base: str) -> dict:
 
 def video_pts_s(path: Path) -> np.ndarray:
     """Sorted PTS (s) of every video packet of an FLV recording (stream copy, no decode)."""
-    out = subprocess.run([FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",
-                          "-c", "copy", "-f", "framecrc", "-"], capture_output=True, check=True, timeout=600)
+    out = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-map",
+            "0:v:0",
+            "-c",
+            "copy",
+            "-f",
+            "framecrc",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=600,
+    )
     tb = 1 / 1000
     pts = []
     for line in out.stdout.decode().splitlines():
@@ -124,10 +137,31 @@ def video_pts_s(path: Path) -> np.ndarray:
 
 def audio_frames(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     """Every decoded audio frame of a recording: ``(pts in s, samples per frame, sample rate in Hz)``."""
-    out = subprocess.run([FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "info", "-i", str(path), "-map", "0:a:0",
-                          "-af", "ashowinfo", "-f", "null", "-"], capture_output=True, check=True, timeout=1200)
-    rows = [(float(m.group(1)), int(m.group(3)), int(m.group(2)))
-            for m in _ASHOWINFO_RE.finditer(out.stderr.decode(errors="replace"))]
+    out = subprocess.run(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "info",
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-af",
+            "ashowinfo",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=1200,
+    )
+    rows = [
+        (float(m.group(1)), int(m.group(3)), int(m.group(2)))
+        for m in _ASHOWINFO_RE.finditer(out.stderr.decode(errors="replace"))
+    ]
     if not rows:
         raise RuntimeError(f"no decoded audio in {path}")
     pts, samples, rates = zip(*rows, strict=True)
@@ -188,13 +222,34 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     server_tmp.mkdir()
     (ROOT / ".cache").mkdir(exist_ok=True)
     log_path = ROOT / ".cache" / "soak_bench_server.log"
-    recorder = subprocess.Popen([FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-rw_timeout",
-                                 str(int(RECORDER_RW_TIMEOUT_S * 1e6)), "-i", url, "-c", "copy", "-y", str(record)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    recorder = subprocess.Popen(
+        [
+            FFMPEG,
+            "-hide_banner",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-rw_timeout",
+            str(int(RECORDER_RW_TIMEOUT_S * 1e6)),
+            "-i",
+            url,
+            "-c",
+            "copy",
+            "-y",
+            str(record),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     overrides = [f"server.port={port}", f"stream.rtmp_url={url}", *args.overrides]
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, str(ROOT / "infer_serv.py"), *overrides], cwd=ROOT, stdout=log,
-                                  stderr=subprocess.STDOUT, env=dict(os.environ, TMPDIR=str(server_tmp)))
+        server = subprocess.Popen(
+            [sys.executable, str(ROOT / "infer_serv.py"), *overrides],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TMPDIR=str(server_tmp)),
+        )
         try:
             result = soak(args, base, server, server_tmp)
         finally:
@@ -273,12 +328,15 @@ def soak(args: argparse.Namespace, base: str, server: subprocess.Popen, server_t
     }
 
 
-def report(args: argparse.Namespace, r: dict, whole: Drift, first: Drift, last: Drift, exit_code: int | None,
-           record_bytes: int) -> None:
+def report(
+    args: argparse.Namespace, r: dict, whole: Drift, first: Drift, last: Drift, exit_code: int | None, record_bytes: int
+) -> None:
     """Print the soak table."""
     s, e, h0, h1 = r["start"], r["end"], r["health_start"], r["health_end"]
-    print(f"Soak: {args.minutes:g} min, {args.audio.name} every {args.every_s:g} s "
-          f"({' '.join(args.overrides) or 'defaults'}); recording {record_bytes / 2**20:.1f} MB")
+    print(
+        f"Soak: {args.minutes:g} min, {args.audio.name} every {args.every_s:g} s "
+        f"({' '.join(args.overrides) or 'defaults'}); recording {record_bytes / 2**20:.1f} MB"
+    )
     print(f"| {'measure':<40} | {'start':>10} | {'end':>10} |")
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|")
     rows = [

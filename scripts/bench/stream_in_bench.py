@@ -68,9 +68,14 @@ def push(port: int, pcm: np.ndarray, speed: float) -> dict:
     on_air = client.wait("on_air", 30)
     done = client.wait("done", 120)
     client.close()
-    return {"first_byte_to_air_s": on_air["t"] - t0, "server_first_byte_to_air_s": on_air["first_byte_to_air_s"],
-            "chunk0_audio_s": on_air["chunk0_audio_s"], "chunk0_ready_s": on_air["chunk0_ready_s"],
-            "gap_ticks": done["underrun_ticks"], "status": done["status"]}  # fmt: skip
+    return {
+        "first_byte_to_air_s": on_air["t"] - t0,
+        "server_first_byte_to_air_s": on_air["first_byte_to_air_s"],
+        "chunk0_audio_s": on_air["chunk0_audio_s"],
+        "chunk0_ready_s": on_air["chunk0_ready_s"],
+        "gap_ticks": done["underrun_ticks"],
+        "status": done["status"],
+    }
 
 
 def lag_and_freeze(path: Path) -> tuple[int, float, int]:
@@ -78,8 +83,14 @@ def lag_and_freeze(path: Path) -> tuple[int, float, int]:
     frames, v0, audio, a0 = decode_recording(path, RATE)
     t = v0 + np.arange(len(frames)) / FPS
     per = RATE // FPS
-    env = np.array([np.sqrt(np.mean(audio[max(0, int((x - a0) * RATE)) : max(0, int((x - a0) * RATE)) + per] ** 2))
-                    if 0 <= int((x - a0) * RATE) < len(audio) else 0.0 for x in t])  # fmt: skip
+    env = np.array(
+        [
+            np.sqrt(np.mean(audio[max(0, int((x - a0) * RATE)) : max(0, int((x - a0) * RATE)) + per] ** 2))
+            if 0 <= int((x - a0) * RATE) < len(audio)
+            else 0.0
+            for x in t
+        ]
+    )
     speaking = np.flatnonzero(env > 0.02)
     first, last = (speaking[0], speaking[-1]) if len(speaking) else (0, len(frames) - 1)
     sel = np.arange(first, last + 1)
@@ -109,9 +120,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="stream-in-bench-"))
     rtmp = RtmpServer(work / "rtmp")
     rtmp.start()
-    server = ServerProcess([f"avatar.idle_video={IDLE}", f"avatar.video={AVATAR}", "engine.name=parametric",
-                            f"avatar.cache_dir={work / 'avatars'}", f"stream.rtmp_url={rtmp.url('bench')}",
-                            "stream.idle_audio=false", *args.overrides], work / "server.log")  # fmt: skip
+    server = ServerProcess(
+        [
+            f"avatar.idle_video={IDLE}",
+            f"avatar.video={AVATAR}",
+            "engine.name=parametric",
+            f"avatar.cache_dir={work / 'avatars'}",
+            f"stream.rtmp_url={rtmp.url('bench')}",
+            "stream.idle_audio=false",
+            *args.overrides,
+        ],
+        work / "server.log",
+    )
     server.start()
     rows = []
     try:
@@ -129,13 +149,15 @@ def main() -> int:
                 time.sleep(1.0)
                 figures["held_ticks"] = api.request("GET", "/health")[1]["underrun_ticks"] - before
                 figures["lag_frames"], figures["lag_r"], figures["frozen_frames"] = lag_and_freeze(
-                    recorder.finish(settle_s=0.5))
+                    recorder.finish(settle_s=0.5)
+                )
                 rows.append({"scenario": f"pcm {speed:.1f}x", **figures})
         for _run in range(args.runs):
             wait_idle(api)
             t0 = time.monotonic()
-            status, body = api.request("POST", "/speak", json.dumps({"text": TEXT}).encode(),
-                                       {"Content-Type": "application/json"})  # fmt: skip
+            status, body = api.request(
+                "POST", "/speak", json.dumps({"text": TEXT}).encode(), {"Content-Type": "application/json"}
+            )
             assert status == 202, body
             while (task := api.task(body["task_id"]))["first_frame_on_air_at"] is None:
                 if task["status"] in ("failed", "cancelled"):
@@ -143,27 +165,39 @@ def main() -> int:
                 time.sleep(0.01)
             client_s = time.monotonic() - t0
             task = api.wait_task(body["task_id"], ("done", "failed", "cancelled"), 60)
-            rows.append({"scenario": "speak 3 sentences", "request_to_air_s": task["time_to_first_frame_s"],
-                         "polled_s": round(client_s, 3), "status": task["status"],
-                         "audio_s": task["audio_duration_s"]})  # fmt: skip
+            rows.append(
+                {
+                    "scenario": "speak 3 sentences",
+                    "request_to_air_s": task["time_to_first_frame_s"],
+                    "polled_s": round(client_s, 3),
+                    "status": task["status"],
+                    "audio_s": task["audio_duration_s"],
+                }
+            )
         dropped = api.request("GET", "/health")[1]["dropped_ticks"]
     finally:
         server.stop()
         rtmp.stop()
-    print(f"\n{'scenario':<18} {'first byte/request -> on air':>28} {'chunk 0 audio/ready':>19} {'gap ticks':>9} "
-          f"{'held ticks':>10} {'lag (frames, r)':>16} {'longest still':>13} status")  # fmt: skip
+    print(
+        f"\n{'scenario':<18} {'first byte/request -> on air':>28} {'chunk 0 audio/ready':>19} {'gap ticks':>9} "
+        f"{'held ticks':>10} {'lag (frames, r)':>16} {'longest still':>13} status"
+    )
     for r in rows:
         if r["scenario"].startswith("pcm"):
             latency = f"{r['first_byte_to_air_s'] * 1000:.0f} ms (server {r['server_first_byte_to_air_s'] * 1000:.0f})"
             lag = f"{r['lag_frames']:+d} ({r['lag_r']:.2f})" if "lag_frames" in r else "-"
             frozen = str(r.get("frozen_frames", "-"))
             c0 = f"{r['chunk0_audio_s'] * 1000:.0f}/{r['chunk0_ready_s'] * 1000:.0f} ms"
-            print(f"{r['scenario']:<18} {latency:>28} {c0:>19} {r['gap_ticks']:>9} {r['held_ticks']:>10} {lag:>16} "
-                  f"{frozen:>13} {r['status']}")  # fmt: skip
+            print(
+                f"{r['scenario']:<18} {latency:>28} {c0:>19} {r['gap_ticks']:>9} {r['held_ticks']:>10} {lag:>16} "
+                f"{frozen:>13} {r['status']}"
+            )
         else:
             latency = f"{r['request_to_air_s'] * 1000:.0f} ms (polled {r['polled_s'] * 1000:.0f})"
-            print(f"{r['scenario']:<18} {latency:>28} {'-':>19} {'-':>9} {'-':>10} {'-':>16} {'-':>13} "
-                  f"{r['status']} ({r['audio_s']:.1f} s)")  # fmt: skip
+            print(
+                f"{r['scenario']:<18} {latency:>28} {'-':>19} {'-':>9} {'-':>10} {'-':>16} {'-':>13} "
+                f"{r['status']} ({r['audio_s']:.1f} s)"
+            )
     print(f"dropped ticks over the whole bench: {dropped}")
     return 0
 

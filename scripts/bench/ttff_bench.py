@@ -38,19 +38,37 @@ BLOCK = CLIENT_RATE // 100  # 10 ms
 ONSET_RMS = 0.02  # a 10 ms block louder than this (full scale 1.0) is speech
 
 
-
-
-
-
-
-
 class OnsetListener:
     """A live RTMP client (FFmpeg) decoding the stream's audio; records when loud blocks arrive."""
 
     def __init__(self, url: str):
-        cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-fflags", "nobuffer",
-               "-flags", "low_delay", "-analyzeduration", "0", "-probesize", "32768", "-i", url, "-map", "0:a:0",
-               "-ac", "1", "-ar", str(CLIENT_RATE), "-flush_packets", "1", "-f", "s16le", "pipe:1"]
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(),
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-fflags",
+            "nobuffer",
+            "-flags",
+            "low_delay",
+            "-analyzeduration",
+            "0",
+            "-probesize",
+            "32768",
+            "-i",
+            url,
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-ar",
+            str(CLIENT_RATE),
+            "-flush_packets",
+            "1",
+            "-f",
+            "s16le",
+            "pipe:1",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         self.loud_times: list[float] = []
         self._lock = threading.Lock()
@@ -113,8 +131,9 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     overrides = [f"server.port={port}", f"stream.rtmp_url={url}", "stream.idle_audio=false", *args.overrides]
     log = open(ROOT / ".cache" / "ttff_bench_server.log", "wb") if (ROOT / ".cache").is_dir() else subprocess.DEVNULL
-    server = subprocess.Popen([sys.executable, str(ROOT / "infer_serv.py"), *overrides], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "infer_serv.py"), *overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
     listener = None
     try:
         deadline = time.time() + 300

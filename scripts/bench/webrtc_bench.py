@@ -38,8 +38,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VIDEO = ROOT / "tests/data/media/video/2s_GirlMuseum_0730.mp4"
 SPEECH = ROOT / "tests/data/media/audio/4s_Wavfile_1719704064_11.wav"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--allow-loopback-in-peer-connection",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--allow-loopback-in-peer-connection",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--autoplay-policy=no-user-gesture-required",
+]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -84,8 +89,11 @@ def cpu_table(base: str, server_pid: int, seconds: float) -> list[tuple]:
     for count in (0, 1, 4, 8):
         child = None
         if count:
-            child = subprocess.Popen([sys.executable, __file__, "--viewers-child", str(count), "--base", base],
-                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+            child = subprocess.Popen(
+                [sys.executable, __file__, "--viewers-child", str(count), "--base", base],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             if child.stdout.readline().strip() != "connected":
                 raise SystemExit("viewers did not connect")
         time.sleep(2.0)  # settle: ICE, first keyframe
@@ -98,10 +106,17 @@ def cpu_table(base: str, server_pid: int, seconds: float) -> list[tuple]:
             child.send_signal(signal.SIGTERM)
             child.wait(15)
         w0, w1 = h0.get("webrtc", {}), h1.get("webrtc", {})
-        rows.append((count, 100 * (c1 - c0) / (t1 - t0), h1["late_ticks"] - h0["late_ticks"],
-                     h1["dropped_ticks"] - h0["dropped_ticks"], w1.get("viewers"),
-                     w1.get("frames_encoded", 0) - w0.get("frames_encoded", 0),
-                     w1.get("inbox_dropped_ticks", 0) - w0.get("inbox_dropped_ticks", 0)))  # fmt: skip
+        rows.append(
+            (
+                count,
+                100 * (c1 - c0) / (t1 - t0),
+                h1["late_ticks"] - h0["late_ticks"],
+                h1["dropped_ticks"] - h0["dropped_ticks"],
+                w1.get("viewers"),
+                w1.get("frames_encoded", 0) - w0.get("frames_encoded", 0),
+                w1.get("inbox_dropped_ticks", 0) - w0.get("inbox_dropped_ticks", 0),
+            )
+        )
         time.sleep(1.0)
     return rows
 
@@ -133,8 +148,9 @@ def browser_trials(base: str, posts: int) -> tuple[list[float], dict]:
         browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(base + "/")
-        page.wait_for_function("document.getElementById('whep-status').textContent === 'WebRTC connected'",
-                               timeout=30000)  # fmt: skip
+        page.wait_for_function(
+            "document.getElementById('whep-status').textContent === 'WebRTC connected'", timeout=30000
+        )
         time.sleep(3.0)
         for _ in range(posts):
             page.wait_for_function("document.getElementById('state').textContent === 'idle'", timeout=30000)
@@ -160,8 +176,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="CPU window per viewer count")
     parser.add_argument("--posts", type=int, default=10)
-    parser.add_argument("--rtmp-url", default="",
-                        help="publish URL (default: scripts/rtmp_server.sh publish-url webrtc-bench)")
+    parser.add_argument(
+        "--rtmp-url", default="", help="publish URL (default: scripts/rtmp_server.sh publish-url webrtc-bench)"
+    )
     parser.add_argument("--viewers-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--base", default="", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
@@ -173,10 +190,18 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     if not args.rtmp_url:  # the local dev server (scripts/rtmp_server.sh start; RTMP_PORT etc. from the environment)
         script = str(ROOT / "scripts" / "rtmp_server.sh")
-        args.rtmp_url = subprocess.run(["bash", script, "publish-url", "webrtc-bench"], capture_output=True,
-                                       text=True, check=True, timeout=30).stdout.strip()
-    cmd = [sys.executable, str(ROOT / "infer_serv.py"), f"server.port={port}", f"stream.rtmp_url={args.rtmp_url}",
-           f"avatar.idle_video={VIDEO}", "stream.idle_audio=false", *args.overrides]
+        args.rtmp_url = subprocess.run(
+            ["bash", script, "publish-url", "webrtc-bench"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+    cmd = [
+        sys.executable,
+        str(ROOT / "infer_serv.py"),
+        f"server.port={port}",
+        f"stream.rtmp_url={args.rtmp_url}",
+        f"avatar.idle_video={VIDEO}",
+        "stream.idle_audio=false",
+        *args.overrides,
+    ]
     log = open(ROOT / "out" / "webrtc_bench_server.log", "wb") if (ROOT / "out").is_dir() else subprocess.DEVNULL
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -187,21 +212,30 @@ def main() -> int:
             time.sleep(0.5)
         health = http("GET", base + "/health")[1]
         w = health["webrtc"]
-        print(f"stream {health['stream']['width']}x{health['stream']['height']} @ {health['stream']['fps']} fps; "
-              f"WebRTC preview {w['width']}x{w['height']} {w['codec']}; {os.cpu_count()} CPUs")
+        print(
+            f"stream {health['stream']['width']}x{health['stream']['height']} @ {health['stream']['fps']} fps; "
+            f"WebRTC preview {w['width']}x{w['height']} {w['codec']}; {os.cpu_count()} CPUs"
+        )
         rows = cpu_table(base, server.pid, args.seconds)
-        print(f"\n{'viewers':>7} | {'server CPU %':>12} | {'late ticks':>10} | {'dropped':>7} | {'encoded':>7} | "
-              f"{'inbox drops':>11}")
+        print(
+            f"\n{'viewers':>7} | {'server CPU %':>12} | {'late ticks':>10} | {'dropped':>7} | {'encoded':>7} | "
+            f"{'inbox drops':>11}"
+        )
         print("-" * 72)
         for count, cpu, late, dropped, _, encoded, inbox in rows:
             print(f"{count:>7} | {cpu:>12.1f} | {late:>10} | {dropped:>7} | {encoded:>7} | {inbox:>11}")
         cpu = {r[0]: r[1] for r in rows}
-        print(f"8th viewer vs 1st: {cpu[8] - cpu[1]:+.1f} % of one core for 7 more viewers "
-              f"({(cpu[8] - cpu[1]) / 7:+.2f} %/viewer)")
+        print(
+            f"8th viewer vs 1st: {cpu[8] - cpu[1]:+.1f} % of one core for 7 more viewers "
+            f"({(cpu[8] - cpu[1]) / 7:+.2f} %/viewer)"
+        )
         heard, stats = browser_trials(base, args.posts)
-        print(f"\nPOST -> first speech heard in Chromium (AnalyserNode), n={len(heard)}: "
-              f"median {statistics.median(heard):.0f} ms, min {min(heard):.0f}, max {max(heard):.0f}"
-              if heard else "\nno speech heard")
+        print(
+            f"\nPOST -> first speech heard in Chromium (AnalyserNode), n={len(heard)}: "
+            f"median {statistics.median(heard):.0f} ms, min {min(heard):.0f}, max {max(heard):.0f}"
+            if heard
+            else "\nno speech heard"
+        )
         print("browser playout (getStats inbound-rtp):", json.dumps(stats, indent=1))
     finally:
         stop_server(server, 15)
