@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.config import load_config
 from latentsync.engines import ChunkRequest
+from latentsync.serving.app import create_app
+from latentsync.serving.runtime import Runtime
 from latentsync.serving.workers import JobFailed, WorkerPool, WorkerPoolError
 from tests.datafiles import media_file
 
@@ -142,6 +145,12 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
             pool.submit_chunk(request(2), 30.0, lambda result: None, lambda reason: None)
         stats = pool.stats()
         assert stats.rebuilds == 1 and stats.queued == 0 and stats.in_flight == 0
+        # Over HTTP: readiness fails and names the reason (the server's /health on this broken pool).
+        runtime = Runtime(load_config(None, []))
+        runtime.main.pool = pool
+        answer = create_app(runtime).test_client().get("/health?ready=1")
+        assert answer.status_code == 503
+        assert answer.json["engine_ready"] is False and "refuses to load" in answer.json["engine_error"]
     finally:
         pool.close()
 

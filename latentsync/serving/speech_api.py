@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 
-from flask import Flask, jsonify, request, url_for
+from flask import Flask, g, jsonify, request, url_for
 from flask_sock import ConnectionClosed, Sock
 
 from latentsync.serving.speech_stream import (
@@ -169,14 +169,22 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
                 "origin_not_allowed",
                 f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
             )
-        with connections_lock:
-            if connections["open"] >= max_connections:
+        with connections_lock:  # the slot is taken here, before the handshake answers, so a client
+            if connections["open"] >= max_connections:  # that connects right after another sees it taken
                 return error(
                     503,
                     "too_many_connections",
                     f"{max_connections} speech WebSockets already open (speech_stream.max_open)",
                 )
+            connections["open"] += 1
+            g.speech_ws_slot = True
         return None
+
+    @app.teardown_request
+    def ws_release(_exc):
+        if g.pop("speech_ws_slot", False):  # the session ended, or the request was refused after all (401)
+            with connections_lock:
+                connections["open"] -= 1
 
     @app.post("/speak")
     def speak():
@@ -211,13 +219,7 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
 
     @sock.route(WS_PATH)
     def ws_speech(ws):
-        with connections_lock:
-            connections["open"] += 1
-        try:
-            SpeechSession(ws, runtime, runtime.config.speech_stream.idle_timeout_s).run()
-        finally:
-            with connections_lock:
-                connections["open"] -= 1
+        SpeechSession(ws, runtime, runtime.config.speech_stream.idle_timeout_s).run()  # slot: ws_origin/ws_release
 
 
 class SpeechSession:
