@@ -28,9 +28,22 @@ MAX_VIEWERS = 2
 def server(rtmp_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("whep")
     key = f"whep-{tmp.name}"
+    # Idle loop: a white bar that moves several pixels every frame over flat grey, so each tick differs
+    # clearly from its neighbours (the tap test aligns frames) and both lossy encodes stay near exact.
+    # Speech plays on the real presenter (the base video).
+    idle = tmp / "moving_bar.mp4"
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=gray:s=256x456:r=25:d=4",
+         "-f", "lavfi", "-i", "color=c=white:s=40x200:r=25:d=4", "-filter_complex",
+         "[0][1]overlay=x='n*2':y='mod(n*13,256)':shortest=1,format=yuv420p", "-c:v", "libx264", "-qp", "0",
+         "-y", str(idle)],
+        check=True,
+        timeout=60,
+    )  # fmt: skip
     proc = ServerProcess(
         [
-            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"avatar.idle_video={idle}",
+            f"avatar.video={media_file('video/nanmote002.mp4')}",
             f"stream.rtmp_url={rtmp_server.url(key)}",
             f"webrtc.max_viewers={MAX_VIEWERS}",
             "webrtc.max_height=456",
