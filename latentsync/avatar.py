@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ PREPARATION_VERSION = 1
 _GEOMETRY_CACHE_FRAMES = 64
 #: Bytes read at a time when hashing the video file.
 _HASH_BLOCK_BYTES = 1 << 20
+#: Shares of the preparation's progress (``on_progress``): decode, face tracking, the rest (warps, saves).
+_DECODE_SHARE, _TRACK_SHARE = 0.1, 0.8
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ class Avatar:
         settings: AvatarSettings | None = None,
         cache_dir: str | Path = ".cache/avatars",
         progress: bool = False,
+        on_progress: Callable[[float], None] | None = None,
     ) -> Avatar:
         """Prepare a base video as an avatar, or load it from the cache when already prepared.
 
@@ -270,9 +274,12 @@ class Avatar:
             settings: Preparation settings (defaults: :class:`AvatarSettings`).
             cache_dir: Root folder of the avatar cache (created if needed).
             progress: Show a tqdm progress bar on stderr.
+            on_progress: Called with the fraction done (0-1) as the preparation advances (after
+                the decode, every 1 % of face tracking, at the end); not called on a cache hit.
 
         Returns:
-            The :class:`Avatar`, memory-mapped from its cache directory.
+            The :class:`Avatar`, memory-mapped from its cache directory. Its directory's modification
+            time is set to now (the cache's least-recently-used order, docs/avatars.md).
 
         Raises:
             FileNotFoundError: If ``video`` does not exist.
@@ -288,11 +295,12 @@ class Avatar:
         root = Path(cache_dir)
         target = root / f"{video.stem}-{key}"
         if (target / "meta.json").is_file():
+            touch_avatar(target)
             return cls.load(target)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{video.stem}-", dir=root))
         try:
-            meta = _prepare_into(tmp, video, settings, key, progress)
+            meta = _prepare_into(tmp, video, settings, key, progress, on_progress)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             try:
                 os.replace(tmp, target)
@@ -305,7 +313,22 @@ class Avatar:
         return cls.load(target)
 
 
-def _prepare_into(folder: Path, video: Path, settings: AvatarSettings, key: str, progress: bool) -> dict:
+def touch_avatar(path: str | Path) -> None:
+    """Mark a prepared avatar's cache directory as used now (its mtime; never raises)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _prepare_into(
+    folder: Path,
+    video: Path,
+    settings: AvatarSettings,
+    key: str,
+    progress: bool,
+    on_progress: Callable[[float], None] | None = None,
+) -> dict:
     """Run the preparation and write the arrays into ``folder``; returns the meta dict."""
     from tqdm import tqdm
 
@@ -314,8 +337,19 @@ def _prepare_into(folder: Path, video: Path, settings: AvatarSettings, key: str,
     n = clip.num_frames
     np.save(folder / "frames.npy", clip.frames)
     t_decode = time.monotonic() - t0
+    report = on_progress or (lambda _fraction: None)
+    report(_DECODE_SHARE)
+    tracked = [0]
+    step = max(1, n // 100)
+
+    def advance(count: int) -> None:
+        bar.update(count)
+        tracked[0] += count
+        if tracked[0] % step == 0 or tracked[0] == n:
+            report(_DECODE_SHARE + _TRACK_SHARE * tracked[0] / max(1, n))
+
     with tqdm(total=n, desc=f"faces {video.name}", unit="frame", disable=not progress) as bar:
-        track = track_face(clip.frames, settings.tracker, settings.min_face_fraction, progress=bar.update)
+        track = track_face(clip.frames, settings.tracker, settings.min_face_fraction, progress=advance)
     smoothed = smooth_landmarks(track.landmarks)
     affines = compute_affines(smoothed)
     faces = np.lib.format.open_memmap(folder / "faces.npy", "w+", np.uint8, (n, FACE_SIZE, FACE_SIZE, 3))
@@ -337,6 +371,7 @@ def _prepare_into(folder: Path, video: Path, settings: AvatarSettings, key: str,
     np.save(folder / "mask.npy", make_keep_mask())
     if clip.audio is not None:
         np.save(folder / "audio.npy", clip.audio)
+    report(1.0)
     widths = track.boxes[:, 2] - track.boxes[:, 0]
     return {
         "key": key,

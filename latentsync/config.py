@@ -81,11 +81,27 @@ class StreamConfig:
 
 @dataclass
 class AvatarConfig:
-    """The digital human: idle loop and base video for speech (None: the built-in default avatar)."""
+    """The digital human: idle loop and base video for speech (None: the built-in default avatar).
+
+    ``cache_dir`` holds the prepared avatars and the videos uploaded with ``POST /avatars``
+    (docs/avatars.md). The ``upload_*``, ``cache_quota_mb``, ``max_preparing`` and
+    ``prepare_timeout_s`` keys bound those uploads: a video file at most ``upload_max_mb``
+    megabytes and ``upload_max_s`` seconds long; the whole cache at most ``cache_quota_mb``
+    megabytes (least recently used avatars no channel uses are deleted to make room);
+    ``max_preparing`` uploads prepared or waiting at once; one preparation at most
+    ``prepare_timeout_s`` seconds. ``min_face_fraction``: an uploaded video whose face is found on
+    fewer than this fraction of its frames fails to prepare.
+    """
 
     idle_video: str | None = None
     video: str | None = None
     cache_dir: str = ".cache/avatars"
+    upload_max_mb: float = 200.0
+    upload_max_s: float = 60.0
+    cache_quota_mb: float = 20480.0
+    max_preparing: int = 2
+    prepare_timeout_s: float = 1800.0
+    min_face_fraction: float = 0.5
 
 
 class DType(str, enum.Enum):
@@ -250,6 +266,8 @@ class LogConfig:
 #: Channel names: lower-case letters, digits, ``-`` and ``_``, up to 32 characters (they appear in
 #: URLs, log lines and Prometheus labels).
 CHANNEL_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+#: Ids of avatars uploaded with ``POST /avatars``: ``av-`` and 12 lower-case hex digits (random).
+AVATAR_ID_RE = re.compile(r"av-[0-9a-f]{12}")
 #: The channel the top-level ``stream`` and ``avatar`` keys define (today's single stream).
 DEFAULT_CHANNEL = "main"
 
@@ -260,10 +278,13 @@ class ChannelConfig:
 
     Every value left null is taken from the top-level ``stream`` / ``avatar`` sections (the
     ``main`` channel's), so a channel only names what differs: at least its ``rtmp_url``.
+    ``avatar`` names a video uploaded with ``POST /avatars`` (its id): it is then both the idle
+    video and the base video, and ``idle_video``/``video`` must be null.
     """
 
     name: str = ""
     rtmp_url: str | None = None
+    avatar: str | None = None
     idle_video: str | None = None
     video: str | None = None
     width: int | None = None
@@ -328,9 +349,26 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
         )
         if ch.idle_video is not None and ch.video is None:  # its own idle video is its base video too
             avatar = dataclasses.replace(avatar, video=None)
+        if ch.avatar is not None:  # an uploaded avatar is its idle and base video
+            upload = str(uploaded_avatar_video(config.avatar.cache_dir, ch.avatar))
+            avatar = dataclasses.replace(avatar, idle_video=upload, video=None)
         stream = dataclasses.replace(config.stream, **stream_values)
         out[ch.name] = dataclasses.replace(config, stream=stream, avatar=avatar, channels=[])
     return out
+
+
+def uploaded_avatar_video(cache_dir: str | Path, avatar_id: str) -> Path:
+    """Where the video of an avatar uploaded with ``POST /avatars`` lives (docs/avatars.md).
+
+    Args:
+        cache_dir: ``avatar.cache_dir``.
+        avatar_id: The avatar's id (:data:`AVATAR_ID_RE`; anything else gives a path that never exists).
+
+    Returns:
+        ``<cache_dir>/uploads/<id>/<id>.mkv`` (the upload, remuxed to Matroska).
+    """
+    safe = avatar_id if AVATAR_ID_RE.fullmatch(avatar_id) else "invalid"
+    return Path(cache_dir) / "uploads" / safe / f"{safe}.mkv"
 
 
 def parse_channel(name: str, values: dict) -> ChannelConfig:
@@ -465,6 +503,13 @@ def validate(config: AppConfig) -> None:
     for key in ("idle_video", "video"):
         value = getattr(config.avatar, key)
         _check(value is None or Path(value).is_file(), f"avatar.{key}", value, "an existing video file or null")
+    av = config.avatar
+    _check(0.1 <= av.upload_max_mb <= 100000, "avatar.upload_max_mb", av.upload_max_mb, "0.1..100000")
+    _check(0.5 <= av.upload_max_s <= 3600, "avatar.upload_max_s", av.upload_max_s, "0.5..3600")
+    _check(1 <= av.cache_quota_mb <= 10**8, "avatar.cache_quota_mb", av.cache_quota_mb, "1..1e8")
+    _check(1 <= av.max_preparing <= 64, "avatar.max_preparing", av.max_preparing, "1..64")
+    _check(1 <= av.prepare_timeout_s <= 86400, "avatar.prepare_timeout_s", av.prepare_timeout_s, "1..86400")
+    _check(0 < av.min_face_fraction <= 1, "avatar.min_face_fraction", av.min_face_fraction, "0 < f <= 1")
     _check(
         config.engine.workers is None or 1 <= config.engine.workers <= 64,
         "engine.workers",
@@ -552,6 +597,25 @@ def _validate_channels(config: AppConfig) -> None:
         )
         names.add(ch.name)
         _check(ch.rtmp_url is not None, f"{key}.rtmp_url", None, "the channel's own rtmp:// URL")
+        if ch.avatar is not None:
+            _check(
+                AVATAR_ID_RE.fullmatch(ch.avatar) is not None,
+                f"{key}.avatar",
+                ch.avatar,
+                "the id of an avatar uploaded with POST /avatars (av- and 12 hex digits)",
+            )
+            _check(
+                ch.idle_video is None and ch.video is None,
+                f"{key}.avatar",
+                ch.avatar,
+                "no idle_video or video beside it (the uploaded avatar is both)",
+            )
+            _check(
+                uploaded_avatar_video(config.avatar.cache_dir, ch.avatar).is_file(),
+                f"{key}.avatar",
+                ch.avatar,
+                "an avatar uploaded with POST /avatars that still exists (GET /avatars lists them)",
+            )
         _check(ch.rtmp_url not in urls, f"{key}.rtmp_url", "<hidden>", "a URL no other channel pushes to")
         urls.add(ch.rtmp_url)
     for name, derived in channel_configs(config).items():

@@ -201,3 +201,44 @@ def test_finished_tasks_release_their_audio():
     program.on_air(ProgramEvent.OFF_AIR, 15)  # the fade back to idle is over
     assert task.audio is None and task.to_json()["audio_duration_s"] == 0.4
     assert program.audio(0, 4).tolist() == [0, 0, 0, 0]
+
+
+def flat_loop(value: int, hum: int) -> IdleLoop:
+    return IdleLoop(np.full((10, 4, 4, 3), value, dtype=np.uint8), np.full(10 * N, hum, dtype=np.int16))
+
+
+def test_an_idle_switch_waits_for_the_idle_moment_then_crossfades_old_loop_into_new():
+    mixer = ProgramMixer(flat_loop(0, 1000), FADE)
+    mixer.enqueue(FakeProgram("a", 8))  # on air on ticks 1..8, fading back to idle on ticks 9..13
+    ticks = run(mixer, 2)
+    switched = []
+    mixer.switch_idle(flat_loop(250, 3000), lambda: switched.append(mixer.ticks))
+    ticks += run(mixer, 8 + FADE + FADE + 2 - 2)
+    states = [s for s, _, _ in ticks]
+    grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
+    # The speech and its fade-out back to the old (black) loop are untouched by the waiting switch.
+    assert states[:8] == [StreamState.FADE_IN] * FADE + [StreamState.SPEAKING] * (8 - FADE)
+    fade_back = grey[8 : 8 + FADE]
+    assert states[8 : 8 + FADE] == [StreamState.FADE_OUT] * FADE and fade_back == sorted(fade_back, reverse=True)
+    assert 0 < fade_back[-1] < fade_back[0] < 200
+    assert switched == [8 + FADE + 1], "the switch begins on the first tick after the fade-out ended"
+    # Then the old loop crossfades into the new one (the hum too), strictly increasing, then the new loop.
+    switch = grey[8 + FADE : 8 + 2 * FADE]
+    assert switch == sorted(switch) and 0 < switch[0] < switch[-1] < 250
+    hums = [int(a[0]) for _, _, a in ticks[8 + FADE : 8 + 2 * FADE]]
+    assert hums == sorted(hums) and 1000 < hums[0] < hums[-1] < 3000
+    assert grey[-2:] == [250, 250] and int(ticks[-1][2][0]) == 3000 and states[-1] is StreamState.IDLE
+    assert not mixer.idle_switch_pending and mixer.idle_switches == 1
+
+
+def test_a_program_queued_after_a_switch_request_brings_the_new_loop_with_it():
+    mixer = ProgramMixer(flat_loop(0, 1000), FADE)
+    mixer.enqueue(FakeProgram("old", 6))
+    run(mixer, 3)  # the old avatar's program is on air
+    mixer.switch_idle(flat_loop(250, 3000))
+    mixer.enqueue(FakeProgram("new", 6))  # back to back: there is no idle moment in between
+    ticks = run(mixer, 3 + 6 + FADE + 2)
+    assert mixer.idle_switches == 1 and mixer.programs_finished == 2
+    # After the new program the stream fades out into the new loop, never back to the old one.
+    assert [int(f[1, 1, 0]) for _, f, _ in ticks[-2:]] == [250, 250]
+    assert all(s is not StreamState.IDLE for s, _, _ in ticks[: 3 + 6])

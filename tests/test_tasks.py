@@ -25,6 +25,7 @@ from latentsync.serving.tasks import (
     Task,
     TaskAudio,
     TaskManager,
+    TaskProcessor,
     TaskState,
 )
 
@@ -397,3 +398,21 @@ def test_due_at_is_the_earliest_time_each_chunk_can_be_on_air(setup):
     manager.cancel(a.task_id)  # a gone: b is first in line and could start now
     low, high = due(b, 1)
     assert low <= 16 / FPS <= high
+
+
+def test_an_avatar_switch_waits_until_no_task_is_unfinished_and_never_mixes_avatars(setup):
+    manager, pool, playlist = setup
+    a, _ = manager.submit(speech(1.0), None, None)
+    new_pool, new_avatar, switched = FakePool(), FakeAvatar(), []
+    assert not manager.switch_avatar(new_pool, new_avatar, lambda: switched.append(1)), "a task is unfinished"
+    assert switched == [] and manager.avatar is not new_avatar
+    stale_program = SpeechProgram(Task("x", speech(0.5), 13, 1), manager.avatar, FPS)  # built before the switch
+    manager.cancel(a.task_id)
+    assert manager.switch_avatar(new_pool, new_avatar, lambda: switched.append(1))
+    assert switched == [1] and manager.binding() == (new_pool, new_avatar)
+    stale = TaskProcessor(stale_program.task, stale_program, pool, stale_program.avatar, 5.0)
+    assert not manager.accept(stale_program.task, stale_program, stale), "a program of the old avatar is refused"
+    b, _ = manager.submit(speech(1.0), None, None)
+    assert playlist.programs[-1].avatar is new_avatar
+    wait_for(lambda: new_pool.of(b.task_id), "the new task's first job on the new avatar's pool")
+    assert not pool.of(b.task_id)

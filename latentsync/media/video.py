@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 
-from latentsync.media.audio import decode_audio, fit_length
-from latentsync.media.probe import MediaProbeError, probe_media
+from latentsync.media.audio import MediaDecodeTimeout, decode_audio, fit_length
+from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
 from latentsync.media.timing import samples_before_frame
+
+#: Demuxers an uploaded avatar video may be read with (``-format_whitelist``): MP4/MOV/M4V and
+#: Matroska/WebM. Playlists and indirections (concat, HLS, DASH, image sequences) are not on it.
+VIDEO_UPLOAD_FORMATS = ("mov", "matroska")
 
 
 @dataclass(frozen=True)
@@ -131,3 +137,94 @@ def load_clip(
             decode_audio(path, sample_rate_hz), samples_before_frame(frames.shape[0], sample_rate_hz, fps)
         )
     return VideoClip(frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path))
+
+
+def remux_untrusted_video(
+    source: str | Path,
+    target: str | Path,
+    *,
+    max_duration_s: float,
+    timeout_s: float = 120.0,
+    formats: tuple[str, ...] = VIDEO_UPLOAD_FORMATS,
+) -> MediaInfo:
+    """Copy an uploaded video's first video and audio stream into a Matroska file of our own.
+
+    FFmpeg reads the upload as in :func:`latentsync.media.audio.decode_untrusted_audio`: an
+    inherited read-only descriptor, no protocol but ``fd`` (no second file, device, FIFO or network
+    address can be opened), only the demuxers in ``formats``, an empty environment. The streams are
+    copied, not re-encoded (fast), and cut at ``max_duration_s + 1`` seconds; the result is a
+    self-contained file every later step (probe, decode, preparation) may open by path.
+
+    Args:
+        source: The upload (a regular file; a symlink is refused).
+        target: Where the Matroska copy is written (replaced if present).
+        max_duration_s: Longest video accepted in seconds; a longer one is cut one second past it,
+            so the caller sees ``duration_s > max_duration_s`` and refuses it.
+        timeout_s: Seconds FFmpeg may run before it is killed.
+        formats: Allowed FFmpeg demuxer names (default :data:`VIDEO_UPLOAD_FORMATS`).
+
+    Returns:
+        The copy's :class:`MediaInfo` (duration from the copied packets, not the upload's header).
+
+    Raises:
+        MediaDecodeTimeout: If FFmpeg ran longer than ``timeout_s``.
+        MediaProbeError: If the upload is not in an allowed format or has no video stream.
+    """
+    source, target = Path(source), Path(target)
+    fd_in = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd_out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            cmd = [
+                imageio_ffmpeg.get_ffmpeg_exe(),
+                "-hide_banner",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-protocol_whitelist",
+                "fd",
+                "-format_whitelist",
+                ",".join(formats),
+                "-fd",
+                str(fd_in),
+                "-i",
+                "fd:",
+                "-t",
+                f"{max_duration_s + 1.0:.3f}",
+                "-map",
+                "0:v:0",
+                "-map",
+                "0:a:0?",
+                "-c",
+                "copy",
+                "-f",
+                "matroska",
+                "-fd",
+                str(fd_out),
+                "fd:",
+            ]
+            try:
+                proc = subprocess.run(
+                    cmd,
+                    capture_output=True,
+                    timeout=timeout_s,
+                    check=False,
+                    env={},
+                    cwd=source.parent,
+                    pass_fds=(fd_in, fd_out),
+                    stdin=subprocess.DEVNULL,
+                )
+            except subprocess.TimeoutExpired:
+                raise MediaDecodeTimeout(f"{source.name}: reading the video took longer than {timeout_s:g} s") from None
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    if proc.returncode != 0:
+        reason = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        last = reason[-1] if reason else "ffmpeg failed"
+        raise MediaProbeError(f"{source.name}: not a video in an accepted format ({last})")
+    info = probe_media(target)
+    if not info.has_video:
+        raise MediaProbeError(f"{source.name}: no video stream")
+    return info

@@ -15,9 +15,14 @@ Routes:
     ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
     web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
     channel ``main``'s. ``GET /channels/<name>``; ``PUT /channels/<name>`` (JSON channel fields)
-    creates a channel at run time (202; it starts in the background), ``DELETE /channels/<name>``
-    fades it out and stops it (``/channels/main/...`` answers too, never redirects: a 308 would make
-    clients re-send an upload). An unknown channel is 404 ``no_channel``.
+    creates a channel at run time (202; it starts in the background) or switches an existing
+    channel's avatar at its next idle moment (202; 409 ``restart_needed`` for stream fields),
+    ``DELETE /channels/<name>`` fades it out and stops it (``/channels/main/...`` answers too,
+    never redirects: a 308 would make clients re-send an upload). An unknown channel is 404
+    ``no_channel``.
+    ``POST /avatars`` (multipart ``video_file``, optional ``name``) → 202 with the new avatar's
+    record, prepared in the background; ``GET /avatars``, ``GET /avatars/<id>`` (progress, failure
+    reason), ``DELETE /avatars/<id>`` (:mod:`latentsync.serving.avatars`, docs/avatars.md).
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
 temporary file and no task behind. A state-changing request from a browser page of a foreign
@@ -34,6 +39,7 @@ import logging
 import math
 import threading
 import time
+from pathlib import PurePath
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request, url_for
@@ -42,8 +48,9 @@ from werkzeug.exceptions import HTTPException
 from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, ConfigError, is_loopback_host, parse_channel
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
+from latentsync.serving.avatars import AvatarError
 from latentsync.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from latentsync.serving.runtime import Runtime
+from latentsync.serving.runtime import RestartNeeded, Runtime
 from latentsync.serving.speech_api import WS_PATH, register_speech_routes
 from latentsync.serving.web import PUBLIC_PATHS, register_web
 
@@ -184,6 +191,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     # name main (/generate_video), and a client would have to re-send its upload.
     app.url_map.redirect_defaults = False
     api = runtime.config.api
+    avatar_cfg = runtime.config.avatar
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
     fps = runtime.config.stream.fps
     limiter = RateLimiter(api.rate_limit_per_min)
@@ -223,8 +231,20 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def api_error(exc: ApiError):
         return _error(exc.status, exc.code, exc.message)
 
+    @app.before_request
+    def avatar_upload_limit():
+        if request.method == "POST" and request.path == "/avatars":  # videos: their own, larger limit
+            request.max_content_length = int(avatar_cfg.upload_max_mb * 1024 * 1024)
+            if request.content_length is not None and request.content_length > request.max_content_length:
+                raise ApiError(
+                    413, "too_large", f"upload larger than avatar.upload_max_mb = {avatar_cfg.upload_max_mb:g} MB"
+                )
+
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if exc.code == 413 and request.path == "/avatars":
+            limit = avatar_cfg.upload_max_mb
+            return _error(413, "too_large", f"upload larger than avatar.upload_max_mb = {limit:g} MB")
         if exc.code == 413:
             return _error(413, "too_large", f"upload larger than api.max_upload_mb = {api.max_upload_mb:g} MB")
         return _error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
@@ -252,19 +272,74 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         values = request.get_json(silent=True)
         if not isinstance(values, dict):
             raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
-        if runtime.channel(name) is not None:
-            raise ApiError(
-                409,
-                "channel_exists",
-                f"channel {name!r} exists; reconfiguring a channel is not supported: DELETE it and PUT it again",
-            )
         try:
+            if runtime.channel(name) is not None:
+                channel, switching = runtime.reconfigure_channel(name, values)
+                return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202 if switching else 200
             channel = runtime.add_channel(parse_channel(name, values))
         except ConfigError as exc:
             raise ApiError(400, "bad_channel", str(exc)) from None
+        except RestartNeeded as exc:
+            raise ApiError(409, "restart_needed", str(exc)) from None
+        except AvatarError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        except KeyError:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)") from None
         except RuntimeError as exc:
+            if runtime.channel(name) is not None and runtime.pool is not None:
+                raise ApiError(409, "channel_not_ready", str(exc)) from None
             raise ApiError(503, "starting", str(exc)) from None
         return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
+
+    # ----------------------------------------------------------------- avatars (docs/avatars.md)
+    @app.post("/avatars")
+    def upload_avatar():
+        if runtime.stopped:
+            raise ApiError(503, "stopping", "the server is stopping")
+        if not limiter.allow(request.remote_addr or "?"):  # before the body is read
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+        store = runtime.avatars
+        try:
+            upload = request.files.get("video_file")
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        if upload is None or not upload.filename and upload.content_length == 0:
+            raise ApiError(400, "no_file", "multipart field 'video_file' is required")
+        name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
+        path = None
+        try:
+            try:  # our own file name: the client's filename is never used as a path
+                path = store.incoming_path()
+                upload.save(path)
+            except OSError as exc:
+                raise _storage_error(exc) from None
+            if path.stat().st_size == 0:
+                raise ApiError(400, "empty_file", "the uploaded file is empty")
+            record = store.add(path, name)
+        except AvatarError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        finally:
+            if path is not None:
+                store.discard_incoming(path)
+        return jsonify(record), 202
+
+    @app.get("/avatars")
+    def list_avatars():
+        return jsonify({"avatars": runtime.avatars.list()})
+
+    @app.get("/avatars/<avatar_id>")
+    def get_avatar(avatar_id: str):
+        try:
+            return jsonify(runtime.avatars.get(avatar_id))
+        except AvatarError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+
+    @app.delete("/avatars/<avatar_id>")
+    def delete_avatar(avatar_id: str):
+        try:
+            return jsonify(runtime.avatars.delete(avatar_id))
+        except AvatarError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
 
     @app.delete("/channels/<name>")
     def delete_channel(name: str):

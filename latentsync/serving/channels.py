@@ -154,6 +154,11 @@ class Channel:
         self._feed: EventFeed | None = None
         self._created_monotonic = time.monotonic()
         self._error: str | None = None  # why it failed to start (a channel added at run time)
+        self._stop_event = threading.Event()
+        self._switch_lock = threading.Lock()
+        self._switch: dict | None = None  # the last avatar switch: state, avatar, error
+        self._switch_generation = 0  # a newer PUT supersedes a switch still waiting
+        self._pending_avatar: tuple[Avatar, Path] | None = None  # prepared for a switch not yet made
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -270,9 +275,7 @@ class Channel:
         cfg = self.config
         base_video = cfg.avatar.video or cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         t = time.monotonic()
-        avatar = Avatar.prepare(
-            base_video, AvatarSettings(fps=cfg.stream.fps, size=self.stream_size), cache_dir=cfg.avatar.cache_dir
-        )
+        avatar = Avatar.prepare(base_video, self._avatar_settings(), cache_dir=cfg.avatar.cache_dir)
         logger.info(
             "channel %s: avatar %s: %d frames (%.1f s)",
             self.name,
@@ -282,6 +285,104 @@ class Channel:
         )
         self.avatar = avatar
         return avatar
+
+    def _avatar_settings(self) -> AvatarSettings:
+        cfg = self.config
+        return AvatarSettings(fps=cfg.stream.fps, size=self.stream_size, min_face_fraction=cfg.avatar.min_face_fraction)
+
+    # ----------------------------------------------------------------- avatar switch
+    def switch_avatar(self, config: AppConfig, label: str) -> None:
+        """Put another avatar on this channel at its next idle moment (``PUT /channels/<name>``).
+
+        In a background thread: decode the new idle video and prepare the new base video at the
+        channel's size and fps (cached), then wait until no task of the channel is unfinished;
+        at that moment tasks accepted from then on use the new avatar and the mixer crossfades
+        from the old idle loop to the new one (:meth:`ProgramMixer.switch_idle`). Speech on air
+        or queued is never cut: it plays with the avatar it was generated for. A failure (no face,
+        undecodable video) leaves the old avatar on air and is reported in :meth:`describe`
+        (``switch.state`` ``failed``). A later call supersedes a switch that is still waiting.
+
+        Args:
+            config: The channel's configuration with the new ``avatar`` section (same stream format).
+            label: What the switch names in :meth:`describe` (an avatar id or a file name).
+
+        Raises:
+            RuntimeError: If the channel does not take uploads yet (starting), failed or stopped.
+        """
+        if self.status != "ready" or self.pool is None:
+            raise RuntimeError(f"channel {self.name} is {self.status}; an avatar can be switched once it is ready")
+        with self._switch_lock:
+            self._switch_generation += 1
+            generation = self._switch_generation
+            self._switch = {"state": "preparing", "avatar": label, "error": None}
+        threading.Thread(
+            target=self._run_switch, args=(config, generation), name=f"channel-{self.name}-switch", daemon=True
+        ).start()
+
+    def _set_switch(self, generation: int, **values) -> bool:
+        with self._switch_lock:
+            if generation != self._switch_generation or self._switch is None:
+                return False
+            self._switch.update(values)
+            return True
+
+    def _run_switch(self, config: AppConfig, generation: int) -> None:
+        s, a = config.stream, config.avatar
+        try:
+            idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
+            base_video = a.video or idle_path
+            t = time.monotonic()
+            if self._clips is not None:
+                clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, self.stream_size, s.idle_audio)
+            else:
+                clip = load_clip(idle_path, s.fps, s.audio_sample_rate, self.stream_size, with_audio=s.idle_audio)
+            settings = AvatarSettings(fps=s.fps, size=self.stream_size, min_face_fraction=a.min_face_fraction)
+            avatar = Avatar.prepare(base_video, settings, cache_dir=a.cache_dir)
+        except Exception as exc:
+            logger.warning("channel %s: avatar switch failed: %s", self.name, exc)
+            self._set_switch(generation, state="failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        logger.info(
+            "channel %s: new avatar %s ready (%.1f s); switching at the next idle moment",
+            self.name,
+            Path(base_video).name,
+            time.monotonic() - t,
+        )
+        mixer, pool = self.mixer, self.pool
+        assert mixer is not None and pool is not None
+        loop = IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong)
+        view = ChannelPool(pool, avatar.path)
+        self._pending_avatar = (avatar, Path(idle_path))
+        if not self._set_switch(generation, state="waiting_for_idle"):
+            self._pending_avatar = None
+            return
+        while True:
+            if self._stop_event.is_set() or generation != self._switch_generation:
+                return
+            tasks = self.tasks
+            if tasks is not None and tasks.switch_avatar(view, avatar, lambda: mixer.switch_idle(loop)):
+                break
+            self._stop_event.wait(0.05)
+        self.config = config
+        self.avatar = avatar
+        self._clip = clip
+        self._pending_avatar = None
+        while mixer.idle_switch_pending and not self._stop_event.wait(0.02):
+            pass  # the crossfade begins on the channel's next idle tick
+        self._set_switch(generation, state="done")
+        logger.info("channel %s: avatar switched to %s", self.name, Path(base_video).name)
+
+    def uses(self) -> list[Path]:
+        """Files and prepared-avatar folders this channel uses now or is switching to (the cache keeps them)."""
+        if self._stopped:
+            return []
+        paths = [Path(p) for p in (self.config.avatar.idle_video, self.config.avatar.video) if p]
+        if self.avatar is not None:
+            paths.append(Path(self.avatar.path))
+        pending = self._pending_avatar
+        if pending is not None:
+            paths += [Path(pending[0].path), pending[1]]
+        return paths
 
     def attach_pool(self, pool: WorkerPool) -> None:
         """Start taking uploads: a TaskManager whose jobs go to the shared pool for this avatar."""
@@ -312,6 +413,7 @@ class Channel:
         if self._stopped:
             return
         self._stopped = True  # from here uploads get 503
+        self._stop_event.set()
         self._fade_out_speech()
         if self._tasks is not None:
             try:
@@ -507,4 +609,15 @@ class Channel:
             "on_air_task": body.get("on_air_task"),
             "tasks_waiting": body.get("tasks_waiting", 0),
             "avatar": Path(self.avatar.path).name if self.avatar is not None else None,
+            "switch": self.switch_status(),
         }
+
+    def switch_status(self) -> dict | None:
+        """The last avatar switch (``PUT /channels/<name>``), or None if there was none.
+
+        Returns:
+            ``{"state", "avatar", "error"}``; state is ``preparing``, ``waiting_for_idle``,
+            ``done`` or ``failed`` (then ``error`` says why).
+        """
+        with self._switch_lock:
+            return dict(self._switch) if self._switch is not None else None

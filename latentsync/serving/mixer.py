@@ -132,6 +132,8 @@ class ProgramMixer:
         self._fading_in = False
         self._last_frame: np.ndarray | None = None
         self._state = StreamState.IDLE
+        self._next_idle: tuple[IdleLoop, object] | None = None  # (loop, callback) waiting for an idle moment
+        self.idle_switches = 0
         self.ticks = 0  # ticks produced (one per emitted or dropped frame)
         self.underrun_ticks = 0
         self.programs_finished = 0
@@ -160,6 +162,28 @@ class ProgramMixer:
             self._playlist.append(program)
             return True
 
+    def switch_idle(self, idle: IdleLoop, on_switched=None) -> None:
+        """Crossfade to another idle loop (a new avatar) at the next idle moment, never mid-speech.
+
+        The switch happens on the first tick with no program on air and no fade running: the old
+        loop fades into the new one over ``crossfade_frames`` like a fade back to idle. If a
+        program starts first (the caller queued it after asking for the switch, so it shows the
+        new avatar), the switch happens as it starts: it fades in from what is on air, and fades
+        out into the new loop. A later call replaces a switch still waiting. Any thread may call this.
+
+        Args:
+            idle: The new idle loop, frames of the stream's size.
+            on_switched: Called with no arguments on the controller thread when the crossfade
+                begins (must not block), or None.
+        """
+        with self._lock:
+            self._next_idle = (idle, on_switched)
+
+    @property
+    def idle_switch_pending(self) -> bool:
+        """True while a :meth:`switch_idle` waits for its idle moment."""
+        return self._next_idle is not None
+
     def interrupt(self, task_id: str) -> None:
         """Fade program ``task_id`` out within ``crossfade_frames`` if on air, or drop it from the playlist.
 
@@ -180,6 +204,8 @@ class ProgramMixer:
         """
         self.ticks += 1
         self._apply_interrupts()
+        if self._next_idle is not None and self._current is None and self._outgoing is None:
+            self._switch_idle_now()
         if self._current is None:
             self._start_next_program()
         if self._current is not None:
@@ -193,6 +219,20 @@ class ProgramMixer:
             frame, audio = self._idle.next(num_samples)
         self._last_frame = frame
         return frame, audio
+
+    def _switch_idle_now(self) -> None:
+        with self._lock:
+            pending, self._next_idle = self._next_idle, None
+        if pending is None:
+            return
+        idle, on_switched = pending
+        if self._outgoing is None and self._crossfade > 0:  # the old loop fades into the new one
+            self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
+            self._fade_step = 0
+        self._idle = idle
+        self.idle_switches += 1
+        if on_switched is not None:
+            on_switched()
 
     def _apply_interrupts(self) -> None:
         with self._lock:
@@ -220,6 +260,8 @@ class ProgramMixer:
             if not self._playlist or not self._playlist[0].ready_to_start():
                 return
             program = self._playlist.popleft()
+        if self._next_idle is not None:  # a new avatar's program: its idle loop comes with it
+            self._switch_idle_now()
         if self._outgoing is None:
             self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
         self._current = program

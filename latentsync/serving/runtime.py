@@ -18,7 +18,17 @@ import threading
 import time
 from pathlib import Path
 
-from latentsync.config import DEFAULT_CHANNEL, AppConfig, ChannelConfig, EngineName, channel_configs, validate
+from latentsync.config import (
+    DEFAULT_CHANNEL,
+    AppConfig,
+    ChannelConfig,
+    ConfigError,
+    EngineName,
+    channel_configs,
+    uploaded_avatar_video,
+    validate,
+)
+from latentsync.serving.avatars import AvatarStore
 from latentsync.serving.channels import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel, ClipCache
 from latentsync.serving.events import EventBroadcaster
 from latentsync.serving.ffmpeg_sink import FFmpegSink
@@ -35,7 +45,16 @@ from latentsync.serving.workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEALTH_TICK_STALE_S", "SINK_START_TIMEOUT_S", "Runtime"]
+__all__ = ["HEALTH_TICK_STALE_S", "SINK_START_TIMEOUT_S", "RestartNeeded", "Runtime"]
+
+#: Channel fields a PUT may change while the stream runs (the avatar: idle loop and base video).
+LIVE_FIELDS = ("avatar", "idle_video", "video", "idle_audio", "idle_pingpong")
+#: Channel fields that define the stream itself (its URL and format); changing one needs a restart.
+STREAM_FIELDS = ("rtmp_url", "width", "height", "fps", "crossfade_frames", "video_bitrate_kbps", "record_path")
+
+
+class RestartNeeded(Exception):
+    """A PUT on an existing channel asks to change what only a restart of its stream can change."""
 
 
 class Runtime:
@@ -65,6 +84,7 @@ class Runtime:
         self._watchdog = Watchdog(self._clock_alive)
         self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
         self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
+        self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -148,6 +168,7 @@ class Runtime:
             if self._started or self._stopped:
                 return
             self._started = True
+        self.avatars.start()
         for channel in list(self.channels.values()):
             if self._stopped:
                 return
@@ -204,6 +225,7 @@ class Runtime:
         lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
         assert self.main.tasks is not None
         self._speech = SpeechService.from_config(self.main.tasks, cfg, lookahead)
+        self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
 
     def stop(self) -> None:
         """Stop every channel, then the shared workers; FFmpeg flushes; temp files go. Safe to call twice."""
@@ -211,7 +233,11 @@ class Runtime:
             if self._stopped:
                 return
             self._stopped = True  # from here uploads get 503
-        steps = [("watchdog", self._watchdog.close), ("speech", self._speech.close if self._speech else None)]
+        steps = [
+            ("watchdog", self._watchdog.close),
+            ("speech", self._speech.close if self._speech else None),
+            ("avatar preparation", self.avatars.close),
+        ]
         steps += [(f"channel {name}", channel.stop) for name, channel in list(self.channels.items())]
         steps.append(("workers", self._pool.close if self._pool else None))
         for name, step in steps:
@@ -235,6 +261,8 @@ class Runtime:
             latentsync.config.ConfigError: If the channel is invalid or one of that name exists.
             RuntimeError: If the runtime is not running (not started, or stopping).
         """
+        if spec.avatar is not None:
+            self.avatars.require_ready(spec.avatar)
         with self._channels_lock:
             if self._stopped or self._pool is None:
                 raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
@@ -262,6 +290,85 @@ class Runtime:
         except Exception as exc:
             logger.error("channel %s failed to start: %s", channel.name, exc)
             channel.fail(f"{type(exc).__name__}: {exc}")
+
+    def reconfigure_channel(self, name: str, values: dict) -> tuple[Channel, bool]:
+        """Change an existing channel's avatar while it streams (``PUT /channels/<name>`` on a known name).
+
+        ``values`` holds channel fields (:class:`~latentsync.config.ChannelConfig`). The avatar
+        fields (:data:`LIVE_FIELDS`) change at the channel's next idle moment with a crossfade
+        (:meth:`Channel.switch_avatar`); naming any of ``avatar``, ``idle_video``, ``video`` replaces
+        all three (absent: null). The stream fields (:data:`STREAM_FIELDS`) may be given only with
+        the channel's current values.
+
+        Returns:
+            ``(channel, switching)``: switching is False when the values change nothing.
+
+        Raises:
+            latentsync.config.ConfigError: On an unknown field, a wrong type or an invalid value.
+            RestartNeeded: If a stream field differs from the channel's current value (names them).
+            latentsync.serving.avatars.AvatarError: If ``avatar`` names no avatar, or one not ready.
+            RuntimeError: If the channel is not ready (starting, failed, stopping).
+            KeyError: If there is no such channel.
+        """
+        from latentsync.config import parse_channel
+
+        channel = self.channels[name]
+        given = parse_channel(name, {k: v for k, v in values.items() if k != "name"})
+        current = channel.config
+        effective = {
+            "rtmp_url": current.stream.rtmp_url,
+            "fps": current.stream.fps,
+            "crossfade_frames": current.stream.crossfade_frames,
+            "video_bitrate_kbps": current.stream.video_bitrate_kbps,
+            "record_path": current.stream.record_path,
+            "width": channel.stream_size[0] if channel.stream_size else current.stream.width,
+            "height": channel.stream_size[1] if channel.stream_size else current.stream.height,
+        }
+        changed = [k for k in STREAM_FIELDS if k in values and getattr(given, k) != effective[k]]
+        if changed:
+            raise RestartNeeded(
+                f"changing {', '.join(changed)} of channel {name!r} needs its stream restarted: "
+                f"DELETE /channels/{name}, then PUT it again"
+            )
+        avatar = current.avatar
+        stream = current.stream
+        if any(k in values for k in ("avatar", "idle_video", "video")):
+            if given.avatar is not None:
+                if given.idle_video is not None or given.video is not None:
+                    raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
+                self.avatars.require_ready(given.avatar)
+                upload = str(uploaded_avatar_video(self.config.avatar.cache_dir, given.avatar))
+                avatar = dataclasses.replace(avatar, idle_video=upload, video=None)
+            else:
+                avatar = dataclasses.replace(avatar, idle_video=given.idle_video, video=given.video)
+        for key in ("idle_audio", "idle_pingpong"):
+            if key in values and getattr(given, key) is not None:
+                stream = dataclasses.replace(stream, **{key: getattr(given, key)})
+        new = dataclasses.replace(current, avatar=avatar, stream=stream)
+        if new == current:
+            return channel, False
+        try:
+            validate(new)
+        except ConfigError as exc:
+            raise ConfigError(f"channel {name}: {exc}") from None
+        label = given.avatar or Path(avatar.video or avatar.idle_video or "default avatar").name
+        with self._channels_lock:
+            channel.switch_avatar(new, label)
+            spec = self._specs.get(name)
+            if spec is not None:
+                live = {k: getattr(given, k) for k in LIVE_FIELDS if k in values}
+                if any(k in values for k in ("avatar", "idle_video", "video")):
+                    live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
+                self._specs[name] = dataclasses.replace(spec, **live)
+        return channel, True
+
+    def _avatars_in_use(self) -> dict[Path, list[str]]:
+        """Paths every channel uses now or is switching to, with the channels' names (the avatar cache keeps them)."""
+        used: dict[Path, list[str]] = {}
+        for name, channel in list(self.channels.items()):
+            for path in channel.uses():
+                used.setdefault(path.resolve(), []).append(name)
+        return used
 
     def remove_channel(self, name: str) -> Channel | None:
         """Delete a channel (``DELETE /channels/<name>``): its speech fades out, its FFmpeg flushes and exits.

@@ -750,10 +750,11 @@ class SpeechStreams:
         if received is not None:
             task.received_at, task.received_monotonic = received
         utterance = Utterance(task, m.fps, self.limits.max_buffered_s, self.limits.idle_timeout_s)
+        pool, avatar = m.binding()  # together: an avatar switch changes both
         program = StreamSpeechProgram(
             task,
             utterance,
-            m.avatar,
+            avatar,
             m.fps,
             self.lookahead_frames,
             m.tick_counter,
@@ -764,8 +765,8 @@ class SpeechStreams:
             task,
             program,
             utterance,
-            m.pool,
-            m.avatar,
+            pool,
+            avatar,
             m.deadline_s,
             self.lookahead_frames,
             m.fps,

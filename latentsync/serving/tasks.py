@@ -224,6 +224,11 @@ class SpeechProgram:
         self._on_air_index = 0
         self.changed = threading.Condition(self._lock)
 
+    @property
+    def avatar(self):
+        """The prepared avatar whose base frames this program pastes into."""
+        return self._avatar
+
     # ----------------------------------------------------------------- producer side
     def add_chunk(self, result: ChunkResult) -> None:
         """Store a generated chunk (any order)."""
@@ -660,20 +665,26 @@ class TaskManager:
         )
         if received is not None:
             task.received_at, task.received_monotonic = received
-        program = SpeechProgram(task, self._avatar, self._fps, self._tick_counter, self._on_ttff)
-        processor = TaskProcessor(
-            task,
-            program,
-            self._pool,
-            self._avatar,
-            self._deadline_s,
-            due_at=lambda chunk_index: self.due_at(task, chunk_index),
-        )
-        with self._lock:
-            ahead = self._count((*WAITING_STATES, TaskState.streaming))
-        if not self.accept(task, program, processor):
-            return None
-        return task, ahead
+        for _attempt in range(2):  # a second build only if the avatar was switched in between
+            pool, avatar = self.binding()
+            program = SpeechProgram(task, avatar, self._fps, self._tick_counter, self._on_ttff)
+            processor = TaskProcessor(
+                task,
+                program,
+                pool,
+                avatar,
+                self._deadline_s,
+                due_at=lambda chunk_index: self.due_at(task, chunk_index),
+            )
+            with self._lock:
+                ahead = self._count((*WAITING_STATES, TaskState.streaming))
+                stale = program.avatar is not self._avatar
+            if stale:
+                continue
+            if not self.accept(task, program, processor):
+                return None
+            return task, ahead
+        return None
 
     def accept(self, task: Task, program: SpeechProgram, processor: TaskProcessor) -> bool:
         """Queue a built task (an upload's, or a streamed utterance's) and start its processor.
@@ -683,7 +694,7 @@ class TaskManager:
         """
         task.on_final = self._admit
         with self._lock:
-            if self._closed:
+            if self._closed or program.avatar is not self._avatar:  # built before an avatar switch
                 return False
             if self._count(WAITING_STATES) >= self._max_queued or not self._enqueue(program):
                 return False
@@ -693,15 +704,44 @@ class TaskManager:
         self._admit()
         return True
 
+    def switch_avatar(self, pool, avatar, on_switch) -> bool:
+        """Give tasks accepted from now on another avatar, if no task is unfinished (idle).
+
+        Atomic with :meth:`accept`: a task is built and accepted wholly with the old avatar or
+        wholly with the new one (:meth:`accept` refuses a program built before the switch).
+
+        Args:
+            pool: The pool view whose jobs name the new avatar (:class:`~latentsync.serving.channels.ChannelPool`).
+            avatar: The new prepared avatar.
+            on_switch: Called under the manager's lock when the switch is made (it must not block;
+                e.g. :meth:`ProgramMixer.switch_idle`).
+
+        Returns:
+            True if switched; False while a task is unfinished (queued, generating or on air) or
+            once the manager is closed (nothing changed then).
+        """
+        with self._lock:
+            if self._closed or any(t.state not in FINAL_STATES for t, _ in self._tasks.values()):
+                return False
+            on_switch()
+            self._pool = pool
+            self._avatar = avatar
+            return True
+
     # what a task built outside this class (latentsync.serving.speech_stream) needs
+    def binding(self) -> tuple:
+        """``(pool, avatar)`` for a new task, read together (an avatar switch changes both)."""
+        with self._lock:
+            return self._pool, self._avatar
+
     @property
     def pool(self) -> WorkerPool:
-        """The worker pool."""
+        """The worker pool (view) new tasks use."""
         return self._pool
 
     @property
     def avatar(self):
-        """The prepared avatar."""
+        """The prepared avatar new tasks use."""
         return self._avatar
 
     @property

@@ -1,0 +1,594 @@
+"""Avatars uploaded while the server runs (``POST /avatars``): confined intake, preparation, disk quota.
+
+An uploaded video becomes an avatar in three steps (docs/avatars.md):
+
+1. **Intake** (in the request, fast): the upload is copied stream by stream into a Matroska file of
+   our own by an FFmpeg confined to that one file (:func:`latentsync.media.video.remux_untrusted_video`),
+   then checked: a video stream, at most ``avatar.upload_max_s`` seconds, and room for its prepared
+   frames within ``avatar.cache_quota_mb`` (least recently used avatars no channel uses are deleted to
+   make room). Any failure is a 4xx and leaves nothing behind.
+2. **Preparation** (in the background, one child process at a time, at a lower CPU priority so the
+   stream clocks and engine workers keep theirs): :meth:`latentsync.avatar.Avatar.prepare` at the
+   stream's fps and the video's size, reporting its progress; a face missing on too many frames
+   (``avatar.min_face_fraction``) is a failure with the reason (``no_face``).
+3. **Use**: ``PUT /channels/<name>`` with ``{"avatar": "<id>"}`` (a ready avatar only).
+
+Layout under ``avatar.cache_dir``: ``uploads/<id>/<id>.mkv`` (the copy) and ``uploads/<id>/avatar.json``
+(the record, so uploads survive a restart), and the prepared arrays in ``<id>-<key>/`` beside the
+other prepared avatars.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from latentsync.config import AVATAR_ID_RE, AppConfig, uploaded_avatar_video
+from latentsync.media import MediaProbeError
+from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.video import decode_video_frames, remux_untrusted_video
+
+logger = logging.getLogger(__name__)
+
+#: Bytes per frame a prepared avatar holds besides its ``W x H x 3`` frames: the aligned 256x256x3
+#: face plus the per-frame geometry (affine, 68 landmarks twice, box, flags); from latentsync/avatar.py.
+PREPARED_BYTES_PER_FRAME = 256 * 256 * 3 + 6 * 8 + 2 * 68 * 2 * 4 + 4 * 4 + 2
+#: Seconds between checks of a running preparation (progress, timeout, stop).
+POLL_S = 0.25
+#: Seconds a preparation child gets to exit after it was told to stop, before it is killed.
+CHILD_EXIT_S = 5.0
+#: Longest display name kept from the upload.
+MAX_NAME_CHARS = 64
+#: Record states.
+PREPARING, READY, FAILED = "preparing", "ready", "failed"
+
+
+class AvatarError(Exception):
+    """An avatar request that cannot be served: HTTP status, error code and a message naming the problem."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass
+class AvatarRecord:
+    """One uploaded avatar, as ``GET /avatars/<id>`` shows it (and ``avatar.json`` stores it).
+
+    Attributes:
+        id: ``av-`` and 12 hex digits (random).
+        name: Display name (the form's ``name``, or the upload's file name without extension).
+        status: ``preparing``, ``ready`` or ``failed``.
+        progress: Fraction of the preparation done, 0-1.
+        error: ``{"code", "message"}`` when failed, else None.
+        duration_s: Length of the video in seconds.
+        size: ``[width, height]`` in pixels the avatar is prepared at.
+        fps: Frame rate it is prepared at (the stream's).
+        num_frames: Frames at ``fps``.
+        faces_found: Frames on which the face was detected (once ready).
+        created_at: Unix time of the upload.
+        prepared_s: Seconds the preparation took (once ready).
+        prepared: Name of its prepared directory in the cache (once ready).
+    """
+
+    id: str
+    name: str
+    status: str
+    progress: float
+    error: dict | None
+    duration_s: float
+    size: list[int]
+    fps: int
+    num_frames: int
+    created_at: float
+    faces_found: int | None = None
+    prepared_s: float | None = None
+    prepared: str | None = None
+
+    def to_json(self, used_by: list[str] | None = None) -> dict:
+        """The record as JSON, with ``used_by`` (names of the channels using it) and ``status_url``."""
+        body = dataclasses.asdict(self)
+        body["progress"] = round(self.progress, 3)
+        body["used_by"] = sorted(used_by or [])
+        body["status_url"] = f"/avatars/{self.id}"
+        return body
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A unit of the cache the quota may delete: an upload with its prepared folders, or one prepared folder."""
+
+    paths: list[Path]
+    size: int
+    last_used: float
+    avatar_id: str | None
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes on disk under ``path`` (allocated blocks; 0 if it vanished meanwhile)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _tree_mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _clean_name(text: str) -> str:
+    name = "".join(c for c in text if c.isprintable()).strip()
+    return name[:MAX_NAME_CHARS] or "avatar"
+
+
+def _prepare_child(video: str, fps: int, size: tuple[int, int], min_face_fraction: float, cache_dir: str, conn) -> None:
+    """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result."""
+    try:
+        os.nice(10)  # the stream clocks and the engine workers come first
+    except OSError:
+        pass
+    from latentsync.avatar import Avatar, AvatarSettings
+    from latentsync.face import FaceNotFoundError
+
+    try:
+        settings = AvatarSettings(fps=fps, size=size, min_face_fraction=min_face_fraction)
+        avatar = Avatar.prepare(video, settings, cache_dir, on_progress=lambda f: conn.send(("progress", f)))
+        conn.send(("done", str(avatar.path), int(avatar.meta.get("faces_found", 0)), avatar.num_frames))
+    except FaceNotFoundError as exc:
+        conn.send(("failed", "no_face", f"no usable face: {exc}"))
+    except MediaProbeError as exc:
+        conn.send(("failed", "not_video", str(exc)))
+    except Exception as exc:  # anything else is reported, never raised into a dead process
+        conn.send(("failed", "prepare_failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class AvatarStore:
+    """Uploaded avatars: intake, background preparation, listing, deletion and the cache's disk quota.
+
+    Args:
+        config: The server configuration (``avatar.*`` limits, ``stream.fps`` and size).
+        in_use: Returns what the channels use now: resolved paths (prepared avatar folders and
+            video files) mapped to the names of the channels using them. Never deleted by the quota.
+    """
+
+    def __init__(self, config: AppConfig, in_use: Callable[[], dict[Path, list[str]]]):
+        self._cfg = config.avatar
+        self._fps = int(config.stream.fps)
+        s = config.stream
+        self._size = (int(s.width), int(s.height)) if s.width and s.height else None
+        self._root = Path(self._cfg.cache_dir)
+        self._uploads = self._root / "uploads"
+        self._in_use = in_use
+        self._lock = threading.Lock()
+        self._records: dict[str, AvatarRecord] = {}
+        self._jobs: collections.deque[str] = collections.deque()  # ids waiting (with the running one: max_preparing)
+        self._wake = threading.Condition(self._lock)
+        self._running: str | None = None
+        self._child: multiprocessing.process.BaseProcess | None = None
+        self._closed = False
+        self._intake = threading.Lock()  # one quota check and record insertion at a time
+        self._thread: threading.Thread | None = None
+        self._ctx = multiprocessing.get_context("spawn")
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Read the records of earlier uploads and start the preparation thread. Safe to call twice.
+
+        An upload whose preparation was cut by a stop is prepared again.
+        """
+        with self._lock:
+            if self._thread is not None or self._closed:
+                return
+            self._uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for record_file in sorted(self._uploads.glob("av-*/avatar.json")):
+                try:
+                    record = AvatarRecord(**json.loads(record_file.read_text()))
+                except (OSError, ValueError, TypeError) as exc:
+                    logger.warning("avatar record %s unreadable, ignored: %s", record_file, exc)
+                    continue
+                if not AVATAR_ID_RE.fullmatch(record.id) or record_file.parent.name != record.id:
+                    continue
+                self._records[record.id] = record
+                if record.status == PREPARING:
+                    record.progress = 0.0
+                    self._jobs.append(record.id)
+            self._thread = threading.Thread(target=self._run, name="avatar-prepare", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout_s: float = CHILD_EXIT_S) -> None:
+        """Stop the preparation (a running child is terminated, its upload stays ``preparing`` for the next start)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            child = self._child
+            self._wake.notify_all()
+        if child is not None and child.is_alive():
+            child.terminate()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # ----------------------------------------------------------------- queries
+    def _users(self) -> dict[str, list[str]]:
+        """Avatar id -> channels using it (by its video or one of its prepared folders)."""
+        users: dict[str, list[str]] = {}
+        for path, names in self._in_use().items():
+            parts = path.parts
+            for part in parts[-3:]:
+                head = part.split("-")
+                candidate = "-".join(head[:2])
+                if AVATAR_ID_RE.fullmatch(candidate):
+                    users.setdefault(candidate, []).extend(names)
+                    break
+        return users
+
+    def list(self) -> list[dict]:
+        """Every uploaded avatar, newest first (JSON records)."""
+        users = self._users()
+        with self._lock:
+            records = sorted(self._records.values(), key=lambda r: r.created_at, reverse=True)
+            return [r.to_json(users.get(r.id)) for r in records]
+
+    def get(self, avatar_id: str) -> dict:
+        """One avatar's JSON record.
+
+        Raises:
+            AvatarError: 404 ``no_avatar`` for an unknown id.
+        """
+        users = self._users()
+        with self._lock:
+            record = self._records.get(avatar_id)
+            if record is None:
+                raise AvatarError(404, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+            return record.to_json(users.get(avatar_id))
+
+    def require_ready(self, avatar_id: str) -> None:
+        """Check that a channel may use this avatar now.
+
+        Raises:
+            AvatarError: 400 ``no_avatar`` (unknown id) or 409 ``avatar_not_ready`` (preparing or failed).
+        """
+        with self._lock:
+            record = self._records.get(avatar_id)
+            if record is None:
+                raise AvatarError(400, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+            if record.status != READY:
+                detail = f": {record.error['message']}" if record.error else ""
+                raise AvatarError(409, "avatar_not_ready", f"avatar {avatar_id} is {record.status}{detail}")
+
+    # ----------------------------------------------------------------- intake
+    def incoming_path(self) -> Path:
+        """A path for one upload, alone in a fresh private directory (the caller calls :meth:`discard_incoming`)."""
+        incoming = self._uploads / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return Path(tempfile.mkdtemp(prefix="u-", dir=incoming)) / "upload"
+
+    def discard_incoming(self, path: Path) -> None:
+        """Delete an upload made by :meth:`incoming_path` with its directory (never raises)."""
+        if path.parent.parent == self._uploads / ".incoming":
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+    def add(self, upload: Path, name: str) -> dict:
+        """Take an uploaded video: copy it (confined), check it, queue its preparation.
+
+        Args:
+            upload: The uploaded file (from :meth:`incoming_path`; left for the caller to discard).
+            name: Display name.
+
+        Returns:
+            The new record's JSON (status ``preparing``).
+
+        Raises:
+            AvatarError: 429 ``busy`` (``avatar.max_preparing`` uploads prepare or wait), 400
+                ``not_video`` (no video stream, or not MP4/MOV/Matroska/WebM), 400 ``too_long``
+                (``avatar.upload_max_s``), 503 ``decode_timeout``, 507 ``quota_exceeded`` (its
+                prepared frames do not fit ``avatar.cache_quota_mb`` even after deleting every
+                unused avatar), 503 ``stopping``.
+        """
+        cfg = self._cfg
+        with self._lock:
+            if self._closed:
+                raise AvatarError(503, "stopping", "the server is stopping")
+            busy = len(self._jobs) + (self._running is not None)
+            if busy >= cfg.max_preparing:
+                raise AvatarError(
+                    429, "busy", f"{busy} avatars are being prepared (avatar.max_preparing); retry when one is ready"
+                )
+        avatar_id = "av-" + secrets.token_hex(6)
+        video = uploaded_avatar_video(self._root, avatar_id)
+        video.parent.mkdir(parents=True, mode=0o700)
+        try:
+            try:
+                info = remux_untrusted_video(
+                    upload, video, max_duration_s=cfg.upload_max_s, timeout_s=min(600.0, cfg.prepare_timeout_s)
+                )
+            except MediaDecodeTimeout:
+                raise AvatarError(
+                    503, "decode_timeout", "reading the video took too long; send a shorter or simpler file"
+                ) from None
+            except MediaProbeError:
+                raise AvatarError(
+                    400, "not_video", "the upload is not a video in an accepted format (MP4/MOV, Matroska/WebM)"
+                ) from None
+            if info.duration_s > cfg.upload_max_s:
+                raise AvatarError(400, "too_long", f"video longer than avatar.upload_max_s = {cfg.upload_max_s:g} s")
+            try:
+                first = decode_video_frames(video, self._fps, self._size, max_frames=1)
+            except MediaProbeError:
+                raise AvatarError(400, "not_video", "the upload's video decodes to no frames") from None
+            height, width = int(first.shape[1]), int(first.shape[2])
+            num_frames = max(1, round(info.duration_s * self._fps))
+            need = num_frames * (width * height * 3 + PREPARED_BYTES_PER_FRAME) + _tree_bytes(video.parent)
+            record = AvatarRecord(
+                id=avatar_id,
+                name=_clean_name(name),
+                status=PREPARING,
+                progress=0.0,
+                error=None,
+                duration_s=round(info.duration_s, 3),
+                size=[width, height],
+                fps=self._fps,
+                num_frames=num_frames,
+                created_at=round(time.time(), 3),
+            )
+            with self._intake:
+                self._make_room(need, keep={avatar_id})
+                with self._lock:
+                    if self._closed:
+                        raise AvatarError(503, "stopping", "the server is stopping")
+                    self._records[avatar_id] = record
+                    self._save(record)
+                    self._jobs.append(avatar_id)
+                    self._wake.notify_all()
+        except BaseException:
+            with self._lock:
+                self._records.pop(avatar_id, None)
+            shutil.rmtree(video.parent, ignore_errors=True)
+            raise
+        logger.info(
+            "avatar %s uploaded (%s, %.1f s, %dx%d): preparing", avatar_id, record.name, info.duration_s, width, height
+        )
+        return record.to_json()
+
+    def delete(self, avatar_id: str) -> dict:
+        """Delete an uploaded avatar (its video, record and prepared folders).
+
+        Raises:
+            AvatarError: 404 ``no_avatar``; 409 ``avatar_in_use`` while a channel uses it or it is being prepared.
+        """
+        users = self._users().get(avatar_id)
+        with self._lock:
+            record = self._records.get(avatar_id)
+            if record is None:
+                raise AvatarError(404, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+            if users:
+                raise AvatarError(409, "avatar_in_use", f"avatar {avatar_id} is used by channel(s) {', '.join(users)}")
+            if self._running == avatar_id:
+                raise AvatarError(409, "avatar_in_use", f"avatar {avatar_id} is being prepared; delete it once it ends")
+            if avatar_id in self._jobs:
+                self._jobs.remove(avatar_id)
+            del self._records[avatar_id]
+        self._remove_upload(avatar_id)
+        logger.info("avatar %s deleted", avatar_id)
+        return {"id": avatar_id, "status": "deleted"}
+
+    # ----------------------------------------------------------------- quota
+    def usage_bytes(self) -> int:
+        """Bytes the whole avatar cache holds on disk (``avatar.cache_dir``)."""
+        return _tree_bytes(self._root)
+
+    def _entries(self, keep: set[str]) -> list[_Entry]:
+        """Cache entries the quota may delete, least recently used first."""
+        in_use = {p.resolve() for p in self._in_use()}
+        with self._lock:
+            protected = set(keep) | set(self._jobs) | ({self._running} if self._running else set())
+        prepared: dict[str, list[Path]] = {}
+        loose: list[Path] = []
+        for folder in self._root.iterdir() if self._root.is_dir() else []:
+            if not folder.is_dir() or folder.name.startswith(".") or not (folder / "meta.json").is_file():
+                continue
+            owner = "-".join(folder.name.split("-")[:2])
+            if AVATAR_ID_RE.fullmatch(owner):
+                prepared.setdefault(owner, []).append(folder)
+            else:
+                loose.append(folder)
+        entries = []
+        for folder in self._uploads.glob("av-*") if self._uploads.is_dir() else []:
+            avatar_id = folder.name
+            paths = [folder, *prepared.pop(avatar_id, [])]
+            if avatar_id in protected or any(p.resolve() in in_use for p in paths):
+                continue
+            if uploaded_avatar_video(self._root, avatar_id).resolve() in in_use:
+                continue
+            entries.append(_Entry(paths, sum(_tree_bytes(p) for p in paths), max(map(_tree_mtime, paths)), avatar_id))
+        for folders in prepared.values():  # prepared folders of an upload that is gone
+            loose.extend(folders)
+        for folder in loose:
+            if folder.resolve() not in in_use:
+                entries.append(_Entry([folder], _tree_bytes(folder), _tree_mtime(folder), None))
+        entries.sort(key=lambda e: e.last_used)
+        return entries
+
+    def _make_room(self, need_bytes: int, keep: set[str]) -> None:
+        """Delete least recently used unused entries until ``need_bytes`` more fit the quota.
+
+        Raises:
+            AvatarError: 507 ``quota_exceeded`` if they cannot fit even with every unused entry deleted
+                (nothing is deleted then).
+        """
+        quota = int(self._cfg.cache_quota_mb * 1024 * 1024)
+        used = self.usage_bytes()
+        if used + need_bytes <= quota:
+            return
+        entries = self._entries(keep)
+        if used - sum(e.size for e in entries) + need_bytes > quota:
+            raise AvatarError(
+                507,
+                "quota_exceeded",
+                f"the prepared avatar needs {need_bytes / 2**20:.0f} MiB and the avatars in use hold "
+                f"{(used - sum(e.size for e in entries)) / 2**20:.0f} MiB of avatar.cache_quota_mb = "
+                f"{self._cfg.cache_quota_mb:g} MiB",
+            )
+        for entry in entries:
+            if used + need_bytes <= quota:
+                break
+            self._evict(entry)
+            used -= entry.size
+
+    def enforce_quota(self) -> None:
+        """Delete least recently used unused entries while the cache is over ``avatar.cache_quota_mb``."""
+        try:
+            with self._intake:
+                self._make_room(0, keep=set())
+        except AvatarError as exc:
+            logger.warning("avatar cache over its quota with every avatar in use: %s", exc.message)
+
+    def _evict(self, entry: _Entry) -> None:
+        if entry.avatar_id is not None:
+            with self._lock:
+                self._records.pop(entry.avatar_id, None)
+        for path in entry.paths:
+            shutil.rmtree(path, ignore_errors=True)
+        logger.info(
+            "avatar cache: deleted %s (%.0f MiB, unused since %s) to stay within avatar.cache_quota_mb",
+            entry.avatar_id or entry.paths[0].name,
+            entry.size / 2**20,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.last_used)),
+        )
+
+    def _remove_upload(self, avatar_id: str) -> None:
+        shutil.rmtree(self._uploads / avatar_id, ignore_errors=True)
+        for folder in self._root.glob(f"{avatar_id}-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # ----------------------------------------------------------------- preparation
+    def _save(self, record: AvatarRecord) -> None:
+        """Write ``avatar.json`` atomically (lock held)."""
+        folder = self._uploads / record.id
+        if not folder.is_dir():
+            return
+        tmp = folder / ".avatar.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(record), indent=1))
+        os.replace(tmp, folder / "avatar.json")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._jobs and not self._closed:
+                    self._wake.wait(timeout=1.0)
+                if self._closed:
+                    return
+                avatar_id = self._jobs.popleft()
+                record = self._records.get(avatar_id)
+                if record is None:
+                    continue
+                self._running = avatar_id
+            try:
+                self._prepare(record)
+            except Exception as exc:  # a bug here must not end the thread
+                logger.exception("avatar %s: preparation crashed", avatar_id)
+                self._finish(record, FAILED, {"code": "prepare_failed", "message": f"{type(exc).__name__}: {exc}"})
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._child = None
+
+    def _finish(self, record: AvatarRecord, status: str, error: dict | None = None, **values) -> None:
+        with self._lock:
+            record.status = status
+            record.error = error
+            for key, value in values.items():
+                setattr(record, key, value)
+            if record.id in self._records:
+                self._save(record)
+
+    def _prepare(self, record: AvatarRecord) -> None:
+        t0 = time.monotonic()
+        receiver, sender = self._ctx.Pipe(duplex=False)
+        video = uploaded_avatar_video(self._root, record.id)
+        child = self._ctx.Process(
+            target=_prepare_child,
+            args=(str(video), record.fps, tuple(record.size), self._cfg.min_face_fraction, str(self._root), sender),
+            name=f"avatar-prepare-{record.id}",
+            daemon=True,
+        )
+        with self._lock:
+            if self._closed:
+                return
+            self._child = child
+            child.start()
+        sender.close()
+        result = None
+        deadline = t0 + self._cfg.prepare_timeout_s
+        try:
+            while result is None:
+                if self._closed:
+                    return  # close() terminated it; it stays "preparing" and is prepared again at the next start
+                if time.monotonic() > deadline:
+                    result = (
+                        "failed",
+                        "prepare_timeout",
+                        f"preparation took longer than avatar.prepare_timeout_s = {self._cfg.prepare_timeout_s:g} s",
+                    )
+                    break
+                try:
+                    if not receiver.poll(POLL_S):
+                        continue
+                    message = receiver.recv()
+                except (EOFError, OSError):
+                    child.join(CHILD_EXIT_S)
+                    result = ("failed", "prepare_failed", f"the preparation process died (exit code {child.exitcode})")
+                    break
+                if message[0] == "progress":
+                    record.progress = min(1.0, max(record.progress, float(message[1])))
+                else:
+                    result = message
+        finally:
+            receiver.close()
+            if child.is_alive():
+                child.terminate()
+            child.join(CHILD_EXIT_S)
+            if child.is_alive():
+                child.kill()
+                child.join(CHILD_EXIT_S)
+        if result[0] == "done":
+            _, path, faces_found, num_frames = result
+            self._finish(
+                record,
+                READY,
+                progress=1.0,
+                prepared=Path(path).name,
+                faces_found=int(faces_found),
+                num_frames=int(num_frames),
+                prepared_s=round(time.monotonic() - t0, 2),
+            )
+            logger.info("avatar %s ready (%d frames, %.1f s)", record.id, num_frames, time.monotonic() - t0)
+            self.enforce_quota()
+        else:
+            _, code, message = result
+            self._finish(record, FAILED, {"code": code, "message": message})
+            for folder in self._root.glob(f"{record.id}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("avatar %s failed: %s", record.id, message)
