@@ -435,6 +435,7 @@ class Api:
         filename: str = "speech.wav",
         fields: dict | None = None,
         path: str = "/generate_video",
+        field: str = "audio_file",
     ):
         boundary = "----latentsync-test-boundary"
         parts = []
@@ -442,7 +443,7 @@ class Api:
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
         if content is not None:
             parts.append(
-                f'--{boundary}\r\nContent-Disposition: form-data; name="audio_file"; filename="{filename}"\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
                 f"Content-Type: application/octet-stream\r\n\r\n".encode()
                 + content
                 + b"\r\n"

@@ -61,6 +61,7 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
             "engine.name=parametric",
             f'channels=[{{name: hall, rtmp_url: "{hall_url}", idle_video: "{video}"}}]',
             "webrtc.enabled=false",
+            f"avatar.cache_dir={tmp / 'avatars'}",  # uploaded avatars stay out of the repository's cache
         ],
         tmp / "server.log",
     ).start()
@@ -208,12 +209,10 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     ):
         got = api.request("PUT", "/channels/popup", json.dumps(body).encode(), {"Content-Type": "application/json"})
         assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
-    assert (
-        api.request("PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}', {"Content-Type": "application/json"})[
-            1
-        ]["error"]["code"]
-        == "channel_exists"
+    status, body = api.request(
+        "PUT", "/channels/hall", b'{"rtmp_url": "rtmp://h/live/z"}', {"Content-Type": "application/json"}
     )
+    assert status == 409 and body["error"]["code"] == "restart_needed" and "rtmp_url" in body["error"]["message"]
     assert api.request("DELETE", "/channels/main")[1]["error"]["code"] == "main_channel"
     assert api.request("DELETE", "/channels/nope")[0] == 404
     assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
@@ -241,3 +240,90 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
     assert hall_rtmp.publishing("hall") and rtmp_server.publishing("main-ch")
+
+
+NEW_AVATAR = "video/2s_GirlMuseum_0730.mp4"  # another person: the switch is visible on air
+
+
+def put_json(api: Api, path: str, body: dict):
+    return api.request("PUT", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def nearest_frame_error(frames: np.ndarray, reference: np.ndarray) -> float:
+    """Mean absolute grey-level difference of each frame to its nearest reference frame, averaged."""
+    grey = frames.astype(np.float32).mean(axis=3)
+    ref = reference.astype(np.float32).mean(axis=3)
+    return float(np.mean([np.abs(ref - g).mean(axis=(1, 2)).min() for g in grey]))
+
+
+def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels, hall_rtmp, tmp_path):
+    from latentsync.media.video import load_clip
+    from tests.streamtools import decode_recording, pull_stream
+
+    server, api = two_channels
+    before_main = health(api, "main")
+    # Bad uploads: 4xx naming the problem, nothing listed.
+    status, body = api.post_audio(wav(1.0), "speech.wav", path="/avatars", field="video_file")
+    assert status == 400 and body["error"]["code"] == "not_video", body
+    status, body = api.post_audio(None, path="/avatars", field="video_file")
+    assert status == 400 and body["error"]["code"] == "no_file", body
+    assert api.request("GET", "/avatars")[1] == {"avatars": []}
+    assert api.request("GET", "/avatars/av-000000000000")[0] == 404
+
+    video = media_file(NEW_AVATAR).read_bytes()
+    status, record = api.post_audio(video, "museum.mp4", {"name": "Museum"}, path="/avatars", field="video_file")
+    assert status == 202 and record["status"] == "preparing" and record["name"] == "Museum", record
+    avatar_id = record["id"]
+    status, body = put_json(api, "/channels/hall", {"avatar": avatar_id})
+    assert status == 409 and body["error"]["code"] == "avatar_not_ready", body
+    assert wait_for(lambda: api.request("GET", record["status_url"])[1]["status"] != "preparing", 120), server.log()
+    ready = api.request("GET", record["status_url"])[1]
+    assert ready["status"] == "ready" and ready["progress"] == 1.0 and ready["num_frames"] == 50, ready
+
+    for body, status, code in (
+        ({"avatar": "av-000000000000"}, 400, "no_avatar"),
+        ({"avatar": avatar_id, "idle_video": str(media_file(VIDEO))}, 400, "bad_channel"),
+        ({"avatar": avatar_id, "width": 512, "height": 512}, 409, "restart_needed"),
+    ):
+        got = put_json(api, "/channels/hall", body)
+        assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
+    assert put_json(api, "/channels/hall", {"idle_video": str(media_file(VIDEO))})[0] == 200  # nothing changes
+
+    # Ask for the switch while hall speaks: the speech plays to its end with the old avatar first.
+    status, task = api.post_audio(wav(3.0), path="/channels/hall/generate_video")
+    assert status == 202, task
+    assert wait_for(lambda: api.request("GET", task["status_url"])[1]["status"] == "streaming", 30), server.log()
+    status, body = put_json(api, "/channels/hall", {"avatar": avatar_id, "name": "hall"})
+    assert status == 202 and body["switch"]["avatar"] == avatar_id, body
+    deadline = time.monotonic() + 60
+    while True:
+        switch = api.request("GET", "/channels/hall")[1]["switch"]  # first: "done" here means the task ended
+        task_status = api.request("GET", task["status_url"])[1]["status"]
+        assert switch["state"] != "failed", switch
+        if switch["state"] == "done":
+            assert task_status == "done", "the avatar switched while the speech was still on air"
+            break
+        assert time.monotonic() < deadline, (switch, task_status, server.log())
+        time.sleep(0.05)
+    assert api.request("GET", "/avatars")[1]["avatars"][0]["used_by"] == ["hall"]
+    status, body = api.request("DELETE", f"/avatars/{avatar_id}")
+    assert status == 409 and body["error"]["code"] == "avatar_in_use", body
+
+    # On air: hall's stream now shows the new person, idle and speaking; main never noticed.
+    time.sleep(0.5)  # past the idle crossfade
+    recording = pull_stream(hall_rtmp.url("hall"), 2.0, tmp_path / "hall.flv")
+    frames = decode_recording(recording, 48000)[0]
+    size = (256, 456)
+    new = load_clip(media_file(NEW_AVATAR), 25, 48000, size, with_audio=False).frames
+    old = load_clip(media_file(VIDEO), 25, 48000, size, with_audio=False).frames
+    to_new, to_old = nearest_frame_error(frames, new), nearest_frame_error(frames, old)
+    assert to_new * 3 < to_old, (to_new, to_old)
+    status, task = api.post_audio(wav(2.0), path="/channels/hall/generate_video")
+    assert status == 202, task
+    deadline = time.monotonic() + 60
+    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
+    assert got["status"] == "done", got
+    main = health(api, "main")
+    assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]

@@ -233,16 +233,14 @@ class AvatarStore:
     # ----------------------------------------------------------------- queries
     def _users(self) -> dict[str, list[str]]:
         """Avatar id -> channels using it (by its video or one of its prepared folders)."""
-        users: dict[str, list[str]] = {}
+        users: dict[str, set[str]] = {}
         for path, names in self._in_use().items():
-            parts = path.parts
-            for part in parts[-3:]:
-                head = part.split("-")
-                candidate = "-".join(head[:2])
+            for part in path.parts[-3:]:
+                candidate = "-".join(part.split("-")[:2])
                 if AVATAR_ID_RE.fullmatch(candidate):
-                    users.setdefault(candidate, []).extend(names)
+                    users.setdefault(candidate, set()).update(names)
                     break
-        return users
+        return {avatar_id: sorted(names) for avatar_id, names in users.items()}
 
     def list(self) -> list[dict]:
         """Every uploaded avatar, newest first (JSON records)."""
