@@ -299,7 +299,11 @@ class ChannelConfig:
 
 @dataclass
 class AppConfig:
-    """The whole server configuration."""
+    """The whole server configuration.
+
+    ``channels_file``: a JSON file where the channels created, deleted or given another avatar
+    through the API are kept, so a restart brings them back (docs/channels.md); null: not kept.
+    """
 
     server: ServerConfig = field(default_factory=ServerConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -313,6 +317,7 @@ class AppConfig:
     log: LogConfig = field(default_factory=LogConfig)
     channels: list[ChannelConfig] = field(default_factory=list)
     max_channels: int = 8
+    channels_file: str | None = None
 
 
 def channel_configs(config: AppConfig) -> dict[str, AppConfig]:

@@ -62,6 +62,7 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
             f'channels=[{{name: hall, rtmp_url: "{hall_url}", idle_video: "{video}"}}]',
             "webrtc.enabled=false",
             f"avatar.cache_dir={tmp / 'avatars'}",  # uploaded avatars stay out of the repository's cache
+            f"channels_file={tmp / 'channels.json'}",
         ],
         tmp / "server.log",
     ).start()
@@ -70,6 +71,7 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
     api = Api(server.port)
     assert wait_for(lambda: rtmp_server.publishing("main-ch") and hall_rtmp.publishing("hall"), 15), server.log()
     assert wait_for(lambda: api.request("GET", "/channels/hall/health")[1].get("engine_ready"), 30), server.log()
+    server.tmp = tmp
     yield server, api
     code, took_s = server.stop()
     assert code == 0 and took_s < 15.0, server.log()
@@ -327,3 +329,48 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     assert got["status"] == "done", got
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
+
+
+def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_channels, rtmp_server, hall_rtmp, tmp_path):
+    """Runs after the avatar switch: hall's new avatar and a channel created by PUT survive a restart."""
+    import shutil
+
+    server, api = two_channels
+    status, body = put_json(
+        api, "/channels/kept", {"rtmp_url": hall_rtmp.url("kept"), "idle_video": str(media_file(VIDEO))}
+    )
+    assert status == 202, body
+    assert wait_for(lambda: api.request("GET", "/channels/kept")[1]["status"] == "ready", 60), server.log()
+    state = json.loads((server.tmp / "channels.json").read_text())
+    hall_avatar = api.request("GET", "/channels/hall")[1]["avatar"]
+    assert [c["name"] for c in state["created"]] == ["kept"] and state["deleted"] == []
+    assert state["live"]["hall"]["avatar"] == hall_avatar.rsplit("-", 1)[0]  # the uploaded avatar on hall
+    shutil.copy(server.tmp / "channels.json", tmp_path / "channels.json")
+    assert api.request("DELETE", "/channels/kept")[0] == 200  # the first server lets go of kept's stream key
+    assert json.loads((server.tmp / "channels.json").read_text())["created"] == []
+    assert wait_for(lambda: not hall_rtmp.publishing("kept"), 10) is not None
+
+    video = media_file(VIDEO)
+    again = ServerProcess(
+        [
+            f"avatar.idle_video={video}",
+            f"stream.rtmp_url={rtmp_server.url('main-restarted')}",
+            "engine.name=parametric",
+            f'channels=[{{name: hall, rtmp_url: "{hall_rtmp.url("hall-restarted")}", idle_video: "{video}"}}]',
+            "webrtc.enabled=false",
+            f"avatar.cache_dir={server.tmp / 'avatars'}",
+            f"channels_file={tmp_path / 'channels.json'}",
+        ],
+        tmp_path / "restarted.log",
+    ).start()
+    try:
+        again.wait_engine_ready()
+        other = Api(again.port)
+        assert wait_for(lambda: other.request("GET", "/channels/kept")[1].get("status") == "ready", 60), again.log()
+        channels = {c["name"]: c for c in other.request("GET", "/channels")[1]["channels"]}
+        assert list(channels) == ["main", "hall", "kept"]
+        assert channels["hall"]["avatar"] == hall_avatar  # the same prepared avatar as before the restart
+        assert wait_for(lambda: hall_rtmp.publishing("kept") and hall_rtmp.publishing("hall-restarted"), 15)
+    finally:
+        code, _ = again.stop()
+    assert code == 0, again.log()

@@ -219,3 +219,55 @@ def test_channels_with_the_same_idle_video_share_one_decoded_clip_until_the_last
     assert gone() is None and len(cache._clips) == 1  # the last user went: the clip is freed
     again = cache.load(video, 25, 48000, None, True)  # decoded afresh
     assert again.frames.shape[1:3] == (456, 256) and not again.frames.flags.writeable
+
+
+def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer_holds(tmp_path, caplog):
+    import json
+
+    from latentsync.config import uploaded_avatar_video
+    from latentsync.serving.runtime import Runtime
+    from tests.datafiles import media_file
+
+    video = str(media_file("video/nanmote002.mp4"))
+    cache = tmp_path / "avatars"
+    upload = uploaded_avatar_video(cache, "av-0123456789ab")
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"a prepared upload's video")  # only its existence is checked before the start
+    state = tmp_path / "channels.json"
+    config = load_config(
+        None,
+        [
+            f"channels_file={state}",
+            f"avatar.cache_dir={cache}",
+            "max_channels=3",
+            'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}, {name: lobby, rtmp_url: "rtmp://h/live/lobby"}]',
+        ],
+    )
+    created = [
+        {"name": "gone", "rtmp_url": "rtmp://h/live/gone", "idle_video": "/no/such.mp4"},  # its video was deleted
+        {"name": "popup", "rtmp_url": "rtmp://h/live/popup", "idle_video": video, "fps": 20},
+        {"name": "hall", "rtmp_url": "rtmp://h/live/other"},  # the config has a hall (not deleted): config wins
+        {"name": "extra", "rtmp_url": "rtmp://h/live/extra"},  # past max_channels = 3
+    ]
+    live = {"main": {"avatar": "av-0123456789ab"}, "hall": {"idle_video": video, "idle_pingpong": True}}
+    state.write_text(json.dumps({"version": 1, "created": created, "deleted": ["lobby"], "live": live}))
+    runtime = Runtime(config)
+    assert list(runtime.channels) == ["main", "hall", "popup"]
+    assert runtime.channels["main"].config.avatar.idle_video == str(upload)
+    hall = runtime.channels["hall"].config
+    assert (
+        hall.avatar.idle_video == video and hall.stream.idle_pingpong and hall.stream.rtmp_url == "rtmp://h/live/hall"
+    )
+    popup = runtime.channels["popup"].config
+    assert popup.stream.fps == 20 and popup.stream.rtmp_url == "rtmp://h/live/popup"
+    assert "channel gone skipped" in caplog.text and "/no/such.mp4" in caplog.text
+    assert "channel extra skipped" in caplog.text and "max_channels" in caplog.text
+    # The next change rewrites the file with what is kept: a deleted configured channel stays deleted.
+    with runtime._channels_lock:
+        runtime._persist()
+    kept = json.loads(state.read_text())
+    assert [c["name"] for c in kept["created"]] == ["popup"] and kept["deleted"] == ["lobby"]
+    hall_live = {"avatar": None, "idle_video": video, "video": None, "idle_pingpong": True}  # the avatar as a whole
+    assert kept["live"] == {"main": live["main"], "hall": hall_live}
+    state.write_text("{not json")
+    assert list(Runtime(config).channels) == ["main", "hall", "lobby"]  # an unreadable file changes nothing

@@ -291,7 +291,7 @@ class Channel:
         return AvatarSettings(fps=cfg.stream.fps, size=self.stream_size, min_face_fraction=cfg.avatar.min_face_fraction)
 
     # ----------------------------------------------------------------- avatar switch
-    def switch_avatar(self, config: AppConfig, label: str) -> None:
+    def switch_avatar(self, config: AppConfig, label: str, on_done: Callable[[], None] | None = None) -> None:
         """Put another avatar on this channel at its next idle moment (``PUT /channels/<name>``).
 
         In a background thread: decode the new idle video and prepare the new base video at the
@@ -305,6 +305,7 @@ class Channel:
         Args:
             config: The channel's configuration with the new ``avatar`` section (same stream format).
             label: What the switch names in :meth:`describe` (an avatar id or a file name).
+            on_done: Called (in the switch's thread) once the new avatar is on air, or None.
 
         Raises:
             RuntimeError: If the channel does not take uploads yet (starting), failed or stopped.
@@ -316,7 +317,10 @@ class Channel:
             generation = self._switch_generation
             self._switch = {"state": "preparing", "avatar": label, "error": None}
         threading.Thread(
-            target=self._run_switch, args=(config, generation), name=f"channel-{self.name}-switch", daemon=True
+            target=self._run_switch,
+            args=(config, generation, on_done),
+            name=f"channel-{self.name}-switch",
+            daemon=True,
         ).start()
 
     def _set_switch(self, generation: int, **values) -> bool:
@@ -326,7 +330,7 @@ class Channel:
             self._switch.update(values)
             return True
 
-    def _run_switch(self, config: AppConfig, generation: int) -> None:
+    def _run_switch(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
         s, a = config.stream, config.avatar
         try:
             idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
@@ -371,6 +375,8 @@ class Channel:
             pass  # the crossfade begins on the channel's next idle tick
         self._set_switch(generation, state="done")
         logger.info("channel %s: avatar switched to %s", self.name, Path(base_video).name)
+        if on_done is not None:
+            on_done()
 
     def uses(self) -> list[Path]:
         """Files and prepared-avatar folders this channel uses now or is switching to (the cache keeps them)."""

@@ -13,7 +13,9 @@ earlier one fails.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -57,6 +59,108 @@ class RestartNeeded(Exception):
     """A PUT on an existing channel asks to change what only a restart of its stream can change."""
 
 
+#: Format version of ``channels_file``.
+CHANNELS_FILE_VERSION = 1
+
+
+def _live_avatar(config: AppConfig, values: dict, avatar, stream):
+    """The ``avatar``/``stream`` sections with a channel's kept live fields applied.
+
+    Those are :data:`LIVE_FIELDS` and the ``width``/``height`` the stream had when its avatar changed.
+    """
+    if any(k in values for k in ("avatar", "idle_video", "video")):
+        if values.get("avatar") is not None:
+            upload = str(uploaded_avatar_video(config.avatar.cache_dir, values["avatar"]))
+            avatar = dataclasses.replace(avatar, idle_video=upload, video=None)
+        else:
+            avatar = dataclasses.replace(avatar, idle_video=values.get("idle_video"), video=values.get("video"))
+    for key in ("idle_audio", "idle_pingpong", "width", "height"):
+        if values.get(key) is not None:
+            stream = dataclasses.replace(stream, **{key: values[key]})
+    return avatar, stream
+
+
+def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, dict], set[str]]:
+    """The configuration with the channel changes kept in ``channels_file`` applied (docs/channels.md).
+
+    The file holds what the API changed: channels created at run time (``created``), avatar changes
+    of the configured channels, ``main`` included (``live``: their :data:`LIVE_FIELDS`), and
+    configured channels deleted (``deleted``). Each item is checked as the API checks it; one that
+    no longer holds (a deleted video or avatar, a name now in the config, ``max_channels``
+    reached) is skipped with a warning, so a stale file never stops the server.
+
+    Args:
+        config: The validated configuration.
+
+    Returns:
+        ``(config to run, configured channels deleted, live changes applied by channel name,
+        names of the channels created from the file)``.
+    """
+    if not config.channels_file:
+        return config, set(), {}, set()
+    path = Path(config.channels_file)
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return config, set(), {}, set()
+    except (OSError, ValueError) as exc:
+        logger.warning("channels_file %s unreadable, ignored: %s", path, exc)
+        return config, set(), {}, set()
+    if not isinstance(state, dict) or state.get("version") != CHANNELS_FILE_VERSION:
+        logger.warning("channels_file %s: not a version %d file, ignored", path, CHANNELS_FILE_VERSION)
+        return config, set(), {}, set()
+
+    def attempt(candidate: AppConfig, what: str) -> bool:
+        try:
+            validate(candidate)
+            return True
+        except (ConfigError, TypeError, ValueError) as exc:
+            logger.warning("channels_file: %s skipped: %s", what, exc)
+            return False
+
+    configured = {c.name for c in config.channels}
+    deleted = {n for n in state.get("deleted") or [] if n in configured}
+    out = dataclasses.replace(config, channels=[c for c in config.channels if c.name not in deleted])
+    live: dict[str, dict] = {}
+    for name, values in (state.get("live") or {}).items():
+        kept = (*LIVE_FIELDS, "width", "height")  # the size the stream had when its avatar changed
+        values = {k: v for k, v in values.items() if k in kept} if isinstance(values, dict) else {}
+        if name == DEFAULT_CHANNEL:
+            avatar, stream = _live_avatar(config, values, out.avatar, out.stream)
+            candidate = dataclasses.replace(out, avatar=avatar, stream=stream)
+        elif name in configured and name not in deleted:
+            if any(k in values for k in ("avatar", "idle_video", "video")):
+                values = {"avatar": None, "idle_video": None, "video": None, **values}
+            specs = [dataclasses.replace(c, **values) if c.name == name else c for c in out.channels]
+            candidate = dataclasses.replace(out, channels=specs)
+        else:
+            continue
+        if values and attempt(candidate, f"{name}'s avatar"):
+            out, live[name] = candidate, values
+    from latentsync.config import parse_channel
+
+    created: set[str] = set()
+    for values in state.get("created") or []:
+        try:
+            spec = parse_channel(str(values.get("name", "")), values)
+        except (ConfigError, AttributeError) as exc:
+            logger.warning("channels_file: a created channel skipped: %s", exc)
+            continue
+        candidate = dataclasses.replace(out, channels=[*out.channels, spec])
+        if (spec.name not in configured or spec.name in deleted) and attempt(candidate, f"channel {spec.name}"):
+            out = candidate
+            created.add(spec.name)
+    if out is not config:
+        logger.info(
+            "channels_file %s: %d channel(s) created, %d deleted, %d avatar change(s) restored",
+            path,
+            len(out.channels) - len(config.channels) + len(deleted),
+            len(deleted),
+            len(live),
+        )
+    return out, deleted, live, created
+
+
 class Runtime:
     """Owns the channels and the worker pool they share.
 
@@ -68,6 +172,9 @@ class Runtime:
     """
 
     def __init__(self, config: AppConfig):
+        self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
+        # what the API changed before a restart (channels_file): configured channels deleted, avatar changes
+        config, self._deleted, self._live, self._restored = restore_channels(config)
         self.config = config
         self._lock = threading.Lock()
         self._started = False
@@ -169,7 +276,7 @@ class Runtime:
                 return
             self._started = True
         self.avatars.start()
-        for channel in list(self.channels.values()):
+        for channel in self._configured_channels():
             if self._stopped:
                 return
             channel.start_stream()
@@ -179,13 +286,17 @@ class Runtime:
             return
         self._start_engine()
 
+    def _configured_channels(self) -> list[Channel]:
+        """The channels whose start failure stops the server (all but those restored from ``channels_file``)."""
+        return [c for name, c in list(self.channels.items()) if name not in self._restored]
+
     def _clock_alive(self) -> bool:
         others = [c for name, c in list(self.channels.items()) if name != DEFAULT_CHANNEL and c.ready]
         return self.main.clock_alive() and all(c.clock_alive() for c in others)
 
     def _start_engine(self) -> None:
         cfg = self.config
-        for channel in list(self.channels.values()):
+        for channel in self._configured_channels():
             channel.prepare_avatar()
             if self._stopped:
                 return
@@ -220,8 +331,13 @@ class Runtime:
             len(self.channels),
             time.monotonic() - t,
         )
-        for channel in list(self.channels.values()):
+        for channel in self._configured_channels():
             channel.attach_pool(pool)
+        for name in sorted(self._restored):  # like a PUT: a failure marks that channel failed, never the server
+            channel = self.channels[name]
+            threading.Thread(
+                target=self._start_channel, args=(channel, pool), name=f"channel-{name}-start", daemon=True
+            ).start()
         lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
         assert self.main.tasks is not None
         self._speech = SpeechService.from_config(self.main.tasks, cfg, lookahead)
@@ -273,6 +389,8 @@ class Runtime:
             )
             self._specs[spec.name] = spec
             self.channels[spec.name] = channel
+            self._live.pop(spec.name, None)
+            self._persist()
         pool = self._pool
         threading.Thread(
             target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start", daemon=True
@@ -347,20 +465,60 @@ class Runtime:
         new = dataclasses.replace(current, avatar=avatar, stream=stream)
         if new == current:
             return channel, False
+        size = {}
+        if (
+            channel.stream_size is not None
+        ):  # the stream keeps its size, whatever the new video's (also after a restart)
+            size = {"width": channel.stream_size[0], "height": channel.stream_size[1]}
+            new = dataclasses.replace(new, stream=dataclasses.replace(new.stream, **size))
         try:
             validate(new)
         except ConfigError as exc:
             raise ConfigError(f"channel {name}: {exc}") from None
         label = given.avatar or Path(avatar.video or avatar.idle_video or "default avatar").name
+        live = {k: getattr(given, k) for k in ("idle_audio", "idle_pingpong") if getattr(given, k) is not None}
+        if any(k in values for k in ("avatar", "idle_video", "video")):
+            live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
+        live.update(size)
+
+        def keep() -> None:  # once the switch is made: channels_file brings it back after a restart
+            with self._channels_lock:
+                if self.channels.get(name) is not channel:
+                    return
+                spec = self._specs.get(name)
+                if spec is not None:
+                    self._specs[name] = dataclasses.replace(spec, **live)
+                if name == DEFAULT_CHANNEL or name in self._configured:
+                    self._live[name] = {**self._live.get(name, {}), **live}
+                self._persist()
+
         with self._channels_lock:
-            channel.switch_avatar(new, label)
-            spec = self._specs.get(name)
-            if spec is not None:
-                live = {k: getattr(given, k) for k in LIVE_FIELDS if k in values}
-                if any(k in values for k in ("avatar", "idle_video", "video")):
-                    live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
-                self._specs[name] = dataclasses.replace(spec, **live)
+            channel.switch_avatar(new, label, on_done=keep)
         return channel, True
+
+    def _persist(self) -> None:
+        """Write ``channels_file`` (lock held): channels created, configured ones deleted, avatar changes."""
+        if not self.config.channels_file:
+            return
+        created = [
+            {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+            for name, spec in self._specs.items()
+            if name not in self._configured or name in self._deleted
+        ]
+        state = {
+            "version": CHANNELS_FILE_VERSION,
+            "created": created,
+            "deleted": sorted(self._deleted),
+            "live": self._live,
+        }
+        path = Path(self.config.channels_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.error("channels_file %s not written (a restart will not have this change): %s", path, exc)
 
     def _avatars_in_use(self) -> dict[Path, list[str]]:
         """Paths every channel uses now or is switching to, with the channels' names (the avatar cache keeps them)."""
@@ -387,6 +545,11 @@ class Runtime:
         with self._channels_lock:
             channel = self.channels.pop(name, None)
             self._specs.pop(name, None)
+            if channel is not None:
+                if name in self._configured:
+                    self._deleted.add(name)
+                self._live.pop(name, None)
+                self._persist()
         if channel is not None:
             channel.stop()
             logger.info("channel %s deleted", name)
