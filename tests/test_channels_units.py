@@ -271,3 +271,40 @@ def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer
     assert kept["live"] == {"main": live["main"], "hall": hall_live}
     state.write_text("{not json")
     assert list(Runtime(config).channels) == ["main", "hall", "lobby"]  # an unreadable file changes nothing
+
+
+def test_avatar_uploads_have_their_own_size_limit_and_the_rate_limit(tmp_path):
+    """``POST /avatars`` takes videos up to ``avatar.upload_max_mb`` (not ``api.max_upload_mb``), 413 past it."""
+    import io
+
+    from latentsync.serving.app import create_app
+    from latentsync.serving.runtime import Runtime
+    from tests.datafiles import media_file
+
+    video = media_file("video/nanmote002.mp4").read_bytes()  # 473 KiB
+    config = load_config(
+        None,
+        [
+            f"avatar.cache_dir={tmp_path / 'avatars'}",
+            "api.max_upload_mb=0.1",  # audio uploads: 100 kB
+            "avatar.upload_max_mb=0.4",  # videos: 400 kB
+            "api.rate_limit_per_min=3",
+        ],
+    )
+    runtime = Runtime(config)  # built, never started: its store queues what it accepts
+    client = create_app(runtime).test_client()
+    response = client.post("/avatars", data={"video_file": (io.BytesIO(video), "big.mp4")})
+    assert response.status_code == 413 and response.json["error"]["code"] == "too_large"
+    assert "avatar.upload_max_mb = 0.4" in response.json["error"]["message"]
+    response = client.post("/avatars", data={"video_file": (io.BytesIO(video[: 300 * 1024]), "cut.mp4")})
+    assert response.status_code == 400 and response.json["error"]["code"] == "not_video"  # 300 kB passed the limit
+    response = client.post("/avatars", data={})
+    assert response.status_code == 400 and response.json["error"]["code"] == "no_file"
+    for expected in (400, 429):  # the 3rd counted upload this minute is read, the 4th refused before its body
+        response = client.post("/avatars", data={"video_file": (io.BytesIO(video[: 300 * 1024]), "again.mp4")})
+        assert response.status_code == expected, response.json
+    assert response.json["error"]["code"] == "rate_limited"
+    assert client.get("/avatars").json == {"avatars": []}
+    assert client.get("/avatars/av-000000000000").status_code == 404
+    assert [p.name for p in (tmp_path / "avatars" / "uploads").iterdir()] == [".incoming"]
+    assert list((tmp_path / "avatars" / "uploads" / ".incoming").iterdir()) == []
