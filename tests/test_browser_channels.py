@@ -1,0 +1,146 @@
+"""The control page's channel choice in a real headless Chromium against a real two-channel server.
+
+One server for the module: channel ``main`` and channel ``hall`` push to two stream keys of the
+session's nginx-rtmp and share one worker pool (parametric engine). The page is switched to
+``hall`` through its ``<select id="channel">``: its WHEP player, events (badge, health panel) and
+uploads must then be ``hall``'s, and the choice must survive a reload (``#channel=hall``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.datafiles import media_file
+from tests.streamtools import ServerProcess
+from tests.test_browser import SHOTS, STATS_JS, _wait, chromium_path
+from tests.whep_client import http
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
+
+VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
+SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
+
+
+@pytest.fixture(scope="module")
+def server(rtmp_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("browser-channels")
+    video = media_file(VIDEO)
+    proc = ServerProcess(
+        [
+            f"avatar.idle_video={video}",
+            f"stream.rtmp_url={rtmp_server.url('page-main')}",
+            "engine.name=parametric",
+            f'channels=[{{name: hall, rtmp_url: "{rtmp_server.url("page-hall")}", idle_video: "{video}"}}]',
+        ],
+        tmp / "server.log",
+    ).start()
+    try:
+        proc.wait_engine_ready()
+        _wait(lambda: get(proc, "/channels/hall/health").get("engine_ready"), 60, "hall ready")
+        yield proc
+    finally:
+        code, _ = proc.stop()
+        assert code == 0, proc.log()
+
+
+def get(server, path: str) -> dict:
+    return json.loads(http("GET", f"http://127.0.0.1:{server.port}{path}")[2] or b"{}")
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=executable,
+            args=[
+                "--headless=new",
+                "--no-sandbox",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+                "--autoplay-policy=no-user-gesture-required",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            yield page
+            assert not errors, errors  # no uncaught script error on any path the tests took
+        finally:
+            browser.close()
+
+
+def _decoded(page) -> int:
+    return (page.evaluate(STATS_JS)["video"] or {}).get("decoded", 0)
+
+
+def _viewers(server, name: str) -> int:
+    return get(server, f"/channels/{name}/health")["webrtc"]["viewers"]
+
+
+def test_switching_to_a_channel_plays_its_whep_and_shows_its_state(page, server):
+    _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "main's WHEP connected")
+    _wait(lambda: _viewers(server, "main") == 1, 10, "main's viewer")
+    _wait(lambda: page.evaluate("window.latentsync.channelsListed") >= 1, 10, "GET /channels listed")
+    assert page.eval_on_selector_all("#channel option", "os => os.map(o => o.value)") == ["main", "hall"]
+    assert page.is_enabled("#speak") and page.is_hidden("#speech-note")
+
+    page.select_option("#channel", "hall")
+    _wait(lambda: page.url.endswith("#channel=hall"), 5, "hash #channel=hall")
+    _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "hall's WHEP connected")
+    _wait(lambda: _decoded(page) >= 50, 20, "50 frames of hall decoded")
+    # the page's WHEP session moved: main's was DELETEd before hall's was offered
+    assert _viewers(server, "hall") == 1
+    _wait(lambda: _viewers(server, "main") == 0, 10, "main's WHEP session closed")
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "hall", 10, "health panel of hall")
+    assert page.inner_text('#health dd[data-key="format"]') == "256x456 @ 25 fps"
+    assert page.inner_text("#state") == "idle" and page.inner_text("#link") == "live"
+    # streamed speech attaches to main only: disabled here, with the reason shown
+    assert page.is_disabled("#speak") and page.is_disabled("#live-start") and page.is_disabled("#speak-text")
+    assert "main only" in page.inner_text("#speech-note")
+    assert page.is_enabled("#upload") and page.is_enabled("#rec-start")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "channel-hall.png"))
+
+
+def test_an_upload_from_the_page_lands_on_the_chosen_channel(page, server):
+    assert page.evaluate("window.latentsync.channel") == "hall"
+    main_done = get(server, "/channels/main/health")["tasks_final"]["done"]
+    page.set_input_files("#audio-file", str(media_file(SPEECH)))
+    page.click("#upload")
+    _wait(lambda: "queued" in page.inner_text("#message"), 10, "upload accepted")
+    message = page.inner_text("#message")
+    task_id = message.split()[1]
+    assert message.endswith("on hall"), message
+    assert task_id in [t["task_id"] for t in get(server, "/channels/hall/tasks")["tasks"]]
+    assert task_id not in [t["task_id"] for t in get(server, "/tasks")["tasks"]]  # not main's
+    # the badge follows hall (main stays idle meanwhile)
+    _wait(lambda: page.inner_text("#state") == "speaking", 30, "badge 'speaking'", poll_s=0.05)
+    assert get(server, "/channels/main/health")["state"] == "idle"
+    _wait(lambda: page.get_attribute(f"#task-{task_id}", "data-status") == "done", 30, "task row 'done'")
+    _wait(lambda: page.inner_text("#state") == "idle", 10, "badge back to 'idle'")
+    assert get(server, f"/channels/hall/tasks/{task_id}")["status"] == "done"
+    assert get(server, "/channels/main/health")["tasks_final"]["done"] == main_done
+
+
+def test_the_choice_survives_a_reload_and_an_unknown_channel_falls_back_to_main(page, server):
+    page.reload()
+    _wait(lambda: page.evaluate("window.latentsync.channel") == "hall", 5, "hall after reload")
+    assert page.input_value("#channel") == "hall"
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "hall", 10, "health panel of hall")
+    _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "hall's WHEP after reload")
+
+    page.evaluate("location.hash = 'channel=gone'")  # a shared link to a channel deleted since
+    _wait(lambda: "showing channel main" in page.inner_text("#message"), 10, "fallback message")
+    assert page.evaluate("window.latentsync.channel") == "main" and page.input_value("#channel") == "main"
+    assert page.url.endswith("#channel=main")
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "main", 10, "health panel of main")
+    _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "main's WHEP again")
+    assert page.is_enabled("#speak") and page.is_hidden("#speech-note")
+    _wait(lambda: _viewers(server, "main") == 1 and _viewers(server, "hall") == 0, 10, "one viewer, on main")
