@@ -144,3 +144,23 @@ def test_the_choice_survives_a_reload_and_an_unknown_channel_falls_back_to_main(
     _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "main's WHEP again")
     assert page.is_enabled("#speak") and page.is_hidden("#speech-note")
     _wait(lambda: _viewers(server, "main") == 1 and _viewers(server, "hall") == 0, 10, "one viewer, on main")
+
+
+def test_a_channel_added_at_run_time_is_listed_and_its_deletion_falls_back_to_main(page, server, rtmp_server):
+    body = json.dumps({"rtmp_url": rtmp_server.url("page-popup"), "idle_video": str(media_file(VIDEO))}).encode()
+    status, _, answer = http(
+        "PUT", f"http://127.0.0.1:{server.port}/channels/popup", body, {"Content-Type": "application/json"}
+    )
+    assert status == 202, answer
+    _wait(lambda: get(server, "/channels/popup").get("status") == "ready", 60, "popup ready")
+    page.focus("#channel")  # the list is refreshed when the select is focused or opened
+    _wait(lambda: "popup" in page.eval_on_selector_all("#channel option", "os => os.map(o => o.value)"), 5, "listed")
+    page.select_option("#channel", "popup")
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "popup", 10, "health panel of popup")
+    _wait(lambda: _viewers(server, "popup") == 1, 20, "popup's viewer")
+    assert http("DELETE", f"http://127.0.0.1:{server.port}/channels/popup")[0] == 200
+    _wait(lambda: "popup is gone: showing channel main" in page.inner_text("#message"), 15, "fallback to main")
+    assert page.evaluate("window.latentsync.channel") == "main" and page.url.endswith("#channel=main")
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "main", 10, "health panel of main")
+    _wait(lambda: _viewers(server, "main") == 1, 20, "main's viewer again")
+    assert "popup" not in page.eval_on_selector_all("#channel option", "os => os.map(o => o.value)")
