@@ -595,6 +595,11 @@ async function useAvatar(id) {
   const response = await fetch(`/channels/${encodeURIComponent(name)}`, {
     method: "PUT", body: JSON.stringify({ avatar: id }), headers: authHeaders({ "Content-Type": "application/json" }),
   });
+  if (response.status === 200) {  // nothing to change: the channel shows that avatar already
+    show(`${name} already shows ${id}`);
+    refreshAvatars();
+    return;
+  }
   if (response.status !== 202) {
     if (!(await channelGone(response, name))) show(`switch refused: ${await errorText(response)}`);
     return;
