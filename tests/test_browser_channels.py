@@ -3,13 +3,18 @@
 One server for the module: channel ``main`` and channel ``hall`` push to two stream keys of the
 session's nginx-rtmp and share one worker pool (parametric engine). The page is switched to
 ``hall`` through its ``<select id="channel">``: its WHEP player, events (badge, health panel) and
-uploads must then be ``hall``'s, and the choice must survive a reload (``#channel=hall``).
+uploads must then be ``hall``'s, and the choice must survive a reload (``#channel=hall``). The
+avatar panel uploads real videos (``POST /avatars``, a private ``avatar.cache_dir``) and puts one
+on ``hall`` (``PUT /channels/hall``).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
+import imageio_ffmpeg
 import pytest
 
 from tests.datafiles import media_file
@@ -21,6 +26,7 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
+FACE_VIDEO = "video/2s_GirlMuseum_0730.mp4"  # a face on every frame: an avatar for POST /avatars
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +38,7 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.idle_video={video}",
             f"stream.rtmp_url={rtmp_server.url('page-main')}",
             "engine.name=parametric",
+            f"avatar.cache_dir={tmp / 'avatars'}",  # private: the avatar list starts empty
             f'channels=[{{name: hall, rtmp_url: "{rtmp_server.url("page-hall")}", idle_video: "{video}"}}]',
         ],
         tmp / "server.log",
@@ -164,3 +171,64 @@ def test_a_channel_added_at_run_time_is_listed_and_its_deletion_falls_back_to_ma
     _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "main", 10, "health panel of main")
     _wait(lambda: _viewers(server, "main") == 1, 20, "main's viewer again")
     assert "popup" not in page.eval_on_selector_all("#channel option", "os => os.map(o => o.value)")
+
+
+@pytest.fixture(scope="module")
+def faceless_video(tmp_path_factory) -> Path:
+    """2 s of FFmpeg's test pattern (colour bars, no face), H.264 in MP4."""
+    path = tmp_path_factory.mktemp("faceless") / "bars.mp4"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=256x256:rate=25"]
+        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
+        check=True,
+        timeout=60,
+    )
+    return path
+
+
+def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the_chosen_channel(
+    page, server, faceless_video
+):
+    main_avatar = get(server, "/channels/main")["avatar"]
+    page.evaluate("location.hash = 'channel=hall'")
+    _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "hall", 10, "health panel of hall")
+    assert page.is_visible("#avatars")  # the server has the avatar API
+    # a file that is no video: the server's reason is shown, nothing is listed
+    page.set_input_files("#avatar-file", str(media_file(SPEECH)))
+    page.click("#avatar-upload")
+    _wait(lambda: "avatar refused" in page.inner_text("#avatar-message"), 10, "refusal shown")
+    assert "not_video" in page.inner_text("#avatar-message") and get(server, "/avatars")["avatars"] == []
+    # a video without a face: the preparation fails, the page shows why; the record can be deleted
+    page.set_input_files("#avatar-file", str(faceless_video))
+    page.click("#avatar-upload")
+    _wait(lambda: page.query_selector("#avatar-list li") is not None, 10, "the faceless upload listed")
+    failed_id = page.get_attribute("#avatar-list li", "id").removeprefix("avatar-")
+    _wait(lambda: page.get_attribute(f"#avatar-{failed_id}", "data-status") == "failed", 60, "preparation failed")
+    reason = get(server, f"/avatars/{failed_id}")["error"]["message"]
+    assert reason in page.inner_text(f"#avatar-{failed_id} .info") and reason in page.inner_text("#avatar-message")
+    page.click(f"#avatar-{failed_id} .delete")
+    _wait(lambda: page.query_selector(f"#avatar-{failed_id}") is None, 10, "the failed avatar's row gone")
+    assert http("GET", f"http://127.0.0.1:{server.port}/avatars/{failed_id}")[0] == 404
+
+    page.set_input_files("#avatar-file", str(media_file(FACE_VIDEO)))
+    page.fill("#avatar-name", "guide")
+    page.click("#avatar-upload")
+    _wait(lambda: page.query_selector("#avatar-list li") is not None, 10, "the new avatar listed")
+    avatar_id = page.get_attribute("#avatar-list li", "id").removeprefix("avatar-")
+    row = f"#avatar-{avatar_id}"
+    assert page.inner_text(f"{row} .name") == "guide"
+    _wait(lambda: page.get_attribute(row, "data-status") == "ready", 120, "avatar ready", poll_s=0.2)
+    assert page.inner_text("#avatar-message") == "avatar guide is ready"
+    assert page.is_enabled(f"{row} .use")
+    assert get(server, f"/avatars/{avatar_id}")["status"] == "ready"
+
+    page.click(f"{row} .use")
+    _wait(lambda: page.inner_text("#avatar-switch") == "hall → guide: done", 120, "switch done", poll_s=0.2)
+    assert get(server, "/channels/hall")["switch"]["state"] == "done"
+    # (a set: the server lists a channel once per path it uses, its uploaded video and its prepared folder)
+    assert set(get(server, f"/avatars/{avatar_id}")["used_by"]) == {"hall"}
+    _wait(lambda: page.inner_text(f"{row} .use") == "On hall", 10, "row shows it is on hall")
+    assert page.is_disabled(f"{row} .delete")  # in use: not deletable
+    assert get(server, "/channels/main")["avatar"] == main_avatar != get(server, "/channels/hall")["avatar"]
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "channel-hall-avatar.png"))

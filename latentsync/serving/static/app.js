@@ -59,6 +59,7 @@ function selectChannel(name, force = false) {
   if (name === channel && !force) return;
   channel = name;
   live.channel = name;
+  say("");
   ensureOption(name);
   $("channel").value = name;
   document.title = name === MAIN ? "LatentSync-Realtime" : `${name} · LatentSync-Realtime`;
@@ -80,9 +81,9 @@ function selectChannel(name, force = false) {
 }
 
 function fallBackToMain(reason) {
-  say(`${reason}: showing channel main`);
   if (location.hash !== "#channel=main") history.replaceState(null, "", "#channel=main");
   selectChannel(MAIN, true);
+  say(`${reason}: showing channel main`);
 }
 
 // A 404 no_channel from any of the channel's routes: it was deleted (or never existed).
@@ -494,7 +495,7 @@ function renderAvatar(a) {
   if (a.size) info.push(`${a.size[0]}x${a.size[1]}`);
   if (a.fps) info.push(`${a.fps} fps`);
   if (a.duration_s) info.push(`${Number(a.duration_s).toFixed(1)} s`);
-  if (a.used_by && a.used_by.length) info.push(`on ${a.used_by.join(", ")}`);
+  if (a.used_by && a.used_by.length) info.push(`on ${[...new Set(a.used_by)].join(", ")}`);
   row.querySelector(".info").textContent = info.join(" · ");
   renderAvatarButtons(row, a);
 }
@@ -508,7 +509,7 @@ function renderAvatarButtons(row = null, record = null) {
     const use = r.querySelector(".use");
     use.disabled = a.status !== "ready" || onHere;
     use.textContent = onHere ? `On ${channel}` : "Use on this channel";
-    r.querySelector(".delete").disabled = (a.used_by || []).length > 0 || a.status === "preparing";
+    r.querySelector(".delete").disabled = (a.used_by || []).length > 0;  // the server refuses those (409)
   }
 }
 
@@ -592,11 +593,12 @@ async function deleteAvatar(id) {
 async function useAvatar(id) {
   const name = channel;
   const show = (text) => { if (channel === name) $("avatar-switch").textContent = text; };
+  const label = (avatars.get(id) || {}).name || id;
   const response = await fetch(`/channels/${encodeURIComponent(name)}`, {
     method: "PUT", body: JSON.stringify({ avatar: id }), headers: authHeaders({ "Content-Type": "application/json" }),
   });
   if (response.status === 200) {  // nothing to change: the channel shows that avatar already
-    show(`${name} already shows ${id}`);
+    show(`${name} already shows ${label}`);
     refreshAvatars();
     return;
   }
@@ -609,7 +611,7 @@ async function useAvatar(id) {
   for (;;) {
     const sw = described.switch || {};
     const state = sw.state || "?";
-    show(`${name} → ${id}: ${state}${sw.error ? ` (${sw.error.message || sw.error.code || sw.error})` : ""}`);
+    show(`${name} → ${label}: ${state}${sw.error ? ` (${sw.error.message || sw.error.code || sw.error})` : ""}`);
     if (state === "done" || state === "failed" || performance.now() > deadline) break;
     await sleep(AVATAR_POLL_MS);
     let r;
