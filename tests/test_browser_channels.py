@@ -5,7 +5,7 @@ session's nginx-rtmp and share one worker pool (parametric engine). The page is 
 ``hall`` through its ``<select id="channel">``: its WHEP player, events (badge, health panel) and
 uploads must then be ``hall``'s, and the choice must survive a reload (``#channel=hall``). The
 avatar panel uploads real videos (``POST /avatars``, a private ``avatar.cache_dir``) and puts one
-on ``hall`` (``PUT /channels/hall``).
+on ``hall`` (``PUT /channels/hall``). The server has an ``api.token``: the page must send it everywhere.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
 VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
 FACE_VIDEO = "video/2s_GirlMuseum_0730.mp4"  # a face on every frame: an avatar for POST /avatars
+TOKEN = "page-channels-token"  # api.token: every request the page makes must carry it
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.idle_video={video}",
             f"stream.rtmp_url={rtmp_server.url('page-main')}",
             "engine.name=parametric",
+            f"api.token={TOKEN}",
             f"avatar.cache_dir={tmp / 'avatars'}",  # private: the avatar list starts empty
             f'channels=[{{name: hall, rtmp_url: "{rtmp_server.url("page-hall")}", idle_video: "{video}"}}]',
         ],
@@ -52,8 +54,14 @@ def server(rtmp_server, tmp_path_factory):
         assert code == 0, proc.log()
 
 
+def api(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """``(status, headers, body bytes)`` of one request with the API token."""
+    headers = {"Authorization": f"Bearer {TOKEN}", **(headers or {})}
+    return http(method, f"http://127.0.0.1:{server.port}{path}", body, headers)
+
+
 def get(server, path: str) -> dict:
-    return json.loads(http("GET", f"http://127.0.0.1:{server.port}{path}")[2] or b"{}")
+    return json.loads(api(server, "GET", path)[2] or b"{}")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +82,7 @@ def page(server):
         )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page.add_init_script(f"localStorage.setItem('latentsync.token', {json.dumps(TOKEN)})")  # as typed once
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.goto(f"http://127.0.0.1:{server.port}/")
@@ -155,9 +164,7 @@ def test_the_choice_survives_a_reload_and_an_unknown_channel_falls_back_to_main(
 
 def test_a_channel_added_at_run_time_is_listed_and_its_deletion_falls_back_to_main(page, server, rtmp_server):
     body = json.dumps({"rtmp_url": rtmp_server.url("page-popup"), "idle_video": str(media_file(VIDEO))}).encode()
-    status, _, answer = http(
-        "PUT", f"http://127.0.0.1:{server.port}/channels/popup", body, {"Content-Type": "application/json"}
-    )
+    status, _, answer = api(server, "PUT", "/channels/popup", body, {"Content-Type": "application/json"})
     assert status == 202, answer
     _wait(lambda: get(server, "/channels/popup").get("status") == "ready", 60, "popup ready")
     page.focus("#channel")  # the list is refreshed when the select is focused or opened
@@ -165,7 +172,7 @@ def test_a_channel_added_at_run_time_is_listed_and_its_deletion_falls_back_to_ma
     page.select_option("#channel", "popup")
     _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "popup", 10, "health panel of popup")
     _wait(lambda: _viewers(server, "popup") == 1, 20, "popup's viewer")
-    assert http("DELETE", f"http://127.0.0.1:{server.port}/channels/popup")[0] == 200
+    assert api(server, "DELETE", "/channels/popup")[0] == 200
     _wait(lambda: "popup is gone: showing channel main" in page.inner_text("#message"), 15, "fallback to main")
     assert page.evaluate("window.latentsync.channel") == "main" and page.url.endswith("#channel=main")
     _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "main", 10, "health panel of main")
@@ -208,7 +215,7 @@ def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the
     assert reason in page.inner_text(f"#avatar-{failed_id} .info") and reason in page.inner_text("#avatar-message")
     page.click(f"#avatar-{failed_id} .delete")
     _wait(lambda: page.query_selector(f"#avatar-{failed_id}") is None, 10, "the failed avatar's row gone")
-    assert http("GET", f"http://127.0.0.1:{server.port}/avatars/{failed_id}")[0] == 404
+    assert api(server, "GET", f"/avatars/{failed_id}")[0] == 404
 
     page.set_input_files("#avatar-file", str(media_file(FACE_VIDEO)))
     page.fill("#avatar-name", "guide")
