@@ -42,7 +42,7 @@ function base(name = channel) { return name === MAIN ? "" : `/channels/${encodeU
 
 function channelFromHash() {
   const m = /(?:^#|&)channel=([^&]*)/.exec(location.hash);
-  return m ? decodeURIComponent(m[1]) : MAIN;
+  try { return m ? decodeURIComponent(m[1]) : MAIN; } catch (_) { return m[1]; }  // bad %-escape: refused below
 }
 
 function ensureOption(name, label = name) {
@@ -98,6 +98,7 @@ async function channelGone(response, name) {
 
 let channelsListed = 0;
 async function refreshChannels() {
+  const asked = channel;
   let response;
   try { response = await fetch("/channels", { headers: authHeaders() }); } catch (_) { return; }
   if (!response.ok) return;  // 401 before the token is typed: the events line says so
@@ -112,7 +113,8 @@ async function refreshChannels() {
   select.value = channel;
   channelsListed += 1;
   live.channelsListed = channelsListed;
-  if (!names.has(channel)) fallBackToMain(`channel ${channel} is not on this server`);
+  // (a list asked for before a switch may predate the channel now shown: only a current one decides)
+  if (channel === asked && !names.has(channel)) fallBackToMain(`channel ${channel} is not on this server`);
 }
 
 $("channel").addEventListener("focus", () => refreshChannels());
@@ -195,22 +197,26 @@ async function watch() {
   video.play().catch(() => { video.muted = true; video.play().catch(() => {}); });
 }
 
-// An AnalyserNode on the received audio: when speech is first heard after arm() (benchmarks).
+// An AnalyserNode on the received audio: when speech is first heard after arm() (benchmarks). One
+// per WHEP stream: a new stream (Reconnect, another channel) replaces the previous one's.
 function listen(stream) {
-  if (live.analyser) return;
+  if (live.analyserStream === stream) return;
+  if (live.analyserStop) live.analyserStop();
   const context = new AudioContext();
   const analyser = context.createAnalyser();
   analyser.fftSize = 512;
   context.createMediaStreamSource(stream).connect(analyser);
   live.analyser = analyser;
   const samples = new Float32Array(analyser.fftSize);
-  setInterval(() => {
+  const timer = setInterval(() => {
     if (live.armedAt === null || live.heardAt !== null) return;
     analyser.getFloatTimeDomainData(samples);
     let sum = 0;
     for (const s of samples) sum += s * s;
     if (Math.sqrt(sum / samples.length) > 0.01) live.heardAt = performance.now();
   }, 5);
+  live.analyserStream = stream;
+  live.analyserStop = () => { clearInterval(timer); context.close().catch(() => {}); };
 }
 live.arm = () => { live.armedAt = performance.now(); live.heardAt = null; };
 live.inboundStats = async () => {
