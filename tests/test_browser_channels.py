@@ -232,8 +232,7 @@ def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the
     page.click(f"{row} .use")
     _wait(lambda: page.inner_text("#avatar-switch") == "hall → guide: done", 120, "switch done", poll_s=0.2)
     assert get(server, "/channels/hall")["switch"]["state"] == "done"
-    # (a set: the server lists a channel once per path it uses, its uploaded video and its prepared folder)
-    assert set(get(server, f"/avatars/{avatar_id}")["used_by"]) == {"hall"}
+    assert get(server, f"/avatars/{avatar_id}")["used_by"] == ["hall"]
     _wait(lambda: page.inner_text(f"{row} .use") == "On hall", 10, "row shows it is on hall")
     assert page.is_disabled(f"{row} .delete")  # in use: not deletable
     assert get(server, "/channels/main")["avatar"] == main_avatar != get(server, "/channels/hall")["avatar"]

@@ -501,7 +501,7 @@ function renderAvatar(a) {
   if (a.size) info.push(`${a.size[0]}x${a.size[1]}`);
   if (a.fps) info.push(`${a.fps} fps`);
   if (a.duration_s) info.push(`${Number(a.duration_s).toFixed(1)} s`);
-  if (a.used_by && a.used_by.length) info.push(`on ${[...new Set(a.used_by)].join(", ")}`);
+  if (a.used_by && a.used_by.length) info.push(`on ${a.used_by.join(", ")}`);
   row.querySelector(".info").textContent = info.join(" · ");
   renderAvatarButtons(row, a);
 }
