@@ -25,3 +25,18 @@ def data_file(relative: str) -> Path:
 def media_file(relative: str) -> Path:
     """A recording under ``tests/data/media/``, e.g. ``"audio/7s_shan_0801_01.wav"``."""
     return data_file(f"media/{relative}")
+
+
+def make_faceless_video(path: Path) -> Path:
+    """Write 2 s of FFmpeg's colour-bar test pattern (no face) at 256x256, 25 fps, H.264 in MP4, to ``path``."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=256x256:rate=25"]
+        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
+        check=True,
+        timeout=60,
+    )
+    return path

@@ -6,18 +6,16 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.serving.avatars import AvatarError, AvatarStore
-from tests.datafiles import media_file
+from tests.datafiles import make_faceless_video, media_file
 
 FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
 SPEECH = media_file("audio/7s_shan_0801_01.wav")
@@ -54,14 +52,7 @@ def wait_until_done(store: AvatarStore, avatar_id: str) -> dict:
 @pytest.fixture(scope="module")
 def faceless_video(tmp_path_factory) -> Path:
     """2 s of FFmpeg's test pattern (colour bars, no face), H.264 in MP4."""
-    path = tmp_path_factory.mktemp("faceless") / "bars.mp4"
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=256x256:rate=25"]
-        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
-        check=True,
-        timeout=60,
-    )
-    return path
+    return make_faceless_video(tmp_path_factory.mktemp("faceless") / "bars.mp4")
 
 
 @pytest.fixture(scope="module")

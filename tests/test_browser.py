@@ -51,20 +51,31 @@ def server(rtmp_server, tmp_path_factory):
         assert code == 0, proc.log()
 
 
+def launch_chromium(pw, executable: str, extra_args: tuple[str, ...] | list[str] = ()):
+    """Headless Chromium (Playwright) that connects WebRTC over loopback and autoplays sound."""
+    return pw.chromium.launch(
+        executable_path=executable,
+        args=[
+            "--headless=new",
+            "--no-sandbox",
+            "--allow-loopback-in-peer-connection",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+            "--autoplay-policy=no-user-gesture-required",
+            *extra_args,
+        ],
+    )
+
+
 @pytest.fixture(scope="module")
 def page(server):
     executable = chromium_path()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=executable,
-            args=[
-                "--headless=new",
-                "--no-sandbox",
-                "--allow-loopback-in-peer-connection",
-                "--disable-features=WebRtcHideLocalIpsWithMdns",
-                "--autoplay-policy=no-user-gesture-required",
+        browser = launch_chromium(
+            pw,
+            executable,
+            [
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",

@@ -11,15 +11,13 @@ on ``hall`` (``PUT /channels/hall``). The server has an ``api.token``: the page 
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-import imageio_ffmpeg
 import pytest
 
-from tests.datafiles import media_file
+from tests.datafiles import make_faceless_video, media_file
 from tests.streamtools import ServerProcess
-from tests.test_browser import SHOTS, STATS_JS, _wait, chromium_path
+from tests.test_browser import SHOTS, STATS_JS, _wait, chromium_path, launch_chromium
 from tests.whep_client import http
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
@@ -70,16 +68,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=executable,
-            args=[
-                "--headless=new",
-                "--no-sandbox",
-                "--allow-loopback-in-peer-connection",
-                "--disable-features=WebRtcHideLocalIpsWithMdns",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
+        browser = launch_chromium(pw, executable)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.add_init_script(f"localStorage.setItem('latentsync.token', {json.dumps(TOKEN)})")  # as typed once
@@ -183,14 +172,7 @@ def test_a_channel_added_at_run_time_is_listed_and_its_deletion_falls_back_to_ma
 @pytest.fixture(scope="module")
 def faceless_video(tmp_path_factory) -> Path:
     """2 s of FFmpeg's test pattern (colour bars, no face), H.264 in MP4."""
-    path = tmp_path_factory.mktemp("faceless") / "bars.mp4"
-    subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=256x256:rate=25"]
-        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
-        check=True,
-        timeout=60,
-    )
-    return path
+    return make_faceless_video(tmp_path_factory.mktemp("faceless") / "bars.mp4")
 
 
 def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the_chosen_channel(

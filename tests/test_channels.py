@@ -91,6 +91,18 @@ def wav(seconds: float) -> bytes:
     return out.getvalue()
 
 
+def speak_until_done(api: Api, name: str, seconds: float) -> dict:
+    """Upload ``seconds`` of speech to channel ``name`` and wait (60 s at most) for the task to end ``done``."""
+    status, task = api.post_audio(wav(seconds), path=f"/channels/{name}/generate_video")
+    assert status == 202, task
+    deadline = time.monotonic() + 60
+    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.1)
+    assert got["status"] == "done", got
+    return got
+
+
 def test_channels_are_listed_and_routed_and_unknown_ones_are_404(two_channels):
     server, api = two_channels
     status, body = api.request("GET", "/channels")
@@ -226,13 +238,7 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     assert wait_for(lambda: hall_rtmp.publishing("popup"), 15) is not None, server.log()
     popup = health(api, "popup")
     assert popup["stream"]["fps"] == 20 and popup["workers"]["pids"] == health(api, "main")["workers"]["pids"]
-    status, task = api.post_audio(wav(2.0), path="/channels/popup/generate_video")
-    assert status == 202, task
-    deadline = time.monotonic() + 60
-    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
-        assert time.monotonic() < deadline, got
-        time.sleep(0.1)
-    assert got["status"] == "done", got
+    speak_until_done(api, "popup", 2.0)
 
     status, deleted = api.request("DELETE", "/channels/popup")
     assert status == 200 and deleted == {"name": "popup", "status": "stopped"}
@@ -320,13 +326,7 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     old = load_clip(media_file(VIDEO), 25, 48000, size, with_audio=False).frames
     to_new, to_old = nearest_frame_error(frames, new), nearest_frame_error(frames, old)
     assert to_new * 3 < to_old, (to_new, to_old)
-    status, task = api.post_audio(wav(2.0), path="/channels/hall/generate_video")
-    assert status == 202, task
-    deadline = time.monotonic() + 60
-    while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
-        assert time.monotonic() < deadline, got
-        time.sleep(0.1)
-    assert got["status"] == "done", got
+    speak_until_done(api, "hall", 2.0)
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
 

@@ -58,6 +58,71 @@ def decode_audio(
     return np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16, copy=True)
 
 
+def confined_input(fd: int, formats: tuple[str, ...]) -> list[str]:
+    """The start of an FFmpeg command line that reads one untrusted file, and nothing else.
+
+    The file is the inherited descriptor ``fd`` (``-fd N -i fd:``); no protocol but ``fd`` may be
+    opened (``-protocol_whitelist fd``: no second file, device, FIFO or network address, however
+    the file asks) and only the demuxers in ``formats`` may probe it (``-format_whitelist``).
+    Run it with ``pass_fds=(fd,)`` and an empty environment (docs/security.md).
+
+    Args:
+        fd: A read-only descriptor of the file (regular files are seekable through it).
+        formats: Allowed FFmpeg demuxer names.
+
+    Returns:
+        The arguments up to and including the input (``... -i fd:``); output options follow.
+    """
+    return [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-protocol_whitelist",
+        "fd",
+        "-format_whitelist",
+        ",".join(formats),
+        "-fd",
+        str(fd),
+        "-i",
+        "fd:",
+    ]
+
+
+def run_confined(
+    cmd: list[str], fds: tuple[int, ...], cwd: Path, timeout_s: float, what: str
+) -> subprocess.CompletedProcess:
+    """Run a :func:`confined_input` command: only ``fds`` inherited, empty environment, in ``cwd``.
+
+    Args:
+        cmd: The command line.
+        fds: Descriptors FFmpeg gets (``pass_fds``).
+        cwd: Its working directory (the upload's own folder).
+        timeout_s: Seconds before it is killed.
+        what: Start of the timeout's message, e.g. ``"speech.wav: decoding"``.
+
+    Returns:
+        The finished process (stdout and stderr captured; the caller checks the exit code).
+
+    Raises:
+        MediaDecodeTimeout: If it ran longer than ``timeout_s``.
+    """
+    try:
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+            env={},
+            cwd=cwd,
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise MediaDecodeTimeout(f"{what} took longer than {timeout_s:g} s") from None
+
+
 def decode_untrusted_audio(
     path: str | Path,
     sample_rate_hz: int,
@@ -92,37 +157,11 @@ def decode_untrusted_audio(
     path = Path(path)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(),
-            "-hide_banner",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-protocol_whitelist",
-            "fd",
-            "-format_whitelist",
-            ",".join(formats),
-            "-fd",
-            str(fd),
-            "-i",
-            "fd:",
-        ]
+        cmd = confined_input(fd, formats)
         if max_duration_s is not None:
             cmd += ["-t", f"{max_duration_s:.6f}"]
         cmd += ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sample_rate_hz)), "-f", "s16le", "pipe:1"]
-        try:
-            proc = subprocess.run(
-                cmd,
-                capture_output=True,
-                timeout=timeout_s,
-                check=False,
-                env={},
-                cwd=path.parent,
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s") from None
+        proc = run_confined(cmd, (fd,), path.parent, timeout_s, f"{path.name}: decoding")
     finally:
         os.close(fd)
     if proc.returncode != 0:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
 
-from latentsync.media.audio import MediaDecodeTimeout, decode_audio, fit_length
+from latentsync.media.audio import confined_input, decode_audio, fit_length, run_confined
 from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
 from latentsync.media.timing import samples_before_frame
 
@@ -149,9 +148,10 @@ def remux_untrusted_video(
 ) -> MediaInfo:
     """Copy an uploaded video's first video and audio stream into a Matroska file of our own.
 
-    FFmpeg reads the upload as in :func:`latentsync.media.audio.decode_untrusted_audio`: an
-    inherited read-only descriptor, no protocol but ``fd`` (no second file, device, FIFO or network
-    address can be opened), only the demuxers in ``formats``, an empty environment. The streams are
+    FFmpeg reads the upload as in :func:`latentsync.media.audio.decode_untrusted_audio`
+    (:func:`latentsync.media.audio.confined_input`): an inherited read-only descriptor, no protocol
+    but ``fd`` (no second file, device, FIFO or network address can be opened), only the demuxers
+    in ``formats``, an empty environment. The streams are
     copied, not re-encoded (fast), and cut at ``max_duration_s + 1`` seconds; the result is a
     self-contained file every later step (probe, decode, preparation) may open by path.
 
@@ -175,20 +175,7 @@ def remux_untrusted_video(
     try:
         fd_out = os.open(target, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            cmd = [
-                imageio_ffmpeg.get_ffmpeg_exe(),
-                "-hide_banner",
-                "-nostdin",
-                "-loglevel",
-                "error",
-                "-protocol_whitelist",
-                "fd",
-                "-format_whitelist",
-                ",".join(formats),
-                "-fd",
-                str(fd_in),
-                "-i",
-                "fd:",
+            cmd = confined_input(fd_in, formats) + [
                 "-t",
                 f"{max_duration_s + 1.0:.3f}",
                 "-map",
@@ -203,19 +190,7 @@ def remux_untrusted_video(
                 str(fd_out),
                 "fd:",
             ]
-            try:
-                proc = subprocess.run(
-                    cmd,
-                    capture_output=True,
-                    timeout=timeout_s,
-                    check=False,
-                    env={},
-                    cwd=source.parent,
-                    pass_fds=(fd_in, fd_out),
-                    stdin=subprocess.DEVNULL,
-                )
-            except subprocess.TimeoutExpired:
-                raise MediaDecodeTimeout(f"{source.name}: reading the video took longer than {timeout_s:g} s") from None
+            proc = run_confined(cmd, (fd_in, fd_out), source.parent, timeout_s, f"{source.name}: reading the video")
         finally:
             os.close(fd_out)
     finally:

@@ -33,6 +33,7 @@ refused before their body is read.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hmac
 import logging
@@ -103,6 +104,36 @@ STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: What ``/health`` tells a caller without the token (when ``api.token`` is set): the state only,
 #: no process ids, task ids, errors or counters.
 PUBLIC_HEALTH_KEYS = ("state", "ticking", "ffmpeg_up", "engine_ready", "uptime_s")
+
+
+@contextlib.contextmanager
+def _saved(upload, make_path, discard):
+    """The upload saved under our own name in its own private folder; deleted on leaving, whatever happens.
+
+    Args:
+        upload: werkzeug's ``FileStorage`` (the client's file name is never used as a path).
+        make_path: Returns the path to save to (``Channel.upload_path``, ``AvatarStore.incoming_path``).
+        discard: Deletes it with its folder.
+
+    Yields:
+        The saved file's path.
+
+    Raises:
+        ApiError: 400 ``empty_file``; 500/507 when it cannot be stored (:func:`_storage_error`).
+    """
+    path = None
+    try:
+        try:
+            path = make_path()
+            upload.save(path)
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        if path.stat().st_size == 0:
+            raise ApiError(400, "empty_file", "the uploaded file is empty")
+        yield path
+    finally:
+        if path is not None:
+            discard(path)
 
 
 def origin_allowed(origin: str | None, host: str, scheme: str, allowed: frozenset[str]) -> bool:
@@ -228,7 +259,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         return response, status
 
     @app.errorhandler(ApiError)
-    def api_error(exc: ApiError):
+    @app.errorhandler(AvatarError)
+    def api_error(exc: ApiError | AvatarError):
         return _error(exc.status, exc.code, exc.message)
 
     @app.before_request
@@ -281,8 +313,6 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError(400, "bad_channel", str(exc)) from None
         except RestartNeeded as exc:
             raise ApiError(409, "restart_needed", str(exc)) from None
-        except AvatarError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
         except KeyError:
             raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)") from None
         except RuntimeError as exc:
@@ -306,21 +336,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError(400, "no_file", "multipart field 'video_file' is required")
         name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
-        path = None
-        try:
-            try:  # our own file name: the client's filename is never used as a path
-                path = store.incoming_path()
-                upload.save(path)
-            except OSError as exc:
-                raise _storage_error(exc) from None
-            if path.stat().st_size == 0:
-                raise ApiError(400, "empty_file", "the uploaded file is empty")
-            record = store.add(path, name)
-        except AvatarError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
-        finally:
-            if path is not None:
-                store.discard_incoming(path)
+        with _saved(upload, store.incoming_path, store.discard_incoming) as path:
+            record = store.add(path, name)  # AvatarError: its own 4xx/5xx
         return jsonify(record), 202
 
     @app.get("/avatars")
@@ -329,17 +346,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.get("/avatars/<avatar_id>")
     def get_avatar(avatar_id: str):
-        try:
-            return jsonify(runtime.avatars.get(avatar_id))
-        except AvatarError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+        return jsonify(runtime.avatars.get(avatar_id))
 
     @app.delete("/avatars/<avatar_id>")
     def delete_avatar(avatar_id: str):
-        try:
-            return jsonify(runtime.avatars.delete(avatar_id))
-        except AvatarError as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
+        return jsonify(runtime.avatars.delete(avatar_id))
 
     @app.delete("/channels/<name>")
     def delete_channel(name: str):
@@ -387,15 +398,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
         if tasks.waiting() >= api.max_queued:
             raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
-        path = None
-        try:
-            try:  # our own file name: the client's filename is never used as a path
-                path = channel.upload_path()
-                upload.save(path)
-            except OSError as exc:
-                raise _storage_error(exc) from None
-            if path.stat().st_size == 0:
-                raise ApiError(400, "empty_file", "the uploaded file is empty")
+        with _saved(upload, channel.upload_path, channel.discard_upload) as path:
             try:
                 audio = channel.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
             except MediaDecodeTimeout:
@@ -414,9 +417,6 @@ def create_app(runtime: Runtime | None = None) -> Flask:
                     "the upload is not an audio file in an accepted format "
                     "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)",
                 ) from None
-        finally:
-            if path is not None:
-                channel.discard_upload(path)
         if audio.duration_s > api.max_audio_s:
             raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
         if audio.duration_s < 1.0 / fps:
