@@ -84,6 +84,16 @@ def test_an_uploaded_video_is_prepared_in_the_background_with_progress(prepared)
     again = Avatar.prepare(video, AvatarSettings(fps=25, size=(832, 1248)), cache_dir=cache)
     assert again.path == avatar.path
     assert [r["id"] for r in store.list()] == [record["id"]]
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(store)
+    text = generate_latest(registry).decode()
+    assert 'latentsync_avatars{status="ready"} 1.0' in text and 'latentsync_avatars{status="failed"} 0.0' in text
+    used = next(
+        float(line.split()[1]) for line in text.splitlines() if line.startswith("latentsync_avatar_cache_bytes ")
+    )
+    assert used >= 50 * 832 * 1248 * 3  # the prepared frames at least
 
 
 def test_uploads_survive_a_restart(prepared):

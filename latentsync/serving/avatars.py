@@ -276,6 +276,32 @@ class AvatarStore:
                 detail = f": {record.error['message']}" if record.error else ""
                 raise AvatarError(409, "avatar_not_ready", f"avatar {avatar_id} is {record.status}{detail}")
 
+    def collect(self):
+        """Prometheus collector (registered by the runtime): avatars by status and the cache's disk use.
+
+        Yields:
+            ``latentsync_avatars{status}``, ``latentsync_avatar_cache_bytes`` (the whole
+            ``avatar.cache_dir`` on disk) and ``latentsync_avatar_cache_quota_bytes``.
+        """
+        from prometheus_client.core import GaugeMetricFamily
+
+        with self._lock:
+            counts = collections.Counter(r.status for r in self._records.values())
+        avatars = GaugeMetricFamily(
+            "latentsync_avatars", "Avatars uploaded with POST /avatars, by status.", labels=["status"]
+        )
+        for status in (PREPARING, READY, FAILED):
+            avatars.add_metric([status], counts.get(status, 0))
+        yield avatars
+        yield GaugeMetricFamily(
+            "latentsync_avatar_cache_bytes", "Bytes avatar.cache_dir holds on disk.", value=self.usage_bytes()
+        )
+        yield GaugeMetricFamily(
+            "latentsync_avatar_cache_quota_bytes",
+            "avatar.cache_quota_mb in bytes.",
+            value=int(self._cfg.cache_quota_mb * 1024 * 1024),
+        )
+
     # ----------------------------------------------------------------- intake
     def incoming_path(self) -> Path:
         """A path for one upload, alone in a fresh private directory (the caller calls :meth:`discard_incoming`)."""

@@ -192,6 +192,7 @@ class Runtime:
         self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
         self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
         self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
+        self.metrics.registry.register(self.avatars)
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
