@@ -449,20 +449,14 @@ class Runtime:
                 f"changing {', '.join(changed)} of channel {name!r} needs its stream restarted: "
                 f"DELETE /channels/{name}, then PUT it again"
             )
-        avatar = current.avatar
-        stream = current.stream
-        if any(k in values for k in ("avatar", "idle_video", "video")):
-            if given.avatar is not None:
-                if given.idle_video is not None or given.video is not None:
-                    raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
-                self.avatars.require_ready(given.avatar)
-                upload = str(uploaded_avatar_video(self.config.avatar.cache_dir, given.avatar))
-                avatar = dataclasses.replace(avatar, idle_video=upload, video=None)
-            else:
-                avatar = dataclasses.replace(avatar, idle_video=given.idle_video, video=given.video)
-        for key in ("idle_audio", "idle_pingpong"):
-            if key in values and getattr(given, key) is not None:
-                stream = dataclasses.replace(stream, **{key: getattr(given, key)})
+        if given.avatar is not None:
+            if given.idle_video is not None or given.video is not None:
+                raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
+            self.avatars.require_ready(given.avatar)
+        live = {k: getattr(given, k) for k in ("idle_audio", "idle_pingpong") if getattr(given, k) is not None}
+        if any(k in values for k in ("avatar", "idle_video", "video")):  # the avatar is replaced as a whole
+            live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
+        avatar, stream = _live_avatar(self.config, live, current.avatar, current.stream)
         new = dataclasses.replace(current, avatar=avatar, stream=stream)
         if new == current:
             return channel, False
@@ -477,9 +471,6 @@ class Runtime:
         except ConfigError as exc:
             raise ConfigError(f"channel {name}: {exc}") from None
         label = given.avatar or Path(avatar.video or avatar.idle_video or "default avatar").name
-        live = {k: getattr(given, k) for k in ("idle_audio", "idle_pingpong") if getattr(given, k) is not None}
-        if any(k in values for k in ("avatar", "idle_video", "video")):
-            live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
         live.update(size)
 
         def keep() -> None:  # once the switch is made: channels_file brings it back after a restart

@@ -658,28 +658,8 @@ class StreamTaskProcessor(TaskProcessor):
         return self._await_features(pending)
 
     def _request_window(self, audio_16k: np.ndarray, start: int, end: int, chunk: int):
-        box: dict[str, object] = {}
-        done = threading.Event()
-
-        def ok(value):
-            box["value"] = value
-            done.set()
-
-        def err(reason):
-            box["error"] = reason
-            done.set()
-
-        self._pool.submit_features(
-            audio_16k,
-            self._deadline_s,
-            ok,
-            err,
-            f"features of chunk {chunk} of utterance {self.task.task_id}",
-            frames=(start, end),
-            due_at=self._due_at(chunk),
-            task_id=self.task.task_id,
-        )
-        return done, box
+        label = f"features of chunk {chunk} of utterance {self.task.task_id}"
+        return self._submit_features(audio_16k, start, end, label, chunk)
 
 
 @dataclass(frozen=True)

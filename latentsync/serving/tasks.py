@@ -486,6 +486,13 @@ class TaskProcessor:
         audio = self.task.audio
         if audio is None:  # cancelled before it got here
             return None
+        label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
+        return self._submit_features(audio.engine_16k, start_frame, end_frame, label, start_frame // CHUNK_FRAMES)
+
+    def _submit_features(
+        self, audio_16k: np.ndarray, start_frame: int, end_frame: int, label: str, chunk_index: int
+    ) -> tuple[threading.Event, dict]:
+        """Queue one features job (due with chunk ``chunk_index``); a handle for :meth:`_await_features`."""
         box: dict[str, object] = {}
         done = threading.Event()
 
@@ -497,16 +504,14 @@ class TaskProcessor:
             box["error"] = reason
             done.set()
 
-        label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
-        due_at = self._due_at(start_frame // CHUNK_FRAMES)
         self._pool.submit_features(
-            audio.engine_16k,
+            audio_16k,
             self._deadline_s,
             ok,
             err,
             label,
             frames=(start_frame, end_frame),
-            due_at=due_at,
+            due_at=self._due_at(chunk_index),
             task_id=self.task.task_id,
         )
         return done, box
