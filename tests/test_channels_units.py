@@ -18,7 +18,7 @@ from latentsync.config import ConfigError, channel_configs, load_config
 from latentsync.engines import CHUNK_FRAMES
 from latentsync.serving.channels import ChannelPool
 from latentsync.serving.tasks import TaskManager
-from tests.test_tasks import FPS, RATE, FakeJob, FakePlaylist, FakePool, speech, wait_for
+from tests.test_tasks import FPS, FakeJob, FakePlaylist, FakePool, fake_manager, speech, wait_for
 
 
 class AvatarPool(FakePool):
@@ -68,21 +68,7 @@ class FakeAvatar:
 
 
 def manager(pool: AvatarPool, path: str) -> tuple[TaskManager, FakePlaylist]:
-    playlist = FakePlaylist()
-    avatar = FakeAvatar(path)
-    tasks = TaskManager(
-        ChannelPool(pool, path),
-        avatar,
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-        generate_ahead=1,
-    )
-    return tasks, playlist
+    return fake_manager(ChannelPool(pool, path), FakeAvatar(path))
 
 
 def feed_features(pool: AvatarPool, task_id: str) -> None:

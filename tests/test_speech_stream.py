@@ -16,8 +16,8 @@ from latentsync.serving.speech_stream import (
     SpeechStreams,
     StreamLimits,
 )
-from latentsync.serving.tasks import TaskManager, TaskState
-from tests.test_tasks import FPS, RATE, FakeAvatar, FakePlaylist, FakePool, wait_for
+from latentsync.serving.tasks import TaskState
+from tests.test_tasks import FPS, RATE, FakeAvatar, FakePool, fake_manager, wait_for
 
 LOOKAHEAD = 2
 SAMPLES_PER_FRAME = RATE // FPS
@@ -34,19 +34,8 @@ class FramesAvatar(FakeAvatar):
 
 @pytest.fixture
 def streams():
-    pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(
-        pool,
-        FramesAvatar(),
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-        generate_ahead=1,
-    )
+    pool = FakePool()
+    manager, _ = fake_manager(pool, FramesAvatar())
     yield SpeechStreams(manager, StreamLimits(max_open=2, max_buffered_s=4.0, idle_timeout_s=30.0), LOOKAHEAD), pool
     manager.close()
 
@@ -206,18 +195,8 @@ def test_starved_audio_inserts_moving_gap_frames_and_speech_resumes_in_sync(stre
 
 def test_jitter_buffer_uses_the_arrival_rate():
     now = [100.0]
-    pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(
-        pool,
-        FramesAvatar(),
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-    )
+    pool = FakePool()
+    manager, playlist = fake_manager(pool, FramesAvatar())
     speech = SpeechStreams(manager, StreamLimits(idle_timeout_s=60.0), LOOKAHEAD)
     try:
         u = speech.open()

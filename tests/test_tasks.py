@@ -116,21 +116,20 @@ def speech(seconds: float) -> TaskAudio:
     return TaskAudio(stream, np.zeros(int(seconds * 16000), np.float32), RATE)
 
 
+def fake_manager(pool, avatar, **options) -> tuple[TaskManager, FakePlaylist]:
+    """A real TaskManager on fakes: ``pool`` (the pool's interface), ``avatar``, a new :class:`FakePlaylist`.
+
+    25 fps, 48 kHz, 4 tasks queued at most, 5 s job deadlines; ``options`` override those or add others.
+    """
+    playlist = FakePlaylist()
+    settings = {"fps": FPS, "sample_rate_hz": RATE, "max_queued": 4, "deadline_s": 5.0, **options}
+    return TaskManager(pool, avatar, playlist.enqueue, playlist.interrupt, lambda: 0, **settings), playlist
+
+
 @pytest.fixture
 def setup():
-    pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(
-        pool,
-        FakeAvatar(),
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-        generate_ahead=1,
-    )
+    pool = FakePool()
+    manager, playlist = fake_manager(pool, FakeAvatar())
     yield manager, pool, playlist
     manager.close()
 
@@ -313,19 +312,8 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
     """The API's cancel, a failed pool job and the mixer's last frame race on a task on air."""
     iterations = 200
     rng = random.Random(5)
-    pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(
-        pool,
-        FakeAvatar(),
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-        generate_ahead=0,
-    )
+    pool = FakePool()
+    manager, playlist = fake_manager(pool, FakeAvatar(), generate_ahead=0)
     outcomes = {TaskState.done: 0, TaskState.failed: 0, TaskState.cancelled: 0}
     try:
         for i in range(iterations):

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from latentsync.serving.speech_stream import SpeechStreamError, SpeechStreams, StreamLimits
-from latentsync.serving.tasks import TaskManager
 from latentsync.serving.tts import EspeakNg, SpeechFeeder, split_sentences
 from tests.test_speech_stream import FramesAvatar
-from tests.test_tasks import FPS, RATE, FakePlaylist, FakePool, wait_for
+from tests.test_tasks import FPS, RATE, FakePool, fake_manager, wait_for
 
 
 @pytest.fixture
@@ -44,18 +43,8 @@ def test_espeak_speaks_each_sentence_and_refuses_unknown_voices(espeak):
 
 
 def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
-    pool, playlist = FakePool(), FakePlaylist()
-    manager = TaskManager(
-        pool,
-        FramesAvatar(),
-        playlist.enqueue,
-        playlist.interrupt,
-        lambda: 0,
-        fps=FPS,
-        sample_rate_hz=RATE,
-        max_queued=4,
-        deadline_s=5.0,
-    )
+    pool = FakePool()
+    manager, playlist = fake_manager(pool, FramesAvatar())
     streams = SpeechStreams(manager, StreamLimits(), 2)
     errors = []
     try:
