@@ -283,83 +283,36 @@ def analyse_recording(path: Path) -> Recording:
         else:
             audio = (m.group(3), int(re.search(r"(\d+) Hz", m.group(4)).group(1)))
     assert video and audio, f"recording lacks a stream:\n{info}"
-    crc = subprocess.run(
-        [
-            FFMPEG,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-i",
-            str(path),
-            "-map",
-            "0:v:0",
-            "-c",
-            "copy",
-            "-f",
-            "framecrc",
-            "-",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    pts = np.array(
-        [int(line.split(",")[2]) for line in crc.stdout.decode().splitlines() if line and not line.startswith("#")],
-        dtype=np.int64,
-    )
-    pcm = subprocess.run(
-        [
-            FFMPEG,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-i",
-            str(path),
-            "-map",
-            "0:a:0",
-            "-ac",
-            "1",
-            "-f",
-            "s16le",
-            "-",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    return Recording(video[0], video[1], video[2], np.sort(pts), audio[0], audio[1], len(pcm.stdout) // 2)
+    pts_ms = np.rint(packet_pts_s(path, "v") * 1000).astype(np.int64)  # FLV's time base is 1/1000 s
+    pcm = ffmpeg_stdout(path, "-map", "0:a:0", "-ac", "1", "-f", "s16le")
+    return Recording(video[0], video[1], video[2], np.sort(pts_ms), audio[0], audio[1], len(pcm) // 2)
 
 
-def first_pts_s(path: Path, stream: str) -> float:
-    """PTS of the first packet of ``stream`` ("v" or "a") in seconds (FLV time base 1/1000)."""
-    crc = subprocess.run(
-        [
-            FFMPEG,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-i",
-            str(path),
-            "-map",
-            f"0:{stream}:0",
-            "-c",
-            "copy",
-            "-f",
-            "framecrc",
-            "-",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    tb = 1 / 1000
-    for line in crc.stdout.decode().splitlines():
+def ffmpeg_stdout(path: Path, *output_args: str, timeout_s: float = 60.0) -> bytes:
+    """What ``ffmpeg -i path <output_args> -`` writes to stdout (fails the test if FFmpeg fails)."""
+    cmd = [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-i", str(path), *output_args, "-"]
+    return subprocess.run(cmd, capture_output=True, timeout=timeout_s, check=True).stdout
+
+
+def packet_pts_s(path: Path, stream: str, timeout_s: float = 60.0) -> np.ndarray:
+    """PTS in seconds of every packet of the first ``stream`` ("v" or "a"), in file order (no decode)."""
+    crc = ffmpeg_stdout(path, "-map", f"0:{stream}:0", "-c", "copy", "-f", "framecrc", timeout_s=timeout_s).decode()
+    tb, pts = 1 / 1000, []
+    for line in crc.splitlines():
         if line.startswith("#tb"):
             num, den = line.split(":")[1].strip().split("/")
             tb = int(num) / int(den)
         elif line and not line.startswith("#"):
-            return int(line.split(",")[2]) * tb
-    raise AssertionError(f"no {stream} packets in {path}")
+            pts.append(int(line.split(",")[2]) * tb)
+    return np.array(pts, dtype=np.float64)
+
+
+def first_pts_s(path: Path, stream: str) -> float:
+    """PTS of the first packet of ``stream`` ("v" or "a") in seconds."""
+    pts = packet_pts_s(path, stream)
+    if not len(pts):
+        raise AssertionError(f"no {stream} packets in {path}")
+    return float(pts[0])
 
 
 def decode_recording(path: Path, sample_rate_hz: int) -> tuple[np.ndarray, float, np.ndarray, float]:
@@ -369,29 +322,8 @@ def decode_recording(path: Path, sample_rate_hz: int) -> tuple[np.ndarray, float
     meta = next(gen)
     width, height = meta["size"]
     frames = np.stack([np.frombuffer(f, np.uint8).reshape(height, width, 3) for f in gen])
-    pcm = subprocess.run(
-        [
-            FFMPEG,
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-i",
-            str(path),
-            "-map",
-            "0:a:0",
-            "-ac",
-            "1",
-            "-ar",
-            str(sample_rate_hz),
-            "-f",
-            "s16le",
-            "-",
-        ],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    audio = np.frombuffer(pcm.stdout, "<i2").astype(np.float32) / 32768.0
+    pcm = ffmpeg_stdout(path, "-map", "0:a:0", "-ac", "1", "-ar", str(sample_rate_hz), "-f", "s16le")
+    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
     return frames, first_pts_s(path, "v"), audio, first_pts_s(path, "a")
 
 

@@ -37,6 +37,9 @@ import numpy as np
 from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.streamtools import packet_pts_s  # noqa: E402  (the test suite's FLV helpers)
+
 DATA = ROOT / "tests" / "data" / "media"
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RECORDER_RW_TIMEOUT_S = 10.0  # the recorder ends by itself this long after the publisher is gone
@@ -103,36 +106,7 @@ def health(base: str) -> dict:
 
 def video_pts_s(path: Path) -> np.ndarray:
     """Sorted PTS (s) of every video packet of an FLV recording (stream copy, no decode)."""
-    out = subprocess.run(
-        [
-            FFMPEG,
-            "-hide_banner",
-            "-nostdin",
-            "-loglevel",
-            "error",
-            "-i",
-            str(path),
-            "-map",
-            "0:v:0",
-            "-c",
-            "copy",
-            "-f",
-            "framecrc",
-            "-",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=600,
-    )
-    tb = 1 / 1000
-    pts = []
-    for line in out.stdout.decode().splitlines():
-        if line.startswith("#tb"):
-            num, den = line.split(":")[1].strip().split("/")
-            tb = int(num) / int(den)
-        elif line and not line.startswith("#"):
-            pts.append(int(line.split(",")[2]) * tb)
-    return np.sort(np.array(pts))
+    return np.sort(packet_pts_s(path, "v", timeout_s=600))
 
 
 def audio_frames(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
