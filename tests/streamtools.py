@@ -27,6 +27,16 @@ FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RTMP_SCRIPT = REPO / "scripts" / "rtmp_server.sh"
 
 
+def seconds_until(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
+    """Seconds until predicate() is true, or None on timeout."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout_s:
+        if predicate():
+            return time.monotonic() - t
+        time.sleep(poll_s)
+    return None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

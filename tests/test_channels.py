@@ -20,23 +20,13 @@ import pytest
 import soundfile as sf
 
 from tests.datafiles import media_file
-from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools
+from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: small, so two channels fit on two shared cores
 SPEECH = "audio/7s_shan_0801_01.wav"
 LONG_UPLOAD_S = 60.0
-
-
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
-    """Seconds until predicate() is true, or None on timeout."""
-    t = time.monotonic()
-    while time.monotonic() - t < timeout_s:
-        if predicate():
-            return time.monotonic() - t
-        time.sleep(poll_s)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +59,8 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
     server.wait_healthy()
     server.wait_engine_ready()
     api = Api(server.port)
-    assert wait_for(lambda: rtmp_server.publishing("main-ch") and hall_rtmp.publishing("hall"), 15), server.log()
-    assert wait_for(lambda: api.request("GET", "/channels/hall/health")[1].get("engine_ready"), 30), server.log()
+    assert seconds_until(lambda: rtmp_server.publishing("main-ch") and hall_rtmp.publishing("hall"), 15), server.log()
+    assert seconds_until(lambda: api.request("GET", "/channels/hall/health")[1].get("engine_ready"), 30), server.log()
     server.tmp = tmp
     yield server, api
     code, took_s = server.stop()
@@ -182,8 +172,8 @@ def test_halls_ffmpeg_killed_never_touches_mains_ticks(two_channels, rtmp_server
         new_pid = h["ffmpeg_pid"] not in (None, before_hall["ffmpeg_pid"])
         return new_pid and h["ffmpeg_up"] and hall_rtmp.publishing("hall")
 
-    assert wait_for(hall_back, 15) is not None, server.log()
-    assert wait_for(lambda: health(api, "main")["ticks"] > before_main["ticks"] + 50, 10) is not None  # 2 s on
+    assert seconds_until(hall_back, 15) is not None, server.log()
+    assert seconds_until(lambda: health(api, "main")["ticks"] > before_main["ticks"] + 50, 10) is not None  # 2 s on
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"], main
     assert (main["ffmpeg_pid"], main["ffmpeg_restarts"]) == (before_main["ffmpeg_pid"], before_main["ffmpeg_restarts"])
@@ -196,7 +186,7 @@ def test_halls_rtmp_server_gone_never_touches_mains_ticks(two_channels, rtmp_ser
     before_main = health(api, "main")
     hall_rtmp.stop()
     try:
-        assert wait_for(lambda: not health(api, "hall")["ffmpeg_up"], 10) is not None
+        assert seconds_until(lambda: not health(api, "hall")["ffmpeg_up"], 10) is not None
         time.sleep(3.0)
         during_main, during_hall = health(api, "main"), health(api, "hall")
         assert during_hall["dropped_ticks"] > 0 and during_hall["ticking"]  # hall's clock goes on, honestly counted
@@ -205,7 +195,7 @@ def test_halls_rtmp_server_gone_never_touches_mains_ticks(two_channels, rtmp_ser
         assert during_main["ffmpeg_restarts"] == before_main["ffmpeg_restarts"] and rtmp_server.publishing("main-ch")
     finally:
         hall_rtmp.start()
-    assert wait_for(lambda: hall_rtmp.publishing("hall"), 20) is not None, server.log()
+    assert seconds_until(lambda: hall_rtmp.publishing("hall"), 20) is not None, server.log()
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ticks"] > during_main["ticks"]
 
@@ -234,15 +224,15 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     body = json.dumps({"rtmp_url": url, "idle_video": str(media_file(VIDEO)), "fps": 20}).encode()
     status, created = api.request("PUT", "/channels/popup", body, {"Content-Type": "application/json"})
     assert status == 202 and created["name"] == "popup" and created["status"] in ("starting", "ready"), created
-    assert wait_for(lambda: api.request("GET", "/channels/popup")[1]["status"] == "ready", 60), server.log()
-    assert wait_for(lambda: hall_rtmp.publishing("popup"), 15) is not None, server.log()
+    assert seconds_until(lambda: api.request("GET", "/channels/popup")[1]["status"] == "ready", 60), server.log()
+    assert seconds_until(lambda: hall_rtmp.publishing("popup"), 15) is not None, server.log()
     popup = health(api, "popup")
     assert popup["stream"]["fps"] == 20 and popup["workers"]["pids"] == health(api, "main")["workers"]["pids"]
     speak_until_done(api, "popup", 2.0)
 
     status, deleted = api.request("DELETE", "/channels/popup")
     assert status == 200 and deleted == {"name": "popup", "status": "stopped"}
-    assert wait_for(lambda: not hall_rtmp.publishing("popup"), 10) is not None  # its FFmpeg flushed and left
+    assert seconds_until(lambda: not hall_rtmp.publishing("popup"), 10) is not None  # its FFmpeg flushed and left
     assert api.request("GET", "/channels/popup/health")[0] == 404
     assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
     main = health(api, "main")
@@ -284,7 +274,9 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     avatar_id = record["id"]
     status, body = put_json(api, "/channels/hall", {"avatar": avatar_id})
     assert status == 409 and body["error"]["code"] == "avatar_not_ready", body
-    assert wait_for(lambda: api.request("GET", record["status_url"])[1]["status"] != "preparing", 120), server.log()
+    assert seconds_until(lambda: api.request("GET", record["status_url"])[1]["status"] != "preparing", 120), (
+        server.log()
+    )
     ready = api.request("GET", record["status_url"])[1]
     assert ready["status"] == "ready" and ready["progress"] == 1.0 and ready["num_frames"] == 50, ready
 
@@ -300,7 +292,7 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     # Ask for the switch while hall speaks: the speech plays to its end with the old avatar first.
     status, task = api.post_audio(wav(3.0), path="/channels/hall/generate_video")
     assert status == 202, task
-    assert wait_for(lambda: api.request("GET", task["status_url"])[1]["status"] == "streaming", 30), server.log()
+    assert seconds_until(lambda: api.request("GET", task["status_url"])[1]["status"] == "streaming", 30), server.log()
     status, body = put_json(api, "/channels/hall", {"avatar": avatar_id, "name": "hall"})
     assert status == 202 and body["switch"]["avatar"] == avatar_id, body
     deadline = time.monotonic() + 60
@@ -340,7 +332,7 @@ def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_chan
         api, "/channels/kept", {"rtmp_url": hall_rtmp.url("kept"), "idle_video": str(media_file(VIDEO))}
     )
     assert status == 202, body
-    assert wait_for(lambda: api.request("GET", "/channels/kept")[1]["status"] == "ready", 60), server.log()
+    assert seconds_until(lambda: api.request("GET", "/channels/kept")[1]["status"] == "ready", 60), server.log()
     state = json.loads((server.tmp / "channels.json").read_text())
     hall_avatar = api.request("GET", "/channels/hall")[1]["avatar"]
     assert [c["name"] for c in state["created"]] == ["kept"] and state["deleted"] == []
@@ -348,7 +340,7 @@ def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_chan
     shutil.copy(server.tmp / "channels.json", tmp_path / "channels.json")
     assert api.request("DELETE", "/channels/kept")[0] == 200  # the first server lets go of kept's stream key
     assert json.loads((server.tmp / "channels.json").read_text())["created"] == []
-    assert wait_for(lambda: not hall_rtmp.publishing("kept"), 10) is not None
+    assert seconds_until(lambda: not hall_rtmp.publishing("kept"), 10) is not None
 
     video = media_file(VIDEO)
     again = ServerProcess(
@@ -366,11 +358,13 @@ def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_chan
     try:
         again.wait_engine_ready()
         other = Api(again.port)
-        assert wait_for(lambda: other.request("GET", "/channels/kept")[1].get("status") == "ready", 60), again.log()
+        assert seconds_until(lambda: other.request("GET", "/channels/kept")[1].get("status") == "ready", 60), (
+            again.log()
+        )
         channels = {c["name"]: c for c in other.request("GET", "/channels")[1]["channels"]}
         assert list(channels) == ["main", "hall", "kept"]
         assert channels["hall"]["avatar"] == hall_avatar  # the same prepared avatar as before the restart
-        assert wait_for(lambda: hall_rtmp.publishing("kept") and hall_rtmp.publishing("hall-restarted"), 15)
+        assert seconds_until(lambda: hall_rtmp.publishing("kept") and hall_rtmp.publishing("hall-restarted"), 15)
     finally:
         code, _ = again.stop()
     assert code == 0, again.log()

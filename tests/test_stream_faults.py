@@ -9,21 +9,11 @@ import time
 import pytest
 
 from tests.datafiles import media_file
-from tests.streamtools import ServerProcess, analyse_recording, pull_stream
+from tests.streamtools import ServerProcess, analyse_recording, pull_stream, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
 RECOVERY_LIMIT_S = 5.0
-
-
-def wait_for(predicate, timeout_s: float, poll_s: float = 0.05) -> float | None:
-    """Seconds until predicate() is true, or None on timeout."""
-    t = time.monotonic()
-    while time.monotonic() - t < timeout_s:
-        if predicate():
-            return time.monotonic() - t
-        time.sleep(poll_s)
-    return None
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def streaming_server(rtmp_server, tmp_path):
         tmp_path / "server.log",
     ).start()
     server.wait_healthy()
-    assert wait_for(lambda: rtmp_server.publishing(key), 10.0) is not None, server.log()
+    assert seconds_until(lambda: rtmp_server.publishing(key), 10.0) is not None, server.log()
     yield server, key
     code, took_s = server.stop()
     assert code == 0 and took_s < 10.0, server.log()
@@ -51,7 +41,7 @@ def test_killed_ffmpeg_is_restarted_and_the_stream_is_back_within_5_s(rtmp_serve
         _, h = server.health()
         return h.get("ffmpeg_pid") not in (None, old_pid) and h.get("ffmpeg_up") and rtmp_server.publishing(key)
 
-    assert wait_for(republished, RECOVERY_LIMIT_S + 5) is not None, server.log()
+    assert seconds_until(republished, RECOVERY_LIMIT_S + 5) is not None, server.log()
     back_after_s = time.monotonic() - t_kill
     print(f"\nffmpeg SIGKILL: stream republished after {back_after_s:.2f} s")
     assert back_after_s <= RECOVERY_LIMIT_S, f"stream back only after {back_after_s:.2f} s"
@@ -78,7 +68,7 @@ def test_rtmp_server_restart_is_reconnected(rtmp_server, streaming_server, tmp_p
     finally:
         rtmp_server.start()
     t_back = time.monotonic()
-    assert wait_for(lambda: rtmp_server.publishing(key), RECOVERY_LIMIT_S + 10) is not None, server.log()
+    assert seconds_until(lambda: rtmp_server.publishing(key), RECOVERY_LIMIT_S + 10) is not None, server.log()
     reconnect_s = time.monotonic() - t_back
     print(f"\nRTMP server down {OUTAGE_S:.0f} s: republished {reconnect_s:.2f} s after it came back")
     assert reconnect_s <= RECOVERY_LIMIT_S, f"reconnected {reconnect_s:.2f} s after the server came back"
