@@ -22,18 +22,19 @@ run: setup
 	@echo ""
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
-## test: set up (nginx-rtmp and chromium too), lint, then the whole pytest suite
+## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite
 test: setup
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+## lint: ruff, the format check and the import layers of latentsync/serving (pyproject.toml [tool.importlinter])
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 
 ## format: reformat the tree (what make test checks)
 format: setup

@@ -21,11 +21,11 @@ from werkzeug.serving import make_server
 
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
-from latentsync.serving.app import create_app
-from latentsync.serving.logs import configure_logging
-from latentsync.serving.runtime import Runtime
-from latentsync.serving.systemd import sd_notify
-from latentsync.serving.workers import WorkerPoolError
+from latentsync.serving.api.app import create_app
+from latentsync.serving.generation.pool import WorkerPoolError
+from latentsync.serving.ops.logs import configure_logging
+from latentsync.serving.ops.systemd import sd_notify
+from latentsync.serving.runtime.runtime import Runtime
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
 logger = logging.getLogger("latentsync.serve")

@@ -1,6 +1,6 @@
 """gunicorn settings for LatentSync-Realtime.
 
-    gunicorn -c configs/gunicorn.conf.py 'latentsync.serving.app:create_app()'
+    gunicorn -c configs/gunicorn.conf.py 'latentsync.serving.api.app:create_app()'
 
 Exactly one worker process: it owns the output clock, FFmpeg and the GPU worker pool, which are
 started after the fork, once, by ``create_app()``. Requests are served by threads. The listen address
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentsync.config import load_config  # noqa: E402
-from latentsync.serving.systemd import sd_notify, take_notify_socket  # noqa: E402
+from latentsync.serving.ops.systemd import sd_notify, take_notify_socket  # noqa: E402
 
 # systemd's notify socket is for our worker (READY=1 once the stream is on air, watchdog pings), not
 # for gunicorn's arbiter, which would send READY=1 the moment it listens.

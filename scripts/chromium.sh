@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian's headless-capable Chromium for the browser tests (tests/test_browser.py) and the WebRTC bench.
+# Debian's headless-capable Chromium for the browser tests (tests/serving/api/test_browser.py) and the WebRTC bench.
 #   scripts/chromium.sh install|path
 # Playwright (requirements.txt) drives this binary through executable_path; its own browser download
 # is never used.

@@ -11,7 +11,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from latentsync.serving.webrtc import allow_loopback_candidates
+from latentsync.serving.egress.whep import allow_loopback_candidates
 
 
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from benchclient import publish_url  # noqa: E402  (scripts/bench/)
 
 from latentsync.config import load_config  # noqa: E402
-from latentsync.serving.runtime import Runtime  # noqa: E402
+from latentsync.serving.runtime.runtime import Runtime  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

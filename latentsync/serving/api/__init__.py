@@ -1,0 +1,5 @@
+"""HTTP API: the Flask app, its routes and the one map from errors to HTTP statuses.
+
+Uploads, tasks, channels, avatars, streamed speech, WHEP, events and the control page. The top
+layer: nothing below it knows about HTTP.
+"""

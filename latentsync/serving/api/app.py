@@ -1,0 +1,493 @@
+"""Flask app factory: routes only; all state lives in the Runtime passed in.
+
+Routes:
+    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503 (with ``api.token``
+    set, a caller without it sees the state only: :data:`PUBLIC_HEALTH_KEYS`);
+    ``?ready=1``: 200 only when streaming and the engine accepts uploads (readiness);
+    ``?live=1``: 200 while the output clock ticks, even with the RTMP server away (liveness).
+    ``GET /metrics``: Prometheus text format.
+    ``POST /generate_video``: multipart ``audio_file`` (+ optional ``seed``, ``guidance_scale``) →
+    202 with a task id, or a JSON error.
+    ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
+    ``GET /ws/speech`` (WebSocket) and ``POST /speak``: streamed speech and text to speech
+    (:mod:`latentsync.serving.speech_api`, docs/streaming-speech.md).
+    ``GET /channels``: every channel (docs/channels.md); ``/channels/<name>/generate_video``,
+    ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
+    web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
+    channel ``main``'s. ``GET /channels/<name>``; ``PUT /channels/<name>`` (JSON channel fields)
+    creates a channel at run time (202; it starts in the background) or switches an existing
+    channel's avatar at its next idle moment (202; 409 ``restart_needed`` for stream fields),
+    ``DELETE /channels/<name>`` fades it out and stops it (``/channels/main/...`` answers too,
+    never redirects: a 308 would make clients re-send an upload). An unknown channel is 404
+    ``no_channel``.
+    ``POST /avatars`` (multipart ``video_file``, optional ``name``) → 202 with the new avatar's
+    record, prepared in the background; ``GET /avatars``, ``GET /avatars/<id>`` (progress, failure
+    reason), ``DELETE /avatars/<id>`` (:mod:`latentsync.serving.avatars`, docs/avatars.md).
+
+Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
+temporary file and no task behind. A state-changing request from a browser page of a foreign
+origin gets 403 ``origin_not_allowed`` (:func:`origin_allowed`); uploads over the rate limit are
+refused before their body is read.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import hmac
+import logging
+import math
+import threading
+import time
+from pathlib import PurePath
+from urllib.parse import urlsplit
+
+from flask import Flask, Response, jsonify, request, url_for
+from werkzeug.exceptions import HTTPException
+
+from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, ConfigError, is_loopback_host, parse_channel
+from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.probe import MediaProbeError
+from latentsync.serving.api.errors import ApiError, _error
+from latentsync.serving.api.speech import WS_PATH, register_speech_routes
+from latentsync.serving.api.web import PUBLIC_PATHS, register_web
+from latentsync.serving.avatars.store import AvatarError
+from latentsync.serving.runtime.runtime import RestartNeeded, Runtime
+from latentsync.serving.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+
+logger = logging.getLogger(__name__)
+
+#: Exit status of a gunicorn worker that cannot boot; the master then exits with it too
+#: (``gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR``).
+WORKER_BOOT_ERROR_EXIT = 3
+
+#: Seed range accepted from clients (torch.Generator takes 64-bit seeds; keep it portable).
+MAX_SEED = 2**31 - 1
+
+
+def _form_number(name: str, kind: type, low: float, high: float) -> float | int | None:
+    raw = request.form.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ApiError(400, "bad_parameter", f"{name}={raw!r} is not a {kind.__name__}") from None
+    if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ApiError(400, "bad_parameter", f"{name}={raw!r} is outside [{low}, {high}]")
+    return value
+
+
+def _storage_error(exc: OSError) -> ApiError:
+    """The API error for an upload that could not be written to the temporary directory."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return ApiError(507, "insufficient_storage", "no space left to store the upload; try again later")
+    return ApiError(500, "upload_failed", f"could not store the upload: {exc.strerror or exc}")
+
+
+#: Methods that change state: a browser page of another origin must not send them (CSRF).
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+#: What ``/health`` tells a caller without the token (when ``api.token`` is set): the state only,
+#: no process ids, task ids, errors or counters.
+PUBLIC_HEALTH_KEYS = ("state", "ticking", "ffmpeg_up", "engine_ready", "uptime_s")
+
+
+@contextlib.contextmanager
+def _saved(upload, make_path, discard):
+    """The upload saved under our own name in its own private folder; deleted on leaving, whatever happens.
+
+    Args:
+        upload: werkzeug's ``FileStorage`` (the client's file name is never used as a path).
+        make_path: Returns the path to save to (``Channel.upload_path``, ``AvatarStore.incoming_path``).
+        discard: Deletes it with its folder.
+
+    Yields:
+        The saved file's path.
+
+    Raises:
+        ApiError: 400 ``empty_file``; 500/507 when it cannot be stored (:func:`_storage_error`).
+    """
+    path = None
+    try:
+        try:
+            path = make_path()
+            upload.save(path)
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        if path.stat().st_size == 0:
+            raise ApiError(400, "empty_file", "the uploaded file is empty")
+        yield path
+    finally:
+        if path is not None:
+            discard(path)
+
+
+def origin_allowed(origin: str | None, host: str, scheme: str, allowed: frozenset[str]) -> bool:
+    """Whether a state-changing request with this ``Origin`` header may proceed.
+
+    Allowed: no ``Origin`` (not a browser page: curl, scripts, server-to-server), an origin in
+    ``allowed`` (``api.allowed_origins``), or a same-origin page (``Origin`` equals
+    ``scheme://Host``) whose host is loopback (``127.0.0.1``, ``[::1]``, ``localhost``). A
+    same-origin page under any other name is only trusted when listed: a DNS-rebinding page
+    (``http://evil.example:11001`` resolving to 127.0.0.1) is same-origin by its own account.
+
+    Args:
+        origin: The request's ``Origin`` header (None when absent).
+        host: The request's ``Host`` header (``host[:port]``).
+        scheme: ``http`` or ``https`` as the request arrived.
+        allowed: Origins from ``api.allowed_origins``, lower-case, without a trailing slash.
+    """
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    if origin != f"{scheme}://{host}".lower():
+        return False
+    return is_loopback_host(urlsplit(origin).hostname or "")
+
+
+def public_health(body: dict) -> dict:
+    """The part of a ``/health`` body shown without the token: :data:`PUBLIC_HEALTH_KEYS` only."""
+    return {k: body[k] for k in PUBLIC_HEALTH_KEYS if k in body}
+
+
+class RateLimiter:
+    """Sliding one-minute window of accepted uploads per client address (bounded memory).
+
+    Args:
+        per_minute: Uploads allowed per address per 60 s (0: unlimited).
+        max_clients: Addresses tracked at once; the least recently seen are forgotten first.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 4096):
+        self._per_minute = per_minute
+        self._max_clients = max_clients
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def allow(self, client: str) -> bool:
+        """Count one upload from ``client``; False when it is over its limit."""
+        if self._per_minute <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            stamps = self._seen.pop(client, None) or collections.deque()
+            self._seen[client] = stamps
+            while stamps and now - stamps[0] > 60.0:
+                stamps.popleft()
+            if len(self._seen) > self._max_clients:
+                self._seen.popitem(last=False)
+            if len(stamps) >= self._per_minute:
+                return False
+            stamps.append(now)
+            return True
+
+
+def create_app(runtime: Runtime | None = None) -> Flask:
+    """Build the HTTP API around a runtime.
+
+    Args:
+        runtime: The object that owns the stream and the tasks. None (the gunicorn entry point
+            ``latentsync.serving.api.app:create_app()``): build one from ``$LATENTSYNC_CONFIG`` (a YAML
+            file, default ``configs/server.yaml``) and ``$LATENTSYNC_OVERRIDES`` (``key=value ...``)
+            and start it in the background, in this (already forked) worker process, once.
+
+    Returns:
+        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``.
+
+    Raises:
+        latentsync.config.ConfigError: If the environment's configuration is invalid.
+    """
+    if runtime is None:
+        runtime = _runtime_from_environment()
+    app = Flask("latentsync-realtime")
+    app.extensions["latentsync.runtime"] = runtime
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    # /channels/main/... is served as is: werkzeug would 308-redirect it to the rule whose defaults
+    # name main (/generate_video), and a client would have to re-send its upload.
+    app.url_map.redirect_defaults = False
+    api = runtime.config.api
+    avatar_cfg = runtime.config.avatar
+    app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
+    fps = runtime.config.stream.fps
+    limiter = RateLimiter(api.rate_limit_per_min)
+    token = api.token.encode() if api.token else None
+    origins = frozenset(o.rstrip("/").lower() for o in api.allowed_origins)
+
+    def authorized() -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if request.path == WS_PATH and not given:  # a browser's WebSocket cannot set headers
+            return hmac.compare_digest(request.args.get("token", "").encode(), token)
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
+
+    @app.before_request
+    def check_origin():
+        if request.method in STATE_CHANGING_METHODS and not origin_allowed(
+            request.headers.get("Origin"), request.host, request.scheme, origins
+        ):
+            return _error(
+                403,
+                "origin_not_allowed",
+                f"requests from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
+            )
+        return None
+
+    @app.before_request
+    def require_token():
+        if request.endpoint == "health" or request.path in PUBLIC_PATHS or authorized():
+            return None
+        response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
+
+    @app.errorhandler(ApiError)
+    @app.errorhandler(AvatarError)
+    def api_error(exc: ApiError | AvatarError):
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.before_request
+    def avatar_upload_limit():
+        if request.method == "POST" and request.path == "/avatars":  # videos: their own, larger limit
+            request.max_content_length = int(avatar_cfg.upload_max_mb * 1024 * 1024)
+            if request.content_length is not None and request.content_length > request.max_content_length:
+                raise ApiError(
+                    413, "too_large", f"upload larger than avatar.upload_max_mb = {avatar_cfg.upload_max_mb:g} MB"
+                )
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        if exc.code == 413 and request.path == "/avatars":
+            limit = avatar_cfg.upload_max_mb
+            return _error(413, "too_large", f"upload larger than avatar.upload_max_mb = {limit:g} MB")
+        if exc.code == 413:
+            return _error(413, "too_large", f"upload larger than api.max_upload_mb = {api.max_upload_mb:g} MB")
+        return _error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
+
+    def channel_or_404(name: str):
+        channel = runtime.channel(name)
+        if channel is None:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return channel
+
+    def channel_tasks(name: str):
+        channel = channel_or_404(name)
+        return None if runtime.stopped else channel.tasks
+
+    @app.get("/channels")
+    def list_channels():
+        return jsonify({"channels": [c.describe() for c in list(runtime.channels.values())]})
+
+    @app.get("/channels/<name>")
+    def get_channel(name: str):
+        return jsonify(channel_or_404(name).describe())
+
+    @app.put("/channels/<name>")
+    def put_channel(name: str):
+        values = request.get_json(silent=True)
+        if not isinstance(values, dict):
+            raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
+        try:
+            if runtime.channel(name) is not None:
+                channel, switching = runtime.reconfigure_channel(name, values)
+                return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202 if switching else 200
+            channel = runtime.add_channel(parse_channel(name, values))
+        except ConfigError as exc:
+            raise ApiError(400, "bad_channel", str(exc)) from None
+        except RestartNeeded as exc:
+            raise ApiError(409, "restart_needed", str(exc)) from None
+        except KeyError:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)") from None
+        except RuntimeError as exc:
+            if runtime.channel(name) is not None and runtime.pool is not None:
+                raise ApiError(409, "channel_not_ready", str(exc)) from None
+            raise ApiError(503, "starting", str(exc)) from None
+        return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
+
+    # ----------------------------------------------------------------- avatars (docs/avatars.md)
+    @app.post("/avatars")
+    def upload_avatar():
+        if runtime.stopped:
+            raise ApiError(503, "stopping", "the server is stopping")
+        if not limiter.allow(request.remote_addr or "?"):  # before the body is read
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+        store = runtime.avatars
+        try:
+            upload = request.files.get("video_file")
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        if upload is None or not upload.filename and upload.content_length == 0:
+            raise ApiError(400, "no_file", "multipart field 'video_file' is required")
+        name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
+        with _saved(upload, store.incoming_path, store.discard_incoming) as path:
+            record = store.add(path, name)  # AvatarError: its own 4xx/5xx
+        return jsonify(record), 202
+
+    @app.get("/avatars")
+    def list_avatars():
+        return jsonify({"avatars": runtime.avatars.list()})
+
+    @app.get("/avatars/<avatar_id>")
+    def get_avatar(avatar_id: str):
+        return jsonify(runtime.avatars.get(avatar_id))
+
+    @app.delete("/avatars/<avatar_id>")
+    def delete_avatar(avatar_id: str):
+        return jsonify(runtime.avatars.delete(avatar_id))
+
+    @app.delete("/channels/<name>")
+    def delete_channel(name: str):
+        try:
+            channel = runtime.remove_channel(name)
+        except ValueError as exc:
+            raise ApiError(400, "main_channel", str(exc)) from None
+        if channel is None:
+            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return jsonify({"name": name, "status": channel.status})
+
+    @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/health")
+    def health(name: str):
+        streaming, body = channel_or_404(name).health(runtime.uptime_s())
+        if request.args.get("live"):
+            ok = body.get("ticking", False)
+        elif request.args.get("ready"):
+            ok = streaming and body.get("engine_ready", False)
+        else:
+            ok = streaming
+        return jsonify(body if authorized() else public_health(body)), (200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(runtime.metrics.render(), mimetype=None, content_type=METRICS_CONTENT_TYPE)
+
+    @app.post("/generate_video", defaults={"name": DEFAULT_CHANNEL})
+    @app.post("/channels/<name>/generate_video")
+    def generate_video(name: str):
+        received = (time.time(), time.monotonic())  # TTFF counts from the request's arrival
+        channel = channel_or_404(name)
+        tasks = channel_tasks(name)
+        if tasks is None:
+            raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
+        if not limiter.allow(request.remote_addr or "?"):  # before the body is read
+            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+        try:  # werkzeug spools large multipart bodies to the temp directory
+            upload = request.files.get("audio_file")
+        except OSError as exc:
+            raise _storage_error(exc) from None
+        if upload is None or not upload.filename and upload.content_length == 0:
+            raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
+        seed = _form_number("seed", int, 0, MAX_SEED)
+        guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
+        if tasks.waiting() >= api.max_queued:
+            raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
+        with _saved(upload, channel.upload_path, channel.discard_upload) as path:
+            try:
+                audio = channel.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
+            except MediaDecodeTimeout:
+                raise ApiError(
+                    503,
+                    "decode_timeout",
+                    f"decoding the upload took longer than api.decode_timeout_s = "
+                    f"{api.decode_timeout_s:g} s; send a shorter or simpler file",
+                ) from None
+            except MediaProbeError as exc:
+                if "matches no streams" in str(exc):
+                    raise ApiError(400, "not_audio", "the upload has no audio stream") from None
+                raise ApiError(
+                    400,
+                    "not_audio",
+                    "the upload is not an audio file in an accepted format "
+                    "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)",
+                ) from None
+        if audio.duration_s > api.max_audio_s:
+            raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
+        if audio.duration_s < 1.0 / fps:
+            raise ApiError(400, "too_short", f"audio shorter than one frame (1/{fps} s): {audio.duration_s:.4f} s")
+        accepted = tasks.submit(audio, seed, guidance, received=received)
+        if accepted is None:
+            raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
+        task, position = accepted
+        logger.info(
+            "task %s accepted on channel %s: %.2f s of audio, position %d",
+            task.task_id,
+            name,
+            audio.duration_s,
+            position,
+            extra={"task_id": task.task_id},
+        )
+        body = {
+            "task_id": task.task_id,
+            "status": "queued",  # every accepted task starts queued (its thread may have moved on already)
+            "position": position,
+            "status_url": url_for("get_task", name=name, task_id=task.task_id),
+        }
+        return jsonify(body), 202
+
+    @app.get("/tasks", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/tasks")
+    def list_tasks(name: str):
+        tasks = channel_tasks(name)
+        return jsonify({"tasks": [t.to_json() for t in tasks.list()] if tasks else []})
+
+    def task_json(task, task_id: str):
+        if task is None:
+            raise ApiError(404, "not_found", f"no task {task_id!r}")
+        return jsonify(task.to_json())
+
+    @app.get("/tasks/<task_id>", defaults={"name": DEFAULT_CHANNEL})
+    @app.get("/channels/<name>/tasks/<task_id>")
+    def get_task(name: str, task_id: str):
+        tasks = channel_tasks(name)
+        return task_json(tasks.get(task_id) if tasks else None, task_id)
+
+    @app.delete("/tasks/<task_id>", defaults={"name": DEFAULT_CHANNEL})
+    @app.delete("/channels/<name>/tasks/<task_id>")
+    def cancel_task(name: str, task_id: str):
+        tasks = channel_tasks(name)
+        return task_json(tasks.cancel(task_id) if tasks else None, task_id)
+
+    register_speech_routes(app, runtime, lambda origin: origin_allowed(origin, request.host, request.scheme, origins))
+    register_web(app, runtime)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    return app
+
+
+def _runtime_from_environment() -> Runtime:
+    """Build and start (in a background thread) the runtime of a gunicorn worker."""
+    import os
+    import shlex
+    from pathlib import Path
+
+    from latentsync.config import load_config
+    from latentsync.serving.ops.logs import configure_logging
+    from latentsync.serving.ops.systemd import sd_notify
+
+    default = Path(__file__).resolve().parents[3] / "configs" / "server.yaml"
+    config = load_config(
+        os.environ.get("LATENTSYNC_CONFIG") or (default if default.is_file() else None),
+        shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")),
+    )
+    configure_logging(config.log.level, config.log.json)
+    runtime = Runtime(config)
+
+    def start() -> None:
+        try:
+            runtime.start()
+        except Exception as exc:
+            logger.error("cannot start: %s", exc)
+            runtime.stop()
+            logging.shutdown()
+            # gunicorn's master halts with this status when its worker exits with it, so systemd
+            # sees a failed start (Restart=on-failure applies); a SIGTERM to the master would exit 0.
+            os._exit(WORKER_BOOT_ERROR_EXIT)
+        if runtime.tasks is None:  # stopped (SIGTERM) while starting: not ready, never was
+            return
+        logger.info("ready: uploads accepted")
+        sd_notify("READY=1")
+
+    threading.Thread(target=start, name="runtime-start", daemon=True).start()
+    return runtime

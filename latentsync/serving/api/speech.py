@@ -1,0 +1,336 @@
+"""Front doors of streamed speech: the ``/ws/speech`` WebSocket and ``POST /speak``.
+
+Both use the speech-stream API (:mod:`latentsync.serving.speech_stream`) through the runtime's
+:class:`SpeechService`. Protocol, events and error codes: docs/streaming-speech.md.
+
+Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
+WebSocket cannot set headers, so ``/ws/speech`` also takes the token as the ``token`` query
+parameter (``ws://host:port/ws/speech?token=...``). A WebSocket handshake from a browser page of
+a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP requests do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from flask import Flask, g, jsonify, request, url_for
+from flask_sock import ConnectionClosed, Sock
+
+from latentsync.serving.generation.task import FINAL_STATES
+from latentsync.serving.generation.tts import SpeechFeeder
+from latentsync.serving.generation.utterance import PcmFormat, SpeechStreamError
+
+logger = logging.getLogger(__name__)
+
+#: Path of the WebSocket.
+WS_PATH = "/ws/speech"
+#: Largest WebSocket message, in bytes (1 MiB: 10 s of 48 kHz stereo s16le; a 20 ms packet is ~4 kB).
+MAX_WS_MESSAGE_BYTES = 1 << 20
+#: Seconds between ``progress`` events.
+PROGRESS_INTERVAL_S = 0.5
+#: Shortest time between two ``slow_down`` events, in seconds.
+SLOW_DOWN_INTERVAL_S = 1.0
+#: Poll period of the WebSocket loop (events are sent at most this late), in seconds.
+WS_POLL_S = 0.02
+#: Largest seed accepted (as ``POST /generate_video``).
+MAX_SEED = 2**31 - 1
+
+
+def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SpeechStreamError("bad_parameter", f"{name}={value!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
+    """Add ``/ws/speech`` and ``POST /speak`` to the app.
+
+    Args:
+        app: The Flask app (its ``before_request`` hooks already check the token).
+        runtime: Owns the speech service (``runtime.speech``; None until the engine is ready).
+        origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
+    """
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_WS_MESSAGE_BYTES, "ping_interval": 25})
+    sock = Sock(app)
+
+    def error(status: int, code: str, message: str):
+        return jsonify({"error": {"code": code, "message": message}}), status
+
+    connections = {"open": 0}  # WebSocket connections being served (each holds a server thread)
+    connections_lock = threading.Lock()
+    max_connections = runtime.config.speech_stream.max_open
+
+    @app.before_request
+    def ws_origin():
+        if request.path != WS_PATH:
+            return None
+        if not origin_ok(request.headers.get("Origin")):
+            return error(
+                403,
+                "origin_not_allowed",
+                f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
+            )
+        with connections_lock:  # the slot is taken here, before the handshake answers, so a client
+            if connections["open"] >= max_connections:  # that connects right after another sees it taken
+                return error(
+                    503,
+                    "too_many_connections",
+                    f"{max_connections} speech WebSockets already open (speech_stream.max_open)",
+                )
+            connections["open"] += 1
+            g.speech_ws_slot = True
+        return None
+
+    @app.teardown_request
+    def ws_release(_exc):
+        if g.pop("speech_ws_slot", False):  # the session ended, or the request was refused after all (401)
+            with connections_lock:
+                connections["open"] -= 1
+
+    @app.post("/speak")
+    def speak():
+        received = (time.time(), time.monotonic())
+        service = runtime.speech
+        if service is None:
+            return error(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return error(400, "bad_json", "the body must be a JSON object with 'text'")
+        try:
+            text, voice, rate = service.check_text(body.get("text"), body.get("voice"), body.get("rate"))
+            seed = _int_field(body, "seed", 0, MAX_SEED)
+            utterance = service.streams.open(seed=seed, received=received)
+        except SpeechStreamError as exc:
+            return error(exc.status, exc.code, exc.message)
+        feeder = service.feeder(
+            utterance,
+            lambda code, message: logger.warning(
+                "speak %s: %s: %s", utterance.task_id, code, message, extra={"task_id": utterance.task_id}
+            ),
+        )
+        feeder.push_text(text, voice, rate)
+        feeder.end()
+        return jsonify(
+            {
+                "task_id": utterance.task_id,
+                "status": "queued",
+                "status_url": url_for("get_task", task_id=utterance.task_id),
+            }
+        ), 202
+
+    @sock.route(WS_PATH)
+    def ws_speech(ws):
+        SpeechSession(ws, runtime, runtime.config.speech_stream.idle_timeout_s).run()  # slot: ws_origin/ws_release
+
+
+class SpeechSession:
+    """One ``/ws/speech`` connection: at most one open utterance at a time, events back to the client."""
+
+    def __init__(self, ws, runtime, idle_timeout_s: float):
+        self.ws = ws
+        self.runtime = runtime
+        self._idle_timeout_s = idle_timeout_s
+        self._last_message = time.monotonic()
+        self._send_lock = threading.Lock()
+        self._errors: list[tuple[str, str]] = []
+        self._errors_lock = threading.Lock()
+        self.utterance = None
+        self.feeder: SpeechFeeder | None = None
+        self.fmt: PcmFormat | None = None
+        self._on_air_sent = False
+        self._idle_sent = False
+        self._last_progress = 0.0
+        self._last_slow_down = 0.0
+
+    def send(self, event: str, **fields) -> None:
+        """Send a JSON event ``{"type": event, **fields}`` to the client."""
+        with self._send_lock:
+            self.ws.send(json.dumps({"type": event, **fields}))
+
+    def send_error(self, code: str, message: str) -> None:
+        """Send an ``error`` event."""
+        self.send("error", code=code, message=message)
+
+    def _feeder_error(self, code: str, message: str) -> None:  # feeder thread: handed to the loop
+        with self._errors_lock:
+            self._errors.append((code, message))
+
+    def run(self) -> None:
+        """Serve the connection until the client closes it (an open utterance then ends)."""
+        try:
+            while True:
+                try:
+                    message = self.ws.receive(timeout=WS_POLL_S)
+                except ConnectionClosed:
+                    break
+                self._report()
+                if message is None:
+                    if not self.ws.connected:
+                        break
+                    if self.utterance is None and time.monotonic() - self._last_message > self._idle_timeout_s:
+                        limit = f"speech_stream.idle_timeout_s = {self._idle_timeout_s:g} s"
+                        self.send_error("idle_timeout", f"no utterance and no message for {limit}: closing")
+                        break
+                    continue
+                self._last_message = time.monotonic()
+                try:
+                    if isinstance(message, bytes):
+                        self._pcm(message)
+                    else:
+                        self._control(message)
+                except SpeechStreamError as exc:
+                    self.send_error(exc.code, exc.message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        """The client went away: an open utterance ends (what it sent plays to its end)."""
+        if self.feeder is not None and self.utterance is not None and not self.utterance.ended:
+            logger.info(
+                "ws client left during utterance %s: it ends with what it has",
+                self.utterance.task_id,
+                extra={"task_id": self.utterance.task_id},
+            )
+            self.feeder.end()
+
+    def _service(self):
+        service = self.runtime.speech
+        if service is None:
+            raise SpeechStreamError("starting", "the lip-sync engine is not ready yet; retry shortly", 503)
+        return service
+
+    def _open(self) -> bool:
+        return self.utterance is not None and not self.utterance.ended and self.utterance.task.state not in FINAL_STATES
+
+    def _pcm(self, data: bytes) -> None:
+        if self.fmt is None:
+            raise SpeechStreamError(
+                "not_started", 'send the opening JSON message ({"type": "start", "sample_rate": ...}) before PCM'
+            )
+        if not self._open():
+            raise SpeechStreamError("not_open", "the utterance is over: open a new one", 409)
+        if not data:
+            return
+        mono = self.fmt.decode(data)
+        assert self.feeder is not None
+        self.feeder.push_pcm(mono, self.fmt.sample_rate_hz)
+
+    def _control(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise SpeechStreamError("bad_json", "text messages must be JSON objects") from None
+        if not isinstance(msg, dict):
+            raise SpeechStreamError("bad_json", "text messages must be JSON objects")
+        kind = msg.get("type", "start")
+        if kind == "start":
+            self._start(msg)
+        elif kind == "end":
+            if not self._open():
+                raise SpeechStreamError("not_open", "no open utterance to end", 409)
+            assert self.feeder is not None
+            self.feeder.end()
+        elif kind == "cancel":
+            if self.utterance is None:
+                raise SpeechStreamError("not_open", "no utterance to cancel", 409)
+            if self.feeder is not None:
+                self.feeder.stop()
+            self._service().streams.manager.cancel(self.utterance.task_id)
+        elif kind == "text":
+            if not self._open():
+                raise SpeechStreamError("not_open", "open an utterance before sending text", 409)
+            service = self._service()
+            text, voice, rate = service.check_text(msg.get("text"), msg.get("voice"), msg.get("rate"))
+            assert self.feeder is not None
+            self.feeder.push_text(text, voice, rate)
+        else:
+            raise SpeechStreamError("bad_type", f"unknown message type {kind!r} (start, end, cancel, text)")
+
+    def _start(self, msg: dict) -> None:
+        if self._open():
+            raise SpeechStreamError("already_open", "an utterance is open on this connection: end it first", 409)
+        rate, channels, encoding = msg.get("sample_rate"), msg.get("channels", 1), msg.get("encoding", "s16le")
+        fmt = PcmFormat(rate, channels, encoding)  # type: ignore[arg-type]
+        seed = _int_field(msg, "seed", 0, MAX_SEED)
+        service = self._service()
+        utterance = service.streams.open(seed=seed)
+        self.fmt = fmt
+        self.utterance = utterance
+        self.feeder = service.feeder(utterance, self._feeder_error)
+        self._on_air_sent = False
+        self._idle_sent = False
+        with self._errors_lock:
+            self._errors.clear()
+        self.send("accepted", task_id=utterance.task_id, status_url=f"/tasks/{utterance.task_id}")
+
+    def _report(self) -> None:
+        """Send the events due: feeder errors, on_air, slow_down, progress, done."""
+        with self._errors_lock:
+            errors, self._errors = self._errors, []
+        for code, message in errors:
+            self.send_error(code, message)
+        u = self.utterance
+        if u is None:
+            return
+        task = u.task
+        now = time.monotonic()
+        if not self._on_air_sent and task.first_frame_on_air_monotonic is not None:
+            self._on_air_sent = True
+            first_byte = u.first_byte_monotonic
+
+            def since_first_byte(t: float | None) -> float | None:
+                return round(t - first_byte, 3) if t is not None and first_byte is not None else None
+
+            program = u.program
+            self.send(
+                "on_air",
+                task_id=task.task_id,
+                first_byte_to_air_s=since_first_byte(task.first_frame_on_air_monotonic),
+                chunk0_audio_s=since_first_byte(program.chunk_audio_at.get(0) if program else None),
+                chunk0_ready_s=since_first_byte(program.first_chunk_monotonic if program else None),
+            )
+        if u.end_reason == "idle_timeout" and not self._idle_sent:
+            self._idle_sent = True
+            self.send_error(
+                "idle_timeout",
+                f"nothing received for speech_stream.idle_timeout_s = {u.idle_timeout_s:g} s: the utterance was ended",
+            )
+        buffered = u.buffered_s()
+        limit = u.max_buffered_s
+        if not u.ended and buffered > limit / 2 and now - self._last_slow_down >= SLOW_DOWN_INTERVAL_S:
+            self._last_slow_down = now
+            self.send("slow_down", task_id=task.task_id, buffered_s=round(buffered, 3), max_buffered_s=limit)
+        if task.state in FINAL_STATES:
+            program = u.program
+            self.send(
+                "done",
+                task_id=task.task_id,
+                status=task.state.value,
+                error=task.error,
+                frames_streamed=task.frames_streamed,
+                underrun_ticks=program.underrun_ticks if program else 0,
+            )
+            self.utterance = None
+            self.feeder = None
+            self._last_message = now  # the connection's idle time counts from here
+            return
+        if now - self._last_progress >= PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            program = u.program
+            self.send(
+                "progress",
+                task_id=task.task_id,
+                status=task.state.value,
+                frames_streamed=task.frames_streamed,
+                received_s=round(u.received_frames() / u.fps, 3),
+                buffered_s=round(buffered, 3),
+                underrun_ticks=program.underrun_ticks if program else 0,
+            )

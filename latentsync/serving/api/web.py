@@ -1,0 +1,165 @@
+"""Browser-facing routes: WHEP signalling, the Server-Sent Events feed and the control page.
+
+Routes (docs/webrtc.md):
+    ``POST /whep`` (``application/sdp`` offer) → 201, SDP answer, ``Location: /whep/<id>``;
+    ``DELETE /whep/<id>`` → 200; ``PATCH /whep/<id>`` → 405 (no trickle ICE: the answer carries all
+    our candidates); ``OPTIONS`` on both → 204 CORS pre-flight (answered before the token check,
+    as browsers send pre-flights without credentials).
+    ``GET /events``: ``text/event-stream`` of ``state``, ``task``, ``viewers``, ``health`` events;
+    503 past ``ui.max_event_clients``.
+    ``/channels/<name>/whep[/<id>]`` and ``/channels/<name>/events``: the same for channel
+    ``<name>`` (the paths above are channel ``main``'s; docs/channels.md); unknown: 404 ``no_channel``.
+    ``GET /`` and ``GET /ui/<file>``: the control page (static files in this package; public,
+    they hold no secret: the page asks for the API token when the server has one).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory, stream_with_context
+
+from latentsync.config import DEFAULT_CHANNEL
+from latentsync.serving.egress.whep import WhepError
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PUBLIC_PATHS = frozenset({"/", "/ui/index.html", "/ui/app.js", "/ui/style.css"})  # no token needed
+MAX_SDP_BYTES = 64 * 1024  # a real offer is a few KB
+SSE_KEEPALIVE_S = 10.0  # a comment line this often: proxies keep the stream open, dead clients are found
+#: Paths of WHEP resources (CORS and pre-flights apply to these): ``/whep``, ``/whep/<id>`` and the
+#: same under ``/channels/<name>``.
+WHEP_PATH_RE = re.compile(r"(/channels/[^/]+)?/whep(/[^/]+)?")
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Accept-Patch, Link",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    return response
+
+
+def register_web(app: Flask, runtime) -> None:
+    """Add the WHEP, events and page routes to ``app``.
+
+    Args:
+        app: The API app (its bearer-token check applies to these routes except the page files and
+            CORS pre-flights).
+        runtime: The :class:`latentsync.serving.runtime.Runtime` (its channels' ``webrtc`` hubs and ``events``).
+    """
+    bp = Blueprint("web", __name__)
+    ui = runtime.config.ui
+
+    def preflight():
+        if request.method == "OPTIONS" and WHEP_PATH_RE.fullmatch(request.path):
+            response = Response(status=204)
+            response.headers.update(CORS_HEADERS)
+            response.headers["Accept-Post"] = "application/sdp"
+            return response
+        return None
+
+    app.before_request_funcs.setdefault(None, []).insert(0, preflight)  # before the token check
+
+    @bp.after_request
+    def cors(response: Response) -> Response:
+        if WHEP_PATH_RE.fullmatch(request.path):
+            response.headers.update(CORS_HEADERS)
+        return response
+
+    def channel(name: str):
+        found = runtime.channel(name)
+        if found is None:
+            raise WhepError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+        return found
+
+    def hub(name: str):
+        webrtc = channel(name).webrtc
+        if webrtc is None:
+            raise WhepError(503, "webrtc_off", "the WebRTC egress is off (webrtc.enabled) or not started yet")
+        return webrtc
+
+    @bp.errorhandler(WhepError)
+    def whep_error(exc: WhepError):
+        return _error(exc.status, exc.code, exc.message)
+
+    @bp.post("/whep", defaults={"name": DEFAULT_CHANNEL})
+    @bp.post("/channels/<name>/whep")
+    def whep_offer(name: str):
+        if request.mimetype != "application/sdp":
+            raise WhepError(415, "not_sdp", "the offer must be sent as Content-Type: application/sdp")
+        if (request.content_length or 0) > MAX_SDP_BYTES:
+            raise WhepError(413, "too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
+        body = request.get_data(cache=False)
+        if len(body) > MAX_SDP_BYTES:
+            raise WhepError(413, "too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
+        try:
+            offer = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WhepError(400, "bad_sdp", "the SDP offer is not UTF-8 text") from None
+        if not offer.lstrip().startswith("v=0"):
+            raise WhepError(400, "bad_sdp", "the body is not an SDP offer (it must start with v=0)")
+        session_id, answer = hub(name).answer(offer)
+        response = Response(answer, status=201, content_type="application/sdp")
+        prefix = "" if name == DEFAULT_CHANNEL else f"/channels/{name}"
+        response.headers["Location"] = f"{prefix}/whep/{session_id}"
+        response.headers["ETag"] = f'"{session_id}"'
+        return response
+
+    @bp.delete("/whep/<session_id>", defaults={"name": DEFAULT_CHANNEL})
+    @bp.delete("/channels/<name>/whep/<session_id>")
+    def whep_delete(name: str, session_id: str):
+        if not hub(name).end(session_id):
+            raise WhepError(404, "not_found", f"no WHEP session {session_id!r}")
+        return jsonify({"session_id": session_id, "status": "closed"})
+
+    @bp.route("/whep/<session_id>", methods=["PATCH"], defaults={"name": DEFAULT_CHANNEL})
+    @bp.route("/channels/<name>/whep/<session_id>", methods=["PATCH"])
+    def whep_patch(name: str, session_id: str):
+        response = _error(405, "no_trickle", "trickle ICE is not supported: the answer holds all candidates")
+        response.headers["Allow"] = "DELETE, OPTIONS"
+        return response
+
+    @bp.get("/events", defaults={"name": DEFAULT_CHANNEL})
+    @bp.get("/channels/<name>/events")
+    def events(name: str):
+        sub = channel(name).events.subscribe()
+        if sub is None:
+            return _error(
+                503,
+                "too_many_event_clients",
+                f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
+            )
+
+        def stream():
+            try:
+                yield b"retry: 2000\n\n"
+                while True:
+                    data = sub.get(SSE_KEEPALIVE_S)
+                    if data is None:
+                        return
+                    yield data or b": keepalive\n\n"
+            finally:
+                sub.close()
+
+        response = Response(stream_with_context(stream()), content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Accel-Buffering"] = "no"
+        return response
+
+    if ui.page:
+
+        @bp.get("/")
+        def page():
+            return send_from_directory(STATIC_DIR, "index.html", max_age=0)
+
+        @bp.get("/ui/<path:name>")
+        def page_file(name: str):
+            return send_from_directory(STATIC_DIR, name, max_age=0)
+
+    app.register_blueprint(bp)

@@ -1,0 +1,1 @@
+"""Bottom layer of latentsync.serving: what every other part may use (no imports from them)."""

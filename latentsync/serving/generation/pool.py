@@ -1,0 +1,557 @@
+"""WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
+
+One worker process per GPU (or one on CPU) loads the default prepared avatar and its engine once,
+in the pool initializer, then serves ``features`` and ``generate`` calls. Every channel of the
+server shares the pool: a job may name another prepared avatar (``avatar=``), which a worker loads
+on first use and keeps among its ``max_avatars`` most recently used (docs/channels.md). Jobs wait in our own bounded
+priority queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which
+its first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
+``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
+not from when it was queued. A job that misses its deadline, or that
+was running on a worker that died, is retried once on a fresh pool (the pool is rebuilt, since a
+hung worker would keep its slot forever); a second failure fails the job with a reason. A rebuilt
+pool is verified before any job goes to it: every new worker answers a ping proving its engine
+loaded; a worker that cannot load marks the pool broken (:attr:`WorkerPool.broken`), which fails
+every queued and later job at once with that reason and makes readiness fail. The stream never
+depends on the pool: the pool only produces faces.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.pool
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentsync.engines import ChunkRequest, ChunkResult
+from latentsync.serving.generation.worker import (
+    _worker_avatars,
+    _worker_features,
+    _worker_generate,
+    _worker_generate_batch,
+    _worker_init,
+    _worker_ping,
+)
+
+logger = logging.getLogger(__name__)
+
+MONITOR_INTERVAL_S = 0.1
+POOL_TERMINATE_TIMEOUT_S = 5.0
+#: Jobs the pool's queue holds at most (more is a scheduling bug upstream: submit raises JobFailed).
+#: The task layer keeps it far lower: (1 + tasks.generate_ahead) tasks x MAX_CHUNKS_AHEAD chunks.
+MAX_QUEUED_JOBS = 4096
+
+
+# --------------------------------------------------------------------------- server side
+class WorkerPoolError(RuntimeError):
+    """The workers could not start (the message carries the worker's own error)."""
+
+
+class JobFailed(RuntimeError):
+    """A job failed for good (after its retry, or because the engine raised)."""
+
+
+@dataclass
+class _Job:
+    key: int
+    func: Callable
+    args: tuple
+    on_done: Callable[[Any], None]
+    on_error: Callable[[str], None]
+    deadline_s: float
+    label: str
+    due_at: float = 0.0  # time.monotonic() by which the job's first frame must be on air
+    task_id: str | None = None
+    avatar: str | None = None  # prepared avatar's path (None: the pool's default avatar)
+    attempts: int = 0
+    submitted_at: float = 0.0
+    finished: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """Counters of the pool.
+
+    Attributes:
+        workers: Worker processes per pool.
+        in_flight: Jobs running in a worker.
+        queued: Jobs waiting for a worker.
+        rebuilds: Times the pool was replaced after a dead or hung worker.
+        retried: Jobs resubmitted after a failure.
+        failed: Jobs that failed for good.
+        completed: Jobs finished successfully.
+        dispatches: Calls sent to workers (a batch of chunks is one call).
+    """
+
+    workers: int
+    in_flight: int
+    queued: int
+    rebuilds: int
+    retried: int
+    failed: int
+    completed: int
+    dispatches: int
+
+
+class WorkerPool:
+    """Owns the engine worker processes.
+
+    Args:
+        engine_name: ``"parametric"`` or ``"latentsync"``.
+        engine_options: Options for :func:`latentsync.engines.create_engine` (picklable).
+        avatar_path: Cache directory of the prepared avatar (workers memory-map it).
+        workers: Number of worker processes.
+        devices: Device per worker index (e.g. ``["cuda:0", "cuda:1"]``), or empty to let the
+            engine choose.
+        start_timeout_s: Seconds the workers get to load their engine.
+        on_chunk_done: Called with ``(frames, seconds from dispatch to result)`` for every chunk that
+            comes back (metrics).
+        max_batch: Queued chunks a free worker takes at once (one model batch, see
+            :meth:`Engine.generate_batch`). A task's first chunk always goes alone, so batching never
+            delays a task's first frame; only chunks of the same avatar are batched together.
+        max_avatars: Prepared avatars a worker keeps loaded (``engine.max_avatars_per_worker``, LRU):
+            a job naming another avatar (``avatar=``) loads it on first use (docs/channels.md).
+    """
+
+    def __init__(
+        self,
+        engine_name: str,
+        engine_options: Mapping[str, Any],
+        avatar_path: str | Path,
+        workers: int,
+        devices: list[str] | None = None,
+        start_timeout_s: float = 600.0,
+        on_chunk_done: Callable[[int, float], None] | None = None,
+        max_batch: int = 1,
+        max_avatars: int = 1,
+    ):
+        self._engine_name = engine_name
+        self._engine_options = dict(engine_options)
+        self._avatar_path = str(avatar_path)
+        self._workers = int(workers)
+        self._devices = list(devices or [])
+        self._start_timeout_s = start_timeout_s
+        self._on_chunk_done = on_chunk_done
+        self._max_batch = max(1, int(max_batch))
+        self._max_avatars = max(1, int(max_avatars))
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.RLock()
+        self._pool: multiprocessing.pool.Pool | None = None
+        self._pool_pids: list[int] = []
+        self._running: dict[int, list[_Job]] = {}  # dispatch id -> jobs sent together (one worker each)
+        self._queue: list[tuple[float, int, _Job]] = []  # heap of (due_at, key, job): waiting for a worker
+        self._keys = itertools.count()
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self._rebuilds = 0
+        self._retried = 0
+        self._failed = 0
+        self._completed = 0
+        self._dispatches = 0
+        self._verified = False  # the current pool's workers answered a ping with their engine loaded
+        self._broken: str | None = None  # why a rebuilt pool cannot serve (its workers could not load)
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the workers and wait until every one has loaded its engine.
+
+        Raises:
+            WorkerPoolError: If a worker's engine failed to load (its message is included) or the
+                workers did not come up within ``start_timeout_s``.
+        """
+        with self._lock:
+            if self._pool is not None:
+                return
+            self._pool = self._new_pool()
+        self._check_workers(self._start_timeout_s)
+        with self._lock:
+            self._verified = True
+        self._monitor = threading.Thread(target=self._watch, name="worker-pool-monitor", daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        """Terminate the workers; pending jobs fail with "shutting down". Safe to call twice."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(2.0)
+        with self._lock:
+            pool, self._pool = self._pool, None
+            jobs = [j for batch in self._running.values() for j in batch] + [j for _, _, j in self._queue]
+            self._running.clear()
+            self._queue.clear()
+        for job in jobs:
+            self._finish_error(job, "server shutting down")
+        if pool is not None:
+            self._terminate(pool)
+
+    def stats(self) -> PoolStats:
+        """Return a snapshot of the counters."""
+        with self._lock:
+            in_flight = sum(len(batch) for batch in self._running.values())
+            return PoolStats(
+                self._workers,
+                in_flight,
+                len(self._queue),
+                self._rebuilds,
+                self._retried,
+                self._failed,
+                self._completed,
+                self._dispatches,
+            )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the pool cannot serve (a rebuilt worker could not load its engine), or None."""
+        return self._broken
+
+    def ready(self) -> bool:
+        """True while the pool runs and is not broken (a rebuild being verified still counts as ready)."""
+        return self._pool is not None and not self._stop.is_set() and self._broken is None
+
+    def loaded_avatars(self, timeout_s: float = 5.0) -> list[list[str]]:
+        """The avatar paths one call found loaded in a worker, least recently used first (tests, /health).
+
+        With several workers, each call lands on whichever worker is free, so this asks as many
+        times as there are workers; an answer may repeat a worker.
+
+        Raises:
+            JobFailed: If the pool is not running.
+            multiprocessing.TimeoutError: If no worker answered within ``timeout_s``.
+        """
+        with self._lock:
+            pool = self._pool
+        if pool is None:
+            raise JobFailed("worker pool is not running")
+        calls = [pool.apply_async(_worker_avatars) for _ in range(self._workers)]
+        return [call.get(timeout_s)[1] for call in calls]
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the current worker processes."""
+        with self._lock:
+            pool = self._pool
+            return [p.pid for p in getattr(pool, "_pool", []) if p.pid is not None]
+
+    # ----------------------------------------------------------------- jobs
+    def submit_features(
+        self,
+        audio_16k: np.ndarray,
+        deadline_s: float,
+        on_done: Callable[[np.ndarray], None],
+        on_error: Callable[[str], None],
+        label: str = "features",
+        frames: tuple[int, int] | None = None,
+        due_at: float | None = None,
+        task_id: str | None = None,
+        avatar: str | Path | None = None,
+    ) -> None:
+        """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
+
+        Args:
+            audio_16k: ``(N,) float32`` mono audio at 16 kHz.
+            frames: ``(start, end)``: only the rows of output frames ``[start, end)`` (None: all).
+            deadline_s: Seconds the job may take before it is retried (once).
+            on_done: Called with the features, on a pool thread.
+            on_error: Called with a reason string when the job fails for good.
+            label: Name used in logs and errors.
+            due_at: ``time.monotonic()`` by which the first frame these rows drive must be on air
+                (the queue's priority; None: now).
+            task_id: Task the job belongs to (:meth:`cancel_task` drops it); None: no task.
+            avatar: Cache directory of the prepared avatar the job is for (None: the pool's default).
+
+        Raises:
+            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
+        """
+        self._submit(
+            _worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id, avatar
+        )
+
+    def submit_chunk(
+        self,
+        request: ChunkRequest,
+        deadline_s: float,
+        on_done: Callable[[ChunkResult], None],
+        on_error: Callable[[str], None],
+        due_at: float | None = None,
+        avatar: str | Path | None = None,
+    ) -> None:
+        """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
+
+        Args:
+            request: The chunk.
+            deadline_s: Seconds the job may take before it is retried (once).
+            on_done: Called with the :class:`ChunkResult`, on a pool thread.
+            on_error: Called with a reason string when the job fails for good.
+            due_at: ``time.monotonic()`` by which the chunk's first frame must be on air (the
+                queue's priority: earliest first; None: now).
+            avatar: Cache directory of the prepared avatar the chunk is for (None: the pool's default).
+
+        Raises:
+            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
+        """
+        label = f"chunk {request.chunk_index} of task {request.task_id}"
+        self._submit(
+            _worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id, avatar
+        )
+
+    def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id, avatar=None) -> None:
+        due = time.monotonic() if due_at is None else float(due_at)
+        path = None if avatar is None or str(avatar) == self._avatar_path else str(avatar)
+        job = _Job(next(self._keys), func, args + (path,), on_done, on_error, deadline_s, label, due, task_id, path)
+        with self._lock:
+            if self._pool is None or self._stop.is_set():
+                raise JobFailed("worker pool is not running")
+            if self._broken is not None:
+                raise JobFailed(self._broken)
+            if len(self._queue) >= MAX_QUEUED_JOBS:
+                raise JobFailed(f"worker pool queue full ({MAX_QUEUED_JOBS} jobs)")
+            heapq.heappush(self._queue, (job.due_at, job.key, job))
+            self._dispatch_waiting()
+
+    def cancel_task(self, task_id: str) -> int:
+        """Drop every queued job of ``task_id`` at once (their callbacks are never called).
+
+        Jobs already running in a worker finish; their results go to callbacks that ignore a
+        cancelled task.
+
+        Returns:
+            The number of queued jobs dropped.
+        """
+        with self._lock:
+            kept = [entry for entry in self._queue if entry[2].task_id != task_id]
+            dropped = len(self._queue) - len(kept)
+            if dropped:
+                heapq.heapify(kept)
+                self._queue = kept
+        return dropped
+
+    def _dispatch_waiting(self) -> None:
+        """Hand queued jobs to the pool while a worker is free (lock held)."""
+        while self._queue and len(self._running) < self._workers and self._pool is not None and self._verified:
+            jobs = self._take_batch()
+            dispatch_id = next(self._keys)
+            self._running[dispatch_id] = jobs
+            self._dispatch(dispatch_id, jobs)
+
+    def _take_batch(self) -> list[_Job]:
+        """The earliest-deadline job, plus the chunk jobs due right after it up to ``max_batch`` (lock held).
+
+        A task's first chunk (chunk index 0) is never batched, in either direction: batching would
+        hold its faces back until the whole batch is done.
+        """
+        batch = [heapq.heappop(self._queue)[2]]
+
+        def batchable(job: _Job) -> bool:
+            return job.func is _worker_generate and job.args[0].chunk_index != 0 and job.avatar == batch[0].avatar
+
+        if batchable(batch[0]):
+            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
+                batch.append(heapq.heappop(self._queue)[2])
+        return batch
+
+    def _dispatch(self, dispatch_id: int, jobs: list[_Job]) -> None:
+        """Send jobs to the current pool as one call (lock held)."""
+        assert self._pool is not None
+        self._dispatches += 1
+        now = time.monotonic()
+        for job in jobs:
+            job.attempts += 1
+            job.submitted_at = now
+        if len(jobs) == 1:
+            func, args = jobs[0].func, jobs[0].args
+            unpack = lambda result: [result]  # noqa: E731
+        else:
+            func, args = _worker_generate_batch, ([job.args[0] for job in jobs], jobs[0].avatar)
+            unpack = list
+        self._pool.apply_async(
+            func,
+            args,
+            callback=lambda result: self._on_results(dispatch_id, unpack(result)),
+            error_callback=lambda exc: self._on_exception(dispatch_id, exc),
+        )
+
+    def _on_results(self, dispatch_id: int, results: list[Any]) -> None:
+        with self._lock:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
+                return  # a stale answer from a replaced pool
+            self._completed += len(jobs)
+            self._dispatch_waiting()
+        for job, result in zip(jobs, results, strict=True):
+            if self._on_chunk_done is not None and isinstance(result, ChunkResult):
+                self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
+            with job.lock:
+                if job.finished:
+                    continue
+                job.finished = True
+            job.on_done(result)
+
+    def _on_exception(self, dispatch_id: int, exc: BaseException) -> None:
+        with self._lock:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
+                return
+            self._dispatch_waiting()
+        for job in jobs:  # the engine raised: deterministic, so no retry
+            self._finish_error(job, f"{job.label} failed: {type(exc).__name__}: {exc}")
+
+    def _finish_error(self, job: _Job, reason: str) -> None:
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        with self._lock:
+            self._failed += 1
+        logger.warning("%s", reason)
+        job.on_error(reason)
+
+    # ----------------------------------------------------------------- supervision
+    def _new_pool(self) -> multiprocessing.pool.Pool:
+        counter = self._ctx.Value("i", 0)
+        pool = self._ctx.Pool(
+            processes=self._workers,
+            initializer=_worker_init,
+            initargs=(
+                self._engine_name,
+                self._engine_options,
+                self._avatar_path,
+                counter,
+                self._devices,
+                self._max_avatars,
+            ),
+        )
+        self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]
+        return pool
+
+    def _check_workers(self, timeout_s: float) -> None:
+        """Ping every worker; raise with the worker's own error if its engine did not load."""
+        with self._lock:
+            pool = self._pool
+        assert pool is not None
+        pings = [pool.apply_async(_worker_ping) for _ in range(self._workers)]
+        deadline = time.monotonic() + timeout_s
+        for ping in pings:
+            try:
+                _pid, error = ping.get(max(0.1, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                self.close()
+                raise WorkerPoolError(f"engine workers did not start within {timeout_s:.0f} s") from None
+            if error:
+                self.close()
+                raise WorkerPoolError(f"engine worker failed to start: {error}")
+
+    @staticmethod
+    def _terminate(pool: multiprocessing.pool.Pool) -> None:
+        """Terminate a pool without ever hanging the caller, and leave no worker process behind.
+
+        ``Pool.terminate`` takes the task-queue lock, which an idle worker holds while it waits
+        for work; a worker killed while holding it would block ``terminate`` forever. So healthy
+        workers are left to ``terminate`` (in a daemon thread, bounded wait), only stopped (hung)
+        workers are killed first, and whatever is still alive afterwards is killed.
+        """
+        procs = list(getattr(pool, "_pool", []))
+        for proc in procs:
+            if proc.pid is not None and _pid_state(proc.pid) == "T":  # SIGSTOPped: SIGTERM would wait forever
+                proc.kill()
+        closer = threading.Thread(target=pool.terminate, name="worker-pool-terminate", daemon=True)
+        closer.start()
+        closer.join(POOL_TERMINATE_TIMEOUT_S)
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            with self._lock:
+                pool = self._pool
+                if pool is None:
+                    return
+                dead = [p for p in getattr(pool, "_pool", []) if p.exitcode is not None]
+                dead = dead or [pid for pid in self._pool_pids if not _pid_alive(pid)]
+                now = time.monotonic()
+                late = [
+                    jobs[0]
+                    for jobs in self._running.values()
+                    if now - jobs[0].submitted_at > jobs[0].deadline_s * len(jobs)  # a batch gets n deadlines
+                ]
+                if not dead and not late:
+                    continue
+                reason = "a worker died" if dead else f"{late[0].label} missed its {late[0].deadline_s:.1f} s deadline"
+                self._rebuild(reason)
+
+    def _rebuild(self, reason: str) -> None:
+        """Replace the pool; running jobs are queued again (deadlines kept), or fail on their 2nd try (lock held)."""
+        self._rebuilds += 1
+        running = sorted((j for batch in self._running.values() for j in batch), key=lambda j: j.key, reverse=True)
+        self._running.clear()
+        logger.warning("rebuilding the worker pool: %s (%d jobs in flight)", reason, len(running))
+        old = self._pool
+        assert old is not None
+        threading.Thread(target=self._terminate, args=(old,), name="worker-pool-terminate", daemon=True).start()
+        self._pool = self._new_pool()
+        self._verified = False  # nothing is dispatched until every new worker proved its engine loaded
+        threading.Thread(target=self._verify, args=(self._pool,), name="worker-pool-verify", daemon=True).start()
+        for job in running:
+            if job.attempts >= 2:
+                threading.Thread(
+                    target=self._finish_error, args=(job, f"{job.label} failed twice ({reason})"), daemon=True
+                ).start()
+            else:
+                self._retried += 1
+                heapq.heappush(self._queue, (job.due_at, job.key, job))
+        self._dispatch_waiting()
+
+    def _verify(self, pool: multiprocessing.pool.Pool) -> None:
+        """Ping a rebuilt pool's workers; then dispatch the waiting jobs, or mark the pool broken."""
+        pings = [pool.apply_async(_worker_ping) for _ in range(self._workers)]
+        deadline = time.monotonic() + self._start_timeout_s
+        error = None
+        for ping in pings:
+            try:
+                _pid, worker_error = ping.get(max(0.1, deadline - time.monotonic()))
+            except multiprocessing.TimeoutError:
+                error = f"rebuilt engine workers did not start within {self._start_timeout_s:.0f} s"
+                break
+            except Exception as exc:  # the pool was terminated under us (close or another rebuild)
+                error = f"rebuilt engine worker unreachable: {type(exc).__name__}: {exc}"
+                break
+            if worker_error:
+                error = f"engine worker failed to start after a rebuild: {worker_error}"
+                break
+        with self._lock:
+            if self._pool is not pool or self._stop.is_set():
+                return  # replaced or closed meanwhile: that pool's verification decides nothing
+            if error is None:
+                self._verified = True
+                logger.info("rebuilt worker pool verified: %d worker(s) loaded their engine", self._workers)
+                self._dispatch_waiting()
+                return
+            self._broken = error
+            jobs = [job for _, _, job in self._queue]
+            self._queue.clear()
+        logger.error("worker pool broken: %s", error)
+        for job in jobs:
+            self._finish_error(job, f"{job.label} failed: {error}")
+
+
+def _pid_state(pid: int) -> str | None:
+    """Process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (killed, not yet reaped)."""
+    return _pid_state(pid) not in (None, "Z", "X")

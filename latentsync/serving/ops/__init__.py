@@ -1,0 +1,1 @@
+"""Operations: systemd integration (readiness, watchdog) and logging."""

@@ -1,0 +1,1 @@
+"""Playout: the output clock, the mixer (idle loop, speech programs, crossfades), the idle loop and the tick tap."""

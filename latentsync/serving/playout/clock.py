@@ -1,0 +1,196 @@
+"""StreamingController: the output clock that emits one frame and its audio every tick, forever.
+
+Frame ``k`` is due at ``t0 + k / fps`` on the monotonic clock (a fixed schedule, so timing errors
+never accumulate). At every tick the controller emits *something* and never waits on a producer.
+The audio that rides with the ``n``-th emitted frame is exactly
+``floor((n + 1) * sr / fps) - floor(n * sr / fps)`` samples, so the two FIFOs always carry the same
+number of ticks and FFmpeg's count-derived PTS keep A/V in sync forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from latentsync.media.timing import samples_in_frame
+from latentsync.serving.ops.systemd import name_this_thread
+from latentsync.serving.playout.state import StreamState
+
+logger = logging.getLogger(__name__)
+
+LATE_FRACTION = 0.5  # a tick emitted more than half a frame period after its due time is "late"
+
+
+class TickSink(Protocol):
+    """Where ticks go (the FFmpegSink, or a test double)."""
+
+    def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
+        """Queue ``(H, W, 3) uint8`` video + ``(N,) int16`` audio without blocking; False = refused."""
+        ...
+
+
+class TickSource(Protocol):
+    """What the controller asks for one tick's content (the IdleLoop, or the ProgramMixer)."""
+
+    @property
+    def state(self) -> StreamState:
+        """What the source is putting on air."""
+        ...
+
+    def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the next ``(H, W, 3) uint8`` frame and ``(num_samples,) int16`` audio; never blocks."""
+        ...
+
+
+@dataclass(frozen=True)
+class ControllerStats:
+    """Tick accounting since the controller started.
+
+    Attributes:
+        state: Current :class:`StreamState`.
+        ticks: Clock ticks that have come due (``frames_emitted + dropped_ticks``).
+        frames_emitted: Ticks whose frame + audio the sink accepted.
+        dropped_ticks: Ticks refused by the sink, or skipped after a stall longer than
+            ``max_catchup_s`` (video and audio always dropped together).
+        late_ticks: Ticks handled more than half a frame period after their due time.
+        max_lateness_ms: Largest lateness of any tick, in milliseconds.
+        last_tick_monotonic: ``time.monotonic()`` of the last handled tick (0 before the first).
+        uptime_s: Seconds since the clock started (0 before start).
+    """
+
+    state: StreamState
+    ticks: int
+    frames_emitted: int
+    dropped_ticks: int
+    late_ticks: int
+    max_lateness_ms: float
+    last_tick_monotonic: float
+    uptime_s: float
+
+
+class StreamingController:
+    """Owns the output clock thread.
+
+    Args:
+        source: What each tick shows and sounds (the ProgramMixer, or a bare IdleLoop).
+        sink: Where each tick's frame and audio go.
+        fps: Frames per second of the output.
+        sample_rate_hz: Audio samples per second of the output.
+        max_catchup_s: After a stall longer than this (seconds), the clock is re-anchored to now and
+            the missed ticks are counted as dropped instead of being emitted in a burst.
+        clock: Monotonic clock in seconds (default ``time.monotonic``; tests inject a virtual one).
+        wait: ``wait(timeout_s) -> bool`` blocks up to ``timeout_s`` seconds and returns True when the
+            clock must stop (default: the controller's own stop event, so :meth:`close` wakes it at
+            once). Tests inject one that advances a virtual clock instead of sleeping.
+    """
+
+    def __init__(
+        self,
+        source: TickSource,
+        sink: TickSink,
+        fps: int,
+        sample_rate_hz: int,
+        max_catchup_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[float], bool] | None = None,
+    ):
+        self._source = source
+        self._sink = sink
+        self._fps = int(fps)
+        self._sample_rate_hz = int(sample_rate_hz)
+        self._max_catchup_s = float(max_catchup_s)
+        self._clock = clock
+        self._stop = threading.Event()
+        self._wait = wait if wait is not None else self._stop.wait
+        self._thread: threading.Thread | None = None
+        self._state = StreamState.STARTING
+        self._t0 = 0.0
+        self._started = False
+        self._ticks = 0
+        self._emitted = 0
+        self._dropped = 0
+        self._late = 0
+        self._max_lateness_s = 0.0
+        self._last_tick = 0.0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the clock thread. Safe to call twice."""
+        if self._thread is not None or self._stop.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name="streaming-controller", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the clock thread (waits at most ``timeout_s`` seconds).
+
+        Safe to call twice, before start, and from the clock thread itself (a sink or source may stop
+        the stream; the loop then ends after the current tick without joining itself).
+        """
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+        self._state = StreamState.STOPPED
+
+    @property
+    def native_thread_id(self) -> int | None:
+        """OS thread id of the clock thread (for per-thread CPU accounting), or None before start."""
+        return self._thread.native_id if self._thread is not None else None
+
+    def stats(self) -> ControllerStats:
+        """Return a snapshot of the tick accounting."""
+        return ControllerStats(
+            state=self._source.state if self._state is not StreamState.STOPPED and self._started else self._state,
+            ticks=self._ticks,
+            frames_emitted=self._emitted,
+            dropped_ticks=self._dropped,
+            late_ticks=self._late,
+            max_lateness_ms=self._max_lateness_s * 1000.0,
+            last_tick_monotonic=self._last_tick,
+            uptime_s=(self._clock() - self._t0) if self._started else 0.0,
+        )
+
+    # ----------------------------------------------------------------- clock
+    def _run(self) -> None:
+        name_this_thread("ls-clock")  # the thread systemd's watchdog vouches for, findable by name
+        period_s = 1.0 / self._fps
+        self._t0 = self._clock()
+        self._started = True
+        self._state = StreamState.IDLE
+        tick = 0  # clock tick index k: due at t0 + k / fps
+        while not self._stop.is_set():
+            due = self._t0 + tick * period_s
+            now = self._clock()
+            if now < due:
+                if self._wait(due - now):
+                    break
+                continue
+            lateness = now - due
+            if lateness > self._max_catchup_s:
+                missed = int(lateness / period_s)
+                logger.warning("controller stalled %.0f ms: skipping %d ticks", lateness * 1000, missed)
+                self._dropped += missed
+                self._ticks += missed
+                tick += missed
+                continue
+            self._emit_one()
+            self._ticks += 1
+            self._max_lateness_s = max(self._max_lateness_s, lateness)
+            if lateness > LATE_FRACTION * period_s:
+                self._late += 1
+            self._last_tick = now
+            tick += 1
+
+    def _emit_one(self) -> None:
+        num_samples = samples_in_frame(self._emitted, self._sample_rate_hz, self._fps)
+        video, audio = self._source.next(num_samples)
+        if self._sink.offer(video, audio):
+            self._emitted += 1
+        else:
+            self._dropped += 1

@@ -1,0 +1,331 @@
+"""ProgramMixer: what goes on air at each tick — idle loop, speech programs, crossfades, underruns.
+
+State machine (docs/architecture.md): ``IDLE --program ready--> FADE_IN --n frames--> SPEAKING
+--program done--> FADE_OUT --n frames--> IDLE``; ``SPEAKING --next program ready--> FADE_IN``
+(speech→speech crossfade); any state ``--interrupt--> FADE_OUT``.
+
+Video crossfades blend the outgoing picture into the incoming one over ``crossfade_frames``.
+A program's audio starts exactly on its first frame at full level (no silence inserted, no speech
+delayed); the outgoing audio (idle sound, or an interrupted program's speech) fades out over the
+same frames, and idle sound fades back in on the way out. When a program's next frame is not
+generated yet (underrun), the last frame is held with silence and the program does not advance,
+so its speech stays in sync with its video. Everything here runs on the controller thread and
+never blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import threading
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+from latentsync.serving.playout.idle import IdleLoop
+from latentsync.serving.playout.state import StreamState
+
+
+class ProgramEvent(str, enum.Enum):
+    """What the mixer tells a program about its time on air (:meth:`Program.on_air`)."""
+
+    FIRST_FRAME = "first_frame"  # its frame 0 is on air
+    DONE = "done"  # its last frame was played
+    INTERRUPTED = "interrupted"  # cut: its fade-out begins
+    OFF_AIR = "off_air"  # the fade-out after it (finished or interrupted) has ended: idle is back
+
+
+class Program(Protocol):
+    """A speech segment the mixer can put on air (implemented by the task layer).
+
+    Frames are indexed ``0 .. num_frames - 1`` on the stream's time base; the program's audio is
+    mono int16 at the stream's sample rate and starts with frame 0.
+    """
+
+    task_id: str
+    num_frames: int
+
+    def ready_to_start(self) -> bool:
+        """Whether the jitter buffer says playback can start now without underrunning."""
+        ...
+
+    def frame(self, index: int) -> np.ndarray | None:
+        """Full ``(H, W, 3) uint8`` frame ``index`` with the generated face, or None if not ready."""
+        ...
+
+    def continuation_frame(self, index: int) -> np.ndarray:
+        """``(H, W, 3) uint8`` base-video frame ``index`` without a generated face (any index >= 0)."""
+        ...
+
+    def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
+        """``(num_samples,) int16`` program audio from ``start_sample``; zeros past its end."""
+        ...
+
+    def is_cancelled(self) -> bool:
+        """True once the task was cancelled (the mixer then skips or fades it out)."""
+        ...
+
+    def on_air(self, event: ProgramEvent, frames_streamed: int) -> None:
+        """Progress callback on the controller thread (must not block); see :class:`ProgramEvent`."""
+        ...
+
+
+class _Outgoing:
+    """The picture and sound being faded away: the idle loop, or a program's continuation."""
+
+    def __init__(self, idle: IdleLoop | None, program: Program | None, index: int, audio_pos: int, fade_audio: bool):
+        self.idle = idle
+        self.program = program
+        self.index = index
+        self.audio_pos = audio_pos
+        self.fade_audio = fade_audio  # an interrupted program's speech fades out; a finished one is silent
+
+    def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.idle is not None:
+            return self.idle.next(num_samples)
+        assert self.program is not None
+        frame = self.program.continuation_frame(self.index)
+        audio = (
+            self.program.audio(self.audio_pos, num_samples)
+            if self.fade_audio
+            else np.zeros(num_samples, dtype=np.int16)
+        )
+        self.index += 1
+        self.audio_pos += num_samples
+        return frame, audio
+
+
+def _blend(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
+    """``(1 - alpha) * a + alpha * b`` for ``(H, W, 3) uint8`` frames."""
+    return cv2.addWeighted(a, 1.0 - alpha, b, alpha, 0.0)
+
+
+def _mix(a: np.ndarray, gain_a: float, b: np.ndarray, gain_b: float) -> np.ndarray:
+    mixed = a.astype(np.float32) * gain_a + b.astype(np.float32) * gain_b
+    return np.clip(np.rint(mixed), -32768, 32767).astype(np.int16)
+
+
+class ProgramMixer:
+    """Decides each tick's frame and audio.
+
+    Used only by the controller thread, except :meth:`enqueue` and :meth:`interrupt`, which any
+    thread may call.
+
+    Args:
+        idle: The idle loop.
+        crossfade_frames: Length of every crossfade, in frames (0: hard cuts).
+        max_programs: Capacity of the playlist (programs waiting to go on air).
+    """
+
+    def __init__(self, idle: IdleLoop, crossfade_frames: int, max_programs: int = 64):
+        self._idle = idle
+        self._crossfade = int(crossfade_frames)
+        self._playlist: collections.deque[Program] = collections.deque()
+        self._max_programs = int(max_programs)
+        self._lock = threading.Lock()
+        self._interrupts: set[str] = set()
+        self._current: Program | None = None
+        self._pos = 0  # next frame index of the current program
+        self._audio_pos = 0  # next sample of the current program's audio
+        self._outgoing: _Outgoing | None = None
+        self._fade_step = 0  # frames of the running crossfade already emitted
+        self._fading_in = False
+        self._last_frame: np.ndarray | None = None
+        self._state = StreamState.IDLE
+        self._next_idle: tuple[IdleLoop, object] | None = None  # (loop, callback) waiting for an idle moment
+        self.idle_switches = 0
+        self.ticks = 0  # ticks produced (one per emitted or dropped frame)
+        self.underrun_ticks = 0
+        self.programs_finished = 0
+        self.programs_interrupted = 0
+
+    @property
+    def state(self) -> StreamState:
+        """What the last tick put on air."""
+        return self._state
+
+    @property
+    def current_task_id(self) -> str | None:
+        """Task id of the program on air, if any."""
+        current = self._current
+        return current.task_id if current is not None else None
+
+    def pending(self) -> int:
+        """Programs waiting in the playlist."""
+        return len(self._playlist)
+
+    def enqueue(self, program: Program) -> bool:
+        """Append a program to the playlist (played in order). Returns False when the playlist is full."""
+        with self._lock:
+            if len(self._playlist) >= self._max_programs:
+                return False
+            self._playlist.append(program)
+            return True
+
+    def switch_idle(self, idle: IdleLoop, on_switched=None) -> None:
+        """Crossfade to another idle loop (a new avatar) at the next idle moment, never mid-speech.
+
+        The switch happens on the first tick with no program on air and no fade running: the old
+        loop fades into the new one over ``crossfade_frames`` like a fade back to idle. If a
+        program starts first (the caller queued it after asking for the switch, so it shows the
+        new avatar), the switch happens as it starts: it fades in from what is on air, and fades
+        out into the new loop. A later call replaces a switch still waiting. Any thread may call this.
+
+        Args:
+            idle: The new idle loop, frames of the stream's size.
+            on_switched: Called with no arguments on the controller thread when the crossfade
+                begins (must not block), or None.
+        """
+        with self._lock:
+            self._next_idle = (idle, on_switched)
+
+    @property
+    def idle_switch_pending(self) -> bool:
+        """True while a :meth:`switch_idle` waits for its idle moment."""
+        return self._next_idle is not None
+
+    def interrupt(self, task_id: str) -> None:
+        """Fade program ``task_id`` out within ``crossfade_frames`` if on air, or drop it from the playlist.
+
+        Interrupts overtake everything queued: one is applied at the very next tick.
+        """
+        with self._lock:
+            self._interrupts.add(task_id)
+
+    # ----------------------------------------------------------------- per tick
+    def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Produce one tick.
+
+        Args:
+            num_samples: Audio samples this tick carries.
+
+        Returns:
+            ``(H, W, 3) uint8`` frame and ``(num_samples,) int16`` audio.
+        """
+        self.ticks += 1
+        self._apply_interrupts()
+        if self._next_idle is not None and self._current is None and self._outgoing is None:
+            self._switch_idle_now()
+        if self._current is None:
+            self._start_next_program()
+        if self._current is not None:
+            self._state = StreamState.FADE_IN if self._fading_in else StreamState.SPEAKING
+            frame, audio = self._speech_tick(num_samples)
+        elif self._outgoing is not None:
+            self._state = StreamState.FADE_OUT
+            frame, audio = self._fade_out_tick(num_samples)
+        else:
+            self._state = StreamState.IDLE
+            frame, audio = self._idle.next(num_samples)
+        self._last_frame = frame
+        return frame, audio
+
+    def _switch_idle_now(self) -> None:
+        with self._lock:
+            pending, self._next_idle = self._next_idle, None
+        if pending is None:
+            return
+        idle, on_switched = pending
+        if self._outgoing is None and self._crossfade > 0:  # the old loop fades into the new one
+            self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
+            self._fade_step = 0
+        self._idle = idle
+        self.idle_switches += 1
+        if on_switched is not None:
+            on_switched()
+
+    def _apply_interrupts(self) -> None:
+        with self._lock:
+            if not self._interrupts:
+                return
+            ids, self._interrupts = self._interrupts, set()
+            self._playlist = collections.deque(p for p in self._playlist if p.task_id not in ids)
+        current = self._current
+        if current is not None and current.task_id in ids:
+            current.on_air(ProgramEvent.INTERRUPTED, self._pos)
+            self.programs_interrupted += 1
+            if self._outgoing is not None:  # interrupted mid crossfade: what it faded from is gone too
+                self._end_fade_out(self._outgoing)
+            self._outgoing = _Outgoing(None, current, self._pos, self._audio_pos, fade_audio=True)
+            self._fade_step = 0
+            self._current = None
+            self._fading_in = False
+            if self._crossfade == 0:
+                self._end_fade_out(self._outgoing)
+
+    def _start_next_program(self) -> None:
+        with self._lock:
+            while self._playlist and self._playlist[0].is_cancelled():
+                self._playlist.popleft()
+            if not self._playlist or not self._playlist[0].ready_to_start():
+                return
+            program = self._playlist.popleft()
+        if self._next_idle is not None:  # a new avatar's program: its idle loop comes with it
+            self._switch_idle_now()
+        if self._outgoing is None:
+            self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
+        self._current = program
+        self._pos = 0
+        self._audio_pos = 0
+        self._fade_step = 0
+        self._fading_in = self._crossfade > 0
+        if not self._fading_in:
+            self._outgoing = None
+
+    def _speech_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        program = self._current
+        assert program is not None
+        frame = program.frame(self._pos)
+        if frame is None and program.is_cancelled():  # generation failed for good: fade out now
+            with self._lock:
+                self._interrupts.add(program.task_id)
+            self._apply_interrupts()
+            self._state = StreamState.FADE_OUT
+            return self._fade_out_tick(num_samples)
+        if frame is None:  # underrun: hold the picture, silence, do not advance the program
+            self.underrun_ticks += 1
+            held = self._last_frame if self._last_frame is not None else program.continuation_frame(self._pos)
+            return held, np.zeros(num_samples, dtype=np.int16)
+        audio = program.audio(self._audio_pos, num_samples)
+        if self._pos == 0:
+            program.on_air(ProgramEvent.FIRST_FRAME, 0)
+        if self._fading_in and self._outgoing is not None:
+            alpha = (self._fade_step + 1) / (self._crossfade + 1)
+            out_frame, out_audio = self._outgoing.next(num_samples)
+            frame = _blend(out_frame, frame, alpha)
+            audio = _mix(audio, 1.0, out_audio, 1.0 - alpha)
+            self._fade_step += 1
+            if self._fade_step >= self._crossfade:
+                self._fading_in = False
+                self._end_fade_out(self._outgoing)
+        self._pos += 1
+        self._audio_pos += num_samples
+        if self._pos >= program.num_frames:
+            program.on_air(ProgramEvent.DONE, self._pos)
+            self.programs_finished += 1
+            self._current = None
+            self._fading_in = False
+            self._outgoing = _Outgoing(None, program, self._pos, self._audio_pos, fade_audio=False)
+            self._fade_step = 0
+            if self._crossfade == 0:
+                self._end_fade_out(self._outgoing)
+        return frame, audio
+
+    def _fade_out_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        outgoing = self._outgoing
+        assert outgoing is not None
+        out_frame, out_audio = outgoing.next(num_samples)
+        idle_frame, idle_audio = self._idle.next(num_samples)
+        alpha = (self._fade_step + 1) / (self._crossfade + 1)
+        frame = _blend(out_frame, idle_frame, alpha)
+        audio = _mix(out_audio, 1.0 - alpha, idle_audio, alpha)
+        self._fade_step += 1
+        if self._fade_step >= self._crossfade:
+            self._end_fade_out(outgoing)
+        return frame, audio
+
+    def _end_fade_out(self, outgoing: _Outgoing) -> None:
+        self._outgoing = None
+        if outgoing.program is not None:  # the program is now off air (finished or interrupted)
+            outgoing.program.on_air(ProgramEvent.OFF_AIR, outgoing.index)

@@ -1,0 +1,593 @@
+"""Channels: one live stream each (idle loop, mixer, clock, FFmpeg push, tasks, WHEP, events).
+
+A :class:`Channel` owns everything of one stream; the :class:`~latentsync.serving.runtime.Runtime`
+owns the channels and ONE :class:`~latentsync.serving.workers.WorkerPool` they all share
+(docs/channels.md). A channel's jobs go through :class:`ChannelPool`, which names the channel's
+prepared avatar on every job; the pool's queue is earliest-deadline-first over every channel's
+jobs, all on the same ``time.monotonic()`` clock, so a channel's chunk due on air soon runs before
+another channel's chunk due later, whatever the uploads' lengths.
+
+Start order of a channel: private work directory → idle clip → FFmpegSink → StreamingController
+(on air from here) → prepared avatar; then, once the shared pool runs, its TaskManager (uploads
+accepted from here). Stop order is the reverse, every part stopped even when an earlier one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.config import AppConfig
+from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
+from latentsync.media.audio import decode_untrusted_audio
+from latentsync.media.default_avatar import ensure_default_avatar
+from latentsync.media.video import VideoClip, load_clip
+from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
+from latentsync.serving.egress.whep import WebRtcHub
+from latentsync.serving.generation.pool import WorkerPool
+from latentsync.serving.generation.scheduler import TaskManager
+from latentsync.serving.generation.task import TaskAudio
+from latentsync.serving.playout.clock import StreamingController
+from latentsync.serving.playout.idle import IdleLoop
+from latentsync.serving.playout.mixer import ProgramMixer
+from latentsync.serving.playout.state import StreamState
+from latentsync.serving.playout.tap import TappedSink
+from latentsync.serving.runtime.clips import ClipCache
+from latentsync.serving.telemetry.events import EventBroadcaster, EventFeed
+from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
+SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
+
+
+class ChannelPool:
+    """The shared :class:`WorkerPool` as one channel sees it: every job names the channel's avatar.
+
+    It has the pool methods the task layer calls (``submit_features``, ``submit_chunk``,
+    ``cancel_task``); task ids are unique over the server (uuid4), so cancelling one channel's
+    task never touches another's jobs.
+
+    Args:
+        pool: The shared pool.
+        avatar_path: Cache directory of this channel's prepared avatar.
+    """
+
+    def __init__(self, pool: WorkerPool, avatar_path: str | Path):
+        self.pool = pool
+        self.avatar_path = str(avatar_path)
+
+    def submit_features(self, *args, **kwargs) -> None:
+        """:meth:`WorkerPool.submit_features` for this channel's avatar."""
+        self.pool.submit_features(*args, avatar=self.avatar_path, **kwargs)
+
+    def submit_chunk(self, *args, **kwargs) -> None:
+        """:meth:`WorkerPool.submit_chunk` for this channel's avatar."""
+        self.pool.submit_chunk(*args, avatar=self.avatar_path, **kwargs)
+
+    def cancel_task(self, task_id: str) -> int:
+        """:meth:`WorkerPool.cancel_task` (task ids are unique across channels)."""
+        return self.pool.cancel_task(task_id)
+
+
+class Channel:
+    """One live stream and its tasks; the worker pool is the runtime's, shared.
+
+    Args:
+        name: The channel's name (``main`` for the top-level ``stream``/``avatar`` keys).
+        config: The channel's configuration (:func:`latentsync.config.channel_configs`): its
+            ``stream`` and ``avatar`` sections are this channel's.
+        on_ttff: Called with each task's time to first frame in seconds (metrics), or None.
+        clips: Decoded idle clips shared with the other channels (None: decode its own).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: AppConfig,
+        on_ttff: Callable[[float], None] | None = None,
+        clips: ClipCache | None = None,
+    ):
+        self.name = name
+        self.config = config
+        self._on_ttff = on_ttff
+        self._clips = clips
+        self._clip: VideoClip | None = None  # held while the channel lives (the cache's entries are weak)
+        self._stopped = False
+        self._work_dir: Path | None = None
+        self._upload_root: Path | None = None
+        self.sink: FFmpegSink | None = None
+        self.controller: StreamingController | None = None
+        self.mixer: ProgramMixer | None = None
+        self.avatar: Avatar | None = None
+        self.pool: WorkerPool | None = None
+        self._tasks: TaskManager | None = None
+        self.stream_size: tuple[int, int] | None = None
+        self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
+        self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
+        self._feed: EventFeed | None = None
+        self._created_monotonic = time.monotonic()
+        self._error: str | None = None  # why it failed to start (a channel added at run time)
+        self._stop_event = threading.Event()
+        self._switch_lock = threading.Lock()
+        self._switch: dict | None = None  # the last avatar switch: state, avatar, error
+        self._switch_generation = 0  # a newer PUT supersedes a switch still waiting
+        self._pending_avatar: tuple[Avatar, Path] | None = None  # prepared for a switch not yet made
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def work_dir(self) -> Path | None:
+        """Private temporary directory (mode 0700): the FIFOs and ``uploads/``; None when not running."""
+        return self._work_dir
+
+    @property
+    def tasks(self) -> TaskManager | None:
+        """The TaskManager; None until the engine is ready (uploads get 503 until then) and once stopped."""
+        return None if self._stopped else self._tasks
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` ran."""
+        return self._stopped
+
+    @property
+    def ready(self) -> bool:
+        """True once the stream is on air (its clock counts for the systemd watchdog)."""
+        return self.controller is not None and self._error is None and not self._stopped
+
+    @property
+    def status(self) -> str:
+        """``starting`` (stream or avatar being prepared), ``ready`` (uploads accepted), ``failed``, ``stopped``."""
+        if self._error is not None:
+            return "failed"
+        if self._stopped:
+            return "stopped"
+        return "ready" if self._tasks is not None else "starting"
+
+    def fail(self, reason: str) -> None:
+        """Mark the channel failed (it could not start) and stop what of it runs."""
+        self._error = reason
+        self.stop()
+
+    # ----------------------------------------------------------------- lifecycle
+    def start_stream(self) -> None:
+        """Put the idle loop on air: idle clip, FFmpegSink, mixer, WHEP hub, events feed, clock.
+
+        Raises:
+            latentsync.media.MediaProbeError: If the idle video cannot be decoded.
+        """
+        cfg = self.config
+        s = cfg.stream
+        idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
+        size = (s.width, s.height) if s.width else None
+        t = time.monotonic()
+        if self._clips is not None:
+            clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        else:
+            clip = load_clip(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        self._clip = clip
+        self.stream_size = clip.size
+        logger.info(
+            "channel %s: idle clip %s: %d frames at %d fps, %dx%d, audio %s (decoded in %.1f s)",
+            self.name,
+            Path(idle_path).name,
+            clip.num_frames,
+            clip.fps,
+            *clip.size,
+            "on" if clip.audio is not None else "off",
+            time.monotonic() - t,
+        )
+        self._work_dir = Path(tempfile.mkdtemp(prefix=f"latentsync-rt-{self.name}-"))  # mkdtemp makes it 0700
+        self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
+        self._upload_root.mkdir(mode=0o700)
+        self.sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
+        self.mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
+        mixer = self.mixer
+        observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
+        if cfg.webrtc.enabled:
+            self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
+            observers.append(self.webrtc.on_tick)
+        self._feed = EventFeed(
+            self.events,
+            lambda: mixer.state,
+            self._tasks_json,
+            lambda: self.health()[1],
+            self._viewer_count,
+            cfg.ui.event_poll_s,
+        )
+        observers.append(self._feed.on_tick)
+        if self.webrtc is not None:
+            self.webrtc.add_viewer_listener(self._feed.publish_viewers)
+        self.controller = StreamingController(
+            self.mixer,
+            TappedSink(self.sink, observers),
+            fps=s.fps,
+            sample_rate_hz=s.audio_sample_rate,
+            max_catchup_s=s.max_catchup_s,
+        )
+        self.sink.start()
+        if not self.sink.wait_accepting(SINK_START_TIMEOUT_S):
+            logger.warning(
+                "channel %s: ffmpeg not accepting after %.0f s; the clock starts anyway",
+                self.name,
+                SINK_START_TIMEOUT_S,
+            )
+        if self.webrtc is not None:
+            self.webrtc.start()
+        self._feed.start()
+        self.controller.start()
+        if self._stopped:  # stop() ran while this was being built: undo what it could not see
+            self._close_stream()
+
+    def prepare_avatar(self) -> Avatar:
+        """Prepare (or load from the cache) the channel's base video as an avatar at the stream's size.
+
+        Raises:
+            latentsync.media.MediaProbeError: If the base video cannot be decoded.
+            latentsync.avatar.FaceNotFoundError: If the base video has too few faces.
+        """
+        cfg = self.config
+        base_video = cfg.avatar.video or cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
+        t = time.monotonic()
+        avatar = Avatar.prepare(base_video, self._avatar_settings(), cache_dir=cfg.avatar.cache_dir)
+        logger.info(
+            "channel %s: avatar %s: %d frames (%.1f s)",
+            self.name,
+            Path(base_video).name,
+            avatar.num_frames,
+            time.monotonic() - t,
+        )
+        self.avatar = avatar
+        return avatar
+
+    def _avatar_settings(self) -> AvatarSettings:
+        cfg = self.config
+        return AvatarSettings(fps=cfg.stream.fps, size=self.stream_size, min_face_fraction=cfg.avatar.min_face_fraction)
+
+    # ----------------------------------------------------------------- avatar switch
+    def switch_avatar(self, config: AppConfig, label: str, on_done: Callable[[], None] | None = None) -> None:
+        """Put another avatar on this channel at its next idle moment (``PUT /channels/<name>``).
+
+        In a background thread: decode the new idle video and prepare the new base video at the
+        channel's size and fps (cached), then wait until no task of the channel is unfinished;
+        at that moment tasks accepted from then on use the new avatar and the mixer crossfades
+        from the old idle loop to the new one (:meth:`ProgramMixer.switch_idle`). Speech on air
+        or queued is never cut: it plays with the avatar it was generated for. A failure (no face,
+        undecodable video) leaves the old avatar on air and is reported in :meth:`describe`
+        (``switch.state`` ``failed``). A later call supersedes a switch that is still waiting.
+
+        Args:
+            config: The channel's configuration with the new ``avatar`` section (same stream format).
+            label: What the switch names in :meth:`describe` (an avatar id or a file name).
+            on_done: Called (in the switch's thread) once the new avatar is on air, or None.
+
+        Raises:
+            RuntimeError: If the channel does not take uploads yet (starting), failed or stopped.
+        """
+        if self.status != "ready" or self.pool is None:
+            raise RuntimeError(f"channel {self.name} is {self.status}; an avatar can be switched once it is ready")
+        with self._switch_lock:
+            self._switch_generation += 1
+            generation = self._switch_generation
+            self._switch = {"state": "preparing", "avatar": label, "error": None}
+        threading.Thread(
+            target=self._run_switch,
+            args=(config, generation, on_done),
+            name=f"channel-{self.name}-switch",
+            daemon=True,
+        ).start()
+
+    def _set_switch(self, generation: int, **values) -> bool:
+        with self._switch_lock:
+            if generation != self._switch_generation or self._switch is None:
+                return False
+            self._switch.update(values)
+            return True
+
+    def _run_switch(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
+        s, a = config.stream, config.avatar
+        try:
+            idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
+            base_video = a.video or idle_path
+            t = time.monotonic()
+            if self._clips is not None:
+                clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, self.stream_size, s.idle_audio)
+            else:
+                clip = load_clip(idle_path, s.fps, s.audio_sample_rate, self.stream_size, with_audio=s.idle_audio)
+            settings = AvatarSettings(fps=s.fps, size=self.stream_size, min_face_fraction=a.min_face_fraction)
+            avatar = Avatar.prepare(base_video, settings, cache_dir=a.cache_dir)
+        except Exception as exc:
+            logger.warning("channel %s: avatar switch failed: %s", self.name, exc)
+            self._set_switch(generation, state="failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        logger.info(
+            "channel %s: new avatar %s ready (%.1f s); switching at the next idle moment",
+            self.name,
+            Path(base_video).name,
+            time.monotonic() - t,
+        )
+        mixer, pool = self.mixer, self.pool
+        assert mixer is not None and pool is not None
+        loop = IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong)
+        view = ChannelPool(pool, avatar.path)
+        self._pending_avatar = (avatar, Path(idle_path))
+        if not self._set_switch(generation, state="waiting_for_idle"):
+            self._pending_avatar = None
+            return
+        while True:
+            if self._stop_event.is_set() or generation != self._switch_generation:
+                return
+            tasks = self.tasks
+            if tasks is not None and tasks.switch_avatar(view, avatar, lambda: mixer.switch_idle(loop)):
+                break
+            self._stop_event.wait(0.05)
+        self.config = config
+        self.avatar = avatar
+        self._clip = clip
+        self._pending_avatar = None
+        while mixer.idle_switch_pending and not self._stop_event.wait(0.02):
+            pass  # the crossfade begins on the channel's next idle tick
+        self._set_switch(generation, state="done")
+        logger.info("channel %s: avatar switched to %s", self.name, Path(base_video).name)
+        if on_done is not None:
+            on_done()
+
+    def uses(self) -> list[Path]:
+        """Files and prepared-avatar folders this channel uses now or is switching to (the cache keeps them)."""
+        if self._stopped:
+            return []
+        paths = [Path(p) for p in (self.config.avatar.idle_video, self.config.avatar.video) if p]
+        if self.avatar is not None:
+            paths.append(Path(self.avatar.path))
+        pending = self._pending_avatar
+        if pending is not None:
+            paths += [Path(pending[0].path), pending[1]]
+        return paths
+
+    def attach_pool(self, pool: WorkerPool) -> None:
+        """Start taking uploads: a TaskManager whose jobs go to the shared pool for this avatar."""
+        cfg = self.config
+        mixer, avatar = self.mixer, self.avatar
+        assert mixer is not None and avatar is not None, "start_stream() and prepare_avatar() first"
+        self.pool = pool
+        self._tasks = TaskManager(
+            ChannelPool(pool, avatar.path),
+            avatar,
+            mixer.enqueue,
+            mixer.interrupt,
+            lambda: mixer.ticks,
+            fps=cfg.stream.fps,
+            sample_rate_hz=cfg.stream.audio_sample_rate,
+            max_queued=cfg.api.max_queued,
+            deadline_s=cfg.engine.chunk_deadline_s,
+            tail_frames=cfg.stream.crossfade_frames,
+            on_ttff=self._on_ttff,
+            generate_ahead=cfg.tasks.generate_ahead,
+        )
+
+    def stop(self) -> None:
+        """Fade the speech out, stop the tasks, the clock, WHEP, events and FFmpeg; temp files go.
+
+        The shared pool is not stopped here (the runtime owns it). Safe to call twice.
+        """
+        if self._stopped:
+            return
+        self._stopped = True  # from here uploads get 503
+        self._stop_event.set()
+        self._fade_out_speech()
+        if self._tasks is not None:
+            try:
+                self._tasks.close()
+            except Exception:
+                logger.exception("channel %s: stopping tasks failed", self.name)
+        self._close_stream()
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+
+    def _close_stream(self) -> None:
+        steps = [
+            ("controller", self.controller.close if self.controller else None),
+            ("webrtc", self.webrtc.close if self.webrtc else None),
+            ("events", self._feed.close if self._feed else None),
+            ("ffmpeg", self.sink.close if self.sink else None),
+        ]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                logger.exception("channel %s: stopping %s failed", self.name, what)
+
+    def _fade_out_speech(self, timeout_s: float = 1.0) -> None:
+        """Cut the speech on air with the usual crossfade (not mid-word) before the clock stops."""
+        mixer = self.mixer
+        if mixer is None or mixer.current_task_id is None or self.controller is None:
+            return
+        task_id = mixer.current_task_id
+        mixer.interrupt(task_id)
+        deadline = time.monotonic() + timeout_s
+        while mixer.state is not StreamState.IDLE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        logger.info(
+            "channel %s: task %s faded out for shutdown (stream %s)",
+            self.name,
+            task_id,
+            mixer.state.value,
+            extra={"task_id": task_id},
+        )
+
+    def _tasks_json(self) -> list[dict]:
+        tasks = self.tasks
+        return [t.to_json() for t in tasks.list()] if tasks else []
+
+    def _viewer_count(self) -> int:
+        return self.webrtc.stats().viewers if self.webrtc is not None else 0
+
+    def clock_alive(self) -> bool:
+        """True while the channel's output clock handled a tick in the last :data:`HEALTH_TICK_STALE_S`."""
+        c = self.controller.stats() if self.controller is not None else None
+        if c is None or c.last_tick_monotonic == 0:
+            return False
+        return time.monotonic() - c.last_tick_monotonic < HEALTH_TICK_STALE_S
+
+    # ----------------------------------------------------------------- uploads
+    def upload_path(self) -> Path:
+        """A path for one upload, alone in a fresh private directory (caller calls :meth:`discard_upload`).
+
+        The directory (mode 0700) is made for this upload only and holds nothing else, so a file
+        that names a sibling (a concat list, a playlist, an MP4 data reference) finds nothing; it
+        lives under ``<work_dir>/uploads/``, never beside the stream's FIFOs.
+
+        Returns:
+            ``<work_dir>/uploads/u-<random>/upload`` (not yet created).
+
+        Raises:
+            RuntimeError: If the channel is not running.
+        """
+        if self._upload_root is None:
+            raise RuntimeError(f"channel {self.name} not started")
+        return Path(tempfile.mkdtemp(prefix="u-", dir=self._upload_root)) / "upload"
+
+    def discard_upload(self, path: Path) -> None:
+        """Delete an upload made by :meth:`upload_path` with its directory (never raises)."""
+        folder = path.parent
+        if self._upload_root is not None and folder.parent == self._upload_root:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
+        """Decode an upload for a task: at the stream rate (on air) and at 16 kHz (engine).
+
+        One FFmpeg decode at the stream rate; the 16 kHz copy is resampled in-process with soxr
+        (saves a second FFmpeg start on the time-to-first-frame path).
+
+        Args:
+            path: The uploaded file.
+            max_duration_s: Decode at most this many seconds (the caller checks the length).
+
+        Returns:
+            The :class:`TaskAudio`.
+
+        Raises:
+            latentsync.media.audio.MediaDecodeTimeout: If decoding ran past ``api.decode_timeout_s``.
+            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio in an allowed format
+                (:data:`latentsync.media.audio.UPLOAD_FORMATS`).
+        """
+        rate = self.config.stream.audio_sample_rate
+        stream = decode_untrusted_audio(
+            path, rate, max_duration_s=max_duration_s, timeout_s=self.config.api.decode_timeout_s
+        )
+        engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
+        return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
+
+    # ----------------------------------------------------------------- health
+    def health_snapshot(self, uptime_s: float | None = None) -> HealthSnapshot:
+        """The typed health of this channel (and of the shared pool), at this moment (cheap).
+
+        Args:
+            uptime_s: Seconds since the server started (None: since this channel was built).
+        """
+        if uptime_s is None:
+            uptime_s = round(time.monotonic() - self._created_monotonic, 3)
+        state = StreamState.STOPPED if self._stopped else StreamState.STARTING
+        pool, tasks, mixer = self.pool, self.tasks, self.mixer
+        engine = dict(
+            engine=self.config.engine.name.value,
+            engine_ready=tasks is not None and pool is not None and pool.ready(),
+            engine_error=pool.broken if pool is not None else None,
+            playlist=mixer.pending() if mixer else 0,
+            tasks_waiting=tasks.waiting() if tasks else 0,
+            tasks_admitted=tasks.admitted() if tasks else 0,
+            tasks_final=tasks.final_counts() if tasks else {},
+        )
+        if self.webrtc is not None:
+            engine["webrtc"] = self.webrtc.stats()
+        if pool is not None:
+            p = pool.stats()
+            engine["workers"] = WorkersHealth(
+                count=p.workers,
+                pids=tuple(pool.worker_pids()),
+                rebuilds=p.rebuilds,
+                in_flight=p.in_flight,
+                queued=p.queued,
+                retried=p.retried,
+                failed=p.failed,
+                completed=p.completed,
+                dispatches=p.dispatches,
+            )
+        if self.controller is None or self.sink is None:
+            return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)
+        c = self.controller.stats()
+        k = self.sink.stats()
+        ticking = self.clock_alive()
+        size = self.stream_size
+        return HealthSnapshot(
+            state=state.value if self._stopped else c.state.value,
+            uptime_s=uptime_s,
+            ticking=ticking,
+            streaming=ticking and k.up and not self._stopped,
+            frames_emitted=c.frames_emitted,
+            ticks=c.ticks,
+            late_ticks=c.late_ticks,
+            dropped_ticks=c.dropped_ticks,
+            underrun_ticks=mixer.underrun_ticks if mixer else 0,
+            max_tick_lateness_ms=round(c.max_lateness_ms, 3),
+            ffmpeg_up=k.up,
+            ffmpeg_restarts=k.restarts,
+            ffmpeg_pid=k.pid,
+            ffmpeg_last_error=k.last_error,
+            on_air_task=mixer.current_task_id if mixer else None,
+            stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
+            if size
+            else None,
+            **engine,
+        )
+
+    def health(self, uptime_s: float | None = None) -> tuple[bool, dict]:
+        """Stream health for ``GET /health`` (``main``) and ``GET /channels/<name>/health``.
+
+        Returns:
+            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up; body is
+            :meth:`HealthSnapshot.to_json` plus ``channel`` (the RTMP URL is never included).
+        """
+        snapshot = self.health_snapshot(uptime_s)
+        body = snapshot.to_json()
+        body["channel"] = self.name
+        return snapshot.streaming, body
+
+    def describe(self) -> dict:
+        """The channel for ``GET /channels``: name, state, format, on-air task (never the RTMP URL)."""
+        streaming, body = self.health()
+        return {
+            "name": self.name,
+            "status": self.status,
+            "error": self._error,
+            "state": body.get("state"),
+            "streaming": streaming,
+            "engine_ready": body.get("engine_ready", False),
+            "stream": body.get("stream"),
+            "on_air_task": body.get("on_air_task"),
+            "tasks_waiting": body.get("tasks_waiting", 0),
+            "avatar": Path(self.avatar.path).name if self.avatar is not None else None,
+            "switch": self.switch_status(),
+        }
+
+    def switch_status(self) -> dict | None:
+        """The last avatar switch (``PUT /channels/<name>``), or None if there was none.
+
+        Returns:
+            ``{"state", "avatar", "error"}``; state is ``preparing``, ``waiting_for_idle``,
+            ``done`` or ``failed`` (then ``error`` says why).
+        """
+        with self._switch_lock:
+            return dict(self._switch) if self._switch is not None else None

@@ -1,0 +1,484 @@
+"""Runtime: builds every long-lived part of the server from one config, owns it, stops it.
+
+The runtime owns the channels (:class:`~latentsync.serving.channels.Channel`, one live stream each;
+``main`` from the top-level ``stream``/``avatar`` keys, more from ``channels:``) and ONE
+:class:`WorkerPool` they all share (docs/channels.md).
+
+Start order: every channel's stream (idle clip → FFmpegSink → StreamingController: on air from
+here) → every channel's prepared avatar → the shared WorkerPool → every channel's TaskManager
+(uploads accepted from here). Stop order is the reverse, and every part is stopped even when an
+earlier one fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from latentsync.config import (
+    DEFAULT_CHANNEL,
+    AppConfig,
+    ChannelConfig,
+    ConfigError,
+    EngineName,
+    channel_configs,
+    validate,
+)
+from latentsync.serving.avatars.store import AvatarStore
+from latentsync.serving.egress.rtmp import FFmpegSink
+from latentsync.serving.egress.whep import WebRtcHub
+from latentsync.serving.generation.pool import WorkerPool
+from latentsync.serving.generation.scheduler import TaskManager
+from latentsync.serving.generation.speech import SpeechService
+from latentsync.serving.generation.task import TaskAudio
+from latentsync.serving.generation.utterance import DEFAULT_LOOKAHEAD_FRAMES, LOOKAHEAD_FRAMES
+from latentsync.serving.ops.systemd import Watchdog
+from latentsync.serving.playout.clock import StreamingController
+from latentsync.serving.playout.mixer import ProgramMixer
+from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel
+from latentsync.serving.runtime.clips import ClipCache
+from latentsync.serving.runtime.persistence import CHANNELS_FILE_VERSION, STREAM_FIELDS, _live_avatar, restore_channels
+from latentsync.serving.telemetry.events import EventBroadcaster
+from latentsync.serving.telemetry.health import HealthSnapshot
+from latentsync.serving.telemetry.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HEALTH_TICK_STALE_S", "SINK_START_TIMEOUT_S", "RestartNeeded", "Runtime"]
+
+
+class RestartNeeded(Exception):
+    """A PUT on an existing channel asks to change what only a restart of its stream can change."""
+
+
+class Runtime:
+    """Owns the channels and the worker pool they share.
+
+    The accessors of one stream (``controller``, ``sink``, ``mixer``, ``tasks``, ``webrtc``,
+    ``events``, ``upload_path`` ...) are those of the default channel ``main``, as before channels.
+
+    Args:
+        config: The validated server configuration.
+    """
+
+    def __init__(self, config: AppConfig):
+        self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
+        # what the API changed before a restart (channels_file): configured channels deleted, avatar changes
+        config, self._deleted, self._live, self._restored = restore_channels(config)
+        self.config = config
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self._pool: WorkerPool | None = None
+        self._speech: SpeechService | None = None  # streamed speech into the main channel
+        self._created_monotonic = time.monotonic()
+        self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
+        self.channels: dict[str, Channel] = {
+            name: Channel(name, cfg, on_ttff=self._observe_ttff, clips=self._clips)
+            for name, cfg in channel_configs(config).items()
+        }
+        self.metrics = ServerMetrics(self.channel_snapshots)  # scrapes the channels (auto_describe: already here)
+        self._watchdog = Watchdog(self._clock_alive)
+        self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
+        self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
+        self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
+        self.metrics.registry.register(self.avatars)
+
+    def _observe_ttff(self, seconds: float) -> None:
+        self.metrics.observe_ttff(seconds)
+
+    # ----------------------------------------------------------------- accessors
+    @property
+    def main(self) -> Channel:
+        """The default channel (the top-level ``stream``/``avatar`` keys; the URLs without ``/channels``)."""
+        return self.channels[DEFAULT_CHANNEL]
+
+    def channel(self, name: str) -> Channel | None:
+        """The channel called ``name``, or None."""
+        return self.channels.get(name)
+
+    @property
+    def work_dir(self) -> Path | None:
+        """The main channel's private temporary directory (see :attr:`Channel.work_dir`)."""
+        return self.main.work_dir
+
+    @property
+    def stream_size(self) -> tuple[int, int] | None:
+        """The main channel's ``(width, height)``, once its idle clip is decoded."""
+        return self.main.stream_size
+
+    @property
+    def controller(self) -> StreamingController | None:
+        """The main channel's StreamingController, once started."""
+        return self.main.controller
+
+    @property
+    def sink(self) -> FFmpegSink | None:
+        """The main channel's FFmpegSink, once started."""
+        return self.main.sink
+
+    @property
+    def mixer(self) -> ProgramMixer | None:
+        """The main channel's ProgramMixer, once started."""
+        return self.main.mixer
+
+    @property
+    def webrtc(self) -> WebRtcHub | None:
+        """The main channel's WHEP hub (webrtc.enabled), once its stream runs."""
+        return self.main.webrtc
+
+    @property
+    def events(self) -> EventBroadcaster:
+        """The main channel's ``GET /events`` subscribers."""
+        return self.main.events
+
+    @property
+    def pool(self) -> WorkerPool | None:
+        """The WorkerPool shared by every channel, once started."""
+        return self._pool
+
+    @property
+    def stopped(self) -> bool:
+        """True once :meth:`stop` began (every channel refuses uploads from then)."""
+        return self._stopped
+
+    @property
+    def tasks(self) -> TaskManager | None:
+        """The main channel's TaskManager; None until the engine is ready (uploads get 503 until then)."""
+        return None if self._stopped else self.main.tasks
+
+    @property
+    def speech(self) -> SpeechService | None:
+        """Streamed speech (``/ws/speech``, ``/speak``); None until the engine is ready."""
+        return None if self._stopped else self._speech
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start streaming every channel's idle avatar, then prepare the engine side. Safe to call twice.
+
+        Raises:
+            latentsync.media.MediaProbeError: If a video cannot be decoded.
+            latentsync.avatar.FaceNotFoundError: If a base video has too few faces.
+            latentsync.serving.workers.WorkerPoolError: If the engine workers cannot start (for
+                example a missing checkpoint file; the message names it).
+        """
+        with self._lock:
+            if self._started or self._stopped:
+                return
+            self._started = True
+        self.avatars.start()
+        for channel in self._configured_channels():
+            if self._stopped:
+                return
+            channel.start_stream()
+        self._watchdog.start()
+        if self._stopped:
+            self._watchdog.close()
+            return
+        self._start_engine()
+
+    def _configured_channels(self) -> list[Channel]:
+        """The channels whose start failure stops the server (all but those restored from ``channels_file``)."""
+        return [c for name, c in list(self.channels.items()) if name not in self._restored]
+
+    def _clock_alive(self) -> bool:
+        others = [c for name, c in list(self.channels.items()) if name != DEFAULT_CHANNEL and c.ready]
+        return self.main.clock_alive() and all(c.clock_alive() for c in others)
+
+    def _start_engine(self) -> None:
+        cfg = self.config
+        for channel in self._configured_channels():
+            channel.prepare_avatar()
+            if self._stopped:
+                return
+        engine = cfg.engine
+        devices = _engine_devices(engine.device) if engine.name is EngineName.latentsync else []
+        workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
+        options: dict = {}
+        if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
+            options = {"config": engine.latentsync, "device": devices[0] if devices else None}
+        t = time.monotonic()
+        main_avatar = self.main.avatar
+        assert main_avatar is not None
+        pool = WorkerPool(
+            engine.name.value,
+            options,
+            main_avatar.path,
+            workers,
+            devices=devices,
+            on_chunk_done=self.metrics.observe_chunk,
+            max_batch=engine.max_batch_chunks,
+            max_avatars=engine.max_avatars_per_worker,
+        )
+        self._pool = pool
+        pool.start()
+        if self._stopped:  # stop() ran while the workers were loading: it may have missed them
+            pool.close()
+            return
+        logger.info(
+            "%d %s engine worker(s) ready for %d channel(s) (%.1f s)",
+            workers,
+            engine.name.value,
+            len(self.channels),
+            time.monotonic() - t,
+        )
+        for channel in self._configured_channels():
+            channel.attach_pool(pool)
+        for name in sorted(self._restored):  # like a PUT: a failure marks that channel failed, never the server
+            channel = self.channels[name]
+            threading.Thread(
+                target=self._start_channel, args=(channel, pool), name=f"channel-{name}-start", daemon=True
+            ).start()
+        lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
+        assert self.main.tasks is not None
+        self._speech = SpeechService.from_config(self.main.tasks, cfg, lookahead)
+        self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
+
+    def stop(self) -> None:
+        """Stop every channel, then the shared workers; FFmpeg flushes; temp files go. Safe to call twice."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True  # from here uploads get 503
+        steps = [
+            ("watchdog", self._watchdog.close),
+            ("speech", self._speech.close if self._speech else None),
+            ("avatar preparation", self.avatars.close),
+        ]
+        steps += [(f"channel {name}", channel.stop) for name, channel in list(self.channels.items())]
+        steps.append(("workers", self._pool.close if self._pool else None))
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                logger.exception("stopping %s failed", name)
+        logger.info("runtime stopped")
+
+    # ----------------------------------------------------------------- channels at run time
+    def add_channel(self, spec: ChannelConfig) -> Channel:
+        """Create a channel while the server runs (``PUT /channels/<name>``); it starts in the background.
+
+        The new channel is checked with the others exactly as at load (:func:`latentsync.config.validate`:
+        name, unique RTMP URL, ``max_channels``, its stream/avatar values). Its stream goes on air,
+        its avatar is prepared, then it takes uploads (:attr:`Channel.status` says where it is).
+
+        Raises:
+            latentsync.config.ConfigError: If the channel is invalid or one of that name exists.
+            RuntimeError: If the runtime is not running (not started, or stopping).
+        """
+        if spec.avatar is not None:
+            self.avatars.require_ready(spec.avatar)
+        with self._channels_lock:
+            if self._stopped or self._pool is None:
+                raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
+            candidate = dataclasses.replace(self.config, channels=[*self._specs.values(), spec])
+            validate(candidate)  # ConfigError names the key
+            channel = Channel(
+                spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff, clips=self._clips
+            )
+            self._specs[spec.name] = spec
+            self.channels[spec.name] = channel
+            self._live.pop(spec.name, None)
+            self._persist()
+        pool = self._pool
+        threading.Thread(
+            target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start", daemon=True
+        ).start()
+        return channel
+
+    def _start_channel(self, channel: Channel, pool: WorkerPool) -> None:
+        try:
+            channel.start_stream()
+            if not channel.stopped:
+                channel.prepare_avatar()
+            if not channel.stopped:
+                channel.attach_pool(pool)
+                logger.info("channel %s added: uploads accepted", channel.name)
+        except Exception as exc:
+            logger.error("channel %s failed to start: %s", channel.name, exc)
+            channel.fail(f"{type(exc).__name__}: {exc}")
+
+    def reconfigure_channel(self, name: str, values: dict) -> tuple[Channel, bool]:
+        """Change an existing channel's avatar while it streams (``PUT /channels/<name>`` on a known name).
+
+        ``values`` holds channel fields (:class:`~latentsync.config.ChannelConfig`). The avatar
+        fields (:data:`LIVE_FIELDS`) change at the channel's next idle moment with a crossfade
+        (:meth:`Channel.switch_avatar`); naming any of ``avatar``, ``idle_video``, ``video`` replaces
+        all three (absent: null). The stream fields (:data:`STREAM_FIELDS`) may be given only with
+        the channel's current values.
+
+        Returns:
+            ``(channel, switching)``: switching is False when the values change nothing.
+
+        Raises:
+            latentsync.config.ConfigError: On an unknown field, a wrong type or an invalid value.
+            RestartNeeded: If a stream field differs from the channel's current value (names them).
+            latentsync.serving.avatars.AvatarError: If ``avatar`` names no avatar, or one not ready.
+            RuntimeError: If the channel is not ready (starting, failed, stopping).
+            KeyError: If there is no such channel.
+        """
+        from latentsync.config import parse_channel
+
+        channel = self.channels[name]
+        given = parse_channel(name, {k: v for k, v in values.items() if k != "name"})
+        current = channel.config
+        effective = {
+            "rtmp_url": current.stream.rtmp_url,
+            "fps": current.stream.fps,
+            "crossfade_frames": current.stream.crossfade_frames,
+            "video_bitrate_kbps": current.stream.video_bitrate_kbps,
+            "record_path": current.stream.record_path,
+            "width": channel.stream_size[0] if channel.stream_size else current.stream.width,
+            "height": channel.stream_size[1] if channel.stream_size else current.stream.height,
+        }
+        changed = [k for k in STREAM_FIELDS if k in values and getattr(given, k) != effective[k]]
+        if changed:
+            raise RestartNeeded(
+                f"changing {', '.join(changed)} of channel {name!r} needs its stream restarted: "
+                f"DELETE /channels/{name}, then PUT it again"
+            )
+        if given.avatar is not None:
+            if given.idle_video is not None or given.video is not None:
+                raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
+            self.avatars.require_ready(given.avatar)
+        live = {k: getattr(given, k) for k in ("idle_audio", "idle_pingpong") if getattr(given, k) is not None}
+        if any(k in values for k in ("avatar", "idle_video", "video")):  # the avatar is replaced as a whole
+            live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)
+        avatar, stream = _live_avatar(self.config, live, current.avatar, current.stream)
+        new = dataclasses.replace(current, avatar=avatar, stream=stream)
+        if new == current:
+            return channel, False
+        size = {}
+        if (
+            channel.stream_size is not None
+        ):  # the stream keeps its size, whatever the new video's (also after a restart)
+            size = {"width": channel.stream_size[0], "height": channel.stream_size[1]}
+            new = dataclasses.replace(new, stream=dataclasses.replace(new.stream, **size))
+        try:
+            validate(new)
+        except ConfigError as exc:
+            raise ConfigError(f"channel {name}: {exc}") from None
+        label = given.avatar or Path(avatar.video or avatar.idle_video or "default avatar").name
+        live.update(size)
+
+        def keep() -> None:  # once the switch is made: channels_file brings it back after a restart
+            with self._channels_lock:
+                if self.channels.get(name) is not channel:
+                    return
+                spec = self._specs.get(name)
+                if spec is not None:
+                    self._specs[name] = dataclasses.replace(spec, **live)
+                if name == DEFAULT_CHANNEL or name in self._configured:
+                    self._live[name] = {**self._live.get(name, {}), **live}
+                self._persist()
+
+        with self._channels_lock:
+            channel.switch_avatar(new, label, on_done=keep)
+        return channel, True
+
+    def _persist(self) -> None:
+        """Write ``channels_file`` (lock held): channels created, configured ones deleted, avatar changes."""
+        if not self.config.channels_file:
+            return
+        created = [
+            {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
+            for name, spec in self._specs.items()
+            if name not in self._configured or name in self._deleted
+        ]
+        state = {
+            "version": CHANNELS_FILE_VERSION,
+            "created": created,
+            "deleted": sorted(self._deleted),
+            "live": self._live,
+        }
+        path = Path(self.config.channels_file)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.error("channels_file %s not written (a restart will not have this change): %s", path, exc)
+
+    def _avatars_in_use(self) -> dict[Path, list[str]]:
+        """Paths every channel uses now or is switching to, with the channels' names (the avatar cache keeps them)."""
+        used: dict[Path, list[str]] = {}
+        for name, channel in list(self.channels.items()):
+            for path in channel.uses():
+                used.setdefault(path.resolve(), []).append(name)
+        return used
+
+    def remove_channel(self, name: str) -> Channel | None:
+        """Delete a channel (``DELETE /channels/<name>``): its speech fades out, its FFmpeg flushes and exits.
+
+        Its tasks end (cancelled), its work directory goes; the workers drop its avatar when their
+        LRU evicts it (``engine.max_avatars_per_worker``). ``main`` cannot be removed.
+
+        Returns:
+            The stopped channel, or None if there is none of that name.
+
+        Raises:
+            ValueError: For ``main``.
+        """
+        if name == DEFAULT_CHANNEL:
+            raise ValueError(f"channel {DEFAULT_CHANNEL!r} is the top-level stream: it cannot be deleted")
+        with self._channels_lock:
+            channel = self.channels.pop(name, None)
+            self._specs.pop(name, None)
+            if channel is not None:
+                if name in self._configured:
+                    self._deleted.add(name)
+                self._live.pop(name, None)
+                self._persist()
+        if channel is not None:
+            channel.stop()
+            logger.info("channel %s deleted", name)
+        return channel
+
+    # ----------------------------------------------------------------- uploads (main channel)
+    def upload_path(self) -> Path:
+        """A private path for one upload to the main channel (see :meth:`Channel.upload_path`)."""
+        return self.main.upload_path()
+
+    def discard_upload(self, path: Path) -> None:
+        """Delete an upload made by :meth:`upload_path` (never raises)."""
+        self.main.discard_upload(path)
+
+    def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
+        """Decode an upload for the main channel (see :meth:`Channel.decode_task_audio`)."""
+        return self.main.decode_task_audio(path, max_duration_s)
+
+    # ----------------------------------------------------------------- health and metrics
+    def uptime_s(self) -> float:
+        """Seconds since the runtime was built."""
+        return round(time.monotonic() - self._created_monotonic, 3)
+
+    def health_snapshot(self) -> HealthSnapshot:
+        """The main channel's typed health (cheap; ``/health``)."""
+        return self.main.health_snapshot(self.uptime_s())
+
+    def channel_snapshots(self) -> dict[str, HealthSnapshot]:
+        """Every channel's typed health by name (every metrics scrape)."""
+        uptime_s = self.uptime_s()
+        return {name: channel.health_snapshot(uptime_s) for name, channel in list(self.channels.items())}
+
+    def health(self) -> tuple[bool, dict]:
+        """The main channel's health for ``GET /health`` (see :meth:`Channel.health`)."""
+        return self.main.health(self.uptime_s())
+
+
+def _engine_devices(device: str | None) -> list[str]:
+    """Devices for the workers: the configured one, every visible GPU, or the CPU."""
+    if device is not None:
+        return [device]
+    import torch  # only the latentsync engine needs it in the server process
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(count)] or ["cpu"]

@@ -1,0 +1,218 @@
+"""AvatarStore (POST /avatars): confined intake, background preparation, failures, disk quota, restart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.config import AppConfig, uploaded_avatar_video
+from latentsync.serving.avatars.store import AvatarError, AvatarStore
+from tests.datafiles import make_faceless_video, media_file
+
+FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
+SPEECH = media_file("audio/7s_shan_0801_01.wav")
+PREPARE_WAIT_S = 180.0
+MIB = 2**20
+
+
+def config_for(cache_dir: Path, **avatar) -> AppConfig:
+    base = AppConfig()
+    return dataclasses.replace(base, avatar=dataclasses.replace(base.avatar, cache_dir=str(cache_dir), **avatar))
+
+
+def upload_of(source: Path, tmp_path: Path, name: str = "upload") -> Path:
+    """A copy of ``source`` as the route leaves it: alone in a private folder."""
+    folder = tmp_path / f"in-{name}-{time.monotonic_ns()}"
+    folder.mkdir()
+    shutil.copy(source, folder / "upload")
+    return folder / "upload"
+
+
+def wait_until_done(store: AvatarStore, avatar_id: str) -> dict:
+    deadline = time.monotonic() + PREPARE_WAIT_S
+    progress = []
+    while True:
+        record = store.get(avatar_id)
+        progress.append(record["progress"])
+        if record["status"] != "preparing":
+            record["seen_progress"] = progress
+            return record
+        assert time.monotonic() < deadline, f"avatar {avatar_id} still preparing after {PREPARE_WAIT_S} s"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def faceless_video(tmp_path_factory) -> Path:
+    """2 s of FFmpeg's test pattern (colour bars, no face), H.264 in MP4."""
+    return make_faceless_video(tmp_path_factory.mktemp("faceless") / "bars.mp4")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """One store that prepared the face video (shared: a preparation takes seconds)."""
+    root = tmp_path_factory.mktemp("avatars")
+    cache = root / "cache"
+    store = AvatarStore(config_for(cache), lambda: {})
+    store.start()
+    record = store.add(upload_of(FACE_VIDEO, root), "Museum guide")
+    assert record["status"] == "preparing" and record["name"] == "Museum guide"
+    done = wait_until_done(store, record["id"])
+    yield store, done, cache
+    store.close()
+
+
+def test_an_uploaded_video_is_prepared_in_the_background_with_progress(prepared):
+    store, record, cache = prepared
+    assert record["status"] == "ready", record["error"]
+    assert record["progress"] == 1.0 and record["error"] is None
+    assert record["seen_progress"] == sorted(record["seen_progress"]), "progress never goes back"
+    assert record["fps"] == 25 and record["num_frames"] == 50 and record["size"] == [832, 1248]
+    assert 0 < record["faces_found"] <= 50
+    video = uploaded_avatar_video(cache, record["id"])
+    assert video.is_file() and video.parent.stat().st_mode & 0o777 == 0o700
+    avatar = Avatar.load(cache / record["prepared"])
+    assert avatar.num_frames == 50 and avatar.frame_size == (832, 1248)
+    # A channel using it at the stream's fps and the video's size finds it prepared (the cache key matches).
+    again = Avatar.prepare(video, AvatarSettings(fps=25, size=(832, 1248)), cache_dir=cache)
+    assert again.path == avatar.path
+    assert [r["id"] for r in store.list()] == [record["id"]]
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(store)
+    text = generate_latest(registry).decode()
+    assert 'latentsync_avatars{status="ready"} 1.0' in text and 'latentsync_avatars{status="failed"} 0.0' in text
+    used = next(
+        float(line.split()[1]) for line in text.splitlines() if line.startswith("latentsync_avatar_cache_bytes ")
+    )
+    assert used >= 50 * 832 * 1248 * 3  # the prepared frames at least
+
+
+def test_uploads_survive_a_restart(prepared):
+    store, record, cache = prepared
+    again = AvatarStore(config_for(cache), lambda: {})
+    again.start()
+    try:
+        assert again.get(record["id"])["status"] == "ready"
+        assert again.get(record["id"])["prepared"] == record["prepared"]
+    finally:
+        again.close()
+
+
+def test_a_video_without_a_face_fails_with_the_reason(tmp_path, faceless_video):
+    store = AvatarStore(config_for(tmp_path / "cache"), lambda: {})
+    store.start()
+    try:
+        record = wait_until_done(store, store.add(upload_of(faceless_video, tmp_path), "bars")["id"])
+    finally:
+        store.close()
+    assert record["status"] == "failed"
+    assert record["error"]["code"] == "no_face"
+    assert "found on only 0 of 50 frames" in record["error"]["message"]
+    assert not list((tmp_path / "cache").glob(f"{record['id']}-*")), "no half-prepared folder is left"
+
+
+def test_bad_uploads_are_refused_and_leave_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    store = AvatarStore(config_for(cache, upload_max_s=1.0), lambda: {})  # not started: nothing prepares
+    playlist = tmp_path / "playlist.m3u8"
+    playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nfile://{FACE_VIDEO}\n#EXT-X-ENDLIST\n")
+    concat = tmp_path / "list.txt"
+    concat.write_text(f"ffconcat version 1.0\nfile '{FACE_VIDEO}'\n")
+    cases = [
+        (SPEECH, 400, "not_video"),  # audio only
+        (playlist, 400, "not_video"),  # HLS naming a local file
+        (concat, 400, "not_video"),  # concat list naming a local file
+        (FACE_VIDEO, 400, "too_long"),  # 2 s > avatar.upload_max_s = 1 s
+    ]
+    for source, status, code in cases:
+        with pytest.raises(AvatarError) as err:
+            store.add(upload_of(source, tmp_path), source.name)
+        assert (err.value.status, err.value.code) == (status, code), source.name
+    assert store.list() == []
+    assert [p.name for p in (cache / "uploads").iterdir()] == []
+
+
+def test_too_many_preparations_at_once_are_refused(tmp_path):
+    store = AvatarStore(config_for(tmp_path / "cache", max_preparing=1), lambda: {})  # not started: one waits
+    first = store.add(upload_of(FACE_VIDEO, tmp_path), "one")
+    with pytest.raises(AvatarError) as err:
+        store.add(upload_of(FACE_VIDEO, tmp_path), "two")
+    assert (err.value.status, err.value.code) == (429, "busy")
+    assert [r["id"] for r in store.list()] == [first["id"]]
+
+
+def fake_entry(cache: Path, name: str, mib: int, age_s: float, upload: bool) -> Path:
+    """A cache entry of ``mib`` MiB last used ``age_s`` ago: an upload with its prepared folder, or a prepared one."""
+    rng = np.random.default_rng(len(name))
+    if upload:
+        folder = cache / "uploads" / name
+        folder.mkdir(parents=True)
+        (folder / f"{name}.mkv").write_bytes(rng.bytes(MIB))
+        record = dict(
+            id=name, name=name, status="ready", progress=1.0, error=None, duration_s=1.0, size=[64, 64], fps=25
+        )
+        (folder / "avatar.json").write_text(json.dumps({**record, "num_frames": 25, "created_at": time.time()}))
+        prepared = cache / f"{name}-0123456789abcdef01234567"
+    else:
+        folder = prepared = cache / f"{name}-0123456789abcdef01234567"
+    prepared.mkdir(parents=True, exist_ok=True)
+    (prepared / "meta.json").write_text("{}")
+    (prepared / "frames.npy").write_bytes(rng.bytes((mib - (1 if upload else 0)) * MIB))
+    stamp = time.time() - age_s
+    for path in {folder, prepared}:
+        os.utime(path, (stamp, stamp))
+    return folder
+
+
+def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path):
+    cache = tmp_path / "cache"
+    oldest = fake_entry(cache, "av-000000000001", 4, 400, upload=True)
+    in_use = fake_entry(cache, "portrait", 4, 300, upload=False)  # older than the next, but a channel uses it
+    middle = fake_entry(cache, "av-000000000002", 4, 200, upload=True)
+    newest = fake_entry(cache, "av-000000000003", 4, 100, upload=True)
+    users = {in_use.resolve(): ["hall"]}
+    store = AvatarStore(config_for(cache, cache_quota_mb=13), lambda: users)
+    store.start()
+    try:
+        assert {r["id"] for r in store.list()} == {"av-000000000001", "av-000000000002", "av-000000000003"}
+        store.enforce_quota()  # 16 MiB in a 13 MiB quota: the oldest unused one goes, with its prepared folder
+        assert not oldest.exists() and not list(cache.glob("av-000000000001-*"))
+        assert in_use.exists() and middle.exists() and newest.exists()
+        assert {r["id"] for r in store.list()} == {"av-000000000002", "av-000000000003"}
+        with pytest.raises(AvatarError) as err:  # room for 10 MiB needs what a channel uses: refused, nothing deleted
+            store._make_room(10 * MIB, keep=set())
+        assert (err.value.status, err.value.code) == (507, "quota_exceeded")
+        assert middle.exists() and newest.exists()
+        store._make_room(4 * MIB + MIB // 2, keep=set())  # 12 + 4.5 MiB: the least recently used unused one goes
+        assert not middle.exists() and newest.exists() and in_use.exists()
+        store.delete("av-000000000003")
+        assert not newest.exists() and store.list() == []
+    finally:
+        store.close()
+
+
+def test_an_avatar_a_channel_uses_cannot_be_deleted(tmp_path):
+    cache = tmp_path / "cache"
+    fake_entry(cache, "av-00000000000a", 1, 10, upload=True)
+    users = {uploaded_avatar_video(cache, "av-00000000000a").resolve(): ["main"]}
+    store = AvatarStore(config_for(cache), lambda: users)
+    store.start()
+    try:
+        assert store.get("av-00000000000a")["used_by"] == ["main"]
+        with pytest.raises(AvatarError) as err:
+            store.delete("av-00000000000a")
+        assert (err.value.status, err.value.code) == (409, "avatar_in_use")
+        with pytest.raises(AvatarError) as err:
+            store.get("av-ffffffffffff")
+        assert (err.value.status, err.value.code) == (404, "no_avatar")
+    finally:
+        store.close()

@@ -1,0 +1,67 @@
+"""Text to speech: sentence splitting, the real espeak-ng, and the feeder that streams it into an utterance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from latentsync.serving.generation.speech import SpeechStreams, StreamLimits
+from latentsync.serving.generation.tts import EspeakNg, SpeechFeeder, split_sentences
+from latentsync.serving.generation.utterance import SpeechStreamError
+from tests.fakes import FPS, RATE, FakePool, FramesAvatar, fake_manager, wait_for
+
+
+@pytest.fixture
+def espeak() -> EspeakNg:
+    if shutil.which("espeak-ng") is None:
+        if os.environ.get("CI"):
+            pytest.fail("espeak-ng is missing (scripts/tts.sh install)")
+        pytest.skip("espeak-ng is missing (scripts/tts.sh install)")
+    return EspeakNg("en", 175, timeout_s=10.0)
+
+
+def test_split_sentences():
+    assert split_sentences("Hello there.  How are you?\nFine!  ") == ["Hello there.", "How are you?", "Fine!"]
+    long = " ".join(["word"] * 100)  # 499 characters, no punctuation
+    parts = split_sentences(long, max_chars=200)
+    assert all(len(p) <= 200 for p in parts) and " ".join(parts) == long
+    assert split_sentences("   ") == []
+
+
+def test_espeak_speaks_each_sentence_and_refuses_unknown_voices(espeak):
+    chunks = list(espeak.synthesize("One. Two two two. Three.", voice="en-us", rate_wpm=200))
+    assert len(chunks) == 3 and all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
+    assert all(np.abs(c).max() > 1000 for c in chunks)  # speech, not silence
+    assert 0.2 < len(chunks[1]) / espeak.sample_rate_hz < 3.0
+    with pytest.raises(SpeechStreamError) as err:
+        list(espeak.synthesize("Hello.", voice="no-such-voice"))
+    assert err.value.code == "unknown_voice"
+    assert "en" in espeak.voices() and "de" in espeak.voices()
+
+
+def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
+    pool = FakePool()
+    manager, playlist = fake_manager(pool, FramesAvatar())
+    streams = SpeechStreams(manager, StreamLimits(), 2)
+    errors = []
+    try:
+        u = streams.open()
+        feeder = SpeechFeeder(u, espeak, lambda code, message: errors.append(code), manager.cancel)
+        feeder.push_text("Hello. World.")
+        tone = np.full(RATE // 10, 0.25, np.float32)  # 100 ms after the text
+        feeder.push_pcm(tone, RATE)
+        feeder.end()
+        wait_for(lambda: u.ended, "the feeder ends the utterance")
+        feeder.join(5.0)
+        assert not feeder.alive and errors == []
+        stream = u.task.audio.stream
+        assert u.final_frames == -(-len(stream) * FPS // RATE) and len(stream) / RATE > 0.8
+        np.testing.assert_array_equal(stream[-RATE // 20 :], np.full(RATE // 20, 8192, np.int16))  # PCM came last
+        with pytest.raises(SpeechStreamError) as err:
+            feeder.push_pcm(tone, RATE)
+        assert err.value.code == "not_open"
+    finally:
+        manager.close()

@@ -1,0 +1,207 @@
+"""WorkerPool with real spawned workers (parametric engine): order, batching, a dead worker mid-batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.config import load_config
+from latentsync.engines import ChunkRequest
+from latentsync.serving.api.app import create_app
+from latentsync.serving.generation.pool import JobFailed, WorkerPool, WorkerPoolError
+from latentsync.serving.runtime.runtime import Runtime
+from tests.datafiles import media_file
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory) -> Avatar:
+    return Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25), cache_dir=tmp_path_factory.getbasetemp() / "avatars"
+    )
+
+
+@pytest.fixture
+def pool(avatar):
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4)
+    pool.start()
+    yield pool
+    pool.close()
+
+
+def request(k: int) -> ChunkRequest:
+    features = np.tile(np.array([[0.8, 0.0]], np.float32), (16, 1))
+    return ChunkRequest("task", k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
+
+
+def submit_all(pool: WorkerPool, n: int, deadline_s: float = 30.0) -> tuple[dict, threading.Event, list]:
+    results, errors, done = {}, [], threading.Event()
+
+    def ok(result):
+        results[result.chunk_index] = result
+        if len(results) == n:
+            done.set()
+
+    for k in range(n):
+        pool.submit_chunk(request(k), deadline_s, ok, errors.append)
+    return results, done, errors
+
+
+def test_queued_chunks_go_in_batches_but_first_chunks_alone(pool):
+    results, done, errors = submit_all(pool, 6)
+    assert done.wait(60), errors
+    assert sorted(results) == list(range(6)) and not errors
+    for k, result in results.items():
+        assert result.faces.shape == (16, 256, 256, 3)
+        np.testing.assert_array_equal(result.frame_indices, np.arange(16) + 16 * k)
+    stats = pool.stats()
+    # chunk 0 alone (it holds back a first frame), then 1-4 together, then 5: three calls for six chunks.
+    assert stats.dispatches == 3 and stats.completed == 6 and stats.rebuilds == 0
+
+
+def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool):
+    results, done, errors = submit_all(pool, 6)
+    time.sleep(0.05)
+    os.kill(pool.worker_pids()[0], signal.SIGKILL)
+    assert done.wait(90), errors
+    assert sorted(results) == list(range(6)) and not errors
+    stats = pool.stats()
+    assert stats.rebuilds >= 1 and stats.retried >= 1
+
+
+def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
+    broken = WorkerPool("parametric", {"no_such_option": 1}, avatar.path, workers=1, start_timeout_s=60)
+    with pytest.raises(WorkerPoolError, match="no_such_option"):
+        broken.start()
+    broken.close()
+
+
+def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(avatar):
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=1)
+    pool.start()
+    try:
+        order, errors = [], []
+        features = np.tile(np.array([[0.5, 0.0]], np.float32), (16, 1))
+
+        def ok(result):
+            order.append((result.task_id, result.chunk_index))
+
+        now = time.monotonic()
+        # The first job goes to the free worker at once; the rest wait and leave by due time.
+        jobs = [
+            ("a", 0, now),
+            ("late", 1, now + 50),
+            ("soon", 1, now + 10),
+            ("late", 2, now + 60),
+            ("soon", 2, now + 20),
+            ("late", 3, now + 70),
+            ("mid", 1, now + 30),
+        ]
+        for task_id, k, due in jobs:
+            pool.submit_chunk(
+                ChunkRequest(task_id, k, np.arange(16, dtype=np.int64), features=features),
+                30.0,
+                ok,
+                errors.append,
+                due_at=due,
+            )
+        assert pool.cancel_task("late") == 3  # all three still queued: the worker is busy with ("a", 0)
+        assert pool.stats().queued == 3
+        deadline = time.monotonic() + 60
+        while len(order) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert order == [("a", 0), ("soon", 1), ("soon", 2), ("mid", 1)] and not errors
+        assert pool.stats().queued == 0 and pool.stats().completed == 4
+    finally:
+        pool.close()
+
+
+def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, tmp_path):
+    flag = tmp_path / "fail-next-load"
+    pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1, start_timeout_s=60)
+    pool.start()
+    try:
+        results, done, errors = submit_all(pool, 1)
+        assert done.wait(60) and not errors and pool.ready() and pool.broken is None
+        flag.touch()  # from now on a fresh worker cannot load its engine
+        os.kill(pool.worker_pids()[0], signal.SIGKILL)
+        failed = threading.Event()
+        reasons: list[str] = []
+
+        def on_error(reason: str) -> None:
+            reasons.append(reason)
+            failed.set()
+
+        pool.submit_chunk(request(1), 30.0, lambda result: reasons.append("generated on a broken pool"), on_error)
+        assert failed.wait(60), "the queued job never failed"
+        assert "refuses to load" in reasons[0] and len(reasons) == 1
+        assert not pool.ready() and "refuses to load" in pool.broken
+        with pytest.raises(JobFailed, match="refuses to load"):  # later jobs fail at once, with the reason
+            pool.submit_chunk(request(2), 30.0, lambda result: None, lambda reason: None)
+        stats = pool.stats()
+        assert stats.rebuilds == 1 and stats.queued == 0 and stats.in_flight == 0
+        # Over HTTP: readiness fails and names the reason (the server's /health on this broken pool).
+        runtime = Runtime(load_config(None, []))
+        runtime.main.pool = pool
+        answer = create_app(runtime).test_client().get("/health?ready=1")
+        assert answer.status_code == 503
+        assert answer.json["engine_ready"] is False and "refuses to load" in answer.json["engine_error"]
+    finally:
+        pool.close()
+
+
+def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of_avatars(avatar, tmp_path):
+    """Channels share the pool: each job runs on its own avatar, EDF across avatars, batches never mix them."""
+    other = Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)), cache_dir=tmp_path
+    )
+    assert other.path != avatar.path
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, max_avatars=1)
+    pool.start()
+    try:
+        order, results, errors = [], {}, []
+        rng = np.random.default_rng(3)
+        done = threading.Event()
+
+        def ok(result):
+            order.append((result.task_id, result.chunk_index))
+            results[(result.task_id, result.chunk_index)] = result
+            if len(results) == 7:
+                done.set()
+
+        now = time.monotonic()
+        jobs = [
+            ("a", 0, now, None),
+            ("a", 1, now + 40, None),
+            ("b", 1, now + 10, other.path),
+            ("a", 2, now + 20, avatar.path),
+            ("b", 2, now + 30, other.path),
+            ("b", 3, now + 35, other.path),
+            ("a", 3, now + 60, None),
+        ]
+        requests = {}
+        for task_id, k, due, path in jobs:
+            features = rng.uniform(0, 1, (16, 2)).astype(np.float32)
+            requests[(task_id, k)] = ChunkRequest(task_id, k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
+            pool.submit_chunk(requests[(task_id, k)], 30.0, ok, errors.append, due_at=due, avatar=path)
+        assert done.wait(90), errors
+        # The first job went to the free worker at once; then earliest deadline first whatever the avatar.
+        # Batches (max_batch=4) hold one avatar only: b1 alone (a2 is next), a2 alone, b2+b3, a1+a3.
+        assert order == [("a", 0), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 1), ("a", 3)]
+        from latentsync.engines.parametric import ParametricEngine
+
+        for bound, tasks in ((avatar, "a"), (other, "b")):
+            engine = ParametricEngine(bound)
+            engine.load()
+            for (task_id, k), request in requests.items():
+                if task_id == tasks:
+                    np.testing.assert_array_equal(results[(task_id, k)].faces, engine.generate(request).faces)
+        assert pool.loaded_avatars() == [[str(avatar.path)]]  # max_avatars=1: the last one used, the other dropped
+        assert pool.stats().dispatches == 5 and not errors
+    finally:
+        pool.close()

@@ -1,0 +1,176 @@
+"""StreamingController tick accounting against test sinks (the sink is the seam we fake here)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from latentsync.media.timing import samples_before_frame
+from latentsync.serving.playout.clock import ControllerStats, StreamingController
+from latentsync.serving.playout.idle import IdleLoop
+from latentsync.serving.playout.state import StreamState
+
+FPS = 32  # binary-exact frame period (1/32 s): virtual times add up exactly
+RATE = 44100  # 1378.125 samples per frame: the fractional remainder must be carried
+PERIOD = 1.0 / FPS
+
+
+def make_idle(frames: int = 7, with_audio: bool = True) -> IdleLoop:
+    video = np.zeros((frames, 8, 8, 3), dtype=np.uint8)
+    video[:, 0, 0, 0] = np.arange(frames)  # frame id in pixel (0, 0)
+    audio = (np.arange(frames * 1000) % 30000).astype(np.int16) if with_audio else None
+    return IdleLoop(video, audio)
+
+
+class VirtualClock:
+    """A monotonic clock that only moves when the controller waits or a sink spends time.
+
+    ``wait(timeout_s)`` jumps ahead instead of sleeping and reports "stop" once the run length is
+    reached, so the controller thread runs exactly the ticks due in ``[0, run_s)``.
+    """
+
+    def __init__(self, run_s: float = float("inf")):
+        self.now = 0.0
+        self.run_s = run_s
+        self.finished = threading.Event()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.now + timeout_s >= self.run_s:
+            self.now = self.run_s
+            self.finished.set()
+            return True
+        self.now += timeout_s
+        return False
+
+
+class RecordingSink:
+    """Accepts everything; optionally spends virtual time per offer, refuses every n-th offer, or
+    stops the controller after a number of offers."""
+
+    def __init__(
+        self, clock: VirtualClock | None = None, delay_s: float = 0.0, refuse_every: int = 0, stop_after: int = 0
+    ):
+        self.clock = clock
+        self.delay_s = delay_s
+        self.refuse_every = refuse_every
+        self.stop_after = stop_after
+        self.controller: StreamingController | None = None
+        self.offers = 0
+        self.frames: list[int] = []
+        self.samples: list[int] = []
+        self.audio: list[np.ndarray] = []
+
+    def offer(self, video, audio):
+        self.offers += 1
+        if self.delay_s:
+            self.clock.now += self.delay_s
+        if self.stop_after and self.offers == self.stop_after:
+            self.controller.close()  # from the clock thread: ends the loop after this tick
+            self.clock.finished.set()
+        if self.refuse_every and self.offers % self.refuse_every == 0:
+            return False
+        self.frames.append(int(video[0, 0, 0]))
+        self.samples.append(len(audio))
+        self.audio.append(audio.copy())
+        return True
+
+
+def run_virtual(source, sink: RecordingSink, clock: VirtualClock, **kwargs) -> ControllerStats:
+    """Run the real clock thread on virtual time until the clock or the sink ends it."""
+    controller = StreamingController(source, sink, fps=FPS, sample_rate_hz=RATE, clock=clock, wait=clock.wait, **kwargs)
+    sink.controller = controller
+    controller.start()
+    assert clock.finished.wait(10), "the controller thread did not reach the end of the virtual run"
+    controller.close()
+    return controller.stats()
+
+
+def test_emits_every_tick_on_schedule_with_exact_audio():
+    clock = VirtualClock(run_s=1.0)
+    sink = RecordingSink()
+    stats = run_virtual(make_idle(), sink, clock)
+    assert stats.state == StreamState.STOPPED
+    # Ticks due at 0, 1/32, ..., 31/32 s: exactly 32 in one second, none late, none dropped.
+    assert stats.ticks == stats.frames_emitted == len(sink.frames) == 32
+    assert (stats.dropped_ticks, stats.late_ticks, stats.max_lateness_ms) == (0, 0, 0.0)
+    assert stats.uptime_s == 1.0
+    # Audio per emitted frame n is floor((n+1)*sr/fps) - floor(n*sr/fps): 1378 or 1379 at 44.1 kHz / 32 fps,
+    # exactly 44100 over the second.
+    assert sum(sink.samples) == samples_before_frame(32, RATE, FPS) == RATE
+    assert set(sink.samples) == {1378, 1379}
+    # The idle video loops frame by frame, the audio sample-continuously across the wrap.
+    assert sink.frames[:9] == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    stream = np.concatenate(sink.audio)
+    expected = (np.arange(len(stream)) % 7000 % 30000).astype(np.int16)
+    np.testing.assert_array_equal(stream, expected)
+
+
+def test_refused_ticks_are_counted_dropped_and_the_clock_keeps_going():
+    clock = VirtualClock(run_s=1.0)
+    sink = RecordingSink(refuse_every=4)
+    stats = run_virtual(make_idle(), sink, clock)
+    assert (stats.ticks, stats.dropped_ticks, stats.frames_emitted) == (32, 8, 24)
+    assert len(sink.frames) == 24
+    # Dropped ticks take no audio with them: what was emitted stays exact.
+    assert sum(sink.samples) == samples_before_frame(24, RATE, FPS)
+
+
+def test_slow_sink_makes_ticks_late_but_never_stops_the_clock():
+    # Each offer takes 1.5 frame periods, so tick k is handled k/2 periods late. Ticks 2..16 are late
+    # (lateness > half a period); tick 17 would be 8.5 periods late, over max_catchup_s (8 periods):
+    # the clock re-anchors, counting ticks 17..24 as dropped, and resumes at tick 25 (half a period
+    # late, not counted late), 26 and 27 (late). The sink ends the run at its 20th offer.
+    clock = VirtualClock()
+    sink = RecordingSink(clock, delay_s=1.5 * PERIOD, stop_after=20)
+    stats = run_virtual(make_idle(), sink, clock, max_catchup_s=8 * PERIOD)
+    assert stats.frames_emitted == 20
+    assert stats.dropped_ticks == 8
+    assert stats.ticks == 28 == stats.frames_emitted + stats.dropped_ticks
+    assert stats.late_ticks == 15 + 2
+    assert stats.max_lateness_ms == 8 * PERIOD * 1000  # tick 16; the skipped stall is not a late tick
+    # The frames keep their order across the skip: the source is asked only for emitted ticks.
+    assert sink.frames[:9] == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert sum(sink.samples) == samples_before_frame(20, RATE, FPS)
+
+
+def test_pingpong_and_silence():
+    clock = VirtualClock(run_s=8 * PERIOD)
+    sink = RecordingSink()
+    idle = IdleLoop(make_idle(4).frames, None, pingpong=True)
+    stats = run_virtual(idle, sink, clock)
+    assert stats.ticks == 8
+    assert sink.frames == [0, 1, 2, 3, 2, 1, 0, 1]
+    assert all(not a.any() for a in sink.audio)
+
+
+def test_close_wakes_a_waiting_clock_at_once():
+    # The default wait is the stop event: close() ends a clock that is waiting for its next tick (here
+    # forever: the injected clock stands still a whole frame period before tick 1) without sleeping it out.
+    controller = StreamingController(make_idle(), RecordingSink(), fps=1, sample_rate_hz=RATE, clock=lambda: 0.0)
+    controller.start()
+    deadline = time.monotonic() + 10
+    while controller.stats().frames_emitted < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert controller.stats().frames_emitted == 1  # tick 0 is due at once
+    controller.close(timeout_s=0.5)  # half the 1 s wait for tick 1
+    assert not controller._thread.is_alive()
+    assert controller.stats().frames_emitted == 1
+
+
+def test_close_is_idempotent_and_safe_before_start():
+    controller = StreamingController(make_idle(), RecordingSink(), fps=FPS, sample_rate_hz=RATE)
+    controller.close()
+    controller.close()
+    controller.start()  # a closed controller does not start again
+    assert controller.stats().ticks == 0
+
+
+def test_idle_loop_rejects_bad_frames():
+    with pytest.raises(ValueError, match="uint8"):
+        IdleLoop(np.zeros((3, 8, 8, 3), dtype=np.float32), None)

@@ -1,0 +1,246 @@
+"""ProgramMixer: crossfades, speech audio on its first frame, underruns, back-to-back programs, interrupts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latentsync.serving.playout.idle import IdleLoop
+from latentsync.serving.playout.mixer import ProgramMixer
+from latentsync.serving.playout.state import StreamState
+
+N = 1920  # samples per tick (48 kHz at 25 fps)
+FADE = 5
+
+
+def idle_loop() -> IdleLoop:
+    frames = np.zeros((10, 4, 4, 3), dtype=np.uint8)  # black
+    audio = np.full(10 * N, 1000, dtype=np.int16)  # constant idle hum
+    return IdleLoop(frames, audio)
+
+
+class FakeProgram:
+    """Frames are flat grey at 200 with the frame index in pixel (0, 0); audio sample i is i % 30000."""
+
+    def __init__(self, task_id: str, num_frames: int, available: int | None = None, ready: bool = True):
+        self.task_id = task_id
+        self.num_frames = num_frames
+        self.available = num_frames if available is None else available
+        self.ready = ready
+        self.cancelled = False
+        self.events: list[tuple[str, int]] = []
+        self.audio_track = (np.arange(num_frames * N) % 30000).astype(np.int16)
+
+    def ready_to_start(self):
+        return self.ready
+
+    def frame(self, index):
+        if index >= self.available:
+            return None
+        f = np.full((4, 4, 3), 200, dtype=np.uint8)
+        f[0, 0, 0] = index % 200
+        return f
+
+    def continuation_frame(self, index):
+        return np.full((4, 4, 3), 100, dtype=np.uint8)
+
+    def audio(self, start, count):
+        out = np.zeros(count, dtype=np.int16)
+        chunk = self.audio_track[start : start + count]
+        out[: len(chunk)] = chunk
+        return out
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def on_air(self, event, frames):
+        self.events.append((event, frames))
+
+
+def run(mixer: ProgramMixer, ticks: int):
+    out = []
+    for _ in range(ticks):
+        frame, audio = mixer.next(N)
+        out.append((mixer.state, frame.copy(), audio.copy()))
+    return out
+
+
+def test_idle_fade_in_speech_fade_out_idle():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    assert [s for s, _, _ in run(mixer, 3)] == [StreamState.IDLE] * 3
+    program = FakeProgram("a", 20)
+    assert mixer.enqueue(program)
+    ticks = run(mixer, 20 + FADE + 3)
+    states = [mixer_state for mixer_state, _, _ in ticks]
+    # Fade in over FADE frames (the program already plays), speak, fade out over FADE frames, idle.
+    assert states[:FADE] == [StreamState.FADE_IN] * FADE
+    assert states[FADE:20] == [StreamState.SPEAKING] * (20 - FADE)
+    assert states[20 : 20 + FADE] == [StreamState.FADE_OUT] * FADE
+    assert states[-1] is StreamState.IDLE
+    # Video: blended from black towards the program's grey, strictly increasing, then pure.
+    grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
+    assert grey[:FADE] == sorted(grey[:FADE]) and 0 < grey[0] < grey[FADE - 1] < 200
+    assert grey[FADE:20] == [200] * (20 - FADE)
+    # The program's own frames play in order from its first frame, none skipped.
+    assert [int(f[0, 0, 0]) for _, f, _ in ticks[FADE:20]] == list(range(FADE, 20))
+    # Audio: the speech starts on the program's first frame at full level; the idle hum fades out under it.
+    speech = np.concatenate([a for _, _, a in ticks[:20]]).astype(np.int64)
+    hum = speech - program.audio_track[: 20 * N]
+    assert hum[0] > 0 and np.all(np.diff(hum[::N][:FADE]) < 0) and np.all(hum[FADE * N :] == 0)
+    # After the program: hum fades back in.
+    tail = [int(a[0]) for _, _, a in ticks[20:]]
+    assert tail == sorted(tail) and tail[-1] == 1000
+    assert program.events == [("first_frame", 0), ("done", 20), ("off_air", 20 + FADE)]
+    assert mixer.programs_finished == 1 and mixer.underrun_ticks == 0
+
+
+def test_underrun_holds_the_last_frame_in_silence_and_keeps_sync():
+    mixer = ProgramMixer(idle_loop(), 0)
+    program = FakeProgram("a", 30, available=10)
+    mixer.enqueue(program)
+    first = run(mixer, 14)
+    assert [int(f[0, 0, 0]) for _, f, _ in first[:10]] == list(range(10))
+    for _, frame, audio in first[10:]:  # underrun: last frame held, silence
+        assert int(frame[0, 0, 0]) == 9 and not audio.any()
+    assert mixer.underrun_ticks == 4
+    program.available = 30  # the next chunk arrives
+    rest = run(mixer, 20)
+    # Frame 10 comes with audio of frame 10: the pause did not shift speech against video.
+    assert int(rest[0][1][0, 0, 0]) == 10
+    np.testing.assert_array_equal(rest[0][2], program.audio_track[10 * N : 11 * N])
+    assert program.events[-1] == ("off_air", 30)
+
+
+def test_back_to_back_programs_never_return_to_idle():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    a, b = FakeProgram("a", 12), FakeProgram("b", 12)
+    mixer.enqueue(a)
+    mixer.enqueue(b)
+    states = [s for s, _, _ in run(mixer, 24 + FADE)]
+    assert StreamState.IDLE not in states[:24]
+    assert states[12 : 12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
+    assert a.events == [("first_frame", 0), ("done", 12), ("off_air", 12 + FADE)]  # faded under b's start
+    assert b.events[-2:] == [("done", 12), ("off_air", 12 + FADE)]
+
+
+def test_program_waits_for_the_jitter_buffer():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 10, ready=False)
+    mixer.enqueue(program)
+    assert {s for s, _, _ in run(mixer, 5)} == {StreamState.IDLE}
+    program.ready = True
+    assert run(mixer, 1)[0][0] is StreamState.FADE_IN
+
+
+def test_interrupt_on_air_fades_out_within_crossfade_frames():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 100)
+    mixer.enqueue(program)
+    run(mixer, 20)
+    mixer.interrupt("a")
+    ticks = run(mixer, FADE + 1)
+    assert [s for s, _, _ in ticks[:FADE]] == [StreamState.FADE_OUT] * FADE
+    assert ticks[FADE][0] is StreamState.IDLE
+    # Interrupted at frame 20; off air (idle back) after exactly FADE more frames.
+    assert program.events[-2:] == [("interrupted", 20), ("off_air", 20 + FADE)]
+    # The speech fades out under the returning hum instead of being cut.
+    speech_level = [np.abs(a.astype(np.int64) - 1000).mean() for _, _, a in ticks[:FADE]]
+    assert speech_level == sorted(speech_level, reverse=True)
+    assert mixer.programs_interrupted == 1
+
+
+def test_interrupt_or_cancel_of_a_queued_program_drops_it():
+    mixer = ProgramMixer(idle_loop(), 0)
+    a, b, c = FakeProgram("a", 5), FakeProgram("b", 5), FakeProgram("c", 5)
+    for p in (a, b, c):
+        mixer.enqueue(p)
+    mixer.interrupt("b")
+    c.cancelled = True
+    run(mixer, 20)
+    assert a.events[-2:] == [("done", 5), ("off_air", 5)]
+    assert b.events == [] and c.events == []
+    assert mixer.pending() == 0
+
+
+def test_failed_generation_fades_out_instead_of_holding_forever():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = FakeProgram("a", 40, available=16)
+    mixer.enqueue(program)
+    run(mixer, 16)
+    program.cancelled = True  # what SpeechProgram reports once the missing chunk will never come
+    ticks = run(mixer, FADE + 1)
+    assert [s for s, _, _ in ticks] == [StreamState.FADE_OUT] * FADE + [StreamState.IDLE]
+    assert mixer.underrun_ticks == 0
+
+
+def test_playlist_is_bounded():
+    mixer = ProgramMixer(idle_loop(), FADE, max_programs=2)
+    assert mixer.enqueue(FakeProgram("a", 5, ready=False))
+    assert mixer.enqueue(FakeProgram("b", 5))
+    assert not mixer.enqueue(FakeProgram("c", 5))
+
+
+def test_finished_tasks_release_their_audio():
+    from latentsync.serving.generation.program import SpeechProgram
+    from latentsync.serving.generation.task import Task, TaskAudio, TaskState
+    from latentsync.serving.playout.mixer import ProgramEvent
+
+    audio = TaskAudio(np.ones(10 * N, np.int16), np.zeros(16000, np.float32), 48000)
+    task = Task(task_id="t", audio=audio, num_frames=10, num_chunks=1)
+    task.transition(TaskState.preparing)
+    task.transition(TaskState.generating)
+    program = SpeechProgram(task, avatar=None, fps=25)
+    assert program.audio(0, 4).tolist() == [1, 1, 1, 1]
+    program.on_air(ProgramEvent.FIRST_FRAME, 0)
+    program.on_air(ProgramEvent.DONE, 10)
+    assert task.state is TaskState.done
+    assert task.history == [
+        TaskState.queued,
+        TaskState.preparing,
+        TaskState.generating,
+        TaskState.streaming,
+        TaskState.done,
+    ]
+    program.on_air(ProgramEvent.OFF_AIR, 15)  # the fade back to idle is over
+    assert task.audio is None and task.to_json()["audio_duration_s"] == 0.4
+    assert program.audio(0, 4).tolist() == [0, 0, 0, 0]
+
+
+def flat_loop(value: int, hum: int) -> IdleLoop:
+    return IdleLoop(np.full((10, 4, 4, 3), value, dtype=np.uint8), np.full(10 * N, hum, dtype=np.int16))
+
+
+def test_an_idle_switch_waits_for_the_idle_moment_then_crossfades_old_loop_into_new():
+    mixer = ProgramMixer(flat_loop(0, 1000), FADE)
+    mixer.enqueue(FakeProgram("a", 8))  # on air on ticks 1..8, fading back to idle on ticks 9..13
+    ticks = run(mixer, 2)
+    switched = []
+    mixer.switch_idle(flat_loop(250, 3000), lambda: switched.append(mixer.ticks))
+    ticks += run(mixer, 8 + FADE + FADE + 2 - 2)
+    states = [s for s, _, _ in ticks]
+    grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
+    # The speech and its fade-out back to the old (black) loop are untouched by the waiting switch.
+    assert states[:8] == [StreamState.FADE_IN] * FADE + [StreamState.SPEAKING] * (8 - FADE)
+    fade_back = grey[8 : 8 + FADE]
+    assert states[8 : 8 + FADE] == [StreamState.FADE_OUT] * FADE and fade_back == sorted(fade_back, reverse=True)
+    assert 0 < fade_back[-1] < fade_back[0] < 200
+    assert switched == [8 + FADE + 1], "the switch begins on the first tick after the fade-out ended"
+    # Then the old loop crossfades into the new one (the hum too), strictly increasing, then the new loop.
+    switch = grey[8 + FADE : 8 + 2 * FADE]
+    assert switch == sorted(switch) and 0 < switch[0] < switch[-1] < 250
+    hums = [int(a[0]) for _, _, a in ticks[8 + FADE : 8 + 2 * FADE]]
+    assert hums == sorted(hums) and 1000 < hums[0] < hums[-1] < 3000
+    assert grey[-2:] == [250, 250] and int(ticks[-1][2][0]) == 3000 and states[-1] is StreamState.IDLE
+    assert not mixer.idle_switch_pending and mixer.idle_switches == 1
+
+
+def test_a_program_queued_after_a_switch_request_brings_the_new_loop_with_it():
+    mixer = ProgramMixer(flat_loop(0, 1000), FADE)
+    mixer.enqueue(FakeProgram("old", 6))
+    run(mixer, 3)  # the old avatar's program is on air
+    mixer.switch_idle(flat_loop(250, 3000))
+    mixer.enqueue(FakeProgram("new", 6))  # back to back: there is no idle moment in between
+    ticks = run(mixer, 3 + 6 + FADE + 2)
+    assert mixer.idle_switches == 1 and mixer.programs_finished == 2
+    # After the new program the stream fades out into the new loop, never back to the old one.
+    assert [int(f[1, 1, 0]) for _, f, _ in ticks[-2:]] == [250, 250]
+    assert all(s is not StreamState.IDLE for s, _, _ in ticks[: 3 + 6])

@@ -1,0 +1,296 @@
+"""Channels sharing one pool, with fakes at the pool seam (as tests/serving/generation/test_tasks.py): avatars and deadlines.
+
+Two channels' TaskManagers talk to one recording pool through :class:`ChannelPool`, as in the
+server. A long upload on one channel must not push the deadlines of another channel's speech: each
+channel has its own timeline on the same ``time.monotonic()`` clock, so the shared earliest-deadline
+queue serves the other channel's first chunk before the long upload's later chunks.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+
+import numpy as np
+import pytest
+
+from latentsync.config import ConfigError, channel_configs, load_config
+from latentsync.engines import CHUNK_FRAMES
+from latentsync.serving.generation.scheduler import TaskManager
+from latentsync.serving.runtime.channel import ChannelPool
+from tests.fakes import FPS, FakeJob, FakePlaylist, FakePool, fake_manager, speech, wait_for
+
+
+class AvatarPool(FakePool):
+    """The fake pool that also records which avatar each job names (what :class:`ChannelPool` adds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.avatars: dict[int, str | None] = {}
+
+    def submit_features(
+        self,
+        audio_16k,
+        deadline_s,
+        on_done,
+        on_error,
+        label="features",
+        frames=None,
+        due_at=None,
+        task_id=None,
+        avatar=None,
+    ):
+        super().submit_features(audio_16k, deadline_s, on_done, on_error, label, frames, due_at, task_id)
+        with self.lock:
+            self.avatars[id(self.jobs[-1])] = avatar
+
+    def submit_chunk(self, request, deadline_s, on_done, on_error, due_at=None, avatar=None):
+        super().submit_chunk(request, deadline_s, on_done, on_error, due_at)
+        with self.lock:
+            self.avatars[id(self.jobs[-1])] = avatar
+
+    def edf(self) -> list[FakeJob]:
+        """The queued jobs in the order the real WorkerPool serves them (earliest ``due_at`` first)."""
+        with self.lock:
+            return sorted(self.jobs, key=lambda j: j.due_at)
+
+
+class FakeAvatar:
+    def __init__(self, path: str):
+        self.path = path
+        self.num_frames = 50
+
+    def frame_index(self, i: int) -> int:
+        return i % self.num_frames
+
+    def paste(self, base_index, faces):
+        return faces
+
+
+def manager(pool: AvatarPool, path: str) -> tuple[TaskManager, FakePlaylist]:
+    return fake_manager(ChannelPool(pool, path), FakeAvatar(path))
+
+
+def feed_features(pool: AvatarPool, task_id: str) -> None:
+    """Answer a task's queued features jobs (zeros of the asked rows)."""
+    for job in [j for j in pool.of(task_id) if j.kind == "features"]:
+        pool.take(job)
+        start, end = job.frames
+        job.on_done(np.zeros((end - start, 2), np.float32))
+
+
+def test_a_long_upload_on_one_channel_never_pushes_another_channels_deadlines():
+    pool = AvatarPool()
+    shop, _ = manager(pool, "/avatars/shop")
+    hall, _ = manager(pool, "/avatars/hall")
+    try:
+        long_task, _ = shop.submit(speech(300.0), None, None)  # 5 minutes on channel shop
+        wait_for(lambda: pool.of(long_task.task_id), "the long upload's features job")
+        feed_features(pool, long_task.task_id)
+        wait_for(lambda: sum(j.kind == "chunk" for j in pool.of(long_task.task_id)) >= 8, "its chunks queued")
+        same_channel, _ = shop.submit(speech(7.0), None, None)  # waits behind the long one: due in ~300 s
+        short, _ = hall.submit(speech(7.0), None, None)  # the other channel: due now
+        wait_for(lambda: pool.of(short.task_id) and pool.of(same_channel.task_id), "both 7 s uploads' features")
+        feed_features(pool, short.task_id)
+        wait_for(lambda: any(j.kind == "chunk" for j in pool.of(short.task_id)), "the short upload's chunks")
+
+        # Every job names its own channel's avatar.
+        for job in pool.edf():
+            expected = "/avatars/hall" if job.task_id == short.task_id else "/avatars/shop"
+            assert pool.avatars[id(job)] == expected, job
+
+        first = next(j for j in pool.of(short.task_id) if j.kind == "chunk" and j.request.chunk_index == 0)
+        long_first = next(j for j in pool.of(long_task.task_id) if j.kind == "chunk" and j.request.chunk_index == 0)
+        same_first = pool.of(same_channel.task_id)[0]
+        # The same channel's next upload is due after the 300 s on air before it; the other channel's
+        # first chunk is due at once: the long upload's backlog is not in its timeline.
+        assert same_first.due_at - long_first.due_at == pytest.approx(long_task.num_frames / FPS, abs=1.0)
+        assert first.due_at - long_first.due_at < 5.0
+        # In the shared earliest-deadline queue, the long upload's chunks queued ahead of the other
+        # channel's first chunk are only those genuinely due before it (a bounded window, not 5 minutes).
+        order = pool.edf()
+        ahead = order[: order.index(first)]
+        assert all(j.due_at <= first.due_at for j in ahead)
+        assert all(j.task_id == long_task.task_id for j in ahead)
+        long_chunks = [j for j in order if j.task_id == long_task.task_id and j.kind == "chunk"]
+        assert len(ahead) < len(long_chunks)  # the rest of the long upload's chunks wait behind it
+        later = [j for j in pool.of(short.task_id) if j.kind == "chunk"]
+        assert all(
+            j.due_at - first.due_at == pytest.approx(j.request.chunk_index * CHUNK_FRAMES / FPS, abs=0.5) for j in later
+        )
+    finally:
+        shop.close()
+        hall.close()
+
+
+def test_channel_configs_inherit_the_top_level_keys_and_validate_once(tmp_path):
+    config = load_config(
+        None,
+        [
+            "stream.fps=30",
+            "stream.width=256",
+            "stream.height=456",
+            'channels=[{name: hall, rtmp_url: "rtmp://127.0.0.1:1935/live/hall", fps: 25}]',
+        ],
+    )
+    by_name = channel_configs(config)
+    assert list(by_name) == ["main", "hall"]
+    assert by_name["main"].stream.rtmp_url == config.stream.rtmp_url and by_name["main"].channels == []
+    hall = by_name["hall"].stream
+    assert (hall.fps, hall.width, hall.height, hall.rtmp_url) == (25, 256, 456, "rtmp://127.0.0.1:1935/live/hall")
+    bad = {
+        'channels=[{name: "Bad Name", rtmp_url: "rtmp://h/live/x"}]': "channels[0].name",
+        'channels=[{name: main, rtmp_url: "rtmp://h/live/x"}]': "channels[0].name",
+        'channels=[{name: a, rtmp_url: "rtmp://h/live/x"}, {name: a, rtmp_url: "rtmp://h/live/y"}]': "channels[1].name",
+        "channels=[{name: a}]": "channels[0].rtmp_url",
+        'channels=[{name: a, rtmp_url: "rtmp://127.0.0.1:1935/live/avatar"}]': "channels[0].rtmp_url",
+        'channels=[{name: a, rtmp_url: "rtmp://h/live/x", width: 255, height: 456}]': "channels[0] (a): stream.width",
+        'channels=[{name: a, rtmp_url: "rtmp://h/live/x", idle_video: /no/such.mp4}]': "(a): avatar.idle_video",
+        "max_channels=0": "max_channels",
+    }
+    for override, key in bad.items():
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="at most max_channels"):
+        load_config(None, ["max_channels=1", 'channels=[{name: a, rtmp_url: "rtmp://h/live/x"}]'])
+    with pytest.raises(ConfigError, match="engine.max_avatars_per_worker"):
+        load_config(None, ["engine.max_avatars_per_worker=0"])
+
+
+def test_channel_routes_of_a_server_not_started_answer_without_redirects():
+    """``/channels/main/...`` is served, never redirected to the old path (a 308 would re-send uploads)."""
+    from latentsync.serving.api.app import create_app
+    from latentsync.serving.runtime.runtime import Runtime
+
+    config = load_config(None, ['channels=[{name: hall, rtmp_url: "rtmp://127.0.0.1:1935/live/hall"}]'])
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    for path in ("/generate_video", "/channels/main/generate_video", "/channels/hall/generate_video"):
+        response = client.post(path, data={})
+        assert response.status_code == 503 and response.json["error"]["code"] == "starting", path
+    response = client.post("/channels/nope/generate_video", data={})
+    assert response.status_code == 404 and response.json["error"]["code"] == "no_channel"
+    for path in ("/channels/main/tasks", "/channels/hall/tasks", "/tasks"):
+        assert client.get(path).json == {"tasks": []}, path
+    for path in ("/channels/main/whep", "/channels/hall/whep"):
+        response = client.post(path, data="v=0", content_type="application/sdp")
+        assert response.status_code == 503 and response.json["error"]["code"] == "webrtc_off", path
+    assert client.post("/channels/nope/whep", data="v=0", content_type="application/sdp").status_code == 404
+    listed = client.get("/channels").json["channels"]
+    assert [c["name"] for c in listed] == ["main", "hall"] and not any(c["streaming"] for c in listed)
+    assert client.get("/channels/hall/health").json["channel"] == "hall"
+    assert client.get("/channels/hall").json["status"] == "starting"
+    put = client.put("/channels/popup", json={"rtmp_url": "rtmp://127.0.0.1:1935/live/popup"})
+    assert put.status_code == 503 and put.json["error"]["code"] == "starting"  # not before the pool runs
+    assert client.put("/channels/popup", data="nope").json["error"]["code"] == "bad_channel"
+    assert client.delete("/channels/main").json["error"]["code"] == "main_channel"
+
+
+def test_channels_with_the_same_idle_video_share_one_decoded_clip_until_the_last_is_gone():
+    import gc
+
+    from latentsync.serving.runtime.clips import ClipCache
+    from tests.datafiles import media_file
+
+    cache, video = ClipCache(), media_file("video/nanmote002.mp4")
+    a = cache.load(video, 25, 48000, None, True)
+    b = cache.load(video, 25, 48000, None, True)
+    assert a is b and not a.frames.flags.writeable  # one copy, read-only for every channel
+    with pytest.raises(ValueError):
+        a.frames[0, 0, 0, 0] = 1
+    other = cache.load(video, 25, 48000, (128, 228), True)  # another format: its own decode
+    assert other is not a and other.size == (128, 228)
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None and len(cache._clips) == 1  # the last user went: the clip is freed
+    again = cache.load(video, 25, 48000, None, True)  # decoded afresh
+    assert again.frames.shape[1:3] == (456, 256) and not again.frames.flags.writeable
+
+
+def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer_holds(tmp_path, caplog):
+    import json
+
+    from latentsync.config import uploaded_avatar_video
+    from latentsync.serving.runtime.runtime import Runtime
+    from tests.datafiles import media_file
+
+    video = str(media_file("video/nanmote002.mp4"))
+    cache = tmp_path / "avatars"
+    upload = uploaded_avatar_video(cache, "av-0123456789ab")
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"a prepared upload's video")  # only its existence is checked before the start
+    state = tmp_path / "channels.json"
+    config = load_config(
+        None,
+        [
+            f"channels_file={state}",
+            f"avatar.cache_dir={cache}",
+            "max_channels=3",
+            'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}, {name: lobby, rtmp_url: "rtmp://h/live/lobby"}]',
+        ],
+    )
+    created = [
+        {"name": "gone", "rtmp_url": "rtmp://h/live/gone", "idle_video": "/no/such.mp4"},  # its video was deleted
+        {"name": "popup", "rtmp_url": "rtmp://h/live/popup", "idle_video": video, "fps": 20},
+        {"name": "hall", "rtmp_url": "rtmp://h/live/other"},  # the config has a hall (not deleted): config wins
+        {"name": "extra", "rtmp_url": "rtmp://h/live/extra"},  # past max_channels = 3
+    ]
+    live = {"main": {"avatar": "av-0123456789ab"}, "hall": {"idle_video": video, "idle_pingpong": True}}
+    state.write_text(json.dumps({"version": 1, "created": created, "deleted": ["lobby"], "live": live}))
+    runtime = Runtime(config)
+    assert list(runtime.channels) == ["main", "hall", "popup"]
+    assert runtime.channels["main"].config.avatar.idle_video == str(upload)
+    hall = runtime.channels["hall"].config
+    assert (
+        hall.avatar.idle_video == video and hall.stream.idle_pingpong and hall.stream.rtmp_url == "rtmp://h/live/hall"
+    )
+    popup = runtime.channels["popup"].config
+    assert popup.stream.fps == 20 and popup.stream.rtmp_url == "rtmp://h/live/popup"
+    assert "channel gone skipped" in caplog.text and "/no/such.mp4" in caplog.text
+    assert "channel extra skipped" in caplog.text and "max_channels" in caplog.text
+    # The next change rewrites the file with what is kept: a deleted configured channel stays deleted.
+    with runtime._channels_lock:
+        runtime._persist()
+    kept = json.loads(state.read_text())
+    assert [c["name"] for c in kept["created"]] == ["popup"] and kept["deleted"] == ["lobby"]
+    hall_live = {"avatar": None, "idle_video": video, "video": None, "idle_pingpong": True}  # the avatar as a whole
+    assert kept["live"] == {"main": live["main"], "hall": hall_live}
+    state.write_text("{not json")
+    assert list(Runtime(config).channels) == ["main", "hall", "lobby"]  # an unreadable file changes nothing
+
+
+def test_avatar_uploads_have_their_own_size_limit_and_the_rate_limit(tmp_path):
+    """``POST /avatars`` takes videos up to ``avatar.upload_max_mb`` (not ``api.max_upload_mb``), 413 past it."""
+    import io
+
+    from latentsync.serving.api.app import create_app
+    from latentsync.serving.runtime.runtime import Runtime
+    from tests.datafiles import media_file
+
+    video = media_file("video/nanmote002.mp4").read_bytes()  # 473 KiB
+    config = load_config(
+        None,
+        [
+            f"avatar.cache_dir={tmp_path / 'avatars'}",
+            "api.max_upload_mb=0.1",  # audio uploads: 100 kB
+            "avatar.upload_max_mb=0.4",  # videos: 400 kB
+            "api.rate_limit_per_min=3",
+        ],
+    )
+    runtime = Runtime(config)  # built, never started: its store queues what it accepts
+    client = create_app(runtime).test_client()
+    response = client.post("/avatars", data={"video_file": (io.BytesIO(video), "big.mp4")})
+    assert response.status_code == 413 and response.json["error"]["code"] == "too_large"
+    assert "avatar.upload_max_mb = 0.4" in response.json["error"]["message"]
+    response = client.post("/avatars", data={"video_file": (io.BytesIO(video[: 300 * 1024]), "cut.mp4")})
+    assert response.status_code == 400 and response.json["error"]["code"] == "not_video"  # 300 kB passed the limit
+    response = client.post("/avatars", data={})
+    assert response.status_code == 400 and response.json["error"]["code"] == "no_file"
+    for expected in (400, 429):  # the 3rd counted upload this minute is read, the 4th refused before its body
+        response = client.post("/avatars", data={"video_file": (io.BytesIO(video[: 300 * 1024]), "again.mp4")})
+        assert response.status_code == expected, response.json
+    assert response.json["error"]["code"] == "rate_limited"
+    assert client.get("/avatars").json == {"avatars": []}
+    assert client.get("/avatars/av-000000000000").status_code == 404
+    assert [p.name for p in (tmp_path / "avatars" / "uploads").iterdir()] == [".incoming"]
+    assert list((tmp_path / "avatars" / "uploads" / ".incoming").iterdir()) == []
