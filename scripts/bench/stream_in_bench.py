@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -198,6 +199,12 @@ def main() -> int:
                 f"{r['scenario']:<18} {latency:>28} {'-':>19} {'-':>9} {'-':>10} {'-':>16} {'-':>13} "
                 f"{r['status']} ({r['audio_s']:.1f} s)"
             )
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        some = [r for r in rows if r["scenario"] == scenario]
+        key = "first_byte_to_air_s" if scenario.startswith("pcm") else "request_to_air_s"
+        median_ms = statistics.median(r[key] for r in some) * 1000
+        gaps = sum(r.get("gap_ticks", 0) for r in some)
+        print(f"{scenario}: median {median_ms:.0f} ms over {len(some)} runs, gap ticks {gaps} in all")
     print(f"dropped ticks over the whole bench: {dropped}")
     return 0
 

@@ -5,10 +5,13 @@
   (b) POST → first speech frame leaving the controller (the task's ``first_frame_on_air_at``),
   (c) POST → first speech sample heard by an RTMP client (FFmpeg decoding the live stream),
 
-then print median and max over ``--posts`` requests.
+then print median and max over ``--posts`` requests, per upload length with ``--lengths``
+(the speech looped to 5, 60, 300 s...: time to first frame must not grow with the upload's length),
+and with ``--rss`` the server's resident memory added by a 300 s upload that waits its turn.
 
     scripts/rtmp_server.sh start
     .venv/bin/python scripts/bench/ttff_bench.py --posts 10 [key=value ...]
+    .venv/bin/python scripts/bench/ttff_bench.py --posts 5 --lengths 5,60,300 --rss
 
 The bench starts its own ``infer_serv.py`` (parametric engine unless overridden, idle audio off so
 the first speech sample is unmistakable in the stream) and stops it at the end. Times are wall-clock
@@ -21,6 +24,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
+import soundfile as sf
 from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,11 +117,31 @@ def onset_offset_s(samples: np.ndarray, rate: int) -> float:
     return float(np.argmax(rms > ONSET_RMS)) * block / rate
 
 
+def looped_speech(source: Path, seconds: float, folder: Path) -> Path:
+    """A WAV of ``source`` looped to ``seconds`` (same rate and channels), written into ``folder``."""
+    data, rate = sf.read(source, dtype="int16", always_2d=True)
+    n = int(round(seconds * rate))
+    reps = -(-n // len(data))
+    out = folder / f"{source.stem}-{seconds:g}s.wav"
+    sf.write(out, np.tile(data, (reps, 1))[:n], rate, subtype="PCM_16")
+    return out
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB (``VmRSS``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--posts", type=int, default=10)
     parser.add_argument("--audio", type=Path, default=DATA / "audio" / "4s_Wavfile_1719704064_11.wav")
     parser.add_argument("--rtmp-port", type=int, default=1935)
+    parser.add_argument("--lengths", default="", help="comma-separated seconds: loop --audio to each length")
+    parser.add_argument("--rss", action="store_true", help="also measure the RSS a waiting 300 s upload adds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if not args.audio.is_file():
@@ -144,32 +169,17 @@ def main() -> int:
             time.sleep(0.3)
         listener = OnsetListener(url)
         time.sleep(3.0)  # client connected and past its first keyframe
-        content = args.audio.read_bytes()
         onset = onset_offset_s(decode_audio(args.audio, 48000), 48000)
-        a, b, c = [], [], []
-        for _ in range(args.posts):
-            while http("GET", base + "/health")[1].get("state") != "idle":
-                time.sleep(0.05)
-            time.sleep(0.3)
-            body, headers = multipart(content, args.audio.name)
-            t0 = time.time()
-            status, accepted = http("POST", base + "/generate_video", body, headers)
-            t_accept = time.time()
-            if status != 202:
-                print(f"POST answered {status}: {accepted}", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(prefix="ttff-bench-"))
+        lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
+        files = [looped_speech(args.audio, s, tmp) for s in lengths] or [args.audio]
+        results = []
+        for audio in files:
+            figures = post_many(base, listener, audio, onset, args.posts)
+            if figures is None:
                 return 1
-            heard = listener.first_loud_after(t0, 30.0)
-            task = {}
-            while task.get("status") not in ("done", "failed", "cancelled"):
-                time.sleep(0.1)
-                task = http("GET", base + accepted["status_url"])[1]
-            if heard is None:
-                dead = listener.proc.poll() is not None
-                reason = listener.proc.stderr.read().decode(errors="replace") if dead else ""
-                print(f"post {len(a) + 1}: the RTMP client heard no speech within 30 s {reason}", file=sys.stderr)
-            a.append(t_accept - t0)
-            b.append(task["first_frame_on_air_at"] - t0)
-            c.append((heard - onset - t0) if heard else float("nan"))
+            results.append((audio, figures))
+        rss = measure_waiting_rss(base, server.pid, looped_speech(args.audio, 300, tmp)) if args.rss else None
     finally:
         if listener is not None:
             listener.close()
@@ -180,13 +190,68 @@ def main() -> int:
         ms = [v * 1000 for v in values]
         return f"| {name:<46} | {statistics.median(ms):8.0f} | {max(ms):8.0f} |"
 
-    print(f"TTFF over {len(a)} posts of {args.audio.name} ({' '.join(args.overrides) or 'defaults'})")
-    print(f"| {'measure':<46} | {'median ms':>8} | {'max ms':>8} |")
-    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|")
-    print(row("(a) POST -> 202", a))
-    print(row("(b) POST -> first speech frame leaves controller", b))
-    print(row("(c) POST -> first speech heard by RTMP client", c))
+    for audio, (a, b, c, d) in results:
+        print(f"TTFF over {len(a)} posts of {audio.name} ({' '.join(args.overrides) or 'defaults'})")
+        print(f"| {'measure':<46} | {'median ms':>8} | {'max ms':>8} |")
+        print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|")
+        print(row("(a) POST -> 202", a))
+        print(row("(b) POST -> first speech frame leaves controller", b))
+        print(row("(b') time_to_first_frame_s of GET /tasks", d))
+        print(row("(c) POST -> first speech heard by RTMP client", c))
+    if rss is not None:
+        print(f"RSS added by a waiting 300 s upload (server process): {rss:.1f} MiB")
     return 0
+
+
+def post_many(base: str, listener: OnsetListener, audio: Path, onset: float, posts: int):
+    """POST ``audio`` ``posts`` times, one at a time from idle; ``(a, b, c, d)`` lists in seconds, None on error."""
+    content = audio.read_bytes()
+    a, b, c, d = [], [], [], []
+    for _ in range(posts):
+        while http("GET", base + "/health")[1].get("state") != "idle":
+            time.sleep(0.05)
+        time.sleep(0.3)
+        body, headers = multipart(content, audio.name)
+        t0 = time.time()
+        status, accepted = http("POST", base + "/generate_video", body, headers)
+        t_accept = time.time()
+        if status != 202:
+            print(f"POST answered {status}: {accepted}", file=sys.stderr)
+            return None
+        heard = listener.first_loud_after(t0, 30.0)
+        task = {}
+        while task.get("first_frame_on_air_at") is None and task.get("status") not in ("done", "failed", "cancelled"):
+            time.sleep(0.05)
+            task = http("GET", base + accepted["status_url"])[1]
+        if task.get("first_frame_on_air_at") is None:
+            print(f"task ended without going on air: {task}", file=sys.stderr)
+            return None
+        if heard is None:
+            dead = listener.proc.poll() is not None
+            reason = listener.proc.stderr.read().decode(errors="replace") if dead else ""
+            print(f"post {len(a) + 1}: the RTMP client heard no speech within 30 s {reason}", file=sys.stderr)
+        a.append(t_accept - t0)
+        b.append(task["first_frame_on_air_at"] - t0)
+        c.append((heard - onset - t0) if heard else float("nan"))
+        d.append(task["time_to_first_frame_s"])
+        http("DELETE", base + accepted["status_url"])  # only the start matters: back to idle at once
+    return a, b, c, d
+
+
+def measure_waiting_rss(base: str, pid: int, audio: Path) -> float:
+    """MiB of server RSS added by one more 300 s upload queued behind the on-air and the admitted one."""
+    body, headers = multipart(audio.read_bytes(), audio.name)
+    ids = []
+    for _ in range(2):  # on air, and the next one (admitted: tasks.generate_ahead = 1)
+        ids.append(http("POST", base + "/generate_video", body, headers)[1]["status_url"])
+    time.sleep(3.0)
+    before = rss_mib(pid)
+    ids.append(http("POST", base + "/generate_video", body, headers)[1]["status_url"])
+    time.sleep(3.0)
+    after = rss_mib(pid)
+    for url in ids:
+        http("DELETE", base + url)
+    return after - before
 
 
 def _up(base: str) -> bool:
