@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         sd_notify("STOPPING=1")
         server.shutdown()
         http_thread.join(2.0)
-        runtime.stop()
+        runtime.close()
     if failure:
         logger.error("cannot start: %s", failure[0])
         return 1

@@ -49,4 +49,4 @@ def worker_exit(server, worker):
     runtime = getattr(app, "extensions", {}).get("latentsync.runtime") if app is not None else None
     if runtime is not None:
         sd_notify("STOPPING=1")
-        runtime.stop()
+        runtime.close()

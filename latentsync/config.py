@@ -18,6 +18,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from latentsync.engines import CHUNK_FRAMES_RANGE, DEFAULT_CHUNK_FRAMES_RANGE
+
 # Sample rates the FFmpeg AAC encoder accepts (MPEG-4 Audio sampling frequency index table).
 AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 #: Classifier-free guidance scales accepted everywhere (config, engine, API ``guidance_scale``):
@@ -25,6 +27,17 @@ AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48
 GUIDANCE_SCALE_RANGE = (1.0, 20.0)
 #: DDIM denoising steps accepted by ``engine.latentsync.inference_steps``.
 INFERENCE_STEPS_RANGE = (1, 1000)
+#: Seeds accepted from clients (``seed`` of uploads, ``/speak``, ``/ws/speech``): torch.Generator
+#: takes 64-bit seeds; 31 bits keep them portable.
+SEED_RANGE = (0, 2**31 - 1)
+#: Speaking rates of text to speech in words per minute (``rate`` of ``/speak``, ``speech_stream.tts_rate_wpm``).
+TTS_RATE_RANGE_WPM = (80, 450)
+#: Raw PCM of ``/ws/speech``: encodings with their bytes per sample, sample rates in Hz, channels.
+PCM_ENCODINGS = {"s16le": 2, "f32le": 4}
+PCM_SAMPLE_RATE_RANGE_HZ = (8000, 192000)
+PCM_MAX_CHANNELS = 8
+#: Largest WHEP SDP offer, in bytes (a real offer is a few kB).
+MAX_SDP_BYTES = 64 * 1024
 
 
 class ConfigError(ValueError):
@@ -140,7 +153,12 @@ class EngineConfig:
     batch is much cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
     ``max_avatars_per_worker``: prepared avatars (engines bound to them; for latentsync the models
     are shared and only the avatar's latents are added) a worker keeps loaded, least recently used
-    dropped first (docs/channels.md).
+    dropped first (docs/channels.md). ``first_chunk_frames``: length of a task's first chunk, what
+    its first frame on air waits for (null: the engine's, ``latentsync.engines.FIRST_CHUNK_FRAMES``:
+    parametric 4, latentsync 16, which LatentSync 1.0 needs: its U-Net normalises over all 16
+    frames of a chunk, docs/latentsync-1.0.md); later chunks are 16 frames, shorter only while
+    audio streams in at real time (docs/streaming-speech.md). ``max_queued_jobs``: chunk jobs the
+    pool's queue holds at most (a bound far above what the scheduler ever queues).
     """
 
     name: EngineName = EngineName.parametric
@@ -149,6 +167,8 @@ class EngineConfig:
     chunk_deadline_s: float = 60.0
     max_batch_chunks: int = 1
     max_avatars_per_worker: int = 4
+    first_chunk_frames: int | None = None
+    max_queued_jobs: int = 4096
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
 
 
@@ -180,10 +200,14 @@ class TasksConfig:
     """Scheduling of accepted tasks (docs/scheduling.md).
 
     ``generate_ahead``: tasks after the one on air that may generate at once; later tasks wait
-    holding only their decoded audio (bounded memory per waiting task).
+    holding only their decoded audio (bounded memory per waiting task). ``max_frames_ahead``:
+    frames a task may have generated or in flight ahead of the frame on air (768 = 48 chunks of
+    16, ~30 s at 25 fps; 196 kB per 256x256 face). ``max_finished``: finished tasks kept for ``GET /tasks``.
     """
 
     generate_ahead: int = 1
+    max_frames_ahead: int = 768
+    max_finished: int = 200
 
 
 class VideoCodec(str, enum.Enum):
@@ -222,12 +246,14 @@ class UiConfig:
 
     ``max_event_clients``: open ``/events`` streams at once (each holds a server thread; keep it
     below gunicorn's ``threads``); one more gets 503. ``event_poll_s``: how often task progress,
-    viewers and health are sampled for the feed.
+    viewers and health are sampled for the feed. ``event_queue_events``: events one client may
+    have waiting; one further behind loses events.
     """
 
     page: bool = True
     max_event_clients: int = 4
     event_poll_s: float = 0.25
+    event_queue_events: int = 256
 
 
 @dataclass
@@ -243,6 +269,12 @@ class SpeechStreamConfig:
     ``tts_timeout_s``: seconds espeak-ng may take for one sentence.
     ``start_margin_s``: slack the jitter buffer keeps for an open utterance's next chunk: more
     costs latency to the first frame, less risks gaps when the pool is slow for a moment.
+    ``max_utterance_s``: longest time an utterance may stay open (wall clock): then it ends and
+    plays what it has. ``starve_timeout_s`` and ``min_arrival_ratio``: once audio flows, an open
+    utterance must keep arriving at ``min_arrival_ratio`` of real time; below that for
+    ``starve_timeout_s`` with nothing left to play, it ends (``too_slow``), so a trickling client
+    never holds its channel's air. ``max_feeder_items``: PCM blocks and texts one utterance may
+    have waiting for its feeder. ``max_message_bytes``: largest WebSocket message.
     """
 
     max_open: int = 4
@@ -253,6 +285,11 @@ class SpeechStreamConfig:
     tts_rate_wpm: int = 175
     tts_timeout_s: float = 10.0
     start_margin_s: float = 0.04
+    max_utterance_s: float = 600.0
+    starve_timeout_s: float = 5.0
+    min_arrival_ratio: float = 0.5
+    max_feeder_items: int = 512
+    max_message_bytes: int = 1 << 20
 
 
 @dataclass
@@ -530,6 +567,20 @@ def validate(config: AppConfig) -> None:
     )
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
     _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
+    _check(16 <= e.max_queued_jobs <= 10**6, "engine.max_queued_jobs", e.max_queued_jobs, "16..1000000")
+    low, high = CHUNK_FRAMES_RANGE.get(e.name.value, DEFAULT_CHUNK_FRAMES_RANGE)
+    _check(
+        e.first_chunk_frames is None or low <= e.first_chunk_frames <= high,
+        "engine.first_chunk_frames",
+        e.first_chunk_frames,
+        f"{low}..{high} frames or null for the {e.name.value} engine"
+        + (
+            " (LatentSync 1.0's U-Net normalises over all 16 frames of a chunk: a shorter chunk changes every"
+            " frame, docs/latentsync-1.0.md)"
+            if low == high
+            else ""
+        ),
+    )
     validate_latentsync(e.latentsync)
     a = config.api
     _check(0.1 <= a.max_audio_s <= 3600, "api.max_audio_s", a.max_audio_s, "0.1..3600")
@@ -538,7 +589,10 @@ def validate(config: AppConfig) -> None:
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
     _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
-    _check(0 <= config.tasks.generate_ahead <= 64, "tasks.generate_ahead", config.tasks.generate_ahead, "0..64")
+    t = config.tasks
+    _check(0 <= t.generate_ahead <= 64, "tasks.generate_ahead", t.generate_ahead, "0..64")
+    _check(32 <= t.max_frames_ahead <= 100000, "tasks.max_frames_ahead", t.max_frames_ahead, "32..100000")
+    _check(0 <= t.max_finished <= 100000, "tasks.max_finished", t.max_finished, "0..100000")
     ss = config.speech_stream
     _check(1 <= ss.max_open <= 64, "speech_stream.max_open", ss.max_open, "1..64")
     _check(1.0 <= ss.max_buffered_s <= 600, "speech_stream.max_buffered_s", ss.max_buffered_s, "1..600")
@@ -550,9 +604,22 @@ def validate(config: AppConfig) -> None:
         ss.tts_voice,
         "an espeak-ng voice name like en, en-us, de",
     )
-    _check(80 <= ss.tts_rate_wpm <= 450, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, "80..450")
+    wpm_low, wpm_high = TTS_RATE_RANGE_WPM
+    _check(
+        wpm_low <= ss.tts_rate_wpm <= wpm_high, "speech_stream.tts_rate_wpm", ss.tts_rate_wpm, f"{wpm_low}..{wpm_high}"
+    )
     _check(0.5 <= ss.tts_timeout_s <= 120, "speech_stream.tts_timeout_s", ss.tts_timeout_s, "0.5..120")
     _check(0 <= ss.start_margin_s <= 5, "speech_stream.start_margin_s", ss.start_margin_s, "0..5")
+    _check(0.5 <= ss.max_utterance_s <= 86400, "speech_stream.max_utterance_s", ss.max_utterance_s, "0.5..86400")
+    _check(0.1 <= ss.starve_timeout_s <= 600, "speech_stream.starve_timeout_s", ss.starve_timeout_s, "0.1..600")
+    _check(0 <= ss.min_arrival_ratio <= 1, "speech_stream.min_arrival_ratio", ss.min_arrival_ratio, "0..1")
+    _check(1 <= ss.max_feeder_items <= 100000, "speech_stream.max_feeder_items", ss.max_feeder_items, "1..100000")
+    _check(
+        1024 <= ss.max_message_bytes <= 64 * 2**20,
+        "speech_stream.max_message_bytes",
+        ss.max_message_bytes,
+        "1024..67108864 bytes",
+    )
     w = config.webrtc
     _check(1 <= w.max_viewers <= 64, "webrtc.max_viewers", w.max_viewers, "1..64")
     _check(
@@ -569,6 +636,7 @@ def validate(config: AppConfig) -> None:
     u = config.ui
     _check(1 <= u.max_event_clients <= 256, "ui.max_event_clients", u.max_event_clients, "1..256")
     _check(0.05 <= u.event_poll_s <= 10, "ui.event_poll_s", u.event_poll_s, "0.05..10")
+    _check(16 <= u.event_queue_events <= 100000, "ui.event_queue_events", u.event_queue_events, "16..100000")
     levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     _check(config.log.level.upper() in levels, "log.level", config.log.level, f"one of {levels}")
     _check(1 <= e.max_avatars_per_worker <= 64, "engine.max_avatars_per_worker", e.max_avatars_per_worker, "1..64")

@@ -317,3 +317,30 @@ def test_cuda_compiled_forward_matches_eager():
         expected = model(sample, torch.tensor(700, device="cuda"), audio)
         out = compiled(sample, torch.tensor(700, device="cuda"), audio)
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_a_short_first_chunk_would_change_latentsync_frames_so_it_stays_16():
+    """``engine.first_chunk_frames`` (docs/streaming-speech.md): a 4-frame first chunk is not LatentSync 1.0's.
+
+    The same 4 frames (same inputs, same repeated noise) through the U-Net alone and inside a
+    16-frame chunk: with the official joint GroupNorm their outputs differ far beyond 1e-5, so the
+    latentsync engine keeps 16-frame chunks (the config refuses another first chunk for it). With
+    per-frame norms they would agree, which shows the GroupNorm is the only reason.
+    """
+    from latentsync.config import ConfigError, load_config
+
+    joint = tiny_model(seed=4)
+    per_frame = UNet3DConditionModel(UNet3DConfig.tiny(joint_frame_norm=False)).eval()
+    per_frame.load_state_dict(joint.state_dict())
+    sample, audio = tiny_inputs(frames=16, seed=5)
+    noise = torch.randn(1, 4, 1, 16, 16, generator=torch.Generator().manual_seed(6))
+    sample[:, :4] = noise.expand(-1, -1, 16, -1, -1)  # LatentSync 1.0: one noise sample repeated over the frames
+    with torch.inference_mode():
+        for model, tolerance_ok in ((joint, False), (per_frame, True)):
+            whole = model(sample, 951, audio)[:, :, :4]
+            alone = model(sample[:, :, :4].contiguous(), 951, audio[:, :4].contiguous())
+            error = (whole - alone).abs().max().item()
+            assert (error <= 1e-5) is tolerance_ok, (model.config.joint_frame_norm, error)
+    with pytest.raises(ConfigError, match="engine.first_chunk_frames.*normalises over all 16 frames"):
+        load_config(None, ["engine.name=latentsync", "engine.first_chunk_frames=4"])
+    assert load_config(None, ["engine.name=parametric", "engine.first_chunk_frames=4"]).engine.first_chunk_frames == 4

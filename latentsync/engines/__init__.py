@@ -9,7 +9,12 @@ from typing import Any
 
 from latentsync.engines.base import (
     CHUNK_FRAMES,
+    CHUNK_FRAMES_RANGE,
+    DEFAULT_CHUNK_FRAMES_RANGE,
+    DEFAULT_LOOKAHEAD_FRAMES,
     ENGINE_SAMPLE_RATE_HZ,
+    FIRST_CHUNK_FRAMES,
+    LOOKAHEAD_FRAMES,
     ChunkRequest,
     ChunkResult,
     Engine,
@@ -63,6 +68,11 @@ def create_engine(name: str, options: Mapping[str, Any] | None, avatar) -> Engin
 
 __all__ = [
     "CHUNK_FRAMES",
+    "CHUNK_FRAMES_RANGE",
+    "DEFAULT_CHUNK_FRAMES_RANGE",
+    "DEFAULT_LOOKAHEAD_FRAMES",
+    "FIRST_CHUNK_FRAMES",
+    "LOOKAHEAD_FRAMES",
     "ENGINE_NAMES",
     "ENGINE_SAMPLE_RATE_HZ",
     "ChunkRequest",

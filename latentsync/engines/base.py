@@ -16,6 +16,30 @@ CHUNK_FRAMES = 16
 #: Sample rate of the audio given to engines, in Hz (Whisper's rate).
 ENGINE_SAMPLE_RATE_HZ = 16000
 
+#: Audio frames past a chunk's last frame the engine must hear before that chunk's features are
+#: final, per engine (at 25 fps one frame is 40 ms).
+#: parametric: the last frame of a chunk is sampled at its centre + ``ParametricOptions.look_ahead_s``
+#: (40 ms), i.e. 20 ms past the chunk's end, interpolated between 10 ms envelope points whose 30 ms
+#: Hann windows reach at most 45 ms past the end; the last 5 ms of a Hann window carry under 3 % of
+#: its weight -> 1 frame (40 ms).
+#: latentsync: frame ``i`` reads Whisper encoder positions up to ``2 i + 5`` (20 ms each, see
+#: ``latentsync.models.whisper_features``), i.e. audio up to 80 ms past the frame's end, + the
+#: 25 ms STFT window centred on the last mel frame -> 3 frames (120 ms).
+LOOKAHEAD_FRAMES = {"parametric": 1, "latentsync": 3}
+#: Look-ahead of an engine not in :data:`LOOKAHEAD_FRAMES` (a test engine): the largest known.
+DEFAULT_LOOKAHEAD_FRAMES = max(LOOKAHEAD_FRAMES.values())
+#: Chunk lengths ``(shortest, longest)`` in frames an engine generates without changing its output.
+#: parametric: every frame is rendered on its own from its own features -> 1..16.
+#: latentsync: LatentSync 1.0's ResNet GroupNorms normalise over all frames of a chunk jointly
+#: (docs/latentsync-1.0.md), so a frame's face depends on the 15 others: 16 only (shown in
+#: tests/test_unet.py); a shorter last chunk is padded by repeating its last frame.
+CHUNK_FRAMES_RANGE = {"parametric": (1, CHUNK_FRAMES), "latentsync": (CHUNK_FRAMES, CHUNK_FRAMES)}
+#: Chunk lengths of an engine not in :data:`CHUNK_FRAMES_RANGE`: 16 only (the safe choice).
+DEFAULT_CHUNK_FRAMES_RANGE = (CHUNK_FRAMES, CHUNK_FRAMES)
+#: A task's first chunk, per engine, when ``engine.first_chunk_frames`` is null: short where the
+#: engine allows it (its first frame on air waits for the first chunk's audio and generation).
+FIRST_CHUNK_FRAMES = {"parametric": 4, "latentsync": CHUNK_FRAMES}
+
 
 @dataclass(frozen=True)
 class ChunkRequest:

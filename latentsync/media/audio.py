@@ -58,7 +58,7 @@ def decode_audio(
     return np.frombuffer(proc.stdout, dtype="<i2").astype(np.int16, copy=True)
 
 
-def confined_input(fd: int, formats: tuple[str, ...]) -> list[str]:
+def confined_input(fd: int, formats: tuple[str, ...], loglevel: str = "error") -> list[str]:
     """The start of an FFmpeg command line that reads one untrusted file, and nothing else.
 
     The file is the inherited descriptor ``fd`` (``-fd N -i fd:``); no protocol but ``fd`` may be
@@ -69,6 +69,7 @@ def confined_input(fd: int, formats: tuple[str, ...]) -> list[str]:
     Args:
         fd: A read-only descriptor of the file (regular files are seekable through it).
         formats: Allowed FFmpeg demuxer names.
+        loglevel: FFmpeg's ``-loglevel`` (``info`` prints the input's ``Duration`` line).
 
     Returns:
         The arguments up to and including the input (``... -i fd:``); output options follow.
@@ -77,8 +78,9 @@ def confined_input(fd: int, formats: tuple[str, ...]) -> list[str]:
         imageio_ffmpeg.get_ffmpeg_exe(),
         "-hide_banner",
         "-nostdin",
+        "-nostats",
         "-loglevel",
-        "error",
+        loglevel,
         "-protocol_whitelist",
         "fd",
         "-format_whitelist",
@@ -121,6 +123,31 @@ def run_confined(
         )
     except subprocess.TimeoutExpired:
         raise MediaDecodeTimeout(f"{what} took longer than {timeout_s:g} s") from None
+
+
+def untrusted_audio_command(
+    fd: int, sample_rate_hz: int, max_duration_s: float | None = None, formats: tuple[str, ...] = UPLOAD_FORMATS
+) -> list[str]:
+    """The confined FFmpeg command that decodes an upload's first audio stream to raw PCM on stdout.
+
+    The input part is :func:`confined_input` (descriptor only, demuxer whitelist) at ``-loglevel
+    info``, so the input's ``Duration`` line comes first on stderr; the output is ``s16le`` mono
+    at ``sample_rate_hz``, written as it is decoded. Run it as :func:`run_confined` does (only
+    ``fd`` inherited, empty environment, in the upload's folder).
+
+    Args:
+        fd: A read-only descriptor of the upload.
+        sample_rate_hz: Output sample rate in Hz.
+        max_duration_s: Stop decoding after this many seconds (None: whole stream).
+        formats: Allowed FFmpeg demuxer names.
+
+    Returns:
+        The command line.
+    """
+    cmd = confined_input(fd, formats, loglevel="info")
+    if max_duration_s is not None:
+        cmd += ["-t", f"{max_duration_s:.6f}"]
+    return cmd + ["-map", "0:a:0", "-vn", "-ac", "1", "-ar", str(int(sample_rate_hz)), "-f", "s16le", "pipe:1"]
 
 
 def decode_untrusted_audio(

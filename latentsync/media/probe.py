@@ -11,10 +11,16 @@ import imageio_ffmpeg
 
 PROBE_TIMEOUT_S = 30.0
 
-_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+#: FFmpeg's ``Duration: HH:MM:SS.ss`` line of an input it opened (absent or ``N/A`` when unknown).
+DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
 _VIDEO_RE = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})")
 _FPS_RE = re.compile(r"(\d+(?:\.\d+)?) fps")
 _AUDIO_RE = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+).*?, (\d+) Hz, ([^,]+)")
+
+
+def parse_duration_s(match: re.Match) -> float:
+    """Seconds of a :data:`DURATION_RE` match."""
+    return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
 
 
 class MediaProbeError(ValueError):
@@ -82,8 +88,8 @@ def probe_media(path: str | Path, timeout_s: float = PROBE_TIMEOUT_S) -> MediaIn
     )
     text = proc.stderr.decode("utf-8", errors="replace")
     duration_s = 0.0
-    if m := _DURATION_RE.search(text):
-        duration_s = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    if m := DURATION_RE.search(text):
+        duration_s = parse_duration_s(m)
     video_codec, width, height, fps = None, 0, 0, 0.0
     for line in text.splitlines():
         if video_codec is None and (m := _VIDEO_RE.search(line)) and "attached pic" not in line:

@@ -87,7 +87,7 @@ def main() -> int:
         ff = cpu_seconds(f"/proc/{ffmpeg_pid}/stat") - ff0
         sink_stats = sink.stats()
     finally:
-        runtime.stop()
+        runtime.close()
 
     width, height = runtime.stream_size or (0, 0)
     rows = [

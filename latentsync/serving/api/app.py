@@ -46,13 +46,22 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
 
-from latentsync.config import DEFAULT_CHANNEL, GUIDANCE_SCALE_RANGE, ConfigError, is_loopback_host, parse_channel
+from latentsync.config import (
+    DEFAULT_CHANNEL,
+    GUIDANCE_SCALE_RANGE,
+    SEED_RANGE,
+    ConfigError,
+    is_loopback_host,
+    parse_channel,
+)
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
-from latentsync.serving.api.errors import ApiError, _error
-from latentsync.serving.api.speech import WS_PATH, register_speech_routes
+from latentsync.serving.api.errors import ApiError, error_response, status_of
+from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
-from latentsync.serving.avatars.store import AvatarError
+from latentsync.serving.core.errors import ServingError
+from latentsync.serving.generation.decoder import UploadDecoder
+from latentsync.serving.generation.task import TaskKind
 from latentsync.serving.runtime.runtime import RestartNeeded, Runtime
 from latentsync.serving.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
@@ -62,9 +71,6 @@ logger = logging.getLogger(__name__)
 #: (``gunicorn.arbiter.Arbiter.WORKER_BOOT_ERROR``).
 WORKER_BOOT_ERROR_EXIT = 3
 
-#: Seed range accepted from clients (torch.Generator takes 64-bit seeds; keep it portable).
-MAX_SEED = 2**31 - 1
-
 
 def _form_number(name: str, kind: type, low: float, high: float) -> float | int | None:
     raw = request.form.get(name)
@@ -73,17 +79,17 @@ def _form_number(name: str, kind: type, low: float, high: float) -> float | int 
     try:
         value = kind(raw)
     except ValueError:
-        raise ApiError(400, "bad_parameter", f"{name}={raw!r} is not a {kind.__name__}") from None
+        raise ApiError("bad_parameter", f"{name}={raw!r} is not a {kind.__name__}") from None
     if not (low <= value <= high) or (isinstance(value, float) and not math.isfinite(value)):
-        raise ApiError(400, "bad_parameter", f"{name}={raw!r} is outside [{low}, {high}]")
+        raise ApiError("bad_parameter", f"{name}={raw!r} is outside [{low}, {high}]")
     return value
 
 
 def _storage_error(exc: OSError) -> ApiError:
     """The API error for an upload that could not be written to the temporary directory."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return ApiError(507, "insufficient_storage", "no space left to store the upload; try again later")
-    return ApiError(500, "upload_failed", f"could not store the upload: {exc.strerror or exc}")
+        return ApiError("insufficient_storage", "no space left to store the upload; try again later")
+    return ApiError("upload_failed", f"could not store the upload: {exc.strerror or exc}")
 
 
 #: Methods that change state: a browser page of another origin must not send them (CSRF).
@@ -116,7 +122,7 @@ def _saved(upload, make_path, discard):
         except OSError as exc:
             raise _storage_error(exc) from None
         if path.stat().st_size == 0:
-            raise ApiError(400, "empty_file", "the uploaded file is empty")
+            raise ApiError("empty_file", "the uploaded file is empty")
         yield path
     finally:
         if path is not None:
@@ -221,7 +227,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             return True
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
-        if request.path == WS_PATH and not given:  # a browser's WebSocket cannot set headers
+        if WS_PATH_RE.fullmatch(request.path) and not given:  # a browser's WebSocket cannot set headers
             return hmac.compare_digest(request.args.get("token", "").encode(), token)
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
 
@@ -230,8 +236,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if request.method in STATE_CHANGING_METHODS and not origin_allowed(
             request.headers.get("Origin"), request.host, request.scheme, origins
         ):
-            return _error(
-                403,
+            return error_response(
                 "origin_not_allowed",
                 f"requests from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
             )
@@ -241,14 +246,13 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def require_token():
         if request.endpoint == "health" or request.path in PUBLIC_PATHS or authorized():
             return None
-        response, status = _error(401, "unauthorized", "missing or wrong bearer token (api.token)")
+        response = error_response("unauthorized", "missing or wrong bearer token (api.token)")
         response.headers["WWW-Authenticate"] = "Bearer"
-        return response, status
+        return response
 
-    @app.errorhandler(ApiError)
-    @app.errorhandler(AvatarError)
-    def api_error(exc: ApiError | AvatarError):
-        return _error(exc.status, exc.code, exc.message)
+    @app.errorhandler(ServingError)
+    def serving_error(exc: ServingError):  # every refusal below the API, and the API's own
+        return error_response(exc.code, exc.message, status_of(exc))
 
     @app.before_request
     def avatar_upload_limit():
@@ -256,22 +260,23 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             request.max_content_length = int(avatar_cfg.upload_max_mb * 1024 * 1024)
             if request.content_length is not None and request.content_length > request.max_content_length:
                 raise ApiError(
-                    413, "too_large", f"upload larger than avatar.upload_max_mb = {avatar_cfg.upload_max_mb:g} MB"
+                    "too_large", f"upload larger than avatar.upload_max_mb = {avatar_cfg.upload_max_mb:g} MB"
                 )
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         if exc.code == 413 and request.path == "/avatars":
             limit = avatar_cfg.upload_max_mb
-            return _error(413, "too_large", f"upload larger than avatar.upload_max_mb = {limit:g} MB")
+            return error_response("too_large", f"upload larger than avatar.upload_max_mb = {limit:g} MB")
         if exc.code == 413:
-            return _error(413, "too_large", f"upload larger than api.max_upload_mb = {api.max_upload_mb:g} MB")
-        return _error(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"), exc.description or "")
+            return error_response("too_large", f"upload larger than api.max_upload_mb = {api.max_upload_mb:g} MB")
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(code, exc.description or "", exc.code or 500)
 
     def channel_or_404(name: str):
         channel = runtime.channel(name)
         if channel is None:
-            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
         return channel
 
     def channel_tasks(name: str):
@@ -290,38 +295,38 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def put_channel(name: str):
         values = request.get_json(silent=True)
         if not isinstance(values, dict):
-            raise ApiError(400, "bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
+            raise ApiError("bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
         try:
             if runtime.channel(name) is not None:
                 channel, switching = runtime.reconfigure_channel(name, values)
                 return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202 if switching else 200
             channel = runtime.add_channel(parse_channel(name, values))
         except ConfigError as exc:
-            raise ApiError(400, "bad_channel", str(exc)) from None
+            raise ApiError("bad_channel", str(exc)) from None
         except RestartNeeded as exc:
-            raise ApiError(409, "restart_needed", str(exc)) from None
+            raise ApiError("restart_needed", str(exc)) from None
         except KeyError:
-            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)") from None
+            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)") from None
         except RuntimeError as exc:
             if runtime.channel(name) is not None and runtime.pool is not None:
-                raise ApiError(409, "channel_not_ready", str(exc)) from None
-            raise ApiError(503, "starting", str(exc)) from None
+                raise ApiError("channel_not_ready", str(exc)) from None
+            raise ApiError("starting", str(exc)) from None
         return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
 
     # ----------------------------------------------------------------- avatars (docs/avatars.md)
     @app.post("/avatars")
     def upload_avatar():
         if runtime.stopped:
-            raise ApiError(503, "stopping", "the server is stopping")
+            raise ApiError("stopping", "the server is stopping")
         if not limiter.allow(request.remote_addr or "?"):  # before the body is read
-            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+            raise ApiError("rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         store = runtime.avatars
         try:
             upload = request.files.get("video_file")
         except OSError as exc:
             raise _storage_error(exc) from None
         if upload is None or not upload.filename and upload.content_length == 0:
-            raise ApiError(400, "no_file", "multipart field 'video_file' is required")
+            raise ApiError("no_file", "multipart field 'video_file' is required")
         name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
         with _saved(upload, store.incoming_path, store.discard_incoming) as path:
             record = store.add(path, name)  # AvatarError: its own 4xx/5xx
@@ -344,9 +349,9 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         try:
             channel = runtime.remove_channel(name)
         except ValueError as exc:
-            raise ApiError(400, "main_channel", str(exc)) from None
+            raise ApiError("main_channel", str(exc)) from None
         if channel is None:
-            raise ApiError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
         return jsonify({"name": name, "status": channel.status})
 
     @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
@@ -372,51 +377,60 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         channel = channel_or_404(name)
         tasks = channel_tasks(name)
         if tasks is None:
-            raise ApiError(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
+            raise ApiError("starting", "the lip-sync engine is not ready yet; retry shortly")
         if not limiter.allow(request.remote_addr or "?"):  # before the body is read
-            raise ApiError(429, "rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
+            raise ApiError("rate_limited", f"more than {api.rate_limit_per_min} uploads a minute from this client")
         try:  # werkzeug spools large multipart bodies to the temp directory
             upload = request.files.get("audio_file")
         except OSError as exc:
             raise _storage_error(exc) from None
         if upload is None or not upload.filename and upload.content_length == 0:
-            raise ApiError(400, "no_file", "multipart field 'audio_file' is required")
-        seed = _form_number("seed", int, 0, MAX_SEED)
+            raise ApiError("no_file", "multipart field 'audio_file' is required")
+        seed = _form_number("seed", int, *SEED_RANGE)
         guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
         if tasks.waiting() >= api.max_queued:
-            raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
+            raise ApiError("queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
+        plan = tasks.settings.plan
         with _saved(upload, channel.upload_path, channel.discard_upload) as path:
+            # decoded while it plays: the answer waits for the first chunk's audio (or a short file's end)
+            utterance = tasks.build(TaskKind.upload, seed, guidance, received)
+            decoder = UploadDecoder(
+                path, utterance, tasks.settings.sample_rate_hz, api.max_audio_s, api.decode_timeout_s
+            )
+            utterance.attach(decoder)
             try:
-                audio = channel.decode_task_audio(path, max_duration_s=api.max_audio_s + 1.0)
+                try:
+                    decoder.start()
+                except OSError as exc:
+                    raise ApiError(
+                        "upload_failed", f"could not read the stored upload: {exc.strerror or exc}"
+                    ) from None
+                decoder.wait_first(plan.first_frames + plan.lookahead_frames, fps)
+                position = tasks.accept(utterance)
             except MediaDecodeTimeout:
+                tasks.discard(utterance)
                 raise ApiError(
-                    503,
                     "decode_timeout",
                     f"decoding the upload took longer than api.decode_timeout_s = "
                     f"{api.decode_timeout_s:g} s; send a shorter or simpler file",
                 ) from None
-            except MediaProbeError as exc:
-                if "matches no streams" in str(exc):
-                    raise ApiError(400, "not_audio", "the upload has no audio stream") from None
+            except MediaProbeError:
+                tasks.discard(utterance)
                 raise ApiError(
-                    400,
                     "not_audio",
                     "the upload is not an audio file in an accepted format "
-                    "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska)",
+                    "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska), or it has no audio stream",
                 ) from None
-        if audio.duration_s > api.max_audio_s:
-            raise ApiError(400, "too_long", f"audio longer than api.max_audio_s = {api.max_audio_s:g} s")
-        if audio.duration_s < 1.0 / fps:
-            raise ApiError(400, "too_short", f"audio shorter than one frame (1/{fps} s): {audio.duration_s:.4f} s")
-        accepted = tasks.submit(audio, seed, guidance, received=received)
-        if accepted is None:
-            raise ApiError(429, "queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
-        task, position = accepted
+            except BaseException:
+                tasks.discard(utterance)
+                raise
+        # the upload's folder is gone: FFmpeg goes on reading it through its own descriptor
+        task = utterance.task
         logger.info(
-            "task %s accepted on channel %s: %.2f s of audio, position %d",
+            "task %s accepted on channel %s: %s, position %d",
             task.task_id,
             name,
-            audio.duration_s,
+            "decoding" if not utterance.ended else f"{task.audio_duration_s:.2f} s of audio",
             position,
             extra={"task_id": task.task_id},
         )
@@ -436,7 +450,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     def task_json(task, task_id: str):
         if task is None:
-            raise ApiError(404, "not_found", f"no task {task_id!r}")
+            raise ApiError("not_found", f"no task {task_id!r}")
         return jsonify(task.to_json())
 
     @app.get("/tasks/<task_id>", defaults={"name": DEFAULT_CHANNEL})
@@ -479,7 +493,7 @@ def _runtime_from_environment() -> Runtime:
             runtime.start()
         except Exception as exc:
             logger.error("cannot start: %s", exc)
-            runtime.stop()
+            runtime.close()
             logging.shutdown()
             # gunicorn's master halts with this status when its worker exits with it, so systemd
             # sees a failed start (Restart=on-failure applies); a SIGTERM to the master would exit 0.

@@ -1,10 +1,13 @@
-"""Front doors of streamed speech: the ``/ws/speech`` WebSocket and ``POST /speak``.
+"""Front doors of streamed speech, on every channel: ``/ws/speech`` and ``POST /speak``.
 
-Both use the speech-stream API (:mod:`latentsync.serving.speech_stream`) through the runtime's
-:class:`SpeechService`. Protocol, events and error codes: docs/streaming-speech.md.
+``/ws/speech`` and ``/speak`` are channel ``main``'s; ``/channels/<name>/ws/speech`` and
+``/channels/<name>/speak`` any channel's. Both open an utterance on the channel's TaskManager
+(the one speech path: docs/streaming-speech.md) and feed it through a feeder: PCM from the socket,
+or text synthesised by the runtime's :class:`~latentsync.serving.generation.speech.SpeechService`.
+Protocol, events and error codes: docs/streaming-speech.md.
 
 Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
-WebSocket cannot set headers, so ``/ws/speech`` also takes the token as the ``token`` query
+WebSocket cannot set headers, so the WebSocket also takes the token as the ``token`` query
 parameter (``ws://host:port/ws/speech?token=...``). A WebSocket handshake from a browser page of
 a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP requests do.
 """
@@ -13,75 +16,72 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 
 from flask import Flask, g, jsonify, request, url_for
 from flask_sock import ConnectionClosed, Sock
 
-from latentsync.serving.generation.task import FINAL_STATES
+from latentsync.config import DEFAULT_CHANNEL
+from latentsync.serving.api.errors import error_response
+from latentsync.serving.core.errors import ServingError
+from latentsync.serving.generation.audio import PcmFormat, SpeechError
+from latentsync.serving.generation.speech import seed_field
+from latentsync.serving.generation.task import FINAL_STATES, TaskKind
 from latentsync.serving.generation.tts import SpeechFeeder
-from latentsync.serving.generation.utterance import PcmFormat, SpeechStreamError
 
 logger = logging.getLogger(__name__)
 
-#: Path of the WebSocket.
-WS_PATH = "/ws/speech"
-#: Largest WebSocket message, in bytes (1 MiB: 10 s of 48 kHz stereo s16le; a 20 ms packet is ~4 kB).
-MAX_WS_MESSAGE_BYTES = 1 << 20
+#: Paths of the WebSocket: ``/ws/speech`` (channel main) and ``/channels/<name>/ws/speech``.
+WS_PATH_RE = re.compile(r"(/channels/[^/]+)?/ws/speech")
 #: Seconds between ``progress`` events.
 PROGRESS_INTERVAL_S = 0.5
 #: Shortest time between two ``slow_down`` events, in seconds.
 SLOW_DOWN_INTERVAL_S = 1.0
 #: Poll period of the WebSocket loop (events are sent at most this late), in seconds.
 WS_POLL_S = 0.02
-#: Largest seed accepted (as ``POST /generate_video``).
-MAX_SEED = 2**31 - 1
-
-
-def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise SpeechStreamError("bad_parameter", f"{name}={value!r} is not an integer in [{low}, {high}]")
-    return value
+#: Messages of the events an utterance that was ended for it gets (its ``error`` event).
+END_MESSAGES = {
+    "idle_timeout": "nothing received for speech_stream.idle_timeout_s: the utterance was ended",
+    "too_slow": "audio arrived at less than speech_stream.min_arrival_ratio of real time for "
+    "speech_stream.starve_timeout_s with nothing left to play: the utterance was ended",
+    "utterance_timeout": "the utterance was open longer than speech_stream.max_utterance_s: it was ended",
+}
 
 
 def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
-    """Add ``/ws/speech`` and ``POST /speak`` to the app.
+    """Add the WebSocket and ``POST /speak`` of every channel to the app.
 
     Args:
         app: The Flask app (its ``before_request`` hooks already check the token).
-        runtime: Owns the speech service (``runtime.speech``; None until the engine is ready).
+        runtime: Owns the channels (their TaskManagers) and the text-to-speech service.
         origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
     """
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": MAX_WS_MESSAGE_BYTES, "ping_interval": 25})
+    ss = runtime.config.speech_stream
+    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": ss.max_message_bytes, "ping_interval": 25})
     sock = Sock(app)
-
-    def error(status: int, code: str, message: str):
-        return jsonify({"error": {"code": code, "message": message}}), status
-
     connections = {"open": 0}  # WebSocket connections being served (each holds a server thread)
     connections_lock = threading.Lock()
-    max_connections = runtime.config.speech_stream.max_open
+    max_connections = ss.max_open
 
     @app.before_request
     def ws_origin():
-        if request.path != WS_PATH:
+        match = WS_PATH_RE.fullmatch(request.path)
+        if not match:
             return None
+        name = match.group(1)[len("/channels/") :] if match.group(1) else DEFAULT_CHANNEL
+        if runtime.channel(name) is None:
+            return error_response("no_channel", f"no channel {name!r} (GET /channels lists them)")
         if not origin_ok(request.headers.get("Origin")):
-            return error(
-                403,
+            return error_response(
                 "origin_not_allowed",
                 f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
             )
         with connections_lock:  # the slot is taken here, before the handshake answers, so a client
             if connections["open"] >= max_connections:  # that connects right after another sees it taken
-                return error(
-                    503,
-                    "too_many_connections",
-                    f"{max_connections} speech WebSockets already open (speech_stream.max_open)",
+                return error_response(
+                    "too_many_connections", f"{max_connections} speech WebSockets already open (speech_stream.max_open)"
                 )
             connections["open"] += 1
             g.speech_ws_slot = True
@@ -93,26 +93,32 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
             with connections_lock:
                 connections["open"] -= 1
 
-    @app.post("/speak")
-    def speak():
+    def channel_tasks(name: str):
+        channel = runtime.channel(name)
+        if channel is None:
+            raise SpeechError("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        tasks = None if runtime.stopped else channel.tasks
+        if tasks is None or runtime.speech is None:
+            raise SpeechError("starting", "the lip-sync engine is not ready yet; retry shortly")
+        return tasks
+
+    @app.post("/speak", defaults={"name": DEFAULT_CHANNEL})
+    @app.post("/channels/<name>/speak")
+    def speak(name: str):
         received = (time.time(), time.monotonic())
+        tasks = channel_tasks(name)
         service = runtime.speech
-        if service is None:
-            return error(503, "starting", "the lip-sync engine is not ready yet; retry shortly")
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
-            return error(400, "bad_json", "the body must be a JSON object with 'text'")
-        try:
-            text, voice, rate = service.check_text(body.get("text"), body.get("voice"), body.get("rate"))
-            seed = _int_field(body, "seed", 0, MAX_SEED)
-            utterance = service.streams.open(seed=seed, received=received)
-        except SpeechStreamError as exc:
-            return error(exc.status, exc.code, exc.message)
+            raise SpeechError("bad_json", "the body must be a JSON object with 'text'")
+        text, voice, rate = service.check_text(body.get("text"), body.get("voice"), body.get("rate"))
+        utterance = tasks.open(TaskKind.speak, seed_field(body), received=received)
         feeder = service.feeder(
             utterance,
             lambda code, message: logger.warning(
                 "speak %s: %s: %s", utterance.task_id, code, message, extra={"task_id": utterance.task_id}
             ),
+            tasks.cancel,
         )
         feeder.push_text(text, voice, rate)
         feeder.end()
@@ -120,22 +126,34 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
             {
                 "task_id": utterance.task_id,
                 "status": "queued",
-                "status_url": url_for("get_task", task_id=utterance.task_id),
+                "status_url": url_for("get_task", name=name, task_id=utterance.task_id),
             }
         ), 202
 
-    @sock.route(WS_PATH)
-    def ws_speech(ws):
-        SpeechSession(ws, runtime, runtime.config.speech_stream.idle_timeout_s).run()  # slot: ws_origin/ws_release
+    def ws_speech(ws, name: str):
+        SpeechSession(ws, runtime, name, lambda: channel_tasks(name)).run()  # slot: ws_origin/ws_release
+
+    sock.route("/ws/speech", endpoint="ws_speech", defaults={"name": DEFAULT_CHANNEL})(ws_speech)
+    sock.route("/channels/<name>/ws/speech", endpoint="ws_speech_channel")(ws_speech)
 
 
 class SpeechSession:
-    """One ``/ws/speech`` connection: at most one open utterance at a time, events back to the client."""
+    """One WebSocket connection: at most one open utterance at a time on its channel, events back to the client.
 
-    def __init__(self, ws, runtime, idle_timeout_s: float):
+    Args:
+        ws: The simple-websocket connection.
+        runtime: The runtime (its text-to-speech service).
+        channel: The channel's name.
+        tasks: Returns the channel's TaskManager (raises ``no_channel`` once it was deleted,
+            ``starting`` before the engine is ready).
+    """
+
+    def __init__(self, ws, runtime, channel: str, tasks):
         self.ws = ws
         self.runtime = runtime
-        self._idle_timeout_s = idle_timeout_s
+        self.channel = channel
+        self._tasks = tasks
+        self._idle_timeout_s = runtime.config.speech_stream.idle_timeout_s
         self._last_message = time.monotonic()
         self._send_lock = threading.Lock()
         self._errors: list[tuple[str, str]] = []
@@ -144,7 +162,7 @@ class SpeechSession:
         self.feeder: SpeechFeeder | None = None
         self.fmt: PcmFormat | None = None
         self._on_air_sent = False
-        self._idle_sent = False
+        self._end_sent = False
         self._last_progress = 0.0
         self._last_slow_down = 0.0
 
@@ -184,8 +202,10 @@ class SpeechSession:
                         self._pcm(message)
                     else:
                         self._control(message)
-                except SpeechStreamError as exc:
+                except ServingError as exc:
                     self.send_error(exc.code, exc.message)
+                    if exc.code == "no_channel":
+                        break
         except ConnectionClosed:
             pass
         finally:
@@ -201,22 +221,16 @@ class SpeechSession:
             )
             self.feeder.end()
 
-    def _service(self):
-        service = self.runtime.speech
-        if service is None:
-            raise SpeechStreamError("starting", "the lip-sync engine is not ready yet; retry shortly", 503)
-        return service
-
     def _open(self) -> bool:
         return self.utterance is not None and not self.utterance.ended and self.utterance.task.state not in FINAL_STATES
 
     def _pcm(self, data: bytes) -> None:
         if self.fmt is None:
-            raise SpeechStreamError(
+            raise SpeechError(
                 "not_started", 'send the opening JSON message ({"type": "start", "sample_rate": ...}) before PCM'
             )
         if not self._open():
-            raise SpeechStreamError("not_open", "the utterance is over: open a new one", 409)
+            raise SpeechError("not_open", "the utterance is over: open a new one")
         if not data:
             return
         mono = self.fmt.decode(data)
@@ -227,52 +241,53 @@ class SpeechSession:
         try:
             msg = json.loads(text)
         except ValueError:
-            raise SpeechStreamError("bad_json", "text messages must be JSON objects") from None
+            raise SpeechError("bad_json", "text messages must be JSON objects") from None
         if not isinstance(msg, dict):
-            raise SpeechStreamError("bad_json", "text messages must be JSON objects")
+            raise SpeechError("bad_json", "text messages must be JSON objects")
         kind = msg.get("type", "start")
         if kind == "start":
             self._start(msg)
         elif kind == "end":
             if not self._open():
-                raise SpeechStreamError("not_open", "no open utterance to end", 409)
+                raise SpeechError("not_open", "no open utterance to end")
             assert self.feeder is not None
             self.feeder.end()
         elif kind == "cancel":
             if self.utterance is None:
-                raise SpeechStreamError("not_open", "no utterance to cancel", 409)
-            if self.feeder is not None:
-                self.feeder.stop()
-            self._service().streams.manager.cancel(self.utterance.task_id)
+                raise SpeechError("not_open", "no utterance to cancel")
+            self._tasks().cancel(self.utterance.task_id)  # one call: its feeder goes with it
         elif kind == "text":
             if not self._open():
-                raise SpeechStreamError("not_open", "open an utterance before sending text", 409)
-            service = self._service()
+                raise SpeechError("not_open", "open an utterance before sending text")
+            service = self.runtime.speech
+            if service is None:
+                raise SpeechError("starting", "the lip-sync engine is not ready yet; retry shortly")
             text, voice, rate = service.check_text(msg.get("text"), msg.get("voice"), msg.get("rate"))
             assert self.feeder is not None
             self.feeder.push_text(text, voice, rate)
         else:
-            raise SpeechStreamError("bad_type", f"unknown message type {kind!r} (start, end, cancel, text)")
+            raise SpeechError("bad_type", f"unknown message type {kind!r} (start, end, cancel, text)")
 
     def _start(self, msg: dict) -> None:
         if self._open():
-            raise SpeechStreamError("already_open", "an utterance is open on this connection: end it first", 409)
+            raise SpeechError("already_open", "an utterance is open on this connection: end it first")
         rate, channels, encoding = msg.get("sample_rate"), msg.get("channels", 1), msg.get("encoding", "s16le")
         fmt = PcmFormat(rate, channels, encoding)  # type: ignore[arg-type]
-        seed = _int_field(msg, "seed", 0, MAX_SEED)
-        service = self._service()
-        utterance = service.streams.open(seed=seed)
+        seed = seed_field(msg)
+        tasks = self._tasks()
+        utterance = tasks.open(TaskKind.stream, seed)
         self.fmt = fmt
         self.utterance = utterance
-        self.feeder = service.feeder(utterance, self._feeder_error)
+        self.feeder = self.runtime.speech.feeder(utterance, self._feeder_error, tasks.cancel)
         self._on_air_sent = False
-        self._idle_sent = False
+        self._end_sent = False
         with self._errors_lock:
             self._errors.clear()
-        self.send("accepted", task_id=utterance.task_id, status_url=f"/tasks/{utterance.task_id}")
+        prefix = "" if self.channel == DEFAULT_CHANNEL else f"/channels/{self.channel}"
+        self.send("accepted", task_id=utterance.task_id, status_url=f"{prefix}/tasks/{utterance.task_id}")
 
     def _report(self) -> None:
-        """Send the events due: feeder errors, on_air, slow_down, progress, done."""
+        """Send the events due: feeder errors, on_air, an ended utterance's reason, slow_down, progress, done."""
         with self._errors_lock:
             errors, self._errors = self._errors, []
         for code, message in errors:
@@ -297,15 +312,17 @@ class SpeechSession:
                 chunk0_audio_s=since_first_byte(program.chunk_audio_at.get(0) if program else None),
                 chunk0_ready_s=since_first_byte(program.first_chunk_monotonic if program else None),
             )
-        if u.end_reason == "idle_timeout" and not self._idle_sent:
-            self._idle_sent = True
-            self.send_error(
-                "idle_timeout",
-                f"nothing received for speech_stream.idle_timeout_s = {u.idle_timeout_s:g} s: the utterance was ended",
-            )
+        if u.end_reason in END_MESSAGES and not self._end_sent:
+            self._end_sent = True
+            self.send_error(u.end_reason, END_MESSAGES[u.end_reason])
         buffered = u.buffered_s()
         limit = u.max_buffered_s
-        if not u.ended and buffered > limit / 2 and now - self._last_slow_down >= SLOW_DOWN_INTERVAL_S:
+        if (
+            limit is not None
+            and not u.ended
+            and buffered > limit / 2
+            and now - self._last_slow_down >= SLOW_DOWN_INTERVAL_S
+        ):
             self._last_slow_down = now
             self.send("slow_down", task_id=task.task_id, buffered_s=round(buffered, 3), max_buffered_s=limit)
         if task.state in FINAL_STATES:

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory, stream_with_context
 
-from latentsync.config import DEFAULT_CHANNEL
+from latentsync.config import DEFAULT_CHANNEL, MAX_SDP_BYTES
+from latentsync.serving.api.errors import error_response
 from latentsync.serving.egress.whep import WhepError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PUBLIC_PATHS = frozenset({"/", "/ui/index.html", "/ui/app.js", "/ui/style.css"})  # no token needed
-MAX_SDP_BYTES = 64 * 1024  # a real offer is a few KB
 SSE_KEEPALIVE_S = 10.0  # a comment line this often: proxies keep the stream open, dead clients are found
 #: Paths of WHEP resources (CORS and pre-flights apply to these): ``/whep``, ``/whep/<id>`` and the
 #: same under ``/channels/<name>``.
@@ -37,12 +37,6 @@ CORS_HEADERS = {
     "Access-Control-Expose-Headers": "Location, Accept-Patch, Link",
     "Access-Control-Max-Age": "600",
 }
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    response = jsonify({"error": {"code": code, "message": message}})
-    response.status_code = status
-    return response
 
 
 def register_web(app: Flask, runtime) -> None:
@@ -75,35 +69,31 @@ def register_web(app: Flask, runtime) -> None:
     def channel(name: str):
         found = runtime.channel(name)
         if found is None:
-            raise WhepError(404, "no_channel", f"no channel {name!r} (GET /channels lists them)")
+            raise WhepError("no_channel", f"no channel {name!r} (GET /channels lists them)")
         return found
 
     def hub(name: str):
         webrtc = channel(name).webrtc
         if webrtc is None:
-            raise WhepError(503, "webrtc_off", "the WebRTC egress is off (webrtc.enabled) or not started yet")
+            raise WhepError("webrtc_off", "the WebRTC egress is off (webrtc.enabled) or not started yet")
         return webrtc
-
-    @bp.errorhandler(WhepError)
-    def whep_error(exc: WhepError):
-        return _error(exc.status, exc.code, exc.message)
 
     @bp.post("/whep", defaults={"name": DEFAULT_CHANNEL})
     @bp.post("/channels/<name>/whep")
     def whep_offer(name: str):
         if request.mimetype != "application/sdp":
-            raise WhepError(415, "not_sdp", "the offer must be sent as Content-Type: application/sdp")
+            raise WhepError("not_sdp", "the offer must be sent as Content-Type: application/sdp")
         if (request.content_length or 0) > MAX_SDP_BYTES:
-            raise WhepError(413, "too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
+            raise WhepError("too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
         body = request.get_data(cache=False)
         if len(body) > MAX_SDP_BYTES:
-            raise WhepError(413, "too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
+            raise WhepError("too_large", f"SDP offer larger than {MAX_SDP_BYTES} bytes")
         try:
             offer = body.decode("utf-8")
         except UnicodeDecodeError:
-            raise WhepError(400, "bad_sdp", "the SDP offer is not UTF-8 text") from None
+            raise WhepError("bad_sdp", "the SDP offer is not UTF-8 text") from None
         if not offer.lstrip().startswith("v=0"):
-            raise WhepError(400, "bad_sdp", "the body is not an SDP offer (it must start with v=0)")
+            raise WhepError("bad_sdp", "the body is not an SDP offer (it must start with v=0)")
         session_id, answer = hub(name).answer(offer)
         response = Response(answer, status=201, content_type="application/sdp")
         prefix = "" if name == DEFAULT_CHANNEL else f"/channels/{name}"
@@ -115,13 +105,13 @@ def register_web(app: Flask, runtime) -> None:
     @bp.delete("/channels/<name>/whep/<session_id>")
     def whep_delete(name: str, session_id: str):
         if not hub(name).end(session_id):
-            raise WhepError(404, "not_found", f"no WHEP session {session_id!r}")
+            raise WhepError("not_found", f"no WHEP session {session_id!r}")
         return jsonify({"session_id": session_id, "status": "closed"})
 
     @bp.route("/whep/<session_id>", methods=["PATCH"], defaults={"name": DEFAULT_CHANNEL})
     @bp.route("/channels/<name>/whep/<session_id>", methods=["PATCH"])
     def whep_patch(name: str, session_id: str):
-        response = _error(405, "no_trickle", "trickle ICE is not supported: the answer holds all candidates")
+        response = error_response("no_trickle", "trickle ICE is not supported: the answer holds all candidates")
         response.headers["Allow"] = "DELETE, OPTIONS"
         return response
 
@@ -130,8 +120,7 @@ def register_web(app: Flask, runtime) -> None:
     def events(name: str):
         sub = channel(name).events.subscribe()
         if sub is None:
-            return _error(
-                503,
+            return error_response(
                 "too_many_event_clients",
                 f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
             )

@@ -38,6 +38,7 @@ from latentsync.config import AVATAR_ID_RE, AppConfig, uploaded_avatar_video
 from latentsync.media import MediaProbeError
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.video import decode_video_frames, remux_untrusted_video
+from latentsync.serving.core.errors import ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +55,8 @@ MAX_NAME_CHARS = 64
 PREPARING, READY, FAILED = "preparing", "ready", "failed"
 
 
-class AvatarError(Exception):
-    """An avatar request that cannot be served: HTTP status, error code and a message naming the problem."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class AvatarError(ServingError):
+    """An avatar request that cannot be served: an error code and a message naming the problem."""
 
 
 @dataclasses.dataclass
@@ -259,7 +254,7 @@ class AvatarStore:
         with self._lock:
             record = self._records.get(avatar_id)
             if record is None:
-                raise AvatarError(404, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+                raise AvatarError("no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
             return record.to_json(users.get(avatar_id))
 
     def require_ready(self, avatar_id: str) -> None:
@@ -271,10 +266,10 @@ class AvatarStore:
         with self._lock:
             record = self._records.get(avatar_id)
             if record is None:
-                raise AvatarError(400, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+                raise AvatarError("no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
             if record.status != READY:
                 detail = f": {record.error['message']}" if record.error else ""
-                raise AvatarError(409, "avatar_not_ready", f"avatar {avatar_id} is {record.status}{detail}")
+                raise AvatarError("avatar_not_ready", f"avatar {avatar_id} is {record.status}{detail}")
 
     def collect(self):
         """Prometheus collector (registered by the runtime): avatars by status and the cache's disk use.
@@ -334,11 +329,11 @@ class AvatarStore:
         cfg = self._cfg
         with self._lock:
             if self._closed:
-                raise AvatarError(503, "stopping", "the server is stopping")
+                raise AvatarError("stopping", "the server is stopping")
             busy = len(self._jobs) + (self._running is not None)
             if busy >= cfg.max_preparing:
                 raise AvatarError(
-                    429, "busy", f"{busy} avatars are being prepared (avatar.max_preparing); retry when one is ready"
+                    "busy", f"{busy} avatars are being prepared (avatar.max_preparing); retry when one is ready"
                 )
         avatar_id = "av-" + secrets.token_hex(6)
         video = uploaded_avatar_video(self._root, avatar_id)
@@ -350,18 +345,18 @@ class AvatarStore:
                 )
             except MediaDecodeTimeout:
                 raise AvatarError(
-                    503, "decode_timeout", "reading the video took too long; send a shorter or simpler file"
+                    "decode_timeout", "reading the video took too long; send a shorter or simpler file"
                 ) from None
             except MediaProbeError:
                 raise AvatarError(
-                    400, "not_video", "the upload is not a video in an accepted format (MP4/MOV, Matroska/WebM)"
+                    "not_video", "the upload is not a video in an accepted format (MP4/MOV, Matroska/WebM)"
                 ) from None
             if info.duration_s > cfg.upload_max_s:
-                raise AvatarError(400, "too_long", f"video longer than avatar.upload_max_s = {cfg.upload_max_s:g} s")
+                raise AvatarError("too_long", f"video longer than avatar.upload_max_s = {cfg.upload_max_s:g} s")
             try:
                 first = decode_video_frames(video, self._fps, self._size, max_frames=1)
             except MediaProbeError:
-                raise AvatarError(400, "not_video", "the upload's video decodes to no frames") from None
+                raise AvatarError("not_video", "the upload's video decodes to no frames") from None
             height, width = int(first.shape[1]), int(first.shape[2])
             num_frames = max(1, round(info.duration_s * self._fps))
             need = num_frames * (width * height * 3 + PREPARED_BYTES_PER_FRAME) + _tree_bytes(video.parent)
@@ -381,7 +376,7 @@ class AvatarStore:
                 self._make_room(need, keep={avatar_id})
                 with self._lock:
                     if self._closed:
-                        raise AvatarError(503, "stopping", "the server is stopping")
+                        raise AvatarError("stopping", "the server is stopping")
                     self._records[avatar_id] = record
                     self._save(record)
                     self._jobs.append(avatar_id)
@@ -406,11 +401,11 @@ class AvatarStore:
         with self._lock:
             record = self._records.get(avatar_id)
             if record is None:
-                raise AvatarError(404, "no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
+                raise AvatarError("no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
             if users:
-                raise AvatarError(409, "avatar_in_use", f"avatar {avatar_id} is used by channel(s) {', '.join(users)}")
+                raise AvatarError("avatar_in_use", f"avatar {avatar_id} is used by channel(s) {', '.join(users)}")
             if self._running == avatar_id:
-                raise AvatarError(409, "avatar_in_use", f"avatar {avatar_id} is being prepared; delete it once it ends")
+                raise AvatarError("avatar_in_use", f"avatar {avatar_id} is being prepared; delete it once it ends")
             if avatar_id in self._jobs:
                 self._jobs.remove(avatar_id)
             del self._records[avatar_id]
@@ -469,7 +464,6 @@ class AvatarStore:
         entries = self._entries(keep)
         if used - sum(e.size for e in entries) + need_bytes > quota:
             raise AvatarError(
-                507,
                 "quota_exceeded",
                 f"the prepared avatar needs {need_bytes / 2**20:.0f} MiB and the avatars in use hold "
                 f"{(used - sum(e.size for e in entries)) / 2**20:.0f} MiB of avatar.cache_quota_mb = "

@@ -31,6 +31,7 @@ from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError
 
 from latentsync.config import VideoCodec, WebRtcConfig
+from latentsync.serving.core.errors import ServingError
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,8 @@ LOOP_START_TIMEOUT_S = 5.0
 MIME = {VideoCodec.h264: "video/H264", VideoCodec.vp8: "video/VP8"}
 
 
-class WhepError(Exception):
-    """A WHEP request that cannot be served; ``status`` and ``code`` go into the JSON error."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+class WhepError(ServingError):
+    """A WHEP request that cannot be served; ``code`` names why (the API maps it to an HTTP status)."""
 
 
 @dataclass(frozen=True)
@@ -469,7 +464,7 @@ class WebRtcHub:
         loop = self._loop
         if loop is None or self._closed:
             coro.close()
-            raise WhepError(503, "webrtc_stopped", "the WebRTC egress is not running")
+            raise WhepError("webrtc_stopped", "the WebRTC egress is not running")
         future = asyncio.run_coroutine_threadsafe(coro, loop)
         try:
             return future.result(timeout_s)
@@ -495,12 +490,12 @@ class WebRtcHub:
         with self._lock:
             if len(self._viewers) >= self.settings.max_viewers:
                 raise WhepError(
-                    429, "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
+                    "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
                 )
         try:
             return self._call(self._answer(offer_sdp), self.settings.signalling_timeout_s)
         except TimeoutError:
-            raise WhepError(503, "signalling_timeout", "no SDP answer within webrtc.signalling_timeout_s") from None
+            raise WhepError("signalling_timeout", "no SDP answer within webrtc.signalling_timeout_s") from None
 
     async def _answer(self, offer_sdp: str) -> tuple[str, str]:
         session_id = uuid.uuid4().hex
@@ -529,26 +524,24 @@ class WebRtcHub:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except OperationError as exc:
                 raise WhepError(
-                    400,
                     "unsupported_offer",
                     f"cannot play this offer ({exc}); the video codec is {self.settings.video_codec.value}, audio Opus",
                 ) from None
             except Exception as exc:
-                raise WhepError(400, "bad_sdp", f"the SDP offer cannot be parsed: {exc}") from None
+                raise WhepError("bad_sdp", f"the SDP offer cannot be parsed: {exc}") from None
             kinds = {t.kind for t in pc.getTransceivers() if t.mid is not None}
             if not kinds & {"audio", "video"}:
-                raise WhepError(400, "no_media", "the offer has no audio or video section")
+                raise WhepError("no_media", "the offer has no audio or video section")
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:
                 raise WhepError(
-                    400,
                     "unsupported_offer",
                     f"cannot answer this offer ({exc}); the video codec is {self.settings.video_codec.value}",
                 ) from None
             if "video" in kinds and MIME[self.settings.video_codec].split("/")[1] not in pc.localDescription.sdp:
                 raise WhepError(
-                    400, "unsupported_codec", f"the offer lacks {self.settings.video_codec.value} (webrtc.video_codec)"
+                    "unsupported_codec", f"the offer lacks {self.settings.video_codec.value} (webrtc.video_codec)"
                 )
         except BaseException:
             viewer.close_queues()
@@ -565,7 +558,7 @@ class WebRtcHub:
                 viewer.close_queues()
                 await pc.close()
                 raise WhepError(
-                    429, "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
+                    "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
                 )
             self._viewers[session_id] = viewer
             self._viewers_total += 1
@@ -608,4 +601,4 @@ class WebRtcHub:
         try:
             return self._call(self._drop(session_id), self.settings.signalling_timeout_s)
         except TimeoutError:
-            raise WhepError(503, "signalling_timeout", "closing the session timed out") from None
+            raise WhepError("signalling_timeout", "closing the session timed out") from None

@@ -1,11 +1,13 @@
 """WorkerPool: a persistent ``multiprocessing.Pool`` (spawn) of engine workers, with deadlines.
 
-One worker process per GPU (or one on CPU) loads the default prepared avatar and its engine once,
-in the pool initializer, then serves ``features`` and ``generate`` calls. Every channel of the
-server shares the pool: a job may name another prepared avatar (``avatar=``), which a worker loads
-on first use and keeps among its ``max_avatars`` most recently used (docs/channels.md). Jobs wait in our own bounded
-priority queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which
-its first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
+The :class:`~latentsync.serving.generation.ports.JobQueue` of the generation side. One worker
+process per GPU (or one on CPU) loads the default prepared avatar and its engine once, in the pool
+initializer, then serves chunk jobs: features of the job's audio window, then its faces
+(:mod:`latentsync.serving.generation.worker`). Every channel of the server shares the pool: each
+job names its prepared avatar, which a worker loads on first use and keeps among its
+``max_avatars`` most recently used (docs/channels.md). Jobs wait in our own bounded priority
+queue, earliest deadline first: every job carries ``due_at``, the monotonic time by which its
+first frame must be on air (docs/scheduling.md). At most one call per worker is handed to the
 ``multiprocessing.Pool`` at a time, so a job's run deadline counts from when a worker takes it,
 not from when it was queued. A job that misses its deadline, or that
 was running on a worker that died, is retried once on a fresh pool (the pool is rebuilt, since a
@@ -30,48 +32,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from latentsync.engines import ChunkRequest, ChunkResult
-from latentsync.serving.generation.worker import (
-    _worker_avatars,
-    _worker_features,
-    _worker_generate,
-    _worker_generate_batch,
-    _worker_init,
-    _worker_ping,
-)
+from latentsync.engines import ChunkResult
+from latentsync.serving.generation.ports import ChunkJob, JobFailed
+from latentsync.serving.generation.worker import _worker_avatars, _worker_chunks, _worker_init, _worker_ping
 
 logger = logging.getLogger(__name__)
 
 MONITOR_INTERVAL_S = 0.1
 POOL_TERMINATE_TIMEOUT_S = 5.0
-#: Jobs the pool's queue holds at most (more is a scheduling bug upstream: submit raises JobFailed).
-#: The task layer keeps it far lower: (1 + tasks.generate_ahead) tasks x MAX_CHUNKS_AHEAD chunks.
-MAX_QUEUED_JOBS = 4096
 
 
-# --------------------------------------------------------------------------- server side
 class WorkerPoolError(RuntimeError):
     """The workers could not start (the message carries the worker's own error)."""
 
 
-class JobFailed(RuntimeError):
-    """A job failed for good (after its retry, or because the engine raised)."""
-
-
 @dataclass
 class _Job:
+    """A queued or running chunk job with its callbacks and its attempts."""
+
     key: int
-    func: Callable
-    args: tuple
-    on_done: Callable[[Any], None]
+    job: ChunkJob
+    on_done: Callable[[ChunkResult], None]
     on_error: Callable[[str], None]
-    deadline_s: float
-    label: str
-    due_at: float = 0.0  # time.monotonic() by which the job's first frame must be on air
-    task_id: str | None = None
-    avatar: str | None = None  # prepared avatar's path (None: the pool's default avatar)
     attempts: int = 0
     submitted_at: float = 0.0
     finished: bool = False
@@ -120,7 +102,11 @@ class WorkerPool:
             :meth:`Engine.generate_batch`). A task's first chunk always goes alone, so batching never
             delays a task's first frame; only chunks of the same avatar are batched together.
         max_avatars: Prepared avatars a worker keeps loaded (``engine.max_avatars_per_worker``, LRU):
-            a job naming another avatar (``avatar=``) loads it on first use (docs/channels.md).
+            a job naming another avatar loads it on first use (docs/channels.md).
+        deadline_s: Seconds a job may run in a worker before it is retried once on a rebuilt pool
+            (``engine.chunk_deadline_s``; a batch of n jobs gets n deadlines).
+        max_queued: Jobs the queue holds at most (``engine.max_queued_jobs``; more is a scheduling
+            bug upstream: :meth:`submit` raises :class:`JobFailed`).
     """
 
     def __init__(
@@ -134,6 +120,8 @@ class WorkerPool:
         on_chunk_done: Callable[[int, float], None] | None = None,
         max_batch: int = 1,
         max_avatars: int = 1,
+        deadline_s: float = 60.0,
+        max_queued: int = 4096,
     ):
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
@@ -144,6 +132,8 @@ class WorkerPool:
         self._on_chunk_done = on_chunk_done
         self._max_batch = max(1, int(max_batch))
         self._max_avatars = max(1, int(max_avatars))
+        self._deadline_s = float(deadline_s)
+        self._max_queued = int(max_queued)
         self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.RLock()
         self._pool: multiprocessing.pool.Pool | None = None
@@ -242,82 +232,29 @@ class WorkerPool:
             return [p.pid for p in getattr(pool, "_pool", []) if p.pid is not None]
 
     # ----------------------------------------------------------------- jobs
-    def submit_features(
-        self,
-        audio_16k: np.ndarray,
-        deadline_s: float,
-        on_done: Callable[[np.ndarray], None],
-        on_error: Callable[[str], None],
-        label: str = "features",
-        frames: tuple[int, int] | None = None,
-        due_at: float | None = None,
-        task_id: str | None = None,
-        avatar: str | Path | None = None,
-    ) -> None:
-        """Compute a task's per-frame features in a worker (see :meth:`Engine.features`).
+    def submit(self, job: ChunkJob, on_done: Callable[[ChunkResult], None], on_error: Callable[[str], None]) -> None:
+        """Queue a chunk job; a free worker computes its features and faces (:class:`JobQueue`).
 
         Args:
-            audio_16k: ``(N,) float32`` mono audio at 16 kHz.
-            frames: ``(start, end)``: only the rows of output frames ``[start, end)`` (None: all).
-            deadline_s: Seconds the job may take before it is retried (once).
-            on_done: Called with the features, on a pool thread.
-            on_error: Called with a reason string when the job fails for good.
-            label: Name used in logs and errors.
-            due_at: ``time.monotonic()`` by which the first frame these rows drive must be on air
-                (the queue's priority; None: now).
-            task_id: Task the job belongs to (:meth:`cancel_task` drops it); None: no task.
-            avatar: Cache directory of the prepared avatar the job is for (None: the pool's default).
-
-        Raises:
-            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
-        """
-        self._submit(
-            _worker_features, (audio_16k, frames), on_done, on_error, deadline_s, label, due_at, task_id, avatar
-        )
-
-    def submit_chunk(
-        self,
-        request: ChunkRequest,
-        deadline_s: float,
-        on_done: Callable[[ChunkResult], None],
-        on_error: Callable[[str], None],
-        due_at: float | None = None,
-        avatar: str | Path | None = None,
-    ) -> None:
-        """Generate one chunk's faces in a worker (see :meth:`Engine.generate`).
-
-        Args:
-            request: The chunk.
-            deadline_s: Seconds the job may take before it is retried (once).
+            job: The chunk (its avatar, audio window, frames and ``due_at``: the queue's priority).
             on_done: Called with the :class:`ChunkResult`, on a pool thread.
             on_error: Called with a reason string when the job fails for good.
-            due_at: ``time.monotonic()`` by which the chunk's first frame must be on air (the
-                queue's priority: earliest first; None: now).
-            avatar: Cache directory of the prepared avatar the chunk is for (None: the pool's default).
 
         Raises:
-            JobFailed: If the pool is not running or its queue holds :data:`MAX_QUEUED_JOBS`.
+            JobFailed: If the pool is not running, is broken, or its queue holds ``max_queued`` jobs.
         """
-        label = f"chunk {request.chunk_index} of task {request.task_id}"
-        self._submit(
-            _worker_generate, (request,), on_done, on_error, deadline_s, label, due_at, request.task_id, avatar
-        )
-
-    def _submit(self, func, args, on_done, on_error, deadline_s, label, due_at, task_id, avatar=None) -> None:
-        due = time.monotonic() if due_at is None else float(due_at)
-        path = None if avatar is None or str(avatar) == self._avatar_path else str(avatar)
-        job = _Job(next(self._keys), func, args + (path,), on_done, on_error, deadline_s, label, due, task_id, path)
+        entry = _Job(next(self._keys), job, on_done, on_error)
         with self._lock:
             if self._pool is None or self._stop.is_set():
                 raise JobFailed("worker pool is not running")
             if self._broken is not None:
                 raise JobFailed(self._broken)
-            if len(self._queue) >= MAX_QUEUED_JOBS:
-                raise JobFailed(f"worker pool queue full ({MAX_QUEUED_JOBS} jobs)")
-            heapq.heappush(self._queue, (job.due_at, job.key, job))
+            if len(self._queue) >= self._max_queued:
+                raise JobFailed(f"worker pool queue full ({self._max_queued} jobs, engine.max_queued_jobs)")
+            heapq.heappush(self._queue, (job.due_at, entry.key, entry))
             self._dispatch_waiting()
 
-    def cancel_task(self, task_id: str) -> int:
+    def cancel(self, task_id: str) -> int:
         """Drop every queued job of ``task_id`` at once (their callbacks are never called).
 
         Jobs already running in a worker finish; their results go to callbacks that ignore a
@@ -327,7 +264,7 @@ class WorkerPool:
             The number of queued jobs dropped.
         """
         with self._lock:
-            kept = [entry for entry in self._queue if entry[2].task_id != task_id]
+            kept = [entry for entry in self._queue if entry[2].job.task_id != task_id]
             dropped = len(self._queue) - len(kept)
             if dropped:
                 heapq.heapify(kept)
@@ -350,8 +287,8 @@ class WorkerPool:
         """
         batch = [heapq.heappop(self._queue)[2]]
 
-        def batchable(job: _Job) -> bool:
-            return job.func is _worker_generate and job.args[0].chunk_index != 0 and job.avatar == batch[0].avatar
+        def batchable(entry: _Job) -> bool:
+            return entry.job.chunk_index != 0 and entry.job.avatar == batch[0].job.avatar
 
         if batchable(batch[0]):
             while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
@@ -366,20 +303,14 @@ class WorkerPool:
         for job in jobs:
             job.attempts += 1
             job.submitted_at = now
-        if len(jobs) == 1:
-            func, args = jobs[0].func, jobs[0].args
-            unpack = lambda result: [result]  # noqa: E731
-        else:
-            func, args = _worker_generate_batch, ([job.args[0] for job in jobs], jobs[0].avatar)
-            unpack = list
         self._pool.apply_async(
-            func,
-            args,
-            callback=lambda result: self._on_results(dispatch_id, unpack(result)),
+            _worker_chunks,
+            ([entry.job for entry in jobs],),
+            callback=lambda results: self._on_results(dispatch_id, results),
             error_callback=lambda exc: self._on_exception(dispatch_id, exc),
         )
 
-    def _on_results(self, dispatch_id: int, results: list[Any]) -> None:
+    def _on_results(self, dispatch_id: int, results: list[ChunkResult]) -> None:
         with self._lock:
             jobs = self._running.pop(dispatch_id, None)
             if jobs is None:
@@ -387,7 +318,7 @@ class WorkerPool:
             self._completed += len(jobs)
             self._dispatch_waiting()
         for job, result in zip(jobs, results, strict=True):
-            if self._on_chunk_done is not None and isinstance(result, ChunkResult):
+            if self._on_chunk_done is not None:
                 self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
             with job.lock:
                 if job.finished:
@@ -402,7 +333,7 @@ class WorkerPool:
                 return
             self._dispatch_waiting()
         for job in jobs:  # the engine raised: deterministic, so no retry
-            self._finish_error(job, f"{job.label} failed: {type(exc).__name__}: {exc}")
+            self._finish_error(job, f"{job.job.label} failed: {type(exc).__name__}: {exc}")
 
     def _finish_error(self, job: _Job, reason: str) -> None:
         with job.lock:
@@ -482,11 +413,13 @@ class WorkerPool:
                 late = [
                     jobs[0]
                     for jobs in self._running.values()
-                    if now - jobs[0].submitted_at > jobs[0].deadline_s * len(jobs)  # a batch gets n deadlines
+                    if now - jobs[0].submitted_at > self._deadline_s * len(jobs)  # a batch gets n deadlines
                 ]
                 if not dead and not late:
                     continue
-                reason = "a worker died" if dead else f"{late[0].label} missed its {late[0].deadline_s:.1f} s deadline"
+                reason = (
+                    "a worker died" if dead else f"{late[0].job.label} missed its {self._deadline_s:.1f} s deadline"
+                )
                 self._rebuild(reason)
 
     def _rebuild(self, reason: str) -> None:
@@ -504,11 +437,11 @@ class WorkerPool:
         for job in running:
             if job.attempts >= 2:
                 threading.Thread(
-                    target=self._finish_error, args=(job, f"{job.label} failed twice ({reason})"), daemon=True
+                    target=self._finish_error, args=(job, f"{job.job.label} failed twice ({reason})"), daemon=True
                 ).start()
             else:
                 self._retried += 1
-                heapq.heappush(self._queue, (job.due_at, job.key, job))
+                heapq.heappush(self._queue, (job.job.due_at, job.key, job))
         self._dispatch_waiting()
 
     def _verify(self, pool: multiprocessing.pool.Pool) -> None:
@@ -541,7 +474,7 @@ class WorkerPool:
             self._queue.clear()
         logger.error("worker pool broken: %s", error)
         for job in jobs:
-            self._finish_error(job, f"{job.label} failed: {error}")
+            self._finish_error(job, f"{job.job.label} failed: {error}")
 
 
 def _pid_state(pid: int) -> str | None:

@@ -1,54 +1,98 @@
-"""The TaskProcessor: the thread that turns one task's audio into chunk jobs for the worker pool."""
+"""The TaskProcessor: the thread that turns one utterance's audio into chunk jobs as it arrives.
+
+One processor for every input. Chunk ``c`` (content frames ``[s, s + n)``, lengths by
+:func:`~latentsync.serving.generation.chunking.next_chunk_frames`) is submitted once the audio of
+frames up to ``s + n`` plus the engine's look-ahead is in hand, or the utterance ended: its job
+carries the audio window its features are computed from (the worker computes them, then the
+faces), the avatar, and the time its first frame is due on air. While it waits its turn (not
+admitted) or for audio, the thread holds nothing but the task's audio, and enforces the
+utterance's time bounds (:meth:`Utterance.check_deadlines`).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from latentsync.engines import CHUNK_FRAMES, ENGINE_SAMPLE_RATE_HZ, ChunkRequest
-from latentsync.media.timing import samples_before_frame
-from latentsync.serving.generation.pool import JobFailed, WorkerPool
-from latentsync.serving.generation.program import SpeechProgram, StreamSpeechProgram
+from latentsync.serving.generation.chunking import feature_window, next_chunk_frames, padded_frame_indices
+from latentsync.serving.generation.ports import ChunkJob, JobFailed, JobQueue
+from latentsync.serving.generation.program import SpeechProgram
 from latentsync.serving.generation.task import FINAL_STATES, Task, TaskState
 from latentsync.serving.generation.utterance import Utterance
 
-#: Frames of features asked for at once: a task's first chunks need only their own Whisper window,
-#: the next span is computed while those chunks are generated (48 chunks, ~30 s at 25 fps).
-FEATURE_SPAN_FRAMES = 48 * CHUNK_FRAMES
-
 logger = logging.getLogger(__name__)
+
+#: Seconds between the checks of a waiting processor (stop, admission, audio, the utterance's deadlines).
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How an engine's chunks are cut (``engine`` config and the engine's facts).
+
+    Attributes:
+        lookahead_frames: Frames of audio past a chunk's last frame its features need
+            (:data:`latentsync.engines.LOOKAHEAD_FRAMES`).
+        first_frames: Length of chunk 0 (``engine.first_chunk_frames``).
+        min_frames: Shortest later chunk while audio streams in (the first chunk's length).
+        engine_min_frames: The engine's shortest chunk; shorter ones are padded to it
+            (:data:`latentsync.engines.CHUNK_FRAMES_RANGE`).
+    """
+
+    lookahead_frames: int
+    first_frames: int
+    min_frames: int
+    engine_min_frames: int
 
 
 class TaskProcessor:
-    """Thread that generates one task's chunks (features first, then chunks in order).
+    """Generates one task chunk by chunk as its audio arrives.
 
     Args:
         task: The task.
         program: Its reorder/jitter buffer.
-        pool: The worker pool.
-        avatar: The prepared avatar (for base-frame indices).
-        deadline_s: Per-job run deadline in seconds (from a worker taking it).
-        due_at: Maps a chunk index to the ``time.monotonic()`` by which its first frame must be on
-            air (:meth:`TaskManager.due_at`); the pool serves the earliest first.
+        utterance: Its audio as it arrives.
+        jobs: Where chunks are generated.
+        avatar: The prepared avatar (base-frame indices; its ``path`` goes on every job).
+        plan: Chunk lengths and look-ahead.
+        fps: Stream frame rate.
+        due_at: Maps a content frame to the ``time.monotonic()`` by which it must be on air
+            (:meth:`TaskManager.due_at`).
+        clock: Monotonic clock in seconds.
     """
 
-    def __init__(self, task: Task, program: SpeechProgram, pool: WorkerPool, avatar, deadline_s: float, due_at=None):
+    def __init__(
+        self,
+        task: Task,
+        program: SpeechProgram,
+        utterance: Utterance,
+        jobs: JobQueue,
+        avatar,
+        plan: ChunkPlan,
+        fps: int,
+        due_at: Callable[[int], float],
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.task = task
         self.program = program
-        self._pool = pool
+        self.utterance = utterance
+        self._jobs = jobs
         self._avatar = avatar
-        self._deadline_s = deadline_s
-        self._due_at = due_at or (lambda chunk_index: time.monotonic())
+        self._plan = plan
+        self._fps = fps
+        self._due_at = due_at
+        self._clock = clock
         self._stop = threading.Event()
-        self._failure = threading.Event()
         self._admitted = threading.Event()
         self._started = False
         self._thread = threading.Thread(target=self._run, name=f"task-{task.task_id[:8]}", daemon=True)
 
+    # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Start the thread; it waits (holding only the task's audio) until :meth:`admit`. Idempotent."""
         if not self._started:
@@ -64,242 +108,132 @@ class TaskProcessor:
         """True once :meth:`admit` was called."""
         return self._admitted.is_set()
 
-    def stop(self) -> None:
-        """Stop submitting work (cancellation or shutdown) and drop what the task buffered. Idempotent."""
+    def close(self) -> None:
+        """Stop submitting work and drop what the task buffered (its queued jobs, its faces). Idempotent."""
         self._stop.set()
         self.program.cancel()
-        self._pool.cancel_task(self.task.task_id)
+        self._jobs.cancel(self.task.task_id)
 
     def join(self, timeout_s: float) -> None:
-        """Wait for the thread."""
-        if self._thread.is_alive():
+        """Wait for the thread (at most ``timeout_s`` seconds)."""
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+
+    def fail(self, reason: str) -> None:
+        """Fail the task with ``reason`` (a job failed for good, its decoder failed...): everything it holds goes.
+
+        On air it ends where the frames run out (the mixer fades it out); marked failed at once so
+        the API tells the truth.
+        """
+        task = self.task
+        previous = task.transition(TaskState.failed, reason)
+        if previous is None:
+            return  # already ended
+        self._stop.set()
+        self.program.fail()
+        self._jobs.cancel(task.task_id)  # nothing queued for it is needed any more
+        self.utterance.close()
+        if previous is not TaskState.streaming:
+            task.release_audio()  # never reached the air: nothing will play it
+        logger.warning("task %s failed: %s", task.task_id, reason, extra={"task_id": task.task_id})
+
+    # ----------------------------------------------------------------- the thread
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self.task.state in FINAL_STATES
 
     def _advance(self, state: TaskState) -> bool:
         """Move to ``state``; False when the task already ended (a cancel may land at any moment)."""
         return not self._stop.is_set() and self.task.transition(state) is not None
 
-    def _fail(self, reason: str) -> None:
-        task = self.task
-        previous = task.transition(TaskState.failed, reason)
-        if previous is None:
-            return  # already ended
-        self._failure.set()
-        self.program.fail()
-        self._pool.cancel_task(task.task_id)  # nothing queued for it is needed any more
-        if previous is not TaskState.streaming:
-            task.release_audio()  # never reached the air: nothing will play it
-        # on air: it ends where the frames run out; marked failed now so the API tells the truth
-        logger.warning("task %s failed: %s", task.task_id, reason, extra={"task_id": task.task_id})
-
     def _run(self) -> None:
         task = self.task
-        while not self._admitted.wait(0.5):  # waiting its turn: holds only its audio
-            if self._stop.is_set():
-                return
         try:
+            while not self._admitted.wait(POLL_S):  # waiting its turn: holds only its audio
+                if self._stopping():
+                    return
+                self.utterance.check_deadlines()
             if not self._advance(TaskState.preparing):
                 return
-            total = task.num_chunks * CHUNK_FRAMES  # the last chunk is padded, never dropped
-            spans = [(a, min(a + FEATURE_SPAN_FRAMES, total)) for a in range(0, total, FEATURE_SPAN_FRAMES)]
-            pending = self._request_features(*spans[0])
-            for k, (first, stop) in enumerate(spans):
-                rows = self._await_features(pending)
-                if rows is None:
+            start, index, previous = 0, 0, 0
+            while True:
+                frames = self._wait_chunk(start, previous)
+                if frames is None:
                     return
-                if k + 1 < len(spans):  # the next window's features are computed while these chunks are
-                    pending = self._request_features(*spans[k + 1])
-                if k == 0:
+                if frames < 0:
+                    return  # every chunk submitted
+                self.program.chunk_audio_at.setdefault(index, self._clock())
+                if not self._wait_room(start):
+                    return
+                job = self._job(index, start, frames)
+                self.program.plan(index, start, frames)
+                task.chunks_planned, task.frames_planned = index + 1, start + frames
+                if index == 0:
                     if not self._advance(TaskState.generating):
                         return
                     self.program.generation_started()
-                for c in range(first // CHUNK_FRAMES, stop // CHUNK_FRAMES):
-                    if not self._submit_chunk(c, rows[c * CHUNK_FRAMES - first : (c + 1) * CHUNK_FRAMES - first]):
-                        return
+                self._jobs.submit(job, self.program.add_chunk, self.fail)
+                start, index, previous = start + frames, index + 1, frames
         except JobFailed as exc:
-            self._fail(str(exc))
+            self.fail(str(exc))
         except Exception as exc:  # never let a task thread die silently
             logger.exception("task %s crashed", task.task_id, extra={"task_id": task.task_id})
-            self._fail(f"internal error: {type(exc).__name__}: {exc}")
+            self.fail(f"internal error: {type(exc).__name__}: {exc}")
 
-    def _submit_chunk(self, c: int, features: np.ndarray) -> bool:
-        """Submit chunk ``c`` once it is within the buffer window; False when the task should stop."""
-        task = self.task
-        while not self.program.wait_for_room(c, 0.5):
-            if self._stop.is_set() or self._failure.is_set():
+    def _wait_chunk(self, start: int, previous: int) -> int | None:
+        """Wait until the next chunk's audio (+ look-ahead) is in or the utterance ended.
+
+        Returns:
+            Its length in frames, -1 once every frame is planned, None to stop (cancelled, failed, empty).
+        """
+        u, plan = self.utterance, self._plan
+        while True:
+            with u.changed:
+                if self._stopping():
+                    return None
+                total = None
+                if u.ended:
+                    if not u.final_frames:
+                        self.fail("empty utterance: it ended before any audio")
+                        return None
+                    total = u.final_frames + self.task.tail_frames
+                frames = next_chunk_frames(
+                    start,
+                    previous,
+                    u.received_frames(),
+                    total,
+                    plan.first_frames,
+                    plan.min_frames,
+                    plan.lookahead_frames,
+                )
+                if frames:
+                    return frames
+                u.changed.wait(POLL_S)
+            u.check_deadlines()
+
+    def _wait_room(self, start: int) -> bool:
+        """Wait until frame ``start`` is within ``tasks.max_frames_ahead`` of the frame on air; False to stop."""
+        while not self.program.wait_for_room(start, POLL_S * 5):
+            if self._stopping():
                 return False
-        if self._stop.is_set() or self._failure.is_set() or self.program.is_cancelled():
-            return False
-        frames = np.arange(c * CHUNK_FRAMES, (c + 1) * CHUNK_FRAMES)
-        frames = np.minimum(frames, task.num_frames + task.tail_frames - 1)  # last chunk padded, never dropped
-        request = ChunkRequest(
+        return not self._stopping() and not self.program.is_cancelled()
+
+    def _job(self, index: int, start: int, frames: int) -> ChunkJob:
+        task, u = self.task, self.utterance
+        audio = task.audio
+        if audio is None:
+            raise JobFailed("the task's audio was released")
+        window, rows = feature_window(
+            audio.engine_16k, start, frames, self._fps, self._plan.lookahead_frames, ended=u.ended
+        )
+        indices = np.array([self._avatar.frame_index(i) for i in range(start, start + frames)], np.int64)
+        return ChunkJob(
             task_id=task.task_id,
-            chunk_index=c,
-            frame_indices=np.array([self._avatar.frame_index(int(i)) for i in frames], dtype=np.int64),
-            features=features,
+            chunk_index=index,
+            avatar=str(self._avatar.path),
+            audio_16k=window,
+            rows=rows,
+            frame_indices=padded_frame_indices(indices, self._plan.engine_min_frames),
+            due_at=self._due_at(start),
             seed=task.seed,
             guidance_scale=task.guidance_scale,
         )
-        due_at = self._due_at(c)
-        self._pool.submit_chunk(request, self._deadline_s, self.program.add_chunk, self._fail, due_at=due_at)
-        return True
-
-    def _request_features(self, start_frame: int, end_frame: int) -> tuple[threading.Event, dict] | None:
-        """Ask a worker for the feature rows of frames ``[start_frame, end_frame)``; returns a handle."""
-        audio = self.task.audio
-        if audio is None:  # cancelled before it got here
-            return None
-        label = f"features {start_frame}-{end_frame} of task {self.task.task_id}"
-        return self._submit_features(audio.engine_16k, start_frame, end_frame, label, start_frame // CHUNK_FRAMES)
-
-    def _submit_features(
-        self, audio_16k: np.ndarray, start_frame: int, end_frame: int, label: str, chunk_index: int
-    ) -> tuple[threading.Event, dict]:
-        """Queue one features job (due with chunk ``chunk_index``); a handle for :meth:`_await_features`."""
-        box: dict[str, object] = {}
-        done = threading.Event()
-
-        def ok(value):
-            box["value"] = value
-            done.set()
-
-        def err(reason):
-            box["error"] = reason
-            done.set()
-
-        self._pool.submit_features(
-            audio_16k,
-            self._deadline_s,
-            ok,
-            err,
-            label,
-            frames=(start_frame, end_frame),
-            due_at=self._due_at(chunk_index),
-            task_id=self.task.task_id,
-        )
-        return done, box
-
-    def _await_features(self, pending: tuple[threading.Event, dict] | None) -> np.ndarray | None:
-        """The rows a :meth:`_request_features` handle asked for; None if the task stopped or failed."""
-        if pending is None:
-            return None
-        done, box = pending
-        while not done.wait(0.2):
-            if self._stop.is_set():
-                return None
-        if "error" in box:
-            self._fail(str(box["error"]))
-            return None
-        return np.asarray(box["value"])
-
-
-#: Frames of audio before a chunk that its features see (10 s at 25 fps): enough for the
-#: parametric engine's loudness normalisation and low-pass, and bounded cost per chunk.
-FEATURE_CONTEXT_FRAMES = 250
-
-
-class StreamTaskProcessor(TaskProcessor):
-    """Generates a streamed utterance chunk by chunk as its audio arrives.
-
-    Chunk ``c`` is submitted once the audio of frames ``[0, 16 (c + 1) + lookahead)`` is in hand
-    (or the utterance ended): its features come from the last :data:`FEATURE_CONTEXT_FRAMES` of
-    audio before it, then the chunk goes to the pool, as for an upload.
-    """
-
-    def __init__(
-        self,
-        task: Task,
-        program: StreamSpeechProgram,
-        utterance: Utterance,
-        pool,
-        avatar,
-        deadline_s: float,
-        lookahead_frames: int,
-        fps: int,
-        due_at=None,
-        clock=time.monotonic,
-    ):
-        super().__init__(task, program, pool, avatar, deadline_s, due_at)
-        self.utterance = utterance
-        self._lookahead = lookahead_frames
-        self._fps = fps
-        self._clock = clock
-
-    def _wait_audio(self, chunk: int) -> bool:
-        """Wait until chunk ``chunk``'s audio (+ look-ahead) is in or the utterance ended; False to stop."""
-        u = self.utterance
-        need = (chunk + 1) * CHUNK_FRAMES + self._lookahead
-        while True:
-            with u.changed:
-                if self._stop.is_set() or self.task.state in FINAL_STATES:
-                    return False
-                if u.ended or u.received_frames() >= need:
-                    return True
-                u.changed.wait(0.1)
-            if u.idle_for_s() > u.idle_timeout_s:
-                logger.info(
-                    "utterance %s idle for %.1f s: ended",
-                    self.task.task_id,
-                    u.idle_timeout_s,
-                    extra={"task_id": self.task.task_id},
-                )
-                u.end("idle_timeout")
-
-    def _run(self) -> None:
-        task = self.task
-        u = self.utterance
-        program = self.program
-        assert isinstance(program, StreamSpeechProgram)
-        while not self._admitted.wait(0.5):
-            if self._stop.is_set():
-                return
-        try:
-            if not self._advance(TaskState.preparing):
-                return
-            chunk = 0
-            while True:
-                if not self._wait_audio(chunk):
-                    return
-                program.chunk_audio_at.setdefault(chunk, self._clock())
-                final = u.final_frames
-                if final == 0:
-                    self._fail("empty utterance: it ended before any audio")
-                    return
-                if final is not None and chunk * CHUNK_FRAMES >= final + task.tail_frames:
-                    return  # every chunk submitted
-                rows = self._features(chunk)
-                if rows is None:
-                    return
-                if chunk == 0:
-                    if not self._advance(TaskState.generating):
-                        return
-                    program.generation_started()
-                if not self._submit_chunk(chunk, rows):
-                    return
-                chunk += 1
-        except JobFailed as exc:
-            self._fail(str(exc))
-        except Exception as exc:  # never let a task thread die silently
-            logger.exception("task %s crashed", task.task_id, extra={"task_id": task.task_id})
-            self._fail(f"internal error: {type(exc).__name__}: {exc}")
-
-    def _features(self, chunk: int) -> np.ndarray | None:
-        """Feature rows of chunk ``chunk`` from the audio received so far (+ silence for the tail once ended)."""
-        audio = self.task.audio
-        if audio is None:
-            return None
-        first = chunk * CHUNK_FRAMES
-        context = max(0, first - FEATURE_CONTEXT_FRAMES)
-        offset = samples_before_frame(context, ENGINE_SAMPLE_RATE_HZ, self._fps)
-        engine = audio.engine_16k
-        if self.utterance.ended:
-            silence = np.zeros(math.ceil((self.task.tail_frames + 1) * ENGINE_SAMPLE_RATE_HZ / self._fps), np.float32)
-            engine = np.concatenate([engine, silence])
-        pending = self._request_window(
-            np.array(engine[offset:]), first - context, first - context + CHUNK_FRAMES, chunk
-        )
-        return self._await_features(pending)
-
-    def _request_window(self, audio_16k: np.ndarray, start: int, end: int, chunk: int):
-        label = f"features of chunk {chunk} of utterance {self.task.task_id}"
-        return self._submit_features(audio_16k, start, end, label, chunk)

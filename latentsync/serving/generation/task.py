@@ -1,17 +1,25 @@
-"""A task: one speech from acceptance to its last frame on air; its states and the moves between them."""
+"""A task: one utterance from acceptance to its last frame on air; its states and the moves between them.
+
+Every input is a task of the same kind: an upload (decoded as it plays), ``POST /speak`` (text to
+speech) and ``/ws/speech`` (PCM from a socket) differ only in what feeds their utterance
+(:class:`TaskKind`). A task's state changes only through :meth:`Task.transition`, along
+:data:`ALLOWED_MOVES` (:class:`~latentsync.serving.core.states.StateMachine`, the style every state
+machine of the server follows).
+"""
 
 from __future__ import annotations
 
 import enum
-import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
+from latentsync.engines import CHUNK_FRAMES
+from latentsync.serving.core.states import StateMachine, check_table
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from latentsync.serving.generation.audio import SpeechAudio
 
 
 class TaskState(str, enum.Enum):
@@ -26,12 +34,6 @@ class TaskState(str, enum.Enum):
     cancelled = "cancelled"
 
 
-FINAL_STATES = (TaskState.done, TaskState.failed, TaskState.cancelled)
-
-
-WAITING_STATES = (TaskState.queued, TaskState.preparing, TaskState.generating)
-
-
 #: The task lifecycle: the moves :meth:`Task.transition` makes; final states have none.
 ALLOWED_MOVES: dict[TaskState, frozenset[TaskState]] = {
     TaskState.queued: frozenset({TaskState.preparing, TaskState.failed, TaskState.cancelled}),
@@ -42,45 +44,43 @@ ALLOWED_MOVES: dict[TaskState, frozenset[TaskState]] = {
     TaskState.failed: frozenset(),
     TaskState.cancelled: frozenset(),
 }
+check_table(TaskState, ALLOWED_MOVES)
+FINAL_STATES = tuple(s for s, moves in ALLOWED_MOVES.items() if not moves)
+WAITING_STATES = (TaskState.queued, TaskState.preparing, TaskState.generating)
 
 
-@dataclass
-class TaskAudio:
-    """A task's speech, decoded twice by FFmpeg.
+class TaskKind(str, enum.Enum):
+    """What feeds a task's utterance (``GET /tasks`` shows it as ``source``)."""
 
-    Attributes:
-        stream: ``(N,) int16`` mono at the stream's sample rate (what goes on air).
-        engine_16k: ``(M,) float32`` mono at 16 kHz in [-1, 1] (what the engine analyses).
-        sample_rate_hz: Rate of ``stream`` in Hz.
-    """
-
-    stream: np.ndarray
-    engine_16k: np.ndarray
-    sample_rate_hz: int
-
-    @property
-    def duration_s(self) -> float:
-        """Duration in seconds."""
-        return self.stream.shape[0] / self.sample_rate_hz
+    upload = "upload"  # POST /generate_video: the file decoded by a confined FFmpeg as it plays
+    speak = "speak"  # POST /speak: text synthesised sentence by sentence
+    stream = "stream"  # /ws/speech: PCM (and text) from a socket
 
 
 @dataclass
 class Task:
-    """One request's state as the API reports it (times are ``time.time()`` seconds).
+    """One utterance's state as the API reports it (times are ``time.time()`` seconds).
 
-    ``num_frames`` frames carry the speech; ``tail_frames`` more are generated from silence (mouth
-    closing) for the crossfade back to idle, so the avatar never mouths words after the speech.
+    ``num_frames`` frames carry the speech (known once the utterance ended; until then the frames
+    received so far); ``tail_frames`` more are generated from silence (mouth closing) for the
+    crossfade back to idle, so the avatar never mouths words after the speech.
+
+    Attributes:
+        task_id: 32 hex digits (uuid4), unique over the server (every channel).
+        kind: What feeds it.
+        audio: Its speech as it arrives (:class:`~latentsync.serving.generation.audio.SpeechAudio`);
+            None once released (the fade-out played it, or it never reached the air).
     """
 
     task_id: str
-    audio: TaskAudio | None
-    num_frames: int
-    num_chunks: int
+    kind: TaskKind = TaskKind.upload
+    audio: SpeechAudio | None = None
+    num_frames: int = 0
     tail_frames: int = 0
     seed: int | None = None
     guidance_scale: float | None = None
-    state: TaskState = TaskState.queued
-    error: str | None = None
+    chunks_planned: int = 0
+    frames_planned: int = 0
     chunks_generated: int = 0
     frames_streamed: int = 0
     received_at: float = field(default_factory=time.time)
@@ -91,18 +91,31 @@ class Task:
     cancel_requested_tick: int | None = None
     off_air_tick: int | None = None
     audio_duration_s: float = 0.0
-    #: States this task went through, in order (at most 5: queued ... final).
-    history: list[TaskState] = field(default_factory=lambda: [TaskState.queued])
+    ended: bool = False
     #: Called with the task, outside its lock, once it reaches a final state (the scheduler's hook).
     on_final: Callable[[Task], None] | None = field(default=None, repr=False, compare=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _machine: StateMachine[TaskState] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.audio is not None:
-            self.audio_duration_s = self.audio.duration_s
+        self._machine = StateMachine(TaskState.queued, ALLOWED_MOVES, f"task {self.task_id}", self._changed)
+
+    @property
+    def state(self) -> TaskState:
+        """The current state."""
+        return self._machine.state
+
+    @property
+    def history(self) -> list[TaskState]:
+        """States this task went through, in order (at most 5: queued ... final)."""
+        return self._machine.history
+
+    @property
+    def error(self) -> str | None:
+        """Why it failed or was cancelled (None otherwise)."""
+        return self._machine.reason
 
     def transition(self, to: TaskState, reason: str | None = None) -> TaskState | None:
-        """Move to state ``to`` if :data:`ALLOWED_MOVES` allows it from the current state; the only writer of ``state``.
+        """Move to state ``to`` if :data:`ALLOWED_MOVES` allows it; the only writer of ``state``.
 
         Several threads race to end a task (API cancel, the TaskProcessor failing, the mixer
         finishing it): the first move to a final state wins, later ones are refused.
@@ -114,36 +127,35 @@ class Task:
         Returns:
             The state moved from, or None when the move was refused (already final, or not in the table).
         """
-        with self._lock:
-            previous = self.state
-            if to not in ALLOWED_MOVES[previous]:
-                if previous not in FINAL_STATES:
-                    logger.error("task %s: illegal move %s -> %s refused", self.task_id, previous.value, to.value)
-                return None
-            self.state = to
-            self.history.append(to)
-            if reason is not None:
-                self.error = reason
-            if to in FINAL_STATES:
-                self.finished_at = time.time()
-            hook = self.on_final if to in FINAL_STATES else None
-        if hook is not None:
-            hook(self)
-        return previous
+        return self._machine.move(to, reason)
+
+    def _changed(self, _previous: TaskState, to: TaskState, _reason: str | None) -> None:
+        if to in FINAL_STATES:
+            self.finished_at = time.time()
+            if self.on_final is not None:
+                self.on_final(self)
 
     def release_audio(self) -> None:
-        """Drop the decoded audio once it can no longer play (finished tasks stay listed, cheaply)."""
+        """Drop the audio once it can no longer play (finished tasks stay listed, cheaply)."""
         self.audio = None
+
+    @property
+    def chunks_total(self) -> int:
+        """Chunks planned so far plus the 16-frame chunks the rest of the known frames need (exact once all planned)."""
+        rest = max(0, self.num_frames + self.tail_frames - self.frames_planned)
+        return self.chunks_planned + -(-rest // CHUNK_FRAMES)
 
     def to_json(self) -> dict:
         """The ``GET /tasks/<id>`` body."""
         return {
             "task_id": self.task_id,
             "status": self.state.value,
+            "source": self.kind.value,
             "audio_duration_s": round(self.audio_duration_s, 3),
+            "audio_complete": self.ended,
             "frames_total": self.num_frames,
             "frames_streamed": self.frames_streamed,
-            "chunks_total": self.num_chunks,
+            "chunks_total": self.chunks_total,
             "chunks_generated": self.chunks_generated,
             "error": self.error,
             "received_at": self.received_at,

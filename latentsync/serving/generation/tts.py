@@ -23,15 +23,15 @@ from typing import Protocol
 
 import numpy as np
 
-from latentsync.serving.generation.utterance import SpeechStreamError, Utterance
+from latentsync.serving.generation.audio import SpeechError
+from latentsync.serving.generation.task import FINAL_STATES
+from latentsync.serving.generation.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 
 #: Longest sentence handed to the TTS at once, in characters: longer runs without punctuation are
 #: cut at a space so the first audio is never far away.
 MAX_SENTENCE_CHARS = 200
-#: Items (PCM blocks, texts) one utterance may have waiting for its feeder.
-MAX_FEEDER_ITEMS = 512
 #: Environment espeak-ng runs with: nothing of the server's (tokens, keys) leaks into it.
 ESPEAK_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -70,7 +70,7 @@ class TextToSpeech(Protocol):
         """Speak ``text``: yields ``(n,) int16`` mono PCM chunks at :attr:`sample_rate_hz`, in order.
 
         Raises:
-            SpeechStreamError: ``unknown_voice``; ``tts_failed`` when the engine fails or times out.
+            SpeechError: ``unknown_voice``; ``tts_failed`` when the engine fails or times out.
         """
         ...
 
@@ -130,18 +130,18 @@ class EspeakNg:
         """The voice to use.
 
         Raises:
-            SpeechStreamError: ``unknown_voice`` (400) if espeak-ng has no such voice.
+            SpeechError: ``unknown_voice`` (400) if espeak-ng has no such voice.
         """
         name = (voice or self.default_voice).strip().lower()
         if name not in self.voices():
-            raise SpeechStreamError("unknown_voice", f"voice {voice!r} does not exist (espeak-ng --voices lists them)")
+            raise SpeechError("unknown_voice", f"voice {voice!r} does not exist (espeak-ng --voices lists them)")
         return name
 
     def synthesize(self, text: str, voice: str | None = None, rate_wpm: int | None = None) -> Iterator[np.ndarray]:
         """Speak ``text`` sentence by sentence: one ``(n,) int16`` chunk at 22050 Hz per sentence.
 
         Raises:
-            SpeechStreamError: ``unknown_voice``; ``tts_failed`` if espeak-ng exits non-zero, writes
+            SpeechError: ``unknown_voice``; ``tts_failed`` if espeak-ng exits non-zero, writes
                 no WAV or takes longer than ``timeout_s``.
         """
         name = self.check_voice(voice)
@@ -161,27 +161,28 @@ class EspeakNg:
                 check=False,
             )
         except subprocess.TimeoutExpired:
-            raise SpeechStreamError(
-                "tts_failed", f"espeak-ng took longer than {self.timeout_s:g} s for a sentence", 500
-            ) from None
+            raise SpeechError("tts_failed", f"espeak-ng took longer than {self.timeout_s:g} s for a sentence") from None
         wav = done.stdout
         at = wav.find(b"data", 12, 200)
         if done.returncode != 0 or not wav.startswith(b"RIFF") or at < 0:
             err = done.stderr.decode("utf-8", "replace").strip()[:200]
-            raise SpeechStreamError("tts_failed", f"espeak-ng failed (exit {done.returncode}): {err}", 500)
+            raise SpeechError("tts_failed", f"espeak-ng failed (exit {done.returncode}): {err}")
         body = wav[at + 8 :]
         return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2").astype(np.int16)
 
 
 class SpeechFeeder:
-    """One utterance's producer thread: PCM blocks, texts and the end, pushed in order.
+    """One utterance's producer thread: PCM blocks, texts and the end, pushed in order (a :class:`Source`).
+
+    Attached to its utterance when built, so cancelling the task closes it (its queue is emptied).
 
     Args:
         utterance: Where the speech goes.
         tts: The TTS engine for texts (None: texts are refused).
         on_error: Called with ``(code, message)`` from the feeder thread when an item fails; a
-            ``buffer_full`` cancels the utterance (the client pushed too fast).
+            ``buffer_full``, ``too_long`` or ``tts_failed`` cancels the utterance.
         cancel: Cancels the utterance's task (``TaskManager.cancel``).
+        max_items: Items (PCM blocks, texts) that may wait (``speech_stream.max_feeder_items``).
         wait_room_s: How long a text's sentence may wait for room in the buffer (synthesis runs
             faster than real time; it waits for playback to catch up).
     """
@@ -192,30 +193,54 @@ class SpeechFeeder:
         tts: TextToSpeech | None,
         on_error: Callable[[str, str], None],
         cancel: Callable[[str], object],
+        max_items: int,
         wait_room_s: float = 120.0,
     ):
         self.utterance = utterance
         self._tts = tts
         self._on_error = on_error
         self._cancel = cancel
+        self._max_items = max_items
         self._wait_room_s = wait_room_s
-        self._items: queue.Queue = queue.Queue(MAX_FEEDER_ITEMS)
+        self._items: queue.Queue = queue.Queue(max_items)
         self._stop = threading.Event()
+        self._started = False
         self._thread = threading.Thread(target=self._run, name=f"feeder-{utterance.task_id[:8]}", daemon=True)
-        self._thread.start()
+        utterance.attach(self)
+
+    def start(self) -> None:
+        """Start the thread. Safe to call twice (and after :meth:`close`: it then ends at once)."""
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; what is queued is dropped. Safe to call twice, from any thread."""
+        self._stop.set()
+        while True:
+            try:
+                self._items.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(1.0)
 
     def push_pcm(self, mono: np.ndarray, rate_hz: int) -> None:
         """Queue ``(n,) float32`` mono samples at ``rate_hz``.
 
         Raises:
-            SpeechStreamError: ``buffer_full`` (429) when :data:`MAX_FEEDER_ITEMS` items already wait.
+            SpeechError: ``buffer_full`` when ``max_items`` items already wait; ``not_open`` once closed.
         """
         self._put(("pcm", mono, rate_hz))
 
     def push_text(self, text: str, voice: str | None = None, rate_wpm: int | None = None) -> None:
-        """Queue a text to synthesise and append (sentence by sentence)."""
+        """Queue a text to synthesise and append (sentence by sentence).
+
+        Raises:
+            SpeechError: ``tts_unavailable``, ``buffer_full``, ``not_open``.
+        """
         if self._tts is None:
-            raise SpeechStreamError("tts_unavailable", "no text-to-speech engine is installed", 503)
+            raise SpeechError("tts_unavailable", "no text-to-speech engine is installed")
         self.utterance.touch()
         self._put(("text", text, (voice, rate_wpm)))
 
@@ -224,38 +249,30 @@ class SpeechFeeder:
         try:
             self._items.put_nowait(("end", None, None))
         except queue.Full:  # cannot queue even the end: end now, what is queued is lost anyway
-            self.stop()
+            self._stop.set()
             self.utterance.end()
 
     def _put(self, item) -> None:
         if self._stop.is_set():
-            raise SpeechStreamError("not_open", "the utterance is over", 409)
+            raise SpeechError("not_open", "the utterance is over")
         try:
             self._items.put_nowait(item)
         except queue.Full:
-            raise SpeechStreamError(
-                "buffer_full", f"{MAX_FEEDER_ITEMS} blocks already wait: send at real time", 429
+            raise SpeechError(
+                "buffer_full",
+                f"{self._max_items} blocks already wait (speech_stream.max_feeder_items): send at real time",
             ) from None
-
-    def stop(self) -> None:
-        """Stop the thread (what is queued is dropped). Idempotent."""
-        self._stop.set()
-
-    def join(self, timeout_s: float) -> None:
-        """Wait for the thread."""
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
     @property
     def alive(self) -> bool:
         """True while the thread runs."""
         return self._thread.is_alive()
 
-    def _fail(self, exc: SpeechStreamError) -> None:
+    def _fail(self, exc: SpeechError) -> None:
         self._on_error(exc.code, exc.message)
         if exc.code in ("buffer_full", "too_long", "tts_failed"):
-            self._cancel(self.utterance.task_id)
             self._stop.set()
+            self._cancel(self.utterance.task_id)
 
     def _run(self) -> None:
         try:
@@ -263,13 +280,17 @@ class SpeechFeeder:
         finally:
             self._stop.set()  # later pushes are refused: the utterance is over
 
+    def _over(self) -> bool:
+        u = self.utterance
+        return self._stop.is_set() or u.ended or u.task.state in FINAL_STATES
+
     def _feed(self) -> None:
         u = self.utterance
         while not self._stop.is_set():
             try:
                 kind, value, extra = self._items.get(timeout=0.2)
             except queue.Empty:
-                if u.ended or u.task.state.value in ("done", "failed", "cancelled"):
+                if self._over():
                     return
                 continue
             try:
@@ -281,15 +302,17 @@ class SpeechFeeder:
                     for pcm in self._tts.synthesize(value, voice, rate):
                         mono = pcm.astype(np.float32) / 32768.0
                         if not u.wait_for_room(mono.shape[0] / self._tts.sample_rate_hz, self._wait_room_s):
-                            if self._stop.is_set() or u.ended or u.task.state.value in ("failed", "cancelled"):
+                            if self._over():
                                 return
                         u.push(mono, self._tts.sample_rate_hz)
                         u.touch()
                 else:
                     u.end()
                     return
-            except SpeechStreamError as exc:
+            except SpeechError as exc:
+                if self._over() and exc.code == "not_open":
+                    return
                 self._fail(exc)
             except Exception as exc:  # never let the thread die silently
                 logger.exception("feeder of %s crashed", u.task_id, extra={"task_id": u.task_id})
-                self._fail(SpeechStreamError("internal", f"{type(exc).__name__}: {exc}", 500))
+                self._fail(SpeechError("internal", f"{type(exc).__name__}: {exc}"))

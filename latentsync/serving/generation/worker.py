@@ -1,4 +1,10 @@
-"""The worker-process side of the pool: one engine per spawned process, loaded once (see pool.py)."""
+"""The worker-process side of the pool: one engine per spawned process, loaded once (see pool.py).
+
+A spawned worker process holds exactly one engine (and engines bound to the other avatars it was
+asked for, least recently used dropped first). The slot below exists only inside worker processes
+(the pool initializer fills it once, ``multiprocessing.Pool`` calls the functions here); the
+server process never writes it.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,8 @@ from typing import Any
 import numpy as np
 
 from latentsync.engines import ChunkRequest, ChunkResult
+from latentsync.serving.generation.ports import ChunkJob
 
-# --------------------------------------------------------------------------- worker process side
-# A spawned worker process holds exactly one engine; this slot exists only inside worker processes
-# (the pool initializer fills it once), never in the server process.
 _WORKER_SLOT: dict[str, Any] = {}
 
 
@@ -96,17 +100,27 @@ def _worker_avatars() -> tuple[int, list[str]]:
     return os.getpid(), list(_WORKER_SLOT.get("engines") or ())
 
 
-def _worker_features(
-    audio_16k: np.ndarray, frames: tuple[int, int] | None, avatar_path: str | None = None
-) -> np.ndarray:
-    if frames is None:
-        return _engine(avatar_path).features(audio_16k)
-    return _engine(avatar_path).features(audio_16k, *frames)
+def _worker_chunks(jobs: list[ChunkJob]) -> list[ChunkResult]:
+    """Features, then faces, of chunk jobs of one avatar (one model batch where the engine can).
 
-
-def _worker_generate(request: ChunkRequest, avatar_path: str | None = None) -> ChunkResult:
-    return _engine(avatar_path).generate(request)
-
-
-def _worker_generate_batch(requests: list[ChunkRequest], avatar_path: str | None = None) -> list[ChunkResult]:
-    return _engine(avatar_path).generate_batch(requests)
+    Each job's features are the rows ``job.rows`` of :meth:`Engine.features` over its audio window,
+    the last row repeated when the job's frames were padded to the engine's shortest chunk.
+    """
+    engine = _engine(jobs[0].avatar)
+    requests = []
+    for job in jobs:
+        rows = np.asarray(engine.features(job.audio_16k, *job.rows))
+        n = len(job.frame_indices)
+        if len(rows) < n:
+            rows = np.concatenate([rows, np.repeat(rows[-1:], n - len(rows), axis=0)])
+        requests.append(
+            ChunkRequest(
+                task_id=job.task_id,
+                chunk_index=job.chunk_index,
+                frame_indices=np.asarray(job.frame_indices, np.int64),
+                features=rows[:n],
+                seed=job.seed,
+                guidance_scale=job.guidance_scale,
+            )
+        )
+    return engine.generate_batch(requests) if len(requests) > 1 else [engine.generate(requests[0])]

@@ -23,8 +23,9 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from latentsync.serving.core.states import StateMachine
 from latentsync.serving.playout.idle import IdleLoop
-from latentsync.serving.playout.state import StreamState
+from latentsync.serving.playout.state import STREAM_MOVES, StreamState
 
 
 class ProgramEvent(str, enum.Enum):
@@ -45,6 +46,9 @@ class Program(Protocol):
 
     task_id: str
     num_frames: int
+    #: True when the frame last returned by :meth:`frame` was a gap frame (its speech starved):
+    #: the mixer counts it as an underrun tick.
+    in_gap: bool
 
     def ready_to_start(self) -> bool:
         """Whether the jitter buffer says playback can start now without underrunning."""
@@ -132,7 +136,7 @@ class ProgramMixer:
         self._fade_step = 0  # frames of the running crossfade already emitted
         self._fading_in = False
         self._last_frame: np.ndarray | None = None
-        self._state = StreamState.IDLE
+        self._machine = StateMachine(StreamState.IDLE, STREAM_MOVES, "mixer")
         self._next_idle: tuple[IdleLoop, object] | None = None  # (loop, callback) waiting for an idle moment
         self.idle_switches = 0
         self.ticks = 0  # ticks produced (one per emitted or dropped frame)
@@ -143,7 +147,11 @@ class ProgramMixer:
     @property
     def state(self) -> StreamState:
         """What the last tick put on air."""
-        return self._state
+        return self._machine.state
+
+    def _set_state(self, state: StreamState) -> None:
+        if state is not self._machine.state:
+            self._machine.move(state)
 
     @property
     def current_task_id(self) -> str | None:
@@ -210,13 +218,13 @@ class ProgramMixer:
         if self._current is None:
             self._start_next_program()
         if self._current is not None:
-            self._state = StreamState.FADE_IN if self._fading_in else StreamState.SPEAKING
+            self._set_state(StreamState.FADE_IN if self._fading_in else StreamState.SPEAKING)
             frame, audio = self._speech_tick(num_samples)
         elif self._outgoing is not None:
-            self._state = StreamState.FADE_OUT
+            self._set_state(StreamState.FADE_OUT)
             frame, audio = self._fade_out_tick(num_samples)
         else:
-            self._state = StreamState.IDLE
+            self._set_state(StreamState.IDLE)
             frame, audio = self._idle.next(num_samples)
         self._last_frame = frame
         return frame, audio
@@ -281,8 +289,10 @@ class ProgramMixer:
             with self._lock:
                 self._interrupts.add(program.task_id)
             self._apply_interrupts()
-            self._state = StreamState.FADE_OUT
+            self._set_state(StreamState.FADE_OUT)
             return self._fade_out_tick(num_samples)
+        if getattr(program, "in_gap", False):  # the program filled a starved tick with a gap frame
+            self.underrun_ticks += 1
         if frame is None:  # underrun: hold the picture, silence, do not advance the program
             self.underrun_ticks += 1
             held = self._last_frame if self._last_frame is not None else program.continuation_frame(self._pos)

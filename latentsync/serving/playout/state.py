@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 
+from latentsync.serving.core.states import check_table
+
 
 class StreamState(str, enum.Enum):
-    """What the controller is putting on air."""
+    """What the controller is putting on air (docs/architecture.md, "The stream state machine")."""
 
     STARTING = "starting"
     IDLE = "idle"
@@ -14,3 +16,18 @@ class StreamState(str, enum.Enum):
     SPEAKING = "speaking"
     FADE_OUT = "fade_out"
     STOPPED = "stopped"
+
+
+_S = StreamState
+#: The moves between two ticks: speech fades in (or cuts in with ``crossfade_frames`` 0), plays,
+#: fades out (finished, interrupted, or an idle loop switching), and the next program may start
+#: during a fade-out or right after the last frame of another (speech to speech).
+STREAM_MOVES: dict[StreamState, frozenset[StreamState]] = {
+    _S.STARTING: frozenset({_S.IDLE, _S.STOPPED}),
+    _S.IDLE: frozenset({_S.FADE_IN, _S.SPEAKING, _S.FADE_OUT, _S.STOPPED}),
+    _S.FADE_IN: frozenset({_S.SPEAKING, _S.FADE_OUT, _S.STOPPED}),
+    _S.SPEAKING: frozenset({_S.FADE_IN, _S.FADE_OUT, _S.IDLE, _S.STOPPED}),
+    _S.FADE_OUT: frozenset({_S.IDLE, _S.FADE_IN, _S.STOPPED}),
+    _S.STOPPED: frozenset(),
+}
+check_table(StreamState, STREAM_MOVES)

@@ -1,19 +1,21 @@
 """Channels: one live stream each (idle loop, mixer, clock, FFmpeg push, tasks, WHEP, events).
 
-A :class:`Channel` owns everything of one stream; the :class:`~latentsync.serving.runtime.Runtime`
-owns the channels and ONE :class:`~latentsync.serving.workers.WorkerPool` they all share
-(docs/channels.md). A channel's jobs go through :class:`ChannelPool`, which names the channel's
-prepared avatar on every job; the pool's queue is earliest-deadline-first over every channel's
-jobs, all on the same ``time.monotonic()`` clock, so a channel's chunk due on air soon runs before
-another channel's chunk due later, whatever the uploads' lengths.
+A :class:`Channel` wires everything of one stream; the :class:`~latentsync.serving.runtime.runtime.Runtime`
+owns the channels and ONE :class:`~latentsync.serving.generation.pool.WorkerPool` they all share
+(docs/channels.md). Every job names its avatar, so the pool's queue is earliest-deadline-first over
+every channel's jobs, all on the same ``time.monotonic()`` clock: a channel's chunk due on air soon
+runs before another channel's chunk due later, whatever the uploads' lengths.
 
-Start order of a channel: private work directory → idle clip → FFmpegSink → StreamingController
-(on air from here) → prepared avatar; then, once the shared pool runs, its TaskManager (uploads
-accepted from here). Stop order is the reverse, every part stopped even when an earlier one fails.
+Phases (:class:`ChannelState`, the state-machine style of tasks): ``created`` → ``starting``
+(private work directory → idle clip → FFmpegSink → StreamingController: on air from here →
+prepared avatar) → ``ready`` (its TaskManager on the shared pool: uploads and streamed speech
+accepted) → ``stopping`` → ``stopped``; a start that fails ends ``failed`` (what of it ran is
+stopped). Stop order is the reverse of start, every part stopped even when an earlier one fails.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import shutil
 import tempfile
@@ -22,20 +24,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import soxr
-
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
-from latentsync.engines import ENGINE_SAMPLE_RATE_HZ
-from latentsync.media.audio import decode_untrusted_audio
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import VideoClip, load_clip
+from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import WorkerPool
-from latentsync.serving.generation.scheduler import TaskManager
-from latentsync.serving.generation.task import TaskAudio
+from latentsync.serving.generation.scheduler import TaskManager, TaskSettings
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
@@ -51,33 +48,46 @@ HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was ha
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
 
 
-class ChannelPool:
-    """The shared :class:`WorkerPool` as one channel sees it: every job names the channel's avatar.
+class ChannelState(str, enum.Enum):
+    """Phases of a channel (``status`` in ``GET /channels``)."""
 
-    It has the pool methods the task layer calls (``submit_features``, ``submit_chunk``,
-    ``cancel_task``); task ids are unique over the server (uuid4), so cancelling one channel's
-    task never touches another's jobs.
+    created = "created"
+    starting = "starting"
+    ready = "ready"
+    failed = "failed"
+    stopping = "stopping"
+    stopped = "stopped"
 
-    Args:
-        pool: The shared pool.
-        avatar_path: Cache directory of this channel's prepared avatar.
-    """
 
-    def __init__(self, pool: WorkerPool, avatar_path: str | Path):
-        self.pool = pool
-        self.avatar_path = str(avatar_path)
+#: The moves of a channel's phase; ``stopped`` is final.
+CHANNEL_MOVES: dict[ChannelState, frozenset[ChannelState]] = {
+    ChannelState.created: frozenset({ChannelState.starting, ChannelState.failed, ChannelState.stopping}),
+    ChannelState.starting: frozenset({ChannelState.ready, ChannelState.failed, ChannelState.stopping}),
+    ChannelState.ready: frozenset({ChannelState.stopping}),
+    ChannelState.failed: frozenset({ChannelState.stopping}),
+    ChannelState.stopping: frozenset({ChannelState.stopped}),
+    ChannelState.stopped: frozenset(),
+}
+check_table(ChannelState, CHANNEL_MOVES)
 
-    def submit_features(self, *args, **kwargs) -> None:
-        """:meth:`WorkerPool.submit_features` for this channel's avatar."""
-        self.pool.submit_features(*args, avatar=self.avatar_path, **kwargs)
 
-    def submit_chunk(self, *args, **kwargs) -> None:
-        """:meth:`WorkerPool.submit_chunk` for this channel's avatar."""
-        self.pool.submit_chunk(*args, avatar=self.avatar_path, **kwargs)
+class SwitchState(str, enum.Enum):
+    """Phases of an avatar switch (``switch.state`` in ``GET /channels/<name>``)."""
 
-    def cancel_task(self, task_id: str) -> int:
-        """:meth:`WorkerPool.cancel_task` (task ids are unique across channels)."""
-        return self.pool.cancel_task(task_id)
+    preparing = "preparing"
+    waiting_for_idle = "waiting_for_idle"
+    done = "done"
+    failed = "failed"
+
+
+#: The moves of an avatar switch; a newer switch replaces one still running (its own machine).
+SWITCH_MOVES: dict[SwitchState, frozenset[SwitchState]] = {
+    SwitchState.preparing: frozenset({SwitchState.waiting_for_idle, SwitchState.failed}),
+    SwitchState.waiting_for_idle: frozenset({SwitchState.done, SwitchState.failed}),
+    SwitchState.done: frozenset(),
+    SwitchState.failed: frozenset(),
+}
+check_table(SwitchState, SWITCH_MOVES)
 
 
 class Channel:
@@ -103,7 +113,7 @@ class Channel:
         self._on_ttff = on_ttff
         self._clips = clips
         self._clip: VideoClip | None = None  # held while the channel lives (the cache's entries are weak)
-        self._stopped = False
+        self._machine = StateMachine(ChannelState.created, CHANNEL_MOVES, f"channel {name}")
         self._work_dir: Path | None = None
         self._upload_root: Path | None = None
         self.sink: FFmpegSink | None = None
@@ -114,13 +124,12 @@ class Channel:
         self._tasks: TaskManager | None = None
         self.stream_size: tuple[int, int] | None = None
         self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
-        self.events = EventBroadcaster(config.ui.max_event_clients)  # GET /events subscribers
+        self.events = EventBroadcaster(config.ui.max_event_clients, config.ui.event_queue_events)  # GET /events
         self._feed: EventFeed | None = None
         self._created_monotonic = time.monotonic()
-        self._error: str | None = None  # why it failed to start (a channel added at run time)
         self._stop_event = threading.Event()
         self._switch_lock = threading.Lock()
-        self._switch: dict | None = None  # the last avatar switch: state, avatar, error
+        self._switch: tuple[StateMachine[SwitchState], str] | None = None  # the last avatar switch and its label
         self._switch_generation = 0  # a newer PUT supersedes a switch still waiting
         self._pending_avatar: tuple[Avatar, Path] | None = None  # prepared for a switch not yet made
 
@@ -131,41 +140,51 @@ class Channel:
         return self._work_dir
 
     @property
+    def state(self) -> ChannelState:
+        """The channel's phase."""
+        return self._machine.state
+
+    @property
+    def error(self) -> str | None:
+        """Why it failed (``failed``), else None."""
+        return self._machine.reason if ChannelState.failed in self._machine.history else None
+
+    @property
     def tasks(self) -> TaskManager | None:
-        """The TaskManager; None until the engine is ready (uploads get 503 until then) and once stopped."""
-        return None if self._stopped else self._tasks
+        """The TaskManager while ``ready``; None before (uploads get 503 until then), once failed or closing."""
+        return self._tasks if self._machine.state is ChannelState.ready else None
 
     @property
     def stopped(self) -> bool:
-        """True once :meth:`stop` ran."""
-        return self._stopped
+        """True once it failed or :meth:`close` began: it will not take work any more."""
+        return self._machine.state in (ChannelState.failed, ChannelState.stopping, ChannelState.stopped)
 
     @property
     def ready(self) -> bool:
-        """True once the stream is on air (its clock counts for the systemd watchdog)."""
-        return self.controller is not None and self._error is None and not self._stopped
+        """True while its stream is on air (starting with its clock running, or ready): the watchdog counts it."""
+        return self.controller is not None and self._machine.state in (ChannelState.starting, ChannelState.ready)
 
     @property
     def status(self) -> str:
-        """``starting`` (stream or avatar being prepared), ``ready`` (uploads accepted), ``failed``, ``stopped``."""
-        if self._error is not None:
-            return "failed"
-        if self._stopped:
-            return "stopped"
-        return "ready" if self._tasks is not None else "starting"
+        """The phase's name: ``created``, ``starting``, ``ready``, ``failed``, ``stopping``, ``stopped``."""
+        return self._machine.state.value
 
     def fail(self, reason: str) -> None:
-        """Mark the channel failed (it could not start) and stop what of it runs."""
-        self._error = reason
-        self.stop()
+        """Mark the channel failed (it could not start) and stop what of it runs; it stays listed as failed."""
+        if self._machine.move(ChannelState.failed, reason, quiet=True) is None:
+            return  # closing or closed meanwhile: nothing to report
+        self._stop_event.set()
+        self._shutdown()
 
     # ----------------------------------------------------------------- lifecycle
-    def start_stream(self) -> None:
+    def start(self) -> None:
         """Put the idle loop on air: idle clip, FFmpegSink, mixer, WHEP hub, events feed, clock.
 
         Raises:
             latentsync.media.MediaProbeError: If the idle video cannot be decoded.
         """
+        if self._machine.move(ChannelState.starting, quiet=True) is None:
+            return  # closed before it started
         cfg = self.config
         s = cfg.stream
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
@@ -226,7 +245,7 @@ class Channel:
             self.webrtc.start()
         self._feed.start()
         self.controller.start()
-        if self._stopped:  # stop() ran while this was being built: undo what it could not see
+        if self.stopped:  # close() or fail() ran while this was being built: undo what it could not see
             self._close_stream()
 
     def prepare_avatar(self) -> Avatar:
@@ -274,12 +293,13 @@ class Channel:
         Raises:
             RuntimeError: If the channel does not take uploads yet (starting), failed or stopped.
         """
-        if self.status != "ready" or self.pool is None:
+        if self._machine.state is not ChannelState.ready or self.pool is None:
             raise RuntimeError(f"channel {self.name} is {self.status}; an avatar can be switched once it is ready")
         with self._switch_lock:
             self._switch_generation += 1
             generation = self._switch_generation
-            self._switch = {"state": "preparing", "avatar": label, "error": None}
+            machine = StateMachine(SwitchState.preparing, SWITCH_MOVES, f"channel {self.name} avatar switch")
+            self._switch = (machine, label)
         threading.Thread(
             target=self._run_switch,
             args=(config, generation, on_done),
@@ -287,12 +307,13 @@ class Channel:
             daemon=True,
         ).start()
 
-    def _set_switch(self, generation: int, **values) -> bool:
+    def _set_switch(self, generation: int, to: SwitchState, reason: str | None = None) -> bool:
+        """Move switch ``generation`` to ``to``; False when a newer switch superseded it."""
         with self._switch_lock:
             if generation != self._switch_generation or self._switch is None:
                 return False
-            self._switch.update(values)
-            return True
+            machine = self._switch[0]
+        return machine.move(to, reason) is not None
 
     def _run_switch(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
         s, a = config.stream, config.avatar
@@ -308,7 +329,7 @@ class Channel:
             avatar = Avatar.prepare(base_video, settings, cache_dir=a.cache_dir)
         except Exception as exc:
             logger.warning("channel %s: avatar switch failed: %s", self.name, exc)
-            self._set_switch(generation, state="failed", error=f"{type(exc).__name__}: {exc}")
+            self._set_switch(generation, SwitchState.failed, f"{type(exc).__name__}: {exc}")
             return
         logger.info(
             "channel %s: new avatar %s ready (%.1f s); switching at the next idle moment",
@@ -316,19 +337,18 @@ class Channel:
             Path(base_video).name,
             time.monotonic() - t,
         )
-        mixer, pool = self.mixer, self.pool
-        assert mixer is not None and pool is not None
+        mixer = self.mixer
+        assert mixer is not None
         loop = IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong)
-        view = ChannelPool(pool, avatar.path)
         self._pending_avatar = (avatar, Path(idle_path))
-        if not self._set_switch(generation, state="waiting_for_idle"):
+        if not self._set_switch(generation, SwitchState.waiting_for_idle):
             self._pending_avatar = None
             return
         while True:
             if self._stop_event.is_set() or generation != self._switch_generation:
                 return
             tasks = self.tasks
-            if tasks is not None and tasks.switch_avatar(view, avatar, lambda: mixer.switch_idle(loop)):
+            if tasks is not None and tasks.switch_avatar(avatar, lambda: mixer.switch_idle(loop)):
                 break
             self._stop_event.wait(0.05)
         self.config = config
@@ -337,14 +357,14 @@ class Channel:
         self._pending_avatar = None
         while mixer.idle_switch_pending and not self._stop_event.wait(0.02):
             pass  # the crossfade begins on the channel's next idle tick
-        self._set_switch(generation, state="done")
+        self._set_switch(generation, SwitchState.done)
         logger.info("channel %s: avatar switched to %s", self.name, Path(base_video).name)
         if on_done is not None:
             on_done()
 
     def uses(self) -> list[Path]:
         """Files and prepared-avatar folders this channel uses now or is switching to (the cache keeps them)."""
-        if self._stopped:
+        if self.stopped:
             return []
         paths = [Path(p) for p in (self.config.avatar.idle_video, self.config.avatar.video) if p]
         if self.avatar is not None:
@@ -354,36 +374,38 @@ class Channel:
             paths += [Path(pending[0].path), pending[1]]
         return paths
 
-    def attach_pool(self, pool: WorkerPool) -> None:
-        """Start taking uploads: a TaskManager whose jobs go to the shared pool for this avatar."""
-        cfg = self.config
-        mixer, avatar = self.mixer, self.avatar
-        assert mixer is not None and avatar is not None, "start_stream() and prepare_avatar() first"
-        self.pool = pool
-        self._tasks = TaskManager(
-            ChannelPool(pool, avatar.path),
-            avatar,
-            mixer.enqueue,
-            mixer.interrupt,
-            lambda: mixer.ticks,
-            fps=cfg.stream.fps,
-            sample_rate_hz=cfg.stream.audio_sample_rate,
-            max_queued=cfg.api.max_queued,
-            deadline_s=cfg.engine.chunk_deadline_s,
-            tail_frames=cfg.stream.crossfade_frames,
-            on_ttff=self._on_ttff,
-            generate_ahead=cfg.tasks.generate_ahead,
-        )
+    def attach(self, pool: WorkerPool) -> bool:
+        """Start taking uploads and streamed speech: a TaskManager whose jobs go to the shared pool.
 
-    def stop(self) -> None:
+        Returns:
+            True when the channel is ``ready`` now; False when it is not ``starting`` with its
+            stream on air and its avatar prepared (it failed or is closing): nothing is attached.
+        """
+        mixer, avatar = self.mixer, self.avatar
+        if self._machine.state is not ChannelState.starting or mixer is None or avatar is None:
+            return False
+        self.pool = pool
+        manager = TaskManager(pool, mixer, avatar, TaskSettings.from_config(self.config), self._on_ttff)
+        self._tasks = manager
+        if self._machine.move(ChannelState.ready, quiet=True) is None:  # failed or closed meanwhile
+            manager.close()
+            return False
+        return True
+
+    def close(self) -> None:
         """Fade the speech out, stop the tasks, the clock, WHEP, events and FFmpeg; temp files go.
 
-        The shared pool is not stopped here (the runtime owns it). Safe to call twice.
+        The shared pool is not stopped here (the runtime owns it). Safe to call twice, and on a
+        channel that failed (it then leaves ``failed`` for ``stopped``).
         """
-        if self._stopped:
+        if self._machine.move(ChannelState.stopping, quiet=True) is None:
             return
-        self._stopped = True  # from here uploads get 503
         self._stop_event.set()
+        self._shutdown()
+        self._machine.move(ChannelState.stopped)
+
+    def _shutdown(self) -> None:
+        """Stop every part that runs (speech faded out first); the work directory goes."""
         self._fade_out_speech()
         if self._tasks is not None:
             try:
@@ -465,31 +487,6 @@ class Channel:
         if self._upload_root is not None and folder.parent == self._upload_root:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
-        """Decode an upload for a task: at the stream rate (on air) and at 16 kHz (engine).
-
-        One FFmpeg decode at the stream rate; the 16 kHz copy is resampled in-process with soxr
-        (saves a second FFmpeg start on the time-to-first-frame path).
-
-        Args:
-            path: The uploaded file.
-            max_duration_s: Decode at most this many seconds (the caller checks the length).
-
-        Returns:
-            The :class:`TaskAudio`.
-
-        Raises:
-            latentsync.media.audio.MediaDecodeTimeout: If decoding ran past ``api.decode_timeout_s``.
-            latentsync.media.MediaProbeError: If FFmpeg finds no decodable audio in an allowed format
-                (:data:`latentsync.media.audio.UPLOAD_FORMATS`).
-        """
-        rate = self.config.stream.audio_sample_rate
-        stream = decode_untrusted_audio(
-            path, rate, max_duration_s=max_duration_s, timeout_s=self.config.api.decode_timeout_s
-        )
-        engine = soxr.resample(stream.astype(np.float32) / 32768.0, rate, ENGINE_SAMPLE_RATE_HZ, quality="HQ")
-        return TaskAudio(stream, np.ascontiguousarray(engine, dtype=np.float32), rate)
-
     # ----------------------------------------------------------------- health
     def health_snapshot(self, uptime_s: float | None = None) -> HealthSnapshot:
         """The typed health of this channel (and of the shared pool), at this moment (cheap).
@@ -499,7 +496,7 @@ class Channel:
         """
         if uptime_s is None:
             uptime_s = round(time.monotonic() - self._created_monotonic, 3)
-        state = StreamState.STOPPED if self._stopped else StreamState.STARTING
+        state = StreamState.STOPPED if self.stopped else StreamState.STARTING
         pool, tasks, mixer = self.pool, self.tasks, self.mixer
         engine = dict(
             engine=self.config.engine.name.value,
@@ -532,10 +529,10 @@ class Channel:
         ticking = self.clock_alive()
         size = self.stream_size
         return HealthSnapshot(
-            state=state.value if self._stopped else c.state.value,
+            state=state.value if self.stopped else c.state.value,
             uptime_s=uptime_s,
             ticking=ticking,
-            streaming=ticking and k.up and not self._stopped,
+            streaming=ticking and k.up and not self.stopped,
             frames_emitted=c.frames_emitted,
             ticks=c.ticks,
             late_ticks=c.late_ticks,
@@ -571,7 +568,7 @@ class Channel:
         return {
             "name": self.name,
             "status": self.status,
-            "error": self._error,
+            "error": self.error,
             "state": body.get("state"),
             "streaming": streaming,
             "engine_ready": body.get("engine_ready", False),
@@ -590,4 +587,8 @@ class Channel:
             ``done`` or ``failed`` (then ``error`` says why).
         """
         with self._switch_lock:
-            return dict(self._switch) if self._switch is not None else None
+            if self._switch is None:
+                return None
+            machine, label = self._switch
+        state = machine.state
+        return {"state": state.value, "avatar": label, "error": machine.reason if state is SwitchState.failed else None}

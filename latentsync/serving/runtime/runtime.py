@@ -35,8 +35,6 @@ from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import WorkerPool
 from latentsync.serving.generation.scheduler import TaskManager
 from latentsync.serving.generation.speech import SpeechService
-from latentsync.serving.generation.task import TaskAudio
-from latentsync.serving.generation.utterance import DEFAULT_LOOKAHEAD_FRAMES, LOOKAHEAD_FRAMES
 from latentsync.serving.ops.systemd import Watchdog
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
@@ -75,7 +73,7 @@ class Runtime:
         self._started = False
         self._stopped = False
         self._pool: WorkerPool | None = None
-        self._speech: SpeechService | None = None  # streamed speech into the main channel
+        self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
         self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
         self.channels: dict[str, Channel] = {
@@ -144,7 +142,7 @@ class Runtime:
 
     @property
     def stopped(self) -> bool:
-        """True once :meth:`stop` began (every channel refuses uploads from then)."""
+        """True once :meth:`close` began (every channel refuses uploads from then)."""
         return self._stopped
 
     @property
@@ -154,7 +152,7 @@ class Runtime:
 
     @property
     def speech(self) -> SpeechService | None:
-        """Streamed speech (``/ws/speech``, ``/speak``); None until the engine is ready."""
+        """Text to speech (``/speak``, ``text`` messages), shared by every channel; None until the engine is ready."""
         return None if self._stopped else self._speech
 
     # ----------------------------------------------------------------- lifecycle
@@ -175,7 +173,7 @@ class Runtime:
         for channel in self._configured_channels():
             if self._stopped:
                 return
-            channel.start_stream()
+            channel.start()
         self._watchdog.start()
         if self._stopped:
             self._watchdog.close()
@@ -214,10 +212,12 @@ class Runtime:
             on_chunk_done=self.metrics.observe_chunk,
             max_batch=engine.max_batch_chunks,
             max_avatars=engine.max_avatars_per_worker,
+            deadline_s=engine.chunk_deadline_s,
+            max_queued=engine.max_queued_jobs,
         )
         self._pool = pool
         pool.start()
-        if self._stopped:  # stop() ran while the workers were loading: it may have missed them
+        if self._stopped:  # close() ran while the workers were loading: it may have missed them
             pool.close()
             return
         logger.info(
@@ -228,18 +228,17 @@ class Runtime:
             time.monotonic() - t,
         )
         for channel in self._configured_channels():
-            channel.attach_pool(pool)
+            if not channel.attach(pool):
+                logger.warning("channel %s is %s: it takes no uploads", channel.name, channel.status)
         for name in sorted(self._restored):  # like a PUT: a failure marks that channel failed, never the server
             channel = self.channels[name]
             threading.Thread(
                 target=self._start_channel, args=(channel, pool), name=f"channel-{name}-start", daemon=True
             ).start()
-        lookahead = LOOKAHEAD_FRAMES.get(engine.name.value, DEFAULT_LOOKAHEAD_FRAMES)
-        assert self.main.tasks is not None
-        self._speech = SpeechService.from_config(self.main.tasks, cfg, lookahead)
+        self._speech = SpeechService.from_config(cfg)
         self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
 
-    def stop(self) -> None:
+    def close(self) -> None:
         """Stop every channel, then the shared workers; FFmpeg flushes; temp files go. Safe to call twice."""
         with self._lock:
             if self._stopped:
@@ -247,10 +246,9 @@ class Runtime:
             self._stopped = True  # from here uploads get 503
         steps = [
             ("watchdog", self._watchdog.close),
-            ("speech", self._speech.close if self._speech else None),
             ("avatar preparation", self.avatars.close),
         ]
-        steps += [(f"channel {name}", channel.stop) for name, channel in list(self.channels.items())]
+        steps += [(f"channel {name}", channel.close) for name, channel in list(self.channels.items())]
         steps.append(("workers", self._pool.close if self._pool else None))
         for name, step in steps:
             if step is None:
@@ -295,11 +293,10 @@ class Runtime:
 
     def _start_channel(self, channel: Channel, pool: WorkerPool) -> None:
         try:
-            channel.start_stream()
+            channel.start()
             if not channel.stopped:
                 channel.prepare_avatar()
-            if not channel.stopped:
-                channel.attach_pool(pool)
+            if channel.attach(pool):
                 logger.info("channel %s added: uploads accepted", channel.name)
         except Exception as exc:
             logger.error("channel %s failed to start: %s", channel.name, exc)
@@ -438,7 +435,7 @@ class Runtime:
                 self._live.pop(name, None)
                 self._persist()
         if channel is not None:
-            channel.stop()
+            channel.close()
             logger.info("channel %s deleted", name)
         return channel
 
@@ -450,10 +447,6 @@ class Runtime:
     def discard_upload(self, path: Path) -> None:
         """Delete an upload made by :meth:`upload_path` (never raises)."""
         self.main.discard_upload(path)
-
-    def decode_task_audio(self, path: Path, max_duration_s: float) -> TaskAudio:
-        """Decode an upload for the main channel (see :meth:`Channel.decode_task_audio`)."""
-        return self.main.decode_task_audio(path, max_duration_s)
 
     # ----------------------------------------------------------------- health and metrics
     def uptime_s(self) -> float:

@@ -21,15 +21,13 @@ from latentsync.serving.playout.state import StreamState
 
 logger = logging.getLogger(__name__)
 
-SUBSCRIBER_QUEUE_EVENTS = 256  # per SSE client; a client this far behind loses events (and is told so)
-
 
 class Subscription:
     """One SSE client's bounded queue of encoded events (``bytes``, ``text/event-stream`` framing)."""
 
-    def __init__(self, broadcaster: EventBroadcaster):
+    def __init__(self, broadcaster: EventBroadcaster, queue_events: int):
         self._broadcaster = broadcaster
-        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=SUBSCRIBER_QUEUE_EVENTS)
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_events)
         self.lost = 0
 
     def get(self, timeout_s: float) -> bytes | None:
@@ -48,11 +46,14 @@ class EventBroadcaster:
     """Publishes named JSON events to at most ``max_clients`` subscribers.
 
     Args:
-        max_clients: Subscribers at once; :meth:`subscribe` returns None past it.
+        max_clients: Subscribers at once; :meth:`subscribe` returns None past it (``ui.max_event_clients``).
+        queue_events: Events one subscriber may have waiting; one further behind loses events
+            (``ui.event_queue_events``).
     """
 
-    def __init__(self, max_clients: int):
+    def __init__(self, max_clients: int, queue_events: int = 256):
         self.max_clients = max_clients
+        self.queue_events = queue_events
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
         self._latest: dict[str, bytes] = {}
@@ -68,10 +69,10 @@ class EventBroadcaster:
         with self._lock:
             if self._closed or len(self._subscribers) >= self.max_clients:
                 return None
-            sub = Subscription(self)
+            sub = Subscription(self, self.queue_events)
             general = [d for k, d in self._latest.items() if not k.startswith("task:")]
             tasks = [d for k, d in self._latest.items() if k.startswith("task:")]
-            for data in general + tasks[len(general) - SUBSCRIBER_QUEUE_EVENTS // 2 :]:  # newest tasks
+            for data in general + tasks[len(general) - self.queue_events // 2 :]:  # newest tasks
                 sub.queue.put_nowait(data)
             self._subscribers.append(sub)
             return sub
@@ -94,7 +95,7 @@ class EventBroadcaster:
         data = f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
         with self._lock:
             self._latest[key or name] = data
-            if len(self._latest) > 4 * SUBSCRIBER_QUEUE_EVENTS:  # forget the oldest remembered tasks
+            if len(self._latest) > 4 * self.queue_events:  # forget the oldest remembered tasks
                 for old in list(self._latest)[: len(self._latest) // 2]:
                     if old.startswith("task:"):
                         del self._latest[old]

@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
+MIC_SPEECH = "audio/7s_shan_0801_01.wav"  # 48 kHz mono s16 WAV: what Chromium's fake capture device plays
 FACE_VIDEO = "video/2s_GirlMuseum_0730.mp4"  # a face on every frame: an avatar for POST /avatars
 TOKEN = "page-channels-token"  # api.token: every request the page makes must carry it
 
@@ -68,7 +69,15 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = launch_chromium(pw, executable)
+        browser = launch_chromium(
+            pw,
+            executable,
+            [
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
+            ],
+        )
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.add_init_script(f"localStorage.setItem('latentsync.token', {json.dumps(TOKEN)})")  # as typed once
@@ -85,6 +94,11 @@ def _decoded(page) -> int:
     return (page.evaluate(STATS_JS)["video"] or {}).get("decoded", 0)
 
 
+def _label(page, name: str) -> str:
+    """What the channel list shows for channel ``name``."""
+    return page.eval_on_selector(f'#channel option[value="{name}"]', "o => o.textContent")
+
+
 def _viewers(server, name: str) -> int:
     return get(server, f"/channels/{name}/health")["webrtc"]["viewers"]
 
@@ -94,7 +108,7 @@ def test_switching_to_a_channel_plays_its_whep_and_shows_its_state(page, server)
     _wait(lambda: _viewers(server, "main") == 1, 10, "main's viewer")
     _wait(lambda: page.evaluate("window.latentsync.channelsListed") >= 1, 10, "GET /channels listed")
     assert page.eval_on_selector_all("#channel option", "os => os.map(o => o.value)") == ["main", "hall"]
-    assert page.is_enabled("#speak") and page.is_hidden("#speech-note")
+    assert page.is_enabled("#speak") and page.is_enabled("#live-start")
 
     page.select_option("#channel", "hall")
     _wait(lambda: page.url.endswith("#channel=hall"), 5, "hash #channel=hall")
@@ -106,10 +120,9 @@ def test_switching_to_a_channel_plays_its_whep_and_shows_its_state(page, server)
     _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "hall", 10, "health panel of hall")
     assert page.inner_text('#health dd[data-key="format"]') == "256x456 @ 25 fps"
     assert page.inner_text("#state") == "idle" and page.inner_text("#link") == "live"
-    # streamed speech attaches to main only: disabled here, with the reason shown
-    assert page.is_disabled("#speak") and page.is_disabled("#live-start") and page.is_disabled("#speak-text")
-    assert "main only" in page.inner_text("#speech-note")
-    assert page.is_enabled("#upload") and page.is_enabled("#rec-start")
+    # every way to speak works on every channel
+    for control in ("#speak", "#speak-text", "#live-start", "#upload", "#rec-start"):
+        assert page.is_enabled(control), control
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "channel-hall.png"))
 
@@ -125,13 +138,37 @@ def test_an_upload_from_the_page_lands_on_the_chosen_channel(page, server):
     assert message.endswith("on hall"), message
     assert task_id in [t["task_id"] for t in get(server, "/channels/hall/tasks")["tasks"]]
     assert task_id not in [t["task_id"] for t in get(server, "/tasks")["tasks"]]  # not main's
-    # the badge follows hall (main stays idle meanwhile)
+    # the badge follows hall (main stays idle meanwhile), and so does hall's entry in the channel list
     _wait(lambda: page.inner_text("#state") == "speaking", 30, "badge 'speaking'", poll_s=0.05)
+    _wait(lambda: _label(page, "hall") == "hall (speaking)", 2, "the list says what the badge says", poll_s=0.02)
     assert get(server, "/channels/main/health")["state"] == "idle"
     _wait(lambda: page.get_attribute(f"#task-{task_id}", "data-status") == "done", 30, "task row 'done'")
     _wait(lambda: page.inner_text("#state") == "idle", 10, "badge back to 'idle'")
     assert get(server, f"/channels/hall/tasks/{task_id}")["status"] == "done"
     assert get(server, "/channels/main/health")["tasks_final"]["done"] == main_done
+    _wait(lambda: _label(page, "hall") == "hall (idle)", 5, "hall idle in the list again")
+
+
+def test_text_to_speech_and_talk_live_speak_on_the_chosen_channel(page, server):
+    assert page.evaluate("window.latentsync.channel") == "hall"
+    page.fill("#speak-text", "Hello from the hall.")
+    page.click("#speak")
+    _wait(lambda: "text to speech" in page.inner_text("#message"), 10, "/channels/hall/speak accepted")
+    message = page.inner_text("#message")
+    task_id = message.split()[1]
+    assert message.endswith("on hall"), message
+    _wait(lambda: get(server, f"/channels/hall/tasks/{task_id}")["status"] == "done", 30, "spoken on hall")
+    assert task_id not in [t["task_id"] for t in get(server, "/tasks")["tasks"]]
+    page.click("#live-start")  # the fake microphone, over /channels/hall/ws/speech
+    _wait(lambda: "live (microphone) on hall" in page.inner_text("#message"), 10, "live utterance opened on hall")
+    live_id = page.inner_text("#message").split()[1]
+    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 15, "on air while talking")
+    _wait(lambda: _label(page, "hall") in ("hall (speaking)", "hall (fade_in)"), 5, "hall speaking in the list")
+    page.click("#live-stop")
+    _wait(lambda: page.inner_text("#live-status") == "done (done)", 30, "live utterance done")
+    task = get(server, f"/channels/hall/tasks/{live_id}")
+    assert task["status"] == "done" and task["source"] == "stream" and task["audio_duration_s"] > 0.5, task
+    assert get(server, "/channels/main/health")["state"] == "idle"
 
 
 def test_the_choice_survives_a_reload_and_an_unknown_channel_falls_back_to_main(page, server):
@@ -147,7 +184,7 @@ def test_the_choice_survives_a_reload_and_an_unknown_channel_falls_back_to_main(
     assert page.url.endswith("#channel=main")
     _wait(lambda: page.inner_text('#health dd[data-key="channel"]') == "main", 10, "health panel of main")
     _wait(lambda: page.inner_text("#whep-status") == "WebRTC connected", 20, "main's WHEP again")
-    assert page.is_enabled("#speak") and page.is_hidden("#speech-note")
+    assert page.is_enabled("#speak")
     _wait(lambda: _viewers(server, "main") == 1 and _viewers(server, "hall") == 0, 10, "one viewer, on main")
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, uploaded_avatar_video
+from latentsync.serving.api.errors import HTTP_STATUS
 from latentsync.serving.avatars.store import AvatarError, AvatarStore
 from tests.datafiles import make_faceless_video, media_file
 
@@ -136,7 +137,7 @@ def test_bad_uploads_are_refused_and_leave_nothing(tmp_path):
     for source, status, code in cases:
         with pytest.raises(AvatarError) as err:
             store.add(upload_of(source, tmp_path), source.name)
-        assert (err.value.status, err.value.code) == (status, code), source.name
+        assert (HTTP_STATUS[err.value.code], err.value.code) == (status, code), source.name
     assert store.list() == []
     assert [p.name for p in (cache / "uploads").iterdir()] == []
 
@@ -146,7 +147,7 @@ def test_too_many_preparations_at_once_are_refused(tmp_path):
     first = store.add(upload_of(FACE_VIDEO, tmp_path), "one")
     with pytest.raises(AvatarError) as err:
         store.add(upload_of(FACE_VIDEO, tmp_path), "two")
-    assert (err.value.status, err.value.code) == (429, "busy")
+    assert (HTTP_STATUS[err.value.code], err.value.code) == (429, "busy")
     assert [r["id"] for r in store.list()] == [first["id"]]
 
 
@@ -190,7 +191,7 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
         assert {r["id"] for r in store.list()} == {"av-000000000002", "av-000000000003"}
         with pytest.raises(AvatarError) as err:  # room for 10 MiB needs what a channel uses: refused, nothing deleted
             store._make_room(10 * MIB, keep=set())
-        assert (err.value.status, err.value.code) == (507, "quota_exceeded")
+        assert (HTTP_STATUS[err.value.code], err.value.code) == (507, "quota_exceeded")
         assert middle.exists() and newest.exists()
         store._make_room(4 * MIB + MIB // 2, keep=set())  # 12 + 4.5 MiB: the least recently used unused one goes
         assert not middle.exists() and newest.exists() and in_use.exists()
@@ -210,9 +211,9 @@ def test_an_avatar_a_channel_uses_cannot_be_deleted(tmp_path):
         assert store.get("av-00000000000a")["used_by"] == ["main"]
         with pytest.raises(AvatarError) as err:
             store.delete("av-00000000000a")
-        assert (err.value.status, err.value.code) == (409, "avatar_in_use")
+        assert (HTTP_STATUS[err.value.code], err.value.code) == (409, "avatar_in_use")
         with pytest.raises(AvatarError) as err:
             store.get("av-ffffffffffff")
-        assert (err.value.status, err.value.code) == (404, "no_avatar")
+        assert (HTTP_STATUS[err.value.code], err.value.code) == (404, "no_avatar")
     finally:
         store.close()

@@ -1,8 +1,7 @@
-"""The task layer with fakes at its two seams (the worker pool and the mixer's playlist).
+"""The task layer with fakes at its two seams (tests/fakes.py): the job queue and the playout.
 
-In the spirit of pipecat's ``run_test``: feed tasks in, drive the fake pool's jobs by hand, assert
-what comes out and in which order. No processes, no clock assertions: every wait is for a condition
-with a generous timeout.
+Feed tasks in, drive the fake pool's jobs by hand, assert what comes out and in which order. No
+processes, no clock assertions: every wait is for a condition with a generous timeout.
 """
 
 from __future__ import annotations
@@ -14,13 +13,23 @@ import time
 import numpy as np
 import pytest
 
-from latentsync.engines import CHUNK_FRAMES
-from latentsync.serving.generation import scheduler as tasks_module
-from latentsync.serving.generation.processor import TaskProcessor
+from latentsync.engines import ChunkResult
+from latentsync.serving.generation.audio import SpeechError
 from latentsync.serving.generation.program import SpeechProgram
-from latentsync.serving.generation.task import ALLOWED_MOVES, FINAL_STATES, Task, TaskState
+from latentsync.serving.generation.task import ALLOWED_MOVES, FINAL_STATES, Task, TaskKind, TaskState
+from latentsync.serving.generation.utterance import Utterance
 from latentsync.serving.playout.mixer import ProgramEvent
-from tests.fakes import FPS, FakeAvatar, FakePool, fake_manager, speech, wait_for
+from tests.fakes import (
+    FPS,
+    RATE,
+    FakeAvatar,
+    FakePool,
+    fake_manager,
+    settings,
+    speech,
+    submit_upload,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -33,11 +42,11 @@ def setup():
 
 def test_only_the_task_on_air_and_the_next_generate_and_cancel_frees_at_once(setup):
     manager, pool, playlist = setup
-    a, _ = manager.submit(speech(2.0), None, None)
-    b, position_b = manager.submit(speech(2.0), None, None)
-    c, position_c = manager.submit(speech(2.0), None, None)
+    a, _ = submit_upload(manager, 2.0)
+    b, position_b = submit_upload(manager, 2.0)
+    c, position_c = submit_upload(manager, 2.0)
     assert (position_b, position_c) == (1, 2)
-    wait_for(lambda: pool.of(a.task_id) and pool.of(b.task_id), "features jobs of a and b")
+    wait_for(lambda: pool.of(a.task_id) and pool.of(b.task_id), "first jobs of a and b")
     time.sleep(0.3)  # c's processor had time to submit, were it admitted (it must not be)
     assert pool.of(c.task_id) == [] and c.state is TaskState.queued and c.audio is not None
     assert manager.admitted() == 2 and manager.waiting() == 3
@@ -59,61 +68,72 @@ def test_only_the_task_on_air_and_the_next_generate_and_cancel_frees_at_once(set
     assert manager.cancel("nope") is None
 
 
-def test_features_then_chunks_in_order_into_the_program(setup):
+def test_a_short_first_chunk_then_doubling_chunks_in_order_into_the_program(setup):
     manager, pool, playlist = setup
-    task, _ = manager.submit(speech(1.0), 3, 1.5)  # 25 frames + 0 tail: 2 chunks
-    wait_for(lambda: pool.of(task.task_id), "the features job")
-    features = pool.of(task.task_id)[0]
-    assert features.kind == "features" and features.frames == (0, 2 * CHUNK_FRAMES)
-    pool.take(features)
-    features.on_done(np.zeros((2 * CHUNK_FRAMES, 2), np.float32))
-    wait_for(lambda: len(pool.of(task.task_id)) == 2, "two chunk jobs")
-    chunks = pool.of(task.task_id)
-    assert [j.request.chunk_index for j in chunks] == [0, 1]
-    assert chunks[0].due_at < chunks[1].due_at
-    assert chunks[1].request.frame_indices.tolist()[-1] == 24  # the last chunk is padded with the last frame
-    assert (chunks[0].request.seed, chunks[0].request.guidance_scale) == (3, 1.5)
-    assert task.state is TaskState.generating
-    from latentsync.engines import ChunkResult
-
+    task, _ = submit_upload(manager, 1.5, 3, 1.5)  # 38 frames, no tail: 4 + 8 + 16 + 10
+    wait_for(lambda: len(pool.of(task.task_id)) == 4, "four chunk jobs")
+    jobs = pool.of(task.task_id)
+    assert [j.chunk_index for j in jobs] == [0, 1, 2, 3]
+    assert [j.frames for j in jobs] == [4, 8, 16, 10]
+    assert [j.due_at for j in jobs] == sorted(j.due_at for j in jobs)
+    assert jobs[1].due_at - jobs[0].due_at == pytest.approx(4 / FPS, abs=0.05)
+    assert jobs[3].job.frame_indices.tolist() == list(range(28, 38))  # the last chunk as long as what is left
+    assert (jobs[0].job.seed, jobs[0].job.guidance_scale, jobs[0].job.avatar) == (3, 1.5, "fake-avatar")
+    # each job carries the audio its features need (10 s before it, its look-ahead, 5 s after): its rows in it
+    assert jobs[0].job.rows == (0, 4) and jobs[2].job.rows == (12, 28)
+    assert task.state is TaskState.generating and task.chunks_total == 4
     program = playlist.programs[0]
-    for job in reversed(chunks):  # out of order: the program puts them back in order
+    for job in reversed(jobs):  # out of order: the program puts them back in order
         pool.take(job)
-        r = job.request
-        job.on_done(
-            ChunkResult(r.task_id, r.chunk_index, r.frame_indices, np.full((16, 2, 2, 3), r.chunk_index, np.uint8), 0.1)
-        )
-    assert task.chunks_generated == 2 and program.ready_to_start()
-    assert [int(program.frame(i)[0, 0, 0]) for i in (0, 15, 16, 24)] == [0, 0, 1, 1]
+        pool.complete(job, fill=10 * job.chunk_index)
+    assert task.chunks_generated == 4 and program.ready_to_start()
+    firsts = [int(program.frame(i)[0, 0, 0]) for i in (0, 3, 4, 11, 12, 27, 28, 37)]
+    assert firsts == [0, 3, 10, 17, 20, 35, 30, 39]
+
+
+def test_latentsync_chunks_stay_16_frames_and_the_last_is_padded():
+    pool = FakePool()
+    manager, _ = fake_manager(pool, FakeAvatar(), "engine.name=latentsync")
+    try:
+        task, _ = submit_upload(manager, 1.0)  # 25 frames: 16 + 9 (padded to 16)
+        wait_for(lambda: len(pool.of(task.task_id)) == 2, "two chunk jobs")
+        first, last = pool.of(task.task_id)
+        assert (first.frames, last.frames) == (16, 9)
+        assert last.job.frame_indices.tolist() == list(range(16, 25)) + [24] * 7
+    finally:
+        manager.close()
 
 
 def test_a_failed_job_fails_the_task_and_admits_the_next(setup):
     manager, pool, _ = setup
-    a, _ = manager.submit(speech(1.0), None, None)
-    b, _ = manager.submit(speech(1.0), None, None)
-    c, _ = manager.submit(speech(1.0), None, None)
-    wait_for(lambda: pool.of(a.task_id), "a's features job")
-    job = pool.of(a.task_id)[0]
-    pool.take(job)
-    job.on_error("features failed: boom")
+    a, _ = submit_upload(manager, 1.0)
+    b, _ = submit_upload(manager, 1.0)
+    c, _ = submit_upload(manager, 1.0)
+    job = pool.next_of(a.task_id)
+    job.on_error("chunk 0 failed: boom")
     wait_for(lambda: a.state is TaskState.failed, "a failed")
-    assert a.error == "features failed: boom" and a.audio is None
+    assert a.error == "chunk 0 failed: boom" and a.audio is None and pool.of(a.task_id) == []
     wait_for(lambda: pool.of(c.task_id), "c admitted once a failed")
     assert manager.final_counts() == {"done": 0, "failed": 1, "cancelled": 0}
 
 
-def test_queue_limit_and_trim_of_finished_tasks(setup, monkeypatch):
-    manager, _, _ = setup
-    monkeypatch.setattr(tasks_module, "MAX_FINISHED_TASKS", 2)
-    accepted = [manager.submit(speech(0.5), None, None)[0] for _ in range(4)]
-    assert manager.submit(speech(0.5), None, None) is None  # max_queued=4 wait already
-    for task in accepted:
-        manager.cancel(task.task_id)
-    assert manager.waiting() == 0
-    fifth, _ = manager.submit(speech(0.5), None, None)  # trims the oldest finished tasks
-    listed = [t.task_id for t in manager.list()]
-    assert listed == [fifth.task_id, accepted[3].task_id, accepted[2].task_id]
-    assert manager.final_counts() == {"done": 0, "failed": 0, "cancelled": 4}
+def test_queue_limit_and_trim_of_finished_tasks():
+    pool = FakePool()
+    manager, _ = fake_manager(pool, FakeAvatar(), "tasks.max_finished=2")
+    try:
+        accepted = [submit_upload(manager, 0.5)[0] for _ in range(4)]
+        with pytest.raises(SpeechError) as err:  # max_queued=4 wait already
+            submit_upload(manager, 0.5)
+        assert err.value.code == "queue_full"
+        for task in accepted:
+            manager.cancel(task.task_id)
+        assert manager.waiting() == 0
+        fifth, _ = submit_upload(manager, 0.5)  # trims the oldest finished tasks
+        listed = [t.task_id for t in manager.list()]
+        assert listed[:3] == [fifth.task_id, accepted[3].task_id, accepted[2].task_id]
+        assert manager.final_counts() == {"done": 0, "failed": 0, "cancelled": 4}
+    finally:
+        manager.close()
 
 
 def test_lifecycle_races_never_make_an_illegal_move():
@@ -121,7 +141,7 @@ def test_lifecycle_races_never_make_an_illegal_move():
     iterations = 2000
     rng = random.Random(11)
     for i in range(iterations):
-        task = Task(task_id=f"t{i}", audio=None, num_frames=10, num_chunks=1)
+        task = Task(task_id=f"t{i}", num_frames=10)
         ends = []
         task.on_final = lambda t, ends=ends: ends.append(t.state)
         for state in (TaskState.preparing, TaskState.generating, TaskState.streaming):
@@ -149,13 +169,25 @@ def test_lifecycle_races_never_make_an_illegal_move():
 
 
 def test_transition_table_refuses_illegal_moves():
-    task = Task(task_id="t", audio=None, num_frames=10, num_chunks=1)
+    task = Task(task_id="t", num_frames=10)
     assert task.transition(TaskState.done) is None and task.state is TaskState.queued  # queued -> done: no
     assert task.transition(TaskState.cancelled) is TaskState.queued
     for state in TaskState:
         assert task.transition(state) is None  # final: nothing moves it
     assert task.history == [TaskState.queued, TaskState.cancelled]
     assert all(not ALLOWED_MOVES[s] for s in FINAL_STATES)
+
+
+def _program(num_frames: int, clock) -> tuple[SpeechProgram, Task]:
+    """A program over an ended utterance of ``num_frames`` frames, 16-frame chunks planned."""
+    task = Task(task_id="t")
+    utterance = Utterance(task, FPS, RATE, settings().uploaded, clock=clock)
+    utterance.push(np.zeros(num_frames * RATE // FPS, np.float32), RATE)
+    utterance.end()
+    program = SpeechProgram(task, utterance, FakeAvatar(), FPS, 1, 4, 768, 0.04, clock=clock)
+    for k, start in enumerate(range(0, num_frames, 16)):
+        program.plan(k, start, min(16, num_frames - start))
+    return program, task
 
 
 @pytest.mark.parametrize(
@@ -177,11 +209,8 @@ def test_transition_table_refuses_illegal_moves():
     ],
 )
 def test_ready_to_start_matches_the_hand_computed_jitter_buffer(ready_chunks, num_frames, elapsed_s, expected):
-    from latentsync.engines import ChunkResult
-
-    task = Task(task_id="t", audio=None, num_frames=num_frames, num_chunks=-(-num_frames // CHUNK_FRAMES))
     clock = [1000.0]
-    program = SpeechProgram(task, FakeAvatar(), FPS, clock=lambda: clock[0])
+    program, _ = _program(num_frames, lambda: clock[0])
     program.generation_started()
     for k in range(ready_chunks):
         program.add_chunk(ChunkResult("t", k, np.arange(16), np.zeros((16, 2, 2, 3), np.uint8), 0.1))
@@ -190,10 +219,10 @@ def test_ready_to_start_matches_the_hand_computed_jitter_buffer(ready_chunks, nu
 
 
 def test_program_events_drive_the_task():
-    task = Task(task_id="t", audio=speech(0.4), num_frames=10, num_chunks=1)
+    program, task = _program(10, time.monotonic)
     task.transition(TaskState.preparing)
     task.transition(TaskState.generating)
-    program = SpeechProgram(task, FakeAvatar(), FPS, tick_counter=lambda: 42)
+    program._tick_counter = lambda: 42
     program.on_air(ProgramEvent.FIRST_FRAME, 0)
     assert task.state is TaskState.streaming and task.first_frame_on_air_monotonic is not None
     task.cancel_requested_tick = 40
@@ -210,16 +239,12 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
     iterations = 200
     rng = random.Random(5)
     pool = FakePool()
-    manager, playlist = fake_manager(pool, FakeAvatar(), generate_ahead=0)
+    manager, playlist = fake_manager(pool, FakeAvatar(), "tasks.generate_ahead=0", "engine.first_chunk_frames=16")
     outcomes = {TaskState.done: 0, TaskState.failed: 0, TaskState.cancelled: 0}
     try:
         for i in range(iterations):
-            task, _ = manager.submit(speech(0.4), None, None)  # 10 frames: one chunk
+            task, _ = submit_upload(manager, 0.4)  # 10 frames: one chunk
             program = playlist.programs[-1]
-            wait_for(lambda task=task: pool.of(task.task_id), "features job")
-            features = pool.of(task.task_id)[0]
-            pool.take(features)
-            features.on_done(np.zeros((CHUNK_FRAMES, 2), np.float32))
             wait_for(lambda task=task: pool.of(task.task_id), "chunk job")
             chunk = pool.of(task.task_id)[0]
             program.on_air(ProgramEvent.FIRST_FRAME, 0)
@@ -253,51 +278,76 @@ def test_cancel_fail_and_done_race_through_the_real_callers():
             assert pool.of(task.task_id) == [] or final is TaskState.done, i  # cancel and fail drop its jobs
             outcomes[final] += 1
             if final is TaskState.done:  # its chunk job is still queued in the fake pool: finish it
-                pool.cancel_task(task.task_id)
+                pool.cancel(task.task_id)
         assert manager.final_counts() == {state.value: n for state, n in outcomes.items()}
     finally:
         manager.close()
 
 
-def test_due_at_is_the_earliest_time_each_chunk_can_be_on_air(setup):
+def test_due_at_is_the_earliest_time_each_frame_can_be_on_air(setup):
     manager, _, _ = setup
-    a, _ = manager.submit(speech(2.0), None, None)  # 50 frames
-    b, _ = manager.submit(speech(1.0), None, None)  # 25 frames
-    c, _ = manager.submit(speech(1.0), None, None)
+    a, _ = submit_upload(manager, 2.0)  # 50 frames
+    b, _ = submit_upload(manager, 1.0)  # 25 frames
+    c, _ = submit_upload(manager, 1.0)
     a.first_frame_on_air_monotonic, a.frames_streamed = time.monotonic(), 20  # a on air, 20 frames played
 
-    def due(task, chunk_index):  # (earliest, latest) seconds from now the answer may be (+- float rounding)
+    def due(task, frame):  # (earliest, latest) seconds from now the answer may be (+- float rounding)
         before = time.monotonic()
-        at = manager.due_at(task, chunk_index)
+        at = manager.due_at(task, frame)
         return at - time.monotonic() - 1e-9, at - before + 1e-9
 
-    for task, chunk_index, expected_s in [
-        (a, 2, (32 - 20) / FPS),  # frame 32 of a, 12 frames from now
+    for task, frame, expected_s in [
+        (a, 32, (32 - 20) / FPS),  # frame 32 of a, 12 frames from now
         (a, 0, (0 - 20) / FPS),  # already played: overdue, first in line
         (b, 0, (50 - 20) / FPS),  # when a ends
-        (b, 1, (50 - 20 + 16) / FPS),
-        (c, 1, (50 - 20 + 25 + 16) / FPS),  # after a and b
+        (b, 16, (50 - 20 + 16) / FPS),
+        (c, 16, (50 - 20 + 25 + 16) / FPS),  # after a and b
     ]:
-        low, high = due(task, chunk_index)
-        assert low <= expected_s <= high, (task.task_id, chunk_index, low, expected_s, high)
+        low, high = due(task, frame)
+        assert low <= expected_s <= high, (task.task_id, frame, low, expected_s, high)
     manager.cancel(a.task_id)  # a gone: b is first in line and could start now
-    low, high = due(b, 1)
+    low, high = due(b, 16)
     assert low <= 16 / FPS <= high
 
 
 def test_an_avatar_switch_waits_until_no_task_is_unfinished_and_never_mixes_avatars(setup):
     manager, pool, playlist = setup
-    a, _ = manager.submit(speech(1.0), None, None)
-    new_pool, new_avatar, switched = FakePool(), FakeAvatar(), []
-    assert not manager.switch_avatar(new_pool, new_avatar, lambda: switched.append(1)), "a task is unfinished"
+    a, _ = submit_upload(manager, 1.0)
+    new_avatar, switched = FakeAvatar(), []
+    new_avatar.path = "new-avatar"
+    built = manager.build(TaskKind.upload)  # built before the switch, accepted after it
+    assert not manager.switch_avatar(new_avatar, lambda: switched.append(1)), "a task is unfinished"
     assert switched == [] and manager.avatar is not new_avatar
-    stale_program = SpeechProgram(Task("x", speech(0.5), 13, 1), manager.avatar, FPS)  # built before the switch
     manager.cancel(a.task_id)
-    assert manager.switch_avatar(new_pool, new_avatar, lambda: switched.append(1))
-    assert switched == [1] and manager.binding() == (new_pool, new_avatar)
-    stale = TaskProcessor(stale_program.task, stale_program, pool, stale_program.avatar, 5.0)
-    assert not manager.accept(stale_program.task, stale_program, stale), "a program of the old avatar is refused"
-    b, _ = manager.submit(speech(1.0), None, None)
-    assert playlist.programs[-1].avatar is new_avatar
-    wait_for(lambda: new_pool.of(b.task_id), "the new task's first job on the new avatar's pool")
-    assert not pool.of(b.task_id)
+    assert manager.switch_avatar(new_avatar, lambda: switched.append(1))
+    assert switched == [1] and manager.avatar is new_avatar
+    built.push(speech(1.0), RATE)
+    built.end()
+    manager.accept(built)
+    assert playlist.programs[-1].avatar is new_avatar, "a task is bound to the avatar when it is accepted"
+    job = pool.next_of(built.task_id)
+    assert job.job.avatar == "new-avatar"
+
+
+def test_cancel_is_one_call_that_stops_the_sources_too(setup):
+    manager, pool, _ = setup
+
+    class Source:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    utterance = manager.open(TaskKind.stream)
+    source = Source()
+    utterance.attach(source)
+    utterance.push(speech(1.0), RATE)
+    wait_for(lambda: pool.of(utterance.task_id), "a job")
+    manager.cancel(utterance.task_id)
+    assert source.closed == 1 and pool.of(utterance.task_id) == [] and utterance.task.audio is None
+    late = Source()
+    utterance.attach(late)  # a source attached after the cancel is closed at once
+    assert late.closed == 1
+    with pytest.raises(SpeechError) as err:
+        utterance.push(speech(0.1), RATE)
+    assert err.value.code == "not_open"

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from latentsync.serving.generation.speech import SpeechStreams, StreamLimits
+from latentsync.serving.generation.audio import SpeechError
+from latentsync.serving.generation.task import TaskKind
 from latentsync.serving.generation.tts import EspeakNg, SpeechFeeder, split_sentences
-from latentsync.serving.generation.utterance import SpeechStreamError
 from tests.fakes import FPS, RATE, FakePool, FramesAvatar, fake_manager, wait_for
 
 
@@ -36,7 +36,7 @@ def test_espeak_speaks_each_sentence_and_refuses_unknown_voices(espeak):
     assert len(chunks) == 3 and all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
     assert all(np.abs(c).max() > 1000 for c in chunks)  # speech, not silence
     assert 0.2 < len(chunks[1]) / espeak.sample_rate_hz < 3.0
-    with pytest.raises(SpeechStreamError) as err:
+    with pytest.raises(SpeechError) as err:
         list(espeak.synthesize("Hello.", voice="no-such-voice"))
     assert err.value.code == "unknown_voice"
     assert "en" in espeak.voices() and "de" in espeak.voices()
@@ -45,23 +45,45 @@ def test_espeak_speaks_each_sentence_and_refuses_unknown_voices(espeak):
 def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
     pool = FakePool()
     manager, playlist = fake_manager(pool, FramesAvatar())
-    streams = SpeechStreams(manager, StreamLimits(), 2)
     errors = []
     try:
-        u = streams.open()
-        feeder = SpeechFeeder(u, espeak, lambda code, message: errors.append(code), manager.cancel)
+        u = manager.open(TaskKind.speak)
+        feeder = SpeechFeeder(u, espeak, lambda code, message: errors.append(code), manager.cancel, max_items=8)
+        feeder.start()
         feeder.push_text("Hello. World.")
         tone = np.full(RATE // 10, 0.25, np.float32)  # 100 ms after the text
         feeder.push_pcm(tone, RATE)
         feeder.end()
         wait_for(lambda: u.ended, "the feeder ends the utterance")
-        feeder.join(5.0)
-        assert not feeder.alive and errors == []
+        wait_for(lambda: not feeder.alive, "the feeder's thread ends")
+        assert errors == []
         stream = u.task.audio.stream
         assert u.final_frames == -(-len(stream) * FPS // RATE) and len(stream) / RATE > 0.8
         np.testing.assert_array_equal(stream[-RATE // 20 :], np.full(RATE // 20, 8192, np.int16))  # PCM came last
-        with pytest.raises(SpeechStreamError) as err:
+        with pytest.raises(SpeechError) as err:
             feeder.push_pcm(tone, RATE)
+        assert err.value.code == "not_open"
+    finally:
+        manager.close()
+
+
+def test_cancelling_the_task_closes_its_feeder_and_empties_its_queue():
+    pool = FakePool()
+    manager, _ = fake_manager(pool, FramesAvatar())
+    try:
+        u = manager.open(TaskKind.stream)
+        feeder = SpeechFeeder(
+            u, None, lambda code, message: None, manager.cancel, max_items=4
+        )  # not started: items wait
+        for _ in range(4):
+            feeder.push_pcm(np.zeros(480, np.float32), RATE)
+        with pytest.raises(SpeechError) as err:
+            feeder.push_pcm(np.zeros(480, np.float32), RATE)
+        assert err.value.code == "buffer_full"
+        manager.cancel(u.task_id)  # one call: the feeder is the utterance's source
+        assert feeder._items.empty()
+        with pytest.raises(SpeechError) as err:
+            feeder.push_pcm(np.zeros(480, np.float32), RATE)
         assert err.value.code == "not_open"
     finally:
         manager.close()

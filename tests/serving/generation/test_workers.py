@@ -14,7 +14,8 @@ from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import load_config
 from latentsync.engines import ChunkRequest
 from latentsync.serving.api.app import create_app
-from latentsync.serving.generation.pool import JobFailed, WorkerPool, WorkerPoolError
+from latentsync.serving.generation.pool import WorkerPool, WorkerPoolError
+from latentsync.serving.generation.ports import ChunkJob, JobFailed
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
 
@@ -28,18 +29,31 @@ def avatar(tmp_path_factory) -> Avatar:
 
 @pytest.fixture
 def pool(avatar):
-    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4)
+    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, deadline_s=30.0)
     pool.start()
     yield pool
     pool.close()
 
 
-def request(k: int) -> ChunkRequest:
-    features = np.tile(np.array([[0.8, 0.0]], np.float32), (16, 1))
-    return ChunkRequest("task", k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
+def audio_16k(seed: int, frames: int = 16) -> np.ndarray:
+    """``frames`` frames (at 25 fps) of seeded noise at 16 kHz."""
+    return (np.random.default_rng(seed).standard_normal(frames * 640) * 0.1).astype(np.float32)
 
 
-def submit_all(pool: WorkerPool, n: int, deadline_s: float = 30.0) -> tuple[dict, threading.Event, list]:
+def job(task_id: str, k: int, avatar, due_at: float | None = None, seed: int = 0) -> ChunkJob:
+    """Chunk ``k`` of 16 frames whose features are those of its own 16 frames of noise."""
+    return ChunkJob(
+        task_id=task_id,
+        chunk_index=k,
+        avatar=str(avatar.path),
+        audio_16k=audio_16k(seed + k),
+        rows=(0, 16),
+        frame_indices=np.arange(16, dtype=np.int64) + 16 * k,
+        due_at=time.monotonic() if due_at is None else due_at,
+    )
+
+
+def submit_all(pool: WorkerPool, avatar, n: int) -> tuple[dict, threading.Event, list]:
     results, errors, done = {}, [], threading.Event()
 
     def ok(result):
@@ -48,12 +62,12 @@ def submit_all(pool: WorkerPool, n: int, deadline_s: float = 30.0) -> tuple[dict
             done.set()
 
     for k in range(n):
-        pool.submit_chunk(request(k), deadline_s, ok, errors.append)
+        pool.submit(job("task", k, avatar), ok, errors.append)
     return results, done, errors
 
 
-def test_queued_chunks_go_in_batches_but_first_chunks_alone(pool):
-    results, done, errors = submit_all(pool, 6)
+def test_queued_chunks_go_in_batches_but_first_chunks_alone(pool, avatar):
+    results, done, errors = submit_all(pool, avatar, 6)
     assert done.wait(60), errors
     assert sorted(results) == list(range(6)) and not errors
     for k, result in results.items():
@@ -64,8 +78,8 @@ def test_queued_chunks_go_in_batches_but_first_chunks_alone(pool):
     assert stats.dispatches == 3 and stats.completed == 6 and stats.rebuilds == 0
 
 
-def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool):
-    results, done, errors = submit_all(pool, 6)
+def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool, avatar):
+    results, done, errors = submit_all(pool, avatar, 6)
     time.sleep(0.05)
     os.kill(pool.worker_pids()[0], signal.SIGKILL)
     assert done.wait(90), errors
@@ -86,7 +100,6 @@ def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(
     pool.start()
     try:
         order, errors = [], []
-        features = np.tile(np.array([[0.5, 0.0]], np.float32), (16, 1))
 
         def ok(result):
             order.append((result.task_id, result.chunk_index))
@@ -103,14 +116,8 @@ def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(
             ("mid", 1, now + 30),
         ]
         for task_id, k, due in jobs:
-            pool.submit_chunk(
-                ChunkRequest(task_id, k, np.arange(16, dtype=np.int64), features=features),
-                30.0,
-                ok,
-                errors.append,
-                due_at=due,
-            )
-        assert pool.cancel_task("late") == 3  # all three still queued: the worker is busy with ("a", 0)
+            pool.submit(job(task_id, k, avatar, due_at=due), ok, errors.append)
+        assert pool.cancel("late") == 3  # all three still queued: the worker is busy with ("a", 0)
         assert pool.stats().queued == 3
         deadline = time.monotonic() + 60
         while len(order) < 4 and time.monotonic() < deadline:
@@ -126,7 +133,7 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
     pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1, start_timeout_s=60)
     pool.start()
     try:
-        results, done, errors = submit_all(pool, 1)
+        results, done, errors = submit_all(pool, avatar, 1)
         assert done.wait(60) and not errors and pool.ready() and pool.broken is None
         flag.touch()  # from now on a fresh worker cannot load its engine
         os.kill(pool.worker_pids()[0], signal.SIGKILL)
@@ -137,12 +144,12 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
             reasons.append(reason)
             failed.set()
 
-        pool.submit_chunk(request(1), 30.0, lambda result: reasons.append("generated on a broken pool"), on_error)
+        pool.submit(job("task", 1, avatar), lambda result: reasons.append("generated on a broken pool"), on_error)
         assert failed.wait(60), "the queued job never failed"
         assert "refuses to load" in reasons[0] and len(reasons) == 1
         assert not pool.ready() and "refuses to load" in pool.broken
         with pytest.raises(JobFailed, match="refuses to load"):  # later jobs fail at once, with the reason
-            pool.submit_chunk(request(2), 30.0, lambda result: None, lambda reason: None)
+            pool.submit(job("task", 2, avatar), lambda result: None, lambda reason: None)
         stats = pool.stats()
         assert stats.rebuilds == 1 and stats.queued == 0 and stats.in_flight == 0
         # Over HTTP: readiness fails and names the reason (the server's /health on this broken pool).
@@ -176,19 +183,18 @@ def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of
 
         now = time.monotonic()
         jobs = [
-            ("a", 0, now, None),
-            ("a", 1, now + 40, None),
-            ("b", 1, now + 10, other.path),
-            ("a", 2, now + 20, avatar.path),
-            ("b", 2, now + 30, other.path),
-            ("b", 3, now + 35, other.path),
-            ("a", 3, now + 60, None),
+            ("a", 0, now, avatar),
+            ("a", 1, now + 40, avatar),
+            ("b", 1, now + 10, other),
+            ("a", 2, now + 20, avatar),
+            ("b", 2, now + 30, other),
+            ("b", 3, now + 35, other),
+            ("a", 3, now + 60, avatar),
         ]
-        requests = {}
-        for task_id, k, due, path in jobs:
-            features = rng.uniform(0, 1, (16, 2)).astype(np.float32)
-            requests[(task_id, k)] = ChunkRequest(task_id, k, np.arange(16, dtype=np.int64) + 16 * k, features=features)
-            pool.submit_chunk(requests[(task_id, k)], 30.0, ok, errors.append, due_at=due, avatar=path)
+        sent = {}
+        for task_id, k, due, bound in jobs:
+            sent[(task_id, k)] = job(task_id, k, bound, due_at=due, seed=int(rng.integers(1000)))
+            pool.submit(sent[(task_id, k)], ok, errors.append)
         assert done.wait(90), errors
         # The first job went to the free worker at once; then earliest deadline first whatever the avatar.
         # Batches (max_batch=4) hold one avatar only: b1 alone (a2 is next), a2 alone, b2+b3, a1+a3.
@@ -198,8 +204,10 @@ def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of
         for bound, tasks in ((avatar, "a"), (other, "b")):
             engine = ParametricEngine(bound)
             engine.load()
-            for (task_id, k), request in requests.items():
-                if task_id == tasks:
+            for (task_id, k), chunk in sent.items():
+                if task_id == tasks:  # the worker computed the features of the job's audio, then the faces
+                    features = engine.features(chunk.audio_16k, *chunk.rows)
+                    request = ChunkRequest(task_id, k, chunk.frame_indices, features=features)
                     np.testing.assert_array_equal(results[(task_id, k)].faces, engine.generate(request).faces)
         assert pool.loaded_avatars() == [[str(avatar.path)]]  # max_avatars=1: the last one used, the other dropped
         assert pool.stats().dispatches == 5 and not errors

@@ -181,14 +181,18 @@ def test_playlist_is_bounded():
 
 def test_finished_tasks_release_their_audio():
     from latentsync.serving.generation.program import SpeechProgram
-    from latentsync.serving.generation.task import Task, TaskAudio, TaskState
+    from latentsync.serving.generation.task import Task, TaskState
+    from latentsync.serving.generation.utterance import Utterance
     from latentsync.serving.playout.mixer import ProgramEvent
+    from tests.fakes import settings
 
-    audio = TaskAudio(np.ones(10 * N, np.int16), np.zeros(16000, np.float32), 48000)
-    task = Task(task_id="t", audio=audio, num_frames=10, num_chunks=1)
+    task = Task(task_id="t")
+    utterance = Utterance(task, 25, 48000, settings().uploaded)
+    utterance.push(np.full(10 * N, 1 / 32768, np.float32), 48000)
+    utterance.end()
     task.transition(TaskState.preparing)
     task.transition(TaskState.generating)
-    program = SpeechProgram(task, avatar=None, fps=25)
+    program = SpeechProgram(task, utterance, None, 25, 1, 4, 768, 0.04)
     assert program.audio(0, 4).tolist() == [1, 1, 1, 1]
     program.on_air(ProgramEvent.FIRST_FRAME, 0)
     program.on_air(ProgramEvent.DONE, 10)

@@ -1,9 +1,9 @@
-"""Channels sharing one pool, with fakes at the pool seam (as tests/serving/generation/test_tasks.py): avatars and deadlines.
+"""Channels sharing one job queue (fakes at its seam, tests/fakes.py): avatars and deadlines; channel config units.
 
-Two channels' TaskManagers talk to one recording pool through :class:`ChannelPool`, as in the
-server. A long upload on one channel must not push the deadlines of another channel's speech: each
-channel has its own timeline on the same ``time.monotonic()`` clock, so the shared earliest-deadline
-queue serves the other channel's first chunk before the long upload's later chunks.
+Two channels' TaskManagers talk to one recording pool, as in the server: every job names its
+channel's avatar. A long upload on one channel must not push the deadlines of another channel's
+speech: each channel has its own timeline on the same ``time.monotonic()`` clock, so the shared
+earliest-deadline queue serves the other channel's first chunk before the long upload's later chunks.
 """
 
 from __future__ import annotations
@@ -11,97 +11,46 @@ from __future__ import annotations
 import re
 import weakref
 
-import numpy as np
 import pytest
 
 from latentsync.config import ConfigError, channel_configs, load_config
-from latentsync.engines import CHUNK_FRAMES
 from latentsync.serving.generation.scheduler import TaskManager
-from latentsync.serving.runtime.channel import ChannelPool
-from tests.fakes import FPS, FakeJob, FakePlaylist, FakePool, fake_manager, speech, wait_for
+from tests.fakes import FPS, FakeAvatar, FakeJob, FakePlaylist, FakePool, fake_manager, submit_upload, wait_for
 
 
-class AvatarPool(FakePool):
-    """The fake pool that also records which avatar each job names (what :class:`ChannelPool` adds)."""
-
-    def __init__(self):
-        super().__init__()
-        self.avatars: dict[int, str | None] = {}
-
-    def submit_features(
-        self,
-        audio_16k,
-        deadline_s,
-        on_done,
-        on_error,
-        label="features",
-        frames=None,
-        due_at=None,
-        task_id=None,
-        avatar=None,
-    ):
-        super().submit_features(audio_16k, deadline_s, on_done, on_error, label, frames, due_at, task_id)
-        with self.lock:
-            self.avatars[id(self.jobs[-1])] = avatar
-
-    def submit_chunk(self, request, deadline_s, on_done, on_error, due_at=None, avatar=None):
-        super().submit_chunk(request, deadline_s, on_done, on_error, due_at)
-        with self.lock:
-            self.avatars[id(self.jobs[-1])] = avatar
+class EdfPool(FakePool):
+    """The fake pool, read in the order the real WorkerPool serves it (earliest ``due_at`` first)."""
 
     def edf(self) -> list[FakeJob]:
-        """The queued jobs in the order the real WorkerPool serves them (earliest ``due_at`` first)."""
         with self.lock:
             return sorted(self.jobs, key=lambda j: j.due_at)
 
 
-class FakeAvatar:
-    def __init__(self, path: str):
-        self.path = path
-        self.num_frames = 50
-
-    def frame_index(self, i: int) -> int:
-        return i % self.num_frames
-
-    def paste(self, base_index, faces):
-        return faces
-
-
-def manager(pool: AvatarPool, path: str) -> tuple[TaskManager, FakePlaylist]:
-    return fake_manager(ChannelPool(pool, path), FakeAvatar(path))
-
-
-def feed_features(pool: AvatarPool, task_id: str) -> None:
-    """Answer a task's queued features jobs (zeros of the asked rows)."""
-    for job in [j for j in pool.of(task_id) if j.kind == "features"]:
-        pool.take(job)
-        start, end = job.frames
-        job.on_done(np.zeros((end - start, 2), np.float32))
+def manager(pool: EdfPool, path: str) -> tuple[TaskManager, FakePlaylist]:
+    avatar = FakeAvatar()
+    avatar.path = path
+    return fake_manager(pool, avatar)
 
 
 def test_a_long_upload_on_one_channel_never_pushes_another_channels_deadlines():
-    pool = AvatarPool()
+    pool = EdfPool()
     shop, _ = manager(pool, "/avatars/shop")
     hall, _ = manager(pool, "/avatars/hall")
     try:
-        long_task, _ = shop.submit(speech(300.0), None, None)  # 5 minutes on channel shop
-        wait_for(lambda: pool.of(long_task.task_id), "the long upload's features job")
-        feed_features(pool, long_task.task_id)
-        wait_for(lambda: sum(j.kind == "chunk" for j in pool.of(long_task.task_id)) >= 8, "its chunks queued")
-        same_channel, _ = shop.submit(speech(7.0), None, None)  # waits behind the long one: due in ~300 s
-        short, _ = hall.submit(speech(7.0), None, None)  # the other channel: due now
-        wait_for(lambda: pool.of(short.task_id) and pool.of(same_channel.task_id), "both 7 s uploads' features")
-        feed_features(pool, short.task_id)
-        wait_for(lambda: any(j.kind == "chunk" for j in pool.of(short.task_id)), "the short upload's chunks")
+        long_task, _ = submit_upload(shop, 300.0)  # 5 minutes on channel shop
+        wait_for(lambda: len(pool.of(long_task.task_id)) >= 8, "its chunks queued")
+        same_channel, _ = submit_upload(shop, 7.0)  # waits behind the long one: due in ~300 s
+        short, _ = submit_upload(hall, 7.0)  # the other channel: due now
+        wait_for(lambda: pool.of(short.task_id) and pool.of(same_channel.task_id), "both 7 s uploads' chunks")
 
         # Every job names its own channel's avatar.
         for job in pool.edf():
             expected = "/avatars/hall" if job.task_id == short.task_id else "/avatars/shop"
-            assert pool.avatars[id(job)] == expected, job
+            assert job.job.avatar == expected, job
 
-        first = next(j for j in pool.of(short.task_id) if j.kind == "chunk" and j.request.chunk_index == 0)
-        long_first = next(j for j in pool.of(long_task.task_id) if j.kind == "chunk" and j.request.chunk_index == 0)
-        same_first = pool.of(same_channel.task_id)[0]
+        first = next(j for j in pool.of(short.task_id) if j.chunk_index == 0)
+        long_first = next(j for j in pool.of(long_task.task_id) if j.chunk_index == 0)
+        same_first = next(j for j in pool.of(same_channel.task_id) if j.chunk_index == 0)
         # The same channel's next upload is due after the 300 s on air before it; the other channel's
         # first chunk is due at once: the long upload's backlog is not in its timeline.
         assert same_first.due_at - long_first.due_at == pytest.approx(long_task.num_frames / FPS, abs=1.0)
@@ -112,12 +61,11 @@ def test_a_long_upload_on_one_channel_never_pushes_another_channels_deadlines():
         ahead = order[: order.index(first)]
         assert all(j.due_at <= first.due_at for j in ahead)
         assert all(j.task_id == long_task.task_id for j in ahead)
-        long_chunks = [j for j in order if j.task_id == long_task.task_id and j.kind == "chunk"]
+        long_chunks = [j for j in order if j.task_id == long_task.task_id]
         assert len(ahead) < len(long_chunks)  # the rest of the long upload's chunks wait behind it
-        later = [j for j in pool.of(short.task_id) if j.kind == "chunk"]
-        assert all(
-            j.due_at - first.due_at == pytest.approx(j.request.chunk_index * CHUNK_FRAMES / FPS, abs=0.5) for j in later
-        )
+        later = [j for j in pool.of(short.task_id) if j.chunk_index > 0]
+        # 175 frames: every chunk's feature window starts at frame 0, so its first row is its first frame
+        assert later and all(j.due_at - first.due_at == pytest.approx(j.job.rows[0] / FPS, abs=0.5) for j in later)
     finally:
         shop.close()
         hall.close()
@@ -178,7 +126,7 @@ def test_channel_routes_of_a_server_not_started_answer_without_redirects():
     listed = client.get("/channels").json["channels"]
     assert [c["name"] for c in listed] == ["main", "hall"] and not any(c["streaming"] for c in listed)
     assert client.get("/channels/hall/health").json["channel"] == "hall"
-    assert client.get("/channels/hall").json["status"] == "starting"
+    assert client.get("/channels/hall").json["status"] == "created"  # built, not started
     put = client.put("/channels/popup", json={"rtmp_url": "rtmp://127.0.0.1:1935/live/popup"})
     assert put.status_code == 503 and put.json["error"]["code"] == "starting"  # not before the pool runs
     assert client.put("/channels/popup", data="nope").json["error"]["code"] == "bad_channel"

@@ -53,6 +53,16 @@ function ensureOption(name, label = name) {
   return option;
 }
 
+// What the channel list shows of each channel: its phase unless ready, and what it has on air. The
+// shown channel's state comes from its event feed (as the badge's); the others' from GET /channels.
+const channelInfo = new Map();  // name -> { status, streaming, state }
+function labelChannel(name) {
+  const c = channelInfo.get(name);
+  if (!c) { ensureOption(name); return; }
+  const flags = [c.status && c.status !== "ready" ? c.status : null, c.streaming ? c.state : "not streaming"];
+  ensureOption(name, `${name} (${flags.filter(Boolean).join(", ")})`);
+}
+
 // Switch everything (player, events, uploads, tasks, health, avatar buttons) to channel `name`.
 function selectChannel(name, force = false) {
   if (!CHANNEL_NAME_RE.test(name)) { fallBackToMain(`no channel ${JSON.stringify(name)}`); return; }
@@ -68,12 +78,7 @@ function selectChannel(name, force = false) {
   $("health").replaceChildren();
   setState("…");
   $("avatar-switch").textContent = "";
-  const speech = name === MAIN;  // /speak and /ws/speech attach to channel main only (docs/channels.md)
-  if (!speech) stopLive(true);
-  for (const id of ["speak-text", "speak", "live-start"]) $(id).disabled = !speech || (id === "live-start" && talk !== null);
-  $("speech-note").hidden = speech;
-  $("speech-note").textContent = speech ? "" :
-    `Text to speech and "Talk live" speak on channel main only (/speak, /ws/speech); switch to main to use them here. Uploads and recordings go to ${name}.`;
+  stopLive(true);  // a live talk belongs to the channel it was started on
   connectEvents();
   watch();
   refreshChannels();
@@ -106,18 +111,24 @@ async function refreshChannels() {
   const select = $("channel");
   const names = new Set(list.map((c) => c.name));
   for (const c of list) {
-    const flags = [c.status && c.status !== "ready" ? c.status : null, c.streaming ? c.state : "not streaming"];
-    ensureOption(c.name, `${c.name} (${flags.filter(Boolean).join(", ")})`);
+    const known = channelInfo.get(c.name);
+    // the shown channel's state is the event feed's (newer than this answer); the rest is the list's
+    const state = c.name === channel && known && known.fromEvents ? known.state : c.state;
+    channelInfo.set(c.name, { status: c.status, streaming: c.streaming, state, fromEvents: known && known.fromEvents });
+    labelChannel(c.name);
   }
+  for (const name of Array.from(channelInfo.keys())) if (!names.has(name)) channelInfo.delete(name);
   for (const option of Array.from(select.options)) if (!names.has(option.value) && option.value !== channel) option.remove();
   select.value = channel;
   channelsListed += 1;
   live.channelsListed = channelsListed;
   // (a list asked for before a switch may predate the channel now shown: only a current one decides)
-  if (channel === asked && !names.has(channel)) fallBackToMain(`channel ${channel} is not on this server`);
+  if (channel === asked && !names.has(channel)) fallBackToMain(`channel ${channel} is gone`);
 }
 
 $("channel").addEventListener("focus", () => refreshChannels());
+const CHANNEL_LIST_POLL_MS = 2000;  // the other channels' states in the list (the shown one's follow its events)
+setInterval(() => { if (!document.hidden) refreshChannels(); }, CHANNEL_LIST_POLL_MS);
 $("channel").addEventListener("mousedown", () => refreshChannels());
 $("channel").addEventListener("change", () => {
   location.hash = `channel=${encodeURIComponent($("channel").value)}`;  // hashchange switches
@@ -256,28 +267,32 @@ $("upload-form").addEventListener("submit", async (event) => {
 $("speak-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   const text = $("speak-text").value.trim();
-  if (channel !== MAIN) { say("text to speech speaks on channel main only"); return; }
   if (!text) { say("type something to say first"); return; }
-  const response = await fetch("/speak", {
+  const name = channel;
+  const response = await fetch(`${base(name)}/speak`, {
     method: "POST", body: JSON.stringify({ text }), headers: authHeaders({ "Content-Type": "application/json" }),
   });
-  if (response.status !== 202) { say(`text refused: ${await errorText(response)}`); return; }
+  if (response.status !== 202) {
+    if (!(await channelGone(response, name))) say(`text refused: ${await errorText(response)}`);
+    return;
+  }
   const body = await response.json();
-  say(`task ${body.task_id} queued (text to speech)`);
+  say(`task ${body.task_id} queued (text to speech) on ${name}`);
 });
 
-// ------------------------------------------------------------------ microphone live over /ws/speech (f32le PCM)
-// The avatar starts speaking after the first 16 frames (+ the engine's look-ahead) have arrived,
+// ------------------------------------------------------------------ microphone live over the channel's /ws/speech (f32le PCM)
+// The avatar starts speaking after the first chunk's audio (+ the engine's look-ahead) has arrived,
 // while you are still talking. A browser WebSocket cannot send headers: the token goes as ?token=.
 let talk = null;
 $("live-start").addEventListener("click", async () => {
-  if (channel !== MAIN) { say("live speech goes to channel main only"); return; }
+  const name = channel;
   let mic;
   try { mic = await navigator.mediaDevices.getUserMedia({ audio: { echoCancellation: true } }); }
   catch (err) { say(`microphone unavailable: ${err.name}`); return; }
   const token = tokenInput.value.trim();
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws/speech${token ? `?token=${encodeURIComponent(token)}` : ""}`);
+  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  const ws = new WebSocket(`${scheme}//${location.host}${base(name)}/ws/speech${query}`);
   ws.binaryType = "arraybuffer";
   const ctx = new AudioContext();
   const source = ctx.createMediaStreamSource(mic);
@@ -288,7 +303,7 @@ $("live-start").addEventListener("click", async () => {
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", sample_rate: ctx.sampleRate, channels: 1, encoding: "f32le" }));
   ws.onmessage = (event) => {
     const msg = JSON.parse(event.data);
-    if (msg.type === "accepted") { if (talk) talk.open = true; say(`task ${msg.task_id} live (microphone)`); }
+    if (msg.type === "accepted") { if (talk) talk.open = true; say(`task ${msg.task_id} live (microphone) on ${name}`); }
     else if (msg.type === "on_air") $("live-status").textContent = `on air after ${Math.round(msg.first_byte_to_air_s * 1000)} ms`;
     else if (msg.type === "error") say(`live speech: ${msg.code}: ${msg.message}`);
     else if (msg.type === "done") { $("live-status").textContent = `done (${msg.status})`; ws.close(); }
@@ -311,7 +326,7 @@ function stopLive(sendEnd) {
   mic.getTracks().forEach((t) => t.stop());
   ctx.close();
   if (sendEnd && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "end" }));
-  $("live-start").disabled = channel !== MAIN;
+  $("live-start").disabled = false;
   $("live-stop").disabled = true;
 }
 $("live-stop").addEventListener("click", () => stopLive(true));
@@ -394,6 +409,12 @@ function setState(state) {
   badge.textContent = state;
   badge.className = `badge state-${state}`;
   live.stateHistory = (live.stateHistory || []).concat([state]).slice(-50);
+  const info = channelInfo.get(channel);
+  if (info && state !== "…") {  // the list says what the badge says
+    info.state = state;
+    info.fromEvents = true;
+    labelChannel(channel);
+  }
 }
 
 const handlers = {

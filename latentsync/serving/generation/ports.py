@@ -1,0 +1,95 @@
+"""The generation side's two seams: the playout it feeds and the job queue that makes its faces.
+
+:class:`Playout` is what a task's program is put on air through (implemented by
+:class:`latentsync.serving.playout.mixer.ProgramMixer`); :class:`JobQueue` is where its chunks are
+generated (implemented by :class:`latentsync.serving.generation.pool.WorkerPool`). A job carries
+everything a worker needs, the avatar included, so one queue serves every channel. Tests put
+fakes here (tests/fakes.py) and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from latentsync.engines import ChunkResult
+from latentsync.serving.playout.mixer import Program
+
+
+class JobFailed(RuntimeError):
+    """A job failed for good, or the queue could not take it; the message says why."""
+
+
+@runtime_checkable
+class Playout(Protocol):
+    """Where programs go on air, in order (one per channel)."""
+
+    @property
+    def ticks(self) -> int:
+        """Ticks produced so far (interrupt latency is measured in them)."""
+        ...
+
+    def enqueue(self, program: Program) -> bool:
+        """Append a program to the playlist; False when the playlist is full."""
+        ...
+
+    def interrupt(self, task_id: str) -> None:
+        """Fade the program of ``task_id`` out within the crossfade if on air, or drop it from the playlist."""
+        ...
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """One chunk of one task, as an engine worker receives it: audio in, faces out.
+
+    The worker computes the chunk's features from ``audio_16k`` (rows ``rows`` of what
+    :meth:`latentsync.engines.Engine.features` returns for it), then generates its faces.
+
+    Attributes:
+        task_id: The task (unique over the server; :meth:`JobQueue.cancel` drops its jobs).
+        chunk_index: Position of the chunk in the task, from 0.
+        avatar: Cache directory of the prepared avatar the faces are for (workers load it on first use).
+        audio_16k: ``(N,) float32`` mono at 16 kHz in [-1, 1]: the chunk's audio with its context.
+        rows: ``(row0, row1)``: the feature rows of ``audio_16k`` that are the chunk's frames.
+        frame_indices: ``(n,) int64`` avatar base frames, ``n >= row1 - row0`` (padded by repeating
+            the last one to the engine's shortest chunk; the last row is repeated to match).
+        due_at: ``time.monotonic()`` by which the chunk's first frame must be on air (the queue
+            serves the earliest first).
+        seed: Random seed for engines that sample noise (None: engine default).
+        guidance_scale: Classifier-free guidance scale (None: the engine's default).
+    """
+
+    task_id: str
+    chunk_index: int
+    avatar: str
+    audio_16k: np.ndarray
+    rows: tuple[int, int]
+    frame_indices: np.ndarray
+    due_at: float
+    seed: int | None = None
+    guidance_scale: float | None = None
+
+    @property
+    def label(self) -> str:
+        """How logs and errors name it."""
+        return f"chunk {self.chunk_index} of task {self.task_id}"
+
+
+@runtime_checkable
+class JobQueue(Protocol):
+    """Where chunk jobs are generated, earliest ``due_at`` first."""
+
+    def submit(self, job: ChunkJob, on_done: Callable[[ChunkResult], None], on_error: Callable[[str], None]) -> None:
+        """Queue a job; ``on_done`` gets its faces, ``on_error`` a reason when it failed for good.
+
+        Raises:
+            JobFailed: If the queue cannot take it (not running, broken, full).
+        """
+        ...
+
+    def cancel(self, task_id: str) -> int:
+        """Drop every queued job of ``task_id`` (their callbacks are never called); returns how many."""
+        ...
