@@ -75,6 +75,7 @@ class OnsetListener:
             "pipe:1",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+        self.bytes_read = 0
         self.loud_times: list[float] = []
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -84,6 +85,7 @@ class OnsetListener:
         assert self.proc.stdout is not None
         pending = b""
         while chunk := self.proc.stdout.read(BLOCK * 2):
+            self.bytes_read += len(chunk)
             pending += chunk
             now = time.time()
             while len(pending) >= BLOCK * 2:
@@ -128,9 +130,10 @@ def looped_speech(source: Path, seconds: float, folder: Path) -> Path:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of a process in MiB (``VmRSS``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+    """Proportional resident memory of a process in MiB (``Pss``: pages shared with other processes,
+    e.g. the FFmpeg binary's, count by their share, so several processes add up correctly)."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -141,7 +144,7 @@ def main() -> int:
     parser.add_argument("--audio", type=Path, default=DATA / "audio" / "4s_Wavfile_1719704064_11.wav")
     parser.add_argument("--rtmp-port", type=int, default=1935)
     parser.add_argument("--lengths", default="", help="comma-separated seconds: loop --audio to each length")
-    parser.add_argument("--rss", action="store_true", help="also measure the RSS a waiting 300 s upload adds")
+    parser.add_argument("--rss", action="store_true", help="also measure the RSS each waiting 300 s upload adds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if not args.audio.is_file():
@@ -167,8 +170,15 @@ def main() -> int:
                 print("server did not become ready", file=sys.stderr)
                 return 1
             time.sleep(0.3)
-        listener = OnsetListener(url)
-        time.sleep(3.0)  # client connected and past its first keyframe
+        for _attempt in range(5):  # a client that connects as the stream (re)starts may find no audio yet
+            listener = OnsetListener(url)
+            time.sleep(3.0)  # client connected and past its first keyframe
+            if listener.proc.poll() is None and listener.bytes_read > 0:
+                break
+            listener.close()
+        else:
+            print("no RTMP client could read the stream's audio", file=sys.stderr)
+            return 1
         onset = onset_offset_s(decode_audio(args.audio, 48000), 48000)
         tmp = Path(tempfile.mkdtemp(prefix="ttff-bench-"))
         lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
@@ -199,7 +209,7 @@ def main() -> int:
         print(row("(b') time_to_first_frame_s of GET /tasks", d))
         print(row("(c) POST -> first speech heard by RTMP client", c))
     if rss is not None:
-        print(f"RSS added by a waiting 300 s upload (server process): {rss:.1f} MiB")
+        print(f"RSS added by each waiting 300 s upload (server process and its decoder): {rss:.1f} MiB")
     return 0
 
 
@@ -238,20 +248,42 @@ def post_many(base: str, listener: OnsetListener, audio: Path, onset: float, pos
     return a, b, c, d
 
 
-def measure_waiting_rss(base: str, pid: int, audio: Path) -> float:
-    """MiB of server RSS added by one more 300 s upload queued behind the on-air and the admitted one."""
+def children_rss_mib(pid: int, name: str) -> float:
+    """Resident memory in MiB of ``pid``'s child processes whose command line names ``name``."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and name in cmdline:
+            total += rss_mib(int(entry.name))
+    return total
+
+
+def measure_waiting_rss(base: str, pid: int, audio: Path, waiting: int = 4) -> float:
+    """MiB (PSS) each 300 s upload adds while it waits (server process + its decoding FFmpeg, if any).
+
+    Two uploads first (on air, and the next one admitted: tasks.generate_ahead = 1), then
+    ``waiting`` more that wait their turn; the difference over ``waiting``.
+    """
     body, headers = multipart(audio.read_bytes(), audio.name)
-    ids = []
-    for _ in range(2):  # on air, and the next one (admitted: tasks.generate_ahead = 1)
-        ids.append(http("POST", base + "/generate_video", body, headers)[1]["status_url"])
+    urls = [http("POST", base + "/generate_video", body, headers)[1]["status_url"] for _ in range(2)]
     time.sleep(3.0)
-    before = rss_mib(pid)
-    ids.append(http("POST", base + "/generate_video", body, headers)[1]["status_url"])
+
+    def total() -> float:
+        return rss_mib(pid) + children_rss_mib(pid, "fd:")  # the confined decoders read "-i fd:"
+
+    before = total()
+    urls += [http("POST", base + "/generate_video", body, headers)[1]["status_url"] for _ in range(waiting)]
     time.sleep(3.0)
-    after = rss_mib(pid)
-    for url in ids:
+    after = total()
+    for url in urls:
         http("DELETE", base + url)
-    return after - before
+    return (after - before) / waiting
 
 
 def _up(base: str) -> bool:

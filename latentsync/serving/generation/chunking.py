@@ -20,12 +20,13 @@ import numpy as np
 from latentsync.engines import CHUNK_FRAMES, ENGINE_SAMPLE_RATE_HZ
 from latentsync.media.timing import samples_before_frame
 
-#: Frames of audio before a chunk that its features see (10 s at 25 fps): enough for the
-#: parametric engine's loudness normalisation and low-pass, a bounded cost per chunk.
-FEATURE_CONTEXT_FRAMES = 250
+#: Frames of audio before a chunk that its features see (5 s at 25 fps): enough for the
+#: parametric engine's loudness normalisation and low-pass, a bounded cost per chunk (the
+#: parametric features of a 7.5 s window take ~11 ms, of 15 s ~24 ms, on this project's 2-core CPU).
+FEATURE_CONTEXT_FRAMES = 125
 #: Frames of audio after a chunk (beyond its look-ahead) its features see when they have arrived
 #: (an upload): the loudness normalisation then sees the speech around the chunk, not only before.
-FEATURE_FUTURE_FRAMES = 125
+FEATURE_FUTURE_FRAMES = 63
 
 
 def next_chunk_frames(

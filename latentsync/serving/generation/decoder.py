@@ -5,8 +5,14 @@ the upload (confined exactly as before: descriptor only, demuxer whitelist, empt
 docs/security.md), reads its output as it is written and pushes it into the utterance, so the
 upload's first chunk is generated as soon as its audio plus the engine's look-ahead is decoded and
 the rest follows while it plays. The request waits only for that first audio (or the end of a short
-file) to answer: a file FFmpeg cannot read, one with no audio, one shorter than a frame or one whose
-header says it is longer than ``api.max_audio_s`` is refused before any task exists.
+file) to answer: a file FFmpeg cannot read, one with no audio, one shorter than a frame or one
+longer than ``api.max_audio_s`` (when its header says so, the decode shows it) is refused before
+any task exists.
+
+Decoding runs at most :data:`READ_AHEAD_S` ahead of playback: past that the reader stops reading
+and FFmpeg waits on the full pipe. A waiting upload therefore holds a few seconds of decoded
+audio, not all of it, and the decode of a long file never competes with the first chunk's
+generation for the CPU.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import select
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +31,18 @@ import numpy as np
 from latentsync.media.audio import UPLOAD_FORMATS, MediaDecodeTimeout, untrusted_audio_command
 from latentsync.media.probe import DURATION_RE, MediaProbeError, parse_duration_s
 from latentsync.serving.generation.audio import SpeechError
+from latentsync.serving.generation.task import FINAL_STATES
 from latentsync.serving.generation.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 
 #: Bytes read from FFmpeg's output at most per push (0.68 s of 48 kHz mono s16; a read returns what is there).
 READ_BYTES = 1 << 16
+#: Seconds of decoded audio not yet played past which the reader waits (the features of a chunk
+#: see 5 s past it: ``chunking.FEATURE_FUTURE_FRAMES``).
+READ_AHEAD_S = 8.0
+#: Seconds between the reader's checks of the playback position while it waits.
+PACE_POLL_S = 0.1
 #: Last lines of FFmpeg's log kept for our own log (never sent to a client).
 STDERR_TAIL_LINES = 20
 #: Seconds :meth:`UploadDecoder.close` waits for FFmpeg and the reader threads.
@@ -47,9 +61,10 @@ class DecodeState(str, enum.Enum):
 class UploadDecoder:
     """Decodes one upload with a confined FFmpeg and pushes its PCM into an utterance as it comes.
 
-    Threads (owned; :meth:`close` stops them): one reads FFmpeg's output and pushes it, one keeps
-    the header line (``Duration``) and the end of FFmpeg's log. At the end of the file the
-    utterance ends; a decode that fails after audio was pushed fails the utterance with the reason.
+    Threads (owned; :meth:`close` stops them): one reads FFmpeg's output and pushes it (at most
+    :data:`READ_AHEAD_S` ahead of playback), one keeps the header line (``Duration``) and the end
+    of FFmpeg's log. At the end of the file the utterance ends; a decode that fails after audio
+    was pushed fails the utterance with the reason.
 
     Args:
         path: The upload (a regular file alone in its private folder; a symlink is refused).
@@ -57,15 +72,27 @@ class UploadDecoder:
         sample_rate_hz: Rate FFmpeg decodes to, in Hz (the stream's).
         max_duration_s: Longest audio accepted in seconds (``api.max_audio_s``): FFmpeg stops just
             past it and the utterance refuses more (``too_long``).
-        timeout_s: Seconds the whole decode may take (``api.decode_timeout_s``); FFmpeg is killed past it.
+        timeout_s: Seconds FFmpeg gets to produce the first audio (until :meth:`wait_first`
+            returns), and later each time the reader waits on it (``api.decode_timeout_s``);
+            FFmpeg is killed past it (``decode_timeout``).
+        read_ahead_s: Seconds of audio decoded ahead of playback at most.
     """
 
-    def __init__(self, path: Path, utterance: Utterance, sample_rate_hz: int, max_duration_s: float, timeout_s: float):
+    def __init__(
+        self,
+        path: Path,
+        utterance: Utterance,
+        sample_rate_hz: int,
+        max_duration_s: float,
+        timeout_s: float,
+        read_ahead_s: float = READ_AHEAD_S,
+    ):
         self.path = Path(path)
         self.utterance = utterance
         self.sample_rate_hz = int(sample_rate_hz)
         self.max_duration_s = float(max_duration_s)
         self.timeout_s = float(timeout_s)
+        self.read_ahead_s = float(read_ahead_s)
         self.state = DecodeState.idle
         self.error: str | None = None  # why it failed (for our log and the task's error; not FFmpeg's text)
         self.header_duration_s: float | None = None  # what the container says, when it says
@@ -77,7 +104,8 @@ class UploadDecoder:
         self._threads: list[threading.Thread] = []
         self._closed = False
         self._timed_out = False
-        self._timer: threading.Timer | None = None
+        self._unpaced = False  # decode without waiting for playback (to check a header's claimed length)
+        self._started_monotonic = 0.0
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -106,20 +134,17 @@ class UploadDecoder:
             finally:
                 os.close(fd)
             self.state = DecodeState.decoding
+            self._started_monotonic = time.monotonic()
             name = self.utterance.task_id[:8]
-            self._timer = threading.Timer(self.timeout_s, self._time_out)
-            self._timer.name = f"decode-timeout-{name}"
-            self._timer.daemon = True
             self._threads = [
                 threading.Thread(target=self._read, name=f"decode-{name}", daemon=True),
                 threading.Thread(target=self._read_log, name=f"decode-log-{name}", daemon=True),
             ]
         for thread in self._threads:
             thread.start()
-        self._timer.start()
 
     def _time_out(self) -> None:
-        """``timeout_s`` passed: FFmpeg is killed (the reader then finishes with a ``decode_timeout``)."""
+        """FFmpeg took longer than ``timeout_s``: it is killed (the reader finishes with ``decode_timeout``)."""
         with self._cond:
             if self.state is not DecodeState.decoding:
                 return
@@ -133,10 +158,7 @@ class UploadDecoder:
         with self._cond:
             self._closed = True
             proc = self._proc
-            timer = self._timer
             self._cond.notify_all()
-        if timer is not None:
-            timer.cancel()
         if proc is not None and proc.poll() is None:
             proc.kill()
         for thread in self._threads:
@@ -163,6 +185,8 @@ class UploadDecoder:
                 to pass it or end: a header may lie); ``too_short`` if it ended under one frame.
         """
         need = int(np.ceil(frames * self.sample_rate_hz / fps))
+        deadline = self._started_monotonic + self.timeout_s
+        late = False
         with self._cond:
             while self.state is DecodeState.decoding:
                 if self._header_done and self.samples >= need:
@@ -170,11 +194,19 @@ class UploadDecoder:
                         self.header_duration_s is not None and self.header_duration_s > self.max_duration_s
                     )
                     if not claims_too_long or self.samples > self.max_samples:
-                        break  # a header claiming too much may lie (a WAV's data size): decode to know
-                self._cond.wait(0.1)
+                        break
+                    self._unpaced = True  # a header claiming too much may lie (a WAV's data size): decode to know
+                    self._cond.notify_all()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    late = True
+                    break
+                self._cond.wait(min(left, 0.1))
             state, samples = self.state, self.samples
+        if late:
+            self._time_out()
         try:
-            if self._timed_out:
+            if late or self._timed_out:
                 raise MediaDecodeTimeout(f"{self.path.name}: decoding took longer than {self.timeout_s:g} s")
             if samples > self.max_samples:
                 raise SpeechError("too_long", f"audio longer than api.max_audio_s = {self.max_duration_s:g} s")
@@ -202,6 +234,12 @@ class UploadDecoder:
         failure: str | None = None
         try:
             while True:
+                if not self._pace():
+                    break  # closed, or the utterance can take no more
+                ready, _, _ = select.select([fd], [], [], self.timeout_s)
+                if not ready:  # FFmpeg produced nothing for timeout_s while we waited on it
+                    self._time_out()
+                    continue  # killed: the next read sees the end
                 data = os.read(fd, READ_BYTES)
                 if not data:
                     break
@@ -230,15 +268,28 @@ class UploadDecoder:
                 code = proc.wait(CLOSE_TIMEOUT_S)
             self._finish(code, failure)
 
+    def _pace(self) -> bool:
+        """Wait while :data:`READ_AHEAD_S` of audio waits to play; False once closed or the utterance is over."""
+        u = self.utterance
+        while True:
+            with self._cond:
+                if self._closed:
+                    return False
+                if self._unpaced:
+                    return True
+            if u.ended or u.task.state in FINAL_STATES:
+                return False
+            if u.buffered_s() < self.read_ahead_s:
+                return True
+            with self._cond:
+                self._cond.wait(PACE_POLL_S)
+
     def _finish(self, code: int, failure: str | None) -> None:
         with self._cond:
             closed = self._closed
             samples = self.samples
-            timer = self._timer
-        if timer is not None:
-            timer.cancel()
         if failure is None and self._timed_out:
-            failure = f"decode_timeout: decoding took longer than api.decode_timeout_s = {self.timeout_s:g} s"
+            failure = f"decode_timeout: FFmpeg gave no audio for api.decode_timeout_s = {self.timeout_s:g} s"
         if failure is None and closed:
             failure = "stopped"
         if failure is None and samples > self.max_samples:
@@ -255,10 +306,11 @@ class UploadDecoder:
                 " | ".join(self._stderr_tail[-2:]),
                 extra={"task_id": self.utterance.task_id},
             )
+        u = self.utterance
         if failure is None:
-            self.utterance.end()
-        elif samples and not closed:
-            self.utterance.fail(failure)
+            u.end()
+        elif samples and not closed and not u.ended and u.task.state not in FINAL_STATES:
+            u.fail(failure)
         with self._cond:
             self.state = DecodeState.finished if failure is None else DecodeState.failed
             self.error = failure

@@ -16,6 +16,7 @@ is there (counted as underrun ticks).
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 import math
 import threading
@@ -39,9 +40,50 @@ JITTER_MARGIN_FRAMES = 8
 GAP_SWING_FRAMES = 3
 #: A frame count no open utterance reaches (its length is unknown until it ends).
 OPEN_FRAMES = 10**9
+#: Arrivals at this fraction of real time or more count as real time in the jitter buffer's frame
+#: rule (a client sending at real time is measured a little under it, by its packets' jitter):
+#: only the next chunk's prediction waits for them.
+ARRIVAL_REAL_TIME = 0.9
 #: The jitter buffer's factor on the predicted processing time of the next chunk (chunk 0's time,
 #: scaled by the lengths): slack for a pool that is slower for a moment (CPU contention).
-PROCESSING_SAFETY = 1.5
+PROCESSING_SAFETY = 2.0
+
+
+class ChunkTimes:
+    """How long a channel's recent chunks took in the pool: the jitter buffer's prediction of the next.
+
+    Kept per channel (one per :class:`~latentsync.serving.generation.scheduler.TaskManager`) so a
+    new task's first chunk is not the only evidence: the pool's time on a chunk varies with the
+    CPU's load (its 90th percentile is about twice its median on this project's 2-core machine).
+
+    Args:
+        size: Chunks remembered (the most recent).
+    """
+
+    #: Chunks of this many frames or fewer are "short" (streamed at real time, first chunks); the rest "long".
+    SHORT_FRAMES = 8
+    #: Samples a length bucket needs before its percentile is used.
+    MIN_SAMPLES = 4
+
+    def __init__(self, size: int = 64):
+        self._lock = threading.Lock()
+        self._times: dict[bool, collections.deque[float]] = {
+            True: collections.deque(maxlen=size),
+            False: collections.deque(maxlen=size),
+        }
+
+    def add(self, frames: int, seconds: float) -> None:
+        """Record one chunk of ``frames`` frames that took ``seconds`` in the pool."""
+        with self._lock:
+            self._times[frames <= self.SHORT_FRAMES].append(seconds)
+
+    def predict(self, frames: int) -> float | None:
+        """The 90th percentile of recent chunks of that length bucket, in seconds; None without enough of them."""
+        with self._lock:
+            times = list(self._times[frames <= self.SHORT_FRAMES])
+        if len(times) < self.MIN_SAMPLES:
+            return None
+        return float(np.percentile(times, 90))
 
 
 def _out_and_back(frames: int) -> list[int]:
@@ -68,6 +110,7 @@ class SpeechProgram:
         tick_counter: Returns the mixer's tick count (interrupt latency in frames); None: not measured.
         on_ttff: Called with the task's time to first frame in seconds (metrics); None: not reported.
         clock: Monotonic clock in seconds (default ``time.monotonic``).
+        chunk_times: The channel's recent chunk times (this program adds its own); None: its own only.
     """
 
     def __init__(
@@ -83,8 +126,10 @@ class SpeechProgram:
         tick_counter: Callable[[], int] | None = None,
         on_ttff: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        chunk_times: ChunkTimes | None = None,
     ):
         self.task = task
+        self._chunk_times = chunk_times
         self.task_id = task.task_id
         self._utterance = utterance
         self._avatar = avatar
@@ -108,6 +153,8 @@ class SpeechProgram:
         self._failed = False
         self._started_monotonic: float | None = None
         self._first_chunk_monotonic: float | None = None
+        self._busy_s = 0.0  # time the pool spent on the chunks of the ready frames (one after the other)
+        self._last_arrival: float | None = None
         self._on_air_index = 0  # content frames taken by the mixer
         self._gap_frames = 0
         self._gap_samples = 0
@@ -163,8 +210,15 @@ class SpeechProgram:
             while self._next_ready < len(self._starts) and self._next_ready in self._faces:
                 self._ready_frames = self._ends[self._next_ready]
                 self._next_ready += 1
+            now = self._clock()
             if self._first_chunk_monotonic is None:
-                self._first_chunk_monotonic = self._clock()
+                self._first_chunk_monotonic = now
+            # its processing began when it was planned, or when the chunk before it came back
+            began = max(self.chunk_audio_at.get(k, now), self._last_arrival or 0.0)
+            self._busy_s += max(0.0, now - began)
+            self._last_arrival = now
+            if self._chunk_times is not None and k in self.chunk_audio_at:
+                self._chunk_times.add(self._ends[k] - self._starts[k], max(0.0, now - began))
             self._received += 1
             self.task.chunks_generated = self._received
             self.changed.notify_all()
@@ -202,8 +256,9 @@ class SpeechProgram:
         """The jitter buffer: start once no frame is expected late.
 
         Production runs at ``p = min(g, a)`` frames/s: ``g`` the generation rate (ready frames /
-        time since generation started), ``a`` the arrival rate of audio since its first byte
-        (infinite once the utterance ended). With ``N`` frames known (all once ended, else those
+        the pool's time on their chunks, one after the other), ``a`` the arrival rate of audio since its first byte
+        (infinite once the utterance ended; at :data:`ARRIVAL_REAL_TIME` of real time or more it
+        counts as real time). With ``N`` frames known (all once ended, else those
         received so far) and ``R`` ready, frame ``k`` is needed at ``k / fps`` and ready at
         ``(k - R) / p``; no underrun for any ``k < N`` needs ``R >= (N - 1)(1 - p / fps)`` (+
         :data:`JITTER_MARGIN_FRAMES`). An open utterance also waits until its next chunk, predicted
@@ -222,11 +277,10 @@ class SpeechProgram:
         if final is not None and ready_frames >= final:
             return True
         now = self._clock()
-        started = self._started_monotonic or self._first_chunk_monotonic or now
-        gen_fps = ready_frames / max(now - started, 1e-3)
+        gen_fps = ready_frames / max(self._busy_s, 1e-3)
         arrival_fps = u.arrival_fps(now)
         known = u.received_frames()
-        rate = min(gen_fps, arrival_fps)
+        rate = gen_fps if arrival_fps >= ARRIVAL_REAL_TIME * self._fps else min(gen_fps, arrival_fps)
         needed = (known - 1) * max(0.0, 1.0 - rate / self._fps)
         if ready_frames < min(known, needed + (JITTER_MARGIN_FRAMES if needed > 0 else 0)):
             return False
@@ -237,7 +291,9 @@ class SpeechProgram:
 
         Its audio is complete when it was planned, or (not yet planned) at first byte + (its end +
         look-ahead) / arrival rate; it is processed from then, or once the worker is past chunk 0,
-        in the time chunk 0 took scaled by their lengths, times :data:`PROCESSING_SAFETY`.
+        in the 90th percentile of the channel's recent chunks of its length (:class:`ChunkTimes`),
+        or, with no such evidence yet, in the time chunk 0 took scaled by their lengths, times
+        :data:`PROCESSING_SAFETY`.
         """
         with self._lock:
             k = self._next_ready
@@ -245,16 +301,22 @@ class SpeechProgram:
                 return True
             if k < len(self._ends):
                 next_start, next_len = self._starts[k], self._ends[k] - self._starts[k]
-            else:
+            elif self._utterance.ended:  # planned at once, doubling (chunking.next_chunk_frames)
                 last = self._ends[-1] - self._starts[-1]
                 next_start, next_len = ready_frames, max(self._min_chunk, min(2 * last, CHUNK_FRAMES))
+            else:  # cut as soon as its shortest length has arrived
+                next_start, next_len = ready_frames, self._min_chunk
             first_len = self._ends[0]
         final = self._utterance.final_frames
         if final is not None and next_start >= final:
             return True  # only the closed-mouth tail is left: the fade back to idle covers it
         first_ready = self._first_chunk_monotonic or now
         chunk0_audio = self.chunk_audio_at.get(0, self._started_monotonic or first_ready)
-        processing = max(1e-3, first_ready - chunk0_audio) * max(1.0, next_len / first_len) * PROCESSING_SAFETY
+        recent = self._chunk_times.predict(next_len) if self._chunk_times is not None else None
+        if recent is not None:
+            processing = recent
+        else:  # no evidence yet: chunk 0's time, scaled by their lengths, with a safety factor
+            processing = max(1e-3, first_ready - chunk0_audio) * max(1.0, next_len / first_len) * PROCESSING_SAFETY
         audio_done = self.chunk_audio_at.get(k)
         if audio_done is None:
             first_byte = self._utterance.first_byte_monotonic or now

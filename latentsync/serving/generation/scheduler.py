@@ -31,7 +31,7 @@ from latentsync.engines import (
 from latentsync.serving.generation.audio import SpeechError
 from latentsync.serving.generation.ports import JobQueue, Playout
 from latentsync.serving.generation.processor import ChunkPlan, TaskProcessor
-from latentsync.serving.generation.program import SpeechProgram
+from latentsync.serving.generation.program import ChunkTimes, SpeechProgram
 from latentsync.serving.generation.task import FINAL_STATES, WAITING_STATES, Task, TaskKind, TaskState
 from latentsync.serving.generation.utterance import Utterance, UtteranceLimits
 
@@ -140,6 +140,7 @@ class TaskManager:
         self._lock = threading.Lock()
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._closed = False
+        self._chunk_times = ChunkTimes()  # the jitter buffer's evidence of how long chunks take here
 
     # ----------------------------------------------------------------- building and accepting
     def build(
@@ -211,6 +212,7 @@ class TaskManager:
                 s.start_margin_s,
                 lambda: self._playout.ticks,
                 self._on_ttff,
+                chunk_times=self._chunk_times,
             )
             processor = TaskProcessor(
                 task,

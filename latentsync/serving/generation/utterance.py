@@ -56,28 +56,30 @@ class UtteranceLimits:
 
     Attributes:
         max_buffered_s: Seconds received and not yet played; None: unbounded (an upload's decoder,
-            which is bounded by ``api.max_audio_s`` instead).
-        idle_timeout_s: An open utterance that receives nothing for this long ends.
-        max_utterance_s: Longest time an utterance may stay open (wall clock, from its opening).
+            which paces itself and is bounded by ``api.max_audio_s``).
+        idle_timeout_s: An open utterance that receives nothing for this long ends; None: no such
+            bound (an upload: its decoder waits for playback, and has its own timeout).
+        max_utterance_s: Longest time an utterance may stay open (wall clock, from its opening);
+            None: no such bound (an upload's length is bounded by ``api.max_audio_s``).
         starve_timeout_s: How long arrivals may stay below ``min_arrival_ratio`` before it ends.
         min_arrival_ratio: Seconds of audio per second of wall clock an open utterance must keep up.
         max_duration_s: Longest speech, in seconds of audio (``api.max_audio_s``).
     """
 
     max_buffered_s: float | None
-    idle_timeout_s: float
-    max_utterance_s: float
+    idle_timeout_s: float | None
+    max_utterance_s: float | None
     starve_timeout_s: float
     min_arrival_ratio: float
     max_duration_s: float
 
     @classmethod
     def from_config(cls, ss: SpeechStreamConfig, max_audio_s: float, buffered: bool = True) -> UtteranceLimits:
-        """The limits of ``speech_stream`` (``buffered=False``: no ``max_buffered_s``, for uploads)."""
+        """The limits of ``speech_stream``; ``buffered=False`` (an upload): no buffer, idle or wall-clock bound."""
         return cls(
             ss.max_buffered_s if buffered else None,
-            ss.idle_timeout_s,
-            ss.max_utterance_s,
+            ss.idle_timeout_s if buffered else None,
+            ss.max_utterance_s if buffered else None,
             ss.starve_timeout_s,
             ss.min_arrival_ratio,
             max_audio_s,
@@ -175,12 +177,16 @@ class Utterance:
         return max(0, self.received_frames() - played) / self.fps
 
     def arrival_fps(self, now: float) -> float:
-        """Frames of audio per second arrived since the first byte (infinite once ended; 0 before any)."""
+        """Frames of audio per second arrived since the first byte (infinite once ended; 0 before any).
+
+        Measured on the stream-rate copy (the 16 kHz one lags by its resampler's delay).
+        """
         if self.ended:
             return math.inf
-        if self.first_byte_monotonic is None:
+        audio = self.task.audio
+        if self.first_byte_monotonic is None or audio is None:
             return 0.0
-        return self.received_s() * self.fps / max(now - self.first_byte_monotonic, 1e-3)
+        return audio.duration_s * self.fps / max(now - self.first_byte_monotonic, 1e-3)
 
     # ----------------------------------------------------------------- producer side
     def push(self, mono: np.ndarray, rate_hz: int) -> float:
@@ -287,9 +293,9 @@ class Utterance:
         now = self._clock()
         limits = self.limits
         reason = None
-        if now - self.opened_monotonic > limits.max_utterance_s:
+        if limits.max_utterance_s is not None and now - self.opened_monotonic > limits.max_utterance_s:
             reason = "utterance_timeout"
-        elif now - self.last_push_monotonic > limits.idle_timeout_s:
+        elif limits.idle_timeout_s is not None and now - self.last_push_monotonic > limits.idle_timeout_s:
             reason = "idle_timeout"
         elif self._starving(now):
             reason = "too_slow"

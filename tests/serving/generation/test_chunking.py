@@ -58,7 +58,8 @@ def test_feature_window_holds_the_context_the_chunk_and_its_look_ahead():
     window, rows = feature_window(audio, 300, 16, FPS, 1, ended=False)
     first = 300 - FEATURE_CONTEXT_FRAMES
     assert rows == (FEATURE_CONTEXT_FRAMES, FEATURE_CONTEXT_FRAMES + 16)
-    assert window[0] == first * PER_FRAME_16K and window.shape[0] == (400 - first) * PER_FRAME_16K  # what arrived
+    last = min(400, 300 + 16 + 1 + FEATURE_FUTURE_FRAMES)  # what arrived, at most its future context
+    assert window[0] == first * PER_FRAME_16K and window.shape[0] == (last - first) * PER_FRAME_16K
     early, rows = feature_window(audio, 4, 8, FPS, 1, ended=False)
     assert rows == (4, 12) and early.shape[0] == (4 + 8 + 1 + FEATURE_FUTURE_FRAMES) * PER_FRAME_16K
     window[0] = -1.0  # a copy: the task's audio is never written

@@ -33,8 +33,10 @@ def utterance() -> Utterance:
     return Utterance(Task(task_id="t" * 32), FPS, RATE, settings().uploaded)
 
 
-def decoder(path: Path, u: Utterance, max_s: float = 300.0, timeout_s: float = 30.0) -> UploadDecoder:
-    d = UploadDecoder(path, u, RATE, max_s, timeout_s)
+def decoder(
+    path: Path, u: Utterance, max_s: float = 300.0, timeout_s: float = 30.0, read_ahead_s: float = 60.0
+) -> UploadDecoder:
+    d = UploadDecoder(path, u, RATE, max_s, timeout_s, read_ahead_s)
     u.attach(d)
     return d
 
@@ -151,3 +153,36 @@ def test_close_kills_a_decode_that_waits_for_input_and_a_timeout_refuses_it(tmp_
     assert d.state is DecodeState.failed and ffmpeg_children() == 0
     stop.set()
     writer.join(5)
+
+
+class Played:
+    """What a program tells the utterance: content frames played (the decoder paces itself on it)."""
+
+    def __init__(self):
+        self.frames = 0
+
+    def content_frames_played(self) -> int:
+        return self.frames
+
+
+def test_decoding_stays_a_few_seconds_ahead_of_playback(tmp_path):
+    samples = np.tile(speech_samples(), 5)[: 30 * RATE]  # 30 s
+    path = tmp_path / "upload.wav"
+    path.write_bytes(wav_bytes(samples, RATE))
+    u = utterance()
+    played = Played()
+    u.program = played  # type: ignore[assignment]
+    d = decoder(path, u, read_ahead_s=3.0)
+    d.start()
+    try:
+        d.wait_first(5, FPS)
+        wait_for(lambda: u.buffered_s() >= 3.0, "3 s decoded ahead")
+        time.sleep(0.5)  # were it not paced, 30 s of WAV would be decoded by now
+        ahead = u.audio.duration_s
+        assert ahead < 6.0 and not u.ended  # 3 s + what FFmpeg's pipe holds
+        played.frames = 28 * FPS  # 28 s played: the decoder catches up, then the end of the file ends it
+        wait_for(lambda: u.ended, "the rest decoded once played")
+        assert u.final_frames == 30 * FPS
+    finally:
+        d.close()
+    assert ffmpeg_children() == 0

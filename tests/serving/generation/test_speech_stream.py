@@ -217,16 +217,18 @@ def test_jitter_buffer_uses_the_arrival_rate():
         assert known == 199
         # arrival: 7.98 s received in 12 s = 16.6 fps: needs (199 - 1) * (1 - 16.6 / 25) + 8 = 74.3 frames
         now[0] = 112.0
-        program._started_monotonic = 111.0  # generating for 1 s: 64 fps and more, the arrivals decide
         for job in jobs[1:4]:
             pool.complete(job)
+        program._busy_s = 1.0  # the pool spent 1 s on them: 64 fps and more, the arrivals decide
         assert not program.ready_to_start()  # 64 frames
         pool.complete(jobs[4])
+        program._busy_s = 1.0
         assert program.ready_to_start()  # 80 frames
         # faster than real time: the frame rule needs nothing more, the next chunk's prediction decides
         u2 = manager.open(TaskKind.stream)
         p2 = u2.program
         p2._clock = u2._clock = lambda: now[0]
+        p2._chunk_times = None  # the first utterance's chunks took 12 s of this test's clock: not evidence here
         now[0] = 200.0
         u2.push(tone(36), RATE)  # 35 whole frames at both rates
         u2.first_byte_monotonic = 199.3
@@ -236,7 +238,7 @@ def test_jitter_buffer_uses_the_arrival_rate():
         wait_for(lambda: len(p2._ends) == 2, "chunk 1 planned (its audio is there)")
         p2.chunk_audio_at[1] = 199.96  # its audio, 33 frames + the look-ahead, complete at 2x real time
         p2._first_chunk_monotonic = 199.35  # chunk 0 took 50 ms
-        # arrival ~1.4 s / 0.7 s = 2x: chunk 1 processed from 199.96 for 1.5 x 50 ms; needed at now + 0.64
+        # arrival ~1.4 s / 0.7 s = 2x: chunk 1 processed from 199.96 for 2 x 50 ms; needed at now + 0.64
         assert p2.ready_to_start()
         u2.first_byte_monotonic = 198.0  # ~1.4 s in 2 s = 0.7x: the frame rule waits for more chunks
         assert not p2.ready_to_start()

@@ -79,7 +79,7 @@ def test_a_short_first_chunk_then_doubling_chunks_in_order_into_the_program(setu
     assert jobs[1].due_at - jobs[0].due_at == pytest.approx(4 / FPS, abs=0.05)
     assert jobs[3].job.frame_indices.tolist() == list(range(28, 38))  # the last chunk as long as what is left
     assert (jobs[0].job.seed, jobs[0].job.guidance_scale, jobs[0].job.avatar) == (3, 1.5, "fake-avatar")
-    # each job carries the audio its features need (10 s before it, its look-ahead, 5 s after): its rows in it
+    # each job carries the audio its features need (5 s before it, its look-ahead, 2.5 s after): its rows in it
     assert jobs[0].job.rows == (0, 4) and jobs[2].job.rows == (12, 28)
     assert task.state is TaskState.generating and task.chunks_total == 4
     program = playlist.programs[0]
@@ -191,30 +191,33 @@ def _program(num_frames: int, clock) -> tuple[SpeechProgram, Task]:
 
 
 @pytest.mark.parametrize(
-    ("ready_chunks", "num_frames", "elapsed_s", "expected"),
+    ("ready_chunks", "num_frames", "chunk_s", "expected"),
     [
-        # N = 100 frames, R = 16 ready after 1 s: g = 16 fps, r = 25 fps.
-        # needed = 99 * (1 - 16/25) = 35.64 (+8 margin = 43.64) > 16: wait.
+        # N = 100 frames; 16-frame chunks planned at once, the pool takes chunk_s for each, one after the other.
+        # R = 16 after 1 s: g = 16 fps, r = 25 fps: needed = 99 * (1 - 16/25) = 35.64 (+8 margin = 43.64) > 16: wait.
         (1, 100, 1.0, False),
-        # R = 48 after 1 s: g = 48 fps > r: needed = 0: start.
-        (3, 100, 1.0, True),
+        # R = 48 after 1 s: g = 48 fps > r: needed = 0, and chunk 3 (same length as chunk 0) is due in
+        # 2 x 1/3 s after the worker is past chunk 0: long before frame 48 plays: start.
+        (3, 100, 1 / 3, True),
         # R = 32 after 2 s: g = 16 fps: needed 35.64 + 8 > 32: wait.
-        (2, 100, 2.0, False),
-        # R = 48 after 3 s: g = 16 fps: 48 >= 43.64: start.
-        (3, 100, 3.0, True),
+        (2, 100, 1.0, False),
+        # R = 48 after 3 s: g = 16 fps: 48 >= 43.64, chunk 3 due 2 s after chunk 0 came back (2 s ago): start.
+        (3, 100, 1.0, True),
         # every frame in hand: start whatever the rate.
         (7, 100, 100.0, True),
         # nothing ready: never.
         (0, 100, 1.0, False),
     ],
 )
-def test_ready_to_start_matches_the_hand_computed_jitter_buffer(ready_chunks, num_frames, elapsed_s, expected):
+def test_ready_to_start_matches_the_hand_computed_jitter_buffer(ready_chunks, num_frames, chunk_s, expected):
     clock = [1000.0]
     program, _ = _program(num_frames, lambda: clock[0])
     program.generation_started()
+    for k in range(len(program._ends)):
+        program.chunk_audio_at[k] = 1000.0  # every chunk planned at once (its audio is all there)
     for k in range(ready_chunks):
+        clock[0] += chunk_s
         program.add_chunk(ChunkResult("t", k, np.arange(16), np.zeros((16, 2, 2, 3), np.uint8), 0.1))
-    clock[0] += elapsed_s
     assert program.ready_to_start() is expected
 
 
@@ -351,3 +354,18 @@ def test_cancel_is_one_call_that_stops_the_sources_too(setup):
     with pytest.raises(SpeechError) as err:
         utterance.push(speech(0.1), RATE)
     assert err.value.code == "not_open"
+
+
+def test_chunk_times_predict_the_90th_percentile_of_recent_chunks_of_the_same_length():
+    from latentsync.serving.generation.program import ChunkTimes
+
+    times = ChunkTimes(size=10)
+    assert times.predict(4) is None
+    for seconds in (0.04, 0.05, 0.06, 0.20):
+        times.add(4, seconds)
+    times.add(16, 0.5)
+    assert times.predict(4) == pytest.approx(np.percentile([0.04, 0.05, 0.06, 0.20], 90))
+    assert times.predict(16) is None  # one long chunk is not enough evidence
+    for _ in range(20):
+        times.add(8, 0.05)  # the oldest short ones are forgotten
+    assert times.predict(2) == pytest.approx(0.05)
