@@ -51,6 +51,14 @@ def server(rtmp_server, tmp_path_factory):
         assert code == 0, proc.log()
 
 
+#: Chromium flags for a microphone that plays MIC_SPEECH, granted without a prompt.
+FAKE_MICROPHONE_ARGS = (
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
+)
+
+
 def launch_chromium(pw, executable: str, extra_args: tuple[str, ...] | list[str] = ()):
     """Headless Chromium (Playwright) that connects WebRTC over loopback and autoplays sound."""
     return pw.chromium.launch(
@@ -72,15 +80,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = launch_chromium(
-            pw,
-            executable,
-            [
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
-            ],
-        )
+        browser = launch_chromium(pw, executable, FAKE_MICROPHONE_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.goto(f"http://127.0.0.1:{server.port}/")

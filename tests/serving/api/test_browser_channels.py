@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.datafiles import make_faceless_video, media_file
-from tests.serving.api.test_browser import SHOTS, STATS_JS, _wait, chromium_path, launch_chromium
+from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path, launch_chromium
 from tests.streamtools import ServerProcess
 from tests.whep_client import http
 
@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
-MIC_SPEECH = "audio/7s_shan_0801_01.wav"  # 48 kHz mono s16 WAV: what Chromium's fake capture device plays
 FACE_VIDEO = "video/2s_GirlMuseum_0730.mp4"  # a face on every frame: an avatar for POST /avatars
 TOKEN = "page-channels-token"  # api.token: every request the page makes must carry it
 
@@ -69,15 +68,7 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = launch_chromium(
-            pw,
-            executable,
-            [
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
-            ],
-        )
+        browser = launch_chromium(pw, executable, FAKE_MICROPHONE_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 760})
             page.add_init_script(f"localStorage.setItem('latentsync.token', {json.dumps(TOKEN)})")  # as typed once
