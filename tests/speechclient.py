@@ -1,4 +1,4 @@
-"""A ``/ws/speech`` client for tests and benches (simple-websocket's client, the library the server uses)."""
+"""A speech WebSocket client for tests and benches (simple-websocket's client, the library the server uses)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import simple_websocket
 
 
 class SpeechClient:
-    """One WebSocket connection to ``/ws/speech``.
+    """One WebSocket connection to ``/ws/speech`` (channel main) or ``/channels/<channel>/ws/speech``.
 
     Args:
         port: Server port on 127.0.0.1.
         token: Sent as the ``token`` query parameter (None: none).
         headers: Extra handshake headers (e.g. ``Origin``).
+        channel: The channel (None: main's path).
     """
 
-    def __init__(self, port: int, token: str | None = None, headers: dict | None = None):
+    def __init__(self, port: int, token: str | None = None, headers: dict | None = None, channel: str | None = None):
         query = f"?token={token}" if token else ""
-        self.ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{port}/ws/speech{query}", headers=headers)
+        prefix = f"/channels/{channel}" if channel else ""
+        self.ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{port}{prefix}/ws/speech{query}", headers=headers)
         self.events: list[dict] = []
         self.closed = False  # the server closed the connection
 

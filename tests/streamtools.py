@@ -378,6 +378,7 @@ class Api:
         fields: dict | None = None,
         path: str = "/generate_video",
         field: str = "audio_file",
+        headers: dict | None = None,
     ):
         boundary = "----latentsync-test-boundary"
         parts = []
@@ -392,7 +393,7 @@ class Api:
             )
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"
-        return self.request("POST", path, body, {"Content-Type": content_type})
+        return self.request("POST", path, body, {**(headers or {}), "Content-Type": content_type})
 
     def task(self, task_id: str) -> dict:
         return self.request("GET", f"/tasks/{task_id}")[1]

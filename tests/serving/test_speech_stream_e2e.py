@@ -56,6 +56,8 @@ def server(rtmp_server, tmp_path_factory):
             f"speech_stream.max_buffered_s={MAX_BUFFERED_S}",
             f"speech_stream.max_text_chars={MAX_TEXT}",
             "speech_stream.idle_timeout_s=3",
+            "speech_stream.starve_timeout_s=1.5",
+            "speech_stream.min_arrival_ratio=0.5",
             f"speech_stream.max_open={MAX_OPEN}",
             # CI's 2 shared cores delay a chunk in the pool by 100+ ms now and then: with the default
             # 40 ms margin that is a gap (bench figures in docs/streaming-speech.md); here the test
@@ -262,3 +264,120 @@ def test_speak_says_three_sentences_and_rejects_bad_requests(server):
         time.sleep(0.1)
     assert t["status"] == "done", t
     assert t["audio_duration_s"] > 3.0 and t["time_to_first_frame_s"] < 3.0, t
+
+
+def server_threads(server) -> int:
+    """Threads of the server process now."""
+    return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+
+
+def settled_threads(server, expected: int, timeout_s: float = 10.0) -> int:
+    """The server's thread count once it is back to ``expected`` (or what it is after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while (count := server_threads(server)) > expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return count
+
+
+def test_a_trickling_utterance_ends_too_slow_and_the_queue_moves_on(server):
+    wait_idle(server)
+    before, threads = health(server), server_threads(server)
+    c = SpeechClient(server.port, TOKEN)
+    c.start(16000)
+    trickle = c.wait("accepted")
+    pcm = speech_16k()
+    c.send_pcm(pcm[:8000].astype("<i2").tobytes())  # 0.5 s, then 20 ms every 200 ms: a tenth of real time
+    status, queued = server.api.post_audio(
+        media_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes(), "next.wav", headers=AUTH
+    )
+    assert status == 202, queued  # an upload waits behind it
+    started = time.monotonic()
+    codes = []
+    at = 8000
+    while "too_slow" not in codes and time.monotonic() - started < 20:
+        c.send_pcm(pcm[at : at + 320].astype("<i2").tobytes())
+        at += 320
+        codes += [e.get("code") for e in c.poll(0.2) if e["type"] == "error"]
+    assert "too_slow" in codes, (codes, c.events)
+    assert time.monotonic() - started < 10  # starve_timeout_s after the flow fell below the ratio, not idle
+    done = c.wait("done", 30, task_id=trickle["task_id"])
+    assert done["status"] == "done", done  # what it received played
+    c.events.clear()  # the too_slow event, seen above
+    c.send_pcm(b"\x00\x00" * 320)
+    assert c.wait("error")["code"] == "not_open"
+    c.close()
+    deadline = time.monotonic() + 30  # the queue moved on: the upload behind it plays to its end
+    while task(server, queued["task_id"])["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, task(server, queued["task_id"])
+        time.sleep(0.1)
+    assert task(server, queued["task_id"])["status"] == "done"
+    wait_idle(server)
+    after = health(server)
+    assert after["dropped_ticks"] == before["dropped_ticks"] and after["tasks_waiting"] == 0, after
+    assert settled_threads(server, threads) <= threads  # its processor and feeder threads are gone
+
+
+def test_an_upload_ending_mid_chunk_plays_every_frame(server, tmp_path):
+    import soundfile as sf
+
+    wait_idle(server)
+    samples = decode_audio(media_file("audio/4s_Wavfile_1719704064_11.wav"), 16000)[: int(1.03 * 16000)]
+    path = tmp_path / "mid_chunk.wav"
+    sf.write(path, samples, 16000, subtype="PCM_16")  # 25.75 frames: chunks of 4, 8, then 13 + the tail
+    status, body = server.api.post_audio(path.read_bytes(), path.name, headers=AUTH)
+    assert status == 202, body
+    deadline = time.monotonic() + 30
+    while (t := task(server, body["task_id"]))["status"] not in ("done", "failed", "cancelled"):
+        assert time.monotonic() < deadline, t
+        time.sleep(0.05)
+    assert t["status"] == "done" and t["audio_complete"] and t["source"] == "upload", t
+    assert t["frames_streamed"] == t["frames_total"] == 26, t
+
+
+def test_speech_streams_to_another_channel_and_its_deletion_ends_it_cleanly(server, rtmp_server):
+    wait_idle(server)
+    api = server.api
+    body = json.dumps(
+        {"rtmp_url": rtmp_server.url(f"{server.key}-hall"), "idle_video": str(media_file("video/nanmote002.mp4"))}
+    )
+    status, answer = api.request("PUT", "/channels/hall", body.encode(), {**AUTH, "Content-Type": "application/json"})
+    assert status == 202, answer
+    deadline = time.monotonic() + 60
+    while api.request("GET", "/channels/hall", headers=AUTH)[1]["status"] != "ready":
+        assert time.monotonic() < deadline, api.request("GET", "/channels/hall", headers=AUTH)
+        time.sleep(0.2)
+    before = health(server)
+    # /channels/hall/speak and /channels/hall/ws/speech speak on hall, not main
+    status, spoken = api.request(
+        "POST",
+        "/channels/hall/speak",
+        json.dumps({"text": "Hello hall."}).encode(),
+        {**AUTH, "Content-Type": "application/json"},
+    )
+    assert status == 202 and spoken["status_url"] == f"/channels/hall/tasks/{spoken['task_id']}", spoken
+    c = SpeechClient(server.port, TOKEN, channel="hall")
+    c.start(16000)
+    live = c.wait("accepted")
+    assert live["status_url"] == f"/channels/hall/tasks/{live['task_id']}"
+    c.stream(speech_16k()[: 16000 * 2], 16000)  # still open: no end
+    assert api.request("GET", f"/tasks/{live['task_id']}", headers=AUTH)[0] == 404  # not main's
+    # the channel is deleted while the utterance streams to it: cancelled, told, nothing left
+    assert api.request("DELETE", "/channels/hall", headers=AUTH)[0] == 200
+    done = c.wait("done", 15, task_id=live["task_id"])
+    assert done["status"] == "cancelled", done
+    c.start(16000)
+    assert c.wait("error", 10)["code"] == "no_channel"
+    c.close()
+    with pytest.raises(simple_websocket.ConnectionError) as err:
+        SpeechClient(server.port, TOKEN, channel="hall")
+    assert err.value.status_code == 404
+    status, gone = api.request(
+        "POST",
+        "/channels/hall/speak",
+        json.dumps({"text": "Anyone?"}).encode(),
+        {**AUTH, "Content-Type": "application/json"},
+    )
+    assert (status, gone["error"]["code"]) == (404, "no_channel")
+    after = health(server)
+    assert after["dropped_ticks"] == before["dropped_ticks"] and after["tasks_waiting"] == 0, after
+    assert after["workers"]["queued"] == 0, after

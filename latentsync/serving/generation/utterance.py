@@ -305,11 +305,16 @@ class Utterance:
         return reason
 
     def _starving(self, now: float) -> bool:
-        """Arrivals below ``min_arrival_ratio`` of real time over the last ``starve_timeout_s``, nothing to play."""
+        """Arrivals below ``min_arrival_ratio`` of real time over the last ``starve_timeout_s``, nothing to play.
+
+        Only while something still arrives: an utterance that receives nothing is idle, not slow.
+        """
         window = self.limits.starve_timeout_s
         first = self.first_byte_monotonic
         if first is None or now - first < window or self.buffered_s() >= STARVING_BUFFER_S:
             return False
+        if now - self.last_push_monotonic >= window:
+            return False  # nothing at all for the whole window: idle, not slow (idle_timeout_s decides)
         with self.changed:
             then = [s for t, s in self._arrivals if t <= now - window]
             received_then = then[-1] if then else 0.0

@@ -119,7 +119,8 @@ class ProgramMixer:
     Args:
         idle: The idle loop.
         crossfade_frames: Length of every crossfade, in frames (0: hard cuts).
-        max_programs: Capacity of the playlist (programs waiting to go on air).
+        max_programs: Capacity of the playlist (programs waiting to go on air; the channel derives
+            it from ``api.max_queued``).
     """
 
     def __init__(self, idle: IdleLoop, crossfade_frames: int, max_programs: int = 64):

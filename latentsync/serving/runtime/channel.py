@@ -210,7 +210,13 @@ class Channel:
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
         self.sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
-        self.mixer = ProgramMixer(IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong), s.crossfade_frames)
+        # the playlist holds the tasks not yet on air, which api.max_queued bounds (twice that: programs of
+        # tasks cancelled since the last tick still count until it drops them)
+        self.mixer = ProgramMixer(
+            IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong),
+            s.crossfade_frames,
+            max_programs=2 * cfg.api.max_queued,
+        )
         mixer = self.mixer
         observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
         if cfg.webrtc.enabled:
