@@ -78,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         # still stops the server within 10 s.
         try:
             runtime.start()
-        except (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError) as exc:
-            failure.append(str(exc))
-            stop.set()
-            return
-        except Exception as exc:  # unexpected: keep the traceback
-            logger.exception("start failed")
-            failure.append(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            if runtime.stopped:  # SIGTERM while starting: what failed was being stopped, as asked
+                logger.info("start interrupted by the shutdown: %s: %s", type(exc).__name__, exc)
+                return
+            if isinstance(exc, (MediaProbeError, WorkerPoolError, FileNotFoundError, ValueError)):
+                failure.append(str(exc))
+            else:  # unexpected: keep the traceback
+                logger.exception("start failed")
+                failure.append(f"{type(exc).__name__}: {exc}")
             stop.set()
             return
         if not stop.is_set():

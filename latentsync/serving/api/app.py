@@ -307,10 +307,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError("restart_needed", str(exc)) from None
         except KeyError:
             raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)") from None
-        except RuntimeError as exc:
-            if runtime.channel(name) is not None and runtime.pool is not None:
-                raise ApiError("channel_not_ready", str(exc)) from None
-            raise ApiError("starting", str(exc)) from None
+        except RuntimeError as exc:  # the server is stopping, or the channel to switch is not ready
+            if runtime.stopped:
+                raise ApiError("stopping", str(exc)) from None
+            raise ApiError("channel_not_ready", str(exc)) from None
         return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202
 
     # ----------------------------------------------------------------- avatars (docs/avatars.md)
@@ -492,6 +492,9 @@ def _runtime_from_environment() -> Runtime:
         try:
             runtime.start()
         except Exception as exc:
+            if runtime.stopped:  # SIGTERM while starting: what failed was being stopped, as asked
+                logger.info("start interrupted by the shutdown: %s: %s", type(exc).__name__, exc)
+                return
             logger.error("cannot start: %s", exc)
             runtime.close()
             logging.shutdown()

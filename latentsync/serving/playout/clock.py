@@ -109,6 +109,7 @@ class StreamingController:
         self._stop = threading.Event()
         self._wait = wait if wait is not None else self._stop.wait
         self._thread: threading.Thread | None = None
+        self._lifecycle = threading.Lock()  # start() and close() may race (a channel deleted while it starts)
         self._state = StreamState.STARTING
         self._t0 = 0.0
         self._started = False
@@ -121,11 +122,12 @@ class StreamingController:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Start the clock thread. Safe to call twice."""
-        if self._thread is not None or self._stop.is_set():
-            return
-        self._thread = threading.Thread(target=self._run, name="streaming-controller", daemon=True)
-        self._thread.start()
+        """Start the clock thread. Safe to call twice, and a no-op once :meth:`close` was called."""
+        with self._lifecycle:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._run, name="streaming-controller", daemon=True)
+            self._thread.start()
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Stop the clock thread (waits at most ``timeout_s`` seconds).
@@ -133,9 +135,11 @@ class StreamingController:
         Safe to call twice, before start, and from the clock thread itself (a sink or source may stop
         the stream; the loop then ends after the current tick without joining itself).
         """
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout_s)
+        with self._lifecycle:
+            self._stop.set()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
         self._state = StreamState.STOPPED
 
     @property

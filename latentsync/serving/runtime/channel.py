@@ -38,7 +38,7 @@ from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.playout.state import StreamState
 from latentsync.serving.playout.tap import TappedSink
-from latentsync.serving.runtime.clips import ClipCache
+from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache
 from latentsync.serving.telemetry.events import EventBroadcaster, EventFeed
 from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
 
@@ -99,6 +99,7 @@ class Channel:
             ``stream`` and ``avatar`` sections are this channel's.
         on_ttff: Called with each task's time to first frame in seconds (metrics), or None.
         clips: Decoded idle clips shared with the other channels (None: decode its own).
+        preparations: Avatar preparations shared with the other channels (None: its own).
     """
 
     def __init__(
@@ -107,11 +108,13 @@ class Channel:
         config: AppConfig,
         on_ttff: Callable[[float], None] | None = None,
         clips: ClipCache | None = None,
+        preparations: AvatarPreparations | None = None,
     ):
         self.name = name
         self.config = config
         self._on_ttff = on_ttff
         self._clips = clips
+        self._preparations = preparations or AvatarPreparations()
         self._clip: VideoClip | None = None  # held while the channel lives (the cache's entries are weak)
         self._machine = StateMachine(ChannelState.created, CHANNEL_MOVES, f"channel {name}")
         self._work_dir: Path | None = None
@@ -128,6 +131,7 @@ class Channel:
         self._feed: EventFeed | None = None
         self._created_monotonic = time.monotonic()
         self._stop_event = threading.Event()
+        self._release_lock = threading.Lock()  # close()/fail() and a start() still running both release
         self._switch_lock = threading.Lock()
         self._switch: tuple[StateMachine[SwitchState], str] | None = None  # the last avatar switch and its label
         self._switch_generation = 0  # a newer PUT supersedes a switch still waiting
@@ -170,9 +174,13 @@ class Channel:
         return self._machine.state.value
 
     def fail(self, reason: str) -> None:
-        """Mark the channel failed (it could not start) and stop what of it runs; it stays listed as failed."""
+        """Mark the channel failed (it could not start) and stop what of it runs; it stays listed as failed.
+
+        Only a channel that is ``created`` or ``starting`` can fail; on a channel already closing
+        (or ready, or failed) this does nothing.
+        """
         if self._machine.move(ChannelState.failed, reason, quiet=True) is None:
-            return  # closing or closed meanwhile: nothing to report
+            return  # closing or closed meanwhile: close() releases what runs
         self._stop_event.set()
         self._shutdown()
 
@@ -180,11 +188,22 @@ class Channel:
     def start(self) -> None:
         """Put the idle loop on air: idle clip, FFmpegSink, mixer, WHEP hub, events feed, clock.
 
+        A :meth:`close` or :meth:`fail` that runs meanwhile (from another thread) wins: what this
+        call built after that moment is released before it returns, so nothing of the channel
+        outlives it (FFmpeg, threads, the work directory).
+
         Raises:
             latentsync.media.MediaProbeError: If the idle video cannot be decoded.
         """
         if self._machine.move(ChannelState.starting, quiet=True) is None:
             return  # closed before it started
+        try:
+            self._build_stream()
+        finally:
+            if self.stopped:  # close() or fail() ran while this was being built: undo what it could not see
+                self._release()
+
+    def _build_stream(self) -> None:
         cfg = self.config
         s = cfg.stream
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
@@ -206,6 +225,8 @@ class Channel:
             "on" if clip.audio is not None else "off",
             time.monotonic() - t,
         )
+        if self.stopped:
+            return
         self._work_dir = Path(tempfile.mkdtemp(prefix=f"latentsync-rt-{self.name}-"))  # mkdtemp makes it 0700
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
@@ -240,31 +261,40 @@ class Channel:
             sample_rate_hz=s.audio_sample_rate,
             max_catchup_s=s.max_catchup_s,
         )
-        self.sink.start()
-        if not self.sink.wait_accepting(SINK_START_TIMEOUT_S):
+        with self._release_lock:  # a part is started only while close() cannot be releasing the parts
+            if self.stopped:
+                return
+            self.sink.start()
+        if not self.sink.wait_accepting(SINK_START_TIMEOUT_S) and not self.stopped:
             logger.warning(
                 "channel %s: ffmpeg not accepting after %.0f s; the clock starts anyway",
                 self.name,
                 SINK_START_TIMEOUT_S,
             )
-        if self.webrtc is not None:
-            self.webrtc.start()
-        self._feed.start()
-        self.controller.start()
-        if self.stopped:  # close() or fail() ran while this was being built: undo what it could not see
-            self._close_stream()
+        with self._release_lock:
+            if self.stopped:
+                return
+            if self.webrtc is not None:
+                self.webrtc.start()
+            self._feed.start()
+            self.controller.start()
 
     def prepare_avatar(self) -> Avatar:
         """Prepare (or load from the cache) the channel's base video as an avatar at the stream's size.
 
+        Waits for a preparation of the same video that another channel runs (:class:`AvatarPreparations`).
+
         Raises:
             latentsync.media.MediaProbeError: If the base video cannot be decoded.
             latentsync.avatar.FaceNotFoundError: If the base video has too few faces.
+            latentsync.serving.runtime.clips.PreparationCancelled: If the channel closed meanwhile.
         """
         cfg = self.config
         base_video = cfg.avatar.video or cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         t = time.monotonic()
-        avatar = Avatar.prepare(base_video, self._avatar_settings(), cache_dir=cfg.avatar.cache_dir)
+        avatar = self._preparations.prepare(
+            base_video, self._avatar_settings(), cfg.avatar.cache_dir, stopping=lambda: self.stopped
+        )
         logger.info(
             "channel %s: avatar %s: %d frames (%.1f s)",
             self.name,
@@ -332,7 +362,12 @@ class Channel:
             else:
                 clip = load_clip(idle_path, s.fps, s.audio_sample_rate, self.stream_size, with_audio=s.idle_audio)
             settings = AvatarSettings(fps=s.fps, size=self.stream_size, min_face_fraction=a.min_face_fraction)
-            avatar = Avatar.prepare(base_video, settings, cache_dir=a.cache_dir)
+            avatar = self._preparations.prepare(
+                base_video,
+                settings,
+                a.cache_dir,
+                stopping=lambda: self._stop_event.is_set() or generation != self._switch_generation,
+            )
         except Exception as exc:
             logger.warning("channel %s: avatar switch failed: %s", self.name, exc)
             self._set_switch(generation, SwitchState.failed, f"{type(exc).__name__}: {exc}")
@@ -344,7 +379,9 @@ class Channel:
             time.monotonic() - t,
         )
         mixer = self.mixer
-        assert mixer is not None
+        if mixer is None:  # only a ready channel switches, and a ready channel has its mixer
+            self._set_switch(generation, SwitchState.failed, f"channel {self.name} has no stream")
+            return
         loop = IdleLoop(clip.frames, clip.audio, pingpong=s.idle_pingpong)
         self._pending_avatar = (avatar, Path(idle_path))
         if not self._set_switch(generation, SwitchState.waiting_for_idle):
@@ -418,9 +455,14 @@ class Channel:
                 self._tasks.close()
             except Exception:
                 logger.exception("channel %s: stopping tasks failed", self.name)
-        self._close_stream()
-        if self._work_dir is not None:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the stream's parts and remove the work directory (each step safe to repeat, one caller at a time)."""
+        with self._release_lock:
+            self._close_stream()
+            if self._work_dir is not None:
+                shutil.rmtree(self._work_dir, ignore_errors=True)
 
     def _close_stream(self) -> None:
         steps = [

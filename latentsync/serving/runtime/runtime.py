@@ -1,13 +1,21 @@
 """Runtime: builds every long-lived part of the server from one config, owns it, stops it.
 
-The runtime owns the channels (:class:`~latentsync.serving.channels.Channel`, one live stream each;
-``main`` from the top-level ``stream``/``avatar`` keys, more from ``channels:``) and ONE
-:class:`WorkerPool` they all share (docs/channels.md).
+The runtime owns the channels (:class:`~latentsync.serving.runtime.channel.Channel`, one live
+stream each; ``main`` from the top-level ``stream``/``avatar`` keys, more from ``channels:``, from
+``channels_file`` and from ``PUT /channels/<name>``) and ONE :class:`WorkerPool` they all share
+(docs/channels.md).
 
-Start order: every channel's stream (idle clip → FFmpegSink → StreamingController: on air from
-here) → every channel's prepared avatar → the shared WorkerPool → every channel's TaskManager
-(uploads accepted from here). Stop order is the reverse, and every part is stopped even when an
-earlier one fails.
+Start order: ``main``'s stream (idle clip → FFmpegSink → StreamingController: on air from here)
+→ every other channel's start in its own thread (stream, then avatar) → ``main``'s prepared
+avatar → the shared WorkerPool → every channel whose avatar is prepared gets its TaskManager
+(uploads accepted from here; a channel still preparing attaches itself when it is done). Stop
+order is the reverse, and every part is stopped even when an earlier one fails.
+
+Fault isolation (docs/architecture.md): only ``main`` failing to start stops the server. Any
+other channel that fails, at any moment of its life and whichever way it came (config file,
+``channels_file``, PUT), is marked ``failed`` with its error, listed so by ``GET /channels`` and
+skipped by every runtime-wide operation (engine start, ``channels_file``, health, shutdown); no
+operation asserts on a channel's phase.
 """
 
 from __future__ import annotations
@@ -38,8 +46,8 @@ from latentsync.serving.generation.speech import SpeechService
 from latentsync.serving.ops.systemd import Watchdog
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
-from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel
-from latentsync.serving.runtime.clips import ClipCache
+from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel, ChannelState
+from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, PreparationCancelled
 from latentsync.serving.runtime.persistence import CHANNELS_FILE_VERSION, STREAM_FIELDS, _live_avatar, restore_channels
 from latentsync.serving.telemetry.events import EventBroadcaster
 from latentsync.serving.telemetry.health import HealthSnapshot
@@ -48,6 +56,10 @@ from latentsync.serving.telemetry.metrics import ServerMetrics
 logger = logging.getLogger(__name__)
 
 __all__ = ["HEALTH_TICK_STALE_S", "SINK_START_TIMEOUT_S", "RestartNeeded", "Runtime"]
+
+#: Seconds :meth:`Runtime.close` waits, in all, for channel starts still running (decoding a clip or
+#: preparing an avatar cannot be interrupted; what they built after the close is released by them).
+START_JOIN_TIMEOUT_S = 5.0
 
 
 class RestartNeeded(Exception):
@@ -66,19 +78,23 @@ class Runtime:
 
     def __init__(self, config: AppConfig):
         self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
+        self._file_config = config  # main's avatar as configured, if the one kept in channels_file fails
         # what the API changed before a restart (channels_file): configured channels deleted, avatar changes
-        config, self._deleted, self._live, self._restored = restore_channels(config)
+        config, self._deleted, self._live, restored = restore_channels(config)
+        self._kept = set(restored)  # created channels written to channels_file: those that reached ready
         self.config = config
         self._lock = threading.Lock()
         self._started = False
-        self._stopped = False
+        self._stopped = False  # set under _channels_lock too: no channel or pool is published after it
+        self._others_started = False  # main is on air: a channel added from now starts at once
+        self._start_threads: list[threading.Thread] = []  # channel starts still running (close() joins them)
         self._pool: WorkerPool | None = None
         self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
         self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
+        self._preparations = AvatarPreparations()  # and prepare the same base video once
         self.channels: dict[str, Channel] = {
-            name: Channel(name, cfg, on_ttff=self._observe_ttff, clips=self._clips)
-            for name, cfg in channel_configs(config).items()
+            name: self._new_channel(name, cfg) for name, cfg in channel_configs(config).items()
         }
         self.metrics = ServerMetrics(self.channel_snapshots)  # scrapes the channels (auto_describe: already here)
         self._watchdog = Watchdog(self._clock_alive)
@@ -86,6 +102,9 @@ class Runtime:
         self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
         self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
         self.metrics.registry.register(self.avatars)
+
+    def _new_channel(self, name: str, config: AppConfig) -> Channel:
+        return Channel(name, config, self._observe_ttff, self._clips, self._preparations)
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -157,32 +176,109 @@ class Runtime:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Start streaming every channel's idle avatar, then prepare the engine side. Safe to call twice.
+        """Put ``main`` on air, start the other channels, then the engine side. Safe to call twice.
+
+        Only ``main`` failing stops the start (and the server); another channel that fails is marked
+        ``failed`` and skipped. A ``main`` avatar restored from ``channels_file`` that fails is
+        dropped for the configured one (logged) instead, so a kept change never stops the server.
 
         Raises:
-            latentsync.media.MediaProbeError: If a video cannot be decoded.
-            latentsync.avatar.FaceNotFoundError: If a base video has too few faces.
-            latentsync.serving.workers.WorkerPoolError: If the engine workers cannot start (for
-                example a missing checkpoint file; the message names it).
+            latentsync.media.MediaProbeError: If ``main``'s video cannot be decoded.
+            latentsync.avatar.FaceNotFoundError: If ``main``'s base video has too few faces.
+            latentsync.serving.generation.pool.WorkerPoolError: If the engine workers cannot start
+                (for example a missing checkpoint file; the message names it).
         """
         with self._lock:
             if self._started or self._stopped:
                 return
             self._started = True
         self.avatars.start()
-        for channel in self._configured_channels():
+        self._start_main(prepare=False)
+        with self._channels_lock:
             if self._stopped:
                 return
-            channel.start()
+            self._others_started = True
+            for name, channel in self.channels.items():
+                if name != DEFAULT_CHANNEL:
+                    self._spawn_start(channel)
         self._watchdog.start()
         if self._stopped:
             self._watchdog.close()
             return
         self._start_engine()
 
-    def _configured_channels(self) -> list[Channel]:
-        """The channels whose start failure stops the server (all but those restored from ``channels_file``)."""
-        return [c for name, c in list(self.channels.items()) if name not in self._restored]
+    def _start_main(self, prepare: bool) -> None:
+        """Start ``main``'s stream (``prepare`` False) or prepare its avatar (True); see :meth:`start`."""
+        channel = self.main
+        try:
+            if prepare:
+                channel.prepare_avatar()
+            else:
+                channel.start()
+            return
+        except Exception as exc:
+            if DEFAULT_CHANNEL not in self._live or self._stopped:
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+        logger.error("channel main: the avatar kept in channels_file fails (%s): back to the configured one", reason)
+        channel.fail(reason)
+        with self._channels_lock:
+            self._live.pop(DEFAULT_CHANNEL, None)
+            base = self._file_config
+            self.config = dataclasses.replace(self.config, avatar=base.avatar, stream=base.stream)
+            channel = self._new_channel(DEFAULT_CHANNEL, channel_configs(self.config)[DEFAULT_CHANNEL])
+            self.channels[DEFAULT_CHANNEL] = channel  # the key keeps its place: main is listed first
+            self._persist()
+        channel.start()
+        if prepare:
+            channel.prepare_avatar()
+
+    def _spawn_start(self, channel: Channel) -> None:
+        """Start ``channel`` (not ``main``) in its own thread (``_channels_lock`` held)."""
+        self._start_threads = [t for t in self._start_threads if t.is_alive()]
+        thread = threading.Thread(target=self._start_channel, args=(channel,), name=f"channel-{channel.name}-start")
+        thread.daemon = True  # close() joins it (bounded); a clip still decoding must not hold the exit
+        self._start_threads.append(thread)
+        thread.start()
+
+    def _start_channel(self, channel: Channel) -> None:
+        """A channel's start thread: stream, avatar, then uploads once the pool runs; a failure marks it failed."""
+        try:
+            channel.start()
+            if not channel.stopped:
+                channel.prepare_avatar()
+        except PreparationCancelled:
+            logger.info("channel %s stopped while its avatar was being prepared", channel.name)
+            return
+        except Exception as exc:
+            logger.error("channel %s failed to start: %s", channel.name, exc)
+            channel.fail(f"{type(exc).__name__}: {exc}")
+            return
+        self._attach(channel)
+
+    def _attach(self, channel: Channel) -> bool:
+        """Give ``channel`` its TaskManager on the shared pool if it is ``starting`` with its avatar prepared.
+
+        Called by the channel's start thread and by the engine start (whichever comes last attaches).
+        A created channel that becomes ``ready`` is written to ``channels_file`` (never before).
+
+        Returns:
+            True when this call made the channel ``ready``.
+        """
+        with self._channels_lock:
+            pool = self._pool
+            if pool is None or self.channels.get(channel.name) is not channel:
+                return False  # the pool is not running yet (the engine start attaches it), or it was deleted
+            if channel.state is not ChannelState.starting or channel.avatar is None:
+                return False  # still preparing (its thread attaches it), already ready, failed or closing
+            if not channel.attach(pool):
+                return False
+            name = channel.name
+            if name != DEFAULT_CHANNEL and (name not in self._configured or name in self._deleted):
+                self._kept.add(name)
+                self._persist()
+        logger.info("channel %s ready: uploads accepted", channel.name)
+        return True
 
     def _clock_alive(self) -> bool:
         others = [c for name, c in list(self.channels.items()) if name != DEFAULT_CHANNEL and c.ready]
@@ -190,10 +286,10 @@ class Runtime:
 
     def _start_engine(self) -> None:
         cfg = self.config
-        for channel in self._configured_channels():
-            channel.prepare_avatar()
-            if self._stopped:
-                return
+        self._start_main(prepare=True)
+        main_avatar = self.main.avatar
+        if main_avatar is None or self._stopped:  # closed while preparing
+            return
         engine = cfg.engine
         devices = _engine_devices(engine.device) if engine.name is EngineName.latentsync else []
         workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
@@ -201,8 +297,6 @@ class Runtime:
         if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
             options = {"config": engine.latentsync, "device": devices[0] if devices else None}
         t = time.monotonic()
-        main_avatar = self.main.avatar
-        assert main_avatar is not None
         pool = WorkerPool(
             engine.name.value,
             options,
@@ -215,40 +309,43 @@ class Runtime:
             deadline_s=engine.chunk_deadline_s,
             max_queued=engine.max_queued_jobs,
         )
-        self._pool = pool
-        pool.start()
-        if self._stopped:  # close() ran while the workers were loading: it may have missed them
+        try:
+            pool.start()
+        except BaseException:
+            pool.close()
+            raise
+        with self._channels_lock:
+            published = not self._stopped  # close() closes the pool from here; before, this does
+            if published:
+                self._pool = pool
+            channels = list(self.channels.values())
+        if not published:
             pool.close()
             return
         logger.info(
             "%d %s engine worker(s) ready for %d channel(s) (%.1f s)",
             workers,
             engine.name.value,
-            len(self.channels),
+            len(channels),
             time.monotonic() - t,
         )
-        for channel in self._configured_channels():
-            if not channel.attach(pool):
-                logger.warning("channel %s is %s: it takes no uploads", channel.name, channel.status)
-        for name in sorted(self._restored):  # like a PUT: a failure marks that channel failed, never the server
-            channel = self.channels[name]
-            threading.Thread(
-                target=self._start_channel, args=(channel, pool), name=f"channel-{name}-start", daemon=True
-            ).start()
+        for channel in channels:  # those whose start thread finished before the pool ran
+            self._attach(channel)
         self._speech = SpeechService.from_config(cfg)
         self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
 
     def close(self) -> None:
         """Stop every channel, then the shared workers; FFmpeg flushes; temp files go. Safe to call twice."""
-        with self._lock:
+        with self._lock, self._channels_lock:
             if self._stopped:
                 return
-            self._stopped = True  # from here uploads get 503
+            self._stopped = True  # from here uploads get 503, and no channel or pool is added
         steps = [
             ("watchdog", self._watchdog.close),
             ("avatar preparation", self.avatars.close),
         ]
         steps += [(f"channel {name}", channel.close) for name, channel in list(self.channels.items())]
+        steps.append(("channel starts", self._join_starts))
         steps.append(("workers", self._pool.close if self._pool else None))
         for name, step in steps:
             if step is None:
@@ -259,48 +356,42 @@ class Runtime:
                 logger.exception("stopping %s failed", name)
         logger.info("runtime stopped")
 
+    def _join_starts(self) -> None:
+        """Wait (at most :data:`START_JOIN_TIMEOUT_S` in all) for channel starts still running."""
+        deadline = time.monotonic() + START_JOIN_TIMEOUT_S
+        for thread in list(self._start_threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                logger.warning("%s still running at shutdown (what it builds from now is released)", thread.name)
+
     # ----------------------------------------------------------------- channels at run time
     def add_channel(self, spec: ChannelConfig) -> Channel:
-        """Create a channel while the server runs (``PUT /channels/<name>``); it starts in the background.
+        """Create a channel while the server runs or starts (``PUT /channels/<name>``); it starts in the background.
 
         The new channel is checked with the others exactly as at load (:func:`latentsync.config.validate`:
-        name, unique RTMP URL, ``max_channels``, its stream/avatar values). Its stream goes on air,
-        its avatar is prepared, then it takes uploads (:attr:`Channel.status` says where it is).
+        name, unique RTMP URL, ``max_channels``, its stream/avatar values). Its stream goes on air
+        (once ``main`` is), its avatar is prepared, then it takes uploads once the shared pool runs
+        (:attr:`Channel.status` says where it is). A failure marks it ``failed``; it is written to
+        ``channels_file`` only once ``ready``.
 
         Raises:
             latentsync.config.ConfigError: If the channel is invalid or one of that name exists.
-            RuntimeError: If the runtime is not running (not started, or stopping).
+            RuntimeError: If the runtime is stopping.
         """
         if spec.avatar is not None:
             self.avatars.require_ready(spec.avatar)
         with self._channels_lock:
-            if self._stopped or self._pool is None:
-                raise RuntimeError("the server is starting or stopping; retry once /health?ready=1 is 200")
+            if self._stopped:
+                raise RuntimeError("the server is stopping")
             candidate = dataclasses.replace(self.config, channels=[*self._specs.values(), spec])
             validate(candidate)  # ConfigError names the key
-            channel = Channel(
-                spec.name, channel_configs(candidate)[spec.name], on_ttff=self._observe_ttff, clips=self._clips
-            )
+            channel = self._new_channel(spec.name, channel_configs(candidate)[spec.name])
             self._specs[spec.name] = spec
             self.channels[spec.name] = channel
             self._live.pop(spec.name, None)
-            self._persist()
-        pool = self._pool
-        threading.Thread(
-            target=self._start_channel, args=(channel, pool), name=f"channel-{spec.name}-start", daemon=True
-        ).start()
+            if self._others_started:  # else start() starts it with the others, once main is on air
+                self._spawn_start(channel)
         return channel
-
-    def _start_channel(self, channel: Channel, pool: WorkerPool) -> None:
-        try:
-            channel.start()
-            if not channel.stopped:
-                channel.prepare_avatar()
-            if channel.attach(pool):
-                logger.info("channel %s added: uploads accepted", channel.name)
-        except Exception as exc:
-            logger.error("channel %s failed to start: %s", channel.name, exc)
-            channel.fail(f"{type(exc).__name__}: {exc}")
 
     def reconfigure_channel(self, name: str, values: dict) -> tuple[Channel, bool]:
         """Change an existing channel's avatar while it streams (``PUT /channels/<name>`` on a known name).
@@ -381,13 +472,13 @@ class Runtime:
         return channel, True
 
     def _persist(self) -> None:
-        """Write ``channels_file`` (lock held): channels created, configured ones deleted, avatar changes."""
+        """Write ``channels_file`` (lock held): channels created (once ready), configured ones deleted, avatars."""
         if not self.config.channels_file:
             return
         created = [
             {k: v for k, v in dataclasses.asdict(spec).items() if v is not None}
             for name, spec in self._specs.items()
-            if name not in self._configured or name in self._deleted
+            if name in self._kept
         ]
         state = {
             "version": CHANNELS_FILE_VERSION,
@@ -429,6 +520,7 @@ class Runtime:
         with self._channels_lock:
             channel = self.channels.pop(name, None)
             self._specs.pop(name, None)
+            self._kept.discard(name)
             if channel is not None:
                 if name in self._configured:
                     self._deleted.add(name)

@@ -129,7 +129,10 @@ def test_channel_routes_of_a_server_not_started_answer_without_redirects():
     assert client.get("/channels/hall/health").json["channel"] == "hall"
     assert client.get("/channels/hall").json["status"] == "created"  # built, not started
     put = client.put("/channels/popup", json={"rtmp_url": "rtmp://127.0.0.1:1935/live/popup"})
-    assert put.status_code == 503 and put.json["error"]["code"] == "starting"  # not before the pool runs
+    assert put.status_code == 202 and put.json["status"] == "created"  # accepted: it starts with the others
+    assert [c["name"] for c in client.get("/channels").json["channels"]] == ["main", "hall", "popup"]
+    switch = client.put("/channels/hall", json={"idle_pingpong": True})
+    assert switch.status_code == 409 and switch.json["error"]["code"] == "channel_not_ready"
     assert client.put("/channels/popup", data="nope").json["error"]["code"] == "bad_channel"
     assert client.delete("/channels/main").json["error"]["code"] == "main_channel"
 
@@ -243,3 +246,60 @@ def test_avatar_uploads_have_their_own_size_limit_and_the_rate_limit(tmp_path):
     assert client.get("/avatars/av-000000000000").status_code == 404
     assert [p.name for p in (tmp_path / "avatars" / "uploads").iterdir()] == [".incoming"]
     assert list((tmp_path / "avatars" / "uploads" / ".incoming").iterdir()) == []
+
+
+def test_channels_preparing_the_same_avatar_run_one_face_tracking_and_a_closing_channel_stops_its_own(
+    tmp_path, monkeypatch
+):
+    """Two channels starting with one base video: one preparation, the other loads it from the cache.
+
+    The spy sits at the seam (``Avatar.prepare``, called by :class:`AvatarPreparations`) and counts
+    the calls that run at the same time; the preparation itself is the real one.
+    """
+    import threading
+
+    from latentsync.avatar import Avatar, AvatarSettings
+    from latentsync.serving.runtime import clips
+    from tests.datafiles import media_file
+
+    video = media_file("video/nanmote002.mp4")
+    settings = AvatarSettings(fps=FPS)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real_prepare = Avatar.prepare
+
+    def spy(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real_prepare(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(clips.Avatar, "prepare", spy)
+    preparations = clips.AvatarPreparations()
+    asked = []
+
+    def closed_while_tracking() -> bool:  # the channel closes during the face tracking
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(clips.PreparationCancelled):  # stopped there: nothing cached, no temporary folder left
+        preparations.prepare(video, settings, tmp_path / "cancelled", stopping=closed_while_tracking)
+    assert most[0] == 1 and not list((tmp_path / "cancelled").glob("*"))
+    most[0] = 0
+    results: list = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(preparations.prepare(video, settings, tmp_path / "cache", lambda: False))
+        )
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == 3 and len({a.path for a in results}) == 1 and most[0] == 1
+    assert not preparations._flights  # nothing kept once nobody prepares
