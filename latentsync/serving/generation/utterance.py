@@ -109,8 +109,8 @@ class Utterance:
         self.fps = fps
         self.limits = limits
         self._clock = clock
-        self.audio = SpeechAudio(sample_rate_hz, limits.max_duration_s)
-        task.audio = self.audio
+        # held by the task only: Task.release_audio frees it while the finished task stays listed
+        task.audio = SpeechAudio(sample_rate_hz, limits.max_duration_s)
         self.changed = threading.Condition()
         self.ended = False
         self.end_reason: str | None = None

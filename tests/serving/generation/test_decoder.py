@@ -86,11 +86,11 @@ def test_the_first_audio_is_in_the_utterance_before_the_rest_of_the_file_exists(
     try:
         d.wait_first(5, FPS)  # chunk 0 (4 frames) + the look-ahead
         assert d.state is DecodeState.decoding and not u.ended
-        assert u.received_frames() >= 5 and u.audio.stream.shape[0] <= 10 * RATE
+        assert u.received_frames() >= 5 and u.task.audio.stream.shape[0] <= 10 * RATE
         released.set()
         wait_for(lambda: u.ended, "the end of the file ends the utterance")
         assert d.state is DecodeState.finished and u.final_frames == -(-len(samples) * FPS // RATE)
-        np.testing.assert_array_equal(u.audio.stream[: len(samples)], samples)  # FFmpeg's s16 at the same rate
+        np.testing.assert_array_equal(u.task.audio.stream[: len(samples)], samples)  # FFmpeg's s16 at the same rate
     finally:
         released.set()
         d.close()
@@ -178,7 +178,7 @@ def test_decoding_stays_a_few_seconds_ahead_of_playback(tmp_path):
         d.wait_first(5, FPS)
         wait_for(lambda: u.buffered_s() >= 3.0, "3 s decoded ahead")
         time.sleep(0.5)  # were it not paced, 30 s of WAV would be decoded by now
-        ahead = u.audio.duration_s
+        ahead = u.task.audio.duration_s
         assert ahead < 6.0 and not u.ended  # 3 s + what FFmpeg's pipe holds
         played.frames = 28 * FPS  # 28 s played: the decoder catches up, then the end of the file ends it
         wait_for(lambda: u.ended, "the rest decoded once played")

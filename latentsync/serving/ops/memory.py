@@ -1,0 +1,48 @@
+"""The server process gives freed buffers back to the system (glibc's malloc tuned once at start).
+
+Video frames (256x456x3 = 350 kB each, 16 per chunk), audio blocks and WebSocket messages are
+large and short-lived. glibc's ``malloc`` serves an allocation above its mmap threshold with its
+own ``mmap`` (returned to the system on ``free``), but it *raises* that threshold to the size of
+every such block freed (up to 32 MiB, "dynamic mmap threshold", ``mallopt(3)``). After the first
+chunk of frames is freed, later ones come from the heap arenas instead, where fragmentation keeps
+the pages: every burst (an utterance sent faster than real time, a cancelled task) then left the
+server's RSS tens of MB higher for good (tests/serving/api/test_hostile.py measured +93 MB over
+30 s of WebSocket abuse). Setting the threshold fixes it (and turns the dynamic adjustment off).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+#: Blocks this large or larger are mapped on their own and unmapped when freed (bytes). 256 KiB:
+#: above the per-tick audio blocks and small messages, below one video frame.
+MMAP_THRESHOLD_BYTES = 256 << 10
+M_MMAP_THRESHOLD = -3  # <malloc.h>
+ENV_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_"  # the same setting for processes we spawn (glibc reads it at start)
+
+
+def bound_heap_growth(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Fix glibc's mmap threshold in this process and in the Python processes it spawns later.
+
+    Args:
+        threshold_bytes: Allocations of at least this many bytes get their own mapping.
+
+    Returns:
+        True if set; False where the C library is not glibc (musl, macOS): nothing changes there.
+    """
+    os.environ.setdefault(ENV_MMAP_THRESHOLD, str(threshold_bytes))
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        logger.debug("no mallopt in the C library: heap growth left to the allocator")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
