@@ -313,6 +313,30 @@ class Avatar:
         return cls.load(target)
 
 
+def frames_to_nearest_face(found: np.ndarray) -> np.ndarray:
+    """For every frame, how many frames away the nearest frame with a detected face is.
+
+    ``O(n log n)`` time and ``O(n)`` memory (binary search over the frames with a face), so a long
+    clip costs no ``n x n`` matrix.
+
+    Args:
+        found: ``(F,) bool``, a face detected on each frame.
+
+    Returns:
+        ``(F,) int64`` distances in frames (0 on a frame with a face); ``F`` everywhere when no
+        frame has one.
+    """
+    n = found.shape[0]
+    faces = np.flatnonzero(found)
+    if faces.size == 0:
+        return np.full(n, n, dtype=np.int64)
+    frames = np.arange(n)
+    after = np.searchsorted(faces, frames)  # first face at or after each frame
+    nearest_after = faces[np.minimum(after, faces.size - 1)]
+    nearest_before = faces[np.maximum(after - 1, 0)]
+    return np.minimum(np.abs(nearest_after - frames), np.abs(frames - nearest_before)).astype(np.int64)
+
+
 def touch_avatar(path: str | Path) -> None:
     """Mark a prepared avatar's cache directory as used now (its mtime; never raises)."""
     try:
@@ -359,9 +383,7 @@ def _prepare_into(
         aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
     faces.flush()
     del faces
-    found_idx = np.flatnonzero(track.found)
-    gap = np.abs(np.arange(n)[:, None] - found_idx[None, :]).min(axis=1)
-    pasteable = gap <= settings.max_gap_frames
+    pasteable = frames_to_nearest_face(track.found) <= settings.max_gap_frames
     np.save(folder / "affines.npy", affines)
     np.save(folder / "landmarks.npy", track.landmarks.astype(np.float32))
     np.save(folder / "aligned_landmarks.npy", aligned)

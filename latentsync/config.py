@@ -38,6 +38,8 @@ PCM_SAMPLE_RATE_RANGE_HZ = (8000, 192000)
 PCM_MAX_CHANNELS = 8
 #: Largest WHEP SDP offer, in bytes (a real offer is a few kB).
 MAX_SDP_BYTES = 64 * 1024
+#: gunicorn threads beyond ``api.max_long_lived``: always free for health checks, uploads and cancels.
+RESERVED_THREADS = 4
 
 
 class ConfigError(ValueError):
@@ -58,11 +60,17 @@ class ServerConfig:
     A ``host`` that is not loopback (``0.0.0.0``, a LAN address, a name other than ``localhost``)
     needs ``api.token``, or ``allow_public_without_token: true`` to say the exposure is meant
     (e.g. behind an authenticating reverse proxy); otherwise the server refuses to start.
+    ``allowed_hosts``: names the ``Host`` header may carry (any other gets 421 ``bad_host``, so a
+    DNS-rebinding page cannot read the API); null: the loopback names, ``public_name``, ``host``
+    (unless a wildcard) and the hosts of ``api.allowed_origins``. ``public_name``: the name
+    clients reach the server by (``avatars.example.com``), or null.
     """
 
     host: str = "127.0.0.1"
     port: int = 11001
     allow_public_without_token: bool = False
+    allowed_hosts: list[str] | None = None
+    public_name: str | None = None
 
 
 @dataclass
@@ -70,6 +78,16 @@ class StreamConfig:
     """The live output: clock, encoder and RTMP destination.
 
     ``width``/``height`` of None take the idle avatar video's own size (rounded down to even).
+    ``rtmp_url``: ``rtmp://`` or ``rtmps://``; the characters FFmpeg's tee muxer gives a meaning
+    (``|``, ``[``, ``]``, a backslash) and whitespace are refused.
+    ``record_path``: a local copy of the stream through FFmpeg's tee muxer: a file name (no
+    folder) in ``record_dir``, set in the config file only (never through the API); it is written
+    in files of about ``record_max_mb`` megabytes each (the segment muxer, timed by bitrate), of
+    which the newest ``record_keep`` are kept.
+    ``max_pixels_per_s``: budget of width x height x fps of every channel (1920x1080 at 30 fps),
+    checked at load and before a video is decoded.
+    ``allowed_rtmp_hosts``: hosts a channel created through the API may push to; null: the hosts
+    of the channels in the config file (``main`` included).
     """
 
     rtmp_url: str = "rtmp://127.0.0.1:1935/live/avatar"
@@ -90,6 +108,30 @@ class StreamConfig:
     restart_backoff_min_s: float = 0.5
     restart_backoff_max_s: float = 10.0
     record_path: str | None = None
+    record_dir: str | None = None
+    record_max_mb: float = 1024.0
+    record_keep: int = 8
+    max_pixels_per_s: int = 1920 * 1080 * 30
+    allowed_rtmp_hosts: list[str] | None = None
+
+
+@dataclass
+class MediaConfig:
+    """Videos named by path through the API, and the budgets of every video the server decodes.
+
+    ``root``: ``PUT /channels/<name>`` may name an ``idle_video``/``video`` only by a path that
+    resolves (symlinks followed) to a file under this directory; null: the API takes no paths at
+    all (upload the video with ``POST /avatars`` and name its id as ``avatar``). Paths in the
+    config file are the operator's and are not restricted.
+    ``max_clip_s``, ``max_clip_mb``: longest and largest idle or base video, checked from the
+    probe before decoding. ``max_decoded_mb``: largest decoded clip (width x height x 3 bytes per
+    frame, at the stream's fps), also checked before decoding.
+    """
+
+    root: str | None = None
+    max_clip_s: float = 120.0
+    max_clip_mb: float = 2048.0
+    max_decoded_mb: float = 4096.0
 
 
 @dataclass
@@ -184,6 +226,15 @@ class ApiConfig:
     requests (POST, PUT, PATCH, DELETE) from a browser. Requests without an ``Origin`` header
     (curl, scripts) and same-origin pages served from a loopback address are always allowed;
     anything else gets 403 ``origin_not_allowed``.
+    ``max_long_lived``: connections that hold a server thread for long (``GET /events`` streams and
+    WebSockets, every channel together) at once; one more gets 503 ``too_many_connections``, so
+    health checks, uploads and cancels always find a thread (gunicorn runs this many threads plus
+    :data:`RESERVED_THREADS`). ``send_timeout_s``: a long-lived connection whose client takes no
+    data for this long is dropped.
+    ``mutations_per_min``: state-changing requests (POST, PUT, PATCH, DELETE) accepted per client
+    address per minute, on every route (0: unlimited); ``auth_failures_per_min``: requests with a
+    missing or wrong token per client address per minute before that client gets 429 for the rest
+    of the minute (0: unlimited).
     """
 
     max_audio_s: float = 300.0
@@ -193,6 +244,10 @@ class ApiConfig:
     rate_limit_per_min: int = 120
     decode_timeout_s: float = 30.0
     allowed_origins: list[str] = field(default_factory=list)
+    max_long_lived: int = 4
+    send_timeout_s: float = 10.0
+    mutations_per_min: int = 600
+    auth_failures_per_min: int = 30
 
 
 @dataclass
@@ -274,7 +329,10 @@ class SpeechStreamConfig:
     utterance must keep arriving at ``min_arrival_ratio`` of real time; below that for
     ``starve_timeout_s`` with nothing left to play, it ends (``too_slow``), so a trickling client
     never holds its channel's air. ``max_feeder_items``: PCM blocks and texts one utterance may
-    have waiting for its feeder. ``max_message_bytes``: largest WebSocket message.
+    have waiting for its feeder, ``max_feeder_bytes`` their bytes in all (PCM as float32).
+    ``max_message_bytes``: largest WebSocket message (no compression is negotiated: the bytes on
+    the wire); ``max_queued_bytes``: received WebSocket bytes waiting to be handled, past which the
+    server stops reading the socket until they are (TCP holds the client back).
     """
 
     max_open: int = 4
@@ -289,7 +347,9 @@ class SpeechStreamConfig:
     starve_timeout_s: float = 5.0
     min_arrival_ratio: float = 0.5
     max_feeder_items: int = 512
+    max_feeder_bytes: int = 32 << 20
     max_message_bytes: int = 1 << 20
+    max_queued_bytes: int = 4 << 20
 
 
 @dataclass
@@ -344,6 +404,7 @@ class AppConfig:
 
     server: ServerConfig = field(default_factory=ServerConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
@@ -437,6 +498,81 @@ def parse_channel(name: str, values: dict) -> ChannelConfig:
     return channel
 
 
+def api_media_path(config: AppConfig, key: str, value: str) -> str:
+    """A video named by path through the API: resolved (symlinks followed), and only under ``media.root``.
+
+    The message is the same whether a path outside ``media.root`` exists or not (the API never
+    tells whether a file exists outside it).
+
+    Args:
+        config: The server configuration (``media.root``).
+        key: The field, for messages (``idle_video``, ``video``).
+        value: The path as given: absolute, or relative to ``media.root``.
+
+    Returns:
+        The resolved absolute path of an existing file under ``media.root``.
+
+    Raises:
+        ConfigError: Without ``media.root``, for a path outside it, or for no such file in it.
+    """
+    root = config.media.root
+    if root is None:
+        raise ConfigError(
+            f"{key}: video paths are not accepted through the API (media.root is not set): upload the video "
+            "with POST /avatars and give its id as avatar"
+        )
+    base = Path(root).resolve()
+    resolved = (base / value).resolve()
+    if not resolved.is_relative_to(base):
+        raise ConfigError(f"{key}: must name a file under media.root")
+    if not resolved.is_file():
+        raise ConfigError(f"{key}: no such file under media.root")
+    return str(resolved)
+
+
+def allowed_rtmp_hosts(config: AppConfig) -> set[str]:
+    """Hosts a channel created through the API may push to (``stream.allowed_rtmp_hosts``).
+
+    Null: the hosts of ``config``'s own channels, ``main`` included (pass the config as loaded
+    from the file, not one with channels the API made).
+    """
+    if config.stream.allowed_rtmp_hosts is not None:
+        return {h.strip("[]").lower() for h in config.stream.allowed_rtmp_hosts}
+    urls = [config.stream.rtmp_url, *(c.rtmp_url for c in config.channels if c.rtmp_url)]
+    return {h for h in (rtmp_host(u) for u in urls) if h is not None}
+
+
+def api_channel(config: AppConfig, spec: ChannelConfig, allowed_hosts: set[str]) -> ChannelConfig:
+    """A channel given through the API (a PUT, or an entry of ``channels_file``), held to the API's rules.
+
+    Video paths resolve under ``media.root`` (:func:`api_media_path`); the RTMP URL is well formed
+    and pushes to one of ``allowed_hosts``; ``record_path`` is for the config file only.
+
+    Args:
+        config: The server configuration.
+        spec: The channel as parsed (:func:`parse_channel`).
+        allowed_hosts: :func:`allowed_rtmp_hosts` of the config as loaded.
+
+    Returns:
+        ``spec`` with its video paths resolved.
+
+    Raises:
+        ConfigError: Naming the field.
+    """
+    if spec.record_path is not None:
+        raise ConfigError("record_path: recordings are set in the config file only (stream.record_dir)")
+    if spec.rtmp_url is not None:
+        host = rtmp_host(spec.rtmp_url)
+        if host is None:
+            raise ConfigError(f"rtmp_url: expected {RTMP_URL_WANT}")
+        if host not in allowed_hosts:
+            raise ConfigError(
+                f"rtmp_url: {host!r} is not in stream.allowed_rtmp_hosts ({', '.join(sorted(allowed_hosts))})"
+            )
+    paths = {k: api_media_path(config, k, getattr(spec, k)) for k in ("idle_video", "video") if getattr(spec, k)}
+    return dataclasses.replace(spec, **paths)
+
+
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -495,6 +631,11 @@ def validate(config: AppConfig) -> None:
     """
     s = config.stream
     _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
+    for host in [
+        *(config.server.allowed_hosts or []),
+        *([config.server.public_name] if config.server.public_name else []),
+    ]:
+        _check(_HOST_RE.fullmatch(host) is not None, "server.allowed_hosts", host, "host names or IP addresses")
     _check(
         is_loopback_host(config.server.host)
         or config.api.token is not None
@@ -510,8 +651,31 @@ def validate(config: AppConfig) -> None:
             origin,
             "origins like https://studio.example.com (scheme://host[:port], no path)",
         )
-    _check(s.rtmp_url.startswith(("rtmp://", "rtmps://")), "stream.rtmp_url", "<hidden>", "an rtmp:// URL")
+    _check(rtmp_host(s.rtmp_url) is not None, "stream.rtmp_url", "<hidden>", RTMP_URL_WANT)
     _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
+    _check(10**5 <= s.max_pixels_per_s <= 10**10, "stream.max_pixels_per_s", s.max_pixels_per_s, "100000..10000000000")
+    if s.width is not None and s.height is not None:
+        _check(
+            s.width * s.height * s.fps <= s.max_pixels_per_s,
+            "stream.width",
+            f"{s.width}x{s.height} at {s.fps} fps",
+            f"at most stream.max_pixels_per_s = {s.max_pixels_per_s} pixels per second",
+        )
+    _check(
+        s.record_path is None or (s.record_dir is not None and _RECORD_NAME_RE.fullmatch(s.record_path) is not None),
+        "stream.record_path",
+        s.record_path,
+        "a file name like live.mkv (letters, digits, . _ -; no folder) in stream.record_dir",
+    )
+    _check(1 <= s.record_max_mb <= 10**6, "stream.record_max_mb", s.record_max_mb, "1..1000000")
+    _check(1 <= s.record_keep <= 10000, "stream.record_keep", s.record_keep, "1..10000")
+    for host in s.allowed_rtmp_hosts or []:
+        _check(_HOST_RE.fullmatch(host) is not None, "stream.allowed_rtmp_hosts", host, "host names or IP addresses")
+    m = config.media
+    _check(0.5 <= m.max_clip_s <= 86400, "media.max_clip_s", m.max_clip_s, "0.5..86400")
+    _check(0.1 <= m.max_clip_mb <= 10**6, "media.max_clip_mb", m.max_clip_mb, "0.1..1000000")
+    _check(1 <= m.max_decoded_mb <= 10**7, "media.max_decoded_mb", m.max_decoded_mb, "1..10000000")
+    _check(m.root is None or Path(m.root).is_dir(), "media.root", m.root, "an existing directory or null")
     _check(
         s.audio_sample_rate in AAC_SAMPLE_RATES_HZ,
         "stream.audio_sample_rate",
@@ -589,6 +753,10 @@ def validate(config: AppConfig) -> None:
     _check(a.token is None or len(a.token) >= 16, "api.token", "<hidden>", "at least 16 characters, or null")
     _check(0.5 <= a.decode_timeout_s <= 600, "api.decode_timeout_s", a.decode_timeout_s, "0.5..600")
     _check(0 <= a.rate_limit_per_min <= 100000, "api.rate_limit_per_min", a.rate_limit_per_min, "0..100000")
+    _check(1 <= a.max_long_lived <= 1024, "api.max_long_lived", a.max_long_lived, "1..1024")
+    _check(0.5 <= a.send_timeout_s <= 600, "api.send_timeout_s", a.send_timeout_s, "0.5..600")
+    _check(0 <= a.mutations_per_min <= 10**6, "api.mutations_per_min", a.mutations_per_min, "0..1000000")
+    _check(0 <= a.auth_failures_per_min <= 10**6, "api.auth_failures_per_min", a.auth_failures_per_min, "0..1000000")
     t = config.tasks
     _check(0 <= t.generate_ahead <= 64, "tasks.generate_ahead", t.generate_ahead, "0..64")
     _check(32 <= t.max_frames_ahead <= 100000, "tasks.max_frames_ahead", t.max_frames_ahead, "32..100000")
@@ -619,6 +787,18 @@ def validate(config: AppConfig) -> None:
         "speech_stream.max_message_bytes",
         ss.max_message_bytes,
         "1024..67108864 bytes",
+    )
+    _check(
+        ss.max_message_bytes <= ss.max_queued_bytes <= 1 << 30,
+        "speech_stream.max_queued_bytes",
+        ss.max_queued_bytes,
+        "speech_stream.max_message_bytes..1073741824 bytes",
+    )
+    _check(
+        1 << 16 <= ss.max_feeder_bytes <= 1 << 32,
+        "speech_stream.max_feeder_bytes",
+        ss.max_feeder_bytes,
+        "65536..4294967296 bytes",
     )
     w = config.webrtc
     _check(1 <= w.max_viewers <= 64, "webrtc.max_viewers", w.max_viewers, "1..64")
@@ -699,6 +879,31 @@ def _validate_channels(config: AppConfig) -> None:
         except ConfigError as exc:
             index = next(i for i, ch in enumerate(config.channels) if ch.name == name)
             raise ConfigError(f"channels[{index}] ({name}): {exc}") from None
+
+
+#: What a channel's ``rtmp_url`` must be: the characters the tee muxer gives a meaning, whitespace and
+#: control characters refused (they would add outputs or options to FFmpeg's command).
+RTMP_URL_WANT = "an rtmp:// or rtmps:// URL with a host, without whitespace or any of | [ ] \\"
+_RTMP_URL_RE = re.compile(
+    r"(rtmps?)://(?:[^@/\s|\[\]\\]*@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::(\d{1,5}))?(/[^\s|\[\]\\]*)?"
+)
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-]+|\[?[0-9A-Fa-f:.]+\]?")
+_RECORD_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+def rtmp_host(url: str) -> str | None:
+    """The host of an ``rtmp://``/``rtmps://`` URL (lower case, IPv6 without brackets); None if the URL is refused.
+
+    Refused: another scheme, no host, whitespace or control characters, and ``|``, ``[``, ``]``
+    (outside an IPv6 literal) or a backslash anywhere (FFmpeg's tee muxer would read them as more
+    outputs or options).
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return None
+    match = _RTMP_URL_RE.fullmatch(url)
+    if match is None:
+        return None
+    return match.group(2).strip("[]").lower()
 
 
 _ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentsync.avatar import Avatar, AvatarSettings, cache_key, pingpong_index
+from latentsync.avatar import Avatar, AvatarSettings, cache_key, frames_to_nearest_face, pingpong_index
 from latentsync.face import FACE_SIZE, template_to_face_affine, transform_points
 from tests.datafiles import media_file
 
@@ -41,6 +41,25 @@ def test_pingpong_index():
     assert [pingpong_index(i, 2) for i in range(5)] == [0, 1, 0, 1, 0]
     with pytest.raises(ValueError):
         pingpong_index(0, 0)
+
+
+def test_frames_to_nearest_face_matches_the_pairwise_distances():
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 17, 300):
+        for fraction in (0.0, 0.05, 0.5, 1.0):
+            found = rng.random(n) < fraction
+            faces = np.flatnonzero(found)
+            if faces.size:
+                pairwise = np.abs(np.arange(n)[:, None] - faces[None, :]).min(axis=1)
+            else:
+                pairwise = np.full(n, n)
+            got = frames_to_nearest_face(found)
+            assert got.dtype == np.int64 and got.shape == (n,)
+            np.testing.assert_array_equal(got, pairwise, err_msg=f"n={n} found={found.astype(int)}")
+    # a long clip costs O(n) memory: 200 000 frames with one face at the end
+    found = np.zeros(200_000, dtype=bool)
+    found[-1] = True
+    assert frames_to_nearest_face(found)[0] == 199_999
 
 
 def test_settings_are_validated_and_keyed(tmp_path):

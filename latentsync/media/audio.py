@@ -9,15 +9,12 @@ from pathlib import Path
 import imageio_ffmpeg
 import numpy as np
 
-from latentsync.media.probe import MediaProbeError
+from latentsync.media.probe import MEDIA_FORMATS, MediaProbeError
 
 DECODE_TIMEOUT_S = 120.0
 
-#: Demuxers an upload may be read with (FFmpeg's ``-format_whitelist``; a name matches any demuxer
-#: whose comma-separated name list holds it): WAV, MP3, FLAC, Ogg (Opus/Vorbis/FLAC), MP4/M4A/MOV,
-#: Matroska/WebM (browsers' MediaRecorder), raw ADTS AAC. Playlists and indirections (concat, HLS,
-#: DASH, image sequences, ...) are not on it.
-UPLOAD_FORMATS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
+#: Demuxers an upload may be read with: :data:`latentsync.media.probe.MEDIA_FORMATS`.
+UPLOAD_FORMATS = MEDIA_FORMATS
 
 
 class MediaDecodeTimeout(MediaProbeError):
@@ -157,6 +154,7 @@ def decode_untrusted_audio(
     max_duration_s: float | None = None,
     timeout_s: float = DECODE_TIMEOUT_S,
     formats: tuple[str, ...] = UPLOAD_FORMATS,
+    nofollow: bool = True,
 ) -> np.ndarray:
     """Decode an uploaded file like :func:`decode_audio`, with FFmpeg confined to that one file.
 
@@ -172,6 +170,7 @@ def decode_untrusted_audio(
         max_duration_s: Stop decoding after this many seconds (None: whole stream).
         timeout_s: Seconds FFmpeg may run before it is killed.
         formats: Allowed FFmpeg demuxer names (default :data:`UPLOAD_FORMATS`).
+        nofollow: Refuse a symlink (uploads); False for a path the caller already decided on.
 
     Returns:
         ``(N,) int16`` mono samples at ``sample_rate_hz``, N > 0.
@@ -182,7 +181,7 @@ def decode_untrusted_audio(
             to no samples (e.g. an MP4 whose samples live in another file).
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
     try:
         cmd = confined_input(fd, formats)
         if max_duration_s is not None:

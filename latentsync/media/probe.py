@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio_ffmpeg
-
 PROBE_TIMEOUT_S = 30.0
+
+#: Demuxers the server reads media with (FFmpeg's ``-format_whitelist``; a name matches any demuxer
+#: whose comma-separated name list holds it, ``mov`` covers MP4/M4A/MOV): WAV, MP3, FLAC, Ogg,
+#: MP4/MOV, Matroska/WebM, raw ADTS AAC. Playlists and indirections (concat, HLS, DASH, image
+#: sequences, ...) are not on it, so no file can make FFmpeg open another one.
+MEDIA_FORMATS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
 
 #: FFmpeg's ``Duration: HH:MM:SS.ss`` line of an input it opened (absent or ``N/A`` when unknown).
 DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
@@ -64,12 +68,19 @@ class MediaInfo:
         return self.audio_codec is not None
 
 
-def probe_media(path: str | Path, timeout_s: float = PROBE_TIMEOUT_S) -> MediaInfo:
-    """Read stream information from ``ffmpeg -i`` (no decoding).
+def probe_media(
+    path: str | Path, timeout_s: float = PROBE_TIMEOUT_S, formats: tuple[str, ...] | None = None
+) -> MediaInfo:
+    """Read stream information from ``ffmpeg -i`` (no decoding), with FFmpeg confined to the file.
+
+    FFmpeg gets the file as an inherited read-only descriptor, may open nothing else and probes it
+    only with the demuxers in ``formats``, in an empty environment
+    (:func:`latentsync.media.audio.confined_input`, docs/security.md).
 
     Args:
-        path: Media file.
+        path: Media file (symlinks are followed: the caller decides which paths may be opened).
         timeout_s: Seconds to wait for FFmpeg.
+        formats: Allowed FFmpeg demuxer names (None: :data:`MEDIA_FORMATS`).
 
     Returns:
         The file's :class:`MediaInfo`.
@@ -77,15 +88,17 @@ def probe_media(path: str | Path, timeout_s: float = PROBE_TIMEOUT_S) -> MediaIn
     Raises:
         MediaProbeError: If the file does not exist or FFmpeg finds no audio or video stream in it.
     """
+    from latentsync.media.audio import confined_input, run_confined  # audio imports this module
+
     path = Path(path)
     if not path.is_file():
         raise MediaProbeError(f"no such file: {path}")
-    proc = subprocess.run(
-        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)],
-        capture_output=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        cmd = confined_input(fd, formats or MEDIA_FORMATS, loglevel="info")
+        proc = run_confined(cmd, (fd,), path.parent, timeout_s, f"{path.name}: probing")
+    finally:
+        os.close(fd)
     text = proc.stderr.decode("utf-8", errors="replace")
     duration_s = 0.0
     if m := DURATION_RE.search(text):

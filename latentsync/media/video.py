@@ -1,21 +1,100 @@
-"""Video decoding at the stream frame rate, with the matching audio, through FFmpeg."""
+"""Video decoding at the stream frame rate, with the matching audio, through a confined FFmpeg.
+
+Every video the server decodes (idle loops, base videos, uploaded avatars) is read by an FFmpeg
+that gets the file as an inherited read-only descriptor, may open nothing else (no second file,
+device, FIFO or network address, whatever the file asks), probes it only with the demuxers of
+:data:`VIDEO_FORMATS` and runs with an empty environment (docs/security.md). Budgets
+(:class:`ClipLimits`) are checked from the probe, before a frame is decoded.
+"""
 
 from __future__ import annotations
 
+import collections
+import math
 import os
+import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 
-from latentsync.media.audio import confined_input, decode_audio, fit_length, run_confined
+from latentsync.media.audio import confined_input, decode_untrusted_audio, fit_length, run_confined
 from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
 from latentsync.media.timing import samples_before_frame
 
-#: Demuxers an uploaded avatar video may be read with (``-format_whitelist``): MP4/MOV/M4V and
-#: Matroska/WebM. Playlists and indirections (concat, HLS, DASH, image sequences) are not on it.
-VIDEO_UPLOAD_FORMATS = ("mov", "matroska")
+#: Demuxers a video may be read with (``-format_whitelist``): MP4/MOV/M4V and Matroska/WebM.
+#: Playlists and indirections (concat, HLS, DASH, image sequences) are not on it.
+VIDEO_FORMATS = ("mov", "matroska")
+VIDEO_UPLOAD_FORMATS = VIDEO_FORMATS
+#: Seconds one video decode may take before its FFmpeg is killed.
+VIDEO_DECODE_TIMEOUT_S = 600.0
+
+
+class MediaLimitError(MediaProbeError):
+    """A video is over a budget (:class:`ClipLimits`); the message names the budget's key."""
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    """Budgets a video must fit before it is decoded (None: no budget).
+
+    Attributes:
+        max_s: Longest duration in seconds (``media.max_clip_s``).
+        max_file_bytes: Largest file in bytes (``media.max_clip_mb``).
+        max_decoded_bytes: Largest decoded clip, ``width * height * 3 * frames`` bytes
+            (``media.max_decoded_mb``).
+        max_pixels_per_s: Largest ``width * height * fps`` of the decoded clip
+            (``stream.max_pixels_per_s``).
+    """
+
+    max_s: float | None = None
+    max_file_bytes: int | None = None
+    max_decoded_bytes: int | None = None
+    max_pixels_per_s: int | None = None
+
+
+def check_clip_limits(
+    info: MediaInfo, fps: int, size: tuple[int, int] | None, limits: ClipLimits, what: str = "video"
+) -> None:
+    """Refuse a probed video that would not fit ``limits`` once decoded at ``fps`` and ``size``.
+
+    Args:
+        info: The video's probe (:func:`latentsync.media.probe.probe_media`).
+        fps: Frame rate it would be decoded at, in frames per second.
+        size: ``(width, height)`` it would be decoded at; None: its own size.
+        limits: The budgets.
+        what: How messages name it (``idle video``, ``base video``).
+
+    Raises:
+        MediaLimitError: Naming the budget it exceeds (never FFmpeg's text or the path).
+    """
+    width, height = size or (info.width, info.height)
+    if limits.max_pixels_per_s is not None and width * height * fps > limits.max_pixels_per_s:
+        raise MediaLimitError(
+            f"{what}: {width}x{height} at {fps} fps is {width * height * fps / 1e6:.1f} Mpx/s, "
+            f"more than stream.max_pixels_per_s = {limits.max_pixels_per_s / 1e6:.1f} Mpx/s"
+        )
+    if limits.max_s is not None and info.duration_s > limits.max_s:
+        raise MediaLimitError(f"{what}: {info.duration_s:.1f} s is longer than media.max_clip_s = {limits.max_s:g} s")
+    if limits.max_s is not None and info.duration_s <= 0:
+        raise MediaLimitError(f"{what}: its duration is unknown (media.max_clip_s cannot be checked)")
+    try:
+        file_bytes = os.stat(info.path).st_size
+    except OSError:
+        file_bytes = 0
+    if limits.max_file_bytes is not None and file_bytes > limits.max_file_bytes:
+        raise MediaLimitError(
+            f"{what}: {file_bytes / 2**20:.0f} MB is larger than "
+            f"media.max_clip_mb = {limits.max_file_bytes / 2**20:g} MB"
+        )
+    frames = math.ceil(info.duration_s * fps) + 1
+    decoded = width * height * 3 * frames
+    if limits.max_decoded_bytes is not None and decoded > limits.max_decoded_bytes:
+        raise MediaLimitError(
+            f"{what}: {frames} frames of {width}x{height} decode to {decoded / 2**20:.0f} MB, more than "
+            f"media.max_decoded_mb = {limits.max_decoded_bytes / 2**20:g} MB"
+        )
 
 
 @dataclass(frozen=True)
@@ -57,51 +136,141 @@ def _scale_filter(size: tuple[int, int] | None) -> str:
 
 
 def decode_video_frames(
-    path: str | Path, fps: int, size: tuple[int, int] | None = None, max_frames: int | None = None
+    path: str | Path,
+    fps: int,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+    *,
+    info: MediaInfo | None = None,
+    timeout_s: float = VIDEO_DECODE_TIMEOUT_S,
 ) -> np.ndarray:
-    """Decode a video's frames resampled to ``fps`` by timestamp.
+    """Decode a video's frames resampled to ``fps`` by timestamp, with FFmpeg confined to the file.
 
     Resampling is FFmpeg's ``fps`` filter: output frame ``k`` shows the source frame whose
     timestamp is nearest to ``k / fps``, so a 16 fps source repeats frames and a 50 fps source
     skips them, keeping the clip's duration. Rotation metadata is applied (FFmpeg autorotate).
+    The frames come out as binary PPM images (each with its own size header) on FFmpeg's stdout.
 
     Args:
-        path: Any video FFmpeg reads (H.264, HEVC, VP9, ...; any fps and size).
+        path: An MP4/MOV or Matroska/WebM video (:data:`VIDEO_FORMATS`; H.264, HEVC, VP9, ...; any
+            fps and size). Symlinks are followed: the caller decides which paths may be opened.
         fps: Output frame rate in frames per second.
         size: Output ``(width, height)``; None keeps the source size rounded down to even.
         max_frames: Stop after this many frames (None: all).
+        info: The file's probe, if the caller has it (else it is probed here).
+        timeout_s: Seconds FFmpeg may run before it is killed.
 
     Returns:
         ``(F, H, W, 3) uint8`` RGB frames.
 
     Raises:
-        MediaProbeError: If the file has no video stream or decodes to no frames.
+        MediaProbeError: If the file is not a video in an accepted format or decodes to no frames.
+        latentsync.media.audio.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
     """
-    info = probe_media(path)
+    from latentsync.media.audio import MediaDecodeTimeout
+
+    path = Path(path)
+    info = info or probe_media(path, formats=VIDEO_FORMATS)
     if not info.has_video:
-        raise MediaProbeError(f"{Path(path).name}: no video stream")
-    output_params = ["-vf", f"fps=fps={int(fps)}:round=near,{_scale_filter(size)}"]
-    if max_frames is not None:
-        output_params += ["-frames:v", str(int(max_frames))]
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24", output_params=output_params)
+        raise MediaProbeError(f"{path.name}: no video stream")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        meta = next(reader)
-        width, height = meta["size"]
-        expected = int(info.duration_s * fps) + 2 if info.duration_s > 0 else 64
+        cmd = confined_input(fd, VIDEO_FORMATS) + ["-map", "0:v:0", "-an"]
+        cmd += ["-vf", f"fps=fps={int(fps)}:round=near,{_scale_filter(size)}"]
         if max_frames is not None:
-            expected = min(expected, int(max_frames))
-        frames = np.empty((max(expected, 1), height, width, 3), dtype=np.uint8)
-        count = 0
-        for raw in reader:
+            cmd += ["-frames:v", str(int(max_frames))]
+        cmd += ["-pix_fmt", "rgb24", "-c:v", "ppm", "-f", "image2pipe", "pipe:1"]
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            cwd=path.parent,
+            pass_fds=(fd,),
+        )
+    finally:
+        os.close(fd)
+    errors: collections.deque[str] = collections.deque(maxlen=8)
+    drain = threading.Thread(target=_drain_lines, args=(proc.stderr, errors), daemon=True)
+    drain.start()
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    expected = int(info.duration_s * fps) + 2 if info.duration_s > 0 else 64
+    if max_frames is not None:
+        expected = min(expected, int(max_frames))
+    frames: np.ndarray | None = None
+    count = 0
+    try:
+        assert proc.stdout is not None
+        while (header := _ppm_header(proc.stdout)) is not None:
+            width, height = header
+            if frames is None:
+                frames = np.empty((max(expected, 1), height, width, 3), dtype=np.uint8)
+            elif frames.shape[1:3] != (height, width):
+                raise MediaProbeError(f"{path.name}: the frame size changed mid-stream")
             if count == frames.shape[0]:
                 frames = np.concatenate([frames, np.empty_like(frames)], axis=0)
-            frames[count] = np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3)
+            view = memoryview(frames[count]).cast("B")
+            got = 0
+            while got < len(view):
+                n = proc.stdout.readinto(view[got:])
+                if not n:
+                    raise MediaProbeError(f"{path.name}: a frame ended early")
+                got += n
             count += 1
+    except MediaProbeError:
+        if timed_out.is_set():
+            raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s") from None
+        raise
     finally:
-        reader.close()
-    if count == 0:
-        raise MediaProbeError(f"{Path(path).name}: decoded no video frames")
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        drain.join(5)
+    if timed_out.is_set():
+        raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s")
+    if frames is None or count == 0:
+        last = errors[-1] if errors else "no frames"
+        raise MediaProbeError(f"{path.name}: decoded no video frames ({last})")
     return frames[:count].copy() if count < frames.shape[0] else frames
+
+
+def _ppm_header(stream) -> tuple[int, int] | None:
+    """Read one binary PPM header (``P6 <w> <h> 255`` and one whitespace byte); None at the end."""
+    fields: list[bytes] = []
+    token = b""
+    while len(fields) < 4:
+        byte = stream.read(1)
+        if not byte:
+            if fields or token:
+                raise MediaProbeError("a frame header ended early")
+            return None
+        if byte.isspace():
+            if token:
+                fields.append(token)
+                token = b""
+        elif byte == b"#" and not token:  # a comment runs to the end of its line
+            while (c := stream.read(1)) and c not in b"\r\n":
+                pass
+        else:
+            token += byte
+    if fields[0] != b"P6" or fields[3] != b"255":
+        raise MediaProbeError(f"unexpected frame header {b' '.join(fields)[:40]!r}")
+    return int(fields[1]), int(fields[2])
+
+
+def _drain_lines(stream, tail: collections.deque[str]) -> None:
+    for raw in iter(stream.readline, b""):
+        tail.append(raw.decode("utf-8", errors="replace").rstrip())
+    stream.close()
 
 
 def load_clip(
@@ -110,31 +279,38 @@ def load_clip(
     sample_rate_hz: int,
     size: tuple[int, int] | None = None,
     with_audio: bool = True,
+    limits: ClipLimits | None = None,
+    what: str = "video",
 ) -> VideoClip:
-    """Decode a video and its audio onto the stream time base.
+    """Decode a video and its audio onto the stream time base (FFmpeg confined to the file).
 
     The audio (mixed to mono, resampled to ``sample_rate_hz``) is trimmed or zero-padded to
     exactly ``floor(F * sample_rate_hz / fps)`` samples so that it covers the frames exactly.
 
     Args:
-        path: Video file.
+        path: Video file (MP4/MOV or Matroska/WebM).
         fps: Stream frame rate in frames per second.
         sample_rate_hz: Stream audio rate in Hz.
         size: Output ``(width, height)``; None keeps the source size (rounded down to even).
         with_audio: Decode the audio track too (if the file has one).
+        limits: Budgets checked from the probe before anything is decoded (None: none).
+        what: How limit errors name the video.
 
     Returns:
         The :class:`VideoClip`.
 
     Raises:
         MediaProbeError: If the file is missing, unreadable or has no video stream.
+        MediaLimitError: If it is over one of ``limits``.
     """
-    frames = decode_video_frames(path, fps, size)
+    info = probe_media(path, formats=VIDEO_FORMATS)
+    if limits is not None:
+        check_clip_limits(info, fps, size, limits, what)
+    frames = decode_video_frames(path, fps, size, info=info)
     audio = None
-    if with_audio and probe_media(path).has_audio:
-        audio = fit_length(
-            decode_audio(path, sample_rate_hz), samples_before_frame(frames.shape[0], sample_rate_hz, fps)
-        )
+    if with_audio and info.has_audio:
+        decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
+        audio = fit_length(decoded, samples_before_frame(frames.shape[0], sample_rate_hz, fps))
     return VideoClip(frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path))
 
 
@@ -199,7 +375,7 @@ def remux_untrusted_video(
         reason = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
         last = reason[-1] if reason else "ffmpeg failed"
         raise MediaProbeError(f"{source.name}: not a video in an accepted format ({last})")
-    info = probe_media(target)
+    info = probe_media(target, formats=("matroska",))
     if not info.has_video:
         raise MediaProbeError(f"{source.name}: no video stream")
     return info

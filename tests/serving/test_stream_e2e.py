@@ -69,12 +69,13 @@ def test_idle_stream_reaches_rtmp_with_exact_timing(rtmp_server, tmp_path, video
 
 def test_second_output_through_the_tee_muxer(rtmp_server, tmp_path):
     key = f"tee-{tmp_path.name}"
-    record = tmp_path / "live.mkv"
+    record = tmp_path / "live-000-0000.mkv"  # the first file of the first FFmpeg run
     server = ServerProcess(
         [
             f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
             f"stream.rtmp_url={rtmp_server.url(key)}",
-            f"stream.record_path={record}",
+            f"stream.record_dir={tmp_path}",
+            "stream.record_path=live.mkv",
         ],
         tmp_path / "server.log",
     ).start()

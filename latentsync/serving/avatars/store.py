@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -136,27 +137,60 @@ def _clean_name(text: str) -> str:
     return name[:MAX_NAME_CHARS] or "avatar"
 
 
-def _prepare_child(video: str, fps: int, size: tuple[int, int], min_face_fraction: float, cache_dir: str, conn) -> None:
-    """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result."""
+def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
+    """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result.
+
+    Args:
+        video: The base video.
+        settings: :class:`latentsync.avatar.AvatarSettings` (fps, size, face fraction).
+        cache_dir: The avatar cache.
+        conn: The pipe to the parent.
+    """
     try:
         os.nice(10)  # the stream clocks and the engine workers come first
     except OSError:
         pass
-    from latentsync.avatar import Avatar, AvatarSettings
+    from latentsync.avatar import Avatar
     from latentsync.face import FaceNotFoundError
 
     try:
-        settings = AvatarSettings(fps=fps, size=size, min_face_fraction=min_face_fraction)
         avatar = Avatar.prepare(video, settings, cache_dir, on_progress=lambda f: conn.send(("progress", f)))
         conn.send(("done", str(avatar.path), int(avatar.meta.get("faces_found", 0)), avatar.num_frames))
     except FaceNotFoundError as exc:
         conn.send(("failed", "no_face", f"no usable face: {exc}"))
-    except MediaProbeError as exc:
-        conn.send(("failed", "not_video", str(exc)))
+    except MediaProbeError:
+        conn.send(("failed", "not_video", "not a decodable video in an accepted format (MP4/MOV, Matroska/WebM)"))
     except Exception as exc:  # anything else is reported, never raised into a dead process
-        conn.send(("failed", "prepare_failed", f"{type(exc).__name__}: {exc}"))
+        conn.send(("failed", "prepare_failed", f"{type(exc).__name__} (the server log has it)"))
+        print(f"avatar preparation of {Path(video).name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     finally:
         conn.close()
+
+
+class PreparationFailed(Exception):
+    """A channel's avatar preparation in the child process failed.
+
+    Attributes:
+        code: How (``no_face``, ``not_video``, ``prepare_timeout``, ``prepare_failed``, ``stopping``).
+        public_message: What API clients may read (the child never sends FFmpeg's text or a path).
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.public_message = f"{code}: {message}"
+
+
+@dataclasses.dataclass(eq=False)
+class _ChannelJob:
+    """A channel's avatar (start or switch) waiting for, or in, the preparation queue."""
+
+    video: str
+    settings: object
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: bool = False
+    path: str | None = None
+    error: tuple[str, str] | None = None
 
 
 class AvatarStore:
@@ -179,8 +213,12 @@ class AvatarStore:
         self._lock = threading.Lock()
         self._records: dict[str, AvatarRecord] = {}
         self._jobs: collections.deque[str] = collections.deque()  # ids waiting (with the running one: max_preparing)
+        self._channel_jobs: collections.deque[_ChannelJob] = collections.deque()  # served before uploads
+        self._reserved = 0  # uploads being taken in (copied, checked): they hold a max_preparing slot already
+        self._pending_bytes: dict[str, int] = {}  # what queued and running uploads will hold once prepared
         self._wake = threading.Condition(self._lock)
         self._running: str | None = None
+        self._running_channel: _ChannelJob | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
         self._closed = False
         self._intake = threading.Lock()  # one quota check and record insertion at a time
@@ -327,14 +365,24 @@ class AvatarStore:
                 unused avatar), 503 ``stopping``.
         """
         cfg = self._cfg
-        with self._lock:
+        with self._lock:  # the slot is taken before the (possibly long) copy, so concurrent uploads see it
             if self._closed:
                 raise AvatarError("stopping", "the server is stopping")
-            busy = len(self._jobs) + (self._running is not None)
+            busy = len(self._jobs) + (self._running is not None) + self._reserved
             if busy >= cfg.max_preparing:
                 raise AvatarError(
                     "busy", f"{busy} avatars are being prepared (avatar.max_preparing); retry when one is ready"
                 )
+            self._reserved += 1
+        try:
+            return self._take_in(upload, name)
+        finally:
+            with self._lock:
+                self._reserved -= 1
+
+    def _take_in(self, upload: Path, name: str) -> dict:
+        """:meth:`add` once its slot is reserved."""
+        cfg = self._cfg
         avatar_id = "av-" + secrets.token_hex(6)
         video = uploaded_avatar_video(self._root, avatar_id)
         video.parent.mkdir(parents=True, mode=0o700)
@@ -380,10 +428,12 @@ class AvatarStore:
                     self._records[avatar_id] = record
                     self._save(record)
                     self._jobs.append(avatar_id)
+                    self._pending_bytes[avatar_id] = need - _tree_bytes(video.parent)  # the copy is on disk
                     self._wake.notify_all()
         except BaseException:
             with self._lock:
                 self._records.pop(avatar_id, None)
+                self._pending_bytes.pop(avatar_id, None)
             shutil.rmtree(video.parent, ignore_errors=True)
             raise
         logger.info(
@@ -408,6 +458,7 @@ class AvatarStore:
                 raise AvatarError("avatar_in_use", f"avatar {avatar_id} is being prepared; delete it once it ends")
             if avatar_id in self._jobs:
                 self._jobs.remove(avatar_id)
+            self._pending_bytes.pop(avatar_id, None)
             del self._records[avatar_id]
         self._remove_upload(avatar_id)
         logger.info("avatar %s deleted", avatar_id)
@@ -458,7 +509,9 @@ class AvatarStore:
                 (nothing is deleted then).
         """
         quota = int(self._cfg.cache_quota_mb * 1024 * 1024)
-        used = self.usage_bytes()
+        with self._lock:  # avatars queued or preparing count with what they will hold
+            pending = sum(v for k, v in self._pending_bytes.items() if k not in keep)
+        used = self.usage_bytes() + pending
         if used + need_bytes <= quota:
             return
         entries = self._entries(keep)
@@ -501,6 +554,63 @@ class AvatarStore:
         for folder in self._root.glob(f"{avatar_id}-*"):
             shutil.rmtree(folder, ignore_errors=True)
 
+    # ----------------------------------------------------------------- channels' avatars
+    def prepare_for_channel(self, video: str | Path, settings, stopping) -> str | None:
+        """Prepare a channel's base video in the preparation queue (a child process, before uploads).
+
+        Every preparation the server runs goes through this one queue: one child process at a time,
+        at a lower CPU priority, bounded by ``avatar.prepare_timeout_s`` (docs/avatars.md).
+
+        Args:
+            video: The base video (its path was checked by the caller: config file or ``media.root``).
+            settings: :class:`latentsync.avatar.AvatarSettings` at the channel's fps and size.
+            stopping: True once the channel no longer wants it (closed, or the switch superseded):
+                polled every 0.1 s; the job leaves the queue or its child is terminated.
+
+        Returns:
+            The prepared avatar's cache folder, or None when ``stopping()`` became true first.
+
+        Raises:
+            PreparationFailed: With the child's code (``no_face``, ``not_video``, ``prepare_timeout``,
+                ``prepare_failed``, ``stopping``) and a message that never holds FFmpeg's text.
+        """
+        job = _ChannelJob(str(video), settings)
+        with self._lock:
+            if self._closed:
+                raise PreparationFailed("stopping", "the server is stopping")
+            self._channel_jobs.append(job)
+            self._wake.notify_all()
+        while not job.done.wait(0.1):
+            if stopping():
+                with self._lock:
+                    job.cancelled = True
+                    if job in self._channel_jobs:
+                        self._channel_jobs.remove(job)
+                        return None
+                job.done.wait(CHILD_EXIT_S + 1.0)  # its child is being terminated
+                return None
+        if job.error is not None:
+            raise PreparationFailed(*job.error)
+        return job.path
+
+    def _prepare_channel(self, job: _ChannelJob) -> None:
+        try:
+            label = f"channel-{Path(job.video).stem[:24]}"
+            result = self._child_result(job.video, job.settings, label, lambda _f: None, lambda: job.cancelled)
+            if result is None:
+                job.error = ("stopping", "cancelled")
+            elif result[0] == "done":
+                job.path = result[1]
+            else:
+                job.error = (result[1], result[2])
+        except Exception as exc:  # a bug here must not end the thread
+            logger.exception("channel avatar preparation of %s crashed", Path(job.video).name)
+            job.error = ("prepare_failed", f"{type(exc).__name__}")
+        finally:
+            with self._lock:
+                self._running_channel = None
+            job.done.set()
+
     # ----------------------------------------------------------------- preparation
     def _save(self, record: AvatarRecord) -> None:
         """Write ``avatar.json`` atomically (lock held)."""
@@ -514,15 +624,27 @@ class AvatarStore:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs and not self._closed:
+                while not self._jobs and not self._channel_jobs and not self._closed:
                     self._wake.wait(timeout=1.0)
                 if self._closed:
+                    for job in self._channel_jobs:
+                        job.error = ("stopping", "the server is stopping")
+                        job.done.set()
+                    self._channel_jobs.clear()
                     return
-                avatar_id = self._jobs.popleft()
-                record = self._records.get(avatar_id)
-                if record is None:
-                    continue
-                self._running = avatar_id
+                if self._channel_jobs:  # a channel waits for it on air: before uploads
+                    job = self._channel_jobs.popleft()
+                    self._running_channel = job
+                else:
+                    job = None
+                    avatar_id = self._jobs.popleft()
+                    record = self._records.get(avatar_id)
+                    if record is None:
+                        continue
+                    self._running = avatar_id
+            if job is not None:
+                self._prepare_channel(job)
+                continue
             try:
                 self._prepare(record)
             except Exception as exc:  # a bug here must not end the thread
@@ -542,19 +664,25 @@ class AvatarStore:
             if record.id in self._records:
                 self._save(record)
 
-    def _prepare(self, record: AvatarRecord) -> None:
+    def _child_result(self, video: str, settings, label: str, on_progress, cancelled) -> tuple | None:
+        """Prepare ``video`` in a child process (lower priority, ``avatar.prepare_timeout_s``).
+
+        Returns:
+            The child's result message (``("done", path, faces, frames)`` or ``("failed", code,
+            message)``), or None when the store closed or ``cancelled()`` became true (the child is
+            terminated).
+        """
         t0 = time.monotonic()
         receiver, sender = self._ctx.Pipe(duplex=False)
-        video = uploaded_avatar_video(self._root, record.id)
         child = self._ctx.Process(
             target=_prepare_child,
-            args=(str(video), record.fps, tuple(record.size), self._cfg.min_face_fraction, str(self._root), sender),
-            name=f"avatar-prepare-{record.id}",
+            args=(video, settings, str(self._root), sender),
+            name=f"avatar-prepare-{label}",
             daemon=True,
         )
         with self._lock:
             if self._closed:
-                return
+                return None
             self._child = child
             child.start()
         sender.close()
@@ -562,8 +690,8 @@ class AvatarStore:
         deadline = t0 + self._cfg.prepare_timeout_s
         try:
             while result is None:
-                if self._closed:
-                    return  # close() terminated it; it stays "preparing" and is prepared again at the next start
+                if self._closed or cancelled():
+                    return None  # terminated below
                 if time.monotonic() > deadline:
                     result = (
                         "failed",
@@ -580,7 +708,7 @@ class AvatarStore:
                     result = ("failed", "prepare_failed", f"the preparation process died (exit code {child.exitcode})")
                     break
                 if message[0] == "progress":
-                    record.progress = min(1.0, max(record.progress, float(message[1])))
+                    on_progress(float(message[1]))
                 else:
                     result = message
         finally:
@@ -591,6 +719,27 @@ class AvatarStore:
             if child.is_alive():
                 child.kill()
                 child.join(CHILD_EXIT_S)
+            with self._lock:
+                self._child = None
+        return result
+
+    def _prepare(self, record: AvatarRecord) -> None:
+        from latentsync.avatar import AvatarSettings
+
+        t0 = time.monotonic()
+        video = uploaded_avatar_video(self._root, record.id)
+        settings = AvatarSettings(
+            fps=record.fps, size=tuple(record.size), min_face_fraction=self._cfg.min_face_fraction
+        )
+
+        def progress(fraction: float) -> None:
+            record.progress = min(1.0, max(record.progress, fraction))
+
+        result = self._child_result(str(video), settings, record.id, progress, lambda: False)
+        if result is None:
+            return  # close() stopped it; it stays "preparing" and is prepared again at the next start
+        with self._lock:
+            self._pending_bytes.pop(record.id, None)  # what it holds now is on disk
         if result[0] == "done":
             _, path, faces_found, num_frames = result
             self._finish(

@@ -25,3 +25,36 @@ class ServingError(Exception):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code!r}, {self.message!r})"
+
+
+def public_reason(exc: BaseException) -> str:
+    """Why a channel, an avatar switch or a preparation failed, as API clients may read it.
+
+    Our own messages (budgets, faces) are kept; FFmpeg's text, paths and whether a file exists
+    never are (the log has the full error).
+
+    Args:
+        exc: The exception that stopped it.
+
+    Returns:
+        ``"<ErrorType>: <message>"``.
+    """
+    from latentsync.face import FaceNotFoundError
+    from latentsync.media.audio import MediaDecodeTimeout
+    from latentsync.media.probe import MediaProbeError
+    from latentsync.media.video import MediaLimitError
+
+    name = type(exc).__name__
+    if isinstance(exc, MediaLimitError | FaceNotFoundError):
+        return f"{name}: {exc}"
+    if isinstance(exc, MediaDecodeTimeout):
+        return f"{name}: decoding the video took too long"
+    if isinstance(exc, MediaProbeError):
+        return f"{name}: not a decodable video in an accepted format (MP4/MOV, Matroska/WebM)"
+    if isinstance(exc, FileNotFoundError):
+        return f"{name}: the video file is missing"
+    if isinstance(exc, ServingError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(getattr(exc, "public_message", None), str):  # made safe to show where it was raised
+        return f"{name}: {exc.public_message}"
+    return f"{name}: an internal error (the server log has it)"

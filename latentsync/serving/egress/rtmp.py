@@ -44,6 +44,7 @@ FLUSH_TIMEOUT_S = 4.0  # graceful close: time FFmpeg gets to drain, flush and ex
 STABLE_RUN_S = 10.0  # a run at least this long resets the restart backoff to its minimum
 STDERR_TAIL_LINES = 50
 REACHABILITY_POLL_S = 0.25  # during a backoff wait, how often to test whether the RTMP server is back
+RECORD_PRUNE_S = 10.0  # how often old recording files beyond stream.record_keep are deleted
 DEFAULT_RTMP_PORT = 1935
 
 
@@ -131,9 +132,25 @@ class SinkSettings:
         return self.stream.restart_backoff_max_s
 
     @property
-    def record_path(self) -> str | None:
-        """Optional second output through FFmpeg's tee muxer; restarts write ``<stem>-<n><suffix>``."""
-        return self.stream.record_path
+    def record_path(self) -> Path | None:
+        """Optional local copy through FFmpeg's tee muxer: ``stream.record_dir / stream.record_path``.
+
+        It is written in segments (:func:`build_ffmpeg_command`) named ``<stem>-<run>-<segment><suffix>``.
+        """
+        s = self.stream
+        return Path(s.record_dir) / s.record_path if s.record_path and s.record_dir else None
+
+    @property
+    def record_segment_s(self) -> int:
+        """Seconds per recording file: ``stream.record_max_mb`` at the video and audio bitrates (at least 10)."""
+        s = self.stream
+        bits_per_s = (s.video_bitrate_kbps + s.audio_bitrate_kbps) * 1000
+        return max(10, int(s.record_max_mb * 2**20 * 8 / bits_per_s))
+
+    @property
+    def record_keep(self) -> int:
+        """Recording files kept (``stream.record_keep``): older ones are deleted."""
+        return self.stream.record_keep
 
 
 @dataclass(frozen=True)
@@ -233,14 +250,39 @@ def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: P
         "-ac",
         str(s.audio_channels),
     ]
-    if s.record_path is None:
+    record = s.record_path
+    if record is None:
         return cmd + ["-flvflags", "no_duration_filesize", "-f", "flv", s.rtmp_url]
-    record = Path(s.record_path)
-    if run_index > 0:
-        record = record.with_name(f"{record.stem}-{run_index}{record.suffix}")
+    pattern = record.with_name(f"{record.stem}-{run_index:03d}-%04d{record.suffix}")
+    segment = f"f=segment:segment_time={s.record_segment_s}:reset_timestamps=1:onfail=ignore"
     # The tee muxer has no global-header flag of its own: FLV and MP4/MKV need the SPS/PPS out of band.
-    targets = f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{s.rtmp_url}|[onfail=ignore]{record}"
+    # Neither the URL nor the file name can hold | [ ] or a backslash (config.rtmp_host, stream.record_path).
+    targets = f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{s.rtmp_url}|[{segment}]{pattern}"
     return cmd + ["-flags", "+global_header", "-f", "tee", targets]
+
+
+def prune_recordings(record: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` files of a recording (``<stem>-*<suffix>`` beside ``record``).
+
+    Args:
+        record: ``stream.record_dir / stream.record_path``.
+        keep: Files to keep (the newest by modification time, the one being written among them).
+
+    Returns:
+        The files deleted.
+    """
+    try:
+        files = sorted(record.parent.glob(f"{record.stem}-*{record.suffix}"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return []
+    gone = []
+    for old in files[: max(0, len(files) - keep)]:
+        try:
+            old.unlink()
+            gone.append(old)
+        except OSError as exc:
+            logger.warning("recording %s not deleted: %s", old.name, exc)
+    return gone
 
 
 class _Run:
@@ -386,11 +428,16 @@ class FFmpegSink:
             self._run = run
             try:
                 self._launch(run)
+                next_prune = 0.0
                 while not self._stop.is_set():
                     if run.proc is not None and run.proc.poll() is not None:
                         break
                     if run.failed.wait(0.1):
                         break
+                    record = self._settings.record_path
+                    if record is not None and time.monotonic() >= next_prune:
+                        next_prune = time.monotonic() + RECORD_PRUNE_S
+                        prune_recordings(record, self._settings.record_keep)
             except OSError as exc:
                 logger.error("cannot start ffmpeg: %s", exc)
             graceful = self._stop.is_set()

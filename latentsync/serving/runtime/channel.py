@@ -27,7 +27,8 @@ from pathlib import Path
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
 from latentsync.media.default_avatar import ensure_default_avatar
-from latentsync.media.video import VideoClip, load_clip
+from latentsync.media.video import VideoClip
+from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
 from latentsync.serving.egress.whep import WebRtcHub
@@ -38,7 +39,7 @@ from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.playout.state import StreamState
 from latentsync.serving.playout.tap import TappedSink
-from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache
+from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, clip_limits
 from latentsync.serving.telemetry.events import EventBroadcaster, EventFeed
 from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
 
@@ -113,7 +114,7 @@ class Channel:
         self.name = name
         self.config = config
         self._on_ttff = on_ttff
-        self._clips = clips
+        self._clips = clips or ClipCache()
         self._preparations = preparations or AvatarPreparations()
         self._clip: VideoClip | None = None  # held while the channel lives (the cache's entries are weak)
         self._machine = StateMachine(ChannelState.created, CHANNEL_MOVES, f"channel {name}")
@@ -209,10 +210,7 @@ class Channel:
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         size = (s.width, s.height) if s.width else None
         t = time.monotonic()
-        if self._clips is not None:
-            clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
-        else:
-            clip = load_clip(idle_path, s.fps, s.audio_sample_rate, size, with_audio=s.idle_audio)
+        clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, size, s.idle_audio, clip_limits(cfg))
         self._clip = clip
         self.stream_size = clip.size
         logger.info(
@@ -293,7 +291,7 @@ class Channel:
         base_video = cfg.avatar.video or cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         t = time.monotonic()
         avatar = self._preparations.prepare(
-            base_video, self._avatar_settings(), cfg.avatar.cache_dir, stopping=lambda: self.stopped
+            base_video, self._avatar_settings(), cfg.avatar.cache_dir, lambda: self.stopped, clip_limits(cfg)
         )
         logger.info(
             "channel %s: avatar %s: %d frames (%.1f s)",
@@ -357,20 +355,20 @@ class Channel:
             idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
             base_video = a.video or idle_path
             t = time.monotonic()
-            if self._clips is not None:
-                clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, self.stream_size, s.idle_audio)
-            else:
-                clip = load_clip(idle_path, s.fps, s.audio_sample_rate, self.stream_size, with_audio=s.idle_audio)
+            clip = self._clips.load(
+                idle_path, s.fps, s.audio_sample_rate, self.stream_size, s.idle_audio, clip_limits(config)
+            )
             settings = AvatarSettings(fps=s.fps, size=self.stream_size, min_face_fraction=a.min_face_fraction)
             avatar = self._preparations.prepare(
                 base_video,
                 settings,
                 a.cache_dir,
-                stopping=lambda: self._stop_event.is_set() or generation != self._switch_generation,
+                lambda: self._stop_event.is_set() or generation != self._switch_generation,
+                clip_limits(config),
             )
         except Exception as exc:
-            logger.warning("channel %s: avatar switch failed: %s", self.name, exc)
-            self._set_switch(generation, SwitchState.failed, f"{type(exc).__name__}: {exc}")
+            logger.warning("channel %s: avatar switch failed: %s: %s", self.name, type(exc).__name__, exc)
+            self._set_switch(generation, SwitchState.failed, public_reason(exc))
             return
         logger.info(
             "channel %s: new avatar %s ready (%.1f s); switching at the next idle moment",

@@ -11,6 +11,9 @@ from latentsync.config import (
     DEFAULT_CHANNEL,
     AppConfig,
     ConfigError,
+    allowed_rtmp_hosts,
+    api_channel,
+    api_media_path,
     uploaded_avatar_video,
     validate,
 )
@@ -91,6 +94,11 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
     for name, values in (state.get("live") or {}).items():
         kept = (*LIVE_FIELDS, "width", "height")  # the size the stream had when its avatar changed
         values = {k: v for k, v in values.items() if k in kept} if isinstance(values, dict) else {}
+        try:  # held to the API's rules, as when it was made: video paths only under media.root
+            values.update({k: api_media_path(config, k, v) for k in ("idle_video", "video") if (v := values.get(k))})
+        except (ConfigError, TypeError) as exc:
+            logger.warning("channels_file: %s's avatar skipped: %s", name, exc)
+            continue
         if name == DEFAULT_CHANNEL:
             avatar, stream = _live_avatar(config, values, out.avatar, out.stream)
             candidate = dataclasses.replace(out, avatar=avatar, stream=stream)
@@ -106,11 +114,13 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
     from latentsync.config import parse_channel
 
     created: set[str] = set()
+    hosts = allowed_rtmp_hosts(config)
     for values in state.get("created") or []:
         try:
-            spec = parse_channel(str(values.get("name", "")), values)
-        except (ConfigError, AttributeError) as exc:
-            logger.warning("channels_file: a created channel skipped: %s", exc)
+            spec = api_channel(config, parse_channel(str(values.get("name", "")), values), hosts)
+        except (ConfigError, AttributeError, TypeError) as exc:
+            name = values.get("name") if isinstance(values, dict) else None
+            logger.warning("channels_file: %s skipped: %s", f"channel {name}" if name else "a created channel", exc)
             continue
         candidate = dataclasses.replace(out, channels=[*out.channels, spec])
         if (spec.name not in configured or spec.name in deleted) and attempt(candidate, f"channel {spec.name}"):

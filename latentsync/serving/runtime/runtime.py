@@ -28,16 +28,21 @@ import threading
 import time
 from pathlib import Path
 
+from latentsync.avatar import Avatar
 from latentsync.config import (
     DEFAULT_CHANNEL,
     AppConfig,
     ChannelConfig,
     ConfigError,
     EngineName,
+    allowed_rtmp_hosts,
+    api_channel,
+    api_media_path,
     channel_configs,
     validate,
 )
 from latentsync.serving.avatars.store import AvatarStore
+from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.rtmp import FFmpegSink
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import WorkerPool
@@ -79,6 +84,7 @@ class Runtime:
     def __init__(self, config: AppConfig):
         self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
         self._file_config = config  # main's avatar as configured, if the one kept in channels_file fails
+        self._api_hosts = allowed_rtmp_hosts(config)  # where channels created through the API may push
         # what the API changed before a restart (channels_file): configured channels deleted, avatar changes
         config, self._deleted, self._live, restored = restore_channels(config)
         self._kept = set(restored)  # created channels written to channels_file: those that reached ready
@@ -92,7 +98,8 @@ class Runtime:
         self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
         self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
-        self._preparations = AvatarPreparations()  # and prepare the same base video once
+        # ... and prepare the same base video once, in the avatar store's queue (a child process)
+        self._preparations = AvatarPreparations(self._prepare_in_store)
         self.channels: dict[str, Channel] = {
             name: self._new_channel(name, cfg) for name, cfg in channel_configs(config).items()
         }
@@ -102,6 +109,13 @@ class Runtime:
         self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
         self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
         self.metrics.registry.register(self.avatars)
+
+    def _prepare_in_store(self, video, settings, cache_dir, stopping) -> Avatar:
+        """A channel's base video prepared in the avatar store's queue (:class:`AvatarPreparations`' runner)."""
+        path = self.avatars.prepare_for_channel(video, settings, stopping)
+        if path is None:
+            raise PreparationCancelled(f"preparation of {Path(video).name} cancelled")
+        return Avatar.load(path)
 
     def _new_channel(self, name: str, config: AppConfig) -> Channel:
         return Channel(name, config, self._observe_ttff, self._clips, self._preparations)
@@ -220,8 +234,9 @@ class Runtime:
             if DEFAULT_CHANNEL not in self._live or self._stopped:
                 raise
             reason = f"{type(exc).__name__}: {exc}"
+            public = public_reason(exc)
         logger.error("channel main: the avatar kept in channels_file fails (%s): back to the configured one", reason)
-        channel.fail(reason)
+        channel.fail(public)
         with self._channels_lock:
             self._live.pop(DEFAULT_CHANNEL, None)
             base = self._file_config
@@ -251,8 +266,8 @@ class Runtime:
             logger.info("channel %s stopped while its avatar was being prepared", channel.name)
             return
         except Exception as exc:
-            logger.error("channel %s failed to start: %s", channel.name, exc)
-            channel.fail(f"{type(exc).__name__}: {exc}")
+            logger.error("channel %s failed to start: %s: %s", channel.name, type(exc).__name__, exc)
+            channel.fail(public_reason(exc))
             return
         self._attach(channel)
 
@@ -368,8 +383,10 @@ class Runtime:
     def add_channel(self, spec: ChannelConfig) -> Channel:
         """Create a channel while the server runs or starts (``PUT /channels/<name>``); it starts in the background.
 
-        The new channel is checked with the others exactly as at load (:func:`latentsync.config.validate`:
-        name, unique RTMP URL, ``max_channels``, its stream/avatar values). Its stream goes on air
+        The new channel is held to the API's rules (:func:`latentsync.config.api_channel`: video paths
+        only under ``media.root``, an RTMP URL to an allowed host, no ``record_path``), then checked
+        with the others exactly as at load (:func:`latentsync.config.validate`: name, unique RTMP URL,
+        ``max_channels``, its stream/avatar values). Its stream goes on air
         (once ``main`` is), its avatar is prepared, then it takes uploads once the shared pool runs
         (:attr:`Channel.status` says where it is). A failure marks it ``failed``; it is written to
         ``channels_file`` only once ``ready``.
@@ -378,6 +395,7 @@ class Runtime:
             latentsync.config.ConfigError: If the channel is invalid or one of that name exists.
             RuntimeError: If the runtime is stopping.
         """
+        spec = api_channel(self.config, spec, self._api_hosts)
         if spec.avatar is not None:
             self.avatars.require_ready(spec.avatar)
         with self._channels_lock:
@@ -415,7 +433,13 @@ class Runtime:
         from latentsync.config import parse_channel
 
         channel = self.channels[name]
+        if "record_path" in values:
+            raise ConfigError("record_path: recordings are set in the config file only (stream.record_dir)")
         given = parse_channel(name, {k: v for k, v in values.items() if k != "name"})
+        paths = {
+            k: api_media_path(self.config, k, getattr(given, k)) for k in ("idle_video", "video") if getattr(given, k)
+        }
+        given = dataclasses.replace(given, **paths)
         current = channel.config
         effective = {
             "rtmp_url": current.stream.rtmp_url,
@@ -490,7 +514,10 @@ class Runtime:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(state, indent=1))
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)  # stream keys: 0600
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(state, indent=1))
             os.replace(tmp, path)
         except OSError as exc:
             logger.error("channels_file %s not written (a restart will not have this change): %s", path, exc)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.datafiles import make_faceless_video, media_file
+from tests.datafiles import MEDIA, make_faceless_video, media_file
 from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path, launch_chromium
 from tests.streamtools import ServerProcess
 from tests.whep_client import http
@@ -40,6 +40,7 @@ def server(rtmp_server, tmp_path_factory):
             f"api.token={TOKEN}",
             f"avatar.cache_dir={tmp / 'avatars'}",  # private: the avatar list starts empty
             f'channels=[{{name: hall, rtmp_url: "{rtmp_server.url("page-hall")}", idle_video: "{video}"}}]',
+            f"media.root={MEDIA}",  # PUT may name the test videos by path
         ],
         tmp / "server.log",
     ).start()

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -199,6 +200,47 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
         assert not newest.exists() and store.list() == []
     finally:
         store.close()
+
+
+def test_simultaneous_uploads_never_overshoot_max_preparing_nor_the_quota(tmp_path):
+    probe = AvatarStore(config_for(tmp_path / "probe"), lambda: {})  # not started: learn what one upload needs
+    first = probe.add(upload_of(FACE_VIDEO, tmp_path), "probe")
+    need = probe._pending_bytes[first["id"]] + probe.usage_bytes()
+    probe.close()
+
+    def eight_at_once(store: AvatarStore) -> list:
+        results: list = [None] * 8
+        barrier = threading.Barrier(8)
+
+        def add(i: int) -> None:
+            barrier.wait(10)
+            try:
+                results[i] = store.add(upload_of(FACE_VIDEO, tmp_path, f"u{i}"), f"u{i}")["id"]
+            except AvatarError as exc:
+                results[i] = exc.code
+
+        threads = [threading.Thread(target=add, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return results
+
+    # slots: taken before the copy, so 8 simultaneous uploads at max_preparing=3 get exactly 3
+    store = AvatarStore(config_for(tmp_path / "slots", max_preparing=3), lambda: {})  # not started: they wait
+    results = eight_at_once(store)
+    store.close()
+    assert sorted(r if r == "busy" else "ok" for r in results) == ["busy"] * 5 + ["ok"] * 3, results
+    # bytes: room for one and a half uploads beside an unused 4 MiB avatar: one is taken in, the others
+    # get 507 (the queued one's bytes count), and the unused avatar is never deleted for them
+    cache = tmp_path / "quota"
+    old = fake_entry(cache, "av-000000000009", 4, 100, upload=True)
+    quota_mb = (4 * MIB + 1.5 * need) / MIB
+    store = AvatarStore(config_for(cache, max_preparing=8, cache_quota_mb=quota_mb), lambda: {})
+    results = eight_at_once(store)
+    store.close()
+    assert sorted(r if r == "quota_exceeded" else "ok" for r in results) == ["ok"] + ["quota_exceeded"] * 7, results
+    assert old.exists()
 
 
 def test_an_avatar_a_channel_uses_cannot_be_deleted(tmp_path):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from latentsync.config import StreamConfig
-from latentsync.serving.egress.rtmp import SinkSettings, build_ffmpeg_command
+from latentsync.serving.egress.rtmp import SinkSettings, build_ffmpeg_command, prune_recordings
 
 URL = "rtmp://127.0.0.1:1935/live/s3cr3t"
 
@@ -58,9 +59,20 @@ def test_gop_rounds_and_never_falls_below_one_frame():
     assert option(build_ffmpeg_command(settings(fps=1, keyframe_interval_s=0.1), Path("v"), Path("a"), 0), "-g") == "1"
 
 
-def test_recording_goes_through_tee_with_one_file_per_run():
-    first = build_ffmpeg_command(settings(record_path="out/live.mkv"), Path("v"), Path("a"), 0)
-    again = build_ffmpeg_command(settings(record_path="out/live.mkv"), Path("v"), Path("a"), 2)
+def test_recording_goes_through_tee_in_segments_of_record_max_mb_and_old_ones_are_deleted(tmp_path):
+    first = build_ffmpeg_command(
+        settings(record_dir="out", record_path="live.mkv", record_max_mb=10), Path("v"), Path("a"), 0
+    )
+    again = build_ffmpeg_command(settings(record_dir="out", record_path="live.mkv"), Path("v"), Path("a"), 2)
     assert first[-4:-1] == ["+global_header", "-f", "tee"]
-    assert first[-1] == f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{URL}|[onfail=ignore]out/live.mkv"
-    assert again[-1].endswith("|[onfail=ignore]out/live-2.mkv")
+    # 10 MiB at 1800 + 96 kbit/s: 44 s per file
+    segment = "f=segment:segment_time=44:reset_timestamps=1:onfail=ignore"
+    assert first[-1] == f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{URL}|[{segment}]out/live-000-%04d.mkv"
+    assert again[-1].endswith("]out/live-002-%04d.mkv")
+    for i in range(5):
+        (tmp_path / f"live-000-{i:04d}.mkv").write_bytes(b"x")
+        os.utime(tmp_path / f"live-000-{i:04d}.mkv", (1000 + i, 1000 + i))
+    (tmp_path / "other.mkv").write_bytes(b"x")
+    gone = prune_recordings(tmp_path / "live.mkv", keep=2)
+    assert sorted(p.name for p in gone) == [f"live-000-{i:04d}.mkv" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live-000-0003.mkv", "live-000-0004.mkv", "other.mkv"]

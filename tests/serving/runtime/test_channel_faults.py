@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 import urllib.error
@@ -204,7 +205,8 @@ class Life:
 
 def test_put_and_delete_at_any_moment_never_take_the_server_down(rtmp_server, tmp_path):
     require_rtmp_tools()
-    video = media_file(VIDEO)
+    video = tmp_path / "presenter.mp4"  # every video the API names lies under media.root
+    shutil.copy(media_file(VIDEO), video)
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video\n")
     spoiled = tmp_path / "spoiled.mp4"  # was a video when the API kept it; it is not any more
@@ -229,6 +231,8 @@ def test_put_and_delete_at_any_moment_never_take_the_server_down(rtmp_server, tm
         "webrtc.enabled=false",
         f"avatar.cache_dir={tmp_path / 'avatars'}",
         f"channels_file={channels_file}",
+        f"media.root={tmp_path}",
+        "api.mutations_per_min=0",  # the seeded client changes channels faster than a person would
     ]
     interleavings: Counter = Counter()
     lists: list[tuple[float, str, str]] = []

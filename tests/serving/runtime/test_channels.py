@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.datafiles import media_file
+from tests.datafiles import MEDIA, media_file
 from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
@@ -53,6 +53,7 @@ def two_channels(rtmp_server, hall_rtmp, tmp_path_factory):
             "webrtc.enabled=false",
             f"avatar.cache_dir={tmp / 'avatars'}",  # uploaded avatars stay out of the repository's cache
             f"channels_file={tmp / 'channels.json'}",
+            f"media.root={MEDIA}",  # PUT may name the test videos by path
         ],
         tmp / "server.log",
     ).start()
@@ -352,6 +353,7 @@ def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_chan
             "webrtc.enabled=false",
             f"avatar.cache_dir={server.tmp / 'avatars'}",
             f"channels_file={tmp_path / 'channels.json'}",
+            f"media.root={MEDIA}",
         ],
         tmp_path / "restarted.log",
     ).start()

@@ -164,7 +164,7 @@ def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer
 
     from latentsync.config import uploaded_avatar_video
     from latentsync.serving.runtime.runtime import Runtime
-    from tests.datafiles import media_file
+    from tests.datafiles import MEDIA, media_file
 
     video = str(media_file("video/nanmote002.mp4"))
     cache = tmp_path / "avatars"
@@ -177,12 +177,15 @@ def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer
         [
             f"channels_file={state}",
             f"avatar.cache_dir={cache}",
+            f"media.root={MEDIA}",
             "max_channels=3",
             'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}, {name: lobby, rtmp_url: "rtmp://h/live/lobby"}]',
         ],
     )
     created = [
-        {"name": "gone", "rtmp_url": "rtmp://h/live/gone", "idle_video": "/no/such.mp4"},  # its video was deleted
+        {"name": "gone", "rtmp_url": "rtmp://h/live/gone", "idle_video": f"{MEDIA}/gone.mp4"},  # deleted since
+        {"name": "sneaky", "rtmp_url": "rtmp://h/live/sneaky", "idle_video": "/etc/passwd"},  # not under media.root
+        {"name": "away", "rtmp_url": "rtmp://elsewhere.example/live/away"},  # not an allowed RTMP host
         {"name": "popup", "rtmp_url": "rtmp://h/live/popup", "idle_video": video, "fps": 20},
         {"name": "hall", "rtmp_url": "rtmp://h/live/other"},  # the config has a hall (not deleted): config wins
         {"name": "extra", "rtmp_url": "rtmp://h/live/extra"},  # past max_channels = 3
@@ -198,7 +201,9 @@ def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer
     )
     popup = runtime.channels["popup"].config
     assert popup.stream.fps == 20 and popup.stream.rtmp_url == "rtmp://h/live/popup"
-    assert "channel gone skipped" in caplog.text and "/no/such.mp4" in caplog.text
+    assert "channel gone skipped: idle_video: no such file under media.root" in caplog.text
+    assert "channel sneaky skipped: idle_video: must name a file under media.root" in caplog.text
+    assert "channel away skipped: rtmp_url: 'elsewhere.example' is not in stream.allowed_rtmp_hosts" in caplog.text
     assert "channel extra skipped" in caplog.text and "max_channels" in caplog.text
     # The next change rewrites the file with what is kept: a deleted configured channel stays deleted.
     with runtime._channels_lock:
