@@ -23,7 +23,8 @@ from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
 from latentsync.serving.generation.pool import WorkerPoolError
-from latentsync.serving.ops.logs import configure_logging
+from latentsync.serving.ops.logs import QueryRedactingRequestHandler, configure_logging
+from latentsync.serving.ops.memory import bound_heap_growth
 from latentsync.serving.ops.systemd import sd_notify
 from latentsync.serving.runtime.runtime import Runtime
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(config), end="")
         return 0
     configure_logging(config.log.level, config.log.json)
+    bound_heap_growth()  # freed frames and audio go back to the system (latentsync/serving/ops/memory.py)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -67,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     runtime = Runtime(config)
-    server = make_server(config.server.host, config.server.port, create_app(runtime), threaded=True)
+    server = make_server(
+        config.server.host,
+        config.server.port,
+        create_app(runtime),
+        threaded=True,
+        request_handler=QueryRedactingRequestHandler,
+    )
     http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
     http_thread.start()
     logger.info("API on http://%s:%d", config.server.host, config.server.port)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentsync.config import load_config  # noqa: E402
+from latentsync.config import RESERVED_THREADS, load_config  # noqa: E402
 from latentsync.serving.ops.systemd import sd_notify, take_notify_socket  # noqa: E402
 
 # systemd's notify socket is for our worker (READY=1 once the stream is on air, watchdog pings), not
@@ -29,7 +29,9 @@ _config = load_config(
 bind = f"{_config.server.host}:{_config.server.port}"
 workers = 1  # never more: one process owns the stream
 worker_class = "gthread"
-threads = 8
+# Event streams and WebSockets hold a thread each (at most api.max_long_lived); the rest always serve
+# health checks, uploads and cancels.
+threads = _config.api.max_long_lived + RESERVED_THREADS
 timeout = 120  # worker heartbeat; uploads of up to api.max_upload_mb take far less
 # SIGTERM: the worker finishes its requests, then worker_exit stops the runtime (speech faded out in
 # <= 1 s, clock stopped <= 2 s, FFmpeg flushed <= 8 s, engine pool closed): all inside this, which
@@ -39,6 +41,8 @@ keepalive = 5
 limit_request_line = 8190
 limit_request_fields = 100
 accesslog = "-"
+# %(U)s: the path without its query (a WebSocket ticket never reaches the log)
+access_log_format = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s"'
 errorlog = "-"
 loglevel = _config.log.level.lower()
 

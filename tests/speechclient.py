@@ -14,15 +14,24 @@ class SpeechClient:
 
     Args:
         port: Server port on 127.0.0.1.
-        token: Sent as the ``token`` query parameter (None: none).
+        token: Sent as ``Authorization: Bearer <token>`` (None: none).
         headers: Extra handshake headers (e.g. ``Origin``).
         channel: The channel (None: main's path).
+        query: The URL's query, e.g. ``ticket=...`` (a browser's way: ``POST /ws/tickets`` first).
     """
 
-    def __init__(self, port: int, token: str | None = None, headers: dict | None = None, channel: str | None = None):
-        query = f"?token={token}" if token else ""
+    def __init__(
+        self,
+        port: int,
+        token: str | None = None,
+        headers: dict | None = None,
+        channel: str | None = None,
+        query: str = "",
+    ):
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
         prefix = f"/channels/{channel}" if channel else ""
-        self.ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{port}{prefix}/ws/speech{query}", headers=headers)
+        url = f"ws://127.0.0.1:{port}{prefix}/ws/speech{'?' + query if query else ''}"
+        self.ws = simple_websocket.Client.connect(url, headers=headers)
         self.events: list[dict] = []
         self.closed = False  # the server closed the connection
 

@@ -16,7 +16,7 @@ import pytest
 import simple_websocket
 
 from latentsync.media import decode_audio
-from tests.datafiles import media_file
+from tests.datafiles import MEDIA, media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import Api, ServerProcess, StreamRecorder, decode_recording, rms_envelope
 
@@ -49,6 +49,7 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.idle_video={media_file('video/2s_GirlMuseum_0730.mp4')}",
             f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
             f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
+            f"media.root={MEDIA}",  # PUT may name the test videos by path
             "engine.name=parametric",
             f"stream.rtmp_url={rtmp_server.url(key)}",
             f"api.token={TOKEN}",
@@ -144,7 +145,18 @@ def test_websocket_auth_and_origin(server):
     with pytest.raises(simple_websocket.ConnectionError) as err:
         SpeechClient(server.port, TOKEN, headers={"Origin": "http://evil.example"})
     assert err.value.status_code == 403
-    client = SpeechClient(server.port, headers=AUTH)  # a header token works as for HTTP
+    with pytest.raises(simple_websocket.ConnectionError) as err:  # the token is never taken from a URL
+        SpeechClient(server.port, query=f"token={TOKEN}")
+    assert err.value.status_code == 401
+    api = Api(server.port)
+    status, body = api.request("POST", "/ws/tickets", headers=AUTH)  # a browser's way: a single-use ticket
+    assert status == 201 and body["expires_in_s"] > 0
+    SpeechClient(server.port, query=f"ticket={body['ticket']}").close()
+    with pytest.raises(simple_websocket.ConnectionError) as err:
+        SpeechClient(server.port, query=f"ticket={body['ticket']}")  # spent
+    assert err.value.status_code == 401
+    assert "ticket=" not in server.log_path.read_text()  # the access log leaves queries out
+    client = SpeechClient(server.port, token=TOKEN)  # a header token works as for HTTP
     others = [SpeechClient(server.port, TOKEN) for _ in range(MAX_OPEN - 1)]
     with pytest.raises(simple_websocket.ConnectionError) as err:  # each connection holds a server thread
         SpeechClient(server.port, TOKEN)

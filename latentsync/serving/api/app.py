@@ -32,7 +32,6 @@ refused before their body is read.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import hmac
@@ -41,7 +40,6 @@ import math
 import threading
 import time
 from pathlib import PurePath
-from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -51,11 +49,19 @@ from latentsync.config import (
     GUIDANCE_SCALE_RANGE,
     SEED_RANGE,
     ConfigError,
-    is_loopback_host,
     parse_channel,
 )
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
+from latentsync.serving.api.access import (
+    TICKET_TTL_S,
+    LongLivedSlots,
+    RateLimiter,
+    TicketBook,
+    allowed_hosts,
+    host_allowed,
+    origin_allowed,
+)
 from latentsync.serving.api.errors import ApiError, error_response, status_of
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
@@ -129,66 +135,9 @@ def _saved(upload, make_path, discard):
             discard(path)
 
 
-def origin_allowed(origin: str | None, host: str, scheme: str, allowed: frozenset[str]) -> bool:
-    """Whether a state-changing request with this ``Origin`` header may proceed.
-
-    Allowed: no ``Origin`` (not a browser page: curl, scripts, server-to-server), an origin in
-    ``allowed`` (``api.allowed_origins``), or a same-origin page (``Origin`` equals
-    ``scheme://Host``) whose host is loopback (``127.0.0.1``, ``[::1]``, ``localhost``). A
-    same-origin page under any other name is only trusted when listed: a DNS-rebinding page
-    (``http://evil.example:11001`` resolving to 127.0.0.1) is same-origin by its own account.
-
-    Args:
-        origin: The request's ``Origin`` header (None when absent).
-        host: The request's ``Host`` header (``host[:port]``).
-        scheme: ``http`` or ``https`` as the request arrived.
-        allowed: Origins from ``api.allowed_origins``, lower-case, without a trailing slash.
-    """
-    if origin is None:
-        return True
-    origin = origin.strip().rstrip("/").lower()
-    if origin in allowed:
-        return True
-    if origin != f"{scheme}://{host}".lower():
-        return False
-    return is_loopback_host(urlsplit(origin).hostname or "")
-
-
 def public_health(body: dict) -> dict:
     """The part of a ``/health`` body shown without the token: :data:`PUBLIC_HEALTH_KEYS` only."""
     return {k: body[k] for k in PUBLIC_HEALTH_KEYS if k in body}
-
-
-class RateLimiter:
-    """Sliding one-minute window of accepted uploads per client address (bounded memory).
-
-    Args:
-        per_minute: Uploads allowed per address per 60 s (0: unlimited).
-        max_clients: Addresses tracked at once; the least recently seen are forgotten first.
-    """
-
-    def __init__(self, per_minute: int, max_clients: int = 4096):
-        self._per_minute = per_minute
-        self._max_clients = max_clients
-        self._lock = threading.Lock()
-        self._seen: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
-
-    def allow(self, client: str) -> bool:
-        """Count one upload from ``client``; False when it is over its limit."""
-        if self._per_minute <= 0:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            stamps = self._seen.pop(client, None) or collections.deque()
-            self._seen[client] = stamps
-            while stamps and now - stamps[0] > 60.0:
-                stamps.popleft()
-            if len(self._seen) > self._max_clients:
-                self._seen.popitem(last=False)
-            if len(stamps) >= self._per_minute:
-                return False
-            stamps.append(now)
-            return True
 
 
 def create_app(runtime: Runtime | None = None) -> Flask:
@@ -218,7 +167,13 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     avatar_cfg = runtime.config.avatar
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
     fps = runtime.config.stream.fps
-    limiter = RateLimiter(api.rate_limit_per_min)
+    limiter = RateLimiter(api.rate_limit_per_min)  # uploads
+    mutations = RateLimiter(api.mutations_per_min)  # every state-changing request
+    auth_failures = RateLimiter(api.auth_failures_per_min)
+    tickets = TicketBook()  # WebSocket handshakes of browsers (never the token in a URL)
+    long_lived = LongLivedSlots(api.max_long_lived)
+    hosts = allowed_hosts(runtime.config)
+    any_ip = runtime.config.server.allowed_hosts is None  # an address is no name to rebind
     token = api.token.encode() if api.token else None
     origins = frozenset(o.rstrip("/").lower() for o in api.allowed_origins)
 
@@ -228,8 +183,29 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
         if WS_PATH_RE.fullmatch(request.path) and not given:  # a browser's WebSocket cannot set headers
-            return hmac.compare_digest(request.args.get("token", "").encode(), token)
+            if request.environ.get("latentsync.ticket_ok") is None:  # redeemed once per request
+                request.environ["latentsync.ticket_ok"] = tickets.redeem(request.args.get("ticket", ""))
+            return request.environ["latentsync.ticket_ok"]
         return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token)
+
+    def client() -> str:
+        return request.remote_addr or "?"
+
+    def check_host():
+        if not host_allowed(request.headers.get("Host"), hosts, any_ip):
+            return error_response(
+                "bad_host", "this server does not answer to that name (server.allowed_hosts, server.public_name)"
+            )
+        return None
+
+    @app.before_request
+    def limit_mutations():
+        if request.method in STATE_CHANGING_METHODS and not mutations.allow(client()):
+            return error_response(
+                "rate_limited",
+                f"more than {api.mutations_per_min} changes a minute from this client (api.mutations_per_min)",
+            )
+        return None
 
     @app.before_request
     def check_origin():
@@ -244,11 +220,24 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.before_request
     def require_token():
-        if request.endpoint == "health" or request.path in PUBLIC_PATHS or authorized():
+        if request.endpoint == "health" or request.path in PUBLIC_PATHS:
             return None
-        response = error_response("unauthorized", "missing or wrong bearer token (api.token)")
+        if token is not None and auth_failures.over(client()):
+            return error_response(
+                "too_many_auth_failures",
+                f"more than {api.auth_failures_per_min} failed authentications a minute from this client",
+            )
+        if authorized():
+            return None
+        auth_failures.allow(client())
+        response = error_response("unauthorized", "missing or wrong bearer token (api.token), or a spent ticket")
         response.headers["WWW-Authenticate"] = "Bearer"
         return response
+
+    @app.post("/ws/tickets")
+    def ws_ticket():
+        """A single-use ticket for one WebSocket handshake (``?ticket=``), valid for TICKET_TTL_S."""
+        return jsonify({"ticket": tickets.issue(), "expires_in_s": TICKET_TTL_S}), 201
 
     @app.errorhandler(ServingError)
     def serving_error(exc: ServingError):  # every refusal below the API, and the API's own
@@ -465,8 +454,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = channel_tasks(name)
         return task_json(tasks.cancel(task_id) if tasks else None, task_id)
 
-    register_speech_routes(app, runtime, lambda origin: origin_allowed(origin, request.host, request.scheme, origins))
-    register_web(app, runtime)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    register_speech_routes(
+        app, runtime, lambda origin: origin_allowed(origin, request.host, request.scheme, origins), long_lived
+    )
+    register_web(app, runtime, long_lived)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    app.before_request_funcs.setdefault(None, []).insert(0, check_host)  # first of all: DNS rebinding
     return app
 
 
@@ -478,6 +470,7 @@ def _runtime_from_environment() -> Runtime:
 
     from latentsync.config import load_config
     from latentsync.serving.ops.logs import configure_logging
+    from latentsync.serving.ops.memory import bound_heap_growth
     from latentsync.serving.ops.systemd import sd_notify
 
     default = Path(__file__).resolve().parents[3] / "configs" / "server.yaml"
@@ -486,6 +479,7 @@ def _runtime_from_environment() -> Runtime:
         shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")),
     )
     configure_logging(config.log.level, config.log.json)
+    bound_heap_growth()  # freed frames and audio go back to the system (latentsync/serving/ops/memory.py)
     runtime = Runtime(config)
 
     def start() -> None:

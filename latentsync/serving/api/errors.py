@@ -42,6 +42,7 @@ HTTP_STATUS: dict[str, int] = {
     # 401, 403, 404, 405, 409
     "unauthorized": 401,
     "origin_not_allowed": 403,
+    "media_not_allowed": 403,
     "not_found": 404,
     "no_channel": 404,
     "no_avatar": 404,
@@ -53,6 +54,8 @@ HTTP_STATUS: dict[str, int] = {
     "channel_not_ready": 409,
     "avatar_not_ready": 409,
     "avatar_in_use": 409,
+    # 421: this server does not answer to that name (Host header)
+    "bad_host": 421,
     # 413, 415: too big, wrong type
     "too_large": 413,
     "text_too_long": 413,
@@ -64,6 +67,7 @@ HTTP_STATUS: dict[str, int] = {
     "buffer_full": 429,
     "busy": 429,
     "too_many_viewers": 429,
+    "too_many_auth_failures": 429,
     # 500, 503, 507: the server cannot now
     "upload_failed": 500,
     "tts_failed": 500,

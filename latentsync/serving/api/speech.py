@@ -7,9 +7,12 @@ or text synthesised by the runtime's :class:`~latentsync.serving.generation.spee
 Protocol, events and error codes: docs/streaming-speech.md.
 
 Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
-WebSocket cannot set headers, so the WebSocket also takes the token as the ``token`` query
-parameter (``ws://host:port/ws/speech?token=...``). A WebSocket handshake from a browser page of
-a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP requests do.
+WebSocket cannot set headers, so it first gets a single-use ticket (``POST /ws/tickets`` with the
+token, valid for :data:`~latentsync.serving.api.app.TICKET_TTL_S`) and connects with
+``?ticket=...``: the token itself is never in a URL (nor in an access log). A WebSocket handshake
+from a browser page of a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP
+requests do. The connection's bounds (no compression, a bounded receive queue with backpressure,
+send deadlines) are :mod:`latentsync.serving.api.websocket`'s.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import threading
 import time
 
 from flask import Flask, g, jsonify, request, url_for
-from flask_sock import ConnectionClosed, Sock
 
 from latentsync.config import DEFAULT_CHANNEL
 from latentsync.serving.api.errors import error_response
+from latentsync.serving.api.websocket import ConnectionClosed, WebSocketLimits, websocket_route
 from latentsync.serving.core.errors import ServingError
 from latentsync.serving.generation.audio import PcmFormat, SpeechError
 from latentsync.serving.generation.speech import seed_field
@@ -50,17 +53,22 @@ END_MESSAGES = {
 }
 
 
-def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
+def register_speech_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
     """Add the WebSocket and ``POST /speak`` of every channel to the app.
 
     Args:
         app: The Flask app (its ``before_request`` hooks already check the token).
         runtime: Owns the channels (their TaskManagers) and the text-to-speech service.
         origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
+        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``):
+            ``acquire() -> bool``, ``release()``.
     """
     ss = runtime.config.speech_stream
-    app.config.setdefault("SOCK_SERVER_OPTIONS", {"max_message_size": ss.max_message_bytes, "ping_interval": 25})
-    sock = Sock(app)
+    limits = WebSocketLimits(
+        max_message_bytes=ss.max_message_bytes,
+        max_queued_bytes=ss.max_queued_bytes,
+        send_timeout_s=runtime.config.api.send_timeout_s,
+    )
     connections = {"open": 0}  # WebSocket connections being served (each holds a server thread)
     connections_lock = threading.Lock()
     max_connections = ss.max_open
@@ -83,6 +91,8 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
                 return error_response(
                     "too_many_connections", f"{max_connections} speech WebSockets already open (speech_stream.max_open)"
                 )
+            if not long_lived.acquire():
+                return error_response("too_many_connections", long_lived.message)
             connections["open"] += 1
             g.speech_ws_slot = True
         return None
@@ -92,6 +102,7 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
         if g.pop("speech_ws_slot", False):  # the session ended, or the request was refused after all (401)
             with connections_lock:
                 connections["open"] -= 1
+            long_lived.release()
 
     def channel_tasks(name: str):
         channel = runtime.channel(name)
@@ -133,8 +144,8 @@ def register_speech_routes(app: Flask, runtime, origin_ok) -> None:
     def ws_speech(ws, name: str):
         SpeechSession(ws, runtime, name, lambda: channel_tasks(name)).run()  # slot: ws_origin/ws_release
 
-    sock.route("/ws/speech", endpoint="ws_speech", defaults={"name": DEFAULT_CHANNEL})(ws_speech)
-    sock.route("/channels/<name>/ws/speech", endpoint="ws_speech_channel")(ws_speech)
+    websocket_route(app, "/ws/speech", "ws_speech", lambda: limits, defaults={"name": DEFAULT_CHANNEL})(ws_speech)
+    websocket_route(app, "/channels/<name>/ws/speech", "ws_speech_channel", lambda: limits)(ws_speech)
 
 
 class SpeechSession:
@@ -196,12 +207,12 @@ class SpeechSession:
                         self.send_error("idle_timeout", f"no utterance and no message for {limit}: closing")
                         break
                     continue
-                self._last_message = time.monotonic()
                 try:
                     if isinstance(message, bytes):
                         self._pcm(message)
                     else:
                         self._control(message)
+                    self._last_message = time.monotonic()  # only a valid message keeps the connection
                 except ServingError as exc:
                     self.send_error(exc.code, exc.message)
                     if exc.code == "no_channel":

@@ -39,13 +39,15 @@ CORS_HEADERS = {
 }
 
 
-def register_web(app: Flask, runtime) -> None:
+def register_web(app: Flask, runtime, long_lived) -> None:
     """Add the WHEP, events and page routes to ``app``.
 
     Args:
         app: The API app (its bearer-token check applies to these routes except the page files and
             CORS pre-flights).
         runtime: The :class:`latentsync.serving.runtime.Runtime` (its channels' ``webrtc`` hubs and ``events``).
+        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``):
+            an event stream takes one while it is open.
     """
     bp = Blueprint("web", __name__)
     ui = runtime.config.ui
@@ -118,12 +120,19 @@ def register_web(app: Flask, runtime) -> None:
     @bp.get("/events", defaults={"name": DEFAULT_CHANNEL})
     @bp.get("/channels/<name>/events")
     def events(name: str):
-        sub = channel(name).events.subscribe()
+        events = channel(name).events
+        if not long_lived.acquire():
+            return error_response("too_many_connections", long_lived.message)
+        sub = events.subscribe()
         if sub is None:
+            long_lived.release()
             return error_response(
                 "too_many_event_clients",
                 f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
             )
+        sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
+        if sock is not None:  # a client that stops reading is dropped after api.send_timeout_s
+            sock.settimeout(runtime.config.api.send_timeout_s)
 
         def stream():
             try:
@@ -137,6 +146,8 @@ def register_web(app: Flask, runtime) -> None:
                 sub.close()
 
         response = Response(stream_with_context(stream()), content_type="text/event-stream")
+        response.call_on_close(sub.close)  # also when the stream never started
+        response.call_on_close(long_lived.release)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
         return response

@@ -241,6 +241,7 @@ class WebRtcHub:
         self._stop = threading.Event()
         self._started = False
         self._closed = False
+        self._answering = 0  # answers in progress (changed on the loop only)
         self._on_viewers: list = []
 
     # ----------------------------------------------------------------- lifecycle
@@ -498,6 +499,22 @@ class WebRtcHub:
             raise WhepError("signalling_timeout", "no SDP answer within webrtc.signalling_timeout_s") from None
 
     async def _answer(self, offer_sdp: str) -> tuple[str, str]:
+        # The viewer limit is decided here, on the loop: sessions plus answers in progress (the count
+        # only the loop changes), so simultaneous offers can never admit more than max_viewers. No
+        # threading lock is ever held across an await (the loop would stop for every thread waiting).
+        with self._lock:
+            taken = len(self._viewers) + self._answering
+        if taken >= self.settings.max_viewers or self._closed:
+            raise WhepError(
+                "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
+            )
+        self._answering += 1
+        try:
+            return await self._answer_reserved(offer_sdp)
+        finally:
+            self._answering -= 1
+
+    async def _answer_reserved(self, offer_sdp: str) -> tuple[str, str]:
         session_id = uuid.uuid4().hex
         viewer = _Viewer(self, session_id, self._max_video, self._max_audio)
         pc = viewer.pc
@@ -554,15 +571,15 @@ class WebRtcHub:
                 await self._drop(session_id)
 
         with self._lock:
-            if len(self._viewers) >= self.settings.max_viewers or self._closed:
-                viewer.close_queues()
-                await pc.close()
-                raise WhepError(
-                    "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
-                )
-            self._viewers[session_id] = viewer
-            self._viewers_total += 1
+            admitted = not self._closed  # the slot was reserved on the loop (_answer)
+            if admitted:
+                self._viewers[session_id] = viewer
+                self._viewers_total += 1
             count = len(self._viewers)
+        if not admitted:
+            viewer.close_queues()
+            await pc.close()
+            raise WhepError("webrtc_stopped", "the WebRTC egress is stopping")
         self.request_keyframe()
         self._notify(count)
         asyncio.get_running_loop().call_later(self.settings.connect_timeout_s, self._check_connected, session_id)

@@ -49,12 +49,16 @@ class SpeechService:
         tts: The TTS engine, or None when none is installed (``/speak`` then answers ``tts_unavailable``).
         max_text_chars: Longest text accepted (``speech_stream.max_text_chars``).
         max_feeder_items: Items a feeder may have waiting (``speech_stream.max_feeder_items``).
+        max_feeder_bytes: Their bytes in all (``speech_stream.max_feeder_bytes``).
     """
 
-    def __init__(self, tts: TextToSpeech | None, max_text_chars: int, max_feeder_items: int):
+    def __init__(
+        self, tts: TextToSpeech | None, max_text_chars: int, max_feeder_items: int, max_feeder_bytes: int = 32 << 20
+    ):
         self.tts = tts
         self.max_text_chars = max_text_chars
         self.max_feeder_items = max_feeder_items
+        self.max_feeder_bytes = max_feeder_bytes
 
     @classmethod
     def from_config(cls, config: AppConfig) -> SpeechService:
@@ -65,7 +69,7 @@ class SpeechService:
         except RuntimeError as exc:
             logger.warning("text to speech off: %s", exc)
             tts = None
-        return cls(tts, ss.max_text_chars, ss.max_feeder_items)
+        return cls(tts, ss.max_text_chars, ss.max_feeder_items, ss.max_feeder_bytes)
 
     def check_text(self, text: object, voice: object, rate: object) -> tuple[str, str | None, int | None]:
         """Validate a text request.
@@ -104,6 +108,6 @@ class SpeechService:
             on_error: Called with ``(code, message)`` when an item fails.
             cancel: Cancels the utterance's task (the channel's ``TaskManager.cancel``).
         """
-        feeder = SpeechFeeder(utterance, self.tts, on_error, cancel, self.max_feeder_items)
+        feeder = SpeechFeeder(utterance, self.tts, on_error, cancel, self.max_feeder_items, self.max_feeder_bytes)
         feeder.start()
         return feeder

@@ -171,6 +171,16 @@ class EspeakNg:
         return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2").astype(np.int16)
 
 
+def _item_bytes(item) -> int:
+    """Bytes one feeder item holds: PCM samples, a text's UTF-8, nothing for the end."""
+    kind, value, _ = item
+    if kind == "pcm":
+        return int(value.nbytes)
+    if kind == "text":
+        return len(value.encode("utf-8", errors="replace"))
+    return 0
+
+
 class SpeechFeeder:
     """One utterance's producer thread: PCM blocks, texts and the end, pushed in order (a :class:`Source`).
 
@@ -183,6 +193,7 @@ class SpeechFeeder:
             ``buffer_full``, ``too_long`` or ``tts_failed`` cancels the utterance.
         cancel: Cancels the utterance's task (``TaskManager.cancel``).
         max_items: Items (PCM blocks, texts) that may wait (``speech_stream.max_feeder_items``).
+        max_bytes: Their bytes in all (PCM as float32, texts as UTF-8; ``speech_stream.max_feeder_bytes``).
         wait_room_s: How long a text's sentence may wait for room in the buffer (synthesis runs
             faster than real time; it waits for playback to catch up).
     """
@@ -194,6 +205,7 @@ class SpeechFeeder:
         on_error: Callable[[str, str], None],
         cancel: Callable[[str], object],
         max_items: int,
+        max_bytes: int = 32 << 20,
         wait_room_s: float = 120.0,
     ):
         self.utterance = utterance
@@ -201,6 +213,9 @@ class SpeechFeeder:
         self._on_error = on_error
         self._cancel = cancel
         self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._bytes = 0  # of the items waiting
+        self._bytes_lock = threading.Lock()
         self._wait_room_s = wait_room_s
         self._items: queue.Queue = queue.Queue(max_items)
         self._stop = threading.Event()
@@ -219,7 +234,7 @@ class SpeechFeeder:
         self._stop.set()
         while True:
             try:
-                self._items.get_nowait()
+                self._taken(self._items.get_nowait())
             except queue.Empty:
                 break
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -255,13 +270,31 @@ class SpeechFeeder:
     def _put(self, item) -> None:
         if self._stop.is_set():
             raise SpeechError("not_open", "the utterance is over")
-        try:
-            self._items.put_nowait(item)
-        except queue.Full:
-            raise SpeechError(
-                "buffer_full",
-                f"{self._max_items} blocks already wait (speech_stream.max_feeder_items): send at real time",
-            ) from None
+        size = _item_bytes(item)
+        with self._bytes_lock:
+            if self._bytes + size > self._max_bytes:
+                raise SpeechError(
+                    "buffer_full",
+                    f"{self._bytes + size} bytes would wait, more than speech_stream.max_feeder_bytes = "
+                    f"{self._max_bytes}: send at real time",
+                )
+            try:
+                self._items.put_nowait(item)
+            except queue.Full:
+                raise SpeechError(
+                    "buffer_full",
+                    f"{self._max_items} blocks already wait (speech_stream.max_feeder_items): send at real time",
+                ) from None
+            self._bytes += size
+
+    def _taken(self, item) -> None:
+        with self._bytes_lock:
+            self._bytes -= _item_bytes(item)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the items waiting for the thread."""
+        return self._bytes
 
     @property
     def alive(self) -> bool:
@@ -288,11 +321,13 @@ class SpeechFeeder:
         u = self.utterance
         while not self._stop.is_set():
             try:
-                kind, value, extra = self._items.get(timeout=0.2)
+                item = self._items.get(timeout=0.2)
             except queue.Empty:
                 if self._over():
                     return
                 continue
+            self._taken(item)
+            kind, value, extra = item
             try:
                 if kind == "pcm":
                     u.push(value, extra)

@@ -7,6 +7,8 @@ import logging
 import sys
 import time
 
+from werkzeug.serving import WSGIRequestHandler
+
 #: ``LogRecord`` attributes carried into JSON lines when a log call passes them in ``extra``.
 CONTEXT_FIELDS = ("task_id", "chunk_index", "status")
 
@@ -49,3 +51,22 @@ def configure_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class QueryRedactingRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler, whose access log lines leave out query strings.
+
+    A query may hold a WebSocket ticket (``/ws/speech?ticket=...``) or whatever a client put
+    there; the log shows ``/ws/speech?…`` instead (docs/security.md). gunicorn's access log
+    does the same with ``%(U)s`` (configs/gunicorn.conf.py).
+    """
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Log the request line with the query replaced by ``?…``."""
+        full = self.path
+        path, query, _ = full.partition("?")
+        self.path = path + ("?…" if query else "")
+        try:
+            super().log_request(code, size)
+        finally:
+            self.path = full

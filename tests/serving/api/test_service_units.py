@@ -9,11 +9,14 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from latentsync.config import load_config
+from latentsync.serving.api.access import allowed_hosts, host_allowed
 from latentsync.serving.api.app import PUBLIC_HEALTH_KEYS, RateLimiter, origin_allowed, public_health
 from latentsync.serving.ops.logs import JsonFormatter
 from latentsync.serving.ops.systemd import (
@@ -115,6 +118,32 @@ def test_origin_check_allows_scripts_our_loopback_pages_and_listed_origins_only(
     # DNS rebinding: the page's own name resolves to 127.0.0.1, so it is "same-origin" by its own account
     assert not origin_allowed("http://evil.example:11001", "evil.example:11001", "http", frozenset())
     assert not origin_allowed("http://127.0.0.1:8080", "127.0.0.1:11001", "http", frozenset())  # another port
+
+
+def test_host_allowlist_refuses_rebound_names_and_keeps_addresses_and_configured_names():
+    config = load_config(
+        overrides=["server.public_name=Avatars.Example.com", "api.allowed_origins=[https://studio.example.com]"]
+    )
+    hosts = allowed_hosts(config)
+    for host in ("127.0.0.1:11001", "localhost", "[::1]:11001", "avatars.example.com:443", "studio.example.com"):
+        assert host_allowed(host, hosts), host
+    assert host_allowed("203.0.113.5:11001", hosts)  # an address: no name to rebind
+    assert host_allowed("[2001:db8::1]:11001", hosts)
+    for host in ("evil.example", "evil.example:11001", "localhost.evil.example", "", None):
+        assert not host_allowed(host, hosts), host
+    explicit = load_config(overrides=["server.allowed_hosts=[avatars.example.com]"])
+    assert host_allowed("avatars.example.com", allowed_hosts(explicit), any_ip=False)
+    assert not host_allowed("127.0.0.1:11001", allowed_hosts(explicit), any_ip=False)
+
+
+def test_the_heap_gives_large_freed_blocks_back():
+    script = (
+        "import os; from latentsync.serving.ops.memory import bound_heap_growth, ENV_MMAP_THRESHOLD;"
+        "assert bound_heap_growth(); print(os.environ[ENV_MMAP_THRESHOLD])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == str(256 << 10), done.stderr
 
 
 def test_public_health_tells_the_state_only():

@@ -67,6 +67,26 @@ def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
         manager.close()
 
 
+def test_the_feeder_refuses_what_would_pass_its_byte_cap():
+    pool = FakePool()
+    manager, _ = fake_manager(pool, FramesAvatar())
+    try:
+        u = manager.open(TaskKind.stream)
+        block = np.zeros(16_000, np.float32)  # 64 000 bytes
+        feeder = SpeechFeeder(u, None, lambda code, message: None, manager.cancel, max_items=512, max_bytes=200_000)
+        for _ in range(3):  # not started: items wait (192 000 bytes)
+            feeder.push_pcm(block, RATE)
+        with pytest.raises(SpeechError) as err:
+            feeder.push_pcm(block, RATE)
+        assert err.value.code == "buffer_full" and "max_feeder_bytes" in err.value.message
+        feeder.push_pcm(np.zeros(2_000, np.float32), RATE)  # 8 000 more still fit: 200 000 in all
+        with pytest.raises(SpeechError):
+            feeder.push_pcm(np.zeros(1, np.float32), RATE)
+        manager.cancel(u.task_id)
+    finally:
+        manager.close()
+
+
 def test_cancelling_the_task_closes_its_feeder_and_empties_its_queue():
     pool = FakePool()
     manager, _ = fake_manager(pool, FramesAvatar())

@@ -282,7 +282,8 @@ $("speak-form").addEventListener("submit", async (event) => {
 
 // ------------------------------------------------------------------ microphone live over the channel's /ws/speech (f32le PCM)
 // The avatar starts speaking after the first chunk's audio (+ the engine's look-ahead) has arrived,
-// while you are still talking. A browser WebSocket cannot send headers: the token goes as ?token=.
+// while you are still talking. A browser WebSocket cannot send headers, and the token never goes in a
+// URL: with a token the page first asks POST /ws/tickets for a single-use ticket and connects with ?ticket=.
 let talk = null;
 $("live-start").addEventListener("click", async () => {
   const name = channel;
@@ -291,7 +292,16 @@ $("live-start").addEventListener("click", async () => {
   catch (err) { say(`microphone unavailable: ${err.name}`); return; }
   const token = tokenInput.value.trim();
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  let query = "";
+  if (token) {
+    let ticket;
+    try {
+      const response = await fetch("/ws/tickets", { method: "POST", headers: authHeaders() });
+      if (!response.ok) throw new Error(`${response.status}`);
+      ticket = (await response.json()).ticket;
+    } catch (err) { mic.getTracks().forEach((t) => t.stop()); say(`live speech: no ticket (${err.message})`); return; }
+    query = `?ticket=${encodeURIComponent(ticket)}`;
+  }
   const ws = new WebSocket(`${scheme}//${location.host}${base(name)}/ws/speech${query}`);
   ws.binaryType = "arraybuffer";
   const ctx = new AudioContext();
