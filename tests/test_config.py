@@ -2,7 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from latentsync.config import ConfigError, EngineName, load_config, redact_rtmp_url, to_yaml
+from latentsync.config import (
+    ConfigError,
+    EngineName,
+    api_media_path,
+    load_config,
+    redact_rtmp_url,
+    rtmp_host,
+    to_yaml,
+)
 from tests.streamtools import REPO
 
 
@@ -105,3 +113,42 @@ def test_one_guidance_range_for_config_engine_and_api():
     validate_latentsync(LatentSyncConfig(guidance_scale=high))
     with pytest.raises(ConfigError, match="guidance_scale"):
         validate_latentsync(LatentSyncConfig(guidance_scale=low - 0.5))
+
+
+def test_rtmp_urls_are_parsed_and_what_the_tee_muxer_reads_is_refused():
+    assert rtmp_host("rtmp://127.0.0.1:1935/live/key?secret=abc") == "127.0.0.1"
+    assert rtmp_host("rtmps://Live.Example.com/app/STREAM-KEY") == "live.example.com"
+    assert rtmp_host("rtmp://user:pw@host.example/app") == "host.example"
+    assert rtmp_host("rtmp://[::1]:1935/live/x") == "::1"
+    for bad in (
+        "rtmp://h/a|[f=mpegts]tcp://other:9000",  # a second tee output
+        "rtmp://h/a[f=flv]",
+        "rtmp://h/a\\b",
+        "rtmp://h/a b",
+        "rtmp://h/a\nb",
+        "rtmp://h/a\x00",
+        "tcp://h:9000",
+        "file:/etc/passwd",
+        "rtmp:///nohost",
+        "",
+    ):
+        assert rtmp_host(bad) is None, bad
+
+
+def test_api_channels_name_media_under_media_root_only(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    (root / "a.mp4").write_bytes(b"x")
+    (root / "out.mp4").symlink_to("/etc/passwd")
+    (tmp_path / "secret.mp4").write_bytes(b"x")
+    config = load_config(overrides=[f"media.root={root}"])
+    assert api_media_path(config, "idle_video", "a.mp4") == str(root / "a.mp4")
+    assert api_media_path(config, "idle_video", str(root / "a.mp4")) == str(root / "a.mp4")
+    messages = set()
+    for outside in ("/etc/shadow", "/etc/no-such-file", "../secret.mp4", str(tmp_path / "secret.mp4"), "out.mp4"):
+        with pytest.raises(ConfigError) as err:
+            api_media_path(config, "idle_video", outside)
+        messages.add(str(err.value))
+    assert messages == {"idle_video: must name a file under media.root"}  # never whether it exists
+    with pytest.raises(ConfigError, match="media.root is not set"):
+        api_media_path(load_config(), "video", "a.mp4")

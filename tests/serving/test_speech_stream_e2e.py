@@ -170,6 +170,19 @@ def test_websocket_auth_and_origin(server):
         assert time.monotonic() < deadline, "idle connection not closed"
         time.sleep(0.05)
     SpeechClient(server.port, TOKEN).close()  # the slots are free again
+    # only valid messages are activity: a client sending refused messages is closed all the same
+    junk = SpeechClient(server.port, TOKEN)
+    t0 = time.monotonic()
+    codes: list[str] = []
+    while "idle_timeout" not in codes and not junk.closed and time.monotonic() - t0 < 10:
+        try:
+            junk.send_json({"type": "bogus"})
+        except simple_websocket.ConnectionClosed:
+            pass  # closed: its last events are still read below
+        codes += [e["code"] for e in junk.poll(0.2) if e["type"] == "error"]
+    assert "bad_type" in codes and "idle_timeout" in codes, codes
+    assert 2.5 <= time.monotonic() - t0 < 10  # speech_stream.idle_timeout_s = 3 in this module
+    junk.close()
 
 
 def test_bad_input_gets_error_events_and_the_stream_is_unharmed(server, rtmp_server, tmp_path):

@@ -199,24 +199,24 @@ class SpeechSession:
                 except ConnectionClosed:
                     break
                 self._report()
-                if message is None:
-                    if not self.ws.connected:
-                        break
-                    if self.utterance is None and time.monotonic() - self._last_message > self._idle_timeout_s:
-                        limit = f"speech_stream.idle_timeout_s = {self._idle_timeout_s:g} s"
-                        self.send_error("idle_timeout", f"no utterance and no message for {limit}: closing")
-                        break
-                    continue
-                try:
-                    if isinstance(message, bytes):
-                        self._pcm(message)
-                    else:
-                        self._control(message)
-                    self._last_message = time.monotonic()  # only a valid message keeps the connection
-                except ServingError as exc:
-                    self.send_error(exc.code, exc.message)
-                    if exc.code == "no_channel":
-                        break
+                if message is None and not self.ws.connected:
+                    break
+                if message is not None:
+                    try:
+                        if isinstance(message, bytes):
+                            self._pcm(message)
+                        else:
+                            self._control(message)
+                        self._last_message = time.monotonic()  # only a valid message keeps the connection
+                    except ServingError as exc:
+                        self.send_error(exc.code, exc.message)
+                        if exc.code == "no_channel":
+                            break
+                # checked after every message too: a stream of refused messages is no activity
+                if self.utterance is None and time.monotonic() - self._last_message > self._idle_timeout_s:
+                    limit = f"speech_stream.idle_timeout_s = {self._idle_timeout_s:g} s"
+                    self.send_error("idle_timeout", f"no utterance and no valid message for {limit}: closing")
+                    break
         except ConnectionClosed:
             pass
         finally:

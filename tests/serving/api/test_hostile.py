@@ -41,7 +41,8 @@ MAX_LONG_LIVED = 3
 AUTH_FAILURES_PER_MIN = 5
 MUTATIONS_PER_MIN = 600  # the default
 MAX_PREPARING = 2
-HEALTH_MAX_S = 0.2
+HEALTH_MAX_S = 0.2  # /health during the matrix (light load; measured ~12 ms)
+BUSY_HEALTH_MAX_S = 1.0  # while this process also drives 23 peer connections or floods a socket (measured < 80 ms)
 WS_RSS_GROWTH_MB = 50.0
 
 
@@ -607,6 +608,7 @@ def test_a_websocket_client_sending_deflated_garbage_and_unread_traffic_keeps_rs
         summary = watch.close()
     growth = peak[0] - rss_before
     assert summary["statuses"] == {200} and summary["dropped"] == 0, summary
+    assert summary["max_s"] < BUSY_HEALTH_MAX_S, summary
     assert growth < WS_RSS_GROWTH_MB, (growth, counts, timeline[::5])
     table(
         f"WebSocket abuse for 30 s: server RSS {rss_before:.0f} MB, peak +{growth:.1f} MB; "
@@ -667,8 +669,8 @@ def test_simultaneous_whep_offers_never_exceed_max_viewers_nor_block_the_loop(se
         assert statuses.count(201) == 1 and statuses.count(429) == 15, statuses
     assert summary["statuses"] == {200} and summary["dropped"] == 0, summary
     # the loop never blocks: every poll answered (a CPU shared with 23 peer connections in this
-    # process can delay one by more than the 200 ms of the matrix, never by seconds)
-    assert summary["max_s"] < 2.0, summary
+    # process may delay one past the 200 ms of the matrix, never by a second)
+    assert summary["max_s"] < BUSY_HEALTH_MAX_S, summary
     table(
         "WHEP: 16 simultaneous offers at 7 viewers, 20 rounds",
         [
