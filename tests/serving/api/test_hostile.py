@@ -42,7 +42,10 @@ AUTH_FAILURES_PER_MIN = 5
 MUTATIONS_PER_MIN = 600  # the default
 MAX_PREPARING = 2
 HEALTH_MAX_S = 0.2  # /health during the matrix (light load; measured ~12 ms)
-BUSY_HEALTH_MAX_S = 1.0  # while this process also drives 23 peer connections or floods a socket (measured < 80 ms)
+#: ... while this very process also drives 23 peer connections or floods a socket on the same 2 cores
+#: (measured 43-76 ms in this test, once 923 ms in an ad-hoc run): a wedged loop never answers at all
+#: (the code before issue 20: the round timed out after 60 s, /health calls timed out after 30 s)
+BUSY_HEALTH_MAX_S = 5.0
 WS_RSS_GROWTH_MB = 50.0
 
 
@@ -669,7 +672,7 @@ def test_simultaneous_whep_offers_never_exceed_max_viewers_nor_block_the_loop(se
         assert statuses.count(201) == 1 and statuses.count(429) == 15, statuses
     assert summary["statuses"] == {200} and summary["dropped"] == 0, summary
     # the loop never blocks: every poll answered (a CPU shared with 23 peer connections in this
-    # process may delay one past the 200 ms of the matrix, never by a second)
+    # process may delay one past the 200 ms of the matrix, never by seconds)
     assert summary["max_s"] < BUSY_HEALTH_MAX_S, summary
     table(
         "WHEP: 16 simultaneous offers at 7 viewers, 20 rounds",
