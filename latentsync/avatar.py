@@ -254,6 +254,27 @@ class Avatar:
         return cls(path, arrays, audio, meta)
 
     @classmethod
+    def load_cached(
+        cls, video: str | Path, settings: AvatarSettings, cache_dir: str | Path = ".cache/avatars"
+    ) -> Avatar | None:
+        """The avatar :meth:`prepare` would return from the cache, or None if it is not prepared yet.
+
+        Nothing is decoded or prepared: a cache hit is loaded (and its directory's modification
+        time set to now, as :meth:`prepare` does), a miss returns None.
+
+        Raises:
+            FileNotFoundError: If ``video`` does not exist (its bytes are the cache key).
+        """
+        return cls._cached(Path(cache_dir) / f"{Path(video).stem}-{cache_key(video, settings)}")
+
+    @classmethod
+    def _cached(cls, folder: Path) -> Avatar | None:
+        if not (folder / "meta.json").is_file():
+            return None
+        touch_avatar(folder)
+        return cls.load(folder)
+
+    @classmethod
     def prepare(
         cls,
         video: str | Path,
@@ -294,9 +315,8 @@ class Avatar:
         key = cache_key(video, settings)
         root = Path(cache_dir)
         target = root / f"{video.stem}-{key}"
-        if (target / "meta.json").is_file():
-            touch_avatar(target)
-            return cls.load(target)
+        if (hit := cls._cached(target)) is not None:
+            return hit
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{video.stem}-", dir=root))
         try:

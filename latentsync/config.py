@@ -11,9 +11,10 @@ import dataclasses
 import enum
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -530,6 +531,24 @@ def api_media_path(config: AppConfig, key: str, value: str) -> str:
     return str(resolved)
 
 
+#: The fields of a channel that name a video (held to :func:`api_media_path` through the API).
+API_MEDIA_KEYS = ("idle_video", "video")
+#: Why a ``record_path`` given through the API is refused.
+RECORD_PATH_CONFIG_ONLY = "record_path: recordings are set in the config file only (stream.record_dir)"
+
+
+def api_media_paths(config: AppConfig, get: Callable[[str], Any]) -> dict[str, str]:
+    """:func:`api_media_path` of every video field given (``get(key)``: a channel's or a body's value).
+
+    Returns:
+        ``{key: resolved path}`` for the keys of :data:`API_MEDIA_KEYS` that are set.
+
+    Raises:
+        ConfigError: As :func:`api_media_path`.
+    """
+    return {k: api_media_path(config, k, v) for k in API_MEDIA_KEYS if (v := get(k))}
+
+
 def allowed_rtmp_hosts(config: AppConfig) -> set[str]:
     """Hosts a channel created through the API may push to (``stream.allowed_rtmp_hosts``).
 
@@ -560,7 +579,7 @@ def api_channel(config: AppConfig, spec: ChannelConfig, allowed_hosts: set[str])
         ConfigError: Naming the field.
     """
     if spec.record_path is not None:
-        raise ConfigError("record_path: recordings are set in the config file only (stream.record_dir)")
+        raise ConfigError(RECORD_PATH_CONFIG_ONLY)
     if spec.rtmp_url is not None:
         host = rtmp_host(spec.rtmp_url)
         if host is None:
@@ -569,8 +588,7 @@ def api_channel(config: AppConfig, spec: ChannelConfig, allowed_hosts: set[str])
             raise ConfigError(
                 f"rtmp_url: {host!r} is not in stream.allowed_rtmp_hosts ({', '.join(sorted(allowed_hosts))})"
             )
-    paths = {k: api_media_path(config, k, getattr(spec, k)) for k in ("idle_video", "video") if getattr(spec, k)}
-    return dataclasses.replace(spec, **paths)
+    return dataclasses.replace(spec, **api_media_paths(config, lambda k: getattr(spec, k)))
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:

@@ -13,9 +13,6 @@ from latentsync.media.probe import MEDIA_FORMATS, MediaProbeError
 
 DECODE_TIMEOUT_S = 120.0
 
-#: Demuxers an upload may be read with: :data:`latentsync.media.probe.MEDIA_FORMATS`.
-UPLOAD_FORMATS = MEDIA_FORMATS
-
 
 class MediaDecodeTimeout(MediaProbeError):
     """FFmpeg did not finish decoding within its time limit (the process was killed)."""
@@ -123,7 +120,7 @@ def run_confined(
 
 
 def untrusted_audio_command(
-    fd: int, sample_rate_hz: int, max_duration_s: float | None = None, formats: tuple[str, ...] = UPLOAD_FORMATS
+    fd: int, sample_rate_hz: int, max_duration_s: float | None = None, formats: tuple[str, ...] = MEDIA_FORMATS
 ) -> list[str]:
     """The confined FFmpeg command that decodes an upload's first audio stream to raw PCM on stdout.
 
@@ -153,7 +150,7 @@ def decode_untrusted_audio(
     *,
     max_duration_s: float | None = None,
     timeout_s: float = DECODE_TIMEOUT_S,
-    formats: tuple[str, ...] = UPLOAD_FORMATS,
+    formats: tuple[str, ...] = MEDIA_FORMATS,
     nofollow: bool = True,
 ) -> np.ndarray:
     """Decode an uploaded file like :func:`decode_audio`, with FFmpeg confined to that one file.
@@ -169,7 +166,7 @@ def decode_untrusted_audio(
         sample_rate_hz: Output sample rate in Hz.
         max_duration_s: Stop decoding after this many seconds (None: whole stream).
         timeout_s: Seconds FFmpeg may run before it is killed.
-        formats: Allowed FFmpeg demuxer names (default :data:`UPLOAD_FORMATS`).
+        formats: Allowed FFmpeg demuxer names (default :data:`~latentsync.media.probe.MEDIA_FORMATS`).
         nofollow: Refuse a symlink (uploads); False for a path the caller already decided on.
 
     Returns:

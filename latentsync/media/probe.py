@@ -69,7 +69,7 @@ class MediaInfo:
 
 
 def probe_media(
-    path: str | Path, timeout_s: float = PROBE_TIMEOUT_S, formats: tuple[str, ...] | None = None
+    path: str | Path, timeout_s: float = PROBE_TIMEOUT_S, formats: tuple[str, ...] = MEDIA_FORMATS
 ) -> MediaInfo:
     """Read stream information from ``ffmpeg -i`` (no decoding), with FFmpeg confined to the file.
 
@@ -80,7 +80,7 @@ def probe_media(
     Args:
         path: Media file (symlinks are followed: the caller decides which paths may be opened).
         timeout_s: Seconds to wait for FFmpeg.
-        formats: Allowed FFmpeg demuxer names (None: :data:`MEDIA_FORMATS`).
+        formats: Allowed FFmpeg demuxer names.
 
     Returns:
         The file's :class:`MediaInfo`.
@@ -95,7 +95,7 @@ def probe_media(
         raise MediaProbeError(f"no such file: {path}")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        cmd = confined_input(fd, formats or MEDIA_FORMATS, loglevel="info")
+        cmd = confined_input(fd, formats, loglevel="info")
         proc = run_confined(cmd, (fd,), path.parent, timeout_s, f"{path.name}: probing")
     finally:
         os.close(fd)

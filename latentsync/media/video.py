@@ -19,14 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from latentsync.media.audio import confined_input, decode_untrusted_audio, fit_length, run_confined
+from latentsync.media.audio import (
+    MediaDecodeTimeout,
+    confined_input,
+    decode_untrusted_audio,
+    fit_length,
+    run_confined,
+)
 from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
 from latentsync.media.timing import samples_before_frame
 
 #: Demuxers a video may be read with (``-format_whitelist``): MP4/MOV/M4V and Matroska/WebM.
 #: Playlists and indirections (concat, HLS, DASH, image sequences) are not on it.
 VIDEO_FORMATS = ("mov", "matroska")
-VIDEO_UPLOAD_FORMATS = VIDEO_FORMATS
 #: Seconds one video decode may take before its FFmpeg is killed.
 VIDEO_DECODE_TIMEOUT_S = 600.0
 
@@ -167,8 +172,6 @@ def decode_video_frames(
         MediaProbeError: If the file is not a video in an accepted format or decodes to no frames.
         latentsync.media.audio.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
     """
-    from latentsync.media.audio import MediaDecodeTimeout
-
     path = Path(path)
     info = info or probe_media(path, formats=VIDEO_FORMATS)
     if not info.has_video:
@@ -320,7 +323,7 @@ def remux_untrusted_video(
     *,
     max_duration_s: float,
     timeout_s: float = 120.0,
-    formats: tuple[str, ...] = VIDEO_UPLOAD_FORMATS,
+    formats: tuple[str, ...] = VIDEO_FORMATS,
 ) -> MediaInfo:
     """Copy an uploaded video's first video and audio stream into a Matroska file of our own.
 
@@ -337,7 +340,7 @@ def remux_untrusted_video(
         max_duration_s: Longest video accepted in seconds; a longer one is cut one second past it,
             so the caller sees ``duration_s > max_duration_s`` and refuses it.
         timeout_s: Seconds FFmpeg may run before it is killed.
-        formats: Allowed FFmpeg demuxer names (default :data:`VIDEO_UPLOAD_FORMATS`).
+        formats: Allowed FFmpeg demuxer names (default :data:`VIDEO_FORMATS`).
 
     Returns:
         The copy's :class:`MediaInfo` (duration from the copied packets, not the upload's header).

@@ -8,7 +8,7 @@ Protocol, events and error codes: docs/streaming-speech.md.
 
 Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
 WebSocket cannot set headers, so it first gets a single-use ticket (``POST /ws/tickets`` with the
-token, valid for :data:`~latentsync.serving.api.app.TICKET_TTL_S`) and connects with
+token, valid for :data:`~latentsync.serving.api.access.TICKET_TTL_S`) and connects with
 ``?ticket=...``: the token itself is never in a URL (nor in an access log). A WebSocket handshake
 from a browser page of a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP
 requests do. The connection's bounds (no compression, a bounded receive queue with backpressure,
@@ -144,8 +144,8 @@ def register_speech_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
     def ws_speech(ws, name: str):
         SpeechSession(ws, runtime, name, lambda: channel_tasks(name)).run()  # slot: ws_origin/ws_release
 
-    websocket_route(app, "/ws/speech", "ws_speech", lambda: limits, defaults={"name": DEFAULT_CHANNEL})(ws_speech)
-    websocket_route(app, "/channels/<name>/ws/speech", "ws_speech_channel", lambda: limits)(ws_speech)
+    websocket_route(app, "/ws/speech", "ws_speech", limits, defaults={"name": DEFAULT_CHANNEL})(ws_speech)
+    websocket_route(app, "/channels/<name>/ws/speech", "ws_speech_channel", limits)(ws_speech)
 
 
 class SpeechSession:

@@ -22,6 +22,7 @@ from flask import Blueprint, Flask, Response, jsonify, request, send_from_direct
 
 from latentsync.config import DEFAULT_CHANNEL, MAX_SDP_BYTES
 from latentsync.serving.api.errors import error_response
+from latentsync.serving.api.websocket import wsgi_socket
 from latentsync.serving.egress.whep import WhepError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -130,23 +131,20 @@ def register_web(app: Flask, runtime, long_lived) -> None:
                 "too_many_event_clients",
                 f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
             )
-        sock = request.environ.get("werkzeug.socket") or request.environ.get("gunicorn.socket")
+        sock = wsgi_socket(request.environ)
         if sock is not None:  # a client that stops reading is dropped after api.send_timeout_s
             sock.settimeout(runtime.config.api.send_timeout_s)
 
         def stream():
-            try:
-                yield b"retry: 2000\n\n"
-                while True:
-                    data = sub.get(SSE_KEEPALIVE_S)
-                    if data is None:
-                        return
-                    yield data or b": keepalive\n\n"
-            finally:
-                sub.close()
+            yield b"retry: 2000\n\n"
+            while True:
+                data = sub.get(SSE_KEEPALIVE_S)
+                if data is None:
+                    return
+                yield data or b": keepalive\n\n"
 
         response = Response(stream_with_context(stream()), content_type="text/event-stream")
-        response.call_on_close(sub.close)  # also when the stream never started
+        response.call_on_close(sub.close)  # the WSGI server closes every response, started or not
         response.call_on_close(long_lived.release)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"

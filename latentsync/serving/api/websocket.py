@@ -256,13 +256,18 @@ class ServerWebSocket:
             raise ConnectionClosed("closed by the client")
 
 
+def wsgi_socket(environ: dict) -> socket.socket | None:
+    """The client connection's socket, as werkzeug's development server or gunicorn expose it (else None)."""
+    return environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+
+
 def _accept(environ: dict, limits: WebSocketLimits) -> ServerWebSocket:
     """Answer the handshake of the request in ``environ`` (no extension) and return the connection.
 
     Raises:
         ConnectionClosed: If the WSGI server gives no socket or the handshake is not a WebSocket one.
     """
-    sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+    sock = wsgi_socket(environ)
     if sock is None:
         raise ConnectionClosed("this WSGI server gives no socket for WebSockets (werkzeug or gunicorn)")
     ws = WSConnection(ConnectionType.SERVER)
@@ -284,7 +289,7 @@ def _accept(environ: dict, limits: WebSocketLimits) -> ServerWebSocket:
 
 
 def websocket_route(
-    app: Flask, rule: str, endpoint: str, limits: Callable[[], WebSocketLimits], **options
+    app: Flask, rule: str, endpoint: str, limits: WebSocketLimits, **options
 ) -> Callable[[Callable], Callable]:
     """Register ``handler(ws, **view_args)`` for WebSocket requests to ``rule``.
 
@@ -296,14 +301,14 @@ def websocket_route(
         app: The Flask app.
         rule: The URL rule.
         endpoint: The endpoint name.
-        limits: Returns the connection's bounds.
+        limits: Every connection's bounds.
         options: More ``app.route`` options (``defaults``...).
     """
 
     def decorator(handler: Callable) -> Callable:
         @wraps(handler)
         def view(**kwargs):
-            ws = _accept(request.environ, limits())
+            ws = _accept(request.environ, limits)
             mode = "gunicorn" if "gunicorn.socket" in request.environ else "werkzeug"
             try:
                 handler(ws, **kwargs)

@@ -218,7 +218,6 @@ class AvatarStore:
         self._pending_bytes: dict[str, int] = {}  # what queued and running uploads will hold once prepared
         self._wake = threading.Condition(self._lock)
         self._running: str | None = None
-        self._running_channel: _ChannelJob | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
         self._closed = False
         self._intake = threading.Lock()  # one quota check and record insertion at a time
@@ -607,8 +606,6 @@ class AvatarStore:
             logger.exception("channel avatar preparation of %s crashed", Path(job.video).name)
             job.error = ("prepare_failed", f"{type(exc).__name__}")
         finally:
-            with self._lock:
-                self._running_channel = None
             job.done.set()
 
     # ----------------------------------------------------------------- preparation
@@ -634,7 +631,6 @@ class AvatarStore:
                     return
                 if self._channel_jobs:  # a channel waits for it on air: before uploads
                     job = self._channel_jobs.popleft()
-                    self._running_channel = job
                 else:
                     job = None
                     avatar_id = self._jobs.popleft()

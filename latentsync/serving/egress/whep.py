@@ -488,12 +488,7 @@ class WebRtcHub:
                 without the configured video codec; 429 past ``webrtc.max_viewers``; 503 when stopped
                 or when signalling overran ``webrtc.signalling_timeout_s``.
         """
-        with self._lock:
-            if len(self._viewers) >= self.settings.max_viewers:
-                raise WhepError(
-                    "too_many_viewers", f"{self.settings.max_viewers} viewers already watch (webrtc.max_viewers)"
-                )
-        try:
+        try:  # the viewer limit is decided on the loop (_answer)
             return self._call(self._answer(offer_sdp), self.settings.signalling_timeout_s)
         except TimeoutError:
             raise WhepError("signalling_timeout", "no SDP answer within webrtc.signalling_timeout_s") from None

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentsync.media.audio import UPLOAD_FORMATS, MediaDecodeTimeout, untrusted_audio_command
-from latentsync.media.probe import DURATION_RE, MediaProbeError, parse_duration_s
+from latentsync.media.audio import MediaDecodeTimeout, untrusted_audio_command
+from latentsync.media.probe import DURATION_RE, MEDIA_FORMATS, MediaProbeError, parse_duration_s
 from latentsync.serving.generation.audio import SpeechError
 from latentsync.serving.generation.task import FINAL_STATES
 from latentsync.serving.generation.utterance import Utterance
@@ -121,7 +121,7 @@ class UploadDecoder:
                 return
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
-                cmd = untrusted_audio_command(fd, self.sample_rate_hz, self.max_duration_s + 0.5, UPLOAD_FORMATS)
+                cmd = untrusted_audio_command(fd, self.sample_rate_hz, self.max_duration_s + 0.5, MEDIA_FORMATS)
                 self._proc = subprocess.Popen(
                     cmd,
                     stdout=subprocess.PIPE,
@@ -179,7 +179,7 @@ class UploadDecoder:
         Raises:
             latentsync.media.audio.MediaDecodeTimeout: If that took longer than ``timeout_s``.
             latentsync.media.MediaProbeError: If FFmpeg found no decodable audio in an allowed
-                format (:data:`~latentsync.media.audio.UPLOAD_FORMATS`), or decoded no sample.
+                format (:data:`~latentsync.media.probe.MEDIA_FORMATS`), or decoded no sample.
             SpeechError: ``too_long`` if more than ``max_duration_s`` was decoded (when the
                 container's header says the audio is longer than that, this waits for the decode
                 to pass it or end: a header may lie); ``too_short`` if it ended under one frame.

@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable
 from pathlib import Path
 
-from latentsync.avatar import Avatar, AvatarSettings, cache_key, touch_avatar
+from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
 from latentsync.media.probe import probe_media
 from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits, load_clip
@@ -151,11 +151,8 @@ class AvatarPreparations:
             try:
                 if stopping():
                     raise PreparationCancelled(f"preparation of {Path(video).name} cancelled")
-                cached = Path(cache_dir) / f"{Path(video).stem}-{cache_key(Path(video), settings)}"
-                if (cached / "meta.json").is_file():
-                    touch_avatar(cached)
-                    return Avatar.load(cached)
-                return self._runner(video, settings, cache_dir, stopping)
+                cached = Avatar.load_cached(video, settings, cache_dir)
+                return cached if cached is not None else self._runner(video, settings, cache_dir, stopping)
             finally:
                 flight[0].release()
         finally:

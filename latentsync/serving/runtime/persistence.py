@@ -13,7 +13,7 @@ from latentsync.config import (
     ConfigError,
     allowed_rtmp_hosts,
     api_channel,
-    api_media_path,
+    api_media_paths,
     uploaded_avatar_video,
     validate,
 )
@@ -95,7 +95,7 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
         kept = (*LIVE_FIELDS, "width", "height")  # the size the stream had when its avatar changed
         values = {k: v for k, v in values.items() if k in kept} if isinstance(values, dict) else {}
         try:  # held to the API's rules, as when it was made: video paths only under media.root
-            values.update({k: api_media_path(config, k, v) for k in ("idle_video", "video") if (v := values.get(k))})
+            values.update(api_media_paths(config, values.get))
         except (ConfigError, TypeError) as exc:
             logger.warning("channels_file: %s's avatar skipped: %s", name, exc)
             continue

@@ -31,13 +31,14 @@ from pathlib import Path
 from latentsync.avatar import Avatar
 from latentsync.config import (
     DEFAULT_CHANNEL,
+    RECORD_PATH_CONFIG_ONLY,
     AppConfig,
     ChannelConfig,
     ConfigError,
     EngineName,
     allowed_rtmp_hosts,
     api_channel,
-    api_media_path,
+    api_media_paths,
     channel_configs,
     validate,
 )
@@ -434,12 +435,9 @@ class Runtime:
 
         channel = self.channels[name]
         if "record_path" in values:
-            raise ConfigError("record_path: recordings are set in the config file only (stream.record_dir)")
+            raise ConfigError(RECORD_PATH_CONFIG_ONLY)
         given = parse_channel(name, {k: v for k, v in values.items() if k != "name"})
-        paths = {
-            k: api_media_path(self.config, k, getattr(given, k)) for k in ("idle_video", "video") if getattr(given, k)
-        }
-        given = dataclasses.replace(given, **paths)
+        given = dataclasses.replace(given, **api_media_paths(self.config, lambda k: getattr(given, k)))
         current = channel.config
         effective = {
             "rtmp_url": current.stream.rtmp_url,
