@@ -412,6 +412,7 @@ def test_the_hostile_matrix_is_refused_and_nothing_happens(server):
         finally:
             for _, sock in streams:
                 sock.close()
+        wait_long_lived_free(port)
         rows.append(
             (
                 f"7. {MAX_LONG_LIVED} unread event streams (api.max_long_lived) + 1 more, + a WebSocket",
@@ -434,6 +435,23 @@ def test_the_hostile_matrix_is_refused_and_nothing_happens(server):
         f"dropped ticks {summary['dropped']}; server RSS {rss_before:.0f} → {rss_before + grew:.0f} MB)",
         rows,
     )
+
+
+def wait_long_lived_free(port: int, timeout_s: float = 30.0) -> None:
+    """Wait until all ``MAX_LONG_LIVED`` slots are free again.
+
+    An event stream's slot is given back when the server notices its client left: at its next
+    write (a ``health`` event every second), which fails once the peer's reset came back.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        opened = [ws_handshake(port, "/ws/speech") for _ in range(MAX_LONG_LIVED)]
+        for _, sock, _ in opened:
+            sock.close()
+        if all(status == 101 for status, _, _ in opened):
+            return
+        assert time.monotonic() < deadline, f"long-lived slots still taken after {timeout_s} s: {opened}"
+        time.sleep(0.2)
 
 
 def upload(port: int, wav: bytes) -> tuple[int, dict]:
