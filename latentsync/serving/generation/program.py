@@ -427,10 +427,12 @@ class SpeechProgram:
         if event is ProgramEvent.FIRST_FRAME:
             task.first_frame_on_air_at = time.time()
             task.first_frame_on_air_monotonic = time.monotonic()
+            task.first_frame_tick = self._tick_counter() if self._tick_counter is not None else None
             if self._on_ttff is not None:
                 self._on_ttff(task.first_frame_on_air_monotonic - task.received_monotonic)
             task.transition(TaskState.streaming)
         elif event is ProgramEvent.DONE:
+            task.last_frame_tick = self._tick_counter() if self._tick_counter is not None else None
             task.transition(TaskState.done)  # refused when generation failed meanwhile: it stays failed
         elif event is ProgramEvent.INTERRUPTED:
             task.transition(TaskState.cancelled)

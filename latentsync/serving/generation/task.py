@@ -70,6 +70,9 @@ class Task:
         kind: What feeds it.
         audio: Its speech as it arrives (:class:`~latentsync.serving.generation.audio.SpeechAudio`);
             None once released (the fade-out played it, or it never reached the air).
+        first_frame_tick: The channel's tick count (``ProgramMixer.ticks``) when its frame 0 was on air.
+        last_frame_tick: The tick count when its last speech frame was on air (the next program
+            starts at ``last_frame_tick + 1`` when nothing idle is played between).
     """
 
     task_id: str
@@ -88,6 +91,8 @@ class Task:
     first_frame_on_air_at: float | None = None
     first_frame_on_air_monotonic: float | None = None
     finished_at: float | None = None
+    first_frame_tick: int | None = None
+    last_frame_tick: int | None = None
     cancel_requested_tick: int | None = None
     off_air_tick: int | None = None
     audio_duration_s: float = 0.0
@@ -161,6 +166,8 @@ class Task:
             "received_at": self.received_at,
             "first_frame_on_air_at": self.first_frame_on_air_at,
             "finished_at": self.finished_at,
+            "first_frame_tick": self.first_frame_tick,
+            "last_frame_tick": self.last_frame_tick,
             "interrupt_latency_frames": (
                 self.off_air_tick - self.cancel_requested_tick
                 if self.off_air_tick is not None and self.cancel_requested_tick is not None
