@@ -160,6 +160,13 @@ class AvatarConfig:
     min_face_fraction: float = 0.5
 
 
+class PoolBackend(str, enum.Enum):
+    """Where the engine workers run (docs/scale-out.md)."""
+
+    local = "local"  # multiprocessing workers on this host
+    ray = "ray"  # Ray actors on a Ray cluster
+
+
 class DType(str, enum.Enum):
     """Floating-point precision for the LatentSync models on GPU (CPU always runs float32)."""
 
@@ -213,6 +220,30 @@ class EngineConfig:
     first_chunk_frames: int | None = None
     max_queued_jobs: int = 4096
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
+
+
+@dataclass
+class PoolConfig:
+    """Where the engine workers run; the scheduler above them is the same (docs/scale-out.md).
+
+    ``backend``: ``local`` (processes on this host, ``engine.workers`` of them) or ``ray`` (one
+    Ray actor per worker, on any node of a Ray cluster; needs ``pip install -r
+    requirements-ray.txt``). ``ray_address``: ``auto`` (the cluster this host belongs to),
+    ``host:port`` (a head's GCS), ``ray://host:10001`` (Ray Client), or null/empty to start a
+    private single-node Ray owned by the server. ``ray_workers``: actors to run (null: every GPU
+    of the cluster for ``latentsync``, one per node for ``parametric``). ``ray_cpus_per_worker``
+    and ``ray_gpus_per_worker``: what each actor reserves (GPU only for ``latentsync``).
+    ``ray_namespace``: the Ray namespace of the actors (two servers on one cluster use two).
+    ``ray_object_store_mb``: the object store of a private Ray (null: Ray's default, 30 % of RAM).
+    """
+
+    backend: PoolBackend = PoolBackend.local
+    ray_address: str | None = None
+    ray_workers: int | None = None
+    ray_cpus_per_worker: float = 1.0
+    ray_gpus_per_worker: float = 1.0
+    ray_namespace: str = "latentsync"
+    ray_object_store_mb: int | None = None
 
 
 @dataclass
@@ -408,6 +439,7 @@ class AppConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     speech_stream: SpeechStreamConfig = field(default_factory=SpeechStreamConfig)
@@ -750,6 +782,30 @@ def validate(config: AppConfig) -> None:
     _check(0.5 <= e.chunk_deadline_s <= 3600, "engine.chunk_deadline_s", e.chunk_deadline_s, "0.5..3600")
     _check(1 <= e.max_batch_chunks <= 64, "engine.max_batch_chunks", e.max_batch_chunks, "1..64")
     _check(16 <= e.max_queued_jobs <= 10**6, "engine.max_queued_jobs", e.max_queued_jobs, "16..1000000")
+    pool = config.pool
+    _check(pool.ray_workers is None or 1 <= pool.ray_workers <= 4096, "pool.ray_workers", pool.ray_workers, "1..4096")
+    _check(0 <= pool.ray_cpus_per_worker <= 256, "pool.ray_cpus_per_worker", pool.ray_cpus_per_worker, "0..256")
+    _check(0 < pool.ray_gpus_per_worker <= 16, "pool.ray_gpus_per_worker", pool.ray_gpus_per_worker, "(0, 16]")
+    _check(
+        pool.ray_object_store_mb is None or pool.ray_object_store_mb >= 78,
+        "pool.ray_object_store_mb",
+        pool.ray_object_store_mb,
+        "78 MB (Ray's least) or more, or null",
+    )
+    _check(
+        bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", pool.ray_namespace)),
+        "pool.ray_namespace",
+        pool.ray_namespace,
+        "1-64 letters, digits, '_', '.', '-'",
+    )
+    _check(
+        not pool.ray_address
+        or pool.ray_address == "auto"
+        or bool(re.fullmatch(r"(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}", pool.ray_address)),
+        "pool.ray_address",
+        pool.ray_address,
+        "auto, host:port, ray://host:port, or null (a private Ray)",
+    )
     low, high = CHUNK_FRAMES_RANGE.get(e.name.value, DEFAULT_CHUNK_FRAMES_RANGE)
     _check(
         e.first_chunk_frames is None or low <= e.first_chunk_frames <= high,

@@ -85,7 +85,241 @@ class PoolStats:
     dispatches: int
 
 
-class WorkerPool:
+class SchedulingPool:
+    """The scheduler every backend shares: a bounded earliest-deadline-first queue, one call per worker.
+
+    Jobs wait in a heap ordered by ``due_at`` (the monotonic time by which their first frame must
+    be on air); a free worker takes the earliest, with the chunks of the same avatar due right
+    after it up to ``max_batch``. A backend (:class:`WorkerPool` for local processes,
+    :class:`latentsync.serving.generation.ray_pool.RayWorkerPool` for Ray actors) says when a
+    worker is free (:meth:`_free_worker`) and sends a call (:meth:`_dispatch`); it then reports the
+    call's results (:meth:`_deliver`), an engine error (:meth:`_engine_failed`, deterministic: no
+    retry) or a lost worker (:meth:`_requeue`: retried once, then failed with the reason).
+
+    Args:
+        workers: Workers the backend runs (``stats().workers``).
+        on_chunk_done: Called with ``(frames, seconds from dispatch to result)`` for every chunk.
+        max_batch: Queued chunks a free worker takes at once (a task's first chunk always alone).
+        deadline_s: Seconds a call may take per job before the backend gives up on its worker.
+        max_queued: Jobs the queue holds at most.
+    """
+
+    def __init__(
+        self,
+        workers: int,
+        on_chunk_done: Callable[[int, float], None] | None = None,
+        max_batch: int = 1,
+        deadline_s: float = 60.0,
+        max_queued: int = 4096,
+    ):
+        self._workers = int(workers)
+        self._on_chunk_done = on_chunk_done
+        self._max_batch = max(1, int(max_batch))
+        self._deadline_s = float(deadline_s)
+        self._max_queued = int(max_queued)
+        self._lock = threading.RLock()
+        self._running: dict[int, list[_Job]] = {}  # dispatch id -> jobs sent together (one worker each)
+        self._queue: list[tuple[float, int, _Job]] = []  # heap of (due_at, key, job): waiting for a worker
+        self._keys = itertools.count()
+        self._stop = threading.Event()
+        self._rebuilds = 0
+        self._retried = 0
+        self._failed = 0
+        self._completed = 0
+        self._dispatches = 0
+        self._broken: str | None = None  # why the pool cannot serve (its workers could not load)
+
+    # ----------------------------------------------------------------- what every backend provides
+    def start(self) -> None:
+        """Start the workers and wait until every one has loaded its engine (raises :class:`WorkerPoolError`)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop the workers; pending jobs fail with "shutting down". Safe to call twice."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True while the workers run and the pool is not broken."""
+        raise NotImplementedError
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (for Ray: each on its own node)."""
+        raise NotImplementedError
+
+    def loaded_avatars(self, timeout_s: float = 5.0) -> list[list[str]]:
+        """The avatar keys the workers hold loaded, least recently used first (tests, /health)."""
+        raise NotImplementedError
+
+    def worker_stats(self) -> list:
+        """Per-worker figures (node, jobs, latency, failures) where the backend tracks them; else empty."""
+        return []
+
+    # ----------------------------------------------------------------- backend hooks (lock held)
+    def _accepting(self) -> bool:
+        """Whether the backend runs (``submit`` refuses jobs otherwise)."""
+        raise NotImplementedError
+
+    def _free_worker(self) -> Any | None:
+        """A worker that may take a call now (verified, nothing in flight), or None."""
+        raise NotImplementedError
+
+    def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: Any) -> None:
+        """Send ``jobs`` to ``worker`` as one call."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- shared
+    def stats(self) -> PoolStats:
+        """Return a snapshot of the counters."""
+        with self._lock:
+            in_flight = sum(len(batch) for batch in self._running.values())
+            return PoolStats(
+                self._workers,
+                in_flight,
+                len(self._queue),
+                self._rebuilds,
+                self._retried,
+                self._failed,
+                self._completed,
+                self._dispatches,
+            )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the pool cannot serve (a worker could not load its engine), or None."""
+        return self._broken
+
+    def submit(self, job: ChunkJob, on_done: Callable[[ChunkResult], None], on_error: Callable[[str], None]) -> None:
+        """Queue a chunk job; a free worker computes its features and faces (:class:`JobQueue`).
+
+        Args:
+            job: The chunk (its avatar, audio window, frames and ``due_at``: the queue's priority).
+            on_done: Called with the :class:`ChunkResult`, on a pool thread.
+            on_error: Called with a reason string when the job fails for good.
+
+        Raises:
+            JobFailed: If the pool is not running, is broken, or its queue holds ``max_queued`` jobs.
+        """
+        entry = _Job(next(self._keys), job, on_done, on_error)
+        with self._lock:
+            if not self._accepting() or self._stop.is_set():
+                raise JobFailed("worker pool is not running")
+            if self._broken is not None:
+                raise JobFailed(self._broken)
+            if len(self._queue) >= self._max_queued:
+                raise JobFailed(f"worker pool queue full ({self._max_queued} jobs, engine.max_queued_jobs)")
+            heapq.heappush(self._queue, (job.due_at, entry.key, entry))
+            self._dispatch_waiting()
+
+    def cancel(self, task_id: str) -> int:
+        """Drop every queued job of ``task_id`` at once (their callbacks are never called).
+
+        Jobs already running in a worker finish; their results go to callbacks that ignore a
+        cancelled task.
+
+        Returns:
+            The number of queued jobs dropped.
+        """
+        with self._lock:
+            kept = [entry for entry in self._queue if entry[2].job.task_id != task_id]
+            dropped = len(self._queue) - len(kept)
+            if dropped:
+                heapq.heapify(kept)
+                self._queue = kept
+        return dropped
+
+    def _dispatch_waiting(self) -> None:
+        """Hand queued jobs to free workers (lock held)."""
+        while self._queue and (worker := self._free_worker()) is not None:
+            jobs = self._take_batch()
+            dispatch_id = next(self._keys)
+            self._running[dispatch_id] = jobs
+            self._dispatches += 1
+            now = time.monotonic()
+            for job in jobs:
+                job.attempts += 1
+                job.submitted_at = now
+            self._dispatch(dispatch_id, jobs, worker)
+
+    def _take_batch(self) -> list[_Job]:
+        """The earliest-deadline job, plus the chunk jobs due right after it up to ``max_batch`` (lock held).
+
+        A task's first chunk (chunk index 0) is never batched, in either direction: batching would
+        hold its faces back until the whole batch is done.
+        """
+        batch = [heapq.heappop(self._queue)[2]]
+
+        def batchable(entry: _Job) -> bool:
+            return entry.job.chunk_index != 0 and entry.job.avatar == batch[0].job.avatar
+
+        if batchable(batch[0]):
+            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
+                batch.append(heapq.heappop(self._queue)[2])
+        return batch
+
+    def _deliver(self, dispatch_id: int, results: list[ChunkResult]) -> list[_Job] | None:
+        """A call came back: free its worker, dispatch, then hand each result to its job.
+
+        Returns:
+            The call's jobs, or None for a stale answer (its worker was given up on meanwhile).
+        """
+        with self._lock:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
+                return None  # a stale answer from a replaced worker
+            self._completed += len(jobs)
+            self._dispatch_waiting()
+        for job, result in zip(jobs, results, strict=True):
+            if self._on_chunk_done is not None:
+                self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
+            with job.lock:
+                if job.finished:
+                    continue
+                job.finished = True
+            job.on_done(result)
+        return jobs
+
+    def _engine_failed(self, dispatch_id: int, exc: BaseException) -> None:
+        """The engine raised on a call: deterministic, so its jobs fail without a retry."""
+        with self._lock:
+            jobs = self._running.pop(dispatch_id, None)
+            if jobs is None:
+                return
+            self._dispatch_waiting()
+        for job in jobs:
+            self._finish_error(job, f"{job.job.label} failed: {type(exc).__name__}: {exc}")
+
+    def _requeue(self, jobs: list[_Job], reason: str) -> None:
+        """Jobs whose worker was lost: queued again (deadlines kept), or failed on their 2nd try (lock held)."""
+        for job in sorted(jobs, key=lambda j: j.key, reverse=True):
+            if job.attempts >= 2:
+                threading.Thread(
+                    target=self._finish_error, args=(job, f"{job.job.label} failed twice ({reason})"), daemon=True
+                ).start()
+            else:
+                self._retried += 1
+                heapq.heappush(self._queue, (job.job.due_at, job.key, job))
+
+    def _fail_everything(self, reason: str) -> None:
+        """Fail every queued and running job with ``reason`` (closing, or broken)."""
+        with self._lock:
+            jobs = [j for batch in self._running.values() for j in batch] + [j for _, _, j in self._queue]
+            self._running.clear()
+            self._queue.clear()
+        for job in jobs:
+            self._finish_error(job, reason)
+
+    def _finish_error(self, job: _Job, reason: str) -> None:
+        with job.lock:
+            if job.finished:
+                return
+            job.finished = True
+        with self._lock:
+            self._failed += 1
+        logger.warning("%s", reason)
+        job.on_error(reason)
+
+
+class WorkerPool(SchedulingPool):
     """Owns the engine worker processes.
 
     Args:
@@ -123,33 +357,18 @@ class WorkerPool:
         deadline_s: float = 60.0,
         max_queued: int = 4096,
     ):
+        super().__init__(workers, on_chunk_done, max_batch, deadline_s, max_queued)
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
         self._avatar_path = str(avatar_path)
-        self._workers = int(workers)
         self._devices = list(devices or [])
         self._start_timeout_s = start_timeout_s
-        self._on_chunk_done = on_chunk_done
-        self._max_batch = max(1, int(max_batch))
         self._max_avatars = max(1, int(max_avatars))
-        self._deadline_s = float(deadline_s)
-        self._max_queued = int(max_queued)
         self._ctx = multiprocessing.get_context("spawn")
-        self._lock = threading.RLock()
         self._pool: multiprocessing.pool.Pool | None = None
         self._pool_pids: list[int] = []
-        self._running: dict[int, list[_Job]] = {}  # dispatch id -> jobs sent together (one worker each)
-        self._queue: list[tuple[float, int, _Job]] = []  # heap of (due_at, key, job): waiting for a worker
-        self._keys = itertools.count()
-        self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._rebuilds = 0
-        self._retried = 0
-        self._failed = 0
-        self._completed = 0
-        self._dispatches = 0
         self._verified = False  # the current pool's workers answered a ping with their engine loaded
-        self._broken: str | None = None  # why a rebuilt pool cannot serve (its workers could not load)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -176,33 +395,9 @@ class WorkerPool:
             self._monitor.join(2.0)
         with self._lock:
             pool, self._pool = self._pool, None
-            jobs = [j for batch in self._running.values() for j in batch] + [j for _, _, j in self._queue]
-            self._running.clear()
-            self._queue.clear()
-        for job in jobs:
-            self._finish_error(job, "server shutting down")
+        self._fail_everything("server shutting down")
         if pool is not None:
             self._terminate(pool)
-
-    def stats(self) -> PoolStats:
-        """Return a snapshot of the counters."""
-        with self._lock:
-            in_flight = sum(len(batch) for batch in self._running.values())
-            return PoolStats(
-                self._workers,
-                in_flight,
-                len(self._queue),
-                self._rebuilds,
-                self._retried,
-                self._failed,
-                self._completed,
-                self._dispatches,
-            )
-
-    @property
-    def broken(self) -> str | None:
-        """Why the pool cannot serve (a rebuilt worker could not load its engine), or None."""
-        return self._broken
 
     def ready(self) -> bool:
         """True while the pool runs and is not broken (a rebuild being verified still counts as ready)."""
@@ -232,118 +427,23 @@ class WorkerPool:
             return [p.pid for p in getattr(pool, "_pool", []) if p.pid is not None]
 
     # ----------------------------------------------------------------- jobs
-    def submit(self, job: ChunkJob, on_done: Callable[[ChunkResult], None], on_error: Callable[[str], None]) -> None:
-        """Queue a chunk job; a free worker computes its features and faces (:class:`JobQueue`).
+    def _accepting(self) -> bool:
+        return self._pool is not None
 
-        Args:
-            job: The chunk (its avatar, audio window, frames and ``due_at``: the queue's priority).
-            on_done: Called with the :class:`ChunkResult`, on a pool thread.
-            on_error: Called with a reason string when the job fails for good.
+    def _free_worker(self) -> multiprocessing.pool.Pool | None:
+        """The current pool while it has a free worker and was verified (lock held)."""
+        if len(self._running) < self._workers and self._pool is not None and self._verified:
+            return self._pool
+        return None
 
-        Raises:
-            JobFailed: If the pool is not running, is broken, or its queue holds ``max_queued`` jobs.
-        """
-        entry = _Job(next(self._keys), job, on_done, on_error)
-        with self._lock:
-            if self._pool is None or self._stop.is_set():
-                raise JobFailed("worker pool is not running")
-            if self._broken is not None:
-                raise JobFailed(self._broken)
-            if len(self._queue) >= self._max_queued:
-                raise JobFailed(f"worker pool queue full ({self._max_queued} jobs, engine.max_queued_jobs)")
-            heapq.heappush(self._queue, (job.due_at, entry.key, entry))
-            self._dispatch_waiting()
-
-    def cancel(self, task_id: str) -> int:
-        """Drop every queued job of ``task_id`` at once (their callbacks are never called).
-
-        Jobs already running in a worker finish; their results go to callbacks that ignore a
-        cancelled task.
-
-        Returns:
-            The number of queued jobs dropped.
-        """
-        with self._lock:
-            kept = [entry for entry in self._queue if entry[2].job.task_id != task_id]
-            dropped = len(self._queue) - len(kept)
-            if dropped:
-                heapq.heapify(kept)
-                self._queue = kept
-        return dropped
-
-    def _dispatch_waiting(self) -> None:
-        """Hand queued jobs to the pool while a worker is free (lock held)."""
-        while self._queue and len(self._running) < self._workers and self._pool is not None and self._verified:
-            jobs = self._take_batch()
-            dispatch_id = next(self._keys)
-            self._running[dispatch_id] = jobs
-            self._dispatch(dispatch_id, jobs)
-
-    def _take_batch(self) -> list[_Job]:
-        """The earliest-deadline job, plus the chunk jobs due right after it up to ``max_batch`` (lock held).
-
-        A task's first chunk (chunk index 0) is never batched, in either direction: batching would
-        hold its faces back until the whole batch is done.
-        """
-        batch = [heapq.heappop(self._queue)[2]]
-
-        def batchable(entry: _Job) -> bool:
-            return entry.job.chunk_index != 0 and entry.job.avatar == batch[0].job.avatar
-
-        if batchable(batch[0]):
-            while self._queue and len(batch) < self._max_batch and batchable(self._queue[0][2]):
-                batch.append(heapq.heappop(self._queue)[2])
-        return batch
-
-    def _dispatch(self, dispatch_id: int, jobs: list[_Job]) -> None:
+    def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: multiprocessing.pool.Pool) -> None:
         """Send jobs to the current pool as one call (lock held)."""
-        assert self._pool is not None
-        self._dispatches += 1
-        now = time.monotonic()
-        for job in jobs:
-            job.attempts += 1
-            job.submitted_at = now
-        self._pool.apply_async(
+        worker.apply_async(
             _worker_chunks,
             ([entry.job for entry in jobs],),
-            callback=lambda results: self._on_results(dispatch_id, results),
-            error_callback=lambda exc: self._on_exception(dispatch_id, exc),
+            callback=lambda results: self._deliver(dispatch_id, results),
+            error_callback=lambda exc: self._engine_failed(dispatch_id, exc),
         )
-
-    def _on_results(self, dispatch_id: int, results: list[ChunkResult]) -> None:
-        with self._lock:
-            jobs = self._running.pop(dispatch_id, None)
-            if jobs is None:
-                return  # a stale answer from a replaced pool
-            self._completed += len(jobs)
-            self._dispatch_waiting()
-        for job, result in zip(jobs, results, strict=True):
-            if self._on_chunk_done is not None:
-                self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
-            with job.lock:
-                if job.finished:
-                    continue
-                job.finished = True
-            job.on_done(result)
-
-    def _on_exception(self, dispatch_id: int, exc: BaseException) -> None:
-        with self._lock:
-            jobs = self._running.pop(dispatch_id, None)
-            if jobs is None:
-                return
-            self._dispatch_waiting()
-        for job in jobs:  # the engine raised: deterministic, so no retry
-            self._finish_error(job, f"{job.job.label} failed: {type(exc).__name__}: {exc}")
-
-    def _finish_error(self, job: _Job, reason: str) -> None:
-        with job.lock:
-            if job.finished:
-                return
-            job.finished = True
-        with self._lock:
-            self._failed += 1
-        logger.warning("%s", reason)
-        job.on_error(reason)
 
     # ----------------------------------------------------------------- supervision
     def _new_pool(self) -> multiprocessing.pool.Pool:
@@ -425,7 +525,7 @@ class WorkerPool:
     def _rebuild(self, reason: str) -> None:
         """Replace the pool; running jobs are queued again (deadlines kept), or fail on their 2nd try (lock held)."""
         self._rebuilds += 1
-        running = sorted((j for batch in self._running.values() for j in batch), key=lambda j: j.key, reverse=True)
+        running = [j for batch in self._running.values() for j in batch]
         self._running.clear()
         logger.warning("rebuilding the worker pool: %s (%d jobs in flight)", reason, len(running))
         old = self._pool
@@ -434,14 +534,7 @@ class WorkerPool:
         self._pool = self._new_pool()
         self._verified = False  # nothing is dispatched until every new worker proved its engine loaded
         threading.Thread(target=self._verify, args=(self._pool,), name="worker-pool-verify", daemon=True).start()
-        for job in running:
-            if job.attempts >= 2:
-                threading.Thread(
-                    target=self._finish_error, args=(job, f"{job.job.label} failed twice ({reason})"), daemon=True
-                ).start()
-            else:
-                self._retried += 1
-                heapq.heappush(self._queue, (job.job.due_at, job.key, job))
+        self._requeue(running, reason)
         self._dispatch_waiting()
 
     def _verify(self, pool: multiprocessing.pool.Pool) -> None:

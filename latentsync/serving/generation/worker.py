@@ -1,9 +1,10 @@
-"""The worker-process side of the pool: one engine per spawned process, loaded once (see pool.py).
+"""The worker side of the pool: one engine per worker, loaded once (see pool.py and ray_pool.py).
 
-A spawned worker process holds exactly one engine (and engines bound to the other avatars it was
-asked for, least recently used dropped first). The slot below exists only inside worker processes
-(the pool initializer fills it once, ``multiprocessing.Pool`` calls the functions here); the
-server process never writes it.
+A worker (a spawned process of the local pool, or a Ray actor) holds one :class:`EngineHost`:
+the engine bound to the default avatar, and engines bound to the other avatars it was asked for,
+least recently used dropped first. In the local pool the host lives in the slot below, which
+exists only inside worker processes (the pool initializer fills it once, ``multiprocessing.Pool``
+calls the functions here); the server process never writes it. A Ray actor holds its own host.
 """
 
 from __future__ import annotations
@@ -12,13 +13,115 @@ import os
 import signal
 import traceback
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from latentsync.engines import ChunkRequest, ChunkResult
 from latentsync.serving.generation.ports import ChunkJob
+
+
+class EngineHost:
+    """The engines of one worker: the default avatar's, plus an LRU of other avatars' engines.
+
+    Args:
+        engine_name: ``"parametric"`` or ``"latentsync"`` (or a ``module:factory`` test engine).
+        options: Engine options (``device`` already chosen for this worker).
+        default: Key of the default avatar (its cache path).
+        load_avatar: Returns the :class:`latentsync.avatar.Avatar` for a key: from the cache folder
+            in the local pool, from Ray's object store on an actor.
+        max_avatars: Engines kept loaded (``engine.max_avatars_per_worker``).
+
+    Raises:
+        Exception: Whatever loading the default avatar or the engine raises (the caller keeps it
+            as the worker's error, reported by every later call).
+    """
+
+    def __init__(
+        self,
+        engine_name: str,
+        options: Mapping[str, Any],
+        default: str,
+        load_avatar: Callable[[str], Any],
+        max_avatars: int = 1,
+    ):
+        from latentsync.engines import create_engine
+
+        self.name = engine_name
+        self.options = dict(options)
+        self.default = default
+        self._load_avatar = load_avatar
+        self.max_avatars = max(1, int(max_avatars))
+        self.base = create_engine(engine_name, self.options, load_avatar(default))
+        self.base.load()
+        self.engines: OrderedDict[str, Any] = OrderedDict({default: self.base})
+
+    def engine(self, avatar: str | None = None):
+        """The engine bound to ``avatar`` (None: the default avatar), loaded on first use.
+
+        An engine with ``with_avatar`` (latentsync) binds the new avatar to the models it already
+        holds, so only the avatar's data (its latents) is added; others (parametric) build a fresh
+        engine, which is cheap.
+        """
+        from latentsync.engines import create_engine
+
+        key = avatar or self.default
+        engine = self.engines.get(key)
+        if engine is not None:
+            self.engines.move_to_end(key)
+            return engine
+        loaded = self._load_avatar(key)
+        if hasattr(self.base, "with_avatar"):
+            engine = self.base.with_avatar(loaded)
+        else:
+            engine = create_engine(self.name, self.options, loaded)
+            engine.load()
+        self.engines[key] = engine
+        while len(self.engines) > self.max_avatars:
+            _old_key, old = self.engines.popitem(last=False)
+            if old is not self.base:  # the default engine holds the shared models: never closed here
+                old.close()
+        return engine
+
+    def loaded(self) -> list[str]:
+        """Avatar keys with a loaded engine, least recently used first."""
+        return list(self.engines)
+
+    def close(self) -> None:
+        """Close every engine (safe to call twice)."""
+        engines, self.engines = list(self.engines.values()), OrderedDict()
+        for engine in engines:
+            engine.close()
+
+    def chunks(self, jobs: list[ChunkJob]) -> list[ChunkResult]:
+        """Features, then faces, of chunk jobs of one avatar (one model batch where the engine can).
+
+        Each job's features are the rows ``job.rows`` of :meth:`Engine.features` over its audio
+        window, the last row repeated when the job's frames were padded to the engine's shortest chunk.
+
+        Returns:
+            One :class:`ChunkResult` per job, in order (faces ``(n, 256, 256, 3) uint8`` RGB).
+        """
+        engine = self.engine(jobs[0].avatar)
+        requests = []
+        for job in jobs:
+            rows = np.asarray(engine.features(job.audio_16k, *job.rows))
+            n = len(job.frame_indices)
+            if len(rows) < n:
+                rows = np.concatenate([rows, np.repeat(rows[-1:], n - len(rows), axis=0)])
+            requests.append(
+                ChunkRequest(
+                    task_id=job.task_id,
+                    chunk_index=job.chunk_index,
+                    frame_indices=np.asarray(job.frame_indices, np.int64),
+                    features=rows[:n],
+                    seed=job.seed,
+                    guidance_scale=job.guidance_scale,
+                )
+            )
+        return engine.generate_batch(requests) if len(requests) > 1 else [engine.generate(requests[0])]
+
 
 _WORKER_SLOT: dict[str, Any] = {}
 
@@ -38,57 +141,18 @@ def _worker_init(
         if devices:
             options["device"] = devices[index % len(devices)]
         from latentsync.avatar import Avatar
-        from latentsync.engines import create_engine
 
-        avatar = Avatar.load(avatar_path)
-        engine = create_engine(engine_name, options, avatar)
-        engine.load()
-        engines: OrderedDict[str, Any] = OrderedDict({avatar_path: engine})
-        _WORKER_SLOT.update(
-            engine=engine,
-            engines=engines,
-            default=avatar_path,
-            name=engine_name,
-            options=options,
-            max_avatars=max(1, int(max_avatars)),
-            index=index,
-            error=None,
-        )
+        host = EngineHost(engine_name, options, avatar_path, Avatar.load, max_avatars)
+        _WORKER_SLOT.update(host=host, index=index, error=None)
     except Exception as exc:  # reported to the parent by every later call
-        _WORKER_SLOT.update(engine=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+        _WORKER_SLOT.update(host=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
 
 
-def _engine(avatar_path: str | None = None):
-    """The engine bound to ``avatar_path`` (None: the default avatar), loaded on first use.
-
-    A worker keeps at most ``max_avatars`` engines, least recently used dropped first. An engine
-    with ``with_avatar`` (latentsync) binds the new avatar to the models it already holds, so only
-    the avatar's data (its latents) is added; others (parametric) build a fresh engine, which is cheap.
-    """
-    base = _WORKER_SLOT.get("engine")
-    if base is None:
+def _host() -> EngineHost:
+    host = _WORKER_SLOT.get("host")
+    if host is None:
         raise RuntimeError(f"worker failed to start: {_WORKER_SLOT.get('error', 'not initialised')}")
-    engines: OrderedDict[str, Any] = _WORKER_SLOT["engines"]
-    path = avatar_path or _WORKER_SLOT["default"]
-    engine = engines.get(path)
-    if engine is not None:
-        engines.move_to_end(path)
-        return engine
-    from latentsync.avatar import Avatar
-    from latentsync.engines import create_engine
-
-    avatar = Avatar.load(path)
-    if hasattr(base, "with_avatar"):
-        engine = base.with_avatar(avatar)
-    else:
-        engine = create_engine(_WORKER_SLOT["name"], _WORKER_SLOT["options"], avatar)
-        engine.load()
-    engines[path] = engine
-    while len(engines) > _WORKER_SLOT["max_avatars"]:
-        old_path, old = engines.popitem(last=False)
-        if old is not base:  # the default engine holds the shared models: never closed here
-            old.close()
-    return engine
+    return host
 
 
 def _worker_ping() -> tuple[int, str | None]:
@@ -97,30 +161,10 @@ def _worker_ping() -> tuple[int, str | None]:
 
 def _worker_avatars() -> tuple[int, list[str]]:
     """This worker's pid and the avatar paths it holds loaded, least recently used first."""
-    return os.getpid(), list(_WORKER_SLOT.get("engines") or ())
+    host = _WORKER_SLOT.get("host")
+    return os.getpid(), host.loaded() if host is not None else []
 
 
 def _worker_chunks(jobs: list[ChunkJob]) -> list[ChunkResult]:
-    """Features, then faces, of chunk jobs of one avatar (one model batch where the engine can).
-
-    Each job's features are the rows ``job.rows`` of :meth:`Engine.features` over its audio window,
-    the last row repeated when the job's frames were padded to the engine's shortest chunk.
-    """
-    engine = _engine(jobs[0].avatar)
-    requests = []
-    for job in jobs:
-        rows = np.asarray(engine.features(job.audio_16k, *job.rows))
-        n = len(job.frame_indices)
-        if len(rows) < n:
-            rows = np.concatenate([rows, np.repeat(rows[-1:], n - len(rows), axis=0)])
-        requests.append(
-            ChunkRequest(
-                task_id=job.task_id,
-                chunk_index=job.chunk_index,
-                frame_indices=np.asarray(job.frame_indices, np.int64),
-                features=rows[:n],
-                seed=job.seed,
-                guidance_scale=job.guidance_scale,
-            )
-        )
-    return engine.generate_batch(requests) if len(requests) > 1 else [engine.generate(requests[0])]
+    """:meth:`EngineHost.chunks` of this worker process."""
+    return _host().chunks(jobs)

@@ -32,7 +32,7 @@ from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
 from latentsync.serving.egress.whep import WebRtcHub
-from latentsync.serving.generation.pool import WorkerPool
+from latentsync.serving.generation.pool import SchedulingPool
 from latentsync.serving.generation.scheduler import TaskManager, TaskSettings
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.idle import IdleLoop
@@ -124,7 +124,7 @@ class Channel:
         self.controller: StreamingController | None = None
         self.mixer: ProgramMixer | None = None
         self.avatar: Avatar | None = None
-        self.pool: WorkerPool | None = None
+        self.pool: SchedulingPool | None = None
         self._tasks: TaskManager | None = None
         self.stream_size: tuple[int, int] | None = None
         self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
@@ -415,7 +415,7 @@ class Channel:
             paths += [Path(pending[0].path), pending[1]]
         return paths
 
-    def attach(self, pool: WorkerPool) -> bool:
+    def attach(self, pool: SchedulingPool) -> bool:
         """Start taking uploads and streamed speech: a TaskManager whose jobs go to the shared pool.
 
         Returns:
@@ -567,6 +567,8 @@ class Channel:
                 failed=p.failed,
                 completed=p.completed,
                 dispatches=p.dispatches,
+                backend=self.config.pool.backend.value,
+                actors=tuple(pool.worker_stats()),
             )
         if self.controller is None or self.sink is None:
             return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)

@@ -36,6 +36,7 @@ from latentsync.config import (
     ChannelConfig,
     ConfigError,
     EngineName,
+    PoolBackend,
     allowed_rtmp_hosts,
     api_channel,
     api_media_paths,
@@ -46,7 +47,7 @@ from latentsync.serving.avatars.store import AvatarStore
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.rtmp import FFmpegSink
 from latentsync.serving.egress.whep import WebRtcHub
-from latentsync.serving.generation.pool import WorkerPool
+from latentsync.serving.generation.pool import SchedulingPool, WorkerPool
 from latentsync.serving.generation.scheduler import TaskManager
 from latentsync.serving.generation.speech import SpeechService
 from latentsync.serving.ops.systemd import Watchdog
@@ -95,7 +96,7 @@ class Runtime:
         self._stopped = False  # set under _channels_lock too: no channel or pool is published after it
         self._others_started = False  # main is on air: a channel added from now starts at once
         self._start_threads: list[threading.Thread] = []  # channel starts still running (close() joins them)
-        self._pool: WorkerPool | None = None
+        self._pool: SchedulingPool | None = None
         self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
         self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
@@ -170,8 +171,8 @@ class Runtime:
         return self.main.events
 
     @property
-    def pool(self) -> WorkerPool | None:
-        """The WorkerPool shared by every channel, once started."""
+    def pool(self) -> SchedulingPool | None:
+        """The worker pool (local processes or Ray actors) shared by every channel, once started."""
         return self._pool
 
     @property
@@ -313,18 +314,33 @@ class Runtime:
         if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
             options = {"config": engine.latentsync, "device": devices[0] if devices else None}
         t = time.monotonic()
-        pool = WorkerPool(
-            engine.name.value,
-            options,
-            main_avatar.path,
-            workers,
-            devices=devices,
+        common = dict(
             on_chunk_done=self.metrics.observe_chunk,
             max_batch=engine.max_batch_chunks,
             max_avatars=engine.max_avatars_per_worker,
             deadline_s=engine.chunk_deadline_s,
             max_queued=engine.max_queued_jobs,
         )
+        if cfg.pool.backend is PoolBackend.ray:
+            from latentsync.serving.generation.ray_pool import RayWorkerPool  # needs the optional ray package
+
+            ray_cfg = cfg.pool
+            if engine.name is EngineName.latentsync:
+                options = {"config": engine.latentsync}  # each actor picks its own device (its GPU, else cpu)
+            pool = RayWorkerPool(
+                engine.name.value,
+                options,
+                main_avatar.path,
+                ray_cfg.ray_workers,
+                address=ray_cfg.ray_address,
+                cpus_per_worker=ray_cfg.ray_cpus_per_worker,
+                gpus_per_worker=ray_cfg.ray_gpus_per_worker if engine.name is EngineName.latentsync else None,
+                namespace=ray_cfg.ray_namespace,
+                object_store_mb=ray_cfg.ray_object_store_mb,
+                **common,
+            )
+        else:
+            pool = WorkerPool(engine.name.value, options, main_avatar.path, workers, devices=devices, **common)
         try:
             pool.start()
         except BaseException:
@@ -339,9 +355,10 @@ class Runtime:
             pool.close()
             return
         logger.info(
-            "%d %s engine worker(s) ready for %d channel(s) (%.1f s)",
-            workers,
+            "%d %s engine worker(s) (%s) ready for %d channel(s) (%.1f s)",
+            pool.stats().workers,
             engine.name.value,
+            cfg.pool.backend.value,
             len(channels),
             time.monotonic() - t,
         )

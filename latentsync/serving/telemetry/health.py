@@ -45,6 +45,10 @@ class WorkersHealth:
         failed: Jobs that failed for good.
         completed: Jobs finished.
         dispatches: Calls sent to workers.
+        backend: ``local`` (processes on this host) or ``ray`` (actors on a Ray cluster).
+        actors: Per-worker figures where the backend tracks them (Ray: node, pid, state, jobs,
+            failures, restarts, median latency in ms; see
+            :class:`latentsync.serving.generation.ray_pool.ActorStats`); empty for ``local``.
     """
 
     count: int
@@ -56,6 +60,8 @@ class WorkersHealth:
     failed: int
     completed: int
     dispatches: int
+    backend: str = "local"
+    actors: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,8 @@ SPECIAL = {
     "ffmpeg_last_error": "/health only: free text",
     "stream": "latentsync_stream_format{width,height,fps,audio_sample_rate}",
     "workers.pids": "/health only: process ids are not measurements",
+    "workers.backend": "latentsync_pool_info{backend}",
+    "workers.actors": "latentsync_pool_worker_{jobs,failures,restarts,latency_ms,ready}{worker,node}",
     "webrtc.codec": "/health only: configuration, not a measurement",
     "webrtc.width": "/health only: configuration, not a measurement",
     "webrtc.height": "/health only: configuration, not a measurement",
@@ -218,6 +220,33 @@ class _RuntimeCollector(Collector):
             "1 when the worker pool cannot load its engine.",
             value=1.0 if server.engine_error else 0.0,
         )
+        yield from _pool_families(server)
         fps = GaugeMetricFamily("latentsync_generation_fps", "Frames generated per second of chunk wall time.")
         fps.add_metric([], self._generation_fps())
         yield fps
+
+
+def _pool_families(server: HealthSnapshot) -> Iterator:
+    """The pool's backend, and one series per worker where the backend tracks workers (Ray actors)."""
+    workers = server.workers
+    info = GaugeMetricFamily("latentsync_pool_info", "1, labelled with the worker pool's backend.", labels=["backend"])
+    info.add_metric([workers.backend if workers is not None else "local"], 1.0)
+    yield info
+    labels = ["worker", "node"]
+    jobs = CounterMetricFamily("latentsync_pool_worker_jobs", "Chunk jobs a worker finished.", labels=labels)
+    failures = CounterMetricFamily(
+        "latentsync_pool_worker_failures", "Calls lost with a worker (died, node lost, deadline).", labels=labels
+    )
+    restarts = CounterMetricFamily("latentsync_pool_worker_restarts", "Times a worker was restarted.", labels=labels)
+    latency = GaugeMetricFamily(
+        "latentsync_pool_worker_latency_ms", "Median ms, dispatch to result, of a worker's calls.", labels=labels
+    )
+    ready = GaugeMetricFamily("latentsync_pool_worker_ready", "1 while a worker takes jobs.", labels=labels)
+    for actor in workers.actors if workers is not None else ():
+        key = [str(actor.index), actor.node]
+        jobs.add_metric(key, actor.jobs)
+        failures.add_metric(key, actor.failures)
+        restarts.add_metric(key, actor.restarts)
+        latency.add_metric(key, actor.latency_ms)
+        ready.add_metric(key, 1.0 if actor.state == "ready" else 0.0)
+    yield from (jobs, failures, restarts, latency, ready)

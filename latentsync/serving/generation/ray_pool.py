@@ -1,0 +1,507 @@
+"""RayWorkerPool: the engine workers as Ray actors, on any node of a Ray cluster (docs/scale-out.md).
+
+The second backend of :class:`~latentsync.serving.generation.pool.SchedulingPool` (``pool.backend:
+ray``). The scheduler is the local pool's: the same bounded earliest-deadline-first queue, at
+most one call in flight per worker, the same chunk deadline, a job retried once (on another
+worker: the one that failed is not trusted again before it answers a ping) and then failed with
+the reason, and a worker that answers its ping with an engine error marks the pool ``broken``.
+
+Each worker is an :class:`EngineActor` holding an :class:`~latentsync.serving.generation.worker.EngineHost`
+(the engine and its LRU of prepared avatars, as in a local worker process). Avatars reach other
+nodes through Ray's object store: the server puts a prepared avatar there once
+(:meth:`latentsync.avatar.Avatar.engine_payload`, keyed by its cache folder) and sends only the
+object's reference with a job; an actor on any node fetches it on first use. Nothing in a job
+carries frames.
+
+Faults: an actor that dies (its process killed, its node lost) is restarted by Ray
+(``max_restarts=-1``) wherever the cluster has room; until it answers a ping again it takes no
+job. A call that outlives its deadline gets its actor killed (and so restarted). An actor that
+cannot be placed (no node with the resources it needs) simply stays unverified until there is room.
+The stream never depends on the pool: the pool only produces faces.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from latentsync.avatar import Avatar
+from latentsync.engines import ChunkResult
+from latentsync.serving.generation.pool import SchedulingPool, WorkerPoolError, _Job
+from latentsync.serving.generation.ports import ChunkJob, JobFailed
+from latentsync.serving.generation.worker import EngineHost
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the monitor waits on Ray for a result before it checks deadlines again.
+WAIT_S = 0.02
+#: Recent call latencies kept per actor for its median in ``/health``.
+LATENCY_WINDOW = 64
+#: Prepared avatars whose object-store copy the pool keeps referenced (least recently used dropped).
+MAX_AVATAR_OBJECTS = 32
+#: Seconds between pings to an actor that answered none (Ray is restarting or placing it).
+PING_RETRY_S = 0.5
+#: Seconds a ping may stay unanswered before the actor is reported ``unplaced`` (no room in the cluster).
+PLACEMENT_REPORT_S = 10.0
+
+
+class EngineActor:
+    """One engine worker as a Ray actor (``ray.remote`` is applied by :class:`RayWorkerPool`).
+
+    The engine loads on the first :meth:`ping`, which brings the default avatar's object
+    reference: nothing the constructor takes lives in the object store, so Ray can restart the
+    actor anywhere at any time, and the pool's ping before its next job loads it again.
+
+    Args:
+        engine_name: Engine name for :func:`latentsync.engines.create_engine`.
+        options: Engine options (picklable; ``device`` set to ``cuda`` for a GPU actor).
+        default: Key (the server's cache folder) of the default avatar.
+        max_avatars: Engines the actor keeps loaded (LRU).
+    """
+
+    def __init__(self, engine_name: str, options: Mapping[str, Any], default: str, max_avatars: int):
+        self._engine_name = engine_name
+        self._options = dict(options)
+        self._default = default
+        self._max_avatars = max_avatars
+        self._refs: dict[str, Any] = {}
+        self._folder = Path(tempfile.gettempdir()) / f"latentsync-ray-{os.getuid()}"
+        self._error: str | None = None
+        self._host: EngineHost | None = None
+
+    def _load(self, key: str):
+        import ray
+
+        payload = ray.get(self._refs[key])
+        return Avatar.from_engine_payload(payload, self._folder / Path(key).name)
+
+    def ping(self, refs: dict[str, list]) -> tuple[int, str, str | None]:
+        """Load the engine if not yet loaded; ``(pid, node id, engine error or None)``.
+
+        Args:
+            refs: The default avatar's key -> ``[ObjectRef]`` of its payload (in a list, so Ray
+                hands the reference over, not the object).
+        """
+        import ray
+
+        self._refs.update({key: box[0] for key, box in refs.items()})
+        if self._host is None and self._error is None:
+            try:
+                self._host = EngineHost(self._engine_name, self._options, self._default, self._load, self._max_avatars)
+            except Exception as exc:  # reported to the pool, which marks itself broken
+                self._error = f"{type(exc).__name__}: {exc}"
+        return os.getpid(), ray.get_runtime_context().get_node_id(), self._error
+
+    def avatars(self) -> list[str]:
+        """Avatar keys with a loaded engine, least recently used first."""
+        return self._host.loaded() if self._host is not None else []
+
+    def chunks(self, jobs: list[ChunkJob], refs: dict[str, list]) -> list[ChunkResult]:
+        """:meth:`EngineHost.chunks`; ``refs`` maps the jobs' avatar key to ``[ObjectRef]`` of its payload."""
+        if self._host is None:
+            raise RuntimeError(f"worker failed to start: {self._error or 'not pinged'}")
+        self._refs.update({key: box[0] for key, box in refs.items()})
+        return self._host.chunks(jobs)
+
+
+@dataclasses.dataclass
+class _Actor:
+    """The pool's view of one actor."""
+
+    index: int
+    handle: Any
+    state: str = "starting"  # starting (ping outstanding) | ready | lost (being restarted by Ray)
+    ping: Any = None  # the outstanding ping's ObjectRef
+    ping_sent: float = 0.0  # when it last became unverified (started, or lost)
+    ping_retry_at: float | None = None  # when to ask again after a ping that failed (Ray restarting it)
+    call: Any = None  # the outstanding chunks call's ObjectRef
+    dispatch_id: int | None = None
+    node: str = ""
+    pid: int = 0
+    jobs: int = 0
+    failures: int = 0
+    restarts: int = 0
+    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorStats:
+    """One Ray actor in ``/health`` and ``/metrics``.
+
+    Attributes:
+        index: The actor's slot (0-based, stable over restarts).
+        node: Ray node id (first 12 hex digits) the actor runs on; empty before it answered.
+        pid: Its process id on that node.
+        state: ``ready``, ``starting`` (placed or being placed, not yet answered), ``unplaced``
+            (no answer for :data:`PLACEMENT_REPORT_S`: no node has room) or ``lost``.
+        jobs: Chunk jobs it finished.
+        failures: Calls lost with it (died, node lost, deadline missed).
+        restarts: Times it was lost and restarted.
+        latency_ms: Median seconds from dispatch to result of its recent calls, in ms (0: none yet).
+    """
+
+    index: int
+    node: str
+    pid: int
+    state: str
+    jobs: int
+    failures: int
+    restarts: int
+    latency_ms: float
+
+
+class RayWorkerPool(SchedulingPool):
+    """Owns the engine actors on a Ray cluster (a :class:`~latentsync.serving.generation.ports.JobQueue`).
+
+    Args:
+        engine_name: ``"parametric"`` or ``"latentsync"``.
+        engine_options: Options for :func:`latentsync.engines.create_engine` (picklable).
+        avatar_path: Cache directory of the default prepared avatar (read here, put in the object store).
+        workers: Actors to run; None: every GPU of the cluster (``gpus_per_worker`` set), or one per
+            alive node (CPU engines).
+        address: ``auto``, ``host:port``, ``ray://host:port``; None or empty: start a private Ray.
+        cpus_per_worker: CPUs each actor reserves.
+        gpus_per_worker: GPUs each actor reserves (None: a CPU engine).
+        namespace: Ray namespace of the actors.
+        object_store_mb: Object store of a private Ray in MB (None: Ray's default).
+        start_timeout_s: Seconds every actor gets to answer its first ping at :meth:`start`.
+        on_chunk_done, max_batch, max_avatars, deadline_s, max_queued: As for
+            :class:`~latentsync.serving.generation.pool.WorkerPool`.
+    """
+
+    def __init__(
+        self,
+        engine_name: str,
+        engine_options: Mapping[str, Any],
+        avatar_path: str | Path,
+        workers: int | None,
+        address: str | None = None,
+        cpus_per_worker: float = 1.0,
+        gpus_per_worker: float | None = None,
+        namespace: str = "latentsync",
+        object_store_mb: int | None = None,
+        start_timeout_s: float = 600.0,
+        on_chunk_done: Callable[[int, float], None] | None = None,
+        max_batch: int = 1,
+        max_avatars: int = 1,
+        deadline_s: float = 60.0,
+        max_queued: int = 4096,
+    ):
+        super().__init__(workers or 0, on_chunk_done, max_batch, deadline_s, max_queued)
+        self._engine_name = engine_name
+        self._engine_options = dict(engine_options)
+        self._avatar_path = str(avatar_path)
+        self._requested = workers
+        self._address = address or None
+        self._cpus = float(cpus_per_worker)
+        self._gpus = gpus_per_worker
+        self._namespace = namespace
+        self._object_store_mb = object_store_mb
+        self._start_timeout_s = start_timeout_s
+        self._max_avatars = max(1, int(max_avatars))
+        self._actors: list[_Actor] = []
+        self._avatar_refs: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._monitor: threading.Thread | None = None
+        self._started = False
+        self._ray: Any = None
+        self._actor_class: Any = None
+        self._default_ref: Any = None  # the default avatar's payload in the object store
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Connect to (or start) Ray, place the actors and wait until every one loaded its engine.
+
+        Raises:
+            WorkerPoolError: If Ray is not installed or unreachable, an actor's engine failed to
+                load (its message is included), or not every actor answered within ``start_timeout_s``
+                (the cluster has no room for them: the message says what each needs).
+        """
+        try:
+            import ray
+        except ImportError:
+            raise WorkerPoolError(
+                "pool.backend=ray needs the ray package: .venv/bin/pip install -r requirements-ray.txt"
+            ) from None
+        self._ray = ray
+        init: dict[str, Any] = dict(namespace=self._namespace, log_to_driver=False, logging_level=logging.WARNING)
+        if self._address is None:
+            init.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
+            if self._object_store_mb:
+                init["object_store_memory"] = int(self._object_store_mb) * 1024 * 1024
+        try:
+            ray.init(address=self._address, **init)
+        except Exception as exc:
+            raise WorkerPoolError(f"cannot reach the Ray cluster at {self._address}: {exc}") from exc
+        try:
+            self._workers = self._requested or self._default_workers()
+            remote = ray.remote(EngineActor)
+            self._actor_class = remote.options(
+                num_cpus=self._cpus,
+                num_gpus=self._gpus or 0,
+                max_restarts=-1,
+                max_task_retries=0,
+                scheduling_strategy="SPREAD",
+            )
+            self._default_ref = self._ray.put(Avatar.load(self._avatar_path).engine_payload())
+            with self._lock:
+                self._started = True
+                for index in range(self._workers):
+                    self._actors.append(_Actor(index, self._new_handle(), ping_sent=time.monotonic()))
+                    self._send_ping(self._actors[-1])
+            self._wait_started()
+        except BaseException:
+            self.close()
+            raise
+        self._monitor = threading.Thread(target=self._watch, name="ray-pool-monitor", daemon=True)
+        self._monitor.start()
+
+    def _default_workers(self) -> int:
+        ray = self._ray
+        if self._gpus:
+            return max(1, int(ray.cluster_resources().get("GPU", 0) // self._gpus))
+        return max(1, sum(1 for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) > 0))
+
+    def _new_handle(self) -> Any:
+        options = dict(self._engine_options)
+        if self._gpus:
+            options["device"] = "cuda"  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+        return self._actor_class.remote(self._engine_name, options, self._avatar_path, self._max_avatars)
+
+    def _wait_started(self) -> None:
+        deadline = time.monotonic() + self._start_timeout_s
+        while True:
+            with self._lock:
+                pending = [a for a in self._actors if a.state != "ready"]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
+                raise WorkerPoolError(
+                    f"{len(pending)} of {self._workers} Ray actors did not start within "
+                    f"{self._start_timeout_s:.0f} s: the cluster has no room for them (each needs {need})"
+                )
+            self._poll(0.1)
+            if self._broken is not None:
+                raise WorkerPoolError(f"engine worker failed to start: {self._broken}")
+
+    def close(self) -> None:
+        """Kill the actors and disconnect from Ray; pending jobs fail with "shutting down". Safe to call twice."""
+        self._stop.set()
+        if self._monitor is not None and self._monitor is not threading.current_thread():
+            self._monitor.join(2.0)
+        with self._lock:
+            actors, self._actors = self._actors, []
+            self._started = False
+            self._avatar_refs.clear()
+            self._default_ref = None
+        self._fail_everything("server shutting down")
+        ray = self._ray
+        if ray is None or not ray.is_initialized():
+            return
+        for actor in actors:
+            try:
+                ray.kill(actor.handle, no_restart=True)
+            except Exception as exc:  # already gone, or the cluster unreachable: nothing is left to stop
+                logger.debug("killing Ray actor %d: %s", actor.index, exc)
+        ray.shutdown()
+
+    def ready(self) -> bool:
+        """True while the actors run and the pool is not broken."""
+        return self._started and not self._stop.is_set() and self._broken is None
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the actors that answered (each on its own node)."""
+        with self._lock:
+            return [a.pid for a in self._actors if a.pid]
+
+    def worker_stats(self) -> list[ActorStats]:
+        """Per-actor figures for ``/health`` and ``/metrics``."""
+        now = time.monotonic()
+        with self._lock:
+            out = []
+            for a in self._actors:
+                state = a.state
+                if state == "starting" and now - a.ping_sent > PLACEMENT_REPORT_S:
+                    state = "unplaced"
+                latency = statistics.median(a.latencies) * 1000 if a.latencies else 0.0
+                out.append(
+                    ActorStats(a.index, a.node[:12], a.pid, state, a.jobs, a.failures, a.restarts, round(latency, 1))
+                )
+            return out
+
+    def loaded_avatars(self, timeout_s: float = 5.0) -> list[list[str]]:
+        """The avatar keys each ready actor holds loaded, least recently used first (tests, /health).
+
+        Raises:
+            JobFailed: If the pool is not running.
+        """
+        with self._lock:
+            if not self._started:
+                raise JobFailed("worker pool is not running")
+            handles = [a.handle for a in self._actors if a.state == "ready"]
+        return self._ray.get([h.avatars.remote() for h in handles], timeout=timeout_s)
+
+    def actor_nodes(self) -> list[str]:
+        """Full Ray node id of each actor that answered (tests: where the work ran)."""
+        with self._lock:
+            return [a.node for a in self._actors]
+
+    # ----------------------------------------------------------------- jobs (lock held)
+    def _accepting(self) -> bool:
+        return self._started
+
+    def _free_worker(self) -> _Actor | None:
+        return next((a for a in self._actors if a.state == "ready" and a.call is None), None)
+
+    def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: _Actor) -> None:
+        key = jobs[0].job.avatar or self._avatar_path
+        refs = {key: [self._avatar_ref(key)]}
+        worker.dispatch_id = dispatch_id
+        worker.call = worker.handle.chunks.remote([entry.job for entry in jobs], refs)
+
+    def _avatar_ref(self, key: str) -> Any:
+        """The object-store reference of avatar ``key``'s engine payload, put on first use."""
+        if key == self._avatar_path:
+            return self._default_ref
+        ref = self._avatar_refs.get(key)
+        if ref is None:
+            ref = self._ray.put(Avatar.load(key).engine_payload())
+            self._avatar_refs[key] = ref
+            while len(self._avatar_refs) > MAX_AVATAR_OBJECTS:
+                self._avatar_refs.popitem(last=False)  # actors that still use it hold their own reference
+        else:
+            self._avatar_refs.move_to_end(key)
+        return ref
+
+    def _send_ping(self, actor: _Actor) -> None:
+        actor.ping = actor.handle.ping.remote({self._avatar_path: [self._default_ref]})
+        actor.ping_retry_at = None
+
+    # ----------------------------------------------------------------- supervision
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._poll(WAIT_S)
+            except Exception:  # the monitor must outlive any one bad answer
+                logger.exception("Ray pool monitor")
+                self._stop.wait(0.5)
+
+    def _poll(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for answers, handle them, and enforce the deadlines."""
+        ray = self._ray
+        now = time.monotonic()
+        with self._lock:
+            waiting = {}
+            for a in self._actors:
+                if a.ping is None and a.ping_retry_at is not None and now >= a.ping_retry_at:
+                    self._send_ping(a)
+                if a.call is not None:
+                    waiting[a.call] = a
+                if a.ping is not None:
+                    waiting[a.ping] = a
+        if waiting:
+            refs = list(waiting)
+            done, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)  # returns at the first answer
+            if done and rest:
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        else:
+            done = []
+            self._stop.wait(timeout_s)
+        for ref in done:
+            actor = waiting[ref]
+            if ref is actor.ping:
+                self._on_ping(actor, ref)
+            elif ref is actor.call:
+                self._on_call(actor, ref)
+        self._check_deadlines()
+
+    def _on_ping(self, actor: _Actor, ref: Any) -> None:
+        ray = self._ray
+        try:
+            pid, node, error = ray.get(ref)
+        except Exception as exc:  # died again before answering: Ray restarts it, ask again
+            logger.warning("Ray actor %d did not answer its ping: %s", actor.index, type(exc).__name__)
+            with self._lock:
+                if actor.ping is ref:
+                    actor.ping, actor.ping_retry_at = None, time.monotonic() + PING_RETRY_S
+            return
+        with self._lock:
+            if actor.ping is not ref:
+                return
+            actor.ping = None
+            actor.pid, actor.node = pid, node
+            if error:
+                self._mark_broken(f"engine worker failed to start: {error}")
+                return
+            actor.state = "ready"
+            logger.info("Ray actor %d ready on node %s (pid %d)", actor.index, node[:12], pid)
+            self._dispatch_waiting()
+
+    def _on_call(self, actor: _Actor, ref: Any) -> None:
+        ray = self._ray
+        with self._lock:
+            if actor.call is not ref:
+                return
+            dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+            jobs = self._running.get(dispatch_id, [])
+            started = jobs[0].submitted_at if jobs else time.monotonic()
+        try:
+            results = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the engine raised: deterministic, no retry
+            self._engine_failed(dispatch_id, exc.cause if exc.cause is not None else exc)
+            return
+        except Exception as exc:  # the actor or its node is gone
+            with self._lock:
+                self._lose(actor, dispatch_id, f"worker {actor.index} lost ({type(exc).__name__})")
+            return
+        with self._lock:
+            actor.jobs += len(jobs)
+            actor.latencies.append(time.monotonic() - started)
+        self._deliver(dispatch_id, results)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for actor in self._actors:
+                jobs = self._running.get(actor.dispatch_id) if actor.call is not None else None
+                if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
+                    reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
+                    dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+                    try:
+                        self._ray.kill(actor.handle, no_restart=False)  # Ray restarts it
+                    except Exception as exc:  # unreachable: the restart comes when it is back
+                        logger.warning("killing Ray actor %d: %s", actor.index, exc)
+                    self._lose(actor, dispatch_id, reason)
+
+    def _lose(self, actor: _Actor, dispatch_id: int | None, reason: str) -> None:
+        """The actor's call is lost: requeue its jobs, and trust it again only after a ping (lock held)."""
+        jobs = self._running.pop(dispatch_id, []) if dispatch_id is not None else []
+        actor.failures += 1
+        actor.restarts += 1
+        actor.state = "starting"
+        actor.ping_sent = time.monotonic()
+        self._rebuilds += 1
+        logger.warning("%s: %d job(s) queued again", reason, len(jobs))
+        self._requeue(jobs, reason)
+        self._send_ping(actor)
+        self._dispatch_waiting()
+
+    def _mark_broken(self, error: str) -> None:
+        """An actor cannot load its engine: every queued and later job fails with ``error`` (lock held)."""
+        self._broken = error
+        jobs = [job for _, _, job in self._queue]
+        self._queue.clear()
+        logger.error("worker pool broken: %s", error)
+        for job in jobs:
+            threading.Thread(
+                target=self._finish_error, args=(job, f"{job.job.label} failed: {error}"), daemon=True
+            ).start()
