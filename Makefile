@@ -5,12 +5,22 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup lint format rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
 
 setup: $(STAMP)
+
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP) requirements-ray.txt
+	@echo "installing the optional Ray backend (requirements-ray.txt) for its tests ..."
+	@$(VENV)/bin/python -m pip install --disable-pip-version-check -q -r requirements-ray.txt >$(VENV)/pip-ray.log 2>&1 \
+	  || { grep -v "^WARNING: Location" $(VENV)/pip-ray.log | tail -40 >&2; exit 1; }
+	@touch $@
+
+## setup-ray: add the optional Ray backend (pool.backend=ray) to .venv
+setup-ray: $(RAY_STAMP)
 
 ## run: set up, start the local RTMP server and stream the avatar (Ctrl-C stops)
 run: setup
@@ -23,7 +33,7 @@ run: setup
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
 ## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite
-test: setup
+test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install

@@ -125,6 +125,7 @@ class _Actor:
     ping_retry_at: float | None = None  # when to ask again after a ping that failed (Ray restarting it)
     call: Any = None  # the outstanding chunks call's ObjectRef
     dispatch_id: int | None = None
+    last_dispatch: float = 0.0
     node: str = ""
     pid: int = 0
     jobs: int = 0
@@ -360,12 +361,15 @@ class RayWorkerPool(SchedulingPool):
         return self._started
 
     def _free_worker(self) -> _Actor | None:
-        return next((a for a in self._actors if a.state == "ready" and a.call is None), None)
+        """The free ready actor that was given work longest ago: load spreads over every node."""
+        free = [a for a in self._actors if a.state == "ready" and a.call is None]
+        return min(free, key=lambda a: a.last_dispatch) if free else None
 
     def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: _Actor) -> None:
         key = jobs[0].job.avatar or self._avatar_path
         refs = {key: [self._avatar_ref(key)]}
         worker.dispatch_id = dispatch_id
+        worker.last_dispatch = time.monotonic()
         worker.call = worker.handle.chunks.remote([entry.job for entry in jobs], refs)
 
     def _avatar_ref(self, key: str) -> Any:

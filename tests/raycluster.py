@@ -1,0 +1,202 @@
+"""A real two-node Ray cluster on loopback for the Ray backend's tests (``ray start``, stopped by pid).
+
+The head and a second node run on this machine, each with one CPU and its own raylet, object
+store and explicit ports, under a private ``--temp-dir``: nothing is shared with another Ray on
+the machine, and :meth:`RayCluster.stop` kills exactly this cluster's processes (``ray stop``
+would stop every Ray on the host). The second node carries the custom resource ``second`` and
+the environment variable ``LSR_TEST_NODE=second`` (its actors inherit it), so tests can see where
+work ran and make one node's engine stall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.streamtools import REPO, free_port, seconds_until
+
+RAY = Path(sys.executable).with_name("ray")
+OBJECT_STORE_BYTES = 200 * 1024 * 1024
+
+
+def require_ray() -> None:
+    """Skip locally when the optional ray package is absent; under CI=true (make test installs it) fail."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        message = "ray not installed (make setup-ray, or pip install -r requirements-ray.txt)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+class RayCluster:
+    """Head + second node started with ``ray start``; :attr:`address` is the head's GCS ``host:port``."""
+
+    COMMON = (
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        "--num-gpus=0",
+        f"--object-store-memory={OBJECT_STORE_BYTES}",
+        "--disable-usage-stats",
+    )
+
+    def __init__(self) -> None:
+        # Unix socket paths must stay under 108 bytes: a short folder of our own, not pytest's tmp_path.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="lsr-ray-", dir="/tmp"))
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.node_ports = {"head": free_port(), "second": free_port()}
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+        self.log = self.temp_dir / "ray-start.log"
+
+    def _ports(self, node: str) -> list[str]:
+        low = free_port()
+        return [
+            f"--node-manager-port={self.node_ports[node]}",
+            f"--object-manager-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--min-worker-port={low}",
+            f"--max-worker-port={low + 20}",
+        ]
+
+    def _ray_start(self, args: list[str], env: dict) -> None:
+        with self.log.open("a") as log:
+            done = subprocess.run(
+                [str(RAY), "start", *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120
+            )
+        if done.returncode != 0:
+            raise RuntimeError(f"ray start failed ({done.returncode}):\n{self.log.read_text()[-3000:]}")
+
+    def start(self) -> RayCluster:
+        """Start both nodes; wait until the head sees two alive nodes (on failure, nothing is left running)."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._ray_start(
+            [
+                "--head",
+                f"--port={self.port}",
+                f"--temp-dir={self.temp_dir}",
+                "--include-dashboard=false",
+                # A lost node is declared dead after 3 missed 1 s health checks (Ray's default: 5 x 3 s).
+                '--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3}',
+                *self.COMMON,
+                *self._ports("head"),
+            ],
+            self.env,
+        )
+        self.start_second()
+
+    def start_second(self) -> None:
+        """Start (or start again, after :meth:`kill_node`) the second node; wait until the head counts it."""
+        self.node_ports["second"] = free_port()
+        self._ray_start(
+            [
+                f"--address={self.address}",
+                f"--resources={json.dumps({'second': 1})}",
+                *self.COMMON,
+                *self._ports("second"),
+            ],
+            dict(self.env, LSR_TEST_NODE="second"),
+        )
+        if seconds_until(lambda: self.alive_nodes() == 2, 60, poll_s=0.5) is None:
+            raise RuntimeError(f"the second Ray node never joined:\n{self.log.read_text()[-3000:]}")
+
+    def kill_node(self, node: str) -> None:
+        """Take ``node`` away as a lost machine would: SIGKILL its raylet and every process under it."""
+        raylet = self.raylet_pid(node)
+        victims = [raylet, *self._descendants(raylet)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def alive_nodes(self) -> int:
+        """Alive nodes as the head's GCS reports them (``ray list nodes``-free: the status command)."""
+        done = subprocess.run(
+            [str(RAY), "status", f"--address={self.address}"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        active = done.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+        return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
+
+    def pids(self, match: str = "") -> list[int]:
+        """Processes of this cluster: those whose command line names its temp dir or its GCS, and
+        their descendants (actor workers rename themselves ``ray::...``); optionally filtered by ``match``."""
+        parents = _parents()
+        cmds: dict[int, str] = {}
+        for pid in parents:
+            try:
+                cmds[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+        marks = [str(self.temp_dir), f"--gcs-address={self.address}", f"--gcs_server_port={self.port}"]
+        ours = {pid for pid, cmd in cmds.items() if any(m in cmd for m in marks)}
+        ours |= _descendants(ours, parents)
+        return sorted(pid for pid in ours if match in cmds.get(pid, ""))
+
+    def _descendants(self, pid: int) -> set[int]:
+        return _descendants({pid}, _parents())
+
+    def raylet_pid(self, node: str) -> int:
+        """The raylet of ``node`` (``head`` or ``second``), found by its node-manager port."""
+        pids = self.pids(f"--node_manager_port={self.node_ports[node]}")
+        raylets = [p for p in pids if "raylet" in Path(f"/proc/{p}/comm").read_text()]
+        assert len(raylets) == 1, (node, pids)
+        return raylets[0]
+
+    def stop(self) -> None:
+        """SIGKILL every process of this cluster (workers included), then remove its temp dir."""
+        for _ in range(3):
+            pids = [p for p in self.pids() if p != os.getpid()]
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (from /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def _descendants(roots: set[int], parents: dict[int, int]) -> set[int]:
+    """Every process under ``roots`` (not the roots themselves)."""
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found - roots
+        found |= frontier
+    return found

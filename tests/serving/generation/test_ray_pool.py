@@ -1,0 +1,158 @@
+"""RayWorkerPool on a real two-node Ray cluster (``ray start`` on loopback): placement, avatars
+through the object store, a node lost with a call in flight, and the actor placed again when the
+node is back."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import Avatar, AvatarSettings
+from latentsync.engines import ChunkRequest, create_engine
+from latentsync.serving.generation.ports import ChunkJob
+from tests.datafiles import media_file
+from tests.raycluster import RayCluster, require_ray
+from tests.streamtools import seconds_until
+
+pytestmark = pytest.mark.slow
+
+DEADLINE_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_ray()
+    cluster = RayCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory) -> Avatar:
+    return Avatar.prepare(
+        media_file("video/nanmote002.mp4"), AvatarSettings(fps=25), cache_dir=tmp_path_factory.getbasetemp() / "avatars"
+    )
+
+
+def job(k: int, avatar_key: str) -> ChunkJob:
+    """Chunk ``k``: 16 frames whose features are those of 16 frames of seeded noise."""
+    audio = (np.random.default_rng(k).standard_normal(16 * 640) * 0.1).astype(np.float32)
+    return ChunkJob(
+        "task", k, avatar_key, audio, (0, 16), np.arange(16, dtype=np.int64) + 16 * k, due_at=time.monotonic() + k
+    )
+
+
+class Results:
+    """Collects a pool's callbacks: chunk index -> faces, and the errors."""
+
+    def __init__(self) -> None:
+        self.faces: dict[int, np.ndarray] = {}
+        self.done_at: dict[int, float] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    def ok(self, result) -> None:
+        with self.lock:
+            self.faces[result.chunk_index] = result.faces
+            self.done_at[result.chunk_index] = time.monotonic()
+
+    def error(self, reason: str) -> None:
+        with self.lock:
+            self.errors.append(reason)
+
+    def wait(self, n: int, timeout_s: float = 60.0) -> None:
+        assert seconds_until(lambda: len(self.faces) + len(self.errors) >= n, timeout_s) is not None, self.errors
+        assert not self.errors, self.errors
+
+
+def expected_faces(avatar: Avatar, k: int) -> np.ndarray:
+    """What the parametric engine renders for :func:`job` ``k`` in this process."""
+    engine = create_engine("parametric", None, avatar)
+    engine.load()
+    j = job(k, str(avatar.path))
+    rows = engine.features(j.audio_16k, *j.rows)
+    return engine.generate(ChunkRequest("task", k, j.frame_indices, rows)).faces
+
+
+def second_node_id() -> str:
+    import ray
+
+    return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("second"))
+
+
+def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_object_store(cluster, avatar, tmp_path):
+    from latentsync.serving.generation.ray_pool import RayWorkerPool
+
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=cluster.address, start_timeout_s=120)
+    pool.start()
+    try:
+        stats = pool.worker_stats()
+        assert [s.state for s in stats] == ["ready", "ready"]  # None: one CPU actor per alive node
+        nodes = pool.actor_nodes()
+        assert len(set(nodes)) == 2 and second_node_id() in nodes
+        # A second avatar, prepared "on the server" (its own cache folder), used once, then deleted:
+        # the actors can only have it from Ray's object store.
+        other = tmp_path / "avatars" / avatar.path.name.replace("nanmote002", "copy")
+        shutil.copytree(avatar.path, other)
+        results = Results()
+        pool.submit(job(0, str(other)), results.ok, results.error)
+        results.wait(1)
+        shutil.rmtree(other)
+        for k in (1, 2):  # both actors are free: one job each (the least recently used takes the next)
+            pool.submit(job(k, str(other)), results.ok, results.error)
+        results.wait(3)
+        assert all(str(other) in loaded for loaded in pool.loaded_avatars())
+        for k in range(3):
+            np.testing.assert_array_equal(results.faces[k], expected_faces(avatar, k))
+        assert sorted(s.jobs for s in pool.worker_stats()) == [1, 2]
+    finally:
+        pool.close()
+
+
+def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_actor_returns(
+    cluster, avatar, tmp_path
+):
+    from latentsync.serving.generation.ray_pool import RayWorkerPool
+
+    hold = tmp_path / "hold"
+    options = {"hold_flag": str(hold), "hold_node": "second"}
+    pool = RayWorkerPool(
+        "tests.flaky_engine:create", options, avatar.path, None, address=cluster.address, deadline_s=DEADLINE_S
+    )
+    pool.start()
+    try:
+        second = second_node_id()
+        hold.touch()  # the second node's engine stalls in its next call
+        results = Results()
+        for k in (0, 1):  # one job on each actor
+            pool.submit(job(k, str(avatar.path)), results.ok, results.error)
+        assert seconds_until(lambda: hold.with_name("hold.held").exists(), 30) is not None
+        held = next(s for s in pool.worker_stats() if pool.actor_nodes()[s.index] == second)
+        cluster.kill_node("second")
+        lost_at = time.monotonic()
+        results.wait(2, timeout_s=30)
+        recovered_s = max(results.done_at.values()) - lost_at
+        stats, workers = pool.stats(), pool.worker_stats()
+        assert stats.retried == 1 and stats.failed == 0 and stats.completed == 2, stats
+        assert workers[held.index].failures == 1 and workers[held.index].state != "ready"
+        print(f"recovered in {recovered_s:.2f} s")
+        assert recovered_s <= DEADLINE_S + 1.0, recovered_s
+        for k in (0, 1):
+            np.testing.assert_array_equal(results.faces[k], expected_faces(avatar, k))
+        # The node is back: Ray places the actor there again, and it takes jobs after its ping.
+        hold.unlink()
+        cluster.start_second()
+        assert seconds_until(lambda: [s.state for s in pool.worker_stats()] == ["ready", "ready"], 90, 0.2), (
+            pool.worker_stats()
+        )
+        for k in (2, 3):
+            pool.submit(job(k, str(avatar.path)), results.ok, results.error)
+        results.wait(4)
+        assert len(set(pool.actor_nodes())) == 2  # on two nodes again
+    finally:
+        hold.unlink(missing_ok=True)
+        pool.close()
