@@ -142,6 +142,18 @@ class RayCluster:
         active = done.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
         return sum(1 for line in active.splitlines() if line.strip().startswith("1 node_"))
 
+    def node_id(self, node: str) -> str:
+        """The Ray node id (hex) of ``head`` or ``second``, asked of the GCS from a separate driver process."""
+        want = "node:__internal_head__" if node == "head" else "second"
+        code = (
+            f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
+            f"print(next(n['NodeID'] for n in ray.nodes() if n['Alive'] and n['Resources'].get({want!r})))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60, check=True
+        )
+        return done.stdout.strip().splitlines()[-1]
+
     def pids(self, match: str = "") -> list[int]:
         """Processes of this cluster: those whose command line names its temp dir or its GCS, and
         their descendants (actor workers rename themselves ``ray::...``); optionally filtered by ``match``."""

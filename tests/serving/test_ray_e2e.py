@@ -1,0 +1,120 @@
+"""End to end on Ray: the server (pool.backend=ray) on a real two-node Ray cluster, streaming to nginx-rtmp.
+
+The cluster is started by the test (``ray start`` on loopback, :class:`tests.raycluster.RayCluster`);
+the server reaches it through ``pool.ray_address`` and places one parametric actor per node. A
+real RTMP client records what viewers get.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.datafiles import media_file
+from tests.raycluster import RayCluster, require_ray
+from tests.streamtools import Api, ServerProcess, StreamRecorder, analyse_recording, seconds_until
+
+pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+
+SPEECH = "audio/7s_shan_0801_01.wav"
+DEADLINE_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_ray()
+    cluster = RayCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, rtmp_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray-e2e")
+    key = f"ray-{rtmp_server.port}"
+    proc = ServerProcess(
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",  # 256x456: light on two shared cores
+            f"avatar.cache_dir={tmp / 'avatars'}",
+            "engine.name=parametric",
+            f"engine.chunk_deadline_s={DEADLINE_S}",
+            "tasks.max_frames_ahead=64",  # generation paced to the air: chunks go out all through a task
+            "pool.backend=ray",
+            f"pool.ray_address={cluster.address}",
+            f"stream.rtmp_url={rtmp_server.url(key)}",
+            "webrtc.enabled=false",
+        ],
+        tmp / "server.log",
+        tmpdir=tmp / "tmp",
+    ).start()
+    proc.wait_healthy()
+    proc.wait_engine_ready()
+    proc.key = key
+    proc.api = Api(proc.port)
+    yield proc
+    code, took_s = proc.stop()
+    assert code == 0 and took_s < 15.0, proc.log()
+
+
+def wav(seconds: float) -> bytes:
+    audio, rate = sf.read(media_file(SPEECH), dtype="float32")
+    audio = np.tile(audio, int(np.ceil(seconds * rate / len(audio))) + 1)[: int(seconds * rate)]
+    out = io.BytesIO()
+    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def actors(server) -> list[dict]:
+    workers = server.health()[1]["workers"]
+    assert workers["backend"] == "ray", workers
+    return workers["actors"]
+
+
+def test_a_task_generated_on_two_ray_nodes_streams_at_25_fps_with_no_dropped_tick(server, rtmp_server, tmp_path):
+    before = server.health()[1]
+    assert [a["state"] for a in actors(server)] == ["ready", "ready"]
+    assert len({a["node"] for a in actors(server)}) == 2  # one actor per node
+    recorder = StreamRecorder(rtmp_server.url(server.key), tmp_path / "rec.flv")
+    status, task = server.api.post_audio(wav(7.0))
+    assert status == 202, task
+    done = server.api.wait_task(task["task_id"], ("done", "failed"), 60)
+    assert done["status"] == "done" and done["chunks_generated"] == done["chunks_total"], done
+    time.sleep(1.0)
+    recording = analyse_recording(recorder.finish())
+    assert recording.fps == pytest.approx(25.0, abs=0.05)
+    assert set(np.diff(recording.video_pts_ms)) <= {39, 40, 41}  # every tick on air, evenly spaced
+    after = server.health()[1]
+    assert after["dropped_ticks"] == before["dropped_ticks"] == 0, after
+    assert all(a["jobs"] > 0 and a["latency_ms"] > 0 for a in actors(server)), actors(server)  # both nodes worked
+    with urllib.request.urlopen(f"{server.api.base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert 'latentsync_pool_info{backend="ray"} 1.0' in text
+    assert text.count("latentsync_pool_worker_jobs_total{") == 2
+
+
+def test_the_second_node_lost_while_a_task_is_on_air(server, cluster):
+    before = server.health()[1]
+    status, task = server.api.post_audio(wav(20.0))
+    assert status == 202, task
+    server.api.wait_task(task["task_id"], ("streaming",), 30)
+    second_node = cluster.node_id("second")[:12]
+    second = next(i for i, a in enumerate(actors(server)) if a["node"] == second_node)
+    jobs_before = actors(server)[second]["jobs"]
+    assert seconds_until(lambda: actors(server)[second]["jobs"] >= jobs_before + 2, 20), actors(server)
+    cluster.kill_node("second")
+    done = server.api.wait_task(task["task_id"], ("done", "failed"), 90)
+    after = server.health()[1]
+    assert done["status"] == "done", done
+    assert after["dropped_ticks"] == before["dropped_ticks"] == 0, after
+    # Generation is paced to the air, and the least recently used actor takes the next chunk: a chunk
+    # went to the lost node's actor after the loss, and was retried on the head's.
+    assert after["workers"]["retried"] > before["workers"]["retried"], after["workers"]
+    assert after["workers"]["failed"] == before["workers"]["failed"], after["workers"]
+    lost = after["workers"]["actors"][second]
+    assert lost["failures"] >= 1 and lost["state"] != "ready", lost
+    assert after["engine_ready"] and after["ticking"], after
