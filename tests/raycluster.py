@@ -26,6 +26,8 @@ from tests.streamtools import REPO, free_port, seconds_until
 
 RAY = Path(sys.executable).with_name("ray")
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
+#: Ports each node's worker processes may listen on (explicit, so they never meet another option's).
+WORKER_PORTS = 16
 
 
 def require_ray() -> None:
@@ -53,23 +55,34 @@ class RayCluster:
     def __init__(self) -> None:
         # Unix socket paths must stay under 108 bytes: a short folder of our own, not pytest's tmp_path.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lsr-ray-", dir="/tmp"))
-        self.port = free_port()
+        self._taken: set[int] = set()
+        self.port = self._port()
         self.address = f"127.0.0.1:{self.port}"
-        self.node_ports = {"head": free_port(), "second": free_port()}
-        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO))
+        self.node_ports = {"head": self._port(), "second": self._port()}
+        # A loopback test cluster without token auth, whatever ~/.ray/auth_token holds (Ray 2.5x+ turns
+        # token auth on when that file exists, which a private ray.init() creates); drivers of this
+        # process and its children (the server under test) are told the same by start().
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+        self._saved_auth_mode: str | None = None
         self.log = self.temp_dir / "ray-start.log"
 
+    def _port(self) -> int:
+        """A free loopback port none of this cluster's options uses yet."""
+        while (port := free_port()) in self._taken:
+            pass
+        self._taken.add(port)
+        return port
+
     def _ports(self, node: str) -> list[str]:
-        low = free_port()
+        workers = ",".join(str(self._port()) for _ in range(WORKER_PORTS))
         return [
             f"--node-manager-port={self.node_ports[node]}",
-            f"--object-manager-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--min-worker-port={low}",
-            f"--max-worker-port={low + 20}",
+            f"--object-manager-port={self._port()}",
+            f"--metrics-export-port={self._port()}",
+            f"--dashboard-agent-listen-port={self._port()}",
+            f"--dashboard-agent-grpc-port={self._port()}",
+            f"--runtime-env-agent-port={self._port()}",
+            f"--worker-port-list={workers}",
         ]
 
     def _ray_start(self, args: list[str], env: dict) -> None:
@@ -81,7 +94,13 @@ class RayCluster:
             raise RuntimeError(f"ray start failed ({done.returncode}):\n{self.log.read_text()[-3000:]}")
 
     def start(self) -> RayCluster:
-        """Start both nodes; wait until the head sees two alive nodes (on failure, nothing is left running)."""
+        """Start both nodes; wait until the head sees two alive nodes (on failure, nothing is left running).
+
+        Sets ``RAY_AUTH_MODE=disabled`` in this process's environment until :meth:`stop`, so that
+        the drivers of this process and of the processes it starts connect without a token.
+        """
+        self._saved_auth_mode = os.environ.get("RAY_AUTH_MODE")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
         try:
             self._start()
         except BaseException:
@@ -107,7 +126,7 @@ class RayCluster:
 
     def start_second(self) -> None:
         """Start (or start again, after :meth:`kill_node`) the second node; wait until the head counts it."""
-        self.node_ports["second"] = free_port()
+        self.node_ports["second"] = self._port()
         self._ray_start(
             [
                 f"--address={self.address}",
@@ -190,6 +209,10 @@ class RayCluster:
                     pass
             time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if self._saved_auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = self._saved_auth_mode
 
 
 def _parents() -> dict[int, int]:

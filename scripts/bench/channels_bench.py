@@ -12,7 +12,7 @@ half a frame late, which CPU contention from other processes causes too) are rep
 largest n with none of the three is printed. "RSS per extra channel" is (RSS(n) - RSS(1)) / (n - 1).
 
     scripts/rtmp_server.sh start
-    .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [key=value ...]
+    .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [--pool ray] [key=value ...]
 
 Idle video: the built-in default avatar (512x512) scaled to ``--size``, unless ``avatar.idle_video=``
 is given. WebRTC egress off. Parametric engine unless overridden.
@@ -163,8 +163,13 @@ def main() -> int:
     parser.add_argument("--min-channels", type=int, default=1, help="first row (RSS per extra channel needs 1)")
     parser.add_argument("--max-channels", type=int, default=8)
     parser.add_argument("--rtmp-port", type=int, default=1935)
+    parser.add_argument(
+        "--pool", choices=("local", "ray"), default="local", help="pool.backend (ray: a private single-node Ray)"
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    if args.pool != "local":
+        args.overrides = [f"pool.backend={args.pool}", *args.overrides]
     log_dir = Path(tempfile.mkdtemp(prefix="channels-bench-"))
     rows = []
     for n in range(args.min_channels, args.max_channels + 1):
@@ -175,8 +180,8 @@ def main() -> int:
             break
     base = rows[0]["rss_mb"] if rows[0]["n"] == 1 else None
     print(
-        f"\nchannels bench: {args.size}, {args.duration_s:.0f} s per row, each channel a 7 s upload every "
-        f"{PERIOD_S:.0f} s (server logs: {log_dir})"
+        f"\nchannels bench: {args.size}, pool {args.pool}, {args.duration_s:.0f} s per row, each channel a 7 s "
+        f"upload every {PERIOD_S:.0f} s (server logs: {log_dir})"
     )
     print(
         "| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
