@@ -163,6 +163,10 @@ class SchedulingPool:
         """A worker that may take a call now (verified, nothing in flight), or None."""
         raise NotImplementedError
 
+    def _unavailable(self) -> str | None:
+        """Why no worker can take a job for now (not broken: it may come back), or None (a backend may say)."""
+        return None
+
     def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: Any) -> None:
         """Send ``jobs`` to ``worker`` as one call."""
         raise NotImplementedError
@@ -188,6 +192,12 @@ class SchedulingPool:
         """Why the pool cannot serve (a worker could not load its engine), or None."""
         return self._broken
 
+    @property
+    def problem(self) -> str | None:
+        """What ``/health`` reports as ``engine_error``: :attr:`broken`, or why no worker can take a job now."""
+        with self._lock:
+            return self._broken or self._unavailable()
+
     def submit(self, job: ChunkJob, on_done: Callable[[ChunkResult], None], on_error: Callable[[str], None]) -> None:
         """Queue a chunk job; a free worker computes its features and faces (:class:`JobQueue`).
 
@@ -205,6 +215,8 @@ class SchedulingPool:
                 raise JobFailed("worker pool is not running")
             if self._broken is not None:
                 raise JobFailed(self._broken)
+            if (reason := self._unavailable()) is not None:
+                raise JobFailed(reason)
             if len(self._queue) >= self._max_queued:
                 raise JobFailed(f"worker pool queue full ({self._max_queued} jobs, engine.max_queued_jobs)")
             heapq.heappush(self._queue, (job.due_at, entry.key, entry))

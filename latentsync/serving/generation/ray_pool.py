@@ -216,6 +216,7 @@ class RayWorkerPool(SchedulingPool):
         self._ray: Any = None
         self._actor_class: Any = None
         self._default_ref: Any = None  # the default avatar's payload in the object store
+        self._no_worker_since: float | None = None  # since when no actor is ready
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -316,8 +317,9 @@ class RayWorkerPool(SchedulingPool):
         ray.shutdown()
 
     def ready(self) -> bool:
-        """True while the actors run and the pool is not broken."""
-        return self._started and not self._stop.is_set() and self._broken is None
+        """True while the actors run, the pool is not broken and a job would find an actor in time."""
+        with self._lock:
+            return self._started and not self._stop.is_set() and self._broken is None and self._unavailable() is None
 
     def worker_pids(self) -> list[int]:
         """Process ids of the actors that answered (each on its own node)."""
@@ -427,12 +429,55 @@ class RayWorkerPool(SchedulingPool):
             elif ref is actor.call:
                 self._on_call(actor, ref)
         self._check_deadlines()
+        self._check_available()
+
+    def _check_available(self) -> None:
+        """With no ready actor for longer than the chunk deadline, queued jobs fail with the reason."""
+        now = time.monotonic()
+        with self._lock:
+            if any(a.state == "ready" for a in self._actors) or not self._started:
+                self._no_worker_since = None
+                return
+            if self._no_worker_since is None:
+                self._no_worker_since = now
+            reason = self._unavailable()
+            if reason is None or not self._queue:
+                return
+            jobs = [job for _, _, job in self._queue]
+            self._queue.clear()
+        for job in jobs:
+            self._finish_error(job, f"{job.job.label} failed: {reason}")
+
+    def _unavailable(self) -> str | None:
+        """Why no job can run: no actor has been ready for longer than the chunk deadline (lock held)."""
+        since = self._no_worker_since
+        if since is None or time.monotonic() - since <= self._deadline_s:
+            return None
+        need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
+        return (
+            f"no engine worker: none of the {self._workers} Ray actors has been ready for "
+            f"{time.monotonic() - since:.0f} s (lost, or no node has room: each needs {need})"
+        )
 
     def _on_ping(self, actor: _Actor, ref: Any) -> None:
         ray = self._ray
         try:
             pid, node, error = ray.get(ref)
-        except Exception as exc:  # died again before answering: Ray restarts it, ask again
+        except ray.exceptions.ActorDiedError as exc:  # for good (killed without restart): a new actor
+            logger.warning("Ray actor %d died for good (%s): placing a new one", actor.index, exc.__class__.__name__)
+            with self._lock:
+                if actor.ping is ref and self._started:
+                    old, actor.handle = actor.handle, self._new_handle()  # the same loss: counted once
+                    self._send_ping(actor)
+                else:
+                    old = None
+            if old is not None:
+                try:
+                    ray.kill(old, no_restart=True)
+                except Exception as kill_exc:  # already gone
+                    logger.debug("killing the dead actor %d: %s", actor.index, kill_exc)
+            return
+        except Exception as exc:  # being restarted or placed by Ray: ask again soon
             logger.warning("Ray actor %d did not answer its ping: %s", actor.index, type(exc).__name__)
             with self._lock:
                 if actor.ping is ref:

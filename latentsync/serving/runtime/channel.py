@@ -547,7 +547,7 @@ class Channel:
         engine = dict(
             engine=self.config.engine.name.value,
             engine_ready=tasks is not None and pool is not None and pool.ready(),
-            engine_error=pool.broken if pool is not None else None,
+            engine_error=pool.problem if pool is not None else None,
             playlist=mixer.pending() if mixer else 0,
             tasks_waiting=tasks.waiting() if tasks else 0,
             tasks_admitted=tasks.admitted() if tasks else 0,

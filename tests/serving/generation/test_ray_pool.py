@@ -156,3 +156,68 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
     finally:
         hold.unlink(missing_ok=True)
         pool.close()
+
+
+def test_actors_killed_for_good_are_replaced_and_serve_again(cluster, avatar):
+    import ray
+
+    from latentsync.serving.generation.ray_pool import RayWorkerPool
+
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=cluster.address)
+    pool.start()
+    try:
+        for actor in pool._actors:  # as an operator's `ray kill` or a failed restart would leave them
+            ray.kill(actor.handle, no_restart=True)
+        # The pool learns of it from the next call: lost on one actor, retried once on the other, which
+        # is dead too: the chunk fails with the reason (its task would fail, the stream goes on).
+        failed = Results()
+        pool.submit(job(0, str(avatar.path)), failed.ok, failed.error)
+        assert seconds_until(lambda: failed.errors, 30) is not None
+        assert failed.errors == ["chunk 0 of task task failed twice (worker 1 lost (ActorDiedError))"] or (
+            failed.errors == ["chunk 0 of task task failed twice (worker 0 lost (ActorDiedError))"]
+        ), failed.errors
+        # Both are replaced by new actors, which take jobs once they answered their ping.
+        assert seconds_until(lambda: [s.state for s in pool.worker_stats()] == ["ready", "ready"], 90, 0.2)
+        results = Results()
+        pool.submit(job(1, str(avatar.path)), results.ok, results.error)
+        results.wait(1, timeout_s=60)
+        assert all(s.restarts == 1 for s in pool.worker_stats()), pool.worker_stats()
+        assert pool.ready() and pool.problem is None
+    finally:
+        pool.close()
+
+
+def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(cluster, avatar):
+    from latentsync.serving.generation.pool import WorkerPoolError
+    from latentsync.serving.generation.ray_pool import RayWorkerPool
+
+    # Every node has one CPU: an actor that needs two is never placed.
+    pool = RayWorkerPool(
+        "parametric", {}, avatar.path, 1, address=cluster.address, cpus_per_worker=2.0, start_timeout_s=5.0
+    )
+    with pytest.raises(WorkerPoolError, match=r"1 of 1 Ray actors did not start .* no room .* 2 CPU"):
+        pool.start()
+    assert not pool.ready()
+
+
+def test_queued_jobs_fail_with_the_reason_when_no_actor_is_ready_past_the_deadline(avatar):
+    """The rule without a cluster: the pool's view of its actors is all it decides on."""
+    from latentsync.serving.generation.ray_pool import RayWorkerPool, _Actor
+
+    pool = RayWorkerPool("parametric", {}, avatar.path, 2, deadline_s=0.5)
+    pool._started = True  # as after start(): both actors lost (Ray restarting or placing them)
+    pool._actors = [_Actor(0, None, state="starting"), _Actor(1, None, state="starting")]
+    results = Results()
+    pool._check_available()
+    pool.submit(job(0, str(avatar.path)), results.ok, results.error)  # within the deadline: queued
+    assert pool.stats().queued == 1 and pool.ready()
+    time.sleep(0.6)
+    pool._check_available()
+    assert seconds_until(lambda: results.errors, 5) is not None
+    assert "no engine worker: none of the 2 Ray actors has been ready" in results.errors[0]
+    assert not pool.ready() and "no node has room: each needs 1 CPU" in pool.problem
+    with pytest.raises(Exception, match="no engine worker"):
+        pool.submit(job(1, str(avatar.path)), results.ok, results.error)
+    pool._actors[0].state = "ready"  # one is back
+    pool._check_available()
+    assert pool.ready() and pool.problem is None
