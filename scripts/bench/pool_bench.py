@@ -10,8 +10,11 @@ second node, one CPU each; :class:`tests.raycluster.RayCluster`). Rows:
    (``ChunkResult.generate_s``; the features, computed in the worker, count as pool cost): what
    the pool itself costs (queues, IPC or Ray, faces coming back).
 2. Chunks per second with 1 and with 2 Ray nodes (one CPU actor per node), ``--chunks`` queued at once.
-3. Time from a node's loss (its raylet and everything under it SIGKILLed, with a call held in
-   flight on it) to that call's chunk done on the other node, with ``--deadline-s`` as the chunk deadline.
+3. Faults: an actor's process SIGKILLed with a call in flight (time to that chunk done elsewhere,
+   and to the actor back after Ray's restart and our ping); the head's GCS stopped for 5 s while
+   chunks flow (chunks done meanwhile); time from a node's loss (its raylet and everything under
+   it SIGKILLed, with a call held in flight on it) to that call's chunk done on the other node,
+   with ``--deadline-s`` as the chunk deadline.
 4. Network per channel: bytes of one chunk's request (pickled job) and of its returned faces,
    times the 25/16 chunks a speaking channel needs per second.
 
@@ -21,7 +24,9 @@ second node, one CPU each; :class:`tests.raycluster.RayCluster`). Rows:
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import signal
 import statistics
 import sys
 import tempfile
@@ -125,6 +130,78 @@ def loss_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp:
         pool.close()
 
 
+def actor_kill_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp: Path) -> tuple[float, float]:
+    """SIGKILL the second node's actor process with a call in flight: (s to that chunk done, s to the actor back)."""
+    hold = tmp / "hold-actor"
+    options = {"hold_flag": str(hold), "hold_node": "second"}
+    pool = RayWorkerPool(
+        "tests.flaky_engine:create", options, avatar.path, None, cluster.address, deadline_s=deadline_s
+    )
+    pool.start()
+    try:
+        hold.touch()
+        c = Collector()
+        c.want = 2
+        for k in (0, 1):
+            pool.submit(job(k, avatar), c.ok, c.error)
+        t = time.monotonic()
+        while not Path(f"{hold}.held").exists():
+            if time.monotonic() - t > 30:
+                raise RuntimeError("the second node never took a job")
+            time.sleep(0.02)
+        second = cluster.node_id("second")
+        index = pool.actor_nodes().index(second)
+        hold.unlink()
+        os.kill(pool.worker_stats()[index].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        if not c.event.wait(60) or c.errors:
+            raise RuntimeError(c.errors or "timeout")
+        chunk_s = max(t for t, _ in c.results.values()) - killed_at
+        while pool.worker_stats()[index].state != "ready":
+            if time.monotonic() - killed_at > 120:
+                raise RuntimeError("the actor never came back")
+            time.sleep(0.05)
+        return chunk_s, time.monotonic() - killed_at
+    finally:
+        hold.unlink(missing_ok=True)
+        pool.close()
+
+
+def gcs_pause(cluster: RayCluster, avatar: Avatar, pause_s: float = 5.0, chunks: int = 40) -> tuple[int, int, int]:
+    """Stop the head's GCS (SIGSTOP) for ``pause_s`` while a chunk is submitted every 0.2 s.
+
+    Returns:
+        (chunks done, of which while the GCS was stopped, errors).
+    """
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, cluster.address)
+    pool.start()
+    try:
+        gcs = cluster.pids("gcs_server")[0]
+        c = Collector()
+        c.want = chunks
+
+        def feed() -> None:
+            for k in range(chunks):
+                pool.submit(job(k, avatar, time.monotonic() + k), c.ok, c.error)
+                time.sleep(0.2)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        time.sleep(1.0)
+        os.kill(gcs, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            time.sleep(pause_s)
+        finally:
+            os.kill(gcs, signal.SIGCONT)
+        feeder.join()
+        c.event.wait(60)
+        during = sum(1 for t, _ in c.results.values() if stopped <= t <= stopped + pause_s)
+        return len(c.results), during, len(c.errors)
+    finally:
+        pool.close()
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -163,7 +240,9 @@ def main() -> int:
             two_cps = throughput(two, avatar, args.chunks)
         finally:
             two.close()
-        recovery_s = loss_recovery_s(cluster, avatar, args.deadline_s, tmp)
+        kill_chunk_s, kill_back_s = actor_kill_recovery_s(cluster, avatar, args.deadline_s, tmp)
+        gcs_done, gcs_during, gcs_errors = gcs_pause(cluster, avatar)
+        recovery_s = loss_recovery_s(cluster, avatar, args.deadline_s, tmp)  # last: the second node is gone
     finally:
         cluster.stop()
 
@@ -181,6 +260,14 @@ def main() -> int:
         ("chunks/s: local pool, 1 worker", f"{local_cps:.2f}"),
         ("chunks/s: Ray, 1 node", f"{one_cps:.2f}"),
         ("chunks/s: Ray, 2 nodes", f"{two_cps:.2f} ({two_cps / one_cps:.2f}x)"),
+        (
+            "actor process killed mid-call -> its chunk done elsewhere / actor back",
+            f"{kill_chunk_s:.2f} s / {kill_back_s:.2f} s",
+        ),
+        (
+            "head's GCS stopped 5 s, a chunk every 0.2 s: done / during the stop / errors",
+            f"{gcs_done}/40 / {gcs_during} / {gcs_errors}",
+        ),
         (f"node lost -> its chunk done elsewhere (deadline {args.deadline_s:g} s)", f"{recovery_s:.2f} s"),
         ("network per speaking channel: requests", f"{request_b * per_s / 1000:.0f} kB/s ({request_b} B per chunk)"),
         ("network per speaking channel: faces back", f"{faces_b * per_s / 1e6:.2f} MB/s ({faces_b} B per chunk)"),

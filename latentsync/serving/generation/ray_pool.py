@@ -119,7 +119,7 @@ class _Actor:
 
     index: int
     handle: Any
-    state: str = "starting"  # starting (ping outstanding) | ready | lost (being restarted by Ray)
+    state: str = "starting"  # starting (ping outstanding) | ready | lost (its call failed; Ray restarts it)
     ping: Any = None  # the outstanding ping's ObjectRef
     ping_sent: float = 0.0  # when it last became unverified (started, or lost)
     ping_retry_at: float | None = None  # when to ask again after a ping that failed (Ray restarting it)
@@ -217,6 +217,8 @@ class RayWorkerPool(SchedulingPool):
         self._actor_class: Any = None
         self._default_ref: Any = None  # the default avatar's payload in the object store
         self._no_worker_since: float | None = None  # since when no actor is ready
+        self._ray_owner: threading.Thread | None = None  # the thread that started a private Ray
+        self._release_ray = threading.Event()  # tells it to shut that Ray down
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -240,9 +242,13 @@ class RayWorkerPool(SchedulingPool):
             if self._object_store_mb:
                 init["object_store_memory"] = int(self._object_store_mb) * 1024 * 1024
         try:
-            ray.init(address=self._address, **init)
+            if self._address is None:
+                self._start_private_ray(init)
+            else:
+                ray.init(address=self._address, **init)
         except Exception as exc:
-            raise WorkerPoolError(f"cannot reach the Ray cluster at {self._address}: {exc}") from exc
+            where = f"the Ray cluster at {self._address}" if self._address else "a private Ray"
+            raise WorkerPoolError(f"cannot reach {where}: {exc}") from exc
         try:
             self._workers = self._requested or self._default_workers()
             remote = ray.remote(EngineActor)
@@ -265,6 +271,34 @@ class RayWorkerPool(SchedulingPool):
             raise
         self._monitor = threading.Thread(target=self._watch, name="ray-pool-monitor", daemon=True)
         self._monitor.start()
+
+    def _start_private_ray(self, init: dict[str, Any]) -> None:
+        """Start a single-node Ray from a thread that lives until :meth:`close`.
+
+        Ray starts its GCS and raylet with ``PR_SET_PDEATHSIG``, which fires when the *thread* that
+        started them exits: started from the runtime's short-lived start-up thread, they would be
+        killed seconds later. The owner thread also shuts Ray down at :meth:`close`.
+        """
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def own() -> None:
+            try:
+                self._ray.init(**init)
+            except BaseException as exc:  # handed to start()
+                errors.append(exc)
+                return
+            finally:
+                started.set()
+            self._release_ray.wait()
+            self._ray.shutdown()
+
+        self._ray_owner = threading.Thread(target=own, name="ray-private-head", daemon=True)
+        self._ray_owner.start()
+        if not started.wait(self._start_timeout_s):
+            raise TimeoutError(f"not started within {self._start_timeout_s:.0f} s")
+        if errors:
+            raise errors[0]
 
     def _default_workers(self) -> int:
         ray = self._ray
@@ -314,7 +348,11 @@ class RayWorkerPool(SchedulingPool):
                 ray.kill(actor.handle, no_restart=True)
             except Exception as exc:  # already gone, or the cluster unreachable: nothing is left to stop
                 logger.debug("killing Ray actor %d: %s", actor.index, exc)
-        ray.shutdown()
+        if self._ray_owner is not None:  # a private Ray: its owner thread shuts it down
+            self._release_ray.set()
+            self._ray_owner.join(30.0)
+        else:
+            ray.shutdown()
 
     def ready(self) -> bool:
         """True while the actors run, the pool is not broken and a job would find an actor in time."""
@@ -333,7 +371,7 @@ class RayWorkerPool(SchedulingPool):
             out = []
             for a in self._actors:
                 state = a.state
-                if state == "starting" and now - a.ping_sent > PLACEMENT_REPORT_S:
+                if state in ("starting", "lost") and now - a.ping_sent > PLACEMENT_REPORT_S:
                     state = "unplaced"
                 latency = statistics.median(a.latencies) * 1000 if a.latencies else 0.0
                 out.append(
@@ -536,7 +574,7 @@ class RayWorkerPool(SchedulingPool):
         jobs = self._running.pop(dispatch_id, []) if dispatch_id is not None else []
         actor.failures += 1
         actor.restarts += 1
-        actor.state = "starting"
+        actor.state = "lost"
         actor.ping_sent = time.monotonic()
         self._rebuilds += 1
         logger.warning("%s: %d job(s) queued again", reason, len(jobs))

@@ -221,3 +221,30 @@ def test_queued_jobs_fail_with_the_reason_when_no_actor_is_ready_past_the_deadli
     pool._actors[0].state = "ready"  # one is back
     pool._check_available()
     assert pool.ready() and pool.problem is None
+
+
+def test_a_private_ray_started_from_a_short_lived_thread_outlives_it(avatar, monkeypatch):
+    """pool.ray_address null: the server starts its own Ray from its start-up thread, which then ends.
+
+    Ray kills its GCS and raylet when the thread that started them exits (PR_SET_PDEATHSIG): the
+    pool starts them from a thread of its own that lives until close().
+    """
+    require_ray()
+    from latentsync.serving.generation.ray_pool import RayWorkerPool
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray by a test
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, None, object_store_mb=100)
+    starter = threading.Thread(target=pool.start)
+    starter.start()
+    starter.join(120)
+    try:
+        assert pool.ready(), pool.problem
+        time.sleep(3.0)  # what killed it before: the start-up thread's end
+        results = Results()
+        for k in range(4):
+            pool.submit(job(k, str(avatar.path)), results.ok, results.error)
+        results.wait(4)
+        assert [s.state for s in pool.worker_stats()] == ["ready"] and pool.stats().retried == 0
+    finally:
+        pool.close()
+    assert pool._ray_owner is not None and not pool._ray_owner.is_alive()  # Ray shut down with the pool
