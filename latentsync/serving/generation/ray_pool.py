@@ -226,8 +226,9 @@ class RayWorkerPool(SchedulingPool):
 
         Raises:
             WorkerPoolError: If Ray is not installed or unreachable, an actor's engine failed to
-                load (its message is included), or not every actor answered within ``start_timeout_s``
-                (the cluster has no room for them: the message says what each needs).
+                load (its message is included), or no actor answered within ``start_timeout_s``
+                (the cluster has no room for them: the message says what each needs). Actors
+                beyond the room there is start ``unplaced`` and join when a node has room.
         """
         try:
             import ray
@@ -313,16 +314,36 @@ class RayWorkerPool(SchedulingPool):
         return self._actor_class.remote(self._engine_name, options, self._avatar_path, self._max_avatars)
 
     def _wait_started(self) -> None:
+        """Wait until every actor answered, or some did and the rest stalled.
+
+        Once at least one actor answered, the others get :data:`PLACEMENT_REPORT_S` without progress;
+        then they stay ``unplaced`` and join when the cluster has room.
+
+        Raises:
+            WorkerPoolError: No actor answered within ``start_timeout_s``, or an engine failed to load.
+        """
         deadline = time.monotonic() + self._start_timeout_s
+        ready_count, progress_at = 0, time.monotonic()
+        need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
         while True:
             with self._lock:
-                pending = [a for a in self._actors if a.state != "ready"]
-            if not pending:
+                ready = sum(1 for a in self._actors if a.state == "ready")
+            if ready == self._workers:
                 return
-            if time.monotonic() > deadline:
-                need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
+            now = time.monotonic()
+            if ready != ready_count:
+                ready_count, progress_at = ready, now
+            if ready and now - progress_at > PLACEMENT_REPORT_S:
+                logger.warning(
+                    "%d of %d Ray actors not placed yet (each needs %s): they join when the cluster has room",
+                    self._workers - ready,
+                    self._workers,
+                    need,
+                )
+                return
+            if now > deadline:
                 raise WorkerPoolError(
-                    f"{len(pending)} of {self._workers} Ray actors did not start within "
+                    f"{self._workers - ready} of {self._workers} Ray actors did not start within "
                     f"{self._start_timeout_s:.0f} s: the cluster has no room for them (each needs {need})"
                 )
             self._poll(0.1)

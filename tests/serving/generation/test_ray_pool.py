@@ -198,6 +198,18 @@ def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(cluster, a
     with pytest.raises(WorkerPoolError, match=r"1 of 1 Ray actors did not start .* no room .* 2 CPU"):
         pool.start()
     assert not pool.ready()
+    # Three one-CPU actors on two one-CPU nodes: the pool starts with two; the third waits, unplaced.
+    pool = RayWorkerPool("parametric", {}, avatar.path, 3, address=cluster.address, start_timeout_s=120)
+    pool.start()
+    try:
+        assert sorted(s.state for s in pool.worker_stats()) == ["ready", "ready", "unplaced"]
+        assert pool.ready() and pool.problem is None
+        results = Results()
+        for k in range(3):
+            pool.submit(job(k, str(avatar.path)), results.ok, results.error)
+        results.wait(3)
+    finally:
+        pool.close()
 
 
 def test_queued_jobs_fail_with_the_reason_when_no_actor_is_ready_past_the_deadline(avatar):
