@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
 DATA = Path(__file__).resolve().parent / "data"
 MEDIA = DATA / "media"
@@ -25,6 +28,15 @@ def data_file(relative: str) -> Path:
 def media_file(relative: str) -> Path:
     """A recording under ``tests/data/media/``, e.g. ``"audio/7s_shan_0801_01.wav"``."""
     return data_file(f"media/{relative}")
+
+
+def speech_wav(seconds: float, relative: str = "audio/7s_shan_0801_01.wav") -> bytes:
+    """``seconds`` of the recording ``relative`` (repeated as needed) as 16-bit PCM WAV bytes, at its own rate."""
+    audio, rate = sf.read(media_file(relative), dtype="float32")
+    audio = np.tile(audio, int(np.ceil(seconds * rate / len(audio))) + 1)[: int(seconds * rate)]
+    out = io.BytesIO()
+    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
 
 
 def make_faceless_video(path: Path) -> Path:

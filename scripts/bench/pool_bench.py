@@ -24,6 +24,7 @@ second node, one CPU each; :class:`tests.raycluster.RayCluster`). Rows:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import signal
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,9 +103,15 @@ def throughput(pool, avatar: Avatar, chunks: int) -> float:
     return chunks / (max(t for t, _ in c.results.values()) - t0)
 
 
-def loss_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp: Path) -> float:
-    """Seconds from the second node's loss (a call held in flight there) to that chunk done on the head."""
-    hold = tmp / "hold"
+@contextlib.contextmanager
+def call_held_on_second_node(
+    cluster: RayCluster, avatar: Avatar, deadline_s: float, hold: Path
+) -> Iterator[tuple[RayWorkerPool, Collector]]:
+    """A pool of one actor per node with two chunks submitted, the second node's stalled in its engine.
+
+    Yields once that call is in flight (the test engine created ``<hold>.held``); the collector
+    waits for both chunks.
+    """
     options = {"hold_flag": str(hold), "hold_node": "second"}
     pool = RayWorkerPool(
         "tests.flaky_engine:create", options, avatar.path, None, cluster.address, deadline_s=deadline_s
@@ -120,51 +128,40 @@ def loss_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp:
             if time.monotonic() - t > 30:
                 raise RuntimeError("the second node never took a job")
             time.sleep(0.02)
-        cluster.kill_node("second")
-        lost_at = time.monotonic()
-        if not c.event.wait(60) or c.errors:
-            raise RuntimeError(c.errors or "timeout")
-        return max(t for t, _ in c.results.values()) - lost_at
+        yield pool, c
     finally:
         hold.unlink(missing_ok=True)
         pool.close()
+
+
+def done_after(c: Collector, since: float) -> float:
+    """Seconds from ``since`` to the last of the collector's chunks done (raises on an error or after 60 s)."""
+    if not c.event.wait(60) or c.errors:
+        raise RuntimeError(c.errors or "timeout")
+    return max(t for t, _ in c.results.values()) - since
+
+
+def loss_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp: Path) -> float:
+    """Seconds from the second node's loss (a call held in flight there) to that chunk done on the head."""
+    with call_held_on_second_node(cluster, avatar, deadline_s, tmp / "hold") as (_pool, c):
+        cluster.kill_node("second")
+        return done_after(c, time.monotonic())
 
 
 def actor_kill_recovery_s(cluster: RayCluster, avatar: Avatar, deadline_s: float, tmp: Path) -> tuple[float, float]:
     """SIGKILL the second node's actor process with a call in flight: (s to that chunk done, s to the actor back)."""
     hold = tmp / "hold-actor"
-    options = {"hold_flag": str(hold), "hold_node": "second"}
-    pool = RayWorkerPool(
-        "tests.flaky_engine:create", options, avatar.path, None, cluster.address, deadline_s=deadline_s
-    )
-    pool.start()
-    try:
-        hold.touch()
-        c = Collector()
-        c.want = 2
-        for k in (0, 1):
-            pool.submit(job(k, avatar), c.ok, c.error)
-        t = time.monotonic()
-        while not Path(f"{hold}.held").exists():
-            if time.monotonic() - t > 30:
-                raise RuntimeError("the second node never took a job")
-            time.sleep(0.02)
-        second = cluster.node_id("second")
-        index = pool.actor_nodes().index(second)
+    with call_held_on_second_node(cluster, avatar, deadline_s, hold) as (pool, c):
+        index = pool.actor_nodes().index(cluster.node_id("second"))
         hold.unlink()
         os.kill(pool.worker_stats()[index].pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        if not c.event.wait(60) or c.errors:
-            raise RuntimeError(c.errors or "timeout")
-        chunk_s = max(t for t, _ in c.results.values()) - killed_at
+        chunk_s = done_after(c, killed_at)
         while pool.worker_stats()[index].state != "ready":
             if time.monotonic() - killed_at > 120:
                 raise RuntimeError("the actor never came back")
             time.sleep(0.05)
         return chunk_s, time.monotonic() - killed_at
-    finally:
-        hold.unlink(missing_ok=True)
-        pool.close()
 
 
 def gcs_pause(cluster: RayCluster, avatar: Avatar, pause_s: float = 5.0, chunks: int = 40) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""End to end on Ray: the server (pool.backend=ray) on a real two-node Ray cluster, streaming to nginx-rtmp.
+"""End to end on Ray: the server (pool.backend=ray) on a real two-node Ray ray_cluster, streaming to nginx-rtmp.
 
 The cluster is started by the test (``ray start`` on loopback, :class:`tests.raycluster.RayCluster`);
 the server reaches it through ``pool.ray_address`` and places one parametric actor per node. A
@@ -7,16 +7,13 @@ real RTMP client records what viewers get.
 
 from __future__ import annotations
 
-import io
 import time
 import urllib.request
 
 import numpy as np
 import pytest
-import soundfile as sf
 
-from tests.datafiles import media_file
-from tests.raycluster import RayCluster, require_ray
+from tests.datafiles import media_file, speech_wav
 from tests.streamtools import Api, ServerProcess, StreamRecorder, analyse_recording, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
@@ -26,15 +23,7 @@ DEADLINE_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    require_ray()
-    cluster = RayCluster().start()
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def server(cluster, rtmp_server, tmp_path_factory):
+def server(ray_cluster, rtmp_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray-e2e")
     key = f"ray-{rtmp_server.port}"
     proc = ServerProcess(
@@ -45,7 +34,7 @@ def server(cluster, rtmp_server, tmp_path_factory):
             f"engine.chunk_deadline_s={DEADLINE_S}",
             "tasks.max_frames_ahead=64",  # generation paced to the air: chunks go out all through a task
             "pool.backend=ray",
-            f"pool.ray_address={cluster.address}",
+            f"pool.ray_address={ray_cluster.address}",
             f"stream.rtmp_url={rtmp_server.url(key)}",
             "webrtc.enabled=false",
         ],
@@ -61,14 +50,6 @@ def server(cluster, rtmp_server, tmp_path_factory):
     assert code == 0 and took_s < 15.0, proc.log()
 
 
-def wav(seconds: float) -> bytes:
-    audio, rate = sf.read(media_file(SPEECH), dtype="float32")
-    audio = np.tile(audio, int(np.ceil(seconds * rate / len(audio))) + 1)[: int(seconds * rate)]
-    out = io.BytesIO()
-    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
 def actors(server) -> list[dict]:
     workers = server.health()[1]["workers"]
     assert workers["backend"] == "ray", workers
@@ -80,7 +61,7 @@ def test_a_task_generated_on_two_ray_nodes_streams_at_25_fps_with_no_dropped_tic
     assert [a["state"] for a in actors(server)] == ["ready", "ready"]
     assert len({a["node"] for a in actors(server)}) == 2  # one actor per node
     recorder = StreamRecorder(rtmp_server.url(server.key), tmp_path / "rec.flv")
-    status, task = server.api.post_audio(wav(7.0))
+    status, task = server.api.post_audio(speech_wav(7.0))
     assert status == 202, task
     done = server.api.wait_task(task["task_id"], ("done", "failed"), 60)
     assert done["status"] == "done" and done["chunks_generated"] == done["chunks_total"], done
@@ -97,16 +78,16 @@ def test_a_task_generated_on_two_ray_nodes_streams_at_25_fps_with_no_dropped_tic
     assert text.count("latentsync_pool_worker_jobs_total{") == 2
 
 
-def test_the_second_node_lost_while_a_task_is_on_air(server, cluster):
+def test_the_second_node_lost_while_a_task_is_on_air(server, ray_cluster):
     before = server.health()[1]
-    status, task = server.api.post_audio(wav(20.0))
+    status, task = server.api.post_audio(speech_wav(20.0))
     assert status == 202, task
     server.api.wait_task(task["task_id"], ("streaming",), 30)
-    second_node = cluster.node_id("second")[:12]
+    second_node = ray_cluster.node_id("second")[:12]
     second = next(i for i, a in enumerate(actors(server)) if a["node"] == second_node)
     jobs_before = actors(server)[second]["jobs"]
     assert seconds_until(lambda: actors(server)[second]["jobs"] >= jobs_before + 2, 20), actors(server)
-    cluster.kill_node("second")
+    ray_cluster.kill_node("second")
     done = server.api.wait_task(task["task_id"], ("done", "failed"), 90)
     after = server.health()[1]
     assert done["status"] == "done", done

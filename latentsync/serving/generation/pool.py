@@ -311,6 +311,19 @@ class SchedulingPool:
                 self._retried += 1
                 heapq.heappush(self._queue, (job.job.due_at, job.key, job))
 
+    def _fail_queued(self, error: str) -> None:
+        """Fail every queued job with ``<its label> failed: <error>`` (call without the lock: callbacks run here)."""
+        with self._lock:
+            jobs = [job for _, _, job in self._queue]
+            self._queue.clear()
+        for job in jobs:
+            self._finish_error(job, f"{job.job.label} failed: {error}")
+
+    def _announce_broken(self) -> None:
+        """After :attr:`_broken` was set: log it and fail every queued job with it (call without the lock)."""
+        logger.error("worker pool broken: %s", self._broken)
+        self._fail_queued(self._broken or "")
+
     def _fail_everything(self, reason: str) -> None:
         """Fail every queued and running job with ``reason`` (closing, or broken)."""
         with self._lock:
@@ -575,11 +588,7 @@ class WorkerPool(SchedulingPool):
                 self._dispatch_waiting()
                 return
             self._broken = error
-            jobs = [job for _, _, job in self._queue]
-            self._queue.clear()
-        logger.error("worker pool broken: %s", error)
-        for job in jobs:
-            self._finish_error(job, f"{job.job.label} failed: {error}")
+        self._announce_broken()
 
 
 def _pid_state(pid: int) -> str | None:

@@ -324,7 +324,6 @@ class RayWorkerPool(SchedulingPool):
         """
         deadline = time.monotonic() + self._start_timeout_s
         ready_count, progress_at = 0, time.monotonic()
-        need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
         while True:
             with self._lock:
                 ready = sum(1 for a in self._actors if a.state == "ready")
@@ -338,13 +337,13 @@ class RayWorkerPool(SchedulingPool):
                     "%d of %d Ray actors not placed yet (each needs %s): they join when the cluster has room",
                     self._workers - ready,
                     self._workers,
-                    need,
+                    self._need,
                 )
                 return
             if now > deadline:
                 raise WorkerPoolError(
                     f"{self._workers - ready} of {self._workers} Ray actors did not start within "
-                    f"{self._start_timeout_s:.0f} s: the cluster has no room for them (each needs {need})"
+                    f"{self._start_timeout_s:.0f} s: the cluster has no room for them (each needs {self._need})"
                 )
             self._poll(0.1)
             if self._broken is not None:
@@ -502,21 +501,22 @@ class RayWorkerPool(SchedulingPool):
             reason = self._unavailable()
             if reason is None or not self._queue:
                 return
-            jobs = [job for _, _, job in self._queue]
-            self._queue.clear()
-        for job in jobs:
-            self._finish_error(job, f"{job.job.label} failed: {reason}")
+        self._fail_queued(reason)
 
     def _unavailable(self) -> str | None:
         """Why no job can run: no actor has been ready for longer than the chunk deadline (lock held)."""
         since = self._no_worker_since
         if since is None or time.monotonic() - since <= self._deadline_s:
             return None
-        need = f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
         return (
             f"no engine worker: none of the {self._workers} Ray actors has been ready for "
-            f"{time.monotonic() - since:.0f} s (lost, or no node has room: each needs {need})"
+            f"{time.monotonic() - since:.0f} s (lost, or no node has room: each needs {self._need})"
         )
+
+    @property
+    def _need(self) -> str:
+        """What each actor reserves, as error messages say it (``1 CPU and 1 GPU``)."""
+        return f"{self._cpus:g} CPU" + (f" and {self._gpus:g} GPU" if self._gpus else "")
 
     def _on_ping(self, actor: _Actor, ref: Any) -> None:
         ray = self._ray
@@ -547,12 +547,14 @@ class RayWorkerPool(SchedulingPool):
                 return
             actor.ping = None
             actor.pid, actor.node = pid, node
-            if error:
-                self._mark_broken(f"engine worker failed to start: {error}")
-                return
-            actor.state = "ready"
-            logger.info("Ray actor %d ready on node %s (pid %d)", actor.index, node[:12], pid)
-            self._dispatch_waiting()
+            if error:  # an actor cannot load its engine: every queued and later job fails with it
+                self._broken = f"engine worker failed to start: {error}"
+            else:
+                actor.state = "ready"
+                logger.info("Ray actor %d ready on node %s (pid %d)", actor.index, node[:12], pid)
+                self._dispatch_waiting()
+        if error:
+            self._announce_broken()
 
     def _on_call(self, actor: _Actor, ref: Any) -> None:
         ray = self._ray
@@ -602,14 +604,3 @@ class RayWorkerPool(SchedulingPool):
         self._requeue(jobs, reason)
         self._send_ping(actor)
         self._dispatch_waiting()
-
-    def _mark_broken(self, error: str) -> None:
-        """An actor cannot load its engine: every queued and later job fails with ``error`` (lock held)."""
-        self._broken = error
-        jobs = [job for _, _, job in self._queue]
-        self._queue.clear()
-        logger.error("worker pool broken: %s", error)
-        for job in jobs:
-            threading.Thread(
-                target=self._finish_error, args=(job, f"{job.job.label} failed: {error}"), daemon=True
-            ).start()

@@ -308,11 +308,8 @@ class Runtime:
         if main_avatar is None or self._stopped:  # closed while preparing
             return
         engine = cfg.engine
-        devices = _engine_devices(engine.device) if engine.name is EngineName.latentsync else []
-        workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
-        options: dict = {}
-        if engine.name is EngineName.latentsync:  # the config section itself (picklable), no copy of it
-            options = {"config": engine.latentsync, "device": devices[0] if devices else None}
+        latentsync = engine.name is EngineName.latentsync
+        options: dict = {"config": engine.latentsync} if latentsync else {}  # the section itself (picklable)
         t = time.monotonic()
         common = dict(
             on_chunk_done=self.metrics.observe_chunk,
@@ -321,12 +318,10 @@ class Runtime:
             deadline_s=engine.chunk_deadline_s,
             max_queued=engine.max_queued_jobs,
         )
-        if cfg.pool.backend is PoolBackend.ray:
+        if cfg.pool.backend is PoolBackend.ray:  # each actor's device is the GPU Ray gives it
             from latentsync.serving.generation.ray_pool import RayWorkerPool  # needs the optional ray package
 
             ray_cfg = cfg.pool
-            if engine.name is EngineName.latentsync:
-                options = {"config": engine.latentsync}  # each actor picks its own device (its GPU, else cpu)
             pool = RayWorkerPool(
                 engine.name.value,
                 options,
@@ -334,12 +329,16 @@ class Runtime:
                 ray_cfg.ray_workers,
                 address=ray_cfg.ray_address,
                 cpus_per_worker=ray_cfg.ray_cpus_per_worker,
-                gpus_per_worker=ray_cfg.ray_gpus_per_worker if engine.name is EngineName.latentsync else None,
+                gpus_per_worker=ray_cfg.ray_gpus_per_worker if latentsync else None,
                 namespace=ray_cfg.ray_namespace,
                 object_store_mb=ray_cfg.ray_object_store_mb,
                 **common,
             )
         else:
+            devices = _engine_devices(engine.device) if latentsync else []
+            workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
+            if latentsync:
+                options["device"] = devices[0] if devices else None
             pool = WorkerPool(engine.name.value, options, main_avatar.path, workers, devices=devices, **common)
         try:
             pool.start()

@@ -15,20 +15,12 @@ from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest, create_engine
 from latentsync.serving.generation.ports import ChunkJob
 from tests.datafiles import media_file
-from tests.raycluster import RayCluster, require_ray
+from tests.raycluster import require_ray
 from tests.streamtools import seconds_until
 
 pytestmark = pytest.mark.slow
 
 DEADLINE_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    require_ray()
-    cluster = RayCluster().start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +76,12 @@ def second_node_id() -> str:
     return next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("second"))
 
 
-def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_object_store(cluster, avatar, tmp_path):
+def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_object_store(
+    ray_cluster, avatar, tmp_path
+):
     from latentsync.serving.generation.ray_pool import RayWorkerPool
 
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=cluster.address, start_timeout_s=120)
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address, start_timeout_s=120)
     pool.start()
     try:
         stats = pool.worker_stats()
@@ -114,14 +108,14 @@ def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_ob
 
 
 def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_actor_returns(
-    cluster, avatar, tmp_path
+    ray_cluster, avatar, tmp_path
 ):
     from latentsync.serving.generation.ray_pool import RayWorkerPool
 
     hold = tmp_path / "hold"
     options = {"hold_flag": str(hold), "hold_node": "second"}
     pool = RayWorkerPool(
-        "tests.flaky_engine:create", options, avatar.path, None, address=cluster.address, deadline_s=DEADLINE_S
+        "tests.flaky_engine:create", options, avatar.path, None, address=ray_cluster.address, deadline_s=DEADLINE_S
     )
     pool.start()
     try:
@@ -132,7 +126,7 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
             pool.submit(job(k, str(avatar.path)), results.ok, results.error)
         assert seconds_until(lambda: hold.with_name("hold.held").exists(), 30) is not None
         held = next(s for s in pool.worker_stats() if pool.actor_nodes()[s.index] == second)
-        cluster.kill_node("second")
+        ray_cluster.kill_node("second")
         lost_at = time.monotonic()
         results.wait(2, timeout_s=30)
         recovered_s = max(results.done_at.values()) - lost_at
@@ -145,7 +139,7 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
             np.testing.assert_array_equal(results.faces[k], expected_faces(avatar, k))
         # The node is back: Ray places the actor there again, and it takes jobs after its ping.
         hold.unlink()
-        cluster.start_second()
+        ray_cluster.start_second()
         assert seconds_until(lambda: [s.state for s in pool.worker_stats()] == ["ready", "ready"], 90, 0.2), (
             pool.worker_stats()
         )
@@ -158,12 +152,12 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
         pool.close()
 
 
-def test_actors_killed_for_good_are_replaced_and_serve_again(cluster, avatar):
+def test_actors_killed_for_good_are_replaced_and_serve_again(ray_cluster, avatar):
     import ray
 
     from latentsync.serving.generation.ray_pool import RayWorkerPool
 
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=cluster.address)
+    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address)
     pool.start()
     try:
         for actor in pool._actors:  # as an operator's `ray kill` or a failed restart would leave them
@@ -187,19 +181,19 @@ def test_actors_killed_for_good_are_replaced_and_serve_again(cluster, avatar):
         pool.close()
 
 
-def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(cluster, avatar):
+def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(ray_cluster, avatar):
     from latentsync.serving.generation.pool import WorkerPoolError
     from latentsync.serving.generation.ray_pool import RayWorkerPool
 
     # Every node has one CPU: an actor that needs two is never placed.
     pool = RayWorkerPool(
-        "parametric", {}, avatar.path, 1, address=cluster.address, cpus_per_worker=2.0, start_timeout_s=5.0
+        "parametric", {}, avatar.path, 1, address=ray_cluster.address, cpus_per_worker=2.0, start_timeout_s=5.0
     )
     with pytest.raises(WorkerPoolError, match=r"1 of 1 Ray actors did not start .* no room .* 2 CPU"):
         pool.start()
     assert not pool.ready()
     # Three one-CPU actors on two one-CPU nodes: the pool starts with two; the third waits, unplaced.
-    pool = RayWorkerPool("parametric", {}, avatar.path, 3, address=cluster.address, start_timeout_s=120)
+    pool = RayWorkerPool("parametric", {}, avatar.path, 3, address=ray_cluster.address, start_timeout_s=120)
     pool.start()
     try:
         assert sorted(s.state for s in pool.worker_stats()) == ["ready", "ready", "unplaced"]

@@ -8,7 +8,6 @@ upload) must leave the other channel's ticks untouched: no dropped tick, no FFmp
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -17,9 +16,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-import soundfile as sf
 
-from tests.datafiles import MEDIA, media_file
+from tests.datafiles import MEDIA, media_file, speech_wav
 from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
@@ -77,17 +75,9 @@ def health(api: Api, name: str) -> dict:
     return body
 
 
-def wav(seconds: float) -> bytes:
-    audio, rate = sf.read(media_file(SPEECH), dtype="float32")
-    audio = np.tile(audio, int(np.ceil(seconds * rate / len(audio))) + 1)[: int(seconds * rate)]
-    out = io.BytesIO()
-    sf.write(out, audio, rate, format="WAV", subtype="PCM_16")
-    return out.getvalue()
-
-
 def speak_until_done(api: Api, name: str, seconds: float) -> dict:
     """Upload ``seconds`` of speech to channel ``name`` and wait (60 s at most) for the task to end ``done``."""
-    status, task = api.post_audio(wav(seconds), path=f"/channels/{name}/generate_video")
+    status, task = api.post_audio(speech_wav(seconds), path=f"/channels/{name}/generate_video")
     assert status == 202, task
     deadline = time.monotonic() + 60
     while (got := api.request("GET", task["status_url"])[1])["status"] not in ("done", "failed", "cancelled"):
@@ -116,7 +106,7 @@ def test_channels_are_listed_and_routed_and_unknown_ones_are_404(two_channels):
     ):
         status, body = api.request(method, path)
         assert status == 404 and body["error"]["code"] == "no_channel", (path, body)
-    status, body = api.post_audio(wav(1.0), path="/channels/nope/generate_video")
+    status, body = api.post_audio(speech_wav(1.0), path="/channels/nope/generate_video")
     assert status == 404 and body["error"]["code"] == "no_channel"
     with urllib.request.urlopen(f"{api.base}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -131,11 +121,11 @@ def test_channels_are_listed_and_routed_and_unknown_ones_are_404(two_channels):
 
 def test_a_long_upload_on_main_never_makes_halls_speech_underrun(two_channels):
     server, api = two_channels
-    status, long_task = api.post_audio(wav(LONG_UPLOAD_S))
+    status, long_task = api.post_audio(speech_wav(LONG_UPLOAD_S))
     assert status == 202 and long_task["status_url"] == f"/tasks/{long_task['task_id']}", long_task
     api.wait_task(long_task["task_id"], ("streaming",), timeout_s=60)
     hall_before, main_before = health(api, "hall"), health(api, "main")
-    status, short = api.post_audio(wav(7.0), path="/channels/hall/generate_video")
+    status, short = api.post_audio(speech_wav(7.0), path="/channels/hall/generate_video")
     assert status == 202, short
     url = f"/channels/hall/tasks/{short['task_id']}"
     assert short["status_url"] == url
@@ -272,7 +262,7 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     server, api = two_channels
     before_main = health(api, "main")
     # Bad uploads: 4xx naming the problem, nothing listed.
-    status, body = api.post_audio(wav(1.0), "speech.wav", path="/avatars", field="video_file")
+    status, body = api.post_audio(speech_wav(1.0), "speech.wav", path="/avatars", field="video_file")
     assert status == 400 and body["error"]["code"] == "not_video", body
     status, body = api.post_audio(None, path="/avatars", field="video_file")
     assert status == 400 and body["error"]["code"] == "no_file", body
@@ -301,7 +291,7 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     assert put_json(api, "/channels/hall", {"idle_video": str(media_file(VIDEO))})[0] == 200  # nothing changes
 
     # Ask for the switch while hall speaks: the speech plays to its end with the old avatar first.
-    status, task = api.post_audio(wav(3.0), path="/channels/hall/generate_video")
+    status, task = api.post_audio(speech_wav(3.0), path="/channels/hall/generate_video")
     assert status == 202, task
     assert seconds_until(lambda: api.request("GET", task["status_url"])[1]["status"] == "streaming", 30), server.log()
     status, body = put_json(api, "/channels/hall", {"avatar": avatar_id, "name": "hall"})
