@@ -328,6 +328,31 @@ class WebRtcConfig:
 
 
 @dataclass
+class FramesConfig:
+    """Frames over a WebSocket (``/ws/frames``): the program as data, for clients that render it.
+
+    Protocol: docs/frames-protocol.md.
+
+    ``max_clients``: frames WebSockets open at once on one channel (one more gets 429
+    ``too_many_clients``; each also takes one of ``api.max_long_lived``). ``client_queue_s``:
+    ticks one client may have waiting (seconds of stream); a client further behind loses its
+    backlog (whole ticks, counted in the next message's header), an H.264 client then resumes at
+    a keyframe. ``jpeg_quality``: 1..100 (OpenCV's ``IMWRITE_JPEG_QUALITY``). ``h264_bitrate_kbps``
+    and ``keyframe_interval_s``: the shared H.264 encoder (a joining client gets a keyframe on the
+    next tick anyway). ``hello_timeout_s``: a client that sends no ``hello`` within this is closed
+    (4408).
+    """
+
+    enabled: bool = True
+    max_clients: int = 4
+    client_queue_s: float = 0.5
+    jpeg_quality: int = 85
+    h264_bitrate_kbps: int = 2000
+    keyframe_interval_s: float = 2.0
+    hello_timeout_s: float = 5.0
+
+
+@dataclass
 class UiConfig:
     """The control page at ``/`` and its Server-Sent Events feed (``GET /events``).
 
@@ -444,6 +469,7 @@ class AppConfig:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     speech_stream: SpeechStreamConfig = field(default_factory=SpeechStreamConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
     ui: UiConfig = field(default_factory=UiConfig)
     log: LogConfig = field(default_factory=LogConfig)
     channels: list[ChannelConfig] = field(default_factory=list)
@@ -887,6 +913,13 @@ def validate(config: AppConfig) -> None:
     _check(0.1 <= w.viewer_queue_s <= 10, "webrtc.viewer_queue_s", w.viewer_queue_s, "0.1..10")
     _check(1 <= w.connect_timeout_s <= 120, "webrtc.connect_timeout_s", w.connect_timeout_s, "1..120")
     _check(1 <= w.signalling_timeout_s <= 60, "webrtc.signalling_timeout_s", w.signalling_timeout_s, "1..60")
+    fr = config.frames
+    _check(1 <= fr.max_clients <= 64, "frames.max_clients", fr.max_clients, "1..64")
+    _check(0.1 <= fr.client_queue_s <= 10, "frames.client_queue_s", fr.client_queue_s, "0.1..10")
+    _check(1 <= fr.jpeg_quality <= 100, "frames.jpeg_quality", fr.jpeg_quality, "1..100")
+    _check(100 <= fr.h264_bitrate_kbps <= 50000, "frames.h264_bitrate_kbps", fr.h264_bitrate_kbps, "100..50000")
+    _check(0.1 <= fr.keyframe_interval_s <= 10, "frames.keyframe_interval_s", fr.keyframe_interval_s, "0.1..10")
+    _check(0.5 <= fr.hello_timeout_s <= 60, "frames.hello_timeout_s", fr.hello_timeout_s, "0.5..60")
     u = config.ui
     _check(1 <= u.max_event_clients <= 256, "ui.max_event_clients", u.max_event_clients, "1..256")
     _check(0.05 <= u.event_poll_s <= 10, "ui.event_poll_s", u.event_poll_s, "0.05..10")

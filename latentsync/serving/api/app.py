@@ -10,7 +10,9 @@ Routes:
     202 with a task id, or a JSON error.
     ``GET /tasks``, ``GET /tasks/<id>``, ``DELETE /tasks/<id>``.
     ``GET /ws/speech`` (WebSocket) and ``POST /speak``: streamed speech and text to speech
-    (:mod:`latentsync.serving.speech_api`, docs/streaming-speech.md).
+    (:mod:`latentsync.serving.api.speech`, docs/streaming-speech.md).
+    ``GET /ws/frames`` (WebSocket): every tick on air as data (:mod:`latentsync.serving.api.frames`,
+    docs/frames-protocol.md).
     ``GET /channels``: every channel (docs/channels.md); ``/channels/<name>/generate_video``,
     ``/channels/<name>/tasks[/<id>]``, ``/channels/<name>/health`` (and ``/events``, ``/whep`` in
     web.py) are the routes above for channel ``<name>``; the paths without ``/channels/<name>`` are
@@ -63,6 +65,7 @@ from latentsync.serving.api.access import (
     origin_allowed,
 )
 from latentsync.serving.api.errors import ApiError, error_response, status_of
+from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
@@ -182,7 +185,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             return True
         given = request.headers.get("Authorization", "")
         scheme, _, value = given.partition(" ")
-        if WS_PATH_RE.fullmatch(request.path) and not given:  # a browser's WebSocket cannot set headers
+        websocket = WS_PATH_RE.fullmatch(request.path) or FRAMES_PATH_RE.fullmatch(request.path)
+        if websocket and not given:  # a browser's WebSocket cannot set headers
             if request.environ.get("latentsync.ticket_ok") is None:  # redeemed once per request
                 request.environ["latentsync.ticket_ok"] = tickets.redeem(request.args.get("ticket", ""))
             return request.environ["latentsync.ticket_ok"]
@@ -454,9 +458,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         tasks = channel_tasks(name)
         return task_json(tasks.cancel(task_id) if tasks else None, task_id)
 
-    register_speech_routes(
-        app, runtime, lambda origin: origin_allowed(origin, request.host, request.scheme, origins), long_lived
-    )
+    def origin_ok(origin: str | None) -> bool:
+        return origin_allowed(origin, request.host, request.scheme, origins)
+
+    register_speech_routes(app, runtime, origin_ok, long_lived)
+    register_frames_routes(app, runtime, origin_ok, long_lived)  # /ws/frames (latentsync/serving/api/frames.py)
     register_web(app, runtime, long_lived)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
     app.before_request_funcs.setdefault(None, []).insert(0, check_host)  # first of all: DNS rebinding
     return app

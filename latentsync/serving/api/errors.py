@@ -67,6 +67,7 @@ HTTP_STATUS: dict[str, int] = {
     "buffer_full": 429,
     "busy": 429,
     "too_many_viewers": 429,
+    "too_many_clients": 429,
     "too_many_auth_failures": 429,
     # 500, 503, 507: the server cannot now
     "upload_failed": 500,
@@ -77,6 +78,7 @@ HTTP_STATUS: dict[str, int] = {
     "decode_timeout": 503,
     "tts_unavailable": 503,
     "webrtc_off": 503,
+    "frames_off": 503,
     "webrtc_stopped": 503,
     "signalling_timeout": 503,
     "too_many_event_clients": 503,

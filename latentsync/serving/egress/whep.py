@@ -32,6 +32,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from latentsync.config import VideoCodec, WebRtcConfig
 from latentsync.serving.core.errors import ServingError
+from latentsync.serving.egress.encoders import ENCODER_THREADS, h264_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ OPUS_RATE_HZ = 48000  # Opus RTP clock (RFC 7587)
 OPUS_FRAME_SAMPLES = 960  # 20 ms at 48 kHz
 OPUS_BITRATE_BPS = 96000  # aiortc's own Opus setting (stereo voip)
 QUIET_LOGGERS = ("aioice", "aiortc")
-ENCODER_THREADS = 1
 INBOX_TICKS = 4  # ticks waiting for the encoder thread; more are dropped (and a keyframe is forced)
 MIN_FORCED_KEYFRAME_GAP_S = 0.2  # PLIs/joins closer than this share one forced keyframe
 LOOP_START_TIMEOUT_S = 5.0
@@ -356,20 +356,10 @@ class WebRtcHub:
     def _new_encoder(self) -> av.video.codeccontext.VideoCodecContext:
         s = self.settings
         if s.video_codec is VideoCodec.h264:
-            codec = av.CodecContext.create("libx264", "w")
-            macroblocks = ((self.width + 15) // 16) * ((self.height + 15) // 16)
-            codec.options = {
-                "tune": "zerolatency",
-                "preset": "veryfast",
-                "level": "31" if macroblocks <= 3600 else "40",
-            }
-            codec.profile = "Baseline"
-        else:
-            codec = av.CodecContext.create("libvpx", "w")
-            codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
+            return h264_encoder(self.width, self.height, self.fps, s.video_bitrate_kbps, s.keyframe_interval_s)
+        codec = av.CodecContext.create("libvpx", "w")
+        codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
         codec.width, codec.height = self.width, self.height
-        # One thread: with frame threads libvpx took 40-100 ms a frame on this 2-core machine (2.5 ms with
-        # one), and a single preview stream does not need more.
         codec.thread_count = ENCODER_THREADS
         codec.pix_fmt = "yuv420p"
         codec.bit_rate = s.video_bitrate_kbps * 1000

@@ -137,6 +137,7 @@ class ProgramMixer:
         self._fade_step = 0  # frames of the running crossfade already emitted
         self._fading_in = False
         self._last_frame: np.ndarray | None = None
+        self._tick_task_id: str | None = None
         self._machine = StateMachine(StreamState.IDLE, STREAM_MOVES, "mixer")
         self._next_idle: tuple[IdleLoop, object] | None = None  # (loop, callback) waiting for an idle moment
         self.idle_switches = 0
@@ -159,6 +160,15 @@ class ProgramMixer:
         """Task id of the program on air, if any."""
         current = self._current
         return current.task_id if current is not None else None
+
+    @property
+    def tick_task_id(self) -> str | None:
+        """Task id of the program in the last tick produced (its speech, or its fade-out); None for idle.
+
+        Unlike :attr:`current_task_id`, this stays the program's on its last frame, when the program
+        already finished.
+        """
+        return self._tick_task_id
 
     def pending(self) -> int:
         """Programs waiting in the playlist."""
@@ -220,11 +230,15 @@ class ProgramMixer:
             self._start_next_program()
         if self._current is not None:
             self._set_state(StreamState.FADE_IN if self._fading_in else StreamState.SPEAKING)
+            self._tick_task_id = self._current.task_id
             frame, audio = self._speech_tick(num_samples)
         elif self._outgoing is not None:
             self._set_state(StreamState.FADE_OUT)
+            program = self._outgoing.program
+            self._tick_task_id = program.task_id if program is not None else None
             frame, audio = self._fade_out_tick(num_samples)
         else:
+            self._tick_task_id = None
             self._set_state(StreamState.IDLE)
             frame, audio = self._idle.next(num_samples)
         self._last_frame = frame

@@ -30,6 +30,7 @@ from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.video import VideoClip
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
+from latentsync.serving.egress.frames import FramesHub
 from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import SchedulingPool
@@ -128,6 +129,7 @@ class Channel:
         self._tasks: TaskManager | None = None
         self.stream_size: tuple[int, int] | None = None
         self.webrtc: WebRtcHub | None = None  # WHEP egress (webrtc.enabled), once the stream runs
+        self.frames: FramesHub | None = None  # frames WebSocket egress (frames.enabled), once the stream runs
         self.events = EventBroadcaster(config.ui.max_event_clients, config.ui.event_queue_events)  # GET /events
         self._feed: EventFeed | None = None
         self._created_monotonic = time.monotonic()
@@ -241,6 +243,11 @@ class Channel:
         if cfg.webrtc.enabled:
             self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
             observers.append(self.webrtc.on_tick)
+        if cfg.frames.enabled:
+            self.frames = FramesHub(
+                cfg.frames, s.fps, s.audio_sample_rate, clip.size, lambda: (mixer.state.value, mixer.tick_task_id)
+            )
+            observers.append(self.frames.on_tick)
         self._feed = EventFeed(
             self.events,
             lambda: mixer.state,
@@ -274,6 +281,8 @@ class Channel:
                 return
             if self.webrtc is not None:
                 self.webrtc.start()
+            if self.frames is not None:
+                self.frames.start()
             self._feed.start()
             self.controller.start()
 
@@ -466,6 +475,7 @@ class Channel:
         steps = [
             ("controller", self.controller.close if self.controller else None),
             ("webrtc", self.webrtc.close if self.webrtc else None),
+            ("frames", self.frames.close if self.frames else None),
             ("events", self._feed.close if self._feed else None),
             ("ffmpeg", self.sink.close if self.sink else None),
         ]
@@ -555,6 +565,8 @@ class Channel:
         )
         if self.webrtc is not None:
             engine["webrtc"] = self.webrtc.stats()
+        if self.frames is not None:
+            engine["frames"] = self.frames.stats()
         if pool is not None:
             p = pool.stats()
             engine["workers"] = WorkersHealth(

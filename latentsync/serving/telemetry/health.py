@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from latentsync.serving.egress.frames import FramesHealth
 from latentsync.serving.egress.whep import WebRtcHealth
 
 
@@ -91,6 +92,7 @@ class HealthSnapshot:
         stream: The output format, once known.
         workers: The worker pool, once started.
         webrtc: WHEP egress counters, when ``webrtc.enabled``.
+        frames: Frames WebSocket egress counters, when ``frames.enabled``.
         playlist: Programs waiting in the mixer's playlist.
         tasks_waiting: Tasks accepted and not on air yet.
         tasks_admitted: Unfinished tasks admitted to generate (on air + ``tasks.generate_ahead``).
@@ -118,16 +120,19 @@ class HealthSnapshot:
     stream: StreamFormat | None = None
     workers: WorkersHealth | None = None
     webrtc: WebRtcHealth | None = None
+    frames: FramesHealth | None = None
     playlist: int = 0
     tasks_waiting: int = 0
     tasks_admitted: int = 0
     tasks_final: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        """The ``GET /health`` body: every field by name (``workers``/``webrtc`` left out while absent)."""
+        """The ``GET /health`` body: every field by name (``workers``/``webrtc``/``frames`` left out while absent)."""
         body = dataclasses.asdict(self)
         if self.webrtc is None:
             del body["webrtc"]
+        if self.frames is None:
+            del body["frames"]
         if self.workers is None:
             del body["workers"]
         else:

@@ -100,6 +100,15 @@ COUNTERS = (
         "latentsync_webrtc_viewer_packets_dropped",
         "Video packets dropped from slow WHEP viewers' queues.",
     ),
+    ("frames.clients_total", "latentsync_frames_clients", "Frames WebSocket clients ever subscribed."),
+    ("frames.frames_encoded", "latentsync_frames_encoded", "Frames payloads encoded (once per format and size)."),
+    ("frames.ticks_sent", "latentsync_frames_ticks_sent", "Tick messages sent to frames clients (all together)."),
+    (
+        "frames.client_dropped_ticks",
+        "latentsync_frames_client_ticks_dropped",
+        "Ticks lost by slow frames clients (counted in their next header).",
+    ),
+    ("frames.inbox_dropped_ticks", "latentsync_frames_ticks_skipped", "Ticks the frames encoder could not take."),
 )
 #: Gauges: (snapshot attribute path, metric name, help); booleans export as 0/1.
 GAUGES = (
@@ -112,6 +121,8 @@ GAUGES = (
     ("workers.count", "latentsync_workers", "Engine worker processes."),
     ("tasks_admitted", "latentsync_tasks_admitted", "Unfinished tasks admitted to generate."),
     ("webrtc.viewers", "latentsync_webrtc_viewers_connected", "WHEP sessions open now."),
+    ("frames.clients", "latentsync_frames_clients_connected", "Frames WebSocket clients connected now."),
+    ("frames.encoders", "latentsync_frames_encoders", "Frames encodings running (one per format and size)."),
 )
 #: Queue depths, one ``latentsync_queue_depth`` series each: (snapshot attribute path, ``queue`` label).
 QUEUES = (

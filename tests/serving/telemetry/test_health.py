@@ -6,6 +6,7 @@ import dataclasses
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from latentsync.serving.egress.frames import FramesHealth
 from latentsync.serving.egress.whep import WebRtcHealth
 from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.telemetry.metrics import COUNTERS, GAUGES, QUEUES, SPECIAL, ServerMetrics, server_wide
@@ -49,6 +50,15 @@ def snapshot() -> HealthSnapshot:
         stream=StreamFormat(640, 360, 25, 48000),
         workers=workers,
         webrtc=webrtc,
+        frames=FramesHealth(
+            clients=31,
+            clients_total=32,
+            encoders=33,
+            frames_encoded=34,
+            ticks_sent=35,
+            client_dropped_ticks=36,
+            inbox_dropped_ticks=37,
+        ),
         playlist=19,
         tasks_waiting=20,
         tasks_admitted=21,
@@ -57,8 +67,9 @@ def snapshot() -> HealthSnapshot:
 
 
 def field_paths() -> set[str]:
-    paths = {f.name for f in dataclasses.fields(HealthSnapshot)} - {"workers", "webrtc"}
+    paths = {f.name for f in dataclasses.fields(HealthSnapshot)} - {"workers", "webrtc", "frames"}
     paths |= {f"webrtc.{f.name}" for f in dataclasses.fields(WebRtcHealth)}
+    paths |= {f"frames.{f.name}" for f in dataclasses.fields(FramesHealth)}
     return paths | {f"workers.{f.name}" for f in dataclasses.fields(WorkersHealth)}
 
 

@@ -1,0 +1,145 @@
+"""The frames WebSocket of every channel: ``/ws/frames`` (main) and ``/channels/<name>/ws/frames``.
+
+A client sends a JSON ``hello`` (format, size, audio), gets a JSON ``ready`` with what it will
+receive, then one binary message per tick (docs/frames-protocol.md). Auth and Origin rules are
+``/ws/speech``'s: ``Authorization: Bearer <token>`` or a single-use ``?ticket=`` (browsers), 403
+``origin_not_allowed`` for a foreign web page. Limits: ``frames.max_clients`` per channel (one more
+gets 429 ``too_many_clients``) and one of ``api.max_long_lived`` each (503 ``too_many_connections``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+
+from flask import Flask, g, request
+
+from latentsync.config import DEFAULT_CHANNEL
+from latentsync.serving.api.errors import error_response
+from latentsync.serving.api.websocket import ConnectionClosed, ServerWebSocket, WebSocketLimits, websocket_route
+from latentsync.serving.egress.frames_protocol import (
+    CLOSE_GOING_AWAY,
+    CLOSE_HELLO_TIMEOUT,
+    HEADER_BYTES,
+    VERSION,
+    HelloRefused,
+    parse_hello,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Paths of the WebSocket: ``/ws/frames`` (channel main) and ``/channels/<name>/ws/frames``.
+FRAMES_PATH_RE = re.compile(r"(/channels/[^/]+)?/ws/frames")
+#: How long the handler waits for the next tick before it looks at the connection again, in seconds.
+POLL_S = 0.2
+#: Largest message a frames client may send (its hello; anything later is read and ignored).
+MAX_CLIENT_MESSAGE_BYTES = 4096
+
+
+def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
+    """Add ``/ws/frames`` and ``/channels/<name>/ws/frames`` to the app.
+
+    Args:
+        app: The Flask app (its ``before_request`` hooks already check the token or ticket).
+        runtime: Owns the channels (their ``frames`` hubs).
+        origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
+        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``).
+    """
+    cfg = runtime.config.frames
+    limits = WebSocketLimits(
+        max_message_bytes=MAX_CLIENT_MESSAGE_BYTES,
+        max_queued_bytes=4 * MAX_CLIENT_MESSAGE_BYTES,
+        send_timeout_s=runtime.config.api.send_timeout_s,
+    )
+    open_by_channel: dict[str, int] = {}
+    lock = threading.Lock()
+
+    @app.before_request
+    def frames_admission():
+        match = FRAMES_PATH_RE.fullmatch(request.path)
+        if not match:
+            return None
+        name = match.group(1)[len("/channels/") :] if match.group(1) else DEFAULT_CHANNEL
+        channel = runtime.channel(name)
+        if channel is None:
+            return error_response("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        if not cfg.enabled:
+            return error_response("frames_off", "the frames WebSocket is off (frames.enabled)")
+        if channel.frames is None or channel.frames.closed:
+            return error_response("starting", "the channel's stream is not running yet; retry shortly")
+        if not origin_ok(request.headers.get("Origin")):
+            return error_response(
+                "origin_not_allowed",
+                f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
+            )
+        with lock:  # the slot is taken before the handshake answers: the next client sees it taken
+            if open_by_channel.get(name, 0) >= cfg.max_clients:
+                return error_response(
+                    "too_many_clients", f"{cfg.max_clients} frames clients already on {name!r} (frames.max_clients)"
+                )
+            if not long_lived.acquire():
+                return error_response("too_many_connections", long_lived.message)
+            open_by_channel[name] = open_by_channel.get(name, 0) + 1
+            g.frames_slot = name
+        return None
+
+    @app.teardown_request
+    def frames_release(_exc):
+        name = g.pop("frames_slot", None)
+        if name is not None:
+            with lock:
+                open_by_channel[name] -= 1
+            long_lived.release()
+
+    def ws_frames(ws: ServerWebSocket, name: str):
+        channel = runtime.channel(name)
+        hub = channel.frames if channel is not None else None
+        if hub is None or hub.closed:
+            ws.close(CLOSE_GOING_AWAY, "going_away: the channel's stream stopped")
+            return
+        hello = ws.receive(timeout=cfg.hello_timeout_s)
+        if hello is None:
+            limit = f"frames.hello_timeout_s = {cfg.hello_timeout_s:g} s"
+            ws.close(CLOSE_HELLO_TIMEOUT, f"hello_timeout: no hello within {limit}")
+            return
+        try:
+            subscription = parse_hello(hello, hub.width, hub.height)
+        except HelloRefused as exc:
+            ws.close(exc.code, exc.reason)
+            return
+        client = hub.subscribe(subscription)
+        try:
+            ws.send(
+                json.dumps(
+                    {
+                        "type": "ready",
+                        "version": VERSION,
+                        "header_bytes": HEADER_BYTES,
+                        "channel": name,
+                        "format": subscription.format.name,
+                        "width": subscription.width,
+                        "height": subscription.height,
+                        "audio": subscription.audio.name,
+                        "fps": hub.fps,
+                        "sample_rate_hz": hub.sample_rate_hz,
+                    }
+                )
+            )
+            while ws.connected:
+                while ws.receive(timeout=0) is not None:  # nothing is expected after the hello
+                    pass
+                message = client.next_message(POLL_S)
+                if message is not None:
+                    ws.send(message)
+                elif client.closed:
+                    ws.close(CLOSE_GOING_AWAY, "going_away: the channel's stream stopped")
+                    return
+        except ConnectionClosed:
+            pass
+        finally:
+            hub.unsubscribe(client)
+
+    websocket_route(app, "/ws/frames", "ws_frames", limits, defaults={"name": DEFAULT_CHANNEL})(ws_frames)
+    websocket_route(app, "/channels/<name>/ws/frames", "ws_frames_channel", limits)(ws_frames)
