@@ -52,6 +52,7 @@ def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
         max_message_bytes=MAX_CLIENT_MESSAGE_BYTES,
         max_queued_bytes=4 * MAX_CLIENT_MESSAGE_BYTES,
         send_timeout_s=runtime.config.api.send_timeout_s,
+        message_limit_name="a frames client's largest message",
     )
     open_by_channel: dict[str, int] = {}
     lock = threading.Lock()

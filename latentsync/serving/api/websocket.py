@@ -67,12 +67,14 @@ class WebSocketLimits:
             while reached, the socket is not read.
         send_timeout_s: Seconds one send may take (``api.send_timeout_s``); past it the client is dropped.
         ping_interval_s: Seconds between pings; a ping still unanswered at the next one drops the client.
+        message_limit_name: What ``max_message_bytes`` is called in the 1009 close reason.
     """
 
     max_message_bytes: int
     max_queued_bytes: int
     send_timeout_s: float
     ping_interval_s: float = 25.0
+    message_limit_name: str = "speech_stream.max_message_bytes"
 
 
 class ServerWebSocket:
@@ -232,7 +234,7 @@ class ServerWebSocket:
             self._partial_bytes += size
             if self._partial_bytes > self._limits.max_message_bytes:
                 limit = self._limits.max_message_bytes
-                self.close(CLOSE_TOO_BIG, f"message larger than speech_stream.max_message_bytes = {limit}")
+                self.close(CLOSE_TOO_BIG, f"message larger than {self._limits.message_limit_name} = {limit}")
                 raise ConnectionClosed("message too big")
             self._partial.append(event.data)
             if not event.message_finished:
