@@ -11,7 +11,16 @@ import socket
 import time
 
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
 
 
 class RawWebSocket:
@@ -35,16 +44,22 @@ class RawWebSocket:
         self.close_reason: str | None = None
         self._partial: list = []
         self._pending: list[str | bytes] = []
+        status, body = None, b""
         while True:
             for event in self._events(10.0):
                 if isinstance(event, AcceptConnection):
                     return
                 if isinstance(event, RejectConnection):
-                    body = b""
-                    for more in self._events(2.0):
-                        body += getattr(more, "data", b"")
-                    error = ConnectionError(f"handshake refused: {event.status_code}")
-                    error.status, error.body = event.status_code, body  # type: ignore[attr-defined]
+                    status = event.status_code
+                    done = not event.has_body
+                elif isinstance(event, RejectData):
+                    body += event.data
+                    done = event.body_finished
+                else:
+                    continue
+                if done:
+                    error = ConnectionError(f"handshake refused: {status}")
+                    error.status, error.body = status, body  # type: ignore[attr-defined]
                     self.sock.close()
                     raise error
 
