@@ -30,6 +30,7 @@ from latentsync.face import (
     warp_face,
 )
 from latentsync.media import load_clip
+from latentsync.media.framing import Fit, check_background
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.
 PREPARATION_VERSION = 1
@@ -53,6 +54,10 @@ class AvatarSettings:
         max_gap_frames: Frames farther than this from any frame with a detected face are passed
             through unchanged by :meth:`Avatar.paste` (their interpolated geometry is a guess).
         tracker: Face detector/tracker settings.
+        fit: How a video of another aspect ratio than ``size`` fills it: ``cover``, ``contain`` or
+            ``stretch`` (:mod:`latentsync.media.framing`). The paste-back geometry is computed on
+            the framed frames.
+        background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
 
     """
 
@@ -62,8 +67,12 @@ class AvatarSettings:
     min_face_fraction: float = 0.5
     max_gap_frames: int = 12
     tracker: TrackerOptions = dataclasses.field(default_factory=TrackerOptions)
+    fit: str = "cover"
+    background: str = "blur"
 
     def __post_init__(self) -> None:
+        Fit(self.fit)  # ValueError for an unknown mode
+        check_background(self.background)
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps!r}")
         if self.sample_rate_hz <= 0:
@@ -402,7 +411,15 @@ def _prepare_into(
     from tqdm import tqdm
 
     t0 = time.monotonic()
-    clip = load_clip(video, settings.fps, settings.sample_rate_hz, size=settings.size, with_audio=True)
+    clip = load_clip(
+        video,
+        settings.fps,
+        settings.sample_rate_hz,
+        size=settings.size,
+        with_audio=True,
+        fit=settings.fit,
+        background=settings.background,
+    )
     n = clip.num_frames
     np.save(folder / "frames.npy", clip.frames)
     t_decode = time.monotonic() - t0
@@ -447,6 +464,7 @@ def _prepare_into(
         "version": PREPARATION_VERSION,
         "num_frames": n,
         "frame_size": [int(clip.frames.shape[2]), int(clip.frames.shape[1])],
+        "framing": clip.framing.to_json() if clip.framing is not None else None,
         "faces_found": int(track.num_found),
         "face_width_px": {"min": float(widths.min()), "median": float(np.median(widths)), "max": float(widths.max())},
         "decode_s": round(t_decode, 3),

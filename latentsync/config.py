@@ -146,7 +146,10 @@ class AvatarConfig:
     megabytes (least recently used avatars no channel uses are deleted to make room);
     ``max_preparing`` uploads prepared or waiting at once; one preparation at most
     ``prepare_timeout_s`` seconds. ``min_face_fraction``: an uploaded video whose face is found on
-    fewer than this fraction of its frames fails to prepare.
+    fewer than this fraction of its frames fails to prepare. ``fit``: how a video of another aspect
+    ratio than the channel fills its frame: ``cover`` (crop around the presenter's face, head in the
+    upper third), ``contain`` (whole video, bars filled with ``background``: ``blur`` or ``#rrggbb``)
+    or ``stretch`` (distorted; only when asked for). docs/avatars.md, "Framing".
     """
 
     idle_video: str | None = None
@@ -158,6 +161,8 @@ class AvatarConfig:
     max_preparing: int = 2
     prepare_timeout_s: float = 1800.0
     min_face_fraction: float = 0.5
+    fit: str = "cover"
+    background: str = "blur"
 
 
 class PoolBackend(str, enum.Enum):
@@ -792,6 +797,13 @@ def validate(config: AppConfig) -> None:
     _check(1 <= av.max_preparing <= 64, "avatar.max_preparing", av.max_preparing, "1..64")
     _check(1 <= av.prepare_timeout_s <= 86400, "avatar.prepare_timeout_s", av.prepare_timeout_s, "1..86400")
     _check(0 < av.min_face_fraction <= 1, "avatar.min_face_fraction", av.min_face_fraction, "0 < f <= 1")
+    _check(av.fit in ("cover", "contain", "stretch"), "avatar.fit", av.fit, "cover, contain or stretch")
+    _check(
+        av.background == "blur" or re.fullmatch(r"#[0-9a-fA-F]{6}", str(av.background)) is not None,
+        "avatar.background",
+        av.background,
+        "blur or a #rrggbb colour",
+    )
     _check(
         config.engine.workers is None or 1 <= config.engine.workers <= 64,
         "engine.workers",

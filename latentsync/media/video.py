@@ -26,6 +26,7 @@ from latentsync.media.audio import (
     fit_length,
     run_confined,
 )
+from latentsync.media.framing import Fit, Framing, plan_framing
 from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
 from latentsync.media.timing import samples_before_frame
 
@@ -113,6 +114,7 @@ class VideoClip:
             ``N = floor(F * sample_rate_hz / fps)``, or None when the file has no audio.
         sample_rate_hz: Audio sample rate in Hz.
         source: The file it came from.
+        framing: How it was framed into its size (None: decoded at its own size).
     """
 
     frames: np.ndarray
@@ -120,6 +122,7 @@ class VideoClip:
     audio: np.ndarray | None
     sample_rate_hz: int
     source: Path
+    framing: Framing | None = None
 
     @property
     def num_frames(self) -> int:
@@ -148,6 +151,7 @@ def decode_video_frames(
     *,
     info: MediaInfo | None = None,
     timeout_s: float = VIDEO_DECODE_TIMEOUT_S,
+    video_filter: str | None = None,
 ) -> np.ndarray:
     """Decode a video's frames resampled to ``fps`` by timestamp, with FFmpeg confined to the file.
 
@@ -164,6 +168,8 @@ def decode_video_frames(
         max_frames: Stop after this many frames (None: all).
         info: The file's probe, if the caller has it (else it is probed here).
         timeout_s: Seconds FFmpeg may run before it is killed.
+        video_filter: An FFmpeg filter chain used instead of scaling to ``size`` (a
+            :meth:`latentsync.media.framing.Framing.video_filter`; it must give even sizes).
 
     Returns:
         ``(F, H, W, 3) uint8`` RGB frames.
@@ -179,7 +185,7 @@ def decode_video_frames(
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         cmd = confined_input(fd, VIDEO_FORMATS) + ["-map", "0:v:0", "-an"]
-        cmd += ["-vf", f"fps=fps={int(fps)}:round=near,{_scale_filter(size)}"]
+        cmd += ["-vf", f"fps=fps={int(fps)}:round=near,{video_filter or _scale_filter(size)}"]
         if max_frames is not None:
             cmd += ["-frames:v", str(int(max_frames))]
         cmd += ["-pix_fmt", "rgb24", "-c:v", "ppm", "-f", "image2pipe", "pipe:1"]
@@ -284,6 +290,8 @@ def load_clip(
     with_audio: bool = True,
     limits: ClipLimits | None = None,
     what: str = "video",
+    fit: Fit | str = Fit.stretch,
+    background: str = "blur",
 ) -> VideoClip:
     """Decode a video and its audio onto the stream time base (FFmpeg confined to the file).
 
@@ -298,9 +306,12 @@ def load_clip(
         with_audio: Decode the audio track too (if the file has one).
         limits: Budgets checked from the probe before anything is decoded (None: none).
         what: How limit errors name the video.
+        fit: How a video of another aspect ratio than ``size`` fills it (:mod:`latentsync.media.framing`:
+            ``cover`` crops around the face, ``contain`` letterboxes, ``stretch`` distorts).
+        background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
 
     Returns:
-        The :class:`VideoClip`.
+        The :class:`VideoClip` (its ``framing`` says how it was framed, None without ``size``).
 
     Raises:
         MediaProbeError: If the file is missing, unreadable or has no video stream.
@@ -309,12 +320,17 @@ def load_clip(
     info = probe_media(path, formats=VIDEO_FORMATS)
     if limits is not None:
         check_clip_limits(info, fps, size, limits, what)
-    frames = decode_video_frames(path, fps, size, info=info)
+    framing = None
+    if size is not None:
+        framing = plan_framing(path, (info.width, info.height), size, fit, background)
+    frames = decode_video_frames(path, fps, size, info=info, video_filter=framing.video_filter() if framing else None)
     audio = None
     if with_audio and info.has_audio:
         decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
         audio = fit_length(decoded, samples_before_frame(frames.shape[0], sample_rate_hz, fps))
-    return VideoClip(frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path))
+    return VideoClip(
+        frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path), framing=framing
+    )
 
 
 def remux_untrusted_video(

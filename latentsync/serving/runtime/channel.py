@@ -50,6 +50,18 @@ HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was ha
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
 
 
+def avatar_settings(config: AppConfig, size: tuple[int, int] | None) -> AvatarSettings:
+    """How a channel prepares its base video: at its fps and ``size``, framed as ``avatar.fit`` says."""
+    a = config.avatar
+    return AvatarSettings(
+        fps=config.stream.fps,
+        size=size,
+        min_face_fraction=a.min_face_fraction,
+        fit=a.fit,
+        background=a.background,
+    )
+
+
 class ChannelState(str, enum.Enum):
     """Phases of a channel (``status`` in ``GET /channels``)."""
 
@@ -212,7 +224,10 @@ class Channel:
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
         size = (s.width, s.height) if s.width else None
         t = time.monotonic()
-        clip = self._clips.load(idle_path, s.fps, s.audio_sample_rate, size, s.idle_audio, clip_limits(cfg))
+        a = cfg.avatar
+        clip = self._clips.load(
+            idle_path, s.fps, s.audio_sample_rate, size, s.idle_audio, clip_limits(cfg), a.fit, a.background
+        )
         self._clip = clip
         self.stream_size = clip.size
         logger.info(
@@ -314,7 +329,7 @@ class Channel:
 
     def _avatar_settings(self) -> AvatarSettings:
         cfg = self.config
-        return AvatarSettings(fps=cfg.stream.fps, size=self.stream_size, min_face_fraction=cfg.avatar.min_face_fraction)
+        return avatar_settings(cfg, self.stream_size)
 
     # ----------------------------------------------------------------- avatar switch
     def switch_avatar(self, config: AppConfig, label: str, on_done: Callable[[], None] | None = None) -> None:
@@ -365,9 +380,16 @@ class Channel:
             base_video = a.video or idle_path
             t = time.monotonic()
             clip = self._clips.load(
-                idle_path, s.fps, s.audio_sample_rate, self.stream_size, s.idle_audio, clip_limits(config)
+                idle_path,
+                s.fps,
+                s.audio_sample_rate,
+                self.stream_size,
+                s.idle_audio,
+                clip_limits(config),
+                a.fit,
+                a.background,
             )
-            settings = AvatarSettings(fps=s.fps, size=self.stream_size, min_face_fraction=a.min_face_fraction)
+            settings = avatar_settings(config, self.stream_size)
             avatar = self._preparations.prepare(
                 base_video,
                 settings,

@@ -46,6 +46,8 @@ class ClipCache:
         size: tuple[int, int] | None,
         with_audio: bool,
         limits: ClipLimits | None = None,
+        fit: str = "stretch",
+        background: str = "blur",
     ) -> VideoClip:
         """:func:`latentsync.media.video.load_clip`, or the clip already decoded with these arguments.
 
@@ -58,12 +60,13 @@ class ClipCache:
         try:
             st = os.stat(path)
             key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, fps, sample_rate_hz, size, with_audio)
-        except OSError:
-            return load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video")  # the usual error
+            key += (fit, background)
+        except OSError:  # the usual error
+            return load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video", fit, background)
         with self._lock:  # one decode per key, even when two channels start at once
             clip = self._clips.get(key)
             if clip is None:
-                clip = load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video")
+                clip = load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video", fit, background)
                 clip.frames.flags.writeable = False
                 if clip.audio is not None:
                     clip.audio.flags.writeable = False

@@ -1,0 +1,237 @@
+"""Framing a presenter video into a channel's frame: cover (crop around the face), contain, stretch.
+
+A video whose aspect ratio differs from the channel's is never distorted unless asked for:
+
+- ``cover`` (the default) crops the largest window of the channel's aspect ratio out of the video,
+  centred on the presenter's face horizontally and with the face's centre on the upper third line
+  (as a camera operator frames a head-and-shoulders shot), then scales it. The window is one for
+  the whole clip (from the median face position over frames sampled across it), so the picture
+  never pans.
+- ``contain`` scales the whole video into the frame and fills the bars with a blurred, enlarged copy
+  of the video (``background: blur``) or a solid colour (``background: "#rrggbb"``).
+- ``stretch`` scales to the frame whatever the aspect ratio (the old behaviour).
+
+Everything runs as FFmpeg filters in the confined decode (:func:`latentsync.media.video.decode_video_frames`):
+:meth:`Framing.video_filter` gives the chain. Docs: docs/avatars.md ("Framing").
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Aspect ratios closer than this (relative) are the same: the video is only scaled.
+SAME_ASPECT = 0.01
+#: Where the face's centre sits in a ``cover`` window, as a fraction of its height from the top.
+FACE_LINE = 1.0 / 3.0
+#: Room kept above the face's centre in a ``cover`` window, in face heights (forehead and hair).
+HEADROOM_FACES = 0.9
+#: Frames per second and longest side at which faces are looked for to place the window.
+FACE_SEARCH_FPS = 2
+FACE_SEARCH_SIDE = 640
+FACE_SEARCH_MAX_FRAMES = 60
+#: Strength of the ``contain`` background blur (FFmpeg ``boxblur`` luma radius, pixels at stream size).
+BLUR_RADIUS = 20
+COLOUR_RE = re.compile(r"#[0-9a-fA-F]{6}")
+#: Rounds a frame down to even sizes (YUV 4:2:0).
+EVEN = "scale=trunc(iw/2)*2:trunc(ih/2)*2"
+
+
+class Fit(str, enum.Enum):
+    """How a video whose aspect ratio differs from the channel's fills its frame."""
+
+    cover = "cover"
+    contain = "contain"
+    stretch = "stretch"
+
+
+def check_background(value: str) -> str:
+    """``"blur"`` or a ``"#rrggbb"`` colour, lower-cased.
+
+    Raises:
+        ValueError: For anything else.
+    """
+    if value == "blur" or COLOUR_RE.fullmatch(value or ""):
+        return value.lower()
+    raise ValueError(f"background must be 'blur' or '#rrggbb', got {value!r}")
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """Where the presenter's face is in the source video (median over sampled frames), in source pixels.
+
+    Attributes:
+        cx: Centre x.
+        cy: Centre y.
+        width: Face width.
+        height: Face height.
+        frames: Sampled frames the face was found on.
+        sampled: Frames sampled.
+    """
+
+    cx: float
+    cy: float
+    width: float
+    height: float
+    frames: int
+    sampled: int
+
+
+def cover_window(source: tuple[int, int], target: tuple[int, int], face: FaceBox | None) -> tuple[int, int, int, int]:
+    """The crop ``(x, y, w, h)`` in source pixels that ``cover`` scales to ``target``.
+
+    The largest window of the target's aspect ratio inside the source; horizontally centred on the
+    face, vertically with the face centre on :data:`FACE_LINE` but never less than
+    :data:`HEADROOM_FACES` face heights below the window's top; clamped into the source. Without a
+    face: centred. Sizes and offsets are even (YUV 4:2:0 sources).
+
+    Args:
+        source: Source ``(width, height)`` in pixels.
+        target: Target ``(width, height)`` in pixels.
+        face: The face, or None.
+    """
+    sw, sh = source
+    tw, th = target
+    if sw * th > sh * tw:  # source wider than the target: full height, part of the width
+        h = sh - sh % 2
+        w = min(sw, int(round(h * tw / th)))
+    else:
+        w = sw - sw % 2
+        h = min(sh, int(round(w * th / tw)))
+    w, h = w - w % 2, h - h % 2
+    if face is None:
+        x, y = (sw - w) / 2, (sh - h) / 2
+    else:
+        x = face.cx - w / 2
+        y = min(face.cy - FACE_LINE * h, face.cy - HEADROOM_FACES * face.height)
+    x = int(np.clip(round(x), 0, sw - w))
+    y = int(np.clip(round(y), 0, sh - h))
+    return x - x % 2, y - y % 2, w, h
+
+
+@dataclass(frozen=True)
+class Framing:
+    """How one video is framed into one frame size.
+
+    Attributes:
+        fit: The mode (``stretch`` also where the aspect ratios are the same).
+        size: Output ``(width, height)`` in pixels.
+        crop: ``cover``'s window ``(x, y, w, h)`` in source pixels (None otherwise).
+        background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
+        face: The face the window was placed on (None: none found or not looked for).
+    """
+
+    fit: Fit
+    size: tuple[int, int]
+    crop: tuple[int, int, int, int] | None = None
+    background: str = "blur"
+    face: FaceBox | None = None
+
+    def video_filter(self) -> str:
+        """The FFmpeg filter chain (one input, one output) from a source frame to ``size``."""
+        w, h = self.size
+        scale = f"scale={w}:{h}:flags=bicubic"
+        if self.fit is Fit.cover and self.crop is not None:
+            cx, cy, cw, ch = self.crop
+            return f"crop={cw}:{ch}:{cx}:{cy},{scale},setsar=1"
+        if self.fit is Fit.contain:
+            inner = f"scale={w}:{h}:force_original_aspect_ratio=decrease:flags=bicubic,{EVEN}"
+            if self.background == "blur":
+                grow = f"scale={w}:{h}:force_original_aspect_ratio=increase:flags=bicubic"
+                back = f"{grow},crop={w}:{h},boxblur={BLUR_RADIUS}:2"
+                return f"split[bg][fg];[bg]{back}[b];[fg]{inner}[f];[b][f]overlay=(W-w)/2:(H-h)/2,setsar=1"
+            colour = "0x" + self.background[1:]
+            return f"{inner},pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color={colour},setsar=1"
+        return f"{scale},setsar=1"
+
+    def to_json(self) -> dict:
+        """Plain-JSON form (avatar records, meta files)."""
+        return {
+            "fit": self.fit.value,
+            "size": list(self.size),
+            "crop": list(self.crop) if self.crop is not None else None,
+            "background": self.background,
+            "face": None if self.face is None else {k: round(float(v), 1) for k, v in vars(self.face).items()},
+        }
+
+
+def same_aspect(source: tuple[int, int], target: tuple[int, int]) -> bool:
+    """True when the two sizes' aspect ratios differ by less than :data:`SAME_ASPECT`."""
+    return abs((source[0] / source[1]) / (target[0] / target[1]) - 1.0) < SAME_ASPECT
+
+
+def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None, tuple[int, int]]:
+    """The presenter's face in a video: median box over frames sampled at 2 fps (at most 60).
+
+    Args:
+        path: The video (decoded by the confined FFmpeg, rotation metadata applied).
+        coded: Its coded ``(width, height)`` (the probe's, before rotation).
+
+    Returns:
+        ``(face, source)``: the median face box in displayed source pixels (None when no sampled
+        frame shows a face), and the displayed ``(width, height)`` (``coded``, swapped when the video
+        carries a quarter-turn rotation).
+    """
+    from latentsync.face import FaceTracker, TrackerOptions
+    from latentsync.face.native_log import NativeLogCapture
+    from latentsync.media.video import decode_video_frames
+
+    side = FACE_SEARCH_SIDE  # longest side FACE_SEARCH_SIDE at most, aspect kept, even
+    fit = f"scale=w='if(gte(iw,ih),min({side},iw),-2)':h='if(gte(iw,ih),-2,min({side},ih))'"
+    frames = decode_video_frames(path, FACE_SEARCH_FPS, max_frames=FACE_SEARCH_MAX_FRAMES, video_filter=f"{fit},{EVEN}")
+    fh, fw = frames.shape[1:3]
+    sw, sh = coded if (coded[0] >= coded[1]) == (fw >= fh) else (coded[1], coded[0])
+    boxes = []
+    with NativeLogCapture(), FaceTracker(TrackerOptions()) as tracker:
+        for frame in frames:
+            det = tracker.detect(frame)
+            if det is not None:
+                boxes.append(det.box)
+    if not boxes:
+        return None, (sw, sh)
+    x0, y0, x1, y1 = np.median(np.asarray(boxes, np.float64), axis=0)
+    fx, fy = sw / fw, sh / fh
+    face = FaceBox(
+        cx=(x0 + x1) / 2 * fx,
+        cy=(y0 + y1) / 2 * fy,
+        width=(x1 - x0) * fx,
+        height=(y1 - y0) * fy,
+        frames=len(boxes),
+        sampled=len(frames),
+    )
+    return face, (sw, sh)
+
+
+def plan_framing(
+    path: str | Path, coded: tuple[int, int], size: tuple[int, int], fit: Fit | str, background: str = "blur"
+) -> Framing:
+    """How to frame the video at ``path`` into ``size``.
+
+    ``cover`` looks for the face (:func:`find_face`: up to 60 small frames, a second or two);
+    ``contain`` and ``stretch`` decode nothing here (``contain``'s filter works out the bars itself).
+
+    Args:
+        path: The video.
+        coded: Its coded ``(width, height)`` (the probe's).
+        size: The frame's ``(width, height)`` in pixels.
+        fit: The mode.
+        background: ``contain``'s bars.
+
+    Raises:
+        ValueError: For an unknown mode or background.
+    """
+    fit = Fit(fit)
+    background = check_background(background)
+    size = (int(size[0]), int(size[1]))
+    if fit is Fit.stretch or same_aspect(coded, size):  # (a quarter-turned video never has the same aspect)
+        return Framing(Fit.stretch, size, background=background)
+    if fit is Fit.contain:
+        return Framing(Fit.contain, size, background=background)
+    face, source = find_face(path, coded)
+    if same_aspect(source, size):
+        return Framing(Fit.stretch, size, background=background, face=face)
+    return Framing(Fit.cover, size, cover_window(source, size, face), background, face)

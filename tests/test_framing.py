@@ -1,0 +1,120 @@
+"""Framing a video into a frame of another aspect ratio: cover, contain, stretch (latentsync/media/framing.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+
+from latentsync.avatar import AvatarSettings
+from latentsync.face import FaceTracker
+from latentsync.media.framing import FaceBox, Fit, Framing, check_background, cover_window, plan_framing
+from latentsync.media.video import load_clip
+from tests.datafiles import media_file
+from tests.streamtools import FFMPEG
+
+PORTRAIT = "video/2s_GirlMuseum_0730.mp4"  # 832x1248, a presenter standing, head near the top
+
+
+def test_cover_window_keeps_the_aspect_centres_the_face_and_puts_it_on_the_upper_third():
+    face = FaceBox(cx=1400, cy=500, width=200, height=240, frames=10, sampled=10)
+    x, y, w, h = cover_window((1920, 1080), (720, 1280), face)  # landscape source, portrait channel
+    assert (w, h) == (608, 1080) and abs(w / h - 720 / 1280) < 0.01
+    assert x == 1400 - 304 and y == 0  # horizontally centred on the face; the full height
+    x, y, w, h = cover_window((1080, 1920), (512, 512), FaceBox(540, 900, 200, 240, 1, 1))
+    assert (w, h) == (1080, 1080) and x == 0
+    assert y == 900 - 360  # the face's centre on the upper third line of the window
+    assert y + h <= 1920
+    # a close-up: a third of the window above the centre would cut the head; keep 0.9 face heights
+    x, y, w, h = cover_window((1080, 1920), (1280, 720), FaceBox(540, 700, 600, 700, 1, 1))
+    assert y == 700 - 630 and (w, h) == (1080, 608)
+    # no face: the centre; a face at an edge: the window stays inside the source
+    assert cover_window((1080, 1920), (512, 512), None) == (0, 420, 1080, 1080)
+    assert cover_window((1920, 1080), (512, 512), FaceBox(1900, 50, 80, 90, 1, 1)) == (840, 0, 1080, 1080)
+    assert all(v % 2 == 0 for v in cover_window((1081, 1921), (511, 513), FaceBox(300, 300, 50, 60, 1, 1)))
+
+
+def test_bad_modes_and_backgrounds_are_refused():
+    for bad in ("zoom", "", "COVER"):
+        with pytest.raises(ValueError):
+            AvatarSettings(size=(512, 512), fit=bad)
+    for bad in ("red", "#12345", "#gg0000", "blurred"):
+        with pytest.raises(ValueError):
+            check_background(bad)
+    assert check_background("#A0B0C0") == "#a0b0c0"
+
+
+def blob_aspect(frame: np.ndarray) -> float:
+    """Width / height of the bright blob (the white disc) in an RGB frame."""
+    ys, xs = np.nonzero(frame.mean(axis=2) > 180)
+    return (xs.max() - xs.min() + 1) / (ys.max() - ys.min() + 1)
+
+
+@pytest.fixture(scope="module")
+def disc_video(tmp_path_factory):
+    """832x1248 portrait video: a white disc (radius 150) on dark grey; 1 s at 25 fps."""
+    path = tmp_path_factory.mktemp("framing") / "disc.mp4"
+    lum = "if(lt(hypot(X-416\\,Y-560)\\,150)\\,235\\,60)"
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=black:s=832x1248:r=25:d=1",
+         "-vf", f"geq=lum='{lum}':cb=128:cr=128,format=yuv420p", "-c:v", "libx264", "-qp", "0", "-y", str(path)],
+        check=True,
+        timeout=60,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fit", "size", "aspect"),
+    [("stretch", (512, 512), 1.5), ("cover", (512, 512), 1.0), ("contain", (512, 512), 1.0),
+     ("cover", (640, 360), 1.0), ("contain", (640, 360), 1.0), ("cover", (832, 1248), 1.0)],
+)  # fmt: skip
+def test_a_round_disc_stays_round_unless_stretch_is_asked_for(disc_video, fit, size, aspect):
+    clip = load_clip(disc_video, 25, 16000, size, with_audio=False, fit=fit)
+    assert clip.size == size and clip.framing is not None
+    assert blob_aspect(clip.frames[5]) == pytest.approx(aspect, rel=0.03), (fit, size)
+
+
+def test_contain_fills_the_bars_with_the_blurred_video_or_a_colour(disc_video):
+    blurred = load_clip(disc_video, 25, 16000, (512, 512), with_audio=False, fit="contain").frames[5]
+    solid = load_clip(disc_video, 25, 16000, (512, 512), False, fit="contain", background="#ff0000").frames[5]
+    # the picture is 342 px wide in the middle; the bars are the sides
+    assert np.all(np.abs(solid[:, :80].astype(int) - [255, 0, 0]).max(axis=2) <= 3)
+    assert np.abs(blurred[:, :80].astype(int) - [255, 0, 0]).max() > 100  # not the colour: the video, blurred
+    middle = np.abs(solid[:, 100:412].astype(float) - blurred[:, 100:412]).mean()
+    assert middle < 3, middle  # the same picture in the middle
+
+
+def face_box(frames: np.ndarray) -> np.ndarray:
+    """Median mesh box (x0, y0, x1, y1) over the frames."""
+    with FaceTracker() as tracker:
+        boxes = [det.box for f in frames if (det := tracker.detect(f)) is not None]
+    assert len(boxes) >= len(frames) // 2
+    return np.median(np.asarray(boxes), axis=0)
+
+
+def test_a_portrait_presenter_on_a_square_channel_keeps_the_face_proportions():
+    """The issue's measure: face width/height on air vs in the source, within 3 % (cover, contain)."""
+    video = media_file(PORTRAIT)
+    source = load_clip(video, 25, 16000, None, with_audio=False).frames[::10]
+    x0, y0, x1, y1 = face_box(source)
+    source_aspect = (x1 - x0) / (y1 - y0)
+    got = {}
+    for fit in ("cover", "contain", "stretch"):
+        clip = load_clip(video, 25, 16000, (512, 512), with_audio=False, fit=fit)
+        x0, y0, x1, y1 = face_box(clip.frames[::10])
+        got[fit] = (x1 - x0) / (y1 - y0) / source_aspect
+        if fit == "cover":
+            framing: Framing = clip.framing
+            assert framing.fit is Fit.cover and framing.face is not None and framing.crop[2:] == (832, 832)
+    assert got["cover"] == pytest.approx(1.0, abs=0.03) and got["contain"] == pytest.approx(1.0, abs=0.03), got
+    # what every channel showed before (the pixels are 1.5x too wide; the face mesh, a 3D model, less so)
+    assert got["stretch"] > 1.25, got
+
+
+def test_plan_framing_skips_the_face_search_when_nothing_is_cropped():
+    video = media_file(PORTRAIT)
+    assert plan_framing(video, (832, 1248), (416, 624), "cover").fit is Fit.stretch  # same aspect
+    assert plan_framing(video, (832, 1248), (512, 512), "contain").face is None
+    assert plan_framing(video, (832, 1248), (512, 512), "stretch").crop is None
