@@ -149,7 +149,9 @@ class AvatarConfig:
     fewer than this fraction of its frames fails to prepare. ``fit``: how a video of another aspect
     ratio than the channel fills its frame: ``cover`` (crop around the presenter's face, head in the
     upper third), ``contain`` (whole video, bars filled with ``background``: ``blur`` or ``#rrggbb``)
-    or ``stretch`` (distorted; only when asked for). docs/avatars.md, "Framing".
+    or ``stretch`` (distorted; only when asked for). docs/avatars.md, "Framing". ``min_face_px``: an
+    uploaded avatar whose face is narrower than this at the stream's size (after framing) gets a
+    ``face_too_small`` warning, and ``PUT /channels/<name>`` refuses it (409) unless ``"force": true``.
     """
 
     idle_video: str | None = None
@@ -163,6 +165,7 @@ class AvatarConfig:
     min_face_fraction: float = 0.5
     fit: str = "cover"
     background: str = "blur"
+    min_face_px: int = 96
 
 
 class PoolBackend(str, enum.Enum):
@@ -798,6 +801,7 @@ def validate(config: AppConfig) -> None:
     _check(1 <= av.prepare_timeout_s <= 86400, "avatar.prepare_timeout_s", av.prepare_timeout_s, "1..86400")
     _check(0 < av.min_face_fraction <= 1, "avatar.min_face_fraction", av.min_face_fraction, "0 < f <= 1")
     _check(av.fit in ("cover", "contain", "stretch"), "avatar.fit", av.fit, "cover, contain or stretch")
+    _check(0 <= av.min_face_px <= 4096, "avatar.min_face_px", av.min_face_px, "0..4096 (0: no check)")
     _check(
         av.background == "blur" or re.fullmatch(r"#[0-9a-fA-F]{6}", str(av.background)) is not None,
         "avatar.background",

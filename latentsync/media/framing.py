@@ -159,6 +159,18 @@ class Framing:
         }
 
 
+def face_scale(source: tuple[int, int], size: tuple[int, int], fit: Fit | str) -> float:
+    """Output pixels per source pixel, horizontally, when ``source`` is framed into ``size`` with ``fit``.
+
+    A face ``w`` source pixels wide is ``w * face_scale(...)`` pixels wide on air.
+    """
+    fit = Fit(fit)
+    sx, sy = size[0] / source[0], size[1] / source[1]
+    if fit is Fit.stretch or same_aspect(source, size):
+        return sx
+    return max(sx, sy) if fit is Fit.cover else min(sx, sy)
+
+
 def same_aspect(source: tuple[int, int], target: tuple[int, int]) -> bool:
     """True when the two sizes' aspect ratios differ by less than :data:`SAME_ASPECT`."""
     return abs((source[0] / source[1]) / (target[0] / target[1]) - 1.0) < SAME_ASPECT

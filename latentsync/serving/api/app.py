@@ -289,9 +289,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         values = request.get_json(silent=True)
         if not isinstance(values, dict):
             raise ApiError("bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
+        force = values.pop("force", False)
+        if not isinstance(force, bool):
+            raise ApiError("bad_channel", "force: true or false")
         try:
             if runtime.channel(name) is not None:
-                channel, switching = runtime.reconfigure_channel(name, values)
+                channel, switching = runtime.reconfigure_channel(name, values, force)
                 return jsonify({**channel.describe(), "status_url": f"/channels/{name}"}), 202 if switching else 200
             channel = runtime.add_channel(parse_channel(name, values))
         except ConfigError as exc:

@@ -54,6 +54,7 @@ HTTP_STATUS: dict[str, int] = {
     "channel_not_ready": 409,
     "avatar_not_ready": 409,
     "avatar_in_use": 409,
+    "face_too_small": 409,
     # 421: this server does not answer to that name (Host header)
     "bad_host": 421,
     # 413, 415: too big, wrong type

@@ -78,6 +78,11 @@ class AvatarRecord:
         created_at: Unix time of the upload.
         prepared_s: Seconds the preparation took (once ready).
         prepared: Name of its prepared directory in the cache (once ready).
+        source_size: ``[width, height]`` of the uploaded video as displayed (once ready).
+        face_width_px: The face's median width in the uploaded video's pixels (once ready).
+        face_px: The face's median width at ``size``, after framing (once ready).
+        warnings: ``{"code", "message", ...}`` items: ``face_too_small`` (with ``face_px`` and
+            ``min_face_px``) when the face is narrower than ``avatar.min_face_px`` at ``size``.
     """
 
     id: str
@@ -93,6 +98,10 @@ class AvatarRecord:
     faces_found: int | None = None
     prepared_s: float | None = None
     prepared: str | None = None
+    source_size: list[int] | None = None
+    face_width_px: float | None = None
+    face_px: float | None = None
+    warnings: list[dict] = dataclasses.field(default_factory=list)
 
     def to_json(self, used_by: list[str] | None = None) -> dict:
         """The record as JSON, with ``used_by`` (names of the channels using it) and ``status_url``."""
@@ -137,6 +146,24 @@ def _clean_name(text: str) -> str:
     return name[:MAX_NAME_CHARS] or "avatar"
 
 
+def _face(avatar, video: str) -> dict:
+    """The prepared avatar's face width at its size and in its source video's pixels, and the source's size."""
+    from latentsync.media.framing import face_scale
+
+    meta = avatar.meta
+    face_px = float(meta.get("face_width_px", {}).get("median", 0.0))
+    size = tuple(meta["frame_size"])
+    framing = meta.get("framing")
+    first = decode_video_frames(video, 1, None, max_frames=1)  # the displayed size (rotation applied)
+    source = (int(first.shape[2]), int(first.shape[1]))
+    fit = framing["fit"] if framing else "stretch"
+    return {
+        "source_size": list(source),
+        "face_width_px": round(face_px / face_scale(source, size, fit), 1),
+        "face_px": round(face_px, 1),
+    }
+
+
 def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
     """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result.
 
@@ -155,7 +182,8 @@ def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
 
     try:
         avatar = Avatar.prepare(video, settings, cache_dir, on_progress=lambda f: conn.send(("progress", f)))
-        conn.send(("done", str(avatar.path), int(avatar.meta.get("faces_found", 0)), avatar.num_frames))
+        faces = int(avatar.meta.get("faces_found", 0))
+        conn.send(("done", str(avatar.path), faces, avatar.num_frames, _face(avatar, video)))
     except FaceNotFoundError as exc:
         conn.send(("failed", "no_face", f"no usable face: {exc}"))
     except MediaProbeError:
@@ -651,6 +679,46 @@ class AvatarStore:
                     self._running = None
                     self._child = None
 
+    def _face_warnings(self, face_px: float, size) -> list[dict]:
+        """``face_too_small`` when ``face_px`` (at ``size``) is under ``avatar.min_face_px``."""
+        limit = self._cfg.min_face_px
+        if face_px >= limit:
+            return []
+        return [
+            {
+                "code": "face_too_small",
+                "message": f"the face is {face_px:.0f} px across at {size[0]}x{size[1]}, under avatar.min_face_px = "
+                f"{limit}: lip-sync will be hard to see",
+                "face_px": round(face_px, 1),
+                "min_face_px": limit,
+            }
+        ]
+
+    def check_face_size(self, avatar_id: str, size: tuple[int, int] | None, fit: str) -> None:
+        """Refuse an avatar whose face would be narrower than ``avatar.min_face_px`` on a channel of ``size``.
+
+        Args:
+            avatar_id: A ready avatar.
+            size: The channel's ``(width, height)`` (None: not known yet; nothing is checked).
+            fit: The channel's ``avatar.fit``.
+
+        Raises:
+            AvatarError: 409 ``face_too_small`` naming the measured and the required width.
+        """
+        from latentsync.media.framing import face_scale
+
+        with self._lock:
+            record = self._records.get(avatar_id)
+        if record is None or size is None or record.face_width_px is None or record.source_size is None:
+            return
+        face_px = record.face_width_px * face_scale(tuple(record.source_size), size, fit)
+        if face_px < self._cfg.min_face_px:
+            raise AvatarError(
+                "face_too_small",
+                f"avatar {avatar_id}'s face would be {face_px:.0f} px across at {size[0]}x{size[1]} ({fit}), under "
+                f'avatar.min_face_px = {self._cfg.min_face_px}; send "force": true to put it on air anyway',
+            )
+
     def _finish(self, record: AvatarRecord, status: str, error: dict | None = None, **values) -> None:
         with self._lock:
             record.status = status
@@ -664,7 +732,7 @@ class AvatarStore:
         """Prepare ``video`` in a child process (lower priority, ``avatar.prepare_timeout_s``).
 
         Returns:
-            The child's result message (``("done", path, faces, frames)`` or ``("failed", code,
+            The child's result message (``("done", path, faces, frames, face)`` or ``("failed", code,
             message)``), or None when the store closed or ``cancelled()`` became true (the child is
             terminated).
         """
@@ -725,7 +793,11 @@ class AvatarStore:
         t0 = time.monotonic()
         video = uploaded_avatar_video(self._root, record.id)
         settings = AvatarSettings(
-            fps=record.fps, size=tuple(record.size), min_face_fraction=self._cfg.min_face_fraction
+            fps=record.fps,
+            size=tuple(record.size),
+            min_face_fraction=self._cfg.min_face_fraction,
+            fit=self._cfg.fit,
+            background=self._cfg.background,
         )
 
         def progress(fraction: float) -> None:
@@ -737,7 +809,7 @@ class AvatarStore:
         with self._lock:
             self._pending_bytes.pop(record.id, None)  # what it holds now is on disk
         if result[0] == "done":
-            _, path, faces_found, num_frames = result
+            _, path, faces_found, num_frames, face = result
             self._finish(
                 record,
                 READY,
@@ -746,6 +818,8 @@ class AvatarStore:
                 faces_found=int(faces_found),
                 num_frames=int(num_frames),
                 prepared_s=round(time.monotonic() - t0, 2),
+                warnings=self._face_warnings(face["face_px"], record.size),
+                **face,
             )
             logger.info("avatar %s ready (%d frames, %.1f s)", record.id, num_frames, time.monotonic() - t0)
             self.enforce_quota()

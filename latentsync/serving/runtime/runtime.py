@@ -428,7 +428,7 @@ class Runtime:
                 self._spawn_start(channel)
         return channel
 
-    def reconfigure_channel(self, name: str, values: dict) -> tuple[Channel, bool]:
+    def reconfigure_channel(self, name: str, values: dict, force: bool = False) -> tuple[Channel, bool]:
         """Change an existing channel's avatar while it streams (``PUT /channels/<name>`` on a known name).
 
         ``values`` holds channel fields (:class:`~latentsync.config.ChannelConfig`). The avatar
@@ -443,7 +443,9 @@ class Runtime:
         Raises:
             latentsync.config.ConfigError: On an unknown field, a wrong type or an invalid value.
             RestartNeeded: If a stream field differs from the channel's current value (names them).
-            latentsync.serving.avatars.AvatarError: If ``avatar`` names no avatar, or one not ready.
+            latentsync.serving.avatars.AvatarError: If ``avatar`` names no avatar, or one not ready, or
+                (unless ``force``) one whose face would be narrower than ``avatar.min_face_px`` on
+                this channel (``face_too_small``).
             RuntimeError: If the channel is not ready (starting, failed, stopping).
             KeyError: If there is no such channel.
         """
@@ -452,6 +454,7 @@ class Runtime:
         channel = self.channels[name]
         if "record_path" in values:
             raise ConfigError(RECORD_PATH_CONFIG_ONLY)
+
         given = parse_channel(name, {k: v for k, v in values.items() if k != "name"})
         given = dataclasses.replace(given, **api_media_paths(self.config, lambda k: getattr(given, k)))
         current = channel.config
@@ -474,6 +477,8 @@ class Runtime:
             if given.idle_video is not None or given.video is not None:
                 raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
             self.avatars.require_ready(given.avatar)
+            if not force:
+                self.avatars.check_face_size(given.avatar, channel.stream_size, current.avatar.fit)
         live = {k: getattr(given, k) for k in ("idle_audio", "idle_pingpong") if getattr(given, k) is not None}
         if any(k in values for k in ("avatar", "idle_video", "video")):  # the avatar is replaced as a whole
             live.update(avatar=given.avatar, idle_video=given.idle_video, video=given.video)

@@ -259,3 +259,20 @@ def test_an_avatar_a_channel_uses_cannot_be_deleted(tmp_path):
         assert (HTTP_STATUS[err.value.code], err.value.code) == (404, "no_avatar")
     finally:
         store.close()
+
+
+def test_the_record_measures_the_face_and_a_channel_too_small_for_it_is_refused(prepared, tmp_path):
+    store, record, _ = prepared
+    assert record["source_size"] == [832, 1248] and record["warnings"] == []
+    assert 150 < record["face_width_px"] < 220 and record["face_px"] == pytest.approx(record["face_width_px"], rel=0.01)
+    store.check_face_size(record["id"], (512, 512), "cover")  # ~107 px across: enough
+    store.check_face_size(record["id"], None, "cover")  # size not known yet: nothing to check
+    for size, fit in (((512, 512), "contain"), ((128, 128), "stretch"), ((256, 456), "cover")):
+        with pytest.raises(AvatarError) as info:
+            store.check_face_size(record["id"], size, fit)
+        assert info.value.code == "face_too_small" and HTTP_STATUS[info.value.code] == 409
+        assert f"{size[0]}x{size[1]}" in info.value.message and '"force": true' in info.value.message
+    strict = AvatarStore(config_for(tmp_path / "strict", min_face_px=400), lambda: {})
+    (warning,) = strict._face_warnings(record["face_px"], record["size"])
+    assert warning["code"] == "face_too_small" and warning["min_face_px"] == 400
+    assert warning["face_px"] == pytest.approx(record["face_px"], abs=0.1)

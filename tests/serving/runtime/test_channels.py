@@ -280,11 +280,16 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     )
     ready = api.request("GET", record["status_url"])[1]
     assert ready["status"] == "ready" and ready["progress"] == 1.0 and ready["num_frames"] == 50, ready
+    # prepared at its own size (main has none configured): its face is wide enough there
+    assert ready["source_size"] == [832, 1248] and ready["face_px"] > 150 and ready["warnings"] == [], ready
 
     for body, status, code in (
         ({"avatar": "av-000000000000"}, 400, "no_avatar"),
         ({"avatar": avatar_id, "idle_video": str(media_file(VIDEO))}, 400, "bad_channel"),
         ({"avatar": avatar_id, "width": 512, "height": 512}, 409, "restart_needed"),
+        # on hall (256x456, cover) the museum guide's face would be ~64 px across: refused unless forced
+        ({"avatar": avatar_id}, 409, "face_too_small"),
+        ({"avatar": avatar_id, "force": "yes"}, 400, "bad_channel"),
     ):
         got = put_json(api, "/channels/hall", body)
         assert got[0] == status and got[1]["error"]["code"] == code, (body, got)
@@ -294,7 +299,7 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     status, task = api.post_audio(speech_wav(3.0), path="/channels/hall/generate_video")
     assert status == 202, task
     assert seconds_until(lambda: api.request("GET", task["status_url"])[1]["status"] == "streaming", 30), server.log()
-    status, body = put_json(api, "/channels/hall", {"avatar": avatar_id, "name": "hall"})
+    status, body = put_json(api, "/channels/hall", {"avatar": avatar_id, "name": "hall", "force": True})
     assert status == 202 and body["switch"]["avatar"] == avatar_id, body
     deadline = time.monotonic() + 60
     while True:
@@ -315,7 +320,9 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     recording = pull_stream(hall_rtmp.url("hall"), 2.0, tmp_path / "hall.flv")
     frames = decode_recording(recording, 48000)[0]
     size = (256, 456)
-    new = load_clip(media_file(NEW_AVATAR), 25, 48000, size, with_audio=False).frames
+    new = load_clip(
+        media_file(NEW_AVATAR), 25, 48000, size, with_audio=False, fit="cover"
+    ).frames  # framed, not stretched
     old = load_clip(media_file(VIDEO), 25, 48000, size, with_audio=False).frames
     to_new, to_old = nearest_frame_error(frames, new), nearest_frame_error(frames, old)
     assert to_new * 3 < to_old, (to_new, to_old)
