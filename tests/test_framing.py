@@ -118,3 +118,23 @@ def test_plan_framing_skips_the_face_search_when_nothing_is_cropped():
     assert plan_framing(video, (832, 1248), (416, 624), "cover").fit is Fit.stretch  # same aspect
     assert plan_framing(video, (832, 1248), (512, 512), "contain").face is None
     assert plan_framing(video, (832, 1248), (512, 512), "stretch").crop is None
+
+
+def test_tiny_and_faceless_videos_are_framed_or_refused_clearly(tmp_path):
+    from latentsync.media.probe import MediaProbeError
+
+    tiny = tmp_path / "tiny.mp4"
+    bars = tmp_path / "bars.mp4"
+    for path, source in ((tiny, "color=c=gray:s=14x10:r=25:d=1"), (bars, "testsrc2=s=640x360:r=25:d=1")):
+        subprocess.run(
+            [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", source, "-pix_fmt", "yuv444p",
+             "-c:v", "libx264", "-y", str(path)],
+            check=True,
+            timeout=60,
+        )  # fmt: skip
+    with pytest.raises(MediaProbeError, match="too small to frame"):
+        load_clip(tiny, 25, 16000, (512, 512), with_audio=False, fit="cover")
+    assert load_clip(tiny, 25, 16000, (64, 64), with_audio=False, fit="contain").size == (64, 64)
+    # no face in a landscape picture on a portrait channel: the centre, undistorted
+    clip = load_clip(bars, 25, 16000, (360, 640), with_audio=False, fit="cover")
+    assert clip.size == (360, 640) and clip.framing.face is None and clip.framing.crop == (218, 0, 202, 360)

@@ -37,6 +37,8 @@ FACE_SEARCH_MAX_FRAMES = 60
 #: Strength of the ``contain`` background blur (FFmpeg ``boxblur`` luma radius, pixels at stream size).
 BLUR_RADIUS = 20
 COLOUR_RE = re.compile(r"#[0-9a-fA-F]{6}")
+#: A video narrower or lower than this is refused by ``cover`` (nothing to crop a window from).
+MIN_SOURCE_SIDE = 16
 #: Rounds a frame down to even sizes (YUV 4:2:0).
 EVEN = "scale=trunc(iw/2)*2:trunc(ih/2)*2"
 
@@ -142,7 +144,9 @@ class Framing:
             inner = f"scale={w}:{h}:force_original_aspect_ratio=decrease:flags=bicubic,{EVEN}"
             if self.background == "blur":
                 grow = f"scale={w}:{h}:force_original_aspect_ratio=increase:flags=bicubic"
-                back = f"{grow},crop={w}:{h},boxblur={BLUR_RADIUS}:2"
+                r = BLUR_RADIUS  # at most a quarter of a plane's side (boxblur refuses more)
+                blur = f"boxblur=lr='min({r},min(w,h)/4)':lp=2:cr='min({r},min(cw,ch)/4)':cp=2"
+                back = f"{grow},crop={w}:{h},{blur}"
                 return f"split[bg][fg];[bg]{back}[b];[fg]{inner}[f];[b][f]overlay=(W-w)/2:(H-h)/2,setsar=1"
             colour = "0x" + self.background[1:]
             return f"{inner},pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color={colour},setsar=1"
@@ -235,6 +239,8 @@ def plan_framing(
 
     Raises:
         ValueError: For an unknown mode or background.
+        latentsync.media.probe.MediaProbeError: ``cover`` of a video under :data:`MIN_SOURCE_SIDE`
+            pixels on a side (or one FFmpeg cannot decode).
     """
     fit = Fit(fit)
     background = check_background(background)
@@ -244,6 +250,12 @@ def plan_framing(
     if fit is Fit.contain:
         return Framing(Fit.contain, size, background=background)
     face, source = find_face(path, coded)
+    if min(source) < MIN_SOURCE_SIDE:
+        from latentsync.media.probe import MediaProbeError
+
+        raise MediaProbeError(
+            f"{Path(path).name}: {source[0]}x{source[1]} is too small to frame (under {MIN_SOURCE_SIDE} px)"
+        )
     if same_aspect(source, size):
         return Framing(Fit.stretch, size, background=background, face=face)
     return Framing(Fit.cover, size, cover_window(source, size, face), background, face)

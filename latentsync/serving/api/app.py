@@ -24,7 +24,8 @@ Routes:
     ``no_channel``.
     ``POST /avatars`` (multipart ``video_file``, optional ``name``) → 202 with the new avatar's
     record, prepared in the background; ``GET /avatars``, ``GET /avatars/<id>`` (progress, failure
-    reason), ``DELETE /avatars/<id>`` (:mod:`latentsync.serving.avatars`, docs/avatars.md).
+    reason), ``GET /avatars/<id>/still?channel=<name>`` (JPEG: the avatar framed as that channel
+    would show it), ``DELETE /avatars/<id>`` (:mod:`latentsync.serving.avatars`, docs/avatars.md).
 
 Every error body is ``{"error": {"code": ..., "message": ...}}``; a rejected upload leaves no
 temporary file and no task behind. A state-changing request from a browser page of a foreign
@@ -335,6 +336,18 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.get("/avatars/<avatar_id>")
     def get_avatar(avatar_id: str):
         return jsonify(runtime.avatars.get(avatar_id))
+
+    @app.get("/avatars/<avatar_id>/still")
+    def avatar_still(avatar_id: str):
+        name = request.args.get("channel", DEFAULT_CHANNEL)
+        channel = runtime.channel(name)
+        if channel is None:
+            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        if channel.stream_size is None:
+            raise ApiError("channel_not_ready", f"channel {name!r} has no frame size yet (starting)")
+        a = channel.config.avatar
+        jpeg = runtime.avatars.still(avatar_id, channel.stream_size, a.fit, a.background)
+        return Response(jpeg, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.delete("/avatars/<avatar_id>")
     def delete_avatar(avatar_id: str):

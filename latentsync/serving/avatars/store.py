@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 PREPARED_BYTES_PER_FRAME = 256 * 256 * 3 + 6 * 8 + 2 * 68 * 2 * 4 + 4 * 4 + 2
 #: Seconds between checks of a running preparation (progress, timeout, stop).
 POLL_S = 0.25
+#: Stills (``GET /avatars/<id>/still``) kept, least recently used dropped first (~50 kB each).
+STILL_CACHE = 32
 #: Seconds a preparation child gets to exit after it was told to stop, before it is killed.
 CHILD_EXIT_S = 5.0
 #: Longest display name kept from the upload.
@@ -240,6 +242,7 @@ class AvatarStore:
         self._in_use = in_use
         self._lock = threading.Lock()
         self._records: dict[str, AvatarRecord] = {}
+        self._stills: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()  # GET /avatars/<id>/still
         self._jobs: collections.deque[str] = collections.deque()  # ids waiting (with the running one: max_preparing)
         self._channel_jobs: collections.deque[_ChannelJob] = collections.deque()  # served before uploads
         self._reserved = 0  # uploads being taken in (copied, checked): they hold a max_preparing slot already
@@ -321,6 +324,48 @@ class AvatarStore:
             if record is None:
                 raise AvatarError("no_avatar", f"no avatar {avatar_id!r} (GET /avatars lists them)")
             return record.to_json(users.get(avatar_id))
+
+    def still(self, avatar_id: str, size: tuple[int, int], fit: str, background: str) -> bytes:
+        """A JPEG of the avatar framed as a channel of ``size`` would show it (the page shows it before a switch).
+
+        One frame, 1 s into the upload (or its first), decoded by the confined FFmpeg with the framing
+        a channel uses (``cover`` looks for the face: a second or two the first time); the last
+        :data:`STILL_CACHE` stills are kept.
+
+        Args:
+            avatar_id: A ready avatar.
+            size: The channel's ``(width, height)``.
+            fit: The channel's ``avatar.fit``.
+            background: The channel's ``avatar.background``.
+
+        Raises:
+            AvatarError: 404 ``no_avatar``; 409 ``avatar_not_ready``.
+        """
+        import cv2
+
+        from latentsync.media.framing import plan_framing
+        from latentsync.media.probe import probe_media
+        from latentsync.media.video import VIDEO_FORMATS
+
+        self.require_ready(avatar_id)
+        key = (avatar_id, tuple(size), fit, background)
+        with self._lock:
+            if key in self._stills:
+                self._stills.move_to_end(key)
+                return self._stills[key]
+        video = uploaded_avatar_video(self._cfg.cache_dir, avatar_id)
+        info = probe_media(video, formats=VIDEO_FORMATS)
+        framing = plan_framing(video, (info.width, info.height), size, fit, background)
+        frames = decode_video_frames(video, 1, size, max_frames=2, info=info, video_filter=framing.video_filter())
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if not ok:
+            raise AvatarError("prepare_failed", "the still could not be encoded")
+        data = jpeg.tobytes()
+        with self._lock:
+            self._stills[key] = data
+            while len(self._stills) > STILL_CACHE:
+                self._stills.popitem(last=False)
+        return data
 
     def require_ready(self, avatar_id: str) -> None:
         """Check that a channel may use this avatar now.

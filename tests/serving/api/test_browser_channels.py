@@ -239,9 +239,22 @@ def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the
     assert page.inner_text("#avatar-message") == "avatar guide is ready"
     assert page.is_enabled(f"{row} .use")
     assert get(server, f"/avatars/{avatar_id}")["status"] == "ready"
+    # the still: the avatar framed as hall (256x456) would show it, before anything goes on air
+    _wait(lambda: page.is_visible(f"{row} .still"), 30, "the still shown")
+    natural = page.eval_on_selector(f"{row} .still", "img => [img.naturalWidth, img.naturalHeight]")
+    assert natural == [256, 456], natural
 
+    # on hall the guide's face would be ~64 px across (avatar.min_face_px 96): the page asks first
+    dialogs = []
+
+    def accept(dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
     page.click(f"{row} .use")
     _wait(lambda: page.inner_text("#avatar-switch") == "hall → guide: done", 120, "switch done", poll_s=0.2)
+    assert len(dialogs) == 1 and "avatar.min_face_px" in dialogs[0], dialogs
     assert get(server, "/channels/hall")["switch"]["state"] == "done"
     assert get(server, f"/avatars/{avatar_id}")["used_by"] == ["hall"]
     _wait(lambda: page.inner_text(f"{row} .use") == "On hall", 10, "row shows it is on hall")

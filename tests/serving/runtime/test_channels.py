@@ -282,6 +282,19 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     assert ready["status"] == "ready" and ready["progress"] == 1.0 and ready["num_frames"] == 50, ready
     # prepared at its own size (main has none configured): its face is wide enough there
     assert ready["source_size"] == [832, 1248] and ready["face_px"] > 150 and ready["warnings"] == [], ready
+    # the still the page shows: framed as hall would show it (256x456, cover), the face kept round
+    import urllib.request
+
+    import cv2
+
+    with urllib.request.urlopen(f"{api.base}/avatars/{avatar_id}/still?channel=hall", timeout=60) as r:
+        assert r.headers["Content-Type"] == "image/jpeg"
+        still = cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR)
+    assert still.shape == (456, 256, 3)
+    framed = load_clip(media_file(NEW_AVATAR), 1, 48000, (256, 456), with_audio=False, fit="cover").frames[1]
+    assert np.abs(still[:, :, ::-1].astype(float) - framed).mean() < 4  # the same framing, JPEG apart
+    assert api.request("GET", f"/avatars/{avatar_id}/still?channel=nope")[1]["error"]["code"] == "no_channel"
+    assert api.request("GET", "/avatars/av-000000000000/still")[0] == 404
 
     for body, status, code in (
         ({"avatar": "av-000000000000"}, 400, "no_avatar"),

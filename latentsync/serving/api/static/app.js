@@ -513,7 +513,7 @@ function renderAvatar(a) {
   if (!row) {
     row = document.createElement("li");
     row.id = `avatar-${a.id}`;
-    row.innerHTML = '<span class="name"></span><span class="status"></span><progress max="1" value="0"></progress>' +
+    row.innerHTML = '<img class="still" alt="" hidden><span class="name"></span><span class="status"></span><progress max="1" value="0"></progress>' +
       '<button type="button" class="use">Use on this channel</button><button type="button" class="delete">Delete</button>' +
       '<small class="info"></small>';
     row.querySelector(".use").addEventListener("click", () => useAvatar(a.id));
@@ -533,7 +533,9 @@ function renderAvatar(a) {
   if (a.fps) info.push(`${a.fps} fps`);
   if (a.duration_s) info.push(`${Number(a.duration_s).toFixed(1)} s`);
   if (a.used_by && a.used_by.length) info.push(`on ${a.used_by.join(", ")}`);
+  for (const w of a.warnings || []) info.push(`⚠ ${w.code}: ${w.message}`);
   row.querySelector(".info").textContent = info.join(" · ");
+  row.classList.toggle("warned", (a.warnings || []).length > 0);
   renderAvatarButtons(row, a);
 }
 
@@ -547,7 +549,26 @@ function renderAvatarButtons(row = null, record = null) {
     use.disabled = a.status !== "ready" || onHere;
     use.textContent = onHere ? `On ${channel}` : "Use on this channel";
     r.querySelector(".delete").disabled = (a.used_by || []).length > 0;  // the server refuses those (409)
+    if (a.status === "ready") loadStill(r, a.id);
   }
+}
+
+// The avatar framed as the chosen channel would show it (GET /avatars/<id>/still?channel=...), before
+// it is switched on air. Fetched with the token (an <img src> could not send it) into a blob URL.
+async function loadStill(row, id) {
+  const img = row.querySelector(".still");
+  if (img.dataset.channel === channel) return;
+  const name = channel;
+  img.dataset.channel = name;
+  let response;
+  try {
+    response = await fetch(`/avatars/${encodeURIComponent(id)}/still?channel=${encodeURIComponent(name)}`, { headers: authHeaders() });
+  } catch (_) { img.dataset.channel = ""; return; }
+  if (!response.ok || channel !== name) { img.dataset.channel = ""; return; }
+  if (img.src) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(await response.blob());
+  img.title = `as ${name} would show it`;
+  img.hidden = false;
 }
 
 async function pollAvatar(id) {
@@ -627,17 +648,27 @@ async function deleteAvatar(id) {
 
 // PUT /channels/<name> {"avatar": id}; the switch (a crossfade at the channel's next idle moment) is
 // followed with GET /channels/<name> until its state is done or failed.
-async function useAvatar(id) {
+async function useAvatar(id, force = false) {
   const name = channel;
   const show = (text) => { if (channel === name) $("avatar-switch").textContent = text; };
   const label = (avatars.get(id) || {}).name || id;
   const response = await fetch(`/channels/${encodeURIComponent(name)}`, {
-    method: "PUT", body: JSON.stringify({ avatar: id }), headers: authHeaders({ "Content-Type": "application/json" }),
+    method: "PUT", body: JSON.stringify(force ? { avatar: id, force: true } : { avatar: id }),
+    headers: authHeaders({ "Content-Type": "application/json" }),
   });
   if (response.status === 200) {  // nothing to change: the channel shows that avatar already
     show(`${name} already shows ${label}`);
     refreshAvatars();
     return;
+  }
+  if (response.status === 409 && !force) {  // face_too_small: ask, then force
+    const body = await response.clone().json().catch(() => null);
+    const e = body && body.error;
+    if (e && e.code === "face_too_small") {
+      if (window.confirm(`${e.message}\n\nPut it on air anyway?`)) return useAvatar(id, true);
+      show(`not switched: ${e.message}`);
+      return;
+    }
   }
   if (response.status !== 202) {
     if (!(await channelGone(response, name))) show(`switch refused: ${await errorText(response)}`);
