@@ -78,7 +78,8 @@ class ServerConfig:
 class StreamConfig:
     """The live output: clock, encoder and RTMP destination.
 
-    ``width``/``height`` of None take the idle avatar video's own size (rounded down to even).
+    ``width``/``height`` of None take the idle avatar video's own size (rounded down to even), or,
+    when its longest side is over ``max_side``, its aspect ratio with the longest side ``max_side``.
     ``rtmp_url``: ``rtmp://`` or ``rtmps://``; the characters FFmpeg's tee muxer gives a meaning
     (``|``, ``[``, ``]``, a backslash) and whitespace are refused.
     ``record_path``: a local copy of the stream through FFmpeg's tee muxer: a file name (no
@@ -97,6 +98,7 @@ class StreamConfig:
     audio_channels: int = 2
     width: int | None = None
     height: int | None = None
+    max_side: int = 1280
     crossfade_frames: int = 5
     idle_audio: bool = True
     idle_pingpong: bool = False
@@ -737,6 +739,7 @@ def validate(config: AppConfig) -> None:
         )
     _check(rtmp_host(s.rtmp_url) is not None, "stream.rtmp_url", "<hidden>", RTMP_URL_WANT)
     _check(1 <= s.fps <= 120, "stream.fps", s.fps, "1..120")
+    _check(64 <= s.max_side <= 7680, "stream.max_side", s.max_side, "64..7680 pixels")
     _check(10**5 <= s.max_pixels_per_s <= 10**10, "stream.max_pixels_per_s", s.max_pixels_per_s, "100000..10000000000")
     if s.width is not None and s.height is not None:
         _check(

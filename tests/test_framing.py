@@ -138,3 +138,31 @@ def test_tiny_and_faceless_videos_are_framed_or_refused_clearly(tmp_path):
     # no face in a landscape picture on a portrait channel: the centre, undistorted
     clip = load_clip(bars, 25, 16000, (360, 640), with_audio=False, fit="cover")
     assert clip.size == (360, 640) and clip.framing.face is None and clip.framing.crop == (218, 0, 202, 360)
+
+
+def test_a_channel_without_a_size_takes_the_videos_aspect_ratio_at_most_max_side():
+    from latentsync.media.framing import capped_size, display_size
+    from latentsync.serving.runtime.channel import own_size
+
+    assert capped_size((1080, 1920), 1280) == (720, 1280)
+    assert capped_size((3840, 2160), 1280) == (1280, 720)
+    assert capped_size((832, 1248), 1280) is None  # small enough: its own size
+    video = media_file(PORTRAIT)
+    assert display_size(video, (832, 1248)) == (832, 1248)
+    assert own_size(video, 1280) is None and own_size(video, 624) == (416, 624)
+
+
+def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):
+    from latentsync.media.framing import display_size
+
+    rotated = tmp_path / "rotated.mp4"  # the 256x456 portrait clip, marked to display a quarter turned: 456x256
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-display_rotation", "90", "-i",
+         str(media_file("video/nanmote002.mp4")), "-c", "copy", "-y", str(rotated)],
+        check=True,
+        timeout=60,
+    )  # fmt: skip
+    assert display_size(rotated, (256, 456)) == (456, 256)
+    clip = load_clip(rotated, 25, 16000, (256, 256), with_audio=False, fit="cover")
+    x, y, w, h = clip.framing.crop
+    assert (w, h) == (256, 256) and x + w <= 456 and y + h <= 256 and clip.size == (256, 256)

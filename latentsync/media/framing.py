@@ -194,13 +194,10 @@ def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None,
     """
     from latentsync.face import FaceTracker, TrackerOptions
     from latentsync.face.native_log import NativeLogCapture
-    from latentsync.media.video import decode_video_frames
 
-    side = FACE_SEARCH_SIDE  # longest side FACE_SEARCH_SIDE at most, aspect kept, even
-    fit = f"scale=w='if(gte(iw,ih),min({side},iw),-2)':h='if(gte(iw,ih),-2,min({side},ih))'"
-    frames = decode_video_frames(path, FACE_SEARCH_FPS, max_frames=FACE_SEARCH_MAX_FRAMES, video_filter=f"{fit},{EVEN}")
+    frames = _small_frames(path, FACE_SEARCH_FPS, FACE_SEARCH_MAX_FRAMES)
     fh, fw = frames.shape[1:3]
-    sw, sh = coded if (coded[0] >= coded[1]) == (fw >= fh) else (coded[1], coded[0])
+    sw, sh = _displayed(coded, (fw, fh))
     boxes = []
     with NativeLogCapture(), FaceTracker(TrackerOptions()) as tracker:
         for frame in frames:
@@ -220,6 +217,45 @@ def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None,
         sampled=len(frames),
     )
     return face, (sw, sh)
+
+
+def _small_frames(path: str | Path, fps: int, max_frames: int) -> np.ndarray:
+    """Frames with the longest side at most :data:`FACE_SEARCH_SIDE`, aspect kept (rotation applied)."""
+    from latentsync.media.video import decode_video_frames
+
+    side = FACE_SEARCH_SIDE
+    fit = f"scale=w='if(gte(iw,ih),min({side},iw),-2)':h='if(gte(iw,ih),-2,min({side},ih))'"
+    return decode_video_frames(path, fps, max_frames=max_frames, video_filter=f"{fit},{EVEN}")
+
+
+def _displayed(coded: tuple[int, int], decoded: tuple[int, int]) -> tuple[int, int]:
+    """The coded size, turned a quarter when the decoded (autorotated) frames are the other way round."""
+    return coded if (coded[0] >= coded[1]) == (decoded[0] >= decoded[1]) else (coded[1], coded[0])
+
+
+def display_size(path: str | Path, coded: tuple[int, int]) -> tuple[int, int]:
+    """A video's ``(width, height)`` as displayed (rotation metadata applied), from one small decoded frame.
+
+    Args:
+        path: The video.
+        coded: Its coded size (the probe's).
+    """
+    frame = _small_frames(path, 1, 1)
+    return _displayed(coded, (int(frame.shape[2]), int(frame.shape[1])))
+
+
+def capped_size(display: tuple[int, int], max_side: int) -> tuple[int, int] | None:
+    """The size a channel without a configured size streams a video of ``display`` pixels at.
+
+    Returns:
+        None when the longest side is at most ``max_side`` (the video's own size, even); else the
+        video's aspect ratio with the longest side ``max_side`` (even sizes).
+    """
+    w, h = display
+    if max(w, h) <= max_side:
+        return None
+    scale = max_side / max(w, h)
+    return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
 
 
 def plan_framing(

@@ -27,7 +27,9 @@ from pathlib import Path
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
 from latentsync.media.default_avatar import ensure_default_avatar
-from latentsync.media.video import VideoClip
+from latentsync.media.framing import capped_size, display_size
+from latentsync.media.probe import probe_media
+from latentsync.media.video import VIDEO_FORMATS, VideoClip
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.frames import FramesHub
@@ -48,6 +50,21 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
+
+
+def own_size(video: str | Path, max_side: int) -> tuple[int, int] | None:
+    """The size of a channel without a configured one (docs/channels.md).
+
+    None (the video's own size), or the video's aspect ratio with the longest side ``max_side``
+    (``stream.max_side``) when it is larger.
+
+    Raises:
+        latentsync.media.MediaProbeError: If the video cannot be probed or decoded.
+    """
+    info = probe_media(video, formats=VIDEO_FORMATS)
+    if max(info.width, info.height) <= max_side:
+        return None
+    return capped_size(display_size(video, (info.width, info.height)), max_side)
 
 
 def avatar_settings(config: AppConfig, size: tuple[int, int] | None) -> AvatarSettings:
@@ -222,7 +239,7 @@ class Channel:
         cfg = self.config
         s = cfg.stream
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
-        size = (s.width, s.height) if s.width else None
+        size = (s.width, s.height) if s.width else own_size(idle_path, s.max_side)
         t = time.monotonic()
         a = cfg.avatar
         clip = self._clips.load(
