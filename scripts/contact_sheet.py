@@ -3,6 +3,10 @@
 Writes out/contact_<video stem>.png: top row base frames (idle), bottom row the same base frames
 lip-synced to the speech at its most open moments, each a crop around the face of the full
 (pasted) output frame. Usage: python scripts/contact_sheet.py VIDEO [VIDEO ...] [--audio WAV]
+
+With ``--framing WxH [WxH ...]`` it writes out/framing_<video stem>.png instead: one row per channel
+size, one column per ``avatar.fit`` (stretch = what channels showed before, cover, contain), the
+frame 1 s in as a channel of that size shows it (docs/avatars.md "Framing").
 """
 
 from __future__ import annotations
@@ -68,13 +72,47 @@ def contact_sheet(video: Path, audio_path: Path, out_dir: Path, cache_dir: Path,
     return path
 
 
+FITS = ("stretch", "cover", "contain")
+CELL_PX = 320
+
+
+def framing_sheet(video: Path, sizes: list[tuple[int, int]], out_dir: Path) -> Path:
+    """One row per channel size, one column per fit mode; each cell fits in CELL_PX, labelled."""
+    from latentsync.media.video import load_clip
+
+    rows = []
+    for size in sizes:
+        cells = []
+        for fit in FITS:
+            frame = load_clip(video, 1, 16000, size, with_audio=False, fit=fit).frames[0]
+            scale = CELL_PX / max(size)
+            small = cv2.resize(frame, (round(size[0] * scale), round(size[1] * scale)), interpolation=cv2.INTER_AREA)
+            cell = np.full((CELL_PX + 24, CELL_PX + 8, 3), 32, np.uint8)
+            y, x = 24 + (CELL_PX - small.shape[0]) // 2, 4 + (CELL_PX - small.shape[1]) // 2
+            cell[y : y + small.shape[0], x : x + small.shape[1]] = small
+            label = f"{fit} {size[0]}x{size[1]}"
+            cv2.putText(cell, label, (6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+            cells.append(cell)
+        rows.append(np.hstack(cells))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"framing_{video.stem}.png"
+    cv2.imwrite(str(out), cv2.cvtColor(np.vstack(rows), cv2.COLOR_RGB2BGR))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("videos", type=Path, nargs="+")
     parser.add_argument("--audio", type=Path, default=DEFAULT_AUDIO)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "avatars")
+    parser.add_argument("--framing", nargs="+", metavar="WxH", help="framing sheet for these channel sizes")
     args = parser.parse_args(argv)
+    if args.framing:
+        sizes = [tuple(int(v) for v in s.split("x")) for s in args.framing]
+        for video in args.videos:
+            print(framing_sheet(video, sizes, args.out_dir))
+        return 0
     for path in (args.audio, *args.videos):
         if not path.is_file():
             print(f"file missing: {path}", file=sys.stderr)
