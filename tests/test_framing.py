@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import numpy as np
@@ -142,6 +143,7 @@ def test_tiny_and_faceless_videos_are_framed_or_refused_clearly(tmp_path):
 
 def test_a_channel_without_a_size_takes_the_videos_aspect_ratio_at_most_max_side():
     from latentsync.media.framing import capped_size, display_size
+    from latentsync.media.video import ClipLimits, MediaLimitError
     from latentsync.serving.runtime.channel import own_size
 
     assert capped_size((1080, 1920), 1280) == (720, 1280)
@@ -149,7 +151,10 @@ def test_a_channel_without_a_size_takes_the_videos_aspect_ratio_at_most_max_side
     assert capped_size((832, 1248), 1280) is None  # small enough: its own size
     video = media_file(PORTRAIT)
     assert display_size(video, (832, 1248)) == (832, 1248)
-    assert own_size(video, 1280) is None and own_size(video, 624) == (416, 624)
+    limits = ClipLimits(max_s=60, max_file_bytes=10**9, max_decoded_bytes=10**10, max_pixels_per_s=62208000)
+    assert own_size(video, 1280, 25, limits) is None and own_size(video, 624, 25, limits) == (416, 624)
+    with pytest.raises(MediaLimitError, match="pixels"):  # too large to decode at all: refused, not scaled
+        own_size(video, 624, 25, dataclasses.replace(limits, max_pixels_per_s=832 * 1248 * 25 - 1))
 
 
 def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):

@@ -359,7 +359,7 @@ class AvatarStore:
         frames = decode_video_frames(video, 1, size, max_frames=2, info=info, video_filter=framing.video_filter())
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
         if not ok:
-            raise AvatarError("prepare_failed", "the still could not be encoded")
+            raise AvatarError("internal", "the still could not be encoded")
         data = jpeg.tobytes()
         with self._lock:
             self._stills[key] = data

@@ -29,7 +29,7 @@ from latentsync.config import AppConfig
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.framing import capped_size, display_size
 from latentsync.media.probe import probe_media
-from latentsync.media.video import VIDEO_FORMATS, VideoClip
+from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.frames import FramesHub
@@ -52,16 +52,19 @@ HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was ha
 SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
 
 
-def own_size(video: str | Path, max_side: int) -> tuple[int, int] | None:
+def own_size(video: str | Path, max_side: int, fps: int, limits: ClipLimits) -> tuple[int, int] | None:
     """The size of a channel without a configured one (docs/channels.md).
 
     None (the video's own size), or the video's aspect ratio with the longest side ``max_side``
-    (``stream.max_side``) when it is larger.
+    (``stream.max_side``) when it is larger. The video's own size must fit ``limits`` (pixel rate
+    among them) before anything is decoded: a source too large to decode is refused, not scaled.
 
     Raises:
         latentsync.media.MediaProbeError: If the video cannot be probed or decoded.
+        latentsync.media.video.MediaLimitError: If it is over one of ``limits`` at its own size.
     """
     info = probe_media(video, formats=VIDEO_FORMATS)
+    check_clip_limits(info, fps, None, limits, "idle video")
     if max(info.width, info.height) <= max_side:
         return None
     return capped_size(display_size(video, (info.width, info.height)), max_side)
@@ -239,7 +242,7 @@ class Channel:
         cfg = self.config
         s = cfg.stream
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
-        size = (s.width, s.height) if s.width else own_size(idle_path, s.max_side)
+        size = (s.width, s.height) if s.width else own_size(idle_path, s.max_side, s.fps, clip_limits(cfg))
         t = time.monotonic()
         a = cfg.avatar
         clip = self._clips.load(
