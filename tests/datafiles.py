@@ -52,3 +52,24 @@ def make_faceless_video(path: Path) -> Path:
         timeout=60,
     )
     return path
+
+
+def make_moving_bar_video(path: Path) -> Path:
+    """Write 4 s of a white 40x200 bar moving over flat grey at 256x456, 25 fps, lossless H.264, to ``path``.
+
+    The bar moves several pixels every frame, so each frame differs clearly from its neighbours (the
+    tap tests align received frames with an RTMP recording) and lossy encodes stay near exact.
+    """
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         "color=c=gray:s=256x456:r=25:d=4", "-f", "lavfi", "-i", "color=c=white:s=40x200:r=25:d=4",
+         "-filter_complex", "[0][1]overlay=x='n*2':y='mod(n*13,256)':shortest=1,format=yuv420p",
+         "-c:v", "libx264", "-qp", "0", "-y", str(path)],
+        check=True,
+        timeout=60,
+    )  # fmt: skip
+    return path

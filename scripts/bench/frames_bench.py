@@ -23,19 +23,13 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/bench/)
+from benchclient import cpu_seconds, free_port, http, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 VIDEO = ROOT / "tests/data/media/video/2s_GirlMuseum_0730.mp4"
 COUNTS = (0, 1, 4)
 GOAL_PER_CLIENT_PCT = 3.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_clients(url: str, count: int, fmt: str) -> None:

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
+from benchclient import cpu_seconds, free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
@@ -47,11 +47,6 @@ PARTS = (
     ("mixer: idle loop, programs", ("mixer.py", "idle.py")),
     ("clock and tap", ("clock.py", "tap.py")),
 )
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def children(pid: int) -> list[int]:
@@ -126,7 +121,7 @@ def main() -> int:
             threading.Thread(target=speak_forever, args=(base, names, stop), daemon=True).start()
         time.sleep(12.0)  # warm-up: speech on every channel
         kinds = tree(server.pid)
-        before = {p: cpu_ticks(p) for p in kinds}
+        before = {p: cpu_seconds(p) for p in kinds}
         h0 = {n: http("GET", f"{base}/channels/{n}/health")[1] for n in names}
         raw = Path(tempfile.mkdtemp()) / "stacks.txt"
         t0 = time.monotonic()
@@ -134,17 +129,16 @@ def main() -> int:
                         "--duration", str(int(args.seconds)), "--format", "raw", "--output", str(raw)],
                        check=True, capture_output=True, timeout=args.seconds + 60)  # fmt: skip
         wall = time.monotonic() - t0
-        after = {p: cpu_ticks(p) for p in kinds if Path(f"/proc/{p}").exists()}
+        after = {p: cpu_seconds(p) for p in kinds if Path(f"/proc/{p}").exists()}
         h1 = {n: http("GET", f"{base}/channels/{n}/health")[1] for n in names}
     finally:
         stop.set()
         server.terminate()
         server.wait(30)
-    hz = os.sysconf("SC_CLK_TCK")
     by_kind = collections.Counter()
     for p, kind in kinds.items():
         if p in after:
-            by_kind[kind] += 100 * (after[p] - before[p]) / hz / wall
+            by_kind[kind] += 100 * (after[p] - before[p]) / wall
     parts = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():

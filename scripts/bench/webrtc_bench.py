@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/bench/)
+from benchclient import cpu_seconds, free_port, http, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -45,12 +45,6 @@ CHROMIUM_ARGS = [
     "--disable-features=WebRtcHideLocalIpsWithMdns",
     "--autoplay-policy=no-user-gesture-required",
 ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def ready(base: str) -> bool:

@@ -150,14 +150,16 @@ def _clean_name(text: str) -> str:
 
 def _face(avatar, video: str) -> dict:
     """The prepared avatar's face width at its size and in its source video's pixels, and the source's size."""
-    from latentsync.media.framing import face_scale
+    from latentsync.media.framing import display_size, face_scale
+    from latentsync.media.probe import probe_media
+    from latentsync.media.video import VIDEO_FORMATS
 
     meta = avatar.meta
     face_px = float(meta.get("face_width_px", {}).get("median", 0.0))
     size = tuple(meta["frame_size"])
     framing = meta.get("framing")
-    first = decode_video_frames(video, 1, None, max_frames=1)  # the displayed size (rotation applied)
-    source = (int(first.shape[2]), int(first.shape[1]))
+    info = probe_media(video, formats=VIDEO_FORMATS)
+    source = display_size(video, (info.width, info.height))  # rotation applied
     fit = framing["fit"] if framing else "stretch"
     return {
         "source_size": list(source),

@@ -20,9 +20,9 @@ import simple_websocket
 
 from latentsync.media.timing import samples_in_frame
 from latentsync.serving.egress.frames_protocol import split_message
-from tests.datafiles import media_file, speech_wav
+from tests.datafiles import make_moving_bar_video, media_file, speech_wav
 from tests.frames_ws import RawWebSocket
-from tests.streamtools import FFMPEG, REPO, Api, ServerProcess, StreamRecorder, analyse_recording, decode_recording
+from tests.streamtools import REPO, Api, ServerProcess, StreamRecorder, analyse_recording, decode_recording
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -37,17 +37,9 @@ HELLO_TIMEOUT_S = 1.5
 def server(rtmp_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frames")
     key = f"frames-{tmp.name}"
-    # Idle loop: a white bar moving several pixels every frame over flat grey, so every tick differs
-    # clearly from its neighbours (the tests align frames with the RTMP recording).
-    idle = tmp / "moving_bar.mp4"
-    subprocess.run(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=gray:s=256x456:r=25:d=4",
-         "-f", "lavfi", "-i", "color=c=white:s=40x200:r=25:d=4", "-filter_complex",
-         "[0][1]overlay=x='n*2':y='mod(n*13,256)':shortest=1,format=yuv420p", "-c:v", "libx264", "-qp", "0",
-         "-y", str(idle)],
-        check=True,
-        timeout=60,
-    )  # fmt: skip
+    # Idle loop: a moving bar, so every tick differs clearly from its neighbours (the tests align
+    # frames with the RTMP recording).
+    idle = make_moving_bar_video(tmp / "moving_bar.mp4")
     proc = ServerProcess(
         [
             f"avatar.idle_video={idle}",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
 
-from tests.datafiles import media_file
+from tests.datafiles import make_moving_bar_video, media_file
 from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording
 from tests.whep_client import WhepViewer, http
 
@@ -31,15 +31,7 @@ def server(rtmp_server, tmp_path_factory):
     # Idle loop: a white bar that moves several pixels every frame over flat grey, so each tick differs
     # clearly from its neighbours (the tap test aligns frames) and both lossy encodes stay near exact.
     # Speech plays on the real presenter (the base video).
-    idle = tmp / "moving_bar.mp4"
-    subprocess.run(
-        [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=gray:s=256x456:r=25:d=4",
-         "-f", "lavfi", "-i", "color=c=white:s=40x200:r=25:d=4", "-filter_complex",
-         "[0][1]overlay=x='n*2':y='mod(n*13,256)':shortest=1,format=yuv420p", "-c:v", "libx264", "-qp", "0",
-         "-y", str(idle)],
-        check=True,
-        timeout=60,
-    )  # fmt: skip
+    idle = make_moving_bar_video(tmp / "moving_bar.mp4")
     proc = ServerProcess(
         [
             f"avatar.idle_video={idle}",
