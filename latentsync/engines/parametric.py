@@ -223,38 +223,73 @@ class MouthRenderer:
         size = self.keep_mask.shape[0]
         self._yy, self._xx = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    def _field(
-        self, g: _MouthGeometry, x: np.ndarray, y: np.ndarray, lower: bool, amount: float, spread_px: float
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Forward displacement ``(dx, dy)`` of source points ``(x, y)`` of one lip region."""
+    def _unit_fields(
+        self, g: _MouthGeometry, box: tuple[int, int, int, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Forward displacement per unit of spread and of opening, on the integer pixel grid of ``box``.
+
+        The field of one pose is ``dx = spread_px * dx_unit`` and ``dy = amount * dy_unit`` (upper lip
+        or lower lip and jaw): the shapes depend only on the face's geometry, so they are computed
+        once per frame, with the terms that depend on one axis only (lip curves, jaw, chin) as
+        ``(1, W)`` or ``(H, 1)`` arrays broadcast over the box.
+
+        Args:
+            g: The face's mouth geometry.
+            box: ``(x0, y0, x1, y1)`` in aligned pixels (:meth:`_region`).
+
+        Returns:
+            ``(dx_unit, dy_upper, dy_lower)``, each ``(y1 - y0, x1 - x0) float32``, already faded
+            to 0 at the border of the generated region.
+
+        """
+        x0, y0, x1, y1 = box
+        x = np.arange(x0, x1, dtype=np.float32)[None, :]
+        y = np.arange(y0, y1, dtype=np.float32)[:, None]
+        upper_c, lower_c = g.curve(g.upper_y, x), g.curve(g.lower_y, x)
         u = (x - g.centre_x) / (g.half_width * _LIP_SPAN)
         ell = np.clip(1.0 - u * u, 0.0, 1.0) ** _LIP_SHAPE
-        if lower:
-            below = np.maximum(y - g.curve(g.lower_y, x), 0.0)
-            lip = np.exp(-below / (0.9 * g.lower_thickness))
-            jaw_u = np.abs(x - g.centre_x) / g.jaw_half_width
-            jaw = 1.0 - _smoothstep((jaw_u - 0.45) / 0.55)
-            chin_fall = max(g.chin_y - g.curve(g.lower_y, np.array([g.centre_x]))[0], 10.0) * 0.6
-            under_chin = 1.0 - _smoothstep((y - g.chin_y) / chin_fall)
-            dy = amount * (lip * ell + (1.0 - lip) * 0.92 * jaw) * under_chin
-        else:
-            above = np.maximum(g.curve(g.upper_y, x) - y, 0.0)
-            dy = -amount * ell * np.exp(-above / (1.3 * g.upper_thickness))
-        mid_y = (g.curve(g.upper_y, x) + g.curve(g.lower_y, x)) / 2
+        fade = self._fade[y0:y1, x0:x1]
+        # Lower lip and jaw: the lip follows fully, the skin under it partly (the jaw), nothing under the chin.
+        lip = np.exp(-np.maximum(y - lower_c, 0.0) / (0.9 * g.lower_thickness))
+        jaw = 1.0 - _smoothstep((np.abs(x - g.centre_x) / g.jaw_half_width - 0.45) / 0.55)
+        chin_fall = max(g.chin_y - float(g.curve(g.lower_y, np.array([g.centre_x]))[0]), 10.0) * 0.6
+        under_chin = 1.0 - _smoothstep((y - g.chin_y) / chin_fall)
+        dy_lower = (lip * ell + (1.0 - lip) * 0.92 * jaw) * under_chin * fade
+        # Upper lip: lifts, fading out above it.
+        dy_upper = -ell * np.exp(-np.maximum(upper_c - y, 0.0) / (1.3 * g.upper_thickness)) * fade
+        # Corners: out (spread) or in (rounded), around the mouth only.
+        mid_y = (upper_c + lower_c) / 2
         around = np.exp(
             -(((x - g.centre_x) / (1.5 * g.half_width)) ** 2) - ((y - mid_y) / (2.2 * g.lower_thickness)) ** 2
         )
-        dx = spread_px * np.clip(u, -1.5, 1.5) * around
-        fade = self._fade[np.clip(y, 0, 255).astype(np.intp), np.clip(x, 0, 255).astype(np.intp)]
-        return dx * fade, dy * fade
+        dx_unit = np.clip(u, -1.5, 1.5) * around * fade
+        return (
+            dx_unit.astype(np.float32, copy=False),
+            dy_upper.astype(np.float32, copy=False),
+            dy_lower.astype(np.float32, copy=False),
+        )
 
-    def _backward(self, g, xx, yy, lower: bool, amount: float, spread_px: float):
-        """Source coordinates of output pixels ``(xx, yy)`` for one lip region (fixed-point inversion)."""
-        sx, sy = xx, yy
-        for _ in range(2):
-            dx, dy = self._field(g, sx, sy, lower, amount, spread_px)
-            sx, sy = xx - dx, yy - dy
-        return sx, sy
+    @staticmethod
+    def _backward(
+        xx: np.ndarray,
+        yy: np.ndarray,
+        dx_unit: np.ndarray,
+        dy_unit: np.ndarray,
+        spread_px: float,
+        amount: float,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Source coordinates of output pixels ``(xx, yy)``: two fixed-point steps of ``s = p - d(s)``.
+
+        The first step takes the field at the output pixels (the grid itself); the second samples
+        it at the first estimate, bilinearly from the grid (the field is smooth; outside the box
+        it is negligible, the border is replicated).
+        """
+        x0, y0 = float(xx[0, 0]), float(yy[0, 0])
+        sx, sy = xx - spread_px * dx_unit, yy - amount * dy_unit
+        at = cv2.remap(
+            cv2.merge([dx_unit, dy_unit]), sx - x0, sy - y0, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        return xx - spread_px * at[..., 0], yy - amount * at[..., 1]
 
     @staticmethod
     def _region(g: _MouthGeometry, size: int) -> tuple[int, int, int, int]:
@@ -295,11 +330,12 @@ class MouthRenderer:
         spread_px = float(np.clip(spread, -1, 1)) * opt.max_spread_ratio * width
         x0, y0, x1, y1 = self._region(g, face.shape[0])
         xx, yy = self._xx[y0:y1, x0:x1], self._yy[y0:y1, x0:x1]
-        ux, uy = self._backward(g, xx, yy, False, up_amount, spread_px)
-        lx, ly = self._backward(g, xx, yy, True, low_amount, spread_px)
+        dx_unit, dy_upper, dy_lower = self._unit_fields(g, (x0, y0, x1, y1))
+        ux, uy = self._backward(xx, yy, dx_unit, dy_upper, spread_px, up_amount)
+        lx, ly = self._backward(xx, yy, dx_unit, dy_lower, spread_px, low_amount)
         upper_ok = uy <= g.curve(g.upper_y, ux) + 0.5
         lower_ok = ly >= g.curve(g.lower_y, lx) - 0.5
-        mid = (g.curve(g.upper_y, xx) + g.curve(g.lower_y, xx)) / 2
+        mid = (g.curve(g.upper_y, xx[0]) + g.curve(g.lower_y, xx[0])) / 2
         use_upper = upper_ok & (~lower_ok | (yy < mid))
         map_x = np.where(use_upper, ux, lx).astype(np.float32)
         map_y = np.where(use_upper, uy, ly).astype(np.float32)

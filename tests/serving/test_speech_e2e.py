@@ -43,6 +43,9 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
             "engine.name=parametric",
             f"engine.chunk_deadline_s={DEADLINE_S}",
+            # A busy 2-core CI host: the jitter buffer keeps 0.5 s of slack (as the channel tests do), so
+            # the 0-underrun assertion tests the scheduler, not the host's momentary load.
+            "speech_stream.start_margin_s=0.5",
             f"stream.rtmp_url={rtmp_server.url(key)}",
             f"stream.crossfade_frames={CROSSFADE}",
             f"api.max_queued={MAX_QUEUED}",
