@@ -217,6 +217,8 @@ class MouthRenderer:
         self.options = options or ParametricOptions()
         self.keep_mask = np.asarray(keep_mask, np.float32)
         generated = (self.keep_mask < 0.5).astype(np.uint8)
+        self._generated = generated.astype(bool)
+        self._binary_mask = bool(np.isin(self.keep_mask, (0.0, 1.0)).all())
         # Displacement weight: 0 on the border of the generated region, 1 from 14 px inside it.
         dist = cv2.distanceTransform(generated, cv2.DIST_L2, 5)
         self._fade = _smoothstep(dist / 14.0).astype(np.float32)
@@ -342,19 +344,23 @@ class MouthRenderer:
         src = np.ascontiguousarray(face)
         warped = cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         inside = (~upper_ok & ~lower_ok).astype(np.float32)
-        out = warped.astype(np.float32)
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         if len(rows):
             # Paint only around the opening (+3 px for the antialiased edge).
             r0, r1 = max(rows[0] - 3, 0), rows[-1] + 4
             c0, c1 = max(cols[0] - 3, 0), cols[-1] + 4
             box = (slice(r0, r1), slice(c0, c1))
-            out[box] = self._paint_interior(
-                out[box], face, g, xx[box], yy[box], inside[box], up_amount, low_amount, spread_px
+            painted = self._paint_interior(
+                warped[box].astype(np.float32), face, g, xx[box], yy[box], inside[box], up_amount, low_amount, spread_px
             )
-        keep = self.keep_mask[y0:y1, x0:x1, None]
-        out = out * (1.0 - keep) + face[y0:y1, x0:x1].astype(np.float32) * keep
-        out_face[y0:y1, x0:x1] = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+            warped[box] = np.clip(painted + 0.5, 0, 255).astype(np.uint8)
+        region = out_face[y0:y1, x0:x1]
+        if self._binary_mask:  # the LatentSync mask: generated pixels replaced, the rest kept as they are
+            np.copyto(region, warped, where=self._generated[y0:y1, x0:x1, None])
+        else:
+            keep = self.keep_mask[y0:y1, x0:x1, None]
+            blend = warped.astype(np.float32) * (1.0 - keep) + face[y0:y1, x0:x1].astype(np.float32) * keep
+            region[...] = np.clip(blend + 0.5, 0, 255).astype(np.uint8)
         return out_face
 
     def _paint_interior(self, out, face, g, xx, yy, inside, up_amount, low_amount, spread_px) -> np.ndarray:
