@@ -90,6 +90,9 @@ class StreamConfig:
     checked at load and before a video is decoded.
     ``allowed_rtmp_hosts``: hosts a channel created through the API may push to; null: the hosts
     of the channels in the config file (``main`` included).
+    ``x264_preset``: a libx264 preset, or ``auto``: per channel, ``ultrafast`` when its bitrate
+    gives 0.3 bits per pixel or more (512x512 at 25 fps and 2500 kbit/s), else ``superfast``
+    (latentsync.serving.egress.rtmp.auto_x264_preset; measurements in docs/performance.md).
     """
 
     rtmp_url: str = "rtmp://127.0.0.1:1935/live/avatar"
@@ -104,7 +107,7 @@ class StreamConfig:
     idle_pingpong: bool = False
     video_bitrate_kbps: int = 2500
     audio_bitrate_kbps: int = 128
-    x264_preset: str = "veryfast"
+    x264_preset: str = "auto"
     keyframe_interval_s: float = 2.0
     sink_queue_s: float = 1.0
     max_catchup_s: float = 1.0
@@ -782,7 +785,7 @@ def validate(config: AppConfig) -> None:
     _check(0 <= s.crossfade_frames <= 10 * s.fps, "stream.crossfade_frames", s.crossfade_frames, f"0..{10 * s.fps}")
     _check(100 <= s.video_bitrate_kbps <= 50000, "stream.video_bitrate_kbps", s.video_bitrate_kbps, "100..50000")
     _check(16 <= s.audio_bitrate_kbps <= 512, "stream.audio_bitrate_kbps", s.audio_bitrate_kbps, "16..512")
-    presets = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
+    presets = ("auto", "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
     _check(s.x264_preset in presets, "stream.x264_preset", s.x264_preset, f"one of {presets}")
     _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")

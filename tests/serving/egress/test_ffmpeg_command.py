@@ -52,6 +52,21 @@ def test_raw_inputs_encoders_and_rtmp_output():
     assert cmd[-3:] == ["-f", "flv", URL]
 
 
+def test_auto_preset_follows_bits_per_pixel_and_an_explicit_preset_is_kept():
+    def preset(width: int, height: int, **overrides) -> str:
+        s = SinkSettings(StreamConfig(rtmp_url=URL, **overrides), width=width, height=height)
+        return option(build_ffmpeg_command(s, Path("v"), Path("a"), 0), "-preset")
+
+    assert StreamConfig().x264_preset == "auto"
+    assert preset(512, 512) == "ultrafast"  # 2500 kbit/s / (512 x 512 x 25) = 0.38 bits per pixel
+    assert preset(832, 1248) == "superfast"  # 0.096
+    assert preset(512, 512, video_bitrate_kbps=1500) == "superfast"  # 0.23
+    assert preset(512, 512, video_bitrate_kbps=2200) == "ultrafast"  # 0.336
+    assert preset(512, 512, fps=30, video_bitrate_kbps=2200) == "superfast"  # 0.280: the frame rate counts
+    assert preset(512, 512, x264_preset="veryfast") == "veryfast"
+    assert preset(832, 1248, x264_preset="ultrafast") == "ultrafast"
+
+
 def test_gop_rounds_and_never_falls_below_one_frame():
     assert (
         option(build_ffmpeg_command(settings(fps=30, keyframe_interval_s=0.5), Path("v"), Path("a"), 0), "-g") == "15"
