@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+import cv2
 from werkzeug.serving import make_server
 
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    cv2.setNumThreads(config.stream.opencv_threads)  # a process setting: this is the process's entry point
     runtime = Runtime(config)
     server = make_server(
         config.server.host,

@@ -92,7 +92,13 @@ class StreamConfig:
     of the channels in the config file (``main`` included).
     ``x264_preset``: a libx264 preset, or ``auto``: per channel, ``ultrafast`` when its bitrate
     gives 0.3 bits per pixel or more (512x512 at 25 fps and 2500 kbit/s), else ``superfast``
-    (latentsync.serving.egress.rtmp.auto_x264_preset; measurements in docs/performance.md).
+    (latentsync.serving.egress.rtmp.auto_x264_preset; measurements in docs/performance.md), each
+    encoded in one x264 thread (every channel has its own FFmpeg; within ``max_pixels_per_s``
+    these presets need well under one core).
+    ``opencv_threads``: threads OpenCV's parallel loops may use in the server process (paste-back,
+    colour conversion, resizing; ``cv2.setNumThreads`` at start). 1: every channel already works
+    on threads of its own, and OpenCV's pool of idle spinning threads costs more CPU than it saves
+    (docs/performance.md); 0: OpenCV's default (one per core).
     """
 
     rtmp_url: str = "rtmp://127.0.0.1:1935/live/avatar"
@@ -108,6 +114,7 @@ class StreamConfig:
     video_bitrate_kbps: int = 2500
     audio_bitrate_kbps: int = 128
     x264_preset: str = "auto"
+    opencv_threads: int = 1
     keyframe_interval_s: float = 2.0
     sink_queue_s: float = 1.0
     max_catchup_s: float = 1.0
@@ -787,6 +794,7 @@ def validate(config: AppConfig) -> None:
     _check(16 <= s.audio_bitrate_kbps <= 512, "stream.audio_bitrate_kbps", s.audio_bitrate_kbps, "16..512")
     presets = ("auto", "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
     _check(s.x264_preset in presets, "stream.x264_preset", s.x264_preset, f"one of {presets}")
+    _check(0 <= s.opencv_threads <= 64, "stream.opencv_threads", s.opencv_threads, "0..64 (0: OpenCV's default)")
     _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
     _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")

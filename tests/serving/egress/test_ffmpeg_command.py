@@ -41,7 +41,7 @@ def test_raw_inputs_encoders_and_rtmp_output():
     cmd = build_ffmpeg_command(settings(), Path("/t/v.fifo"), Path("/t/a.fifo"), 0)
     assert option(cmd, "-i", 0) == "/t/v.fifo" and option(cmd, "-i", 1) == "/t/a.fifo"
     assert cmd.index("/t/v.fifo") < cmd.index("/t/a.fifo")  # video is input 0, audio input 1
-    assert option(cmd, "-f", 0) == "rawvideo" and option(cmd, "-pix_fmt", 0) == "rgb24"
+    assert option(cmd, "-f", 0) == "rawvideo" and option(cmd, "-pix_fmt", 0) == "yuv420p"
     assert option(cmd, "-video_size") == "640x360" and option(cmd, "-framerate") == "25"
     assert option(cmd, "-f", 1) == "s16le" and option(cmd, "-sample_rate") == "48000"
     assert [option(cmd, "-map", 0), option(cmd, "-map", 1)] == ["0:v:0", "1:a:0"]
@@ -49,6 +49,7 @@ def test_raw_inputs_encoders_and_rtmp_output():
     assert option(cmd, "-g") == option(cmd, "-keyint_min") == "50"  # 2 s at 25 fps
     assert option(cmd, "-b:v") == option(cmd, "-maxrate") == "1800k" and option(cmd, "-bufsize") == "3600k"
     assert option(cmd, "-c:a") == "aac" and option(cmd, "-b:a") == "96k" and option(cmd, "-ac") == "2"
+    assert option(cmd, "-aac_coder") == "fast"
     assert cmd[-3:] == ["-f", "flv", URL]
 
 
@@ -65,6 +66,9 @@ def test_auto_preset_follows_bits_per_pixel_and_an_explicit_preset_is_kept():
     assert preset(512, 512, fps=30, video_bitrate_kbps=2200) == "superfast"  # 0.280: the frame rate counts
     assert preset(512, 512, x264_preset="veryfast") == "veryfast"
     assert preset(832, 1248, x264_preset="ultrafast") == "ultrafast"
+    auto = build_ffmpeg_command(settings(x264_preset="auto"), Path("v"), Path("a"), 0)
+    assert option(auto, "-threads") == "1"  # one x264 thread for the fast presets
+    assert "-threads" not in build_ffmpeg_command(settings(), Path("v"), Path("a"), 0)  # an explicit preset: x264's own
 
 
 def test_gop_rounds_and_never_falls_below_one_frame():
