@@ -17,7 +17,6 @@ import sys
 import threading
 from pathlib import Path
 
-import cv2
 from werkzeug.serving import make_server
 
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
@@ -27,6 +26,7 @@ from latentsync.serving.generation.pool import WorkerPoolError
 from latentsync.serving.ops.logs import QueryRedactingRequestHandler, configure_logging
 from latentsync.serving.ops.memory import bound_heap_growth
 from latentsync.serving.ops.systemd import sd_notify
+from latentsync.serving.ops.threads import limit_native_threads
 from latentsync.serving.runtime.runtime import Runtime
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    cv2.setNumThreads(config.stream.opencv_threads)  # a process setting: this is the process's entry point
+    limit_native_threads(config.server.native_threads)  # a process setting: this is the process's entry point
     runtime = Runtime(config)
     server = make_server(
         config.server.host,

@@ -65,6 +65,10 @@ class ServerConfig:
     DNS-rebinding page cannot read the API); null: the loopback names, ``public_name``, ``host``
     (unless a wildcard) and the hosts of ``api.allowed_origins``. ``public_name``: the name
     clients reach the server by (``avatars.example.com``), or null.
+    ``native_threads``: threads the native pools of the server process (OpenCV, BLAS) may use
+    (latentsync.serving.ops.threads.limit_native_threads; engine workers always use 1). 1: every
+    channel already works on threads of its own, and the pools' spinning threads cost more CPU
+    than they save (docs/performance.md); 0: the libraries' defaults (one per core).
     """
 
     host: str = "127.0.0.1"
@@ -72,6 +76,7 @@ class ServerConfig:
     allow_public_without_token: bool = False
     allowed_hosts: list[str] | None = None
     public_name: str | None = None
+    native_threads: int = 1
 
 
 @dataclass
@@ -95,10 +100,6 @@ class StreamConfig:
     (latentsync.serving.egress.rtmp.auto_x264_preset; measurements in docs/performance.md), each
     encoded in one x264 thread (every channel has its own FFmpeg; within ``max_pixels_per_s``
     these presets need well under one core).
-    ``opencv_threads``: threads OpenCV's parallel loops may use in the server process (paste-back,
-    colour conversion, resizing; ``cv2.setNumThreads`` at start). 1: every channel already works
-    on threads of its own, and OpenCV's pool of idle spinning threads costs more CPU than it saves
-    (docs/performance.md); 0: OpenCV's default (one per core).
     """
 
     rtmp_url: str = "rtmp://127.0.0.1:1935/live/avatar"
@@ -114,7 +115,6 @@ class StreamConfig:
     video_bitrate_kbps: int = 2500
     audio_bitrate_kbps: int = 128
     x264_preset: str = "auto"
-    opencv_threads: int = 1
     keyframe_interval_s: float = 2.0
     sink_queue_s: float = 1.0
     max_catchup_s: float = 1.0
@@ -727,6 +727,12 @@ def validate(config: AppConfig) -> None:
     """
     s = config.stream
     _check(1 <= config.server.port <= 65535, "server.port", config.server.port, "1..65535")
+    _check(
+        0 <= config.server.native_threads <= 64,
+        "server.native_threads",
+        config.server.native_threads,
+        "0..64 (0: the libraries' defaults)",
+    )
     for host in [
         *(config.server.allowed_hosts or []),
         *([config.server.public_name] if config.server.public_name else []),
@@ -794,7 +800,6 @@ def validate(config: AppConfig) -> None:
     _check(16 <= s.audio_bitrate_kbps <= 512, "stream.audio_bitrate_kbps", s.audio_bitrate_kbps, "16..512")
     presets = ("auto", "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow")
     _check(s.x264_preset in presets, "stream.x264_preset", s.x264_preset, f"one of {presets}")
-    _check(0 <= s.opencv_threads <= 64, "stream.opencv_threads", s.opencv_threads, "0..64 (0: OpenCV's default)")
     _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
     _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")

@@ -20,6 +20,7 @@ import numpy as np
 
 from latentsync.engines import ChunkRequest, ChunkResult
 from latentsync.serving.generation.ports import ChunkJob
+from latentsync.serving.ops.threads import limit_native_threads
 
 
 class EngineHost:
@@ -48,6 +49,10 @@ class EngineHost:
     ):
         from latentsync.engines import create_engine
 
+        # A host is its worker process's whole job, and the pool parallelises by process: OpenCV's and
+        # BLAS's own pools only spin on the cores the other workers, FFmpeg and the server need
+        # (a parametric worker used twice its wall time in CPU: docs/performance.md).
+        limit_native_threads(1)
         self.name = engine_name
         self.options = dict(options)
         self.default = default
