@@ -211,16 +211,25 @@ class LatentSyncConfig:
     compile: bool = False
 
 
+#: Most parametric workers ``engine.workers: null`` starts (one per core up to this).
+PARAMETRIC_MAX_DEFAULT_WORKERS = 4
+
+
 @dataclass
 class EngineConfig:
     """Lip-sync engine and its worker pool.
 
-    ``workers`` None: one worker process per GPU, or 1 on CPU. ``device`` None: ``cuda`` when a
-    GPU is visible, else ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds
-    is retried once on a fresh worker, then its task fails. ``max_batch_chunks``: queued chunks a
-    free worker generates in one model batch (a task's first chunk always runs alone). 1 (off) by
-    default: a batch's results all arrive when the last is done, which only pays where a bigger
-    batch is much cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
+    ``workers`` None: latentsync one worker process per GPU (1 on CPU); parametric one per core, at
+    most :data:`PARAMETRIC_MAX_DEFAULT_WORKERS` (one worker is one core, and the engine is most of
+    a speaking channel's CPU: docs/performance.md). ``worker_nice``: niceness added to every
+    local engine worker (``os.nice``): generation runs ahead of the clock behind a jitter buffer,
+    so the latency-bound parts (the stream's clock thread, FFmpeg) go first when the cores are
+    busy; 0 keeps the server's priority. ``device`` None: ``cuda`` when a GPU is visible, else
+    ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds is retried once on
+    a fresh worker, then its task fails. ``max_batch_chunks``: queued chunks a free worker
+    generates in one model batch (a task's first chunk always runs alone). 1 (off) by default: a
+    batch's results all arrive when the last is done, which only pays where a bigger batch is much
+    cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
     ``max_avatars_per_worker``: prepared avatars (engines bound to them; for latentsync the models
     are shared and only the avatar's latents are added) a worker keeps loaded, least recently used
     dropped first (docs/channels.md). ``first_chunk_frames``: length of a task's first chunk, what
@@ -233,6 +242,7 @@ class EngineConfig:
 
     name: EngineName = EngineName.parametric
     workers: int | None = None
+    worker_nice: int = 10
     device: str | None = None
     chunk_deadline_s: float = 60.0
     max_batch_chunks: int = 1
@@ -827,6 +837,7 @@ def validate(config: AppConfig) -> None:
         av.background,
         "blur or a #rrggbb colour",
     )
+    _check(0 <= config.engine.worker_nice <= 19, "engine.worker_nice", config.engine.worker_nice, "0..19")
     _check(
         config.engine.workers is None or 1 <= config.engine.workers <= 64,
         "engine.workers",

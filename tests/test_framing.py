@@ -171,3 +171,35 @@ def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):
     clip = load_clip(rotated, 25, 16000, (256, 256), with_audio=False, fit="cover")
     x, y, w, h = clip.framing.crop
     assert (w, h) == (256, 256) and x + w <= 456 and y + h <= 256 and clip.size == (256, 256)
+
+
+def test_a_face_that_leaves_the_frame_is_framed_where_it_mostly_is_and_never_pasted_where_it_is_gone(tmp_path):
+    """The presenter slides out of the picture after 1.2 s (0.8 s of the 2 s clip without her)."""
+    from latentsync.avatar import Avatar
+
+    video = tmp_path / "leaves.mp4"
+    subprocess.run(
+        [
+            FFMPEG, "-v", "error", "-i", str(media_file(PORTRAIT)),
+            "-filter_complex",
+            "color=c=0x204060:s=832x1248:r=25[bg];[bg][0:v]overlay=x='max(0,(t-1.2)*2600)':shortest=1",
+            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-an", str(video),
+        ],
+        check=True,
+    )  # fmt: skip
+    avatar = Avatar.prepare(video, AvatarSettings(fps=25, size=(512, 512)), tmp_path / "cache")
+    assert avatar.frame_size == (512, 512)
+    n = avatar.num_frames
+    found = np.asarray(avatar.found)
+    assert found[:28].all() and not found[40:].any(), found.astype(int).tolist()
+    # The cover window sits on the face where it mostly was (near the top of the portrait), from the
+    # frames that show it: a square the source's width, not the centre of the picture.
+    framing = avatar.meta["framing"]
+    x, y, w, h = framing["crop"]
+    assert framing["fit"] == "cover" and (x, w, h) == (0, 832, 832) and y < (1248 - 832) // 2
+    assert 150 < framing["face"]["width"] < 220
+    # Frames long past the face are not pasted: a generated face there leaves the frame as it is.
+    gone = [i for i in range(n) if not avatar.pasteable[i]]
+    assert gone and min(gone) >= 30
+    frame = np.array(avatar.frames[gone[-1]])
+    assert np.array_equal(avatar.paste(gone[-1], np.full((256, 256, 3), 255, np.uint8), frame.copy()), frame)

@@ -42,6 +42,7 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.video={media_file('video/10s_girl_0729_00_formal.mp4')}",
             f"avatar.cache_dir={tmp_path_factory.getbasetemp() / 'avatars'}",
             "engine.name=parametric",
+            "engine.workers=1",  # the killed-worker test kills the one worker generating
             f"engine.chunk_deadline_s={DEADLINE_S}",
             # A busy 2-core CI host: the jitter buffer keeps 0.5 s of slack (as the channel tests do), so
             # the 0-underrun assertion tests the scheduler, not the host's momentary load.

@@ -84,7 +84,9 @@ class AvatarRecord:
         face_width_px: The face's median width in the uploaded video's pixels (once ready).
         face_px: The face's median width at ``size``, after framing (once ready).
         warnings: ``{"code", "message", ...}`` items: ``face_too_small`` (with ``face_px`` and
-            ``min_face_px``) when the face is narrower than ``avatar.min_face_px`` at ``size``.
+            ``min_face_px``) when the face is narrower than ``avatar.min_face_px`` at ``size``;
+            ``face_lost`` (with ``frames_without_face`` and ``num_frames``) when the face is not
+            found in some frames (it leaves the picture, turns away): speech plays there unsynced.
     """
 
     id: str
@@ -223,6 +225,27 @@ class _ChannelJob:
     cancelled: bool = False
     path: str | None = None
     error: tuple[str, str] | None = None
+
+
+def lost_face_warnings(faces_found: int, num_frames: int) -> list[dict]:
+    """``face_lost`` when the face was not found in some of the ``num_frames`` frames of a prepared video.
+
+    Those frames are shown as filmed (frames near a detected face take its interpolated position;
+    farther ones are never pasted into: :attr:`latentsync.avatar.Avatar.pasteable`), so speech
+    that plays over them has no lip-sync.
+    """
+    missing = num_frames - faces_found
+    if missing <= 0:
+        return []
+    return [
+        {
+            "code": "face_lost",
+            "message": f"no face in {missing} of {num_frames} frames (the person leaves the picture or turns "
+            "away): speech over those frames is not lip-synced",
+            "frames_without_face": missing,
+            "num_frames": num_frames,
+        }
+    ]
 
 
 class AvatarStore:
@@ -865,7 +888,8 @@ class AvatarStore:
                 faces_found=int(faces_found),
                 num_frames=int(num_frames),
                 prepared_s=round(time.monotonic() - t0, 2),
-                warnings=self._face_warnings(face["face_px"], record.size),
+                warnings=self._face_warnings(face["face_px"], record.size)
+                + lost_face_warnings(int(faces_found), int(num_frames)),
                 **face,
             )
             logger.info("avatar %s ready (%d frames, %.1f s)", record.id, num_frames, time.monotonic() - t0)

@@ -366,6 +366,7 @@ class WorkerPool(SchedulingPool):
             (``engine.chunk_deadline_s``; a batch of n jobs gets n deadlines).
         max_queued: Jobs the queue holds at most (``engine.max_queued_jobs``; more is a scheduling
             bug upstream: :meth:`submit` raises :class:`JobFailed`).
+        nice: Niceness each worker adds to itself at start (``engine.worker_nice``; 0: none).
     """
 
     def __init__(
@@ -381,8 +382,10 @@ class WorkerPool(SchedulingPool):
         max_avatars: int = 1,
         deadline_s: float = 60.0,
         max_queued: int = 4096,
+        nice: int = 0,
     ):
         super().__init__(workers, on_chunk_done, max_batch, deadline_s, max_queued)
+        self._nice = int(nice)
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
         self._avatar_path = str(avatar_path)
@@ -483,6 +486,7 @@ class WorkerPool(SchedulingPool):
                 counter,
                 self._devices,
                 self._max_avatars,
+                self._nice,
             ),
         )
         self._pool_pids = [p.pid for p in getattr(pool, "_pool", [])]

@@ -132,12 +132,20 @@ _WORKER_SLOT: dict[str, Any] = {}
 
 
 def _worker_init(
-    engine_name: str, engine_options: Mapping[str, Any], avatar_path: str, counter, devices, max_avatars: int = 1
+    engine_name: str,
+    engine_options: Mapping[str, Any],
+    avatar_path: str,
+    counter,
+    devices,
+    max_avatars: int = 1,
+    nice: int = 0,
 ) -> None:
     """Pool initializer: load the default avatar and the engine once. Never raises (errors are kept)."""
     # Ctrl-C in a terminal reaches the whole process group: the server owns shutdown, not its workers
     # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)  # behind the clock and FFmpeg when the cores are busy (engine.worker_nice)
     try:
         with counter.get_lock():
             index = counter.value

@@ -31,6 +31,7 @@ from pathlib import Path
 from latentsync.avatar import Avatar
 from latentsync.config import (
     DEFAULT_CHANNEL,
+    PARAMETRIC_MAX_DEFAULT_WORKERS,
     RECORD_PATH_CONFIG_ONLY,
     AppConfig,
     ChannelConfig,
@@ -336,10 +337,23 @@ class Runtime:
             )
         else:
             devices = _engine_devices(engine.device) if latentsync else []
-            workers = engine.workers or max(1, len([d for d in devices if d.startswith("cuda")]))
+            if engine.workers is not None:
+                workers = engine.workers
+            elif latentsync:
+                workers = max(1, len([d for d in devices if d.startswith("cuda")]))
+            else:  # one per core: the parametric engine is CPU work
+                workers = max(1, min(PARAMETRIC_MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
             if latentsync:
                 options["device"] = devices[0] if devices else None
-            pool = WorkerPool(engine.name.value, options, main_avatar.path, workers, devices=devices, **common)
+            pool = WorkerPool(
+                engine.name.value,
+                options,
+                main_avatar.path,
+                workers,
+                devices=devices,
+                nice=engine.worker_nice,
+                **common,
+            )
         try:
             pool.start()
         except BaseException:

@@ -205,7 +205,11 @@ def test_full_temp_disk_on_upload_is_a_clear_error_and_the_stream_carries_on(
 def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_path, tmp_path_factory):
     deadline_s = 4.0
     server = ServerProcess(
-        [*base_overrides(rtmp_server, "hung", tmp_path_factory), f"engine.chunk_deadline_s={deadline_s}"],
+        [
+            *base_overrides(rtmp_server, "hung", tmp_path_factory),
+            f"engine.chunk_deadline_s={deadline_s}",
+            "engine.workers=1",  # the one worker: the stopped one is the one the chunk goes to
+        ],
         tmp_path / "server.log",
     ).start()
     stopped = None

@@ -16,7 +16,7 @@ import pytest
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.serving.api.errors import HTTP_STATUS
-from latentsync.serving.avatars.store import AvatarError, AvatarStore
+from latentsync.serving.avatars.store import AvatarError, AvatarStore, lost_face_warnings
 from tests.datafiles import make_faceless_video, media_file
 
 FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
@@ -276,3 +276,10 @@ def test_the_record_measures_the_face_and_a_channel_too_small_for_it_is_refused(
     (warning,) = strict._face_warnings(record["face_px"], record["size"])
     assert warning["code"] == "face_too_small" and warning["min_face_px"] == 400
     assert warning["face_px"] == pytest.approx(record["face_px"], abs=0.1)
+
+
+def test_frames_without_a_face_are_a_warning_with_their_count():
+    assert lost_face_warnings(50, 50) == []
+    (warning,) = lost_face_warnings(31, 50)
+    assert warning["code"] == "face_lost" and (warning["frames_without_face"], warning["num_frames"]) == (19, 50)
+    assert "19 of 50 frames" in warning["message"]
