@@ -33,7 +33,10 @@ from latentsync.media import load_clip
 from latentsync.media.framing import Fit, check_background
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.
-PREPARATION_VERSION = 1
+PREPARATION_VERSION = 2
+#: Frames before a clip's first or after its last detected face that still take that face's
+#: position (:func:`pasteable_frames`): 80 ms at 25 fps, a detector's late start, not a person leaving.
+EDGE_GAP_FRAMES = 2
 #: Paste geometries (box, soft mask) an Avatar keeps for reuse (ping-pong revisits base frames).
 _GEOMETRY_CACHE_FRAMES = 64
 #: Bytes read at a time when hashing the video file.
@@ -52,7 +55,9 @@ class AvatarSettings:
         size: Output ``(width, height)`` in pixels, or None to keep the video's size.
         min_face_fraction: Preparation fails when fewer than this fraction (0-1) of frames show a face.
         max_gap_frames: Frames farther than this from any frame with a detected face are passed
-            through unchanged by :meth:`Avatar.paste` (their interpolated geometry is a guess).
+            through unchanged by :meth:`Avatar.paste` (their interpolated geometry is a guess);
+            before the first or after the last detected face only :data:`EDGE_GAP_FRAMES` are
+            pasted into (:func:`pasteable_frames`).
         tracker: Face detector/tracker settings.
         fit: How a video of another aspect ratio than ``size`` fills it: ``cover``, ``contain`` or
             ``stretch`` (:mod:`latentsync.media.framing`). The paste-back geometry is computed on
@@ -391,6 +396,32 @@ def frames_to_nearest_face(found: np.ndarray) -> np.ndarray:
     return np.minimum(np.abs(nearest_after - frames), np.abs(frames - nearest_before)).astype(np.int64)
 
 
+def pasteable_frames(found: np.ndarray, max_gap_frames: int, edge_frames: int = EDGE_GAP_FRAMES) -> np.ndarray:
+    """Frames a generated face may be pasted into: a face detected there or interpolated from near ones.
+
+    A frame between two detected faces takes their position when one is at most ``max_gap_frames``
+    away (a missed detection, a blink). Before the clip's first or after its last detected face
+    nothing says the face is still there (the person may have walked out of the picture), so only
+    ``edge_frames`` frames there take the nearest face's position.
+
+    Args:
+        found: ``(F,) bool``, a face detected on each frame.
+        max_gap_frames: Largest distance, in frames, to a detected face inside the clip.
+        edge_frames: Largest distance before the first or after the last detected face.
+
+    Returns:
+        ``(F,) bool``.
+    """
+    distance = frames_to_nearest_face(found)
+    pasteable = distance <= max_gap_frames
+    faces = np.flatnonzero(found)
+    if faces.size:
+        frames = np.arange(found.shape[0])
+        beyond = (frames < faces[0]) | (frames > faces[-1])
+        pasteable &= ~beyond | (distance <= min(edge_frames, max_gap_frames))
+    return pasteable
+
+
 def touch_avatar(path: str | Path) -> None:
     """Mark a prepared avatar's cache directory as used now (its mtime; never raises)."""
     try:
@@ -445,7 +476,7 @@ def _prepare_into(
         aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
     faces.flush()
     del faces
-    pasteable = frames_to_nearest_face(track.found) <= settings.max_gap_frames
+    pasteable = pasteable_frames(track.found, settings.max_gap_frames)
     np.save(folder / "affines.npy", affines)
     np.save(folder / "landmarks.npy", track.landmarks.astype(np.float32))
     np.save(folder / "aligned_landmarks.npy", aligned)

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentsync.avatar import Avatar, AvatarSettings, cache_key, frames_to_nearest_face, pingpong_index
+from latentsync.avatar import (
+    Avatar,
+    AvatarSettings,
+    cache_key,
+    frames_to_nearest_face,
+    pasteable_frames,
+    pingpong_index,
+)
 from latentsync.face import FACE_SIZE, template_to_face_affine, transform_points
 from tests.datafiles import media_file
 
@@ -41,6 +48,19 @@ def test_pingpong_index():
     assert [pingpong_index(i, 2) for i in range(5)] == [0, 1, 0, 1, 0]
     with pytest.raises(ValueError):
         pingpong_index(0, 0)
+
+
+def test_pasteable_frames_fill_gaps_inside_the_clip_but_not_past_its_first_or_last_face():
+    found = np.zeros(40, bool)
+    found[[5, 6, 20, 30]] = True
+    got = pasteable_frames(found, max_gap_frames=4, edge_frames=2)
+    want = np.zeros(40, bool)
+    want[3:11] = True  # 2 before the first face (edge), the face, 4 after (inside the clip)
+    want[16:25] = True  # 4 either side of 20
+    want[26:33] = True  # 4 before 30 (inside), 2 after the last face (edge)
+    assert got.tolist() == want.tolist()
+    assert not pasteable_frames(np.zeros(5, bool), 4).any()
+    assert pasteable_frames(np.ones(5, bool), 0).all()
 
 
 def test_frames_to_nearest_face_matches_the_pairwise_distances():

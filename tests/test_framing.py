@@ -175,7 +175,7 @@ def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):
 
 def test_a_face_that_leaves_the_frame_is_framed_where_it_mostly_is_and_never_pasted_where_it_is_gone(tmp_path):
     """The presenter slides out of the picture after 1.2 s (0.8 s of the 2 s clip without her)."""
-    from latentsync.avatar import Avatar
+    from latentsync.avatar import EDGE_GAP_FRAMES, Avatar
 
     video = tmp_path / "leaves.mp4"
     subprocess.run(
@@ -198,8 +198,11 @@ def test_a_face_that_leaves_the_frame_is_framed_where_it_mostly_is_and_never_pas
     x, y, w, h = framing["crop"]
     assert framing["fit"] == "cover" and (x, w, h) == (0, 832, 832) and y < (1248 - 832) // 2
     assert 150 < framing["face"]["width"] < 220
-    # Frames long past the face are not pasted: a generated face there leaves the frame as it is.
-    gone = [i for i in range(n) if not avatar.pasteable[i]]
-    assert gone and min(gone) >= 30
+    # Once she has left, no face is pasted in (a generated face there would be drawn on the empty
+    # background): only the EDGE_GAP_FRAMES after the last frame with her take her last position.
+    last = int(np.flatnonzero(found)[-1])
+    pasteable = np.asarray(avatar.pasteable)
+    assert pasteable[: last + EDGE_GAP_FRAMES + 1].all() and not pasteable[last + EDGE_GAP_FRAMES + 1 :].any()
+    gone = [i for i in range(n) if not pasteable[i]]
     frame = np.array(avatar.frames[gone[-1]])
     assert np.array_equal(avatar.paste(gone[-1], np.full((256, 256, 3), 255, np.uint8), frame.copy()), frame)
