@@ -640,6 +640,9 @@ class FFmpegSink:
                 return
             with run.opened_lock:
                 run.opened += 1
+            # One I420 buffer for the writer's whole run: a fresh one every tick is a fresh mapping
+            # (ops.memory's mmap threshold) and ~100 page faults to fill it.
+            i420 = np.empty((self._settings.height * 3 // 2, self._settings.width), np.uint8) if is_video else None
             while not run.failed.is_set():
                 try:
                     item = source.get(timeout=0.1)
@@ -648,7 +651,7 @@ class FFmpegSink:
                         return
                     continue
                 if is_video:  # I420 is half the bytes of RGB, and FFmpeg has no colour conversion left to do
-                    item = cv2.cvtColor(item, cv2.COLOR_RGB2YUV_I420)
+                    item = cv2.cvtColor(item, cv2.COLOR_RGB2YUV_I420, dst=i420)
                 view = memoryview(np.ascontiguousarray(item)).cast("B")
                 while view:
                     written = os.write(fd, view)
