@@ -156,6 +156,10 @@ def test_text_to_speech_and_talk_live_speak_on_the_chosen_channel(page, server):
     live_id = page.inner_text("#message").split()[1]
     _wait(lambda: page.inner_text("#live-status").startswith("on air"), 15, "on air while talking")
     _wait(lambda: _label(page, "hall") in ("hall (speaking)", "hall (fade_in)"), 5, "hall speaking in the list")
+    # Talk on until more than half a second has arrived: a fast host is on air after less than that.
+    _wait(
+        lambda: get(server, f"/channels/hall/tasks/{live_id}")["audio_duration_s"] > 0.6, 10, "0.6 s of talk received"
+    )
     page.click("#live-stop")
     _wait(lambda: page.inner_text("#live-status") == "done (done)", 30, "live utterance done")
     task = get(server, f"/channels/hall/tasks/{live_id}")
