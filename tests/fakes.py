@@ -97,15 +97,16 @@ class FakePool:
 
 
 class FakeAvatar:
-    """An avatar of 50 base frames whose paste returns the face as is."""
+    """An avatar of 50 blank 2x2 base frames whose paste returns the face as is."""
 
     num_frames = 50
     path = "fake-avatar"
+    frames = np.zeros((num_frames, 2, 2, 3), np.uint8)
 
     def frame_index(self, i: int) -> int:
         return i % self.num_frames
 
-    def paste(self, base_index, faces):
+    def paste(self, base_index, faces, frame=None):
         return faces
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from latentsync.engines import CHUNK_FRAMES, ChunkResult
+from latentsync.media.buffers import FramePool
 from latentsync.serving.generation.task import Task, TaskState
 from latentsync.serving.generation.utterance import Utterance
 from latentsync.serving.playout.mixer import ProgramEvent
@@ -166,6 +167,7 @@ class SpeechProgram:
         self.in_gap = False
         self.underrun_ticks = 0
         self.chunk_audio_at: dict[int, float] = {}  # chunk -> monotonic time its audio was complete
+        self._frame_pool: FramePool | None = None  # speech frame buffers, from the first paste until OFF_AIR
         utterance.program = self
 
     @property
@@ -374,7 +376,15 @@ class SpeechProgram:
             return None
         self._content_played = content + 1
         self.task.frames_streamed = content + 1  # speech frames: the gap frames are not the task's
-        return self._avatar.paste(self._avatar.frame_index(content), faces)
+        return self._pasted(self._avatar.frame_index(content), faces)
+
+    def _pasted(self, base: int, face: np.ndarray) -> np.ndarray:
+        """Base frame ``base`` with ``face`` pasted, in a recycled buffer (:class:`FramePool`)."""
+        frames = self._avatar.frames
+        pool = self._frame_pool
+        if pool is None:
+            pool = self._frame_pool = FramePool(frames.shape[1:], frames.dtype)
+        return self._avatar.paste(base, face, frame=pool.copy(frames[base]))
 
     def _take(self, content: int) -> np.ndarray | None:
         """The generated face of content frame ``content``; frees its chunk once the chunk's last frame is taken."""
@@ -397,7 +407,7 @@ class SpeechProgram:
         final = self._utterance.final_frames
         face = self._take(content) if final is not None and content < max(final, 1) + self.task.tail_frames else None
         base = self._avatar.frame_index(content)
-        return self._avatar.paste(base, face) if face is not None else self._avatar.frames[base]
+        return self._pasted(base, face) if face is not None else self._avatar.frames[base]
 
     def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
         """``(num_samples,) int16`` for the tick at ``start_sample`` of the play timeline (silence in a gap)."""
@@ -442,4 +452,5 @@ class SpeechProgram:
                 task.off_air_tick = self._tick_counter()
             with self._lock:  # the fade is over: nothing more will be played
                 self._faces.clear()
+            self._frame_pool = None  # finished tasks keep their program: not its frame buffers
             task.release_audio()

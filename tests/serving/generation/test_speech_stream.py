@@ -15,6 +15,7 @@ import pytest
 from latentsync.engines import CHUNK_FRAMES
 from latentsync.serving.generation.audio import PcmFormat, SpeechError
 from latentsync.serving.generation.task import TaskKind, TaskState
+from latentsync.serving.playout.mixer import ProgramEvent
 from tests.fakes import (
     FPS,
     RATE,
@@ -340,5 +341,37 @@ def test_a_speech_burst_then_real_time_fills_the_stream_without_a_hole():
             lengths.append(pool.next_of(u.task_id).frames)
         assert sum(lengths) == u.final_frames == 150
         assert all(1 <= n <= CHUNK_FRAMES for n in lengths) and lengths[0] == 4
+    finally:
+        manager.close()
+
+
+class PastingAvatar(FramesAvatar):
+    """Pastes like the real avatar: into the frame it is given (a pooled buffer), in place."""
+
+    def paste(self, base_index, faces, frame=None):
+        frame[...] = faces
+        return frame
+
+
+def test_speech_frames_reuse_buffers_only_once_off_air():
+    pool = FakePool()
+    manager, _ = fake_manager(pool, PastingAvatar(), "engine.first_chunk_frames=16", "speech_stream.idle_timeout_s=30")
+    try:
+        u = manager.open(TaskKind.stream)
+        push_until(u, 2 * CHUNK_FRAMES + LOOKAHEAD, 0)
+        pool.complete(pool.next_of(u.task_id))
+        pool.complete(pool.next_of(u.task_id), fill=200)
+        program = u.program
+        wait_for(lambda: program._ready_frames == 2 * CHUNK_FRAMES, "two chunks in the program")
+        held = [program.frame(i) for i in range(CHUNK_FRAMES)]  # all still referenced (queued, say)
+        assert [int(f[0, 0, 0]) for f in held] == [100 + k for k in range(CHUNK_FRAMES)]  # none overwritten
+        allocated = program._frame_pool.allocated
+        assert allocated == CHUNK_FRAMES
+        del held
+        for i in range(CHUNK_FRAMES, 2 * CHUNK_FRAMES):  # each frame let go before the next tick
+            assert int(program.frame(i)[0, 0, 0]) == 200 + i - CHUNK_FRAMES
+        assert program._frame_pool.allocated == allocated  # every one of them a reused buffer
+        program.on_air(ProgramEvent.OFF_AIR, 2 * CHUNK_FRAMES)
+        assert program._frame_pool is None  # the finished task (kept for GET /tasks) holds no frame buffers
     finally:
         manager.close()
