@@ -24,7 +24,7 @@ from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
 from latentsync.serving.generation.pool import WorkerPoolError
 from latentsync.serving.ops.logs import QueryRedactingRequestHandler, configure_logging
-from latentsync.serving.ops.memory import bound_heap_growth
+from latentsync.serving.ops.memory import bound_heap_growth, freeze_heap
 from latentsync.serving.ops.systemd import sd_notify
 from latentsync.serving.ops.threads import limit_native_threads
 from latentsync.serving.runtime.runtime import Runtime
@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     limit_native_threads(config.server.native_threads)  # a process setting: this is the process's entry point
-    runtime = Runtime(config)
+
+    def refreeze(why: str) -> None:  # latentsync/serving/ops/memory.py: full collections skip what lives on
+        logger.info("heap frozen (%s): %d objects out of the garbage collector's way", why, freeze_heap())
+
+    # A deleted channel's start-up objects in reference cycles are collected, the rest frozen again.
+    runtime = Runtime(config, after_release=lambda: refreeze("channel deleted"))
     server = make_server(
         config.server.host,
         config.server.port,
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             return
         if not stop.is_set():
+            refreeze("started")  # what start-up made lives as long as the server
             logger.info(
                 "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
                 redact_rtmp_url(config.stream.rtmp_url),

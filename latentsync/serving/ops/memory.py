@@ -1,4 +1,4 @@
-"""The server process gives freed buffers back to the system (glibc's malloc tuned once at start).
+"""The server process's heap: freed buffers go back to the system, and full garbage collections stay short.
 
 Video frames (256x456x3 = 350 kB each, 16 per chunk), audio blocks and WebSocket messages are
 large and short-lived. glibc's ``malloc`` serves an allocation above its mmap threshold with its
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 
@@ -46,3 +47,27 @@ def bound_heap_growth(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def freeze_heap() -> int:
+    """Collect the cyclic garbage now, then exempt every object still alive from later collections.
+
+    CPython's cyclic garbage collector stops every thread of the process while it runs, and a full
+    (generation 2) collection visits every tracked object: in a started server (Flask, NumPy, OpenCV,
+    prometheus-client, the channels) one took 48-57 ms, two to three frame periods, so every clock
+    of the process was late at once (the process-wide stalls of docs/performance.md). Objects made at
+    start-up live as long as the server, so :func:`gc.freeze` moves them to the permanent generation
+    that collections skip; what is made later (tasks, uploads, frames) is collected as before.
+
+    Call it once the server has started, and again after something made at start-up was let go (a
+    channel deleted): a frozen object is still freed when its last reference goes, but garbage in a
+    reference cycle among frozen objects is only found by the next call, which unfreezes, collects
+    and freezes again (one full collection: that call itself pauses the process for one).
+
+    Returns:
+        Objects now in the permanent generation (:func:`gc.get_freeze_count`).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
