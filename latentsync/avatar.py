@@ -19,6 +19,7 @@ import numpy as np
 from latentsync.face import (
     FACE_SIZE,
     PasteGeometry,
+    PasteScratch,
     TrackerOptions,
     compute_affines,
     make_keep_mask,
@@ -227,7 +228,9 @@ class Avatar:
             self._geometries.move_to_end(index)
         return geometry
 
-    def paste(self, index: int, face: np.ndarray, frame: np.ndarray | None = None) -> np.ndarray:
+    def paste(
+        self, index: int, face: np.ndarray, frame: np.ndarray | None = None, scratch: PasteScratch | None = None
+    ) -> np.ndarray:
         """Paste a generated face into base frame ``index``.
 
         Only the face's box is touched. Frames marked not pasteable (face long lost) come back
@@ -238,6 +241,8 @@ class Avatar:
             face: ``(256, 256, 3) uint8`` RGB generated face aligned like ``faces[index]``.
             frame: Frame to paste into, ``(H, W, 3) uint8`` RGB; default: a copy of the base frame.
                 It is modified in place when given.
+            scratch: Reusable buffer for the warped face (:class:`latentsync.face.paste.PasteScratch`,
+                one per pasting thread); None: a fresh array per call.
 
         Returns:
             ``(H, W, 3) uint8`` RGB frame.
@@ -247,7 +252,7 @@ class Avatar:
             frame = np.array(self.frames[index])
         if not self.pasteable[index]:
             return frame
-        return paste_face(frame, face, geometry=self.paste_geometry(index), inplace=True)
+        return paste_face(frame, face, geometry=self.paste_geometry(index), inplace=True, scratch=scratch)
 
     @classmethod
     def load(cls, path: str | Path) -> Avatar:

@@ -106,7 +106,7 @@ class FakeAvatar:
     def frame_index(self, i: int) -> int:
         return i % self.num_frames
 
-    def paste(self, base_index, faces, frame=None):
+    def paste(self, base_index, faces, frame=None, scratch=None):
         return faces
 
 

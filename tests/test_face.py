@@ -14,6 +14,7 @@ from latentsync.face import (
     FaceNotFoundError,
     FaceTracker,
     PasteGeometry,
+    PasteScratch,
     alignment_points,
     compute_affines,
     make_keep_mask,
@@ -133,3 +134,20 @@ def test_box_paste_equals_full_frame_reference(size):
         diff = np.abs(ref[y0:y1, x0:x1].astype(np.int16) - ours[y0:y1, x0:x1])
         assert diff.mean() < 1.0
         assert (x1 - x0) * (y1 - y0) < 0.2 * w * h
+
+
+def test_paste_with_a_scratch_buffer_equals_paste_without_it():
+    """One PasteScratch across boxes of different sizes (grown, then used as a smaller view), in place."""
+    rng = np.random.default_rng(2)
+    w, h = 832, 1248
+    frame = rng.integers(0, 256, (h, w, 3), np.uint8)
+    face = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    scratch = PasteScratch()
+    for cx, cy, face_w in [(400.0, 300.0, 90.0), (420.0, 500.0, 300.0), (100.0, 900.0, 60.0)]:
+        src = np.array([[cx - face_w / 2, cy], [cx + face_w / 2, cy + 4], [cx, cy + face_w / 2]])
+        affine = similarity_transform(src, TEMPLATE_POINTS)
+        expected = paste_face(frame, face, affine)
+        target = frame.copy()
+        out = paste_face(target, face, affine, inplace=True, scratch=scratch)
+        assert out is target and np.array_equal(out, expected)
+    assert scratch.view(10, 10).base is not None  # a view of the grown buffer, not a fresh array

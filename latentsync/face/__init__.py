@@ -22,7 +22,7 @@ from latentsync.face.landmarks import (
     track_face,
 )
 from latentsync.face.mask import MASK_SIZE, make_keep_mask
-from latentsync.face.paste import PasteGeometry, paste_face, paste_face_reference
+from latentsync.face.paste import PasteGeometry, PasteScratch, paste_face, paste_face_reference
 
 __all__ = [
     "FACE_SIZE",
@@ -35,6 +35,7 @@ __all__ = [
     "FaceTrack",
     "FaceTracker",
     "PasteGeometry",
+    "PasteScratch",
     "TrackerOptions",
     "alignment_points",
     "compute_affines",

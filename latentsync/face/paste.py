@@ -147,12 +147,33 @@ class PasteGeometry:
         return cls((x0, y0, x1, y1), shifted, face_weight, frame_weight)
 
 
+class PasteScratch:
+    """A reusable buffer for the warped face of :func:`paste_face`, grown to the largest box seen.
+
+    The warped face is as large as the face's box: at 832x1248 a few hundred kB, above the server's
+    mmap threshold (``latentsync/serving/ops/memory.py``), so a fresh one per frame was its own
+    mapping and ~330 page faults, twice with the blend's output. One scratch per thread that pastes
+    (the channel's clock thread owns its program's): it is not thread-safe.
+    """
+
+    def __init__(self):
+        self._buffer = np.empty((0, 0, 3), np.uint8)
+
+    def view(self, height: int, width: int) -> np.ndarray:
+        """A ``(height, width, 3) uint8`` view of the buffer (grown when smaller); content undefined."""
+        h, w = self._buffer.shape[:2]
+        if height > h or width > w:
+            self._buffer = np.empty((max(height, h), max(width, w), 3), np.uint8)
+        return self._buffer[:height, :width]
+
+
 def paste_face(
     frame: np.ndarray,
     face: np.ndarray,
     affine: np.ndarray | None = None,
     geometry: PasteGeometry | None = None,
     inplace: bool = False,
+    scratch: PasteScratch | None = None,
 ) -> np.ndarray:
     """Paste a face into a frame, touching only the face's box (fast path).
 
@@ -165,6 +186,7 @@ def paste_face(
         affine: ``(2, 3)`` frame-to-template affine; needed when ``geometry`` is None.
         geometry: Precomputed :class:`PasteGeometry` of this frame (saves about half the work).
         inplace: Write into ``frame`` instead of a copy.
+        scratch: Where to warp the face (:class:`PasteScratch`); None: a fresh array.
 
     Returns:
         ``(H, W, 3) uint8`` RGB frame with the face pasted (``frame`` itself when ``inplace``).
@@ -181,9 +203,17 @@ def paste_face(
             raise ValueError("paste_face needs an affine or a PasteGeometry")
         geometry = PasteGeometry.from_affine(affine, (frame.shape[1], frame.shape[0]))
     x0, y0, x1, y1 = geometry.box
-    restored = cv2.warpAffine(_face_to_template(face), geometry.inverse, (x1 - x0, y1 - y0))
+    size = (x1 - x0, y1 - y0)
+    template = _face_to_template(face)
+    if scratch is None:
+        restored = cv2.warpAffine(template, geometry.inverse, size)
+    else:
+        view = scratch.view(size[1], size[0])
+        restored = cv2.warpAffine(template, geometry.inverse, size, dst=view)
     out = frame if inplace else frame.copy()
     # dst = (w1 * face + w2 * frame) / (w1 + w2); w1 + w2 = 1 except on the outermost pixel ring.
     box = out[y0:y1, x0:x1]
-    out[y0:y1, x0:x1] = cv2.blendLinear(restored, box, geometry.face_weight, geometry.frame_weight)
+    blended = cv2.blendLinear(restored, box, geometry.face_weight, geometry.frame_weight, dst=box)
+    if blended is not box and not np.shares_memory(blended, box):  # OpenCV could not write through the view
+        box[...] = blended
     return out

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from latentsync.engines import CHUNK_FRAMES, ChunkResult
+from latentsync.face import PasteScratch
 from latentsync.media.buffers import FramePool
 from latentsync.serving.generation.task import Task, TaskState
 from latentsync.serving.generation.utterance import Utterance
@@ -168,6 +169,7 @@ class SpeechProgram:
         self.underrun_ticks = 0
         self.chunk_audio_at: dict[int, float] = {}  # chunk -> monotonic time its audio was complete
         self._frame_pool: FramePool | None = None  # speech frame buffers, from the first paste until OFF_AIR
+        self._paste_scratch: PasteScratch | None = None  # the warped face, likewise
         utterance.program = self
 
     @property
@@ -379,12 +381,13 @@ class SpeechProgram:
         return self._pasted(self._avatar.frame_index(content), faces)
 
     def _pasted(self, base: int, face: np.ndarray) -> np.ndarray:
-        """Base frame ``base`` with ``face`` pasted, in a recycled buffer (:class:`FramePool`)."""
+        """Base frame ``base`` with ``face`` pasted, in recycled buffers (:class:`FramePool`, :class:`PasteScratch`)."""
         frames = self._avatar.frames
-        pool = self._frame_pool
-        if pool is None:
+        pool, scratch = self._frame_pool, self._paste_scratch
+        if pool is None or scratch is None:
             pool = self._frame_pool = FramePool(frames.shape[1:], frames.dtype)
-        return self._avatar.paste(base, face, frame=pool.copy(frames[base]))
+            scratch = self._paste_scratch = PasteScratch()
+        return self._avatar.paste(base, face, frame=pool.copy(frames[base]), scratch=scratch)
 
     def _take(self, content: int) -> np.ndarray | None:
         """The generated face of content frame ``content``; frees its chunk once the chunk's last frame is taken."""
@@ -452,5 +455,5 @@ class SpeechProgram:
                 task.off_air_tick = self._tick_counter()
             with self._lock:  # the fade is over: nothing more will be played
                 self._faces.clear()
-            self._frame_pool = None  # finished tasks keep their program: not its frame buffers
+            self._frame_pool = self._paste_scratch = None  # finished tasks keep their program: not its buffers
             task.release_audio()

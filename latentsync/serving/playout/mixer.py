@@ -23,6 +23,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from latentsync.media.buffers import FramePool
 from latentsync.serving.core.states import StateMachine
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import STREAM_MOVES, StreamState
@@ -100,9 +101,12 @@ class _Outgoing:
         return frame, audio
 
 
-def _blend(a: np.ndarray, b: np.ndarray, alpha: float) -> np.ndarray:
-    """``(1 - alpha) * a + alpha * b`` for ``(H, W, 3) uint8`` frames."""
-    return cv2.addWeighted(a, 1.0 - alpha, b, alpha, 0.0)
+def _blend(a: np.ndarray, b: np.ndarray, alpha: float, out: np.ndarray) -> np.ndarray:
+    """``(1 - alpha) * a + alpha * b`` for ``(H, W, 3) uint8`` frames, written into ``out``."""
+    blended = cv2.addWeighted(a, 1.0 - alpha, b, alpha, 0.0, dst=out)
+    if not np.shares_memory(blended, out):  # OpenCV reallocated (a layout it cannot write into)
+        np.copyto(out, blended)
+    return out
 
 
 def _mix(a: np.ndarray, gain_a: float, b: np.ndarray, gain_b: float) -> np.ndarray:
@@ -128,6 +132,7 @@ class ProgramMixer:
         self._crossfade = int(crossfade_frames)
         self._playlist: collections.deque[Program] = collections.deque()
         self._max_programs = int(max_programs)
+        self._blends: FramePool | None = None  # one crossfade's frames, reused once off air (clock thread only)
         self._lock = threading.Lock()
         self._interrupts: set[str] = set()
         self._current: Program | None = None
@@ -318,7 +323,7 @@ class ProgramMixer:
         if self._fading_in and self._outgoing is not None:
             alpha = (self._fade_step + 1) / (self._crossfade + 1)
             out_frame, out_audio = self._outgoing.next(num_samples)
-            frame = _blend(out_frame, frame, alpha)
+            frame = _blend(out_frame, frame, alpha, self._blend_buffer(frame))
             audio = _mix(audio, 1.0, out_audio, 1.0 - alpha)
             self._fade_step += 1
             if self._fade_step >= self._crossfade:
@@ -343,14 +348,22 @@ class ProgramMixer:
         out_frame, out_audio = outgoing.next(num_samples)
         idle_frame, idle_audio = self._idle.next(num_samples)
         alpha = (self._fade_step + 1) / (self._crossfade + 1)
-        frame = _blend(out_frame, idle_frame, alpha)
+        frame = _blend(out_frame, idle_frame, alpha, self._blend_buffer(idle_frame))
         audio = _mix(out_audio, 1.0 - alpha, idle_audio, alpha)
         self._fade_step += 1
         if self._fade_step >= self._crossfade:
             self._end_fade_out(outgoing)
         return frame, audio
 
+    def _blend_buffer(self, like: np.ndarray) -> np.ndarray:
+        """A recycled buffer shaped like ``like`` for one crossfade frame (:class:`FramePool`)."""
+        pool = self._blends
+        if pool is None or pool.shape != like.shape:
+            pool = self._blends = FramePool(like.shape, like.dtype)
+        return pool.take()
+
     def _end_fade_out(self, outgoing: _Outgoing) -> None:
         self._outgoing = None
+        self._blends = None  # the fade is over: its buffers go once the writers let go of them
         if outgoing.program is not None:  # the program is now off air (finished or interrupted)
             outgoing.program.on_air(ProgramEvent.OFF_AIR, outgoing.index)

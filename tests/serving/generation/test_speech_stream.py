@@ -348,7 +348,7 @@ def test_a_speech_burst_then_real_time_fills_the_stream_without_a_hole():
 class PastingAvatar(FramesAvatar):
     """Pastes like the real avatar: into the frame it is given (a pooled buffer), in place."""
 
-    def paste(self, base_index, faces, frame=None):
+    def paste(self, base_index, faces, frame=None, scratch=None):
         frame[...] = faces
         return frame
 
@@ -372,6 +372,6 @@ def test_speech_frames_reuse_buffers_only_once_off_air():
             assert int(program.frame(i)[0, 0, 0]) == 200 + i - CHUNK_FRAMES
         assert program._frame_pool.allocated == allocated  # every one of them a reused buffer
         program.on_air(ProgramEvent.OFF_AIR, 2 * CHUNK_FRAMES)
-        assert program._frame_pool is None  # the finished task (kept for GET /tasks) holds no frame buffers
+        assert program._frame_pool is None and program._paste_scratch is None  # a finished task holds no buffers
     finally:
         manager.close()
