@@ -47,10 +47,11 @@ def _soft_mask(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _soft_mask_fast(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_soft_mask` on an 8-bit mask (0-255): same shapes, several times faster.
+    """:func:`_soft_mask` on an 8-bit mask (0-255), several times faster, kept in 8 bits.
 
     Returns:
-        ``(face_weight, frame_weight)`` float32: ``soft * hard`` and ``1 - soft``.
+        ``(hard, soft)`` uint8 (0-255), the shape of ``warped_ones``: the eroded mask and the
+        blurred one; :func:`_weights` turns them into the blend's float weights.
 
     """
     hard = cv2.erode(warped_ones, np.ones((_FIRST_EROSION_PX, _FIRST_EROSION_PX), np.uint8))
@@ -59,9 +60,22 @@ def _soft_mask_fast(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if edge > 0:
         soft = cv2.erode(hard, np.ones((2 * edge, 2 * edge), np.uint8))
         soft = cv2.GaussianBlur(soft, (2 * edge + 1, 2 * edge + 1), 0)
-    soft_f = soft.astype(np.float32) * np.float32(1 / 255)
-    face_weight = cv2.multiply(soft_f, hard.astype(np.float32), scale=1 / 255)
-    return face_weight, 1.0 - soft_f
+    return hard, soft
+
+
+def _weights(
+    hard: np.ndarray, soft: np.ndarray, face_weight: np.ndarray, frame_weight: np.ndarray, work: np.ndarray
+) -> None:
+    """Fill ``face_weight`` (``soft * hard``) and ``frame_weight`` (``1 - soft``), float32, from 8-bit masks.
+
+    All three outputs are float32 arrays of the masks' shape; ``work`` is overwritten.
+    """
+    np.multiply(soft, np.float32(1 / 255), out=frame_weight)  # soft in [0, 1]
+    np.copyto(work, hard)
+    product = cv2.multiply(frame_weight, work, dst=face_weight, scale=1 / 255)
+    if not np.shares_memory(product, face_weight):  # OpenCV could not write through the view
+        np.copyto(face_weight, product)
+    np.subtract(np.float32(1.0), frame_weight, out=frame_weight)
 
 
 def _blend(background: np.ndarray, restored: np.ndarray, hard: np.ndarray, soft: np.ndarray) -> np.ndarray:
@@ -97,18 +111,40 @@ def paste_face_reference(frame: np.ndarray, face: np.ndarray, affine: np.ndarray
 class PasteGeometry:
     """Everything about pasting into one frame that depends only on its affine.
 
+    The masks are kept in 8 bits, as they are computed (2 bytes a pixel of the box, a quarter of
+    the float32 weights the blend needs, which :meth:`weights` makes per paste).
+
     Attributes:
         box: ``(x0, y0, x1, y1)`` int region of the frame that the paste may change.
         inverse: ``(2, 3) float64`` template-to-box affine (the inverse affine shifted to the box).
-        face_weight: ``(y1 - y0, x1 - x0) float32`` weight of the face: soft mask times eroded mask.
-        frame_weight: ``(y1 - y0, x1 - x0) float32`` weight of the frame: one minus the soft mask.
+        hard: ``(y1 - y0, x1 - x0) uint8`` eroded warped face mask (0-255).
+        soft: ``(y1 - y0, x1 - x0) uint8`` the same eroded further and blurred: the feathered edge.
 
     """
 
     box: tuple[int, int, int, int]
     inverse: np.ndarray
-    face_weight: np.ndarray
-    frame_weight: np.ndarray
+    hard: np.ndarray
+    soft: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the geometry holds (its masks)."""
+        return self.hard.nbytes + self.soft.nbytes
+
+    def weights(self, scratch: PasteScratch | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The blend's weights: ``(face_weight, frame_weight)``, ``(y1 - y0, x1 - x0) float32``.
+
+        ``face_weight`` is the soft mask times the hard one, ``frame_weight`` one minus the soft
+        mask (both in [0, 1]). With ``scratch`` they are views of its buffers, valid until its next use.
+        """
+        h, w = self.hard.shape
+        if scratch is None:
+            face, frame, work = (np.empty((h, w), np.float32) for _ in range(3))
+        else:
+            face, frame, work = scratch.weights(h, w)
+        _weights(self.hard, self.soft, face, frame, work)
+        return face, frame
 
     @classmethod
     def from_affine(cls, affine: np.ndarray, frame_size: tuple[int, int]) -> PasteGeometry:
@@ -143,28 +179,37 @@ class PasteGeometry:
         shifted = inverse.copy()
         shifted[:, 2] -= (x0, y0)
         ones = np.full((th, tw), 255, np.uint8)
-        face_weight, frame_weight = _soft_mask_fast(cv2.warpAffine(ones, shifted, (x1 - x0, y1 - y0)))
-        return cls((x0, y0, x1, y1), shifted, face_weight, frame_weight)
+        hard, soft = _soft_mask_fast(cv2.warpAffine(ones, shifted, (x1 - x0, y1 - y0)))
+        return cls((x0, y0, x1, y1), shifted, hard, soft)
 
 
 class PasteScratch:
-    """A reusable buffer for the warped face of :func:`paste_face`, grown to the largest box seen.
+    """Reusable buffers for one paste (the warped face, the blend's weights), grown to the largest box.
 
-    The warped face is as large as the face's box: at 832x1248 a few hundred kB, above the server's
-    mmap threshold (``latentsync/serving/ops/memory.py``), so a fresh one per frame was its own
-    mapping and ~330 page faults, twice with the blend's output. One scratch per thread that pastes
-    (the channel's clock thread owns its program's): it is not thread-safe.
+    They are as large as the face's box: at 832x1248 up to a megabyte, above the server's mmap
+    threshold (``latentsync/serving/ops/memory.py``), so fresh ones per frame were mappings of
+    their own and hundreds of page faults a paste. One scratch per thread that pastes (the
+    channel's clock thread owns its program's): it is not thread-safe.
     """
 
     def __init__(self):
-        self._buffer = np.empty((0, 0, 3), np.uint8)
+        self._face = np.empty((0, 0, 3), np.uint8)
+        self._weights = np.empty((3, 0, 0), np.float32)
 
     def view(self, height: int, width: int) -> np.ndarray:
-        """A ``(height, width, 3) uint8`` view of the buffer (grown when smaller); content undefined."""
-        h, w = self._buffer.shape[:2]
+        """A ``(height, width, 3) uint8`` view of the face buffer (grown when smaller); content undefined."""
+        h, w = self._face.shape[:2]
         if height > h or width > w:
-            self._buffer = np.empty((max(height, h), max(width, w), 3), np.uint8)
-        return self._buffer[:height, :width]
+            self._face = np.empty((max(height, h), max(width, w), 3), np.uint8)
+        return self._face[:height, :width]
+
+    def weights(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three ``(height, width) float32`` views of the weight buffers (grown when smaller); content undefined."""
+        h, w = self._weights.shape[1:]
+        if height > h or width > w:
+            self._weights = np.empty((3, max(height, h), max(width, w)), np.float32)
+        face, frame, work = (plane[:height, :width] for plane in self._weights)
+        return face, frame, work
 
 
 def paste_face(
@@ -213,7 +258,8 @@ def paste_face(
     out = frame if inplace else frame.copy()
     # dst = (w1 * face + w2 * frame) / (w1 + w2); w1 + w2 = 1 except on the outermost pixel ring.
     box = out[y0:y1, x0:x1]
-    blended = cv2.blendLinear(restored, box, geometry.face_weight, geometry.frame_weight, dst=box)
+    face_weight, frame_weight = geometry.weights(scratch)
+    blended = cv2.blendLinear(restored, box, face_weight, frame_weight, dst=box)
     if blended is not box and not np.shares_memory(blended, box):  # OpenCV could not write through the view
         box[...] = blended
     return out
