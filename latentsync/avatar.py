@@ -246,8 +246,8 @@ class Avatar:
             face: ``(256, 256, 3) uint8`` RGB generated face aligned like ``faces[index]``.
             frame: Frame to paste into, ``(H, W, 3) uint8`` RGB; default: a copy of the base frame.
                 It is modified in place when given.
-            scratch: Reusable buffer for the warped face (:class:`latentsync.face.paste.PasteScratch`,
-                one per pasting thread); None: a fresh array per call.
+            scratch: Reusable buffers for the warped face and the blend's weights
+                (:class:`latentsync.face.paste.PasteScratch`, one per pasting thread); None: fresh arrays.
 
         Returns:
             ``(H, W, 3) uint8`` RGB frame.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import queue
 import threading
 
+import cv2
 import numpy as np
 import pytest
 
-from latentsync.media.buffers import FramePool
+from latentsync.media.buffers import FramePool, written_into
 
 SHAPE = (4, 6, 3)
 
@@ -69,3 +70,11 @@ def test_copy_fills_a_pooled_buffer_and_checks_the_shape():
         pool.copy(np.zeros((6, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="max_buffers"):
         FramePool(SHAPE, max_buffers=0)
+
+
+def test_written_into_keeps_what_opencv_wrote_in_place_and_copies_what_it_allocated():
+    out = np.zeros(SHAPE, np.uint8)
+    in_place = cv2.add(out, 3, dst=out)  # OpenCV writes through dst
+    assert written_into(in_place, out) is out and (out == 3).all()
+    allocated = np.full(SHAPE, 7, np.uint8)  # what OpenCV returns when it cannot use dst
+    assert written_into(allocated, out) is out and (out == 7).all() and not np.shares_memory(out, allocated)

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from latentsync.face.align import FACE_SIZE, TEMPLATE_SIZE
+from latentsync.media.buffers import written_into
 
 #: First erosion of the warped face mask, kernel side in pixels (LatentSync 1.0: 2).
 _FIRST_EROSION_PX = 2
@@ -72,9 +73,7 @@ def _weights(
     """
     np.multiply(soft, np.float32(1 / 255), out=frame_weight)  # soft in [0, 1]
     np.copyto(work, hard)
-    product = cv2.multiply(frame_weight, work, dst=face_weight, scale=1 / 255)
-    if not np.shares_memory(product, face_weight):  # OpenCV could not write through the view
-        np.copyto(face_weight, product)
+    written_into(cv2.multiply(frame_weight, work, dst=face_weight, scale=1 / 255), face_weight)
     np.subtract(np.float32(1.0), frame_weight, out=frame_weight)
 
 
@@ -231,7 +230,7 @@ def paste_face(
         affine: ``(2, 3)`` frame-to-template affine; needed when ``geometry`` is None.
         geometry: Precomputed :class:`PasteGeometry` of this frame (saves about half the work).
         inplace: Write into ``frame`` instead of a copy.
-        scratch: Where to warp the face (:class:`PasteScratch`); None: a fresh array.
+        scratch: Where the warped face and the weights go (:class:`PasteScratch`); None: fresh arrays.
 
     Returns:
         ``(H, W, 3) uint8`` RGB frame with the face pasted (``frame`` itself when ``inplace``).
@@ -250,16 +249,11 @@ def paste_face(
     x0, y0, x1, y1 = geometry.box
     size = (x1 - x0, y1 - y0)
     template = _face_to_template(face)
-    if scratch is None:
-        restored = cv2.warpAffine(template, geometry.inverse, size)
-    else:
-        view = scratch.view(size[1], size[0])
-        restored = cv2.warpAffine(template, geometry.inverse, size, dst=view)
+    view = scratch.view(size[1], size[0]) if scratch is not None else None
+    restored = cv2.warpAffine(template, geometry.inverse, size, dst=view)
     out = frame if inplace else frame.copy()
     # dst = (w1 * face + w2 * frame) / (w1 + w2); w1 + w2 = 1 except on the outermost pixel ring.
     box = out[y0:y1, x0:x1]
     face_weight, frame_weight = geometry.weights(scratch)
-    blended = cv2.blendLinear(restored, box, face_weight, frame_weight, dst=box)
-    if blended is not box and not np.shares_memory(blended, box):  # OpenCV could not write through the view
-        box[...] = blended
+    written_into(cv2.blendLinear(restored, box, face_weight, frame_weight, dst=box), box)
     return out

@@ -90,3 +90,15 @@ class FramePool:
     def kept(self) -> int:
         """Buffers the pool holds for reuse."""
         return len(self._buffers)
+
+
+def written_into(result: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out``, holding ``result``: what an OpenCV call given ``dst=out`` returned.
+
+    OpenCV writes into ``dst`` when it can (any row-strided view of the right shape and type) and
+    otherwise returns a new array; that one is copied into ``out`` here, so the caller's buffer
+    always holds the result.
+    """
+    if not np.shares_memory(result, out):
+        np.copyto(out, result)
+    return out

@@ -54,7 +54,7 @@ def freeze_heap() -> int:
 
     CPython's cyclic garbage collector stops every thread of the process while it runs, and a full
     (generation 2) collection visits every tracked object: in a started server (Flask, NumPy, OpenCV,
-    prometheus-client, the channels) one took 48-57 ms, two to three frame periods, so every clock
+    prometheus-client, the channels) one took 45-57 ms, two to three frame periods, so every clock
     of the process was late at once (the process-wide stalls of docs/performance.md). Objects made at
     start-up live as long as the server, so :func:`gc.freeze` moves them to the permanent generation
     that collections skip; what is made later (tasks, uploads, frames) is collected as before.

@@ -23,7 +23,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from latentsync.media.buffers import FramePool
+from latentsync.media.buffers import FramePool, written_into
 from latentsync.serving.core.states import StateMachine
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import STREAM_MOVES, StreamState
@@ -103,10 +103,7 @@ class _Outgoing:
 
 def _blend(a: np.ndarray, b: np.ndarray, alpha: float, out: np.ndarray) -> np.ndarray:
     """``(1 - alpha) * a + alpha * b`` for ``(H, W, 3) uint8`` frames, written into ``out``."""
-    blended = cv2.addWeighted(a, 1.0 - alpha, b, alpha, 0.0, dst=out)
-    if not np.shares_memory(blended, out):  # OpenCV reallocated (a layout it cannot write into)
-        np.copyto(out, blended)
-    return out
+    return written_into(cv2.addWeighted(a, 1.0 - alpha, b, alpha, 0.0, dst=out), out)
 
 
 def _mix(a: np.ndarray, gain_a: float, b: np.ndarray, gain_b: float) -> np.ndarray:

@@ -84,12 +84,12 @@ class Runtime:
     Args:
         config: The validated server configuration.
         after_release: Called (on the API thread) after a deleted channel was closed, to let the
-            process reclaim what it held; ``infer_serv.py`` passes
-            :func:`latentsync.serving.ops.memory.freeze_heap`. None: nothing.
+            process reclaim what it held; ``infer_serv.py`` passes one that calls
+            :func:`latentsync.serving.ops.memory.freeze_heap` and logs it. None: nothing.
     """
 
     def __init__(self, config: AppConfig, after_release: Callable[[], object] | None = None):
-        self._after_release = after_release  # called once a deleted channel is closed (infer_serv: freeze_heap)
+        self._after_release = after_release
         self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
         self._file_config = config  # main's avatar as configured, if the one kept in channels_file fails
         self._api_hosts = allowed_rtmp_hosts(config)  # where channels created through the API may push
