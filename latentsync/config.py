@@ -93,6 +93,11 @@ class StreamConfig:
     which the newest ``record_keep`` are kept.
     ``max_pixels_per_s``: budget of width x height x fps of every channel (1920x1080 at 30 fps),
     checked at load and before a video is decoded.
+    ``clock_nice``: niceness added to every channel's clock thread (-20..0; 0: left alone), so a
+    clock woken on time is not queued behind FFmpeg's encoder threads and the server's others
+    (latentsync.serving.ops.threads.renice_this_thread; docs/performance.md "Clock priority").
+    Needs root, ``CAP_SYS_NICE`` or a high enough ``RLIMIT_NICE`` (systemd ``LimitNICE=30`` allows
+    -10); refused, the clock logs a warning and runs at the process's niceness.
     ``allowed_rtmp_hosts``: hosts a channel created through the API may push to; null: the hosts
     of the channels in the config file (``main`` included).
     ``x264_preset``: a libx264 preset, or ``auto``: per channel, ``ultrafast`` when its bitrate
@@ -118,6 +123,7 @@ class StreamConfig:
     keyframe_interval_s: float = 2.0
     sink_queue_s: float = 1.0
     max_catchup_s: float = 1.0
+    clock_nice: int = -10
     restart_backoff_min_s: float = 0.5
     restart_backoff_max_s: float = 10.0
     record_path: str | None = None
@@ -813,6 +819,7 @@ def validate(config: AppConfig) -> None:
     _check(0.1 <= s.keyframe_interval_s <= 10, "stream.keyframe_interval_s", s.keyframe_interval_s, "0.1..10")
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
     _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")
+    _check(-20 <= s.clock_nice <= 0, "stream.clock_nice", s.clock_nice, "-20..0")
     _check(
         0 < s.restart_backoff_min_s <= s.restart_backoff_max_s <= 300,
         "stream.restart_backoff_min_s",

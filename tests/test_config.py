@@ -51,6 +51,8 @@ def test_shipped_server_yaml_loads_and_has_every_key():
         (["stream.width=641", "stream.height=360"], "stream.width"),
         (["stream.width=640"], "stream.width"),
         (["stream.crossfade_frames=-1"], "stream.crossfade_frames"),
+        (["stream.clock_nice=5"], "stream.clock_nice"),  # only ever ahead of the rest, never behind
+        (["stream.clock_nice=-21"], "stream.clock_nice"),
         (["stream.rtmp_url=http://x/y"], "stream.rtmp_url"),
         (["engine.name=wav2lip"], "engine.name"),
         (["engine.workers=0"], "engine.workers"),

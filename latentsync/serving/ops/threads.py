@@ -1,4 +1,4 @@
-"""Native thread pools of a serving process: OpenCV's and BLAS's, capped once at the process's start.
+"""Threads of a serving process: native pools (OpenCV's, BLAS's) capped at start, and per-thread niceness.
 
 Every channel already runs on threads of its own (clock, FIFO writers, encoders) and the engine pool
 parallelises by process, so the libraries' own pools only add threads that busy-wait for work on
@@ -8,6 +8,10 @@ thread, the same chunks took the same wall time at half the CPU.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import threading
 
 import cv2
 import threadpoolctl
@@ -32,3 +36,32 @@ def limit_native_threads(threads: int) -> None:
         return
     cv2.setNumThreads(threads)
     threadpoolctl.threadpool_limits(limits=threads, user_api="blas")
+
+
+def renice_this_thread(offset: int) -> int | None:
+    """Add ``offset`` to the calling thread's niceness, leaving the process's other threads as they are.
+
+    On Linux niceness belongs to each thread (``setpriority(PRIO_PROCESS, tid)``) and threads the
+    calling thread starts later inherit it. A negative offset (ahead of the rest of the process)
+    needs ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` that allows the result: the limit allows niceness
+    down to ``20 - limit`` (setrlimit(2)); systemd's ``LimitNICE=30`` allows -10. The result is
+    clamped to the kernel's range, -20..19.
+
+    Args:
+        offset: Niceness to add; 0 changes nothing.
+
+    Returns:
+        The thread's niceness afterwards, or None if the system refused it (``EPERM``/``EACCES``:
+        no privilege for a negative offset) or has no per-thread niceness (not Linux); then the
+        thread keeps its niceness. Never raises for those.
+    """
+    if not sys.platform.startswith("linux"):  # elsewhere PRIO_PROCESS takes a process id, not a thread's
+        return None
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if offset:
+            os.setpriority(os.PRIO_PROCESS, tid, max(-20, min(19, current + offset)))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError:  # PermissionError (EPERM, EACCES) included
+        return None

@@ -20,6 +20,7 @@ import numpy as np
 
 from latentsync.media.timing import samples_in_frame
 from latentsync.serving.ops.systemd import name_this_thread
+from latentsync.serving.ops.threads import renice_this_thread
 from latentsync.serving.playout.state import StreamState
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ class StreamingController:
         sample_rate_hz: Audio samples per second of the output.
         max_catchup_s: After a stall longer than this (seconds), the clock is re-anchored to now and
             the missed ticks are counted as dropped instead of being emitted in a burst.
+        nice: Niceness added to the clock thread when it starts (negative: ahead of the process's
+            other threads and of FFmpeg's encoder threads when a core frees up; see
+            :func:`latentsync.serving.ops.threads.renice_this_thread`). When the system refuses
+            (no ``CAP_SYS_NICE``, ``RLIMIT_NICE`` too low) the clock logs a warning and runs at the
+            process's niceness. 0: left alone.
         clock: Monotonic clock in seconds (default ``time.monotonic``; tests inject a virtual one).
         wait: ``wait(timeout_s) -> bool`` blocks up to ``timeout_s`` seconds and returns True when the
             clock must stop (default: the controller's own stop event, so :meth:`close` wakes it at
@@ -97,6 +103,7 @@ class StreamingController:
         fps: int,
         sample_rate_hz: int,
         max_catchup_s: float = 1.0,
+        nice: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[float], bool] | None = None,
     ):
@@ -105,6 +112,7 @@ class StreamingController:
         self._fps = int(fps)
         self._sample_rate_hz = int(sample_rate_hz)
         self._max_catchup_s = float(max_catchup_s)
+        self._nice = int(nice)
         self._clock = clock
         self._stop = threading.Event()
         self._wait = wait if wait is not None else self._stop.wait
@@ -163,6 +171,18 @@ class StreamingController:
     # ----------------------------------------------------------------- clock
     def _run(self) -> None:
         name_this_thread("ls-clock")  # the thread systemd's watchdog vouches for, findable by name
+        if self._nice:
+            # Woken on time but queued behind runnable threads, a clock at the process's niceness was
+            # up to 20 ms late with the cores half idle (docs/performance.md "Clock priority").
+            niceness = renice_this_thread(self._nice)
+            if niceness is None:
+                logger.warning(
+                    "clock thread: niceness %+d refused (needs CAP_SYS_NICE or RLIMIT_NICE, e.g. systemd "
+                    "LimitNICE=30); it runs at the process's niceness",
+                    self._nice,
+                )
+            else:
+                logger.info("clock thread at niceness %d", niceness)
         period_s = 1.0 / self._fps
         self._t0 = self._clock()
         self._started = True

@@ -300,6 +300,7 @@ class Channel:
             fps=s.fps,
             sample_rate_hz=s.audio_sample_rate,
             max_catchup_s=s.max_catchup_s,
+            nice=s.clock_nice,
         )
         with self._release_lock:  # a part is started only while close() cannot be releasing the parts
             if self.stopped:

@@ -16,6 +16,7 @@ import array
 import ctypes
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -146,6 +147,31 @@ def thread_named(pid: int, name: str) -> int:
     raise AssertionError(f"no thread {name!r} in process {pid}")
 
 
+def niceness(pid: int, tid: int) -> int:
+    """A thread's niceness (field 19 of ``/proc/<pid>/task/<tid>/stat``)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def thread_niceness(pid: int, but: str) -> list[int]:
+    """The niceness of every thread of ``pid`` not called ``but`` (threads that end meanwhile left out)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != but:
+                out.append(niceness(pid, int(task.name)))
+        except OSError:
+            pass
+    return out
+
+
+def may_lower_niceness_to(pid: int, target: int) -> bool:
+    """Whether the kernel lets ``pid`` set niceness ``target``: CAP_SYS_NICE, or RLIMIT_NICE allowing it."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    effective = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
+    cap_sys_nice = 23  # linux/capability.h
+    return bool(effective >> cap_sys_nice & 1) or target >= 20 - resource.prlimit(pid, resource.RLIMIT_NICE)[0]
+
+
 class FrozenThread:
     """Stops one thread of another process with ptrace (``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT``)."""
 
@@ -213,6 +239,12 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         worker = workers[0]
         assert listener.ready_checks == [{"publishing": True, "health": 200}], listener.ready_checks
 
+        # stream.clock_nice (-10): the clock thread ahead of the process's other threads, where allowed
+        base = niceness(worker, worker)
+        clock_lowered = may_lower_niceness_to(worker, base - 10)
+        assert niceness(worker, thread_named(worker, "ls-clock")) == (base - 10 if clock_lowered else base)
+        assert set(thread_niceness(worker, but="ls-clock")) == {base}  # the rest keep theirs
+
         time.sleep(3 * WATCHDOG_S)  # the clock ticks: pings keep coming
         t_freeze = listener.now()
         with FrozenThread(thread_named(worker, "ls-clock")):
@@ -262,6 +294,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
     assert not [t for t in during if t > t_freeze + HEALTH_TICK_STALE_S + PING_INTERVAL_S + 0.5], during
     assert t_thaw - max([t_freeze, *during]) >= WATCHDOG_S
     assert "withholding the systemd watchdog ping" in text
+    assert ("clock thread at niceness" if clock_lowered else "niceness -10 refused") in text
     assert [t for t in pings if t_thaw < t <= t_thaw + 2 * PING_INTERVAL_S + HEALTH_TICK_STALE_S], "no ping after thaw"
     # SIGTERM: fade, FFmpeg flush, pool closed, all inside TimeoutStopSec; systemd told STOPPING=1
     assert code == 0 and took_s < stop_budget_s, (code, took_s)

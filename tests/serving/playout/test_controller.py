@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 
@@ -174,3 +176,37 @@ def test_close_is_idempotent_and_safe_before_start():
 def test_idle_loop_rejects_bad_frames():
     with pytest.raises(ValueError, match="uint8"):
         IdleLoop(np.zeros((3, 8, 8, 3), dtype=np.float32), None)
+
+
+def thread_niceness() -> int:
+    """Niceness of the calling thread, as the kernel reports it (field 19 of /proc/thread-self/stat)."""
+    with open("/proc/thread-self/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_the_clock_thread_runs_at_its_own_niceness_and_the_rest_of_the_process_does_not():
+    class NicenessSink(RecordingSink):
+        def offer(self, video, audio):
+            self.niceness = thread_niceness()  # called on the clock thread
+            return super().offer(video, audio)
+
+    base = thread_niceness()
+    sink = NicenessSink()
+    stats = run_virtual(make_idle(), sink, VirtualClock(run_s=0.25), nice=3)  # raising needs no privilege
+    assert stats.frames_emitted == 8
+    assert sink.niceness == min(19, base + 3)
+    assert thread_niceness() == base
+
+
+def test_a_refused_niceness_is_a_warning_and_the_clock_still_ticks(monkeypatch, caplog):
+    import latentsync.serving.playout.clock as clock_module
+
+    asked = []
+    # The seam: the kernel refusing (no CAP_SYS_NICE, RLIMIT_NICE 0) cannot be reached in a root test process.
+    monkeypatch.setattr(clock_module, "renice_this_thread", lambda offset: asked.append(offset))
+    with caplog.at_level(logging.WARNING, logger=clock_module.__name__):
+        stats = run_virtual(make_idle(), RecordingSink(), VirtualClock(run_s=1.0), nice=-10)
+    assert asked == [-10]
+    assert stats.frames_emitted == 32 and stats.dropped_ticks == 0
+    assert any("niceness -10 refused" in r.getMessage() for r in caplog.records)
