@@ -10,6 +10,9 @@ engine workers, FFmpeg) before the speech started. The table stops after the fir
 or dropped ticks or a failed upload (or at ``--max-channels``); late ticks (a tick handled more than
 half a frame late, which CPU contention from other processes causes too) are reported, and the
 largest n with none of the three is printed. "RSS per extra channel" is (RSS(n) - RSS(1)) / (n - 1).
+"Clock queued" is how long the kernel kept the clock threads runnable but waiting for a core during
+the speech (``/proc/<pid>/task/<tid>/schedstat``): per channel per second, and per time the thread
+got a core, a dispatch (``stream.clock_nice`` keeps both small).
 
     scripts/rtmp_server.sh start
     .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [--pool ray] [key=value ...]
@@ -57,6 +60,24 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def clock_queueing(pid: int) -> tuple[float, int]:
+    """Run delay of the server's clock threads (OS name ``ls-clock``), summed: (ms, timeslices).
+
+    From ``/proc/<pid>/task/<tid>/schedstat`` (time spent runnable but waiting for a core, and the
+    number of times the thread got one): how long the kernel kept woken clocks queued.
+    """
+    ns, slices = 0, 0
+    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+        try:
+            if (task / "comm").read_text().strip() != "ls-clock":
+                continue
+            _, wait_ns, count = (int(v) for v in (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        ns, slices = ns + wait_ns, slices + count
+    return ns / 1e6, slices
+
+
 def channel_names(n: int) -> list[str]:
     return ["main"] + [f"ch{i}" for i in range(1, n)]
 
@@ -99,6 +120,8 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
         time.sleep(3.0)  # settle: FFmpeg connected, first GOPs out
         rss_mb = tree_rss_mb(server.pid)
         before = {name: health(port, name) for name in urls}
+        queued_before = clock_queueing(server.pid)
+        t_start = time.monotonic()
         body, headers = multipart(SPEECH.read_bytes(), SPEECH.name)
         task_urls: dict[str, list[str]] = {name: [] for name in urls}
         errors: list[str] = []
@@ -123,6 +146,8 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
             t.join(args.duration_s + 30)
         time.sleep(max(0.0, t_end - time.monotonic()) + 8.0)  # the last uploads play out
         after = {name: health(port, name) for name in urls}
+        queued_after = clock_queueing(server.pid)
+        wall_s = time.monotonic() - t_start
         ttff = []
         for name, tasks in task_urls.items():
             for url in tasks:
@@ -144,6 +169,8 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
             "ttff_median": statistics.median(ttff) if ttff else float("nan"),
             "ttff_max": max(ttff) if ttff else float("nan"),
             "rss_mb": rss_mb,
+            "queued_ms_per_s": (queued_after[0] - queued_before[0]) / n / wall_s,
+            "queued_ms_per_slice": (queued_after[0] - queued_before[0]) / max(1, queued_after[1] - queued_before[1]),
             "errors": errors,
         }
     finally:
@@ -185,14 +212,15 @@ def main() -> int:
     )
     print(
         "| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
-        "| RSS per extra channel MiB |"
+        "| RSS per extra channel MiB | clock queued ms/s | clock queued ms/dispatch |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         extra = f"{(r['rss_mb'] - base) / (r['n'] - 1):.0f}" if r["n"] > 1 and base is not None else "-"
         print(
             f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
-            f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} |"
+            f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} | {r['queued_ms_per_s']:.2f} "
+            f"| {r['queued_ms_per_slice']:.3f} |"
         )
     ok = [r["n"] for r in rows if not (r["late"] or r["underrun"] or r["dropped"] or r["errors"])]
     on_time = [r["n"] for r in rows if not (r["underrun"] or r["dropped"] or r["errors"])]

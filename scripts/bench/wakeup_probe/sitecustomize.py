@@ -1,0 +1,97 @@
+"""Wake-up probe for the output clocks of a benchmarked server (docs/performance.md "Clock priority").
+
+Put this folder on ``PYTHONPATH`` of a command that starts ``infer_serv.py`` (``channels_bench.py``
+passes its environment on); Python imports ``sitecustomize`` at start-up, and in ``infer_serv.py``
+only this wraps ``StreamingController._emit_one`` once the clock module is imported. For every tick
+whose predecessor ended before the tick's due time (so any lateness is in waking up, not in our
+work) it measures how late the clock thread woke and how much of that the thread spent runnable
+but waiting for a core (run delay, ``/proc/self/task/<tid>/schedstat``); the rest is the wait for
+the GIL. Every 750 ticks each clock appends one line to ``$WAKEUP_PROBE_DIR/wakeups-<pid>.log``
+(default: the system's temporary folder), counting from its 376th tick (start-up left out):
+
+    wakeups=N  ge5=..  ge10=..  ge15=..  ge20=..  run_delay_ms=..  gil_ms=..  worst=[(late_ms, run_delay_ms), ...]
+
+(``geK``: wake-ups K ms or more late; the two sums and the five worst are over those 5 ms or more late.)
+
+    PYTHONPATH=scripts/bench/wakeup_probe .venv/bin/python scripts/bench/channels_bench.py \\
+        --size 832x1248 --duration-s 150 --min-channels 2 --max-channels 2 [stream.clock_nice=0]
+
+A diagnostic for benchmarks only: it reaches into a private method and is never used by the server.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import sys
+import tempfile
+import threading
+import time
+
+SKIP_TICKS = 375  # 15 s at 25 fps: start-up (workers spawning, the heap frozen) is not what is measured
+REPORT_EVERY = 750  # ticks
+THRESHOLDS_MS = (5, 10, 15, 20)
+
+
+def _run_delay_ms(tid: int) -> float:
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[1]) / 1e6
+
+
+def _install() -> None:
+    from latentsync.serving.playout import clock
+
+    emit = clock.StreamingController._emit_one
+    folder = os.environ.get("WAKEUP_PROBE_DIR") or tempfile.gettempdir()
+    out = open(os.path.join(folder, f"wakeups-{os.getpid()}.log"), "a", buffering=1)  # noqa: SIM115 - process-long
+    lock = threading.Lock()
+
+    def probed(self) -> None:
+        start = time.monotonic()
+        tid = threading.get_native_id()
+        due = self._t0 + self._ticks / self._fps
+        run_delay = _run_delay_ms(tid)
+        st = self.__dict__.setdefault(
+            "_wakeup_probe",
+            {"end": None, "run_delay": 0.0, "wakeups": 0, "run_delay_ms": 0.0, "gil_ms": 0.0, "worst": []}
+            | {f"ge{k}": 0 for k in THRESHOLDS_MS},
+        )
+        if st["end"] is not None and st["end"] < due and self._ticks > SKIP_TICKS:
+            late_ms = (start - due) * 1000
+            queued_ms = run_delay - st["run_delay"]
+            st["wakeups"] += 1
+            for k in THRESHOLDS_MS:
+                st[f"ge{k}"] += late_ms >= k
+            if late_ms >= THRESHOLDS_MS[0]:
+                st["run_delay_ms"] += queued_ms
+                st["gil_ms"] += max(0.0, late_ms - queued_ms)
+                st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1))])[-5:]
+        emit(self)
+        st["end"], st["run_delay"] = time.monotonic(), _run_delay_ms(tid)
+        if self._ticks % REPORT_EVERY == 0:
+            shown = {k: v for k, v in st.items() if k not in ("end", "run_delay")}
+            fields = " ".join(f"{k}={round(v, 1) if isinstance(v, float) else v}" for k, v in shown.items())
+            with lock:
+                out.write(f"{time.time():.3f} tid={tid} {fields}\n")
+
+    clock.StreamingController._emit_one = probed
+
+
+def _hook() -> None:
+    original = builtins.__import__
+    done = []
+
+    def importing(name, *args, **kwargs):
+        module = original(name, *args, **kwargs)
+        clock = sys.modules.get("latentsync.serving.playout.clock")
+        if not done and hasattr(clock, "StreamingController"):  # imported, and no longer half-initialised
+            done.append(True)
+            builtins.__import__ = original
+            _install()
+        return module
+
+    builtins.__import__ = importing
+
+
+if os.path.basename(sys.argv[0]) == "infer_serv.py":
+    _hook()
