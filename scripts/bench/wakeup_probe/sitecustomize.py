@@ -9,9 +9,13 @@ but waiting for a core (run delay, ``/proc/self/task/<tid>/schedstat``); the res
 the GIL. Every 750 ticks each clock appends one line to ``$WAKEUP_PROBE_DIR/wakeups-<pid>.log``
 (default: the system's temporary folder), counting from its 376th tick (start-up left out):
 
-    wakeups=N  ge5=..  ge10=..  ge15=..  ge20=..  run_delay_ms=..  gil_ms=..  worst=[(late_ms, run_delay_ms), ...]
+    wakeups=N run_delay_ms=.. gil_ms=.. worst=[(late_ms, run_delay_ms), ...] ge5=.. ge10=.. ge15=.. ge20=..
+    long_ticks=.. worst_ticks=[(wall_ms, cpu_ms), ...]
 
-(``geK``: wake-ups K ms or more late; the two sums and the five worst are over those 5 ms or more late.)
+(``geK``: wake-ups K ms or more late; the two sums and the five worst are over those 5 ms or more
+late. ``long_ticks``: ticks whose own work took 20 ms or more, wall time, and the five longest with
+the clock thread's CPU time in them: a wall time well over the CPU time is a wait for the GIL or a
+core inside the tick.)
 
     PYTHONPATH=scripts/bench/wakeup_probe .venv/bin/python scripts/bench/channels_bench.py \\
         --size 832x1248 --duration-s 150 --min-channels 2 --max-channels 2 [stream.clock_nice=0]
@@ -31,6 +35,7 @@ import time
 SKIP_TICKS = 375  # 15 s at 25 fps: start-up (workers spawning, the heap frozen) is not what is measured
 REPORT_EVERY = 750  # ticks
 THRESHOLDS_MS = (5, 10, 15, 20)
+LONG_TICK_MS = 20.0
 
 
 def _run_delay_ms(tid: int) -> float:
@@ -54,7 +59,8 @@ def _install() -> None:
         st = self.__dict__.setdefault(
             "_wakeup_probe",
             {"end": None, "run_delay": 0.0, "wakeups": 0, "run_delay_ms": 0.0, "gil_ms": 0.0, "worst": []}
-            | {f"ge{k}": 0 for k in THRESHOLDS_MS},
+            | {f"ge{k}": 0 for k in THRESHOLDS_MS}
+            | {"long_ticks": 0, "worst_ticks": []},
         )
         if st["end"] is not None and st["end"] < due and self._ticks > SKIP_TICKS:
             late_ms = (start - due) * 1000
@@ -66,8 +72,14 @@ def _install() -> None:
                 st["run_delay_ms"] += queued_ms
                 st["gil_ms"] += max(0.0, late_ms - queued_ms)
                 st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1))])[-5:]
+        cpu = time.thread_time()
         emit(self)
         st["end"], st["run_delay"] = time.monotonic(), _run_delay_ms(tid)
+        wall_ms = (st["end"] - start) * 1000
+        if wall_ms >= LONG_TICK_MS and self._ticks > SKIP_TICKS:
+            cpu_ms = (time.thread_time() - cpu) * 1000
+            st["long_ticks"] += 1
+            st["worst_ticks"] = sorted([*st["worst_ticks"], (round(wall_ms, 1), round(cpu_ms, 1))])[-5:]
         if self._ticks % REPORT_EVERY == 0:
             shown = {k: v for k, v in st.items() if k not in ("end", "run_delay")}
             fields = " ".join(f"{k}={round(v, 1) if isinstance(v, float) else v}" for k, v in shown.items())
