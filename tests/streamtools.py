@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +36,15 @@ def seconds_until(predicate, timeout_s: float, poll_s: float = 0.05) -> float | 
             return time.monotonic() - t
         time.sleep(poll_s)
     return None
+
+
+def thread_niceness(tid: int | None = None, pid: int | None = None) -> int:
+    """A thread's niceness as the kernel reports it: field 19 of ``/proc/<pid>/task/<tid>/stat``.
+
+    Defaults: the calling thread (``threading.get_native_id()``) of this process.
+    """
+    path = Path(f"/proc/{pid or 'self'}/task/{tid or threading.get_native_id()}/stat")
+    return int(path.read_text().rsplit(")", 1)[1].split()[16])
 
 
 def free_port() -> int:

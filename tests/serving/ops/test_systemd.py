@@ -30,7 +30,7 @@ import pytest
 
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S
 from tests.datafiles import media_file
-from tests.streamtools import REPO, Api, ServerProcess, free_port
+from tests.streamtools import REPO, Api, ServerProcess, free_port, thread_niceness
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -147,18 +147,13 @@ def thread_named(pid: int, name: str) -> int:
     raise AssertionError(f"no thread {name!r} in process {pid}")
 
 
-def niceness(pid: int, tid: int) -> int:
-    """A thread's niceness (field 19 of ``/proc/<pid>/task/<tid>/stat``)."""
-    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-
-
-def thread_niceness(pid: int, but: str) -> list[int]:
+def other_threads_niceness(pid: int, but: str) -> list[int]:
     """The niceness of every thread of ``pid`` not called ``but`` (threads that end meanwhile left out)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().strip() != but:
-                out.append(niceness(pid, int(task.name)))
+                out.append(thread_niceness(int(task.name), pid))
         except OSError:
             pass
     return out
@@ -240,10 +235,10 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         assert listener.ready_checks == [{"publishing": True, "health": 200}], listener.ready_checks
 
         # stream.clock_nice (-10): the clock thread ahead of the process's other threads, where allowed
-        base = niceness(worker, worker)
+        base = thread_niceness(worker, worker)
         clock_lowered = may_lower_niceness_to(worker, base - 10)
-        assert niceness(worker, thread_named(worker, "ls-clock")) == (base - 10 if clock_lowered else base)
-        assert set(thread_niceness(worker, but="ls-clock")) == {base}  # the rest keep theirs
+        assert thread_niceness(thread_named(worker, "ls-clock"), worker) == (base - 10 if clock_lowered else base)
+        assert set(other_threads_niceness(worker, but="ls-clock")) == {base}  # the rest keep theirs
 
         time.sleep(3 * WATCHDOG_S)  # the clock ticks: pings keep coming
         t_freeze = listener.now()

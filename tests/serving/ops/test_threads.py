@@ -14,6 +14,7 @@ import pytest
 import threadpoolctl
 
 from latentsync.serving.ops.threads import limit_native_threads, renice_this_thread
+from tests.streamtools import thread_niceness
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 
@@ -46,27 +47,21 @@ def test_zero_leaves_the_defaults_and_negative_is_refused(restored):
         limit_native_threads(-1)
 
 
-def niceness(tid: int) -> int:
-    """A thread's niceness as the kernel reports it (field 19 of /proc/self/task/<tid>/stat)."""
-    with open(f"/proc/self/task/{tid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
-
-
 @linux_only
 def test_renice_moves_the_calling_thread_only():
-    base = niceness(threading.get_native_id())
+    base = thread_niceness()
     seen = {}
 
     def in_a_thread():
         seen["returned"] = renice_this_thread(2)  # raising one's niceness needs no privilege
-        seen["kernel"] = niceness(threading.get_native_id())
+        seen["kernel"] = thread_niceness()
         seen["unchanged"] = renice_this_thread(0)
 
     thread = threading.Thread(target=in_a_thread)
     thread.start()
     thread.join(10)
     assert seen == {"returned": min(19, base + 2), "kernel": min(19, base + 2), "unchanged": min(19, base + 2)}
-    assert niceness(threading.get_native_id()) == base
+    assert thread_niceness() == base
 
 
 @linux_only
@@ -84,9 +79,9 @@ def test_a_negative_offset_without_privilege_is_refused_and_changes_nothing():
                 os.setgroups([])
                 os.setgid(65534)
                 os.setuid(65534)
-            before = niceness(threading.get_native_id())
+            before = thread_niceness()
             answer = renice_this_thread(-5)
-            after = niceness(threading.get_native_id())
+            after = thread_niceness()
             os.write(write_end, f"{answer} {before} {after}".encode())
             code = 0
         finally:

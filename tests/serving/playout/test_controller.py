@@ -14,6 +14,7 @@ from latentsync.media.timing import samples_before_frame
 from latentsync.serving.playout.clock import ControllerStats, StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import StreamState
+from tests.streamtools import thread_niceness
 
 FPS = 32  # binary-exact frame period (1/32 s): virtual times add up exactly
 RATE = 44100  # 1378.125 samples per frame: the fractional remainder must be carried
@@ -176,12 +177,6 @@ def test_close_is_idempotent_and_safe_before_start():
 def test_idle_loop_rejects_bad_frames():
     with pytest.raises(ValueError, match="uint8"):
         IdleLoop(np.zeros((3, 8, 8, 3), dtype=np.float32), None)
-
-
-def thread_niceness() -> int:
-    """Niceness of the calling thread, as the kernel reports it (field 19 of /proc/thread-self/stat)."""
-    with open("/proc/thread-self/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[16])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
