@@ -41,10 +41,24 @@ class SpeechClient:
         )
 
     def send_json(self, message: dict) -> None:
-        self.ws.send(json.dumps(message))
+        self._send(json.dumps(message))
 
     def send_pcm(self, data: bytes) -> None:
-        self.ws.send(data)
+        self._send(data)
+
+    def _send(self, data: str | bytes) -> None:
+        """Send one message; ``simple_websocket.ConnectionClosed`` once the connection is closed.
+
+        simple-websocket's reader thread closes the socket when the server closes the connection; a
+        send between its ``connected`` check and that close meets the closed socket (``OSError``
+        EBADF), which is the same closed connection.
+        """
+        try:
+            self.ws.send(data)
+        except OSError as exc:
+            if self.ws.connected:
+                raise
+            raise simple_websocket.ConnectionClosed() from exc
 
     def poll(self, timeout_s: float = 0.0) -> list[dict]:
         """Events received within ``timeout_s`` (all that are waiting, at least one if any arrives)."""
