@@ -58,7 +58,7 @@ class RawWebSocket:
                 else:
                     continue
                 if done:
-                    error = ConnectionError(f"handshake refused: {status}")
+                    error = ConnectionError(f"handshake refused: {status} {body[:300]!r}")
                     error.status, error.body = status, body  # type: ignore[attr-defined]
                     self.sock.close()
                     raise error

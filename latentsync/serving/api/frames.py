@@ -4,7 +4,9 @@ A client sends a JSON ``hello`` (format, size, audio), gets a JSON ``ready`` wit
 receive, then one binary message per tick (docs/frames-protocol.md). Auth and Origin rules are
 ``/ws/speech``'s: ``Authorization: Bearer <token>`` or a single-use ``?ticket=`` (browsers), 403
 ``origin_not_allowed`` for a foreign web page. Limits: ``frames.max_clients`` per channel (one more
-gets 429 ``too_many_clients``) and one of ``api.max_long_lived`` each (503 ``too_many_connections``).
+gets 429 ``too_many_clients``; a client is counted off before the server sends it a close, so it
+may reconnect at once) and one of ``api.max_long_lived`` each (503 ``too_many_connections``, held
+until the request's thread is done).
 """
 
 from __future__ import annotations
@@ -84,30 +86,44 @@ def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
                 return error_response("too_many_connections", long_lived.message)
             open_by_channel[name] = open_by_channel.get(name, 0) + 1
             g.frames_slot = name
+            g.frames_thread_slot = True
         return None
 
-    @app.teardown_request
-    def frames_release(_exc):
+    def release_channel_slot() -> None:
+        """Give the request's ``frames.max_clients`` slot back (once; a no-op after that).
+
+        The handler calls it before it sends a close or leaves its channel, so a client that was
+        told "closed" and reconnects at once finds its slot free; the thread's ``api.max_long_lived``
+        slot stays taken until the request is torn down.
+        """
         name = g.pop("frames_slot", None)
         if name is not None:
             with lock:
                 open_by_channel[name] -= 1
+
+    @app.teardown_request
+    def frames_release(_exc):
+        release_channel_slot()
+        if g.pop("frames_thread_slot", False):
             long_lived.release()
 
     def ws_frames(ws: ServerWebSocket, name: str):
         channel = runtime.channel(name)
         hub = channel.frames if channel is not None else None
         if hub is None or hub.closed:
+            release_channel_slot()
             ws.close(CLOSE_GOING_AWAY, "going_away: the channel's stream stopped")
             return
         hello = ws.receive(timeout=cfg.hello_timeout_s)
         if hello is None:
             limit = f"frames.hello_timeout_s = {cfg.hello_timeout_s:g} s"
+            release_channel_slot()
             ws.close(CLOSE_HELLO_TIMEOUT, f"hello_timeout: no hello within {limit}")
             return
         try:
             subscription = parse_hello(hello, hub.width, hub.height)
         except HelloRefused as exc:
+            release_channel_slot()
             ws.close(exc.code, exc.reason)
             return
         client = hub.subscribe(subscription)
@@ -135,11 +151,14 @@ def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
                 if message is not None:
                     ws.send(message)
                 elif client.closed:
+                    release_channel_slot()
+                    hub.unsubscribe(client)
                     ws.close(CLOSE_GOING_AWAY, "going_away: the channel's stream stopped")
                     return
         except ConnectionClosed:
             pass
         finally:
+            release_channel_slot()  # before the client leaves the hub's count (health's frames.clients)
             hub.unsubscribe(client)
 
     websocket_route(app, "/ws/frames", "ws_frames", limits, defaults={"name": DEFAULT_CHANNEL})(ws_frames)

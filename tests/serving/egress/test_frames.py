@@ -66,6 +66,19 @@ def health(server) -> dict:
     return body
 
 
+@pytest.fixture(autouse=True)
+def no_frames_client_left(server):
+    """Each test starts with no frames client on the channel.
+
+    The server learns that a client closed from the client's close frame, a little after the
+    client's own close returns; the previous test's clients may still hold their places then.
+    """
+    deadline = time.monotonic() + 10
+    while health(server)["frames"]["clients"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health(server)["frames"]["clients"] == 0
+
+
 def run_client(server, tmp_path: Path, fmt: str, seconds: float) -> tuple[dict, list[dict], Path, Path]:
     """The reference client as a user runs it; returns its summary, its header index, the MP4 and the WAV."""
     out, index, wav = tmp_path / f"{fmt}.mp4", tmp_path / f"{fmt}.jsonl", tmp_path / f"{fmt}.wav"
@@ -185,6 +198,7 @@ def test_a_client_that_stops_reading_loses_whole_ticks_and_nobody_else_does(serv
 
 
 def test_the_header_names_the_task_on_air_and_the_state_it_is_in(server):
+    server.wait_engine_ready()  # the stream runs before the engine takes uploads
     api = Api(server.port)
     ws = simple_websocket.Client.connect(f"ws://127.0.0.1:{server.port}/ws/frames")
     seen: list = []
@@ -230,6 +244,12 @@ def closed_with(server, *messages) -> tuple[int, str]:
 
 def test_bad_hellos_and_refused_handshakes_leave_the_stream_untouched(server):
     before = health(server)
+    # All places but one taken: every bad hello below must find the one its predecessor gave back
+    # (the server frees a place before it sends the close, so an immediate reconnect is admitted).
+    others = [RawWebSocket(server.port, "/ws/frames") for _ in range(MAX_CLIENTS - 1)]
+    for ws in others:
+        ws.send_json({"type": "hello", "format": "jpeg", "width": 64, "audio": "none"})
+        assert json.loads(ws.receive())["type"] == "ready"
     cases = [
         ((b"\x00\x01",), 4400, "bad_hello"),
         (({"type": "start"},), 4400, "bad_hello"),
@@ -239,9 +259,16 @@ def test_bad_hellos_and_refused_handshakes_leave_the_stream_untouched(server):
         (({"type": "hello", "height": 0},), 4400, "bad_size"),
         ((), 4408, "hello_timeout"),  # nothing sent for frames.hello_timeout_s
     ]
-    for messages, code, word in cases:
-        got_code, reason = closed_with(server, *messages)
-        assert (got_code, reason.split(":")[0]) == (code, word), (messages, got_code, reason)
+    try:
+        for messages, code, word in cases:
+            got_code, reason = closed_with(server, *messages)
+            assert (got_code, reason.split(":")[0]) == (code, word), (messages, got_code, reason)
+    finally:
+        for ws in others:
+            ws.close()
+    deadline = time.monotonic() + 10
+    while health(server)["frames"]["clients"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     status, error = handshake_error(server, "/channels/nope/ws/frames")
     assert (status, error["code"]) == (404, "no_channel")
     status, error = handshake_error(server, "/ws/frames", {"Origin": "https://evil.example"})
