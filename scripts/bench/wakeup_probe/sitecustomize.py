@@ -9,13 +9,16 @@ but waiting for a core (run delay, ``/proc/self/task/<tid>/schedstat``); the res
 the GIL. Every 750 ticks each clock appends one line to ``$WAKEUP_PROBE_DIR/wakeups-<pid>.log``
 (default: the system's temporary folder), counting from its 376th tick (start-up left out):
 
-    wakeups=N run_delay_ms=.. gil_ms=.. worst=[(late_ms, run_delay_ms), ...] ge5=.. ge10=.. ge15=.. ge20=..
-    long_ticks=.. worst_ticks=[(wall_ms, cpu_ms), ...]
+    wakeups=N run_delay_ms=.. gil_ms=.. worst=[(late_ms, run_delay_ms, due), ...] ge5=.. ge10=.. ge15=.. ge20=..
+    long_ticks=.. worst_ticks=[(wall_ms, cpu_ms, start), ...] gc_late=.. gc=[(n, total_ms, max_ms) per generation]
+    full_gc=[(start, ms, thread name), ...]
 
 (``geK``: wake-ups K ms or more late; the two sums and the five worst are over those 5 ms or more
 late. ``long_ticks``: ticks whose own work took 20 ms or more, wall time, and the five longest with
 the clock thread's CPU time in them: a wall time well over the CPU time is a wait for the GIL or a
-core inside the tick.)
+core inside the tick. ``gc_late``: of the wake-ups 5 ms or more late, those during which a garbage
+collection ran (it holds the GIL); ``gc``: the process's collections since the probe started, by
+generation, and the last five full (generation 2) ones; times are ``time.monotonic()``.)
 
     PYTHONPATH=scripts/bench/wakeup_probe .venv/bin/python scripts/bench/channels_bench.py \\
         --size 832x1248 --duration-s 150 --min-channels 2 --max-channels 2 [stream.clock_nice=0]
@@ -26,6 +29,7 @@ A diagnostic for benchmarks only: it reaches into a private method and is never 
 from __future__ import annotations
 
 import builtins
+import gc
 import os
 import sys
 import tempfile
@@ -50,6 +54,22 @@ def _install() -> None:
     folder = os.environ.get("WAKEUP_PROBE_DIR") or tempfile.gettempdir()
     out = open(os.path.join(folder, f"wakeups-{os.getpid()}.log"), "a", buffering=1)  # noqa: SIM115 - process-long
     lock = threading.Lock()
+    collections = {"start": 0.0, "last_end": 0.0, "gens": [[0, 0.0, 0.0] for _ in range(3)], "full": []}
+
+    def timed_collection(phase: str, info: dict) -> None:
+        now = time.monotonic()
+        if phase == "start":
+            collections["start"] = now
+            return
+        ms = (now - collections["start"]) * 1000
+        gen = collections["gens"][info["generation"]]
+        gen[0], gen[1], gen[2] = gen[0] + 1, gen[1] + ms, max(gen[2], ms)
+        collections["last_end"] = now
+        if info["generation"] == 2:  # when, how long, in which thread, the last five
+            full = (round(collections["start"], 3), round(ms, 1), threading.current_thread().name)
+            collections["full"] = [*collections["full"], full][-5:]
+
+    gc.callbacks.append(timed_collection)
 
     def probed(self) -> None:
         start = time.monotonic()
@@ -60,7 +80,7 @@ def _install() -> None:
             "_wakeup_probe",
             {"end": None, "run_delay": 0.0, "wakeups": 0, "run_delay_ms": 0.0, "gil_ms": 0.0, "worst": []}
             | {f"ge{k}": 0 for k in THRESHOLDS_MS}
-            | {"long_ticks": 0, "worst_ticks": []},
+            | {"long_ticks": 0, "worst_ticks": [], "gc_late": 0},
         )
         if st["end"] is not None and st["end"] < due and self._ticks > SKIP_TICKS:
             late_ms = (start - due) * 1000
@@ -69,9 +89,10 @@ def _install() -> None:
             for k in THRESHOLDS_MS:
                 st[f"ge{k}"] += late_ms >= k
             if late_ms >= THRESHOLDS_MS[0]:
+                st["gc_late"] += collections["last_end"] > due
                 st["run_delay_ms"] += queued_ms
                 st["gil_ms"] += max(0.0, late_ms - queued_ms)
-                st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1))])[-5:]
+                st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1), round(due, 3))])[-5:]
         cpu = time.thread_time()
         emit(self)
         st["end"], st["run_delay"] = time.monotonic(), _run_delay_ms(tid)
@@ -79,9 +100,12 @@ def _install() -> None:
         if wall_ms >= LONG_TICK_MS and self._ticks > SKIP_TICKS:
             cpu_ms = (time.thread_time() - cpu) * 1000
             st["long_ticks"] += 1
-            st["worst_ticks"] = sorted([*st["worst_ticks"], (round(wall_ms, 1), round(cpu_ms, 1))])[-5:]
+            long_tick = (round(wall_ms, 1), round(cpu_ms, 1), round(start, 3))
+            st["worst_ticks"] = sorted([*st["worst_ticks"], long_tick])[-5:]
         if self._ticks % REPORT_EVERY == 0:
             shown = {k: v for k, v in st.items() if k not in ("end", "run_delay")}
+            shown["gc"] = [(n, round(total, 1), round(worst, 1)) for n, total, worst in collections["gens"]]
+            shown["full_gc"] = collections["full"]
             fields = " ".join(f"{k}={round(v, 1) if isinstance(v, float) else v}" for k, v in shown.items())
             with lock:
                 out.write(f"{time.time():.3f} tid={tid} {fields}\n")
