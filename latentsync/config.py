@@ -98,6 +98,11 @@ class StreamConfig:
     (latentsync.serving.ops.threads.renice_this_thread; docs/performance.md "Clock priority").
     Needs root, ``CAP_SYS_NICE`` or a high enough ``RLIMIT_NICE`` (systemd ``LimitNICE=30`` allows
     -10); refused, the clock logs a warning and runs at the process's niceness.
+    ``clock_rt_priority``: ``SCHED_FIFO`` priority of every channel's clock thread (1..99; 0: off,
+    ``clock_nice`` only): a woken clock then waits for no ordinary thread at all
+    (latentsync.serving.ops.threads.make_this_thread_realtime; docs/performance.md "Clock
+    priority"). Needs root, ``CAP_SYS_NICE`` or ``RLIMIT_RTPRIO`` (systemd ``LimitRTPRIO=10`` with
+    ``RestrictRealtime=false``); refused, the clock logs a warning and keeps ``clock_nice``.
     ``allowed_rtmp_hosts``: hosts a channel created through the API may push to; null: the hosts
     of the channels in the config file (``main`` included).
     ``x264_preset``: a libx264 preset, or ``auto``: per channel, ``ultrafast`` when its bitrate
@@ -124,6 +129,7 @@ class StreamConfig:
     sink_queue_s: float = 1.0
     max_catchup_s: float = 1.0
     clock_nice: int = -10
+    clock_rt_priority: int = 10
     restart_backoff_min_s: float = 0.5
     restart_backoff_max_s: float = 10.0
     record_path: str | None = None
@@ -820,6 +826,7 @@ def validate(config: AppConfig) -> None:
     _check(0.1 <= s.sink_queue_s <= 10, "stream.sink_queue_s", s.sink_queue_s, "0.1..10")
     _check(0.1 <= s.max_catchup_s <= 60, "stream.max_catchup_s", s.max_catchup_s, "0.1..60")
     _check(-20 <= s.clock_nice <= 0, "stream.clock_nice", s.clock_nice, "-20..0")
+    _check(0 <= s.clock_rt_priority <= 99, "stream.clock_rt_priority", s.clock_rt_priority, "0..99 (0: off)")
     _check(
         0 < s.restart_backoff_min_s <= s.restart_backoff_max_s <= 300,
         "stream.restart_backoff_min_s",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -45,6 +46,17 @@ def thread_niceness(tid: int | None = None, pid: int | None = None) -> int:
     """
     path = Path(f"/proc/{pid or 'self'}/task/{tid or threading.get_native_id()}/stat")
     return int(path.read_text().rsplit(")", 1)[1].split()[16])
+
+
+def may_use_fifo(priority: int, pid: int | None = None) -> bool:
+    """Whether process ``pid`` (default: this one) may put a thread under SCHED_FIFO at ``priority``.
+
+    The kernel allows it with CAP_SYS_NICE (bit 23 of ``CapEff`` in ``/proc/<pid>/status``) or an
+    RLIMIT_RTPRIO of at least ``priority`` (sched_setscheduler(2)).
+    """
+    status = Path(f"/proc/{pid or 'self'}/status").read_text()
+    effective = int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+    return bool(effective >> 23 & 1) or resource.prlimit(pid or 0, resource.RLIMIT_RTPRIO)[0] >= priority
 
 
 def free_port() -> int:

@@ -53,6 +53,8 @@ def test_shipped_server_yaml_loads_and_has_every_key():
         (["stream.crossfade_frames=-1"], "stream.crossfade_frames"),
         (["stream.clock_nice=5"], "stream.clock_nice"),  # only ever ahead of the rest, never behind
         (["stream.clock_nice=-21"], "stream.clock_nice"),
+        (["stream.clock_rt_priority=100"], "stream.clock_rt_priority"),  # SCHED_FIFO priorities are 1..99
+        (["stream.clock_rt_priority=-1"], "stream.clock_rt_priority"),
         (["stream.rtmp_url=http://x/y"], "stream.rtmp_url"),
         (["engine.name=wav2lip"], "engine.name"),
         (["engine.workers=0"], "engine.workers"),

@@ -12,7 +12,7 @@ half a frame late, which CPU contention from other processes causes too) are rep
 largest n with none of the three is printed. "RSS per extra channel" is (RSS(n) - RSS(1)) / (n - 1).
 "Clock queued" is how long the kernel kept the clock threads runnable but waiting for a core during
 the speech (``/proc/<pid>/task/<tid>/schedstat``): per channel per second, and per time the thread
-got a core, a dispatch (``stream.clock_nice`` keeps both small).
+got a core, a dispatch (``stream.clock_nice`` keeps both small, ``stream.clock_rt_priority`` near 0).
 
     scripts/rtmp_server.sh start
     .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [--pool ray] [key=value ...]

@@ -1,4 +1,4 @@
-"""Threads of a serving process: native pools (OpenCV's, BLAS's) capped at start, and per-thread niceness.
+"""Threads of a serving process: native pools (OpenCV's, BLAS's) capped at start, per-thread priority.
 
 Every channel already runs on threads of its own (clock, FIFO writers, encoders) and the engine pool
 parallelises by process, so the libraries' own pools only add threads that busy-wait for work on
@@ -65,3 +65,36 @@ def renice_this_thread(offset: int) -> int | None:
         return os.getpriority(os.PRIO_PROCESS, tid)
     except OSError:  # PermissionError (EPERM, EACCES) included
         return None
+
+
+def make_this_thread_realtime(priority: int) -> bool:
+    """Put the calling thread under ``SCHED_FIFO`` at ``priority``; the process's other threads keep theirs.
+
+    A ``SCHED_FIFO`` thread runs as soon as it is runnable, ahead of every ordinary (``SCHED_OTHER``)
+    thread of the host, whatever their niceness; it gives the core back when it blocks (a sleep, a
+    wait for the GIL) and the kernel keeps 5 % of every second for the others
+    (``/proc/sys/kernel/sched_rt_runtime_us``, 950000 of 1000000). ``SCHED_RESET_ON_FORK`` is set,
+    so threads and processes started from this thread are ordinary again. Needs root,
+    ``CAP_SYS_NICE`` or an ``RLIMIT_RTPRIO`` of at least ``priority`` (systemd ``LimitRTPRIO=``,
+    with ``RestrictRealtime=false``).
+
+    Args:
+        priority: 1..99 (``sched_get_priority_min/max(SCHED_FIFO)`` on Linux).
+
+    Returns:
+        True if the thread now runs under ``SCHED_FIFO``; False if the system refused it (``EPERM``:
+        no privilege, or a seccomp/systemd ``RestrictRealtime`` filter) or has no such policy (not
+        Linux); then the thread keeps its policy. Never raises for those.
+
+    Raises:
+        ValueError: If ``priority`` is outside 1..99.
+    """
+    if not 1 <= priority <= 99:
+        raise ValueError(f"priority must be 1..99, got {priority}")
+    if not sys.platform.startswith("linux"):
+        return False
+    try:  # pid 0: the calling thread (Linux schedules threads, not processes)
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except OSError:  # PermissionError (EPERM) included
+        return False
+    return os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO

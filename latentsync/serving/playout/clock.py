@@ -20,7 +20,7 @@ import numpy as np
 
 from latentsync.media.timing import samples_in_frame
 from latentsync.serving.ops.systemd import name_this_thread
-from latentsync.serving.ops.threads import renice_this_thread
+from latentsync.serving.ops.threads import make_this_thread_realtime, renice_this_thread
 from latentsync.serving.playout.state import StreamState
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,9 @@ class StreamingController:
             :func:`latentsync.serving.ops.threads.renice_this_thread`). When the system refuses
             (no ``CAP_SYS_NICE``, ``RLIMIT_NICE`` too low) the clock logs a warning and runs at the
             process's niceness. 0: left alone.
+        rt_priority: ``SCHED_FIFO`` priority (1..99) the clock thread asks for after ``nice``: woken,
+            it then waits for no ordinary thread (:func:`latentsync.serving.ops.threads.make_this_thread_realtime`).
+            Refused, it logs a warning and keeps ``nice``. 0: ordinary scheduling only.
         clock: Monotonic clock in seconds (default ``time.monotonic``; tests inject a virtual one).
         wait: ``wait(timeout_s) -> bool`` blocks up to ``timeout_s`` seconds and returns True when the
             clock must stop (default: the controller's own stop event, so :meth:`close` wakes it at
@@ -104,6 +107,7 @@ class StreamingController:
         sample_rate_hz: int,
         max_catchup_s: float = 1.0,
         nice: int = 0,
+        rt_priority: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[float], bool] | None = None,
     ):
@@ -113,6 +117,7 @@ class StreamingController:
         self._sample_rate_hz = int(sample_rate_hz)
         self._max_catchup_s = float(max_catchup_s)
         self._nice = int(nice)
+        self._rt_priority = int(rt_priority)
         self._clock = clock
         self._stop = threading.Event()
         self._wait = wait if wait is not None else self._stop.wait
@@ -183,6 +188,17 @@ class StreamingController:
                 )
             else:
                 logger.info("clock thread at niceness %d", niceness)
+        if self._rt_priority:
+            # At niceness -10 a woken clock still waited up to 11 ms for a core behind ordinary
+            # threads; under SCHED_FIFO it waited none (docs/performance.md "Clock priority").
+            if make_this_thread_realtime(self._rt_priority):
+                logger.info("clock thread under SCHED_FIFO at priority %d", self._rt_priority)
+            else:
+                logger.warning(
+                    "clock thread: SCHED_FIFO priority %d refused (needs CAP_SYS_NICE or RLIMIT_RTPRIO, e.g. "
+                    "systemd LimitRTPRIO=10 with RestrictRealtime=false); it keeps ordinary scheduling",
+                    self._rt_priority,
+                )
         period_s = 1.0 / self._fps
         self._t0 = self._clock()
         self._started = True

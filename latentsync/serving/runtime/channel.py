@@ -301,6 +301,7 @@ class Channel:
             sample_rate_hz=s.audio_sample_rate,
             max_catchup_s=s.max_catchup_s,
             nice=s.clock_nice,
+            rt_priority=s.clock_rt_priority,
         )
         with self._release_lock:  # a part is started only while close() cannot be releasing the parts
             if self.stopped:

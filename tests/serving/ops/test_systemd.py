@@ -30,7 +30,7 @@ import pytest
 
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S
 from tests.datafiles import media_file
-from tests.streamtools import REPO, Api, ServerProcess, free_port, thread_niceness
+from tests.streamtools import REPO, Api, ServerProcess, free_port, may_use_fifo, thread_niceness
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -159,6 +159,14 @@ def other_threads_niceness(pid: int, but: str) -> list[int]:
     return out
 
 
+def policy_or_gone(tid: int) -> int | None:
+    """A thread's scheduling policy, or None if it ended meanwhile."""
+    try:
+        return os.sched_getscheduler(tid)
+    except ProcessLookupError:
+        return None
+
+
 def may_lower_niceness_to(pid: int, target: int) -> bool:
     """Whether the kernel lets ``pid`` set niceness ``target``: CAP_SYS_NICE, or RLIMIT_NICE allowing it."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -239,6 +247,12 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         clock_lowered = may_lower_niceness_to(worker, base - 10)
         assert thread_niceness(thread_named(worker, "ls-clock"), worker) == (base - 10 if clock_lowered else base)
         assert set(other_threads_niceness(worker, but="ls-clock")) == {base}  # the rest keep theirs
+        # stream.clock_rt_priority (10): the clock thread under SCHED_FIFO where allowed, the rest ordinary
+        clock_policy = os.sched_getscheduler(thread_named(worker, "ls-clock")) & ~os.SCHED_RESET_ON_FORK
+        clock_fifo = may_use_fifo(10, worker)
+        assert clock_policy == (os.SCHED_FIFO if clock_fifo else os.SCHED_OTHER)
+        others = {int(t.name) for t in Path(f"/proc/{worker}/task").iterdir()} - {thread_named(worker, "ls-clock")}
+        assert {policy_or_gone(tid) for tid in others} <= {os.SCHED_OTHER, None}
 
         time.sleep(3 * WATCHDOG_S)  # the clock ticks: pings keep coming
         t_freeze = listener.now()
@@ -290,6 +304,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
     assert t_thaw - max([t_freeze, *during]) >= WATCHDOG_S
     assert "withholding the systemd watchdog ping" in text
     assert ("clock thread at niceness" if clock_lowered else "niceness -10 refused") in text
+    assert ("clock thread under SCHED_FIFO at priority 10" if clock_fifo else "SCHED_FIFO priority 10 refused") in text
     assert [t for t in pings if t_thaw < t <= t_thaw + 2 * PING_INTERVAL_S + HEALTH_TICK_STALE_S], "no ping after thaw"
     # SIGTERM: fade, FFmpeg flush, pool closed, all inside TimeoutStopSec; systemd told STOPPING=1
     assert code == 0 and took_s < stop_budget_s, (code, took_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -14,7 +15,7 @@ from latentsync.media.timing import samples_before_frame
 from latentsync.serving.playout.clock import ControllerStats, StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import StreamState
-from tests.streamtools import thread_niceness
+from tests.streamtools import may_use_fifo, thread_niceness
 
 FPS = 32  # binary-exact frame period (1/32 s): virtual times add up exactly
 RATE = 44100  # 1378.125 samples per frame: the fractional remainder must be carried
@@ -205,3 +206,30 @@ def test_a_refused_niceness_is_a_warning_and_the_clock_still_ticks(monkeypatch, 
     assert asked == [-10]
     assert stats.frames_emitted == 32 and stats.dropped_ticks == 0
     assert any("niceness -10 refused" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_FIFO per thread is Linux's")
+def test_the_clock_thread_runs_under_sched_fifo_where_allowed_and_the_rest_of_the_process_does_not():
+    class PolicySink(RecordingSink):
+        def offer(self, video, audio):
+            self.policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(0).sched_priority
+            return super().offer(video, audio)
+
+    sink = PolicySink()
+    stats = run_virtual(make_idle(), sink, VirtualClock(run_s=0.25), rt_priority=5)
+    assert stats.frames_emitted == 8
+    assert sink.policy == ((os.SCHED_FIFO, 5) if may_use_fifo(5) else (os.SCHED_OTHER, 0))
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # this thread (and so the process's others) kept theirs
+
+
+def test_a_refused_sched_fifo_is_a_warning_and_the_clock_still_ticks(monkeypatch, caplog):
+    import latentsync.serving.playout.clock as clock_module
+
+    asked = []
+    # The seam: the kernel refusing (no CAP_SYS_NICE, RLIMIT_RTPRIO 0) cannot be reached in a root test process.
+    monkeypatch.setattr(clock_module, "make_this_thread_realtime", lambda priority: asked.append(priority) or False)
+    with caplog.at_level(logging.WARNING, logger=clock_module.__name__):
+        stats = run_virtual(make_idle(), RecordingSink(), VirtualClock(run_s=1.0), rt_priority=10)
+    assert asked == [10]
+    assert stats.frames_emitted == 32 and stats.dropped_ticks == 0
+    assert any("SCHED_FIFO priority 10 refused" in r.getMessage() for r in caplog.records)
