@@ -66,17 +66,24 @@ def health(server) -> dict:
     return body
 
 
-@pytest.fixture(autouse=True)
-def no_frames_client_left(server):
-    """Each test starts with no frames client on the channel.
+def wait_no_frames_client(server, timeout_s: float) -> dict:
+    """Poll ``/health`` until no frames client is on the channel (at most ``timeout_s``); its last body.
 
     The server learns that a client closed from the client's close frame, a little after the
-    client's own close returns; the previous test's clients may still hold their places then.
+    client's own close returns.
     """
-    deadline = time.monotonic() + 10
-    while health(server)["frames"]["clients"] and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    body = health(server)
+    while body["frames"]["clients"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert health(server)["frames"]["clients"] == 0
+        body = health(server)
+    return body
+
+
+@pytest.fixture(autouse=True)
+def no_frames_client_left(server):
+    """Each test starts with no frames client on the channel (the previous test's may linger)."""
+    assert wait_no_frames_client(server, 10)["frames"]["clients"] == 0
 
 
 def run_client(server, tmp_path: Path, fmt: str, seconds: float) -> tuple[dict, list[dict], Path, Path]:
@@ -266,9 +273,7 @@ def test_bad_hellos_and_refused_handshakes_leave_the_stream_untouched(server):
     finally:
         for ws in others:
             ws.close()
-    deadline = time.monotonic() + 10
-    while health(server)["frames"]["clients"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_no_frames_client(server, 10)
     status, error = handshake_error(server, "/channels/nope/ws/frames")
     assert (status, error["code"]) == (404, "no_channel")
     status, error = handshake_error(server, "/ws/frames", {"Origin": "https://evil.example"})
@@ -281,9 +286,6 @@ def test_bad_hellos_and_refused_handshakes_leave_the_stream_untouched(server):
     finally:
         for ws in held:
             ws.close()
-    deadline = time.monotonic() + 5
-    while health(server)["frames"]["clients"] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    after = health(server)
+    after = wait_no_frames_client(server, 5)
     assert after["frames"]["clients"] == 0 and after["dropped_ticks"] == before["dropped_ticks"] == 0
     assert after["state"] == "idle" and after["streaming"]

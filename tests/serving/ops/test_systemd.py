@@ -147,24 +147,16 @@ def thread_named(pid: int, name: str) -> int:
     raise AssertionError(f"no thread {name!r} in process {pid}")
 
 
-def other_threads_niceness(pid: int, but: str) -> list[int]:
-    """The niceness of every thread of ``pid`` not called ``but`` (threads that end meanwhile left out)."""
+def of_other_threads(pid: int, but: str, read) -> list:
+    """``read(tid)`` for every thread of ``pid`` not called ``but`` (threads that end meanwhile left out)."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().strip() != but:
-                out.append(thread_niceness(int(task.name), pid))
-        except OSError:
+                out.append(read(int(task.name)))
+        except OSError:  # ProcessLookupError included: the thread ended
             pass
     return out
-
-
-def policy_or_gone(tid: int) -> int | None:
-    """A thread's scheduling policy, or None if it ended meanwhile."""
-    try:
-        return os.sched_getscheduler(tid)
-    except ProcessLookupError:
-        return None
 
 
 def may_lower_niceness_to(pid: int, target: int) -> bool:
@@ -246,13 +238,13 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         base = thread_niceness(worker, worker)
         clock_lowered = may_lower_niceness_to(worker, base - 10)
         assert thread_niceness(thread_named(worker, "ls-clock"), worker) == (base - 10 if clock_lowered else base)
-        assert set(other_threads_niceness(worker, but="ls-clock")) == {base}  # the rest keep theirs
+        niceness = of_other_threads(worker, "ls-clock", lambda tid: thread_niceness(tid, worker))
+        assert set(niceness) == {base}  # the rest keep theirs
         # stream.clock_rt_priority (10): the clock thread under SCHED_FIFO where allowed, the rest ordinary
         clock_policy = os.sched_getscheduler(thread_named(worker, "ls-clock")) & ~os.SCHED_RESET_ON_FORK
         clock_fifo = may_use_fifo(10, worker)
         assert clock_policy == (os.SCHED_FIFO if clock_fifo else os.SCHED_OTHER)
-        others = {int(t.name) for t in Path(f"/proc/{worker}/task").iterdir()} - {thread_named(worker, "ls-clock")}
-        assert {policy_or_gone(tid) for tid in others} <= {os.SCHED_OTHER, None}
+        assert set(of_other_threads(worker, "ls-clock", os.sched_getscheduler)) == {os.SCHED_OTHER}
 
         time.sleep(3 * WATCHDOG_S)  # the clock ticks: pings keep coming
         t_freeze = listener.now()
