@@ -13,6 +13,9 @@ largest n with none of the three is printed. "RSS per extra channel" is (RSS(n) 
 "Clock queued" is how long the kernel kept the clock threads runnable but waiting for a core during
 the speech (``/proc/<pid>/task/<tid>/schedstat``): per channel per second, and per time the thread
 got a core, a dispatch (``stream.clock_nice`` keeps both small, ``stream.clock_rt_priority`` near 0).
+"Host steal" is the time the hypervisor kept this machine's vCPUs from running during the speech
+(``/proc/stat``, all vCPUs, 10 ms resolution; 0 on bare metal): a late tick with steal in its row
+may be the host's, not the server's.
 
     scripts/rtmp_server.sh start
     .venv/bin/python scripts/bench/channels_bench.py --size 512x512 --duration-s 300 [--pool ray] [key=value ...]
@@ -32,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url, steal_ms  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
@@ -120,7 +123,7 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
         time.sleep(3.0)  # settle: FFmpeg connected, first GOPs out
         rss_mb = tree_rss_mb(server.pid)
         before = {name: health(port, name) for name in urls}
-        queued_before = clock_queueing(server.pid)
+        queued_before, steal_before = clock_queueing(server.pid), steal_ms()
         t_start = time.monotonic()
         body, headers = multipart(SPEECH.read_bytes(), SPEECH.name)
         task_urls: dict[str, list[str]] = {name: [] for name in urls}
@@ -146,7 +149,7 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
             t.join(args.duration_s + 30)
         time.sleep(max(0.0, t_end - time.monotonic()) + 8.0)  # the last uploads play out
         after = {name: health(port, name) for name in urls}
-        queued_after = clock_queueing(server.pid)
+        queued_after, steal_after = clock_queueing(server.pid), steal_ms()
         wall_s = time.monotonic() - t_start
         ttff = []
         for name, tasks in task_urls.items():
@@ -171,6 +174,7 @@ def run(n: int, args, overrides: list[str], log_dir: Path) -> dict:
             "rss_mb": rss_mb,
             "queued_ms_per_s": (queued_after[0] - queued_before[0]) / n / wall_s,
             "queued_ms_per_slice": (queued_after[0] - queued_before[0]) / max(1, queued_after[1] - queued_before[1]),
+            "steal_ms": steal_after - steal_before,
             "errors": errors,
         }
     finally:
@@ -212,15 +216,15 @@ def main() -> int:
     )
     print(
         "| channels | late ticks | underrun ticks | dropped ticks | tasks | TTFF median s | TTFF max s | RSS MiB "
-        "| RSS per extra channel MiB | clock queued ms/s | clock queued ms/dispatch |"
+        "| RSS per extra channel MiB | clock queued ms/s | clock queued ms/dispatch | host steal ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         extra = f"{(r['rss_mb'] - base) / (r['n'] - 1):.0f}" if r["n"] > 1 and base is not None else "-"
         print(
             f"| {r['n']} | {r['late']} | {r['underrun']} | {r['dropped']} | {r['tasks']} | {r['ttff_median']:.2f} "
             f"| {r['ttff_max']:.2f} | {r['rss_mb']:.0f} | {extra} | {r['queued_ms_per_s']:.2f} "
-            f"| {r['queued_ms_per_slice']:.3f} |"
+            f"| {r['queued_ms_per_slice']:.3f} | {r['steal_ms']:.0f} |"
         )
     ok = [r["n"] for r in rows if not (r["late"] or r["underrun"] or r["dropped"] or r["errors"])]
     on_time = [r["n"] for r in rows if not (r["underrun"] or r["dropped"] or r["errors"])]
