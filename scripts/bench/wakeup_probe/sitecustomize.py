@@ -125,7 +125,7 @@ def _install() -> None:
         stolen, st["steal"] = steal - st["steal"], steal  # since the previous tick began
         if st["end"] is not None and self._ticks > SKIP_TICKS:
             woke = st["end"] < due
-            if late_ms >= (STACKS_AT_MS if woke else 500.0 / self._fps):
+            if late_ms >= (STACKS_AT_MS if woke else clock.LATE_FRACTION * 1000.0 / self._fps):
                 kind = "wakeup" if woke else "overrun"
                 head = (
                     f"STACKS late_ms={late_ms:.1f} queued_ms={queued_ms:.1f} steal_ticks={stolen} "
@@ -134,16 +134,16 @@ def _install() -> None:
                 lines = _stacks(threading.get_ident())
                 with lock:
                     out.write("\n".join([f"{time.time():.3f} tid={tid} {head}", *lines]) + "\n")
-        if st["end"] is not None and st["end"] < due and self._ticks > SKIP_TICKS:
-            st["wakeups"] += 1
-            for k in THRESHOLDS_MS:
-                st[f"ge{k}"] += late_ms >= k
-            if late_ms >= THRESHOLDS_MS[0]:
-                st["gc_late"] += collections["last_end"] > due
-                st["steal_late"] += stolen > 0
-                st["run_delay_ms"] += queued_ms
-                st["gil_ms"] += max(0.0, late_ms - queued_ms)
-                st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1), round(due, 3))])[-5:]
+            if woke:  # the predecessor ended in time: any lateness is in waking up
+                st["wakeups"] += 1
+                for k in THRESHOLDS_MS:
+                    st[f"ge{k}"] += late_ms >= k
+                if late_ms >= THRESHOLDS_MS[0]:
+                    st["gc_late"] += collections["last_end"] > due
+                    st["steal_late"] += stolen > 0
+                    st["run_delay_ms"] += queued_ms
+                    st["gil_ms"] += max(0.0, late_ms - queued_ms)
+                    st["worst"] = sorted([*st["worst"], (round(late_ms, 1), round(queued_ms, 1), round(due, 3))])[-5:]
         cpu = time.thread_time()
         emit(self)
         st["end"], st["run_delay"] = time.monotonic(), _run_delay_ms(tid)
