@@ -48,6 +48,11 @@ def thread_niceness(tid: int | None = None, pid: int | None = None) -> int:
     return int(path.read_text().rsplit(")", 1)[1].split()[16])
 
 
+def sched_policy(tid: int = 0) -> int:
+    """Scheduling policy of thread ``tid`` (0: the calling one), ``os.SCHED_*``, without ``SCHED_RESET_ON_FORK``."""
+    return os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK
+
+
 def may_use_fifo(priority: int, pid: int | None = None) -> bool:
     """Whether process ``pid`` (default: this one) may put a thread under SCHED_FIFO at ``priority``.
 

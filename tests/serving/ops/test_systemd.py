@@ -30,7 +30,7 @@ import pytest
 
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S
 from tests.datafiles import media_file
-from tests.streamtools import REPO, Api, ServerProcess, free_port, may_use_fifo, thread_niceness
+from tests.streamtools import REPO, Api, ServerProcess, free_port, may_use_fifo, sched_policy, thread_niceness
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
@@ -241,7 +241,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         niceness = of_other_threads(worker, "ls-clock", lambda tid: thread_niceness(tid, worker))
         assert set(niceness) == {base}  # the rest keep theirs
         # stream.clock_rt_priority (10): the clock thread under SCHED_FIFO where allowed, the rest ordinary
-        clock_policy = os.sched_getscheduler(thread_named(worker, "ls-clock")) & ~os.SCHED_RESET_ON_FORK
+        clock_policy = sched_policy(thread_named(worker, "ls-clock"))
         clock_fifo = may_use_fifo(10, worker)
         assert clock_policy == (os.SCHED_FIFO if clock_fifo else os.SCHED_OTHER)
         assert set(of_other_threads(worker, "ls-clock", os.sched_getscheduler)) == {os.SCHED_OTHER}

@@ -15,7 +15,7 @@ import pytest
 import threadpoolctl
 
 from latentsync.serving.ops.threads import limit_native_threads, make_this_thread_realtime, renice_this_thread
-from tests.streamtools import may_use_fifo, thread_niceness
+from tests.streamtools import may_use_fifo, sched_policy, thread_niceness
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
 
@@ -110,20 +110,16 @@ def test_a_negative_offset_without_privilege_is_refused_and_changes_nothing():
     assert answer == "None" and before == after
 
 
-def without_reset_flag(policy: int) -> int:
-    return policy & ~os.SCHED_RESET_ON_FORK
-
-
 @linux_only
 def test_realtime_moves_the_calling_thread_only_and_not_the_threads_it_starts():
     seen = {}
 
     def started_from_it():
-        seen["child"] = without_reset_flag(os.sched_getscheduler(0))
+        seen["child"] = sched_policy()
 
     def in_a_thread():
         seen["returned"] = make_this_thread_realtime(7)
-        seen["kernel"] = without_reset_flag(os.sched_getscheduler(0)), os.sched_getparam(0).sched_priority
+        seen["kernel"] = sched_policy(), os.sched_getparam(0).sched_priority
         child = threading.Thread(target=started_from_it)
         child.start()
         child.join(10)
@@ -135,7 +131,7 @@ def test_realtime_moves_the_calling_thread_only_and_not_the_threads_it_starts():
     assert seen["returned"] is allowed
     assert seen["kernel"] == ((os.SCHED_FIFO, 7) if allowed else (os.SCHED_OTHER, 0))
     assert seen["child"] == os.SCHED_OTHER  # SCHED_RESET_ON_FORK: what it starts is ordinary
-    assert without_reset_flag(os.sched_getscheduler(0)) == os.SCHED_OTHER  # the caller's thread kept its policy
+    assert sched_policy() == os.SCHED_OTHER  # the caller's thread kept its policy
 
 
 def test_realtime_priority_outside_1_to_99_is_refused():

@@ -15,7 +15,7 @@ from latentsync.media.timing import samples_before_frame
 from latentsync.serving.playout.clock import ControllerStats, StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import StreamState
-from tests.streamtools import may_use_fifo, thread_niceness
+from tests.streamtools import may_use_fifo, sched_policy, thread_niceness
 
 FPS = 32  # binary-exact frame period (1/32 s): virtual times add up exactly
 RATE = 44100  # 1378.125 samples per frame: the fractional remainder must be carried
@@ -212,7 +212,7 @@ def test_a_refused_niceness_is_a_warning_and_the_clock_still_ticks(monkeypatch, 
 def test_the_clock_thread_runs_under_sched_fifo_where_allowed_and_the_rest_of_the_process_does_not():
     class PolicySink(RecordingSink):
         def offer(self, video, audio):
-            self.policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK, os.sched_getparam(0).sched_priority
+            self.policy = sched_policy(), os.sched_getparam(0).sched_priority
             return super().offer(video, audio)
 
     sink = PolicySink()
