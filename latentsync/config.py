@@ -20,6 +20,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from latentsync.engines import CHUNK_FRAMES_RANGE, DEFAULT_CHUNK_FRAMES_RANGE
+from latentsync.output_urls import (
+    OUTPUT_NAME_RE,
+    OutputKind,
+    OutputUrl,
+    OutputUrlError,
+    parse_output_url,
+    redact_output_url,
+)
 
 # Sample rates the FFmpeg AAC encoder accepts (MPEG-4 Audio sampling frequency index table).
 AAC_SAMPLE_RATES_HZ = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
@@ -80,8 +88,56 @@ class ServerConfig:
 
 
 @dataclass
+class OutputConfig:
+    """One destination of a channel's programme (docs/outputs.md).
+
+    ``url``: ``rtmp://``/``rtmps://`` (FLV), ``srt://host:port`` (MPEG-TS, caller), ``http(s)://``
+    (WHIP: H.264 constrained baseline + Opus), ``hls:NAME`` (a folder in ``egress.hls_root``) or
+    ``record:FILE.mkv`` (segmented files in ``stream.record_dir``); the rules are those of
+    :func:`latentsync.output_urls.parse_output_url`.
+    ``name``: how ``/health``, the metrics and the page call it (default: its kind, ``-2``, ``-3``
+    for more of one kind). ``required``: the channel is ``streaming`` (and ready) only while this
+    output is live; default true, false for recordings. ``video_bitrate_kbps``: an encoding of its
+    own at this bitrate (null: the channel's); outputs with the same encoding share one encoder.
+    ``bearer_token``: the WHIP endpoint's ``Authorization: Bearer`` token (WHIP only; a secret,
+    never shown).
+    """
+
+    url: str = ""
+    name: str | None = None
+    required: bool | None = None
+    video_bitrate_kbps: int | None = None
+    bearer_token: str | None = None
+
+
+@dataclass
+class EgressConfig:
+    """How every channel's outputs are run and watched (docs/outputs.md).
+
+    ``stall_timeout_s``: an output whose bytes stop leaving (no progress from its FFmpeg) for this
+    long is ``stalled``: it is killed and restarted with backoff (``stream.restart_backoff_*``).
+    ``max_outputs``: outputs per channel. ``hls_root``: the folder ``hls:NAME`` outputs write into
+    (null: no HLS outputs); ``hls_segment_s``/``hls_list_size``: segment length (cut at keyframes,
+    so a multiple of ``stream.keyframe_interval_s`` in practice) and segments in the playlist.
+    ``send_buffer_kb``: the kernel send buffer of an RTMP output's socket (FFmpeg's
+    ``send_buffer_size``): small enough that a frozen destination stops the bytes within about a
+    second (the default buffer hides ~10 s of a 512x512 stream), large enough for 20 Mbit/s at
+    100 ms round trip. ``output_queue_s``: seconds of the programme queued for an output that
+    reads slowly; past that it counts as stalled.
+    """
+
+    stall_timeout_s: float = 5.0
+    max_outputs: int = 16
+    hls_root: str | None = None
+    hls_segment_s: float = 2.0
+    hls_list_size: int = 6
+    send_buffer_kb: int = 64
+    output_queue_s: float = 4.0
+
+
+@dataclass
 class StreamConfig:
-    """The live output: clock, encoder and RTMP destination.
+    """The live output: clock, encoder and destinations.
 
     ``width``/``height`` of None take the idle avatar video's own size (rounded down to even), or,
     when its longest side is over ``max_side``, its aspect ratio with the longest side ``max_side``.
@@ -103,8 +159,11 @@ class StreamConfig:
     (latentsync.serving.ops.threads.make_this_thread_realtime; docs/performance.md "Clock
     priority"). Needs root, ``CAP_SYS_NICE`` or ``RLIMIT_RTPRIO`` (systemd ``LimitRTPRIO=10`` with
     ``RestrictRealtime=false``); refused, the clock logs a warning and keeps ``clock_nice``.
-    ``allowed_rtmp_hosts``: hosts a channel created through the API may push to; null: the hosts
-    of the channels in the config file (``main`` included).
+    ``outputs``: the destinations (:class:`OutputConfig`, docs/outputs.md); empty: one output, to
+    ``rtmp_url`` (the one-output shorthand). ``record_path`` adds a recording output either way.
+    ``allowed_rtmp_hosts``: hosts a channel created or given outputs through the API may send to
+    (RTMP, SRT and WHIP alike); null: the hosts of the outputs in the config file (every channel's,
+    ``main`` included).
     ``x264_preset``: a libx264 preset, or ``auto``: per channel, ``ultrafast`` when its bitrate
     gives 0.3 bits per pixel or more (512x512 at 25 fps and 2500 kbit/s), else ``superfast``
     (latentsync.serving.egress.rtmp.auto_x264_preset; measurements in docs/performance.md), each
@@ -138,6 +197,7 @@ class StreamConfig:
     record_keep: int = 8
     max_pixels_per_s: int = 1920 * 1080 * 30
     allowed_rtmp_hosts: list[str] | None = None
+    outputs: list[OutputConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -473,7 +533,8 @@ class ChannelConfig:
     """One more live stream with its own avatar, served by the shared worker pool (docs/channels.md).
 
     Every value left null is taken from the top-level ``stream`` / ``avatar`` sections (the
-    ``main`` channel's), so a channel only names what differs: at least its ``rtmp_url``.
+    ``main`` channel's), so a channel only names what differs: at least its ``rtmp_url`` or its
+    ``outputs`` (never inherited from ``main``: a destination belongs to one channel).
     ``avatar`` names a video uploaded with ``POST /avatars`` (its id): it is then both the idle
     video and the base video, and ``idle_video``/``video`` must be null.
     """
@@ -491,6 +552,7 @@ class ChannelConfig:
     crossfade_frames: int | None = None
     video_bitrate_kbps: int | None = None
     record_path: str | None = None
+    outputs: list[OutputConfig] | None = None
 
 
 @dataclass
@@ -510,6 +572,7 @@ class AppConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     speech_stream: SpeechStreamConfig = field(default_factory=SpeechStreamConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     frames: FramesConfig = field(default_factory=FramesConfig)
     ui: UiConfig = field(default_factory=UiConfig)
@@ -548,6 +611,7 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
         }
         if ch.width is not None or ch.height is not None:
             stream_values.update(width=ch.width, height=ch.height)
+        stream_values["outputs"] = list(ch.outputs or [])  # a destination belongs to one channel
         avatar = dataclasses.replace(
             config.avatar, **{k: getattr(ch, k) for k in ("idle_video", "video") if getattr(ch, k) is not None}
         )
@@ -559,6 +623,124 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
         stream = dataclasses.replace(config.stream, **stream_values)
         out[ch.name] = dataclasses.replace(config, stream=stream, avatar=avatar, channels=[])
     return out
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """One output of a channel as it runs: its URL parsed, its defaults filled in (:func:`channel_outputs`).
+
+    Attributes:
+        name: Unique within the channel (:data:`latentsync.output_urls.OUTPUT_NAME_RE`).
+        url: The parsed URL (``url.url`` may hold a stream key: never log it).
+        required: The channel counts as streaming only while this output is live.
+        video_bitrate_kbps: The H.264 bitrate of its encoding, in kbit/s.
+        bearer_token: The WHIP endpoint's bearer token, or None.
+    """
+
+    name: str
+    url: OutputUrl
+    required: bool
+    video_bitrate_kbps: int
+    bearer_token: str | None = None
+
+    @property
+    def kind(self) -> OutputKind:
+        """What the output is (``rtmp``, ``srt``, ``whip``, ``hls``, ``record``)."""
+        return self.url.kind
+
+    def public(self) -> dict:
+        """The output as the API shows it: no stream key, token or option values."""
+        return {
+            "name": self.name,
+            "kind": self.kind.value,
+            "url": redact_output_url(self.url.url),
+            "required": self.required,
+            "video_bitrate_kbps": self.video_bitrate_kbps,
+        }
+
+
+def channel_outputs(config: AppConfig, key: str = "stream.outputs") -> list[OutputTarget]:
+    """The outputs a channel runs: ``stream.outputs`` (or the ``rtmp_url`` shorthand) and the recording.
+
+    Args:
+        config: A channel's configuration (:func:`channel_configs`), or the top-level one for ``main``.
+        key: How messages name the list.
+
+    Returns:
+        The outputs in order, each with its name, ``required`` and bitrate filled in: names default
+        to the kind (``rtmp``, ``srt``, ``whip``, ``hls``, ``record``; ``-2``, ``-3`` ... for more of
+        one kind); ``required`` defaults to true, false for recordings; ``stream.record_path`` adds
+        ``record:<record_path>`` (not required) unless an output names it already.
+
+    Raises:
+        ConfigError: Naming the output: a refused URL (:func:`latentsync.output_urls.parse_output_url`),
+            a name given twice, more than ``egress.max_outputs``, an HLS output without
+            ``egress.hls_root``, a recording without ``stream.record_dir``, a bitrate out of range, a
+            bearer token on an output that is not WHIP or one with a line break.
+    """
+    s = config.stream
+    given = list(s.outputs) or [OutputConfig(url=s.rtmp_url)]
+    if s.record_path and not any(o.url == f"record:{s.record_path}" for o in given):
+        given.append(OutputConfig(url=f"record:{s.record_path}", required=False))
+    _check(
+        len(given) <= config.egress.max_outputs,
+        key,
+        f"{len(given)} outputs",
+        f"at most egress.max_outputs = {config.egress.max_outputs}",
+    )
+    names: set[str] = set()
+    counts: dict[str, int] = {}
+    out = []
+    for i, o in enumerate(given):
+        where = f"{key}[{i}]"
+        try:
+            url = parse_output_url(o.url)
+        except OutputUrlError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
+        counts[url.kind.value] = counts.get(url.kind.value, 0) + 1
+        n = counts[url.kind.value]
+        name = o.name if o.name is not None else url.kind.value + (f"-{n}" if n > 1 else "")
+        _check(OUTPUT_NAME_RE.fullmatch(name) is not None, f"{where}.name", name, "lower-case letters, digits, - and _")
+        _check(name not in names, f"{where}.name", name, "a name no other output of the channel has")
+        names.add(name)
+        _check(
+            url.kind is not OutputKind.hls or config.egress.hls_root is not None,
+            f"{where}.url",
+            o.url,
+            "hls: outputs only with egress.hls_root set",
+        )
+        _check(
+            url.kind is not OutputKind.record or s.record_dir is not None,
+            f"{where}.url",
+            o.url,
+            "record: outputs only with stream.record_dir set",
+        )
+        bitrate = o.video_bitrate_kbps if o.video_bitrate_kbps is not None else s.video_bitrate_kbps
+        _check(100 <= bitrate <= 50000, f"{where}.video_bitrate_kbps", bitrate, "100..50000")
+        token = o.bearer_token
+        _check(
+            token is None or (url.kind is OutputKind.whip and 1 <= len(token) <= 4096 and token.isprintable()),
+            f"{where}.bearer_token",
+            "<hidden>",
+            "a WHIP output's token (printable, no line breaks, at most 4096 characters)",
+        )
+        required = o.required if o.required is not None else url.kind is not OutputKind.record
+        out.append(OutputTarget(name, url, required, bitrate, token))
+    return out
+
+
+def output_configs(targets: Sequence[OutputTarget]) -> list[OutputConfig]:
+    """:class:`OutputConfig` values that give ``targets`` back (for ``channels_file`` and PUT bodies)."""
+    return [
+        OutputConfig(
+            url=t.url.url,
+            name=t.name,
+            required=t.required,
+            video_bitrate_kbps=t.video_bitrate_kbps,
+            bearer_token=t.bearer_token,
+        )
+        for t in targets
+    ]
 
 
 def uploaded_avatar_video(cache_dir: str | Path, avatar_id: str) -> Path:
@@ -597,6 +779,27 @@ def parse_channel(name: str, values: dict) -> ChannelConfig:
         raise ConfigError(_omegaconf_message(exc)) from None
     assert isinstance(channel, ChannelConfig)
     return channel
+
+
+def parse_outputs(values: object) -> list[OutputConfig]:
+    """Outputs from JSON (a PUT body's ``outputs``, ``channels_file``), type-checked like the YAML.
+
+    Raises:
+        ConfigError: If ``values`` is not a list of output objects, or on an unknown field or a
+            value of the wrong type (the message names it).
+    """
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        raise ConfigError('outputs: a list of objects like {"url": "rtmp://host/app/key"} is required')
+    out = []
+    for i, value in enumerate(values):
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(OutputConfig), value)
+            item = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"outputs[{i}].{_omegaconf_message(exc)}") from None
+        assert isinstance(item, OutputConfig)
+        out.append(item)
+    return out
 
 
 def api_media_path(config: AppConfig, key: str, value: str) -> str:
@@ -650,22 +853,25 @@ def api_media_paths(config: AppConfig, get: Callable[[str], Any]) -> dict[str, s
 
 
 def allowed_rtmp_hosts(config: AppConfig) -> set[str]:
-    """Hosts a channel created through the API may push to (``stream.allowed_rtmp_hosts``).
+    """Hosts a channel created (or given outputs) through the API may send to (``stream.allowed_rtmp_hosts``).
 
-    Null: the hosts of ``config``'s own channels, ``main`` included (pass the config as loaded
-    from the file, not one with channels the API made).
+    Null: the hosts of the outputs of ``config``'s own channels, ``main`` included (pass the config as
+    loaded from the file, not one with channels the API made).
     """
     if config.stream.allowed_rtmp_hosts is not None:
         return {h.strip("[]").lower() for h in config.stream.allowed_rtmp_hosts}
-    urls = [config.stream.rtmp_url, *(c.rtmp_url for c in config.channels if c.rtmp_url)]
-    return {h for h in (rtmp_host(u) for u in urls) if h is not None}
+    hosts = set()
+    for derived in channel_configs(config).values():
+        hosts.update(t.url.host for t in channel_outputs(derived) if t.url.host is not None)
+    return hosts
 
 
 def api_channel(config: AppConfig, spec: ChannelConfig, allowed_hosts: set[str]) -> ChannelConfig:
     """A channel given through the API (a PUT, or an entry of ``channels_file``), held to the API's rules.
 
-    Video paths resolve under ``media.root`` (:func:`api_media_path`); the RTMP URL is well formed
-    and pushes to one of ``allowed_hosts``; ``record_path`` is for the config file only.
+    Video paths resolve under ``media.root`` (:func:`api_media_path`); the RTMP URL and the outputs
+    are well formed and send to ``allowed_hosts`` only (:func:`check_api_outputs`); ``record_path`` is
+    for the config file only.
 
     Args:
         config: The server configuration.
@@ -688,7 +894,31 @@ def api_channel(config: AppConfig, spec: ChannelConfig, allowed_hosts: set[str])
             raise ConfigError(
                 f"rtmp_url: {host!r} is not in stream.allowed_rtmp_hosts ({', '.join(sorted(allowed_hosts))})"
             )
+    if spec.outputs is not None:
+        check_api_outputs(spec.outputs, allowed_hosts)
     return dataclasses.replace(spec, **api_media_paths(config, lambda k: getattr(spec, k)))
+
+
+def check_api_outputs(outputs: Sequence[OutputConfig], allowed_hosts: set[str]) -> None:
+    """Hold outputs given through the API to its rules: well-formed URLs to allowed hosts only.
+
+    HLS folders and recording files are names under the operator's roots (``egress.hls_root``,
+    ``stream.record_dir``), never paths (:func:`latentsync.output_urls.parse_output_url`); the rest
+    of the checks (names, counts, roots set) are :func:`channel_outputs`'.
+
+    Raises:
+        ConfigError: Naming the output (``outputs[i].url``).
+    """
+    for i, o in enumerate(outputs):
+        try:
+            url = parse_output_url(o.url)
+        except OutputUrlError as exc:
+            raise ConfigError(f"outputs[{i}].{exc}") from None
+        if url.host is not None and url.host not in allowed_hosts:
+            raise ConfigError(
+                f"outputs[{i}].url: {url.host!r} is not in stream.allowed_rtmp_hosts "
+                f"({', '.join(sorted(allowed_hosts))})"
+            )
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
@@ -796,6 +1026,14 @@ def validate(config: AppConfig) -> None:
     _check(1 <= s.record_keep <= 10000, "stream.record_keep", s.record_keep, "1..10000")
     for host in s.allowed_rtmp_hosts or []:
         _check(_HOST_RE.fullmatch(host) is not None, "stream.allowed_rtmp_hosts", host, "host names or IP addresses")
+    eg = config.egress
+    _check(0.5 <= eg.stall_timeout_s <= 600, "egress.stall_timeout_s", eg.stall_timeout_s, "0.5..600")
+    _check(1 <= eg.max_outputs <= 64, "egress.max_outputs", eg.max_outputs, "1..64")
+    _check(1 <= eg.hls_list_size <= 1000, "egress.hls_list_size", eg.hls_list_size, "1..1000")
+    _check(0.5 <= eg.hls_segment_s <= 60, "egress.hls_segment_s", eg.hls_segment_s, "0.5..60")
+    _check(8 <= eg.send_buffer_kb <= 65536, "egress.send_buffer_kb", eg.send_buffer_kb, "8..65536")
+    _check(0.5 <= eg.output_queue_s <= 60, "egress.output_queue_s", eg.output_queue_s, "0.5..60")
+    channel_outputs(config)
     m = config.media
     _check(0.5 <= m.max_clip_s <= 86400, "media.max_clip_s", m.max_clip_s, "0.5..86400")
     _check(0.1 <= m.max_clip_mb <= 10**6, "media.max_clip_mb", m.max_clip_mb, "0.1..1000000")
@@ -1000,7 +1238,8 @@ def _validate_channels(config: AppConfig) -> None:
         f"at most max_channels = {config.max_channels} (main included)",
     )
     names = {DEFAULT_CHANNEL}
-    urls = {config.stream.rtmp_url}
+    derived_configs = channel_configs(config)
+    urls = {t.url.url for t in channel_outputs(derived_configs[DEFAULT_CHANNEL]) if t.kind.networked}
     for i, ch in enumerate(config.channels):
         key = f"channels[{i}]"
         _check(
@@ -1016,7 +1255,12 @@ def _validate_channels(config: AppConfig) -> None:
             f"a name not used by another channel ({DEFAULT_CHANNEL!r} is the top-level stream)",
         )
         names.add(ch.name)
-        _check(ch.rtmp_url is not None, f"{key}.rtmp_url", None, "the channel's own rtmp:// URL")
+        _check(
+            ch.rtmp_url is not None or bool(ch.outputs),
+            f"{key}.rtmp_url",
+            None,
+            "the channel's own rtmp:// URL, or its outputs",
+        )
         if ch.avatar is not None:
             _check(
                 AVATAR_ID_RE.fullmatch(ch.avatar) is not None,
@@ -1036,9 +1280,16 @@ def _validate_channels(config: AppConfig) -> None:
                 ch.avatar,
                 "an avatar uploaded with POST /avatars that still exists (GET /avatars lists them)",
             )
-        _check(ch.rtmp_url not in urls, f"{key}.rtmp_url", "<hidden>", "a URL no other channel pushes to")
-        urls.add(ch.rtmp_url)
-    for name, derived in channel_configs(config).items():
+        try:
+            targets = channel_outputs(derived_configs[ch.name], f"{key}.outputs")
+        except ConfigError as exc:
+            raise ConfigError(f"{key} ({ch.name}): {exc}") from None
+        field_name = f"{key}.outputs" if ch.outputs else f"{key}.rtmp_url"
+        for t in targets:
+            if t.kind.networked:
+                _check(t.url.url not in urls, field_name, "<hidden>", "a URL no other channel sends to")
+                urls.add(t.url.url)
+    for name, derived in derived_configs.items():
         if name == DEFAULT_CHANNEL:
             continue
         try:
@@ -1121,9 +1372,17 @@ def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync"
 
 
 def to_yaml(config: AppConfig) -> str:
-    """Render a configuration as YAML (for ``--print-config``), with the RTMP stream key hidden."""
+    """Render a configuration as YAML (``--print-config``) with stream keys, output secrets and the token hidden."""
     node = OmegaConf.structured(config)
     node.stream.rtmp_url = redact_rtmp_url(config.stream.rtmp_url)
+    for out_node, out in zip(node.stream.outputs, config.stream.outputs, strict=True):
+        out_node.url = redact_output_url(out.url)
+        out_node.bearer_token = "***" if out.bearer_token else None
+    for ch_node, ch in zip(node.channels, config.channels, strict=True):
+        ch_node.rtmp_url = redact_rtmp_url(ch.rtmp_url) if ch.rtmp_url else None
+        for out_node, out in zip(ch_node.outputs or [], ch.outputs or [], strict=True):
+            out_node.url = redact_output_url(out.url)
+            out_node.bearer_token = "***" if out.bearer_token else None
     if config.api.token is not None:
         node.api.token = "***"
     return OmegaConf.to_yaml(node)

@@ -35,7 +35,7 @@ def test_yaml_file_then_overrides(tmp_path):
 def test_shipped_server_yaml_loads_and_has_every_key():
     c = load_config(REPO / "configs" / "server.yaml")
     text = (REPO / "configs" / "server.yaml").read_text()
-    for section in ("server", "stream", "media", "avatar", "engine", "api", "tasks", "log"):
+    for section in ("server", "stream", "media", "avatar", "engine", "api", "tasks", "egress", "log"):
         for key in getattr(c, section).__dataclass_fields__:
             assert f"  {key}:" in text, f"configs/server.yaml lacks {section}.{key}"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -110,6 +112,16 @@ class WhepViewer:
         if audio_task is not None:
             audio_task.cancel()
         return self.received
+
+    async def watch(self, stop: threading.Event, arrivals: list[float], timeout_s: float = 30.0) -> None:
+        """Receive video until ``stop`` is set, appending each frame's ``time.monotonic()`` to ``arrivals``."""
+        track = await asyncio.wait_for(self._tracks["video"], timeout_s)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(track.recv(), 1.0)
+            except TimeoutError:
+                continue
+            arrivals.append(time.monotonic())
 
     async def close(self, delete: bool = True) -> int | None:
         """DELETE the session (unless ``delete`` is False: a viewer that vanishes) and close the peer."""

@@ -1,10 +1,11 @@
 """Flask app factory: routes only; all state lives in the Runtime passed in.
 
 Routes:
-    ``GET /health``: 200 while streaming (clock ticking and FFmpeg up), else 503 (with ``api.token``
-    set, a caller without it sees the state only: :data:`PUBLIC_HEALTH_KEYS`);
-    ``?ready=1``: 200 only when streaming and the engine accepts uploads (readiness);
-    ``?live=1``: 200 while the output clock ticks, even with the RTMP server away (liveness).
+    ``GET /health``: 200 while streaming (clock ticking, encoders up, every required output live),
+    else 503 (with ``api.token`` set, a caller without it sees the state only:
+    :data:`PUBLIC_HEALTH_KEYS`); ``?ready=1``: 200 only when streaming and the engine accepts
+    uploads (readiness: a required output down fails it); ``?live=1``: 200 while the output clock
+    ticks, even with every destination away (liveness). Each output's state is in ``outputs``.
     ``GET /metrics``: Prometheus text format.
     ``POST /generate_video``: multipart ``audio_file`` (+ optional ``seed``, ``guidance_scale``) →
     202 with a task id, or a JSON error.

@@ -85,12 +85,13 @@ def watchdog_interval_s() -> float | None:
 
 
 class Watchdog:
-    """Pings systemd's watchdog only while ``alive()`` says the output clock is ticking.
+    """Pings systemd's watchdog only while ``alive()`` says the output clocks tick and egress is supervised.
 
-    A frozen StreamingController stops the pings, so systemd (``WatchdogSec=``) restarts the service.
+    A frozen StreamingController, or a deadlocked encoder or output supervisor, stops the pings,
+    so systemd (``WatchdogSec=``) restarts the service; a destination that is down does not.
 
     Args:
-        alive: True while the controller has ticked recently.
+        alive: True while every clock has ticked recently and every egress supervisor loops.
         interval_s: Seconds between pings (None: from ``$WATCHDOG_USEC``; no thread when off).
     """
 
@@ -119,4 +120,4 @@ class Watchdog:
             if self._alive():
                 sd_notify("WATCHDOG=1")
             else:
-                logger.error("output clock stalled: withholding the systemd watchdog ping")
+                logger.error("output clock stalled or egress supervisor dead: withholding the systemd watchdog ping")

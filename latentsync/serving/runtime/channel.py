@@ -7,7 +7,8 @@ every channel's jobs, all on the same ``time.monotonic()`` clock: a channel's ch
 runs before another channel's chunk due later, whatever the uploads' lengths.
 
 Phases (:class:`ChannelState`, the state-machine style of tasks): ``created`` → ``starting``
-(private work directory → idle clip → FFmpegSink → StreamingController: on air from here →
+(private work directory → idle clip → EgressSink (encoders, outputs) → StreamingController: on air
+from here →
 prepared avatar) → ``ready`` (its TaskManager on the shared pool: uploads and streamed speech
 accepted) → ``stopping`` → ``stopped``; a start that fails ends ``failed`` (what of it ran is
 stopped). Stop order is the reverse of start, every part stopped even when an earlier one fails.
@@ -15,6 +16,7 @@ stopped). Stop order is the reverse of start, every part stopped even when an ea
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import shutil
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from latentsync.avatar import Avatar, AvatarSettings
-from latentsync.config import AppConfig
+from latentsync.config import AppConfig, OutputTarget, channel_outputs
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.framing import capped_size, display_size
 from latentsync.media.probe import probe_media
@@ -33,7 +35,7 @@ from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_c
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.frames import FramesHub
-from latentsync.serving.egress.rtmp import FFmpegSink, SinkSettings
+from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import SchedulingPool
 from latentsync.serving.generation.scheduler import TaskManager, TaskSettings
@@ -49,7 +51,7 @@ from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, Wo
 logger = logging.getLogger(__name__)
 
 HEALTH_TICK_STALE_S = 2.0  # /health reports "not streaming" when no tick was handled for this long
-SINK_START_TIMEOUT_S = 5.0  # the clock starts once FFmpeg is launched (or after this many seconds)
+SINK_START_TIMEOUT_S = 5.0  # the clock starts once the encoders are launched (or after this many seconds)
 
 
 def own_size(video: str | Path, max_side: int, fps: int, limits: ClipLimits) -> tuple[int, int] | None:
@@ -153,7 +155,7 @@ class Channel:
         self._machine = StateMachine(ChannelState.created, CHANNEL_MOVES, f"channel {name}")
         self._work_dir: Path | None = None
         self._upload_root: Path | None = None
-        self.sink: FFmpegSink | None = None
+        self.sink: EgressSink | None = None  # the encoders and outputs, once the stream runs
         self.controller: StreamingController | None = None
         self.mixer: ProgramMixer | None = None
         self.avatar: Avatar | None = None
@@ -221,7 +223,7 @@ class Channel:
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Put the idle loop on air: idle clip, FFmpegSink, mixer, WHEP hub, events feed, clock.
+        """Put the idle loop on air: idle clip, egress (encoders, outputs), mixer, WHEP hub, events feed, clock.
 
         A :meth:`close` or :meth:`fail` that runs meanwhile (from another thread) wins: what this
         call built after that moment is released before it returns, so nothing of the channel
@@ -265,7 +267,9 @@ class Channel:
         self._work_dir = Path(tempfile.mkdtemp(prefix=f"latentsync-rt-{self.name}-"))  # mkdtemp makes it 0700
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
-        self.sink = FFmpegSink(SinkSettings(s, width=clip.size[0], height=clip.size[1]), self._work_dir)
+        self.sink = EgressSink(
+            s, cfg.egress, clip.size[0], clip.size[1], channel_outputs(cfg), self._work_dir, self.name
+        )
         # the playlist holds the tasks not yet on air, which api.max_queued bounds (twice that: programs of
         # tasks cancelled since the last tick still count until it drops them)
         self.mixer = ProgramMixer(
@@ -274,7 +278,7 @@ class Channel:
             max_programs=2 * cfg.api.max_queued,
         )
         mixer = self.mixer
-        observers = []  # they see every tick the RTMP sink accepted (docs/webrtc.md)
+        observers = []  # they see every tick the mixer made, whatever the outputs do (docs/outputs.md)
         if cfg.webrtc.enabled:
             self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
             observers.append(self.webrtc.on_tick)
@@ -445,7 +449,9 @@ class Channel:
             if tasks is not None and tasks.switch_avatar(avatar, lambda: mixer.switch_idle(loop)):
                 break
             self._stop_event.wait(0.05)
-        self.config = config
+        # the outputs may have changed since the PUT that asked for this switch: they stay as they are now
+        outputs = self.config.stream.outputs
+        self.config = dataclasses.replace(config, stream=dataclasses.replace(config.stream, outputs=outputs))
         self.avatar = avatar
         self._clip = clip
         self._pending_avatar = None
@@ -521,7 +527,7 @@ class Channel:
             ("webrtc", self.webrtc.close if self.webrtc else None),
             ("frames", self.frames.close if self.frames else None),
             ("events", self._feed.close if self._feed else None),
-            ("ffmpeg", self.sink.close if self.sink else None),
+            ("egress", self.sink.close if self.sink else None),
         ]
         for what, step in steps:
             if step is None:
@@ -562,6 +568,38 @@ class Channel:
         if c is None or c.last_tick_monotonic == 0:
             return False
         return time.monotonic() - c.last_tick_monotonic < HEALTH_TICK_STALE_S
+
+    def egress_alive(self) -> bool:
+        """True unless a thread supervising an encoder or an output died or deadlocked (the watchdog asks).
+
+        A destination that is down is not a dead supervisor: its output backs off and retries,
+        reported in ``/health``; only a supervisor that stopped looping makes this False.
+        """
+        sink = self.sink
+        return sink is None or self.stopped or sink.alive()
+
+    def set_outputs(self, outputs: list[OutputTarget], config: AppConfig) -> tuple[list[str], list[str]]:
+        """Make the channel's outputs these while it streams (``PUT /channels/<name>`` with ``outputs``).
+
+        Outputs that stay the same keep running untouched; the others start or stop
+        (:meth:`EgressSink.set_outputs`).
+
+        Args:
+            outputs: The outputs, checked (:func:`latentsync.config.channel_outputs` of ``config``).
+            config: The channel's configuration with those outputs (kept as :attr:`config`).
+
+        Returns:
+            ``(started, stopped)`` output names.
+
+        Raises:
+            RuntimeError: If the channel's stream is not running (starting, failed or stopped).
+        """
+        sink = self.sink
+        if sink is None or self.stopped:
+            raise RuntimeError(f"channel {self.name} is {self.status}; its outputs change while it streams")
+        changed = sink.set_outputs(outputs)
+        self.config = config
+        return changed
 
     # ----------------------------------------------------------------- uploads
     def upload_path(self) -> Path:
@@ -632,11 +670,12 @@ class Channel:
         k = self.sink.stats()
         ticking = self.clock_alive()
         size = self.stream_size
+        required_live = all(o.live for o in k.outputs if o.required)
         return HealthSnapshot(
             state=state.value if self.stopped else c.state.value,
             uptime_s=uptime_s,
             ticking=ticking,
-            streaming=ticking and k.up and not self.stopped,
+            streaming=ticking and k.up and required_live and not self.stopped,
             frames_emitted=c.frames_emitted,
             ticks=c.ticks,
             late_ticks=c.late_ticks,
@@ -647,6 +686,7 @@ class Channel:
             ffmpeg_restarts=k.restarts,
             ffmpeg_pid=k.pid,
             ffmpeg_last_error=k.last_error,
+            outputs=k.outputs,
             on_air_task=mixer.current_task_id if mixer else None,
             stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
             if size
@@ -658,8 +698,9 @@ class Channel:
         """Stream health for ``GET /health`` (``main``) and ``GET /channels/<name>/health``.
 
         Returns:
-            ``(streaming, body)``: streaming is True when the clock ticks and FFmpeg is up; body is
-            :meth:`HealthSnapshot.to_json` plus ``channel`` (the RTMP URL is never included).
+            ``(streaming, body)``: streaming is True when the clock ticks, the encoders run and every
+            required output is live (docs/architecture.md "Health"); body is
+            :meth:`HealthSnapshot.to_json` plus ``channel`` (no stream key or token is included).
         """
         snapshot = self.health_snapshot(uptime_s)
         body = snapshot.to_json()
@@ -667,7 +708,7 @@ class Channel:
         return snapshot.streaming, body
 
     def describe(self) -> dict:
-        """The channel for ``GET /channels``: name, state, format, on-air task (never the RTMP URL)."""
+        """The channel for ``GET /channels``: name, state, format, on-air task, outputs (URLs without keys)."""
         streaming, body = self.health()
         return {
             "name": self.name,
@@ -681,6 +722,10 @@ class Channel:
             "tasks_waiting": body.get("tasks_waiting", 0),
             "avatar": Path(self.avatar.path).name if self.avatar is not None else None,
             "switch": self.switch_status(),
+            "outputs": [
+                {k: o[k] for k in ("name", "kind", "url", "required", "state", "last_error")}
+                for o in body.get("outputs", [])
+            ],
         }
 
     def switch_status(self) -> dict | None:

@@ -14,12 +14,15 @@ from latentsync.config import (
     allowed_rtmp_hosts,
     api_channel,
     api_media_paths,
+    check_api_outputs,
+    parse_outputs,
     uploaded_avatar_video,
     validate,
 )
 
-#: Channel fields a PUT may change while the stream runs (the avatar: idle loop and base video).
-LIVE_FIELDS = ("avatar", "idle_video", "video", "idle_audio", "idle_pingpong")
+#: Channel fields a PUT may change while the stream runs: the avatar (idle loop and base video) and
+#: the outputs (docs/outputs.md).
+LIVE_FIELDS = ("avatar", "idle_video", "video", "idle_audio", "idle_pingpong", "outputs")
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,11 @@ CHANNELS_FILE_VERSION = 1
 def _live_avatar(config: AppConfig, values: dict, avatar, stream):
     """The ``avatar``/``stream`` sections with a channel's kept live fields applied.
 
-    Those are :data:`LIVE_FIELDS` and the ``width``/``height`` the stream had when its avatar changed.
+    Those are :data:`LIVE_FIELDS` and the ``width``/``height`` the stream had when its avatar changed;
+    ``outputs`` are JSON objects (:func:`latentsync.config.parse_outputs`).
+
+    Raises:
+        ConfigError: If the kept ``outputs`` do not parse.
     """
     if any(k in values for k in ("avatar", "idle_video", "video")):
         if values.get("avatar") is not None:
@@ -46,6 +53,8 @@ def _live_avatar(config: AppConfig, values: dict, avatar, stream):
     for key in ("idle_audio", "idle_pingpong", "width", "height"):
         if values.get(key) is not None:
             stream = dataclasses.replace(stream, **{key: values[key]})
+    if values.get("outputs") is not None:
+        stream = dataclasses.replace(stream, outputs=parse_outputs(values["outputs"]))
     return avatar, stream
 
 
@@ -96,8 +105,10 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
         values = {k: v for k, v in values.items() if k in kept} if isinstance(values, dict) else {}
         try:  # held to the API's rules, as when it was made: video paths only under media.root
             values.update(api_media_paths(config, values.get))
+            if "outputs" in values:  # and outputs only to the allowed hosts
+                check_api_outputs(parse_outputs(values["outputs"]), allowed_rtmp_hosts(config))
         except (ConfigError, TypeError) as exc:
-            logger.warning("channels_file: %s's avatar skipped: %s", name, exc)
+            logger.warning("channels_file: %s's live changes skipped: %s", name, exc)
             continue
         if name == DEFAULT_CHANNEL:
             avatar, stream = _live_avatar(config, values, out.avatar, out.stream)
@@ -105,11 +116,12 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
         elif name in configured and name not in deleted:
             if any(k in values for k in ("avatar", "idle_video", "video")):
                 values = {"avatar": None, "idle_video": None, "video": None, **values}
-            specs = [dataclasses.replace(c, **values) if c.name == name else c for c in out.channels]
+            fields = {**values, **({"outputs": parse_outputs(values["outputs"])} if "outputs" in values else {})}
+            specs = [dataclasses.replace(c, **fields) if c.name == name else c for c in out.channels]
             candidate = dataclasses.replace(out, channels=specs)
         else:
             continue
-        if values and attempt(candidate, f"{name}'s avatar"):
+        if values and attempt(candidate, f"{name}'s live changes"):
             out, live[name] = candidate, values
     from latentsync.config import parse_channel
 

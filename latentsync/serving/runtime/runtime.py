@@ -5,7 +5,7 @@ stream each; ``main`` from the top-level ``stream``/``avatar`` keys, more from `
 ``channels_file`` and from ``PUT /channels/<name>``) and ONE :class:`WorkerPool` they all share
 (docs/channels.md).
 
-Start order: ``main``'s stream (idle clip → FFmpegSink → StreamingController: on air from here)
+Start order: ``main``'s stream (idle clip → EgressSink → StreamingController: on air from here)
 → every other channel's start in its own thread (stream, then avatar) → ``main``'s prepared
 avatar → the shared WorkerPool → every channel whose avatar is prepared gets its TaskManager
 (uploads accepted from here; a channel still preparing attaches itself when it is done). Stop
@@ -38,16 +38,19 @@ from latentsync.config import (
     ChannelConfig,
     ConfigError,
     EngineName,
+    OutputConfig,
     PoolBackend,
     allowed_rtmp_hosts,
     api_channel,
     api_media_paths,
     channel_configs,
+    channel_outputs,
+    check_api_outputs,
     validate,
 )
 from latentsync.serving.avatars.store import AvatarStore
 from latentsync.serving.core.errors import public_reason
-from latentsync.serving.egress.rtmp import FFmpegSink
+from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.generation.pool import SchedulingPool, WorkerPool
 from latentsync.serving.generation.scheduler import TaskManager
@@ -57,7 +60,13 @@ from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel, ChannelState
 from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, PreparationCancelled
-from latentsync.serving.runtime.persistence import CHANNELS_FILE_VERSION, STREAM_FIELDS, _live_avatar, restore_channels
+from latentsync.serving.runtime.persistence import (
+    CHANNELS_FILE_VERSION,
+    LIVE_FIELDS,
+    STREAM_FIELDS,
+    _live_avatar,
+    restore_channels,
+)
 from latentsync.serving.telemetry.events import EventBroadcaster
 from latentsync.serving.telemetry.health import HealthSnapshot
 from latentsync.serving.telemetry.metrics import ServerMetrics
@@ -157,8 +166,8 @@ class Runtime:
         return self.main.controller
 
     @property
-    def sink(self) -> FFmpegSink | None:
-        """The main channel's FFmpegSink, once started."""
+    def sink(self) -> EgressSink | None:
+        """The main channel's EgressSink (encoders and outputs), once started."""
         return self.main.sink
 
     @property
@@ -304,8 +313,14 @@ class Runtime:
         return True
 
     def _clock_alive(self) -> bool:
+        """What the systemd watchdog vouches for: every clock ticks and every egress supervisor loops.
+
+        A destination that is down is never a reason to withhold it (that is reported, not
+        restarted): only a clock that stopped or a supervising thread that died or deadlocked.
+        """
         others = [c for name, c in list(self.channels.items()) if name != DEFAULT_CHANNEL and c.ready]
-        return self.main.clock_alive() and all(c.clock_alive() for c in others)
+        channels = [self.main, *others]
+        return all(c.clock_alive() for c in channels) and all(c.egress_alive() for c in channels)
 
     def _start_engine(self) -> None:
         cfg = self.config
@@ -450,14 +465,15 @@ class Runtime:
     def reconfigure_channel(self, name: str, values: dict, force: bool = False) -> tuple[Channel, bool]:
         """Change an existing channel's avatar while it streams (``PUT /channels/<name>`` on a known name).
 
-        ``values`` holds channel fields (:class:`~latentsync.config.ChannelConfig`). The avatar
-        fields (:data:`LIVE_FIELDS`) change at the channel's next idle moment with a crossfade
-        (:meth:`Channel.switch_avatar`); naming any of ``avatar``, ``idle_video``, ``video`` replaces
-        all three (absent: null). The stream fields (:data:`STREAM_FIELDS`) may be given only with
-        the channel's current values.
+        ``values`` holds channel fields (:class:`~latentsync.config.ChannelConfig`). ``outputs``
+        replaces the channel's outputs at once (:meth:`Channel.set_outputs`: the ones that stay the
+        same run on untouched). The avatar fields (:data:`LIVE_FIELDS`) change at the channel's next
+        idle moment with a crossfade (:meth:`Channel.switch_avatar`); naming any of ``avatar``,
+        ``idle_video``, ``video`` replaces all three (absent: null). The stream fields
+        (:data:`STREAM_FIELDS`) may be given only with the channel's current values.
 
         Returns:
-            ``(channel, switching)``: switching is False when the values change nothing.
+            ``(channel, switching)``: switching is True while an avatar switch it started is under way.
 
         Raises:
             latentsync.config.ConfigError: On an unknown field, a wrong type or an invalid value.
@@ -465,7 +481,8 @@ class Runtime:
             latentsync.serving.avatars.AvatarError: If ``avatar`` names no avatar, or one not ready, or
                 (unless ``force``) one whose face would be narrower than ``avatar.min_face_px`` on
                 this channel (``face_too_small``).
-            RuntimeError: If the channel is not ready (starting, failed, stopping).
+            RuntimeError: If the channel is not ready (starting, failed, stopping), or (for outputs)
+                its stream does not run.
             KeyError: If there is no such channel.
         """
         from latentsync.config import parse_channel
@@ -492,6 +509,11 @@ class Runtime:
                 f"changing {', '.join(changed)} of channel {name!r} needs its stream restarted: "
                 f"DELETE /channels/{name}, then PUT it again"
             )
+        if "outputs" in values:
+            self._set_outputs(channel, given.outputs)
+            if not any(k in values for k in (*LIVE_FIELDS, *STREAM_FIELDS) if k != "outputs"):
+                return channel, False
+            current = channel.config
         if given.avatar is not None:
             if given.idle_video is not None or given.video is not None:
                 raise ConfigError("avatar: give either an uploaded avatar or idle_video/video, not both")
@@ -532,6 +554,49 @@ class Runtime:
         with self._channels_lock:
             channel.switch_avatar(new, label, on_done=keep)
         return channel, True
+
+    def _set_outputs(self, channel: Channel, outputs: list[OutputConfig] | None) -> None:
+        """Replace a running channel's outputs (a PUT's ``outputs``) and keep them in ``channels_file``.
+
+        Held to the API's rules (allowed hosts, names under the roots: :func:`check_api_outputs`),
+        then to the config's (:func:`channel_outputs`), and no other channel may send to one of the
+        same network URLs.
+
+        Raises:
+            latentsync.config.ConfigError: Naming the output.
+            RuntimeError: If the channel's stream does not run.
+        """
+        if not outputs:
+            raise ConfigError("outputs: at least one output (a channel's programme must go somewhere)")
+        check_api_outputs(outputs, self._api_hosts)
+        name = channel.name
+        with self._channels_lock:
+            new = dataclasses.replace(
+                channel.config, stream=dataclasses.replace(channel.config.stream, outputs=outputs)
+            )
+            targets = channel_outputs(new, "outputs")
+            elsewhere = {
+                t.url.url
+                for other_name, other in self.channels.items()
+                if other_name != name and other.sink is not None and not other.stopped
+                for t in other.sink.outputs()
+            }
+            taken = [t.name for t in targets if t.kind.networked and t.url.url in elsewhere]
+            if taken:
+                raise ConfigError(f"outputs: {', '.join(taken)} sends to a URL another channel sends to")
+            started, stopped = channel.set_outputs(targets, new)
+            spec = self._specs.get(name)
+            if spec is not None:
+                self._specs[name] = dataclasses.replace(spec, outputs=list(outputs))
+            if name == DEFAULT_CHANNEL or name in self._configured:
+                self._live[name] = {**self._live.get(name, {}), "outputs": [dataclasses.asdict(o) for o in outputs]}
+            self._persist()
+        logger.info(
+            "channel %s: outputs changed through the API (started: %s; stopped: %s)",
+            name,
+            ", ".join(started) or "none",
+            ", ".join(stopped) or "none",
+        )
 
     def _persist(self) -> None:
         """Write ``channels_file`` (lock held): channels created (once ready), configured ones deleted, avatars."""

@@ -1,10 +1,11 @@
 """The tick tap and the live event feed behind ``GET /events`` (Server-Sent Events).
 
-:class:`TappedSink` sits between the StreamingController and the FFmpegSink: every tick the RTMP
-sink accepted is also handed to the observers (the WebRTC hub, the stream-state watcher), so they
-see exactly the program RTMP gets. :class:`EventBroadcaster` fans small JSON events out to a
-bounded number of subscribers, each through its own bounded queue; :class:`EventFeed` samples
-task progress, viewers and health on a thread of its own and publishes what changed.
+:class:`~latentsync.serving.playout.tap.TappedSink` sits between the StreamingController and the
+channel's egress: every tick the mixer made is also handed to the observers (the WebRTC hub, the
+frames hub, the stream-state watcher), whatever the encoders and outputs do.
+:class:`EventBroadcaster` fans small JSON events out to a bounded number of subscribers, each through
+its own bounded queue; :class:`EventFeed` samples task progress, viewers and health on a thread of
+its own and publishes what changed.
 """
 
 from __future__ import annotations

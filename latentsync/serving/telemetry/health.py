@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from latentsync.serving.egress.frames import FramesHealth
+from latentsync.serving.egress.outputs import OutputHealth
 from latentsync.serving.egress.whep import WebRtcHealth
 
 
@@ -74,17 +75,20 @@ class HealthSnapshot:
             ``stopped``).
         uptime_s: Seconds since the runtime was built.
         ticking: The output clock handled a tick recently (liveness).
-        streaming: Ticking, FFmpeg up and not stopping (the plain ``/health`` answer).
-        frames_emitted: Ticks whose frame and audio reached FFmpeg.
+        streaming: Ticking, the encoders up, every required output live and not stopping (the plain
+            ``/health`` answer; docs/architecture.md "Health").
+        frames_emitted: Ticks whose frame and audio every encoder took.
         ticks: Ticks the clock handled.
         late_ticks: Ticks handled more than half a frame late.
-        dropped_ticks: Ticks dropped whole (FFmpeg down or behind).
+        dropped_ticks: Ticks an encoder refused (down, restarting or behind): not encoded (the
+            taps still showed them).
         underrun_ticks: Ticks that held the last frame because a chunk was late.
         max_tick_lateness_ms: Worst tick lateness in milliseconds.
-        ffmpeg_up: FFmpeg runs with both FIFOs open.
-        ffmpeg_restarts: FFmpeg processes restarted.
-        ffmpeg_pid: The current FFmpeg's pid, or None.
-        ffmpeg_last_error: What FFmpeg last printed before exiting (stream key redacted).
+        ffmpeg_up: Every encoder FFmpeg runs with both FIFOs open.
+        ffmpeg_restarts: Encoder FFmpeg processes restarted.
+        ffmpeg_pid: The (first) encoder FFmpeg's pid, or None.
+        ffmpeg_last_error: What an encoder FFmpeg last printed before exiting.
+        outputs: Every output's state and counters (:class:`OutputHealth`), in the channel's order.
         engine: Engine name.
         engine_ready: Uploads are accepted and the worker pool is not broken (readiness).
         engine_error: Why the engine cannot serve (a rebuilt worker could not load), or None.
@@ -113,6 +117,7 @@ class HealthSnapshot:
     ffmpeg_restarts: int = 0
     ffmpeg_pid: int | None = None
     ffmpeg_last_error: str = ""
+    outputs: tuple[OutputHealth, ...] = ()
     engine: str = ""
     engine_ready: bool = False
     engine_error: str | None = None
@@ -129,6 +134,7 @@ class HealthSnapshot:
     def to_json(self) -> dict:
         """The ``GET /health`` body: every field by name (``workers``/``webrtc``/``frames`` left out while absent)."""
         body = dataclasses.asdict(self)
+        body["outputs"] = list(body["outputs"])
         if self.webrtc is None:
             del body["webrtc"]
         if self.frames is None:

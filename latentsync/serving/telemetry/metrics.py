@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from latentsync.serving.egress.outputs import OutputState
 from latentsync.serving.playout.state import StreamState
 from latentsync.serving.telemetry.health import HealthSnapshot
 
@@ -80,12 +81,16 @@ class ServerMetrics:
 
 #: Counters: (snapshot attribute path, metric name, help).
 COUNTERS = (
-    ("frames_emitted", "latentsync_ticks_emitted", "Ticks whose frame and audio reached FFmpeg."),
+    ("frames_emitted", "latentsync_ticks_emitted", "Ticks whose frame and audio every encoder took."),
     ("ticks", "latentsync_ticks_handled", "Ticks the output clock handled."),
     ("late_ticks", "latentsync_ticks_late", "Ticks handled more than half a frame late."),
-    ("dropped_ticks", "latentsync_ticks_dropped", "Ticks dropped whole (FFmpeg down or behind)."),
+    (
+        "dropped_ticks",
+        "latentsync_ticks_dropped",
+        "Ticks an encoder refused (down, restarting or behind): not encoded.",
+    ),
     ("underrun_ticks", "latentsync_ticks_underrun", "Ticks that held the last frame because a chunk was late."),
-    ("ffmpeg_restarts", "latentsync_ffmpeg_restarts", "FFmpeg processes restarted."),
+    ("ffmpeg_restarts", "latentsync_ffmpeg_restarts", "Encoder FFmpeg processes restarted."),
     ("workers.rebuilds", "latentsync_worker_restarts", "Worker-pool rebuilds after a dead or hung worker."),
     ("workers.retried", "latentsync_chunks_retried", "Chunks resubmitted after a worker failure."),
     ("workers.failed", "latentsync_pool_jobs_failed", "Pool jobs that failed for good."),
@@ -114,9 +119,13 @@ COUNTERS = (
 GAUGES = (
     ("uptime_s", "latentsync_uptime_seconds", "Seconds since the server started."),
     ("ticking", "latentsync_clock_ticking", "1 while the output clock ticks (liveness)."),
-    ("streaming", "latentsync_streaming", "1 while the clock ticks and FFmpeg is up."),
+    (
+        "streaming",
+        "latentsync_streaming",
+        "1 while the clock ticks, the encoders run and every required output is live.",
+    ),
     ("max_tick_lateness_ms", "latentsync_max_tick_lateness_ms", "Worst tick lateness, in milliseconds."),
-    ("ffmpeg_up", "latentsync_ffmpeg_up", "1 while FFmpeg runs with both FIFOs open."),
+    ("ffmpeg_up", "latentsync_ffmpeg_up", "1 while every encoder FFmpeg runs with both FIFOs open."),
     ("engine_ready", "latentsync_engine_ready", "1 once uploads are accepted and the worker pool is not broken."),
     ("workers.count", "latentsync_workers", "Engine worker processes."),
     ("tasks_admitted", "latentsync_tasks_admitted", "Unfinished tasks admitted to generate."),
@@ -149,6 +158,7 @@ SPECIAL = {
     "on_air_task": "latentsync_task_on_air (1 when set; task ids are not labels)",
     "ffmpeg_pid": "/health only: a process id is not a measurement",
     "ffmpeg_last_error": "/health only: free text",
+    "outputs": "latentsync_output_{state,required,bytes,frames,restarts,stalls,last_progress_age_seconds}{output}",
     "stream": "latentsync_stream_format{width,height,fps,audio_sample_rate}",
     "workers.pids": "/health only: process ids are not measurements",
     "workers.backend": "latentsync_pool_info{backend}",
@@ -223,6 +233,7 @@ class _RuntimeCollector(Collector):
                 for key, value in dataclasses.asdict(s.stream).items():
                     fmt.add_metric([channel, key], value)
         yield from (state, tasks, on_air, fmt)
+        yield from _output_families(by_channel)
         info = GaugeMetricFamily("latentsync_engine_info", "1, labelled with the engine's name.", labels=["engine"])
         info.add_metric([server.engine], 1.0)
         yield info
@@ -235,6 +246,39 @@ class _RuntimeCollector(Collector):
         fps = GaugeMetricFamily("latentsync_generation_fps", "Frames generated per second of chunk wall time.")
         fps.add_metric([], self._generation_fps())
         yield fps
+
+
+def _output_families(by_channel: list[tuple[str, HealthSnapshot]]) -> Iterator:
+    """Each output of each channel (docs/outputs.md), labelled ``channel`` and ``output``."""
+    labels = ["channel", "output"]
+    state = GaugeMetricFamily(
+        "latentsync_output_state", "1 for the state an output is in.", labels=[*labels, "kind", "state"]
+    )
+    required = GaugeMetricFamily("latentsync_output_required", "1 for an output the channel needs live.", labels=labels)
+    sent = CounterMetricFamily("latentsync_output_bytes", "Bytes an output sent to its destination.", labels=labels)
+    frames = CounterMetricFamily("latentsync_output_frames", "Video frames an output sent.", labels=labels)
+    restarts = CounterMetricFamily(
+        "latentsync_output_restarts", "Times an output's relay was restarted.", labels=labels
+    )
+    stalls = CounterMetricFamily("latentsync_output_stalls", "Times an output was found stalled.", labels=labels)
+    age = GaugeMetricFamily(
+        "latentsync_output_last_progress_age_seconds",
+        "Seconds since an output's bytes last left (absent before the first).",
+        labels=labels,
+    )
+    for channel, snapshot in by_channel:
+        for o in snapshot.outputs:
+            key = [channel, o.name]
+            for st in OutputState:
+                state.add_metric([*key, o.kind, st.value], 1.0 if o.state == st.value else 0.0)
+            required.add_metric(key, 1.0 if o.required else 0.0)
+            sent.add_metric(key, o.bytes_out)
+            frames.add_metric(key, o.frames_out)
+            restarts.add_metric(key, o.restarts)
+            stalls.add_metric(key, o.stalls)
+            if o.last_progress_s is not None:
+                age.add_metric(key, o.last_progress_s)
+    yield from (state, required, sent, frames, restarts, stalls, age)
 
 
 def _pool_families(server: HealthSnapshot) -> Iterator:

@@ -76,6 +76,7 @@ function selectChannel(name, force = false) {
   tasks.clear();
   $("tasks").replaceChildren();
   $("health").replaceChildren();
+  $("outputs").replaceChildren();
   setState("…");
   $("avatar-switch").textContent = "";
   stopLive(true);  // a live talk belongs to the channel it was started on
@@ -400,8 +401,8 @@ function renderHealth(h) {
   const format = h.stream ? `${h.stream.width}x${h.stream.height} @ ${h.stream.fps} fps` : "?";
   const rows = {
     channel: h.channel || MAIN, format, state: h.state, ticks: h.ticks, "frames emitted": h.frames_emitted, "late ticks": h.late_ticks,
-    "dropped ticks": h.dropped_ticks, "underrun ticks": h.underrun_ticks, "FFmpeg up": h.ffmpeg_up,
-    "FFmpeg restarts": h.ffmpeg_restarts, "engine ready": h.engine_ready,
+    "dropped ticks": h.dropped_ticks, "underrun ticks": h.underrun_ticks, "encoders up": h.ffmpeg_up,
+    "encoder restarts": h.ffmpeg_restarts, "engine ready": h.engine_ready,
     viewers: h.webrtc ? h.webrtc.viewers : "off", "uptime s": Math.round(h.uptime_s || 0),
   };
   const dl = $("health");
@@ -411,6 +412,35 @@ function renderHealth(h) {
     const dd = document.createElement("dd"); dd.textContent = String(v);
     dd.dataset.key = k;
     dl.append(dt, dd);
+  }
+  renderOutputs(h.outputs || []);
+}
+
+// One row per output: name, kind, URL (without its key), state, and why it is not live.
+function renderOutputs(outputs) {
+  const list = $("outputs");
+  list.replaceChildren();
+  for (const o of outputs) {
+    const li = document.createElement("li");
+    li.dataset.output = o.name;
+    li.dataset.state = o.state;
+    const badge = document.createElement("span");
+    badge.className = `badge output-${o.state}`;
+    badge.textContent = o.state;
+    const name = document.createElement("strong");
+    name.textContent = `${o.name}${o.required ? "" : " (best effort)"}`;
+    const url = document.createElement("code");
+    url.textContent = o.url;
+    const counts = document.createElement("span");
+    counts.textContent = `${o.frames_out} frames, ${o.restarts} restarts, ${o.stalls} stalls`;
+    li.append(badge, " ", name, url, counts);
+    if (o.state !== "live" && o.last_error) {
+      const why = document.createElement("div");
+      why.className = "error";
+      why.textContent = o.last_error;
+      li.append(why);
+    }
+    list.append(li);
   }
 }
 

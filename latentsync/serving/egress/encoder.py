@@ -1,15 +1,18 @@
-"""FFmpegSink: two named pipes (raw video + s16le audio) read by one supervised FFmpeg → RTMP.
+"""Encoder: two named pipes (raw video + s16le audio) read by one supervised FFmpeg that encodes once.
 
 One long-running FFmpeg (the ``imageio-ffmpeg`` binary) reads ``rawvideo`` (``yuv420p``: the writer
 converts each RGB frame with OpenCV, BT.601 limited range as FFmpeg's own conversion, at half the
 bytes of RGB) from a video FIFO and ``s16le`` from an audio FIFO, encodes H.264 (libx264,
-zerolatency) + AAC and pushes FLV to the RTMP URL. There is no ``-re``: the StreamingController's
-clock paces the stream, and FFmpeg derives PTS from frame and sample counts, so A/V sync holds by construction.
+zerolatency) + AAC and writes FLV to its stdout. There is no ``-re``: the StreamingController's
+clock paces the stream, and FFmpeg derives PTS from frame and sample counts, so A/V sync holds by
+construction. A pump thread cuts the FLV into tags (:mod:`latentsync.serving.egress.flv`) and hands
+them to the encoder's :class:`~latentsync.serving.egress.fanout.Fanout`, which copies them to every
+output of this encoding (docs/outputs.md): the encoder never waits on a network.
 
 Each FIFO has its own writer thread fed by its own bounded queue, so a full pipe on one side can
 never block the other (FFmpeg reads its inputs from separate demuxer threads). A supervisor thread
-restarts FFmpeg with fresh FIFOs and exponential backoff when it exits or cannot reach the server.
-:meth:`FFmpegSink.offer` never blocks: a tick whose frame and audio cannot both be queued is
+restarts FFmpeg with fresh FIFOs and exponential backoff when it exits.
+:meth:`Encoder.offer` never blocks: a tick whose frame and audio cannot both be queued is
 refused as a whole and the caller counts it as dropped.
 """
 
@@ -23,19 +26,19 @@ import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import cv2
 import imageio_ffmpeg
 import numpy as np
 
-from latentsync.config import StreamConfig, redact_rtmp_url
+from latentsync.config import StreamConfig
+from latentsync.serving.egress.fanout import Fanout
+from latentsync.serving.egress.flv import FlvReader
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +48,10 @@ FIFO_OPEN_TIMEOUT_S = 10.0  # FFmpeg must open both FIFOs within this time after
 FLUSH_TIMEOUT_S = 4.0  # graceful close: time FFmpeg gets to drain, flush and exit after EOF
 STABLE_RUN_S = 10.0  # a run at least this long resets the restart backoff to its minimum
 STDERR_TAIL_LINES = 50
-REACHABILITY_POLL_S = 0.25  # during a backoff wait, how often to test whether the RTMP server is back
-RECORD_PRUNE_S = 10.0  # how often old recording files beyond stream.record_keep are deleted
-DEFAULT_RTMP_PORT = 1935
-
-
-def server_reachable(rtmp_url: str, timeout_s: float = 0.5) -> bool:
-    """True when a TCP connection to the RTMP URL's host and port succeeds within ``timeout_s``."""
-    parts = urlsplit(rtmp_url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or DEFAULT_RTMP_PORT), timeout_s):
-            return True
-    except OSError:
-        return False
+PUMP_READ_BYTES = 1 << 16  # one read of the encoder's stdout
+STDOUT_PIPE_BYTES = 1 << 20  # the encoder's stdout pipe: room for ~3 s of a 2.5 Mbit/s stream
+#: Largest GOP kept for outputs that start (a 2 s GOP at 50 Mbit/s is 12.5 MB).
+GOP_CACHE_MAX_BYTES = 32 * 2**20
 
 
 #: Bits per pixel (bitrate / (width x height x fps)) from which ``stream.x264_preset: auto`` picks
@@ -86,8 +80,26 @@ def auto_x264_preset(width: int, height: int, fps: int, bitrate_kbps: int) -> st
 
 
 @dataclass(frozen=True)
-class SinkSettings:
-    """What the sink needs to know about the stream: the ``stream`` config section and the frame size.
+class Encoding:
+    """What makes two outputs' encodings the same: they share one encoder when this is equal.
+
+    Attributes:
+        video_bitrate_kbps: H.264 target (and max) bitrate in kbit/s.
+        baseline: Constrained Baseline profile (``-profile:v baseline``): what WHIP receivers decode.
+    """
+
+    video_bitrate_kbps: int
+    baseline: bool
+
+    @property
+    def label(self) -> str:
+        """``2500k`` or ``2500k-baseline`` (``/health``, logs, thread names)."""
+        return f"{self.video_bitrate_kbps}k" + ("-baseline" if self.baseline else "")
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """What the encoder needs to know: the ``stream`` config section, the frame size and its encoding.
 
     The section is used as is (one definition of every value and default: latentsync/config.py); the
     properties below read it. ``width``/``height`` are the size actually streamed
@@ -97,16 +109,13 @@ class SinkSettings:
         stream: The validated ``stream`` section.
         width: Frame width in pixels (even).
         height: Frame height in pixels (even).
+        encoding: Bitrate and profile (None: the stream's bitrate, x264's own profile choice).
     """
 
     stream: StreamConfig
     width: int
     height: int
-
-    @property
-    def rtmp_url(self) -> str:
-        """Destination URL (its last element, the stream key, is a secret)."""
-        return self.stream.rtmp_url
+    encoding: Encoding | None = None
 
     @property
     def fps(self) -> int:
@@ -126,7 +135,12 @@ class SinkSettings:
     @property
     def video_bitrate_kbps(self) -> int:
         """H.264 target (and max) bitrate in kbit/s."""
-        return self.stream.video_bitrate_kbps
+        return self.encoding.video_bitrate_kbps if self.encoding is not None else self.stream.video_bitrate_kbps
+
+    @property
+    def baseline(self) -> bool:
+        """Whether the H.264 profile is forced to Constrained Baseline."""
+        return self.encoding is not None and self.encoding.baseline
 
     @property
     def audio_bitrate_kbps(self) -> int:
@@ -165,64 +179,48 @@ class SinkSettings:
         """Restart delay cap in seconds."""
         return self.stream.restart_backoff_max_s
 
-    @property
-    def record_path(self) -> Path | None:
-        """Optional local copy through FFmpeg's tee muxer: ``stream.record_dir / stream.record_path``.
-
-        It is written in segments (:func:`build_ffmpeg_command`) named ``<stem>-<run>-<segment><suffix>``.
-        """
-        s = self.stream
-        return Path(s.record_dir) / s.record_path if s.record_path and s.record_dir else None
-
-    @property
-    def record_segment_s(self) -> int:
-        """Seconds per recording file: ``stream.record_max_mb`` at the video and audio bitrates (at least 10)."""
-        s = self.stream
-        bits_per_s = (s.video_bitrate_kbps + s.audio_bitrate_kbps) * 1000
-        return max(10, int(s.record_max_mb * 2**20 * 8 / bits_per_s))
-
-    @property
-    def record_keep(self) -> int:
-        """Recording files kept (``stream.record_keep``): older ones are deleted."""
-        return self.stream.record_keep
-
 
 @dataclass(frozen=True)
-class SinkStats:
-    """A snapshot of the sink's counters.
+class EncoderStats:
+    """A snapshot of one encoder's counters.
 
     Attributes:
+        encoding: Its :attr:`Encoding.label`.
         up: FFmpeg is running and both FIFOs are open.
         starts: FFmpeg processes started so far.
         restarts: Starts after the first one (``starts - 1``, never negative).
         frames_written: Video frames written into the video FIFO, over all runs.
+        refused_ticks: Ticks :meth:`Encoder.offer` refused (down, restarting or behind).
+        bytes_out: FLV bytes the encoder wrote to its outputs' fan-out, over all runs.
         pid: PID of the current FFmpeg, or None.
-        last_error: Last lines FFmpeg printed before it last exited (stream key redacted).
+        last_error: Last lines FFmpeg printed before it last exited.
     """
 
+    encoding: str
     up: bool
     starts: int
     restarts: int
     frames_written: int
+    refused_ticks: int
+    bytes_out: int
     pid: int | None
     last_error: str
 
 
-def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: Path, run_index: int) -> list[str]:
-    """The FFmpeg argv for one run.
+def build_encoder_command(settings: EncoderSettings, video_fifo: Path, audio_fifo: Path) -> list[str]:
+    """The encoder FFmpeg's argv for one run: FIFOs in, FLV (H.264 + AAC) out on its stdout.
 
     Args:
-        settings: Stream settings.
-        video_fifo: FIFO carrying ``(H, W, 3) uint8`` RGB frames back to back.
+        settings: Stream settings and the encoding.
+        video_fifo: FIFO carrying ``yuv420p`` frames back to back (the writer converts).
         audio_fifo: FIFO carrying mono s16le samples.
-        run_index: 0 for the first run; names the recording file of later runs.
 
     Returns:
-        The command line (contains the RTMP URL: never log it unredacted).
+        The command line (no secret in it: destinations are the outputs' own processes).
     """
     s = settings
     gop = max(1, round(s.keyframe_interval_s * s.fps))
-    cmd = [
+    return [
         imageio_ffmpeg.get_ffmpeg_exe(),
         "-hide_banner",
         "-nostdin",
@@ -261,6 +259,7 @@ def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: P
         s.x264_preset,
         "-tune",
         "zerolatency",
+        *(["-profile:v", "baseline"] if s.baseline else []),
         *(["-threads", str(s.x264_threads)] if s.x264_threads else []),
         "-pix_fmt",
         "yuv420p",
@@ -288,54 +287,30 @@ def build_ffmpeg_command(settings: SinkSettings, video_fifo: Path, audio_fifo: P
         str(s.sample_rate_hz),
         "-ac",
         str(s.audio_channels),
+        # A pipe cannot be seeked: no duration/filesize to patch in at the end. Each packet is
+        # written as it is muxed (no interleaving delay beyond what A/V order needs).
+        "-flvflags",
+        "no_duration_filesize",
+        "-flush_packets",
+        "1",
+        "-f",
+        "flv",
+        "pipe:1",
     ]
-    record = s.record_path
-    if record is None:
-        return cmd + ["-flvflags", "no_duration_filesize", "-f", "flv", s.rtmp_url]
-    pattern = record.with_name(f"{record.stem}-{run_index:03d}-%04d{record.suffix}")
-    segment = f"f=segment:segment_time={s.record_segment_s}:reset_timestamps=1:onfail=ignore"
-    # The tee muxer has no global-header flag of its own: FLV and MP4/MKV need the SPS/PPS out of band.
-    # Neither the URL nor the file name can hold | [ ] or a backslash (config.rtmp_host, stream.record_path).
-    targets = f"[f=flv:flvflags=no_duration_filesize:onfail=abort]{s.rtmp_url}|[{segment}]{pattern}"
-    return cmd + ["-flags", "+global_header", "-f", "tee", targets]
-
-
-def prune_recordings(record: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` files of a recording (``<stem>-*<suffix>`` beside ``record``).
-
-    Args:
-        record: ``stream.record_dir / stream.record_path``.
-        keep: Files to keep (the newest by modification time, the one being written among them).
-
-    Returns:
-        The files deleted.
-    """
-    try:
-        files = sorted(record.parent.glob(f"{record.stem}-*{record.suffix}"), key=lambda p: p.stat().st_mtime)
-    except OSError:
-        return []
-    gone = []
-    for old in files[: max(0, len(files) - keep)]:
-        try:
-            old.unlink()
-            gone.append(old)
-        except OSError as exc:
-            logger.warning("recording %s not deleted: %s", old.name, exc)
-    return gone
 
 
 class _Run:
     """One FFmpeg process with its FIFOs, writer threads and bounded queues."""
 
-    def __init__(self, index: int, fifo_dir: Path, queue_frames: int):
+    def __init__(self, index: int, fifo_dir: Path, prefix: str, queue_frames: int):
         self.index = index
-        self.video_fifo = fifo_dir / f"video-{index}.fifo"
-        self.audio_fifo = fifo_dir / f"audio-{index}.fifo"
+        self.video_fifo = fifo_dir / f"{prefix}video-{index}.fifo"
+        self.audio_fifo = fifo_dir / f"{prefix}audio-{index}.fifo"
         self.video_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=queue_frames)
         self.audio_queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=queue_frames)
         self.proc: subprocess.Popen[bytes] | None = None
         self.threads: list[threading.Thread] = []
-        self.failed = threading.Event()  # a writer hit EPIPE / open timeout
+        self.failed = threading.Event()  # a writer hit EPIPE / open timeout, or the FLV broke
         self.closing = threading.Event()  # writers: finish what is queued, then close
         self.opened = 0  # FIFOs opened by their writers (0..2)
         self.opened_lock = threading.Lock()
@@ -348,25 +323,30 @@ class _Run:
         return self.opened == 2 and not self.failed.is_set()
 
 
-class FFmpegSink:
-    """Feeds ticks (one frame + its audio) to a supervised FFmpeg that pushes FLV over RTMP.
+class Encoder:
+    """Encodes ticks (one frame + its audio) once, with a supervised FFmpeg, into FLV for the outputs.
 
-    Thread model: :meth:`offer` is called by one producer thread (the StreamingController);
-    a supervisor thread owns the FFmpeg process; two writer threads per run move queued data
-    into the FIFOs; one thread drains FFmpeg's stderr into the log.
+    Thread model: :meth:`offer` is called by one producer thread (the StreamingController, through
+    :class:`~latentsync.serving.egress.egress.Egress`); a supervisor thread owns the FFmpeg process;
+    two writer threads per run move queued data into the FIFOs; one thread drains FFmpeg's stderr
+    into the log; one pump thread reads its FLV and hands every tag to ``fanout`` (which never
+    blocks: each output has its own queue).
 
     Args:
-        settings: Stream settings.
+        settings: Stream settings and the encoding.
         fifo_dir: Private directory (mode 0700) for the FIFOs; must exist.
+        fanout: Where the encoded tags go; :meth:`Fanout.reset` is called at every FFmpeg start.
+        channel: The channel's name (log lines).
     """
 
-    def __init__(self, settings: SinkSettings, fifo_dir: Path):
+    def __init__(self, settings: EncoderSettings, fifo_dir: Path, fanout: Fanout, channel: str = "main"):
         self._settings = settings
+        self._channel = channel
         self._fifo_dir = Path(fifo_dir)
-        self._redacted_url = redact_rtmp_url(settings.rtmp_url)
-        key = settings.rtmp_url.rstrip("/").rsplit("/", 1)[-1]
-        # Secrets to scrub from FFmpeg's messages: the full URL first, then the bare stream key.
-        self._secrets = tuple(x for x in (settings.rtmp_url, key if len(key) >= 4 else "") if x)
+        self._label = settings.encoding.label if settings.encoding is not None else "stream"
+        self._prefix = f"{self._label}-" if settings.encoding is not None else ""
+        self._what = f"channel {channel} encoder {self._label}"
+        self.fanout = fanout
         self._frame_bytes = settings.width * settings.height * 3
         self._run: _Run | None = None
         self._stop = threading.Event()
@@ -374,7 +354,15 @@ class FFmpegSink:
         self._lock = threading.Lock()
         self._starts = 0
         self._frames_written = 0
+        self._refused = 0
+        self._bytes_out = 0
         self._last_error = ""
+        self._beat = time.monotonic()  # the supervisor's last sign of life (the systemd watchdog asks)
+
+    @property
+    def label(self) -> str:
+        """The encoding's label (``2500k``, ``800k-baseline``)."""
+        return self._label
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -382,7 +370,10 @@ class FFmpegSink:
         with self._lock:
             if self._supervisor is not None or self._stop.is_set():
                 return
-            self._supervisor = threading.Thread(target=self._supervise, name="ffmpeg-supervisor", daemon=True)
+            self._beat = time.monotonic()
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"encoder-{self._channel}-{self._label}", daemon=True
+            )
             self._supervisor.start()
 
     def wait_accepting(self, timeout_s: float) -> bool:
@@ -408,11 +399,18 @@ class FFmpegSink:
         if supervisor is not None:
             supervisor.join(timeout_s)
             if supervisor.is_alive():
-                logger.error("ffmpeg supervisor did not stop within %.1f s", timeout_s)
+                logger.error("%s: supervisor did not stop within %.1f s", self._what, timeout_s)
         run = self._run
         if run is not None:  # the supervisor normally did all this; make sure nothing survives
             self._kill(run)
             self._remove_fifos(run)
+
+    def alive(self, now: float, stale_s: float) -> bool:
+        """True unless the supervisor thread died or has not looped for ``stale_s`` seconds (deadlocked)."""
+        supervisor = self._supervisor
+        if supervisor is None or self._stop.is_set():
+            return True
+        return supervisor.is_alive() and now - self._beat < stale_s
 
     # ----------------------------------------------------------------- producer side
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
@@ -424,7 +422,7 @@ class FFmpegSink:
 
         Returns:
             True if both were queued; False if the tick was refused as a whole (FFmpeg down or
-            restarting, or a queue full because the encoder or network cannot keep up).
+            restarting, or a queue full because the encoder cannot keep up).
 
         Raises:
             ValueError: If the frame has the wrong shape or dtype.
@@ -435,25 +433,27 @@ class FFmpegSink:
                 f"got {video.shape} {video.dtype}"
             )
         run = self._run
-        if run is None or not run.accepting:
-            return False
         # Single producer: the writers only ever make room, so checking both first is race-free.
-        if run.video_queue.full() or run.audio_queue.full():
+        if run is None or not run.accepting or run.video_queue.full() or run.audio_queue.full():
+            self._refused += 1
             return False
         run.video_queue.put_nowait(video)
         run.audio_queue.put_nowait(audio)
         return True
 
-    def stats(self) -> SinkStats:
+    def stats(self) -> EncoderStats:
         """Return a snapshot of the counters."""
         run = self._run
         up = run is not None and run.up and run.accepting
         pid = run.proc.pid if run is not None and run.proc is not None and run.proc.poll() is None else None
-        return SinkStats(
+        return EncoderStats(
+            encoding=self._label,
             up=up,
             starts=self._starts,
             restarts=max(0, self._starts - 1),
             frames_written=self._frames_written,
+            refused_ticks=self._refused,
+            bytes_out=self._bytes_out,
             pid=pid,
             last_error=self._last_error,
         )
@@ -463,22 +463,19 @@ class FFmpegSink:
         backoff_s = self._settings.backoff_min_s
         index = 0
         while not self._stop.is_set():
-            run = _Run(index, self._fifo_dir, self._settings.queue_frames)
+            self._beat = time.monotonic()
+            run = _Run(index, self._fifo_dir, self._prefix, self._settings.queue_frames)
             self._run = run
             try:
                 self._launch(run)
-                next_prune = 0.0
                 while not self._stop.is_set():
+                    self._beat = time.monotonic()
                     if run.proc is not None and run.proc.poll() is not None:
                         break
                     if run.failed.wait(0.1):
                         break
-                    record = self._settings.record_path
-                    if record is not None and time.monotonic() >= next_prune:
-                        next_prune = time.monotonic() + RECORD_PRUNE_S
-                        prune_recordings(record, self._settings.record_keep)
             except OSError as exc:
-                logger.error("cannot start ffmpeg: %s", exc)
+                logger.error("%s cannot start: %s", self._what, exc)
             graceful = self._stop.is_set()
             self._teardown(run, graceful=graceful)
             lasted_s = time.monotonic() - run.started_at
@@ -487,68 +484,57 @@ class FFmpegSink:
             self._last_error = " | ".join(list(run.stderr_tail)[-3:])
             backoff_s = self._settings.backoff_min_s if lasted_s >= STABLE_RUN_S else backoff_s
             logger.warning(
-                "ffmpeg run %d ended after %.1f s (exit %s: %s); restarting in %.1f s",
+                "%s: run %d ended after %.1f s (exit %s: %s); restarting in %.1f s",
+                self._what,
                 run.index,
                 lasted_s,
                 run.proc.returncode if run.proc else None,
                 self._last_error or "no message",
                 backoff_s,
             )
-            if self._wait_backoff(backoff_s):
-                break
+            deadline = time.monotonic() + backoff_s
+            while not self._stop.wait(max(0.0, min(0.5, deadline - time.monotonic()))):
+                self._beat = time.monotonic()
+                if time.monotonic() >= deadline:
+                    break
             backoff_s = min(backoff_s * 2, self._settings.backoff_max_s)
             index += 1
-
-    def _wait_backoff(self, backoff_s: float) -> bool:
-        """Sleep ``backoff_s`` seconds before the next start, cut short when the RTMP server returns.
-
-        A server seen unreachable during the wait and then reachable again ends the wait at once,
-        so a restarted server is reconnected within a poll interval rather than a long backoff.
-
-        Returns:
-            True if the sink is closing.
-        """
-        deadline = time.monotonic() + backoff_s
-        was_unreachable = False
-        while (left := deadline - time.monotonic()) > 0:
-            reachable = server_reachable(self._settings.rtmp_url, timeout_s=min(0.5, left))
-            if reachable and was_unreachable:
-                logger.info("rtmp server %s is reachable again", self._redacted_url)
-                return self._stop.is_set()
-            was_unreachable = was_unreachable or not reachable
-            if self._stop.wait(max(0.0, min(REACHABILITY_POLL_S, deadline - time.monotonic()))):
-                return True
-        return self._stop.is_set()
 
     def _launch(self, run: _Run) -> None:
         for fifo in (run.video_fifo, run.audio_fifo):
             fifo.unlink(missing_ok=True)
             os.mkfifo(fifo, 0o600)
-        cmd = build_ffmpeg_command(self._settings, run.video_fifo, run.audio_fifo, run.index)
+        cmd = build_encoder_command(self._settings, run.video_fifo, run.audio_fifo)
         run.started_at = time.monotonic()
+        self.fanout.reset()  # the outputs start again from this run's header and first keyframe
         # Own session: a terminal's Ctrl-C stops the server, which then flushes FFmpeg itself (EOF on
         # the FIFOs). If the server dies, the FIFOs' write ends close and FFmpeg exits on EOF.
         # An empty environment: FFmpeg needs none, and the server's holds the API token and overrides.
         run.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
             env={},
         )
+        assert run.proc.stdout is not None
+        with contextlib.suppress(OSError):  # room for the pump's short pauses
+            fcntl.fcntl(run.proc.stdout.fileno(), F_SETPIPE_SZ, STDOUT_PIPE_BYTES)
         self._starts += 1
         logger.info(
-            "ffmpeg run %d started (pid %d) → %s, %dx%d@%d",
+            "%s: run %d started (pid %d), %dx%d@%d, %s",
+            self._what,
             run.index,
             run.proc.pid,
-            self._redacted_url,
             self._settings.width,
             self._settings.height,
             self._settings.fps,
+            self._settings.x264_preset,
         )
         run.threads = [
-            threading.Thread(target=self._drain_stderr, args=(run,), name=f"ffmpeg-stderr-{run.index}", daemon=True),
+            threading.Thread(target=self._drain_stderr, args=(run,), name=f"encoder-stderr-{run.index}", daemon=True),
+            threading.Thread(target=self._pump, args=(run,), name=f"encoder-pump-{run.index}", daemon=True),
             threading.Thread(
                 target=self._write_fifo,
                 args=(run, run.video_fifo, run.video_queue, True),
@@ -573,21 +559,26 @@ class FFmpegSink:
             run.failed.set()  # writers drop what is queued and close at once
         proc = run.proc
         if proc is not None and graceful:
-            # Writers flush their queues, then close the FIFOs: EOF makes FFmpeg finish the FLV.
+            # Writers flush their queues, then close the FIFOs: EOF makes FFmpeg finish its FLV.
             deadline = time.monotonic() + FLUSH_TIMEOUT_S
-            for thread in run.threads[1:]:
+            for thread in run.threads[2:]:
                 thread.join(max(0.0, deadline - time.monotonic()))
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
             if proc.poll() is None:
                 logger.warning(
-                    "ffmpeg run %d did not finish its flush in %.0f s: killing it", run.index, FLUSH_TIMEOUT_S
+                    "%s: run %d did not finish its flush in %.0f s: killing it",
+                    self._what,
+                    run.index,
+                    FLUSH_TIMEOUT_S,
                 )
             else:
-                logger.info("ffmpeg run %d flushed and exited with code %d", run.index, proc.returncode)
+                logger.info("%s: run %d flushed and exited with code %d", self._what, run.index, proc.returncode)
         self._kill(run)
         for thread in run.threads:
             thread.join(2.0)
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
         self._remove_fifos(run)
 
     def _kill(self, run: _Run) -> None:
@@ -666,13 +657,33 @@ class FFmpegSink:
             if fd is not None:
                 os.close(fd)
 
+    def _pump(self, run: _Run) -> None:
+        """Read the encoder's FLV and hand each tag to the fan-out (never blocked by an output)."""
+        assert run.proc is not None and run.proc.stdout is not None
+        fd = run.proc.stdout.fileno()
+        reader = FlvReader()
+        header_sent = False
+        try:
+            while True:
+                data = os.read(fd, PUMP_READ_BYTES)
+                if not data:
+                    return  # EOF: FFmpeg exited (the supervisor sees it)
+                self._bytes_out += len(data)
+                for tag in reader.feed(data):
+                    if reader.header is not None and not header_sent:
+                        self.fanout.set_header(reader.header)
+                        header_sent = True
+                    self.fanout.publish(tag)
+        except (OSError, ValueError) as exc:  # FlvError is a ValueError; OSError: stdout closed at teardown
+            if not run.closing.is_set():
+                logger.error("%s: run %d: its FLV cannot be read: %s", self._what, run.index, exc)
+            run.failed.set()
+
     def _drain_stderr(self, run: _Run) -> None:
         assert run.proc is not None and run.proc.stderr is not None
         for raw in iter(run.proc.stderr.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip()
-            for secret in self._secrets:
-                line = line.replace(secret, self._redacted_url if secret.startswith("rtmp") else "***")
             if line:
                 run.stderr_tail.append(line)
-                logger.info("ffmpeg[%d]: %s", run.index, line)
+                logger.info("%s[%d]: %s", self._what, run.index, line)
         run.proc.stderr.close()
