@@ -42,7 +42,7 @@ from latentsync.output_urls import OutputKind, redact_output_url, url_secrets
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.fanout import Fanout
 from latentsync.serving.egress.flv import FlvTag, rebased
-from latentsync.serving.ops.sockets import TcpSendState, tcp_send_state
+from latentsync.serving.ops.sockets import TcpSendState, tcp_connections, tcp_send_state
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ PROBE_PERIOD_S = 1.0  # during a backoff, how often an RTMP server is probed
 PROBE_TIMEOUT_S = 0.5
 RECORD_PRUNE_S = 10.0  # how often old recording files beyond stream.record_keep are deleted
 DISK_CHECK_S = 0.5  # how often an HLS or recording output's newest file is looked at (bytes landing on disk)
+#: Files grow in steps (a recording's Matroska clusters of up to 1 s, a new HLS segment every
+#: ``egress.hls_segment_s``): no growth for less than this is no stall, whatever ``stall_timeout_s``.
+DISK_MIN_STALL_S = 3.0
 SOCKET_CHECK_S = 0.5  # how often an RTMP relay's TCP connection is looked at (ops.sockets)
 #: A TCP window closed (or bytes unacknowledged and retransmitted) this long counts as stalled, at
 #: most ``egress.stall_timeout_s``: a live ingest drains its socket continuously, so a window that
@@ -546,18 +549,23 @@ class Output:
                 self._last_error or "no message",
                 backoff_s,
             )
-            if self._wait_backoff(backoff_s):
+            if self._wait_backoff(backoff_s, stalled=outcome == "stalled"):
                 break
             backoff_s = min(backoff_s * 2, self._settings.stream.restart_backoff_max_s)
         self._move(OutputState.stopped)
         logger.info("%s stopped", self._what)
 
-    def _wait_backoff(self, backoff_s: float) -> bool:
-        """Wait before the next relay; an RTMP server seen dead that answers again ends the wait. True: stopping."""
+    def _wait_backoff(self, backoff_s: float, stalled: bool) -> bool:
+        """Wait before the next relay; an RTMP server seen dead that answers again ends the wait. True: stopping.
+
+        A relay that stalled has just seen its server stop answering (dead from the start); after a
+        relay that ended by itself the server counts as dead only once a probe fails, so a server
+        that answers but refuses the stream (a wrong key) gets the whole backoff.
+        """
         deadline = time.monotonic() + backoff_s
         url = self.target.url
         probe = self.target.kind is OutputKind.rtmp and url.host is not None and url.port is not None
-        was_dead = False
+        was_dead = stalled
         next_probe = time.monotonic()
         while (left := deadline - time.monotonic()) > 0:
             self._beat = time.monotonic()
@@ -642,6 +650,9 @@ class Output:
         kind = self.target.kind
         on_disk = kind in (OutputKind.hls, OutputKind.record)
         blocked_limit_s = min(stall_s, BLOCKED_STALL_S)
+        disk_stall_s = max(stall_s, DISK_MIN_STALL_S)
+        if kind is OutputKind.hls:
+            disk_stall_s = max(disk_stall_s, 2 * self._settings.egress.hls_segment_s + 1)
         while True:
             now = time.monotonic()
             self._beat = now
@@ -680,7 +691,9 @@ class Output:
             if kind is OutputKind.rtmp and now >= next_socket_check:
                 next_socket_check = now + SOCKET_CHECK_S
                 self._check_socket(relay, now)
-            progress_at = min(relay.report_at, relay.disk_at) if on_disk else relay.report_at
+            progress_at = relay.report_at
+            if on_disk:  # the disk's own, slower steps: it may lag by up to disk_stall_s
+                progress_at = min(relay.report_at, relay.disk_at + max(0.0, disk_stall_s - stall_s))
             moved = relay.reported and (relay.landed or not on_disk)
             if moved and progress_at > self._last_progress:
                 self._last_progress = progress_at
@@ -692,7 +705,7 @@ class Output:
             blocked_s = now - relay.blocked_since if relay.blocked_since else 0.0
             if self._overflowed or quiet_s >= stall_s or blocked_s >= blocked_limit_s:
                 why = "its queue overflowed" if self._overflowed else f"no bytes left for {quiet_s:.1f} s"
-                if on_disk and now - relay.disk_at >= stall_s:
+                if on_disk and now - relay.disk_at >= disk_stall_s:
                     why = f"nothing written to disk for {now - relay.disk_at:.1f} s"
                 if blocked_s >= blocked_limit_s:
                     why = (
@@ -712,8 +725,8 @@ class Output:
                     prune_recordings(record, self._settings.stream.record_keep)
 
     def _check_socket(self, relay: _Relay, now: float) -> None:
-        """Note since when the relay's TCP peer has stopped reading or acknowledging (:mod:`..ops.sockets`)."""
-        state = tcp_send_state(relay.proc.pid)
+        """Note whether the relay's TCP peer has stopped reading or acknowledging (:mod:`..ops.sockets`)."""
+        state = tcp_send_state(tcp_connections(relay.proc.pid))
         if state in (TcpSendState.window_closed, TcpSendState.retransmitting):
             if not relay.blocked_since or state is not relay.blocked_how:
                 relay.blocked_since, relay.blocked_how = now, state

@@ -143,6 +143,15 @@ def test_page_plays_the_stream_over_whep(page, server):
     assert viewers == 1
 
 
+def test_page_lists_the_channels_outputs_with_their_states(page, server):
+    row = '#outputs li[data-output="rtmp"][data-state="live"]'
+    _wait(lambda: page.query_selector(row), 20, "the rtmp output listed as live")
+    text = page.inner_text(row)
+    assert "live" in text and "/live/***" in text and "secret" not in text, text
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "outputs.png"), full_page=True)
+
+
 def test_upload_through_the_form_speaks_and_the_badge_follows(page):
     page.set_input_files("#audio-file", str(media_file(SPEECH)))
     page.click("#upload")

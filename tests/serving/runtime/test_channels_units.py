@@ -308,3 +308,42 @@ def test_channels_preparing_the_same_avatar_run_one_face_tracking_and_a_closing_
         t.join(120)
     assert len(results) == 3 and len({a.path for a in results}) == 1 and most[0] == 1
     assert not preparations._flights  # nothing kept once nobody prepares
+
+
+def test_channels_file_brings_back_outputs_changed_through_the_api_and_skips_hostile_ones(tmp_path, caplog):
+    import json
+
+    from latentsync.config import channel_outputs
+    from latentsync.serving.runtime.runtime import Runtime
+
+    state = tmp_path / "channels.json"
+    config = load_config(
+        None,
+        [
+            f"channels_file={state}",
+            "stream.rtmp_url=rtmp://h/live/main",
+            f"stream.record_dir={tmp_path}",
+            'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}]',
+        ],
+    )
+    main_outputs = [{"url": "rtmp://h/live/main"}, {"url": "srt://h:9000", "required": False}]
+    created = [
+        {"name": "shop", "outputs": [{"url": "rtmp://h/live/shop", "name": "a"}, {"url": "record:shop.mkv"}]},
+        {"name": "evil", "outputs": [{"url": "rtmp://evil.example/live/x"}]},  # not an allowed host
+    ]
+    live = {
+        "main": {"outputs": main_outputs},
+        "hall": {"outputs": [{"url": "rtmp://h/live/hall"}, {"url": "https://elsewhere.example/whip"}]},  # host
+    }
+    state.write_text(json.dumps({"version": 1, "created": created, "deleted": [], "live": live}))
+    runtime = Runtime(config)
+    assert list(runtime.channels) == ["main", "hall", "shop"]
+    main = channel_outputs(runtime.channels["main"].config)
+    assert [(t.name, t.url.url, t.required) for t in main] == [
+        ("rtmp", "rtmp://h/live/main", True),
+        ("srt", "srt://h:9000", False),
+    ]
+    assert [t.name for t in channel_outputs(runtime.channels["shop"].config)] == ["a", "record"]
+    assert [t.url.url for t in channel_outputs(runtime.channels["hall"].config)] == ["rtmp://h/live/hall"]
+    assert "channel evil skipped: outputs[0].url: 'evil.example' is not in stream.allowed_rtmp_hosts" in caplog.text
+    assert "hall's live changes skipped: outputs[1].url: 'elsewhere.example'" in caplog.text

@@ -7,6 +7,7 @@ import dataclasses
 from prometheus_client.parser import text_string_to_metric_families
 
 from latentsync.serving.egress.frames import FramesHealth
+from latentsync.serving.egress.outputs import OutputHealth
 from latentsync.serving.egress.whep import WebRtcHealth
 from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
 from latentsync.serving.telemetry.metrics import COUNTERS, GAUGES, QUEUES, SPECIAL, ServerMetrics, server_wide
@@ -43,6 +44,12 @@ def snapshot() -> HealthSnapshot:
         ffmpeg_restarts=17,
         ffmpeg_pid=18,
         ffmpeg_last_error="boom",
+        outputs=(
+            OutputHealth("yt", "rtmp", "rtmp://h/live/***", True, "live", "2500k", 41, 42, 0.5, 43, 44, "", 45),
+            OutputHealth(
+                "rec", "record", "record:a.mkv", False, "backoff", "2500k", 51, 52, None, 53, 54, "full", None
+            ),
+        ),
         engine="parametric",
         engine_ready=True,
         engine_error="no gpu",
@@ -92,6 +99,7 @@ def test_every_field_is_exported_and_in_the_health_json():
             assert name in node, f"/health lacks {path}"
             node = node[name]
     assert body["workers"]["pids"] == [101, 102] and body["stream"]["fps"] == 25
+    assert [o["name"] for o in body["outputs"]] == ["yt", "rec"] and body["outputs"][0]["state"] == "live"
 
 
 def test_metric_values_come_from_their_fields():
@@ -117,6 +125,15 @@ def test_metric_values_come_from_their_fields():
     assert got[("latentsync_engine_info", (("engine", "parametric"),))] == 1.0
     assert got[("latentsync_engine_broken", ())] == 1.0 and got[("latentsync_task_on_air", main)] == 1.0
     assert got[("latentsync_stream_format", (*main, ("dimension", "height")))] == 360
+    yt, rec = (*main, ("output", "yt")), (*main, ("output", "rec"))
+    assert got[("latentsync_output_state", (*main, ("kind", "rtmp"), ("output", "yt"), ("state", "live")))] == 1.0
+    assert got[("latentsync_output_state", (*main, ("kind", "record"), ("output", "rec"), ("state", "live")))] == 0.0
+    assert got[("latentsync_output_state", (*main, ("kind", "record"), ("output", "rec"), ("state", "backoff")))] == 1
+    assert (got[("latentsync_output_required", yt)], got[("latentsync_output_required", rec)]) == (1.0, 0.0)
+    assert (got[("latentsync_output_bytes_total", yt)], got[("latentsync_output_frames_total", rec)]) == (41, 52)
+    assert (got[("latentsync_output_restarts_total", yt)], got[("latentsync_output_stalls_total", rec)]) == (43, 54)
+    assert got[("latentsync_output_last_progress_age_seconds", yt)] == 0.5
+    assert ("latentsync_output_last_progress_age_seconds", rec) not in got  # never made progress: no sample
 
 
 def test_every_channel_gets_its_own_series_and_the_pool_one():
