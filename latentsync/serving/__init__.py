@@ -6,7 +6,7 @@ Layers, top to bottom (``a | b``: siblings that do not import each other)::
     runtime                Runtime, Channel (wiring), channels_file, avatar switch
     telemetry              health snapshot, Prometheus metrics, SSE events
     generation | avatars   tasks, scheduler, programs, processors, utterances, TTS, worker pool | uploaded avatars
-    playout | egress       clock, mixer, idle loop, tick tap | RTMP sink (FFmpeg), WHEP
+    playout | egress       clock, mixer, idle loop, tick tap | encoders and outputs (FFmpeg), WHEP, frames
     ops                    systemd, logs
     core                   state machines, errors shared by all
 """

@@ -188,7 +188,9 @@ def freeze(args: argparse.Namespace) -> None:
             nginx_signal(rtmp, signal.SIGCONT)
         frames.stop()
         print(f"\nfreeze: {args.repo}, nginx frozen {args.freeze_s:.0f} s at t=0 (a row per 10 s)")
-        print("| t s | frames client fps (last 10 s) | ticks it lost | clock dropped ticks | /health | output | FFmpeg restarts |")
+        print(
+            "| t s | frames client fps (last 10 s) | ticks it lost | clock dropped ticks | /health | output | FFmpeg restarts |"
+        )
         print("|---:|---:|---:|---:|---|---|---:|")
         for row in rows:
             print("| " + " | ".join(row) + " |")
@@ -279,7 +281,8 @@ def soak(args: argparse.Namespace) -> None:
         frames.start()
         whep.start()
         pulls = [
-            StreamRecorder(s.url("avatar"), tmp / f"pull-{i}.flv", max_s=args.seconds + 30) for i, s in enumerate(servers)
+            StreamRecorder(s.url("avatar"), tmp / f"pull-{i}.flv", max_s=args.seconds + 30)
+            for i, s in enumerate(servers)
         ]
         time.sleep(3)
         _, before = server.health()

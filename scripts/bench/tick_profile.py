@@ -37,7 +37,7 @@ RATE_HZ = 50
 PARTS = (
     ("paste-back (face into frame)", ("paste_face", "Avatar.paste", "paste (latentsync/avatar.py")),
     ("mixer: crossfades, audio mix", ("_blend", "_mix ", "_mix (", "crossfade")),
-    ("FIFO writes to FFmpeg", ("rtmp.py",)),
+    ("FIFO writes to FFmpeg", ("encoder.py",)),
     ("WebRTC encode", ("whep.py",)),
     ("frames WebSocket", ("egress/frames.py",)),
     ("event feed, health", ("events.py", "health.py", "metrics.py")),

@@ -1,1 +1,1 @@
-"""Egress: where the program leaves the server: the FFmpeg RTMP sink and WHEP (WebRTC) viewers."""
+"""Egress: where the programme leaves the server: encoders and outputs (RTMP, SRT, WHIP, HLS, recording), WHEP, frames."""

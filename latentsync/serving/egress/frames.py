@@ -8,10 +8,10 @@ Data path (docs/frames-protocol.md)::
             pixels) --> every client's bounded deque --> its WebSocket handler thread (header +
             payloads, one binary message per tick).
 
-The tap is the one WHEP uses: a client gets exactly the ticks the RTMP sink accepted. Nothing here
-ever blocks the controller, and a client that reads slowly loses its own backlog (whole ticks,
-counted and reported in the header of its next message); the other clients and the RTMP stream
-never notice. An H.264 client starts, and resumes after a loss, at a keyframe (forced on the next
+The tap is the one WHEP uses: a client gets every tick the mixer made, whatever the encoders and
+outputs do (docs/outputs.md). Nothing here ever blocks the controller, and a client that reads
+slowly loses its own backlog (whole ticks, counted and reported in the header of its next message);
+the other clients and the outputs never notice. An H.264 client starts, and resumes after a loss, at a keyframe (forced on the next
 tick).
 """
 
@@ -309,7 +309,7 @@ class FramesHub:
         """Take one emitted tick: ``(H, W, 3) uint8`` RGB frame and ``(N,) int16`` mono audio. Never blocks.
 
         Args:
-            index: The tick's emitted-frame index (0, 1, ...), as counted by the RTMP sink.
+            index: The tick's index (0, 1, ...), as counted by the tap (every tick of the programme).
             video: The frame on air.
             audio: The audio samples on air with it.
         """

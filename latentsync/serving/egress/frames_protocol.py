@@ -166,7 +166,7 @@ class FrameHeader:
     """The fixed header in front of every tick message (docs/frames-protocol.md has the byte table).
 
     Attributes:
-        tick: The tick's number on the channel's stream (0 = the first tick FFmpeg took; +1 per tick).
+        tick: The tick's number on the channel's stream (0 = the first tick shown; +1 per tick).
         pts_us: Presentation time in microseconds: ``tick * 1_000_000 // fps``.
         state: What is on air.
         format: The video payload's format.

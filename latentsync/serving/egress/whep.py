@@ -337,7 +337,7 @@ class WebRtcHub:
         """Take one emitted tick: ``(H, W, 3) uint8`` frame and ``(N,) int16`` mono audio. Never blocks.
 
         Args:
-            index: The tick's emitted-frame index (0, 1, ...), as counted by the RTMP sink.
+            index: The tick's index (0, 1, ...), as counted by the tap (every tick of the programme).
             video: The frame on air.
             audio: The audio samples on air with it.
         """

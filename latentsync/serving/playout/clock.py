@@ -29,7 +29,7 @@ LATE_FRACTION = 0.5  # a tick emitted more than half a frame period after its du
 
 
 class TickSink(Protocol):
-    """Where ticks go (the FFmpegSink, or a test double)."""
+    """Where ticks go (the channel's EgressSink behind the TappedSink, or a test double)."""
 
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
         """Queue ``(H, W, 3) uint8`` video + ``(N,) int16`` audio without blocking; False = refused."""
@@ -56,7 +56,7 @@ class ControllerStats:
     Attributes:
         state: Current :class:`StreamState`.
         ticks: Clock ticks that have come due (``frames_emitted + dropped_ticks``).
-        frames_emitted: Ticks whose frame + audio the sink accepted.
+        frames_emitted: Ticks whose frame + audio the sink accepted (every encoder took them).
         dropped_ticks: Ticks refused by the sink, or skipped after a stall longer than
             ``max_catchup_s`` (video and audio always dropped together).
         late_ticks: Ticks handled more than half a frame period after their due time.
