@@ -189,7 +189,8 @@ def freeze(args: argparse.Namespace) -> None:
         frames.stop()
         print(f"\nfreeze: {args.repo}, nginx frozen {args.freeze_s:.0f} s at t=0 (a row per 10 s)")
         print(
-            "| t s | frames client fps (last 10 s) | ticks it lost | clock dropped ticks | /health | output | FFmpeg restarts |"
+            "| t s | frames client fps (last 10 s) | ticks it lost | clock dropped ticks | /health | output"
+            " | FFmpeg restarts |"
         )
         print("|---:|---:|---:|---:|---|---|---:|")
         for row in rows:
@@ -308,9 +309,11 @@ def soak(args: argparse.Namespace) -> None:
     paths.append(srt.files[-1])
     paths += sorted((tmp / "rec").glob("soak-*.mkv"))
     print(f"\nsoak: one 512x512 channel speaking for {args.seconds:.0f} s ({tasks} uploads), 6 outputs")
-    print(f"dropped ticks: {after['dropped_ticks'] - before['dropped_ticks']}, late ticks: "
-          f"{after['late_ticks'] - before['late_ticks']}, underrun ticks: {after['underrun_ticks'] - before['underrun_ticks']}; "
-          f"frames client lost {frames.lost} ticks; WHEP viewer got {len(whep.arrivals)} frames")  # fmt: skip
+    delta = {k: after[k] - before[k] for k in ("dropped_ticks", "late_ticks", "underrun_ticks")}
+    print(
+        f"dropped ticks: {delta['dropped_ticks']}, late ticks: {delta['late_ticks']}, underrun ticks: "
+        f"{delta['underrun_ticks']}; frames client lost {frames.lost} ticks; WHEP got {len(whep.arrivals)} frames"
+    )
     print("| output | state | restarts | stalls | frames out |")
     print("|---|---|---:|---:|---:|")
     for o in after["outputs"]:

@@ -1,1 +1,1 @@
-"""Egress: where the programme leaves the server: encoders and outputs (RTMP, SRT, WHIP, HLS, recording), WHEP, frames."""
+"""Egress: where the programme leaves: encoders, outputs (RTMP, SRT, WHIP, HLS, recording), WHEP, frames."""

@@ -11,8 +11,8 @@ Data path (docs/frames-protocol.md)::
 The tap is the one WHEP uses: a client gets every tick the mixer made, whatever the encoders and
 outputs do (docs/outputs.md). Nothing here ever blocks the controller, and a client that reads
 slowly loses its own backlog (whole ticks, counted and reported in the header of its next message);
-the other clients and the outputs never notice. An H.264 client starts, and resumes after a loss, at a keyframe (forced on the next
-tick).
+the other clients and the outputs never notice. An H.264 client starts, and resumes after a loss,
+at a keyframe (forced on the next tick).
 """
 
 from __future__ import annotations
