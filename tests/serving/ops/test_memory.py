@@ -32,7 +32,9 @@ def test_freeze_collects_first_then_freezes_what_lives(unfrozen):
     dead = weakref.ref(garbage)
     del garbage  # unreachable, but in a cycle: only the collector frees it
     frozen = freeze_heap()
-    assert dead() is None and frozen == gc.get_freeze_count() > 0
+    # A frozen object is still freed when its last reference goes: a thread an earlier test left
+    # running (Ray's client threads) may free a few between the two counts (CI saw 7 of 616,527).
+    assert dead() is None and 0 < gc.get_freeze_count() <= frozen
 
 
 def test_a_frozen_cycle_let_go_is_found_by_the_next_call(unfrozen):

@@ -302,7 +302,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
     assert code == 0 and took_s < stop_budget_s, (code, took_s)
     assert "STOPPING=1" in [m for _, _, m in listener.messages]
     assert "faded out for shutdown (stream idle)" in text
-    assert re.search(r"ffmpeg run \d+ flushed and exited with code 0", text), text[-3000:]
+    assert re.search(r"encoder \S+: run \d+ flushed and exited with code 0", text), text[-3000:]
     assert "runtime stopped" in text
     assert pool and not [p for p in pool if alive(p)], "engine workers or FFmpeg survived"
     assert list((tmp_path / "tmp").iterdir()) == []
