@@ -244,6 +244,9 @@ def decode_video_frames(
             proc.kill()
         proc.wait(5)
         drain.join(5)
+        for stream in (proc.stdout, proc.stderr):  # explicitly, not whenever the Popen is collected
+            if stream is not None:
+                stream.close()
     if timed_out.is_set():
         raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s")
     if frames is None or count == 0:

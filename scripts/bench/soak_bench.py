@@ -9,8 +9,10 @@ own ``infer_serv.py`` (parametric engine unless overridden) publishing to the lo
 a real speech clip every ``--every-s`` seconds for ``--minutes``, lets the last tasks finish, stops
 the server and reports:
 
-* the server process's RSS, open file descriptors, pipe/FIFO descriptors and threads at start and
-  end (``/proc/<pid>/status`` and ``/proc/<pid>/fd``), and the entries in its private directory;
+* the server process's RSS, open file descriptors by kind (pipes, sockets, FIFOs, files, anonymous
+  inodes: ``latentsync.serving.ops.procfs.descriptor_kinds``) and threads at start, after the first
+  ``--warmup-tasks`` tasks ended (what a long run should stay at) and at the end, and the entries in
+  its private directory;
 * A/V drift of the recording: decoded audio duration minus video duration (frames / fps) over the
   whole recording, and the same over its first and its last minute (by packet time);
 * late, dropped and underrun ticks and FFmpeg restarts from ``/health``;
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import stat
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from benchclient import free_port, http, multipart, publish_url, stop_server  # 
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import descriptor_kinds, rss_mb, thread_count  # noqa: E402
 from tests.streamtools import packet_pts_s  # noqa: E402  (the test suite's FLV helpers)
 
 DATA = ROOT / "tests" / "data" / "media"
@@ -53,14 +55,12 @@ class ProcessSnapshot:
 
     Attributes:
         rss_mb: Resident set size in MB (``VmRSS``).
-        fds: Open file descriptors.
-        fifo_fds: Descriptors that are pipes or named FIFOs.
+        fds: Open file descriptors by kind (``descriptor_kinds``).
         threads: Threads of the process.
     """
 
     rss_mb: float
-    fds: int
-    fifo_fds: int
+    fds: dict[str, int]
     threads: int
 
 
@@ -84,16 +84,7 @@ class Drift:
 
 def snapshot(pid: int) -> ProcessSnapshot:
     """Read RSS, threads and descriptors of ``pid`` from ``/proc``."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    fds = fifos = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            mode = os.stat(fd).st_mode
-        except OSError:  # closed meanwhile
-            continue
-        fds += 1
-        fifos += stat.S_ISFIFO(mode)
-    return ProcessSnapshot(int(fields["VmRSS"].split()[0]) / 1024, fds, fifos, int(fields["Threads"]))
+    return ProcessSnapshot(rss_mb(pid), descriptor_kinds(pid), thread_count(pid))
 
 
 def health(base: str) -> dict:
@@ -171,6 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, required=True)
     parser.add_argument("--every-s", type=float, default=6.0, help="seconds between two uploads")
+    parser.add_argument("--warmup-tasks", type=int, default=20, help="tasks ended before the warm snapshot")
     parser.add_argument("--audio", type=Path, default=DATA / "audio" / "4s_Wavfile_1719704064_11.wav")
     parser.add_argument("--rtmp-port", type=int, default=1935)
     parser.add_argument("--keep", type=Path, help="keep the recording here (default: deleted)")
@@ -270,6 +262,7 @@ def soak(args: argparse.Namespace, base: str, server: subprocess.Popen, server_t
     task_ids: list[str] = []
     t_end = time.monotonic() + args.minutes * 60
     next_post = time.monotonic()
+    warm: ProcessSnapshot | None = None
     while time.monotonic() < t_end:
         if server.poll() is not None:
             return None
@@ -278,6 +271,10 @@ def soak(args: argparse.Namespace, base: str, server: subprocess.Popen, server_t
             task_ids.append(reply["task_id"])
         else:
             refused[status] = refused.get(status, 0) + 1
+        if warm is None and len(task_ids) > args.warmup_tasks:
+            warmup_id = task_ids[args.warmup_tasks - 1]
+            if http("GET", f"{base}/tasks/{warmup_id}")[1].get("status") in FINAL_STATES:
+                warm = snapshot(server.pid)
         next_post += args.every_s
         time.sleep(max(0.0, min(next_post, t_end) - time.monotonic()))
     finals: dict[str, int] = {}
@@ -292,6 +289,7 @@ def soak(args: argparse.Namespace, base: str, server: subprocess.Popen, server_t
     time.sleep(2.0)
     return {
         "start": start,
+        "warm": warm or start,
         "end": snapshot(server.pid),
         "health_start": health_start,
         "health_end": health(base),
@@ -306,29 +304,35 @@ def report(
     args: argparse.Namespace, r: dict, whole: Drift, first: Drift, last: Drift, exit_code: int | None, record_bytes: int
 ) -> None:
     """Print the soak table."""
-    s, e, h0, h1 = r["start"], r["end"], r["health_start"], r["health_end"]
+    s, w, e, h0, h1 = r["start"], r["warm"], r["end"], r["health_start"], r["health_end"]
     print(
         f"Soak: {args.minutes:g} min, {args.audio.name} every {args.every_s:g} s "
         f"({' '.join(args.overrides) or 'defaults'}); recording {record_bytes / 2**20:.1f} MB"
     )
-    print(f"| {'measure':<40} | {'start':>10} | {'end':>10} |")
-    print(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|")
+    print(f"| {'measure':<40} | {'start':>10} | {'warm':>10} | {'end':>10} |")
+    print(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    kinds = sorted(set(s.fds) | set(w.fds) | set(e.fds))
     rows = [
-        ("server RSS (MB)", f"{s.rss_mb:.1f}", f"{e.rss_mb:.1f}"),
-        ("server open fds", s.fds, e.fds),
-        ("server pipe/FIFO fds", s.fifo_fds, e.fifo_fds),
-        ("server threads", s.threads, e.threads),
-        ("files in the server's private dir", "", len(r["private_entries"])),
-        ("ticks", h0.get("ticks"), h1.get("ticks")),
-        ("late ticks", h0.get("late_ticks"), h1.get("late_ticks")),
-        ("dropped ticks", h0.get("dropped_ticks"), h1.get("dropped_ticks")),
-        ("underrun ticks", h0.get("underrun_ticks"), h1.get("underrun_ticks")),
-        ("max tick lateness (ms)", h0.get("max_tick_lateness_ms"), h1.get("max_tick_lateness_ms")),
-        ("FFmpeg restarts", h0.get("ffmpeg_restarts"), h1.get("ffmpeg_restarts")),
-        ("worker pool rebuilds", (h0.get("workers") or {}).get("rebuilds"), (h1.get("workers") or {}).get("rebuilds")),
+        ("server RSS (MB)", f"{s.rss_mb:.1f}", f"{w.rss_mb:.1f}", f"{e.rss_mb:.1f}"),
+        ("server open fds", sum(s.fds.values()), sum(w.fds.values()), sum(e.fds.values())),
+        *((f"  of them {k}", s.fds.get(k, 0), w.fds.get(k, 0), e.fds.get(k, 0)) for k in kinds),
+        ("server threads", s.threads, w.threads, e.threads),
+        ("files in the server's private dir", "", "", len(r["private_entries"])),
+        ("ticks", h0.get("ticks"), "", h1.get("ticks")),
+        ("late ticks", h0.get("late_ticks"), "", h1.get("late_ticks")),
+        ("dropped ticks", h0.get("dropped_ticks"), "", h1.get("dropped_ticks")),
+        ("underrun ticks", h0.get("underrun_ticks"), "", h1.get("underrun_ticks")),
+        ("max tick lateness (ms)", h0.get("max_tick_lateness_ms"), "", h1.get("max_tick_lateness_ms")),
+        ("FFmpeg restarts", h0.get("ffmpeg_restarts"), "", h1.get("ffmpeg_restarts")),
+        (
+            "worker pool rebuilds",
+            (h0.get("workers") or {}).get("rebuilds"),
+            "",
+            (h1.get("workers") or {}).get("rebuilds"),
+        ),
     ]
-    for name, a, b in rows:
-        print(f"| {name:<40} | {a!s:>10} | {b!s:>10} |")
+    for name, a, b, c in rows:
+        print(f"| {name:<40} | {a!s:>10} | {b!s:>10} | {c!s:>10} |")
     finals = ", ".join(f"{k} {v}" for k, v in sorted(r["finals"].items())) or "none"
     refused = ", ".join(f"{k}: {v}" for k, v in sorted(r["refused"].items())) or "none"
     print(f"uploads: {r['posted']} posted; tasks {finals}; refused {refused}")

@@ -17,6 +17,7 @@ generation for the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -169,6 +170,7 @@ class UploadDecoder:
                 proc.wait(CLOSE_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 logger.error("decoder FFmpeg %d did not exit", proc.pid)
+            _close_pipes(proc)  # the readers closed theirs; here in case one never ran
 
     # ----------------------------------------------------------------- the request's wait
     def wait_first(self, frames: int, fps: int) -> None:
@@ -266,6 +268,9 @@ class UploadDecoder:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait(CLOSE_TIMEOUT_S)
+            # The pipe's descriptor goes now: the finished task keeps this decoder (and its Popen)
+            # for GET /tasks, and an open pipe held there was two descriptors a task, forever.
+            proc.stdout.close()
             self._finish(code, failure)
 
     def _pace(self) -> bool:
@@ -330,6 +335,15 @@ class UploadDecoder:
                     self._cond.notify_all()
                 self._stderr_tail.append(line[:300])
                 del self._stderr_tail[:-STDERR_TAIL_LINES]
+        proc.stderr.close()  # at EOF: FFmpeg is gone
         with self._cond:
             self._header_done = True
             self._cond.notify_all()
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    """Close our ends of a child's stdout and stderr pipes (idempotent; a reader may have closed them)."""
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.close()

@@ -114,6 +114,11 @@ class TaskProcessor:
         self.program.cancel()
         self._jobs.cancel(self.task.task_id)
 
+    @property
+    def running(self) -> bool:
+        """True while its thread runs (started and not ended)."""
+        return self._thread.is_alive()
+
     def join(self, timeout_s: float) -> None:
         """Wait for the thread (at most ``timeout_s`` seconds)."""
         if self._thread.is_alive() and self._thread is not threading.current_thread():
