@@ -39,6 +39,7 @@ import numpy as np
 from latentsync.config import StreamConfig
 from latentsync.serving.egress.fanout import Fanout
 from latentsync.serving.egress.flv import FlvReader
+from latentsync.serving.egress.supervision import SupervisingThread
 
 logger = logging.getLogger(__name__)
 
@@ -349,15 +350,14 @@ class Encoder:
         self.fanout = fanout
         self._frame_bytes = settings.width * settings.height * 3
         self._run: _Run | None = None
-        self._stop = threading.Event()
-        self._supervisor: threading.Thread | None = None
-        self._lock = threading.Lock()
+        # the supervisor thread, its heartbeat (the systemd watchdog asks) and its stop event
+        self._supervisor = SupervisingThread(self._supervise, f"encoder-{channel}-{self._label}")
+        self._stop = self._supervisor.stop
         self._starts = 0
         self._frames_written = 0
         self._refused = 0
         self._bytes_out = 0
         self._last_error = ""
-        self._beat = time.monotonic()  # the supervisor's last sign of life (the systemd watchdog asks)
 
     @property
     def label(self) -> str:
@@ -367,14 +367,7 @@ class Encoder:
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
         """Start the supervisor (FFmpeg comes up in the background). Safe to call twice."""
-        with self._lock:
-            if self._supervisor is not None or self._stop.is_set():
-                return
-            self._beat = time.monotonic()
-            self._supervisor = threading.Thread(
-                target=self._supervise, name=f"encoder-{self._channel}-{self._label}", daemon=True
-            )
-            self._supervisor.start()
+        self._supervisor.start()
 
     def wait_accepting(self, timeout_s: float) -> bool:
         """Wait until :meth:`offer` can accept ticks (FFmpeg launched). Returns False on timeout."""
@@ -394,12 +387,9 @@ class Encoder:
         Args:
             timeout_s: Upper bound in seconds for the whole shutdown.
         """
-        self._stop.set()
-        supervisor = self._supervisor
-        if supervisor is not None:
-            supervisor.join(timeout_s)
-            if supervisor.is_alive():
-                logger.error("%s: supervisor did not stop within %.1f s", self._what, timeout_s)
+        self._supervisor.request_stop()
+        if not self._supervisor.join(timeout_s):
+            logger.error("%s: supervisor did not stop within %.1f s", self._what, timeout_s)
         run = self._run
         if run is not None:  # the supervisor normally did all this; make sure nothing survives
             self._kill(run)
@@ -407,10 +397,12 @@ class Encoder:
 
     def alive(self, now: float, stale_s: float) -> bool:
         """True unless the supervisor thread died or has not looped for ``stale_s`` seconds (deadlocked)."""
-        supervisor = self._supervisor
-        if supervisor is None or self._stop.is_set():
-            return True
-        return supervisor.is_alive() and now - self._beat < stale_s
+        return self._supervisor.alive(now, stale_s)
+
+    @property
+    def running(self) -> bool:
+        """True while its supervisor thread runs."""
+        return self._supervisor.running
 
     # ----------------------------------------------------------------- producer side
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
@@ -463,13 +455,13 @@ class Encoder:
         backoff_s = self._settings.backoff_min_s
         index = 0
         while not self._stop.is_set():
-            self._beat = time.monotonic()
+            self._supervisor.beat()
             run = _Run(index, self._fifo_dir, self._prefix, self._settings.queue_frames)
             self._run = run
             try:
                 self._launch(run)
                 while not self._stop.is_set():
-                    self._beat = time.monotonic()
+                    self._supervisor.beat()
                     if run.proc is not None and run.proc.poll() is not None:
                         break
                     if run.failed.wait(0.1):
@@ -494,7 +486,7 @@ class Encoder:
             )
             deadline = time.monotonic() + backoff_s
             while not self._stop.wait(max(0.0, min(0.5, deadline - time.monotonic()))):
-                self._beat = time.monotonic()
+                self._supervisor.beat()
                 if time.monotonic() >= deadline:
                     break
             backoff_s = min(backoff_s * 2, self._settings.backoff_max_s)

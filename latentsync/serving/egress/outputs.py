@@ -42,6 +42,7 @@ from latentsync.output_urls import OutputKind, redact_output_url, url_secrets
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.fanout import Fanout
 from latentsync.serving.egress.flv import FlvTag, rebased
+from latentsync.serving.egress.supervision import SupervisingThread
 from latentsync.serving.ops.sockets import TcpSendState, tcp_connections, tcp_send_state
 
 logger = logging.getLogger(__name__)
@@ -395,9 +396,9 @@ class Output:
         self._queue_max = settings.queue_max_bytes(target.video_bitrate_kbps)
         self._overflowed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lifecycle = threading.Lock()
+        # its thread, its heartbeat (the systemd watchdog asks) and its stop event
+        self._supervisor = SupervisingThread(lambda: self._run(), f"output-{channel}-{target.name}")
+        self._stop = self._supervisor.stop
         self._relay: _Relay | None = None
         self._runs = 0
         self._stalls = 0
@@ -405,7 +406,7 @@ class Output:
         self._frames_done = 0
         self._last_progress = 0.0  # monotonic time bytes last left, over all runs (0: never)
         self._last_error = ""
-        self._beat = time.monotonic()
+        self._supervisor.beat()
         secrets = url_secrets(target.url.url) + ((target.bearer_token,) if target.bearer_token else ())
         self._secrets = tuple(s for s in secrets if s)
         self._redacted = redact_output_url(target.url.url)
@@ -424,29 +425,18 @@ class Output:
 
     def start(self) -> None:
         """Start its thread (the relay comes up once the encoder has a keyframe). Safe to call twice."""
-        with self._lifecycle:
-            if self._thread is not None or self._stop.is_set():
-                return
-            self._beat = time.monotonic()
-            self._thread = threading.Thread(
-                target=self._run, name=f"output-{self._channel}-{self.target.name}", daemon=True
-            )
-            self._thread.start()
+        self._supervisor.start()
 
     def stop(self) -> None:
         """Ask it to stop (returns at once): what is queued is handed over, the relay ends, then the thread."""
-        with self._lifecycle:
-            self._stop.set()
+        self._supervisor.request_stop()
         self._wake()
 
     def join(self, timeout_s: float) -> bool:
         """Wait for its thread after :meth:`stop`; True when it ended (the wake-up pipe is closed then)."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout_s)
-            if thread.is_alive():
-                logger.error("%s did not stop within %.1f s", self._what, timeout_s)
-                return False
+        if not self._supervisor.join(timeout_s):
+            logger.error("%s did not stop within %.1f s", self._what, timeout_s)
+            return False
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -455,8 +445,7 @@ class Output:
 
     def reap(self) -> bool:
         """After :meth:`stop`: True (and its descriptors closed) once its thread has ended; never waits."""
-        thread = self._thread
-        if thread is not None and thread.is_alive():
+        if self._supervisor.running:
             return False
         return self.join(0.0)
 
@@ -467,10 +456,7 @@ class Output:
 
     def alive(self, now: float, stale_s: float) -> bool:
         """True unless its thread died or has not looped for ``stale_s`` seconds (deadlocked)."""
-        thread = self._thread
-        if thread is None or self._stop.is_set():
-            return True
-        return thread.is_alive() and now - self._beat < stale_s
+        return self._supervisor.alive(now, stale_s)
 
     # ----------------------------------------------------------------- from the encoder's pump
     def push(self, tag: FlvTag) -> None:
@@ -568,7 +554,7 @@ class Output:
         was_dead = stalled
         next_probe = time.monotonic()
         while (left := deadline - time.monotonic()) > 0:
-            self._beat = time.monotonic()
+            self._supervisor.beat()
             if probe and time.monotonic() >= next_probe:
                 next_probe = time.monotonic() + PROBE_PERIOD_S
                 assert url.host is not None and url.port is not None
@@ -584,7 +570,7 @@ class Output:
     def _subscribe(self) -> tuple[bytes, int] | None:
         """Wait for the encoder's first keyframe and subscribe; None when stopping."""
         while not self._stop.is_set():
-            self._beat = time.monotonic()
+            self._supervisor.beat()
             with self._queue_lock:
                 self._queue.clear()
                 self._queued_bytes = 0
@@ -655,7 +641,7 @@ class Output:
             disk_stall_s = max(disk_stall_s, 2 * self._settings.egress.hls_segment_s + 1)
         while True:
             now = time.monotonic()
-            self._beat = now
+            self._supervisor.beat()
             if self._stop.is_set():
                 return "stopped", live_since
             restart = self._take_queue(relay)
