@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from latentsync.engines import CHUNK_FRAMES_RANGE, DEFAULT_CHUNK_FRAMES_RANGE
 from latentsync.output_urls import (
     OUTPUT_NAME_RE,
+    RECORD_NAME_RE,
     OutputKind,
     OutputUrl,
     OutputUrlError,
@@ -120,9 +121,9 @@ class EgressConfig:
     (null: no HLS outputs); ``hls_segment_s``/``hls_list_size``: segment length (cut at keyframes,
     so a multiple of ``stream.keyframe_interval_s`` in practice) and segments in the playlist.
     ``send_buffer_kb``: the kernel send buffer of an RTMP output's socket (FFmpeg's
-    ``send_buffer_size``): small enough that a frozen destination stops the bytes within about a
-    second (the default buffer hides ~10 s of a 512x512 stream), large enough for 20 Mbit/s at
-    100 ms round trip. ``output_queue_s``: seconds of the programme queued for an output that
+    ``send_buffer_size``): small enough that our side hides well under a second of a 512x512 stream
+    from a frozen destination (the default buffer and FFmpeg's queues hid ~10 s), large enough for
+    20 Mbit/s at 100 ms round trip. ``output_queue_s``: seconds of the programme queued for an output that
     reads slowly; past that it counts as stalled.
     """
 
@@ -729,20 +730,6 @@ def channel_outputs(config: AppConfig, key: str = "stream.outputs") -> list[Outp
     return out
 
 
-def output_configs(targets: Sequence[OutputTarget]) -> list[OutputConfig]:
-    """:class:`OutputConfig` values that give ``targets`` back (for ``channels_file`` and PUT bodies)."""
-    return [
-        OutputConfig(
-            url=t.url.url,
-            name=t.name,
-            required=t.required,
-            video_bitrate_kbps=t.video_bitrate_kbps,
-            bearer_token=t.bearer_token,
-        )
-        for t in targets
-    ]
-
-
 def uploaded_avatar_video(cache_dir: str | Path, avatar_id: str) -> Path:
     """Where the video of an avatar uploaded with ``POST /avatars`` lives (docs/avatars.md).
 
@@ -1017,10 +1004,10 @@ def validate(config: AppConfig) -> None:
             f"at most stream.max_pixels_per_s = {s.max_pixels_per_s} pixels per second",
         )
     _check(
-        s.record_path is None or (s.record_dir is not None and _RECORD_NAME_RE.fullmatch(s.record_path) is not None),
+        s.record_path is None or (s.record_dir is not None and RECORD_NAME_RE.fullmatch(s.record_path) is not None),
         "stream.record_path",
         s.record_path,
-        "a file name like live.mkv (letters, digits, . _ -; no folder) in stream.record_dir",
+        "a file name like live.mkv (letters, digits, . _ -; no folder; mkv, mp4, mov, ts or flv) in stream.record_dir",
     )
     _check(1 <= s.record_max_mb <= 10**6, "stream.record_max_mb", s.record_max_mb, "1..1000000")
     _check(1 <= s.record_keep <= 10000, "stream.record_keep", s.record_keep, "1..10000")
@@ -1299,29 +1286,23 @@ def _validate_channels(config: AppConfig) -> None:
             raise ConfigError(f"channels[{index}] ({name}): {exc}") from None
 
 
-#: What a channel's ``rtmp_url`` must be: the characters the tee muxer gives a meaning, whitespace and
-#: control characters refused (they would add outputs or options to FFmpeg's command).
-RTMP_URL_WANT = "an rtmp:// or rtmps:// URL with a host, without whitespace or any of | [ ] \\"
-_RTMP_URL_RE = re.compile(
-    r"(rtmps?)://(?:[^@/\s|\[\]\\]*@)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)(?::(\d{1,5}))?(/[^\s|\[\]\\]*)?"
-)
+#: What a channel's ``rtmp_url`` must be (:func:`latentsync.output_urls.parse_output_url`'s rules):
+#: what FFmpeg reads as syntax, whitespace and control characters refused.
+RTMP_URL_WANT = "an rtmp:// or rtmps:// URL with a host, without whitespace, quotes or any of | [ ] \\ %"
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-]+|\[?[0-9A-Fa-f:.]+\]?")
-_RECORD_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 
 
 def rtmp_host(url: str) -> str | None:
-    """The host of an ``rtmp://``/``rtmps://`` URL (lower case, IPv6 without brackets); None if the URL is refused.
+    r"""The host of an ``rtmp://``/``rtmps://`` URL (lower case, IPv6 without brackets); None if the URL is refused.
 
-    Refused: another scheme, no host, whitespace or control characters, and ``|``, ``[``, ``]``
-    (outside an IPv6 literal) or a backslash anywhere (FFmpeg's tee muxer would read them as more
-    outputs or options).
+    The rules are the outputs' (:func:`latentsync.output_urls.parse_output_url`): another scheme, no
+    host, whitespace, control characters, quotes, ``| [ ] \ %`` (outside an IPv6 literal) are refused.
     """
-    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+    try:
+        parsed = parse_output_url(url)
+    except OutputUrlError:
         return None
-    match = _RTMP_URL_RE.fullmatch(url)
-    if match is None:
-        return None
-    return match.group(2).strip("[]").lower()
+    return parsed.host if parsed.kind is OutputKind.rtmp else None
 
 
 _ORIGIN_RE = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:\d{1,5})?")

@@ -399,11 +399,6 @@ class Encoder:
         """True unless the supervisor thread died or has not looped for ``stale_s`` seconds (deadlocked)."""
         return self._supervisor.alive(now, stale_s)
 
-    @property
-    def running(self) -> bool:
-        """True while its supervisor thread runs."""
-        return self._supervisor.running
-
     # ----------------------------------------------------------------- producer side
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
         """Queue one tick without blocking.

@@ -41,7 +41,6 @@ class Fanout:
         self._lock = threading.Lock()
         self._cache = GopCache(gop_max_bytes)
         self._subscribers: list[Subscriber] = []
-        self._tags = 0
 
     def reset(self) -> None:
         """A new encoder run begins: forget its predecessor's headers and GOP; every subscriber starts over."""
@@ -60,7 +59,6 @@ class Fanout:
         """One tag of the current run, in stream order: cached, and pushed to every subscriber."""
         with self._lock:
             self._cache.add(tag)
-            self._tags += 1
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
             subscriber.push(tag)

@@ -14,8 +14,8 @@ when its writes fail) for that long mark the output ``stalled``; the relay is ki
 again with exponential backoff (``stream.restart_backoff_min_s``..``max_s``). An RTMP(S) output
 waiting out a backoff probes its server (an RTMP handshake, or a TLS one) and starts at once when a
 server it found dead answers again. The kernel send buffer of an RTMP output is small
-(``egress.send_buffer_kb``), so a frozen server stops the bytes within about a second instead of the
-~10 s the default buffers hide.
+(``egress.send_buffer_kb``), so our side hides well under a second of the stream from a frozen
+server; its own receive buffer it fills first, and then its TCP window closes (ops.sockets).
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ class Output:
         self._frames_done = 0
         self._last_progress = 0.0  # monotonic time bytes last left, over all runs (0: never)
         self._last_error = ""
-        self._supervisor.beat()
+        self._path = output_path(target, settings)  # an HLS playlist or a recording; None for network outputs
         secrets = url_secrets(target.url.url) + ((target.bearer_token,) if target.bearer_token else ())
         self._secrets = tuple(s for s in secrets if s)
         self._redacted = redact_output_url(target.url.url)
@@ -611,9 +611,8 @@ class Output:
         return outcome, (time.monotonic() - live_since) if live_since else 0.0
 
     def _spawn(self, index: int, base_ms: int) -> _Relay:
-        path = output_path(self.target, self._settings)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
         cmd = build_relay_command(self.target, self._settings, index)
         # Own session (a terminal's Ctrl-C reaches the server, which stops the relays itself) and an
         # empty environment (the server's holds the API token).
@@ -640,7 +639,6 @@ class Output:
         if kind is OutputKind.hls:
             disk_stall_s = max(disk_stall_s, 2 * self._settings.egress.hls_segment_s + 1)
         while True:
-            now = time.monotonic()
             self._supervisor.beat()
             if self._stop.is_set():
                 return "stopped", live_since
@@ -704,11 +702,9 @@ class Output:
                 logger.warning("%s stalled (%s): killing its relay", self._what, why)
                 self._move(OutputState.stalled, self._last_error)
                 return "stalled", live_since
-            if kind is OutputKind.record and now >= next_prune:
+            if kind is OutputKind.record and self._path is not None and now >= next_prune:
                 next_prune = now + RECORD_PRUNE_S
-                record = output_path(self.target, self._settings)
-                if record is not None:
-                    prune_recordings(record, self._settings.stream.record_keep)
+                prune_recordings(self._path, self._settings.stream.record_keep)
 
     def _check_socket(self, relay: _Relay, now: float) -> None:
         """Note whether the relay's TCP peer has stopped reading or acknowledging (:mod:`..ops.sockets`)."""
@@ -721,7 +717,7 @@ class Output:
 
     def _check_disk(self, relay: _Relay) -> None:
         """Note when the output's newest file (this run's recording file, the newest HLS segment) grew."""
-        path = output_path(self.target, self._settings)
+        path = self._path
         if path is None:
             return
         pattern = (

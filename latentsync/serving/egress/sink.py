@@ -56,21 +56,17 @@ class EgressStats:
 
     Attributes:
         up: Every encoder runs with both FIFOs open.
-        starts: Encoder processes started, all encoders together.
         restarts: Encoder restarts (starts after each encoder's first).
         pid: The first encoder's FFmpeg pid, or None.
         last_error: What an encoder last printed before it ended, or "".
-        frames_written: Frames the first encoder took.
         encoders: Each encoder's counters.
         outputs: Each output's health, in the channel's order.
     """
 
     up: bool
-    starts: int
     restarts: int
     pid: int | None
     last_error: str
-    frames_written: int
     encoders: tuple[EncoderStats, ...]
     outputs: tuple[OutputHealth, ...]
 
@@ -256,11 +252,9 @@ class EgressSink:
         first = encoders[0] if encoders else None
         return EgressStats(
             up=all(e.up for e in encoders),
-            starts=sum(e.starts for e in encoders),
             restarts=sum(e.restarts for e in encoders),
             pid=first.pid if first else None,
             last_error=next((e.last_error for e in encoders if e.last_error), ""),
-            frames_written=first.frames_written if first else 0,
             encoders=encoders,
             outputs=tuple(o.health() for o in list(self._outputs.values())),
         )
