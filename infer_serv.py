@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
-from latentsync.serving.generation.pool import WorkerPoolError
+from latentsync.serving.compute.scheduling_pool import WorkerPoolError
 from latentsync.serving.ops.logs import QueryRedactingRequestHandler, configure_logging
 from latentsync.serving.ops.memory import bound_heap_growth, freeze_heap
 from latentsync.serving.ops.systemd import sd_notify

@@ -15,11 +15,11 @@ import numpy as np
 
 from latentsync.config import load_config
 from latentsync.engines import ChunkResult
-from latentsync.serving.generation.ports import ChunkJob
-from latentsync.serving.generation.program import SpeechProgram
-from latentsync.serving.generation.scheduler import TaskManager, TaskSettings
-from latentsync.serving.generation.task import TaskKind
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.compute.jobs import ChunkJob
+from latentsync.serving.tasks.speech_program import SpeechProgram
+from latentsync.serving.tasks.task import TaskKind
+from latentsync.serving.tasks.task_manager import TaskManager, TaskSettings
+from latentsync.serving.tasks.utterance import Utterance
 
 FPS = 25
 RATE = 48000
@@ -55,7 +55,7 @@ class FakeJob:
 
 @dataclass
 class FakePool:
-    """A :class:`~latentsync.serving.generation.ports.JobQueue`: jobs wait until the test completes them."""
+    """A :class:`~latentsync.serving.compute.jobs.JobQueue`: jobs wait until the test completes them."""
 
     jobs: list[FakeJob] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
@@ -117,7 +117,7 @@ class FramesAvatar(FakeAvatar):
 
 
 class FakePlaylist:
-    """A :class:`~latentsync.serving.generation.ports.Playout` that records what it is given."""
+    """A :class:`~latentsync.serving.compute.jobs.Playout` that records what it is given."""
 
     def __init__(self):
         self.programs: list[SpeechProgram] = []

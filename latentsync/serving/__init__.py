@@ -5,7 +5,9 @@ Layers, top to bottom (``a | b``: siblings that do not import each other)::
     api                    HTTP: Flask app, routes, the error -> status map
     runtime                Runtime, Channel (wiring), channels_file, avatar switch
     telemetry              health snapshot, Prometheus metrics, SSE events
-    generation | avatars   tasks, scheduler, programs, processors, utterances, TTS, worker pool | uploaded avatars
+    ingest | avatars       where speech comes from: upload decoder, TTS, PCM | uploaded avatars
+    tasks                  TaskManager, processors, utterances, programs (reorder and jitter buffers)
+    compute                the EDF scheduling pool, its local and Ray backends, the engine host
     playout | egress       clock, mixer, idle loop, tick tap | encoders and outputs (FFmpeg), WHEP, frames
     ops                    systemd, logs
     core                   state machines, errors shared by all

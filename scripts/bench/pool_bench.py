@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from latentsync.avatar import Avatar, AvatarSettings  # noqa: E402
-from latentsync.serving.generation.pool import WorkerPool  # noqa: E402
-from latentsync.serving.generation.ports import ChunkJob  # noqa: E402
-from latentsync.serving.generation.ray_pool import RayWorkerPool  # noqa: E402
+from latentsync.serving.compute.jobs import ChunkJob  # noqa: E402
+from latentsync.serving.compute.ray_worker_pool import RayWorkerPool  # noqa: E402
+from latentsync.serving.compute.worker_pool import WorkerPool  # noqa: E402
 from tests.raycluster import RayCluster  # noqa: E402
 
 VIDEO = ROOT / "tests" / "data" / "media" / "video" / "nanmote002.mp4"

@@ -71,9 +71,9 @@ from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
-from latentsync.serving.generation.decoder import UploadDecoder
-from latentsync.serving.generation.task import TaskKind
+from latentsync.serving.ingest.upload_decoder import UploadDecoder
 from latentsync.serving.runtime.runtime import RestartNeeded, Runtime
+from latentsync.serving.tasks.task import TaskKind
 from latentsync.serving.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 ``/ws/speech`` and ``/speak`` are channel ``main``'s; ``/channels/<name>/ws/speech`` and
 ``/channels/<name>/speak`` any channel's. Both open an utterance on the channel's TaskManager
 (the one speech path: docs/streaming-speech.md) and feed it through a feeder: PCM from the socket,
-or text synthesised by the runtime's :class:`~latentsync.serving.generation.speech.SpeechService`.
+or text synthesised by the runtime's :class:`~latentsync.serving.ingest.speech_service.SpeechService`.
 Protocol, events and error codes: docs/streaming-speech.md.
 
 Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
@@ -29,10 +29,10 @@ from latentsync.config import DEFAULT_CHANNEL
 from latentsync.serving.api.errors import error_response
 from latentsync.serving.api.websocket import ConnectionClosed, WebSocketLimits, websocket_route
 from latentsync.serving.core.errors import ServingError
-from latentsync.serving.generation.audio import PcmFormat, SpeechError
-from latentsync.serving.generation.speech import seed_field
-from latentsync.serving.generation.task import FINAL_STATES, TaskKind
-from latentsync.serving.generation.tts import SpeechFeeder
+from latentsync.serving.ingest.speech_service import seed_field
+from latentsync.serving.ingest.text_to_speech import SpeechFeeder
+from latentsync.serving.tasks.speech_audio import PcmFormat, SpeechError
+from latentsync.serving.tasks.task import FINAL_STATES, TaskKind
 
 logger = logging.getLogger(__name__)
 

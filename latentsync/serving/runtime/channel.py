@@ -1,7 +1,7 @@
 """Channels: one live stream each (idle loop, mixer, clock, FFmpeg push, tasks, WHEP, events).
 
 A :class:`Channel` wires everything of one stream; the :class:`~latentsync.serving.runtime.runtime.Runtime`
-owns the channels and ONE :class:`~latentsync.serving.generation.pool.WorkerPool` they all share
+owns the channels and ONE :class:`~latentsync.serving.compute.scheduling_pool.WorkerPool` they all share
 (docs/channels.md). Every job names its avatar, so the pool's queue is earliest-deadline-first over
 every channel's jobs, all on the same ``time.monotonic()`` clock: a channel's chunk due on air soon
 runs before another channel's chunk due later, whatever the uploads' lengths.
@@ -32,19 +32,19 @@ from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.framing import capped_size, display_size
 from latentsync.media.probe import probe_media
 from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
+from latentsync.serving.compute.scheduling_pool import SchedulingPool
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table
 from latentsync.serving.egress.frames import FramesHub
 from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
-from latentsync.serving.generation.pool import SchedulingPool
-from latentsync.serving.generation.scheduler import TaskManager, TaskSettings
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.playout.state import StreamState
 from latentsync.serving.playout.tap import TappedSink
 from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, clip_limits
+from latentsync.serving.tasks.task_manager import TaskManager, TaskSettings
 from latentsync.serving.telemetry.events import EventBroadcaster, EventFeed
 from latentsync.serving.telemetry.health import HealthSnapshot, StreamFormat, WorkersHealth
 

@@ -49,12 +49,12 @@ from latentsync.config import (
     validate,
 )
 from latentsync.serving.avatars.store import AvatarStore
+from latentsync.serving.compute.scheduling_pool import SchedulingPool
+from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
-from latentsync.serving.generation.pool import SchedulingPool, WorkerPool
-from latentsync.serving.generation.scheduler import TaskManager
-from latentsync.serving.generation.speech import SpeechService
+from latentsync.serving.ingest.speech_service import SpeechService
 from latentsync.serving.ops.systemd import Watchdog
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
@@ -67,6 +67,7 @@ from latentsync.serving.runtime.persistence import (
     _live_avatar,
     restore_channels,
 )
+from latentsync.serving.tasks.task_manager import TaskManager
 from latentsync.serving.telemetry.events import EventBroadcaster
 from latentsync.serving.telemetry.health import HealthSnapshot
 from latentsync.serving.telemetry.metrics import ServerMetrics
@@ -216,7 +217,7 @@ class Runtime:
         Raises:
             latentsync.media.MediaProbeError: If ``main``'s video cannot be decoded.
             latentsync.avatar.FaceNotFoundError: If ``main``'s base video has too few faces.
-            latentsync.serving.generation.pool.WorkerPoolError: If the engine workers cannot start
+            latentsync.serving.compute.scheduling_pool.WorkerPoolError: If the engine workers cannot start
                 (for example a missing checkpoint file; the message names it).
         """
         with self._lock:
@@ -340,7 +341,7 @@ class Runtime:
             max_queued=engine.max_queued_jobs,
         )
         if cfg.pool.backend is PoolBackend.ray:  # each actor's device is the GPU Ray gives it
-            from latentsync.serving.generation.ray_pool import RayWorkerPool  # needs the optional ray package
+            from latentsync.serving.compute.ray_worker_pool import RayWorkerPool  # needs the optional ray package
 
             ray_cfg = cfg.pool
             pool = RayWorkerPool(

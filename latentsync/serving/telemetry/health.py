@@ -50,7 +50,7 @@ class WorkersHealth:
         backend: ``local`` (processes on this host) or ``ray`` (actors on a Ray cluster).
         actors: Per-worker figures where the backend tracks them (Ray: node, pid, state, jobs,
             failures, restarts, median latency in ms; see
-            :class:`latentsync.serving.generation.ray_pool.ActorStats`); empty for ``local``.
+            :class:`latentsync.serving.compute.ray_worker_pool.ActorStats`); empty for ``local``.
     """
 
     count: int

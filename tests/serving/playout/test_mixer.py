@@ -180,10 +180,10 @@ def test_playlist_is_bounded():
 
 
 def test_finished_tasks_release_their_audio():
-    from latentsync.serving.generation.program import SpeechProgram
-    from latentsync.serving.generation.task import Task, TaskState
-    from latentsync.serving.generation.utterance import Utterance
     from latentsync.serving.playout.mixer import ProgramEvent
+    from latentsync.serving.tasks.speech_program import SpeechProgram
+    from latentsync.serving.tasks.task import Task, TaskState
+    from latentsync.serving.tasks.utterance import Utterance
     from tests.fakes import settings
 
     task = Task(task_id="t")

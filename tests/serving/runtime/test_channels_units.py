@@ -14,7 +14,7 @@ import weakref
 import pytest
 
 from latentsync.config import ConfigError, channel_configs, load_config
-from latentsync.serving.generation.scheduler import TaskManager
+from latentsync.serving.tasks.task_manager import TaskManager
 from tests.fakes import FPS, FakeAvatar, FakeJob, FakePlaylist, FakePool, fake_manager, submit_upload, wait_for
 
 

@@ -28,9 +28,9 @@ import numpy as np
 from latentsync.engines import CHUNK_FRAMES, ChunkResult
 from latentsync.face import PasteScratch
 from latentsync.media.buffers import FramePool
-from latentsync.serving.generation.task import Task, TaskState
-from latentsync.serving.generation.utterance import Utterance
 from latentsync.serving.playout.mixer import ProgramEvent
+from latentsync.serving.tasks.task import Task, TaskState
+from latentsync.serving.tasks.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ PROCESSING_SAFETY = 2.0
 class ChunkTimes:
     """How long a channel's recent chunks took in the pool: the jitter buffer's prediction of the next.
 
-    Kept per channel (one per :class:`~latentsync.serving.generation.scheduler.TaskManager`) so a
+    Kept per channel (one per :class:`~latentsync.serving.tasks.task_manager.TaskManager`) so a
     new task's first chunk is not the only evidence: the pool's time on a chunk varies with the
     CPU's load (its 90th percentile is about twice its median on this project's 2-core machine).
 

@@ -31,9 +31,9 @@ import numpy as np
 
 from latentsync.media.audio import MediaDecodeTimeout, untrusted_audio_command
 from latentsync.media.probe import DURATION_RE, MEDIA_FORMATS, MediaProbeError, parse_duration_s
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.task import FINAL_STATES
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.task import FINAL_STATES
+from latentsync.serving.tasks.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from latentsync.engines import (
     FIRST_CHUNK_FRAMES,
     LOOKAHEAD_FRAMES,
 )
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.ports import JobQueue, Playout
-from latentsync.serving.generation.processor import ChunkPlan, TaskProcessor
-from latentsync.serving.generation.program import ChunkTimes, SpeechProgram
-from latentsync.serving.generation.task import FINAL_STATES, WAITING_STATES, Task, TaskKind, TaskState
-from latentsync.serving.generation.utterance import Utterance, UtteranceLimits
+from latentsync.serving.compute.jobs import JobQueue
+from latentsync.serving.tasks.ports import Playout
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.speech_program import ChunkTimes, SpeechProgram
+from latentsync.serving.tasks.task import FINAL_STATES, WAITING_STATES, Task, TaskKind, TaskState
+from latentsync.serving.tasks.task_processor import ChunkPlan, TaskProcessor
+from latentsync.serving.tasks.utterance import Utterance, UtteranceLimits
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import load_config
 from latentsync.engines import ChunkRequest
 from latentsync.serving.api.app import create_app
-from latentsync.serving.generation.pool import WorkerPool, WorkerPoolError
-from latentsync.serving.generation.ports import ChunkJob, JobFailed
+from latentsync.serving.compute.jobs import ChunkJob, JobFailed
+from latentsync.serving.compute.scheduling_pool import WorkerPoolError
+from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from latentsync.serving.generation.chunking import (
+from latentsync.serving.tasks.chunking import (
     FEATURE_CONTEXT_FRAMES,
     FEATURE_FUTURE_FRAMES,
     feature_window,

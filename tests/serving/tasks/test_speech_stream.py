@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from latentsync.engines import CHUNK_FRAMES
-from latentsync.serving.generation.audio import PcmFormat, SpeechError
-from latentsync.serving.generation.task import TaskKind, TaskState
 from latentsync.serving.playout.mixer import ProgramEvent
+from latentsync.serving.tasks.speech_audio import PcmFormat, SpeechError
+from latentsync.serving.tasks.task import TaskKind, TaskState
 from tests.fakes import (
     FPS,
     RATE,

@@ -1,7 +1,7 @@
 """The TaskProcessor: the thread that turns one utterance's audio into chunk jobs as it arrives.
 
 One processor for every input. Chunk ``c`` (content frames ``[s, s + n)``, lengths by
-:func:`~latentsync.serving.generation.chunking.next_chunk_frames`) is submitted once the audio of
+:func:`~latentsync.serving.tasks.chunking.next_chunk_frames`) is submitted once the audio of
 frames up to ``s + n`` plus the engine's look-ahead is in hand, or the utterance ended: its job
 carries the audio window its features are computed from (the worker computes them, then the
 faces), the avatar, and the time its first frame is due on air. While it waits its turn (not
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latentsync.serving.generation.chunking import feature_window, next_chunk_frames, padded_frame_indices
-from latentsync.serving.generation.ports import ChunkJob, JobFailed, JobQueue
-from latentsync.serving.generation.program import SpeechProgram
-from latentsync.serving.generation.task import FINAL_STATES, Task, TaskState
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.compute.jobs import ChunkJob, JobFailed, JobQueue
+from latentsync.serving.tasks.chunking import feature_window, next_chunk_frames, padded_frame_indices
+from latentsync.serving.tasks.speech_program import SpeechProgram
+from latentsync.serving.tasks.task import FINAL_STATES, Task, TaskState
+from latentsync.serving.tasks.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 

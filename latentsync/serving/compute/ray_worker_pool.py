@@ -1,12 +1,12 @@
 """RayWorkerPool: the engine workers as Ray actors, on any node of a Ray cluster (docs/scale-out.md).
 
-The second backend of :class:`~latentsync.serving.generation.pool.SchedulingPool` (``pool.backend:
+The second backend of :class:`~latentsync.serving.compute.scheduling_pool.SchedulingPool` (``pool.backend:
 ray``). The scheduler is the local pool's: the same bounded earliest-deadline-first queue, at
 most one call in flight per worker, the same chunk deadline, a job retried once (on another
 worker: the one that failed is not trusted again before it answers a ping) and then failed with
 the reason, and a worker that answers its ping with an engine error marks the pool ``broken``.
 
-Each worker is an :class:`EngineActor` holding an :class:`~latentsync.serving.generation.worker.EngineHost`
+Each worker is an :class:`EngineActor` holding an :class:`~latentsync.serving.compute.engine_host.EngineHost`
 (the engine and its LRU of prepared avatars, as in a local worker process). Avatars reach other
 nodes through Ray's object store: the server puts a prepared avatar there once
 (:meth:`latentsync.avatar.Avatar.engine_payload`, keyed by its cache folder) and sends only the
@@ -36,9 +36,9 @@ from typing import Any
 
 from latentsync.avatar import Avatar
 from latentsync.engines import ChunkResult
-from latentsync.serving.generation.pool import SchedulingPool, WorkerPoolError, _Job
-from latentsync.serving.generation.ports import ChunkJob, JobFailed
-from latentsync.serving.generation.worker import EngineHost
+from latentsync.serving.compute.engine_host import EngineHost
+from latentsync.serving.compute.jobs import ChunkJob, JobFailed
+from latentsync.serving.compute.scheduling_pool import Job, SchedulingPool, WorkerPoolError
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class ActorStats:
 
 
 class RayWorkerPool(SchedulingPool):
-    """Owns the engine actors on a Ray cluster (a :class:`~latentsync.serving.generation.ports.JobQueue`).
+    """Owns the engine actors on a Ray cluster (a :class:`~latentsync.serving.compute.jobs.JobQueue`).
 
     Args:
         engine_name: ``"parametric"`` or ``"latentsync"``.
@@ -176,7 +176,7 @@ class RayWorkerPool(SchedulingPool):
         object_store_mb: Object store of a private Ray in MB (None: Ray's default).
         start_timeout_s: Seconds every actor gets to answer its first ping at :meth:`start`.
         on_chunk_done, max_batch, max_avatars, deadline_s, max_queued: As for
-            :class:`~latentsync.serving.generation.pool.WorkerPool`.
+            :class:`~latentsync.serving.compute.scheduling_pool.WorkerPool`.
     """
 
     def __init__(
@@ -425,7 +425,7 @@ class RayWorkerPool(SchedulingPool):
         free = [a for a in self._actors if a.state == "ready" and a.call is None]
         return min(free, key=lambda a: a.last_dispatch) if free else None
 
-    def _dispatch(self, dispatch_id: int, jobs: list[_Job], worker: _Actor) -> None:
+    def _dispatch(self, dispatch_id: int, jobs: list[Job], worker: _Actor) -> None:
         key = jobs[0].job.avatar or self._avatar_path
         refs = {key: [self._avatar_ref(key)]}
         worker.dispatch_id = dispatch_id

@@ -1,8 +1,8 @@
-"""The generation side's two seams: the playout it feeds and the job queue that makes its faces.
+"""The compute side's seam: the job queue that makes a task's faces, and its jobs.
 
-:class:`Playout` is what a task's program is put on air through (implemented by
-:class:`latentsync.serving.playout.mixer.ProgramMixer`); :class:`JobQueue` is where its chunks are
-generated (implemented by :class:`latentsync.serving.generation.pool.WorkerPool`). A job carries
+:class:`JobQueue` is where a task's chunks are generated (implemented by
+:class:`latentsync.serving.compute.worker_pool.WorkerPool` and
+:class:`latentsync.serving.compute.ray_worker_pool.RayWorkerPool`). A job carries
 everything a worker needs, the avatar included, so one queue serves every channel. Tests put
 fakes here (tests/fakes.py) and nowhere else.
 """
@@ -16,29 +16,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from latentsync.engines import ChunkResult
-from latentsync.serving.playout.mixer import Program
 
 
 class JobFailed(RuntimeError):
     """A job failed for good, or the queue could not take it; the message says why."""
-
-
-@runtime_checkable
-class Playout(Protocol):
-    """Where programs go on air, in order (one per channel)."""
-
-    @property
-    def ticks(self) -> int:
-        """Ticks produced so far (interrupt latency is measured in them)."""
-        ...
-
-    def enqueue(self, program: Program) -> bool:
-        """Append a program to the playlist; False when the playlist is full."""
-        ...
-
-    def interrupt(self, task_id: str) -> None:
-        """Fade the program of ``task_id`` out within the crossfade if on air, or drop it from the playlist."""
-        ...
 
 
 @dataclass(frozen=True)

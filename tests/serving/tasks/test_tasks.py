@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from latentsync.engines import ChunkResult
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.program import SpeechProgram
-from latentsync.serving.generation.task import ALLOWED_MOVES, FINAL_STATES, Task, TaskKind, TaskState
-from latentsync.serving.generation.utterance import Utterance
 from latentsync.serving.playout.mixer import ProgramEvent
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.speech_program import SpeechProgram
+from latentsync.serving.tasks.task import ALLOWED_MOVES, FINAL_STATES, Task, TaskKind, TaskState
+from latentsync.serving.tasks.utterance import Utterance
 from tests.fakes import (
     FPS,
     RATE,
@@ -357,7 +357,7 @@ def test_cancel_is_one_call_that_stops_the_sources_too(setup):
 
 
 def test_chunk_times_predict_the_90th_percentile_of_recent_chunks_of_the_same_length():
-    from latentsync.serving.generation.program import ChunkTimes
+    from latentsync.serving.tasks.speech_program import ChunkTimes
 
     times = ChunkTimes(size=10)
     assert times.predict(4) is None

@@ -13,7 +13,7 @@ import pytest
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest, create_engine
-from latentsync.serving.generation.ports import ChunkJob
+from latentsync.serving.compute.jobs import ChunkJob
 from tests.datafiles import media_file
 from tests.raycluster import require_ray
 from tests.streamtools import seconds_until
@@ -79,7 +79,7 @@ def second_node_id() -> str:
 def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_object_store(
     ray_cluster, avatar, tmp_path
 ):
-    from latentsync.serving.generation.ray_pool import RayWorkerPool
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
     pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address, start_timeout_s=120)
     pool.start()
@@ -110,7 +110,7 @@ def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_ob
 def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_actor_returns(
     ray_cluster, avatar, tmp_path
 ):
-    from latentsync.serving.generation.ray_pool import RayWorkerPool
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
     hold = tmp_path / "hold"
     options = {"hold_flag": str(hold), "hold_node": "second"}
@@ -155,7 +155,7 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
 def test_actors_killed_for_good_are_replaced_and_serve_again(ray_cluster, avatar):
     import ray
 
-    from latentsync.serving.generation.ray_pool import RayWorkerPool
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
     pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address)
     pool.start()
@@ -182,8 +182,8 @@ def test_actors_killed_for_good_are_replaced_and_serve_again(ray_cluster, avatar
 
 
 def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(ray_cluster, avatar):
-    from latentsync.serving.generation.pool import WorkerPoolError
-    from latentsync.serving.generation.ray_pool import RayWorkerPool
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
+    from latentsync.serving.compute.scheduling_pool import WorkerPoolError
 
     # Every node has one CPU: an actor that needs two is never placed.
     pool = RayWorkerPool(
@@ -208,7 +208,7 @@ def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(ray_cluste
 
 def test_queued_jobs_fail_with_the_reason_when_no_actor_is_ready_past_the_deadline(avatar):
     """The rule without a cluster: the pool's view of its actors is all it decides on."""
-    from latentsync.serving.generation.ray_pool import RayWorkerPool, _Actor
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool, _Actor
 
     pool = RayWorkerPool("parametric", {}, avatar.path, 2, deadline_s=0.5)
     pool._started = True  # as after start(): both actors lost (Ray restarting or placing them)
@@ -236,7 +236,7 @@ def test_a_private_ray_started_from_a_short_lived_thread_outlives_it(avatar, mon
     pool starts them from a thread of its own that lives until close().
     """
     require_ray()
-    from latentsync.serving.generation.ray_pool import RayWorkerPool
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray by a test
     pool = RayWorkerPool("parametric", {}, avatar.path, None, None, object_store_mb=100)

@@ -2,7 +2,7 @@
 
 ``POST /speak``, ``/channels/<name>/speak`` and the ``text`` messages of ``/ws/speech`` all go
 through one :class:`SpeechService` (built once by the runtime): the text is checked here, then
-synthesised sentence by sentence by a :class:`~latentsync.serving.generation.tts.SpeechFeeder`
+synthesised sentence by sentence by a :class:`~latentsync.serving.ingest.text_to_speech.SpeechFeeder`
 attached to the channel's utterance (docs/streaming-speech.md).
 """
 
@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 
 from latentsync.config import SEED_RANGE, TTS_RATE_RANGE_WPM, AppConfig
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.tts import EspeakNg, SpeechFeeder, TextToSpeech
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.ingest.text_to_speech import EspeakNg, SpeechFeeder, TextToSpeech
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 

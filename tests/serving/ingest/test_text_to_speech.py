@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.task import TaskKind
-from latentsync.serving.generation.tts import EspeakNg, SpeechFeeder, split_sentences
+from latentsync.serving.ingest.text_to_speech import EspeakNg, SpeechFeeder, split_sentences
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.task import TaskKind
 from tests.fakes import FPS, RATE, FakePool, FramesAvatar, fake_manager, wait_for
 
 

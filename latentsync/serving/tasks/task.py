@@ -19,7 +19,7 @@ from latentsync.engines import CHUNK_FRAMES
 from latentsync.serving.core.states import StateMachine, check_table
 
 if TYPE_CHECKING:
-    from latentsync.serving.generation.audio import SpeechAudio
+    from latentsync.serving.tasks.speech_audio import SpeechAudio
 
 
 class TaskState(str, enum.Enum):
@@ -68,7 +68,7 @@ class Task:
     Attributes:
         task_id: 32 hex digits (uuid4), unique over the server (every channel).
         kind: What feeds it.
-        audio: Its speech as it arrives (:class:`~latentsync.serving.generation.audio.SpeechAudio`);
+        audio: Its speech as it arrives (:class:`~latentsync.serving.tasks.speech_audio.SpeechAudio`);
             None once released (the fade-out played it, or it never reached the air).
         first_frame_tick: The channel's tick count (``ProgramMixer.ticks``) when its frame 0 was on air.
         last_frame_tick: The tick count when its last speech frame was on air (the next program

@@ -18,10 +18,10 @@ import soundfile as sf
 
 from latentsync.media.audio import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.decoder import DecodeState, UploadDecoder
-from latentsync.serving.generation.task import Task
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.ingest.upload_decoder import DecodeState, UploadDecoder
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.task import Task
+from latentsync.serving.tasks.utterance import Utterance
 from scripts.make_bad_inputs import lying_header_wav, wav_bytes
 from tests.datafiles import media_file
 from tests.fakes import FPS, RATE, settings, wait_for

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from latentsync.engines import ChunkRequest, ChunkResult
-from latentsync.serving.generation.ports import ChunkJob
+from latentsync.serving.compute.jobs import ChunkJob
 from latentsync.serving.ops.threads import limit_native_threads
 
 
@@ -128,10 +128,12 @@ class EngineHost:
         return engine.generate_batch(requests) if len(requests) > 1 else [engine.generate(requests[0])]
 
 
+#: The worker process's one engine host (set by :func:`worker_init`, the pool's initializer):
+#: ``multiprocessing.Pool`` calls module functions, so the process keeps its host here.
 _WORKER_SLOT: dict[str, Any] = {}
 
 
-def _worker_init(
+def worker_init(
     engine_name: str,
     engine_options: Mapping[str, Any],
     avatar_path: str,
@@ -168,16 +170,17 @@ def _host() -> EngineHost:
     return host
 
 
-def _worker_ping() -> tuple[int, str | None]:
+def worker_ping() -> tuple[int, str | None]:
+    """This worker's pid and why its engine did not load (None: it loaded); the pool's start check."""
     return os.getpid(), _WORKER_SLOT.get("error")
 
 
-def _worker_avatars() -> tuple[int, list[str]]:
+def worker_avatars() -> tuple[int, list[str]]:
     """This worker's pid and the avatar paths it holds loaded, least recently used first."""
     host = _WORKER_SLOT.get("host")
     return os.getpid(), host.loaded() if host is not None else []
 
 
-def _worker_chunks(jobs: list[ChunkJob]) -> list[ChunkResult]:
+def worker_chunks(jobs: list[ChunkJob]) -> list[ChunkResult]:
     """:meth:`EngineHost.chunks` of this worker process."""
     return _host().chunks(jobs)

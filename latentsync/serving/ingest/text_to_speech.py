@@ -23,9 +23,9 @@ from typing import Protocol
 
 import numpy as np
 
-from latentsync.serving.generation.audio import SpeechError
-from latentsync.serving.generation.task import FINAL_STATES
-from latentsync.serving.generation.utterance import Utterance
+from latentsync.serving.tasks.speech_audio import SpeechError
+from latentsync.serving.tasks.task import FINAL_STATES
+from latentsync.serving.tasks.utterance import Utterance
 
 logger = logging.getLogger(__name__)
 

@@ -21,16 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from latentsync.config import SpeechStreamConfig
-from latentsync.serving.generation.audio import SpeechAudio, SpeechError
-from latentsync.serving.generation.task import FINAL_STATES, Task
-
-if TYPE_CHECKING:
-    from latentsync.serving.generation.program import SpeechProgram
+from latentsync.serving.tasks.speech_audio import SpeechAudio, SpeechError
+from latentsync.serving.tasks.task import FINAL_STATES, Task
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +37,26 @@ END_REASONS = ("idle_timeout", "too_slow", "utterance_timeout")
 #: Seconds of audio waiting to play under which an utterance whose arrivals are too slow counts as
 #: starving the stream (above it, the arrivals are merely bursty).
 STARVING_BUFFER_S = 1.0
+
+
+class ProgramView(Protocol):
+    """What an utterance and its clients read of the task's program.
+
+    Implemented by :class:`~latentsync.serving.tasks.speech_program.SpeechProgram`; a protocol, so
+    the two modules do not import each other.
+    """
+
+    underrun_ticks: int
+    chunk_audio_at: dict[int, float]
+
+    @property
+    def first_chunk_monotonic(self) -> float | None:
+        """When the first generated chunk arrived (monotonic seconds), or None."""
+        ...
+
+    def content_frames_played(self) -> int:
+        """Content frames played so far."""
+        ...
 
 
 class Source(Protocol):
@@ -118,7 +135,7 @@ class Utterance:
         self.first_byte_monotonic: float | None = None
         self.last_push_monotonic = self.opened_monotonic
         self.final_frames: int | None = None
-        self.program: SpeechProgram | None = None
+        self.program: ProgramView | None = None
         self._arrivals: collections.deque[tuple[float, float]] = collections.deque()  # (time, seconds received)
         self._sources: list[Source] = []
         self._closed = False
