@@ -42,6 +42,9 @@ _HOST = r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+)"
 _RTMP_RE = re.compile(rf"(rtmps?)://(?:[^@/]*@)?{_HOST}(?::(\d{{1,5}}))?(/.*)?")
 _SRT_RE = re.compile(rf"srt://{_HOST}:(\d{{1,5}})/?(?:\?(.*))?")
 _WHIP_RE = re.compile(rf"(https?)://{_HOST}(?::(\d{{1,5}}))?(/.*)?")
+#: What a channel's ``rtmp_url`` must be (:func:`latentsync.output_urls.parse_output_url`'s rules):
+#: what FFmpeg reads as syntax, whitespace and control characters refused.
+RTMP_URL_WANT = "an rtmp:// or rtmps:// URL with a host, without whitespace, quotes or any of | [ ] \\ %"
 #: Default ports, for the reachability probes (RTMP: 1935; RTMPS: 443 as the platforms use it).
 DEFAULT_PORTS = {"rtmp": 1935, "rtmps": 443, "http": 80, "https": 443}
 
@@ -199,6 +202,33 @@ def redact_output_url(url: str) -> str:
         parts = urlsplit(url)
         return f"{parts.scheme}://{parts.netloc}/***" if parts.path.strip("/") or parts.query else url
     return url
+
+
+def rtmp_host(url: str) -> str | None:
+    r"""The host of an ``rtmp://``/``rtmps://`` URL (lower case, IPv6 without brackets); None if the URL is refused.
+
+    The rules are the outputs' (:func:`latentsync.output_urls.parse_output_url`): another scheme, no
+    host, whitespace, control characters, quotes, ``| [ ] \ %`` (outside an IPv6 literal) are refused.
+    """
+    try:
+        parsed = parse_output_url(url)
+    except OutputUrlError:
+        return None
+    return parsed.host if parsed.kind is OutputKind.rtmp else None
+
+
+def redact_rtmp_url(url: str) -> str:
+    """Hide the stream key (the last path element) and any credentials of an RTMP URL.
+
+    ``rtmp://user:pw@host:1935/live/secretkey`` becomes ``rtmp://host:1935/live/***``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "***"
+    hostpart, slash, path = rest.partition("/")
+    hostpart = hostpart.rsplit("@", 1)[-1]
+    app, _, _key = path.rpartition("/")
+    return f"{scheme}://{hostpart}{slash}{app + '/' if app else ''}***" if slash else f"{scheme}://{hostpart}"
 
 
 def url_secrets(url: str) -> tuple[str, ...]:

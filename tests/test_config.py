@@ -5,12 +5,12 @@ import pytest
 from latentsync.config import (
     ConfigError,
     EngineName,
-    api_media_path,
     load_config,
     redact_rtmp_url,
     rtmp_host,
     to_yaml,
 )
+from latentsync.serving.runtime.channel_rules import api_media_path
 from tests.streamtools import REPO
 
 

@@ -8,15 +8,13 @@ from latentsync.config import (
     ChannelConfig,
     ConfigError,
     OutputConfig,
-    allowed_rtmp_hosts,
-    api_channel,
     channel_outputs,
-    check_api_outputs,
     load_config,
     parse_outputs,
     to_yaml,
 )
 from latentsync.output_urls import OutputKind, OutputUrlError, parse_output_url, redact_output_url, url_secrets
+from latentsync.serving.runtime.channel_rules import allowed_rtmp_hosts, api_channel, check_api_outputs
 
 
 @pytest.mark.parametrize(

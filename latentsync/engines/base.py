@@ -11,8 +11,12 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-#: Frames per chunk (LatentSync 1.0 processes 16 frames together).
-CHUNK_FRAMES = 16
+# The chunk lengths are the configuration's (it checks engine.first_chunk_frames against them and
+# imports nothing of the engines); re-exported here as part of the engine interface.
+from latentsync.config import CHUNK_FRAMES as CHUNK_FRAMES
+from latentsync.config import CHUNK_FRAMES_RANGE as CHUNK_FRAMES_RANGE
+from latentsync.config import DEFAULT_CHUNK_FRAMES_RANGE as DEFAULT_CHUNK_FRAMES_RANGE
+
 #: Sample rate of the audio given to engines, in Hz (Whisper's rate).
 ENGINE_SAMPLE_RATE_HZ = 16000
 
@@ -28,14 +32,6 @@ ENGINE_SAMPLE_RATE_HZ = 16000
 LOOKAHEAD_FRAMES = {"parametric": 1, "latentsync": 3}
 #: Look-ahead of an engine not in :data:`LOOKAHEAD_FRAMES` (a test engine): the largest known.
 DEFAULT_LOOKAHEAD_FRAMES = max(LOOKAHEAD_FRAMES.values())
-#: Chunk lengths ``(shortest, longest)`` in frames an engine generates without changing its output.
-#: parametric: every frame is rendered on its own from its own features -> 1..16.
-#: latentsync: LatentSync 1.0's ResNet GroupNorms normalise over all frames of a chunk jointly
-#: (docs/latentsync-1.0.md), so a frame's face depends on the 15 others: 16 only (shown in
-#: tests/test_unet.py); a shorter last chunk is padded by repeating its last frame.
-CHUNK_FRAMES_RANGE = {"parametric": (1, CHUNK_FRAMES), "latentsync": (CHUNK_FRAMES, CHUNK_FRAMES)}
-#: Chunk lengths of an engine not in :data:`CHUNK_FRAMES_RANGE`: 16 only (the safe choice).
-DEFAULT_CHUNK_FRAMES_RANGE = (CHUNK_FRAMES, CHUNK_FRAMES)
 #: A task's first chunk, per engine, when ``engine.first_chunk_frames`` is null: short where the
 #: engine allows it (its first frame on air waits for the first chunk's audio and generation).
 FIRST_CHUNK_FRAMES = {"parametric": 4, "latentsync": CHUNK_FRAMES}

@@ -11,14 +11,11 @@ from latentsync.config import (
     DEFAULT_CHANNEL,
     AppConfig,
     ConfigError,
-    allowed_rtmp_hosts,
-    api_channel,
-    api_media_paths,
-    check_api_outputs,
     parse_outputs,
     uploaded_avatar_video,
     validate,
 )
+from latentsync.serving.runtime.channel_rules import allowed_rtmp_hosts, api_channel, api_media_paths, check_api_outputs
 
 #: Channel fields a PUT may change while the stream runs: the avatar (idle loop and base video) and
 #: the outputs (docs/outputs.md).

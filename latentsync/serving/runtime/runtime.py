@@ -33,19 +33,14 @@ from latentsync.avatar import Avatar
 from latentsync.config import (
     DEFAULT_CHANNEL,
     PARAMETRIC_MAX_DEFAULT_WORKERS,
-    RECORD_PATH_CONFIG_ONLY,
     AppConfig,
     ChannelConfig,
     ConfigError,
     EngineName,
     OutputConfig,
     PoolBackend,
-    allowed_rtmp_hosts,
-    api_channel,
-    api_media_paths,
     channel_configs,
     channel_outputs,
-    check_api_outputs,
     validate,
 )
 from latentsync.serving.avatars.store import AvatarStore
@@ -59,6 +54,13 @@ from latentsync.serving.ops.systemd import Watchdog
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S, SINK_START_TIMEOUT_S, Channel, ChannelState
+from latentsync.serving.runtime.channel_rules import (
+    RECORD_PATH_CONFIG_ONLY,
+    allowed_rtmp_hosts,
+    api_channel,
+    api_media_paths,
+    check_api_outputs,
+)
 from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, PreparationCancelled
 from latentsync.serving.runtime.persistence import (
     CHANNELS_FILE_VERSION,

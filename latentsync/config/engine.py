@@ -1,0 +1,97 @@
+"""The ``engine`` section: which lip-sync engine, its worker processes and LatentSync 1.0's settings.
+
+The chunk lengths each engine accepts live here too (the engines' interface,
+:mod:`latentsync.engines.base`, takes them from this module), so the configuration imports
+nothing of the engines.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+#: Frames per chunk (LatentSync 1.0 processes 16 frames together).
+CHUNK_FRAMES = 16
+#: Chunk lengths ``(shortest, longest)`` in frames an engine generates without changing its output.
+#: parametric: every frame is rendered on its own from its own features -> 1..16.
+#: latentsync: LatentSync 1.0's ResNet GroupNorms normalise over all frames of a chunk jointly
+#: (docs/latentsync-1.0.md), so a frame's face depends on the 15 others: 16 only (shown in
+#: tests/test_unet.py); a shorter last chunk is padded by repeating its last frame.
+CHUNK_FRAMES_RANGE = {"parametric": (1, CHUNK_FRAMES), "latentsync": (CHUNK_FRAMES, CHUNK_FRAMES)}
+#: Chunk lengths of an engine not in :data:`CHUNK_FRAMES_RANGE`: 16 only (the safe choice).
+DEFAULT_CHUNK_FRAMES_RANGE = (CHUNK_FRAMES, CHUNK_FRAMES)
+#: Classifier-free guidance scales accepted everywhere (config, engine, API ``guidance_scale``):
+#: 1.0 is no guidance (LatentSync 1.0's sampler needs >= 1; above ~20 the faces break up).
+GUIDANCE_SCALE_RANGE = (1.0, 20.0)
+#: DDIM denoising steps accepted by ``engine.latentsync.inference_steps``.
+INFERENCE_STEPS_RANGE = (1, 1000)
+#: Most parametric workers ``engine.workers: null`` starts (one per core up to this).
+PARAMETRIC_MAX_DEFAULT_WORKERS = 4
+
+
+class EngineName(str, enum.Enum):
+    """Lip-sync engines."""
+
+    parametric = "parametric"
+    latentsync = "latentsync"
+
+
+class DType(str, enum.Enum):
+    """Floating-point precision for the LatentSync models on GPU (CPU always runs float32)."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+@dataclass(kw_only=True)
+class LatentSyncConfig:
+    """LatentSync 1.0 files and sampling settings (the files are the user's; never downloaded)."""
+
+    unet_path: str = "checkpoints/latentsync_unet.pt"
+    unet_config: str = "configs/unet/second_stage.yaml"
+    whisper_path: str = "checkpoints/whisper/tiny.pt"
+    vae_path: str = "checkpoints/sd-vae-ft-mse"
+    scheduler_config: str = "configs/scheduler_config.json"
+    dtype: DType = DType.float16
+    inference_steps: int = 20
+    guidance_scale: float = 1.0
+    seed: int = 1247
+    compile: bool = False
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Lip-sync engine and its worker pool.
+
+    ``workers`` None: latentsync one worker process per GPU (1 on CPU); parametric one per core, at
+    most :data:`PARAMETRIC_MAX_DEFAULT_WORKERS` (one worker is one core, and the engine is most of
+    a speaking channel's CPU: docs/performance.md). ``worker_nice``: niceness added to every
+    local engine worker (``os.nice``): generation runs ahead of the clock behind a jitter buffer,
+    so the latency-bound parts (the stream's clock thread, FFmpeg) go first when the cores are
+    busy; 0 keeps the server's priority. ``device`` None: ``cuda`` when a GPU is visible, else
+    ``cpu``. ``chunk_deadline_s``: a chunk not back within this many seconds is retried once on
+    a fresh worker, then its task fails. ``max_batch_chunks``: queued chunks a free worker
+    generates in one model batch (a task's first chunk always runs alone). 1 (off) by default: a
+    batch's results all arrive when the last is done, which only pays where a bigger batch is much
+    cheaper than its parts (the latentsync U-Net on a GPU: try 2-4 there).
+    ``max_avatars_per_worker``: prepared avatars (engines bound to them; for latentsync the models
+    are shared and only the avatar's latents are added) a worker keeps loaded, least recently used
+    dropped first (docs/channels.md). ``first_chunk_frames``: length of a task's first chunk, what
+    its first frame on air waits for (null: the engine's, ``latentsync.engines.FIRST_CHUNK_FRAMES``:
+    parametric 4, latentsync 16, which LatentSync 1.0 needs: its U-Net normalises over all 16
+    frames of a chunk, docs/latentsync-1.0.md); later chunks are 16 frames, shorter only while
+    audio streams in at real time (docs/streaming-speech.md). ``max_queued_jobs``: chunk jobs the
+    pool's queue holds at most (a bound far above what the scheduler ever queues).
+    """
+
+    name: EngineName = EngineName.parametric
+    workers: int | None = None
+    worker_nice: int = 10
+    device: str | None = None
+    chunk_deadline_s: float = 60.0
+    max_batch_chunks: int = 1
+    max_avatars_per_worker: int = 4
+    first_chunk_frames: int | None = None
+    max_queued_jobs: int = 4096
+    latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)

@@ -1,0 +1,30 @@
+"""The ``server`` section: the HTTP API's listener and the native threads of the server process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """HTTP API listener.
+
+    A ``host`` that is not loopback (``0.0.0.0``, a LAN address, a name other than ``localhost``)
+    needs ``api.token``, or ``allow_public_without_token: true`` to say the exposure is meant
+    (e.g. behind an authenticating reverse proxy); otherwise the server refuses to start.
+    ``allowed_hosts``: names the ``Host`` header may carry (any other gets 421 ``bad_host``, so a
+    DNS-rebinding page cannot read the API); null: the loopback names, ``public_name``, ``host``
+    (unless a wildcard) and the hosts of ``api.allowed_origins``. ``public_name``: the name
+    clients reach the server by (``avatars.example.com``), or null.
+    ``native_threads``: threads the native pools of the server process (OpenCV, BLAS) may use
+    (latentsync.serving.ops.threads.limit_native_threads; engine workers always use 1). 1: every
+    channel already works on threads of its own, and the pools' spinning threads cost more CPU
+    than they save (docs/performance.md); 0: the libraries' defaults (one per core).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 11001
+    allow_public_without_token: bool = False
+    allowed_hosts: list[str] | None = None
+    public_name: str | None = None
+    native_threads: int = 1
