@@ -48,7 +48,7 @@ from latentsync.config import (
     check_api_outputs,
     validate,
 )
-from latentsync.serving.avatars.store import AvatarStore
+from latentsync.serving.avatars import AvatarStore
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
