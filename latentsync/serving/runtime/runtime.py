@@ -43,7 +43,7 @@ from latentsync.config import (
     channel_outputs,
     validate,
 )
-from latentsync.serving.avatars.store import AvatarStore
+from latentsync.serving.avatars import AvatarStore
 from latentsync.serving.compute.scheduling_pool import SchedulingPool
 from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.core.errors import public_reason

@@ -16,7 +16,7 @@ import pytest
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.serving.api.errors import HTTP_STATUS
-from latentsync.serving.avatars.store import AvatarError, AvatarStore, lost_face_warnings
+from latentsync.serving.avatars import AvatarError, AvatarStore, lost_face_warnings
 from tests.datafiles import make_faceless_video, media_file
 
 FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
@@ -191,10 +191,10 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
         assert in_use.exists() and middle.exists() and newest.exists()
         assert {r["id"] for r in store.list()} == {"av-000000000002", "av-000000000003"}
         with pytest.raises(AvatarError) as err:  # room for 10 MiB needs what a channel uses: refused, nothing deleted
-            store._make_room(10 * MIB, keep=set())
+            store.quota.make_room(10 * MIB, keep=set())
         assert (HTTP_STATUS[err.value.code], err.value.code) == (507, "quota_exceeded")
         assert middle.exists() and newest.exists()
-        store._make_room(4 * MIB + MIB // 2, keep=set())  # 12 + 4.5 MiB: the least recently used unused one goes
+        store.quota.make_room(4 * MIB + MIB // 2, keep=set())  # 12 + 4.5 MiB: the least recently used unused one goes
         assert not middle.exists() and newest.exists() and in_use.exists()
         store.delete("av-000000000003")
         assert not newest.exists() and store.list() == []
@@ -205,7 +205,7 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
 def test_simultaneous_uploads_never_overshoot_max_preparing_nor_the_quota(tmp_path):
     probe = AvatarStore(config_for(tmp_path / "probe"), lambda: {})  # not started: learn what one upload needs
     first = probe.add(upload_of(FACE_VIDEO, tmp_path), "probe")
-    need = probe._pending_bytes[first["id"]] + probe.usage_bytes()
+    need = probe.quota.reserved_bytes(first["id"]) + probe.usage_bytes()
     probe.close()
 
     def eight_at_once(store: AvatarStore) -> list:
@@ -273,7 +273,7 @@ def test_the_record_measures_the_face_and_a_channel_too_small_for_it_is_refused(
         assert info.value.code == "face_too_small" and HTTP_STATUS[info.value.code] == 409
         assert f"{size[0]}x{size[1]}" in info.value.message and '"force": true' in info.value.message
     strict = AvatarStore(config_for(tmp_path / "strict", min_face_px=400), lambda: {})
-    (warning,) = strict._face_warnings(record["face_px"], record["size"])
+    (warning,) = strict.face_policy.too_small_warnings(record["face_px"], record["size"])
     assert warning["code"] == "face_too_small" and warning["min_face_px"] == 400
     assert warning["face_px"] == pytest.approx(record["face_px"], abs=0.1)
 

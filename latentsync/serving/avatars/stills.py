@@ -1,0 +1,75 @@
+"""Stills of uploaded avatars (``GET /avatars/<id>/still?channel=``): one JPEG frame framed as a channel shows it.
+
+The control page shows the still before a switch (docs/avatars.md, "The still").
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+
+from latentsync.config import uploaded_avatar_video
+from latentsync.media.video import decode_video_frames
+from latentsync.serving.avatars.catalogue import AvatarError
+
+#: Stills (``GET /avatars/<id>/still``) kept, least recently used dropped first (~50 kB each).
+STILL_CACHE = 32
+
+
+class StillCache:
+    """Stills of uploaded avatars, the last :data:`STILL_CACHE` kept; thread-safe.
+
+    Args:
+        cache_dir: ``avatar.cache_dir`` (the uploads' copies).
+    """
+
+    def __init__(self, cache_dir: str | Path):
+        self._cache_dir = cache_dir
+        self._lock = threading.Lock()
+        self._stills: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+
+    def still(self, avatar_id: str, size: tuple[int, int], fit: str, background: str) -> bytes:
+        """A JPEG of the avatar framed as a channel of ``size`` would show it.
+
+        One frame, 1 s into the upload (or its first), decoded by the confined FFmpeg with the framing
+        a channel uses (``cover`` looks for the face: a second or two the first time), JPEG quality 85.
+        The caller checks that the avatar is ready.
+
+        Args:
+            avatar_id: A ready avatar.
+            size: The channel's ``(width, height)``.
+            fit: The channel's ``avatar.fit``.
+            background: The channel's ``avatar.background``.
+
+        Returns:
+            The JPEG's bytes.
+
+        Raises:
+            AvatarError: 500 ``internal`` if the frame cannot be encoded.
+            latentsync.media.MediaProbeError: If the upload's copy cannot be read.
+        """
+        import cv2
+
+        from latentsync.media.framing import plan_framing
+        from latentsync.media.probe import probe_media
+        from latentsync.media.video import VIDEO_FORMATS
+
+        key = (avatar_id, tuple(size), fit, background)
+        with self._lock:
+            if key in self._stills:
+                self._stills.move_to_end(key)
+                return self._stills[key]
+        video = uploaded_avatar_video(self._cache_dir, avatar_id)
+        info = probe_media(video, formats=VIDEO_FORMATS)
+        framing = plan_framing(video, (info.width, info.height), size, fit, background)
+        frames = decode_video_frames(video, 1, size, max_frames=2, info=info, video_filter=framing.video_filter())
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+        if not ok:
+            raise AvatarError("internal", "the still could not be encoded")
+        data = jpeg.tobytes()
+        with self._lock:
+            self._stills[key] = data
+            while len(self._stills) > STILL_CACHE:
+                self._stills.popitem(last=False)
+        return data
