@@ -37,7 +37,7 @@ from pathlib import Path
 
 from latentsync.config import AVATAR_ID_RE, AppConfig, uploaded_avatar_video
 from latentsync.media import MediaProbeError
-from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.video import decode_video_frames, remux_untrusted_video
 from latentsync.serving.core.errors import ServingError
 
@@ -152,9 +152,9 @@ def _clean_name(text: str) -> str:
 
 def _face(avatar, video: str) -> dict:
     """The prepared avatar's face width at its size and in its source video's pixels, and the source's size."""
-    from latentsync.media.framing import display_size, face_scale
+    from latentsync.media.framing import face_scale
     from latentsync.media.probe import probe_media
-    from latentsync.media.video import VIDEO_FORMATS
+    from latentsync.media.video import VIDEO_FORMATS, display_size
 
     meta = avatar.meta
     face_px = float(meta.get("face_width_px", {}).get("median", 0.0))
@@ -368,7 +368,7 @@ class AvatarStore:
         """
         import cv2
 
-        from latentsync.media.framing import plan_framing
+        from latentsync.framing_plan import plan_framing
         from latentsync.media.probe import probe_media
         from latentsync.media.video import VIDEO_FORMATS
 
