@@ -29,7 +29,7 @@ from latentsync.face import (
     transform_points,
     warp_face,
 )
-from latentsync.media import load_clip
+from latentsync.framing_plan import load_clip
 from latentsync.media.framing import Fit, check_background
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.

@@ -78,7 +78,7 @@ CELL_PX = 320
 
 def framing_sheet(video: Path, sizes: list[tuple[int, int]], out_dir: Path) -> Path:
     """One row per channel size, one column per fit mode; each cell fits in CELL_PX, labelled."""
-    from latentsync.media.video import load_clip
+    from latentsync.framing_plan import load_clip
 
     rows = []
     for size in sizes:

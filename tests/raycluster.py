@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.streamtools import REPO, free_port, seconds_until
 
 RAY = Path(sys.executable).with_name("ray")
@@ -177,12 +178,7 @@ class RayCluster:
         """Processes of this cluster: those whose command line names its temp dir or its GCS, and
         their descendants (actor workers rename themselves ``ray::...``); optionally filtered by ``match``."""
         parents = _parents()
-        cmds: dict[int, str] = {}
-        for pid in parents:
-            try:
-                cmds[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
+        cmds = {pid: procfs.command_line(pid) for pid in parents}
         marks = [str(self.temp_dir), f"--gcs-address={self.address}", f"--gcs_server_port={self.port}"]
         ours = {pid for pid, cmd in cmds.items() if any(m in cmd for m in marks)}
         ours |= _descendants(ours, parents)
@@ -194,7 +190,7 @@ class RayCluster:
     def raylet_pid(self, node: str) -> int:
         """The raylet of ``node`` (``head`` or ``second``), found by its node-manager port."""
         pids = self.pids(f"--node_manager_port={self.node_ports[node]}")
-        raylets = [p for p in pids if "raylet" in Path(f"/proc/{p}/comm").read_text()]
+        raylets = [p for p in pids if (found := procfs.read_stat(p)) is not None and "raylet" in found.comm]
         assert len(raylets) == 1, (node, pids)
         return raylets[0]
 
@@ -217,14 +213,7 @@ class RayCluster:
 
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every process (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return parents
+    return {pid: found.ppid for pid, found in procfs.process_stats().items()}
 
 
 def _descendants(roots: set[int], parents: dict[int, int]) -> set[int]:

@@ -24,6 +24,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
+from latentsync.serving.ops import procfs
+
 REPO = Path(__file__).resolve().parents[1]
 FFMPEG = imageio_ffmpeg.get_ffmpeg_exe()
 RTMP_SCRIPT = REPO / "scripts" / "rtmp_server.sh"
@@ -40,12 +42,18 @@ def seconds_until(predicate, timeout_s: float, poll_s: float = 0.05) -> float | 
 
 
 def thread_niceness(tid: int | None = None, pid: int | None = None) -> int:
-    """A thread's niceness as the kernel reports it: field 19 of ``/proc/<pid>/task/<tid>/stat``.
+    """A thread's niceness as the kernel reports it: ``nice`` of ``/proc/<pid>/task/<tid>/stat``.
 
     Defaults: the calling thread (``threading.get_native_id()``) of this process.
+
+    Raises:
+        ProcessLookupError: If the thread is gone.
     """
-    path = Path(f"/proc/{pid or 'self'}/task/{tid or threading.get_native_id()}/stat")
-    return int(path.read_text().rsplit(")", 1)[1].split()[16])
+    tid = tid or threading.get_native_id()
+    thread = procfs.read_stat(pid or "self", tid)
+    if thread is None:
+        raise ProcessLookupError(f"no thread {tid} in process {pid or 'self'}")
+    return thread.nice
 
 
 def sched_policy(tid: int = 0) -> int:
@@ -59,8 +67,7 @@ def may_use_fifo(priority: int, pid: int | None = None) -> bool:
     The kernel allows it with CAP_SYS_NICE (bit 23 of ``CapEff`` in ``/proc/<pid>/status``) or an
     RLIMIT_RTPRIO of at least ``priority`` (sched_setscheduler(2)).
     """
-    status = Path(f"/proc/{pid or 'self'}/status").read_text()
-    effective = int(next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16)
+    effective = procfs.effective_capabilities(pid or "self")
     return bool(effective >> 23 & 1) or resource.prlimit(pid or 0, resource.RLIMIT_RTPRIO)[0] >= priority
 
 

@@ -26,7 +26,7 @@ from latentsync.face import (
     transform_points,
     warp_face,
 )
-from latentsync.media import load_clip
+from latentsync.framing_plan import load_clip
 from tests.datafiles import media_file
 
 

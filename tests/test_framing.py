@@ -1,4 +1,7 @@
-"""Framing a video into a frame of another aspect ratio: cover, contain, stretch (latentsync/media/framing.py)."""
+"""Framing a video into a frame of another aspect ratio: cover, contain, stretch.
+
+Code: latentsync/media/framing.py (arithmetic, filters), latentsync/framing_plan.py (face search, load_clip).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ import pytest
 
 from latentsync.avatar import AvatarSettings
 from latentsync.face import FaceTracker
-from latentsync.media.framing import FaceBox, Fit, Framing, check_background, cover_window, plan_framing
-from latentsync.media.video import load_clip
+from latentsync.framing_plan import load_clip, plan_framing
+from latentsync.media.framing import FaceBox, Fit, Framing, check_background, cover_window
 from tests.datafiles import media_file
 from tests.streamtools import FFMPEG
 
@@ -142,8 +145,8 @@ def test_tiny_and_faceless_videos_are_framed_or_refused_clearly(tmp_path):
 
 
 def test_a_channel_without_a_size_takes_the_videos_aspect_ratio_at_most_max_side():
-    from latentsync.media.framing import capped_size, display_size
-    from latentsync.media.video import ClipLimits, MediaLimitError
+    from latentsync.media.framing import capped_size
+    from latentsync.media.video import ClipLimits, MediaLimitError, display_size
     from latentsync.serving.runtime.channel import own_size
 
     assert capped_size((1080, 1920), 1280) == (720, 1280)
@@ -158,7 +161,7 @@ def test_a_channel_without_a_size_takes_the_videos_aspect_ratio_at_most_max_side
 
 
 def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):
-    from latentsync.media.framing import display_size
+    from latentsync.media.video import display_size
 
     rotated = tmp_path / "rotated.mp4"  # the 256x456 portrait clip, marked to display a quarter turned: 456x256
     subprocess.run(

@@ -13,7 +13,8 @@ import imageio_ffmpeg
 import numpy as np
 import pytest
 
-from latentsync.media.audio import MediaDecodeTimeout, decode_audio, decode_untrusted_audio
+from latentsync.media.audio import decode_audio, decode_untrusted_audio
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from scripts.make_bad_inputs import SHORT_SPEECH, SPEECH, make_corpus
 from tests.datafiles import media_file

@@ -12,7 +12,9 @@ A video whose aspect ratio differs from the channel's is never distorted unless 
 - ``stretch`` scales to the frame whatever the aspect ratio (the old behaviour).
 
 Everything runs as FFmpeg filters in the confined decode (:func:`latentsync.media.video.decode_video_frames`):
-:meth:`Framing.video_filter` gives the chain. Docs: docs/avatars.md ("Framing").
+:meth:`Framing.video_filter` gives the chain. This module is the arithmetic only; looking for the
+face and choosing a :class:`Framing` for a file is :func:`latentsync.framing_plan.plan_framing`
+(it needs :mod:`latentsync.face`, which media does not import). Docs: docs/avatars.md ("Framing").
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -30,15 +31,9 @@ SAME_ASPECT = 0.01
 FACE_LINE = 1.0 / 3.0
 #: Room kept above the face's centre in a ``cover`` window, in face heights (forehead and hair).
 HEADROOM_FACES = 0.9
-#: Frames per second and longest side at which faces are looked for to place the window.
-FACE_SEARCH_FPS = 2
-FACE_SEARCH_SIDE = 640
-FACE_SEARCH_MAX_FRAMES = 60
 #: Strength of the ``contain`` background blur (FFmpeg ``boxblur`` luma radius, pixels at stream size).
 BLUR_RADIUS = 20
 COLOUR_RE = re.compile(r"#[0-9a-fA-F]{6}")
-#: A video narrower or lower than this is refused by ``cover`` (nothing to crop a window from).
-MIN_SOURCE_SIDE = 16
 #: Rounds a frame down to even sizes (YUV 4:2:0).
 EVEN = "scale=trunc(iw/2)*2:trunc(ih/2)*2"
 
@@ -180,68 +175,17 @@ def same_aspect(source: tuple[int, int], target: tuple[int, int]) -> bool:
     return abs((source[0] / source[1]) / (target[0] / target[1]) - 1.0) < SAME_ASPECT
 
 
-def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None, tuple[int, int]]:
-    """The presenter's face in a video: median box over frames sampled at 2 fps (at most 60).
+def displayed_size(coded: tuple[int, int], decoded: tuple[int, int]) -> tuple[int, int]:
+    """The coded size, turned a quarter when the decoded (autorotated) frames are the other way round.
 
     Args:
-        path: The video (decoded by the confined FFmpeg, rotation metadata applied).
-        coded: Its coded ``(width, height)`` (the probe's, before rotation).
+        coded: The video's coded ``(width, height)`` (the probe's, before rotation).
+        decoded: ``(width, height)`` of frames decoded with rotation applied (any scale).
 
     Returns:
-        ``(face, source)``: the median face box in displayed source pixels (None when no sampled
-        frame shows a face), and the displayed ``(width, height)`` (``coded``, swapped when the video
-        carries a quarter-turn rotation).
+        The video's ``(width, height)`` as displayed, in source pixels.
     """
-    from latentsync.face import FaceTracker, TrackerOptions
-    from latentsync.face.native_log import NativeLogCapture
-
-    frames = _small_frames(path, FACE_SEARCH_FPS, FACE_SEARCH_MAX_FRAMES)
-    fh, fw = frames.shape[1:3]
-    sw, sh = _displayed(coded, (fw, fh))
-    boxes = []
-    with NativeLogCapture(), FaceTracker(TrackerOptions()) as tracker:
-        for frame in frames:
-            det = tracker.detect(frame)
-            if det is not None:
-                boxes.append(det.box)
-    if not boxes:
-        return None, (sw, sh)
-    x0, y0, x1, y1 = np.median(np.asarray(boxes, np.float64), axis=0)
-    fx, fy = sw / fw, sh / fh
-    face = FaceBox(
-        cx=(x0 + x1) / 2 * fx,
-        cy=(y0 + y1) / 2 * fy,
-        width=(x1 - x0) * fx,
-        height=(y1 - y0) * fy,
-        frames=len(boxes),
-        sampled=len(frames),
-    )
-    return face, (sw, sh)
-
-
-def _small_frames(path: str | Path, fps: int, max_frames: int) -> np.ndarray:
-    """Frames with the longest side at most :data:`FACE_SEARCH_SIDE`, aspect kept (rotation applied)."""
-    from latentsync.media.video import decode_video_frames
-
-    side = FACE_SEARCH_SIDE
-    fit = f"scale=w='if(gte(iw,ih),min({side},iw),-2)':h='if(gte(iw,ih),-2,min({side},ih))'"
-    return decode_video_frames(path, fps, max_frames=max_frames, video_filter=f"{fit},{EVEN}")
-
-
-def _displayed(coded: tuple[int, int], decoded: tuple[int, int]) -> tuple[int, int]:
-    """The coded size, turned a quarter when the decoded (autorotated) frames are the other way round."""
     return coded if (coded[0] >= coded[1]) == (decoded[0] >= decoded[1]) else (coded[1], coded[0])
-
-
-def display_size(path: str | Path, coded: tuple[int, int]) -> tuple[int, int]:
-    """A video's ``(width, height)`` as displayed (rotation metadata applied), from one small decoded frame.
-
-    Args:
-        path: The video.
-        coded: Its coded size (the probe's).
-    """
-    frame = _small_frames(path, 1, 1)
-    return _displayed(coded, (int(frame.shape[2]), int(frame.shape[1])))
 
 
 def capped_size(display: tuple[int, int], max_side: int) -> tuple[int, int] | None:
@@ -256,42 +200,3 @@ def capped_size(display: tuple[int, int], max_side: int) -> tuple[int, int] | No
         return None
     scale = max_side / max(w, h)
     return max(2, int(round(w * scale / 2)) * 2), max(2, int(round(h * scale / 2)) * 2)
-
-
-def plan_framing(
-    path: str | Path, coded: tuple[int, int], size: tuple[int, int], fit: Fit | str, background: str = "blur"
-) -> Framing:
-    """How to frame the video at ``path`` into ``size``.
-
-    ``cover`` looks for the face (:func:`find_face`: up to 60 small frames, a second or two);
-    ``contain`` and ``stretch`` decode nothing here (``contain``'s filter works out the bars itself).
-
-    Args:
-        path: The video.
-        coded: Its coded ``(width, height)`` (the probe's).
-        size: The frame's ``(width, height)`` in pixels.
-        fit: The mode.
-        background: ``contain``'s bars.
-
-    Raises:
-        ValueError: For an unknown mode or background.
-        latentsync.media.probe.MediaProbeError: ``cover`` of a video under :data:`MIN_SOURCE_SIDE`
-            pixels on a side (or one FFmpeg cannot decode).
-    """
-    fit = Fit(fit)
-    background = check_background(background)
-    size = (int(size[0]), int(size[1]))
-    if fit is Fit.stretch or same_aspect(coded, size):  # (a quarter-turned video never has the same aspect)
-        return Framing(Fit.stretch, size, background=background)
-    if fit is Fit.contain:
-        return Framing(Fit.contain, size, background=background)
-    face, source = find_face(path, coded)
-    if min(source) < MIN_SOURCE_SIDE:
-        from latentsync.media.probe import MediaProbeError
-
-        raise MediaProbeError(
-            f"{Path(path).name}: {source[0]}x{source[1]} is too small to frame (under {MIN_SOURCE_SIDE} px)"
-        )
-    if same_aspect(source, size):
-        return Framing(Fit.stretch, size, background=background, face=face)
-    return Framing(Fit.cover, size, cover_window(source, size, face), background, face)

@@ -7,6 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentsync.media.confine import confined_input, run_confined
+from latentsync.media.errors import MediaProbeError
+
 PROBE_TIMEOUT_S = 30.0
 
 #: Demuxers the server reads media with (FFmpeg's ``-format_whitelist``; a name matches any demuxer
@@ -25,10 +28,6 @@ _AUDIO_RE = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+).*?, (\d+) Hz, ([^,]+)"
 def parse_duration_s(match: re.Match) -> float:
     """Seconds of a :data:`DURATION_RE` match."""
     return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
-
-
-class MediaProbeError(ValueError):
-    """The file is missing, unreadable, or not a media file FFmpeg understands."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def probe_media(
 
     FFmpeg gets the file as an inherited read-only descriptor, may open nothing else and probes it
     only with the demuxers in ``formats``, in an empty environment
-    (:func:`latentsync.media.audio.confined_input`, docs/security.md).
+    (:func:`latentsync.media.confine.confined_input`, docs/security.md).
 
     Args:
         path: Media file (symlinks are followed: the caller decides which paths may be opened).
@@ -88,8 +87,6 @@ def probe_media(
     Raises:
         MediaProbeError: If the file does not exist or FFmpeg finds no audio or video stream in it.
     """
-    from latentsync.media.audio import confined_input, run_confined  # audio imports this module
-
     path = Path(path)
     if not path.is_file():
         raise MediaProbeError(f"no such file: {path}")

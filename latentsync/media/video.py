@@ -5,6 +5,10 @@ that gets the file as an inherited read-only descriptor, may open nothing else (
 device, FIFO or network address, whatever the file asks), probes it only with the demuxers of
 :data:`VIDEO_FORMATS` and runs with an empty environment (docs/security.md). Budgets
 (:class:`ClipLimits`) are checked from the probe, before a frame is decoded.
+
+A clip framed into a channel's size around the presenter's face (probe, budgets, face search,
+decode) is :func:`latentsync.framing_plan.load_clip`: the face search needs :mod:`latentsync.face`,
+which media does not import.
 """
 
 from __future__ import annotations
@@ -19,15 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from latentsync.media.audio import (
-    MediaDecodeTimeout,
-    confined_input,
-    decode_untrusted_audio,
-    fit_length,
-    run_confined,
-)
-from latentsync.media.framing import Fit, Framing, plan_framing
-from latentsync.media.probe import MediaInfo, MediaProbeError, probe_media
+from latentsync.media.audio import decode_untrusted_audio, fit_length
+from latentsync.media.confine import confined_input, run_confined
+from latentsync.media.errors import MediaDecodeTimeout, MediaProbeError
+from latentsync.media.framing import EVEN, Framing, displayed_size
+from latentsync.media.probe import MediaInfo, probe_media
 from latentsync.media.timing import samples_before_frame
 
 #: Demuxers a video may be read with (``-format_whitelist``): MP4/MOV/M4V and Matroska/WebM.
@@ -35,6 +35,8 @@ from latentsync.media.timing import samples_before_frame
 VIDEO_FORMATS = ("mov", "matroska")
 #: Seconds one video decode may take before its FFmpeg is killed.
 VIDEO_DECODE_TIMEOUT_S = 600.0
+#: Longest side, in pixels, of the small frames decoded to look at a video (face search, displayed size).
+SMALL_FRAME_SIDE = 640
 
 
 class MediaLimitError(MediaProbeError):
@@ -176,7 +178,7 @@ def decode_video_frames(
 
     Raises:
         MediaProbeError: If the file is not a video in an accepted format or decodes to no frames.
-        latentsync.media.audio.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
+        latentsync.media.errors.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
     """
     path = Path(path)
     info = info or probe_media(path, formats=VIDEO_FORMATS)
@@ -285,16 +287,48 @@ def _drain_lines(stream, tail: collections.deque[str]) -> None:
     stream.close()
 
 
-def load_clip(
+def decode_small_frames(path: str | Path, fps: int, max_frames: int) -> np.ndarray:
+    """Frames with the longest side at most :data:`SMALL_FRAME_SIDE`, aspect kept (rotation applied).
+
+    Args:
+        path: The video (decoded as by :func:`decode_video_frames`).
+        fps: Frame rate to sample at, in frames per second.
+        max_frames: Stop after this many frames.
+
+    Returns:
+        ``(F, H, W, 3) uint8`` RGB frames, ``1 <= F <= max_frames``, even sizes.
+
+    Raises:
+        MediaProbeError: As :func:`decode_video_frames`.
+    """
+    side = SMALL_FRAME_SIDE
+    fit = f"scale=w='if(gte(iw,ih),min({side},iw),-2)':h='if(gte(iw,ih),-2,min({side},ih))'"
+    return decode_video_frames(path, fps, max_frames=max_frames, video_filter=f"{fit},{EVEN}")
+
+
+def display_size(path: str | Path, coded: tuple[int, int]) -> tuple[int, int]:
+    """A video's ``(width, height)`` as displayed (rotation metadata applied), from one small decoded frame.
+
+    Args:
+        path: The video.
+        coded: Its coded size (the probe's).
+
+    Raises:
+        MediaProbeError: As :func:`decode_video_frames`.
+    """
+    frame = decode_small_frames(path, 1, 1)
+    return displayed_size(coded, (int(frame.shape[2]), int(frame.shape[1])))
+
+
+def decode_clip(
     path: str | Path,
     fps: int,
     sample_rate_hz: int,
     size: tuple[int, int] | None = None,
     with_audio: bool = True,
-    limits: ClipLimits | None = None,
-    what: str = "video",
-    fit: Fit | str = Fit.stretch,
-    background: str = "blur",
+    *,
+    info: MediaInfo | None = None,
+    framing: Framing | None = None,
 ) -> VideoClip:
     """Decode a video and its audio onto the stream time base (FFmpeg confined to the file).
 
@@ -307,25 +341,18 @@ def load_clip(
         sample_rate_hz: Stream audio rate in Hz.
         size: Output ``(width, height)``; None keeps the source size (rounded down to even).
         with_audio: Decode the audio track too (if the file has one).
-        limits: Budgets checked from the probe before anything is decoded (None: none).
-        what: How limit errors name the video.
-        fit: How a video of another aspect ratio than ``size`` fills it (:mod:`latentsync.media.framing`:
-            ``cover`` crops around the face, ``contain`` letterboxes, ``stretch`` distorts).
-        background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
+        info: The file's probe, if the caller has it (else it is probed here).
+        framing: How the video is framed into ``size`` (:func:`latentsync.framing_plan.plan_framing`);
+            None scales it to ``size`` whatever the aspect ratio.
 
     Returns:
-        The :class:`VideoClip` (its ``framing`` says how it was framed, None without ``size``).
+        The :class:`VideoClip` (its ``framing`` is ``framing``).
 
     Raises:
         MediaProbeError: If the file is missing, unreadable or has no video stream.
-        MediaLimitError: If it is over one of ``limits``.
+        MediaDecodeTimeout: If FFmpeg ran out of time.
     """
-    info = probe_media(path, formats=VIDEO_FORMATS)
-    if limits is not None:
-        check_clip_limits(info, fps, size, limits, what)
-    framing = None
-    if size is not None:
-        framing = plan_framing(path, (info.width, info.height), size, fit, background)
+    info = info or probe_media(path, formats=VIDEO_FORMATS)
     frames = decode_video_frames(path, fps, size, info=info, video_filter=framing.video_filter() if framing else None)
     audio = None
     if with_audio and info.has_audio:
@@ -347,7 +374,7 @@ def remux_untrusted_video(
     """Copy an uploaded video's first video and audio stream into a Matroska file of our own.
 
     FFmpeg reads the upload as in :func:`latentsync.media.audio.decode_untrusted_audio`
-    (:func:`latentsync.media.audio.confined_input`): an inherited read-only descriptor, no protocol
+    (:func:`latentsync.media.confine.confined_input`): an inherited read-only descriptor, no protocol
     but ``fd`` (no second file, device, FIFO or network address can be opened), only the demuxers
     in ``formats``, an empty environment. The streams are
     copied, not re-encoded (fast), and cut at ``max_duration_s + 1`` seconds; the result is a

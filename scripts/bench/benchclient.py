@@ -8,7 +8,6 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 HTTP_TIMEOUT_S = 60.0
 RTMP_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "rtmp_server.sh")
@@ -71,12 +70,6 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def steal_ms() -> float:

@@ -38,29 +38,11 @@ from pathlib import Path
 from benchclient import free_port, http, multipart, publish_url, steal_ms  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import thread_stats, tree_rss_mb  # noqa: E402
+
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
 PERIOD_S = 10.0  # each channel speaks a 7 s upload every 10 s
-PAGE_SIZE = 4096
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and all its descendants (from /proc), in MiB."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(children.get(p, []))
-        try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE_SIZE
-        except OSError:
-            pass
-    return total / 2**20
 
 
 def clock_queueing(pid: int) -> tuple[float, int]:
@@ -70,12 +52,12 @@ def clock_queueing(pid: int) -> tuple[float, int]:
     number of times the thread got one): how long the kernel kept woken clocks queued.
     """
     ns, slices = 0, 0
-    for task in Path(f"/proc/{pid}/task").glob("[0-9]*"):
+    for tid, thread in thread_stats(pid).items():
+        if thread.comm != "ls-clock":
+            continue
         try:
-            if (task / "comm").read_text().strip() != "ls-clock":
-                continue
-            _, wait_ns, count = (int(v) for v in (task / "schedstat").read_text().split())
-        except (OSError, ValueError):
+            _, wait_ns, count = (int(v) for v in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+        except (OSError, ValueError):  # the thread ended
             continue
         ns, slices = ns + wait_ns, slices + count
     return ns / 1e6, slices

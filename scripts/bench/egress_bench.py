@@ -37,12 +37,13 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import cpu_seconds, free_port, http, multipart, stop_server  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from latentsync.serving.egress.frames_protocol import split_message  # noqa: E402
+from latentsync.serving.ops.procfs import cpu_seconds, descendants  # noqa: E402
 from tests.datafiles import speech_wav  # noqa: E402
 from tests.frames_ws import RawWebSocket  # noqa: E402
 from tests.streamtools import RtmpServer, StreamRecorder, analyse_recording, packet_pts_s  # noqa: E402
@@ -83,23 +84,7 @@ class Server:
 
     def tree_cpu_s(self) -> float:
         """CPU seconds of the server and every process under it (encoders, relays, workers)."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(entry))
-        total, todo = 0.0, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                total += cpu_seconds(pid)
-            except OSError:
-                continue
-            todo += children.get(pid, [])
-        return total
+        return sum(cpu_seconds(pid) for pid in [self.proc.pid, *descendants(self.proc.pid)])
 
     def stop(self) -> None:
         stop_server(self.proc)

@@ -23,10 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import cpu_seconds, free_port, http, stop_server  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import cpu_seconds  # noqa: E402
+
 VIDEO = ROOT / "tests/data/media/video/2s_GirlMuseum_0730.mp4"
 COUNTS = (0, 1, 4)
 GOAL_PER_CLIENT_PCT = 3.0

@@ -34,6 +34,9 @@ from pathlib import Path
 from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import rss_kib  # noqa: E402
+
 DATA = ROOT / "tests" / "data" / "media"
 HTTP_TIMEOUT_S = 120.0
 
@@ -53,14 +56,6 @@ class Answer:
     latency_ms: float
     task_id: str | None
     error: str | None
-
-
-def rss_kb(pid: int) -> int:
-    """Resident set size of a process in kB (``VmRSS`` of ``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def post_loop(url: str, body: bytes, headers: dict, count: int, out: list[Answer], lock: threading.Lock) -> None:
@@ -198,16 +193,16 @@ def main() -> int:
             print(f"server at {base} did not become ready (log: .cache/load_bench_server.log)", file=sys.stderr)
             return 1
         body, headers = multipart(args.audio.read_bytes(), args.audio.name)
-        rss_start = rss_kb(pid) if pid else None
+        rss_start = rss_kib(pid) if pid else None
         # Warm-up: one upload per client at once (first decodes, per-thread malloc arenas), then drain.
         warmup, _ = burst(base, body, headers, [1] * args.clients)
         cancel_and_drain(base, warmup)
         _, health_before = http("GET", base + "/health")
-        rss_before = rss_kb(pid) if pid else None
+        rss_before = rss_kib(pid) if pid else None
         per_client = [args.requests // args.clients + (i < args.requests % args.clients) for i in range(args.clients)]
         answers, wall_s = burst(base, body, headers, per_client)
         accepted = cancel_and_drain(base, answers)
-        rss_after = rss_kb(pid) if pid else None
+        rss_after = rss_kib(pid) if pid else None
         _, health_after = http("GET", base + "/health")
     finally:
         if server is not None:

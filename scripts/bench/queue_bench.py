@@ -31,9 +31,11 @@ import imageio_ffmpeg
 from benchclient import free_port, http, multipart, publish_url, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import tree_rss_mb  # noqa: E402
+
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
 SAMPLE_INTERVAL_S = 0.5
-PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def looped_speech(seconds: float, out: Path) -> bytes:
@@ -58,29 +60,6 @@ def looped_speech(seconds: float, out: Path) -> bytes:
     ]
     subprocess.run(cmd, check=True, timeout=120)
     return out.read_bytes()
-
-
-def tree_rss_kib(root_pid: int) -> int:
-    """Resident set size of ``root_pid`` and every descendant, in KiB (from /proc/<pid>/statm)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
-        except OSError:
-            pass
-        todo.extend(children.get(pid, []))
-    return total
 
 
 def main() -> int:
@@ -131,7 +110,7 @@ def main() -> int:
                 print(f"server did not become ready; log in {work / 'server.log'}", file=sys.stderr)
                 return 1
             time.sleep(0.3)
-        peak_kib = idle_kib = tree_rss_kib(server.pid)
+        peak_mb = idle_mb = tree_rss_mb(server.pid)
         ids: list[str] = []
         t0 = time.monotonic()
         for _ in range(args.tasks):
@@ -141,14 +120,14 @@ def main() -> int:
                 print(f"POST answered {status}: {answer}", file=sys.stderr)
                 return 1
             ids.append(answer["task_id"])
-            peak_kib = max(peak_kib, tree_rss_kib(server.pid))
+            peak_mb = max(peak_mb, tree_rss_mb(server.pid))
         posted_s = time.monotonic() - t0
         underruns_on_air = 0
         last_underruns = http("GET", base + "/health")[1].get("underrun_ticks", 0)
         max_pool_queued = 0
         while time.monotonic() - t0 < args.observe_s:
             time.sleep(SAMPLE_INTERVAL_S)
-            peak_kib = max(peak_kib, tree_rss_kib(server.pid))
+            peak_mb = max(peak_mb, tree_rss_mb(server.pid))
             h = http("GET", base + "/health")[1]
             underruns = h.get("underrun_ticks", 0)
             if h.get("on_air_task") is not None:
@@ -172,7 +151,7 @@ def main() -> int:
             f"{k:>4}  {t.get('status', '?'):<10} {t.get('chunks_generated', 0):>7}  "
             f"{'-' if ttff is None else f'{ttff:.2f}':>7}"
         )
-    print(f"RSS idle {idle_kib / 1024:.0f} MiB, peak {peak_kib / 1024:.0f} MiB (server + workers + FFmpeg)")
+    print(f"RSS idle {idle_mb:.0f} MiB, peak {peak_mb:.0f} MiB (server + workers + FFmpeg)")
     print(f"underrun ticks while a task was on air: {underruns_on_air}; peak pool queue: {max_pool_queued} jobs")
     shutil.rmtree(work, ignore_errors=True)  # kept (server.log) only when the bench failed
     return 0

@@ -11,7 +11,6 @@ from tests/data/media, or the built-in avatar scaled to 832x1248 when that is mi
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,27 +21,10 @@ sys.path.insert(0, str(ROOT))
 from benchclient import publish_url  # noqa: E402  (scripts/bench/)
 
 from latentsync.config import load_config  # noqa: E402
+from latentsync.serving.ops.procfs import cpu_seconds, rss_mb  # noqa: E402
 from latentsync.serving.runtime.runtime import Runtime  # noqa: E402
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 DEFAULT_VIDEO = ROOT / "tests" / "data" / "media" / "video" / "2s_GirlMuseum_0730.mp4"
-
-
-def cpu_seconds(stat_path: str) -> float:
-    """utime + stime of a process or thread from /proc/.../stat, in seconds (0 if gone)."""
-    try:
-        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_mb(pid: int | str) -> float:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE / 2**20
-    except OSError:
-        return 0.0
 
 
 def main() -> int:
@@ -70,9 +52,9 @@ def main() -> int:
         ffmpeg_pid = sink.stats().pid
         start = controller.stats()
         t0 = time.monotonic()
-        ctl0 = cpu_seconds(f"/proc/self/task/{tid}/stat")
-        proc0 = cpu_seconds("/proc/self/stat")
-        ff0 = cpu_seconds(f"/proc/{ffmpeg_pid}/stat")
+        ctl0 = cpu_seconds("self", tid)
+        proc0 = cpu_seconds("self")
+        ff0 = cpu_seconds(ffmpeg_pid)
         rss_start = rss_mb("self")
         rss_peak = rss_start
         ff_rss_peak = 0.0
@@ -82,9 +64,9 @@ def main() -> int:
             ff_rss_peak = max(ff_rss_peak, rss_mb(ffmpeg_pid))
         wall = time.monotonic() - t0
         end = controller.stats()
-        ctl = cpu_seconds(f"/proc/self/task/{tid}/stat") - ctl0
-        proc = cpu_seconds("/proc/self/stat") - proc0
-        ff = cpu_seconds(f"/proc/{ffmpeg_pid}/stat") - ff0
+        ctl = cpu_seconds("self", tid) - ctl0
+        proc = cpu_seconds("self") - proc0
+        ff = cpu_seconds(ffmpeg_pid) - ff0
         sink_stats = sink.stats()
     finally:
         runtime.close()

@@ -28,9 +28,12 @@ import threading
 import time
 from pathlib import Path
 
-from benchclient import cpu_seconds, free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import command_line, cpu_seconds, descendants, read_stat  # noqa: E402
+
 SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
 RATE_HZ = 50
 #: (part, markers): a sample belongs to the first part one of whose markers is in its stack.
@@ -49,29 +52,12 @@ PARTS = (
 )
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
 def tree(pid: int) -> dict[int, str]:
     """pid -> kind (server, worker, ffmpeg, other) of the server's process tree."""
-    kinds, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        kinds[p] = (
-            "server" if p == pid else "ffmpeg" if "ffmpeg" in cmd else "worker" if "multiprocessing" in cmd else "other"
-        )
-        todo += children(p)
+    kinds = {pid: "server"}
+    for p in descendants(pid):
+        cmd = command_line(p)
+        kinds[p] = "ffmpeg" if "ffmpeg" in cmd else "worker" if "multiprocessing" in cmd else "other"
     return kinds
 
 
@@ -129,7 +115,7 @@ def main() -> int:
                         "--duration", str(int(args.seconds)), "--format", "raw", "--output", str(raw)],
                        check=True, capture_output=True, timeout=args.seconds + 60)  # fmt: skip
         wall = time.monotonic() - t0
-        after = {p: cpu_seconds(p) for p in kinds if Path(f"/proc/{p}").exists()}
+        after = {p: found.cpu_s for p in kinds if (found := read_stat(p)) is not None}
         h1 = {n: http("GET", f"{base}/channels/{n}/health")[1] for n in names}
     finally:
         stop.set()

@@ -37,6 +37,9 @@ import soundfile as sf
 from benchclient import free_port, http, multipart, publish_url  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import children, command_line  # noqa: E402
+
 DATA = ROOT / "tests" / "data" / "media"
 CLIENT_RATE = 16000
 BLOCK = CLIENT_RATE // 100  # 10 ms
@@ -150,7 +153,6 @@ def main() -> int:
     if not args.audio.is_file():
         print(f"speech file missing: {args.audio} (give one with --audio)", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(ROOT))
     from latentsync.media import decode_audio
 
     port = free_port()
@@ -250,18 +252,7 @@ def post_many(base: str, listener: OnsetListener, audio: Path, onset: float, pos
 
 def children_rss_mib(pid: int, name: str) -> float:
     """Resident memory in MiB of ``pid``'s child processes whose command line names ``name``."""
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and name in cmdline:
-            total += rss_mib(int(entry.name))
-    return total
+    return sum(rss_mib(child) for child in children(pid) if name in command_line(child))
 
 
 def measure_waiting_rss(base: str, pid: int, audio: Path, waiting: int = 4) -> float:

@@ -32,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from benchclient import cpu_seconds, free_port, http, stop_server  # noqa: E402  (scripts/bench/)
+from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/bench/)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from latentsync.serving.ops.procfs import cpu_seconds  # noqa: E402
+
 VIDEO = ROOT / "tests/data/media/video/2s_GirlMuseum_0730.mp4"
 SPEECH = ROOT / "tests/data/media/audio/4s_Wavfile_1719704064_11.wav"
 CHROMIUM_ARGS = [

@@ -55,7 +55,7 @@ from latentsync.config import (
     ConfigError,
     parse_channel,
 )
-from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.access import (
     TICKET_TTL_S,

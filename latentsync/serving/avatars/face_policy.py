@@ -27,9 +27,9 @@ def measure_face(avatar, video: str) -> dict:
     Raises:
         latentsync.media.MediaProbeError: If ``video`` cannot be probed.
     """
-    from latentsync.media.framing import display_size, face_scale
+    from latentsync.media.framing import face_scale
     from latentsync.media.probe import probe_media
-    from latentsync.media.video import VIDEO_FORMATS
+    from latentsync.media.video import VIDEO_FORMATS, display_size
 
     meta = avatar.meta
     face_px = float(meta.get("face_width_px", {}).get("median", 0.0))

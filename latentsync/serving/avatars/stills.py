@@ -51,7 +51,7 @@ class StillCache:
         """
         import cv2
 
-        from latentsync.media.framing import plan_framing
+        from latentsync.framing_plan import plan_framing
         from latentsync.media.probe import probe_media
         from latentsync.media.video import VIDEO_FORMATS
 

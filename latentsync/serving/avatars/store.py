@@ -30,7 +30,7 @@ from pathlib import Path
 
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.media import MediaProbeError
-from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.video import decode_video_frames, remux_untrusted_video
 from latentsync.serving.avatars.catalogue import (
     FAILED,

@@ -32,6 +32,7 @@ from typing import Any
 from latentsync.serving.compute.engine_host import worker_avatars, worker_chunks, worker_init, worker_ping
 from latentsync.serving.compute.jobs import JobFailed
 from latentsync.serving.compute.scheduling_pool import Job, SchedulingPool, WorkerPoolError
+from latentsync.serving.ops.procfs import is_alive, process_state
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class WorkerPool(SchedulingPool):
         """
         procs = list(getattr(pool, "_pool", []))
         for proc in procs:
-            if proc.pid is not None and _pid_state(proc.pid) == "T":  # SIGSTOPped: SIGTERM would wait forever
+            if proc.pid is not None and process_state(proc.pid) == "T":  # SIGSTOPped: SIGTERM would wait forever
                 proc.kill()
         closer = threading.Thread(target=pool.terminate, name="worker-pool-terminate", daemon=True)
         closer.start()
@@ -234,7 +235,7 @@ class WorkerPool(SchedulingPool):
                 if pool is None:
                     return
                 dead = [p for p in getattr(pool, "_pool", []) if p.exitcode is not None]
-                dead = dead or [pid for pid in self._pool_pids if not _pid_alive(pid)]
+                dead = dead or [pid for pid in self._pool_pids if not is_alive(pid)]
                 now = time.monotonic()
                 late = [
                     jobs[0]
@@ -290,16 +291,3 @@ class WorkerPool(SchedulingPool):
                 return
             self._broken = error
         self._announce_broken()
-
-
-def _pid_state(pid: int) -> str | None:
-    """Process state letter from /proc (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (killed, not yet reaped)."""
-    return _pid_state(pid) not in (None, "Z", "X")

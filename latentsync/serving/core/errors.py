@@ -40,7 +40,7 @@ def public_reason(exc: BaseException) -> str:
         ``"<ErrorType>: <message>"``.
     """
     from latentsync.face import FaceNotFoundError
-    from latentsync.media.audio import MediaDecodeTimeout
+    from latentsync.media.errors import MediaDecodeTimeout
     from latentsync.media.probe import MediaProbeError
     from latentsync.media.video import MediaLimitError
 

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from latentsync.media.audio import MediaDecodeTimeout, untrusted_audio_command
+from latentsync.media.audio import untrusted_audio_command
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.probe import DURATION_RE, MEDIA_FORMATS, MediaProbeError, parse_duration_s
 from latentsync.serving.tasks.speech_audio import SpeechError
 from latentsync.serving.tasks.task import FINAL_STATES

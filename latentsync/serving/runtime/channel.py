@@ -29,9 +29,9 @@ from pathlib import Path
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, OutputTarget, channel_outputs
 from latentsync.media.default_avatar import ensure_default_avatar
-from latentsync.media.framing import capped_size, display_size
+from latentsync.media.framing import capped_size
 from latentsync.media.probe import probe_media
-from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
+from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits, display_size
 from latentsync.serving.compute.scheduling_pool import SchedulingPool
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.core.states import StateMachine, check_table

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
+from latentsync.framing_plan import load_clip
 from latentsync.media.probe import probe_media
-from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits, load_clip
+from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
 
 
 def clip_limits(config: AppConfig) -> ClipLimits:
@@ -49,7 +50,7 @@ class ClipCache:
         fit: str = "stretch",
         background: str = "blur",
     ) -> VideoClip:
-        """:func:`latentsync.media.video.load_clip`, or the clip already decoded with these arguments.
+        """:func:`latentsync.framing_plan.load_clip`, or the clip already decoded with these arguments.
 
         The key includes the file's size and modification time, so a replaced file is decoded again.
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from latentsync.serving.api.app import PUBLIC_HEALTH_KEYS
+from latentsync.serving.ops.procfs import is_alive
 from tests.datafiles import media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import REPO, Api, ServerProcess, free_port
@@ -24,14 +25,6 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def children_of(health: dict) -> list[int]:
@@ -229,12 +222,12 @@ def test_hung_worker_is_replaced_and_the_next_task_succeeds(rtmp_server, tmp_pat
         assert final["status"] == "done" or final["error"], final
         assert time.monotonic() - t < 4 * deadline_s + 60
         health = server.health()[1]
-        assert health["workers"]["rebuilds"] >= 1 and not alive(stopped)
+        assert health["workers"]["rebuilds"] >= 1 and not is_alive(stopped)
         status, nxt = api.post_audio(media_file(SPEECH).read_bytes())
         assert status == 202 and api.wait_task(nxt["task_id"], ("done", "failed"), 60)["status"] == "done"
         assert server.health()[1]["dropped_ticks"] == 0
     finally:
-        if stopped and alive(stopped):
+        if stopped and is_alive(stopped):
             os.kill(stopped, signal.SIGKILL)
         code, _ = server.stop()
     assert code == 0, server.log()
@@ -255,7 +248,7 @@ def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tm
     assert len(children) >= 2
     code, took_s = server.stop(timeout_s=10.0)
     assert code == 0 and took_s < 10.0, (code, took_s, server.log())
-    assert not [p for p in children if alive(p)], "child processes survived"
+    assert not [p for p in children if is_alive(p)], "child processes survived"
     assert list((tmp_path / "tmp").iterdir()) == [], "FIFOs or temp files left behind"
     assert "faded out for shutdown (stream idle)" in server.log()  # speech cut with a fade, not mid-frame
 
@@ -310,7 +303,7 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
             proc.kill()
         log.close()
     assert code == 0 and took_s < 10.0, (code, took_s)
-    assert not [p for p in children if alive(p)]
+    assert not [p for p in children if is_alive(p)]
     assert list((tmp_path / "tmp").iterdir()) == []
     assert "runtime stopped" in (tmp_path / "gunicorn.log").read_text()
 

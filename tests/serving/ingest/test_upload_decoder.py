@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from latentsync.media.audio import MediaDecodeTimeout
+from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.ingest.upload_decoder import DecodeState, UploadDecoder
+from latentsync.serving.ops import procfs
 from latentsync.serving.tasks.speech_audio import SpeechError
 from latentsync.serving.tasks.task import Task
 from latentsync.serving.tasks.utterance import Utterance
@@ -49,18 +50,8 @@ def speech_samples() -> np.ndarray:
 
 def ffmpeg_children() -> int:
     """Live (not zombie) FFmpeg processes that are children of this test process."""
-    count = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if "ffmpeg" in stat.split(")")[0] and int(fields[1]) == os.getpid() and fields[0] != "Z":
-            count += 1
-    return count
+    stats = procfs.process_stats()
+    return sum(1 for pid in procfs.children(os.getpid(), stats) if "ffmpeg" in stats[pid].comm and stats[pid].alive)
 
 
 def test_the_first_audio_is_in_the_utterance_before_the_rest_of_the_file_exists(tmp_path):

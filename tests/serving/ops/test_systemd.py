@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from latentsync.serving.ops import procfs
 from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S
 from tests.datafiles import media_file
 from tests.streamtools import REPO, Api, ServerProcess, free_port, may_use_fifo, sched_policy, thread_niceness
@@ -127,33 +128,21 @@ def start_like_systemd(tmp_path: Path, overrides: list[str], notify: Path) -> su
     return proc
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def thread_named(pid: int, name: str) -> int:
-    """The tid of ``pid``'s thread called ``name`` (``/proc/<pid>/task/<tid>/comm``)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        if (task / "comm").read_text().strip() == name:
-            return int(task.name)
+    """The tid of ``pid``'s thread called ``name`` (its ``comm``)."""
+    for tid, thread in procfs.thread_stats(pid).items():
+        if thread.comm == name:
+            return tid
     raise AssertionError(f"no thread {name!r} in process {pid}")
 
 
 def of_other_threads(pid: int, but: str, read) -> list:
     """``read(tid)`` for every thread of ``pid`` not called ``but`` (threads that end meanwhile left out)."""
     out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for tid, thread in procfs.thread_stats(pid).items():
         try:
-            if (task / "comm").read_text().strip() != but:
-                out.append(read(int(task.name)))
+            if thread.comm != but:
+                out.append(read(tid))
         except OSError:  # ProcessLookupError included: the thread ended
             pass
     return out
@@ -161,10 +150,9 @@ def of_other_threads(pid: int, but: str, read) -> list:
 
 def may_lower_niceness_to(pid: int, target: int) -> bool:
     """Whether the kernel lets ``pid`` set niceness ``target``: CAP_SYS_NICE, or RLIMIT_NICE allowing it."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    effective = int(re.search(r"^CapEff:\s*([0-9a-f]+)", status, re.M).group(1), 16)
     cap_sys_nice = 23  # linux/capability.h
-    return bool(effective >> cap_sys_nice & 1) or target >= 20 - resource.prlimit(pid, resource.RLIMIT_NICE)[0]
+    allowed = resource.prlimit(pid, resource.RLIMIT_NICE)[0]
+    return bool(procfs.effective_capabilities(pid) >> cap_sys_nice & 1) or target >= 20 - allowed
 
 
 class FrozenThread:
@@ -229,7 +217,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
             assert proc.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < deadline, "no READY=1"
             time.sleep(0.1)
-        workers = children(proc.pid)
+        workers = procfs.children(proc.pid)
         assert len(workers) == 1, workers
         worker = workers[0]
         assert listener.ready_checks == [{"publishing": True, "health": 200}], listener.ready_checks
@@ -258,7 +246,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
         status, body = api.post_audio(media_file(SPEECH).read_bytes())
         assert status == 202, body
         api.wait_task(body["task_id"], ("streaming",), 60)
-        pool = [p for p in children(worker)]
+        pool = procfs.children(worker)
         t_term = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(stop_budget_s + 5)
@@ -304,7 +292,7 @@ def test_ready_watchdog_stall_and_stop_as_systemd_sees_them(rtmp_server, overrid
     assert "faded out for shutdown (stream idle)" in text
     assert re.search(r"encoder \S+: run \d+ flushed and exited with code 0", text), text[-3000:]
     assert "runtime stopped" in text
-    assert pool and not [p for p in pool if alive(p)], "engine workers or FFmpeg survived"
+    assert pool and not [p for p in pool if procfs.is_alive(p)], "engine workers or FFmpeg survived"
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.datafiles import make_faceless_video, media_file
 from tests.streamtools import Api, ServerProcess, free_port, require_rtmp_tools, seconds_until
 
@@ -62,35 +63,15 @@ def request(api: Api, method: str, path: str, values: dict | None = None, timeou
         return 0, {}, time.monotonic() - t
 
 
-def descendants(pid: int) -> dict[tuple[int, str], str]:
-    """Every living descendant of ``pid``: ``(pid, start time)`` (a reused pid is not confused) -> its command."""
-    parents: dict[int, list[tuple[int, str]]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append((int(entry), fields[19]))  # ppid, starttime
-    found: dict[tuple[int, str], str] = {}
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            try:
-                found[child] = Path(f"/proc/{child[0]}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:160]
-            except OSError:
-                found[child] = "?"
-            todo.append(child[0])
-    return found
+def descendants(pid: int) -> dict[tuple[int, int], str]:
+    """Every descendant of ``pid``: ``(pid, start time in ticks)`` (a reused pid is not confused) -> its command."""
+    stats = procfs.process_stats()
+    return {(p, stats[p].starttime_ticks): procfs.command_line(p)[:160] for p in procfs.descendants(pid, stats)}
 
 
-def alive(process: tuple[int, str]) -> bool:
-    try:
-        fields = Path(f"/proc/{process[0]}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[19] == process[1] and fields[0] != "Z"
+def alive(process: tuple[int, int]) -> bool:
+    found = procfs.read_stat(process[0])
+    return found is not None and found.starttime_ticks == process[1] and found.alive
 
 
 class Life:

@@ -268,7 +268,7 @@ def nearest_frame_error(frames: np.ndarray, reference: np.ndarray) -> float:
 
 
 def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels, hall_rtmp, tmp_path):
-    from latentsync.media.video import load_clip
+    from latentsync.framing_plan import load_clip
     from tests.streamtools import decode_recording, pull_stream
 
     server, api = two_channels
