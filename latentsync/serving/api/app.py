@@ -156,7 +156,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             and start it in the background, in this (already forked) worker process, once.
 
     Returns:
-        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``.
+        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``, its
+        :class:`~latentsync.serving.api.admission.Admission` ``app.extensions["latentsync.admission"]``.
 
     Raises:
         latentsync.config.ConfigError: If the environment's configuration is invalid.
