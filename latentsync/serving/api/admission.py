@@ -12,14 +12,14 @@ A connection is admitted with :meth:`Admission.admit` before its handshake or re
 once, whatever happens. The limits, checked in this order, and their refusals (HTTP status from
 :data:`~latentsync.serving.api.errors.HTTP_STATUS`; body ``{"error": {"code", "message"}}``):
 
-=========  =============================================  =====================================
-kind       limit                                          refusal
-=========  =============================================  =====================================
-speech     ``speech_stream.max_open``, all channels       503 ``too_many_connections``
-frames     ``frames.max_clients`` per channel             429 ``too_many_clients``
-events     ``ui.max_event_clients`` per channel           503 ``too_many_event_clients``
+=========  ==============================================  ===================================
+kind       limit                                           refusal
+=========  ==============================================  ===================================
+speech     ``speech_stream.max_open``, all channels        503 ``too_many_connections``
+frames     ``frames.max_clients`` per channel              429 ``too_many_clients``
+events     ``ui.max_event_clients`` per channel            503 ``too_many_event_clients``
 all        ``api.max_long_lived``, all kinds and channels  503 ``too_many_connections``
-=========  =============================================  =====================================
+=========  ==============================================  ===================================
 
 The kind's own limit is checked first: a client refused is told the most specific limit it hit.
 """
