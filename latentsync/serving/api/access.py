@@ -4,9 +4,10 @@
 - :func:`host_allowed`: the ``Host`` header against ``server.allowed_hosts`` (DNS rebinding);
 - :class:`RateLimiter`: a sliding one-minute window per client address (uploads, every
   state-changing request, failed authentications);
-- :class:`TicketBook`: single-use WebSocket tickets, so a browser never puts the token in a URL;
-- :class:`LongLivedSlots`: the server-wide cap on connections that hold a thread (event streams,
-  WebSockets), so health checks, uploads and cancels always find one.
+- :class:`TicketBook`: single-use WebSocket tickets, so a browser never puts the token in a URL.
+
+How many connections that hold a thread (event streams, WebSockets) may be open at once is
+:mod:`latentsync.serving.api.admission`'s.
 """
 
 from __future__ import annotations
@@ -176,39 +177,3 @@ class TicketBook:
                 return False
             del self._tickets[match]
             return True
-
-
-class LongLivedSlots:
-    """The server-wide count of connections that hold a thread for long (``api.max_long_lived``).
-
-    Args:
-        limit: Slots (``api.max_long_lived``).
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._open = 0
-        self._lock = threading.Lock()
-
-    @property
-    def open(self) -> int:
-        """Slots taken now."""
-        return self._open
-
-    @property
-    def message(self) -> str:
-        """Why a connection was refused."""
-        return f"{self.limit} long-lived connections (event streams, WebSockets) already open (api.max_long_lived)"
-
-    def acquire(self) -> bool:
-        """Take a slot; False when all are taken."""
-        with self._lock:
-            if self._open >= self.limit:
-                return False
-            self._open += 1
-            return True
-
-    def release(self) -> None:
-        """Give a slot back."""
-        with self._lock:
-            self._open = max(0, self._open - 1)

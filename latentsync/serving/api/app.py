@@ -59,13 +59,14 @@ from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.access import (
     TICKET_TTL_S,
-    LongLivedSlots,
     RateLimiter,
     TicketBook,
     allowed_hosts,
     host_allowed,
     origin_allowed,
 )
+from latentsync.serving.api.admission import Admission
+from latentsync.serving.api.channels import find_channel, no_channel
 from latentsync.serving.api.errors import ApiError, error_response, status_of
 from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
@@ -155,7 +156,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             and start it in the background, in this (already forked) worker process, once.
 
     Returns:
-        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``.
+        The Flask app; its runtime is ``app.extensions["latentsync.runtime"]``, its
+        :class:`~latentsync.serving.api.admission.Admission` ``app.extensions["latentsync.admission"]``.
 
     Raises:
         latentsync.config.ConfigError: If the environment's configuration is invalid.
@@ -176,7 +178,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     mutations = RateLimiter(api.mutations_per_min)  # every state-changing request
     auth_failures = RateLimiter(api.auth_failures_per_min)
     tickets = TicketBook()  # WebSocket handshakes of browsers (never the token in a URL)
-    long_lived = LongLivedSlots(api.max_long_lived)
+    admission = Admission.from_config(runtime.config)  # event streams, WebSockets (latentsync/serving/api/admission.py)
+    admission.install(app)
     hosts = allowed_hosts(runtime.config)
     any_ip = runtime.config.server.allowed_hosts is None  # an address is no name to rebind
     token = api.token.encode() if api.token else None
@@ -269,10 +272,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         return error_response(code, exc.description or "", exc.code or 500)
 
     def channel_or_404(name: str):
-        channel = runtime.channel(name)
-        if channel is None:
-            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
-        return channel
+        return find_channel(runtime, name)  # 404 no_channel (latentsync/serving/api/channels.py)
 
     def channel_tasks(name: str):
         channel = channel_or_404(name)
@@ -304,7 +304,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         except RestartNeeded as exc:
             raise ApiError("restart_needed", str(exc)) from None
         except KeyError:
-            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)") from None
+            raise no_channel(name) from None
         except RuntimeError as exc:  # the server is stopping, or the channel to switch is not ready
             if runtime.stopped:
                 raise ApiError("stopping", str(exc)) from None
@@ -341,9 +341,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.get("/avatars/<avatar_id>/still")
     def avatar_still(avatar_id: str):
         name = request.args.get("channel", DEFAULT_CHANNEL)
-        channel = runtime.channel(name)
-        if channel is None:
-            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        channel = channel_or_404(name)
         if channel.stream_size is None:
             raise ApiError("channel_not_ready", f"channel {name!r} has no frame size yet (starting)")
         a = channel.config.avatar
@@ -361,7 +359,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         except ValueError as exc:
             raise ApiError("main_channel", str(exc)) from None
         if channel is None:
-            raise ApiError("no_channel", f"no channel {name!r} (GET /channels lists them)")
+            raise no_channel(name)
         return jsonify({"name": name, "status": channel.status})
 
     @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
@@ -478,9 +476,9 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     def origin_ok(origin: str | None) -> bool:
         return origin_allowed(origin, request.host, request.scheme, origins)
 
-    register_speech_routes(app, runtime, origin_ok, long_lived)
-    register_frames_routes(app, runtime, origin_ok, long_lived)  # /ws/frames (latentsync/serving/api/frames.py)
-    register_web(app, runtime, long_lived)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    register_speech_routes(app, runtime, origin_ok, admission)
+    register_frames_routes(app, runtime, origin_ok, admission)  # /ws/frames (latentsync/serving/api/frames.py)
+    register_web(app, runtime, admission)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
     app.before_request_funcs.setdefault(None, []).insert(0, check_host)  # first of all: DNS rebinding
     return app
 

@@ -6,7 +6,8 @@ receive, then one binary message per tick (docs/frames-protocol.md). Auth and Or
 ``origin_not_allowed`` for a foreign web page. Limits: ``frames.max_clients`` per channel (one more
 gets 429 ``too_many_clients``; a client is counted off before the server sends it a close, so it
 may reconnect at once) and one of ``api.max_long_lived`` each (503 ``too_many_connections``, held
-until the request's thread is done).
+until the request's thread is done), both kept by :mod:`latentsync.serving.api.admission`. An
+unknown channel is 404 ``no_channel``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 
-from flask import Flask, g, request
+from flask import Flask, request
 
 from latentsync.config import DEFAULT_CHANNEL
+from latentsync.serving.api.admission import Admission, ConnectionKind
+from latentsync.serving.api.channels import channel_in_path, find_channel
 from latentsync.serving.api.errors import error_response
 from latentsync.serving.api.websocket import ConnectionClosed, ServerWebSocket, WebSocketLimits, websocket_route
 from latentsync.serving.egress.frames_protocol import (
@@ -40,14 +42,15 @@ POLL_S = 0.2
 MAX_CLIENT_MESSAGE_BYTES = 4096
 
 
-def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
+def register_frames_routes(app: Flask, runtime, origin_ok, admission: Admission) -> None:
     """Add ``/ws/frames`` and ``/channels/<name>/ws/frames`` to the app.
 
     Args:
         app: The Flask app (its ``before_request`` hooks already check the token or ticket).
         runtime: Owns the channels (their ``frames`` hubs).
         origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
-        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``).
+        admission: The app's long-lived connections (``frames.max_clients`` per channel,
+            ``api.max_long_lived`` in all); installed on ``app``.
     """
     cfg = runtime.config.frames
     limits = WebSocketLimits(
@@ -56,18 +59,13 @@ def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
         send_timeout_s=runtime.config.api.send_timeout_s,
         message_limit_name="a frames client's largest message",
     )
-    open_by_channel: dict[str, int] = {}
-    lock = threading.Lock()
 
     @app.before_request
     def frames_admission():
-        match = FRAMES_PATH_RE.fullmatch(request.path)
-        if not match:
+        name = channel_in_path(FRAMES_PATH_RE, request.path)
+        if name is None:
             return None
-        name = match.group(1)[len("/channels/") :] if match.group(1) else DEFAULT_CHANNEL
-        channel = runtime.channel(name)
-        if channel is None:
-            return error_response("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        channel = find_channel(runtime, name)
         if not cfg.enabled:
             return error_response("frames_off", "the frames WebSocket is off (frames.enabled)")
         if channel.frames is None or channel.frames.closed:
@@ -77,35 +75,21 @@ def register_frames_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
                 "origin_not_allowed",
                 f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
             )
-        with lock:  # the slot is taken before the handshake answers: the next client sees it taken
-            if open_by_channel.get(name, 0) >= cfg.max_clients:
-                return error_response(
-                    "too_many_clients", f"{cfg.max_clients} frames clients already on {name!r} (frames.max_clients)"
-                )
-            if not long_lived.acquire():
-                return error_response("too_many_connections", long_lived.message)
-            open_by_channel[name] = open_by_channel.get(name, 0) + 1
-            g.frames_slot = name
-            g.frames_thread_slot = True
+        # the slot is taken before the handshake answers (the next client sees it taken) and held
+        # until the request is torn down
+        admission.admit_request(ConnectionKind.frames, name)
         return None
 
     def release_channel_slot() -> None:
-        """Give the request's ``frames.max_clients`` slot back (once; a no-op after that).
+        """Give the request's ``frames.max_clients`` place back (once; a no-op after that).
 
         The handler calls it before it sends a close or leaves its channel, so a client that was
-        told "closed" and reconnects at once finds its slot free; the thread's ``api.max_long_lived``
-        slot stays taken until the request is torn down.
+        told "closed" and reconnects at once finds its place free; the thread's ``api.max_long_lived``
+        place stays taken until the request is torn down.
         """
-        name = g.pop("frames_slot", None)
-        if name is not None:
-            with lock:
-                open_by_channel[name] -= 1
-
-    @app.teardown_request
-    def frames_release(_exc):
-        release_channel_slot()
-        if g.pop("frames_thread_slot", False):
-            long_lived.release()
+        slot = admission.request_slot()
+        if slot is not None:
+            slot.leave_kind()
 
     def ws_frames(ws: ServerWebSocket, name: str):
         channel = runtime.channel(name)

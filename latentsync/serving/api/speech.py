@@ -11,8 +11,9 @@ WebSocket cannot set headers, so it first gets a single-use ticket (``POST /ws/t
 token, valid for :data:`~latentsync.serving.api.access.TICKET_TTL_S`) and connects with
 ``?ticket=...``: the token itself is never in a URL (nor in an access log). A WebSocket handshake
 from a browser page of a foreign origin gets 403 ``origin_not_allowed``, as state-changing HTTP
-requests do. The connection's bounds (no compression, a bounded receive queue with backpressure,
-send deadlines) are :mod:`latentsync.serving.api.websocket`'s.
+requests do. How many connections may be open at once (503 ``too_many_connections``) is
+:mod:`latentsync.serving.api.admission`'s to say; the connection's bounds (no compression, a
+bounded receive queue with backpressure, send deadlines) are :mod:`latentsync.serving.api.websocket`'s.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import re
 import threading
 import time
 
-from flask import Flask, g, jsonify, request, url_for
+from flask import Flask, jsonify, request, url_for
 
 from latentsync.config import DEFAULT_CHANNEL
+from latentsync.serving.api.admission import Admission, ConnectionKind
+from latentsync.serving.api.channels import channel_in_path, find_channel
 from latentsync.serving.api.errors import error_response
 from latentsync.serving.api.websocket import ConnectionClosed, WebSocketLimits, websocket_route
 from latentsync.serving.core.errors import ServingError
@@ -53,15 +56,15 @@ END_MESSAGES = {
 }
 
 
-def register_speech_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
+def register_speech_routes(app: Flask, runtime, origin_ok, admission: Admission) -> None:
     """Add the WebSocket and ``POST /speak`` of every channel to the app.
 
     Args:
         app: The Flask app (its ``before_request`` hooks already check the token).
         runtime: Owns the channels (their TaskManagers) and the text-to-speech service.
         origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule).
-        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``):
-            ``acquire() -> bool``, ``release()``.
+        admission: The app's long-lived connections (``speech_stream.max_open`` speech WebSockets
+            on all channels, ``api.max_long_lived`` in all); installed on ``app``.
     """
     ss = runtime.config.speech_stream
     limits = WebSocketLimits(
@@ -69,45 +72,25 @@ def register_speech_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
         max_queued_bytes=ss.max_queued_bytes,
         send_timeout_s=runtime.config.api.send_timeout_s,
     )
-    connections = {"open": 0}  # WebSocket connections being served (each holds a server thread)
-    connections_lock = threading.Lock()
-    max_connections = ss.max_open
 
     @app.before_request
     def ws_origin():
-        match = WS_PATH_RE.fullmatch(request.path)
-        if not match:
+        name = channel_in_path(WS_PATH_RE, request.path)
+        if name is None:
             return None
-        name = match.group(1)[len("/channels/") :] if match.group(1) else DEFAULT_CHANNEL
-        if runtime.channel(name) is None:
-            return error_response("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        find_channel(runtime, name)
         if not origin_ok(request.headers.get("Origin")):
             return error_response(
                 "origin_not_allowed",
                 f"WebSockets from web pages of {request.headers.get('Origin')!r} are not allowed (api.allowed_origins)",
             )
-        with connections_lock:  # the slot is taken here, before the handshake answers, so a client
-            if connections["open"] >= max_connections:  # that connects right after another sees it taken
-                return error_response(
-                    "too_many_connections", f"{max_connections} speech WebSockets already open (speech_stream.max_open)"
-                )
-            if not long_lived.acquire():
-                return error_response("too_many_connections", long_lived.message)
-            connections["open"] += 1
-            g.speech_ws_slot = True
+        # the slot is taken here, before the handshake answers, so a client that connects right
+        # after another sees it taken; it is held until the request is torn down (session ended)
+        admission.admit_request(ConnectionKind.speech, name)
         return None
 
-    @app.teardown_request
-    def ws_release(_exc):
-        if g.pop("speech_ws_slot", False):  # the session ended, or the request was refused after all (401)
-            with connections_lock:
-                connections["open"] -= 1
-            long_lived.release()
-
     def channel_tasks(name: str):
-        channel = runtime.channel(name)
-        if channel is None:
-            raise SpeechError("no_channel", f"no channel {name!r} (GET /channels lists them)")
+        channel = find_channel(runtime, name)
         tasks = None if runtime.stopped else channel.tasks
         if tasks is None or runtime.speech is None:
             raise SpeechError("starting", "the lip-sync engine is not ready yet; retry shortly")
@@ -142,7 +125,7 @@ def register_speech_routes(app: Flask, runtime, origin_ok, long_lived) -> None:
         ), 202
 
     def ws_speech(ws, name: str):
-        SpeechSession(ws, runtime, name, lambda: channel_tasks(name)).run()  # slot: ws_origin/ws_release
+        SpeechSession(ws, runtime, name, lambda: channel_tasks(name)).run()  # slot: ws_origin, teardown
 
     websocket_route(app, "/ws/speech", "ws_speech", limits, defaults={"name": DEFAULT_CHANNEL})(ws_speech)
     websocket_route(app, "/channels/<name>/ws/speech", "ws_speech_channel", limits)(ws_speech)

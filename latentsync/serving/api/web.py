@@ -6,7 +6,8 @@ Routes (docs/webrtc.md):
     our candidates); ``OPTIONS`` on both → 204 CORS pre-flight (answered before the token check,
     as browsers send pre-flights without credentials).
     ``GET /events``: ``text/event-stream`` of ``state``, ``task``, ``viewers``, ``health`` events;
-    503 past ``ui.max_event_clients``.
+    503 ``too_many_event_clients`` past ``ui.max_event_clients`` on the channel, 503
+    ``too_many_connections`` past ``api.max_long_lived`` (:mod:`latentsync.serving.api.admission`).
     ``/channels/<name>/whep[/<id>]`` and ``/channels/<name>/events``: the same for channel
     ``<name>`` (the paths above are channel ``main``'s; docs/channels.md); unknown: 404 ``no_channel``.
     ``GET /`` and ``GET /ui/<file>``: the control page (static files in this package; public,
@@ -21,7 +22,9 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory, stream_with_context
 
 from latentsync.config import DEFAULT_CHANNEL, MAX_SDP_BYTES
-from latentsync.serving.api.errors import error_response
+from latentsync.serving.api.admission import Admission, ConnectionKind
+from latentsync.serving.api.channels import find_channel
+from latentsync.serving.api.errors import ApiError, error_response
 from latentsync.serving.api.websocket import wsgi_socket
 from latentsync.serving.egress.whep import WhepError
 
@@ -40,15 +43,15 @@ CORS_HEADERS = {
 }
 
 
-def register_web(app: Flask, runtime, long_lived) -> None:
+def register_web(app: Flask, runtime, admission: Admission) -> None:
     """Add the WHEP, events and page routes to ``app``.
 
     Args:
         app: The API app (its bearer-token check applies to these routes except the page files and
             CORS pre-flights).
         runtime: The :class:`latentsync.serving.runtime.Runtime` (its channels' ``webrtc`` hubs and ``events``).
-        long_lived: The server's slots for connections that hold a thread (``api.max_long_lived``):
-            an event stream takes one while it is open.
+        admission: The app's long-lived connections (``ui.max_event_clients`` event streams per
+            channel, ``api.max_long_lived`` in all): an event stream holds a slot while it is open.
     """
     bp = Blueprint("web", __name__)
     ui = runtime.config.ui
@@ -69,14 +72,8 @@ def register_web(app: Flask, runtime, long_lived) -> None:
             response.headers.update(CORS_HEADERS)
         return response
 
-    def channel(name: str):
-        found = runtime.channel(name)
-        if found is None:
-            raise WhepError("no_channel", f"no channel {name!r} (GET /channels lists them)")
-        return found
-
     def hub(name: str):
-        webrtc = channel(name).webrtc
+        webrtc = find_channel(runtime, name).webrtc
         if webrtc is None:
             raise WhepError("webrtc_off", "the WebRTC egress is off (webrtc.enabled) or not started yet")
         return webrtc
@@ -121,31 +118,30 @@ def register_web(app: Flask, runtime, long_lived) -> None:
     @bp.get("/events", defaults={"name": DEFAULT_CHANNEL})
     @bp.get("/channels/<name>/events")
     def events(name: str):
-        events = channel(name).events
-        if not long_lived.acquire():
-            return error_response("too_many_connections", long_lived.message)
-        sub = events.subscribe()
-        if sub is None:
-            long_lived.release()
-            return error_response(
-                "too_many_event_clients",
-                f"{ui.max_event_clients} event streams already open (ui.max_event_clients)",
-            )
-        sock = wsgi_socket(request.environ)
-        if sock is not None:  # a client that stops reading is dropped after api.send_timeout_s
-            sock.settimeout(runtime.config.api.send_timeout_s)
+        events = find_channel(runtime, name).events
+        slot = admission.admit(ConnectionKind.events, name)
+        try:
+            sub = events.subscribe()  # None only once the channel's feed is closed (its limit is the slot's)
+            if sub is None:
+                raise ApiError("stopping", f"channel {name!r} is stopping: its event feed is closed")
+            sock = wsgi_socket(request.environ)
+            if sock is not None:  # a client that stops reading is dropped after api.send_timeout_s
+                sock.settimeout(runtime.config.api.send_timeout_s)
 
-        def stream():
-            yield b"retry: 2000\n\n"
-            while True:
-                data = sub.get(SSE_KEEPALIVE_S)
-                if data is None:
-                    return
-                yield data or b": keepalive\n\n"
+            def stream():
+                yield b"retry: 2000\n\n"
+                while True:
+                    data = sub.get(SSE_KEEPALIVE_S)
+                    if data is None:
+                        return
+                    yield data or b": keepalive\n\n"
 
-        response = Response(stream_with_context(stream()), content_type="text/event-stream")
+            response = Response(stream_with_context(stream()), content_type="text/event-stream")
+        except BaseException:
+            slot.release()
+            raise
         response.call_on_close(sub.close)  # the WSGI server closes every response, started or not
-        response.call_on_close(long_lived.release)
+        response.call_on_close(slot.release)
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Accel-Buffering"] = "no"
         return response
