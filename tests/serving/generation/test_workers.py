@@ -19,6 +19,8 @@ from latentsync.serving.generation.ports import ChunkJob, JobFailed
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
 
+pytestmark = pytest.mark.workers
+
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:
