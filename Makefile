@@ -5,7 +5,7 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test test-fast setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -32,13 +32,22 @@ run: setup
 	@echo ""
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
-## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite
+## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the unit tier
+## at nice 19 (it only takes CPU the real-time tests leave idle; its output in .run/test-unit.log) beside the rest
 test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@mkdir -p .run; \
+	nice -n 19 $(VENV)/bin/python -m pytest -p no:cacheprovider -m unit $(PYTEST_ARGS) >.run/test-unit.log 2>&1 & unit=$$!; \
+	$(VENV)/bin/python -m pytest -m "not unit" $(PYTEST_ARGS); rest=$$?; \
+	wait $$unit; fast=$$?; echo "--- unit tier (.run/test-unit.log), run beside the rest:"; tail -n 30 .run/test-unit.log; \
+	test $$((rest % 5 + fast % 5)) -eq 0 -a $$((rest + fast)) -ne 10  # 5: nothing selected (-k), fine on one side
+
+## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
 ## lint: ruff, the format check and the import layers of latentsync/serving (pyproject.toml [tool.importlinter])
 lint: setup
