@@ -5,7 +5,7 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test test-fast setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -32,13 +32,27 @@ run: setup
 	@echo ""
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
-## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite
+# Tests that run processes in real time (pyproject.toml markers); make test runs the others (the unit tier and
+# the slow CPU-only tests) at nice 19 beside them, so that they only take CPU the real-time ones leave idle.
+REALTIME_TESTS := rtmp or server or ffmpeg or workers or ray or browser
+
+## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the tests that
+## run no process in real time at nice 19 (output in .run/test-cpu.log) beside those that do
 test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@mkdir -p .run; \
+	nice -n 19 $(VENV)/bin/python -m pytest -p no:cacheprovider -m "not ($(REALTIME_TESTS))" $(PYTEST_ARGS) \
+	  >.run/test-cpu.log 2>&1 & unit=$$!; \
+	$(VENV)/bin/python -m pytest -m "$(REALTIME_TESTS)" $(PYTEST_ARGS); rest=$$?; \
+	wait $$unit; fast=$$?; echo "--- the tests run beside them, at nice 19 (.run/test-cpu.log):"; tail -n 30 .run/test-cpu.log; \
+	test $$((rest % 5 + fast % 5)) -eq 0 -a $$((rest + fast)) -ne 10  # 5: nothing selected (-k), fine on one side
+
+## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
+test-fast: setup
+	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
 ## lint: ruff, the format check and the import layers of latentsync/serving (pyproject.toml [tool.importlinter])
 lint: setup

@@ -21,7 +21,7 @@ from tests.datafiles import media_file
 
 VIDEOS = [
     "2s_GirlMuseum_0730.mp4",
-    "10s_girl_0729_00_formal.mp4",
+    pytest.param("10s_girl_0729_00_formal.mp4", marks=pytest.mark.slow),  # 10 s of face tracking: ~7 s
     "20250106_124532_sig.mp4",
     "nanmote002.mp4",
 ]

@@ -230,6 +230,7 @@ def test_generate_on_gpu_half_precision(tiny_files, avatar):
         engine.close()
 
 
+@pytest.mark.slow  # prepares a second avatar and runs two engines: ~7 s
 def test_with_avatar_shares_models_and_matches_a_fresh_engine(engine, tiny_files, avatar, tmp_path):
     """A second avatar in the same worker: same models (one copy), its own latents, same faces as alone."""
     other_avatar = Avatar.prepare(

@@ -12,7 +12,7 @@ import pytest
 
 from tests.streamtools import FFMPEG, RtmpServer
 
-pytestmark = [pytest.mark.rtmp]
+pytestmark = [pytest.mark.rtmp, pytest.mark.ffmpeg]
 
 
 def publish(url: str, seconds: float = 3.0) -> subprocess.Popen:

@@ -14,7 +14,7 @@ import pytest
 from tests.datafiles import media_file
 from tests.streamtools import REPO, Api, ServerProcess, analyse_recording, pull_stream
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

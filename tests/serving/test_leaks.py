@@ -24,7 +24,7 @@ from tests.speechclient import SpeechClient
 from tests.streamtools import Api, ServerProcess
 from tests.whep_client import WhepViewer
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 TOLERANCE = 2
 FINAL = ("done", "failed", "cancelled")

@@ -16,7 +16,7 @@ import pytest
 from tests.datafiles import media_file, speech_wav
 from tests.streamtools import Api, ServerProcess, StreamRecorder, analyse_recording, seconds_until
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 SPEECH = "audio/7s_shan_0801_01.wav"
 DEADLINE_S = 3.0

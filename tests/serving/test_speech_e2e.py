@@ -20,7 +20,7 @@ from latentsync.media import decode_audio
 from tests.datafiles import media_file
 from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording, mouth_openings, rms_envelope
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 FPS = 25
 RATE = 48000

@@ -20,7 +20,7 @@ from tests.datafiles import MEDIA, media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import Api, ServerProcess, StreamRecorder, decode_recording, rms_envelope
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 FPS = 25
 RATE = 48000

@@ -10,7 +10,7 @@ import pytest
 from tests.datafiles import media_file
 from tests.streamtools import ServerProcess, StreamRecorder, analyse_recording, first_pts_s, pull_stream
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 CASES = [
     # (video, extra overrides, expected (width, height), audio rate)

@@ -21,7 +21,7 @@ from scripts.make_bad_inputs import SHORT_SPEECH, SPEECH, make_corpus
 from tests.datafiles import media_file
 from tests.streamtools import Api, ServerProcess
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 LARGE_MB = 60  # the oversized upload ...
 MAX_UPLOAD_MB = 56  # ... a bit over the server's limit; the 19 MB 20-minute clip stays under it

@@ -18,7 +18,7 @@ from tests.datafiles import media_file
 from tests.streamtools import REPO, ServerProcess
 from tests.whep_client import http
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow, pytest.mark.browser]
 
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"
 MIC_SPEECH = "audio/7s_shan_0801_01.wav"  # 48 kHz mono s16 WAV: what Chromium's fake capture device plays

@@ -20,7 +20,7 @@ from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS
 from tests.streamtools import ServerProcess
 from tests.whep_client import http
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow, pytest.mark.browser]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: two channels fit on two shared cores
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"

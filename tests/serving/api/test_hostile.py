@@ -32,7 +32,7 @@ from tests.speechclient import SpeechClient
 from tests.streamtools import FFMPEG, ServerProcess
 from tests.whep_client import WhepViewer
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 TOKEN = "hostile-matrix-token-5c1e9a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -21,7 +21,7 @@ from tests.datafiles import media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import REPO, Api, ServerProcess, free_port
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 TOKEN = "s3cret-token-for-the-tests-0123456789"
 SPEECH = "audio/4s_Wavfile_1719704064_11.wav"

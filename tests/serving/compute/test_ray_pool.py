@@ -18,7 +18,7 @@ from tests.datafiles import media_file
 from tests.raycluster import require_ray
 from tests.streamtools import seconds_until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 DEADLINE_S = 3.0
 

@@ -20,6 +20,8 @@ from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
 
+pytestmark = pytest.mark.workers
+
 
 @pytest.fixture(scope="module")
 def avatar(tmp_path_factory) -> Avatar:

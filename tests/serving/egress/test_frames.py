@@ -24,7 +24,7 @@ from tests.datafiles import make_moving_bar_video, media_file, speech_wav
 from tests.frames_ws import RawWebSocket
 from tests.streamtools import REPO, Api, ServerProcess, StreamRecorder, analyse_recording, decode_recording
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 FPS = 25
 RATE = 48000

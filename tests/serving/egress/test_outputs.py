@@ -42,7 +42,7 @@ from tests.streamtools import (
 from tests.whep_client import WhepViewer
 from tests.whip_receiver import WhipReceiver
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 FPS = 25
 SIZE = (256, 456)  # the moving-bar idle clip's size: the channel's

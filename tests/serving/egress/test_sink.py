@@ -66,6 +66,7 @@ def black_hole() -> tuple[socket.socket, int]:
     return server, server.getsockname()[1]
 
 
+@pytest.mark.ffmpeg
 def test_a_frozen_destination_stalls_alone_and_a_recording_beside_it_is_whole(flv_tags, tmp_path):
     header, tags = flv_tags
     hole, port = black_hole()
@@ -113,6 +114,7 @@ def test_a_frozen_destination_stalls_alone_and_a_recording_beside_it_is_whole(fl
     assert rec.video_duration_s >= 11.0 and round(rec.fps) == 25
 
 
+@pytest.mark.ffmpeg
 def test_a_recording_starts_with_the_current_gop_and_its_timestamps_at_zero(flv_tags, tmp_path):
     header, tags = flv_tags
     cfg = load_config(None, [f"stream.record_dir={tmp_path}", "stream.outputs=[{url: 'record:late.mkv'}]"])

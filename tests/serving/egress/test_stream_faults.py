@@ -14,7 +14,7 @@ import pytest
 from tests.datafiles import media_file
 from tests.streamtools import ServerProcess, analyse_recording, pull_stream, seconds_until
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 RECOVERY_LIMIT_S = 5.0
 

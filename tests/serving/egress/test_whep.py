@@ -19,7 +19,7 @@ from tests.datafiles import make_moving_bar_video, media_file
 from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording
 from tests.whep_client import WhepViewer, http
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 MAX_VIEWERS = 2
 

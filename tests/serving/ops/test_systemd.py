@@ -33,7 +33,7 @@ from latentsync.serving.runtime.channel import HEALTH_TICK_STALE_S
 from tests.datafiles import media_file
 from tests.streamtools import REPO, Api, ServerProcess, free_port, may_use_fifo, sched_policy, thread_niceness
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 UNIT = REPO / "scripts" / "latentsync-realtime.service"
 WATCHDOG_S = 4.0  # the test's WatchdogSec: short, so a stall shows within seconds

@@ -34,7 +34,7 @@ from latentsync.serving.ops import procfs
 from tests.datafiles import make_faceless_video, media_file
 from tests.streamtools import Api, ServerProcess, free_port, require_rtmp_tools, seconds_until
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: small, so a few channels fit on CI's two cores
 #: When SIGTERM is sent, life by life (the seed is the life's index): after a pool rebuild, or earlier.

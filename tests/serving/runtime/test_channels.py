@@ -20,7 +20,7 @@ import pytest
 from tests.datafiles import MEDIA, media_file, speech_wav
 from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
 
-pytestmark = [pytest.mark.rtmp, pytest.mark.slow]
+pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
 VIDEO = "video/nanmote002.mp4"  # 256x456: small, so two channels fit on two shared cores
 SPEECH = "audio/7s_shan_0801_01.wav"

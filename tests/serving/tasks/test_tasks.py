@@ -136,6 +136,7 @@ def test_queue_limit_and_trim_of_finished_tasks():
         manager.close()
 
 
+@pytest.mark.slow  # 2000 races of three threads: ~7 s
 def test_lifecycle_races_never_make_an_illegal_move():
     """Cancel, fail and done race from three threads on a task on air; the first final move wins."""
     iterations = 2000
