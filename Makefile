@@ -54,7 +54,7 @@ test: setup setup-ray
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
-## lint: ruff, the format check and the import layers of latentsync/serving (pyproject.toml [tool.importlinter])
+## lint: ruff, the format check and the import contracts of latentsync (pyproject.toml [tool.importlinter])
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
