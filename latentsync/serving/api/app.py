@@ -55,8 +55,6 @@ from latentsync.config import (
     ConfigError,
     parse_channel,
 )
-from latentsync.media.errors import MediaDecodeTimeout
-from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.access import (
     TICKET_TTL_S,
     RateLimiter,
@@ -72,9 +70,8 @@ from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
-from latentsync.serving.ingest.upload_decoder import UploadDecoder
+from latentsync.serving.ingest.upload_source import UploadSource
 from latentsync.serving.runtime.runtime import RestartNeeded, Runtime
-from latentsync.serving.tasks.task import TaskKind
 from latentsync.serving.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
@@ -173,7 +170,6 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     api = runtime.config.api
     avatar_cfg = runtime.config.avatar
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
-    fps = runtime.config.stream.fps
     limiter = RateLimiter(api.rate_limit_per_min)  # uploads
     mutations = RateLimiter(api.mutations_per_min)  # every state-changing request
     auth_failures = RateLimiter(api.auth_failures_per_min)
@@ -396,42 +392,18 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError("no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, *SEED_RANGE)
         guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
-        if tasks.waiting() >= api.max_queued:
-            raise ApiError("queue_full", f"{api.max_queued} tasks already wait (api.max_queued); retry later")
-        plan = tasks.settings.plan
+        tasks.check_room()  # before the body is stored
         with _saved(upload, channel.upload_path, channel.discard_upload) as path:
             # decoded while it plays: the answer waits for the first chunk's audio (or a short file's end)
-            utterance = tasks.build(TaskKind.upload, seed, guidance, received)
-            decoder = UploadDecoder(
-                path, utterance, tasks.settings.sample_rate_hz, api.max_audio_s, api.decode_timeout_s
+            source = UploadSource(
+                path=path,
+                seed=seed,
+                guidance_scale=guidance,
+                max_audio_s=api.max_audio_s,
+                decode_timeout_s=api.decode_timeout_s,
             )
-            utterance.attach(decoder)
-            try:
-                try:
-                    decoder.start()
-                except OSError as exc:
-                    raise ApiError(
-                        "upload_failed", f"could not read the stored upload: {exc.strerror or exc}"
-                    ) from None
-                decoder.wait_first(plan.first_frames + plan.lookahead_frames, fps)
-                position = tasks.accept(utterance)
-            except MediaDecodeTimeout:
-                tasks.discard(utterance)
-                raise ApiError(
-                    "decode_timeout",
-                    f"decoding the upload took longer than api.decode_timeout_s = "
-                    f"{api.decode_timeout_s:g} s; send a shorter or simpler file",
-                ) from None
-            except MediaProbeError:
-                tasks.discard(utterance)
-                raise ApiError(
-                    "not_audio",
-                    "the upload is not an audio file in an accepted format "
-                    "(WAV, MP3, FLAC, Ogg/Opus, M4A/AAC/MP4, WebM/Matroska), or it has no audio stream",
-                ) from None
-            except BaseException:
-                tasks.discard(utterance)
-                raise
+            opened = source.open(tasks, received)
+        utterance, position = opened.utterance, opened.position
         # the upload's folder is gone: FFmpeg goes on reading it through its own descriptor
         task = utterance.task
         logger.info(

@@ -211,9 +211,7 @@ class TaskManager:
                 raise SpeechError("stopping", "the channel is stopping")
             if task.kind is not TaskKind.upload and self._open_streams() >= s.max_open:
                 raise SpeechError("too_many_streams", f"{s.max_open} utterances already open (speech_stream.max_open)")
-            waiting = self._count(WAITING_STATES)
-            if waiting >= s.max_queued:
-                raise SpeechError("queue_full", f"{s.max_queued} tasks already wait (api.max_queued); retry later")
+            waiting = self._check_room()
             program = SpeechProgram(
                 task,
                 utterance,
@@ -246,6 +244,24 @@ class TaskManager:
         processor.start()
         self._admit()
         return ahead
+
+    def check_room(self) -> None:
+        """Refuse early when no task could be queued now (before an upload's body is even stored).
+
+        Raises:
+            SpeechError: ``queue_full`` when ``api.max_queued`` tasks wait.
+        """
+        with self._lock:
+            self._check_room()
+
+    def _check_room(self) -> int:
+        """The waiting tasks, or ``queue_full`` when ``api.max_queued`` of them wait (lock held)."""
+        waiting = self._count(WAITING_STATES)
+        if waiting >= self.settings.max_queued:
+            raise SpeechError(
+                "queue_full", f"{self.settings.max_queued} tasks already wait (api.max_queued); retry later"
+            )
+        return waiting
 
     def open(
         self,
