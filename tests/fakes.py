@@ -1,4 +1,4 @@
-"""Fakes at the generation layer's two seams (the job queue and the playout), shared by its tests.
+"""Fakes at the task layer's two seams (the job queue and the playout), shared by its tests.
 
 In the spirit of pipecat's ``run_test``: feed tasks in, drive the fake queue's jobs by hand, assert
 what comes out and in which order. No processes, no clock assertions: every wait is for a condition

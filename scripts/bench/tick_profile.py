@@ -45,8 +45,8 @@ PARTS = (
     ("frames WebSocket", ("egress/frames.py",)),
     ("event feed, health", ("events.py", "health.py", "metrics.py")),
     ("HTTP API (uploads)", ("werkzeug", "flask", "api/app.py")),
-    ("decode uploads, chunking", ("decoder.py", "chunking.py", "audio.py", "utterance.py", "whisper")),
-    ("scheduler, tasks, pool", ("scheduler.py", "task.py", "processor.py", "program.py", "pool.py")),
+    ("decode uploads, chunking", ("upload_decoder.py", "chunking.py", "speech_audio.py", "utterance.py", "whisper")),
+    ("scheduler, tasks, pool", ("task_manager.py", "task.py", "task_processor.py", "speech_program.py", "pool.py")),
     ("mixer: idle loop, programs", ("mixer.py", "idle.py")),
     ("clock and tap", ("clock.py", "tap.py")),
 )

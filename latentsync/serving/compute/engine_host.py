@@ -1,4 +1,4 @@
-"""The worker side of the pool: one engine per worker, loaded once (see pool.py and ray_pool.py).
+"""The worker side of the pool: one engine per worker, loaded once (see worker_pool.py and ray_worker_pool.py).
 
 A worker (a spawned process of the local pool, or a Ray actor) holds one :class:`EngineHost`:
 the engine bound to the default avatar, and engines bound to the other avatars it was asked for,

@@ -102,7 +102,7 @@ class Encoding:
 class EncoderSettings:
     """What the encoder needs to know: the ``stream`` config section, the frame size and its encoding.
 
-    The section is used as is (one definition of every value and default: latentsync/config.py); the
+    The section is used as is (one definition of every value and default: latentsync/config/); the
     properties below read it. ``width``/``height`` are the size actually streamed
     (``stream.width``/``height`` may be null: the idle video's size).
 

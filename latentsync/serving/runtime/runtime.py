@@ -437,7 +437,7 @@ class Runtime:
     def add_channel(self, spec: ChannelConfig) -> Channel:
         """Create a channel while the server runs or starts (``PUT /channels/<name>``); it starts in the background.
 
-        The new channel is held to the API's rules (:func:`latentsync.config.api_channel`: video paths
+        The new channel is held to the API's rules (:func:`~latentsync.serving.runtime.channel_rules.api_channel`: video
         only under ``media.root``, an RTMP URL to an allowed host, no ``record_path``), then checked
         with the others exactly as at load (:func:`latentsync.config.validate`: name, unique RTMP URL,
         ``max_channels``, its stream/avatar values). Its stream goes on air

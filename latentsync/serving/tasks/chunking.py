@@ -1,6 +1,6 @@
 """How a task is cut into chunks: their lengths as audio arrives, and the audio window each one's features see.
 
-Pure functions (no threads, no clock), tested with hand-computed cases (tests/serving/generation/test_chunking.py).
+Pure functions (no threads, no clock), tested with hand-computed cases (tests/serving/tasks/test_chunking.py).
 
 Lengths: chunk 0 is ``engine.first_chunk_frames`` long (the first frame on air waits for it); when
 their audio is in hand (an upload, synthesised text, a buffered stream) the next chunks double

@@ -1,4 +1,4 @@
-"""Chunk lengths and feature windows (latentsync/serving/generation/chunking.py): hand-computed cases."""
+"""Chunk lengths and feature windows (latentsync/serving/tasks/chunking.py): hand-computed cases."""
 
 from __future__ import annotations
 

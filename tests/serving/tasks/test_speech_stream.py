@@ -1,4 +1,4 @@
-"""Speech that streams in (generation/utterance.py, program.py, processor.py) on the fakes of tests/fakes.py.
+"""Speech that streams in (tasks/utterance.py, speech_program.py, task_processor.py) on the fakes of tests/fakes.py.
 
 The job queue and the playout are fakes (their seams); the utterance, its processor and its
 program are the real ones. No timing assertions: every wait is for a condition with a generous

@@ -35,7 +35,7 @@ async function errorText(response) {
 // Every route the page uses is the channel's: main keeps today's paths (/whep, /events, ...), any other
 // channel <name> uses /channels/<name>/... (docs/channels.md). The choice lives in the URL hash.
 const MAIN = "main";
-const CHANNEL_NAME_RE = /^[a-z0-9][a-z0-9_-]{0,31}$/;  // latentsync/config.py's channel name pattern
+const CHANNEL_NAME_RE = /^[a-z0-9][a-z0-9_-]{0,31}$/;  // latentsync/config/channels.py's channel name pattern
 let channel = MAIN;
 
 function base(name = channel) { return name === MAIN ? "" : `/channels/${encodeURIComponent(name)}`; }
