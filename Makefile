@@ -34,21 +34,16 @@ run: setup
 
 # Tests that run processes in real time (pyproject.toml markers); make test runs the others (the unit tier and
 # the slow CPU-only tests) at nice 19 beside them, so that they only take CPU the real-time ones leave idle.
-REALTIME_TESTS := rtmp or server or ffmpeg or workers or ray or browser
 
-## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the tests that
-## run no process in real time at nice 19 (output in .run/test-cpu.log) beside those that do
+## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the unit tier
+## first (make test-fast, about 80 s), then the tests that start servers, FFmpeg, browsers, workers or Ray
 test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
-	@mkdir -p .run; \
-	nice -n 19 $(VENV)/bin/python -m pytest -p no:cacheprovider -m "not ($(REALTIME_TESTS))" $(PYTEST_ARGS) \
-	  >.run/test-cpu.log 2>&1 & unit=$$!; \
-	$(VENV)/bin/python -m pytest -m "$(REALTIME_TESTS)" $(PYTEST_ARGS); rest=$$?; \
-	wait $$unit; fast=$$?; echo "--- the tests run beside them, at nice 19 (.run/test-cpu.log):"; tail -n 30 .run/test-cpu.log; \
-	test $$((rest % 5 + fast % 5)) -eq 0 -a $$((rest + fast)) -ne 10  # 5: nothing selected (-k), fine on one side
+	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m "not unit" $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 ## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
 test-fast: setup
