@@ -166,7 +166,7 @@ def fake_manager(pool, avatar, *overrides: str) -> tuple[TaskManager, FakePlayli
     25 fps, 48 kHz, 4 tasks queued at most; ``overrides`` are config ``key=value`` strings.
     """
     playlist = FakePlaylist()
-    return TaskManager(pool, playlist, avatar, settings("api.max_queued=4", *overrides)), playlist
+    return TaskManager(pool, playlist, avatar=avatar, settings=settings("api.max_queued=4", *overrides)), playlist
 
 
 def submit_upload(manager: TaskManager, seconds: float, seed: int | None = None, guidance: float | None = None):

@@ -36,8 +36,6 @@ refused before their body is read.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hmac
 import logging
 import math
@@ -70,6 +68,7 @@ from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
+from latentsync.serving.core.uploads import storage_error, stored_upload
 from latentsync.serving.ingest.upload_source import UploadSource
 from latentsync.serving.runtime.runtime import RestartNeeded, Runtime
 from latentsync.serving.telemetry.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -94,48 +93,11 @@ def _form_number(name: str, kind: type, low: float, high: float) -> float | int 
     return value
 
 
-def _storage_error(exc: OSError) -> ApiError:
-    """The API error for an upload that could not be written to the temporary directory."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return ApiError("insufficient_storage", "no space left to store the upload; try again later")
-    return ApiError("upload_failed", f"could not store the upload: {exc.strerror or exc}")
-
-
 #: Methods that change state: a browser page of another origin must not send them (CSRF).
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 #: What ``/health`` tells a caller without the token (when ``api.token`` is set): the state only,
 #: no process ids, task ids, errors or counters.
 PUBLIC_HEALTH_KEYS = ("state", "ticking", "ffmpeg_up", "engine_ready", "uptime_s")
-
-
-@contextlib.contextmanager
-def _saved(upload, make_path, discard):
-    """The upload saved under our own name in its own private folder; deleted on leaving, whatever happens.
-
-    Args:
-        upload: werkzeug's ``FileStorage`` (the client's file name is never used as a path).
-        make_path: Returns the path to save to (``Channel.upload_path``, ``AvatarStore.incoming_path``).
-        discard: Deletes it with its folder.
-
-    Yields:
-        The saved file's path.
-
-    Raises:
-        ApiError: 400 ``empty_file``; 500/507 when it cannot be stored (:func:`_storage_error`).
-    """
-    path = None
-    try:
-        try:
-            path = make_path()
-            upload.save(path)
-        except OSError as exc:
-            raise _storage_error(exc) from None
-        if path.stat().st_size == 0:
-            raise ApiError("empty_file", "the uploaded file is empty")
-        yield path
-    finally:
-        if path is not None:
-            discard(path)
 
 
 def public_health(body: dict) -> dict:
@@ -318,11 +280,11 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         try:
             upload = request.files.get("video_file")
         except OSError as exc:
-            raise _storage_error(exc) from None
+            raise storage_error(exc) from None
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError("no_file", "multipart field 'video_file' is required")
         name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
-        with _saved(upload, store.incoming_path, store.discard_incoming) as path:
+        with stored_upload(upload, store.incoming_root) as path:
             record = store.add(path, name)  # AvatarError: its own 4xx/5xx
         return jsonify(record), 202
 
@@ -387,24 +349,24 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         try:  # werkzeug spools large multipart bodies to the temp directory
             upload = request.files.get("audio_file")
         except OSError as exc:
-            raise _storage_error(exc) from None
+            raise storage_error(exc) from None
         if upload is None or not upload.filename and upload.content_length == 0:
             raise ApiError("no_file", "multipart field 'audio_file' is required")
         seed = _form_number("seed", int, *SEED_RANGE)
         guidance = _form_number("guidance_scale", float, *GUIDANCE_SCALE_RANGE)
-        tasks.check_room()  # before the body is stored
-        with _saved(upload, channel.upload_path, channel.discard_upload) as path:
-            # decoded while it plays: the answer waits for the first chunk's audio (or a short file's end)
-            source = UploadSource(
-                path=path,
-                seed=seed,
-                guidance_scale=guidance,
-                max_audio_s=api.max_audio_s,
-                decode_timeout_s=api.decode_timeout_s,
-            )
-            opened = source.open(tasks, received)
+        # refused before the body is stored; decoded while it plays: the answer waits for the first
+        # chunk's audio (or a short file's end); the stored file is gone when this returns (FFmpeg
+        # goes on reading it through its own descriptor)
+        source = UploadSource(
+            body=upload,
+            upload_root=channel.upload_root,
+            seed=seed,
+            guidance_scale=guidance,
+            max_audio_s=api.max_audio_s,
+            decode_timeout_s=api.decode_timeout_s,
+        )
+        opened = tasks.open_source(source, received)
         utterance, position = opened.utterance, opened.position
-        # the upload's folder is gone: FFmpeg goes on reading it through its own descriptor
         task = utterance.task
         logger.info(
             "task %s accepted on channel %s: %s, position %d",

@@ -1,9 +1,10 @@
 """Front doors of streamed speech, on every channel: ``/ws/speech`` and ``POST /speak``.
 
 ``/ws/speech`` and ``/speak`` are channel ``main``'s; ``/channels/<name>/ws/speech`` and
-``/channels/<name>/speak`` any channel's. Both open an utterance on the channel's TaskManager
-(the one speech path: docs/streaming-speech.md) and feed it through a feeder: PCM from the socket,
-or text synthesised by the runtime's :class:`~latentsync.serving.ingest.speech_service.SpeechService`.
+``/channels/<name>/speak`` any channel's. Each picks its source
+(:mod:`latentsync.serving.ingest.speech_sources`: a text, or PCM and texts from the socket) and
+opens it on the channel's TaskManager (:meth:`TaskManager.open_source`, the one speech path:
+docs/streaming-speech.md).
 Protocol, events and error codes: docs/streaming-speech.md.
 
 Auth: as every route, ``Authorization: Bearer <token>`` when ``api.token`` is set; a browser's
@@ -32,10 +33,10 @@ from latentsync.serving.api.channels import channel_in_path, find_channel
 from latentsync.serving.api.errors import error_response
 from latentsync.serving.api.websocket import ConnectionClosed, WebSocketLimits, websocket_route
 from latentsync.serving.core.errors import ServingError
-from latentsync.serving.ingest.speech_service import seed_field
+from latentsync.serving.ingest.speech_sources import StreamSource, TextSource
 from latentsync.serving.ingest.text_to_speech import SpeechFeeder
 from latentsync.serving.tasks.speech_audio import PcmFormat, SpeechError
-from latentsync.serving.tasks.task import FINAL_STATES, TaskKind
+from latentsync.serving.tasks.task import FINAL_STATES
 
 logger = logging.getLogger(__name__)
 
@@ -101,21 +102,8 @@ def register_speech_routes(app: Flask, runtime, origin_ok, admission: Admission)
     def speak(name: str):
         received = (time.time(), time.monotonic())
         tasks = channel_tasks(name)
-        service = runtime.speech
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            raise SpeechError("bad_json", "the body must be a JSON object with 'text'")
-        text, voice, rate = service.check_text(body.get("text"), body.get("voice"), body.get("rate"))
-        utterance = tasks.open(TaskKind.speak, seed_field(body), received=received)
-        feeder = service.feeder(
-            utterance,
-            lambda code, message: logger.warning(
-                "speak %s: %s: %s", utterance.task_id, code, message, extra={"task_id": utterance.task_id}
-            ),
-            tasks.cancel,
-        )
-        feeder.push_text(text, voice, rate)
-        feeder.end()
+        source = TextSource.from_request(runtime.speech, request.get_json(silent=True))
+        utterance = tasks.open_source(source, received).utterance
         return jsonify(
             {
                 "task_id": utterance.task_id,
@@ -265,14 +253,11 @@ class SpeechSession:
     def _start(self, msg: dict) -> None:
         if self._open():
             raise SpeechError("already_open", "an utterance is open on this connection: end it first")
-        rate, channels, encoding = msg.get("sample_rate"), msg.get("channels", 1), msg.get("encoding", "s16le")
-        fmt = PcmFormat(rate, channels, encoding)  # type: ignore[arg-type]
-        seed = seed_field(msg)
-        tasks = self._tasks()
-        utterance = tasks.open(TaskKind.stream, seed)
-        self.fmt = fmt
+        source = StreamSource.from_message(self.runtime.speech, msg, self._feeder_error)
+        utterance = self._tasks().open_source(source).utterance
+        self.fmt = source.fmt
         self.utterance = utterance
-        self.feeder = self.runtime.speech.feeder(utterance, self._feeder_error, tasks.cancel)
+        self.feeder = source.feeder
         self._on_air_sent = False
         self._end_sent = False
         with self._errors_lock:

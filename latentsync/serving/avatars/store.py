@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -185,22 +184,19 @@ class AvatarStore:
         self.quota.enforce()
 
     # ----------------------------------------------------------------- intake
-    def incoming_path(self) -> Path:
-        """A path for one upload, alone in a fresh private directory (the caller calls :meth:`discard_incoming`)."""
-        incoming = self._catalogue.uploads / ".incoming"
-        incoming.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return Path(tempfile.mkdtemp(prefix="u-", dir=incoming)) / "upload"
+    @property
+    def incoming_root(self) -> Path:
+        """Where uploaded videos wait while they are checked and copied, one private folder each.
 
-    def discard_incoming(self, path: Path) -> None:
-        """Delete an upload made by :meth:`incoming_path` with its directory (never raises)."""
-        if path.parent.parent == self._catalogue.uploads / ".incoming":
-            shutil.rmtree(path.parent, ignore_errors=True)
+        :func:`latentsync.serving.core.uploads.stored_upload` makes and deletes each folder in it.
+        """
+        return self._catalogue.uploads / ".incoming"
 
     def add(self, upload: Path, name: str) -> dict:
         """Take an uploaded video: copy it (confined), check it, queue its preparation.
 
         Args:
-            upload: The uploaded file (from :meth:`incoming_path`; left for the caller to discard).
+            upload: The uploaded file (stored under :attr:`incoming_root`; left for the caller to delete).
             name: Display name.
 
         Returns:

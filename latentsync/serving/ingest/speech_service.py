@@ -108,6 +108,13 @@ class SpeechService:
             on_error: Called with ``(code, message)`` when an item fails.
             cancel: Cancels the utterance's task (the channel's ``TaskManager.cancel``).
         """
-        feeder = SpeechFeeder(utterance, self.tts, on_error, cancel, self.max_feeder_items, self.max_feeder_bytes)
+        feeder = SpeechFeeder(
+            utterance,
+            self.tts,
+            on_error=on_error,
+            cancel=cancel,
+            max_items=self.max_feeder_items,
+            max_bytes=self.max_feeder_bytes,
+        )
         feeder.start()
         return feeder

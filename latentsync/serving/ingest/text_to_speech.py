@@ -202,6 +202,7 @@ class SpeechFeeder:
         self,
         utterance: Utterance,
         tts: TextToSpeech | None,
+        *,
         on_error: Callable[[str, str], None],
         cancel: Callable[[str], object],
         max_items: int,

@@ -84,6 +84,7 @@ class UploadDecoder:
         self,
         path: Path,
         utterance: Utterance,
+        *,
         sample_rate_hz: int,
         max_duration_s: float,
         timeout_s: float,

@@ -49,7 +49,7 @@ class TickSource(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ControllerStats:
     """Tick accounting since the controller started.
 
@@ -103,6 +103,7 @@ class StreamingController:
         self,
         source: TickSource,
         sink: TickSink,
+        *,
         fps: int,
         sample_rate_hz: int,
         max_catchup_s: float = 1.0,

@@ -79,7 +79,7 @@ class Program(Protocol):
 class _Outgoing:
     """The picture and sound being faded away: the idle loop, or a program's continuation."""
 
-    def __init__(self, idle: IdleLoop | None, program: Program | None, index: int, audio_pos: int, fade_audio: bool):
+    def __init__(self, idle: IdleLoop | None, program: Program | None, *, index: int, audio_pos: int, fade_audio: bool):
         self.idle = idle
         self.program = program
         self.index = index
@@ -253,7 +253,7 @@ class ProgramMixer:
             return
         idle, on_switched = pending
         if self._outgoing is None and self._crossfade > 0:  # the old loop fades into the new one
-            self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
+            self._outgoing = _Outgoing(self._idle, None, index=0, audio_pos=0, fade_audio=True)
             self._fade_step = 0
         self._idle = idle
         self.idle_switches += 1
@@ -272,7 +272,7 @@ class ProgramMixer:
             self.programs_interrupted += 1
             if self._outgoing is not None:  # interrupted mid crossfade: what it faded from is gone too
                 self._end_fade_out(self._outgoing)
-            self._outgoing = _Outgoing(None, current, self._pos, self._audio_pos, fade_audio=True)
+            self._outgoing = _Outgoing(None, current, index=self._pos, audio_pos=self._audio_pos, fade_audio=True)
             self._fade_step = 0
             self._current = None
             self._fading_in = False
@@ -289,7 +289,7 @@ class ProgramMixer:
         if self._next_idle is not None:  # a new avatar's program: its idle loop comes with it
             self._switch_idle_now()
         if self._outgoing is None:
-            self._outgoing = _Outgoing(self._idle, None, 0, 0, fade_audio=True)
+            self._outgoing = _Outgoing(self._idle, None, index=0, audio_pos=0, fade_audio=True)
         self._current = program
         self._pos = 0
         self._audio_pos = 0
@@ -333,7 +333,7 @@ class ProgramMixer:
             self.programs_finished += 1
             self._current = None
             self._fading_in = False
-            self._outgoing = _Outgoing(None, program, self._pos, self._audio_pos, fade_audio=False)
+            self._outgoing = _Outgoing(None, program, index=self._pos, audio_pos=self._audio_pos, fade_audio=False)
             self._fade_step = 0
             if self._crossfade == 0:
                 self._end_fade_out(self._outgoing)

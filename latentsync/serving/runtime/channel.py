@@ -485,7 +485,9 @@ class Channel:
         if self._machine.state is not ChannelState.starting or mixer is None or avatar is None:
             return False
         self.pool = pool
-        manager = TaskManager(pool, mixer, avatar, TaskSettings.from_config(self.config), self._on_ttff)
+        manager = TaskManager(
+            pool, mixer, avatar=avatar, settings=TaskSettings.from_config(self.config), on_ttff=self._on_ttff
+        )
         self._tasks = manager
         if self._machine.move(ChannelState.ready, quiet=True) is None:  # failed or closed meanwhile
             manager.close()
@@ -602,28 +604,19 @@ class Channel:
         return changed
 
     # ----------------------------------------------------------------- uploads
-    def upload_path(self) -> Path:
-        """A path for one upload, alone in a fresh private directory (caller calls :meth:`discard_upload`).
+    @property
+    def upload_root(self) -> Path:
+        """Where this channel's uploads are stored, one private folder each (``<work_dir>/uploads/``).
 
-        The directory (mode 0700) is made for this upload only and holds nothing else, so a file
-        that names a sibling (a concat list, a playlist, an MP4 data reference) finds nothing; it
-        lives under ``<work_dir>/uploads/``, never beside the stream's FIFOs.
-
-        Returns:
-            ``<work_dir>/uploads/u-<random>/upload`` (not yet created).
+        Never beside the stream's FIFOs; :func:`latentsync.serving.core.uploads.stored_upload`
+        makes and deletes each upload's folder in it.
 
         Raises:
             RuntimeError: If the channel is not running.
         """
         if self._upload_root is None:
             raise RuntimeError(f"channel {self.name} not started")
-        return Path(tempfile.mkdtemp(prefix="u-", dir=self._upload_root)) / "upload"
-
-    def discard_upload(self, path: Path) -> None:
-        """Delete an upload made by :meth:`upload_path` with its directory (never raises)."""
-        folder = path.parent
-        if self._upload_root is not None and folder.parent == self._upload_root:
-            shutil.rmtree(folder, ignore_errors=True)
+        return self._upload_root
 
     # ----------------------------------------------------------------- health
     def health_snapshot(self, uptime_s: float | None = None) -> HealthSnapshot:

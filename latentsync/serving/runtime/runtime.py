@@ -91,7 +91,7 @@ class Runtime:
     """Owns the channels and the worker pool they share.
 
     The accessors of one stream (``controller``, ``sink``, ``mixer``, ``tasks``, ``webrtc``,
-    ``events``, ``upload_path`` ...) are those of the default channel ``main``, as before channels.
+    ``events`` ...) are those of the default channel ``main``, as before channels.
 
     Args:
         config: The validated server configuration.
@@ -665,15 +665,6 @@ class Runtime:
             if self._after_release is not None:
                 self._after_release()
         return channel
-
-    # ----------------------------------------------------------------- uploads (main channel)
-    def upload_path(self) -> Path:
-        """A private path for one upload to the main channel (see :meth:`Channel.upload_path`)."""
-        return self.main.upload_path()
-
-    def discard_upload(self, path: Path) -> None:
-        """Delete an upload made by :meth:`upload_path` (never raises)."""
-        self.main.discard_upload(path)
 
     # ----------------------------------------------------------------- health and metrics
     def uptime_s(self) -> float:

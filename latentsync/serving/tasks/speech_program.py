@@ -4,7 +4,8 @@ One class for every input (docs/streaming-speech.md). Chunks cover contiguous ra
 task's *content* frames (frames of its audio), planned by the processor in order
 (:meth:`SpeechProgram.plan`); their faces arrive in any order (:meth:`SpeechProgram.add_chunk`)
 and are handed out in order, pasted into the avatar's base frames just in time on the controller
-thread, so buffered chunks hold only 256x256 faces.
+thread (:class:`~latentsync.serving.playout.paste.FramePaster`), so buffered chunks hold only
+256x256 faces.
 
 Frames the mixer plays = content frames + *gap* frames: when the next content frame is not
 generated at its turn (its audio arrives slower than real time, or its chunk is still in the
@@ -22,13 +23,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from latentsync.engines import CHUNK_FRAMES, ChunkResult
-from latentsync.face import PasteScratch
-from latentsync.media.buffers import FramePool
 from latentsync.serving.playout.mixer import ProgramEvent
+from latentsync.serving.playout.paste import FramePaster
 from latentsync.serving.tasks.task import Task, TaskState
 from latentsync.serving.tasks.utterance import Utterance
 
@@ -119,7 +120,8 @@ class SpeechProgram:
         self,
         task: Task,
         utterance: Utterance,
-        avatar,
+        *,
+        avatar: Any,
         fps: int,
         lookahead_frames: int,
         min_chunk_frames: int,
@@ -168,8 +170,7 @@ class SpeechProgram:
         self.in_gap = False
         self.underrun_ticks = 0
         self.chunk_audio_at: dict[int, float] = {}  # chunk -> monotonic time its audio was complete
-        self._frame_pool: FramePool | None = None  # speech frame buffers, from the first paste until OFF_AIR
-        self._paste_scratch: PasteScratch | None = None  # the warped face, likewise
+        self._paster = FramePaster(avatar)  # recycled frame buffers, from the first paste until OFF_AIR
         utterance.program = self
 
     @property
@@ -378,16 +379,7 @@ class SpeechProgram:
             return None
         self._content_played = content + 1
         self.task.frames_streamed = content + 1  # speech frames: the gap frames are not the task's
-        return self._pasted(self._avatar.frame_index(content), faces)
-
-    def _pasted(self, base: int, face: np.ndarray) -> np.ndarray:
-        """Base frame ``base`` with ``face`` pasted, in recycled buffers (:class:`FramePool`, :class:`PasteScratch`)."""
-        frames = self._avatar.frames
-        pool, scratch = self._frame_pool, self._paste_scratch
-        if pool is None or scratch is None:
-            pool = self._frame_pool = FramePool(frames.shape[1:], frames.dtype)
-            scratch = self._paste_scratch = PasteScratch()
-        return self._avatar.paste(base, face, frame=pool.copy(frames[base]), scratch=scratch)
+        return self._paster.paste(self._avatar.frame_index(content), faces)
 
     def _take(self, content: int) -> np.ndarray | None:
         """The generated face of content frame ``content``; frees its chunk once the chunk's last frame is taken."""
@@ -410,7 +402,7 @@ class SpeechProgram:
         final = self._utterance.final_frames
         face = self._take(content) if final is not None and content < max(final, 1) + self.task.tail_frames else None
         base = self._avatar.frame_index(content)
-        return self._pasted(base, face) if face is not None else self._avatar.frames[base]
+        return self._paster.paste(base, face) if face is not None else self._avatar.frames[base]
 
     def audio(self, start_sample: int, num_samples: int) -> np.ndarray:
         """``(num_samples,) int16`` for the tick at ``start_sample`` of the play timeline (silence in a gap)."""
@@ -455,5 +447,5 @@ class SpeechProgram:
                 task.off_air_tick = self._tick_counter()
             with self._lock:  # the fade is over: nothing more will be played
                 self._faces.clear()
-            self._frame_pool = self._paste_scratch = None  # finished tasks keep their program: not its buffers
+            self._paster.release()  # finished tasks keep their program: not its buffers
             task.release_audio()

@@ -57,7 +57,7 @@ class TaskKind(str, enum.Enum):
     stream = "stream"  # /ws/speech: PCM (and text) from a socket
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Task:
     """One utterance's state as the API reports it (times are ``time.time()`` seconds).
 

@@ -1,9 +1,11 @@
 """The TaskManager: one channel's tasks, from the one builder to the end, and who may generate when.
 
-Every input becomes a task the same way (docs/scheduling.md): :meth:`TaskManager.build` makes
-the task and its utterance (nothing is queued yet: an upload's decoder can still refuse the file),
-:meth:`TaskManager.accept` binds it to the channel's avatar, queues its program on the playout and
-starts its processor; :meth:`TaskManager.open` does both for speech that streams in. Only the task
+Every request becomes a task the same way (docs/scheduling.md), through
+:meth:`TaskManager.open_source` with the request's speech source (an upload, a text, a PCM socket:
+:class:`~latentsync.serving.tasks.ports.SpeechSource`): refuse early what could not be queued,
+:meth:`TaskManager.build` the task and its utterance (nothing is queued yet), start the source (an
+upload's decoder can still refuse the file), then :meth:`TaskManager.accept` binds it to the
+channel's avatar, queues its program on the playout and starts its processor. Only the task
 on air and the next ``tasks.generate_ahead`` tasks are admitted to generate; every job carries the
 monotonic time by which its first frame must be on air, and the pool serves the earliest first.
 :meth:`TaskManager.cancel` is one call that clears every buffer of a task: its queued jobs, its
@@ -19,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from latentsync.config import AppConfig
 from latentsync.engines import (
@@ -29,7 +32,7 @@ from latentsync.engines import (
     LOOKAHEAD_FRAMES,
 )
 from latentsync.serving.compute.jobs import JobQueue
-from latentsync.serving.tasks.ports import Playout
+from latentsync.serving.tasks.ports import OpenedTask, Playout, SourceContext, SpeechSource
 from latentsync.serving.tasks.speech_audio import SpeechError
 from latentsync.serving.tasks.speech_program import ChunkTimes, SpeechProgram
 from latentsync.serving.tasks.task import FINAL_STATES, WAITING_STATES, Task, TaskKind, TaskState
@@ -39,7 +42,7 @@ from latentsync.serving.tasks.utterance import Utterance, UtteranceLimits
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TaskSettings:
     """What a channel's TaskManager needs from the config (one place: :meth:`from_config`).
 
@@ -140,7 +143,8 @@ class TaskManager:
         self,
         jobs: JobQueue,
         playout: Playout,
-        avatar,
+        *,
+        avatar: Any,
         settings: TaskSettings,
         on_ttff: Callable[[float], None] | None = None,
     ):
@@ -187,7 +191,7 @@ class TaskManager:
         if received is not None:
             task.received_at, task.received_monotonic = received
         limits = s.uploaded if kind is TaskKind.upload else s.streamed
-        return Utterance(task, s.fps, s.sample_rate_hz, limits)
+        return Utterance(task, fps=s.fps, sample_rate_hz=s.sample_rate_hz, limits=limits)
 
     def accept(self, utterance: Utterance) -> int:
         """Queue a built task on the playout with the channel's current avatar and start its processor.
@@ -207,32 +211,28 @@ class TaskManager:
         task = utterance.task
         task.on_final = self._admit
         with self._lock:
-            if self._closed:
-                raise SpeechError("stopping", "the channel is stopping")
-            if task.kind is not TaskKind.upload and self._open_streams() >= s.max_open:
-                raise SpeechError("too_many_streams", f"{s.max_open} utterances already open (speech_stream.max_open)")
-            waiting = self._check_room()
+            waiting = self._refusal(task.kind)
             program = SpeechProgram(
                 task,
                 utterance,
-                self._avatar,
-                s.fps,
-                s.plan.lookahead_frames,
-                s.plan.min_frames,
-                s.max_frames_ahead,
-                s.start_margin_s,
-                lambda: self._playout.ticks,
-                self._on_ttff,
+                avatar=self._avatar,
+                fps=s.fps,
+                lookahead_frames=s.plan.lookahead_frames,
+                min_chunk_frames=s.plan.min_frames,
+                max_frames_ahead=s.max_frames_ahead,
+                start_margin_s=s.start_margin_s,
+                tick_counter=lambda: self._playout.ticks,
+                on_ttff=self._on_ttff,
                 chunk_times=self._chunk_times,
             )
             processor = TaskProcessor(
                 task,
                 program,
-                utterance,
-                self._jobs,
-                self._avatar,
-                s.plan,
-                s.fps,
+                utterance=utterance,
+                jobs=self._jobs,
+                avatar=self._avatar,
+                plan=s.plan,
+                fps=s.fps,
                 due_at=lambda frame: self.due_at(task, frame),
             )
             if not self._playout.enqueue(program):
@@ -245,23 +245,59 @@ class TaskManager:
         self._admit()
         return ahead
 
-    def check_room(self) -> None:
-        """Refuse early when no task could be queued now (before an upload's body is even stored).
+    def _refusal(self, kind: TaskKind) -> int:
+        """Refuse a task of ``kind`` that could not be queued now, else the tasks waiting (lock held).
 
         Raises:
-            SpeechError: ``queue_full`` when ``api.max_queued`` tasks wait.
+            SpeechError: ``stopping`` once closed; ``too_many_streams`` when ``speech_stream.max_open``
+                streamed utterances are open (not for uploads); ``queue_full`` when ``api.max_queued`` tasks wait.
+        """
+        s = self.settings
+        if self._closed:
+            raise SpeechError("stopping", "the channel is stopping")
+        if kind is not TaskKind.upload and self._open_streams() >= s.max_open:
+            raise SpeechError("too_many_streams", f"{s.max_open} utterances already open (speech_stream.max_open)")
+        waiting = self._count(WAITING_STATES)
+        if waiting >= s.max_queued:
+            raise SpeechError("queue_full", f"{s.max_queued} tasks already wait (api.max_queued); retry later")
+        return waiting
+
+    def open_source(self, source: SpeechSource, received: tuple[float, float] | None = None) -> OpenedTask:
+        """The one way a request becomes a task: refuse early, build, start ``source``, accept.
+
+        What would refuse the task at :meth:`accept` is checked first, so nothing is stored, decoded
+        or started for a request that cannot be queued (an upload's body is stored by its source's
+        :meth:`~latentsync.serving.tasks.ports.SpeechSource.start`). The source then feeds the
+        built task (an upload returns once its first chunk's audio is decoded) and the task is
+        accepted; whatever refuses it on the way leaves nothing behind (:meth:`discard`).
+
+        Args:
+            source: Where the speech comes from (``latentsync.serving.ingest``).
+            received: ``(time.time(), time.monotonic())`` of the request (the time to first frame counts from it).
+
+        Returns:
+            The accepted task and its position.
+
+        Raises:
+            SpeechError: As :meth:`accept`, or what the source refuses (its code).
         """
         with self._lock:
-            self._check_room()
-
-    def _check_room(self) -> int:
-        """The waiting tasks, or ``queue_full`` when ``api.max_queued`` of them wait (lock held)."""
-        waiting = self._count(WAITING_STATES)
-        if waiting >= self.settings.max_queued:
-            raise SpeechError(
-                "queue_full", f"{self.settings.max_queued} tasks already wait (api.max_queued); retry later"
-            )
-        return waiting
+            self._refusal(source.kind)
+        utterance = self.build(source.kind, source.seed, source.guidance_scale, received)
+        s = self.settings
+        context = SourceContext(
+            sample_rate_hz=s.sample_rate_hz,
+            fps=s.fps,
+            first_frames=s.plan.first_frames + s.plan.lookahead_frames,
+            cancel=self.cancel,
+        )
+        try:
+            source.start(utterance, context)
+            position = self.accept(utterance)
+        except BaseException:
+            self.discard(utterance)
+            raise
+        return OpenedTask(utterance, position)
 
     def open(
         self,
@@ -270,7 +306,7 @@ class TaskManager:
         guidance_scale: float | None = None,
         received: tuple[float, float] | None = None,
     ) -> Utterance:
-        """:meth:`build` and :meth:`accept` a streamed utterance (``/speak``, ``/ws/speech``).
+        """:meth:`build` and :meth:`accept` an utterance its caller feeds (tests; the API uses :meth:`open_source`).
 
         Raises:
             SpeechError: As :meth:`accept`.

@@ -70,6 +70,7 @@ class TaskProcessor:
         self,
         task: Task,
         program: SpeechProgram,
+        *,
         utterance: Utterance,
         jobs: JobQueue,
         avatar,

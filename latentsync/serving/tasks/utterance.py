@@ -67,7 +67,7 @@ class Source(Protocol):
         ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UtteranceLimits:
     """Bounds of one utterance (the ``speech_stream`` section and ``api.max_audio_s``).
 
@@ -94,12 +94,12 @@ class UtteranceLimits:
     def from_config(cls, ss: SpeechStreamConfig, max_audio_s: float, buffered: bool = True) -> UtteranceLimits:
         """The limits of ``speech_stream``; ``buffered=False`` (an upload): no buffer, idle or wall-clock bound."""
         return cls(
-            ss.max_buffered_s if buffered else None,
-            ss.idle_timeout_s if buffered else None,
-            ss.max_utterance_s if buffered else None,
-            ss.starve_timeout_s,
-            ss.min_arrival_ratio,
-            max_audio_s,
+            max_buffered_s=ss.max_buffered_s if buffered else None,
+            idle_timeout_s=ss.idle_timeout_s if buffered else None,
+            max_utterance_s=ss.max_utterance_s if buffered else None,
+            starve_timeout_s=ss.starve_timeout_s,
+            min_arrival_ratio=ss.min_arrival_ratio,
+            max_duration_s=max_audio_s,
         )
 
 
@@ -117,6 +117,7 @@ class Utterance:
     def __init__(
         self,
         task: Task,
+        *,
         fps: int,
         sample_rate_hz: int,
         limits: UtteranceLimits,

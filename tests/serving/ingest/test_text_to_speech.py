@@ -48,7 +48,9 @@ def test_feeder_streams_text_then_pcm_in_order_and_ends(espeak):
     errors = []
     try:
         u = manager.open(TaskKind.speak)
-        feeder = SpeechFeeder(u, espeak, lambda code, message: errors.append(code), manager.cancel, max_items=8)
+        feeder = SpeechFeeder(
+            u, espeak, on_error=lambda code, message: errors.append(code), cancel=manager.cancel, max_items=8
+        )
         feeder.start()
         feeder.push_text("Hello. World.")
         tone = np.full(RATE // 10, 0.25, np.float32)  # 100 ms after the text
@@ -73,7 +75,9 @@ def test_the_feeder_refuses_what_would_pass_its_byte_cap():
     try:
         u = manager.open(TaskKind.stream)
         block = np.zeros(16_000, np.float32)  # 64 000 bytes
-        feeder = SpeechFeeder(u, None, lambda code, message: None, manager.cancel, max_items=512, max_bytes=200_000)
+        feeder = SpeechFeeder(
+            u, None, on_error=lambda code, message: None, cancel=manager.cancel, max_items=512, max_bytes=200_000
+        )
         for _ in range(3):  # not started: items wait (192 000 bytes)
             feeder.push_pcm(block, RATE)
         with pytest.raises(SpeechError) as err:
@@ -92,9 +96,9 @@ def test_cancelling_the_task_closes_its_feeder_and_empties_its_queue():
     manager, _ = fake_manager(pool, FramesAvatar())
     try:
         u = manager.open(TaskKind.stream)
-        feeder = SpeechFeeder(
-            u, None, lambda code, message: None, manager.cancel, max_items=4
-        )  # not started: items wait
+        feeder = SpeechFeeder(  # not started: items wait
+            u, None, on_error=lambda code, message: None, cancel=manager.cancel, max_items=4
+        )
         for _ in range(4):
             feeder.push_pcm(np.zeros(480, np.float32), RATE)
         with pytest.raises(SpeechError) as err:

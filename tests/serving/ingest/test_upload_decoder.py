@@ -31,13 +31,15 @@ SPEECH = "audio/7s_shan_0801_01.wav"  # 48 kHz mono
 
 
 def utterance() -> Utterance:
-    return Utterance(Task(task_id="t" * 32), FPS, RATE, settings().uploaded)
+    return Utterance(Task(task_id="t" * 32), fps=FPS, sample_rate_hz=RATE, limits=settings().uploaded)
 
 
 def decoder(
     path: Path, u: Utterance, max_s: float = 300.0, timeout_s: float = 30.0, read_ahead_s: float = 60.0
 ) -> UploadDecoder:
-    d = UploadDecoder(path, u, RATE, max_s, timeout_s, read_ahead_s)
+    d = UploadDecoder(
+        path, u, sample_rate_hz=RATE, max_duration_s=max_s, timeout_s=timeout_s, read_ahead_s=read_ahead_s
+    )
     u.attach(d)
     return d
 

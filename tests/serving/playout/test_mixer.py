@@ -187,12 +187,21 @@ def test_finished_tasks_release_their_audio():
     from tests.fakes import settings
 
     task = Task(task_id="t")
-    utterance = Utterance(task, 25, 48000, settings().uploaded)
+    utterance = Utterance(task, fps=25, sample_rate_hz=48000, limits=settings().uploaded)
     utterance.push(np.full(10 * N, 1 / 32768, np.float32), 48000)
     utterance.end()
     task.transition(TaskState.preparing)
     task.transition(TaskState.generating)
-    program = SpeechProgram(task, utterance, None, 25, 1, 4, 768, 0.04)
+    program = SpeechProgram(
+        task,
+        utterance,
+        avatar=None,
+        fps=25,
+        lookahead_frames=1,
+        min_chunk_frames=4,
+        max_frames_ahead=768,
+        start_margin_s=0.04,
+    )
     assert program.audio(0, 4).tolist() == [1, 1, 1, 1]
     program.on_air(ProgramEvent.FIRST_FRAME, 0)
     program.on_air(ProgramEvent.DONE, 10)

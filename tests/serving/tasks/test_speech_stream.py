@@ -365,13 +365,13 @@ def test_speech_frames_reuse_buffers_only_once_off_air():
         wait_for(lambda: program._ready_frames == 2 * CHUNK_FRAMES, "two chunks in the program")
         held = [program.frame(i) for i in range(CHUNK_FRAMES)]  # all still referenced (queued, say)
         assert [int(f[0, 0, 0]) for f in held] == [100 + k for k in range(CHUNK_FRAMES)]  # none overwritten
-        allocated = program._frame_pool.allocated
+        allocated = program._paster.allocated
         assert allocated == CHUNK_FRAMES
         del held
         for i in range(CHUNK_FRAMES, 2 * CHUNK_FRAMES):  # each frame let go before the next tick
             assert int(program.frame(i)[0, 0, 0]) == 200 + i - CHUNK_FRAMES
-        assert program._frame_pool.allocated == allocated  # every one of them a reused buffer
+        assert program._paster.allocated == allocated  # every one of them a reused buffer
         program.on_air(ProgramEvent.OFF_AIR, 2 * CHUNK_FRAMES)
-        assert program._frame_pool is None and program._paste_scratch is None  # a finished task holds no buffers
+        assert not program._paster.holding  # a finished task holds no buffers
     finally:
         manager.close()

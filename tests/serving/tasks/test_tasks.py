@@ -182,10 +182,20 @@ def test_transition_table_refuses_illegal_moves():
 def _program(num_frames: int, clock) -> tuple[SpeechProgram, Task]:
     """A program over an ended utterance of ``num_frames`` frames, 16-frame chunks planned."""
     task = Task(task_id="t")
-    utterance = Utterance(task, FPS, RATE, settings().uploaded, clock=clock)
+    utterance = Utterance(task, fps=FPS, sample_rate_hz=RATE, limits=settings().uploaded, clock=clock)
     utterance.push(np.zeros(num_frames * RATE // FPS, np.float32), RATE)
     utterance.end()
-    program = SpeechProgram(task, utterance, FakeAvatar(), FPS, 1, 4, 768, 0.04, clock=clock)
+    program = SpeechProgram(
+        task,
+        utterance,
+        avatar=FakeAvatar(),
+        fps=FPS,
+        lookahead_frames=1,
+        min_chunk_frames=4,
+        max_frames_ahead=768,
+        start_margin_s=0.04,
+        clock=clock,
+    )
     for k, start in enumerate(range(0, num_frames, 16)):
         program.plan(k, start, min(16, num_frames - start))
     return program, task
