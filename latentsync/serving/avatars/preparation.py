@@ -271,11 +271,12 @@ class PreparationQueue:
                 while not self._uploads and not self._channel_jobs and not self._closed:
                     self._wake.wait(timeout=1.0)
                 if self._closed:
-                    for job in self._channel_jobs:
-                        job.error = ("stopping", "the server is stopping")
-                        job.done.set()
+                    for waiting in self._channel_jobs:
+                        waiting.error = ("stopping", "the server is stopping")
+                        waiting.done.set()
                     self._channel_jobs.clear()
                     return
+                job: _ChannelJob | None
                 if self._channel_jobs:  # a channel waits for it on air: before uploads
                     job = self._channel_jobs.popleft()
                 else:

@@ -78,13 +78,13 @@ class EngineActor:
         self._error: str | None = None
         self._host: EngineHost | None = None
 
-    def _load(self, key: str):
+    def _load(self, key: str) -> Avatar:
         import ray
 
         payload = ray.get(self._refs[key])
         return Avatar.from_engine_payload(payload, self._folder / Path(key).name)
 
-    def ping(self, refs: dict[str, list]) -> tuple[int, str, str | None]:
+    def ping(self, refs: dict[str, list[Any]]) -> tuple[int, str, str | None]:
         """Load the engine if not yet loaded; ``(pid, node id, engine error or None)``.
 
         Args:
@@ -105,7 +105,7 @@ class EngineActor:
         """Avatar keys with a loaded engine, least recently used first."""
         return self._host.loaded() if self._host is not None else []
 
-    def chunks(self, jobs: list[ChunkJob], refs: dict[str, list]) -> list[ChunkResult]:
+    def chunks(self, jobs: list[ChunkJob], refs: dict[str, list[Any]]) -> list[ChunkResult]:
         """:meth:`EngineHost.chunks`; ``refs`` maps the jobs' avatar key to ``[ObjectRef]`` of its payload."""
         if self._host is None:
             raise RuntimeError(f"worker failed to start: {self._error or 'not pinged'}")
@@ -131,7 +131,9 @@ class _Actor:
     jobs: int = 0
     failures: int = 0
     restarts: int = 0
-    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    latencies: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -409,7 +411,8 @@ class RayWorkerPool(SchedulingPool):
             if not self._started:
                 raise JobFailed("worker pool is not running")
             handles = [a.handle for a in self._actors if a.state == "ready"]
-        return self._ray.get([h.avatars.remote() for h in handles], timeout=timeout_s)
+        loaded: list[list[str]] = self._ray.get([h.avatars.remote() for h in handles], timeout=timeout_s)
+        return loaded
 
     def actor_nodes(self) -> list[str]:
         """Full Ray node id of each actor that answered (tests: where the work ran)."""
@@ -562,6 +565,7 @@ class RayWorkerPool(SchedulingPool):
             if actor.call is not ref:
                 return
             dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+            assert dispatch_id is not None, "a call is sent with its dispatch id (_dispatch)"
             jobs = self._running.get(dispatch_id, [])
             started = jobs[0].submitted_at if jobs else time.monotonic()
         try:
@@ -582,10 +586,11 @@ class RayWorkerPool(SchedulingPool):
         now = time.monotonic()
         with self._lock:
             for actor in self._actors:
-                jobs = self._running.get(actor.dispatch_id) if actor.call is not None else None
+                dispatch_id = actor.dispatch_id if actor.call is not None else None
+                jobs = self._running.get(dispatch_id) if dispatch_id is not None else None
                 if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
                     reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
-                    dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+                    actor.call, actor.dispatch_id = None, None
                     try:
                         self._ray.kill(actor.handle, no_restart=False)  # Ray restarts it
                     except Exception as exc:  # unreachable: the restart comes when it is back

@@ -134,7 +134,7 @@ class SchedulingPool:
         """The avatar keys the workers hold loaded, least recently used first (tests, /health)."""
         raise NotImplementedError
 
-    def worker_stats(self) -> list:
+    def worker_stats(self) -> list[Any]:
         """Per-worker figures (node, jobs, latency, failures) where the backend tracks them; else empty."""
         return []
 

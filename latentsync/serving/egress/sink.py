@@ -243,7 +243,7 @@ class EgressSink:
     def alive(self) -> bool:
         """True unless an encoder's or output's supervising thread died or deadlocked (the watchdog asks)."""
         now = time.monotonic()
-        parts = [*self._encoders.values(), *self._outputs.values()]
+        parts: list[Encoder | Output] = [*self._encoders.values(), *self._outputs.values()]
         return all(p.alive(now, SUPERVISOR_STALE_S) for p in parts)
 
     def stats(self) -> EgressStats:

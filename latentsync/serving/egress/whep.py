@@ -521,7 +521,7 @@ class WebRtcHub:
                         original()
                         self.request_keyframe()
 
-                    sender._send_keyframe = on_pli
+                    sender._send_keyframe = on_pli  # type: ignore[method-assign]  # aiortc has no hook for this
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except OperationError as exc:
