@@ -57,7 +57,7 @@ class ConnectionClosed(Exception):
     """The WebSocket is closed (by the client, a limit, or :meth:`ServerWebSocket.close`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WebSocketLimits:
     """Bounds of one connection.
 

@@ -46,6 +46,7 @@ class EngineHost:
         self,
         engine_name: str,
         options: Mapping[str, Any],
+        *,
         default: str,
         load_avatar: Callable[[str], Any],
         max_avatars: int = 1,
@@ -160,7 +161,7 @@ def worker_init(
             options["device"] = devices[index % len(devices)]
         from latentsync.avatar import Avatar
 
-        host = EngineHost(engine_name, options, avatar_path, Avatar.load, max_avatars)
+        host = EngineHost(engine_name, options, default=avatar_path, load_avatar=Avatar.load, max_avatars=max_avatars)
         _WORKER_SLOT.update(host=host, index=index, error=None)
     except Exception as exc:  # reported to the parent by every later call
         _WORKER_SLOT.update(host=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())

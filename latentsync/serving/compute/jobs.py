@@ -23,7 +23,7 @@ class JobFailed(RuntimeError):
     """A job failed for good, or the queue could not take it; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkJob:
     """One chunk of one task, as an engine worker receives it: audio in, faces out.
 

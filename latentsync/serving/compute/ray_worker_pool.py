@@ -96,7 +96,13 @@ class EngineActor:
         self._refs.update({key: box[0] for key, box in refs.items()})
         if self._host is None and self._error is None:
             try:
-                self._host = EngineHost(self._engine_name, self._options, self._default, self._load, self._max_avatars)
+                self._host = EngineHost(
+                    self._engine_name,
+                    self._options,
+                    default=self._default,
+                    load_avatar=self._load,
+                    max_avatars=self._max_avatars,
+                )
             except Exception as exc:  # reported to the pool, which marks itself broken
                 self._error = f"{type(exc).__name__}: {exc}"
         return os.getpid(), ray.get_runtime_context().get_node_id(), self._error
@@ -113,7 +119,7 @@ class EngineActor:
         return self._host.chunks(jobs)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Actor:
     """The pool's view of one actor."""
 
@@ -136,7 +142,7 @@ class _Actor:
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ActorStats:
     """One Ray actor in ``/health`` and ``/metrics``.
 
@@ -185,6 +191,7 @@ class RayWorkerPool(SchedulingPool):
         self,
         engine_name: str,
         engine_options: Mapping[str, Any],
+        *,
         avatar_path: str | Path,
         workers: int | None,
         address: str | None = None,
@@ -199,7 +206,9 @@ class RayWorkerPool(SchedulingPool):
         deadline_s: float = 60.0,
         max_queued: int = 4096,
     ):
-        super().__init__(workers or 0, on_chunk_done, max_batch, deadline_s, max_queued)
+        super().__init__(
+            workers or 0, on_chunk_done=on_chunk_done, max_batch=max_batch, deadline_s=deadline_s, max_queued=max_queued
+        )
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
         self._avatar_path = str(avatar_path)
@@ -266,7 +275,7 @@ class RayWorkerPool(SchedulingPool):
             with self._lock:
                 self._started = True
                 for index in range(self._workers):
-                    self._actors.append(_Actor(index, self._new_handle(), ping_sent=time.monotonic()))
+                    self._actors.append(_Actor(index=index, handle=self._new_handle(), ping_sent=time.monotonic()))
                     self._send_ping(self._actors[-1])
             self._wait_started()
         except BaseException:
@@ -397,7 +406,16 @@ class RayWorkerPool(SchedulingPool):
                     state = "unplaced"
                 latency = statistics.median(a.latencies) * 1000 if a.latencies else 0.0
                 out.append(
-                    ActorStats(a.index, a.node[:12], a.pid, state, a.jobs, a.failures, a.restarts, round(latency, 1))
+                    ActorStats(
+                        index=a.index,
+                        node=a.node[:12],
+                        pid=a.pid,
+                        state=state,
+                        jobs=a.jobs,
+                        failures=a.failures,
+                        restarts=a.restarts,
+                        latency_ms=round(latency, 1),
+                    )
                 )
             return out
 

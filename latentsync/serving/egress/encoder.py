@@ -181,7 +181,7 @@ class EncoderSettings:
         return self.stream.restart_backoff_max_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncoderStats:
     """A snapshot of one encoder's counters.
 

@@ -169,7 +169,7 @@ def _side(hello: dict[str, Any], side: str) -> int | None:
     return value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FrameHeader:
     """The fixed header in front of every tick message (docs/frames-protocol.md has the byte table).
 

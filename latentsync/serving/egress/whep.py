@@ -52,7 +52,7 @@ class WhepError(ServingError):
     """A WHEP request that cannot be served; ``code`` names why (the API maps it to an HTTP status)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WebRtcHealth:
     """WebRTC (WHEP) egress counters (:meth:`latentsync.serving.webrtc.WebRtcHub.stats`).
 

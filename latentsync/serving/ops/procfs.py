@@ -22,7 +22,7 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProcStat:
     """One line of ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat`` (``proc(5)``), the fields we use.
 

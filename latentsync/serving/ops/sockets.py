@@ -48,7 +48,7 @@ _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 RECV_BYTES = 1 << 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TcpConnection:
     """One established TCP connection as the kernel sees it.
 

@@ -142,6 +142,7 @@ class Channel:
         self,
         name: str,
         config: AppConfig,
+        *,
         on_ttff: Callable[[float], None] | None = None,
         clips: ClipCache | None = None,
         preparations: AvatarPreparations | None = None,
@@ -268,7 +269,13 @@ class Channel:
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
         self.sink = EgressSink(
-            s, cfg.egress, clip.size[0], clip.size[1], channel_outputs(cfg), self._work_dir, self.name
+            s,
+            egress=cfg.egress,
+            width=clip.size[0],
+            height=clip.size[1],
+            outputs=channel_outputs(cfg),
+            work_dir=self._work_dir,
+            channel=self.name,
         )
         # the playlist holds the tasks not yet on air, which api.max_queued bounds (twice that: programs of
         # tasks cancelled since the last tick still count until it drops them)
@@ -286,16 +293,20 @@ class Channel:
             observers.append(self.webrtc.on_tick)
         if cfg.frames.enabled:
             self.frames = FramesHub(
-                cfg.frames, s.fps, s.audio_sample_rate, clip.size, lambda: (mixer.state.value, mixer.tick_task_id)
+                cfg.frames,
+                fps=s.fps,
+                sample_rate_hz=s.audio_sample_rate,
+                frame_size=clip.size,
+                on_air=lambda: (mixer.state.value, mixer.tick_task_id),
             )
             observers.append(self.frames.on_tick)
         self._feed = EventFeed(
             self.events,
-            lambda: mixer.state,
-            self._tasks_json,
-            lambda: self.health()[1],
-            self._viewer_count,
-            cfg.ui.event_poll_s,
+            state=lambda: mixer.state,
+            tasks=self._tasks_json,
+            health=lambda: self.health()[1],
+            viewers=self._viewer_count,
+            poll_s=cfg.ui.event_poll_s,
         )
         observers.append(self._feed.on_tick)
         if self.webrtc is not None:

@@ -149,7 +149,7 @@ class Runtime:
         return Avatar.load(path)
 
     def _new_channel(self, name: str, config: AppConfig) -> Channel:
-        return Channel(name, config, self._observe_ttff, self._clips, self._preparations)
+        return Channel(name, config, on_ttff=self._observe_ttff, clips=self._clips, preparations=self._preparations)
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -361,8 +361,8 @@ class Runtime:
             pool = RayWorkerPool(
                 engine.name.value,
                 options,
-                main_avatar.path,
-                ray_cfg.ray_workers,
+                avatar_path=main_avatar.path,
+                workers=ray_cfg.ray_workers,
                 address=ray_cfg.ray_address,
                 cpus_per_worker=ray_cfg.ray_cpus_per_worker,
                 gpus_per_worker=ray_cfg.ray_gpus_per_worker if latentsync else None,
@@ -383,8 +383,8 @@ class Runtime:
             pool = WorkerPool(
                 engine.name.value,
                 options,
-                main_avatar.path,
-                workers,
+                avatar_path=main_avatar.path,
+                workers=workers,
                 devices=devices,
                 nice=engine.worker_nice,
                 **common,
