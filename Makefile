@@ -49,11 +49,13 @@ test: setup setup-ray
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
-## lint: ruff, the format check and the import contracts of latentsync (pyproject.toml [tool.importlinter])
+## lint: ruff, the format check, the import contracts of latentsync (pyproject.toml [tool.importlinter]) and mypy
+## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly)
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-logo --no-cache
+	$(VENV)/bin/mypy latentsync/serving
 
 ## format: reformat the tree (what make test checks)
 format: setup

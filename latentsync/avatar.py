@@ -48,7 +48,7 @@ _HASH_BLOCK_BYTES = 1 << 20
 _DECODE_SHARE, _TRACK_SHARE = 0.1, 0.8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AvatarSettings:
     """Everything that changes what :meth:`Avatar.prepare` produces (all part of the cache key).
 

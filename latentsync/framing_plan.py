@@ -106,17 +106,17 @@ def plan_framing(
     background = check_background(background)
     size = (int(size[0]), int(size[1]))
     if fit is Fit.stretch or same_aspect(coded, size):  # (a quarter-turned video never has the same aspect)
-        return Framing(Fit.stretch, size, background=background)
+        return Framing(fit=Fit.stretch, size=size, background=background)
     if fit is Fit.contain:
-        return Framing(Fit.contain, size, background=background)
+        return Framing(fit=Fit.contain, size=size, background=background)
     face, source = find_face(path, coded)
     if min(source) < MIN_SOURCE_SIDE:
         raise MediaProbeError(
             f"{Path(path).name}: {source[0]}x{source[1]} is too small to frame (under {MIN_SOURCE_SIDE} px)"
         )
     if same_aspect(source, size):
-        return Framing(Fit.stretch, size, background=background, face=face)
-    return Framing(Fit.cover, size, cover_window(source, size, face), background, face)
+        return Framing(fit=Fit.stretch, size=size, background=background, face=face)
+    return Framing(fit=Fit.cover, size=size, crop=cover_window(source, size, face), background=background, face=face)
 
 
 def load_clip(

@@ -64,7 +64,7 @@ class OutputKind(str, enum.Enum):
         return self in (OutputKind.rtmp, OutputKind.srt, OutputKind.whip)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputUrl:
     """A parsed output URL.
 
@@ -114,23 +114,29 @@ def parse_output_url(url: str) -> OutputUrl:
         m = _RTMP_RE.fullmatch(url)
         if m is None:
             raise OutputUrlError("url: expected rtmp[s]://host[:port]/app/key")
-        return OutputUrl(OutputKind.rtmp, url, scheme, _host(m.group(2)), _port(m.group(3), scheme))
+        return OutputUrl(
+            kind=OutputKind.rtmp, url=url, scheme=scheme, host=_host(m.group(2)), port=_port(m.group(3), scheme)
+        )
     if scheme == "srt":
         m = _SRT_RE.fullmatch(url)
         if m is None:
             raise OutputUrlError("url: expected srt://host:port[?streamid=...&passphrase=...&latency=...]")
         _check_srt_query(m.group(3) or "")
-        return OutputUrl(OutputKind.srt, url, scheme, _host(m.group(1)), _port(m.group(2), scheme))
+        return OutputUrl(
+            kind=OutputKind.srt, url=url, scheme=scheme, host=_host(m.group(1)), port=_port(m.group(2), scheme)
+        )
     if scheme in ("http", "https"):
         m = _WHIP_RE.fullmatch(url)
         if m is None or "@" in url.split("//", 1)[1].split("/", 1)[0]:
             raise OutputUrlError("url: expected a WHIP endpoint http[s]://host[:port]/path (no credentials)")
-        return OutputUrl(OutputKind.whip, url, scheme, _host(m.group(2)), _port(m.group(3), scheme))
+        return OutputUrl(
+            kind=OutputKind.whip, url=url, scheme=scheme, host=_host(m.group(2)), port=_port(m.group(3), scheme)
+        )
     if scheme == "hls":
         name = url[len("hls:") :]
         if HLS_NAME_RE.fullmatch(name) is None:
             raise OutputUrlError("url: expected hls:NAME (a folder name in egress.hls_root: letters, digits, . _ -)")
-        return OutputUrl(OutputKind.hls, url, scheme, name=name)
+        return OutputUrl(kind=OutputKind.hls, url=url, scheme=scheme, name=name)
     if scheme == "record":
         name = url[len("record:") :]
         if RECORD_NAME_RE.fullmatch(name) is None:
@@ -138,7 +144,7 @@ def parse_output_url(url: str) -> OutputUrl:
                 "url: expected record:FILE.mkv (a file name in stream.record_dir: letters, digits, . _ -; "
                 "extension mkv, mp4, mov, ts or flv)"
             )
-        return OutputUrl(OutputKind.record, url, scheme, name=name)
+        return OutputUrl(kind=OutputKind.record, url=url, scheme=scheme, name=name)
     raise OutputUrlError("url: the scheme must be rtmp, rtmps, srt, http, https (WHIP), hls: or record:")
 
 

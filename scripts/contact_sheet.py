@@ -60,7 +60,7 @@ def contact_sheet(video: Path, audio_path: Path, out_dir: Path, cache_dir: Path,
         base = avatar.frame_index(k)
         idx = np.full(CHUNK_FRAMES, base)
         chunk = np.repeat(feats[k : k + 1], CHUNK_FRAMES, axis=0)
-        result = engine.generate(ChunkRequest("sheet", k, idx, features=chunk))
+        result = engine.generate(ChunkRequest(task_id="sheet", chunk_index=k, frame_indices=idx, features=chunk))
         frame = avatar.paste(base, result.faces[0])
         idle_row.append(_crop(np.asarray(avatar.frames[base]), avatar.boxes[base], 256))
         speak_row.append(_crop(frame, avatar.boxes[base], 256))

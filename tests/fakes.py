@@ -93,7 +93,15 @@ class FakePool:
         n = len(job.job.frame_indices)
         base = 100 if fill is None else fill
         data = (base + np.arange(n, dtype=np.uint8)).reshape(-1, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
-        job.on_done(ChunkResult(job.task_id, job.chunk_index, job.job.frame_indices, data, 0.0))
+        job.on_done(
+            ChunkResult(
+                task_id=job.task_id,
+                chunk_index=job.chunk_index,
+                frame_indices=job.job.frame_indices,
+                faces=data,
+                generate_s=0.0,
+            )
+        )
 
 
 class FakeAvatar:

@@ -26,17 +26,28 @@ def test_cover_window_keeps_the_aspect_centres_the_face_and_puts_it_on_the_upper
     x, y, w, h = cover_window((1920, 1080), (720, 1280), face)  # landscape source, portrait channel
     assert (w, h) == (608, 1080) and abs(w / h - 720 / 1280) < 0.01
     assert x == 1400 - 304 and y == 0  # horizontally centred on the face; the full height
-    x, y, w, h = cover_window((1080, 1920), (512, 512), FaceBox(540, 900, 200, 240, 1, 1))
+    x, y, w, h = cover_window(
+        (1080, 1920), (512, 512), FaceBox(cx=540, cy=900, width=200, height=240, frames=1, sampled=1)
+    )
     assert (w, h) == (1080, 1080) and x == 0
     assert y == 900 - 360  # the face's centre on the upper third line of the window
     assert y + h <= 1920
     # a close-up: a third of the window above the centre would cut the head; keep 0.9 face heights
-    x, y, w, h = cover_window((1080, 1920), (1280, 720), FaceBox(540, 700, 600, 700, 1, 1))
+    x, y, w, h = cover_window(
+        (1080, 1920), (1280, 720), FaceBox(cx=540, cy=700, width=600, height=700, frames=1, sampled=1)
+    )
     assert y == 700 - 630 and (w, h) == (1080, 608)
     # no face: the centre; a face at an edge: the window stays inside the source
     assert cover_window((1080, 1920), (512, 512), None) == (0, 420, 1080, 1080)
-    assert cover_window((1920, 1080), (512, 512), FaceBox(1900, 50, 80, 90, 1, 1)) == (840, 0, 1080, 1080)
-    assert all(v % 2 == 0 for v in cover_window((1081, 1921), (511, 513), FaceBox(300, 300, 50, 60, 1, 1)))
+    assert cover_window(
+        (1920, 1080), (512, 512), FaceBox(cx=1900, cy=50, width=80, height=90, frames=1, sampled=1)
+    ) == (840, 0, 1080, 1080)
+    assert all(
+        v % 2 == 0
+        for v in cover_window(
+            (1081, 1921), (511, 513), FaceBox(cx=300, cy=300, width=50, height=60, frames=1, sampled=1)
+        )
+    )
 
 
 def test_bad_modes_and_backgrounds_are_refused():

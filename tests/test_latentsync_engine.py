@@ -77,7 +77,13 @@ def speech_features(engine):
 
 def chunk(features: np.ndarray, k: int = 0, **kwargs) -> ChunkRequest:
     rows = slice(16 * k, 16 * k + 16)
-    return ChunkRequest("task", k, np.arange(16, dtype=np.int64) + 16 * k, features=features[rows], **kwargs)
+    return ChunkRequest(
+        task_id="task",
+        chunk_index=k,
+        frame_indices=np.arange(16, dtype=np.int64) + 16 * k,
+        features=features[rows],
+        **kwargs,
+    )
 
 
 def test_engine_protocol_and_load(engine, avatar):
@@ -161,7 +167,11 @@ def test_classifier_free_guidance_runs(engine, speech_features):
 
 def test_frame_index_outside_the_avatar(engine, avatar):
     with pytest.raises(ValueError, match="out of range"):
-        engine.generate(ChunkRequest("t", 0, np.array([0, len(avatar)]), features=np.zeros((2, 50, 384))))
+        engine.generate(
+            ChunkRequest(
+                task_id="t", chunk_index=0, frame_indices=np.array([0, len(avatar)]), features=np.zeros((2, 50, 384))
+            )
+        )
 
 
 def test_latent_cache_written_once_and_reused(engine, tiny_files, avatar):
@@ -213,7 +223,11 @@ def test_options_are_validated(tiny_files, avatar):
     engine = create_engine("latentsync", None, avatar)  # defaults: the server's config values
     assert engine.options.unet_path == "checkpoints/latentsync_unet.pt" and engine.options.inference_steps == 20
     with pytest.raises(RuntimeError, match="before load"):
-        engine.generate(ChunkRequest("t", 0, np.arange(16), features=np.zeros((16, 50, 384), np.float32)))
+        engine.generate(
+            ChunkRequest(
+                task_id="t", chunk_index=0, frame_indices=np.arange(16), features=np.zeros((16, 50, 384), np.float32)
+            )
+        )
 
 
 @pytest.mark.gpu

@@ -65,17 +65,23 @@ def test_engine_interface(avatar, speech):
     assert isinstance(engine, Engine)
     idx = np.arange(CHUNK_FRAMES) % avatar.num_frames
     with pytest.raises(RuntimeError):
-        engine.generate(ChunkRequest("t", 0, idx, features=np.zeros((CHUNK_FRAMES, 2), np.float32)))
+        engine.generate(
+            ChunkRequest(
+                task_id="t", chunk_index=0, frame_indices=idx, features=np.zeros((CHUNK_FRAMES, 2), np.float32)
+            )
+        )
     engine.load()
     engine.load()
     feats = engine.features(speech)
-    result = engine.generate(ChunkRequest("t", 3, idx, features=feats[48:64]))
+    result = engine.generate(ChunkRequest(task_id="t", chunk_index=3, frame_indices=idx, features=feats[48:64]))
     assert (result.task_id, result.chunk_index) == ("t", 3)
     assert result.faces.shape == (CHUNK_FRAMES, 256, 256, 3) and result.faces.dtype == np.uint8
     assert result.generate_s > 0
     keep = np.asarray(avatar.mask) == 1.0
     assert np.array_equal(result.faces[:, keep], np.asarray(avatar.faces)[idx][:, keep])
-    silent = engine.generate(ChunkRequest("t", 0, idx, features=np.zeros((CHUNK_FRAMES, 2), np.float32)))
+    silent = engine.generate(
+        ChunkRequest(task_id="t", chunk_index=0, frame_indices=idx, features=np.zeros((CHUNK_FRAMES, 2), np.float32))
+    )
     assert np.abs(silent.faces.astype(np.int16) - np.asarray(avatar.faces)[idx]).mean() < 0.5
     engine.close()
     engine.close()
@@ -84,9 +90,9 @@ def test_engine_interface(avatar, speech):
     with pytest.raises(ValueError, match="unknown parametric"):
         create_engine("parametric", {"bogus": 1}, avatar)
     with pytest.raises(ValueError, match="feature rows"):
-        ChunkRequest("t", 0, idx, features=None)
+        ChunkRequest(task_id="t", chunk_index=0, frame_indices=idx, features=None)
     with pytest.raises(ValueError, match="15 feature rows for 16 frames"):
-        ChunkRequest("t", 0, idx, features=feats[:15])
+        ChunkRequest(task_id="t", chunk_index=0, frame_indices=idx, features=feats[:15])
 
 
 def test_lip_sync_on_redetected_output(avatar, speech):
@@ -101,7 +107,9 @@ def test_lip_sync_on_redetected_output(avatar, speech):
     for c in range(0, n, CHUNK_FRAMES):
         idx = np.array([avatar.frame_index(k) for k in range(c, c + CHUNK_FRAMES)])
         chunk = np.pad(feats[c : c + CHUNK_FRAMES], ((0, max(c + CHUNK_FRAMES - n, 0)), (0, 0)))
-        result = engine.generate(ChunkRequest("lipsync", c // CHUNK_FRAMES, idx, features=chunk))
+        result = engine.generate(
+            ChunkRequest(task_id="lipsync", chunk_index=c // CHUNK_FRAMES, frame_indices=idx, features=chunk)
+        )
         frames += [avatar.paste(i, face) for i, face in zip(idx, result.faces, strict=True)][: n - c]
     engine.close()
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.streamtools import FFMPEG, RtmpServer
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.ffmpeg]
@@ -63,11 +63,13 @@ def test_only_the_secret_holder_publishes(rtmp_server):
 def test_nginx_workers_do_not_run_as_root(rtmp_server):
     master, workers = rtmp_server.nginx_pids()
     assert workers, "no nginx worker"
-    uids = {Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] for pid in workers}
+    ids = {pid: procfs.user_ids(pid) for pid in workers}
+    assert None not in ids.values(), f"an nginx worker is gone: {ids}"
+    uids = {found.real for found in ids.values() if found is not None}
     if os.getuid() == 0:
-        assert "0" not in uids, uids
+        assert 0 not in uids, ids
     else:
-        assert uids == {str(os.getuid())}
+        assert uids == {os.getuid()}, ids
 
 
 def test_a_relay_keeps_the_destination_key_off_every_command_line(rtmp_server, tmp_path):
@@ -80,17 +82,10 @@ def test_a_relay_keeps_the_destination_key_off_every_command_line(rtmp_server, t
     proc = publish(relay.url("avatar"), seconds=6.0)
     try:
         assert wait_publishing(rtmp_server, key, timeout_s=5.0), "the relay did not push to the destination"
-        leaked = [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, key)]
+        leaked = [pid for pid in procfs.process_stats() if key in procfs.command_line(pid)]
         assert leaked == [], f"stream key on the command line of {leaked}"
         assert (os.stat(relay.run_dir / "nginx.conf").st_mode & 0o077) == 0
     finally:
         proc.kill()
         proc.wait(5)
         relay.stop()
-
-
-def _cmdline_has(proc_dir: Path, text: str) -> bool:
-    try:
-        return text.encode() in (proc_dir / "cmdline").read_bytes()
-    except OSError:
-        return False

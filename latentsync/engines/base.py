@@ -37,7 +37,7 @@ DEFAULT_LOOKAHEAD_FRAMES = max(LOOKAHEAD_FRAMES.values())
 FIRST_CHUNK_FRAMES = {"parametric": 4, "latentsync": CHUNK_FRAMES}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkRequest:
     """One chunk of work: 16 output frames of one task.
 
@@ -73,7 +73,7 @@ class ChunkRequest:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkResult:
     """Generated faces of one chunk.
 

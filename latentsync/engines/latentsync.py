@@ -433,7 +433,14 @@ class LatentSyncEngine:
             elapsed = time.perf_counter() - t0
             for (k, (request, idx, _, _)), output in zip(group, outputs, strict=True):
                 timings = {"features": t_features, **output.timings_s, "batch": float(len(group))}
-                results[k] = ChunkResult(request.task_id, request.chunk_index, idx, output.faces, elapsed, timings)
+                results[k] = ChunkResult(
+                    task_id=request.task_id,
+                    chunk_index=request.chunk_index,
+                    frame_indices=idx,
+                    faces=output.faces,
+                    generate_s=elapsed,
+                    timings_s=timings,
+                )
         return [results[k] for k in range(len(requests))]
 
 

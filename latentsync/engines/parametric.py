@@ -33,7 +33,7 @@ _LIP_SPAN = 1.0
 _LIP_SHAPE = 0.8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ParametricOptions:
     """Settings of the parametric engine (all have working defaults).
 
@@ -159,7 +159,7 @@ def _smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3.0 - 2.0 * x)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _MouthGeometry:
     """Where the mouth is in one aligned face (all in aligned 256x256 pixels)."""
 
@@ -492,4 +492,11 @@ class ParametricEngine:
                 float(feats[k, 1]),
             )
         elapsed = time.perf_counter() - t0
-        return ChunkResult(request.task_id, request.chunk_index, idx, faces, elapsed, {"render": elapsed})
+        return ChunkResult(
+            task_id=request.task_id,
+            chunk_index=request.chunk_index,
+            frame_indices=idx,
+            faces=faces,
+            generate_s=elapsed,
+            timings_s={"render": elapsed},
+        )

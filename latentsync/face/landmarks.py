@@ -20,7 +20,7 @@ MESH_TO_68 = (
 _MESH_TO_68 = np.array(MESH_TO_68, np.intp)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrackerOptions:
     """How faces are searched for and tracked.
 

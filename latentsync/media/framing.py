@@ -57,7 +57,7 @@ def check_background(value: str) -> str:
     raise ValueError(f"background must be 'blur' or '#rrggbb', got {value!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FaceBox:
     """Where the presenter's face is in the source video (median over sampled frames), in source pixels.
 
@@ -110,7 +110,7 @@ def cover_window(source: tuple[int, int], target: tuple[int, int], face: FaceBox
     return x - x % 2, y - y % 2, w, h
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Framing:
     """How one video is framed into one frame size.
 

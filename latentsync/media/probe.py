@@ -30,7 +30,7 @@ def parse_duration_s(match: re.Match) -> float:
     return int(match.group(1)) * 3600 + int(match.group(2)) * 60 + float(match.group(3))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MediaInfo:
     """What FFmpeg reports about a media file's first video and audio streams.
 
@@ -112,4 +112,14 @@ def probe_media(
     if video_codec is None and audio_codec is None:
         last = text.strip().splitlines()[-1] if text.strip() else "no output"
         raise MediaProbeError(f"{path.name}: not a readable audio or video file ({last})")
-    return MediaInfo(path, duration_s, video_codec, width, height, fps, audio_codec, rate, layout)
+    return MediaInfo(
+        path=path,
+        duration_s=duration_s,
+        video_codec=video_codec,
+        width=width,
+        height=height,
+        fps=fps,
+        audio_codec=audio_codec,
+        audio_sample_rate_hz=rate,
+        audio_layout=layout,
+    )

@@ -105,7 +105,7 @@ def check_clip_limits(
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VideoClip:
     """A decoded clip on the stream's time base.
 

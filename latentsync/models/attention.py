@@ -142,7 +142,7 @@ class FrameTransformer(nn.Module):
     """
 
     def __init__(
-        self, channels: int, heads: int, audio_dim: int, groups: int, eps: float = 1e-6, num_layers: int = 1
+        self, channels: int, *, heads: int, audio_dim: int, groups: int, eps: float = 1e-6, num_layers: int = 1
     ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=eps, affine=True)

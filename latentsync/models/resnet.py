@@ -95,6 +95,7 @@ class ResnetBlock(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        *,
         temb_channels: int,
         groups: int,
         eps: float,

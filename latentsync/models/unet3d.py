@@ -31,7 +31,7 @@ CROSS_ATTN_UP = "CrossAttnUpBlock3D"
 UP = "UpBlock3D"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UNet3DConfig:
     """Architecture of the U-Net. Defaults are the ``model`` section of LatentSync 1.0's second_stage.yaml.
 
@@ -188,6 +188,7 @@ class DownBlock(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        *,
         config: UNet3DConfig,
         has_attention: bool,
         add_downsample: bool,
@@ -199,10 +200,10 @@ class DownBlock(nn.Module):
                 [
                     FrameTransformer(
                         out_channels,
-                        c.attention_heads,
-                        c.cross_attention_dim,
-                        c.norm_num_groups,
-                        c.transformer_norm_eps,
+                        heads=c.attention_heads,
+                        audio_dim=c.cross_attention_dim,
+                        groups=c.norm_num_groups,
+                        eps=c.transformer_norm_eps,
                     )
                     for _ in range(c.layers_per_block)
                 ]
@@ -215,9 +216,9 @@ class DownBlock(nn.Module):
                 ResnetBlock(
                     in_channels if i == 0 else out_channels,
                     out_channels,
-                    c.time_embed_dim,
-                    c.norm_num_groups,
-                    c.norm_eps,
+                    temb_channels=c.time_embed_dim,
+                    groups=c.norm_num_groups,
+                    eps=c.norm_eps,
                     joint_norm=c.joint_frame_norm,
                 )
                 for i in range(c.layers_per_block)
@@ -272,6 +273,7 @@ class UpBlock(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
+        *,
         prev_output_channels: int,
         config: UNet3DConfig,
         has_attention: bool,
@@ -285,10 +287,10 @@ class UpBlock(nn.Module):
                 [
                     FrameTransformer(
                         out_channels,
-                        c.attention_heads,
-                        c.cross_attention_dim,
-                        c.norm_num_groups,
-                        c.transformer_norm_eps,
+                        heads=c.attention_heads,
+                        audio_dim=c.cross_attention_dim,
+                        groups=c.norm_num_groups,
+                        eps=c.transformer_norm_eps,
                     )
                     for _ in range(num_layers)
                 ]
@@ -304,9 +306,9 @@ class UpBlock(nn.Module):
                 ResnetBlock(
                     resnet_in + skip_channels,
                     out_channels,
-                    c.time_embed_dim,
-                    c.norm_num_groups,
-                    c.norm_eps,
+                    temb_channels=c.time_embed_dim,
+                    groups=c.norm_num_groups,
+                    eps=c.norm_eps,
                     joint_norm=c.joint_frame_norm,
                 )
             )
@@ -362,10 +364,10 @@ class MidBlock(nn.Module):
             [
                 FrameTransformer(
                     channels,
-                    c.attention_heads,
-                    c.cross_attention_dim,
-                    c.norm_num_groups,
-                    c.transformer_norm_eps,
+                    heads=c.attention_heads,
+                    audio_dim=c.cross_attention_dim,
+                    groups=c.norm_num_groups,
+                    eps=c.transformer_norm_eps,
                 )
                 for _ in range(num_layers)
             ]
@@ -375,9 +377,9 @@ class MidBlock(nn.Module):
                 ResnetBlock(
                     channels,
                     channels,
-                    c.time_embed_dim,
-                    c.norm_num_groups,
-                    c.norm_eps,
+                    temb_channels=c.time_embed_dim,
+                    groups=c.norm_num_groups,
+                    eps=c.norm_eps,
                     output_scale_factor=c.mid_block_scale_factor,
                     joint_norm=c.joint_frame_norm,
                 )
@@ -437,7 +439,7 @@ class UNet3DConditionModel(nn.Module):
                 DownBlock(
                     input_channels,
                     output_channels,
-                    c,
+                    config=c,
                     has_attention=block_type == CROSS_ATTN_DOWN,
                     add_downsample=i < len(channels) - 1,
                 )
@@ -454,8 +456,8 @@ class UNet3DConditionModel(nn.Module):
                 UpBlock(
                     input_channels,
                     output_channels,
-                    prev_output_channels,
-                    c,
+                    prev_output_channels=prev_output_channels,
+                    config=c,
                     has_attention=block_type == CROSS_ATTN_UP,
                     add_upsample=i < len(channels) - 1,
                 )

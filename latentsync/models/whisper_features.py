@@ -81,7 +81,7 @@ class WhisperCheckpointError(ValueError):
     """A Whisper checkpoint is unreadable or not the expected model (message names the file)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WhisperDims:
     """Audio-encoder dimensions from a Whisper checkpoint's ``"dims"`` (tiny: 80, 1500, 384, 6, 4).
 

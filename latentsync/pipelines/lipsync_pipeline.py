@@ -96,7 +96,7 @@ def _shape(array: np.ndarray | torch.Tensor | None) -> tuple[int, ...] | None:
     return None if array is None else tuple(array.shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LipsyncChunk:
     """The per-chunk inputs of :meth:`LipsyncPipeline.generate_batch` (see :meth:`LipsyncPipeline.__call__`).
 
@@ -334,7 +334,13 @@ class LipsyncPipeline:
             ValueError: From :meth:`check_inputs`.
 
         """
-        chunk = LipsyncChunk(faces, reference_latents, masked_latents, audio_features, noise)
+        chunk = LipsyncChunk(
+            faces=faces,
+            reference_latents=reference_latents,
+            masked_latents=masked_latents,
+            audio_features=audio_features,
+            noise=noise,
+        )
         return self.generate_batch([chunk], keep_mask, num_inference_steps, guidance_scale)[0]
 
     @torch.inference_mode()

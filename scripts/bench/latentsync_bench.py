@@ -276,11 +276,11 @@ def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tu
     def first_chunk() -> None:
         features = whisper.prepare(inputs.audio).frames(0, frames).float().cpu().numpy()
         chunk = LipsyncChunk(
-            all_chunks[0].faces,
-            all_chunks[0].reference_latents,
-            all_chunks[0].masked_latents,
-            features,
-            all_chunks[0].noise,
+            faces=all_chunks[0].faces,
+            reference_latents=all_chunks[0].reference_latents,
+            masked_latents=all_chunks[0].masked_latents,
+            audio_features=features,
+            noise=all_chunks[0].noise,
         )
         pipeline.generate_batch([chunk], keep, num_inference_steps=args.steps, guidance_scale=args.guidance[0])
 

@@ -55,7 +55,15 @@ CHUNK = 16
 def job(k: int, avatar: Avatar, due_at: float | None = None) -> ChunkJob:
     audio = (np.random.default_rng(k).standard_normal(CHUNK * 640) * 0.1).astype(np.float32)
     frames = (np.arange(CHUNK, dtype=np.int64) + CHUNK * k) % len(avatar)
-    return ChunkJob("bench", k, str(avatar.path), audio, (0, CHUNK), frames, due_at or time.monotonic() + k)
+    return ChunkJob(
+        task_id="bench",
+        chunk_index=k,
+        avatar=str(avatar.path),
+        audio_16k=audio,
+        rows=(0, CHUNK),
+        frame_indices=frames,
+        due_at=due_at or time.monotonic() + k,
+    )
 
 
 class Collector:
@@ -114,7 +122,12 @@ def call_held_on_second_node(
     """
     options = {"hold_flag": str(hold), "hold_node": "second"}
     pool = RayWorkerPool(
-        "tests.flaky_engine:create", options, avatar.path, None, cluster.address, deadline_s=deadline_s
+        "tests.flaky_engine:create",
+        options,
+        avatar_path=avatar.path,
+        workers=None,
+        address=cluster.address,
+        deadline_s=deadline_s,
     )
     pool.start()
     try:
@@ -170,7 +183,7 @@ def gcs_pause(cluster: RayCluster, avatar: Avatar, pause_s: float = 5.0, chunks:
     Returns:
         (chunks done, of which while the GCS was stopped, errors).
     """
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, cluster.address)
+    pool = RayWorkerPool("parametric", {}, avatar_path=avatar.path, workers=None, address=cluster.address)
     pool.start()
     try:
         gcs = cluster.pids("gcs_server")[0]
@@ -214,7 +227,7 @@ def main() -> int:
     avatar = Avatar.prepare(VIDEO, AvatarSettings(fps=FPS, size=(width, height)), cache_dir=tmp / "avatars")
     rows = []
 
-    local = WorkerPool("parametric", {}, avatar.path, workers=1)
+    local = WorkerPool("parametric", {}, avatar_path=avatar.path, workers=1)
     local.start()
     try:
         local_ms = added_latency_ms(local, avatar, args.chunks)
@@ -224,14 +237,18 @@ def main() -> int:
 
     cluster = RayCluster().start()
     try:
-        one = RayWorkerPool("parametric", {}, avatar.path, 1, cluster.address)  # one actor: one node's worth
+        one = RayWorkerPool(
+            "parametric", {}, avatar_path=avatar.path, workers=1, address=cluster.address
+        )  # one actor: one node's worth
         one.start()
         try:
             ray_ms = added_latency_ms(one, avatar, args.chunks)
             one_cps = throughput(one, avatar, args.chunks)
         finally:
             one.close()
-        two = RayWorkerPool("parametric", {}, avatar.path, None, cluster.address)  # one actor per node
+        two = RayWorkerPool(
+            "parametric", {}, avatar_path=avatar.path, workers=None, address=cluster.address
+        )  # one actor per node
         two.start()
         try:
             two_cps = throughput(two, avatar, args.chunks)

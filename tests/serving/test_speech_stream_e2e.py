@@ -16,6 +16,7 @@ import pytest
 import simple_websocket
 
 from latentsync.media import decode_audio
+from latentsync.serving.ops import procfs
 from tests.datafiles import MEDIA, media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import Api, ServerProcess, StreamRecorder, decode_recording, rms_envelope
@@ -292,8 +293,10 @@ def test_speak_says_three_sentences_and_rejects_bad_requests(server):
 
 
 def server_threads(server) -> int:
-    """Threads of the server process now."""
-    return len(os.listdir(f"/proc/{server.proc.pid}/task"))
+    """Threads of the server process now (:func:`procfs.thread_count`); it must still run."""
+    count = procfs.thread_count(server.proc.pid)
+    assert count > 0, "the server is gone"
+    return count
 
 
 def settled_threads(server, expected: int, timeout_s: float = 10.0) -> int:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import wraps
+from typing import cast
 
 from flask import Flask, Response, request
 from wsproto import ConnectionType, WSConnection
@@ -56,7 +57,7 @@ class ConnectionClosed(Exception):
     """The WebSocket is closed (by the client, a limit, or :meth:`ServerWebSocket.close`)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WebSocketLimits:
     """Bounds of one connection.
 
@@ -98,7 +99,7 @@ class ServerWebSocket:
         self._connected = True
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self._partial: list[bytes | str] = []
+        self._partial: list[str | bytes | bytearray] = []  # one message's fragments: all text or all bytes
         self._partial_bytes = 0
         self._pong_due = False
         sock.settimeout(limits.send_timeout_s)  # sends; the reader waits in select() first, so recv never waits
@@ -240,7 +241,11 @@ class ServerWebSocket:
             if not event.message_finished:
                 return
             parts, self._partial, self._partial_bytes = self._partial, [], 0
-            message: str | bytes = "".join(parts) if isinstance(event, TextMessage) else b"".join(parts)
+            message: str | bytes
+            if isinstance(event, TextMessage):
+                message = "".join(cast(list[str], parts))
+            else:
+                message = b"".join(cast(list[bytes | bytearray], parts))
             with self._cond:
                 self._inbox.append(message)
                 self._inbox_bytes += len(message)

@@ -114,7 +114,8 @@ class FacePolicy:
 
         if size is None or record.face_width_px is None or record.source_size is None:
             return
-        face_px = record.face_width_px * face_scale(tuple(record.source_size), size, fit)
+        source_width, source_height = record.source_size
+        face_px = record.face_width_px * face_scale((source_width, source_height), size, fit)
         if face_px < self.min_face_px:
             raise AvatarError(
                 "face_too_small",

@@ -85,7 +85,7 @@ class PreparationFailed(Exception):
         self.public_message = f"{code}: {message}"
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, kw_only=True)
 class _ChannelJob:
     """A channel's avatar (start or switch) waiting for, or in, the preparation queue."""
 
@@ -227,7 +227,7 @@ class PreparationQueue:
             PreparationFailed: With the child's code (``no_face``, ``not_video``, ``prepare_timeout``,
                 ``prepare_failed``, ``stopping``) and a message that never holds FFmpeg's text.
         """
-        job = _ChannelJob(str(video), settings)
+        job = _ChannelJob(video=str(video), settings=settings)
         with self._lock:
             if self._closed:
                 raise PreparationFailed("stopping", "the server is stopping")
@@ -271,11 +271,12 @@ class PreparationQueue:
                 while not self._uploads and not self._channel_jobs and not self._closed:
                     self._wake.wait(timeout=1.0)
                 if self._closed:
-                    for job in self._channel_jobs:
-                        job.error = ("stopping", "the server is stopping")
-                        job.done.set()
+                    for waiting in self._channel_jobs:
+                        waiting.error = ("stopping", "the server is stopping")
+                        waiting.done.set()
                     self._channel_jobs.clear()
                     return
+                job: _ChannelJob | None
                 if self._channel_jobs:  # a channel waits for it on air: before uploads
                     job = self._channel_jobs.popleft()
                 else:

@@ -328,7 +328,7 @@ class AvatarStore:
         video = uploaded_avatar_video(self._catalogue.root, record.id)
         settings = AvatarSettings(
             fps=record.fps,
-            size=tuple(record.size),
+            size=(record.size[0], record.size[1]),
             min_face_fraction=self._cfg.min_face_fraction,
             fit=self._cfg.fit,
             background=self._cfg.background,

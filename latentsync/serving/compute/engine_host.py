@@ -13,14 +13,17 @@ import os
 import signal
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from latentsync.engines import ChunkRequest, ChunkResult
+from latentsync.engines import ChunkRequest, ChunkResult, Engine
 from latentsync.serving.compute.jobs import ChunkJob
 from latentsync.serving.ops.threads import limit_native_threads
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 
 class EngineHost:
@@ -43,6 +46,7 @@ class EngineHost:
         self,
         engine_name: str,
         options: Mapping[str, Any],
+        *,
         default: str,
         load_avatar: Callable[[str], Any],
         max_avatars: int = 1,
@@ -60,9 +64,9 @@ class EngineHost:
         self.max_avatars = max(1, int(max_avatars))
         self.base = create_engine(engine_name, self.options, load_avatar(default))
         self.base.load()
-        self.engines: OrderedDict[str, Any] = OrderedDict({default: self.base})
+        self.engines: OrderedDict[str, Engine] = OrderedDict({default: self.base})
 
-    def engine(self, avatar: str | None = None):
+    def engine(self, avatar: str | None = None) -> Engine:
         """The engine bound to ``avatar`` (None: the default avatar), loaded on first use.
 
         An engine with ``with_avatar`` (latentsync) binds the new avatar to the models it already
@@ -137,8 +141,8 @@ def worker_init(
     engine_name: str,
     engine_options: Mapping[str, Any],
     avatar_path: str,
-    counter,
-    devices,
+    counter: Synchronized[int],
+    devices: Sequence[str],
     max_avatars: int = 1,
     nice: int = 0,
 ) -> None:
@@ -157,14 +161,14 @@ def worker_init(
             options["device"] = devices[index % len(devices)]
         from latentsync.avatar import Avatar
 
-        host = EngineHost(engine_name, options, avatar_path, Avatar.load, max_avatars)
+        host = EngineHost(engine_name, options, default=avatar_path, load_avatar=Avatar.load, max_avatars=max_avatars)
         _WORKER_SLOT.update(host=host, index=index, error=None)
     except Exception as exc:  # reported to the parent by every later call
         _WORKER_SLOT.update(host=None, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
 
 
 def _host() -> EngineHost:
-    host = _WORKER_SLOT.get("host")
+    host: EngineHost | None = _WORKER_SLOT.get("host")
     if host is None:
         raise RuntimeError(f"worker failed to start: {_WORKER_SLOT.get('error', 'not initialised')}")
     return host
@@ -177,7 +181,7 @@ def worker_ping() -> tuple[int, str | None]:
 
 def worker_avatars() -> tuple[int, list[str]]:
     """This worker's pid and the avatar paths it holds loaded, least recently used first."""
-    host = _WORKER_SLOT.get("host")
+    host: EngineHost | None = _WORKER_SLOT.get("host")
     return os.getpid(), host.loaded() if host is not None else []
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from latentsync.engines import ChunkResult
 
@@ -22,7 +23,7 @@ class JobFailed(RuntimeError):
     """A job failed for good, or the queue could not take it; the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ChunkJob:
     """One chunk of one task, as an engine worker receives it: audio in, faces out.
 
@@ -46,9 +47,9 @@ class ChunkJob:
     task_id: str
     chunk_index: int
     avatar: str
-    audio_16k: np.ndarray
+    audio_16k: npt.NDArray[np.float32]
     rows: tuple[int, int]
-    frame_indices: np.ndarray
+    frame_indices: npt.NDArray[np.int64]
     due_at: float
     seed: int | None = None
     guidance_scale: float | None = None

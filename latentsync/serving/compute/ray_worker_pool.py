@@ -78,13 +78,13 @@ class EngineActor:
         self._error: str | None = None
         self._host: EngineHost | None = None
 
-    def _load(self, key: str):
+    def _load(self, key: str) -> Avatar:
         import ray
 
         payload = ray.get(self._refs[key])
         return Avatar.from_engine_payload(payload, self._folder / Path(key).name)
 
-    def ping(self, refs: dict[str, list]) -> tuple[int, str, str | None]:
+    def ping(self, refs: dict[str, list[Any]]) -> tuple[int, str, str | None]:
         """Load the engine if not yet loaded; ``(pid, node id, engine error or None)``.
 
         Args:
@@ -96,7 +96,13 @@ class EngineActor:
         self._refs.update({key: box[0] for key, box in refs.items()})
         if self._host is None and self._error is None:
             try:
-                self._host = EngineHost(self._engine_name, self._options, self._default, self._load, self._max_avatars)
+                self._host = EngineHost(
+                    self._engine_name,
+                    self._options,
+                    default=self._default,
+                    load_avatar=self._load,
+                    max_avatars=self._max_avatars,
+                )
             except Exception as exc:  # reported to the pool, which marks itself broken
                 self._error = f"{type(exc).__name__}: {exc}"
         return os.getpid(), ray.get_runtime_context().get_node_id(), self._error
@@ -105,7 +111,7 @@ class EngineActor:
         """Avatar keys with a loaded engine, least recently used first."""
         return self._host.loaded() if self._host is not None else []
 
-    def chunks(self, jobs: list[ChunkJob], refs: dict[str, list]) -> list[ChunkResult]:
+    def chunks(self, jobs: list[ChunkJob], refs: dict[str, list[Any]]) -> list[ChunkResult]:
         """:meth:`EngineHost.chunks`; ``refs`` maps the jobs' avatar key to ``[ObjectRef]`` of its payload."""
         if self._host is None:
             raise RuntimeError(f"worker failed to start: {self._error or 'not pinged'}")
@@ -113,7 +119,7 @@ class EngineActor:
         return self._host.chunks(jobs)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class _Actor:
     """The pool's view of one actor."""
 
@@ -131,10 +137,12 @@ class _Actor:
     jobs: int = 0
     failures: int = 0
     restarts: int = 0
-    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    latencies: collections.deque[float] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW)
+    )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ActorStats:
     """One Ray actor in ``/health`` and ``/metrics``.
 
@@ -183,6 +191,7 @@ class RayWorkerPool(SchedulingPool):
         self,
         engine_name: str,
         engine_options: Mapping[str, Any],
+        *,
         avatar_path: str | Path,
         workers: int | None,
         address: str | None = None,
@@ -197,7 +206,9 @@ class RayWorkerPool(SchedulingPool):
         deadline_s: float = 60.0,
         max_queued: int = 4096,
     ):
-        super().__init__(workers or 0, on_chunk_done, max_batch, deadline_s, max_queued)
+        super().__init__(
+            workers or 0, on_chunk_done=on_chunk_done, max_batch=max_batch, deadline_s=deadline_s, max_queued=max_queued
+        )
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
         self._avatar_path = str(avatar_path)
@@ -264,7 +275,7 @@ class RayWorkerPool(SchedulingPool):
             with self._lock:
                 self._started = True
                 for index in range(self._workers):
-                    self._actors.append(_Actor(index, self._new_handle(), ping_sent=time.monotonic()))
+                    self._actors.append(_Actor(index=index, handle=self._new_handle(), ping_sent=time.monotonic()))
                     self._send_ping(self._actors[-1])
             self._wait_started()
         except BaseException:
@@ -395,7 +406,16 @@ class RayWorkerPool(SchedulingPool):
                     state = "unplaced"
                 latency = statistics.median(a.latencies) * 1000 if a.latencies else 0.0
                 out.append(
-                    ActorStats(a.index, a.node[:12], a.pid, state, a.jobs, a.failures, a.restarts, round(latency, 1))
+                    ActorStats(
+                        index=a.index,
+                        node=a.node[:12],
+                        pid=a.pid,
+                        state=state,
+                        jobs=a.jobs,
+                        failures=a.failures,
+                        restarts=a.restarts,
+                        latency_ms=round(latency, 1),
+                    )
                 )
             return out
 
@@ -409,7 +429,8 @@ class RayWorkerPool(SchedulingPool):
             if not self._started:
                 raise JobFailed("worker pool is not running")
             handles = [a.handle for a in self._actors if a.state == "ready"]
-        return self._ray.get([h.avatars.remote() for h in handles], timeout=timeout_s)
+        loaded: list[list[str]] = self._ray.get([h.avatars.remote() for h in handles], timeout=timeout_s)
+        return loaded
 
     def actor_nodes(self) -> list[str]:
         """Full Ray node id of each actor that answered (tests: where the work ran)."""
@@ -562,6 +583,7 @@ class RayWorkerPool(SchedulingPool):
             if actor.call is not ref:
                 return
             dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+            assert dispatch_id is not None, "a call is sent with its dispatch id (_dispatch)"
             jobs = self._running.get(dispatch_id, [])
             started = jobs[0].submitted_at if jobs else time.monotonic()
         try:
@@ -582,10 +604,11 @@ class RayWorkerPool(SchedulingPool):
         now = time.monotonic()
         with self._lock:
             for actor in self._actors:
-                jobs = self._running.get(actor.dispatch_id) if actor.call is not None else None
+                dispatch_id = actor.dispatch_id if actor.call is not None else None
+                jobs = self._running.get(dispatch_id) if dispatch_id is not None else None
                 if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
                     reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
-                    dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+                    actor.call, actor.dispatch_id = None, None
                     try:
                         self._ray.kill(actor.handle, no_restart=False)  # Ray restarts it
                     except Exception as exc:  # unreachable: the restart comes when it is back

@@ -30,7 +30,7 @@ class WorkerPoolError(RuntimeError):
     """The workers could not start (the message carries the worker's own error)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Job:
     """A queued or running chunk job with its callbacks and its attempts."""
 
@@ -44,7 +44,7 @@ class Job:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PoolStats:
     """Counters of the pool.
 
@@ -91,6 +91,7 @@ class SchedulingPool:
     def __init__(
         self,
         workers: int,
+        *,
         on_chunk_done: Callable[[int, float], None] | None = None,
         max_batch: int = 1,
         deadline_s: float = 60.0,
@@ -134,7 +135,7 @@ class SchedulingPool:
         """The avatar keys the workers hold loaded, least recently used first (tests, /health)."""
         raise NotImplementedError
 
-    def worker_stats(self) -> list:
+    def worker_stats(self) -> list[Any]:
         """Per-worker figures (node, jobs, latency, failures) where the backend tracks them; else empty."""
         return []
 
@@ -161,14 +162,14 @@ class SchedulingPool:
         with self._lock:
             in_flight = sum(len(batch) for batch in self._running.values())
             return PoolStats(
-                self._workers,
-                in_flight,
-                len(self._queue),
-                self._rebuilds,
-                self._retried,
-                self._failed,
-                self._completed,
-                self._dispatches,
+                workers=self._workers,
+                in_flight=in_flight,
+                queued=len(self._queue),
+                rebuilds=self._rebuilds,
+                retried=self._retried,
+                failed=self._failed,
+                completed=self._completed,
+                dispatches=self._dispatches,
             )
 
     @property
@@ -193,7 +194,7 @@ class SchedulingPool:
         Raises:
             JobFailed: If the pool is not running, is broken, or its queue holds ``max_queued`` jobs.
         """
-        entry = Job(next(self._keys), job, on_done, on_error)
+        entry = Job(key=next(self._keys), job=job, on_done=on_done, on_error=on_error)
         with self._lock:
             if not self._accepting() or self._stop.is_set():
                 raise JobFailed("worker pool is not running")

@@ -71,6 +71,7 @@ class WorkerPool(SchedulingPool):
         self,
         engine_name: str,
         engine_options: Mapping[str, Any],
+        *,
         avatar_path: str | Path,
         workers: int,
         devices: list[str] | None = None,
@@ -82,7 +83,9 @@ class WorkerPool(SchedulingPool):
         max_queued: int = 4096,
         nice: int = 0,
     ):
-        super().__init__(workers, on_chunk_done, max_batch, deadline_s, max_queued)
+        super().__init__(
+            workers, on_chunk_done=on_chunk_done, max_batch=max_batch, deadline_s=deadline_s, max_queued=max_queued
+        )
         self._nice = int(nice)
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)

@@ -55,6 +55,7 @@ def public_reason(exc: BaseException) -> str:
         return f"{name}: the video file is missing"
     if isinstance(exc, ServingError):
         return f"{exc.code}: {exc.message}"
-    if isinstance(getattr(exc, "public_message", None), str):  # made safe to show where it was raised
-        return f"{name}: {exc.public_message}"
+    public = getattr(exc, "public_message", None)
+    if isinstance(public, str):  # made safe to show where it was raised
+        return f"{name}: {public}"
     return f"{name}: an internal error (the server log has it)"

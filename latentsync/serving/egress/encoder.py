@@ -181,7 +181,7 @@ class EncoderSettings:
         return self.stream.restart_backoff_max_s
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncoderStats:
     """A snapshot of one encoder's counters.
 
@@ -630,7 +630,7 @@ class Encoder:
                     continue
                 if is_video:  # I420 is half the bytes of RGB, and FFmpeg has no colour conversion left to do
                     item = cv2.cvtColor(item, cv2.COLOR_RGB2YUV_I420, dst=i420)
-                view = memoryview(np.ascontiguousarray(item)).cast("B")
+                view = np.ascontiguousarray(item).data.cast("B")
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]

@@ -56,7 +56,7 @@ OnAir = Callable[[], tuple[str, str | None]]
 EncodingKey = tuple[VideoFormat, int, int]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FramesHealth:
     """Frames egress counters of one channel (``frames`` in ``/health``; ``latentsync_frames_*``).
 
@@ -81,7 +81,7 @@ class FramesHealth:
     inbox_dropped_ticks: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EncodedTick:
     """One tick, encoded for one :class:`Subscription` key (shared, read-only, by its clients).
 
@@ -201,7 +201,7 @@ class FramesHub:
     """
 
     def __init__(
-        self, settings: FramesConfig, fps: int, sample_rate_hz: int, frame_size: tuple[int, int], on_air: OnAir
+        self, settings: FramesConfig, *, fps: int, sample_rate_hz: int, frame_size: tuple[int, int], on_air: OnAir
     ):
         self.settings = settings
         self.fps = int(fps)
@@ -356,7 +356,10 @@ class FramesHub:
             task = bytes.fromhex(task_id) if task_id and len(task_id) == 32 else NO_TASK
             pcm = np.ascontiguousarray(audio, dtype="<i2").tobytes()
             wanted: set[EncodingKey] = set()
-            ticks = {key: EncodedTick(index, code, task, data, flag, pcm) for key, (data, flag) in encoded.items()}
+            ticks = {
+                key: EncodedTick(index=index, state=code, task_id=task, video=data, keyframe=flag, audio=pcm)
+                for key, (data, flag) in encoded.items()
+            }
             for client in clients:
                 tick = ticks.get(client.subscription.key)
                 if tick is not None and client.offer(tick):

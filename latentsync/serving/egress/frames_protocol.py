@@ -14,6 +14,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 #: First 4 bytes of every tick message.
 MAGIC = b"LSRF"
@@ -143,16 +144,15 @@ def parse_hello(message: str | bytes | None, channel_width: int, channel_height:
     if not isinstance(audio_name, str) or audio_name not in AudioFormat.__members__:
         raise HelloRefused(CLOSE_UNSUPPORTED, "unknown_audio", f"audio {audio_name!r}: pcm_s16le or none")
     fmt = VideoFormat[name]
-    width, height = hello.get("width"), hello.get("height")
-    for side, value in (("width", width), ("height", height)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < MIN_SIDE):
-            raise HelloRefused(CLOSE_BAD_HELLO, "bad_size", f"{side} must be an integer >= {MIN_SIDE}")
-    if width is None and height is None:
+    asked_width, asked_height = _side(hello, "width"), _side(hello, "height")
+    if asked_width is not None and asked_height is not None:
+        width, height = asked_width, asked_height
+    elif asked_width is not None:
+        width, height = asked_width, max(MIN_SIDE, round(channel_height * asked_width / channel_width))
+    elif asked_height is not None:
+        width, height = max(MIN_SIDE, round(channel_width * asked_height / channel_height)), asked_height
+    else:
         width, height = channel_width, channel_height
-    elif height is None:
-        height = max(MIN_SIDE, round(channel_height * width / channel_width))
-    elif width is None:
-        width = max(MIN_SIDE, round(channel_width * height / channel_height))
     if width > channel_width or height > channel_height:
         channel = f"{channel_width}x{channel_height}"
         raise HelloRefused(CLOSE_TOO_LARGE, "too_large", f"{width}x{height} is larger than the channel's {channel}")
@@ -161,7 +161,15 @@ def parse_hello(message: str | bytes | None, channel_width: int, channel_height:
     return Subscription(fmt, width, height, AudioFormat[audio_name])
 
 
-@dataclass(frozen=True)
+def _side(hello: dict[str, Any], side: str) -> int | None:
+    """The hello's ``width`` or ``height``: None when it names none, else an integer >= MIN_SIDE (HelloRefused)."""
+    value = hello.get(side)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < MIN_SIDE):
+        raise HelloRefused(CLOSE_BAD_HELLO, "bad_size", f"{side} must be an integer >= {MIN_SIDE}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
 class FrameHeader:
     """The fixed header in front of every tick message (docs/frames-protocol.md has the byte table).
 

@@ -107,7 +107,7 @@ OUTPUT_MOVES: dict[OutputState, frozenset[OutputState]] = {
 check_table(OutputState, OUTPUT_MOVES)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OutputHealth:
     """One output, as ``/health`` and ``/metrics`` report it.
 
@@ -382,7 +382,7 @@ class Output:
         channel: The channel's name (log lines, thread name).
     """
 
-    def __init__(self, target: OutputTarget, settings: OutputSettings, fanout: Fanout, encoding: str, channel: str):
+    def __init__(self, target: OutputTarget, *, settings: OutputSettings, fanout: Fanout, encoding: str, channel: str):
         self.target = target
         self._settings = settings
         self._fanout = fanout

@@ -50,7 +50,7 @@ SUPERVISOR_STALE_S = 15.0
 CLOSE_TIMEOUT_S = 12.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EgressStats:
     """A snapshot of a channel's egress.
 
@@ -95,6 +95,7 @@ class EgressSink:
     def __init__(
         self,
         stream: StreamConfig,
+        *,
         egress: EgressConfig,
         width: int,
         height: int,
@@ -234,7 +235,9 @@ class EgressSink:
             new_encoders[key] = encoder
             output = reuse.get(target.name)
             if output is None:
-                output = Output(target, self._settings, encoder.fanout, key.label, self._channel)
+                output = Output(
+                    target, settings=self._settings, fanout=encoder.fanout, encoding=key.label, channel=self._channel
+                )
             new_outputs[target.name] = output
         self._encoders = new_encoders
         self._outputs = new_outputs
@@ -243,7 +246,7 @@ class EgressSink:
     def alive(self) -> bool:
         """True unless an encoder's or output's supervising thread died or deadlocked (the watchdog asks)."""
         now = time.monotonic()
-        parts = [*self._encoders.values(), *self._outputs.values()]
+        parts: list[Encoder | Output] = [*self._encoders.values(), *self._outputs.values()]
         return all(p.alive(now, SUPERVISOR_STALE_S) for p in parts)
 
     def stats(self) -> EgressStats:

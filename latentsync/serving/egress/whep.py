@@ -52,7 +52,7 @@ class WhepError(ServingError):
     """A WHEP request that cannot be served; ``code`` names why (the API maps it to an HTTP status)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WebRtcHealth:
     """WebRTC (WHEP) egress counters (:meth:`latentsync.serving.webrtc.WebRtcHub.stats`).
 
@@ -521,7 +521,7 @@ class WebRtcHub:
                         original()
                         self.request_keyframe()
 
-                    sender._send_keyframe = on_pli
+                    sender._send_keyframe = on_pli  # type: ignore[method-assign]  # aiortc has no hook for this
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except OperationError as exc:

@@ -1,1 +1,8 @@
-"""Operations: systemd integration (readiness, watchdog) and logging."""
+"""Operations: systemd (readiness, watchdog), logging, the heap, native threads, /proc and TCP send state.
+
+Nothing is re-exported; import from the modules: ``latentsync.serving.ops.systemd``,
+``latentsync.serving.ops.logs``, ``latentsync.serving.ops.memory``, ``latentsync.serving.ops.threads``,
+``latentsync.serving.ops.procfs``, ``latentsync.serving.ops.sockets``.
+"""
+
+__all__: list[str] = []

@@ -1,4 +1,4 @@
-"""Processes and threads as ``/proc`` reports them: state, parent, CPU time, threads, memory, descriptors.
+"""Processes and threads as ``/proc`` reports them: state, parent, CPU time, threads, memory, descriptors, users.
 
 What a long-running server must give back after each task, client or upload (tests/serving/test_leaks.py,
 scripts/bench/soak_bench.py): a descriptor that stays open per task runs a 24/7 server out of
@@ -15,6 +15,7 @@ import collections
 import os
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Clock ticks per second of the ``utime``, ``stime`` and ``starttime`` fields (``USER_HZ``, 100 on Linux).
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -22,7 +23,7 @@ CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProcStat:
     """One line of ``/proc/<pid>/stat`` or ``/proc/<pid>/task/<tid>/stat`` (``proc(5)``), the fields we use.
 
@@ -291,6 +292,30 @@ def tree_rss_mb(pid: int | str = "self") -> float:
     if root is None:
         return 0.0
     return sum(rss_kib(p) for p in [root.pid, *descendants(root.pid)]) / 1024
+
+
+class UserIds(NamedTuple):
+    """The four user ids of a process (``Uid`` of ``/proc/<pid>/status``, in this order; ``credentials(7)``).
+
+    Attributes:
+        real: Who started it (``getuid()``).
+        effective: Whose permissions it has now (``geteuid()``).
+        saved: The saved set-user-id (what ``seteuid`` may switch back to).
+        filesystem: Whose permissions file access is checked with (normally ``effective``).
+    """
+
+    real: int
+    effective: int
+    saved: int
+    filesystem: int
+
+
+def user_ids(pid: int | str = "self") -> UserIds | None:
+    """A process's real, effective, saved and filesystem user ids (``Uid``); None if it is gone."""
+    found = status_fields(pid).get("Uid", "").split()
+    if len(found) != 4:
+        return None
+    return UserIds(*(int(uid) for uid in found))
 
 
 def effective_capabilities(pid: int | str = "self") -> int:

@@ -48,7 +48,7 @@ _SOCKET_LINK = re.compile(r"socket:\[(\d+)\]")
 RECV_BYTES = 1 << 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TcpConnection:
     """One established TCP connection as the kernel sees it.
 
@@ -132,7 +132,7 @@ def _dump(family: int) -> list[TcpConnection]:
     """Every established TCP connection of ``family`` on the host, with its tcp_info (one netlink dump)."""
     request = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0, 1 << TCP_ESTABLISHED, bytes(48))
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-    found = []
+    found: list[TcpConnection] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as sock:
         sock.settimeout(1.0)
         sock.send(header + request)

@@ -42,7 +42,7 @@ from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
 from latentsync.serving.playout.state import StreamState
-from latentsync.serving.playout.tap import TappedSink
+from latentsync.serving.playout.tap import TappedSink, TickObserver
 from latentsync.serving.runtime.clips import AvatarPreparations, ClipCache, clip_limits
 from latentsync.serving.tasks.task_manager import TaskManager, TaskSettings
 from latentsync.serving.telemetry.events import EventBroadcaster, EventFeed
@@ -142,6 +142,7 @@ class Channel:
         self,
         name: str,
         config: AppConfig,
+        *,
         on_ttff: Callable[[float], None] | None = None,
         clips: ClipCache | None = None,
         preparations: AvatarPreparations | None = None,
@@ -244,7 +245,7 @@ class Channel:
         cfg = self.config
         s = cfg.stream
         idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
-        size = (s.width, s.height) if s.width else own_size(idle_path, s.max_side, s.fps, clip_limits(cfg))
+        size = (s.width, s.height) if s.width and s.height else own_size(idle_path, s.max_side, s.fps, clip_limits(cfg))
         t = time.monotonic()
         a = cfg.avatar
         clip = self._clips.load(
@@ -268,7 +269,13 @@ class Channel:
         self._upload_root = self._work_dir / "uploads"  # one private folder per upload in here
         self._upload_root.mkdir(mode=0o700)
         self.sink = EgressSink(
-            s, cfg.egress, clip.size[0], clip.size[1], channel_outputs(cfg), self._work_dir, self.name
+            s,
+            egress=cfg.egress,
+            width=clip.size[0],
+            height=clip.size[1],
+            outputs=channel_outputs(cfg),
+            work_dir=self._work_dir,
+            channel=self.name,
         )
         # the playlist holds the tasks not yet on air, which api.max_queued bounds (twice that: programs of
         # tasks cancelled since the last tick still count until it drops them)
@@ -278,22 +285,28 @@ class Channel:
             max_programs=2 * cfg.api.max_queued,
         )
         mixer = self.mixer
-        observers = []  # they see every tick the mixer made, whatever the outputs do (docs/outputs.md)
+        observers: list[
+            TickObserver
+        ] = []  # they see every tick the mixer made, whatever the outputs do (docs/outputs.md)
         if cfg.webrtc.enabled:
             self.webrtc = WebRtcHub(cfg.webrtc, s.fps, s.audio_sample_rate, clip.size)
             observers.append(self.webrtc.on_tick)
         if cfg.frames.enabled:
             self.frames = FramesHub(
-                cfg.frames, s.fps, s.audio_sample_rate, clip.size, lambda: (mixer.state.value, mixer.tick_task_id)
+                cfg.frames,
+                fps=s.fps,
+                sample_rate_hz=s.audio_sample_rate,
+                frame_size=clip.size,
+                on_air=lambda: (mixer.state.value, mixer.tick_task_id),
             )
             observers.append(self.frames.on_tick)
         self._feed = EventFeed(
             self.events,
-            lambda: mixer.state,
-            self._tasks_json,
-            lambda: self.health()[1],
-            self._viewer_count,
-            cfg.ui.event_poll_s,
+            state=lambda: mixer.state,
+            tasks=self._tasks_json,
+            health=lambda: self.health()[1],
+            viewers=self._viewer_count,
+            poll_s=cfg.ui.event_poll_s,
         )
         observers.append(self._feed.on_tick)
         if self.webrtc is not None:
@@ -629,22 +642,10 @@ class Channel:
             uptime_s = round(time.monotonic() - self._created_monotonic, 3)
         state = StreamState.STOPPED if self.stopped else StreamState.STARTING
         pool, tasks, mixer = self.pool, self.tasks, self.mixer
-        engine = dict(
-            engine=self.config.engine.name.value,
-            engine_ready=tasks is not None and pool is not None and pool.ready(),
-            engine_error=pool.problem if pool is not None else None,
-            playlist=mixer.pending() if mixer else 0,
-            tasks_waiting=tasks.waiting() if tasks else 0,
-            tasks_admitted=tasks.admitted() if tasks else 0,
-            tasks_final=tasks.final_counts() if tasks else {},
-        )
-        if self.webrtc is not None:
-            engine["webrtc"] = self.webrtc.stats()
-        if self.frames is not None:
-            engine["frames"] = self.frames.stats()
+        workers = None
         if pool is not None:
             p = pool.stats()
-            engine["workers"] = WorkersHealth(
+            workers = WorkersHealth(
                 count=p.workers,
                 pids=tuple(pool.worker_pids()),
                 rebuilds=p.rebuilds,
@@ -657,16 +658,30 @@ class Channel:
                 backend=self.config.pool.backend.value,
                 actors=tuple(pool.worker_stats()),
             )
+        snapshot = HealthSnapshot(
+            state=state.value,
+            uptime_s=uptime_s,
+            engine=self.config.engine.name.value,
+            engine_ready=tasks is not None and pool is not None and pool.ready(),
+            engine_error=pool.problem if pool is not None else None,
+            playlist=mixer.pending() if mixer else 0,
+            tasks_waiting=tasks.waiting() if tasks else 0,
+            tasks_admitted=tasks.admitted() if tasks else 0,
+            tasks_final=tasks.final_counts() if tasks else {},
+            webrtc=self.webrtc.stats() if self.webrtc is not None else None,
+            frames=self.frames.stats() if self.frames is not None else None,
+            workers=workers,
+        )
         if self.controller is None or self.sink is None:
-            return HealthSnapshot(state=state.value, uptime_s=uptime_s, **engine)
+            return snapshot
         c = self.controller.stats()
         k = self.sink.stats()
         ticking = self.clock_alive()
         size = self.stream_size
         required_live = all(o.live for o in k.outputs if o.required)
-        return HealthSnapshot(
+        return dataclasses.replace(
+            snapshot,
             state=state.value if self.stopped else c.state.value,
-            uptime_s=uptime_s,
             ticking=ticking,
             streaming=ticking and k.up and required_live and not self.stopped,
             frames_emitted=c.frames_emitted,
@@ -684,7 +699,6 @@ class Channel:
             stream=StreamFormat(size[0], size[1], self.config.stream.fps, self.config.stream.audio_sample_rate)
             if size
             else None,
-            **engine,
         )
 
     def health(self, uptime_s: float | None = None) -> tuple[bool, dict]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from latentsync.config import (
     AppConfig,
@@ -59,12 +59,21 @@ def api_media_path(config: AppConfig, key: str, value: str) -> str:
 
 
 #: The fields of a channel that name a video (held to :func:`api_media_path` through the API).
-API_MEDIA_KEYS = ("idle_video", "video")
+API_MEDIA_KEYS: tuple[Literal["idle_video", "video"], ...] = ("idle_video", "video")
+
+
+class MediaPaths(TypedDict, total=False):
+    """The resolved video paths of a channel given through the API (:func:`api_media_paths`)."""
+
+    idle_video: str
+    video: str
+
+
 #: Why a ``record_path`` given through the API is refused.
 RECORD_PATH_CONFIG_ONLY = "record_path: recordings are set in the config file only (stream.record_dir)"
 
 
-def api_media_paths(config: AppConfig, get: Callable[[str], Any]) -> dict[str, str]:
+def api_media_paths(config: AppConfig, get: Callable[[str], Any]) -> MediaPaths:
     """:func:`api_media_path` of every video field given (``get(key)``: a channel's or a body's value).
 
     Returns:
@@ -73,7 +82,11 @@ def api_media_paths(config: AppConfig, get: Callable[[str], Any]) -> dict[str, s
     Raises:
         ConfigError: As :func:`api_media_path`.
     """
-    return {k: api_media_path(config, k, v) for k in API_MEDIA_KEYS if (v := get(k))}
+    paths: MediaPaths = {}
+    for k in API_MEDIA_KEYS:
+        if value := get(k):
+            paths[k] = api_media_path(config, k, value)
+    return paths
 
 
 def allowed_rtmp_hosts(config: AppConfig) -> set[str]:
@@ -84,7 +97,7 @@ def allowed_rtmp_hosts(config: AppConfig) -> set[str]:
     """
     if config.stream.allowed_rtmp_hosts is not None:
         return {h.strip("[]").lower() for h in config.stream.allowed_rtmp_hosts}
-    hosts = set()
+    hosts: set[str] = set()
     for derived in channel_configs(config).values():
         hosts.update(t.url.host for t in channel_outputs(derived) if t.url.host is not None)
     return hosts

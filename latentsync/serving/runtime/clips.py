@@ -60,8 +60,8 @@ class ClipCache:
         """
         try:
             st = os.stat(path)
-            key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, fps, sample_rate_hz, size, with_audio)
-            key += (fit, background)
+            file_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+            key = (*file_key, fps, sample_rate_hz, size, with_audio, fit, background)
         except OSError:  # the usual error
             return load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video", fit, background)
         with self._lock:  # one decode per key, even when two channels start at once

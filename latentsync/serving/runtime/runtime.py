@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypedDict
 
 from latentsync.avatar import Avatar
 from latentsync.config import (
@@ -87,6 +88,16 @@ class RestartNeeded(Exception):
     """A PUT on an existing channel asks to change what only a restart of its stream can change."""
 
 
+class _PoolOptions(TypedDict):
+    """What both pool backends (local and Ray) are given from the ``engine`` section."""
+
+    on_chunk_done: Callable[[int, float], None]
+    max_batch: int
+    max_avatars: int
+    deadline_s: float
+    max_queued: int
+
+
 class Runtime:
     """Owns the channels and the worker pool they share.
 
@@ -138,7 +149,7 @@ class Runtime:
         return Avatar.load(path)
 
     def _new_channel(self, name: str, config: AppConfig) -> Channel:
-        return Channel(name, config, self._observe_ttff, self._clips, self._preparations)
+        return Channel(name, config, on_ttff=self._observe_ttff, clips=self._clips, preparations=self._preparations)
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -333,15 +344,16 @@ class Runtime:
             return
         engine = cfg.engine
         latentsync = engine.name is EngineName.latentsync
-        options: dict = {"config": engine.latentsync} if latentsync else {}  # the section itself (picklable)
+        options: dict[str, Any] = {"config": engine.latentsync} if latentsync else {}  # the section (picklable)
         t = time.monotonic()
-        common = dict(
+        common = _PoolOptions(
             on_chunk_done=self.metrics.observe_chunk,
             max_batch=engine.max_batch_chunks,
             max_avatars=engine.max_avatars_per_worker,
             deadline_s=engine.chunk_deadline_s,
             max_queued=engine.max_queued_jobs,
         )
+        pool: SchedulingPool
         if cfg.pool.backend is PoolBackend.ray:  # each actor's device is the GPU Ray gives it
             from latentsync.serving.compute.ray_worker_pool import RayWorkerPool  # needs the optional ray package
 
@@ -349,8 +361,8 @@ class Runtime:
             pool = RayWorkerPool(
                 engine.name.value,
                 options,
-                main_avatar.path,
-                ray_cfg.ray_workers,
+                avatar_path=main_avatar.path,
+                workers=ray_cfg.ray_workers,
                 address=ray_cfg.ray_address,
                 cpus_per_worker=ray_cfg.ray_cpus_per_worker,
                 gpus_per_worker=ray_cfg.ray_gpus_per_worker if latentsync else None,
@@ -371,8 +383,8 @@ class Runtime:
             pool = WorkerPool(
                 engine.name.value,
                 options,
-                main_avatar.path,
-                workers,
+                avatar_path=main_avatar.path,
+                workers=workers,
                 devices=devices,
                 nice=engine.worker_nice,
                 **common,
@@ -409,7 +421,7 @@ class Runtime:
             if self._stopped:
                 return
             self._stopped = True  # from here uploads get 503, and no channel or pool is added
-        steps = [
+        steps: list[tuple[str, Callable[[], None] | None]] = [
             ("watchdog", self._watchdog.close),
             ("avatar preparation", self.avatars.close),
         ]
@@ -534,8 +546,9 @@ class Runtime:
         if (
             channel.stream_size is not None
         ):  # the stream keeps its size, whatever the new video's (also after a restart)
-            size = {"width": channel.stream_size[0], "height": channel.stream_size[1]}
-            new = dataclasses.replace(new, stream=dataclasses.replace(new.stream, **size))
+            width, height = channel.stream_size
+            size = {"width": width, "height": height}
+            new = dataclasses.replace(new, stream=dataclasses.replace(new.stream, width=width, height=height))
         try:
             validate(new)
         except ConfigError as exc:

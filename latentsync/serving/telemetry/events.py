@@ -134,6 +134,7 @@ class EventFeed:
     def __init__(
         self,
         broadcaster: EventBroadcaster,
+        *,
         state: Callable[[], StreamState],
         tasks: Callable[[], list[dict]],
         health: Callable[[], dict],

@@ -33,7 +33,7 @@ class StreamFormat:
     audio_sample_rate: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkersHealth:
     """The engine worker pool (see :class:`latentsync.serving.workers.PoolStats`).
 
@@ -66,7 +66,7 @@ class WorkersHealth:
     actors: tuple = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HealthSnapshot:
     """Everything ``/health`` reports and ``/metrics`` exports, at one moment.
 

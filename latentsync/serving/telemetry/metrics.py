@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -175,7 +176,7 @@ def snapshot_value(snapshot: HealthSnapshot, path: str) -> float:
     Raises:
         AttributeError: If ``path`` names no field (a renamed field fails loudly, never exports 0).
     """
-    value: object = snapshot
+    value: Any = snapshot  # a field of it, then a field of that ...
     for name in path.split("."):
         if value is None:
             return 0.0

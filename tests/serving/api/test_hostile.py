@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.datafiles import media_file
 from tests.speechclient import SpeechClient
 from tests.streamtools import FFMPEG, ServerProcess
@@ -82,11 +83,10 @@ def code_of(body: dict) -> str | None:
 
 
 def rss_mb(pid: int) -> float:
-    """Resident set size of one process in MiB (``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    """Resident set size of the server process in MiB (:func:`procfs.rss_mb`); it must still run."""
+    found = procfs.rss_mb(pid)
+    assert found > 0, f"no VmRSS for {pid}: the server is gone"
+    return found
 
 
 class Tripwire:

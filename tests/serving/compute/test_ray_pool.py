@@ -34,7 +34,13 @@ def job(k: int, avatar_key: str) -> ChunkJob:
     """Chunk ``k``: 16 frames whose features are those of 16 frames of seeded noise."""
     audio = (np.random.default_rng(k).standard_normal(16 * 640) * 0.1).astype(np.float32)
     return ChunkJob(
-        "task", k, avatar_key, audio, (0, 16), np.arange(16, dtype=np.int64) + 16 * k, due_at=time.monotonic() + k
+        task_id="task",
+        chunk_index=k,
+        avatar=avatar_key,
+        audio_16k=audio,
+        rows=(0, 16),
+        frame_indices=np.arange(16, dtype=np.int64) + 16 * k,
+        due_at=time.monotonic() + k,
     )
 
 
@@ -67,7 +73,9 @@ def expected_faces(avatar: Avatar, k: int) -> np.ndarray:
     engine.load()
     j = job(k, str(avatar.path))
     rows = engine.features(j.audio_16k, *j.rows)
-    return engine.generate(ChunkRequest("task", k, j.frame_indices, rows)).faces
+    return engine.generate(
+        ChunkRequest(task_id="task", chunk_index=k, frame_indices=j.frame_indices, features=rows)
+    ).faces
 
 
 def second_node_id() -> str:
@@ -81,7 +89,9 @@ def test_one_actor_per_node_and_an_avatar_reaches_the_second_node_through_the_ob
 ):
     from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address, start_timeout_s=120)
+    pool = RayWorkerPool(
+        "parametric", {}, avatar_path=avatar.path, workers=None, address=ray_cluster.address, start_timeout_s=120
+    )
     pool.start()
     try:
         stats = pool.worker_stats()
@@ -115,7 +125,12 @@ def test_a_node_lost_with_a_call_in_flight_retries_it_on_the_other_node_and_its_
     hold = tmp_path / "hold"
     options = {"hold_flag": str(hold), "hold_node": "second"}
     pool = RayWorkerPool(
-        "tests.flaky_engine:create", options, avatar.path, None, address=ray_cluster.address, deadline_s=DEADLINE_S
+        "tests.flaky_engine:create",
+        options,
+        avatar_path=avatar.path,
+        workers=None,
+        address=ray_cluster.address,
+        deadline_s=DEADLINE_S,
     )
     pool.start()
     try:
@@ -157,7 +172,7 @@ def test_actors_killed_for_good_are_replaced_and_serve_again(ray_cluster, avatar
 
     from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, address=ray_cluster.address)
+    pool = RayWorkerPool("parametric", {}, avatar_path=avatar.path, workers=None, address=ray_cluster.address)
     pool.start()
     try:
         for actor in pool._actors:  # as an operator's `ray kill` or a failed restart would leave them
@@ -187,13 +202,21 @@ def test_a_cluster_without_room_for_the_actors_is_a_clear_start_error(ray_cluste
 
     # Every node has one CPU: an actor that needs two is never placed.
     pool = RayWorkerPool(
-        "parametric", {}, avatar.path, 1, address=ray_cluster.address, cpus_per_worker=2.0, start_timeout_s=5.0
+        "parametric",
+        {},
+        avatar_path=avatar.path,
+        workers=1,
+        address=ray_cluster.address,
+        cpus_per_worker=2.0,
+        start_timeout_s=5.0,
     )
     with pytest.raises(WorkerPoolError, match=r"1 of 1 Ray actors did not start .* no room .* 2 CPU"):
         pool.start()
     assert not pool.ready()
     # Three one-CPU actors on two one-CPU nodes: the pool starts with two; the third waits, unplaced.
-    pool = RayWorkerPool("parametric", {}, avatar.path, 3, address=ray_cluster.address, start_timeout_s=120)
+    pool = RayWorkerPool(
+        "parametric", {}, avatar_path=avatar.path, workers=3, address=ray_cluster.address, start_timeout_s=120
+    )
     pool.start()
     try:
         assert sorted(s.state for s in pool.worker_stats()) == ["ready", "ready", "unplaced"]
@@ -210,9 +233,9 @@ def test_queued_jobs_fail_with_the_reason_when_no_actor_is_ready_past_the_deadli
     """The rule without a cluster: the pool's view of its actors is all it decides on."""
     from latentsync.serving.compute.ray_worker_pool import RayWorkerPool, _Actor
 
-    pool = RayWorkerPool("parametric", {}, avatar.path, 2, deadline_s=0.5)
+    pool = RayWorkerPool("parametric", {}, avatar_path=avatar.path, workers=2, deadline_s=0.5)
     pool._started = True  # as after start(): both actors lost (Ray restarting or placing them)
-    pool._actors = [_Actor(0, None, state="starting"), _Actor(1, None, state="starting")]
+    pool._actors = [_Actor(index=0, handle=None, state="starting"), _Actor(index=1, handle=None, state="starting")]
     results = Results()
     pool._check_available()
     pool.submit(job(0, str(avatar.path)), results.ok, results.error)  # within the deadline: queued
@@ -239,7 +262,7 @@ def test_a_private_ray_started_from_a_short_lived_thread_outlives_it(avatar, mon
     from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray by a test
-    pool = RayWorkerPool("parametric", {}, avatar.path, None, None, object_store_mb=100)
+    pool = RayWorkerPool("parametric", {}, avatar_path=avatar.path, workers=None, address=None, object_store_mb=100)
     starter = threading.Thread(target=pool.start)
     starter.start()
     starter.join(120)

@@ -32,7 +32,7 @@ def avatar(tmp_path_factory) -> Avatar:
 
 @pytest.fixture
 def pool(avatar):
-    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, deadline_s=30.0)
+    pool = WorkerPool("parametric", {}, avatar_path=avatar.path, workers=1, max_batch=4, deadline_s=30.0)
     pool.start()
     yield pool
     pool.close()
@@ -92,14 +92,14 @@ def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool, avatar):
 
 
 def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
-    broken = WorkerPool("parametric", {"no_such_option": 1}, avatar.path, workers=1, start_timeout_s=60)
+    broken = WorkerPool("parametric", {"no_such_option": 1}, avatar_path=avatar.path, workers=1, start_timeout_s=60)
     with pytest.raises(WorkerPoolError, match="no_such_option"):
         broken.start()
     broken.close()
 
 
 def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(avatar):
-    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=1)
+    pool = WorkerPool("parametric", {}, avatar_path=avatar.path, workers=1, max_batch=1)
     pool.start()
     try:
         order, errors = [], []
@@ -133,7 +133,9 @@ def test_queue_serves_the_earliest_deadline_first_and_cancel_drops_a_tasks_jobs(
 
 def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, tmp_path):
     flag = tmp_path / "fail-next-load"
-    pool = WorkerPool("tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar.path, workers=1, start_timeout_s=60)
+    pool = WorkerPool(
+        "tests.flaky_engine:create", {"fail_flag": str(flag)}, avatar_path=avatar.path, workers=1, start_timeout_s=60
+    )
     pool.start()
     try:
         results, done, errors = submit_all(pool, avatar, 1)
@@ -171,7 +173,7 @@ def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of
         media_file("video/nanmote002.mp4"), AvatarSettings(fps=25, size=(228, 406)), cache_dir=tmp_path
     )
     assert other.path != avatar.path
-    pool = WorkerPool("parametric", {}, avatar.path, workers=1, max_batch=4, max_avatars=1)
+    pool = WorkerPool("parametric", {}, avatar_path=avatar.path, workers=1, max_batch=4, max_avatars=1)
     pool.start()
     try:
         order, results, errors = [], {}, []
@@ -210,7 +212,9 @@ def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of
             for (task_id, k), chunk in sent.items():
                 if task_id == tasks:  # the worker computed the features of the job's audio, then the faces
                     features = engine.features(chunk.audio_16k, *chunk.rows)
-                    request = ChunkRequest(task_id, k, chunk.frame_indices, features=features)
+                    request = ChunkRequest(
+                        task_id=task_id, chunk_index=k, frame_indices=chunk.frame_indices, features=features
+                    )
                     np.testing.assert_array_equal(results[(task_id, k)].faces, engine.generate(request).faces)
         assert pool.loaded_avatars() == [[str(avatar.path)]]  # max_avatars=1: the last one used, the other dropped
         assert pool.stats().dispatches == 5 and not errors

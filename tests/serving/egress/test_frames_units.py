@@ -102,7 +102,14 @@ def test_header_round_trip_and_byte_layout():
 
 
 def tick(index: int, keyframe: bool = True) -> EncodedTick:
-    return EncodedTick(index, TickState.idle, bytes(16), b"v%d" % index, keyframe, b"\x00\x00" * 4)
+    return EncodedTick(
+        index=index,
+        state=TickState.idle,
+        task_id=bytes(16),
+        video=b"v%d" % index,
+        keyframe=keyframe,
+        audio=b"\x00\x00" * 4,
+    )
 
 
 def test_a_slow_client_loses_its_whole_backlog_and_the_next_header_says_how_many():
@@ -144,7 +151,13 @@ def test_the_hub_encodes_once_per_format_and_size_for_every_client():
     base = cv2.resize(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), (160, 120), interpolation=cv2.INTER_CUBIC)
     frames = [np.roll(base, 3 * i, axis=1) for i in range(10)]
     task = "ab" * 16
-    hub = FramesHub(FramesConfig(client_queue_s=2.0), 25, 100, (160, 120), lambda: ("speaking", task))
+    hub = FramesHub(
+        FramesConfig(client_queue_s=2.0),
+        fps=25,
+        sample_rate_hz=100,
+        frame_size=(160, 120),
+        on_air=lambda: ("speaking", task),
+    )
     subs = [
         Subscription(VideoFormat.jpeg, 160, 120, AudioFormat.pcm_s16le),
         Subscription(VideoFormat.jpeg, 160, 120, AudioFormat.none),

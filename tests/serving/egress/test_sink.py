@@ -83,8 +83,8 @@ def test_a_frozen_destination_stalls_alone_and_a_recording_beside_it_is_whole(fl
     frozen_target, record_target = channel_outputs(cfg)
     fanout = Fanout(1 << 22)
     settings = OutputSettings(cfg.egress, cfg.stream)
-    frozen = Output(frozen_target, settings, fanout, "test", "test")
-    record = Output(record_target, settings, fanout, "test", "test")
+    frozen = Output(frozen_target, settings=settings, fanout=fanout, encoding="test", channel="test")
+    record = Output(record_target, settings=settings, fanout=fanout, encoding="test", channel="test")
     feeder = Feeder(fanout, header, tags[: 12 * 75])  # 12 s
     states = []
     try:
@@ -122,7 +122,13 @@ def test_a_recording_starts_with_the_current_gop_and_its_timestamps_at_zero(flv_
     feeder = Feeder(fanout, header, tags[: 6 * 75])
     feeder.start()
     time.sleep(2.5)  # the output joins mid-stream, half a GOP after a keyframe
-    output = Output(channel_outputs(cfg)[0], OutputSettings(cfg.egress, cfg.stream), fanout, "test", "test")
+    output = Output(
+        channel_outputs(cfg)[0],
+        settings=OutputSettings(cfg.egress, cfg.stream),
+        fanout=fanout,
+        encoding="test",
+        channel="test",
+    )
     output.start()
     feeder.join(20)
     output.close()
@@ -151,7 +157,15 @@ def test_outputs_change_without_touching_the_others_and_encoders_follow(tmp_path
             "stream.outputs=[{url: 'rtmp://127.0.0.1/live/a', name: a}, {url: 'srt://127.0.0.1:9000', name: b}]",
         ],
     )
-    sink = EgressSink(cfg.stream, cfg.egress, 256, 256, channel_outputs(cfg), tmp_path, "test")
+    sink = EgressSink(
+        cfg.stream,
+        egress=cfg.egress,
+        width=256,
+        height=256,
+        outputs=channel_outputs(cfg),
+        work_dir=tmp_path,
+        channel="test",
+    )
     a, b = (sink._outputs[n] for n in ("a", "b"))  # noqa: SLF001 - the objects themselves are the point
     assert len(sink.stats().encoders) == 1
     more = load_config(
@@ -174,7 +188,13 @@ def test_outputs_change_without_touching_the_others_and_encoders_follow(tmp_path
 
 def test_a_deadlocked_supervisor_is_not_alive(tmp_path):
     cfg = load_config(None, [f"stream.record_dir={tmp_path}", "stream.outputs=[{url: 'record:x.mkv'}]"])
-    output = Output(channel_outputs(cfg)[0], OutputSettings(cfg.egress, cfg.stream), Fanout(1 << 20), "t", "t")
+    output = Output(
+        channel_outputs(cfg)[0],
+        settings=OutputSettings(cfg.egress, cfg.stream),
+        fanout=Fanout(1 << 20),
+        encoding="t",
+        channel="t",
+    )
     stuck = threading.Event()
     output._run = lambda: stuck.wait(30)  # noqa: SLF001 - a supervisor that never loops again
     output.start()
@@ -188,7 +208,15 @@ def test_a_deadlocked_supervisor_is_not_alive(tmp_path):
 
 def test_a_sink_with_no_encoder_running_refuses_ticks(tmp_path):
     cfg = load_config(None, ["stream.outputs=[{url: 'rtmp://127.0.0.1/live/a'}]"])
-    sink = EgressSink(cfg.stream, cfg.egress, 16, 16, channel_outputs(cfg), tmp_path, "test")
+    sink = EgressSink(
+        cfg.stream,
+        egress=cfg.egress,
+        width=16,
+        height=16,
+        outputs=channel_outputs(cfg),
+        work_dir=tmp_path,
+        channel="test",
+    )
     assert not sink.offer(np.zeros((16, 16, 3), np.uint8), np.zeros(1920, np.int16))  # not started
     with pytest.raises(ValueError):
         sink.offer(np.zeros((8, 8, 3), np.uint8), np.zeros(1920, np.int16))

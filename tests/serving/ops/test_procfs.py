@@ -57,6 +57,8 @@ def test_this_process_and_its_threads():
     assert 0.5 < me.rss_mb / procfs.rss_mb() < 2  # the same counters, read at two moments
     caps = procfs.status_fields()["CapEff"]
     assert procfs.effective_capabilities() == int(caps, 16)
+    ids = procfs.user_ids()
+    assert ids is not None and (ids.real, ids.effective, ids.saved) == os.getresuid() and ids.filesystem == os.geteuid()
     assert os.getpid() in procfs.process_stats() and "pytest" in procfs.command_line()
 
 
@@ -122,4 +124,4 @@ def test_children_descendants_zombies_and_the_gone(tmp_path):
     assert procfs.read_stat(gone) is None and procfs.process_state(gone) is None and not procfs.is_alive(gone)
     assert procfs.cpu_seconds(gone) == 0.0 and procfs.rss_mb(gone) == 0 and procfs.tree_rss_mb(gone) == 0.0
     assert procfs.thread_stats(gone) == {} and procfs.command_line(gone) == "" and procfs.children(gone) == []
-    assert procfs.effective_capabilities(gone) == 0 and procfs.thread_count(gone) == 0
+    assert procfs.effective_capabilities(gone) == 0 and procfs.thread_count(gone) == 0 and procfs.user_ids(gone) is None

@@ -228,7 +228,15 @@ def test_ready_to_start_matches_the_hand_computed_jitter_buffer(ready_chunks, nu
         program.chunk_audio_at[k] = 1000.0  # every chunk planned at once (its audio is all there)
     for k in range(ready_chunks):
         clock[0] += chunk_s
-        program.add_chunk(ChunkResult("t", k, np.arange(16), np.zeros((16, 2, 2, 3), np.uint8), 0.1))
+        program.add_chunk(
+            ChunkResult(
+                task_id="t",
+                chunk_index=k,
+                frame_indices=np.arange(16),
+                faces=np.zeros((16, 2, 2, 3), np.uint8),
+                generate_s=0.1,
+            )
+        )
     assert program.ready_to_start() is expected
 
 
