@@ -42,6 +42,7 @@ import math
 import threading
 import time
 from pathlib import PurePath
+from typing import TypeVar
 
 from flask import Flask, Response, jsonify, request, url_for
 from werkzeug.exceptions import HTTPException
@@ -80,7 +81,10 @@ logger = logging.getLogger(__name__)
 WORKER_BOOT_ERROR_EXIT = 3
 
 
-def _form_number(name: str, kind: type, low: float, high: float) -> float | int | None:
+_N = TypeVar("_N", int, float)
+
+
+def _form_number(name: str, kind: type[_N], low: float, high: float) -> _N | None:
     raw = request.form.get(name)
     if raw is None or raw.strip() == "":
         return None

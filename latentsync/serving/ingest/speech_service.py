@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from latentsync.config import SEED_RANGE, TTS_RATE_RANGE_WPM, AppConfig
 from latentsync.serving.ingest.text_to_speech import EspeakNg, SpeechFeeder, TextToSpeech
@@ -19,7 +20,7 @@ from latentsync.serving.tasks.utterance import Utterance
 logger = logging.getLogger(__name__)
 
 
-def int_field(body: dict, name: str, low: int, high: int) -> int | None:
+def int_field(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     """An optional integer of a JSON request, in ``[low, high]``.
 
     Raises:
@@ -33,7 +34,7 @@ def int_field(body: dict, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def seed_field(body: dict) -> int | None:
+def seed_field(body: dict[str, Any]) -> int | None:
     """The optional ``seed`` of a JSON request (:data:`~latentsync.config.SEED_RANGE`).
 
     Raises:

@@ -100,7 +100,7 @@ class StreamSource:
         self.feeder: SpeechFeeder | None = None
 
     @classmethod
-    def from_message(cls, service: SpeechService, msg: dict, on_error: OnError) -> StreamSource:
+    def from_message(cls, service: SpeechService, msg: dict[str, Any], on_error: OnError) -> StreamSource:
         """The source a ``start`` message opens (``sample_rate``, optional ``channels``, ``encoding``, ``seed``).
 
         Raises:

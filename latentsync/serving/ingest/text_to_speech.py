@@ -19,9 +19,10 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from latentsync.serving.tasks.speech_audio import SpeechError
 from latentsync.serving.tasks.task import FINAL_STATES
@@ -66,7 +67,9 @@ class TextToSpeech(Protocol):
         """Voice names :meth:`synthesize` accepts."""
         ...
 
-    def synthesize(self, text: str, voice: str | None = None, rate_wpm: int | None = None) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, rate_wpm: int | None = None
+    ) -> Iterator[npt.NDArray[np.int16]]:
         """Speak ``text``: yields ``(n,) int16`` mono PCM chunks at :attr:`sample_rate_hz`, in order.
 
         Raises:
@@ -137,7 +140,9 @@ class EspeakNg:
             raise SpeechError("unknown_voice", f"voice {voice!r} does not exist (espeak-ng --voices lists them)")
         return name
 
-    def synthesize(self, text: str, voice: str | None = None, rate_wpm: int | None = None) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: str | None = None, rate_wpm: int | None = None
+    ) -> Iterator[npt.NDArray[np.int16]]:
         """Speak ``text`` sentence by sentence: one ``(n,) int16`` chunk at 22050 Hz per sentence.
 
         Raises:
@@ -149,7 +154,7 @@ class EspeakNg:
         for sentence in split_sentences(text):
             yield self._speak(sentence, name, rate)
 
-    def _speak(self, sentence: str, voice: str, rate_wpm: int) -> np.ndarray:
+    def _speak(self, sentence: str, voice: str, rate_wpm: int) -> npt.NDArray[np.int16]:
         args = [self._exe, "--stdout", "-b", "1", "-v", voice, "-s", str(rate_wpm)]
         try:
             done = subprocess.run(
@@ -171,7 +176,12 @@ class EspeakNg:
         return np.frombuffer(body[: len(body) // 2 * 2], dtype="<i2").astype(np.int16)
 
 
-def _item_bytes(item) -> int:
+#: One item of a feeder's queue: ``("pcm", (n,) float32 mono, rate_hz)``, ``("text", text, (voice, rate_wpm))``
+#: or ``("end", None, None)``.
+_Item = tuple[str, Any, Any]
+
+
+def _item_bytes(item: _Item) -> int:
     """Bytes one feeder item holds: PCM samples, a text's UTF-8, nothing for the end."""
     kind, value, _ = item
     if kind == "pcm":
@@ -218,7 +228,7 @@ class SpeechFeeder:
         self._bytes = 0  # of the items waiting
         self._bytes_lock = threading.Lock()
         self._wait_room_s = wait_room_s
-        self._items: queue.Queue = queue.Queue(max_items)
+        self._items: queue.Queue[_Item] = queue.Queue(max_items)
         self._stop = threading.Event()
         self._started = False
         self._thread = threading.Thread(target=self._run, name=f"feeder-{utterance.task_id[:8]}", daemon=True)
@@ -241,7 +251,7 @@ class SpeechFeeder:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(1.0)
 
-    def push_pcm(self, mono: np.ndarray, rate_hz: int) -> None:
+    def push_pcm(self, mono: npt.NDArray[np.float32], rate_hz: int) -> None:
         """Queue ``(n,) float32`` mono samples at ``rate_hz``.
 
         Raises:
@@ -268,7 +278,7 @@ class SpeechFeeder:
             self._stop.set()
             self.utterance.end()
 
-    def _put(self, item) -> None:
+    def _put(self, item: _Item) -> None:
         if self._stop.is_set():
             raise SpeechError("not_open", "the utterance is over")
         size = _item_bytes(item)
@@ -288,7 +298,7 @@ class SpeechFeeder:
                 ) from None
             self._bytes += size
 
-    def _taken(self, item) -> None:
+    def _taken(self, item: _Item) -> None:
         with self._bytes_lock:
             self._bytes -= _item_bytes(item)
 

@@ -100,7 +100,7 @@ class UploadDecoder:
         self.error: str | None = None  # why it failed (for our log and the task's error; not FFmpeg's text)
         self.header_duration_s: float | None = None  # what the container says, when it says
         self.samples = 0
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._cond = threading.Condition()
         self._header_done = False
         self._stderr_tail: list[str] = []
@@ -343,7 +343,7 @@ class UploadDecoder:
             self._cond.notify_all()
 
 
-def _close_pipes(proc: subprocess.Popen) -> None:
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
     """Close our ends of a child's stdout and stderr pipes (idempotent; a reader may have closed them)."""
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import enum
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import cv2
@@ -46,10 +47,14 @@ class Program(Protocol):
     """
 
     task_id: str
-    num_frames: int
     #: True when the frame last returned by :meth:`frame` was a gap frame (its speech starved):
     #: the mixer counts it as an underrun tick.
     in_gap: bool
+
+    @property
+    def num_frames(self) -> int:
+        """Frames it plays (a huge number while its length is unknown)."""
+        ...
 
     def ready_to_start(self) -> bool:
         """Whether the jitter buffer says playback can start now without underrunning."""
@@ -141,7 +146,9 @@ class ProgramMixer:
         self._last_frame: np.ndarray | None = None
         self._tick_task_id: str | None = None
         self._machine = StateMachine(StreamState.IDLE, STREAM_MOVES, "mixer")
-        self._next_idle: tuple[IdleLoop, object] | None = None  # (loop, callback) waiting for an idle moment
+        self._next_idle: tuple[IdleLoop, Callable[[], None] | None] | None = (
+            None  # (loop, callback) waiting for an idle moment
+        )
         self.idle_switches = 0
         self.ticks = 0  # ticks produced (one per emitted or dropped frame)
         self.underrun_ticks = 0

@@ -504,9 +504,12 @@ class TaskManager:
         entries = [e for e in entries if e.processor is not None]  # settled ones hold nothing to stop
         for entry in entries:
             entry.task.transition(TaskState.cancelled, "server shutting down")
-            entry.processor.close()
-            entry.utterance.close()
+            if entry.processor is not None:
+                entry.processor.close()
+            if entry.utterance is not None:
+                entry.utterance.close()
             entry.task.release_audio()
         deadline = time.monotonic() + timeout_s
         for entry in entries:
-            entry.processor.join(max(0.0, deadline - time.monotonic()))
+            if entry.processor is not None:
+                entry.processor.join(max(0.0, deadline - time.monotonic()))

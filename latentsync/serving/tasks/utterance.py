@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 from latentsync.config import SpeechStreamConfig
 from latentsync.serving.tasks.speech_audio import SpeechAudio, SpeechError
@@ -207,7 +208,7 @@ class Utterance:
         return audio.duration_s * self.fps / max(now - self.first_byte_monotonic, 1e-3)
 
     # ----------------------------------------------------------------- producer side
-    def push(self, mono: np.ndarray, rate_hz: int) -> float:
+    def push(self, mono: npt.NDArray[np.float32], rate_hz: int) -> float:
         """Append speech.
 
         Args:
