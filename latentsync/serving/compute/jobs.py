@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from latentsync.engines import ChunkResult
+from latentsync.face import FACE_SIZE
 
 
 class JobFailed(RuntimeError):
@@ -75,3 +76,32 @@ class JobQueue(Protocol):
     def cancel(self, task_id: str) -> int:
         """Drop every queued job of ``task_id`` (their callbacks are never called); returns how many."""
         ...
+
+
+def result_problem(job: ChunkJob, result: object, face_size: int = FACE_SIZE) -> str | None:
+    """Why a worker's answer to ``job`` cannot be played, or None when it can.
+
+    A worker is another process (or another machine): what it returns is checked before it reaches
+    a task, so a wrong answer fails its job with a reason instead of raising on the clock thread.
+
+    Args:
+        job: The job the answer is for.
+        result: What the worker returned for it.
+        face_size: Side of the square faces the engines make (the avatar's aligned face crops).
+
+    Returns:
+        The reason, naming the job and what was wrong (its ids, or its faces' shape or dtype), or None.
+    """
+    if not isinstance(result, ChunkResult):
+        return f"worker returned a {type(result).__name__} for {job.label}, expected a ChunkResult"
+    if result.task_id != job.task_id or result.chunk_index != job.chunk_index:
+        return f"worker returned chunk {result.chunk_index!r} of task {result.task_id!r} for {job.label}"
+    n = len(job.frame_indices)
+    expected = (n, face_size, face_size, 3)
+    faces = result.faces
+    shape = getattr(faces, "shape", None)
+    dtype = getattr(faces, "dtype", None)
+    if not isinstance(faces, np.ndarray) or shape != expected or dtype != np.uint8:
+        what = f"faces of shape {shape} {dtype}" if isinstance(faces, np.ndarray) else f"a {type(faces).__name__}"
+        return f"worker returned {what} for {n} frames of {job.label}, expected {expected} uint8"
+    return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentsync.engines import ChunkResult
-from latentsync.serving.compute.jobs import ChunkJob, JobFailed
+from latentsync.serving.compute.jobs import ChunkJob, JobFailed, result_problem
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,12 @@ class SchedulingPool:
             for job in jobs:
                 job.attempts += 1
                 job.submitted_at = now
-            self._dispatch(dispatch_id, jobs, worker)
+            try:
+                self._dispatch(dispatch_id, jobs, worker)
+            except Exception as exc:  # the call never left: its jobs go back with their deadlines (a 2nd time: failed)
+                self._running.pop(dispatch_id, None)
+                logger.exception("dispatching %s failed", ", ".join(job.job.label for job in jobs))
+                self._requeue(jobs, f"dispatch failed: {type(exc).__name__}: {exc}")
 
     def _take_batch(self) -> list[Job]:
         """The earliest-deadline job, plus the chunk jobs due right after it up to ``max_batch`` (lock held).
@@ -254,7 +259,11 @@ class SchedulingPool:
         return batch
 
     def _deliver(self, dispatch_id: int, results: list[ChunkResult]) -> list[Job] | None:
-        """A call came back: free its worker, dispatch, then hand each result to its job.
+        """A call came back: hand each result to its job, then give the free worker the next jobs.
+
+        Results are delivered before anything is dispatched, so a dispatch that raises cannot lose
+        them. A result that is not what its job asked for (:func:`result_problem`: its ids, or its
+        faces' count, shape or dtype) fails that job with the reason and never reaches the task.
 
         Returns:
             The call's jobs, or None for a stale answer (its worker was given up on meanwhile).
@@ -263,16 +272,32 @@ class SchedulingPool:
             jobs = self._running.pop(dispatch_id, None)
             if jobs is None:
                 return None  # a stale answer from a replaced worker
-            self._completed += len(jobs)
-            self._dispatch_waiting()
-        for job, result in zip(jobs, results, strict=True):
-            if self._on_chunk_done is not None:
-                self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
-            with job.lock:
-                if job.finished:
+        try:
+            answers = list(results) if isinstance(results, list | tuple) else []
+            for i, job in enumerate(jobs):
+                if i >= len(answers):
+                    self._finish_error(job, f"worker returned {len(answers)} results for a call of {len(jobs)} jobs")
                     continue
-                job.finished = True
-            job.on_done(result)
+                result = answers[i]
+                problem = result_problem(job.job, result)
+                if problem is not None:
+                    self._finish_error(job, problem)
+                    continue
+                with self._lock:
+                    self._completed += 1
+                if self._on_chunk_done is not None:
+                    self._on_chunk_done(len(result.frame_indices), time.monotonic() - job.submitted_at)
+                with job.lock:
+                    if job.finished:
+                        continue
+                    job.finished = True
+                try:
+                    job.on_done(result)
+                except Exception:  # the task's side: its own thread handles its failures; the pool goes on
+                    logger.exception("delivering %s failed", job.job.label)
+        finally:
+            with self._lock:
+                self._dispatch_waiting()
         return jobs
 
     def _engine_failed(self, dispatch_id: int, exc: BaseException) -> None:

@@ -5,6 +5,11 @@ never accumulate). At every tick the controller emits *something* and never wait
 The audio that rides with the ``n``-th emitted frame is exactly
 ``floor((n + 1) * sr / fps) - floor(n * sr / fps)`` samples, so the two FIFOs always carry the same
 number of ticks and FFmpeg's count-derived PTS keep A/V in sync forever.
+
+Nothing raised while a tick is made stops the clock: a source that raises (the mixer drops a
+failing program itself; this guards against the rest) gets the last frame on air with silence
+instead, a sink that raises counts the tick as dropped, and both are logged at most once per
+:data:`ERROR_LOG_INTERVAL_S` with a count (:class:`ThrottledErrors`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,48 @@ from latentsync.serving.playout.state import StreamState
 logger = logging.getLogger(__name__)
 
 LATE_FRACTION = 0.5  # a tick emitted more than half a frame period after its due time is "late"
+ERROR_LOG_INTERVAL_S = 10.0  # an error repeated every tick is logged at most this often
+
+
+class ThrottledErrors:
+    """Logs an error that may repeat at every tick: the first with its traceback, then one line per interval.
+
+    Args:
+        what: How the log names the failing thing (``"tick source"``, ``"tick observer <name>"``).
+        interval_s: Seconds between two lines about it (the repeats meanwhile are counted in the next).
+        clock: Monotonic clock in seconds.
+    """
+
+    def __init__(
+        self, what: str, interval_s: float = ERROR_LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+    ):
+        self._what = what
+        self._interval_s = float(interval_s)
+        self._clock = clock
+        self._logged_at: float | None = None
+        self._unlogged = 0
+        self.count = 0  # errors seen
+
+    def error(self, exc: BaseException) -> None:
+        """Count ``exc``; log it unless a line about this thing was logged less than an interval ago."""
+        self.count += 1
+        now = self._clock()
+        if self._logged_at is None:
+            logger.error("%s failed: %s: %s", self._what, type(exc).__name__, exc, exc_info=exc)
+        elif now - self._logged_at >= self._interval_s:
+            logger.error(
+                "%s failed %d more times in %.0f s; the last: %s: %s",
+                self._what,
+                self._unlogged + 1,
+                now - self._logged_at,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            self._unlogged += 1
+            return
+        self._logged_at = now
+        self._unlogged = 0
 
 
 class TickSink(Protocol):
@@ -63,6 +110,8 @@ class ControllerStats:
         max_lateness_ms: Largest lateness of any tick, in milliseconds.
         last_tick_monotonic: ``time.monotonic()`` of the last handled tick (0 before the first).
         uptime_s: Seconds since the clock started (0 before start).
+        tick_errors: Ticks whose source or sink raised (logged, throttled): the source's got the last
+            frame with silence, the sink's were counted dropped.
     """
 
     state: StreamState
@@ -73,6 +122,7 @@ class ControllerStats:
     max_lateness_ms: float
     last_tick_monotonic: float
     uptime_s: float
+    tick_errors: int = 0
 
 
 class StreamingController:
@@ -133,6 +183,11 @@ class StreamingController:
         self._late = 0
         self._max_lateness_s = 0.0
         self._last_tick = 0.0
+        self._last_video: np.ndarray | None = (
+            None  # the last frame the source gave (a source that raises gets it again)
+        )
+        self._source_errors = ThrottledErrors("tick source", clock=clock)
+        self._sink_errors = ThrottledErrors("tick sink", clock=clock)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -172,6 +227,7 @@ class StreamingController:
             max_lateness_ms=self._max_lateness_s * 1000.0,
             last_tick_monotonic=self._last_tick,
             uptime_s=(self._clock() - self._t0) if self._started else 0.0,
+            tick_errors=self._source_errors.count + self._sink_errors.count,
         )
 
     # ----------------------------------------------------------------- clock
@@ -230,8 +286,21 @@ class StreamingController:
 
     def _emit_one(self) -> None:
         num_samples = samples_in_frame(self._emitted, self._sample_rate_hz, self._fps)
-        video, audio = self._source.next(num_samples)
-        if self._sink.offer(video, audio):
+        try:
+            video, audio = self._source.next(num_samples)
+            self._last_video = video
+        except Exception as exc:  # the clock outlives any one bad tick
+            self._source_errors.error(exc)
+            if self._last_video is None:
+                self._dropped += 1
+                return
+            video, audio = self._last_video, np.zeros(num_samples, dtype=np.int16)
+        try:
+            accepted = self._sink.offer(video, audio)
+        except Exception as exc:
+            self._sink_errors.error(exc)
+            accepted = False
+        if accepted:
             self._emitted += 1
         else:
             self._dropped += 1

@@ -11,12 +11,18 @@ same frames, and idle sound fades back in on the way out. When a program's next 
 generated yet (underrun), the last frame is held with silence and the program does not advance,
 so its speech stays in sync with its video. Everything here runs on the controller thread and
 never blocks.
+
+A program that raises while its tick is made (its frame, audio or callbacks), or hands over a frame
+or audio that is not the stream's, is dropped: :meth:`Program.abort` fails its task with the reason,
+and the picture fades (or cuts) from the last frame on air to idle, or to the next program. The
+clock goes on.
 """
 
 from __future__ import annotations
 
 import collections
 import enum
+import logging
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -28,6 +34,11 @@ from latentsync.media.buffers import FramePool, written_into
 from latentsync.serving.core.states import StateMachine
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.state import STREAM_MOVES, StreamState
+
+logger = logging.getLogger(__name__)
+
+#: Programs one tick may drop (each raised) before the tick gives up and lets the clock handle it.
+MAX_DROPS_PER_TICK = 4
 
 
 class ProgramEvent(str, enum.Enum):
@@ -80,13 +91,32 @@ class Program(Protocol):
         """Progress callback on the controller thread (must not block); see :class:`ProgramEvent`."""
         ...
 
+    def abort(self, reason: str) -> None:
+        """The mixer dropped it: making its tick raised, or its frame or audio was not the stream's.
+
+        Its task fails with ``reason``; the mixer never calls the program again (no ``OFF_AIR``
+        follows, so the program lets go of what it holds here). Runs on the controller thread: must
+        not block.
+        """
+        ...
+
 
 class _Outgoing:
     """The picture and sound being faded away: the idle loop, or a program's continuation."""
 
-    def __init__(self, idle: IdleLoop | None, program: Program | None, *, index: int, audio_pos: int, fade_audio: bool):
+    def __init__(
+        self,
+        idle: IdleLoop | None,
+        program: Program | None,
+        *,
+        index: int,
+        audio_pos: int,
+        fade_audio: bool,
+        still: np.ndarray | None = None,
+    ):
         self.idle = idle
         self.program = program
+        self.still = still  # a frame held in silence (what was on air when its program failed)
         self.index = index
         self.audio_pos = audio_pos
         self.fade_audio = fade_audio  # an interrupted program's speech fades out; a finished one is silent
@@ -94,6 +124,8 @@ class _Outgoing:
     def next(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         if self.idle is not None:
             return self.idle.next(num_samples)
+        if self.still is not None:
+            return self.still, np.zeros(num_samples, dtype=np.int16)
         assert self.program is not None
         frame = self.program.continuation_frame(self.index)
         audio = (
@@ -145,6 +177,7 @@ class ProgramMixer:
         self._fading_in = False
         self._last_frame: np.ndarray | None = None
         self._tick_task_id: str | None = None
+        self._culprit: Program | None = None  # the program being asked for this tick's content
         self._machine = StateMachine(StreamState.IDLE, STREAM_MOVES, "mixer")
         self._next_idle: tuple[IdleLoop, Callable[[], None] | None] | None = (
             None  # (loop, callback) waiting for an idle moment
@@ -154,6 +187,7 @@ class ProgramMixer:
         self.underrun_ticks = 0
         self.programs_finished = 0
         self.programs_interrupted = 0
+        self.programs_failed = 0  # dropped: making their tick raised (Program.abort)
 
     @property
     def state(self) -> StreamState:
@@ -232,6 +266,21 @@ class ProgramMixer:
             ``(H, W, 3) uint8`` frame and ``(num_samples,) int16`` audio.
         """
         self.ticks += 1
+        for _ in range(MAX_DROPS_PER_TICK):
+            try:
+                frame, audio = self._tick(num_samples)
+            except Exception as exc:
+                culprit, self._culprit = self._culprit, None
+                if culprit is None:
+                    raise  # not a program's fault (the idle loop): the clock's guard handles it
+                self._drop_failed(culprit, exc)
+                continue
+            self._culprit = None
+            self._last_frame = frame
+            return frame, audio
+        raise RuntimeError(f"{MAX_DROPS_PER_TICK} programs failed in one tick")
+
+    def _tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         self._apply_interrupts()
         if self._next_idle is not None and self._current is None and self._outgoing is None:
             self._switch_idle_now()
@@ -250,8 +299,58 @@ class ProgramMixer:
             self._tick_task_id = None
             self._set_state(StreamState.IDLE)
             frame, audio = self._idle.next(num_samples)
-        self._last_frame = frame
         return frame, audio
+
+    def _drop_failed(self, program: Program, exc: Exception) -> None:
+        """``program`` raised making this tick: take it out of the playlist and off air, fail its task."""
+        reason = f"playout of task {program.task_id} failed: {type(exc).__name__}: {exc}"
+        logger.error("%s", reason, exc_info=exc, extra={"task_id": program.task_id})
+        self.programs_failed += 1
+        with self._lock:
+            self._playlist = collections.deque(p for p in self._playlist if p is not program)
+        outgoing = self._outgoing
+        if self._current is program:
+            self._current = None
+            self._fading_in = False
+            if outgoing is not None and outgoing.program is not None and outgoing.program is not program:
+                try:  # what it was fading in from is gone with it
+                    self._end_fade_out(outgoing)
+                except Exception:
+                    logger.exception("task %s: its off-air callback failed", outgoing.program.task_id)
+                self._culprit = None
+            # the picture fades from the last frame on air (before any: the idle loop's first) to idle;
+            # a cut without crossfade
+            self._outgoing = None
+            if self._crossfade > 0:
+                still = self._last_frame if self._last_frame is not None else self._idle.frames[0]
+                self._outgoing = _Outgoing(None, None, index=0, audio_pos=0, fade_audio=False, still=still)
+                self._fade_step = 0
+        elif outgoing is not None and outgoing.program is program:
+            if self._current is not None:  # the program fading in cuts in
+                self._outgoing = None
+                self._fading_in = False
+            else:
+                self._outgoing = (
+                    _Outgoing(None, None, index=0, audio_pos=0, fade_audio=False, still=self._last_frame)
+                    if self._last_frame is not None
+                    else None
+                )
+        try:
+            program.abort(reason)
+        except Exception:
+            logger.exception("aborting task %s failed", program.task_id, extra={"task_id": program.task_id})
+
+    def _checked(self, frame: np.ndarray, audio: np.ndarray | None, num_samples: int) -> None:
+        """Raise when a program's frame or audio is not the stream's (its shape, its dtype)."""
+        like = self._idle.frames.shape[1:]
+        if not isinstance(frame, np.ndarray) or frame.shape != like or frame.dtype != np.uint8:
+            what = f"{frame.shape} {frame.dtype}" if isinstance(frame, np.ndarray) else type(frame).__name__
+            raise ValueError(f"frame is {what}, the stream's are {like} uint8")
+        if audio is not None and (
+            not isinstance(audio, np.ndarray) or audio.shape != (num_samples,) or audio.dtype != np.int16
+        ):
+            what = f"{audio.shape} {audio.dtype}" if isinstance(audio, np.ndarray) else type(audio).__name__
+            raise ValueError(f"audio is {what}, expected ({num_samples},) int16")
 
     def _switch_idle_now(self) -> None:
         with self._lock:
@@ -275,6 +374,7 @@ class ProgramMixer:
             self._playlist = collections.deque(p for p in self._playlist if p.task_id not in ids)
         current = self._current
         if current is not None and current.task_id in ids:
+            self._culprit = current
             current.on_air(ProgramEvent.INTERRUPTED, self._pos)
             self.programs_interrupted += 1
             if self._outgoing is not None:  # interrupted mid crossfade: what it faded from is gone too
@@ -288,11 +388,16 @@ class ProgramMixer:
 
     def _start_next_program(self) -> None:
         with self._lock:
-            while self._playlist and self._playlist[0].is_cancelled():
+            while self._playlist:
+                self._culprit = self._playlist[0]
+                if not self._playlist[0].is_cancelled():
+                    break
                 self._playlist.popleft()
             if not self._playlist or not self._playlist[0].ready_to_start():
+                self._culprit = None
                 return
             program = self._playlist.popleft()
+            self._culprit = None
         if self._next_idle is not None:  # a new avatar's program: its idle loop comes with it
             self._switch_idle_now()
         if self._outgoing is None:
@@ -308,6 +413,7 @@ class ProgramMixer:
     def _speech_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         program = self._current
         assert program is not None
+        self._culprit = program
         frame = program.frame(self._pos)
         if frame is None and program.is_cancelled():  # generation failed for good: fade out now
             with self._lock:
@@ -320,13 +426,18 @@ class ProgramMixer:
         if frame is None:  # underrun: hold the picture, silence, do not advance the program
             self.underrun_ticks += 1
             held = self._last_frame if self._last_frame is not None else program.continuation_frame(self._pos)
+            self._checked(held, None, num_samples)
             return held, np.zeros(num_samples, dtype=np.int16)
         audio = program.audio(self._audio_pos, num_samples)
+        self._checked(frame, audio, num_samples)
         if self._pos == 0:
             program.on_air(ProgramEvent.FIRST_FRAME, 0)
         if self._fading_in and self._outgoing is not None:
             alpha = (self._fade_step + 1) / (self._crossfade + 1)
+            self._culprit = self._outgoing.program
             out_frame, out_audio = self._outgoing.next(num_samples)
+            self._checked(out_frame, out_audio, num_samples)
+            self._culprit = program
             frame = _blend(out_frame, frame, alpha, self._blend_buffer(frame))
             audio = _mix(audio, 1.0, out_audio, 1.0 - alpha)
             self._fade_step += 1
@@ -349,7 +460,10 @@ class ProgramMixer:
     def _fade_out_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         outgoing = self._outgoing
         assert outgoing is not None
+        self._culprit = outgoing.program
         out_frame, out_audio = outgoing.next(num_samples)
+        self._checked(out_frame, out_audio, num_samples)
+        self._culprit = None
         idle_frame, idle_audio = self._idle.next(num_samples)
         alpha = (self._fade_step + 1) / (self._crossfade + 1)
         frame = _blend(out_frame, idle_frame, alpha, self._blend_buffer(idle_frame))
@@ -370,4 +484,6 @@ class ProgramMixer:
         self._outgoing = None
         self._blends = None  # the fade is over: its buffers go once the writers let go of them
         if outgoing.program is not None:  # the program is now off air (finished or interrupted)
+            culprit, self._culprit = self._culprit, outgoing.program
             outgoing.program.on_air(ProgramEvent.OFF_AIR, outgoing.index)
+            self._culprit = culprit

@@ -7,23 +7,22 @@ can freeze the browser views (docs/outputs.md).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import numpy as np
 
-from latentsync.serving.playout.clock import TickSink
+from latentsync.serving.playout.clock import ThrottledErrors, TickSink
 
 TickObserver = Callable[[int, np.ndarray, np.ndarray], None]
-
-logger = logging.getLogger(__name__)
 
 
 class TappedSink:
     """A :class:`TickSink` that forwards to ``sink`` and shows every tick to observers.
 
     Observers run on the controller thread and must never block (the WebRTC hub only does a
-    ``put_nowait``). An observer that raises is logged once and skipped from then on.
+    ``put_nowait``). An observer that raises is logged (at most once per
+    :data:`~latentsync.serving.playout.clock.ERROR_LOG_INTERVAL_S`, with a count) and shown the next
+    ticks all the same: one bad tick never blinds a viewer for good, and never stops the clock.
 
     Args:
         sink: The real sink (the channel's :class:`~latentsync.serving.egress.sink.EgressSink`).
@@ -34,7 +33,14 @@ class TappedSink:
     def __init__(self, sink: TickSink, observers: list[TickObserver]):
         self._sink = sink
         self._observers = list(observers)
+        self._errors = [ThrottledErrors(f"tick observer {observer!r}") for observer in self._observers]
+        self._sink_errors = ThrottledErrors("tick sink")
         self._shown = 0
+
+    @property
+    def observer_errors(self) -> int:
+        """Ticks an observer raised on, all observers together."""
+        return sum(errors.count for errors in self._errors)
 
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
         """Offer the tick to the real sink, then show it to the observers whether it took it or not.
@@ -42,13 +48,16 @@ class TappedSink:
         Returns:
             The sink's answer (False: the clock counts the tick as dropped by the encoders).
         """
-        accepted = self._sink.offer(video, audio)
+        try:
+            accepted = self._sink.offer(video, audio)
+        except Exception as exc:  # the observers are shown the tick all the same; the clock counts it dropped
+            self._sink_errors.error(exc)
+            accepted = False
         index = self._shown
         self._shown += 1
-        for observer in list(self._observers):
+        for observer, errors in zip(self._observers, self._errors, strict=True):
             try:
                 observer(index, video, audio)
-            except Exception:
-                logger.exception("tick observer %r failed; removed", observer)
-                self._observers.remove(observer)
+            except Exception as exc:
+                errors.error(exc)
         return accepted

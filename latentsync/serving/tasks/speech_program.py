@@ -238,6 +238,24 @@ class SpeechProgram:
             self._failed = True
             self.changed.notify_all()
 
+    def abort(self, reason: str) -> None:
+        """The mixer dropped it (making its tick raised): the task fails with ``reason``.
+
+        Called on the controller thread, which must not wait: the program lets go of its faces,
+        frame buffers and audio here (no ``OFF_AIR`` follows), and the task is failed on a thread of
+        its own (its processor stops and its sources close there).
+        """
+        with self._lock:
+            self._failed = True
+            self._cancelled.set()
+            self._faces.clear()
+            self.changed.notify_all()
+        self._paster.release()
+        self.task.release_audio()
+        threading.Thread(
+            target=self._utterance.fail, args=(reason,), name=f"abort-{self.task_id[:8]}", daemon=True
+        ).start()
+
     def cancel(self) -> None:
         """Drop everything buffered; the mixer skips (or fades out) this program."""
         with self._lock:

@@ -233,3 +233,119 @@ def test_a_refused_sched_fifo_is_a_warning_and_the_clock_still_ticks(monkeypatch
     assert asked == [10]
     assert stats.frames_emitted == 32 and stats.dropped_ticks == 0
     assert any("SCHED_FIFO priority 10 refused" in r.getMessage() for r in caplog.records)
+
+
+class _Program:
+    """A speech program of grey 8x8 frames whose ``frame()`` raises from frame ``breaks_at`` on."""
+
+    def __init__(self, breaks_at: int):
+        self.task_id = "t"
+        self.in_gap = False
+        self.num_frames = 10_000
+        self.breaks_at = breaks_at
+        self.asked = 0
+        self.aborted: str | None = None
+
+    def ready_to_start(self):
+        return True
+
+    def frame(self, index):
+        self.asked += 1
+        if index >= self.breaks_at:
+            raise ValueError("faces of the wrong shape")
+        return np.full((8, 8, 3), 200, np.uint8)
+
+    def continuation_frame(self, index):
+        return np.full((8, 8, 3), 100, np.uint8)
+
+    def audio(self, start, count):
+        return np.full(count, 7, np.int16)
+
+    def is_cancelled(self):
+        return False
+
+    def on_air(self, event, frames):
+        pass
+
+    def abort(self, reason):
+        self.aborted = reason
+
+
+def test_a_program_that_raises_on_the_clock_thread_fails_and_the_clock_keeps_its_rate():
+    from latentsync.serving.playout.mixer import ProgramMixer
+
+    mixer = ProgramMixer(make_idle(), 0)
+    program = _Program(breaks_at=8)
+    mixer.enqueue(program)
+    clock = VirtualClock(run_s=1.0)
+    sink = RecordingSink()
+    stats = run_virtual(mixer, sink, clock)
+    assert stats.ticks == stats.frames_emitted == 32 and stats.tick_errors == 0  # every tick, on time
+    assert program.aborted == "playout of task t failed: ValueError: faces of the wrong shape"
+    assert program.asked == 9  # dropped at its first failure
+    assert sink.frames[:8] == [200] * 8  # its speech, then the idle loop (frame ids 0..6) from the next tick
+    assert sink.frames[8:15] == [0, 1, 2, 3, 4, 5, 6]
+    assert all((a == 7).all() for a in sink.audio[:8]) and not any((a == 7).all() for a in sink.audio[8:])
+
+
+class _Flaky:
+    """A tick source that raises on the ticks in ``bad`` (every one from ``bad_from`` on)."""
+
+    def __init__(self, bad: set[int], bad_from: int | None = None):
+        self.idle = make_idle()
+        self.bad, self.bad_from, self.calls = bad, bad_from, 0
+        self.state = StreamState.IDLE
+
+    def next(self, num_samples):
+        self.calls += 1
+        if self.calls - 1 in self.bad or (self.bad_from is not None and self.calls > self.bad_from):
+            raise RuntimeError("mixer bug")
+        return self.idle.next(num_samples)
+
+
+def test_a_source_that_raises_gets_the_last_frame_in_silence_and_errors_are_logged_throttled(caplog):
+    clock = VirtualClock(run_s=2.0)
+    sink = RecordingSink()
+    with caplog.at_level(logging.ERROR, logger="latentsync.serving.playout.clock"):
+        stats = run_virtual(_Flaky(set(), bad_from=5), sink, clock)
+    assert stats.ticks == stats.frames_emitted == 64  # the clock never stopped
+    assert stats.tick_errors == 59
+    assert sink.frames[:5] == [0, 1, 2, 3, 4] and set(sink.frames[5:]) == {4}  # the last frame, held
+    assert not np.concatenate(sink.audio[5:]).any()  # in silence
+    assert sum(sink.samples) == samples_before_frame(64, RATE, FPS)  # audio stays exact
+    assert len([r for r in caplog.records if "tick source failed" in r.getMessage()]) == 1  # not once per tick
+
+
+def test_a_sink_that_raises_counts_the_tick_dropped_and_the_clock_goes_on():
+    class Raising(RecordingSink):
+        def offer(self, video, audio):
+            if self.offers in (3, 4):
+                self.offers += 1
+                raise OSError("pipe gone")
+            return super().offer(video, audio)
+
+    clock = VirtualClock(run_s=1.0)
+    sink = Raising()
+    stats = run_virtual(make_idle(), sink, clock)
+    assert (stats.ticks, stats.frames_emitted, stats.dropped_ticks, stats.tick_errors) == (32, 30, 2, 2)
+
+
+def test_an_observer_that_raises_is_logged_and_still_shown_the_next_ticks(caplog):
+    from latentsync.serving.playout.tap import TappedSink
+
+    seen: list[int] = []
+
+    def observer(index, video, audio):
+        if index < 3:
+            raise RuntimeError("viewer hiccup")
+        seen.append(index)
+
+    clock = VirtualClock(run_s=1.0)
+    inner = RecordingSink()
+    tap = TappedSink(inner, [observer])
+    with caplog.at_level(logging.ERROR):
+        stats = run_virtual(make_idle(), tap, clock)  # type: ignore[arg-type]
+    assert stats.ticks == stats.frames_emitted == 32
+    assert seen == list(range(3, 32))  # shown every tick after its failures
+    assert tap.observer_errors == 3
+    assert len([r for r in caplog.records if "tick observer" in r.getMessage()]) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from latentsync.serving.playout.idle import IdleLoop
 from latentsync.serving.playout.mixer import ProgramMixer
@@ -54,6 +55,33 @@ class FakeProgram:
 
     def on_air(self, event, frames):
         self.events.append((event, frames))
+
+    def abort(self, reason):
+        self.aborted = reason
+
+
+class BrokenProgram(FakeProgram):
+    """A FakeProgram whose ``method`` raises (or, for ``frame``, returns ``bad``) from call ``after`` on."""
+
+    def __init__(self, task_id, num_frames, method, after=0, bad=None):
+        super().__init__(task_id, num_frames)
+        self.method, self.after, self.bad, self.calls = method, after, bad, 0
+        self.aborted = None
+
+    def __getattribute__(self, name):
+        attr = object.__getattribute__(self, name)
+        if name != object.__getattribute__(self, "method"):
+            return attr
+
+        def broken(*args):
+            self.calls += 1
+            if self.calls > self.after:
+                if self.bad is not None:
+                    return self.bad
+                raise RuntimeError(f"{name} exploded")
+            return attr(*args)
+
+        return broken
 
 
 def run(mixer: ProgramMixer, ticks: int):
@@ -257,3 +285,53 @@ def test_a_program_queued_after_a_switch_request_brings_the_new_loop_with_it():
     # After the new program the stream fades out into the new loop, never back to the old one.
     assert [int(f[1, 1, 0]) for _, f, _ in ticks[-2:]] == [250, 250]
     assert all(s is not StreamState.IDLE for s, _, _ in ticks[: 3 + 6])
+
+
+def test_a_program_whose_frame_raises_is_dropped_with_a_reason_and_idle_follows():
+    mixer = ProgramMixer(idle_loop(), FADE)
+    program = BrokenProgram("a", 40, "frame", after=10)
+    mixer.enqueue(program)
+    ticks = run(mixer, 10 + 1 + FADE + 5)  # 10 frames, then its 11th raises
+    assert [s for s, _, _ in ticks[:10]] == [StreamState.FADE_IN] * FADE + [StreamState.SPEAKING] * (10 - FADE)
+    assert program.aborted == "playout of task a failed: RuntimeError: frame exploded"
+    assert mixer.programs_failed == 1 and mixer.current_task_id is None
+    # The last frame on air (its frame 9) fades to idle, in the idle hum, then idle goes on.
+    assert [s for s, _, _ in ticks[10 : 10 + FADE]] == [StreamState.FADE_OUT] * FADE
+    held = [int(f[1, 1, 0]) for _, f, _ in ticks[10 : 10 + FADE]]
+    assert held == sorted(held, reverse=True) and held[0] < 200 and held[-1] > 0
+    assert [s for s, _, _ in ticks[10 + FADE :]] == [StreamState.IDLE] * 6
+    assert not ticks[-1][1].any() and (ticks[-1][2] == 1000).all()
+    assert program.calls == 11  # never asked again
+
+
+def test_a_program_whose_frame_is_not_the_streams_is_dropped_and_the_next_one_plays():
+    mixer = ProgramMixer(idle_loop(), 0)
+    wrong = BrokenProgram("wrong", 20, "frame", after=3, bad=np.zeros((8, 8, 3), np.uint8))
+    nxt = FakeProgram("next", 5)
+    mixer.enqueue(wrong)
+    mixer.enqueue(nxt)
+    ticks = run(mixer, 10)
+    assert "frame is (8, 8, 3) uint8, the stream's are (4, 4, 3) uint8" in wrong.aborted
+    # Its 3 frames, then the next program cuts in at once: every tick is (4, 4, 3).
+    assert [int(f[0, 0, 0]) for _, f, _ in ticks[:8]] == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert {f.shape for _, f, _ in ticks} == {(4, 4, 3)}
+    assert nxt.events[0] == ("first_frame", 0) and ("done", 5) in nxt.events
+
+
+@pytest.mark.parametrize("fade", [0, FADE])
+@pytest.mark.parametrize("method", ["audio", "on_air", "ready_to_start", "is_cancelled", "continuation_frame"])
+def test_a_program_whose_audio_or_callback_or_jitter_check_raises_is_dropped_and_ticks_go_on(method, fade, caplog):
+    if method == "continuation_frame" and not fade:
+        pytest.skip("without a crossfade nothing asks for a continuation frame")
+    mixer = ProgramMixer(idle_loop(), fade)
+    run(mixer, 2)
+    program = BrokenProgram("a", 6, method)
+    after = FakeProgram("b", 4)
+    mixer.enqueue(program)
+    mixer.enqueue(after)
+    ticks = run(mixer, 30)
+    assert ticks[-1][0] is StreamState.IDLE
+    assert program.aborted == f"playout of task a failed: RuntimeError: {method} exploded"
+    assert mixer.pending() == 0 and mixer.programs_failed == 1
+    assert ("done", 4) in after.events  # the next program plays
+    assert "illegal move" not in caplog.text

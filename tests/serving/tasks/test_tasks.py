@@ -388,3 +388,34 @@ def test_chunk_times_predict_the_90th_percentile_of_recent_chunks_of_the_same_le
     for _ in range(20):
         times.add(8, 0.05)  # the oldest short ones are forgotten
     assert times.predict(2) == pytest.approx(0.05)
+
+
+def test_a_program_with_faces_of_the_wrong_shape_fails_its_task_on_air_and_the_stream_goes_on(setup):
+    """Faces that get past the pool's check (here a fake pool has none) fail their task in the mixer."""
+    from latentsync.serving.playout.idle import IdleLoop
+    from latentsync.serving.playout.mixer import ProgramMixer
+    from latentsync.serving.playout.state import StreamState
+
+    manager, pool, playlist = setup
+    a, _ = submit_upload(manager, 0.4)  # 10 frames: one chunk
+    b, _ = submit_upload(manager, 0.4)
+    job = pool.next_of(a.task_id)
+    n = len(job.job.frame_indices)
+    job.on_done(
+        ChunkResult(
+            task_id=a.task_id,
+            chunk_index=0,
+            frame_indices=job.job.frame_indices,
+            faces=np.zeros((n, 3, 3, 3), np.uint8),  # the stream's frames are 2x2 (FakeAvatar)
+            generate_s=0.0,
+        )
+    )
+    mixer = ProgramMixer(IdleLoop(np.zeros((4, 2, 2, 3), np.uint8), None), 2)
+    mixer.enqueue(playlist.programs[0])
+    ticks = [mixer.next(RATE // FPS) for _ in range(8)]
+    assert all(frame.shape == (2, 2, 3) for frame, _ in ticks) and mixer.state is StreamState.IDLE
+    wait_for(lambda: a.state is TaskState.failed, "a failed")
+    assert a.error.startswith(f"playout of task {a.task_id} failed: ValueError: frame is (3, 3, 3) uint8")
+    assert a.audio is None and mixer.programs_failed == 1
+    wait_for(lambda: pool.of(b.task_id), "b generates")  # the next task goes on
+    assert manager.final_counts()["failed"] == 1
