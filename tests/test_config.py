@@ -156,3 +156,15 @@ def test_api_channels_name_media_under_media_root_only(tmp_path):
     assert messages == {"idle_video: must name a file under media.root"}  # never whether it exists
     with pytest.raises(ConfigError, match="media.root is not set"):
         api_media_path(load_config(), "video", "a.mp4")
+    for hostile in ("a" * 5000, "a.mp4\x00.txt", "b" * 300, "\x00"):  # OSError / ValueError: a 500 before
+        with pytest.raises(ConfigError, match="idle_video: ") as err:
+            api_media_path(config, "idle_video", hostile)
+        assert "aaaa" not in str(err.value) and "bbbb" not in str(err.value)  # no echo of the path
+
+
+def test_api_max_json_kb_defaults_to_64_and_is_validated():
+    assert load_config().api.max_json_kb == 64
+    assert load_config(overrides=["api.max_json_kb=8"]).api.max_json_kb == 8
+    for bad in ("0", "16385", "-1"):
+        with pytest.raises(ConfigError, match="api.max_json_kb"):
+            load_config(overrides=[f"api.max_json_kb={bad}"])
