@@ -417,7 +417,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     register_speech_routes(app, runtime, origin_ok, admission)
     register_frames_routes(app, runtime, origin_ok, admission)  # /ws/frames (latentsync/serving/api/frames.py)
-    register_web(app, runtime, admission)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    # WHEP, GET /events (its Origin checked as the WebSockets'), the control page (latentsync/serving/api/web.py)
+    register_web(app, runtime, admission, origin_ok)
     app.before_request_funcs.setdefault(None, []).insert(0, check_host)  # first of all: DNS rebinding
     return app
 
