@@ -156,3 +156,19 @@ def test_api_channels_name_media_under_media_root_only(tmp_path):
     assert messages == {"idle_video: must name a file under media.root"}  # never whether it exists
     with pytest.raises(ConfigError, match="media.root is not set"):
         api_media_path(load_config(), "video", "a.mp4")
+    for hostile in ("a" * 5000, "a.mp4\x00.txt", "b" * 300, "\x00"):  # OSError / ValueError: a 500 before
+        with pytest.raises(ConfigError, match="idle_video: ") as err:
+            api_media_path(config, "idle_video", hostile)
+        assert "aaaa" not in str(err.value) and "bbbb" not in str(err.value)  # no echo of the path
+
+
+def test_api_max_json_kb_defaults_to_64_and_is_validated():
+    assert load_config().api.max_json_kb == 64
+    assert load_config(overrides=["api.max_json_kb=32"]).api.max_json_kb == 32
+    for bad in ("0", "16385", "-1"):
+        with pytest.raises(ConfigError, match="api.max_json_kb"):
+            load_config(overrides=[f"api.max_json_kb={bad}"])
+    # /speak's text_too_long stays reachable: the cap holds the longest text allowed
+    with pytest.raises(ConfigError, match="api.max_json_kb.*speech_stream.max_text_chars = 100000"):
+        load_config(overrides=["speech_stream.max_text_chars=100000"])
+    assert load_config(overrides=["speech_stream.max_text_chars=100000", "api.max_json_kb=392"]).api.max_json_kb == 392

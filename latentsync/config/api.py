@@ -32,6 +32,9 @@ class ApiConfig:
     address per minute, on every route (0: unlimited); ``auth_failures_per_min``: requests with a
     missing or wrong token per client address per minute before that client gets 429 for the rest
     of the minute (0: unlimited).
+    ``max_json_kb``: the largest JSON request body (``PUT /channels/<name>``, ``POST /speak``...),
+    in KiB; a larger one gets 413 ``too_large`` before it is read or parsed. It must hold a
+    ``/speak`` body of ``speech_stream.max_text_chars`` characters (4 bytes each, + 1 KiB).
     """
 
     max_audio_s: float = 300.0
@@ -45,3 +48,4 @@ class ApiConfig:
     send_timeout_s: float = 10.0
     mutations_per_min: int = 600
     auth_failures_per_min: int = 30
+    max_json_kb: int = 64

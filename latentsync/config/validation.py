@@ -281,6 +281,7 @@ def _validate_api(config: AppConfig) -> None:
     check_value(
         0 <= a.auth_failures_per_min <= 10**6, "api.auth_failures_per_min", a.auth_failures_per_min, "0..1000000"
     )
+    check_value(1 <= a.max_json_kb <= 16384, "api.max_json_kb", a.max_json_kb, "1..16384")
 
 
 def _validate_tasks(config: AppConfig) -> None:
@@ -298,6 +299,13 @@ def _validate_speech_stream(config: AppConfig) -> None:
     check_value(1.0 <= ss.max_buffered_s <= 600, "speech_stream.max_buffered_s", ss.max_buffered_s, "1..600")
     check_value(0.5 <= ss.idle_timeout_s <= 600, "speech_stream.idle_timeout_s", ss.idle_timeout_s, "0.5..600")
     check_value(1 <= ss.max_text_chars <= 100000, "speech_stream.max_text_chars", ss.max_text_chars, "1..100000")
+    need_kb = -(-(4 * ss.max_text_chars + 1024) // 1024)  # a /speak body of that many 4-byte characters
+    check_value(
+        config.api.max_json_kb >= need_kb,
+        "api.max_json_kb",
+        config.api.max_json_kb,
+        f">= {need_kb} to hold a /speak body of speech_stream.max_text_chars = {ss.max_text_chars} characters",
+    )
     check_value(
         re.fullmatch(r"[A-Za-z0-9_+\-/]{1,40}", ss.tts_voice) is not None,
         "speech_stream.tts_voice",

@@ -166,13 +166,14 @@ class TicketBook:
         return ticket
 
     def redeem(self, ticket: str) -> bool:
-        """True once for a ticket issued less than ``ttl_s`` ago (it is then spent)."""
+        """True once for a ticket issued less than ``ttl_s`` ago (it is then spent); any other text is False."""
         now = time.monotonic()
         with self._lock:
             for known in list(self._tickets):
                 if self._tickets[known] < now:
                     del self._tickets[known]
-            match = next((t for t in self._tickets if hmac.compare_digest(t, ticket)), None)
+            given = ticket.encode("utf-8", "replace")  # compare_digest takes str of ASCII only: bytes
+            match = next((t for t in self._tickets if hmac.compare_digest(t.encode(), given)), None)
             if match is None:
                 return False
             del self._tickets[match]

@@ -66,6 +66,7 @@ from latentsync.serving.api.admission import Admission
 from latentsync.serving.api.channels import find_channel, no_channel
 from latentsync.serving.api.errors import ApiError, error_response, status_of
 from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
+from latentsync.serving.api.json_body import json_body
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
@@ -250,7 +251,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     @app.put("/channels/<name>")
     def put_channel(name: str):
-        values = request.get_json(silent=True)
+        values = json_body(api.max_json_kb)  # 413 past api.max_json_kb before a byte is parsed
         if not isinstance(values, dict):
             raise ApiError("bad_channel", "the body must be a JSON object of channel fields (docs/channels.md)")
         force = values.pop("force", False)
@@ -416,7 +417,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 
     register_speech_routes(app, runtime, origin_ok, admission)
     register_frames_routes(app, runtime, origin_ok, admission)  # /ws/frames (latentsync/serving/api/frames.py)
-    register_web(app, runtime, admission)  # WHEP, GET /events, the control page (latentsync/serving/api/web.py)
+    # WHEP, GET /events (its Origin checked as the WebSockets'), the control page (latentsync/serving/api/web.py)
+    register_web(app, runtime, admission, origin_ok)
     app.before_request_funcs.setdefault(None, []).insert(0, check_host)  # first of all: DNS rebinding
     return app
 

@@ -36,6 +36,7 @@ HTTP_STATUS: dict[str, int] = {
     "not_started": 400,
     "bad_type": 400,
     "bad_sdp": 400,
+    "bad_handshake": 400,
     "no_media": 400,
     "unsupported_offer": 400,
     "unsupported_codec": 400,

@@ -31,6 +31,7 @@ from latentsync.config import DEFAULT_CHANNEL
 from latentsync.serving.api.admission import Admission, ConnectionKind
 from latentsync.serving.api.channels import channel_in_path, find_channel
 from latentsync.serving.api.errors import error_response
+from latentsync.serving.api.json_body import json_body, parse_json
 from latentsync.serving.api.websocket import ConnectionClosed, WebSocketLimits, websocket_route
 from latentsync.serving.core.errors import ServingError
 from latentsync.serving.ingest.speech_sources import StreamSource, TextSource
@@ -101,8 +102,9 @@ def register_speech_routes(app: Flask, runtime, origin_ok, admission: Admission)
     @app.post("/channels/<name>/speak")
     def speak(name: str):
         received = (time.time(), time.monotonic())
+        body = json_body(runtime.config.api.max_json_kb)  # capped and parsed first: 413/400 in any state
         tasks = channel_tasks(name)
-        source = TextSource.from_request(runtime.speech, request.get_json(silent=True))
+        source = TextSource.from_request(runtime.speech, body)
         utterance = tasks.open_source(source, received).utterance
         return jsonify(
             {
@@ -220,10 +222,7 @@ class SpeechSession:
         self.feeder.push_pcm(mono, self.fmt.sample_rate_hz)
 
     def _control(self, text: str) -> None:
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            raise SpeechError("bad_json", "text messages must be JSON objects") from None
+        msg = parse_json(text, "a text message")  # 400 bad_json: not JSON, or nested past parsing
         if not isinstance(msg, dict):
             raise SpeechError("bad_json", "text messages must be JSON objects")
         kind = msg.get("type", "start")

@@ -6,6 +6,7 @@ Routes (docs/webrtc.md):
     our candidates); ``OPTIONS`` on both → 204 CORS pre-flight (answered before the token check,
     as browsers send pre-flights without credentials).
     ``GET /events``: ``text/event-stream`` of ``state``, ``task``, ``viewers``, ``health`` events;
+    403 ``origin_not_allowed`` for a page of a foreign origin (the WebSockets' rule, ``api.allowed_origins``);
     503 ``too_many_event_clients`` past ``ui.max_event_clients`` on the channel, 503
     ``too_many_connections`` past ``api.max_long_lived`` (:mod:`latentsync.serving.api.admission`).
     ``/channels/<name>/whep[/<id>]`` and ``/channels/<name>/events``: the same for channel
@@ -17,6 +18,7 @@ Routes (docs/webrtc.md):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory, stream_with_context
@@ -43,7 +45,7 @@ CORS_HEADERS = {
 }
 
 
-def register_web(app: Flask, runtime, admission: Admission) -> None:
+def register_web(app: Flask, runtime, admission: Admission, origin_ok: Callable[[str | None], bool]) -> None:
     """Add the WHEP, events and page routes to ``app``.
 
     Args:
@@ -52,6 +54,9 @@ def register_web(app: Flask, runtime, admission: Admission) -> None:
         runtime: The :class:`latentsync.serving.runtime.Runtime` (its channels' ``webrtc`` hubs and ``events``).
         admission: The app's long-lived connections (``ui.max_event_clients`` event streams per
             channel, ``api.max_long_lived`` in all): an event stream holds a slot while it is open.
+        origin_ok: ``origin_ok(origin_header) -> bool`` (app.py's :func:`origin_allowed` rule, as
+            the WebSockets use it): an event stream asked by a page of a foreign origin is 403
+            ``origin_not_allowed`` before it takes a slot.
     """
     bp = Blueprint("web", __name__)
     ui = runtime.config.ui
@@ -119,6 +124,12 @@ def register_web(app: Flask, runtime, admission: Admission) -> None:
     @bp.get("/channels/<name>/events")
     def events(name: str):
         events = find_channel(runtime, name).events
+        if not origin_ok(request.headers.get("Origin")):  # before a long-lived slot is taken
+            raise ApiError(
+                "origin_not_allowed",
+                f"event streams for web pages of {request.headers.get('Origin')!r} are not allowed "
+                "(api.allowed_origins)",
+            )
         slot = admission.admit(ConnectionKind.events, name)
         try:
             sub = events.subscribe()  # None only once the channel's feed is closed (its limit is the slot's)

@@ -42,6 +42,8 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from latentsync.serving.api.errors import ApiError
+
 logger = logging.getLogger(__name__)
 
 #: Bytes the reader takes from the socket at once (what the queue may exceed its bound by).
@@ -272,7 +274,9 @@ def _accept(environ: dict, limits: WebSocketLimits) -> ServerWebSocket:
     """Answer the handshake of the request in ``environ`` (no extension) and return the connection.
 
     Raises:
-        ConnectionClosed: If the WSGI server gives no socket or the handshake is not a WebSocket one.
+        ConnectionClosed: If the WSGI server gives no socket, or the answer cannot be sent.
+        ApiError: 400 ``bad_handshake`` if the handshake is not a valid WebSocket one (no
+            ``Sec-WebSocket-Key``, another version): answered as HTTP, nothing accepted.
     """
     sock = wsgi_socket(environ)
     if sock is None:
@@ -283,10 +287,13 @@ def _accept(environ: dict, limits: WebSocketLimits) -> ServerWebSocket:
         if key.startswith("HTTP_"):
             name = "-".join(part.capitalize() for part in key[5:].split("_"))
             head += f"{name}: {value}\r\n".encode("latin-1", errors="replace")
-    ws.receive_data(head + b"\r\n")
-    request_event = next((e for e in ws.events() if isinstance(e, Request)), None)
+    try:  # wsproto refuses a handshake without Sec-WebSocket-Key, or of another version, here
+        ws.receive_data(head + b"\r\n")
+        request_event = next((e for e in ws.events() if isinstance(e, Request)), None)
+    except RemoteProtocolError as exc:
+        raise ApiError("bad_handshake", f"not a valid WebSocket handshake: {exc}") from None
     if request_event is None:
-        raise ConnectionClosed("not a WebSocket handshake")
+        raise ApiError("bad_handshake", "not a valid WebSocket handshake")
     sock.settimeout(limits.send_timeout_s)
     try:
         sock.sendall(ws.send(AcceptConnection(extensions=[])))  # no permessage-deflate

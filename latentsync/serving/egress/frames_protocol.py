@@ -29,6 +29,8 @@ HEADER_BYTES = HEADER_STRUCT.size
 FLAG_KEYFRAME = 0x01
 #: Smallest width or height a client may ask for, in pixels.
 MIN_SIDE = 16
+#: Largest width or height a hello may name, in pixels (more is 4413 before any arithmetic).
+MAX_SIDE = 16384
 
 #: Close codes (RFC 6455 private range 4000-4999), with the reason's first word.
 CLOSE_BAD_HELLO = 4400  # not a JSON object, binary first, wrong type, bad field
@@ -127,13 +129,13 @@ def parse_hello(message: str | bytes | None, channel_width: int, channel_height:
     Raises:
         HelloRefused: 4400 for a binary message, not a JSON object, a type other than ``hello``,
             a size that is not an integer of at least :data:`MIN_SIDE`; 4415 for an unknown
-            ``format`` or ``audio``; 4413 for a size larger than the channel's.
+            ``format`` or ``audio``; 4413 for a size larger than the channel's (or :data:`MAX_SIDE`).
     """
     if not isinstance(message, str):
         raise HelloRefused(CLOSE_BAD_HELLO, "bad_hello", "the first message must be a JSON text message (hello)")
     try:
         hello = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, an integer past the digit limit, nested past parsing
         raise HelloRefused(CLOSE_BAD_HELLO, "bad_hello", "the hello is not JSON") from None
     if not isinstance(hello, dict) or hello.get("type") != "hello":
         raise HelloRefused(CLOSE_BAD_HELLO, "bad_hello", 'the first message must be {"type": "hello", ...}')
@@ -166,6 +168,8 @@ def _side(hello: dict[str, Any], side: str) -> int | None:
     value = hello.get(side)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < MIN_SIDE):
         raise HelloRefused(CLOSE_BAD_HELLO, "bad_size", f"{side} must be an integer >= {MIN_SIDE}")
+    if value is not None and value > MAX_SIDE:  # before any arithmetic: 10**400 overflows a float
+        raise HelloRefused(CLOSE_TOO_LARGE, "too_large", f"{side} is larger than {MAX_SIDE}")
     return value
 
 

@@ -25,6 +25,9 @@ from latentsync.config import (
 )
 from latentsync.output_urls import RTMP_URL_WANT, OutputUrlError, parse_output_url, rtmp_host
 
+#: Longest path (UTF-8 bytes) a client may name as a video: Linux's ``PATH_MAX``.
+MAX_API_PATH_BYTES = 4096
+
 
 def api_media_path(config: AppConfig, key: str, value: str) -> str:
     """A video named by path through the API: resolved (symlinks followed), and only under ``media.root``.
@@ -41,7 +44,9 @@ def api_media_path(config: AppConfig, key: str, value: str) -> str:
         The resolved absolute path of an existing file under ``media.root``.
 
     Raises:
-        ConfigError: Without ``media.root``, for a path outside it, or for no such file in it.
+        ConfigError: Without ``media.root``, for a path outside it, or for no such file in it; for a
+            value that is no string, holds a NUL byte or is longer than :data:`MAX_API_PATH_BYTES`
+            (the file system would refuse it: the answer is the API's ``bad_channel``, not a 500).
     """
     root = config.media.root
     if root is None:
@@ -49,11 +54,18 @@ def api_media_path(config: AppConfig, key: str, value: str) -> str:
             f"{key}: video paths are not accepted through the API (media.root is not set): upload the video "
             "with POST /avatars and give its id as avatar"
         )
+    if not isinstance(value, str) or "\x00" in value or len(value.encode("utf-8", "replace")) > MAX_API_PATH_BYTES:
+        raise ConfigError(f"{key}: must be a path of at most {MAX_API_PATH_BYTES} bytes, without NUL")
     base = Path(root).resolve()
-    resolved = (base / value).resolve()
-    if not resolved.is_relative_to(base):
+    try:
+        resolved = (base / value).resolve()
+        inside = resolved.is_relative_to(base)
+        exists = inside and resolved.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a lone surrogate...
+        inside, exists = False, False
+    if not inside:
         raise ConfigError(f"{key}: must name a file under media.root")
-    if not resolved.is_file():
+    if not exists:
         raise ConfigError(f"{key}: no such file under media.root")
     return str(resolved)
 

@@ -55,6 +55,22 @@ def _live_avatar(config: AppConfig, values: dict, avatar, stream):
     return avatar, stream
 
 
+def _malformed(state: dict) -> str | None:
+    """What is wrong with the shape of a version-1 ``channels_file``, or None when it has the right one.
+
+    ``deleted`` must be a list of names, ``live`` an object of objects, ``created`` a list of
+    objects (each may be missing or null). Each item's values are checked later, one by one.
+    """
+    deleted, live, created = state.get("deleted"), state.get("live"), state.get("created")
+    if deleted is not None and not (isinstance(deleted, list) and all(isinstance(n, str) for n in deleted)):
+        return "deleted: not a list of channel names"
+    if live is not None and not (isinstance(live, dict) and all(isinstance(v, dict) for v in live.values())):
+        return "live: not an object of channel fields by name"
+    if created is not None and not (isinstance(created, list) and all(isinstance(c, dict) for c in created)):
+        return "created: not a list of channel objects"
+    return None
+
+
 def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, dict], set[str]]:
     """The configuration with the channel changes kept in ``channels_file`` applied (docs/channels.md).
 
@@ -62,7 +78,9 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
     of the configured channels, ``main`` included (``live``: their :data:`LIVE_FIELDS`), and
     configured channels deleted (``deleted``). Each item is checked as the API checks it; one that
     no longer holds (a deleted video or avatar, a name now in the config, ``max_channels``
-    reached) is skipped with a warning, so a stale file never stops the server.
+    reached) is skipped with a warning, so a stale file never stops the server; a file that is not
+    JSON, not version 1 or not of the right shape (``"deleted": 5``, ``"live": [1]``) is ignored
+    whole with a log line, as a missing one is.
 
     Args:
         config: The validated configuration.
@@ -78,11 +96,14 @@ def restore_channels(config: AppConfig) -> tuple[AppConfig, set[str], dict[str, 
         state = json.loads(path.read_text())
     except FileNotFoundError:
         return config, set(), {}, set()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         logger.warning("channels_file %s unreadable, ignored: %s", path, exc)
         return config, set(), {}, set()
     if not isinstance(state, dict) or state.get("version") != CHANNELS_FILE_VERSION:
         logger.warning("channels_file %s: not a version %d file, ignored", path, CHANNELS_FILE_VERSION)
+        return config, set(), {}, set()
+    if (malformed := _malformed(state)) is not None:
+        logger.warning("channels_file %s malformed (%s): ignored, the server starts without it", path, malformed)
         return config, set(), {}, set()
 
     def attempt(candidate: AppConfig, what: str) -> bool:

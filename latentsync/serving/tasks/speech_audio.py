@@ -44,7 +44,7 @@ class PcmFormat:
     encoding: str = "s16le"
 
     def __post_init__(self) -> None:
-        if self.encoding not in PCM_ENCODINGS:
+        if not isinstance(self.encoding, str) or self.encoding not in PCM_ENCODINGS:  # [] would be unhashable
             raise SpeechError("bad_encoding", f"encoding {self.encoding!r} is not one of {sorted(PCM_ENCODINGS)}")
         low, high = PCM_SAMPLE_RATE_RANGE_HZ
         if (

@@ -769,3 +769,131 @@ def test_eight_simultaneous_avatar_uploads_never_exceed_max_preparing(server):
             )
         ],
     )
+
+
+# ------------------------------------------------------------------------------------------ malformed input
+def raw_http(port: int, head: str, body: bytes = b"", chunks: tuple[bytes, ...] = ()) -> tuple[int, bytes]:
+    """Send a request by hand (``head``: its request line and headers), then ``body`` or HTTP/1.1 ``chunks``.
+
+    Returns ``(status, the response as far as it came within 10 s)``; sending stops when the server
+    closes or answers first (a refusal before the body is read).
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        sock.sendall(head.encode() + b"\r\n\r\n")
+        try:
+            if body:
+                sock.sendall(body)
+            for chunk in chunks:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            if chunks:
+                sock.sendall(b"0\r\n\r\n")
+        except OSError:
+            pass  # answered and closed before the whole body: what a cap does
+        got = b""
+        while b"\r\n\r\n" not in got or b"}" not in got.split(b"\r\n\r\n", 1)[1]:
+            try:
+                chunk = sock.recv(65536)
+            except (TimeoutError, OSError):
+                break
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        sock.close()
+    return (int(got.split()[1]) if got else 0), got
+
+
+def ws_reply(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """What the server sends on an open WebSocket within ``timeout_s`` or until it closes (raw frames)."""
+    sock.settimeout(0.5)
+    got = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and b"\x88" not in got and b'"error"' not in got:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_malformed_input_is_a_4xx_or_a_close_code_never_a_traceback(server):
+    """Issue 35: each malformed request gets its code; the server logs no traceback and no ERROR."""
+    port = server.port
+    log_path = server.tmp / "server.log"
+    log_from = len(log_path.read_text(errors="replace"))
+    json_head = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json"
+    rows: list[tuple[str, ...]] = []
+
+    def row(attack: str, status: int, code: str | None, expected: tuple[int, str]) -> None:
+        assert (status, code) == expected, (attack, status, code)
+        rows.append((attack, f"{status} `{code}`"))
+
+    for label, data, expected in (
+        ("PUT /channels body `'['*100000`", b"[" * 100_000, (413, "too_large")),
+        ("PUT /channels body `'['*60000` (under the cap)", b"[" * 60_000, (400, "bad_json")),
+        ('PUT /channels `{"width": <5000 digits>}`', b'{"width": ' + b"9" * 5000 + b"}", (400, "bad_json")),
+    ):
+        status, body = call(port, "PUT", "/channels/m1", data, {"Content-Type": "application/json"})
+        row(label, status, code_of(body), expected)
+    status, got = raw_http(port, f"PUT /channels/m1 HTTP/1.1\r\n{json_head}\r\nContent-Length: 52428800", b"[" * 65536)
+    row(
+        "PUT /channels, Content-Length 50 MB",
+        status,
+        "too_large" if b'"too_large"' in got else None,
+        (413, "too_large"),
+    )
+    status, got = raw_http(
+        port, f"POST /speak HTTP/1.1\r\n{json_head}\r\nTransfer-Encoding: chunked", chunks=(b"[" * 40_000,) * 3
+    )
+    row("POST /speak, 120 kB chunked", status, "too_large" if b'"too_large"' in got else None, (413, "too_large"))
+    for label, path in (("`idle_video` of 5000 characters", "a" * 5000), ("`idle_video` with a NUL byte", "a\x00.mp4")):
+        for name, fields in (("m1", {"rtmp_url": server.rtmp.url("m1")}), ("main", {})):
+            status, body = call(port, "PUT", f"/channels/{name}", {**fields, "idle_video": path})
+            row(f"PUT /channels/{name} {label}", status, code_of(body), (400, "bad_channel"))
+    assert call(port, "GET", "/channels/m1")[0] == 404
+
+    status, got = raw_http(
+        port,
+        f"GET /ws/speech HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13",
+    )
+    row("WebSocket handshake without Sec-WebSocket-Key", status, "bad_handshake" if b"bad_handshake" in got else None,
+        (400, "bad_handshake"))  # fmt: skip
+    assert call(port, "POST", "/ws/tickets")[0] == 201  # a ticket outstanding: the comparison runs
+    status, _, _ = ws_handshake(port, "/ws/speech?ticket=%C3%A9", auth=False)
+    row("`/ws/speech?ticket=%C3%A9` (non-ASCII ticket)", status, "unauthorized", (401, "unauthorized"))
+    status, body = call(port, "GET", "/events", headers={"Origin": "http://evil.example"})
+    row("GET /events with `Origin: http://evil.example`", status, code_of(body), (403, "origin_not_allowed"))
+
+    for label, hello, close in (
+        ("/ws/frames hello `'['*3000`", "[" * 3000, 4400),
+        ("/ws/frames hello width of 401 digits", '{"type": "hello", "width": ' + "9" * 401 + "}", 4413),
+    ):
+        status, sock, _ = ws_handshake(port, "/ws/frames")
+        assert status == 101, label
+        try:
+            sock.sendall(ws_frame(0x1, hello.encode()))
+            code = closed_by_server(sock)
+        finally:
+            sock.close()
+        assert code == close, (label, code)
+        rows.append((label, f"close {code}"))
+    status, sock, _ = ws_handshake(port, "/ws/speech")
+    assert status == 101
+    try:
+        sock.sendall(ws_frame(0x1, json.dumps({"type": "start", "sample_rate": 16000, "encoding": []}).encode()))
+        got = ws_reply(sock)
+    finally:
+        sock.close()
+    assert b'"bad_encoding"' in got, got[:200]
+    rows.append(('/ws/speech `{"type": "start", "encoding": []}`', "`error` event `bad_encoding`"))
+
+    log = log_path.read_text(errors="replace")[log_from:]
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    table("malformed input (issue 35): no traceback, no ERROR in the server log", rows)

@@ -214,6 +214,18 @@ def test_channels_file_brings_back_what_the_api_changed_and_skips_what_no_longer
     assert kept["live"] == {"main": live["main"], "hall": hall_live}
     state.write_text("{not json")
     assert list(Runtime(config).channels) == ["main", "hall", "lobby"]  # an unreadable file changes nothing
+    for malformed, why in (  # each was a TypeError/AttributeError/RecursionError that stopped the start
+        ({"version": 1, "deleted": 5}, "deleted: not a list"),
+        ({"version": 1, "deleted": [["lobby"]]}, "deleted: not a list"),
+        ({"version": 1, "live": [1]}, "live: not an object"),
+        ({"version": 1, "live": {"main": 1, "hall": []}}, "live: not an object"),
+        ({"version": 1, "created": 5}, "created: not a list"),
+        ("[" * 100_000, "unreadable"),
+    ):
+        caplog.clear()
+        state.write_text(malformed if isinstance(malformed, str) else json.dumps(malformed))
+        assert list(Runtime(config).channels) == ["main", "hall", "lobby"], malformed
+        assert why in caplog.text and str(state) in caplog.text, caplog.text
 
 
 def test_avatar_uploads_have_their_own_size_limit_and_the_rate_limit(tmp_path):
