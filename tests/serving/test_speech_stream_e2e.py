@@ -269,8 +269,10 @@ def test_speak_says_three_sentences_and_rejects_bad_requests(server):
     def post(body):
         return api.request("POST", "/speak", json.dumps(body).encode(), {**AUTH, "Content-Type": "application/json"})
 
-    assert post({"text": "x" * 100_000})[1]["error"]["code"] == "text_too_long"
-    assert post({"text": "x" * 100_000})[0] == 413
+    assert post({"text": "x" * 10_000})[1]["error"]["code"] == "text_too_long"  # over max_text_chars
+    assert post({"text": "x" * 10_000})[0] == 413
+    status, body = post({"text": "x" * 100_000})  # over api.max_json_kb: refused before it is parsed
+    assert (status, body["error"]["code"]) == (413, "too_large")
     status, body = post({"text": "Hello.", "voice": "no-such-voice"})
     assert (status, body["error"]["code"]) == (400, "unknown_voice")
     status, body = post({"text": "  "})
