@@ -42,6 +42,11 @@ class TappedSink:
         """Ticks an observer raised on, all observers together."""
         return sum(errors.count for errors in self._errors)
 
+    @property
+    def sink_errors(self) -> int:
+        """Ticks the real sink raised on (counted dropped by the clock)."""
+        return self._sink_errors.count
+
     def offer(self, video: np.ndarray, audio: np.ndarray) -> bool:
         """Offer the tick to the real sink, then show it to the observers whether it took it or not.
 

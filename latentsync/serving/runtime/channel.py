@@ -158,6 +158,7 @@ class Channel:
         self._upload_root: Path | None = None
         self.sink: EgressSink | None = None  # the encoders and outputs, once the stream runs
         self.controller: StreamingController | None = None
+        self._tap: TappedSink | None = None  # the sink with the tick observers, as the clock sees it
         self.mixer: ProgramMixer | None = None
         self.avatar: Avatar | None = None
         self.pool: SchedulingPool | None = None
@@ -311,9 +312,10 @@ class Channel:
         observers.append(self._feed.on_tick)
         if self.webrtc is not None:
             self.webrtc.add_viewer_listener(self._feed.publish_viewers)
+        self._tap = TappedSink(self.sink, observers)
         self.controller = StreamingController(
             self.mixer,
-            TappedSink(self.sink, observers),
+            self._tap,
             fps=s.fps,
             sample_rate_hz=s.audio_sample_rate,
             max_catchup_s=s.max_catchup_s,
@@ -689,6 +691,8 @@ class Channel:
             late_ticks=c.late_ticks,
             dropped_ticks=c.dropped_ticks,
             underrun_ticks=mixer.underrun_ticks if mixer else 0,
+            tick_errors=c.tick_errors + (self._tap.observer_errors + self._tap.sink_errors if self._tap else 0),
+            programs_failed=mixer.programs_failed if mixer else 0,
             max_tick_lateness_ms=round(c.max_lateness_ms, 3),
             ffmpeg_up=k.up,
             ffmpeg_restarts=k.restarts,

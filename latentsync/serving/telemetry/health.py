@@ -83,6 +83,9 @@ class HealthSnapshot:
         dropped_ticks: Ticks an encoder refused (down, restarting or behind): not encoded (the
             taps still showed them).
         underrun_ticks: Ticks that held the last frame because a chunk was late.
+        tick_errors: Ticks on which the mixer, the sink or a tick observer raised (logged, throttled;
+            the clock went on).
+        programs_failed: Programs the mixer dropped because making their tick raised (their tasks failed).
         max_tick_lateness_ms: Worst tick lateness in milliseconds.
         ffmpeg_up: Every encoder FFmpeg runs with both FIFOs open.
         ffmpeg_restarts: Encoder FFmpeg processes restarted.
@@ -112,6 +115,8 @@ class HealthSnapshot:
     late_ticks: int = 0
     dropped_ticks: int = 0
     underrun_ticks: int = 0
+    tick_errors: int = 0
+    programs_failed: int = 0
     max_tick_lateness_ms: float = 0.0
     ffmpeg_up: bool = False
     ffmpeg_restarts: int = 0

@@ -91,6 +91,12 @@ COUNTERS = (
         "Ticks an encoder refused (down, restarting or behind): not encoded.",
     ),
     ("underrun_ticks", "latentsync_ticks_underrun", "Ticks that held the last frame because a chunk was late."),
+    (
+        "tick_errors",
+        "latentsync_tick_errors",
+        "Ticks on which the mixer, the sink or a tick observer raised (the clock went on).",
+    ),
+    ("programs_failed", "latentsync_programs_failed", "Programs dropped because making their tick raised."),
     ("ffmpeg_restarts", "latentsync_ffmpeg_restarts", "Encoder FFmpeg processes restarted."),
     ("workers.rebuilds", "latentsync_worker_restarts", "Worker-pool rebuilds after a dead or hung worker."),
     ("workers.retried", "latentsync_chunks_retried", "Chunks resubmitted after a worker failure."),

@@ -39,6 +39,8 @@ def snapshot() -> HealthSnapshot:
         late_ticks=13,
         dropped_ticks=14,
         underrun_ticks=15,
+        tick_errors=61,
+        programs_failed=62,
         max_tick_lateness_ms=16.5,
         ffmpeg_up=True,
         ffmpeg_restarts=17,
