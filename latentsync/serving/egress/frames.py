@@ -282,6 +282,13 @@ class FramesHub:
             self._departed_sent += client.sent
             self._departed_dropped += client.dropped
             left = len(self._clients)
+            key = client.subscription.key
+            if all(c.subscription.key != key for c in self._clients):
+                # nobody watches that encoding any more: nothing of it is kept (a client asking for one
+                # size after another leaves no keyframe request or timestamp behind; the encoder thread
+                # drops its H.264 encoder at its next tick)
+                self._want_keyframe.discard(key)
+                self._last_forced.pop(key, None)
         logger.info("frames: client left after %d ticks, %d lost (%d connected)", client.sent, client.dropped, left)
 
     def request_keyframe(self, key: EncodingKey) -> None:

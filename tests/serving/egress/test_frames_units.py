@@ -193,3 +193,29 @@ def test_the_hub_encodes_once_per_format_and_size_for_every_client():
     for i, (_, video, _) in enumerate(received[4]):
         (picture,) = codec.decode(av.Packet(bytes(video)))
         assert np.abs(picture.to_ndarray(format="rgb24").astype(float) - frames[i]).mean() < 12, i
+
+
+def test_sizes_asked_for_one_after_another_leave_nothing_behind():
+    """Issue 35: every H.264 size ever asked for kept an encoder's keyframe state; only watched ones stay."""
+    frame = np.zeros((120, 160, 3), np.uint8)
+    hub = FramesHub(
+        FramesConfig(client_queue_s=2.0),
+        fps=25,
+        sample_rate_hz=100,
+        frame_size=(160, 120),
+        on_air=lambda: ("idle", None),
+    )
+    hub.start()
+    try:
+        for i in range(12):
+            client = hub.subscribe(Subscription(VideoFormat.h264, 16 + 2 * i, 16, AudioFormat.none))
+            hub.on_tick(i, frame, np.zeros(4, np.int16))
+            assert client.next_message(5.0) is not None  # encoded at its size (a keyframe was forced)
+            hub.unsubscribe(client)
+        hub.on_tick(12, frame, np.zeros(4, np.int16))
+        deadline = time.monotonic() + 5
+        while (hub._last_forced or hub._want_keyframe) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not hub._last_forced and not hub._want_keyframe
+    finally:
+        hub.close()
