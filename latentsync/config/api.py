@@ -35,6 +35,9 @@ class ApiConfig:
     ``max_json_kb``: the largest JSON request body (``PUT /channels/<name>``, ``POST /speak``...),
     in KiB; a larger one gets 413 ``too_large`` before it is read or parsed. It must hold a
     ``/speak`` body of ``speech_stream.max_text_chars`` characters (4 bytes each, + 1 KiB).
+    ``stills_per_min``: avatar stills (``GET /avatars/<id>/still``) a client address may have made
+    per minute (0: unlimited); only stills not in the cache count (each runs a face search in the
+    server process, a second or two); past it: 429 ``rate_limited``.
     """
 
     max_audio_s: float = 300.0
@@ -49,3 +52,4 @@ class ApiConfig:
     mutations_per_min: int = 600
     auth_failures_per_min: int = 30
     max_json_kb: int = 64
+    stills_per_min: int = 30

@@ -282,6 +282,7 @@ def _validate_api(config: AppConfig) -> None:
         0 <= a.auth_failures_per_min <= 10**6, "api.auth_failures_per_min", a.auth_failures_per_min, "0..1000000"
     )
     check_value(1 <= a.max_json_kb <= 16384, "api.max_json_kb", a.max_json_kb, "1..16384")
+    check_value(0 <= a.stills_per_min <= 10**6, "api.stills_per_min", a.stills_per_min, "0..1000000")
 
 
 def _validate_tasks(config: AppConfig) -> None:

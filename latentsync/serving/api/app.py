@@ -140,6 +140,7 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     limiter = RateLimiter(api.rate_limit_per_min)  # uploads
     mutations = RateLimiter(api.mutations_per_min)  # every state-changing request
     auth_failures = RateLimiter(api.auth_failures_per_min)
+    stills = RateLimiter(api.stills_per_min)  # stills made (not from the cache): a face search each
     tickets = TicketBook()  # WebSocket handshakes of browsers (never the token in a URL)
     admission = Admission.from_config(runtime.config)  # event streams, WebSockets (latentsync/serving/api/admission.py)
     admission.install(app)
@@ -308,7 +309,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
         if channel.stream_size is None:
             raise ApiError("channel_not_ready", f"channel {name!r} has no frame size yet (starting)")
         a = channel.config.avatar
-        jpeg = runtime.avatars.still(avatar_id, channel.stream_size, a.fit, a.background)
+        client = request.remote_addr or "?"
+        jpeg = runtime.avatars.still(
+            avatar_id, channel.stream_size, a.fit, a.background, may_render=lambda: stills.allow(client)
+        )
         return Response(jpeg, mimetype="image/jpeg", headers={"Cache-Control": "private, max-age=60"})
 
     @app.delete("/avatars/<avatar_id>")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from latentsync.config import uploaded_avatar_video
@@ -29,7 +30,14 @@ class StillCache:
         self._lock = threading.Lock()
         self._stills: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
 
-    def still(self, avatar_id: str, size: tuple[int, int], fit: str, background: str) -> bytes:
+    def still(
+        self,
+        avatar_id: str,
+        size: tuple[int, int],
+        fit: str,
+        background: str,
+        may_render: Callable[[], bool] | None = None,
+    ) -> bytes:
         """A JPEG of the avatar framed as a channel of ``size`` would show it.
 
         One frame, 1 s into the upload (or its first), decoded by the confined FFmpeg with the framing
@@ -41,12 +49,15 @@ class StillCache:
             size: The channel's ``(width, height)``.
             fit: The channel's ``avatar.fit``.
             background: The channel's ``avatar.background``.
+            may_render: Asked before a still that is not in the cache is made (the requester's rate
+                limit: ``api.stills_per_min``); None: always.
 
         Returns:
             The JPEG's bytes.
 
         Raises:
-            AvatarError: 500 ``internal`` if the frame cannot be encoded.
+            AvatarError: 429 ``rate_limited`` when ``may_render`` says no; 500 ``internal`` if the
+                frame cannot be encoded.
             latentsync.media.MediaProbeError: If the upload's copy cannot be read.
         """
         import cv2
@@ -60,6 +71,10 @@ class StillCache:
             if key in self._stills:
                 self._stills.move_to_end(key)
                 return self._stills[key]
+        if may_render is not None and not may_render():
+            raise AvatarError(
+                "rate_limited", "too many avatar stills made for this client this minute (api.stills_per_min)"
+            )
         video = uploaded_avatar_video(self._cache_dir, avatar_id)
         info = probe_media(video, formats=VIDEO_FORMATS)
         framing = plan_framing(video, (info.width, info.height), size, fit, background)

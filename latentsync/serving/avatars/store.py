@@ -107,7 +107,14 @@ class AvatarStore:
         """
         return self._catalogue.get(avatar_id)
 
-    def still(self, avatar_id: str, size: tuple[int, int], fit: str, background: str) -> bytes:
+    def still(
+        self,
+        avatar_id: str,
+        size: tuple[int, int],
+        fit: str,
+        background: str,
+        may_render: Callable[[], bool] | None = None,
+    ) -> bytes:
         """A JPEG of the avatar framed as a channel of ``size`` would show it (the page shows it before a switch).
 
         One frame, 1 s into the upload (or its first), decoded by the confined FFmpeg with the framing
@@ -119,12 +126,14 @@ class AvatarStore:
             size: The channel's ``(width, height)``.
             fit: The channel's ``avatar.fit``.
             background: The channel's ``avatar.background``.
+            may_render: Asked before a still not in the cache is made (``api.stills_per_min``); None: always.
 
         Raises:
-            AvatarError: 404 ``no_avatar``; 409 ``avatar_not_ready``.
+            AvatarError: 404 ``no_avatar``; 409 ``avatar_not_ready``; 429 ``rate_limited`` when
+                ``may_render`` says no.
         """
         self.require_ready(avatar_id)
-        return self._stills.still(avatar_id, size, fit, background)
+        return self._stills.still(avatar_id, size, fit, background, may_render)
 
     def require_ready(self, avatar_id: str) -> None:
         """Check that a channel may use this avatar now.
