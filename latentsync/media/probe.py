@@ -18,11 +18,17 @@ PROBE_TIMEOUT_S = 30.0
 #: sequences, ...) are not on it, so no file can make FFmpeg open another one.
 MEDIA_FORMATS = ("wav", "mp3", "flac", "ogg", "mov", "matroska", "aac")
 
-#: FFmpeg's ``Duration: HH:MM:SS.ss`` line of an input it opened (absent or ``N/A`` when unknown).
-DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_VIDEO_RE = re.compile(r"Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})")
+# What a file says about itself cannot forge these: FFmpeg prints the input's own lines
+# (``Duration:``, ``Stream #``) indented by exactly two spaces, and every metadata tag at four or
+# more, a tag value's further lines behind a ``:`` (checked on a file whose title holds such lines).
+# So a title tag reading ``Duration: 00:00:00.04`` (issue 35) is never taken for the duration.
+
+#: FFmpeg's ``Duration: HH:MM:SS.ss`` line of an input it opened (absent or ``N/A`` when unknown):
+#: anchored at a line's start, two spaces in (``re.MULTILINE``: search a whole log or one line).
+DURATION_RE = re.compile(r"^  Duration: (\d+):(\d+):(\d+(?:\.\d+)?)", re.MULTILINE)
+_VIDEO_RE = re.compile(r"^  Stream #\d+:\d+.*?: Video: (\w+).*?, (\d{2,5})x(\d{2,5})", re.MULTILINE)
 _FPS_RE = re.compile(r"(\d+(?:\.\d+)?) fps")
-_AUDIO_RE = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+).*?, (\d+) Hz, ([^,]+)")
+_AUDIO_RE = re.compile(r"^  Stream #\d+:\d+.*?: Audio: (\w+).*?, (\d+) Hz, ([^,]+)", re.MULTILINE)
 
 
 def parse_duration_s(match: re.Match) -> float:
