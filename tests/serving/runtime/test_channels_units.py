@@ -9,6 +9,7 @@ earliest-deadline queue serves the other channel's first chunk before the long u
 from __future__ import annotations
 
 import re
+import time
 import weakref
 
 import pytest
@@ -359,3 +360,38 @@ def test_channels_file_brings_back_outputs_changed_through_the_api_and_skips_hos
     assert [t.url.url for t in channel_outputs(runtime.channels["hall"].config)] == ["rtmp://h/live/hall"]
     assert "channel evil skipped: outputs[0].url: 'evil.example' is not in stream.allowed_rtmp_hosts" in caplog.text
     assert "hall's live changes skipped: outputs[1].url: 'elsewhere.example'" in caplog.text
+
+
+def test_an_avatar_being_prepared_for_a_switch_is_in_use_from_the_put_on(tmp_path, monkeypatch):
+    """Issue 35: the target of a switch counted as in use only once prepared, so DELETE /avatars could remove it."""
+    import dataclasses
+    import threading
+
+    from latentsync.serving.runtime.channel import ChannelState
+    from latentsync.serving.runtime.runtime import Runtime
+
+    runtime = Runtime(load_config(None, [f"avatar.cache_dir={tmp_path / 'avatars'}"]))  # built, never started
+    channel = runtime.channels["main"]
+    channel._machine.move(ChannelState.starting)
+    channel._machine.move(ChannelState.ready)
+    channel.pool = object()  # a ready channel has its pool; the switch below never reaches it
+    preparing = threading.Event()
+    release = threading.Event()
+
+    def prepare_slowly(config, generation, on_done):  # stands for the decode and the face search
+        preparing.set()
+        release.wait(10)
+
+    monkeypatch.setattr(channel, "_switch_to", prepare_slowly)
+    video = tmp_path / "avatars" / "uploads" / "av-0123456789ab" / "av-0123456789ab.mkv"
+    target = dataclasses.replace(
+        channel.config, avatar=dataclasses.replace(channel.config.avatar, video=str(video), idle_video=str(video))
+    )
+    channel.switch_avatar(target, "av-0123456789ab")
+    assert preparing.wait(5)
+    assert runtime._avatars_in_use().get(video.resolve()) == ["main"]  # what DELETE /avatars checks
+    release.set()
+    deadline = time.monotonic() + 5
+    while video.resolve() in runtime._avatars_in_use() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert video.resolve() not in runtime._avatars_in_use()  # the switch ended: no longer held for it
