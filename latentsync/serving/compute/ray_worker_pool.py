@@ -228,6 +228,8 @@ class RayWorkerPool(SchedulingPool):
         self._actor_class: Any = None
         self._default_ref: Any = None  # the default avatar's payload in the object store
         self._no_worker_since: float | None = None  # since when no actor is ready
+        # (since, why) while waiting on the cluster raises (a dropped ray:// connection, the GCS gone)
+        self._cluster_error: tuple[float, str] | None = None
         self._ray_owner: threading.Thread | None = None  # the thread that started a private Ray
         self._release_ray = threading.Event()  # tells it to shut that Ray down
 
@@ -388,7 +390,13 @@ class RayWorkerPool(SchedulingPool):
     def ready(self) -> bool:
         """True while the actors run, the pool is not broken and a job would find an actor in time."""
         with self._lock:
-            return self._started and not self._stop.is_set() and self._broken is None and self._unavailable() is None
+            return (
+                self._started
+                and not self._stop.is_set()
+                and self._broken is None
+                and self._cluster_error is None
+                and self._unavailable() is None
+            )
 
     def worker_pids(self) -> list[int]:
         """Process ids of the actors that answered (each on its own node)."""
@@ -468,7 +476,12 @@ class RayWorkerPool(SchedulingPool):
         return ref
 
     def _send_ping(self, actor: _Actor) -> None:
-        actor.ping = actor.handle.ping.remote({self._avatar_path: [self._default_ref]})
+        try:
+            actor.ping = actor.handle.ping.remote({self._avatar_path: [self._default_ref]})
+        except Exception as exc:  # the cluster unreachable: ask again in a second
+            logger.warning("pinging Ray actor %d: %s: %s", actor.index, type(exc).__name__, exc)
+            actor.ping, actor.ping_retry_at = None, time.monotonic() + 1.0
+            return
         actor.ping_retry_at = None
 
     # ----------------------------------------------------------------- supervision
@@ -481,7 +494,20 @@ class RayWorkerPool(SchedulingPool):
                 self._stop.wait(0.5)
 
     def _poll(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for answers, handle them, and enforce the deadlines."""
+        """Wait up to ``timeout_s`` for answers, handle them, and enforce the deadlines.
+
+        The deadlines and the availability are checked whatever the wait did: when waiting on the
+        cluster raises (a dropped ``ray://`` connection, the GCS gone), the pool reports itself not
+        ready, running jobs still miss their deadlines and are retried or failed, and queued jobs
+        fail once no actor could take them for the chunk deadline.
+        """
+        try:
+            self._wait_and_handle(timeout_s)
+        finally:
+            self._check_deadlines()
+            self._check_available()
+
+    def _wait_and_handle(self, timeout_s: float) -> None:
         ray = self._ray
         now = time.monotonic()
         with self._lock:
@@ -495,9 +521,21 @@ class RayWorkerPool(SchedulingPool):
                     waiting[a.ping] = a
         if waiting:
             refs = list(waiting)
-            done, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)  # returns at the first answer
-            if done and rest:
-                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            try:
+                done, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)  # returns at the first answer
+                if done and rest:
+                    done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            except Exception as exc:
+                with self._lock:
+                    if self._cluster_error is None:
+                        logger.error("the Ray cluster is unreachable: %s: %s", type(exc).__name__, exc)
+                        self._cluster_error = (time.monotonic(), f"{type(exc).__name__}: {exc}")
+                self._stop.wait(min(timeout_s, 0.5))
+                return
+            with self._lock:
+                if self._cluster_error is not None:
+                    logger.info("the Ray cluster answers again")
+                    self._cluster_error = None
         else:
             done = []
             self._stop.wait(timeout_s)
@@ -507,8 +545,6 @@ class RayWorkerPool(SchedulingPool):
                 self._on_ping(actor, ref)
             elif ref is actor.call:
                 self._on_call(actor, ref)
-        self._check_deadlines()
-        self._check_available()
 
     def _check_available(self) -> None:
         """With no ready actor for longer than the chunk deadline, queued jobs fail with the reason."""
@@ -525,7 +561,12 @@ class RayWorkerPool(SchedulingPool):
         self._fail_queued(reason)
 
     def _unavailable(self) -> str | None:
-        """Why no job can run: no actor has been ready for longer than the chunk deadline (lock held)."""
+        """Why no job can run: the cluster or every actor unreachable for longer than the chunk deadline (lock held)."""
+        if self._cluster_error is not None and time.monotonic() - self._cluster_error[0] > self._deadline_s:
+            return (
+                f"the Ray cluster has been unreachable for {time.monotonic() - self._cluster_error[0]:.0f} s "
+                f"({self._cluster_error[1]})"
+            )
         since = self._no_worker_since
         if since is None or time.monotonic() - since <= self._deadline_s:
             return None

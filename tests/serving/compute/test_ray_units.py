@@ -1,0 +1,56 @@
+"""The Ray backend's monitor when the cluster stops answering (issue 35), on a fake ``ray`` module: no Ray needed.
+
+A dropped ``ray://`` connection made ``ray.wait`` raise in the monitor before the deadline check, so
+jobs on air hung while ``engine_ready`` stayed true.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from latentsync.serving.compute.ray_worker_pool import RayWorkerPool, _Actor
+from latentsync.serving.compute.scheduling_pool import Job
+from tests.serving.compute.test_scheduling import chunk_job
+
+
+class Unreachable:
+    """``ray`` as a client whose connection was cut: every call raises."""
+
+    def wait(self, refs: list[Any], **kwargs: Any) -> Any:
+        raise ConnectionError("ray client connection lost")
+
+    def kill(self, handle: Any, **kwargs: Any) -> None:
+        raise ConnectionError("ray client connection lost")
+
+
+class Method:
+    def remote(self, *args: Any) -> Any:
+        raise ConnectionError("ray client connection lost")
+
+
+class Handle:
+    ping = Method()
+    chunks = Method()
+
+
+def test_a_cut_connection_fails_readiness_and_jobs_keep_their_deadlines():
+    pool = RayWorkerPool("parametric", {}, avatar_path="unused", workers=1, deadline_s=0.3)
+    pool._ray = Unreachable()
+    actor = _Actor(index=0, handle=Handle(), state="ready", call="call-ref", dispatch_id=7)
+    errors: list[str] = []
+    running = Job(key=1, job=chunk_job("t"), on_done=lambda r: None, on_error=errors.append)
+    running.submitted_at = time.monotonic() - 1.0  # on an actor for longer than its deadline
+    with pool._lock:
+        pool._started = True
+        pool._actors = [actor]
+        pool._running[7] = [running]
+    assert pool.ready()
+    pool._poll(0.01)  # the old monitor raised here, before any deadline was checked
+    assert not pool.ready()  # readiness tells the truth at once
+    assert actor.call is None and 7 not in pool._running  # its call counted lost: the job queued again
+    deadline = time.monotonic() + 5
+    while not errors and time.monotonic() < deadline:
+        pool._poll(0.01)
+    assert errors and "Ray cluster has been unreachable" in errors[0], errors  # failed by its deadline
+    assert pool.problem is not None and "unreachable" in pool.problem
