@@ -116,7 +116,14 @@ class EngineActor:
         if self._host is None:
             raise RuntimeError(f"worker failed to start: {self._error or 'not pinged'}")
         self._refs.update({key: box[0] for key, box in refs.items()})
-        return self._host.chunks(jobs)
+        try:
+            return self._host.chunks(jobs)
+        finally:
+            # only the avatars it keeps loaded (and the default) keep their payload's reference: the
+            # object store frees the rest (a later job of an evicted avatar brings its reference again)
+            keep = {self._default, *self._host.loaded()}
+            for key in [k for k in self._refs if k not in keep]:
+                del self._refs[key]
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -6,6 +6,7 @@ jobs on air hung while ``engine_ready`` stayed true.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -54,3 +55,30 @@ def test_a_cut_connection_fails_readiness_and_jobs_keep_their_deadlines():
         pool._poll(0.01)
     assert errors and "Ray cluster has been unreachable" in errors[0], errors  # failed by its deadline
     assert pool.problem is not None and "unreachable" in pool.problem
+
+
+class LoadedOnly:
+    """An engine host that keeps the last avatar it generated for (an LRU of one)."""
+
+    def __init__(self) -> None:
+        self.last = "default"
+
+    def chunks(self, jobs: list[Any]) -> list[Any]:
+        self.last = jobs[0].avatar
+        return []
+
+    def loaded(self) -> list[str]:
+        return [self.last]
+
+
+def test_an_actor_lets_go_of_the_payloads_of_avatars_it_no_longer_keeps():
+    """Issue 35: actors kept a reference to every avatar ever sent, so the object store only grew."""
+    from latentsync.serving.compute.ray_worker_pool import EngineActor
+
+    actor = EngineActor("parametric", {}, "default", 1)
+    actor._refs["default"] = "default-ref"
+    actor._host = LoadedOnly()  # type: ignore[assignment]
+    for k in range(5):
+        job = dataclasses.replace(chunk_job("t", k), avatar=f"av{k}")
+        actor.chunks([job], {f"av{k}": [f"ref{k}"]})
+        assert actor._refs == {"default": "default-ref", f"av{k}": f"ref{k}"}
