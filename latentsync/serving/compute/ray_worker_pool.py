@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import logging
 import os
+import stat
 import statistics
 import tempfile
 import threading
@@ -54,6 +55,41 @@ PING_RETRY_S = 0.5
 PLACEMENT_REPORT_S = 10.0
 
 
+def private_cache_dir() -> Path:
+    """The node's folder for avatar caches: ``<tmp>/latentsync-ray-<uid>``, made 0700, verified before use.
+
+    The name is predictable, so it is trusted only when it is a real directory (not a link) owned
+    by this user that no one else may write to (then made 0700 if it was not); otherwise (another
+    user made it first, or opened it) a fresh private folder is used for this actor's life (left in
+    the temp directory) and a warning says why.
+
+    Returns:
+        A directory only this user can read or write.
+    """
+    base = Path(tempfile.gettempdir()) / f"latentsync-ray-{os.getuid()}"
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        logger.warning("node cache %s: %s; using a private folder for this actor", base, exc)
+        return Path(tempfile.mkdtemp(prefix="latentsync-ray-"))
+    info = os.lstat(base)
+    # nobody else can have written into it: a directory of ours that others may not write to
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        logger.warning(
+            "node cache %s is not a private folder of this user (owner %d, mode %o): not used; "
+            "using a private folder for this actor",
+            base,
+            info.st_uid,
+            info.st_mode & 0o7777,
+        )
+        return Path(tempfile.mkdtemp(prefix="latentsync-ray-"))
+    if info.st_mode & 0o077:
+        os.chmod(base, 0o700)  # made by an older version (0755): nothing foreign in it, now private
+    return base
+
+
 class EngineActor:
     """One engine worker as a Ray actor (``ray.remote`` is applied by :class:`RayWorkerPool`).
 
@@ -74,7 +110,7 @@ class EngineActor:
         self._default = default
         self._max_avatars = max_avatars
         self._refs: dict[str, Any] = {}
-        self._folder = Path(tempfile.gettempdir()) / f"latentsync-ray-{os.getuid()}"
+        self._folder = private_cache_dir()
         self._error: str | None = None
         self._host: EngineHost | None = None
 

@@ -71,9 +71,13 @@ class LoadedOnly:
         return [self.last]
 
 
-def test_an_actor_lets_go_of_the_payloads_of_avatars_it_no_longer_keeps():
+def test_an_actor_lets_go_of_the_payloads_of_avatars_it_no_longer_keeps(tmp_path, monkeypatch):
     """Issue 35: actors kept a reference to every avatar ever sent, so the object store only grew."""
+    import tempfile
+
     from latentsync.serving.compute.ray_worker_pool import EngineActor
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its node cache folder goes there
 
     actor = EngineActor("parametric", {}, "default", 1)
     actor._refs["default"] = "default-ref"
@@ -82,3 +86,24 @@ def test_an_actor_lets_go_of_the_payloads_of_avatars_it_no_longer_keeps():
         job = dataclasses.replace(chunk_job("t", k), avatar=f"av{k}")
         actor.chunks([job], {f"av{k}": [f"ref{k}"]})
         assert actor._refs == {"default": "default-ref", f"av{k}": f"ref{k}"}
+
+
+def test_the_node_cache_is_used_only_when_it_is_this_users_private_folder(tmp_path, monkeypatch):
+    """Issue 35: the node cache's name is predictable; one another user made (or left open) is not trusted."""
+    import os
+    import tempfile
+
+    from latentsync.serving.compute.ray_worker_pool import private_cache_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / f"latentsync-ray-{os.getuid()}"
+    assert private_cache_dir() == base and (base.stat().st_mode & 0o777) == 0o700  # made private
+    assert private_cache_dir() == base  # and found again
+    base.chmod(0o755)  # as an older version made it: readable, not writable by others: kept, made private
+    assert private_cache_dir() == base and (base.stat().st_mode & 0o777) == 0o700
+    base.chmod(0o777)  # left open to others: anything in it could have been planted
+    other = private_cache_dir()
+    assert other != base and other.parent == tmp_path and (other.stat().st_mode & 0o777) == 0o700
+    base.rmdir()
+    base.symlink_to(other)  # a link planted in its place
+    assert private_cache_dir() not in (base, other)
