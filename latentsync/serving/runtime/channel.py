@@ -175,6 +175,9 @@ class Channel:
         self._switch: tuple[StateMachine[SwitchState], str] | None = None  # the last avatar switch and its label
         self._switch_generation = 0  # a newer PUT supersedes a switch still waiting
         self._pending_avatar: tuple[Avatar, Path] | None = None  # prepared for a switch not yet made
+        # (generation, videos) of the switch under way: in use from the PUT on, so an avatar cannot
+        # be deleted while it is being prepared for this channel (issue 35)
+        self._switch_videos: tuple[int, list[Path]] | None = None
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -399,6 +402,8 @@ class Channel:
             generation = self._switch_generation
             machine = StateMachine(SwitchState.preparing, SWITCH_MOVES, f"channel {self.name} avatar switch")
             self._switch = (machine, label)
+            videos = [Path(p) for p in (config.avatar.idle_video, config.avatar.video) if p]
+            self._switch_videos = (generation, videos)
         threading.Thread(
             target=self._run_switch,
             args=(config, generation, on_done),
@@ -415,6 +420,14 @@ class Channel:
         return machine.move(to, reason) is not None
 
     def _run_switch(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
+        try:
+            self._switch_to(config, generation, on_done)
+        finally:
+            with self._switch_lock:  # done, failed or superseded: its videos are no longer this switch's
+                if self._switch_videos is not None and self._switch_videos[0] == generation:
+                    self._switch_videos = None
+
+    def _switch_to(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
         s, a = config.stream, config.avatar
         try:
             idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
@@ -487,7 +500,10 @@ class Channel:
         pending = self._pending_avatar
         if pending is not None:
             paths += [Path(pending[0].path), pending[1]]
-        return paths
+        switching = self._switch_videos
+        if switching is not None:
+            paths += switching[1]
+        return list(dict.fromkeys(paths))
 
     def attach(self, pool: SchedulingPool) -> bool:
         """Start taking uploads and streamed speech: a TaskManager whose jobs go to the shared pool.
