@@ -172,3 +172,29 @@ def test_api_max_json_kb_defaults_to_64_and_is_validated():
     with pytest.raises(ConfigError, match="api.max_json_kb.*speech_stream.max_text_chars = 100000"):
         load_config(overrides=["speech_stream.max_text_chars=100000"])
     assert load_config(overrides=["speech_stream.max_text_chars=100000", "api.max_json_kb=392"]).api.max_json_kb == 392
+
+
+def test_channels_never_record_to_one_file(tmp_path):
+    """A channel without its own record_path records to ``<name>-<record_path>``; two on one file are refused."""
+    from latentsync.config import channel_configs, channel_outputs
+
+    base = [f"stream.record_dir={tmp_path}", "stream.record_path=show.mkv"]
+    config = load_config(None, [*base, 'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}]'])
+    records = {
+        name: [t.url.url for t in channel_outputs(c) if t.kind.value == "record"]
+        for name, c in channel_configs(config).items()
+    }
+    assert records == {"main": ["record:show.mkv"], "hall": ["record:hall-show.mkv"]}
+    own = load_config(None, [*base, 'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall", record_path: h.mkv}]'])
+    assert channel_configs(own)["hall"].stream.record_path == "h.mkv"
+    clashes = [
+        '[{name: hall, rtmp_url: "rtmp://h/live/hall", record_path: show.mkv}]',  # main's file
+        '[{name: a, rtmp_url: "rtmp://h/live/a", record_path: x.mkv}, {name: b, rtmp_url: "rtmp://h/live/b", '
+        "record_path: x.mkv}]",
+        '[{name: a, outputs: [{url: "rtmp://h/live/a"}, {url: "record:show-a.mkv"}]}]',  # main prunes show-*.mkv
+        '[{name: a, rtmp_url: "rtmp://h/live/a", record_path: b-show.mkv}, {name: b, rtmp_url: "rtmp://h/live/b"}]',
+    ]
+    for channels in clashes:
+        with pytest.raises(ConfigError, match=r"channels\[\d\] \(\w+\): record:.* would write the files of channel"):
+            load_config(None, [*base, f"channels={channels}"])
+    load_config(None, [*base, 'channels=[{name: a, rtmp_url: "rtmp://h/live/a", record_path: show.mp4}]'])

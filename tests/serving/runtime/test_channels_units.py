@@ -359,3 +359,29 @@ def test_channels_file_brings_back_outputs_changed_through_the_api_and_skips_hos
     assert [t.url.url for t in channel_outputs(runtime.channels["hall"].config)] == ["rtmp://h/live/hall"]
     assert "channel evil skipped: outputs[0].url: 'evil.example' is not in stream.allowed_rtmp_hosts" in caplog.text
     assert "hall's live changes skipped: outputs[1].url: 'elsewhere.example'" in caplog.text
+
+
+def test_channels_made_through_the_api_never_record_to_another_channels_file(tmp_path):
+    """A PUT whose recording would write (or prune) another channel's files is ``bad_channel``, naming the clash."""
+    from latentsync.serving.api.app import create_app
+    from latentsync.serving.runtime.runtime import Runtime
+
+    config = load_config(
+        None,
+        [
+            "stream.rtmp_url=rtmp://h/live/main",
+            f"stream.record_dir={tmp_path}",
+            "stream.record_path=show.mkv",
+            'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}]',
+        ],
+    )
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    for file in ("show.mkv", "hall-show.mkv", "show-2.mkv"):
+        put = client.put("/channels/popup", json={"outputs": [{"url": "rtmp://h/live/p"}, {"url": f"record:{file}"}]})
+        assert put.status_code == 400 and put.json["error"]["code"] == "bad_channel", file
+        assert f"record:{file} (output record) would write the files of channel" in put.json["error"]["message"]
+    put = client.put("/channels/popup", json={"rtmp_url": "rtmp://h/live/popup"})  # inherits: popup-show.mkv
+    assert put.status_code == 202
+    outputs = [{"url": "rtmp://h/live/o"}, {"url": "record:popup-show.mkv"}]
+    put = client.put("/channels/other", json={"outputs": outputs})
+    assert put.status_code == 400 and "channel popup's record:popup-show.mkv" in put.json["error"]["message"]
