@@ -198,3 +198,21 @@ def test_channels_never_record_to_one_file(tmp_path):
         with pytest.raises(ConfigError, match=r"channels\[\d\] \(\w+\): record:.* would write the files of channel"):
             load_config(None, [*base, f"channels={channels}"])
     load_config(None, [*base, 'channels=[{name: a, rtmp_url: "rtmp://h/live/a", record_path: show.mp4}]'])
+
+
+def test_print_config_hides_every_channels_stream_keys_and_secrets():
+    """``--print-config`` (:func:`to_yaml`): no stream key, passphrase or token of ``main`` or of any channel."""
+    secrets = ["MAINKEY1", "MAINAUTH1", "HALLKEY1", "HALLPW1", "OUTKEY1", "OUTKEY2", "SRTPASSPHRASE1", "WHIPTOKEN1"]
+    c = load_config(
+        None,
+        [
+            "stream.rtmp_url=rtmp://h/live?auth=MAINAUTH1/MAINKEY1",
+            "channels=[{name: hall, rtmp_url: 'rtmp://u:HALLPW1@h/live/HALLKEY1/'},"
+            " {name: b, outputs: [{url: 'rtmp://h/live/OUTKEY1?a=b/c'}, {url: 'rtmp://h/live/OUTKEY2#x/y'},"
+            " {url: 'srt://h:9000?passphrase=SRTPASSPHRASE1'}, {url: 'https://h/whip', bearer_token: WHIPTOKEN1}]}]",
+        ],
+    )
+    text = to_yaml(c)
+    assert [s for s in secrets if s in text] == []
+    assert "rtmp_url: rtmp://h/live/***" in text and "url: srt://h:9000?***" in text and "'***'" in text
+    assert redact_rtmp_url("rtmp://h/live/KEY1/") == "rtmp://h/live/***"
