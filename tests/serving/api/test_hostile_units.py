@@ -104,3 +104,23 @@ def test_an_empty_pcm_message_is_no_activity():
     before = session._last_message = time.monotonic() - 1000.0
     session.run()
     assert session._last_message == before
+
+
+def test_a_wrong_token_on_health_is_counted_like_on_every_route():
+    """``/health`` is public without a token, but a wrong one there is 401 and counts: 429 past the limit."""
+    from latentsync.config import load_config
+    from latentsync.serving.api.app import PUBLIC_HEALTH_KEYS, create_app
+    from latentsync.serving.runtime.runtime import Runtime
+
+    token = "0123456789abcdef0123"
+    config = load_config(None, [f"api.token={token}", "api.auth_failures_per_min=3"])
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    public = client.get("/health")
+    assert public.status_code == 503 and set(public.json) <= set(PUBLIC_HEALTH_KEYS)  # no header: not counted
+    for _ in range(3):
+        wrong = client.get("/health", headers={"Authorization": "Bearer wrong-guess-000000"})
+        assert wrong.status_code == 401 and wrong.json["error"]["code"] == "unauthorized"
+    for path in ("/health", "/channels/main/health", "/tasks"):  # the right token too, for the rest of the minute
+        over = client.get(path, headers={"Authorization": f"Bearer {token}"})
+        assert over.status_code == 429 and over.json["error"]["code"] == "too_many_auth_failures", path
+    assert set(client.get("/health").json) <= set(PUBLIC_HEALTH_KEYS)  # the public part stays open
