@@ -196,11 +196,7 @@ def redact_output_url(url: str) -> str:
     except OutputUrlError:
         return "***"
     if parsed.kind is OutputKind.rtmp:
-        scheme, _, rest = url.partition("://")
-        hostpart, slash, path = rest.partition("/")
-        hostpart = hostpart.rsplit("@", 1)[-1]
-        app = path.split("?", 1)[0].rpartition("/")[0]
-        return f"{scheme}://{hostpart}{slash}{app + '/' if app else ''}***" if slash else f"{scheme}://{hostpart}"
+        return redact_rtmp_url(url)
     if parsed.kind is OutputKind.srt:
         base, query = url.split("?", 1) if "?" in url else (url, "")
         return f"{base}?***" if query else base
@@ -224,17 +220,23 @@ def rtmp_host(url: str) -> str | None:
 
 
 def redact_rtmp_url(url: str) -> str:
-    """Hide the stream key (the last path element) and any credentials of an RTMP URL.
+    """Hide the stream key (the last path element), the query, the fragment and any credentials of an RTMP URL.
 
-    ``rtmp://user:pw@host:1935/live/secretkey`` becomes ``rtmp://host:1935/live/***``.
+    ``rtmp://user:pw@host:1935/live/secretkey?secret=S`` becomes ``rtmp://host:1935/live/***``. The
+    key is the last non-empty path element before any ``?`` or ``#`` (``rtmp://h/live/KEY/``,
+    ``rtmp://h/live/KEY?a=b/c`` and ``rtmp://h/live?auth=S/KEY`` hide ``KEY`` and ``S`` too);
+    anything after the host is ``***`` when there is no path element.
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "***"
-    hostpart, slash, path = rest.partition("/")
-    hostpart = hostpart.rsplit("@", 1)[-1]
-    app, _, _key = path.rpartition("/")
-    return f"{scheme}://{hostpart}{slash}{app + '/' if app else ''}***" if slash else f"{scheme}://{hostpart}"
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    hostpart, tail = rest[:cut].rsplit("@", 1)[-1], rest[cut:]
+    if not tail:
+        return f"{scheme}://{hostpart}"
+    path = tail.split("?", 1)[0].split("#", 1)[0]
+    app = "/".join([p for p in path.split("/") if p][:-1])
+    return f"{scheme}://{hostpart}/{app + '/' if app else ''}***"
 
 
 def url_secrets(url: str) -> tuple[str, ...]:

@@ -172,3 +172,47 @@ def test_api_max_json_kb_defaults_to_64_and_is_validated():
     with pytest.raises(ConfigError, match="api.max_json_kb.*speech_stream.max_text_chars = 100000"):
         load_config(overrides=["speech_stream.max_text_chars=100000"])
     assert load_config(overrides=["speech_stream.max_text_chars=100000", "api.max_json_kb=392"]).api.max_json_kb == 392
+
+
+def test_channels_never_record_to_one_file(tmp_path):
+    """A channel without its own record_path records to ``<name>-<record_path>``; two on one file are refused."""
+    from latentsync.config import channel_configs, channel_outputs
+
+    base = [f"stream.record_dir={tmp_path}", "stream.record_path=show.mkv"]
+    config = load_config(None, [*base, 'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}]'])
+    records = {
+        name: [t.url.url for t in channel_outputs(c) if t.kind.value == "record"]
+        for name, c in channel_configs(config).items()
+    }
+    assert records == {"main": ["record:show.mkv"], "hall": ["record:hall-show.mkv"]}
+    own = load_config(None, [*base, 'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall", record_path: h.mkv}]'])
+    assert channel_configs(own)["hall"].stream.record_path == "h.mkv"
+    clashes = [
+        '[{name: hall, rtmp_url: "rtmp://h/live/hall", record_path: show.mkv}]',  # main's file
+        '[{name: a, rtmp_url: "rtmp://h/live/a", record_path: x.mkv}, {name: b, rtmp_url: "rtmp://h/live/b", '
+        "record_path: x.mkv}]",
+        '[{name: a, outputs: [{url: "rtmp://h/live/a"}, {url: "record:show-a.mkv"}]}]',  # main prunes show-*.mkv
+        '[{name: a, rtmp_url: "rtmp://h/live/a", record_path: b-show.mkv}, {name: b, rtmp_url: "rtmp://h/live/b"}]',
+    ]
+    for channels in clashes:
+        with pytest.raises(ConfigError, match=r"channels\[\d\] \(\w+\): record:.* would write the files of channel"):
+            load_config(None, [*base, f"channels={channels}"])
+    load_config(None, [*base, 'channels=[{name: a, rtmp_url: "rtmp://h/live/a", record_path: show.mp4}]'])
+
+
+def test_print_config_hides_every_channels_stream_keys_and_secrets():
+    """``--print-config`` (:func:`to_yaml`): no stream key, passphrase or token of ``main`` or of any channel."""
+    secrets = ["MAINKEY1", "MAINAUTH1", "HALLKEY1", "HALLPW1", "OUTKEY1", "OUTKEY2", "SRTPASSPHRASE1", "WHIPTOKEN1"]
+    c = load_config(
+        None,
+        [
+            "stream.rtmp_url=rtmp://h/live?auth=MAINAUTH1/MAINKEY1",
+            "channels=[{name: hall, rtmp_url: 'rtmp://u:HALLPW1@h/live/HALLKEY1/'},"
+            " {name: b, outputs: [{url: 'rtmp://h/live/OUTKEY1?a=b/c'}, {url: 'rtmp://h/live/OUTKEY2#x/y'},"
+            " {url: 'srt://h:9000?passphrase=SRTPASSPHRASE1'}, {url: 'https://h/whip', bearer_token: WHIPTOKEN1}]}]",
+        ],
+    )
+    text = to_yaml(c)
+    assert [s for s in secrets if s in text] == []
+    assert "rtmp_url: rtmp://h/live/***" in text and "url: srt://h:9000?***" in text and "'***'" in text
+    assert redact_rtmp_url("rtmp://h/live/KEY1/") == "rtmp://h/live/***"

@@ -18,7 +18,13 @@ from latentsync.config.api import RESERVED_THREADS, SEED_RANGE, ApiConfig
 from latentsync.config.app import AppConfig
 from latentsync.config.avatar import AVATAR_ID_RE, AvatarConfig, uploaded_avatar_video
 from latentsync.config.channels import CHANNEL_NAME_RE, DEFAULT_CHANNEL, ChannelConfig
-from latentsync.config.derived import OutputTarget, channel_configs, channel_outputs
+from latentsync.config.derived import (
+    OutputTarget,
+    channel_configs,
+    channel_outputs,
+    check_local_outputs,
+    local_output_clash,
+)
 from latentsync.config.egress import EgressConfig, OutputConfig
 from latentsync.config.engine import (
     CHUNK_FRAMES,
@@ -99,8 +105,10 @@ __all__ = [
     "WebRtcConfig",
     "channel_configs",
     "channel_outputs",
+    "check_local_outputs",
     "is_loopback_host",
     "load_config",
+    "local_output_clash",
     "parse_channel",
     "parse_outputs",
     "redact_rtmp_url",

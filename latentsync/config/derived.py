@@ -24,7 +24,9 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
     """The configuration each channel runs with: ``main`` first, then ``channels`` in order.
 
     A channel's config is the whole config with its ``stream`` and ``avatar`` sections replaced by
-    the channel's values (null values keep the top-level ones) and ``channels`` emptied.
+    the channel's values (null values keep the top-level ones) and ``channels`` emptied. A channel
+    without its own ``record_path`` records to ``<name>-<stream.record_path>``, never to ``main``'s
+    file (:func:`check_local_outputs` refuses two channels on one file).
 
     Args:
         config: The server configuration.
@@ -50,6 +52,8 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
         if ch.width is not None or ch.height is not None:
             stream_values.update(width=ch.width, height=ch.height)
         stream_values["outputs"] = list(ch.outputs or [])  # a destination belongs to one channel
+        if ch.record_path is None and config.stream.record_path:  # so is a recording file
+            stream_values["record_path"] = f"{ch.name}-{config.stream.record_path}"
         avatar = dataclasses.replace(
             config.avatar, **{k: getattr(ch, k) for k in ("idle_video", "video") if getattr(ch, k) is not None}
         )
@@ -95,6 +99,67 @@ class OutputTarget:
             "required": self.required,
             "video_bitrate_kbps": self.video_bitrate_kbps,
         }
+
+
+def _record_files_clash(a: str, b: str) -> bool:
+    """Whether recordings ``record:a`` and ``record:b`` would write or prune each other's files.
+
+    ``record:FILE.mkv`` writes ``FILE-<run>-<n>.mkv`` and prunes ``FILE-*.mkv``
+    (:func:`latentsync.serving.egress.outputs.prune_recordings`): one name is the other, or one's
+    stem followed by ``-`` starts the other's with the same extension.
+    """
+    (stem_a, _, ext_a), (stem_b, _, ext_b) = a.rpartition("."), b.rpartition(".")
+    return ext_a == ext_b and (stem_a == stem_b or stem_a.startswith(f"{stem_b}-") or stem_b.startswith(f"{stem_a}-"))
+
+
+def local_output_clash(mine: list[OutputTarget], others: dict[str, list[OutputTarget]]) -> str | None:
+    """What one channel's recordings or HLS folders share with another channel's, if anything.
+
+    Args:
+        mine: The channel's outputs (:func:`channel_outputs`).
+        others: The other channels' outputs, by channel name.
+
+    Returns:
+        A message naming both outputs and the other channel (no stream key: local names only), or
+        None when none clash.
+    """
+    for t in mine:
+        if t.kind not in (OutputKind.record, OutputKind.hls) or t.url.name is None:
+            continue
+        for other_name, targets in others.items():
+            for o in targets:
+                if o.kind is not t.kind or o.url.name is None:
+                    continue
+                same = (
+                    o.url.name == t.url.name
+                    if t.kind is OutputKind.hls
+                    else _record_files_clash(o.url.name, t.url.name)
+                )
+                if same:
+                    return (
+                        f"{t.url.url} (output {t.name}) would write the files of channel {other_name}'s "
+                        f"{o.url.url}: give each channel its own record_path / file or folder name"
+                    )
+    return None
+
+
+def check_local_outputs(config: AppConfig) -> None:
+    """Refuse two channels writing one recording file or HLS folder (:func:`local_output_clash`).
+
+    Args:
+        config: The server configuration, its ``channels`` included.
+
+    Raises:
+        ConfigError: Naming the channel (``channels[i] (name)``, or ``stream.outputs`` for ``main``)
+            and both outputs.
+    """
+    seen: dict[str, list[OutputTarget]] = {}
+    for i, (name, derived) in enumerate(channel_configs(config).items()):
+        targets = channel_outputs(derived)
+        clash = local_output_clash(targets, seen)
+        if clash is not None:
+            raise ConfigError(f"channels[{i - 1}] ({name}): {clash}")
+        seen[name] = targets
 
 
 def channel_outputs(config: AppConfig, key: str = "stream.outputs") -> list[OutputTarget]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from latentsync.config.app import AppConfig
 from latentsync.config.avatar import AVATAR_ID_RE, uploaded_avatar_video
 from latentsync.config.channels import CHANNEL_NAME_RE, DEFAULT_CHANNEL
-from latentsync.config.derived import channel_configs, channel_outputs
+from latentsync.config.derived import channel_configs, channel_outputs, check_local_outputs
 from latentsync.config.engine import (
     CHUNK_FRAMES_RANGE,
     DEFAULT_CHUNK_FRAMES_RANGE,
@@ -454,6 +454,7 @@ def _validate_channels(config: AppConfig) -> None:
         except ConfigError as exc:
             index = next(i for i, ch in enumerate(config.channels) if ch.name == name)
             raise ConfigError(f"channels[{index}] ({name}): {exc}") from None
+    check_local_outputs(config)  # no two channels on one recording file or HLS folder
 
 
 def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync") -> None:

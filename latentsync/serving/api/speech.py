@@ -180,7 +180,8 @@ class SpeechSession:
                             self._pcm(message)
                         else:
                             self._control(message)
-                        self._last_message = time.monotonic()  # only a valid message keeps the connection
+                        if message:  # only a valid message keeps the connection; an empty PCM one is none
+                            self._last_message = time.monotonic()
                     except ServingError as exc:
                         self.send_error(exc.code, exc.message)
                         if exc.code == "no_channel":

@@ -5,9 +5,10 @@ the limits a hostile client must not get past (docs/security.md):
 
 - no extension is negotiated (no permessage-deflate), so ``max_message_bytes`` is what arrives on
   the wire, and a small compressed message can never inflate into a large one;
-- received messages wait in a queue of at most ``max_queued_bytes``; while it is full the reader
-  stops reading the socket, so a client that sends faster than the handler reads is held back by
-  TCP (its own send buffer fills) instead of growing the server's memory;
+- received messages wait in a queue of at most ``max_queued_bytes``, each message costing its bytes
+  plus :data:`MESSAGE_OVERHEAD_BYTES` (a flood of empty messages fills it too); while it is full the
+  reader stops reading the socket, so a client that sends faster than the handler reads is held
+  back by TCP (its own send buffer fills) instead of growing the server's memory;
 - every send has a deadline (``send_timeout_s``): a client that stops reading is dropped, never
   holding a server thread;
 - a ping every ``ping_interval_s``; a client that has not answered the previous one is dropped.
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: Bytes the reader takes from the socket at once (what the queue may exceed its bound by).
 RECEIVE_BYTES = 64 * 1024
+#: What each queued message costs against ``max_queued_bytes`` beyond its payload (its share of
+#: the deque and the object): empty messages are not free, so the queue is bounded in messages too.
+MESSAGE_OVERHEAD_BYTES = 64
 #: Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -96,8 +100,8 @@ class ServerWebSocket:
         self._proto_lock = threading.Lock()  # wsproto is not thread safe: reader and handler share it
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._inbox: collections.deque[str | bytes] = collections.deque()
-        self._inbox_bytes = 0
+        self._inbox: collections.deque[tuple[str | bytes, int]] = collections.deque()  # (message, cost)
+        self._inbox_bytes = 0  # the costs of the messages queued (:data:`MESSAGE_OVERHEAD_BYTES` each and more)
         self._connected = True
         self.close_code: int | None = None
         self.close_reason: str | None = None
@@ -115,7 +119,7 @@ class ServerWebSocket:
 
     @property
     def queued_bytes(self) -> int:
-        """Received bytes waiting for :meth:`receive`."""
+        """Received bytes waiting for :meth:`receive`, :data:`MESSAGE_OVERHEAD_BYTES` more per message."""
         return self._inbox_bytes
 
     # ----------------------------------------------------------------- handler side
@@ -134,8 +138,8 @@ class ServerWebSocket:
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(left if left is not None else 1.0)
-            message = self._inbox.popleft()
-            self._inbox_bytes -= len(message)
+            message, cost = self._inbox.popleft()
+            self._inbox_bytes -= cost
             self._cond.notify_all()  # the reader may read again
             return message
 
@@ -239,18 +243,20 @@ class ServerWebSocket:
                 limit = self._limits.max_message_bytes
                 self.close(CLOSE_TOO_BIG, f"message larger than {self._limits.message_limit_name} = {limit}")
                 raise ConnectionClosed("message too big")
-            self._partial.append(event.data)
+            if event.data:  # a flood of empty fragments grows nothing
+                self._partial.append(event.data)
             if not event.message_finished:
                 return
-            parts, self._partial, self._partial_bytes = self._partial, [], 0
+            parts, cost = self._partial, self._partial_bytes + MESSAGE_OVERHEAD_BYTES
+            self._partial, self._partial_bytes = [], 0
             message: str | bytes
             if isinstance(event, TextMessage):
                 message = "".join(cast(list[str], parts))
             else:
                 message = b"".join(cast(list[bytes | bytearray], parts))
             with self._cond:
-                self._inbox.append(message)
-                self._inbox_bytes += len(message)
+                self._inbox.append((message, cost))
+                self._inbox_bytes += cost
                 self._cond.notify_all()
         elif isinstance(event, Ping):
             self._send_event(event.response())

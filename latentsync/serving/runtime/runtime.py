@@ -42,6 +42,7 @@ from latentsync.config import (
     PoolBackend,
     channel_configs,
     channel_outputs,
+    local_output_clash,
     validate,
 )
 from latentsync.serving.avatars import AvatarStore
@@ -600,6 +601,12 @@ class Runtime:
             taken = [t.name for t in targets if t.kind.networked and t.url.url in elsewhere]
             if taken:
                 raise ConfigError(f"outputs: {', '.join(taken)} sends to a URL another channel sends to")
+            clash = local_output_clash(
+                targets,
+                {n: channel_outputs(c.config) for n, c in self.channels.items() if n != name and not c.stopped},
+            )
+            if clash is not None:
+                raise ConfigError(f"outputs: {clash}")
             started, stopped = channel.set_outputs(targets, new)
             spec = self._specs.get(name)
             if spec is not None:

@@ -395,3 +395,29 @@ def test_an_avatar_being_prepared_for_a_switch_is_in_use_from_the_put_on(tmp_pat
     while video.resolve() in runtime._avatars_in_use() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert video.resolve() not in runtime._avatars_in_use()  # the switch ended: no longer held for it
+
+
+def test_channels_made_through_the_api_never_record_to_another_channels_file(tmp_path):
+    """A PUT whose recording would write (or prune) another channel's files is ``bad_channel``, naming the clash."""
+    from latentsync.serving.api.app import create_app
+    from latentsync.serving.runtime.runtime import Runtime
+
+    config = load_config(
+        None,
+        [
+            "stream.rtmp_url=rtmp://h/live/main",
+            f"stream.record_dir={tmp_path}",
+            "stream.record_path=show.mkv",
+            'channels=[{name: hall, rtmp_url: "rtmp://h/live/hall"}]',
+        ],
+    )
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    for file in ("show.mkv", "hall-show.mkv", "show-2.mkv"):
+        put = client.put("/channels/popup", json={"outputs": [{"url": "rtmp://h/live/p"}, {"url": f"record:{file}"}]})
+        assert put.status_code == 400 and put.json["error"]["code"] == "bad_channel", file
+        assert f"record:{file} (output record) would write the files of channel" in put.json["error"]["message"]
+    put = client.put("/channels/popup", json={"rtmp_url": "rtmp://h/live/popup"})  # inherits: popup-show.mkv
+    assert put.status_code == 202
+    outputs = [{"url": "rtmp://h/live/o"}, {"url": "record:popup-show.mkv"}]
+    put = client.put("/channels/other", json={"outputs": outputs})
+    assert put.status_code == 400 and "channel popup's record:popup-show.mkv" in put.json["error"]["message"]
