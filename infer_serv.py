@@ -17,13 +17,12 @@ import sys
 import threading
 from pathlib import Path
 
-from werkzeug.serving import make_server
-
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
+from latentsync.serving.api.http_server import make_guarded_server
 from latentsync.serving.compute.scheduling_pool import WorkerPoolError
-from latentsync.serving.ops.logs import QueryRedactingRequestHandler, configure_logging
+from latentsync.serving.ops.logs import configure_logging
 from latentsync.serving.ops.memory import bound_heap_growth, freeze_heap
 from latentsync.serving.ops.systemd import sd_notify
 from latentsync.serving.ops.threads import limit_native_threads
@@ -76,13 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # A deleted channel's start-up objects in reference cycles are collected, the rest frozen again.
     runtime = Runtime(config, after_release=lambda: refreeze("channel deleted"))
-    server = make_server(
-        config.server.host,
-        config.server.port,
-        create_app(runtime),
-        threaded=True,
-        request_handler=QueryRedactingRequestHandler,
-    )
+    # Header/body deadlines and per-address connection caps (issue 35: a slow-loris client)
+    server = make_guarded_server(config.server.host, config.server.port, create_app(runtime), config.server)
     http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
     http_thread.start()
     logger.info("API on http://%s:%d", config.server.host, config.server.port)

@@ -37,7 +37,17 @@ timeout = 120  # worker heartbeat; uploads of up to api.max_upload_mb take far l
 # <= 1 s, clock stopped <= 2 s, FFmpeg flushed <= 8 s, engine pool closed): all inside this, which
 # stays below the unit's TimeoutStopSec=30 (the master SIGKILLs a worker that overruns it).
 graceful_timeout = 25
-keepalive = 5
+# Slow-loris limits (issue 35; docs/security.md): what gthread offers from the same server.* keys.
+# worker_connections caps the worker's open connections (server.max_connections); past it gunicorn
+# stops accepting and new ones wait in the listen backlog (infer_serv.py answers them 503 instead).
+# A kept-alive connection idle past keepalive, and a new one silent for 5 s in a thread (gunicorn's
+# fixed wait) plus keepalive on its poller, are closed. gunicorn has no header deadline (a client
+# sending half a header holds a thread until it disconnects), no body deadline and no per-address
+# cap (server.header_timeout_s, body_timeout_s, max_connections_per_ip apply to infer_serv.py
+# only): put a reverse proxy in front (nginx: client_header_timeout, client_body_timeout,
+# limit_conn per $binary_remote_addr).
+worker_connections = _config.server.max_connections
+keepalive = min(5, _config.server.header_timeout_s)
 limit_request_line = 8190
 limit_request_fields = 100
 accesslog = "-"

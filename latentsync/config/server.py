@@ -20,6 +20,14 @@ class ServerConfig:
     (latentsync.serving.ops.threads.limit_native_threads; engine workers always use 1). 1: every
     channel already works on threads of its own, and the pools' spinning threads cost more CPU
     than they save (docs/performance.md); 0: the libraries' defaults (one per core).
+    ``header_timeout_s``: seconds a connection may take to send each piece of its request line and
+    headers, and may stay idle between keep-alive requests; past it the server closes it (a
+    slow-loris client holding connections open). ``body_timeout_s``: seconds a request body upload
+    or a response may stall without a byte moving before the connection is closed; long-lived
+    streams (``GET /events``, WebSockets) set their own deadlines once their request is in.
+    ``max_connections_per_ip``: open connections one client address may hold; ``max_connections``:
+    open connections in all. Past either, a new connection gets a bare 503 and is closed before a
+    thread is spent on it (latentsync.serving.api.http_server; docs/security.md).
     """
 
     host: str = "127.0.0.1"
@@ -28,3 +36,7 @@ class ServerConfig:
     allowed_hosts: list[str] | None = None
     public_name: str | None = None
     native_threads: int = 1
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections_per_ip: int = 64
+    max_connections: int = 512

@@ -67,6 +67,21 @@ def _validate_server(config: AppConfig) -> None:
         config.server.native_threads,
         "0..64 (0: the libraries' defaults)",
     )
+    for key in ("header_timeout_s", "body_timeout_s"):
+        value = getattr(config.server, key)
+        check_value(0 < value <= 3600, f"server.{key}", value, "0 < seconds <= 3600")
+    check_value(
+        1 <= config.server.max_connections <= 65536,
+        "server.max_connections",
+        config.server.max_connections,
+        "1..65536",
+    )
+    check_value(
+        1 <= config.server.max_connections_per_ip <= config.server.max_connections,
+        "server.max_connections_per_ip",
+        config.server.max_connections_per_ip,
+        f"1..server.max_connections ({config.server.max_connections})",
+    )
     for host in [
         *(config.server.allowed_hosts or []),
         *([config.server.public_name] if config.server.public_name else []),

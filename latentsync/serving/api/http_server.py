@@ -1,0 +1,195 @@
+"""The HTTP listener ``infer_serv.py`` runs: werkzeug's threaded server with deadlines and connection caps.
+
+werkzeug's ``ThreadedWSGIServer`` spends a thread on every accepted connection and never times a
+socket out, so a client that opens a few hundred connections and sends nothing (or half a header)
+holds as many threads forever and takes the API down, ``/health`` included (issue 35). Here:
+
+- **header deadline**: while a connection sends its request line and headers, and while it idles
+  between keep-alive requests, each read may wait at most ``server.header_timeout_s``; past it the
+  connection is closed;
+- **body deadline**: once the headers are in, reads (an upload's body) and writes wait at most
+  ``server.body_timeout_s`` for a byte to move. Long-lived streams set their own deadline on the
+  socket once their request is in (``GET /events`` and WebSockets: ``api.send_timeout_s``, and a
+  WebSocket reader waits in ``select()`` with its own idle rules), which replaces this one;
+- **connection caps**: at most ``server.max_connections_per_ip`` open connections per client
+  address and ``server.max_connections`` in all. A connection past either is answered a bare
+  ``503`` (without reading its request) and closed in the accepting thread, before a thread is
+  spent on it.
+
+The deadlines are per read: a client trickling one header byte every few seconds keeps its
+connection, but only up to its address's cap (docs/security.md: a reverse proxy's total header
+deadline is the complete answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+from werkzeug.serving import ThreadedWSGIServer
+
+from latentsync.config.server import ServerConfig
+from latentsync.serving.ops.logs import QueryRedactingRequestHandler
+
+logger = logging.getLogger(__name__)
+
+#: What a refused connection gets: sent without reading the request, then the socket is closed.
+_REFUSAL_BODY = b'{"error": {"code": "too_many_connections", "message": "retry later"}}'
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
+)
+#: Seconds between two warnings about refused connections (an attack must not flood the log).
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class DeadlineRequestHandler(QueryRedactingRequestHandler):
+    """Request handler whose socket reads and writes have deadlines (see the module docstring).
+
+    The deadlines come from the server (:class:`GuardedWSGIServer`): ``header_timeout_s`` until a
+    request's headers are parsed, ``body_timeout_s`` from then until the response is sent.
+    """
+
+    server: GuardedWSGIServer
+
+    def handle_one_request(self) -> None:
+        """Read one request under the header deadline (it also bounds the idle time before it)."""
+        self.connection.settimeout(self.server.header_timeout_s)
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers, then switch the socket to the body deadline."""
+        ok = super().parse_request()
+        if ok:
+            self.connection.settimeout(self.server.body_timeout_s)
+        return ok
+
+    def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
+        """A deadline passed or the client went away mid-request: never read this socket again."""
+        self.close_connection = True
+
+    def log_error(self, format: str, *args: Any) -> None:
+        """Log a header deadline that passed at debug level (an attack would flood the log); others as usual."""
+        if format.startswith("Request timed out"):
+            logger.debug("closed %s: request timed out", self.address_string())
+            return
+        super().log_error(format, *args)
+
+
+class GuardedWSGIServer(ThreadedWSGIServer):
+    """werkzeug's threaded WSGI server with connection caps and socket deadlines.
+
+    Args:
+        host: Listen address.
+        port: Listen port.
+        app: The WSGI application.
+        header_timeout_s: Seconds each read of a request line or header, or an idle keep-alive
+            connection, may wait (``server.header_timeout_s``).
+        body_timeout_s: Seconds each read or write after the headers may wait for a byte
+            (``server.body_timeout_s``).
+        max_connections_per_ip: Open connections one client address may hold.
+        max_connections: Open connections in all.
+        handler: The request handler class (a :class:`DeadlineRequestHandler`).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: Any,
+        *,
+        header_timeout_s: float,
+        body_timeout_s: float,
+        max_connections_per_ip: int,
+        max_connections: int,
+        handler: type[DeadlineRequestHandler] = DeadlineRequestHandler,
+    ) -> None:
+        self.header_timeout_s = header_timeout_s
+        self.body_timeout_s = body_timeout_s
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_connections = max_connections
+        self._lock = threading.Lock()
+        self._per_ip: Counter[str] = Counter()
+        self._open: dict[Any, str] = {}  # socket -> its client address
+        self.refused = 0
+        self._refusals_logged_at = 0.0
+        self._refusals_since_log = 0
+        super().__init__(host, port, app, handler)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections accepted and not yet closed."""
+        with self._lock:
+            return len(self._open)
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a new connection if its address and the server are under their caps (accepting thread).
+
+        A refused one is answered :data:`REFUSAL` without its request being read; socketserver
+        then closes it (``shutdown_request``) without starting a thread.
+        """
+        ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        with self._lock:
+            if len(self._open) < self.max_connections and self._per_ip[ip] < self.max_connections_per_ip:
+                self._per_ip[ip] += 1
+                self._open[request] = ip
+                return True
+            self.refused += 1
+        self._refuse(request, ip)
+        return False
+
+    def _refuse(self, request: socket.socket, ip: str) -> None:
+        try:
+            request.setblocking(False)  # never wait in the accepting thread
+            request.send(REFUSAL)
+        except OSError:
+            pass
+        now = time.monotonic()
+        self._refusals_since_log += 1
+        if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
+            logger.warning(
+                "refused %d connection(s) over the caps (last from %s; %d per address, %d in all)",
+                self._refusals_since_log,
+                ip,
+                self.max_connections_per_ip,
+                self.max_connections,
+            )
+            self._refusals_logged_at = now
+            self._refusals_since_log = 0
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close a connection and give its place back to its address's count."""
+        with self._lock:
+            ip = self._open.pop(request, None)
+            if ip is not None:
+                self._per_ip[ip] -= 1
+                if self._per_ip[ip] <= 0:
+                    del self._per_ip[ip]
+        super().shutdown_request(request)
+
+
+def make_guarded_server(host: str, port: int, app: Any, server_config: ServerConfig) -> GuardedWSGIServer:
+    """The listener for ``infer_serv.py`` from the ``server`` config section.
+
+    Args:
+        host: Listen address.
+        port: Listen port.
+        app: The WSGI application.
+        server_config: The ``server`` section (its timeouts and caps).
+
+    Returns:
+        The server, bound and listening; run it with ``serve_forever()``.
+    """
+    return GuardedWSGIServer(
+        host,
+        port,
+        app,
+        header_timeout_s=server_config.header_timeout_s,
+        body_timeout_s=server_config.body_timeout_s,
+        max_connections_per_ip=server_config.max_connections_per_ip,
+        max_connections=server_config.max_connections,
+    )
