@@ -342,7 +342,9 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
 
     # On air: hall's stream now shows the new person, idle and speaking; main never noticed.
     time.sleep(0.5)  # past the idle crossfade
-    recording = pull_stream(hall_rtmp.url("hall"), 2.0, tmp_path / "hall.flv")
+    # 4 s: two GOPs (a keyframe every 2 s), so a keyframe and the frames after it are always in it
+    # (2 s could end just before the first keyframe: nothing decodable, "unspecified size")
+    recording = pull_stream(hall_rtmp.url("hall"), 4.0, tmp_path / "hall.flv")
     frames = decode_recording(recording, 48000)[0]
     size = (256, 456)
     new = load_clip(
