@@ -7,28 +7,25 @@ started after the fork, once, by ``create_app()``. Requests are served by thread
 comes from the same config as everything else ($LATENTSYNC_CONFIG, $LATENTSYNC_OVERRIDES).
 """
 
-import os
-import shlex
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentsync.config import RESERVED_THREADS, load_config  # noqa: E402
+from latentsync.config import RESERVED_THREADS, load_config_from_environment  # noqa: E402
 from latentsync.serving.ops.systemd import sd_notify, take_notify_socket  # noqa: E402
 
 # systemd's notify socket is for our worker (READY=1 once the stream is on air, watchdog pings), not
 # for gunicorn's arbiter, which would send READY=1 the moment it listens.
 take_notify_socket()
 
-_config = load_config(
-    os.environ.get("LATENTSYNC_CONFIG") or Path(__file__).resolve().parent / "server.yaml",
-    shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")),
-)
+_config = load_config_from_environment()  # $LATENTSYNC_CONFIG (default configs/server.yaml), $LATENTSYNC_OVERRIDES
 
 bind = f"{_config.server.host}:{_config.server.port}"
 workers = 1  # never more: one process owns the stream
-worker_class = "gthread"
+# gthread with a header deadline and a per-address cap (latentsync/serving/api/gunicorn_worker.py):
+# a connection reaches a thread only once its request head is complete.
+worker_class = "latentsync.serving.api.gunicorn_worker.GuardedThreadWorker"
 # Event streams and WebSockets hold a thread each (at most api.max_long_lived); the rest always serve
 # health checks, uploads and cancels.
 threads = _config.api.max_long_lived + RESERVED_THREADS
@@ -37,15 +34,12 @@ timeout = 120  # worker heartbeat; uploads of up to api.max_upload_mb take far l
 # <= 1 s, clock stopped <= 2 s, FFmpeg flushed <= 8 s, engine pool closed): all inside this, which
 # stays below the unit's TimeoutStopSec=30 (the master SIGKILLs a worker that overruns it).
 graceful_timeout = 25
-# Slow-loris limits (issue 35; docs/security.md): what gthread offers from the same server.* keys.
-# worker_connections caps the worker's open connections (server.max_connections); past it gunicorn
-# stops accepting and new ones wait in the listen backlog (infer_serv.py answers them 503 instead).
-# A kept-alive connection idle past keepalive, and a new one silent for 5 s in a thread (gunicorn's
-# fixed wait) plus keepalive on its poller, are closed. gunicorn has no header deadline (a client
-# sending half a header holds a thread until it disconnects), no body deadline and no per-address
-# cap (server.header_timeout_s, body_timeout_s, max_connections_per_ip apply to infer_serv.py
-# only): put a reverse proxy in front (nginx: client_header_timeout, client_body_timeout,
-# limit_conn per $binary_remote_addr).
+# Slow-loris limits (issue 35; docs/security.md), from the same server.* keys infer_serv.py applies:
+# the worker closes a connection whose request head is not complete server.header_timeout_s after it
+# was accepted (or after its last keep-alive response), gives each read and write of a request
+# server.body_timeout_s, and answers 503 to a connection past server.max_connections_per_ip from one
+# address. worker_connections caps the worker's open connections (server.max_connections); past it
+# gunicorn stops accepting and new ones wait in the listen backlog (infer_serv.py answers them 503).
 worker_connections = _config.server.max_connections
 keepalive = min(5, _config.server.header_timeout_s)
 limit_request_line = 8190

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -189,6 +190,11 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
 
+    def serving_pid(self) -> int:
+        """The process that serves requests and owns the stream (here: the one started)."""
+        assert self.proc is not None
+        return self.proc.pid
+
     def stop(self, timeout_s: float = 10.0) -> tuple[int | None, float]:
         """SIGTERM; returns (exit code, seconds it took). Kills it if it overruns."""
         if self.proc is None:
@@ -205,6 +211,34 @@ class ServerProcess:
                 return None, time.monotonic() - t
         self._log.close()
         return self.proc.returncode, time.monotonic() - t
+
+
+class GunicornProcess(ServerProcess):
+    """The app under gunicorn as ``configs/gunicorn.conf.py`` runs it (one worker), with its own port and overrides.
+
+    The overrides reach the worker as the shipped unit gives them (``$LATENTSYNC_OVERRIDES``);
+    :attr:`proc` is gunicorn's master (SIGTERM stops it and its worker).
+    """
+
+    def start(self) -> GunicornProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = dict(self.env, LATENTSYNC_OVERRIDES=" ".join(shlex.quote(o) for o in self.overrides))
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("gunicorn")), "-c", "configs/gunicorn.conf.py",
+             "latentsync.serving.api.app:create_app()"],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )  # fmt: skip
+        return self
+
+    def serving_pid(self) -> int:
+        """gunicorn's one worker process (the master only supervises it)."""
+        assert self.proc is not None
+        workers = procfs.children(self.proc.pid)
+        assert len(workers) == 1, workers
+        return workers[0]
 
 
 def pull_stream(url: str, seconds: float, out_path: Path) -> Path:

@@ -40,7 +40,7 @@ from latentsync.config.engine import (
 )
 from latentsync.config.errors import ConfigError
 from latentsync.config.frames import FramesConfig
-from latentsync.config.loading import load_config, parse_channel, parse_outputs, to_yaml
+from latentsync.config.loading import load_config, load_config_from_environment, parse_channel, parse_outputs, to_yaml
 from latentsync.config.log import LogConfig
 from latentsync.config.media import MediaConfig
 from latentsync.config.pool import PoolBackend, PoolConfig
@@ -108,6 +108,7 @@ __all__ = [
     "check_local_outputs",
     "is_loopback_host",
     "load_config",
+    "load_config_from_environment",
     "local_output_clash",
     "parse_channel",
     "parse_outputs",

@@ -7,6 +7,8 @@ and values of the wrong type are rejected by OmegaConf with the full key name; s
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +57,28 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
     assert isinstance(config, AppConfig)
     validate(config)
     return config
+
+
+#: The config file a server started without ``$LATENTSYNC_CONFIG`` reads (the repository's own).
+DEFAULT_SERVER_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "server.yaml"
+
+
+def load_config_from_environment() -> AppConfig:
+    """The configuration of a server started by gunicorn (or systemd): from its environment.
+
+    ``$LATENTSYNC_CONFIG`` names the YAML file (default :data:`DEFAULT_SERVER_CONFIG`, when it
+    exists) and ``$LATENTSYNC_OVERRIDES`` holds ``key=value`` overrides, shell-quoted
+    (``configs/gunicorn.conf.py``, ``scripts/latentsync-realtime.service``).
+
+    Returns:
+        The validated :class:`AppConfig`.
+
+    Raises:
+        ConfigError: As :func:`load_config`.
+    """
+    default = DEFAULT_SERVER_CONFIG if DEFAULT_SERVER_CONFIG.is_file() else None
+    source = os.environ.get("LATENTSYNC_CONFIG") or default
+    return load_config(source, shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")))
 
 
 def parse_channel(name: str, values: dict) -> ChannelConfig:

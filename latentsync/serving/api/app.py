@@ -432,19 +432,13 @@ def create_app(runtime: Runtime | None = None) -> Flask:
 def _runtime_from_environment() -> Runtime:
     """Build and start (in a background thread) the runtime of a gunicorn worker."""
     import os
-    import shlex
-    from pathlib import Path
 
-    from latentsync.config import load_config
+    from latentsync.config import load_config_from_environment
     from latentsync.serving.ops.logs import configure_logging
     from latentsync.serving.ops.memory import bound_heap_growth
     from latentsync.serving.ops.systemd import sd_notify
 
-    default = Path(__file__).resolve().parents[3] / "configs" / "server.yaml"
-    config = load_config(
-        os.environ.get("LATENTSYNC_CONFIG") or (default if default.is_file() else None),
-        shlex.split(os.environ.get("LATENTSYNC_OVERRIDES", "")),
-    )
+    config = load_config_from_environment()
     configure_logging(config.log.level, config.log.json)
     bound_heap_growth()  # freed frames and audio go back to the system (latentsync/serving/ops/memory.py)
     runtime = Runtime(config)

@@ -31,7 +31,7 @@ import pytest
 from latentsync.serving.ops import procfs
 from tests.datafiles import media_file
 from tests.speechclient import SpeechClient
-from tests.streamtools import FFMPEG, ServerProcess
+from tests.streamtools import FFMPEG, GunicornProcess, ServerProcess
 from tests.whep_client import WhepViewer
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
@@ -990,16 +990,19 @@ def fresh_health_s(port: int, source: str = "127.0.0.2") -> tuple[float, int]:
     return time.monotonic() - t, status
 
 
-@pytest.fixture(scope="module")
-def loris_server(rtmp_server, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loris")
+@pytest.fixture(scope="module", params=["infer_serv", "gunicorn"])
+def loris_server(request, rtmp_server, tmp_path_factory):
+    """The server as ``make run`` starts it (``infer_serv.py``), then as the systemd unit does (gunicorn)."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"loris-{kind}")
     (tmp / "tmp").mkdir()
-    proc = ServerProcess(
+    process = GunicornProcess if kind == "gunicorn" else ServerProcess
+    proc = process(
         [
             f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
             f"avatar.cache_dir={tmp / 'avatars'}",
             "engine.name=parametric",
-            f"stream.rtmp_url={rtmp_server.url(f'loris-{rtmp_server.port}')}",
+            f"stream.rtmp_url={rtmp_server.url(f'loris-{kind}-{rtmp_server.port}')}",
             f"channels_file={tmp / 'channels.json'}",
             f"server.header_timeout_s={LORIS_HEADER_TIMEOUT_S}",
             f"server.body_timeout_s={LORIS_BODY_TIMEOUT_S}",
@@ -1020,12 +1023,15 @@ def loris_server(rtmp_server, tmp_path_factory):
 def test_a_slow_loris_client_is_capped_and_timed_out_and_health_keeps_answering(loris_server):
     """Issue 35: 516 connections (16 half headers) from one address, then from nine; a stalled upload.
 
+    Against both servers: ``infer_serv.py`` (a thread per admitted connection) and gunicorn's
+    worker (``GuardedThreadWorker``: a fixed pool of threads, heads gathered in its event loop).
+
     One address: past ``max_connections_per_ip`` each connection is answered 503 at once, so the
     server's threads stay within the cap. Nine addresses (57 each, under the cap): all 516 are
     admitted, and every one is closed ``header_timeout_s`` later. ``/health`` from another address
     answers within 200 ms throughout, the clock drops no tick.
     """
-    port, pid = loris_server.port, loris_server.proc.pid
+    port, pid = loris_server.port, loris_server.serving_pid()
     time.sleep(2.0)  # the stream settles (the first health answers come while it starts)
     base_threads = procfs.thread_count(pid)
     watch = WatchFrom(port, "127.0.0.2")
@@ -1094,7 +1100,7 @@ def test_a_slow_loris_client_is_capped_and_timed_out_and_health_keeps_answering(
         f"({sum(s >= HEALTH_MAX_S for s in took)} of {health['n']} >= 200 ms); dropped ticks {health['dropped']}"
     )
     rows.append(("/health from 127.0.0.2 every 0.1 s", f"statuses {sorted(health['statuses'])}", evidence))
-    table("slow loris (issue 35)", rows)
+    table(f"slow loris (issue 35) against {loris_server.__class__.__name__}", rows)
 
     assert (one_refused, one_open) == (LORIS_HALF + LORIS_IDLE - LORIS_PER_IP, LORIS_PER_IP)
     assert one_threads <= base_threads + LORIS_PER_IP + LORIS_THREAD_SLACK

@@ -7,10 +7,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from latentsync.serving.api.app import PUBLIC_HEALTH_KEYS
 from latentsync.serving.ops.procfs import is_alive
 from tests.datafiles import media_file
 from tests.speechclient import SpeechClient
-from tests.streamtools import REPO, Api, ServerProcess, free_port
+from tests.streamtools import Api, GunicornProcess, ServerProcess
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 
@@ -255,25 +253,11 @@ def test_sigterm_mid_speech_exits_cleanly_leaving_nothing_behind(rtmp_server, tm
 
 # --------------------------------------------------------------------------- gunicorn
 def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, tmp_path, tmp_path_factory):
-    port = free_port()
     (tmp_path / "tmp").mkdir()
-    env = dict(
-        os.environ,
-        TMPDIR=str(tmp_path / "tmp"),
-        LATENTSYNC_OVERRIDES=" ".join([f"server.port={port}", *base_overrides(rtmp_server, "guni", tmp_path_factory)]),
-    )
-    log = open(tmp_path / "gunicorn.log", "wb")  # noqa: SIM115 - closed below
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen(
-        [str(gunicorn), "-c", "configs/gunicorn.conf.py", "latentsync.serving.api.app:create_app()"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    server = ServerProcess([], tmp_path / "gunicorn.log")
-    server.port = port
-    server.proc = proc
+    server = GunicornProcess(
+        base_overrides(rtmp_server, "guni", tmp_path_factory), tmp_path / "gunicorn.log", tmpdir=tmp_path / "tmp"
+    ).start()
+    port, proc = server.port, server.proc
     try:
         server.wait_engine_ready()
         api = Api(port)
@@ -301,7 +285,7 @@ def test_gunicorn_serves_the_app_with_one_worker_and_stops_cleanly(rtmp_server, 
     finally:
         if proc.poll() is None:
             proc.kill()
-        log.close()
+        server.stop()
     assert code == 0 and took_s < 10.0, (code, took_s)
     assert not [p for p in children if is_alive(p)]
     assert list((tmp_path / "tmp").iterdir()) == []
