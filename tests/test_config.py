@@ -64,6 +64,7 @@ def test_shipped_server_yaml_loads_and_has_every_key():
         (["server.body_timeout_s=-1"], "server.body_timeout_s"),
         (["server.max_connections=0"], "server.max_connections"),
         (["server.max_connections=8", "server.max_connections_per_ip=9"], "server.max_connections_per_ip"),
+        (["server.trusted_proxies=[nginx.local]"], "server.trusted_proxies"),
         (["engine.latentsync.guidance_scale=0.5"], "engine.latentsync.guidance_scale"),  # the engine needs >= 1
         (["engine.latentsync.guidance_scale=20.5"], "engine.latentsync.guidance_scale"),
         (["engine.latentsync.inference_steps=0"], "engine.latentsync.inference_steps"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True)
@@ -28,6 +28,10 @@ class ServerConfig:
     ``max_connections_per_ip``: open connections one client address may hold; ``max_connections``:
     open connections in all. Past either, a new connection gets a bare 503 and is closed before a
     thread is spent on it (latentsync.serving.api.http_server; docs/security.md).
+    ``trusted_proxies``: addresses or CIDR networks of reverse proxies in front of the server
+    (``["127.0.0.1", "10.0.0.0/8"]``); from them ``X-Forwarded-For`` names the client, so every
+    per-client limit keys on the real client, and their connections are exempt from
+    ``max_connections_per_ip``. Empty (default): the header is ignored (latentsync.serving.api.proxies).
     """
 
     host: str = "127.0.0.1"
@@ -40,3 +44,4 @@ class ServerConfig:
     body_timeout_s: float = 30.0
     max_connections_per_ip: int = 64
     max_connections: int = 512
+    trusted_proxies: list[str] = field(default_factory=list)

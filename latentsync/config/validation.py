@@ -9,6 +9,7 @@ checked after the first and before the second.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def _validate_server(config: AppConfig) -> None:
         config.server.max_connections_per_ip,
         f"1..server.max_connections ({config.server.max_connections})",
     )
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy.strip(), strict=False)
+            known = True
+        except ValueError:
+            known = False
+        check_value(known, "server.trusted_proxies", proxy, "IP addresses or CIDR networks (10.0.0.0/8)")
     for host in [
         *(config.server.allowed_hosts or []),
         *([config.server.public_name] if config.server.public_name else []),

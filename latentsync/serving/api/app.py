@@ -67,6 +67,7 @@ from latentsync.serving.api.channels import find_channel, no_channel
 from latentsync.serving.api.errors import ApiError, error_response, status_of
 from latentsync.serving.api.frames import FRAMES_PATH_RE, register_frames_routes
 from latentsync.serving.api.json_body import json_body
+from latentsync.serving.api.proxies import ForwardedClientMiddleware, TrustedProxies
 from latentsync.serving.api.speech import WS_PATH_RE, register_speech_routes
 from latentsync.serving.api.web import PUBLIC_PATHS, register_web
 from latentsync.serving.core.errors import ServingError
@@ -137,6 +138,10 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     api = runtime.config.api
     avatar_cfg = runtime.config.avatar
     app.config["MAX_CONTENT_LENGTH"] = int(api.max_upload_mb * 1024 * 1024)
+    # Behind a reverse proxy: the client's address from X-Forwarded-For (latentsync/serving/api/proxies.py)
+    app.wsgi_app = ForwardedClientMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, TrustedProxies(runtime.config.server.trusted_proxies)
+    )
     limiter = RateLimiter(api.rate_limit_per_min)  # uploads
     mutations = RateLimiter(api.mutations_per_min)  # every state-changing request
     auth_failures = RateLimiter(api.auth_failures_per_min)

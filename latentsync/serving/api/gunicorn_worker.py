@@ -17,9 +17,10 @@ out of the thread pool until its request line and headers are complete:
 - **body deadline**: in the thread, each read and write on the socket waits at most
   ``server.body_timeout_s`` (a WebSocket or ``GET /events`` sets its own once its request is in);
 - **per-address cap**: at most ``server.max_connections_per_ip`` open connections per client
-  address; one past it is answered a bare ``503`` (:data:`latentsync.serving.api.http_server.REFUSAL`)
-  without its request being read. ``server.max_connections`` is gunicorn's ``worker_connections``:
-  past it the worker stops accepting.
+  address (a reverse proxy in ``server.trusted_proxies`` is exempt); one past it is answered a
+  bare ``503`` (:data:`latentsync.serving.api.http_server.REFUSAL`) without its request being
+  read. ``server.max_connections`` is gunicorn's ``worker_connections``: past it the worker stops
+  accepting.
 
 Plain HTTP only (TLS is a reverse proxy's job, docs/security.md): with gunicorn's own TLS
 (``certfile``) the worker behaves as gthread does, with the per-address cap and the body deadline.
@@ -39,10 +40,10 @@ from typing import Any
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from latentsync.config import load_config_from_environment
-from latentsync.config.server import ServerConfig
 from latentsync.serving.api.http_server import REFUSAL, REFUSAL_LOG_INTERVAL_S
+from latentsync.serving.api.proxies import TrustedProxies
 
-__all__ = ["MAX_HEAD_BYTES", "GuardedConnection", "GuardedThreadWorker", "guard_settings"]
+__all__ = ["MAX_HEAD_BYTES", "GuardedConnection", "GuardedThreadWorker"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +52,6 @@ logger = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 #: Bytes asked of the socket per read while a head comes in.
 _READ_BYTES = 16 * 1024
-
-
-def guard_settings(server_config: ServerConfig) -> dict[str, float]:
-    """The ``server`` keys the worker applies.
-
-    Args:
-        server_config: The ``server`` section.
-
-    Returns:
-        ``{"header_timeout_s": s, "body_timeout_s": s, "max_connections_per_ip": n}``.
-    """
-    return {
-        "header_timeout_s": float(server_config.header_timeout_s),
-        "body_timeout_s": float(server_config.body_timeout_s),
-        "max_connections_per_ip": int(server_config.max_connections_per_ip),
-    }
 
 
 class GuardedConnection(TConn):
@@ -113,7 +98,8 @@ class GuardedThreadWorker(ThreadWorker):
 
     The limits come from the app's config, loaded as the app loads it
     (:func:`latentsync.config.load_config_from_environment`): :attr:`header_timeout_s`,
-    :attr:`body_timeout_s` (seconds) and :attr:`max_connections_per_ip`.
+    :attr:`body_timeout_s` (seconds), :attr:`max_connections_per_ip` and :attr:`trusted_proxies`
+    (exempt from that cap).
 
     Attributes:
         refused: Connections answered 503 over the per-address cap since the worker started.
@@ -122,10 +108,11 @@ class GuardedThreadWorker(ThreadWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        settings = guard_settings(load_config_from_environment().server)
-        self.header_timeout_s = settings["header_timeout_s"]
-        self.body_timeout_s = settings["body_timeout_s"]
-        self.max_connections_per_ip = int(settings["max_connections_per_ip"])
+        server_config = load_config_from_environment().server
+        self.header_timeout_s = float(server_config.header_timeout_s)
+        self.body_timeout_s = float(server_config.body_timeout_s)
+        self.max_connections_per_ip = int(server_config.max_connections_per_ip)
+        self.trusted_proxies = TrustedProxies(server_config.trusted_proxies)
         self._per_ip: Counter[str] = Counter()
         self._ip_lock = threading.Lock()
         self._heads: dict[GuardedConnection, None] = {}  # insertion order = deadline order
@@ -145,7 +132,7 @@ class GuardedThreadWorker(ThreadWorker):
             return
         ip = client[0] if isinstance(client, tuple) else str(client)
         with self._ip_lock:
-            admitted = self._per_ip[ip] < self.max_connections_per_ip
+            admitted = self._per_ip[ip] < self.max_connections_per_ip or self.trusted_proxies.trusts(ip)
             if admitted:
                 self._per_ip[ip] += 1
         if not admitted:

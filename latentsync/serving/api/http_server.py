@@ -12,9 +12,9 @@ holds as many threads forever and takes the API down, ``/health`` included (issu
   socket once their request is in (``GET /events`` and WebSockets: ``api.send_timeout_s``, and a
   WebSocket reader waits in ``select()`` with its own idle rules), which replaces this one;
 - **connection caps**: at most ``server.max_connections_per_ip`` open connections per client
-  address and ``server.max_connections`` in all. A connection past either is answered a bare
-  ``503`` (without reading its request) and closed in the accepting thread, before a thread is
-  spent on it.
+  address (a reverse proxy in ``server.trusted_proxies`` is exempt) and ``server.max_connections``
+  in all. A connection past either is answered a bare ``503`` (without reading its request) and
+  closed in the accepting thread, before a thread is spent on it.
 
 The deadlines are per read: a client trickling one header byte every few seconds keeps its
 connection, but only up to its address's cap (docs/security.md: a reverse proxy's total header
@@ -33,6 +33,7 @@ from typing import Any
 from werkzeug.serving import ThreadedWSGIServer
 
 from latentsync.config.server import ServerConfig
+from latentsync.serving.api.proxies import TrustedProxies
 from latentsync.serving.ops.logs import QueryRedactingRequestHandler
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class GuardedWSGIServer(ThreadedWSGIServer):
             (``server.body_timeout_s``).
         max_connections_per_ip: Open connections one client address may hold.
         max_connections: Open connections in all.
+        trusted_proxies: Reverse proxies (``server.trusted_proxies``): their connections are exempt
+            from ``max_connections_per_ip`` (they carry many clients), not from ``max_connections``.
         handler: The request handler class (a :class:`DeadlineRequestHandler`).
     """
 
@@ -106,12 +109,14 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         body_timeout_s: float,
         max_connections_per_ip: int,
         max_connections: int,
+        trusted_proxies: TrustedProxies | None = None,
         handler: type[DeadlineRequestHandler] = DeadlineRequestHandler,
     ) -> None:
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.max_connections_per_ip = max_connections_per_ip
         self.max_connections = max_connections
+        self.trusted_proxies = trusted_proxies or TrustedProxies([])
         self._lock = threading.Lock()
         self._per_ip: Counter[str] = Counter()
         self._open: dict[Any, str] = {}  # socket -> its client address
@@ -134,7 +139,8 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         """
         ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         with self._lock:
-            if len(self._open) < self.max_connections and self._per_ip[ip] < self.max_connections_per_ip:
+            per_ip_ok = self._per_ip[ip] < self.max_connections_per_ip or self.trusted_proxies.trusts(ip)
+            if len(self._open) < self.max_connections and per_ip_ok:
                 self._per_ip[ip] += 1
                 self._open[request] = ip
                 return True
@@ -192,4 +198,5 @@ def make_guarded_server(host: str, port: int, app: Any, server_config: ServerCon
         body_timeout_s=server_config.body_timeout_s,
         max_connections_per_ip=server_config.max_connections_per_ip,
         max_connections=server_config.max_connections,
+        trusted_proxies=TrustedProxies(server_config.trusted_proxies),
     )

@@ -43,6 +43,7 @@ MAX_LONG_LIVED = 3
 AUTH_FAILURES_PER_MIN = 5
 MUTATIONS_PER_MIN = 600  # the default
 MAX_PREPARING = 2
+PROXY = "127.0.0.5"  # server.trusted_proxies: a reverse proxy in front of the server
 HEALTH_MAX_S = 0.2  # /health during the matrix (light load; measured ~12 ms)
 #: ... while this very process also drives 23 peer connections or floods a socket on the same 2 cores
 #: (measured 43-76 ms in this test, once 923 ms in an ad-hoc run): a wedged loop never answers at all
@@ -198,6 +199,7 @@ def server(rtmp_server, tmp_path_factory):
             f"channels_file={tmp / 'channels.json'}",
             f"api.max_long_lived={MAX_LONG_LIVED}",
             f"api.auth_failures_per_min={AUTH_FAILURES_PER_MIN}",
+            f"server.trusted_proxies=[{PROXY}]",
             f"webrtc.max_viewers={MAX_VIEWERS}",
             f"avatar.max_preparing={MAX_PREPARING}",
             "webrtc.max_height=256",
@@ -382,6 +384,28 @@ def test_the_hostile_matrix_is_refused_and_nothing_happens(server):
                 f"9. {AUTH_FAILURES_PER_MIN + 1} wrong tokens from one address",
                 "401 ×5, then 429 `too_many_auth_failures` (the right token too)",
                 "another address still served",
+            )
+        )
+
+        # Behind a reverse proxy (server.trusted_proxies): each forwarded client has its own bucket; a
+        # client that reaches the server directly cannot pick its address with X-Forwarded-For.
+        def guesses(source: str, forwarded: list[str]) -> list[int]:
+            bad = {"Authorization": "Bearer wrong"}
+            return [call(port, "GET", "/channels", source=source, headers={**bad, "X-Forwarded-For": f})[0]
+                    for f in forwarded]  # fmt: skip
+
+        proxied = guesses(PROXY, ["198.51.100.1"] * (AUTH_FAILURES_PER_MIN + 1))
+        other_client = call(port, "GET", "/channels", source=PROXY, headers={"X-Forwarded-For": "198.51.100.2"})[0]
+        forged = guesses("127.0.0.6", [f"192.0.2.{i}" for i in range(AUTH_FAILURES_PER_MIN + 1)])
+        assert proxied == [401] * AUTH_FAILURES_PER_MIN + [429], proxied
+        assert other_client == 200
+        assert forged == [401] * AUTH_FAILURES_PER_MIN + [429], forged
+        rows.append(
+            (
+                f"9. {AUTH_FAILURES_PER_MIN + 1} wrong tokens through a trusted proxy; the same from a "
+                "direct client forging a new `X-Forwarded-For` each time",
+                "proxied client: 401 ×5, then 429 (another one behind the same proxy: 200); forger: 401 ×5, then 429",
+                "before (no `server.trusted_proxies`): every client behind a proxy shared its one bucket",
             )
         )
         answers = [call(port, "DELETE", "/tasks/none", source="127.0.0.3")[0] for _ in range(MUTATIONS_PER_MIN + 1)]

@@ -124,3 +124,100 @@ def test_a_wrong_token_on_health_is_counted_like_on_every_route():
         over = client.get(path, headers={"Authorization": f"Bearer {token}"})
         assert over.status_code == 429 and over.json["error"]["code"] == "too_many_auth_failures", path
     assert set(client.get("/health").json) <= set(PUBLIC_HEALTH_KEYS)  # the public part stays open
+
+
+def test_x_forwarded_for_is_believed_only_from_trusted_proxies_walking_from_the_right():
+    from latentsync.serving.api.proxies import TrustedProxies
+
+    proxies = TrustedProxies(["10.0.0.0/8", "::1"])
+    assert proxies.client_address("10.0.0.7", "198.51.100.9") == "198.51.100.9"
+    # The client's own header stays to the left of what our proxy appended: it cannot choose its address.
+    assert proxies.client_address("10.0.0.7", "1.2.3.4, 198.51.100.9") == "198.51.100.9"
+    # Two proxies of ours: skip both trusted hops.
+    assert proxies.client_address("10.0.0.7", "1.2.3.4, 198.51.100.9, 10.1.1.1") == "198.51.100.9"
+    assert proxies.client_address("::1", "[2001:db8::5]:4711") == "2001:db8::5"
+    assert proxies.client_address("10.0.0.7", "198.51.100.9:5555") == "198.51.100.9"
+    assert proxies.client_address("::ffff:10.0.0.7", "198.51.100.9") == "198.51.100.9"  # IPv4-mapped peer
+    # Garbage or "unknown" stops the walk at the last address a proxy of ours vouched for.
+    assert proxies.client_address("10.0.0.7", "198.51.100.9, unknown") == "10.0.0.7"
+    assert proxies.client_address("10.0.0.7", "garbage, 10.1.1.1") == "10.1.1.1"
+    assert proxies.client_address("10.0.0.7", "") == "10.0.0.7"
+    # An untrusted peer's header is ignored; so is everybody's with no proxy configured.
+    assert proxies.client_address("198.51.100.9", "10.0.0.1") == "198.51.100.9"
+    assert TrustedProxies([]).client_address("10.0.0.7", "198.51.100.9") == "10.0.0.7"
+    # A header of a thousand hops: only the rightmost ones are read.
+    assert proxies.client_address("10.0.0.7", ", ".join(["10.2.2.2"] * 1000)) == "10.2.2.2"
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_auth_failure_bucket_and_a_forged_header_buys_nothing():
+    """Issue 35: behind nginx every client shared the proxy's address: one guesser locked everyone out."""
+    from latentsync.config import load_config
+    from latentsync.serving.api.app import create_app
+    from latentsync.serving.runtime.runtime import Runtime
+
+    token = "0123456789abcdef0123"
+    overrides = [f"api.token={token}", "api.auth_failures_per_min=3", "server.trusted_proxies=[10.0.0.5]"]
+    config = load_config(None, overrides)
+    client = create_app(Runtime(config)).test_client()  # built, never started
+    wrong = {"Authorization": "Bearer wrong-guess-000000"}
+    right = {"Authorization": f"Bearer {token}"}
+
+    def get(peer: str, forwarded: str | None, headers: dict) -> int:
+        extra = {"X-Forwarded-For": forwarded} if forwarded else {}
+        return client.get("/tasks", headers={**headers, **extra}, environ_base={"REMOTE_ADDR": peer}).status_code
+
+    # Through the proxy: client A guesses until locked out; client B, behind the same proxy, is not.
+    assert [get("10.0.0.5", "198.51.100.1", wrong) for _ in range(4)] == [401, 401, 401, 429]
+    assert get("10.0.0.5", "198.51.100.1", right) == 429
+    assert get("10.0.0.5", "198.51.100.2", right) == 200
+    # Straight to the server, a guesser naming a new address in each header is still one client.
+    assert [get("203.0.113.7", f"192.0.2.{i}", wrong) for i in range(4)] == [401, 401, 401, 429]
+    # ... and cannot borrow a locked-out or a fresh client's identity through the header either.
+    assert get("203.0.113.8", "198.51.100.1", right) == 200
+
+
+def test_a_trusted_proxy_is_exempt_from_the_per_address_connection_cap_and_no_one_else():
+    """``max_connections_per_ip`` 1: a second connection from a trusted proxy is served, from anyone else 503."""
+    import http.client
+
+    from flask import Flask
+
+    from latentsync.serving.api.http_server import GuardedWSGIServer
+    from latentsync.serving.api.proxies import TrustedProxies
+
+    app = Flask("cap")
+    app.get("/")(lambda: "ok")
+    server = GuardedWSGIServer(
+        "127.0.0.1",
+        0,
+        app,
+        header_timeout_s=5,
+        body_timeout_s=5,
+        max_connections_per_ip=1,
+        max_connections=16,
+        trusted_proxies=TrustedProxies(["127.0.0.5"]),
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    held = []
+    try:
+        port = server.server_address[1]
+
+        def second_answer(source: str) -> int:
+            first = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+            held.append(first)  # holds its address's place, silent
+            time.sleep(0.2)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+            conn.request("GET", "/")
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert second_answer("127.0.0.6") == 503
+        assert second_answer("127.0.0.5") == 200
+    finally:
+        for sock in held:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
