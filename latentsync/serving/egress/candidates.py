@@ -8,7 +8,8 @@ checks inside the allowed networks (docs/webrtc.md, docs/security.md):
   before aiortc parses the SDP; an offer left without any candidate is refused.
 * :func:`guard_remote_candidates` wraps one aioice connection so that an address it is about to
   check is tested again: that is where an mDNS (``<uuid>.local``) candidate arrives, once aioice has
-  resolved it on the local link.
+  resolved it on the local link, and where a check from an unknown address would make it a
+  peer-reflexive candidate (and send it a triggered check).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aioice
 import ifaddr
@@ -30,9 +32,10 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Always part of ``"local"``.
 LOOPBACK_NETWORKS: tuple[Network, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-#: Where aioice adds a remote candidate with the address it will check (mDNS ones after resolving);
-#: without it (another aioice) mDNS candidates cannot be checked and are dropped from offers.
-MDNS_CHECKABLE = hasattr(aioice.Connection, "_add_remote_candidate")
+#: Where aioice adds a remote candidate with the address it will check (mDNS ones after resolving)
+#: and where it takes an incoming check; without them (another aioice) mDNS candidates cannot be
+#: checked and are dropped from offers.
+MDNS_CHECKABLE = hasattr(aioice.Connection, "_add_remote_candidate") and hasattr(aioice.Connection, "check_incoming")
 CANDIDATE_PREFIX = "a=candidate:"
 MEDIA_KINDS = ("audio", "video")
 
@@ -184,18 +187,22 @@ def filter_offer(sdp: str, networks: Sequence[Network], keep_mdns: bool = MDNS_C
 def guard_remote_candidates(
     connection: aioice.Connection, networks: Sequence[Network], on_drop: Callable[[], None]
 ) -> None:
-    """Make one aioice connection ignore remote candidates whose address is outside ``networks``.
+    """Make one aioice connection ignore remote addresses outside ``networks``.
 
-    aioice adds every remote candidate through ``Connection._add_remote_candidate(candidate,
-    address)``, an mDNS one with the address it resolved to; this wraps that method on this one
-    connection (there is no public hook). A candidate refused there is never paired, so never
-    checked. Without that method (another aioice) nothing is wrapped and :func:`filter_offer` drops
-    mDNS candidates instead (:data:`MDNS_CHECKABLE`).
+    aioice adds every signalled remote candidate through ``Connection._add_remote_candidate(
+    candidate, address)``, an mDNS one with the address it resolved to, and hands every
+    authenticated incoming check to ``Connection.check_incoming(message, addr, protocol)``, which
+    learns an unknown source as a peer-reflexive candidate and sends it a triggered check. Both are
+    wrapped on this one connection (aioice has no public hook): a candidate refused by the first is
+    never paired, so never checked; a check from outside gets its STUN response (sent before, to
+    the request's source, as any UDP service answers) but no pair, no triggered check and no
+    connection. Without those methods (another aioice) nothing is wrapped and :func:`filter_offer`
+    drops mDNS candidates instead (:data:`MDNS_CHECKABLE`).
 
     Args:
         connection: The ICE connection of one of the viewer's transports (before the offer is applied).
         networks: From :func:`allowed_networks`.
-        on_drop: Called (on the event loop) for each candidate refused, to count it.
+        on_drop: Called (on the event loop) for each candidate or incoming check refused, to count it.
     """
     if not MDNS_CHECKABLE:
         return
@@ -212,4 +219,14 @@ def guard_remote_candidates(
             return
         original(remote_candidate, network_host)
 
+    original_incoming = connection.check_incoming
+
+    def guarded_incoming(message: Any, addr: tuple[str, int], protocol: Any) -> None:
+        if not address_allowed(addr[0], networks):
+            logger.debug("webrtc: ICE check from %.60s not in webrtc.allowed_candidate_networks: ignored", addr[0])
+            on_drop()
+            return
+        original_incoming(message, addr, protocol)
+
     connection._add_remote_candidate = guarded  # type: ignore[method-assign]  # aioice has no hook for this
+    connection.check_incoming = guarded_incoming  # type: ignore[method-assign]

@@ -111,8 +111,8 @@ def test_bad_allowed_networks_stop_the_server_naming_the_key(override):
     assert load_config(None, ["webrtc.allowed_candidate_networks=[local,10.8.0.0/16,fd00::/8]"])
 
 
-def test_guard_ignores_a_resolved_address_outside_the_networks():
-    """What aioice does with an mDNS candidate once resolved: the address decides, not the name."""
+def test_guard_ignores_resolved_and_peer_reflexive_addresses_outside_the_networks():
+    """An mDNS candidate once aioice resolved it (the address decides, not the name), and a check from outside."""
     drops = []
     connection = aioice.Connection(ice_controlling=False)
     guard_remote_candidates(connection, allowed_networks(["local"]), lambda: drops.append(1))
@@ -124,6 +124,9 @@ def test_guard_ignores_a_resolved_address_outside_the_networks():
     assert connection.remote_candidates == [] and drops == [1]
     connection._add_remote_candidate(candidate("abc-deg.local"), "127.0.0.1")
     assert [c.host for c in connection.remote_candidates] == ["abc-deg.local"] and drops == [1]
+    # an authenticated check from an outside source: no peer-reflexive candidate, no triggered check
+    connection.check_incoming(None, (OUTSIDE, 9), None)  # refused before the message is read
+    assert [c.host for c in connection.remote_candidates] == ["abc-deg.local"] and drops == [1, 1]
 
 
 async def _client_offer() -> str:
