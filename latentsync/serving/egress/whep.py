@@ -71,7 +71,8 @@ class WebRtcHealth:
         inbox_dropped_ticks: Ticks the encoder thread could not take in time (skipped for viewers only).
         viewer_dropped_packets: Video packets dropped from slow viewers' queues (all viewers together).
         dropped_candidates: Remote ICE candidates ignored: outside ``webrtc.allowed_candidate_networks``
-            (an mDNS one once resolved) or malformed (docs/webrtc.md).
+            (an mDNS one once resolved, and each check from an outside address) or malformed
+            (docs/webrtc.md).
         codec: The video codec.
         width: Preview width in pixels.
         height: Preview height in pixels.
@@ -239,7 +240,7 @@ class WebRtcHub:
         self._viewers_total = 0
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_TICKS)
         self._inbox_dropped = 0
-        self._dropped_candidates = 0  # remote ICE candidates ignored (offers: Flask threads; mDNS: the loop)
+        self._dropped_candidates = 0  # remote ICE candidates ignored (offers: Flask threads; the guard: the loop)
         self._force_keyframe = threading.Event()
         self._last_forced_key = 0.0
         self._frames_encoded = 0
@@ -546,7 +547,8 @@ class WebRtcHub:
                         self.request_keyframe()
 
                     sender._send_keyframe = on_pli  # type: ignore[method-assign]  # aiortc has no hook for this
-            # The offer's candidates were filtered; an mDNS one is checked once aioice resolves it.
+            # The offer's candidates were filtered; an mDNS one is checked once aioice resolves it, and
+            # a check from an unknown address before ICE learns it (peer-reflexive).
             # These transports carry every audio/video section (bundled or not).
             for transceiver in pc.getTransceivers():
                 ice = transceiver.receiver.transport.transport
