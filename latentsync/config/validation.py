@@ -29,6 +29,7 @@ from latentsync.config.errors import ConfigError, check_value
 from latentsync.config.speech import TTS_RATE_RANGE_WPM
 from latentsync.config.stream import AAC_SAMPLE_RATES_HZ
 from latentsync.config.urls import HOST_RE, ORIGIN_RE, is_loopback_host
+from latentsync.config.webrtc import candidate_network
 from latentsync.output_urls import RECORD_NAME_RE, RTMP_URL_WANT, rtmp_host
 
 
@@ -381,6 +382,14 @@ def _validate_webrtc(config: AppConfig) -> None:
     check_value(0.1 <= w.viewer_queue_s <= 10, "webrtc.viewer_queue_s", w.viewer_queue_s, "0.1..10")
     check_value(1 <= w.connect_timeout_s <= 120, "webrtc.connect_timeout_s", w.connect_timeout_s, "1..120")
     check_value(1 <= w.signalling_timeout_s <= 60, "webrtc.signalling_timeout_s", w.signalling_timeout_s, "1..60")
+    nets = w.allowed_candidate_networks
+    want = '"local" and/or CIDR networks like "10.8.0.0/16" (docs/webrtc.md)'
+    check_value(len(nets) > 0, "webrtc.allowed_candidate_networks", nets, f"a non-empty list of {want}")
+    for entry in nets:
+        try:
+            candidate_network(entry)
+        except ValueError:
+            check_value(False, "webrtc.allowed_candidate_networks", entry, want)
 
 
 def _validate_frames(config: AppConfig) -> None:

@@ -40,6 +40,7 @@ HTTP_STATUS: dict[str, int] = {
     "no_media": 400,
     "unsupported_offer": 400,
     "unsupported_codec": 400,
+    "no_allowed_candidate": 400,
     # 401, 403, 404, 405, 409
     "unauthorized": 401,
     "origin_not_allowed": 403,

@@ -32,6 +32,13 @@ from aiortc.mediastreams import MediaStreamError
 
 from latentsync.config import VideoCodec, WebRtcConfig
 from latentsync.serving.core.errors import ServingError
+from latentsync.serving.egress.candidates import (
+    FilteredOffer,
+    Network,
+    allowed_networks,
+    filter_offer,
+    guard_remote_candidates,
+)
 from latentsync.serving.egress.encoders import ENCODER_THREADS, h264_encoder
 
 logger = logging.getLogger(__name__)
@@ -63,6 +70,9 @@ class WebRtcHealth:
         keyframes: Keyframes among them.
         inbox_dropped_ticks: Ticks the encoder thread could not take in time (skipped for viewers only).
         viewer_dropped_packets: Video packets dropped from slow viewers' queues (all viewers together).
+        dropped_candidates: Remote ICE candidates ignored: outside ``webrtc.allowed_candidate_networks``
+            (an mDNS one once resolved, and each check from an outside address) or malformed
+            (docs/webrtc.md).
         codec: The video codec.
         width: Preview width in pixels.
         height: Preview height in pixels.
@@ -74,6 +84,7 @@ class WebRtcHealth:
     keyframes: int
     inbox_dropped_ticks: int
     viewer_dropped_packets: int
+    dropped_candidates: int
     codec: str
     width: int
     height: int
@@ -229,6 +240,7 @@ class WebRtcHub:
         self._viewers_total = 0
         self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_TICKS)
         self._inbox_dropped = 0
+        self._dropped_candidates = 0  # remote ICE candidates ignored (offers: Flask threads; the guard: the loop)
         self._force_keyframe = threading.Event()
         self._last_forced_key = 0.0
         self._frames_encoded = 0
@@ -327,6 +339,7 @@ class WebRtcHub:
             keyframes=self._keyframes,
             inbox_dropped_ticks=self._inbox_dropped,
             viewer_dropped_packets=sum(v.dropped_packets for v in viewers),
+            dropped_candidates=self._dropped_candidates,
             codec=self.settings.video_codec.value,
             width=self.width,
             height=self.height,
@@ -466,24 +479,36 @@ class WebRtcHub:
     def answer(self, offer_sdp: str) -> tuple[str, str]:
         """Answer a WHEP offer: a new session with the program's video and audio.
 
+        The offer's ICE candidates outside ``webrtc.allowed_candidate_networks`` (and malformed ones)
+        are removed first (:func:`~latentsync.serving.egress.candidates.filter_offer`): the server
+        sends connectivity checks only inside those networks. Our own candidates are not affected.
+
         Args:
-            offer_sdp: The viewer's SDP offer (all candidates gathered or trickled later; we do not
-                take trickled ones).
+            offer_sdp: The viewer's SDP offer with all its candidates (we do not take trickled ones).
 
         Returns:
             ``(session_id, answer_sdp)``; the answer carries all our ICE candidates.
 
         Raises:
-            WhepError: 400 for an SDP aiortc cannot parse, an offer with neither audio nor video or
-                without the configured video codec; 429 past ``webrtc.max_viewers``; 503 when stopped
-                or when signalling overran ``webrtc.signalling_timeout_s``.
+            WhepError: 400 for an SDP aiortc cannot parse, an offer with no ICE candidate left
+                (``no_allowed_candidate``), with neither audio nor video or without the configured
+                video codec; 429 past ``webrtc.max_viewers``; 503 when stopped or when signalling
+                overran ``webrtc.signalling_timeout_s``.
         """
+        networks = allowed_networks(self.settings.allowed_candidate_networks)
+        offer = filter_offer(offer_sdp, networks)
+        if offer.dropped:
+            self._count_dropped_candidates(offer.dropped)
         try:  # the viewer limit is decided on the loop (_answer)
-            return self._call(self._answer(offer_sdp), self.settings.signalling_timeout_s)
+            return self._call(self._answer(offer, networks), self.settings.signalling_timeout_s)
         except TimeoutError:
             raise WhepError("signalling_timeout", "no SDP answer within webrtc.signalling_timeout_s") from None
 
-    async def _answer(self, offer_sdp: str) -> tuple[str, str]:
+    def _count_dropped_candidates(self, n: int = 1) -> None:
+        with self._lock:
+            self._dropped_candidates += n
+
+    async def _answer(self, offer: FilteredOffer, networks: tuple[Network, ...]) -> tuple[str, str]:
         # The viewer limit is decided here, on the loop: sessions plus answers in progress (the count
         # only the loop changes), so simultaneous offers can never admit more than max_viewers. No
         # threading lock is ever held across an await (the loop would stop for every thread waiting).
@@ -495,11 +520,11 @@ class WebRtcHub:
             )
         self._answering += 1
         try:
-            return await self._answer_reserved(offer_sdp)
+            return await self._answer_reserved(offer, networks)
         finally:
             self._answering -= 1
 
-    async def _answer_reserved(self, offer_sdp: str) -> tuple[str, str]:
+    async def _answer_reserved(self, offer: FilteredOffer, networks: tuple[Network, ...]) -> tuple[str, str]:
         session_id = uuid.uuid4().hex
         viewer = _Viewer(self, session_id, self._max_video, self._max_audio)
         pc = viewer.pc
@@ -522,8 +547,14 @@ class WebRtcHub:
                         self.request_keyframe()
 
                     sender._send_keyframe = on_pli  # type: ignore[method-assign]  # aiortc has no hook for this
+            # The offer's candidates were filtered; an mDNS one is checked once aioice resolves it, and
+            # a check from an unknown address before ICE learns it (peer-reflexive).
+            # These transports carry every audio/video section (bundled or not).
+            for transceiver in pc.getTransceivers():
+                ice = transceiver.receiver.transport.transport
+                guard_remote_candidates(ice._connection, networks, self._count_dropped_candidates)
             try:
-                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer.sdp, type="offer"))
             except OperationError as exc:
                 raise WhepError(
                     "unsupported_offer",
@@ -534,6 +565,13 @@ class WebRtcHub:
             kinds = {t.kind for t in pc.getTransceivers() if t.mid is not None}
             if not kinds & {"audio", "video"}:
                 raise WhepError("no_media", "the offer has no audio or video section")
+            if offer.kept == 0:  # before our candidates are gathered; the pc is closed below, having checked nothing
+                raise WhepError(
+                    "no_allowed_candidate",
+                    f"no usable ICE candidate in the offer ({offer.outside} outside "
+                    f"webrtc.allowed_candidate_networks, {offer.malformed} malformed): the server sends "
+                    "connectivity checks only to those networks (and takes no trickled candidates)",
+                )
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except Exception as exc:

@@ -112,6 +112,11 @@ COUNTERS = (
         "latentsync_webrtc_viewer_packets_dropped",
         "Video packets dropped from slow WHEP viewers' queues.",
     ),
+    (
+        "webrtc.dropped_candidates",
+        "latentsync_webrtc_candidates_dropped",
+        "Viewers' ICE candidates ignored: outside webrtc.allowed_candidate_networks or malformed.",
+    ),
     ("frames.clients_total", "latentsync_frames_clients", "Frames WebSocket clients ever subscribed."),
     ("frames.frames_encoded", "latentsync_frames_encoded", "Frames payloads encoded (once per format and size)."),
     ("frames.ticks_sent", "latentsync_frames_ticks_sent", "Tick messages sent to frames clients (all together)."),

@@ -95,6 +95,49 @@ def test_protocol_answers_and_bad_input(server):
     assert health["webrtc"]["viewers"] == 0 and health["state"] == "idle"
 
 
+#: What commit 7405d0e did with that offer (the same request, and the server's aioice check list read in process).
+OUTSIDE_CANDIDATE_BEFORE = (
+    "201 with an answer; the server's ICE paired 203.0.113.7:9 and sent it STUN checks (pairs `IN_PROGRESS` "
+    "2 s later); the session stayed until `webrtc.connect_timeout_s` (15 s)"
+)
+
+
+def test_an_offer_naming_only_an_outside_address_is_refused(server):
+    """Issue 35: the server sends ICE checks only to webrtc.allowed_candidate_networks (default: local ones)."""
+
+    async def outside_offer() -> str:  # a real offer whose candidates all name 203.0.113.7 (TEST-NET-3)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        lines = []
+        for line in sdp.splitlines():
+            if line.startswith("a=candidate:"):
+                parts = line.split()
+                parts[4], parts[5] = "203.0.113.7", "9"
+                line = " ".join(parts)
+            lines.append(line)
+        return "\r\n".join(lines) + "\r\n"
+
+    offer = asyncio.run(outside_offer())
+    before = json.loads(http("GET", server.base + "/health")[2])["webrtc"]
+    status, _, body = http("POST", server.base + "/whep", offer.encode(), {"Content-Type": "application/sdp"})
+    after = json.loads(http("GET", server.base + "/health")[2])["webrtc"]
+    code = _json_error(body)["code"] if status >= 400 else None
+    assert (status, code) == (400, "no_allowed_candidate"), (status, body[:300])
+    # no session (the peer connection that parsed the offer was closed before ICE started); the drops are counted
+    assert after["viewers"] == 0 and after["viewers_total"] == before["viewers_total"]
+    dropped = after["dropped_candidates"] - before["dropped_candidates"]
+    assert dropped == offer.count("a=candidate:") > 0
+    print(
+        "\n| attack | before | after |\n|---|---|---|\n"
+        f"| WHEP offer whose only ICE candidates name 203.0.113.7:9 (TEST-NET-3) | {OUTSIDE_CANDIDATE_BEFORE} "
+        f"| {status} `{code}`, no session (ICE never started), `webrtc.dropped_candidates` +{dropped} |"
+    )
+
+
 def test_viewers_get_every_tick_and_the_extra_viewer_is_refused(server):
     async def run():
         viewers = [WhepViewer(server.base) for _ in range(MAX_VIEWERS)]

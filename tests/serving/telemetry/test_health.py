@@ -25,6 +25,7 @@ def snapshot() -> HealthSnapshot:
         keyframes=28,
         inbox_dropped_ticks=29,
         viewer_dropped_packets=30,
+        dropped_candidates=38,
         codec="h264",
         width=480,
         height=720,
