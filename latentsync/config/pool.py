@@ -26,6 +26,10 @@ class PoolConfig:
     and ``ray_gpus_per_worker``: what each actor reserves (GPU only for ``latentsync``).
     ``ray_namespace``: the Ray namespace of the actors (two servers on one cluster use two).
     ``ray_object_store_mb``: the object store of a private Ray (null: Ray's default, 30 % of RAM).
+    ``ray_gcs_timeout_s``: how long the server, a Ray driver, waits for an unreachable GCS before
+    Ray ends the process (Ray's ``gcs_rpc_server_reconnect_timeout_s``, 60 s by default, which
+    would take the stream down with it); while it waits, the stream stays on air and readiness
+    says whether the actors still answer (docs/scale-out.md).
     """
 
     backend: PoolBackend = PoolBackend.local
@@ -35,3 +39,4 @@ class PoolConfig:
     ray_gpus_per_worker: float = 1.0
     ray_namespace: str = "latentsync"
     ray_object_store_mb: int | None = None
+    ray_gcs_timeout_s: float = 86400.0

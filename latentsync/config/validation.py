@@ -266,6 +266,9 @@ def _validate_pool(config: AppConfig) -> None:
     check_value(
         pool.ray_workers is None or 1 <= pool.ray_workers <= 4096, "pool.ray_workers", pool.ray_workers, "1..4096"
     )
+    check_value(
+        10 <= pool.ray_gcs_timeout_s <= 30 * 86400, "pool.ray_gcs_timeout_s", pool.ray_gcs_timeout_s, "10..2592000"
+    )
     check_value(0 <= pool.ray_cpus_per_worker <= 256, "pool.ray_cpus_per_worker", pool.ray_cpus_per_worker, "0..256")
     check_value(0 < pool.ray_gpus_per_worker <= 16, "pool.ray_gpus_per_worker", pool.ray_gpus_per_worker, "(0, 16]")
     check_value(

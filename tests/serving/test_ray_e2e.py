@@ -7,12 +7,15 @@ real RTMP client records what viewers get.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 import urllib.request
 
 import numpy as np
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.datafiles import media_file, speech_wav
 from tests.streamtools import Api, ServerProcess, StreamRecorder, analyse_recording, seconds_until
 
@@ -99,3 +102,41 @@ def test_the_second_node_lost_while_a_task_is_on_air(server, ray_cluster):
     lost = after["workers"]["actors"][second]
     assert lost["failures"] >= 1 and lost["state"] != "ready", lost
     assert after["engine_ready"] and after["ticking"], after
+
+
+def test_the_gcs_killed_for_90_s_ends_neither_the_server_nor_the_stream(server, ray_cluster):
+    """Issue 35: a Ray driver waits 60 s for a lost GCS, then Ray ends the process: here, the server.
+
+    ``pool.ray_gcs_timeout_s`` (a day by default) keeps the server alive. The head's GCS is killed
+    (SIGKILL) for 90 s: the stream never stops (0 dropped ticks), a task posted at once still
+    completes (calls go to the actors directly while their raylets live), and once the raylets
+    give up on the GCS (their own 60 s) and the actors with them, readiness says so and a task
+    posted then fails by its chunks' deadline instead of hanging. Runs last in this module: the
+    module's cluster is spent afterwards.
+    """
+    before = server.health()[1]
+    assert before["engine_ready"], before
+    gcs = [p for p in ray_cluster.pids() if (s := procfs.read_stat(p)) is not None and s.comm == "gcs_server"]
+    assert len(gcs) == 1, gcs
+    os.kill(gcs[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    status, task = server.api.post_audio(speech_wav(4.0))
+    assert status == 202, task
+    first = server.api.wait_task(task["task_id"], ("done", "failed"), 60)
+    samples: list[tuple[float, bool, str | None, int]] = []
+    while time.monotonic() - t0 < 90.0:
+        assert server.proc.poll() is None, f"the server exited {time.monotonic() - t0:.0f} s after the GCS:\n{server.log()}"
+        code, body = server.health()
+        samples.append((time.monotonic() - t0, body.get("engine_ready"), body.get("engine_error"), code))
+        time.sleep(1.0)
+    status, late = server.api.post_audio(speech_wav(4.0))
+    late_done = server.api.wait_task(late["task_id"], ("done", "failed"), 60) if status == 202 else late
+    after = server.health()[1]
+    print(f"\nGCS killed: first task {first['status']}; readiness {[(round(t), r) for t, r, _, _ in samples[::10]]}")
+    print(f"late task: {status} {late_done.get('status')} {late_done.get('error') or late_done.get('reason')}")
+    print(f"engine_error at 90 s: {after.get('engine_error')}")
+    assert server.proc.poll() is None, server.log()
+    assert first["status"] == "done", first
+    assert after["ticking"] and after["dropped_ticks"] == before["dropped_ticks"] == 0, after
+    assert not after["engine_ready"] and after["engine_error"], after  # the actors are gone: readiness says so
+    assert status == 503 or late_done["status"] == "failed", (status, late_done)

@@ -53,6 +53,11 @@ MAX_AVATAR_OBJECTS = 32
 PING_RETRY_S = 0.5
 #: Seconds a ping may stay unanswered before the actor is reported ``unplaced`` (no room in the cluster).
 PLACEMENT_REPORT_S = 10.0
+#: Ray's setting (read from the environment by its core worker) for how long a process waits for
+#: an unreachable GCS before Ray ends it (``gcs_rpc_server_reconnect_timeout_s``; Ray's default 60 s).
+GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+#: The default of ``pool.ray_gcs_timeout_s``, in seconds.
+GCS_TIMEOUT_S = 86400.0
 
 
 def private_cache_dir() -> Path:
@@ -225,6 +230,9 @@ class RayWorkerPool(SchedulingPool):
         gpus_per_worker: GPUs each actor reserves (None: a CPU engine).
         namespace: Ray namespace of the actors.
         object_store_mb: Object store of a private Ray in MB (None: Ray's default).
+        gcs_timeout_s: Seconds this process waits for an unreachable GCS before Ray ends it
+            (``pool.ray_gcs_timeout_s``; set as ``RAY_gcs_rpc_server_reconnect_timeout_s`` in this
+            process's environment before Ray starts, so a private Ray's GCS and raylet get it too).
         start_timeout_s: Seconds every actor gets to answer its first ping at :meth:`start`.
         on_chunk_done, max_batch, max_avatars, deadline_s, max_queued: As for
             :class:`~latentsync.serving.compute.scheduling_pool.WorkerPool`.
@@ -242,6 +250,7 @@ class RayWorkerPool(SchedulingPool):
         gpus_per_worker: float | None = None,
         namespace: str = "latentsync",
         object_store_mb: int | None = None,
+        gcs_timeout_s: float = GCS_TIMEOUT_S,
         start_timeout_s: float = 600.0,
         on_chunk_done: Callable[[int, float], None] | None = None,
         max_batch: int = 1,
@@ -261,6 +270,7 @@ class RayWorkerPool(SchedulingPool):
         self._gpus = gpus_per_worker
         self._namespace = namespace
         self._object_store_mb = object_store_mb
+        self._gcs_timeout_s = gcs_timeout_s
         self._start_timeout_s = start_timeout_s
         self._max_avatars = max(1, int(max_avatars))
         self._actors: list[_Actor] = []
@@ -293,6 +303,9 @@ class RayWorkerPool(SchedulingPool):
                 "pool.backend=ray needs the ray package: .venv/bin/pip install -r requirements-ray.txt"
             ) from None
         self._ray = ray
+        # Ray's core worker reads its settings from the environment when it starts: without this, a
+        # GCS unreachable for 60 s (Ray's default) ends the whole server, stream and all.
+        os.environ[GCS_TIMEOUT_ENV] = str(int(self._gcs_timeout_s))
         init: dict[str, Any] = dict(namespace=self._namespace, log_to_driver=False, logging_level=logging.WARNING)
         if self._address is None:
             init.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)

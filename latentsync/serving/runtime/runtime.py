@@ -369,6 +369,7 @@ class Runtime:
                 gpus_per_worker=ray_cfg.ray_gpus_per_worker if latentsync else None,
                 namespace=ray_cfg.ray_namespace,
                 object_store_mb=ray_cfg.ray_object_store_mb,
+                gcs_timeout_s=ray_cfg.ray_gcs_timeout_s,
                 **common,
             )
         else:
