@@ -230,14 +230,17 @@ def decode_video_frames(
     batches = iter_video_frames(
         path, fps, size, max_frames, info=info, timeout_s=timeout_s, video_filter=video_filter, budget=budget
     )
-    for batch in batches:
-        k = batch.shape[0]
-        if frames is None:
-            frames = np.empty((max(expected, k), *batch.shape[1:]), dtype=np.uint8)
-        while count + k > frames.shape[0]:
-            frames = np.concatenate([frames, np.empty_like(frames)], axis=0)
-        frames[count : count + k] = batch
-        count += k
+    try:
+        for batch in batches:
+            k = batch.shape[0]
+            if frames is None:
+                frames = np.empty((max(expected, k), *batch.shape[1:]), dtype=np.uint8)
+            while count + k > frames.shape[0]:
+                frames = np.concatenate([frames, np.empty_like(frames)], axis=0)
+            frames[count : count + k] = batch
+            count += k
+    finally:
+        batches.close()  # FFmpeg is killed now, not when the generator is collected
     assert frames is not None  # iter_video_frames raises when there is no frame
     return frames[:count].copy() if count < frames.shape[0] else frames
 
@@ -557,6 +560,8 @@ def decode_clip_to_file(
     except BaseException:
         target.unlink(missing_ok=True)
         raise
+    finally:
+        batches.close()  # FFmpeg is killed now, not when the generator is collected
     assert writer.frame_shape is not None  # close() refuses a file without frames
     height, width = writer.frame_shape[:2]
     audio = None

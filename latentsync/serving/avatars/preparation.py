@@ -55,6 +55,7 @@ def _prepare_child(video: str, settings, cache_dir: str, conn, budget=None) -> N
         budget: :class:`latentsync.media.video.FrameBudget`: most frames the video may decode to
             (``too_long`` past it); None: none.
     """
+    conn.send(("progress", 0.0))  # started: from now on the parent's memory readings are this process's own
     try:
         os.nice(10)  # the stream clocks and the engine workers come first
     except OSError:
@@ -374,11 +375,12 @@ class PreparationQueue:
         result = None
         deadline = t0 + self._timeout_s
         self._last_peak_rss_kib = 0
+        started = False  # a first message came: the child runs Python (not a copy of this process before exec)
         try:
             while result is None:
                 if self._closed or cancelled():
                     return None  # terminated below
-                if self._over_memory(child):
+                if started and self._over_memory(child):
                     result = (
                         "failed",
                         "prepare_memory",
@@ -400,13 +402,15 @@ class PreparationQueue:
                     child.join(CHILD_EXIT_S)
                     result = ("failed", "prepare_failed", f"the preparation process died (exit code {child.exitcode})")
                     break
+                started = True
                 if message[0] == "progress":
                     on_progress(float(message[1]))
                 else:
                     result = message
         finally:
             receiver.close()
-            self._over_memory(child)  # its last peak, for last_peak_rss_mb
+            if started:
+                self._over_memory(child)  # its last peak, for last_peak_rss_mb
             if child.is_alive():
                 child.terminate()
             child.join(CHILD_EXIT_S)
