@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from latentsync.media import MediaProbeError
+from latentsync.media.video import FrameBudget, MediaLimitError
 from latentsync.serving.avatars.catalogue import AvatarError
 from latentsync.serving.avatars.face_policy import measure_face
 from latentsync.serving.ops import procfs
@@ -44,7 +45,7 @@ POLL_S = 0.25
 CHILD_EXIT_S = 5.0
 
 
-def _prepare_child(video: str, settings, cache_dir: str, conn, budget=None) -> None:
+def _prepare_child(video: str, settings, cache_dir: str, conn, budget: FrameBudget | None = None) -> None:
     """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result.
 
     Args:
@@ -62,7 +63,6 @@ def _prepare_child(video: str, settings, cache_dir: str, conn, budget=None) -> N
         pass
     from latentsync.avatar import Avatar
     from latentsync.face import FaceNotFoundError
-    from latentsync.media.video import MediaLimitError
 
     try:
         progress = lambda f: conn.send(("progress", f))  # noqa: E731
@@ -103,7 +103,7 @@ class _ChannelJob:
 
     video: str
     settings: object
-    budget: object = None  # a FrameBudget, or None
+    budget: FrameBudget | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: bool = False
     path: str | None = None
@@ -236,7 +236,9 @@ class PreparationQueue:
             return set(self._uploads) | ({self._running} if self._running else set())
 
     # ----------------------------------------------------------------- channels' avatars
-    def prepare_for_channel(self, video: str | Path, settings, stopping: Callable[[], bool], budget=None) -> str | None:
+    def prepare_for_channel(
+        self, video: str | Path, settings, stopping: Callable[[], bool], budget: FrameBudget | None = None
+    ) -> str | None:
         """Prepare a channel's base video in the queue (a child process, before uploads).
 
         Args:
@@ -335,7 +337,7 @@ class PreparationQueue:
         label: str,
         on_progress: Callable[[float], None],
         cancelled: Callable[[], bool],
-        budget=None,
+        budget: FrameBudget | None = None,
     ) -> tuple | None:
         """Prepare ``video`` in a child process (lower priority, time and memory bounded); on the queue's thread.
 
