@@ -29,8 +29,10 @@ from latentsync.face import (
     transform_points,
     warp_face,
 )
-from latentsync.framing_plan import load_clip
+from latentsync.framing_plan import load_clip_to_file
+from latentsync.media.frame_file import FrameFile
 from latentsync.media.framing import Fit, check_background
+from latentsync.media.video import FrameBudget
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.
 PREPARATION_VERSION = 2
@@ -331,6 +333,7 @@ class Avatar:
         cache_dir: str | Path = ".cache/avatars",
         progress: bool = False,
         on_progress: Callable[[float], None] | None = None,
+        budget: FrameBudget | None = None,
     ) -> Avatar:
         """Prepare a base video as an avatar, or load it from the cache when already prepared.
 
@@ -339,6 +342,10 @@ class Avatar:
         template affines, cut the aligned 256x256 faces; store everything under
         ``cache_dir/<video stem>-<key>``, written to a temporary folder and renamed when complete.
 
+        Memory stays bounded whatever the video's length: the decoded frames go straight to
+        ``frames.npy`` a batch at a time, and face tracking and the warps read them back one frame
+        at a time (docs/avatars.md, "Memory"); only per-frame geometry (landmarks, affines) is kept.
+
         Args:
             video: Path of the base video.
             settings: Preparation settings (defaults: :class:`AvatarSettings`).
@@ -346,6 +353,9 @@ class Avatar:
             progress: Show a tqdm progress bar on stderr.
             on_progress: Called with the fraction done (0-1) as the preparation advances (after
                 the decode, every 1 % of face tracking, at the end); not called on a cache hit.
+            budget: Most frames the video may decode to, counted while decoding
+                (:class:`~latentsync.media.video.FrameBudget`); None: no such budget. Not part of the
+                cache key (a video either fits it or fails).
 
         Returns:
             The :class:`Avatar`, memory-mapped from its cache directory. Its directory's modification
@@ -354,6 +364,8 @@ class Avatar:
         Raises:
             FileNotFoundError: If ``video`` does not exist.
             latentsync.media.MediaProbeError: If it has no decodable video.
+            latentsync.media.video.MediaLimitError: If it decodes to more frames than ``budget``
+                allows (the message names the budget's key).
             latentsync.face.FaceNotFoundError: If too few frames show a face (names which).
 
         """
@@ -369,7 +381,7 @@ class Avatar:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{video.stem}-", dir=root))
         try:
-            meta = _prepare_into(tmp, video, settings, key, progress, on_progress)
+            meta = _prepare_into(tmp, video, settings, key, progress, on_progress, budget)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             try:
                 os.replace(tmp, target)
@@ -447,22 +459,28 @@ def _prepare_into(
     key: str,
     progress: bool,
     on_progress: Callable[[float], None] | None = None,
+    budget: FrameBudget | None = None,
 ) -> dict:
-    """Run the preparation and write the arrays into ``folder``; returns the meta dict."""
+    """Run the preparation and write the arrays into ``folder``; returns the meta dict.
+
+    The frames are decoded straight into ``folder/frames.npy`` and read back one at a time (face
+    tracking, then the warps): memory holds a decode batch and a frame, never the clip.
+    """
     from tqdm import tqdm
 
     t0 = time.monotonic()
-    clip = load_clip(
+    clip = load_clip_to_file(
         video,
+        folder / "frames.npy",
         settings.fps,
         settings.sample_rate_hz,
         size=settings.size,
         with_audio=True,
         fit=settings.fit,
         background=settings.background,
+        budget=budget,
     )
     n = clip.num_frames
-    np.save(folder / "frames.npy", clip.frames)
     t_decode = time.monotonic() - t0
     report = on_progress or (lambda _fraction: None)
     report(_DECODE_SHARE)
@@ -475,17 +493,20 @@ def _prepare_into(
         if tracked[0] % step == 0 or tracked[0] == n:
             report(_DECODE_SHARE + _TRACK_SHARE * tracked[0] / max(1, n))
 
-    with tqdm(total=n, desc=f"faces {video.name}", unit="frame", disable=not progress) as bar:
-        track = track_face(clip.frames, settings.tracker, settings.min_face_fraction, progress=advance)
-    smoothed = smooth_landmarks(track.landmarks)
-    affines = compute_affines(smoothed)
-    faces = np.lib.format.open_memmap(folder / "faces.npy", "w+", np.uint8, (n, FACE_SIZE, FACE_SIZE, 3))
-    aligned = np.empty((n, 68, 2), np.float32)
-    for i in range(n):
-        faces[i] = warp_face(clip.frames[i], affines[i])
-        aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
-    faces.flush()
-    del faces
+    with FrameFile(clip.frames_path) as frames:
+        with tqdm(total=n, desc=f"faces {video.name}", unit="frame", disable=not progress) as bar:
+            track = track_face(frames, settings.tracker, settings.min_face_fraction, progress=advance)
+        smoothed = smooth_landmarks(track.landmarks)
+        affines = compute_affines(smoothed)
+        aligned = np.empty((n, 68, 2), np.float32)
+        with open(folder / "faces.npy", "wb") as faces:  # (n, 256, 256, 3) uint8, a face at a time
+            np.lib.format.write_array_header_1_0(
+                faces, {"descr": "|u1", "fortran_order": False, "shape": (n, FACE_SIZE, FACE_SIZE, 3)}
+            )
+            for i in range(n):
+                face = np.ascontiguousarray(warp_face(frames[i], affines[i]), dtype=np.uint8)
+                faces.write(memoryview(face).cast("B"))
+                aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
     pasteable = pasteable_frames(track.found, settings.max_gap_frames)
     np.save(folder / "affines.npy", affines)
     np.save(folder / "landmarks.npy", track.landmarks.astype(np.float32))
@@ -504,7 +525,7 @@ def _prepare_into(
         "settings": settings.to_json(),
         "version": PREPARATION_VERSION,
         "num_frames": n,
-        "frame_size": [int(clip.frames.shape[2]), int(clip.frames.shape[1])],
+        "frame_size": [int(clip.size[0]), int(clip.size[1])],
         "framing": clip.framing.to_json() if clip.framing is not None else None,
         "faces_found": int(track.num_found),
         "face_width_px": {"min": float(widths.min()), "median": float(np.median(widths)), "max": float(widths.max())},

@@ -25,13 +25,16 @@ from latentsync.media.framing import (
     displayed_size,
     same_aspect,
 )
-from latentsync.media.probe import probe_media
+from latentsync.media.probe import MediaInfo, probe_media
 from latentsync.media.video import (
     VIDEO_FORMATS,
     ClipLimits,
+    FrameBudget,
+    StoredClip,
     VideoClip,
     check_clip_limits,
     decode_clip,
+    decode_clip_to_file,
     decode_small_frames,
 )
 
@@ -156,10 +159,70 @@ def load_clip(
         latentsync.media.MediaProbeError: If the file is missing, unreadable or has no video stream.
         latentsync.media.video.MediaLimitError: If it is over one of ``limits``.
     """
+    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background)
+    return decode_clip(path, fps, sample_rate_hz, size, with_audio, info=info, framing=framing)
+
+
+def load_clip_to_file(
+    path: str | Path,
+    target: str | Path,
+    fps: int,
+    sample_rate_hz: int,
+    size: tuple[int, int] | None = None,
+    with_audio: bool = True,
+    limits: ClipLimits | None = None,
+    what: str = "video",
+    fit: Fit | str = Fit.stretch,
+    background: str = "blur",
+    budget: FrameBudget | None = None,
+) -> StoredClip:
+    """:func:`load_clip` with the frames streamed to ``target`` (a ``.npy`` file), never all in memory.
+
+    The same probe, budgets and framing, and the same frames
+    (:func:`latentsync.media.video.decode_clip_to_file`).
+
+    Args:
+        path: Video file (MP4/MOV or Matroska/WebM).
+        target: Where the ``(F, H, W, 3) uint8`` frames are written (deleted again on an error).
+        fps: Stream frame rate in frames per second.
+        sample_rate_hz: Stream audio rate in Hz.
+        size: Output ``(width, height)``; None keeps the source size (rounded down to even).
+        with_audio: Decode the audio track too (if the file has one).
+        limits: Budgets checked from the probe before anything is decoded (None: none).
+        what: How limit errors name the video.
+        fit: How a video of another aspect ratio than ``size`` fills it (as :func:`load_clip`).
+        background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
+        budget: Most frames the video may decode to, counted while decoding
+            (:class:`~latentsync.media.video.FrameBudget`); None: no such budget.
+
+    Returns:
+        The :class:`~latentsync.media.video.StoredClip`.
+
+    Raises:
+        latentsync.media.MediaProbeError: If the file is missing, unreadable or has no video stream.
+        latentsync.media.video.MediaLimitError: If it is over one of ``limits``, or decodes to more
+            frames than ``budget`` allows.
+    """
+    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background)
+    return decode_clip_to_file(
+        path, target, fps, sample_rate_hz, size, with_audio, info=info, framing=framing, budget=budget
+    )
+
+
+def _probe_and_plan(
+    path: str | Path,
+    fps: int,
+    size: tuple[int, int] | None,
+    limits: ClipLimits | None,
+    what: str,
+    fit: Fit | str,
+    background: str,
+) -> tuple[MediaInfo, Framing | None]:
+    """The probe (checked against ``limits``) and the framing (None without ``size``) of :func:`load_clip`."""
     info = probe_media(path, formats=VIDEO_FORMATS)
     if limits is not None:
         check_clip_limits(info, fps, size, limits, what)
     framing = None
     if size is not None:
         framing = plan_framing(path, (info.width, info.height), size, fit, background)
-    return decode_clip(path, fps, sample_rate_hz, size, with_audio, info=info, framing=framing)
+    return info, framing

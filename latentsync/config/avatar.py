@@ -20,8 +20,10 @@ class AvatarConfig:
     megabytes and ``upload_max_s`` seconds long; the whole cache at most ``cache_quota_mb``
     megabytes (least recently used avatars no channel uses are deleted to make room);
     ``max_preparing`` uploads prepared or waiting at once; one preparation at most
-    ``prepare_timeout_s`` seconds. ``min_face_fraction``: an uploaded video whose face is found on
-    fewer than this fraction of its frames fails to prepare. ``fit``: how a video of another aspect
+    ``prepare_timeout_s`` seconds and ``prepare_max_rss_mb`` MiB of resident memory (the preparation
+    process's peak, read from /proc; frames stream through disk, so a minute of 1080p needs ~210 MiB).
+    ``min_face_fraction``: an uploaded video whose face is found on fewer than this fraction of its
+    frames fails to prepare. ``fit``: how a video of another aspect
     ratio than the channel fills its frame: ``cover`` (crop around the presenter's face, head in the
     upper third), ``contain`` (whole video, bars filled with ``background``: ``blur`` or ``#rrggbb``)
     or ``stretch`` (distorted; only when asked for). docs/avatars.md, "Framing". ``min_face_px``: an
@@ -37,6 +39,7 @@ class AvatarConfig:
     cache_quota_mb: float = 20480.0
     max_preparing: int = 2
     prepare_timeout_s: float = 1800.0
+    prepare_max_rss_mb: float = 1024.0
     min_face_fraction: float = 0.5
     fit: str = "cover"
     background: str = "blur"

@@ -218,6 +218,7 @@ def _validate_avatar(config: AppConfig) -> None:
     check_value(1 <= av.cache_quota_mb <= 10**8, "avatar.cache_quota_mb", av.cache_quota_mb, "1..1e8")
     check_value(1 <= av.max_preparing <= 64, "avatar.max_preparing", av.max_preparing, "1..64")
     check_value(1 <= av.prepare_timeout_s <= 86400, "avatar.prepare_timeout_s", av.prepare_timeout_s, "1..86400")
+    check_value(64 <= av.prepare_max_rss_mb <= 10**6, "avatar.prepare_max_rss_mb", av.prepare_max_rss_mb, "64..1e6")
     check_value(0 < av.min_face_fraction <= 1, "avatar.min_face_fraction", av.min_face_fraction, "0 < f <= 1")
     check_value(av.fit in ("cover", "contain", "stretch"), "avatar.fit", av.fit, "cover, contain or stretch")
     check_value(0 <= av.min_face_px <= 4096, "avatar.min_face_px", av.min_face_px, "0..4096 (0: no check)")

@@ -259,7 +259,8 @@ def track_face(
     """Detect and track one face through a clip, filling frames where it is not found.
 
     Args:
-        frames: ``(F, H, W, 3) uint8`` RGB frames (an array or memory map).
+        frames: ``(F, H, W, 3) uint8`` RGB frames: an array, a memory map, or any sequence of
+            ``(H, W, 3)`` frames (``len`` and ``frames[i]``: :class:`latentsync.media.frame_file.FrameFile`).
         options: Detector settings (defaults: :class:`TrackerOptions`).
         min_found_fraction: Fail when fewer than this fraction of frames (0-1) show a face.
         progress: Optional callable ``progress(n)`` called with 1 after every frame (e.g. a tqdm

@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,48 @@ from latentsync.media.timing import samples_before_frame
 VIDEO_FORMATS = ("mov", "matroska")
 #: Seconds one video decode may take before its FFmpeg is killed.
 VIDEO_DECODE_TIMEOUT_S = 600.0
+#: Frames :func:`iter_video_frames` decodes into one batch (1920x1080: 50 MB).
+DECODE_BATCH_FRAMES = 8
 #: Longest side, in pixels, of the small frames decoded to look at a video (face search, displayed size).
 SMALL_FRAME_SIDE = 640
 
 
 class MediaLimitError(MediaProbeError):
     """A video is over a budget (:class:`ClipLimits`); the message names the budget's key."""
+
+
+@dataclass(frozen=True)
+class FrameBudget:
+    """The most frames a decode may produce, counted as they are decoded (not read from the container).
+
+    The probe's duration comes from the file; a budget on decoded frames holds whatever the file
+    claims (:func:`iter_video_frames` stops FFmpeg at the first frame past it).
+
+    Attributes:
+        max_frames: Most frames allowed (at least 1).
+        key: The configuration key the budget comes from, named in the error (``avatar.upload_max_s``).
+        max_s: That key's value in seconds (named in the error too).
+    """
+
+    max_frames: int
+    key: str
+    max_s: float
+
+    @classmethod
+    def for_duration(cls, max_s: float, fps: int, key: str) -> FrameBudget:
+        """The frames a clip of at most ``max_s`` seconds decodes to at ``fps``: ``ceil(max_s * fps) + 1``.
+
+        One more than the duration's frames, as :func:`check_clip_limits` counts (FFmpeg's ``fps``
+        filter may emit a frame for the very end).
+        """
+        return cls(max_frames=max(1, math.ceil(max_s * fps) + 1), key=key, max_s=float(max_s))
+
+    def message(self, fps: int, what: str = "video") -> str:
+        """The :class:`MediaLimitError` text: it names :attr:`key` (never a path or FFmpeg's text)."""
+        return (
+            f"{what}: decodes to more than {self.max_frames} frames at {int(fps)} fps, "
+            f"longer than {self.key} = {self.max_s:g} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +191,7 @@ def decode_video_frames(
     info: MediaInfo | None = None,
     timeout_s: float = VIDEO_DECODE_TIMEOUT_S,
     video_filter: str | None = None,
+    budget: FrameBudget | None = None,
 ) -> np.ndarray:
     """Decode a video's frames resampled to ``fps`` by timestamp, with FFmpeg confined to the file.
 
@@ -172,18 +210,87 @@ def decode_video_frames(
         timeout_s: Seconds FFmpeg may run before it is killed.
         video_filter: An FFmpeg filter chain used instead of scaling to ``size`` (a
             :meth:`latentsync.media.framing.Framing.video_filter`; it must give even sizes).
+        budget: Most frames it may decode to (:class:`FrameBudget`, enforced while decoding); None: no budget.
 
     Returns:
-        ``(F, H, W, 3) uint8`` RGB frames.
+        ``(F, H, W, 3) uint8`` RGB frames (all in memory: :func:`iter_video_frames` decodes a batch at a time).
 
     Raises:
         MediaProbeError: If the file is not a video in an accepted format or decodes to no frames.
+        MediaLimitError: If it decodes to more frames than ``budget`` allows.
+        latentsync.media.errors.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
+    """
+    path = Path(path)
+    info = info or probe_media(path, formats=VIDEO_FORMATS)
+    expected = int(info.duration_s * fps) + 2 if info.duration_s > 0 else 64
+    if max_frames is not None:
+        expected = min(expected, int(max_frames))
+    frames: np.ndarray | None = None
+    count = 0
+    batches = iter_video_frames(
+        path, fps, size, max_frames, info=info, timeout_s=timeout_s, video_filter=video_filter, budget=budget
+    )
+    try:
+        for batch in batches:
+            k = batch.shape[0]
+            if frames is None:
+                frames = np.empty((max(expected, k), *batch.shape[1:]), dtype=np.uint8)
+            while count + k > frames.shape[0]:
+                frames = np.concatenate([frames, np.empty_like(frames)], axis=0)
+            frames[count : count + k] = batch
+            count += k
+    finally:
+        batches.close()  # FFmpeg is killed now, not when the generator is collected
+    assert frames is not None  # iter_video_frames raises when there is no frame
+    return frames[:count].copy() if count < frames.shape[0] else frames
+
+
+def iter_video_frames(
+    path: str | Path,
+    fps: int,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+    *,
+    info: MediaInfo | None = None,
+    timeout_s: float = VIDEO_DECODE_TIMEOUT_S,
+    video_filter: str | None = None,
+    budget: FrameBudget | None = None,
+    batch_frames: int = DECODE_BATCH_FRAMES,
+) -> Iterator[np.ndarray]:
+    """Decode a video's frames as :func:`decode_video_frames` does, a batch at a time (bounded memory).
+
+    FFmpeg writes binary PPM images to a pipe; they are read into one reused buffer of
+    ``batch_frames`` frames, yielded whenever it is full (and at the end). Closing the generator
+    early (``break``, an exception in the caller) kills FFmpeg.
+
+    Args:
+        path: An MP4/MOV or Matroska/WebM video (as :func:`decode_video_frames`).
+        fps: Output frame rate in frames per second.
+        size: Output ``(width, height)``; None keeps the source size rounded down to even.
+        max_frames: Stop quietly after this many frames (None: all).
+        info: The file's probe, if the caller has it (else it is probed here).
+        timeout_s: Seconds FFmpeg may run before it is killed, counted from the first batch asked
+            for (the caller's time between batches included).
+        video_filter: An FFmpeg filter chain used instead of scaling to ``size`` (even sizes).
+        budget: The most frames this video may decode to, enforced as they are decoded: one more
+            stops FFmpeg and raises :class:`MediaLimitError` (a container whose header claims a
+            shorter duration gains nothing). None: no budget.
+        batch_frames: Frames per batch (at least 1).
+
+    Yields:
+        ``(k, H, W, 3) uint8`` RGB frames, ``1 <= k <= batch_frames``: a view of the reused
+        buffer, valid until the next batch is asked for (copy or write it out before that).
+
+    Raises:
+        MediaProbeError: If the file is not a video in an accepted format or decodes to no frames.
+        MediaLimitError: If it decodes to more than ``budget.max_frames`` frames.
         latentsync.media.errors.MediaDecodeTimeout: If decoding took longer than ``timeout_s``.
     """
     path = Path(path)
     info = info or probe_media(path, formats=VIDEO_FORMATS)
     if not info.has_video:
         raise MediaProbeError(f"{path.name}: no video stream")
+    batch_frames = max(1, int(batch_frames))
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         cmd = confined_input(fd, VIDEO_FORMATS) + ["-map", "0:v:0", "-an"]
@@ -213,31 +320,40 @@ def decode_video_frames(
 
     timer = threading.Timer(timeout_s, kill)
     timer.start()
-    expected = int(info.duration_s * fps) + 2 if info.duration_s > 0 else 64
-    if max_frames is not None:
-        expected = min(expected, int(max_frames))
-    frames: np.ndarray | None = None
-    count = 0
+    buffer: np.ndarray | None = None
+    filled = 0  # frames in the buffer not yielded yet
+    count = 0  # frames decoded
     try:
         assert proc.stdout is not None
         while (header := _ppm_header(proc.stdout)) is not None:
             width, height = header
-            if frames is None:
-                frames = np.empty((max(expected, 1), height, width, 3), dtype=np.uint8)
-            elif frames.shape[1:3] != (height, width):
+            if budget is not None and count >= budget.max_frames:
+                raise MediaLimitError(budget.message(fps))
+            if buffer is None:
+                buffer = np.empty((batch_frames, height, width, 3), dtype=np.uint8)
+            elif buffer.shape[1:3] != (height, width):
                 raise MediaProbeError(f"{path.name}: the frame size changed mid-stream")
-            if count == frames.shape[0]:
-                frames = np.concatenate([frames, np.empty_like(frames)], axis=0)
-            view = memoryview(frames[count]).cast("B")
+            view = memoryview(buffer[filled]).cast("B")
             got = 0
             while got < len(view):
                 n = proc.stdout.readinto(view[got:])
                 if not n:
                     raise MediaProbeError(f"{path.name}: a frame ended early")
                 got += n
+            filled += 1
             count += 1
-    except MediaProbeError:
+            if filled == batch_frames:
+                yield buffer
+                filled = 0
         if timed_out.is_set():
+            raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s")
+        if count == 0:
+            last = errors[-1] if errors else "no frames"
+            raise MediaProbeError(f"{path.name}: decoded no video frames ({last})")
+        if filled:
+            yield buffer[:filled]
+    except MediaProbeError as exc:
+        if timed_out.is_set() and not isinstance(exc, MediaDecodeTimeout):
             raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s") from None
         raise
     finally:
@@ -249,12 +365,6 @@ def decode_video_frames(
         for stream in (proc.stdout, proc.stderr):  # explicitly, not whenever the Popen is collected
             if stream is not None:
                 stream.close()
-    if timed_out.is_set():
-        raise MediaDecodeTimeout(f"{path.name}: decoding took longer than {timeout_s:g} s")
-    if frames is None or count == 0:
-        last = errors[-1] if errors else "no frames"
-        raise MediaProbeError(f"{path.name}: decoded no video frames ({last})")
-    return frames[:count].copy() if count < frames.shape[0] else frames
 
 
 def _ppm_header(stream) -> tuple[int, int] | None:
@@ -360,6 +470,113 @@ def decode_clip(
         audio = fit_length(decoded, samples_before_frame(frames.shape[0], sample_rate_hz, fps))
     return VideoClip(
         frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path), framing=framing
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredClip:
+    """A clip decoded on the stream's time base into a frames file (:func:`decode_clip_to_file`).
+
+    Attributes:
+        frames_path: The ``(F, H, W, 3) uint8`` RGB ``.npy`` file (read it with
+            :class:`latentsync.media.frame_file.FrameFile`, or ``np.load(mmap_mode="r")``).
+        num_frames: ``F``.
+        size: ``(width, height)`` in pixels.
+        fps: Frame rate in frames per second.
+        audio: ``(N,) int16`` mono samples at ``sample_rate_hz``, ``N = floor(F * sample_rate_hz / fps)``,
+            or None when the file has no audio.
+        sample_rate_hz: Audio sample rate in Hz.
+        source: The video it came from.
+        framing: How it was framed into its size (None: decoded at its own size).
+    """
+
+    frames_path: Path
+    num_frames: int
+    size: tuple[int, int]
+    fps: int
+    audio: np.ndarray | None
+    sample_rate_hz: int
+    source: Path
+    framing: Framing | None = None
+
+
+def decode_clip_to_file(
+    path: str | Path,
+    target: str | Path,
+    fps: int,
+    sample_rate_hz: int,
+    size: tuple[int, int] | None = None,
+    with_audio: bool = True,
+    *,
+    info: MediaInfo | None = None,
+    framing: Framing | None = None,
+    budget: FrameBudget | None = None,
+    timeout_s: float = VIDEO_DECODE_TIMEOUT_S,
+) -> StoredClip:
+    """:func:`decode_clip`, with the frames written to ``target`` batch by batch instead of held in memory.
+
+    The same FFmpeg command gives the same frames; each batch (:data:`DECODE_BATCH_FRAMES`) is
+    appended to ``target`` as it arrives (:class:`latentsync.media.frame_file.FrameFileWriter`), so
+    memory stays at one batch however long the video. On any error ``target`` is deleted.
+
+    Args:
+        path: Video file (MP4/MOV or Matroska/WebM).
+        target: The ``.npy`` file the frames go to (created or replaced).
+        fps: Stream frame rate in frames per second.
+        sample_rate_hz: Stream audio rate in Hz.
+        size: Output ``(width, height)``; None keeps the source size (rounded down to even).
+        with_audio: Decode the audio track too (if the file has one).
+        info: The file's probe, if the caller has it (else it is probed here).
+        framing: How the video is framed into ``size`` (None: scaled to it).
+        budget: Most frames it may decode to, enforced while decoding (:class:`FrameBudget`).
+        timeout_s: Seconds FFmpeg may run (writing the frames included) before it is killed.
+
+    Returns:
+        The :class:`StoredClip`.
+
+    Raises:
+        MediaProbeError: If the file is missing, unreadable or has no video stream.
+        MediaLimitError: If it decodes to more frames than ``budget`` allows (FFmpeg is stopped there).
+        MediaDecodeTimeout: If FFmpeg ran out of time.
+        OSError: If ``target`` cannot be written.
+    """
+    from latentsync.media.frame_file import FrameFileWriter
+
+    target = Path(target)
+    info = info or probe_media(path, formats=VIDEO_FORMATS)
+    batches = iter_video_frames(
+        path,
+        fps,
+        size,
+        info=info,
+        timeout_s=timeout_s,
+        video_filter=framing.video_filter() if framing else None,
+        budget=budget,
+    )
+    try:
+        with FrameFileWriter(target) as writer:
+            for batch in batches:
+                writer.write(batch)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    finally:
+        batches.close()  # FFmpeg is killed now, not when the generator is collected
+    assert writer.frame_shape is not None  # close() refuses a file without frames
+    height, width = writer.frame_shape[:2]
+    audio = None
+    if with_audio and info.has_audio:
+        decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
+        audio = fit_length(decoded, samples_before_frame(writer.num_frames, sample_rate_hz, fps))
+    return StoredClip(
+        frames_path=target,
+        num_frames=writer.num_frames,
+        size=(width, height),
+        fps=int(fps),
+        audio=audio,
+        sample_rate_hz=int(sample_rate_hz),
+        source=Path(path),
+        framing=framing,
     )
 
 

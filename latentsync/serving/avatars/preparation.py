@@ -3,7 +3,10 @@
 A preparation (:meth:`latentsync.avatar.Avatar.prepare`: decode, face tracking, framing, warps)
 takes seconds to minutes of CPU. :class:`PreparationQueue` runs them one at a time, each in a
 spawned child process at a lower CPU priority (``nice 10``: the stream clocks and the engine
-workers keep theirs), bounded by ``avatar.prepare_timeout_s``. It serves two kinds of job:
+workers keep theirs), bounded by ``avatar.prepare_timeout_s`` and ``avatar.prepare_max_rss_mb`` (the
+child's peak resident memory, read from ``/proc`` at every poll), with a budget on the frames the
+video may decode to (``avatar.upload_max_s`` or ``media.max_clip_s``, counted while decoding). It
+serves two kinds of job:
 
 - a channel's base video (a channel starting, an avatar switch): :meth:`PreparationQueue.prepare_for_channel`,
   served first, since a channel waits for it on air;
@@ -29,8 +32,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from latentsync.media import MediaProbeError
+from latentsync.media.video import FrameBudget, MediaLimitError
 from latentsync.serving.avatars.catalogue import AvatarError
 from latentsync.serving.avatars.face_policy import measure_face
+from latentsync.serving.ops import procfs
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ POLL_S = 0.25
 CHILD_EXIT_S = 5.0
 
 
-def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
+def _prepare_child(video: str, settings, cache_dir: str, conn, budget: FrameBudget | None = None) -> None:
     """Body of the preparation process: prepare, send ``("progress", f)`` messages, then one result.
 
     Args:
@@ -48,7 +53,10 @@ def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
         settings: :class:`latentsync.avatar.AvatarSettings` (fps, size, face fraction).
         cache_dir: The avatar cache.
         conn: The pipe to the parent.
+        budget: :class:`latentsync.media.video.FrameBudget`: most frames the video may decode to
+            (``too_long`` past it); None: none.
     """
+    conn.send(("progress", 0.0))  # started: from now on the parent's memory readings are this process's own
     try:
         os.nice(10)  # the stream clocks and the engine workers come first
     except OSError:
@@ -57,11 +65,14 @@ def _prepare_child(video: str, settings, cache_dir: str, conn) -> None:
     from latentsync.face import FaceNotFoundError
 
     try:
-        avatar = Avatar.prepare(video, settings, cache_dir, on_progress=lambda f: conn.send(("progress", f)))
+        progress = lambda f: conn.send(("progress", f))  # noqa: E731
+        avatar = Avatar.prepare(video, settings, cache_dir, on_progress=progress, budget=budget)
         faces = int(avatar.meta.get("faces_found", 0))
         conn.send(("done", str(avatar.path), faces, avatar.num_frames, measure_face(avatar, video)))
     except FaceNotFoundError as exc:
         conn.send(("failed", "no_face", f"no usable face: {exc}"))
+    except MediaLimitError as exc:  # our own text: the budget and its key, never FFmpeg's or a path
+        conn.send(("failed", "too_long", str(exc)))
     except MediaProbeError:
         conn.send(("failed", "not_video", "not a decodable video in an accepted format (MP4/MOV, Matroska/WebM)"))
     except Exception as exc:  # anything else is reported, never raised into a dead process
@@ -75,7 +86,8 @@ class PreparationFailed(Exception):
     """A channel's avatar preparation in the child process failed.
 
     Attributes:
-        code: How (``no_face``, ``not_video``, ``prepare_timeout``, ``prepare_failed``, ``stopping``).
+        code: How (``no_face``, ``not_video``, ``too_long``, ``prepare_timeout``, ``prepare_memory``,
+            ``prepare_failed``, ``stopping``).
         public_message: What API clients may read (the child never sends FFmpeg's text or a path).
     """
 
@@ -91,6 +103,7 @@ class _ChannelJob:
 
     video: str
     settings: object
+    budget: FrameBudget | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     cancelled: bool = False
     path: str | None = None
@@ -103,13 +116,25 @@ class PreparationQueue:
     Args:
         cache_dir: ``avatar.cache_dir`` (where the prepared avatars go).
         timeout_s: ``avatar.prepare_timeout_s``: a child running longer is terminated (``prepare_timeout``).
+        max_rss_mb: ``avatar.prepare_max_rss_mb``: a child whose resident memory ever exceeds this
+            many MiB (its ``VmHWM``, read every :data:`POLL_S` s) is terminated (``prepare_memory``);
+            None: no budget. The FFmpeg it runs is a process of its own and not counted.
         prepare_upload: Prepares the upload of this id (on the queue's thread; runs its child with
             :meth:`run_child`). It must not raise: an exception is logged and the thread goes on.
     """
 
-    def __init__(self, cache_dir: str | Path, *, timeout_s: float, prepare_upload: Callable[[str], None]):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        timeout_s: float,
+        prepare_upload: Callable[[str], None],
+        max_rss_mb: float | None = None,
+    ):
         self._root = Path(cache_dir)
         self._timeout_s = timeout_s
+        self._max_rss_mb = max_rss_mb
+        self._last_peak_rss_kib = 0  # the last child's VmHWM, as last read
         self._prepare_upload = prepare_upload
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -211,7 +236,9 @@ class PreparationQueue:
             return set(self._uploads) | ({self._running} if self._running else set())
 
     # ----------------------------------------------------------------- channels' avatars
-    def prepare_for_channel(self, video: str | Path, settings, stopping: Callable[[], bool]) -> str | None:
+    def prepare_for_channel(
+        self, video: str | Path, settings, stopping: Callable[[], bool], budget: FrameBudget | None = None
+    ) -> str | None:
         """Prepare a channel's base video in the queue (a child process, before uploads).
 
         Args:
@@ -219,15 +246,17 @@ class PreparationQueue:
             settings: :class:`latentsync.avatar.AvatarSettings` at the channel's fps and size.
             stopping: True once the channel no longer wants it (closed, or the switch superseded):
                 polled every 0.1 s; the job leaves the queue or its child is terminated.
+            budget: :class:`latentsync.media.video.FrameBudget` counted while decoding (``too_long``); None: none.
 
         Returns:
             The prepared avatar's cache folder, or None when ``stopping()`` became true first.
 
         Raises:
-            PreparationFailed: With the child's code (``no_face``, ``not_video``, ``prepare_timeout``,
-                ``prepare_failed``, ``stopping``) and a message that never holds FFmpeg's text.
+            PreparationFailed: With the child's code (``no_face``, ``not_video``, ``too_long``,
+                ``prepare_timeout``, ``prepare_memory``, ``prepare_failed``, ``stopping``) and a
+                message that never holds FFmpeg's text.
         """
-        job = _ChannelJob(video=str(video), settings=settings)
+        job = _ChannelJob(video=str(video), settings=settings, budget=budget)
         with self._lock:
             if self._closed:
                 raise PreparationFailed("stopping", "the server is stopping")
@@ -250,7 +279,12 @@ class PreparationQueue:
         try:
             label = f"channel-{Path(job.video).stem[:24]}"
             result = self.run_child(
-                job.video, job.settings, label=label, on_progress=lambda _f: None, cancelled=lambda: job.cancelled
+                job.video,
+                job.settings,
+                label=label,
+                on_progress=lambda _f: None,
+                cancelled=lambda: job.cancelled,
+                budget=job.budget,
             )
             if result is None:
                 job.error = ("stopping", "cancelled")
@@ -303,8 +337,13 @@ class PreparationQueue:
         label: str,
         on_progress: Callable[[float], None],
         cancelled: Callable[[], bool],
+        budget: FrameBudget | None = None,
     ) -> tuple | None:
-        """Prepare ``video`` in a child process (lower priority, ``avatar.prepare_timeout_s``); on the queue's thread.
+        """Prepare ``video`` in a child process (lower priority, time and memory bounded); on the queue's thread.
+
+        Every :data:`POLL_S` s the child's peak resident memory (``VmHWM``) is read: over
+        ``max_rss_mb`` the child is terminated and the result is ``prepare_memory``; past
+        ``timeout_s``, ``prepare_timeout``.
 
         Args:
             video: The base video.
@@ -312,6 +351,8 @@ class PreparationQueue:
             label: Names the child process (``avatar-prepare-<label>``).
             on_progress: Called with each fraction (0-1) the child reports.
             cancelled: Polled every :data:`POLL_S` s: True terminates the child.
+            budget: :class:`latentsync.media.video.FrameBudget`: most frames the video may decode to
+                (``too_long`` past it, counted while decoding); None: none.
 
         Returns:
             The child's result message (``("done", path, faces, frames, face)``, ``face`` from
@@ -323,7 +364,7 @@ class PreparationQueue:
         receiver, sender = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(
             target=_prepare_child,
-            args=(video, settings, str(self._root), sender),
+            args=(video, settings, str(self._root), sender, budget),
             name=f"avatar-prepare-{label}",
             daemon=True,
         )
@@ -335,10 +376,19 @@ class PreparationQueue:
         sender.close()
         result = None
         deadline = t0 + self._timeout_s
+        self._last_peak_rss_kib = 0
+        started = False  # a first message came: the child runs Python (not a copy of this process before exec)
         try:
             while result is None:
                 if self._closed or cancelled():
                     return None  # terminated below
+                if started and self._over_memory(child):
+                    result = (
+                        "failed",
+                        "prepare_memory",
+                        f"preparation needed more than avatar.prepare_max_rss_mb = {self._max_rss_mb:g} MB of memory",
+                    )
+                    break
                 if time.monotonic() > deadline:
                     result = (
                         "failed",
@@ -354,12 +404,15 @@ class PreparationQueue:
                     child.join(CHILD_EXIT_S)
                     result = ("failed", "prepare_failed", f"the preparation process died (exit code {child.exitcode})")
                     break
+                started = True
                 if message[0] == "progress":
                     on_progress(float(message[1]))
                 else:
                     result = message
         finally:
             receiver.close()
+            if started:
+                self._over_memory(child)  # its last peak, for last_peak_rss_mb
             if child.is_alive():
                 child.terminate()
             child.join(CHILD_EXIT_S)
@@ -368,4 +421,16 @@ class PreparationQueue:
                 child.join(CHILD_EXIT_S)
             with self._lock:
                 self._child = None
+        logger.info("avatar preparation %s: peak memory %.0f MiB", label, self.last_peak_rss_mb)
         return result
+
+    def _over_memory(self, child: multiprocessing.process.BaseProcess) -> bool:
+        """Read the child's peak resident memory (``VmHWM``); True once it is over ``max_rss_mb``."""
+        if child.pid is not None:
+            self._last_peak_rss_kib = max(self._last_peak_rss_kib, procfs.peak_rss_kib(child.pid))
+        return self._max_rss_mb is not None and self._last_peak_rss_kib > self._max_rss_mb * 1024
+
+    @property
+    def last_peak_rss_mb(self) -> float:
+        """Peak resident memory, in MiB, of the last (or running) preparation child, as last read (0 before any)."""
+        return self._last_peak_rss_kib / 1024

@@ -10,7 +10,8 @@ An uploaded video becomes an avatar in three steps (docs/avatars.md):
 2. **Preparation** (in the background: :mod:`~latentsync.serving.avatars.preparation`, one child
    process at a time): :meth:`latentsync.avatar.Avatar.prepare` at the stream's fps and the video's
    size, reporting its progress; a face missing on too many frames (``avatar.min_face_fraction``)
-   is a failure with the reason (``no_face``); the face's width is checked
+   is a failure with the reason (``no_face``), more decoded frames than ``avatar.upload_max_s``
+   allows is ``too_long``, a child over ``avatar.prepare_max_rss_mb`` is ``prepare_memory``; the face's width is checked
    (:mod:`~latentsync.serving.avatars.face_policy`).
 3. **Use**: ``PUT /channels/<name>`` with ``{"avatar": "<id>"}`` (a ready avatar only).
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.media import MediaProbeError
 from latentsync.media.errors import MediaDecodeTimeout
-from latentsync.media.video import decode_video_frames, remux_untrusted_video
+from latentsync.media.video import FrameBudget, decode_video_frames, remux_untrusted_video
 from latentsync.serving.avatars.catalogue import (
     FAILED,
     PREPARING,
@@ -71,12 +72,16 @@ class AvatarStore:
 
     def __init__(self, config: AppConfig, in_use: Callable[[], dict[Path, list[str]]]):
         self._cfg = config.avatar
+        self._max_clip_s = float(config.media.max_clip_s)  # a channel's base video (counted while decoding)
         self._fps = int(config.stream.fps)
         s = config.stream
         self._size = (int(s.width), int(s.height)) if s.width and s.height else None
         self._catalogue = AvatarCatalogue(self._cfg.cache_dir, in_use)
         self._queue = PreparationQueue(
-            self._cfg.cache_dir, timeout_s=self._cfg.prepare_timeout_s, prepare_upload=self._prepare_upload
+            self._cfg.cache_dir,
+            timeout_s=self._cfg.prepare_timeout_s,
+            max_rss_mb=self._cfg.prepare_max_rss_mb,
+            prepare_upload=self._prepare_upload,
         )
         self.quota = CacheQuota(self._catalogue, quota_mb=self._cfg.cache_quota_mb, busy=self._queue.busy_uploads)
         self.face_policy = FacePolicy(self._cfg.min_face_px)
@@ -300,7 +305,8 @@ class AvatarStore:
         """Prepare a channel's base video in the preparation queue (a child process, before uploads).
 
         Every preparation the server runs goes through this one queue: one child process at a time,
-        at a lower CPU priority, bounded by ``avatar.prepare_timeout_s`` (docs/avatars.md).
+        at a lower CPU priority, bounded by ``avatar.prepare_timeout_s`` and ``avatar.prepare_max_rss_mb``,
+        and the video by ``media.max_clip_s`` counted in decoded frames (docs/avatars.md).
 
         Args:
             video: The base video (its path was checked by the caller: config file or ``media.root``).
@@ -312,10 +318,12 @@ class AvatarStore:
             The prepared avatar's cache folder, or None when ``stopping()`` became true first.
 
         Raises:
-            PreparationFailed: With the child's code (``no_face``, ``not_video``, ``prepare_timeout``,
-                ``prepare_failed``, ``stopping``) and a message that never holds FFmpeg's text.
+            PreparationFailed: With the child's code (``no_face``, ``not_video``, ``too_long``,
+                ``prepare_timeout``, ``prepare_memory``, ``prepare_failed``, ``stopping``) and a
+                message that never holds FFmpeg's text.
         """
-        return self._queue.prepare_for_channel(video, settings, stopping)
+        budget = FrameBudget.for_duration(self._max_clip_s, settings.fps, "media.max_clip_s")
+        return self._queue.prepare_for_channel(video, settings, stopping, budget=budget)
 
     def _prepare_upload(self, avatar_id: str) -> None:
         """Prepare one queued upload (on the queue's thread); a crash fails it with ``prepare_failed``."""
@@ -347,7 +355,12 @@ class AvatarStore:
             record.progress = min(1.0, max(record.progress, fraction))
 
         result = self._queue.run_child(
-            str(video), settings, label=record.id, on_progress=progress, cancelled=lambda: False
+            str(video),
+            settings,
+            label=record.id,
+            on_progress=progress,
+            cancelled=lambda: False,
+            budget=FrameBudget.for_duration(self._cfg.upload_max_s, record.fps, "avatar.upload_max_s"),
         )
         if result is None:
             return  # close() stopped it; it stays "preparing" and is prepared again at the next start

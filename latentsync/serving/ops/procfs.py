@@ -278,6 +278,15 @@ def rss_kib(pid: int | str = "self") -> int:
     return int(status_fields(pid).get("VmRSS", "0 kB").split()[0])
 
 
+def peak_rss_kib(pid: int | str = "self") -> int:
+    """Highest resident set size a process has had so far, in KiB (``VmHWM``; 0 if it is gone).
+
+    The kernel keeps it, so a peak between two reads is not missed; it starts afresh at ``exec``
+    (a spawned child's counts its own memory only).
+    """
+    return int(status_fields(pid).get("VmHWM", "0 kB").split()[0])
+
+
 def rss_mb(pid: int | str = "self") -> float:
     """Resident set size of a process in MiB (``VmRSS``; 0 if it is gone)."""
     return rss_kib(pid) / 1024

@@ -283,3 +283,42 @@ def test_frames_without_a_face_are_a_warning_with_their_count():
     (warning,) = lost_face_warnings(31, 50)
     assert warning["code"] == "face_lost" and (warning["frames_without_face"], warning["num_frames"]) == (19, 50)
     assert "19 of 50 frames" in warning["message"]
+
+
+def test_a_preparation_child_over_prepare_max_rss_mb_is_terminated(tmp_path):
+    from latentsync.serving.avatars.preparation import PreparationQueue
+
+    queue = PreparationQueue(tmp_path / "cache", timeout_s=120, max_rss_mb=1, prepare_upload=lambda _id: None)
+    t0 = time.monotonic()
+    result = queue.run_child(
+        str(FACE_VIDEO), AvatarSettings(fps=25), label="rss", on_progress=lambda _f: None, cancelled=lambda: False
+    )
+    assert result is not None and result[:2] == ("failed", "prepare_memory"), result
+    assert "avatar.prepare_max_rss_mb = 1 MB" in result[2]
+    assert queue.last_peak_rss_mb > 1
+    assert time.monotonic() - t0 < 30, "terminated at a poll, not at the end of the preparation"
+    assert not list((tmp_path / "cache").glob("2s_GirlMuseum_0730-*")), "nothing prepared"
+    queue.close()
+    import multiprocessing
+
+    assert not multiprocessing.active_children(), "no preparation child survives"
+
+
+def test_a_video_decoding_to_more_frames_than_its_budget_fails_too_long_in_the_child(tmp_path):
+    from latentsync.media.video import FrameBudget
+    from latentsync.serving.avatars.preparation import PreparationQueue
+
+    queue = PreparationQueue(tmp_path / "cache", timeout_s=120, max_rss_mb=4096, prepare_upload=lambda _id: None)
+    budget = FrameBudget.for_duration(1.0, 25, "avatar.upload_max_s")  # the video is 2 s: 50 frames
+    result = queue.run_child(
+        str(FACE_VIDEO),
+        AvatarSettings(fps=25),
+        label="budget",
+        on_progress=lambda _f: None,
+        cancelled=lambda: False,
+        budget=budget,
+    )
+    queue.close()
+    assert result == ("failed", "too_long", budget.message(25)), result
+    assert "avatar.upload_max_s = 1 s" in result[2] and str(FACE_VIDEO.name) not in result[2]
+    assert HTTP_STATUS.get("too_long") == 400
