@@ -22,6 +22,7 @@ from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
 from latentsync.serving.api.http_server import make_guarded_server
 from latentsync.serving.compute.scheduling_pool import WorkerPoolError
+from latentsync.serving.ops.exit import exit_now
 from latentsync.serving.ops.logs import configure_logging
 from latentsync.serving.ops.memory import bound_heap_growth, freeze_heap
 from latentsync.serving.ops.systemd import sd_notify
@@ -118,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         server.shutdown()
         http_thread.join(2.0)
         runtime.close()
+    code = 0
     if failure:
         logger.error("cannot start: %s", failure[0])
-        return 1
-    return 0
+        code = 1
+    if runtime.exit_unsafe:  # a Ray cluster lost for good: the interpreter's teardown would crash in Ray
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

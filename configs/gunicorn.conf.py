@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentsync.config import RESERVED_THREADS, load_config_from_environment  # noqa: E402
+from latentsync.serving.ops.exit import exit_now  # noqa: E402
 from latentsync.serving.ops.systemd import sd_notify, take_notify_socket  # noqa: E402
 
 # systemd's notify socket is for our worker (READY=1 once the stream is on air, watchdog pings), not
@@ -58,3 +59,5 @@ def worker_exit(server, worker):
     if runtime is not None:
         sd_notify("STOPPING=1")
         runtime.close()
+        if runtime.exit_unsafe:  # a Ray cluster lost for good: the interpreter's teardown would crash in Ray
+            exit_now(0)

@@ -125,7 +125,8 @@ def test_the_gcs_killed_for_90_s_ends_neither_the_server_nor_the_stream(server, 
     first = server.api.wait_task(task["task_id"], ("done", "failed"), 60)
     samples: list[tuple[float, bool, str | None, int]] = []
     while time.monotonic() - t0 < 90.0:
-        assert server.proc.poll() is None, f"the server exited {time.monotonic() - t0:.0f} s after the GCS:\n{server.log()}"
+        gone_s = time.monotonic() - t0
+        assert server.proc.poll() is None, f"the server exited {gone_s:.0f} s after the GCS:\n{server.log()}"
         code, body = server.health()
         samples.append((time.monotonic() - t0, body.get("engine_ready"), body.get("engine_error"), code))
         time.sleep(1.0)

@@ -22,6 +22,7 @@ The stream never depends on the pool: the pool only produces faces.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import dataclasses
 import logging
@@ -53,6 +54,9 @@ MAX_AVATAR_OBJECTS = 32
 PING_RETRY_S = 0.5
 #: Seconds a ping may stay unanswered before the actor is reported ``unplaced`` (no room in the cluster).
 PLACEMENT_REPORT_S = 10.0
+#: Seconds a ready actor may stay idle before it is pinged (a node or a GCS lost while no call ran
+#: is noticed within this, not at the next chunk).
+IDLE_PING_S = 5.0
 #: Ray's setting (read from the environment by its core worker) for how long a process waits for
 #: an unreachable GCS before Ray ends it (``gcs_rpc_server_reconnect_timeout_s``; Ray's default 60 s).
 GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
@@ -177,6 +181,8 @@ class _Actor:
     ping: Any = None  # the outstanding ping's ObjectRef
     ping_sent: float = 0.0  # when it last became unverified (started, or lost)
     ping_retry_at: float | None = None  # when to ask again after a ping that failed (Ray restarting it)
+    last_answer: float = 0.0  # when it last answered a ping or a call (time.monotonic())
+    liveness_sent: float | None = None  # when the outstanding ping of a ready, idle actor went out
     call: Any = None  # the outstanding chunks call's ObjectRef
     dispatch_id: int | None = None
     last_dispatch: float = 0.0
@@ -432,6 +438,13 @@ class RayWorkerPool(SchedulingPool):
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return
+        if self._cluster_error is not None or not any(a.state == "ready" for a in actors):
+            # Lost with its cluster (the GCS and the raylets gone): disconnecting from it aborts the
+            # process inside Ray (SIGABRT in ray.shutdown). Nothing of ours runs there any more.
+            logger.warning("the Ray cluster is unreachable: leaving it without a disconnect")
+            atexit.unregister(ray.shutdown)
+            self._exit_unsafe = True
+            return
         for actor in actors:
             try:
                 ray.kill(actor.handle, no_restart=True)
@@ -571,6 +584,9 @@ class RayWorkerPool(SchedulingPool):
             for a in self._actors:
                 if a.ping is None and a.ping_retry_at is not None and now >= a.ping_retry_at:
                     self._send_ping(a)
+                elif a.state == "ready" and a.call is None and a.ping is None and now - a.last_answer >= IDLE_PING_S:
+                    self._send_ping(a)  # liveness: a failure or no answer in time loses it (_on_ping, _check_deadlines)
+                    a.liveness_sent = now if a.ping is not None else None
                 if a.call is not None:
                     waiting[a.call] = a
                 if a.ping is not None:
@@ -657,17 +673,21 @@ class RayWorkerPool(SchedulingPool):
         except Exception as exc:  # being restarted or placed by Ray: ask again soon
             logger.warning("Ray actor %d did not answer its ping: %s", actor.index, type(exc).__name__)
             with self._lock:
-                if actor.ping is ref:
+                if actor.ping is ref and actor.state == "ready":  # a liveness ping: it is gone
+                    actor.ping, actor.liveness_sent = None, None
+                    self._lose(actor, None, f"worker {actor.index} lost ({type(exc).__name__} to its ping)")
+                elif actor.ping is ref:
                     actor.ping, actor.ping_retry_at = None, time.monotonic() + PING_RETRY_S
             return
         with self._lock:
             if actor.ping is not ref:
                 return
-            actor.ping = None
+            actor.ping, actor.liveness_sent = None, None
+            actor.last_answer = time.monotonic()
             actor.pid, actor.node = pid, node
             if error:  # an actor cannot load its engine: every queued and later job fails with it
                 self._broken = f"engine worker failed to start: {error}"
-            else:
+            elif actor.state != "ready":
                 actor.state = "ready"
                 logger.info("Ray actor %d ready on node %s (pid %d)", actor.index, node[:12], pid)
                 self._dispatch_waiting()
@@ -694,6 +714,7 @@ class RayWorkerPool(SchedulingPool):
             return
         with self._lock:
             actor.jobs += len(jobs)
+            actor.last_answer = time.monotonic()
             actor.latencies.append(time.monotonic() - started)
         self._deliver(dispatch_id, results)
 
@@ -701,6 +722,10 @@ class RayWorkerPool(SchedulingPool):
         now = time.monotonic()
         with self._lock:
             for actor in self._actors:
+                if actor.liveness_sent is not None and now - actor.liveness_sent > self._deadline_s:
+                    actor.ping, actor.liveness_sent = None, None  # its answer, if it comes, is ignored
+                    self._lose(actor, None, f"worker {actor.index} did not answer its ping in {self._deadline_s:.1f} s")
+                    continue
                 dispatch_id = actor.dispatch_id if actor.call is not None else None
                 jobs = self._running.get(dispatch_id) if dispatch_id is not None else None
                 if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):

@@ -113,6 +113,7 @@ class SchedulingPool:
         self._completed = 0
         self._dispatches = 0
         self._broken: str | None = None  # why the pool cannot serve (its workers could not load)
+        self._exit_unsafe = False  # a backend left in a state the interpreter's teardown would crash on
 
     # ----------------------------------------------------------------- what every backend provides
     def start(self) -> None:
@@ -171,6 +172,16 @@ class SchedulingPool:
                 completed=self._completed,
                 dispatches=self._dispatches,
             )
+
+    @property
+    def exit_unsafe(self) -> bool:
+        """True after :meth:`close` left a backend that the interpreter's normal exit would crash on.
+
+        Ray's driver cannot leave a cluster whose GCS and raylets are gone: ``ray.shutdown()``
+        aborts the process and so does the interpreter's teardown. The process that owns such a
+        pool ends with ``os._exit`` once its own cleanup is done (latentsync.serving.ops.exit).
+        """
+        return self._exit_unsafe
 
     @property
     def broken(self) -> str | None:

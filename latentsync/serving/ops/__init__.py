@@ -2,7 +2,7 @@
 
 Nothing is re-exported; import from the modules: ``latentsync.serving.ops.systemd``,
 ``latentsync.serving.ops.logs``, ``latentsync.serving.ops.memory``, ``latentsync.serving.ops.threads``,
-``latentsync.serving.ops.procfs``, ``latentsync.serving.ops.sockets``.
+``latentsync.serving.ops.procfs``, ``latentsync.serving.ops.sockets``, ``latentsync.serving.ops.exit``.
 """
 
 __all__: list[str] = []

@@ -166,6 +166,15 @@ class Runtime:
         return self.channels.get(name)
 
     @property
+    def exit_unsafe(self) -> bool:
+        """True once :meth:`close` left a worker pool the interpreter's exit would crash on.
+
+        The process then ends with :func:`latentsync.serving.ops.exit.exit_now`
+        (``SchedulingPool.exit_unsafe``: a Ray cluster lost for good).
+        """
+        return self._pool is not None and self._pool.exit_unsafe
+
+    @property
     def work_dir(self) -> Path | None:
         """The main channel's private temporary directory (see :attr:`Channel.work_dir`)."""
         return self.main.work_dir
