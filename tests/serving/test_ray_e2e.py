@@ -17,6 +17,7 @@ import pytest
 
 from latentsync.serving.ops import procfs
 from tests.datafiles import media_file, speech_wav
+from tests.raycluster import RayCluster
 from tests.streamtools import Api, ServerProcess, StreamRecorder, analyse_recording, seconds_until
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
@@ -141,3 +142,46 @@ def test_the_gcs_killed_for_90_s_ends_neither_the_server_nor_the_stream(server, 
     assert after["ticking"] and after["dropped_ticks"] == before["dropped_ticks"] == 0, after
     assert not after["engine_ready"] and after["engine_error"], after  # the actors are gone: readiness says so
     assert status == 503 or late_done["status"] == "failed", (status, late_done)
+
+
+def test_a_cluster_unreachable_at_start_leaves_the_stream_on_air_and_the_engine_joins_when_it_comes(
+    rtmp_server, tmp_path
+):
+    """Issue 35: the server used to wait minutes in ``ray.init`` for a cluster that is not there.
+
+    Now nothing listening at ``pool.ray_address`` is seen in 5 s at most: the stream goes on air
+    at once, ``/health`` names the unreachable cluster as ``engine_error``, and the engine start is
+    retried until the cluster is up; then uploads work.
+    """
+    cluster = RayCluster()  # its address is chosen; nothing listens there yet
+    server = ServerProcess(
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"avatar.cache_dir={tmp_path / 'avatars'}",
+            "engine.name=parametric",
+            "pool.backend=ray",
+            f"pool.ray_address={cluster.address}",
+            f"stream.rtmp_url={rtmp_server.url(f'ray-late-{rtmp_server.port}')}",
+            "webrtc.enabled=false",
+        ],
+        tmp_path / "server.log",
+    ).start()
+    try:
+        server.wait_healthy()  # on air, engine or not
+        waiting = seconds_until(
+            lambda: "cannot reach the Ray cluster" in (server.health()[1].get("engine_error") or ""), 30
+        )
+        assert waiting is not None, server.health()
+        body = server.health()[1]
+        assert body["ticking"] and not body["engine_ready"], body
+        cluster.start()
+        assert seconds_until(lambda: server.health()[1].get("engine_ready"), 120) is not None, server.log()
+        api = Api(server.port)
+        status, task = api.post_audio(speech_wav(3.0))
+        assert status == 202, task
+        assert api.wait_task(task["task_id"], ("done", "failed"), 60)["status"] == "done"
+        assert server.health()[1]["dropped_ticks"] == 0
+    finally:
+        code, took_s = server.stop(15.0)
+        cluster.stop()
+    assert code == 0 and took_s < 15.0, server.log()

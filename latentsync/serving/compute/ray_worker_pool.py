@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import logging
 import os
+import socket
 import stat
 import statistics
 import tempfile
@@ -40,7 +41,7 @@ from latentsync.avatar import Avatar
 from latentsync.engines import ChunkResult
 from latentsync.serving.compute.engine_host import EngineHost
 from latentsync.serving.compute.jobs import ChunkJob, JobFailed
-from latentsync.serving.compute.scheduling_pool import Job, SchedulingPool, WorkerPoolError
+from latentsync.serving.compute.scheduling_pool import ClusterUnreachable, Job, SchedulingPool, WorkerPoolError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ IDLE_PING_S = 5.0
 GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 #: The default of ``pool.ray_gcs_timeout_s``, in seconds.
 GCS_TIMEOUT_S = 86400.0
+#: Seconds a TCP connect to the cluster's address may take at start (:meth:`RayWorkerPool._check_reachable`).
+REACH_TIMEOUT_S = 5.0
 
 
 def private_cache_dir() -> Path:
@@ -297,6 +300,7 @@ class RayWorkerPool(SchedulingPool):
         """Connect to (or start) Ray, place the actors and wait until every one loaded its engine.
 
         Raises:
+            ClusterUnreachable: If nothing accepts a connection at ``address`` (worth retrying).
             WorkerPoolError: If Ray is not installed or unreachable, an actor's engine failed to
                 load (its message is included), or no actor answered within ``start_timeout_s``
                 (the cluster has no room for them: the message says what each needs). Actors
@@ -317,6 +321,7 @@ class RayWorkerPool(SchedulingPool):
             init.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
             if self._object_store_mb:
                 init["object_store_memory"] = int(self._object_store_mb) * 1024 * 1024
+        self._check_reachable()
         try:
             if self._address is None:
                 self._start_private_ray(init)
@@ -347,6 +352,25 @@ class RayWorkerPool(SchedulingPool):
             raise
         self._monitor = threading.Thread(target=self._watch, name="ray-pool-monitor", daemon=True)
         self._monitor.start()
+
+    def _check_reachable(self) -> None:
+        """Refuse at once a cluster whose GCS (or Ray Client server) does not accept a connection.
+
+        ``ray.init`` towards an address where nothing listens waits minutes (Ray's own retries),
+        so the start is refused after a TCP connect of at most :data:`REACH_TIMEOUT_S` instead
+        (``auto`` and a private Ray are not checked).
+
+        Raises:
+            ClusterUnreachable: Naming the address and the connect error.
+        """
+        address = self._address
+        if address is None or address == "auto":
+            return
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+        except (OSError, ValueError) as exc:
+            raise ClusterUnreachable(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
     def _start_private_ray(self, init: dict[str, Any]) -> None:
         """Start a single-node Ray from a thread that lives until :meth:`close`.

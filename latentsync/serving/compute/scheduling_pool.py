@@ -30,6 +30,10 @@ class WorkerPoolError(RuntimeError):
     """The workers could not start (the message carries the worker's own error)."""
 
 
+class ClusterUnreachable(WorkerPoolError):
+    """The cluster the workers run on cannot be reached now (it may come back: worth retrying)."""
+
+
 @dataclass(kw_only=True)
 class Job:
     """A queued or running chunk job with its callbacks and its attempts."""

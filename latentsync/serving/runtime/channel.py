@@ -136,6 +136,8 @@ class Channel:
         on_ttff: Called with each task's time to first frame in seconds (metrics), or None.
         clips: Decoded idle clips shared with the other channels (None: decode its own).
         preparations: Avatar preparations shared with the other channels (None: its own).
+        engine_waiting: Why the shared engine is not started yet (a cluster unreachable at start,
+            retried), or None; ``/health`` reports it as ``engine_error`` until the pool runs.
     """
 
     def __init__(
@@ -146,8 +148,10 @@ class Channel:
         on_ttff: Callable[[float], None] | None = None,
         clips: ClipCache | None = None,
         preparations: AvatarPreparations | None = None,
+        engine_waiting: Callable[[], str | None] | None = None,
     ):
         self.name = name
+        self._engine_waiting = engine_waiting or (lambda: None)
         self.config = config
         self._on_ttff = on_ttff
         self._clips = clips or ClipCache()
@@ -681,7 +685,7 @@ class Channel:
             uptime_s=uptime_s,
             engine=self.config.engine.name.value,
             engine_ready=tasks is not None and pool is not None and pool.ready(),
-            engine_error=pool.problem if pool is not None else None,
+            engine_error=pool.problem if pool is not None else self._engine_waiting(),
             playlist=mixer.pending() if mixer else 0,
             tasks_waiting=tasks.waiting() if tasks else 0,
             tasks_admitted=tasks.admitted() if tasks else 0,

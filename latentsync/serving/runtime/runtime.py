@@ -46,7 +46,7 @@ from latentsync.config import (
     validate,
 )
 from latentsync.serving.avatars import AvatarStore
-from latentsync.serving.compute.scheduling_pool import SchedulingPool
+from latentsync.serving.compute.scheduling_pool import ClusterUnreachable, SchedulingPool
 from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.sink import EgressSink
@@ -83,6 +83,10 @@ __all__ = ["HEALTH_TICK_STALE_S", "SINK_START_TIMEOUT_S", "RestartNeeded", "Runt
 #: Seconds :meth:`Runtime.close` waits, in all, for channel starts still running (decoding a clip or
 #: preparing an avatar cannot be interrupted; what they built after the close is released by them).
 START_JOIN_TIMEOUT_S = 5.0
+#: Seconds before the first retry of an engine start whose cluster was unreachable (doubled each
+#: time up to :data:`ENGINE_RETRY_MAX_S`); the stream stays on air meanwhile.
+ENGINE_RETRY_S = 5.0
+ENGINE_RETRY_MAX_S = 60.0
 
 
 class RestartNeeded(Exception):
@@ -124,6 +128,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._started = False
         self._stopped = False  # set under _channels_lock too: no channel or pool is published after it
+        self._closing = threading.Event()  # set by close(): wakes an engine start waiting to retry
+        self._engine_waiting: str | None = None  # why the engine is not started yet (a cluster unreachable)
         self._others_started = False  # main is on air: a channel added from now starts at once
         self._start_threads: list[threading.Thread] = []  # channel starts still running (close() joins them)
         self._pool: SchedulingPool | None = None
@@ -150,7 +156,14 @@ class Runtime:
         return Avatar.load(path)
 
     def _new_channel(self, name: str, config: AppConfig) -> Channel:
-        return Channel(name, config, on_ttff=self._observe_ttff, clips=self._clips, preparations=self._preparations)
+        return Channel(
+            name,
+            config,
+            on_ttff=self._observe_ttff,
+            clips=self._clips,
+            preparations=self._preparations,
+            engine_waiting=lambda: self._engine_waiting,
+        )
 
     def _observe_ttff(self, seconds: float) -> None:
         self.metrics.observe_ttff(seconds)
@@ -241,7 +254,10 @@ class Runtime:
             latentsync.media.MediaProbeError: If ``main``'s video cannot be decoded.
             latentsync.avatar.FaceNotFoundError: If ``main``'s base video has too few faces.
             latentsync.serving.compute.scheduling_pool.WorkerPoolError: If the engine workers cannot start
-                (for example a missing checkpoint file; the message names it).
+                (for example a missing checkpoint file; the message names it). A Ray cluster that
+                cannot be reached (``ClusterUnreachable``) is not an error: the stream stays on air,
+                ``/health`` says why the engine is not ready, and the start is retried (every 5 s,
+                doubling to 60 s) until it succeeds or the runtime is closed.
         """
         with self._lock:
             if self._started or self._stopped:
@@ -352,10 +368,52 @@ class Runtime:
         main_avatar = self.main.avatar
         if main_avatar is None or self._stopped:  # closed while preparing
             return
+        t = time.monotonic()
+        pool = self._make_pool(main_avatar.path)
+        delay_s = ENGINE_RETRY_S
+        while True:
+            try:
+                pool.start()
+                break
+            except ClusterUnreachable as exc:  # the stream stays on air; the engine comes when the cluster does
+                pool.close()
+                self._engine_waiting = f"{exc} (retrying every {delay_s:.0f} s at most)"
+                logger.warning("engine: %s; the stream stays on air, retrying in %.0f s", exc, delay_s)
+                if self._closing.wait(delay_s):
+                    return
+                delay_s = min(2 * delay_s, ENGINE_RETRY_MAX_S)
+                pool = self._make_pool(main_avatar.path)
+            except BaseException:
+                pool.close()
+                raise
+        self._engine_waiting = None
+        with self._channels_lock:
+            published = not self._stopped  # close() closes the pool from here; before, this does
+            if published:
+                self._pool = pool
+            channels = list(self.channels.values())
+        if not published:
+            pool.close()
+            return
+        logger.info(
+            "%d %s engine worker(s) (%s) ready for %d channel(s) (%.1f s)",
+            pool.stats().workers,
+            cfg.engine.name.value,
+            cfg.pool.backend.value,
+            len(channels),
+            time.monotonic() - t,
+        )
+        for channel in channels:  # those whose start thread finished before the pool ran
+            self._attach(channel)
+        self._speech = SpeechService.from_config(cfg)
+        self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
+
+    def _make_pool(self, avatar_path: Path) -> SchedulingPool:
+        """The worker pool the config asks for (not started), serving ``avatar_path`` by default."""
+        cfg = self.config
         engine = cfg.engine
         latentsync = engine.name is EngineName.latentsync
         options: dict[str, Any] = {"config": engine.latentsync} if latentsync else {}  # the section (picklable)
-        t = time.monotonic()
         common = _PoolOptions(
             on_chunk_done=self.metrics.observe_chunk,
             max_batch=engine.max_batch_chunks,
@@ -371,7 +429,7 @@ class Runtime:
             pool = RayWorkerPool(
                 engine.name.value,
                 options,
-                avatar_path=main_avatar.path,
+                avatar_path=avatar_path,
                 workers=ray_cfg.ray_workers,
                 address=ray_cfg.ray_address,
                 cpus_per_worker=ray_cfg.ray_cpus_per_worker,
@@ -394,37 +452,13 @@ class Runtime:
             pool = WorkerPool(
                 engine.name.value,
                 options,
-                avatar_path=main_avatar.path,
+                avatar_path=avatar_path,
                 workers=workers,
                 devices=devices,
                 nice=engine.worker_nice,
                 **common,
             )
-        try:
-            pool.start()
-        except BaseException:
-            pool.close()
-            raise
-        with self._channels_lock:
-            published = not self._stopped  # close() closes the pool from here; before, this does
-            if published:
-                self._pool = pool
-            channels = list(self.channels.values())
-        if not published:
-            pool.close()
-            return
-        logger.info(
-            "%d %s engine worker(s) (%s) ready for %d channel(s) (%.1f s)",
-            pool.stats().workers,
-            engine.name.value,
-            cfg.pool.backend.value,
-            len(channels),
-            time.monotonic() - t,
-        )
-        for channel in channels:  # those whose start thread finished before the pool ran
-            self._attach(channel)
-        self._speech = SpeechService.from_config(cfg)
-        self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
+        return pool
 
     def close(self) -> None:
         """Stop every channel, then the shared workers; FFmpeg flushes; temp files go. Safe to call twice."""
@@ -432,6 +466,7 @@ class Runtime:
             if self._stopped:
                 return
             self._stopped = True  # from here uploads get 503, and no channel or pool is added
+        self._closing.set()
         steps: list[tuple[str, Callable[[], None] | None]] = [
             ("watchdog", self._watchdog.close),
             ("avatar preparation", self.avatars.close),
