@@ -67,6 +67,19 @@ GCS_TIMEOUT_S = 86400.0
 REACH_TIMEOUT_S = 5.0
 
 
+def _connect_problem(address: str) -> str | None:
+    """Why a TCP connection to ``host:port`` (or ``ray://host:port``) fails, or None when it succeeds.
+
+    Waits :data:`REACH_TIMEOUT_S` at most.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def private_cache_dir() -> Path:
     """The node's folder for avatar caches: ``<tmp>/latentsync-ray-<uid>``, made 0700, verified before use.
 
@@ -366,11 +379,16 @@ class RayWorkerPool(SchedulingPool):
         address = self._address
         if address is None or address == "auto":
             return
-        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if (problem := _connect_problem(address)) is not None:
+            raise ClusterUnreachable(f"cannot reach the Ray cluster at {address}: {problem}")
+
+    def _gcs_gone(self) -> bool:
+        """True when the connected cluster's GCS refuses connections (its head is gone)."""
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
-        except (OSError, ValueError) as exc:
-            raise ClusterUnreachable(f"cannot reach the Ray cluster at {address}: {exc}") from None
+            address = str(self._ray.get_runtime_context().gcs_address)
+        except Exception:  # a Ray Client connection has no local GCS client: its configured address
+            address = self._address or ""
+        return bool(address) and address != "auto" and _connect_problem(address) is not None
 
     def _start_private_ray(self, init: dict[str, Any]) -> None:
         """Start a single-node Ray from a thread that lives until :meth:`close`.
@@ -462,9 +480,9 @@ class RayWorkerPool(SchedulingPool):
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return
-        if self._cluster_error is not None or not any(a.state == "ready" for a in actors):
-            # Lost with its cluster (the GCS and the raylets gone): disconnecting from it aborts the
-            # process inside Ray (SIGABRT in ray.shutdown). Nothing of ours runs there any more.
+        if self._address is not None and self._gcs_gone():
+            # Lost with its cluster (the GCS gone): disconnecting from it aborts the process inside
+            # Ray (SIGABRT in ray.shutdown). Nothing of ours runs there any more.
             logger.warning("the Ray cluster is unreachable: leaving it without a disconnect")
             atexit.unregister(ray.shutdown)
             self._exit_unsafe = True
