@@ -919,6 +919,29 @@ def test_malformed_input_is_a_4xx_or_a_close_code_never_a_traceback(server):
     assert b'"bad_encoding"' in got, got[:200]
     rows.append(('/ws/speech `{"type": "start", "encoding": []}`', "`error` event `bad_encoding`"))
 
+    # A 70 s clip whose title tag reads like FFmpeg's own duration line: budgeted by its real length.
+    forged = server.tmp / "forged.mp4"
+    subprocess.run(
+        [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", "color=c=gray:s=64x64:r=5:d=70",
+         "-metadata", "title=Duration: 00:00:00.04, start: 0.000000, bitrate: 1 kb/s",
+         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-y", str(forged)],
+        check=True,
+        timeout=120,
+    )  # fmt: skip
+    boundary = "----hostile-forged"
+    status, body = call(
+        port,
+        "POST",
+        "/avatars",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="video_file"; filename="forged.mp4"\r\n\r\n'.encode()
+        + forged.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode(),
+        {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    row("POST /avatars: 70 s clip titled `Duration: 00:00:00.04` (`upload_max_s` 60)", status, code_of(body),
+        (400, "too_long"))  # fmt: skip
+    assert not [a for a in call(port, "GET", "/avatars")[1].get("avatars", []) if a.get("name") == "forged"]
+
     log = log_path.read_text(errors="replace")[log_from:]
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
     table("malformed input (issue 35): no traceback, no ERROR in the server log", rows)
