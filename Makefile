@@ -32,11 +32,12 @@ run: setup
 	@echo ""
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
-# Tests that run processes in real time (pyproject.toml markers); make test runs the others (the unit tier and
-# the slow CPU-only tests) at nice 19 beside them, so that they only take CPU the real-time ones leave idle.
+# Tiers are pytest markers (pyproject.toml; tests/conftest.py marks "unit" every test with none of the others).
+# make test runs the unit tier, then the rest, one after the other: beside the real-time tests, even at
+# nice 19, the unit tier made a browser test fail once.
 
 ## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the unit tier
-## first (make test-fast, about 80 s), then the tests that start servers, FFmpeg, browsers, workers or Ray
+## first (make test-fast, 90-110 s), then the tests that start servers, FFmpeg, browsers, workers or Ray
 test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
