@@ -64,6 +64,8 @@ class RayCluster:
         # token auth on when that file exists, which a private ray.init() creates); drivers of this
         # process and its children (the server under test) are told the same by start().
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+        # The nodes keep Ray's own GCS timeout (60 s): the tests of a lost GCS rely on it.
+        self.env.pop("RAY_gcs_rpc_server_reconnect_timeout_s", None)
         self._saved_auth_mode: str | None = None
         self.log = self.temp_dir / "ray-start.log"
 

@@ -254,7 +254,8 @@ class RayWorkerPool(SchedulingPool):
         object_store_mb: Object store of a private Ray in MB (None: Ray's default).
         gcs_timeout_s: Seconds this process waits for an unreachable GCS before Ray ends it
             (``pool.ray_gcs_timeout_s``; set as ``RAY_gcs_rpc_server_reconnect_timeout_s`` in this
-            process's environment before Ray starts, so a private Ray's GCS and raylet get it too).
+            process's environment while Ray starts, so a private Ray's GCS and raylet get it too,
+            then put back).
         start_timeout_s: Seconds every actor gets to answer its first ping at :meth:`start`.
         on_chunk_done, max_batch, max_avatars, deadline_s, max_queued: As for
             :class:`~latentsync.serving.compute.scheduling_pool.WorkerPool`.
@@ -326,15 +327,17 @@ class RayWorkerPool(SchedulingPool):
                 "pool.backend=ray needs the ray package: .venv/bin/pip install -r requirements-ray.txt"
             ) from None
         self._ray = ray
-        # Ray's core worker reads its settings from the environment when it starts: without this, a
-        # GCS unreachable for 60 s (Ray's default) ends the whole server, stream and all.
-        os.environ[GCS_TIMEOUT_ENV] = str(int(self._gcs_timeout_s))
         init: dict[str, Any] = dict(namespace=self._namespace, log_to_driver=False, logging_level=logging.WARNING)
         if self._address is None:
             init.update(include_dashboard=False, num_cpus=os.cpu_count() or 1)
             if self._object_store_mb:
                 init["object_store_memory"] = int(self._object_store_mb) * 1024 * 1024
         self._check_reachable()
+        # Ray's core worker reads its settings from the environment when it starts (and a private
+        # Ray's GCS and raylet inherit it): without this, a GCS unreachable for 60 s (Ray's default)
+        # ends the whole server, stream and all. Set for the start only, then put back as it was.
+        previous = os.environ.get(GCS_TIMEOUT_ENV)
+        os.environ[GCS_TIMEOUT_ENV] = str(int(self._gcs_timeout_s))
         try:
             if self._address is None:
                 self._start_private_ray(init)
@@ -343,6 +346,11 @@ class RayWorkerPool(SchedulingPool):
         except Exception as exc:
             where = f"the Ray cluster at {self._address}" if self._address else "a private Ray"
             raise WorkerPoolError(f"cannot reach {where}: {exc}") from exc
+        finally:
+            if previous is None:
+                os.environ.pop(GCS_TIMEOUT_ENV, None)
+            else:
+                os.environ[GCS_TIMEOUT_ENV] = previous
         try:
             self._workers = self._requested or self._default_workers()
             remote = ray.remote(EngineActor)
