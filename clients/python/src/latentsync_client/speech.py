@@ -22,6 +22,26 @@ from latentsync_client.errors import ConnectionFailed, ProtocolError, StreamClos
 
 Encoding = Literal["s16le", "f32le"]
 _SAMPLE_BYTES = {"s16le": 2, "f32le": 4}
+#: The error codes that answer a ``start`` message (docs/streaming-speech.md). Other errors read while
+#: waiting for that answer (``not_open`` for PCM still in flight after a cancel, a time bound...) are
+#: about earlier messages: they stay for the next reader.
+START_REFUSALS = frozenset(
+    {
+        "bad_json",
+        "bad_type",
+        "bad_encoding",
+        "bad_sample_rate",
+        "bad_channels",
+        "bad_parameter",
+        "already_open",
+        "too_many_streams",
+        "queue_full",
+        "starting",
+        "stopping",
+        "no_channel",
+        "too_many_connections",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +238,8 @@ class SpeechStream:
         self._open_timeout_s = open_timeout_s
         self._ws: ClientConnection | None = None
         self._held: deque[SpeechEvent] = deque()  # read by start()/wait_for() for a later reader
-        self._frame_bytes = 0  # bytes of one sample frame of the open utterance (0: none started)
+        self._frame_bytes = 0  # bytes of one sample frame of the utterance started last (0: none yet)
+        self._open = False  # an utterance was started and neither ended nor cancelled by this client
         self._encoding: Encoding = "s16le"
         self._sample_rate_hz = 0
         self._channels = 1
@@ -304,10 +325,15 @@ class SpeechStream:
         self._encoding, self._sample_rate_hz, self._channels = encoding, int(sample_rate_hz), int(channels)
         self._frame_bytes = _SAMPLE_BYTES[encoding] * max(1, int(channels))
         self.accepted = None
+        self._open = True
         await self._send(json.dumps(message))
         if not wait:
             return None
-        event = await self._wait_answer((Accepted,), timeout_s)
+        try:
+            event = await self._wait_answer((Accepted,), timeout_s)
+        except StreamRefused:
+            self._open = False
+            raise
         assert isinstance(event, Accepted)
         self.accepted = event
         return event
@@ -321,13 +347,14 @@ class SpeechStream:
                 (shape ``(n,)`` mono or ``(n, channels)`` interleaved). Empty input sends nothing.
 
         Raises:
-            RuntimeError: No utterance was started on this connection.
+            RuntimeError: No utterance is open: none was started, or this client ended or cancelled
+                it (PCM after a cancel is refused here, not sent).
             ValueError: The bytes are not a whole number of sample frames, or the array's dtype
                 does not match the encoding.
             StreamClosed: The server closed the connection.
         """
-        if self._frame_bytes == 0:
-            raise RuntimeError("start() an utterance before sending PCM")
+        if not self._open:
+            raise RuntimeError("no open utterance (none started, or ended or cancelled): start() one")
         data = self._pcm_bytes(pcm)
         if not data:
             return
@@ -356,6 +383,7 @@ class SpeechStream:
         """Send audio in packets of ``packet_s`` seconds at ``speed`` times real time (a live source).
 
         Paced on a fixed schedule from the first packet (``time.monotonic``), so errors never add up.
+        Stops quietly at the next packet once :meth:`cancel` or :meth:`end` was called meanwhile.
 
         Args:
             pcm: As :meth:`send_pcm`.
@@ -365,8 +393,8 @@ class SpeechStream:
         Raises:
             As :meth:`send_pcm`.
         """
-        if self._frame_bytes == 0:
-            raise RuntimeError("start() an utterance before sending PCM")
+        if not self._open:
+            raise RuntimeError("no open utterance (none started, or ended or cancelled): start() one")
         data = self._pcm_bytes(pcm)
         step = max(1, int(self._sample_rate_hz * packet_s)) * self._frame_bytes
         t0 = time.monotonic()
@@ -374,6 +402,8 @@ class SpeechStream:
             delay = t0 + k * packet_s / speed - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if not self._open:
+                return  # cancelled or ended while streaming: the rest is not sent
             await self.send_pcm(data[i : i + step])
 
     async def send_text(self, text: str, *, voice: str | None = None, rate_wpm: int | None = None) -> None:
@@ -401,6 +431,7 @@ class SpeechStream:
         Raises:
             StreamClosed: The server closed the connection.
         """
+        self._open = False
         await self._send(json.dumps({"type": "end"}))
 
     async def cancel(self) -> None:
@@ -409,6 +440,7 @@ class SpeechStream:
         Raises:
             StreamClosed: The server closed the connection.
         """
+        self._open = False
         await self._send(json.dumps({"type": "cancel"}))
 
     async def next_event(self, timeout_s: float | None = None) -> SpeechEvent | None:
@@ -480,7 +512,7 @@ class SpeechStream:
                 event = await self.next_event(max(0.0, deadline - time.monotonic()))
                 if event is None:
                     raise StreamClosed(1000, "closed before the server answered")
-                if isinstance(event, ErrorEvent):
+                if isinstance(event, ErrorEvent) and event.code in START_REFUSALS:
                     raise StreamRefused(event.message, code=event.code)
                 if isinstance(event, kinds):
                     return event
