@@ -64,5 +64,6 @@ def closed_error(exc: websockets.ConnectionClosed) -> StreamClosed:
 
 
 def is_normal_close(exc: websockets.ConnectionClosed) -> bool:
-    """True for a normal close (1000) by either side."""
-    return isinstance(exc, websockets.ConnectionClosedOK)
+    """True for a normal close (1000) only: 1001 ``going_away`` (the server or the channel stopped) is not."""
+    frame = exc.rcvd if exc.rcvd is not None else exc.sent
+    return frame is not None and frame.code == 1000

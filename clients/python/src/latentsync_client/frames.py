@@ -72,7 +72,7 @@ class Disconnected:
     Attributes:
         error: What ended it (:class:`StreamClosed` with the close code, :class:`ConnectionFailed`,
             :class:`~latentsync_client.errors.Unavailable` ``starting``...).
-        attempt: Reconnect attempts made since the last good connection (1 for the first).
+        attempt: Connections lost since the last frame received (1 for the first).
         retry_in_s: Seconds until the next attempt.
     """
 
@@ -105,7 +105,8 @@ class Backoff:
         factor: Growth per attempt.
         max_s: Longest delay in seconds.
         jitter: Random fraction added or taken (0.1: ±10 %).
-        max_attempts: Give up (raise the last error) after this many attempts in a row (None: never).
+        max_attempts: Give up (raise the last error) after this many losses without a frame between
+            them (None: never).
     """
 
     initial_s: float = 0.5
@@ -164,6 +165,55 @@ class FramesStream:
         self.reconnects = 0
         self._ws: ClientConnection | None = None
         self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        format: VideoFormat | str = VideoFormat.jpeg,
+        width: int | None = None,
+        height: int | None = None,
+        audio: AudioFormat | str = AudioFormat.pcm_s16le,
+        reconnect: bool = False,
+        backoff: Backoff | None = None,
+        receive_timeout_s: float = 10.0,
+        open_timeout_s: float = 10.0,
+    ) -> FramesStream:
+        """A stream of a full WebSocket URL (``ws://host:11001/channels/hall/ws/frames``), the token as a header.
+
+        Args:
+            url: The frames WebSocket's URL (a ``?ticket=`` in it serves one connection only).
+            token: Sent as ``Authorization: Bearer`` (None: none).
+            format: ``jpeg``, ``h264`` or ``rgb24``.
+            width: Frame width in pixels (None: the channel's).
+            height: Frame height in pixels (None: the channel's).
+            audio: ``pcm_s16le`` or ``none``.
+            reconnect: Reconnect with ``backoff`` when the connection is lost.
+            backoff: The reconnect delays.
+            receive_timeout_s: Seconds without a message after which the connection counts as lost.
+            open_timeout_s: Seconds for each connection and handshake.
+
+        Raises:
+            ValueError: An unknown format or a size under 16 pixels.
+        """
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+        async def target() -> tuple[str, dict[str, str]]:
+            return url, headers
+
+        return cls(
+            target,
+            format=format,
+            width=width,
+            height=height,
+            audio=audio,
+            reconnect=reconnect,
+            backoff=backoff,
+            receive_timeout_s=receive_timeout_s,
+            open_timeout_s=open_timeout_s,
+        )
 
     async def connect(self) -> FramesStream:
         """Connect and send the hello; :attr:`ready` is the server's answer. Safe to call twice.
@@ -233,28 +283,19 @@ class FramesStream:
 
     async def _iterate(self) -> AsyncIterator[FramesEvent]:
         await self.connect()
+        failures = 0  # connections lost since the last frame received
+        error: LatentSyncError | None = None
         while not self._closed:
-            try:
-                frame = await self._next_frame()
-                if frame is None:
-                    if not self.reconnect:
-                        return
-                    raise StreamClosed(1000, "closed by the server")
-                yield frame
-                continue
-            except LatentSyncError as exc:
-                if not self._retryable(exc):
-                    raise
-                error: LatentSyncError = exc
-            await self._drop()
-            attempt = 0
-            while not self._closed:
-                attempt += 1
-                if self.backoff.max_attempts is not None and attempt > self.backoff.max_attempts:
+            if self._ws is None:  # lost: wait, then try again
+                assert error is not None
+                failures += 1
+                if self.backoff.max_attempts is not None and failures > self.backoff.max_attempts:
                     raise error
-                delay = self.backoff.delay_s(attempt)
-                yield Disconnected(error=error, attempt=attempt, retry_in_s=delay)
+                delay = self.backoff.delay_s(failures)
+                yield Disconnected(error=error, attempt=failures, retry_in_s=delay)
                 await asyncio.sleep(delay)
+                if self._closed:
+                    return
                 try:
                     await self._open()
                 except LatentSyncError as exc:
@@ -264,8 +305,22 @@ class FramesStream:
                     continue
                 self.reconnects += 1
                 assert self.ready is not None
-                yield Reconnected(ready=self.ready, attempts=attempt)
-                break
+                yield Reconnected(ready=self.ready, attempts=failures)
+                continue
+            try:
+                frame = await self._next_frame()
+                if frame is None:
+                    if not self.reconnect:
+                        return
+                    raise StreamClosed(1000, "closed by the server")
+            except LatentSyncError as exc:
+                if not self._retryable(exc):
+                    raise
+                error = exc
+                await self._drop()
+                continue
+            failures = 0
+            yield frame
 
     def _retryable(self, exc: LatentSyncError) -> bool:
         if not self.reconnect or self._closed:
