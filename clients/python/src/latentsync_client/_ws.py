@@ -15,6 +15,7 @@ async def open_websocket(
     headers: dict[str, str],
     max_size: int | None,
     open_timeout_s: float,
+    max_queue: int | None = 16,
 ) -> ClientConnection:
     """Open one WebSocket; a refused handshake raises the server's error as its typed exception.
 
@@ -22,6 +23,8 @@ async def open_websocket(
         url: ``ws://`` or ``wss://`` URL (with ``?ticket=`` when a ticket is used).
         headers: Handshake headers (``Authorization``...).
         max_size: Largest message to accept in bytes (None: no limit).
+        max_queue: Messages received and not yet read before the socket is no longer read (None: no
+            bound; the speech stream's events are small and must never hold up the server's sends).
         open_timeout_s: Seconds for the TCP connection and the handshake.
 
     Returns:
@@ -39,6 +42,7 @@ async def open_websocket(
             additional_headers=headers,
             compression=None,
             max_size=max_size,
+            max_queue=max_queue,
             open_timeout=open_timeout_s,
             proxy=None,
             ping_interval=20,

@@ -257,7 +257,7 @@ class SpeechStream:
         """
         if self._ws is None:
             self._ws = await open_websocket(
-                self.url, headers=self._headers, max_size=1 << 20, open_timeout_s=self._open_timeout_s
+                self.url, headers=self._headers, max_size=1 << 20, open_timeout_s=self._open_timeout_s, max_queue=None
             )
         return self
 
