@@ -134,7 +134,7 @@ def test_rest_round_trip_upload_to_done(server):
 def test_speech_stream_events_in_order_to_done(server):
     async def run():
         async with AsyncClient(url(server), token=TOKEN) as client:
-            async with await client.speech() as stream:
+            async with client.speech() as stream:
                 accepted = await stream.start(16000, seed=7)
                 assert isinstance(accepted, Accepted)
                 await stream.stream_pcm(pcm(2.0, 16000), packet_s=0.02, speed=1.0)
@@ -157,7 +157,8 @@ def test_speech_stream_events_in_order_to_done(server):
 def test_speech_cancel_mid_utterance(server):
     async def run():
         async with AsyncClient(url(server), token=TOKEN) as client:
-            async with await client.speech() as stream:
+            stream = await client.speech()  # awaited rather than entered: closed below
+            try:
                 accepted = await stream.start(24000)
                 audio = pcm(4.0, 24000)
                 sender = asyncio.create_task(stream.stream_pcm(audio, speed=1.0))
@@ -167,7 +168,7 @@ def test_speech_cancel_mid_utterance(server):
                 await stream.cancel()
                 done = await stream.wait_for(Done, timeout_s=10)
                 took = time.monotonic() - t
-                sender.cancel()
+                await asyncio.wait_for(sender, 1.0)  # stream_pcm stops by itself at its next packet
                 assert done.status == "cancelled" and done.task_id == accepted.task_id, done
                 assert took < 3.0
                 assert (await client.task(accepted.task_id)).status == "cancelled"
@@ -176,6 +177,9 @@ def test_speech_cancel_mid_utterance(server):
                 await stream.send_pcm(pcm(0.5, 16000))
                 await stream.end()
                 assert (await stream.wait_for(Done, timeout_s=30)).task_id == again.task_id
+            finally:
+                await stream.close()
+            assert stream.closed
 
     asyncio.run(run())
 
@@ -229,7 +233,7 @@ def test_frames_stream_headers_pts_and_pcm_per_tick(server):
 def test_pcm_rates_and_stereo_are_played(server, rate, channels):
     async def run():
         async with AsyncClient(url(server), token=TOKEN) as client:
-            async with await client.speech() as stream:
+            async with client.speech() as stream:
                 accepted = await stream.start(rate, channels=channels)
                 await stream.send_pcm(pcm(0.6, rate, channels))
                 await stream.end()
@@ -244,7 +248,7 @@ def test_pcm_rates_and_stereo_are_played(server, rate, channels):
 def test_bad_formats_empty_segment_refused_clearly(server):
     async def run():
         async with AsyncClient(url(server), token=TOKEN) as client:
-            async with await client.speech() as stream:
+            async with client.speech() as stream:
                 for kwargs, code in (
                     ({"sample_rate_hz": 7999}, "bad_sample_rate"),
                     ({"sample_rate_hz": 16000, "channels": 9}, "bad_channels"),
@@ -319,7 +323,7 @@ def test_no_channel_and_wrong_token_are_typed_and_nothing_is_left_open(server):
 
     async def round_of_everything(client: AsyncClient) -> None:
         await refusals(server.port)
-        async with await client.speech() as stream:  # a refused start, then an utterance dropped mid-way
+        async with client.speech() as stream:  # a refused start, then an utterance dropped mid-way
             with pytest.raises(StreamRefused):
                 await stream.start(100)
             await stream.start(16000)

@@ -273,7 +273,7 @@ def test_send_pcm_checks_whole_sample_frames_and_dtype():
     np = pytest.importorskip("numpy")
     from latentsync_client.speech import SpeechStream
 
-    stream = SpeechStream("ws://127.0.0.1:1/ws/speech", headers={})
+    stream = SpeechStream.from_url("ws://127.0.0.1:1/ws/speech")
     sent: list = []
 
     async def fake_send(data):

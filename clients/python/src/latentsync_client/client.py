@@ -422,22 +422,22 @@ class AsyncClient:
             headers["Authorization"] = f"Bearer {self.token}"
         return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + path, query, "")), headers
 
-    async def speech(self, *, channel: str | None = None, open_timeout_s: float = 10.0) -> SpeechStream:
-        """Open a channel's ``/ws/speech``: ``async with await client.speech() as stream:``.
+    def speech(self, *, channel: str | None = None, open_timeout_s: float = 10.0) -> SpeechStream:
+        """A channel's ``/ws/speech``: ``async with client.speech() as stream:`` (or ``await client.speech()``).
 
         Args:
             channel: The channel (None: the client's).
             open_timeout_s: Seconds for the connection and handshake.
 
         Returns:
-            The connected :class:`~latentsync_client.speech.SpeechStream`.
+            The :class:`~latentsync_client.speech.SpeechStream`, connected by ``async with`` or ``await``.
 
         Raises:
             NotFound: ``no_channel``. Unauthorized: wrong token or ticket.
-            Unavailable: ``too_many_connections``. ConnectionFailed: unreachable.
+            Unavailable: ``too_many_connections``. ConnectionFailed: unreachable. All when it connects.
         """
-        url, headers = await self._ws_target(self._path("/ws/speech", channel))
-        return await SpeechStream(url, headers=headers, open_timeout_s=open_timeout_s).connect()
+        path = self._path("/ws/speech", channel)
+        return SpeechStream(lambda: self._ws_target(path), open_timeout_s=open_timeout_s)
 
     def frames(
         self,

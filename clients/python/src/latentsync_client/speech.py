@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -222,19 +222,21 @@ PcmLike = bytes | bytearray | memoryview | _Samples
 class SpeechStream:
     """One connection to a channel's ``/ws/speech``.
 
-    Made by :meth:`latentsync_client.AsyncClient.speech`; use as ``async with``. Events are read with
-    ``async for event in stream`` (ends after a normal close), :meth:`next_event` or :meth:`wait_for`;
-    one reader at a time.
+    Made by :meth:`latentsync_client.AsyncClient.speech`; connected by ``async with``, ``await`` or
+    :meth:`connect`. Events are read with ``async for event in stream`` (ends after a normal close),
+    :meth:`next_event` or :meth:`wait_for`; one reader at a time.
 
     Args:
-        url: The WebSocket URL (``ws://host:port[/channels/<name>]/ws/speech``).
-        headers: Handshake headers (``Authorization: Bearer ...``; empty with a ticket in ``url``).
+        target: Awaitable giving ``(url, headers)``: the WebSocket URL
+            (``ws://host:port[/channels/<name>]/ws/speech``, with ``?ticket=`` when tickets are used)
+            and the handshake headers (``Authorization: Bearer ...``).
         open_timeout_s: Seconds for the connection and handshake.
     """
 
-    def __init__(self, url: str, *, headers: dict[str, str], open_timeout_s: float = 10.0):
-        self.url = url
-        self._headers = headers
+    def __init__(
+        self, target: Callable[[], Awaitable[tuple[str, dict[str, str]]]], *, open_timeout_s: float = 10.0
+    ) -> None:
+        self._target = target
         self._open_timeout_s = open_timeout_s
         self._ws: ClientConnection | None = None
         self._held: deque[SpeechEvent] = deque()  # read by start()/wait_for() for a later reader
@@ -256,10 +258,31 @@ class SpeechStream:
             ConnectionFailed: The server cannot be reached.
         """
         if self._ws is None:
+            url, headers = await self._target()
             self._ws = await open_websocket(
-                self.url, headers=self._headers, max_size=1 << 20, open_timeout_s=self._open_timeout_s, max_queue=None
+                url, headers=headers, max_size=1 << 20, open_timeout_s=self._open_timeout_s, max_queue=None
             )
+            self.closed = False
         return self
+
+    @classmethod
+    def from_url(cls, url: str, *, token: str | None = None, open_timeout_s: float = 10.0) -> SpeechStream:
+        """A stream of a full WebSocket URL (``ws://host:11001/channels/hall/ws/speech``), the token as a header.
+
+        Args:
+            url: The speech WebSocket's URL.
+            token: Sent as ``Authorization: Bearer`` (None: none).
+            open_timeout_s: Seconds for the connection and handshake.
+        """
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+        async def target() -> tuple[str, dict[str, str]]:
+            return url, headers
+
+        return cls(target, open_timeout_s=open_timeout_s)
+
+    def __await__(self) -> Generator[Any, None, SpeechStream]:
+        return self.connect().__await__()
 
     async def __aenter__(self) -> SpeechStream:
         return await self.connect()
@@ -269,7 +292,7 @@ class SpeechStream:
 
     def _conn(self) -> ClientConnection:
         if self._ws is None:
-            raise RuntimeError("SpeechStream is not connected: use 'async with' or await connect()")
+            raise RuntimeError("SpeechStream is not connected: use 'async with' or 'await'")
         return self._ws
 
     async def _send(self, data: str | bytes) -> None:
