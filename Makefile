@@ -51,12 +51,13 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
 
 ## lint: ruff, the format check, the import contracts of latentsync (pyproject.toml [tool.importlinter]) and mypy
-## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly)
+## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly) and, strictly, the client
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(VENV)/bin/mypy latentsync/serving
+	$(VENV)/bin/mypy --strict clients/python/src
 
 ## format: reformat the tree (what make test checks)
 format: setup

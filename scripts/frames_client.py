@@ -11,11 +11,15 @@ go into the MP4 as they came (MJPEG), H.264 access units too (stream copy); rgb2
 encoded to H.264. ``--index`` writes one JSON line per message header, ``--wav`` the exact PCM.
 While it runs, the live count of ticks received and lost is shown on stderr; at the end one JSON
 summary goes to stdout.
+
+The protocol is spoken by the Python client (clients/python, ``latentsync_client``); this script only
+writes files.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fractions
 import json
 import sys
@@ -25,11 +29,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import simple_websocket
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# this checkout's client first (requirements.txt also installs it into .venv, editable)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python" / "src"))
 
-from latentsync.serving.egress.frames_protocol import VideoFormat, split_message  # noqa: E402
+from latentsync_client import Frame, FramesStream, LatentSyncError, StreamClosed, VideoFormat  # noqa: E402
 
 
 class Mp4Writer:
@@ -110,6 +114,72 @@ class Mp4Writer:
         self.container.close()
 
 
+async def receive(args: argparse.Namespace, summary: dict) -> None:
+    """Connect, write every tick until ``--seconds`` of them; a close by the server ends it (in ``summary``)."""
+    stream = FramesStream.from_url(
+        args.url, token=args.token, format=args.format, width=args.width, height=args.height, audio=args.audio
+    )
+    writer = index = wav = None
+    try:
+        await stream.connect()
+        assert stream.ready is not None
+        ready = stream.ready.raw
+        summary["ready"] = ready
+        want_ticks = int(round(args.seconds * ready["fps"]))
+        writer = Mp4Writer(args.out, ready)
+        index = args.index.open("w") if args.index else None
+        if args.wav:
+            wav = wave.open(str(args.wav), "wb")
+            wav.setnchannels(1)
+            wav.setsampwidth(2)
+            wav.setframerate(ready["sample_rate_hz"])
+        last_shown = time.monotonic()
+        first = last = None
+        async for frame in stream:
+            assert isinstance(frame, Frame)  # no reconnect: nothing else comes
+            header = frame.header
+            if first is None:
+                first = header.tick
+            elif header.dropped_ticks and wav is not None:
+                silence = writer.audio_position(header.tick) - writer.audio_position(last + 1)
+                wav.writeframes(bytes(2 * silence))
+            last = header.tick
+            summary["ticks"] += 1
+            summary["lost_ticks"] += header.dropped_ticks
+            summary["keyframes"] += int(header.keyframe)
+            writer.write(header, memoryview(frame.video), memoryview(frame.audio))
+            if wav is not None:
+                wav.writeframes(frame.audio)
+            if index is not None:
+                row = {
+                    "tick": header.tick,
+                    "pts_us": header.pts_us,
+                    "state": header.state.name,
+                    "task_id": header.task_id,
+                    "keyframe": header.keyframe,
+                    "dropped_ticks": header.dropped_ticks,
+                    "width": header.width,
+                    "height": header.height,
+                    "video_bytes": header.video_bytes,
+                    "audio_bytes": header.audio_bytes,
+                    "sample_rate_hz": header.sample_rate_hz,
+                }
+                index.write(json.dumps(row) + "\n")
+            if not args.quiet and time.monotonic() - last_shown >= 1.0:
+                last_shown = time.monotonic()
+                print(f"\r{summary['ticks']} ticks, {summary['lost_ticks']} lost", end="", file=sys.stderr, flush=True)
+            if summary["ticks"] >= want_ticks:
+                break
+        summary.update(first_tick=first, last_tick=last)
+    except StreamClosed as exc:
+        summary.update(close_code=exc.close_code, close_reason=exc.reason)
+    finally:
+        await stream.close()
+        for thing in (writer, index, wav):
+            if thing is not None:
+                thing.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="ws://127.0.0.1:11001/ws/frames", help="the frames WebSocket's URL")
@@ -127,73 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no live count on stderr")
     args = parser.parse_args(argv)
 
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    ws = simple_websocket.Client.connect(args.url, headers=headers)
-    hello = {"type": "hello", "format": args.format, "audio": args.audio}
-    hello.update({k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None})
-    ws.send(json.dumps(hello))
     summary: dict = {"ticks": 0, "lost_ticks": 0, "keyframes": 0, "close_code": None, "close_reason": None}
-    writer = index = wav = None
     try:
-        ready = json.loads(ws.receive(timeout=10))
-        if ready.get("type") != "ready":
-            raise RuntimeError(f"expected a ready message, got {ready}")
-        summary["ready"] = ready
-        want_ticks = int(round(args.seconds * ready["fps"]))
-        writer = Mp4Writer(args.out, ready)
-        index = args.index.open("w") if args.index else None
-        if args.wav:
-            wav = wave.open(str(args.wav), "wb")
-            wav.setnchannels(1)
-            wav.setsampwidth(2)
-            wav.setframerate(ready["sample_rate_hz"])
-        last_shown = time.monotonic()
-        first = last = None
-        while summary["ticks"] < want_ticks:
-            message = ws.receive(timeout=10)
-            if message is None:
-                raise RuntimeError("no tick for 10 s")
-            if isinstance(message, str):
-                continue  # JSON messages after ready are for later versions
-            header, video, audio = split_message(message)
-            if first is None:
-                first = header.tick
-            elif header.dropped_ticks and wav is not None:
-                silence = writer.audio_position(header.tick) - writer.audio_position(last + 1)
-                wav.writeframes(bytes(2 * silence))
-            last = header.tick
-            summary["ticks"] += 1
-            summary["lost_ticks"] += header.dropped_ticks
-            summary["keyframes"] += int(header.keyframe)
-            writer.write(header, video, audio)
-            if wav is not None:
-                wav.writeframes(audio)
-            if index is not None:
-                row = {
-                    "tick": header.tick,
-                    "pts_us": header.pts_us,
-                    "state": header.state.name,
-                    "task_id": header.task,
-                    "keyframe": header.keyframe,
-                    "dropped_ticks": header.dropped_ticks,
-                    "width": header.width,
-                    "height": header.height,
-                    "video_bytes": header.video_bytes,
-                    "audio_bytes": header.audio_bytes,
-                    "sample_rate_hz": header.sample_rate_hz,
-                }
-                index.write(json.dumps(row) + "\n")
-            if not args.quiet and time.monotonic() - last_shown >= 1.0:
-                last_shown = time.monotonic()
-                print(f"\r{summary['ticks']} ticks, {summary['lost_ticks']} lost", end="", file=sys.stderr, flush=True)
-        summary.update(first_tick=first, last_tick=last)
-    except simple_websocket.ConnectionClosed as exc:
-        summary.update(close_code=exc.reason, close_reason=exc.message)
-    finally:
-        ws.close()
-        for thing in (writer, index, wav):
-            if thing is not None:
-                thing.close()
+        asyncio.run(receive(args, summary))
+    except LatentSyncError as exc:  # refused at the handshake (401, 404, 429, 503...) or unreachable
+        print(f"frames_client: {exc}", file=sys.stderr)
+        return 2
     if not args.quiet:
         print(file=sys.stderr)
     print(json.dumps(summary))

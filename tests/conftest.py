@@ -10,10 +10,17 @@ marker it lacks.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.raycluster import RayCluster, require_ray
 from tests.streamtools import RtmpServer, ServerProcess, require_rtmp_tools
+
+# The client package (clients/python, ``latentsync_client``) of THIS checkout comes first: requirements.txt installs
+# it editable into .venv, and a worktree sharing another checkout's .venv would import that checkout's copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python" / "src"))
 
 #: Markers that put a test outside the unit tier.
 HEAVY_MARKERS = ("slow", "rtmp", "server", "ffmpeg", "workers", "ray", "browser", "gpu")

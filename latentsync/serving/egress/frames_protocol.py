@@ -1,8 +1,10 @@
 """The frames WebSocket's wire format (``/ws/frames``): the hello, the ready answer, the per-tick header.
 
 Everything a client needs is in docs/frames-protocol.md; this module is its executable form, shared
-by the server (:mod:`latentsync.serving.egress.frames`) and the reference client
-(``scripts/frames_client.py``). It imports nothing heavier than :mod:`struct` and :mod:`json`.
+by the server (:mod:`latentsync.serving.egress.frames`) and its tests. The Python client
+(``clients/python``, ``latentsync_client.frames_protocol``) has its own parser, written from the document
+and checked against :meth:`FrameHeader.pack` by ``tests/client/``. It imports nothing heavier than
+:mod:`struct` and :mod:`json`.
 
 One binary message per tick: a :data:`HEADER_BYTES`-byte little-endian header
 (:class:`FrameHeader`), then ``video_bytes`` of video payload, then ``audio_bytes`` of audio.
