@@ -31,16 +31,14 @@ from __future__ import annotations
 import errno
 import logging
 import selectors
-import threading
 import time
-from collections import Counter
 from functools import partial
 from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from latentsync.config import load_config_from_environment
-from latentsync.serving.api.http_server import REFUSAL, REFUSAL_LOG_INTERVAL_S
+from latentsync.serving.api.http_server import AddressSlots, Refusals
 from latentsync.serving.api.proxies import TrustedProxies
 
 __all__ = ["MAX_HEAD_BYTES", "GuardedConnection", "GuardedThreadWorker"]
@@ -102,7 +100,6 @@ class GuardedThreadWorker(ThreadWorker):
     (exempt from that cap).
 
     Attributes:
-        refused: Connections answered 503 over the per-address cap since the worker started.
         timed_out: Connections closed because their head was not complete in time.
     """
 
@@ -112,14 +109,15 @@ class GuardedThreadWorker(ThreadWorker):
         self.header_timeout_s = float(server_config.header_timeout_s)
         self.body_timeout_s = float(server_config.body_timeout_s)
         self.max_connections_per_ip = int(server_config.max_connections_per_ip)
-        self.trusted_proxies = TrustedProxies(server_config.trusted_proxies)
-        self._per_ip: Counter[str] = Counter()
-        self._ip_lock = threading.Lock()
+        self._slots = AddressSlots(self.max_connections_per_ip, TrustedProxies(server_config.trusted_proxies))
+        self._refusals = Refusals(f"server.max_connections_per_ip = {self.max_connections_per_ip}")
         self._heads: dict[GuardedConnection, None] = {}  # insertion order = deadline order
-        self.refused = 0
         self.timed_out = 0
-        self._refusals_logged_at = 0.0
-        self._refusals_since_log = 0
+
+    @property
+    def refused(self) -> int:
+        """Connections answered 503 over the per-address cap since the worker started."""
+        return self._refusals.count
 
     # ------------------------------------------------------------------ admission
     def accept(self, listener: Any) -> None:
@@ -131,12 +129,9 @@ class GuardedThreadWorker(ThreadWorker):
                 raise
             return
         ip = client[0] if isinstance(client, tuple) else str(client)
-        with self._ip_lock:
-            admitted = self._per_ip[ip] < self.max_connections_per_ip or self.trusted_proxies.trusts(ip)
-            if admitted:
-                self._per_ip[ip] += 1
-        if not admitted:
-            self._refuse(sock, ip)
+        if not self._slots.take(ip):
+            self._refusals.refuse(sock, ip)
+            sock.close()
             return
         self.nr_conns += 1
         conn = GuardedConnection(self.cfg, sock, client, listener.getsockname(), worker=self, ip=ip)
@@ -148,31 +143,7 @@ class GuardedThreadWorker(ThreadWorker):
 
     def release(self, ip: str) -> None:
         """Give back one of ``ip``'s places (a connection closed)."""
-        with self._ip_lock:
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
-
-    def _refuse(self, sock: Any, ip: str) -> None:
-        self.refused += 1
-        try:
-            sock.setblocking(False)  # never wait in the event loop
-            sock.send(REFUSAL)
-        except OSError:
-            pass
-        finally:
-            sock.close()
-        now = time.monotonic()
-        self._refusals_since_log += 1
-        if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
-            logger.warning(
-                "refused %d connection(s) over server.max_connections_per_ip = %d (last from %s)",
-                self._refusals_since_log,
-                self.max_connections_per_ip,
-                ip,
-            )
-            self._refusals_logged_at = now
-            self._refusals_since_log = 0
+        self._slots.give_back(ip)
 
     # ------------------------------------------------------------------ heads in the event loop
     def _await_head(self, conn: GuardedConnection) -> None:

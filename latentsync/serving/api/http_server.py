@@ -48,6 +48,77 @@ REFUSAL = (
 REFUSAL_LOG_INTERVAL_S = 10.0
 
 
+class AddressSlots:
+    """Open connections per client address, at most ``max_per_ip`` each (thread-safe).
+
+    Shared by both listeners: :class:`GuardedWSGIServer` (``infer_serv.py``) and gunicorn's
+    :class:`~latentsync.serving.api.gunicorn_worker.GuardedThreadWorker`.
+
+    Args:
+        max_per_ip: ``server.max_connections_per_ip``.
+        trusted_proxies: Addresses exempt from the cap (``server.trusted_proxies``: a proxy carries
+            many clients); their connections are still counted.
+    """
+
+    def __init__(self, max_per_ip: int, trusted_proxies: TrustedProxies | None = None):
+        self.max_per_ip = max_per_ip
+        self.trusted_proxies = trusted_proxies or TrustedProxies([])
+        self._lock = threading.Lock()
+        self._per_ip: Counter[str] = Counter()
+
+    def take(self, ip: str) -> bool:
+        """Take a place for a new connection from ``ip``; False when its address is at the cap."""
+        with self._lock:
+            if self._per_ip[ip] >= self.max_per_ip and not self.trusted_proxies.trusts(ip):
+                return False
+            self._per_ip[ip] += 1
+            return True
+
+    def give_back(self, ip: str) -> None:
+        """Give back a place of ``ip`` (one of its connections closed)."""
+        with self._lock:
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+
+class Refusals:
+    """Answers connections over a cap with :data:`REFUSAL`, counts them, and logs at most one line per interval.
+
+    Args:
+        limits: How the log line names the caps (``"64 per address, 512 in all"``).
+        interval_s: Seconds between two log lines (:data:`REFUSAL_LOG_INTERVAL_S`; an attack must
+            not flood the log).
+
+    Attributes:
+        count: Connections refused so far.
+    """
+
+    def __init__(self, limits: str, interval_s: float = REFUSAL_LOG_INTERVAL_S):
+        self._limits = limits
+        self._interval_s = interval_s
+        self._logged_at = 0.0
+        self._since_log = 0
+        self.count = 0
+
+    def refuse(self, sock: socket.socket, ip: str) -> None:
+        """Send :data:`REFUSAL` without waiting (the caller closes ``sock``) and count it; never raises."""
+        self.count += 1
+        try:
+            sock.setblocking(False)  # never wait in the accepting thread or the event loop
+            sock.send(REFUSAL)
+        except OSError:
+            pass
+        now = time.monotonic()
+        self._since_log += 1
+        if now - self._logged_at >= self._interval_s:
+            logger.warning(
+                "refused %d connection(s) over the caps (last from %s; %s)", self._since_log, ip, self._limits
+            )
+            self._logged_at = now
+            self._since_log = 0
+
+
 class DeadlineRequestHandler(QueryRedactingRequestHandler):
     """Request handler whose socket reads and writes have deadlines (see the module docstring).
 
@@ -116,14 +187,16 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         self.body_timeout_s = body_timeout_s
         self.max_connections_per_ip = max_connections_per_ip
         self.max_connections = max_connections
-        self.trusted_proxies = trusted_proxies or TrustedProxies([])
+        self._slots = AddressSlots(max_connections_per_ip, trusted_proxies)
+        self._refusals = Refusals(f"{max_connections_per_ip} per address, {max_connections} in all")
         self._lock = threading.Lock()
-        self._per_ip: Counter[str] = Counter()
         self._open: dict[Any, str] = {}  # socket -> its client address
-        self.refused = 0
-        self._refusals_logged_at = 0.0
-        self._refusals_since_log = 0
         super().__init__(host, port, app, handler)
+
+    @property
+    def refused(self) -> int:
+        """Connections answered 503 over the caps so far."""
+        return self._refusals.count
 
     @property
     def open_connections(self) -> int:
@@ -139,42 +212,18 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         """
         ip = client_address[0] if isinstance(client_address, tuple) else str(client_address)
         with self._lock:
-            per_ip_ok = self._per_ip[ip] < self.max_connections_per_ip or self.trusted_proxies.trusts(ip)
-            if len(self._open) < self.max_connections and per_ip_ok:
-                self._per_ip[ip] += 1
+            if len(self._open) < self.max_connections and self._slots.take(ip):
                 self._open[request] = ip
                 return True
-            self.refused += 1
-        self._refuse(request, ip)
+        self._refusals.refuse(request, ip)
         return False
-
-    def _refuse(self, request: socket.socket, ip: str) -> None:
-        try:
-            request.setblocking(False)  # never wait in the accepting thread
-            request.send(REFUSAL)
-        except OSError:
-            pass
-        now = time.monotonic()
-        self._refusals_since_log += 1
-        if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
-            logger.warning(
-                "refused %d connection(s) over the caps (last from %s; %d per address, %d in all)",
-                self._refusals_since_log,
-                ip,
-                self.max_connections_per_ip,
-                self.max_connections,
-            )
-            self._refusals_logged_at = now
-            self._refusals_since_log = 0
 
     def shutdown_request(self, request: Any) -> None:
         """Close a connection and give its place back to its address's count."""
         with self._lock:
             ip = self._open.pop(request, None)
-            if ip is not None:
-                self._per_ip[ip] -= 1
-                if self._per_ip[ip] <= 0:
-                    del self._per_ip[ip]
+        if ip is not None:
+            self._slots.give_back(ip)
         super().shutdown_request(request)
 
 

@@ -60,8 +60,8 @@ class PayloadTooLarge(LatentSyncError):
     """413: ``too_large`` (a body over the server's limit) or ``text_too_long``."""
 
 
-class RateLimited(LatentSyncError):
-    """429: ``rate_limited``, ``queue_full``, ``too_many_streams``, ``too_many_clients``, ``busy``...
+class RetryLater(LatentSyncError):
+    """An answer that says when to try again (429 and 503 may carry ``Retry-After``).
 
     Attributes:
         retry_after_s: The server's ``Retry-After`` in seconds, when it sent one (else None).
@@ -72,24 +72,18 @@ class RateLimited(LatentSyncError):
     ):
         super().__init__(message, status=status, code=code)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(RetryLater):
+    """429: ``rate_limited``, ``queue_full``, ``too_many_streams``, ``too_many_clients``, ``busy``..."""
 
 
 class ServerError(LatentSyncError):
     """500 and other 5xx without a class of their own (``upload_failed``, ``tts_failed``, ``internal``)."""
 
 
-class Unavailable(ServerError):
-    """503: the server cannot now (``starting``, ``stopping``, ``too_many_connections``, ``frames_off``...).
-
-    Attributes:
-        retry_after_s: The server's ``Retry-After`` in seconds, when it sent one (else None).
-    """
-
-    def __init__(
-        self, message: str, *, status: int | None = None, code: str | None = None, retry_after_s: float | None = None
-    ):
-        super().__init__(message, status=status, code=code)
-        self.retry_after_s = retry_after_s
+class Unavailable(RetryLater, ServerError):
+    """503: the server cannot now (``starting``, ``stopping``, ``too_many_connections``, ``frames_off``...)."""
 
 
 class InsufficientStorage(ServerError):
@@ -175,8 +169,6 @@ def error_from_response(status: int, body: bytes | str, headers: Mapping[str, st
         code = str(err["code"]) if err.get("code") is not None else None
         message = str(err.get("message") or code or message)
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else LatentSyncError)
-    if cls is RateLimited:
-        return RateLimited(message, status=status, code=code, retry_after_s=_retry_after_s(headers or {}))
-    if cls is Unavailable:
-        return Unavailable(message, status=status, code=code, retry_after_s=_retry_after_s(headers or {}))
+    if issubclass(cls, RetryLater):
+        return cls(message, status=status, code=code, retry_after_s=_retry_after_s(headers or {}))
     return cls(message, status=status, code=code)
