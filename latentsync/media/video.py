@@ -430,6 +430,19 @@ def display_size(path: str | Path, coded: tuple[int, int]) -> tuple[int, int]:
     return displayed_size(coded, (int(frame.shape[2]), int(frame.shape[1])))
 
 
+def _clip_audio(path: str | Path, info: MediaInfo, sample_rate_hz: int, fps: int, num_frames: int) -> np.ndarray | None:
+    """A clip's own audio for its ``num_frames`` frames, or None when the file has none.
+
+    Returns:
+        ``(N,) int16`` mono at ``sample_rate_hz``, trimmed or zero-padded to exactly
+        ``N = floor(num_frames * sample_rate_hz / fps)`` samples.
+    """
+    if not info.has_audio:
+        return None
+    decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
+    return fit_length(decoded, samples_before_frame(num_frames, sample_rate_hz, fps))
+
+
 def decode_clip(
     path: str | Path,
     fps: int,
@@ -464,10 +477,7 @@ def decode_clip(
     """
     info = info or probe_media(path, formats=VIDEO_FORMATS)
     frames = decode_video_frames(path, fps, size, info=info, video_filter=framing.video_filter() if framing else None)
-    audio = None
-    if with_audio and info.has_audio:
-        decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
-        audio = fit_length(decoded, samples_before_frame(frames.shape[0], sample_rate_hz, fps))
+    audio = _clip_audio(path, info, sample_rate_hz, fps, frames.shape[0]) if with_audio else None
     return VideoClip(
         frames=frames, fps=int(fps), audio=audio, sample_rate_hz=int(sample_rate_hz), source=Path(path), framing=framing
     )
@@ -564,10 +574,7 @@ def decode_clip_to_file(
         batches.close()  # FFmpeg is killed now, not when the generator is collected
     assert writer.frame_shape is not None  # close() refuses a file without frames
     height, width = writer.frame_shape[:2]
-    audio = None
-    if with_audio and info.has_audio:
-        decoded = decode_untrusted_audio(path, sample_rate_hz, formats=VIDEO_FORMATS, nofollow=False)
-        audio = fit_length(decoded, samples_before_frame(writer.num_frames, sample_rate_hz, fps))
+    audio = _clip_audio(path, info, sample_rate_hz, fps, writer.num_frames) if with_audio else None
     return StoredClip(
         frames_path=target,
         num_frames=writer.num_frames,
