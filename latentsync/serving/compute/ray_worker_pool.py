@@ -838,7 +838,11 @@ class RayWorkerPool(SchedulingPool):
         else:
             done = []
             self._stop.wait(timeout_s)
-        for ref in done:
+        sent = {ref: ref for ref in waiting}
+        for answered in done:
+            # the ref we sent, not the one wait returned: a Ray Client (ray://) returns equal copies,
+            # and the answer is matched to its actor's outstanding call or ping by identity
+            ref = sent[answered]
             actor = waiting[ref]
             if ref is actor.ping:
                 self._on_ping(actor, ref)

@@ -113,10 +113,20 @@ def test_the_node_cache_is_used_only_when_it_is_this_users_private_folder(tmp_pa
 
 
 class Ref:
-    """An ObjectRef of the fake below: the answer it stands for."""
+    """An ObjectRef of the fake below: the answer it stands for; copies are equal (same id), not identical."""
 
-    def __init__(self, value: Any) -> None:
+    def __init__(self, value: Any, ref_id: int | None = None) -> None:
         self.value = value
+        self.id = id(self) if ref_id is None else ref_id
+
+    def copy(self) -> Ref:
+        return Ref(self.value, self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
 
 #: Seconds a call of the fake below blocks at most (no test thread is left behind).
@@ -128,6 +138,7 @@ class Stalling:
 
     Every call waits while :attr:`answering` is clear (at most :data:`STALL_LIMIT_S`, so that no
     test thread is left behind), then answers at once: pings with a pid, chunk calls with faces.
+    ``wait`` returns copies of the refs it was given, as a Ray Client does.
     """
 
     class exceptions:
@@ -148,7 +159,7 @@ class Stalling:
     def wait(self, refs: list[Any], num_returns: int = 1, timeout: float | None = None) -> Any:
         self.block()
         time.sleep(0.005)
-        return list(refs), []
+        return [ref.copy() for ref in refs], []
 
     def get(self, ref: Any, timeout: float | None = None) -> Any:
         self.block()
@@ -178,13 +189,18 @@ class StallingMethod:
         return Ref(self.answer(*args))
 
 
-def running_pool(ray: Stalling, deadline_s: float) -> RayWorkerPool:
-    """A pool on the fake cluster with one ready actor, its threads running as after ``start``."""
+def running_pool(ray: Stalling, deadline_s: float, state: str = "ready") -> RayWorkerPool:
+    """A pool on the fake cluster with one actor (``ready``, or ``starting``: its first ping due),
+    its threads running as after ``start``."""
     pool = RayWorkerPool("parametric", {}, avatar_path="avatar", workers=1, deadline_s=deadline_s)
     pool._ray = ray
+    now = time.monotonic()
+    actor = _Actor(index=0, handle=StallingHandle(ray), state=state, last_answer=now, ping_sent=now)
+    if state == "starting":
+        actor.ping_retry_at = now
     with pool._lock:
         pool._started = True
-        pool._actors = [_Actor(index=0, handle=StallingHandle(ray), state="ready", last_answer=time.monotonic())]
+        pool._actors = [actor]
     pool._start_threads()
     return pool
 
@@ -259,4 +275,20 @@ def test_submit_and_health_never_wait_on_a_blocked_ray_call():
         assert within(5, lambda: errors) is not None  # and the job still ends, by its deadline
     finally:
         ray.answering.set()
+        pool.close()
+
+
+def test_answers_that_a_ray_client_returns_as_copies_reach_their_actor():
+    """Issue 35: as a ``ray://`` client the server never became ready (the actors answered; the
+    pool did not see it). A Ray Client's ``wait`` returns equal copies of the refs it was given,
+    and the monitor matched an answer to its actor's ping or call by identity."""
+    ray = Stalling()
+    pool = running_pool(ray, deadline_s=2.0, state="starting")
+    done: list[Any] = []
+    errors: list[str] = []
+    try:
+        assert within(5, lambda: pool.worker_stats()[0].state == "ready") is not None, pool.worker_stats()
+        pool.submit(chunk_job("t"), done.append, errors.append)
+        assert within(5, lambda: done) is not None, errors
+    finally:
         pool.close()
