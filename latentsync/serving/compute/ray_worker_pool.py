@@ -80,6 +80,12 @@ WATCHDOG_PERIOD_S = 0.25
 SEND_IDLE_S = 0.5
 #: Seconds :meth:`RayWorkerPool.close` waits for each of the pool's threads (one blocked in Ray is left).
 JOIN_S = 2.0
+#: Ray Client's setting (read from the environment at ``ray.init``) for how long a dropped ``ray://``
+#: connection is retried before the client gives its session up (Ray's default 30 s); the cluster keeps
+#: the session, and so the actors, as long after a client vanished.
+CLIENT_RECONNECT_ENV = "RAY_CLIENT_RECONNECT_GRACE_PERIOD"
+#: Seconds a dropped ``ray://`` connection is retried (:data:`CLIENT_RECONNECT_ENV`), unless that is set.
+CLIENT_RECONNECT_S = 300
 
 
 def _connect_problem(address: str) -> str | None:
@@ -359,8 +365,14 @@ class RayWorkerPool(SchedulingPool):
         # Ray's core worker reads its settings from the environment when it starts (and a private
         # Ray's GCS and raylet inherit it): without this, a GCS unreachable for 60 s (Ray's default)
         # ends the whole server, stream and all. Set for the start only, then put back as it was.
-        previous = os.environ.get(GCS_TIMEOUT_ENV)
-        os.environ[GCS_TIMEOUT_ENV] = str(int(self._gcs_timeout_s))
+        # A Ray Client (ray://) likewise gives its session up after a connection dropped for 30 s:
+        # the server would be left without actors for good. Unless the operator set it, it retries
+        # for CLIENT_RECONNECT_S.
+        settings = {GCS_TIMEOUT_ENV: str(int(self._gcs_timeout_s))}
+        if CLIENT_RECONNECT_ENV not in os.environ:
+            settings[CLIENT_RECONNECT_ENV] = str(CLIENT_RECONNECT_S)
+        previous = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             if self._address is None:
                 self._start_private_ray(init)
@@ -370,10 +382,11 @@ class RayWorkerPool(SchedulingPool):
             where = f"the Ray cluster at {self._address}" if self._address else "a private Ray"
             raise WorkerPoolError(f"cannot reach {where}: {exc}") from exc
         finally:
-            if previous is None:
-                os.environ.pop(GCS_TIMEOUT_ENV, None)
-            else:
-                os.environ[GCS_TIMEOUT_ENV] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         try:
             self._workers = self._requested or self._default_workers()
             remote = ray.remote(EngineActor)
@@ -812,14 +825,12 @@ class RayWorkerPool(SchedulingPool):
     def _wait_and_handle(self, timeout_s: float) -> None:
         ray = self._ray
         with self._lock:
-            waiting = {}
-            for a in self._actors:
-                if a.call is not None:
-                    waiting[a.call] = a
-                if a.ping is not None:
-                    waiting[a.ping] = a
+            # (ref, actor) pairs, never hashed or compared here: a Ray Client's ref learns its id from
+            # the server, so its hash and == wait for an answer (and would hold the lock meanwhile)
+            waiting = [(a.call, a) for a in self._actors if a.call is not None]
+            waiting += [(a.ping, a) for a in self._actors if a.ping is not None]
         if waiting:
-            refs = list(waiting)
+            refs = [ref for ref, _ in waiting]
             try:
                 done, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)  # returns at the first answer
                 if done and rest:
@@ -838,12 +849,10 @@ class RayWorkerPool(SchedulingPool):
         else:
             done = []
             self._stop.wait(timeout_s)
-        sent = {ref: ref for ref in waiting}
         for answered in done:
             # the ref we sent, not the one wait returned: a Ray Client (ray://) returns equal copies,
             # and the answer is matched to its actor's outstanding call or ping by identity
-            ref = sent[answered]
-            actor = waiting[ref]
+            ref, actor = next((ref, actor) for ref, actor in waiting if ref == answered)
             if ref is actor.ping:
                 self._on_ping(actor, ref)
             elif ref is actor.call:

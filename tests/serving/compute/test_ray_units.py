@@ -113,19 +113,25 @@ def test_the_node_cache_is_used_only_when_it_is_this_users_private_folder(tmp_pa
 
 
 class Ref:
-    """An ObjectRef of the fake below: the answer it stands for; copies are equal (same id), not identical."""
+    """A Ray Client's ObjectRef in the fake below: the answer it stands for.
 
-    def __init__(self, value: Any, ref_id: int | None = None) -> None:
-        self.value = value
+    As a real one, it learns its id from the server: its hash and ``==`` wait while the cluster
+    does not answer. Copies (what ``wait`` returns) are equal, not identical.
+    """
+
+    def __init__(self, ray: Stalling, value: Any, ref_id: int | None = None) -> None:
+        self.ray, self.value = ray, value
         self.id = id(self) if ref_id is None else ref_id
 
     def copy(self) -> Ref:
-        return Ref(self.value, self.id)
+        return Ref(self.ray, self.value, self.id)
 
     def __eq__(self, other: object) -> bool:
+        self.ray.block()
         return isinstance(other, Ref) and other.id == self.id
 
     def __hash__(self) -> int:
+        self.ray.block()
         return hash(self.id)
 
 
@@ -136,9 +142,10 @@ STALL_LIMIT_S = 20.0
 class Stalling:
     """``ray`` as a client whose server stopped answering (SIGSTOPped): calls block instead of failing.
 
-    Every call waits while :attr:`answering` is clear (at most :data:`STALL_LIMIT_S`, so that no
-    test thread is left behind), then answers at once: pings with a pid, chunk calls with faces.
-    ``wait`` returns copies of the refs it was given, as a Ray Client does.
+    Every call but ``.remote()`` waits while :attr:`answering` is clear (at most
+    :data:`STALL_LIMIT_S`, so that no test thread is left behind), then answers at once: pings with
+    a pid, chunk calls with faces; a ref's hash and ``==`` wait too. ``wait`` returns copies of the
+    refs it was given. So does a Ray Client whose server was SIGSTOPped (measured).
     """
 
     class exceptions:
@@ -185,8 +192,7 @@ class StallingMethod:
         self.ray, self.answer = ray, answer
 
     def remote(self, *args: Any) -> Ref:
-        self.ray.block()
-        return Ref(self.answer(*args))
+        return Ref(self.ray, self.answer(*args))
 
 
 def running_pool(ray: Stalling, deadline_s: float, state: str = "ready") -> RayWorkerPool:
@@ -263,6 +269,7 @@ def test_submit_and_health_never_wait_on_a_blocked_ray_call():
         submit.start()
         submit.join(1.0)
         assert not submit.is_alive(), "submit waits on the blocked Ray call"
+        time.sleep(0.3)  # the monitor polls meanwhile (and blocks on the new call's ref)
         answers: list[Any] = []
 
         def health() -> None:
