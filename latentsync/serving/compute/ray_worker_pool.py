@@ -332,6 +332,7 @@ class RayWorkerPool(SchedulingPool):
         # (since, which thread) while a Ray call has not returned for the chunk deadline (the watchdog)
         self._stalled: tuple[float, str] | None = None
         self._in_ray: dict[str, float] = {}  # thread role -> when its Ray call in progress began
+        self._released: list[Any] = []  # refs given up on with the lock held, for the monitor to release (_drop)
         self._sendable = threading.Condition(self._lock)  # the sender waits here for calls to send
         self._sender: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
@@ -535,8 +536,10 @@ class RayWorkerPool(SchedulingPool):
         with self._lock:
             actors, self._actors = self._actors, []
             self._started = False
-            self._avatar_refs.clear()
-            self._default_ref = None
+            # released here, without the lock (a Ray Client ref's release waits for the server)
+            refs = [self._default_ref, *self._avatar_refs.values(), *self._released]
+            self._avatar_refs, self._default_ref, self._released = collections.OrderedDict(), None, []
+        refs.clear()
         self._fail_everything("server shutting down")
         ray = self._ray
         if ray is None or not ray.is_initialized():
@@ -651,10 +654,12 @@ class RayWorkerPool(SchedulingPool):
                 self._avatar_refs.move_to_end(key)
                 return ref
         ref = self._ray.put(Avatar.load(key).engine_payload())
+        evicted = []  # released after the lock (a Ray Client ref's release waits for the server)
         with self._lock:
             self._avatar_refs[key] = ref
             while len(self._avatar_refs) > MAX_AVATAR_OBJECTS:
-                self._avatar_refs.popitem(last=False)  # actors that still use it hold their own reference
+                evicted.append(self._avatar_refs.popitem(last=False))  # actors using it hold their own reference
+        evicted.clear()
         return ref
 
     def _request_ping(self, actor: _Actor, delay_s: float = 0.0) -> None:
@@ -662,8 +667,25 @@ class RayWorkerPool(SchedulingPool):
 
         Lock held; no Ray call (the monitor sends it: :meth:`_send_pings`).
         """
+        self._drop(actor.ping)
         actor.ping, actor.liveness_sent = None, None
         actor.ping_retry_at = time.monotonic() + delay_s
+
+    def _drop(self, ref: Any) -> None:
+        """Give up on ``ref`` (lock held): the monitor releases it later, without the lock.
+
+        Dropping the last reference to a Ray Client's ref runs its destructor, which waits for the
+        server to have named it: with the lock held, that froze ``/health`` (the Ray Client server
+        stopped). At most two per actor wait here (its call and its ping), until the monitor's next poll.
+        """
+        if ref is not None:
+            self._released.append(ref)
+
+    def _release_dropped(self) -> None:
+        """Release what :meth:`_drop` kept (monitor thread, without the lock: this may wait on Ray)."""
+        with self._lock:
+            released, self._released = self._released, []
+        released.clear()
 
     # ----------------------------------------------------------------- the sender
     def _send_calls(self) -> None:
@@ -681,7 +703,8 @@ class RayWorkerPool(SchedulingPool):
                     batch.append((a, a.dispatch_id, a.handle, list(self._running.get(a.dispatch_id, []))))
             for actor, dispatch_id, handle, jobs in batch:
                 try:
-                    self._send_call(actor, dispatch_id, handle, jobs)
+                    with self._in_ray_call("sender"):  # the refs it drops may wait on Ray too
+                        self._send_call(actor, dispatch_id, handle, jobs)
                 except Exception:  # the sender must outlive any one call
                     logger.exception("Ray pool sender")
 
@@ -695,9 +718,8 @@ class RayWorkerPool(SchedulingPool):
             return
         key = jobs[0].job.avatar or self._avatar_path
         try:
-            with self._in_ray_call("sender"):
-                refs = {key: [self._avatar_ref(key)]}
-                call = handle.chunks.remote([entry.job for entry in jobs], refs)
+            refs = {key: [self._avatar_ref(key)]}
+            call = handle.chunks.remote([entry.job for entry in jobs], refs)
         except Exception as exc:  # the call never left: its jobs go back with their deadlines (a 2nd time: failed)
             logger.warning("dispatching %s failed: %s: %s", jobs[0].job.label, type(exc).__name__, exc)
             with self._lock:
@@ -785,6 +807,7 @@ class RayWorkerPool(SchedulingPool):
                 self._wait_and_handle(timeout_s)
             finally:
                 self._check_deadlines()
+                self._release_dropped()
         self._check_available()
 
     def _send_pings(self) -> None:
@@ -927,7 +950,7 @@ class RayWorkerPool(SchedulingPool):
             logger.warning("Ray actor %d did not answer its ping: %s", actor.index, type(exc).__name__)
             with self._lock:
                 if actor.ping is ref and actor.state == "ready":  # a liveness ping: it is gone
-                    actor.ping, actor.liveness_sent = None, None
+                    actor.ping, actor.liveness_sent = None, None  # `ref` still holds it: not the last reference
                     self._lose(actor, None, f"worker {actor.index} lost ({type(exc).__name__} to its ping)")
                 elif actor.ping is ref:
                     self._request_ping(actor, PING_RETRY_S)
@@ -992,6 +1015,7 @@ class RayWorkerPool(SchedulingPool):
         """
         for actor in self._actors:
             if actor.liveness_sent is not None and now - actor.liveness_sent > self._deadline_s:
+                self._drop(actor.ping)
                 actor.ping, actor.liveness_sent = None, None  # its answer, if it comes, is ignored
                 self._lose(actor, None, f"worker {actor.index} did not answer its ping in {self._deadline_s:.1f} s")
                 continue
@@ -1000,6 +1024,7 @@ class RayWorkerPool(SchedulingPool):
             if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
                 reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
                 actor.kill_due = actor.call is not None
+                self._drop(actor.call)
                 actor.call, actor.dispatch_id, actor.send = None, None, ""
                 self._lose(actor, dispatch_id, reason)
 

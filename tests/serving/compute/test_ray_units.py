@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from latentsync.serving.compute.ray_worker_pool import RayWorkerPool, _Actor
+from latentsync.serving.compute.ray_worker_pool import IDLE_PING_S, RayWorkerPool, _Actor
 from latentsync.serving.compute.scheduling_pool import Job
 from tests.serving.compute.test_scheduling import chunk_job, result_for
 
@@ -115,8 +115,8 @@ def test_the_node_cache_is_used_only_when_it_is_this_users_private_folder(tmp_pa
 class Ref:
     """A Ray Client's ObjectRef in the fake below: the answer it stands for.
 
-    As a real one, it learns its id from the server: its hash and ``==`` wait while the cluster
-    does not answer. Copies (what ``wait`` returns) are equal, not identical.
+    As a real one, it learns its id from the server: its hash, ``==`` and destructor wait while the
+    cluster does not answer. Copies (what ``wait`` returns) are equal, not identical.
     """
 
     def __init__(self, ray: Stalling, value: Any, ref_id: int | None = None) -> None:
@@ -134,6 +134,9 @@ class Ref:
         self.ray.block()
         return hash(self.id)
 
+    def __del__(self) -> None:  # a real one tells the server it is released, once it knows its id
+        self.ray.block()
+
 
 #: Seconds a call of the fake below blocks at most (no test thread is left behind).
 STALL_LIMIT_S = 20.0
@@ -144,7 +147,7 @@ class Stalling:
 
     Every call but ``.remote()`` waits while :attr:`answering` is clear (at most
     :data:`STALL_LIMIT_S`, so that no test thread is left behind), then answers at once: pings with
-    a pid, chunk calls with faces; a ref's hash and ``==`` wait too. ``wait`` returns copies of the
+    a pid, chunk calls with faces; a ref's hash, ``==`` and destructor wait too. ``wait`` returns copies of the
     refs it was given. So does a Ray Client whose server was SIGSTOPped (measured).
     """
 
@@ -237,7 +240,12 @@ def test_a_ray_call_that_blocks_fails_readiness_and_jobs_by_their_deadline_until
         pool.submit(chunk_job("before"), done.append, errors.append)
         assert within(5, lambda: done) is not None and pool.ready(), errors
         ray.answering.clear()  # the cluster stops answering: every Ray call blocks
+        with pool._lock:  # the idle actor's liveness ping is due: the monitor blocks waiting for it
+            pool._actors[0].last_answer -= IDLE_PING_S
+        time.sleep(0.1)
         t0 = time.monotonic()
+        # the call's ref is then held by the pool alone: giving it up (its deadline) runs its destructor,
+        # which waits on Ray (with the lock held, that froze /health and the watchdog)
         pool.submit(chunk_job("cut"), done.append, errors.append)
         assert within(5, lambda: not pool.ready()) is not None  # readiness tells the truth
         assert "has not answered" in (pool.problem or ""), pool.problem
