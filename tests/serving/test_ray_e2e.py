@@ -203,7 +203,6 @@ def test_a_ray_client_connection_cut_for_40_s_ends_neither_the_server_nor_the_st
     ``engine_ready`` false during the cut and true again after it, and a task posted then is done.
     """
     cluster = RayCluster(nodes=1, client_server=True).start()
-    assert cluster.client_address is not None
     server = ServerProcess(
         [
             f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
@@ -218,9 +217,10 @@ def test_a_ray_client_connection_cut_for_40_s_ends_neither_the_server_nor_the_st
         ],
         tmp_path / "server.log",
         tmpdir=tmp_path / "tmp",
-    ).start()
+    )
     stopped: list[int] = []
     try:
+        server.start()
         server.wait_healthy()
         server.wait_engine_ready(120)
         api = Api(server.port)
