@@ -5,7 +5,8 @@ store and explicit ports, under a private ``--temp-dir``: nothing is shared with
 the machine, and :meth:`RayCluster.stop` kills exactly this cluster's processes (``ray stop``
 would stop every Ray on the host). The second node carries the custom resource ``second`` and
 the environment variable ``LSR_TEST_NODE=second`` (its actors inherit it), so tests can see where
-work ran and make one node's engine stall.
+work ran and make one node's engine stall. Optionally the head also runs Ray Client's server (the
+proxier): drivers then connect as ``ray://`` clients (:attr:`RayCluster.client_address`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ def require_ray() -> None:
 
 
 class RayCluster:
-    """Head + second node started with ``ray start``; :attr:`address` is the head's GCS ``host:port``."""
+    """Head + second node started with ``ray start``; :attr:`address` is the head's GCS ``host:port``.
+
+    Args:
+        nodes: 2 (head and second node) or 1 (the head only).
+        client_server: Also run Ray Client's server on the head, at :attr:`client_address`
+            (``ray://127.0.0.1:<port>``; needs ``ray[client]``).
+    """
 
     COMMON = (
         "--node-ip-address=127.0.0.1",
@@ -53,19 +60,28 @@ class RayCluster:
         "--disable-usage-stats",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, *, nodes: int = 2, client_server: bool = False) -> None:
+        assert nodes in (1, 2), nodes
+        self.nodes = nodes
         # Unix socket paths must stay under 108 bytes: a short folder of our own, not pytest's tmp_path.
         self.temp_dir = Path(tempfile.mkdtemp(prefix="lsr-ray-", dir="/tmp"))
         self._taken: set[int] = set()
         self.port = self._port()
         self.address = f"127.0.0.1:{self.port}"
         self.node_ports = {"head": self._port(), "second": self._port()}
+        self.client_port = self._port() if client_server else None
+        self.client_address = f"ray://127.0.0.1:{self.client_port}" if client_server else None
         # A loopback test cluster without token auth, whatever ~/.ray/auth_token holds (Ray 2.5x+ turns
         # token auth on when that file exists, which a private ray.init() creates); drivers of this
         # process and its children (the server under test) are told the same by start().
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
         # The nodes keep Ray's own GCS timeout (60 s): the tests of a lost GCS rely on it.
         self.env.pop("RAY_gcs_rpc_server_reconnect_timeout_s", None)
+        # Ray Client's server forks a server per client while its gRPC threads run; with grpcio's fork
+        # handlers on, the child sometimes dies at once (``epoll_wait error: Bad file descriptor``) and
+        # the client's connect fails with "Starting Ray client server failed" (2 of 24 connects here;
+        # 0 of 20 without the handlers). docs/scale-out.md says the same for a production head.
+        self.env["GRPC_ENABLE_FORK_SUPPORT"] = "0"
         self._saved_auth_mode: str | None = None
         self.log = self.temp_dir / "ray-start.log"
 
@@ -122,10 +138,12 @@ class RayCluster:
                 '--system-config={"health_check_period_ms": 1000, "health_check_failure_threshold": 3}',
                 *self.COMMON,
                 *self._ports("head"),
+                *([f"--ray-client-server-port={self.client_port}"] if self.client_port else []),
             ],
             self.env,
         )
-        self.start_second()
+        if self.nodes == 2:
+            self.start_second()
 
     def start_second(self) -> None:
         """Start (or start again, after :meth:`kill_node`) the second node; wait until the head counts it."""
@@ -182,9 +200,24 @@ class RayCluster:
         parents = _parents()
         cmds = {pid: procfs.command_line(pid) for pid in parents}
         marks = [str(self.temp_dir), f"--gcs-address={self.address}", f"--gcs_server_port={self.port}"]
-        ours = {pid for pid, cmd in cmds.items() if any(m in cmd for m in marks)}
+        ours = {pid for pid, cmd in cmds.items() if any(m in cmd for m in marks) or self._client_server(cmd)}
         ours |= _descendants(ours, parents)
         return sorted(pid for pid in ours if match in cmds.get(pid, ""))
+
+    def _client_server(self, cmd: str) -> bool:
+        """Whether ``cmd`` is this cluster's Ray Client server (the proxier, or a per-client server it
+        started): Ray names the GCS there by the host's own address (``--address=<host ip>:<port>``),
+        not by the ``--node-ip-address`` the nodes were given, and reparents it to init."""
+        return "ray.util.client.server" in cmd and any(
+            arg.startswith("--address=") and arg.endswith(f":{self.port}") for arg in cmd.split()
+        )
+
+    def client_server_pids(self, mode: str = "") -> list[int]:
+        """The Ray Client server's processes: the proxier (``mode="proxy"``) and the per-client servers
+        it started (``mode="specific-server"``); all of them with ``mode=""``."""
+        parents = _parents()
+        cmds = {pid: procfs.command_line(pid) for pid in parents}
+        return sorted(pid for pid, cmd in cmds.items() if self._client_server(cmd) and f"--mode={mode}" in cmd)
 
     def _descendants(self, pid: int) -> set[int]:
         return _descendants({pid}, _parents())

@@ -187,3 +187,89 @@ def test_a_cluster_unreachable_at_start_leaves_the_stream_on_air_and_the_engine_
         code, took_s = server.stop(15.0)
         cluster.stop()
     assert code == 0 and took_s < 15.0, server.log()
+
+
+CUT_S = 40.0
+
+
+def test_a_ray_client_connection_cut_for_40_s_ends_neither_the_server_nor_the_stream(rtmp_server, tmp_path):
+    """Issue 35: the server as a ``ray://`` client, its connection cut for 40 s while a task is on air.
+
+    The cut: Ray Client's server on the head (the proxier every client call goes through) is
+    SIGSTOPped for 40 s, then continued. Ray calls then block rather than fail; the pool's
+    watchdog notices the first that has not returned for the chunk deadline. The server does not
+    exit and the stream keeps ticking (0 dropped ticks); the task on air ends (failed with the
+    reason, by its chunks' deadline, or done), never hangs; ``/health`` answers all along, with
+    ``engine_ready`` false during the cut and true again after it, and a task posted then is done.
+    """
+    cluster = RayCluster(nodes=1, client_server=True).start()
+    server = ServerProcess(
+        [
+            f"avatar.idle_video={media_file('video/nanmote002.mp4')}",
+            f"avatar.cache_dir={tmp_path / 'avatars'}",
+            "engine.name=parametric",
+            f"engine.chunk_deadline_s={DEADLINE_S}",
+            "tasks.max_frames_ahead=64",  # generation paced to the air: a chunk is in flight at the cut
+            "pool.backend=ray",
+            f"pool.ray_address={cluster.client_address}",
+            f"stream.rtmp_url={rtmp_server.url(f'ray-client-{rtmp_server.port}')}",
+            "webrtc.enabled=false",
+        ],
+        tmp_path / "server.log",
+        tmpdir=tmp_path / "tmp",
+    )
+    stopped: list[int] = []
+    try:
+        server.start()
+        server.wait_healthy()
+        server.wait_engine_ready(120)
+        api = Api(server.port)
+        status, task = api.post_audio(speech_wav(12.0))
+        assert status == 202, task
+        api.wait_task(task["task_id"], ("streaming",), 30)
+        before = server.health()[1]
+        stopped = cluster.client_server_pids("proxy")
+        assert len(stopped) == 1, stopped
+        os.kill(stopped[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        samples: list[tuple[float, bool, str | None, float]] = []  # (s into the cut, ready, error, /health's s)
+        while (cut_s := time.monotonic() - t0) < CUT_S:
+            assert server.proc.poll() is None, f"the server exited {cut_s:.0f} s into the cut:\n{server.log()}"
+            asked = time.monotonic()
+            code, body = server.health()
+            samples.append((cut_s, body.get("engine_ready"), body.get("engine_error"), time.monotonic() - asked))
+            assert code in (200, 503), (code, body)
+            time.sleep(1.0)
+        on_air = api.task(task["task_id"])
+        during = server.health()[1]
+        os.kill(stopped[0], signal.SIGCONT)
+        stopped = []
+        back_s = seconds_until(lambda: server.health()[1].get("engine_ready"), 60)
+        status, late = api.post_audio(speech_wav(3.0))
+        assert status == 202, late
+        late_done = api.wait_task(late["task_id"], ("done", "failed"), 60)
+        after = server.health()[1]
+        not_ready = [round(t, 1) for t, r, _, _ in samples if not r]
+        print(
+            f"\nray:// cut {CUT_S:.0f} s: task on air {on_air['status']} ({on_air.get('error')}); "
+            f"not ready from {not_ready[:1]} s into the cut; slowest /health {max(s for *_, s in samples):.2f} s; "
+            f"ready again {back_s and round(back_s, 1)} s after; late task {late_done['status']}; "
+            f"dropped ticks {after['dropped_ticks']}"
+        )
+        assert server.proc.poll() is None, server.log()
+        assert on_air["status"] in ("done", "failed"), on_air  # ended by the chunk deadline, not hung
+        if on_air["status"] == "failed":
+            assert "Ray cluster" in (on_air.get("error") or ""), on_air
+        late_samples = [(t, r, e) for t, r, e, _ in samples if t > DEADLINE_S + 2.0]
+        assert late_samples and all(not r and e for _, r, e in late_samples), samples  # readiness told the truth
+        assert max(s for _, _, _, s in samples) < 1.0, samples  # /health never waited on Ray
+        assert not during["engine_ready"] and "Ray cluster" in (during.get("engine_error") or ""), during
+        assert back_s is not None, server.log()
+        assert late_done["status"] == "done", late_done
+        assert after["ticking"] and after["dropped_ticks"] == before["dropped_ticks"] == 0, after
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        code, took_s = server.stop(15.0)
+        cluster.stop()
+    assert code == 0 and took_s < 15.0, server.log()

@@ -18,12 +18,21 @@ Faults: an actor that dies (its process killed, its node lost) is restarted by R
 job. A call that outlives its deadline gets its actor killed (and so restarted). An actor that
 cannot be placed (no node with the resources it needs) simply stays unverified until there is room.
 The stream never depends on the pool: the pool only produces faces.
+
+Threads: a Ray call may block rather than fail (a Ray Client server that stopped answering, a
+network that drops packets), so no Ray call is ever made with the pool's lock held, and only the
+pool's own threads make them: the *sender* sends chunk calls, the *monitor* waits for answers,
+pings and kills. The *watchdog* makes no Ray call: when a call of either has not returned within
+the chunk deadline, it marks the cluster unreachable (readiness fails, ``/health`` names it) and
+retries or fails the jobs on air by their deadlines, as the monitor would; readiness comes back
+when the call returns. ``submit`` and ``/health`` only take the lock, so they never wait on Ray.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -33,7 +42,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +74,18 @@ GCS_TIMEOUT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
 GCS_TIMEOUT_S = 86400.0
 #: Seconds a TCP connect to the cluster's address may take at start (:meth:`RayWorkerPool._check_reachable`).
 REACH_TIMEOUT_S = 5.0
+#: Seconds between the watchdog's checks (at most; a quarter of the chunk deadline when that is shorter).
+WATCHDOG_PERIOD_S = 0.25
+#: Seconds the sender waits for a call to send before it looks at the stop flag again.
+SEND_IDLE_S = 0.5
+#: Seconds :meth:`RayWorkerPool.close` waits for each of the pool's threads (one blocked in Ray is left).
+JOIN_S = 2.0
+#: Ray Client's setting (read from the environment at ``ray.init``) for how long a dropped ``ray://``
+#: connection is retried before the client gives its session up (Ray's default 30 s); the cluster keeps
+#: the session, and so the actors, as long after a client vanished.
+CLIENT_RECONNECT_ENV = "RAY_CLIENT_RECONNECT_GRACE_PERIOD"
+#: Seconds a dropped ``ray://`` connection is retried (:data:`CLIENT_RECONNECT_ENV`), unless that is set.
+CLIENT_RECONNECT_S = 300
 
 
 def _connect_problem(address: str) -> str | None:
@@ -196,10 +217,12 @@ class _Actor:
     state: str = "starting"  # starting (ping outstanding) | ready | lost (its call failed; Ray restarts it)
     ping: Any = None  # the outstanding ping's ObjectRef
     ping_sent: float = 0.0  # when it last became unverified (started, or lost)
-    ping_retry_at: float | None = None  # when to ask again after a ping that failed (Ray restarting it)
+    ping_retry_at: float | None = None  # when the monitor sends the next ping (None: none due)
     last_answer: float = 0.0  # when it last answered a ping or a call (time.monotonic())
     liveness_sent: float | None = None  # when the outstanding ping of a ready, idle actor went out
     call: Any = None  # the outstanding chunks call's ObjectRef
+    send: str = ""  # "queued" (a call for the sender), "sending" (the sender is in .remote()), "": neither
+    kill_due: bool = False  # its call missed its deadline: the monitor kills it (Ray restarts it)
     dispatch_id: int | None = None
     last_dispatch: float = 0.0
     node: str = ""
@@ -306,6 +329,13 @@ class RayWorkerPool(SchedulingPool):
         self._no_worker_since: float | None = None  # since when no actor is ready
         # (since, why) while waiting on the cluster raises (a dropped ray:// connection, the GCS gone)
         self._cluster_error: tuple[float, str] | None = None
+        # (since, which thread) while a Ray call has not returned for the chunk deadline (the watchdog)
+        self._stalled: tuple[float, str] | None = None
+        self._in_ray: dict[str, float] = {}  # thread role -> when its Ray call in progress began
+        self._released: list[Any] = []  # refs given up on with the lock held, for the monitor to release (_drop)
+        self._sendable = threading.Condition(self._lock)  # the sender waits here for calls to send
+        self._sender: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._ray_owner: threading.Thread | None = None  # the thread that started a private Ray
         self._release_ray = threading.Event()  # tells it to shut that Ray down
 
@@ -336,8 +366,14 @@ class RayWorkerPool(SchedulingPool):
         # Ray's core worker reads its settings from the environment when it starts (and a private
         # Ray's GCS and raylet inherit it): without this, a GCS unreachable for 60 s (Ray's default)
         # ends the whole server, stream and all. Set for the start only, then put back as it was.
-        previous = os.environ.get(GCS_TIMEOUT_ENV)
-        os.environ[GCS_TIMEOUT_ENV] = str(int(self._gcs_timeout_s))
+        # A Ray Client (ray://) likewise gives its session up after a connection dropped for 30 s:
+        # the server would be left without actors for good. Unless the operator set it, it retries
+        # for CLIENT_RECONNECT_S.
+        settings = {GCS_TIMEOUT_ENV: str(int(self._gcs_timeout_s))}
+        if CLIENT_RECONNECT_ENV not in os.environ:
+            settings[CLIENT_RECONNECT_ENV] = str(CLIENT_RECONNECT_S)
+        previous = {name: os.environ.get(name) for name in settings}
+        os.environ.update(settings)
         try:
             if self._address is None:
                 self._start_private_ray(init)
@@ -347,10 +383,11 @@ class RayWorkerPool(SchedulingPool):
             where = f"the Ray cluster at {self._address}" if self._address else "a private Ray"
             raise WorkerPoolError(f"cannot reach {where}: {exc}") from exc
         finally:
-            if previous is None:
-                os.environ.pop(GCS_TIMEOUT_ENV, None)
-            else:
-                os.environ[GCS_TIMEOUT_ENV] = previous
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         try:
             self._workers = self._requested or self._default_workers()
             remote = ray.remote(EngineActor)
@@ -362,17 +399,25 @@ class RayWorkerPool(SchedulingPool):
                 scheduling_strategy="SPREAD",
             )
             self._default_ref = self._ray.put(Avatar.load(self._avatar_path).engine_payload())
+            handles = [self._new_handle() for _ in range(self._workers)]
+            now = time.monotonic()
             with self._lock:
                 self._started = True
-                for index in range(self._workers):
-                    self._actors.append(_Actor(index=index, handle=self._new_handle(), ping_sent=time.monotonic()))
-                    self._send_ping(self._actors[-1])
+                for index, handle in enumerate(handles):  # the monitor's first poll pings them
+                    self._actors.append(_Actor(index=index, handle=handle, ping_sent=now, ping_retry_at=now))
+            self._start_threads()
             self._wait_started()
         except BaseException:
             self.close()
             raise
+
+    def _start_threads(self) -> None:
+        """Start the monitor, the sender and the watchdog (module docstring); :meth:`close` stops them."""
         self._monitor = threading.Thread(target=self._watch, name="ray-pool-monitor", daemon=True)
-        self._monitor.start()
+        self._sender = threading.Thread(target=self._send_calls, name="ray-pool-sender", daemon=True)
+        self._watchdog = threading.Thread(target=self._guard, name="ray-pool-watchdog", daemon=True)
+        for thread in (self._monitor, self._sender, self._watchdog):
+            thread.start()
 
     def _check_reachable(self) -> None:
         """Refuse at once a cluster whose GCS (or Ray Client server) does not accept a connection.
@@ -470,20 +515,31 @@ class RayWorkerPool(SchedulingPool):
                     f"{self._workers - ready} of {self._workers} Ray actors did not start within "
                     f"{self._start_timeout_s:.0f} s: the cluster has no room for them (each needs {self._need})"
                 )
-            self._poll(0.1)
+            self._stop.wait(0.1)  # the monitor pings them
             if self._broken is not None:
                 raise WorkerPoolError(f"engine worker failed to start: {self._broken}")
 
     def close(self) -> None:
-        """Kill the actors and disconnect from Ray; pending jobs fail with "shutting down". Safe to call twice."""
+        """Kill the actors and disconnect from Ray; pending jobs fail with "shutting down". Safe to call twice.
+
+        Waits :data:`JOIN_S` for each of the pool's threads; one blocked in a Ray call that never
+        returns (a daemon thread) is left behind with a warning.
+        """
         self._stop.set()
-        if self._monitor is not None and self._monitor is not threading.current_thread():
-            self._monitor.join(2.0)
+        with self._lock:
+            self._sendable.notify_all()
+        for thread in (self._monitor, self._sender, self._watchdog):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(JOIN_S)
+                if thread.is_alive():
+                    logger.warning("%s did not stop within %.0f s (blocked in a Ray call)", thread.name, JOIN_S)
         with self._lock:
             actors, self._actors = self._actors, []
             self._started = False
-            self._avatar_refs.clear()
-            self._default_ref = None
+            # released here, without the lock (a Ray Client ref's release waits for the server)
+            refs = [self._default_ref, *self._avatar_refs.values(), *self._released]
+            self._avatar_refs, self._default_ref, self._released = collections.OrderedDict(), None, []
+        refs.clear()
         self._fail_everything("server shutting down")
         ray = self._ray
         if ray is None or not ray.is_initialized():
@@ -514,6 +570,7 @@ class RayWorkerPool(SchedulingPool):
                 and not self._stop.is_set()
                 and self._broken is None
                 and self._cluster_error is None
+                and self._stalled is None
                 and self._unavailable() is None
             )
 
@@ -570,40 +627,163 @@ class RayWorkerPool(SchedulingPool):
 
     def _free_worker(self) -> _Actor | None:
         """The free ready actor that was given work longest ago: load spreads over every node."""
-        free = [a for a in self._actors if a.state == "ready" and a.call is None]
+        free = [a for a in self._actors if a.state == "ready" and a.call is None and not a.send]
         return min(free, key=lambda a: a.last_dispatch) if free else None
 
     def _dispatch(self, dispatch_id: int, jobs: list[Job], worker: _Actor) -> None:
-        key = jobs[0].job.avatar or self._avatar_path
-        refs = {key: [self._avatar_ref(key)]}
+        """Hand the call to the sender (lock held: no Ray call here, :meth:`_send_calls` makes it).
+
+        At most one call per actor waits for the sender (the actor is busy from now on), so what
+        waits is bounded by the number of actors.
+        """
         worker.dispatch_id = dispatch_id
         worker.last_dispatch = time.monotonic()
-        worker.call = worker.handle.chunks.remote([entry.job for entry in jobs], refs)
+        worker.send = "queued"
+        self._sendable.notify()
 
     def _avatar_ref(self, key: str) -> Any:
-        """The object-store reference of avatar ``key``'s engine payload, put on first use."""
-        if key == self._avatar_path:
-            return self._default_ref
-        ref = self._avatar_refs.get(key)
-        if ref is None:
-            ref = self._ray.put(Avatar.load(key).engine_payload())
+        """The object-store reference of avatar ``key``'s engine payload, put on first use (sender thread).
+
+        The lock is held only to look up and to record: the put itself (a Ray call) is made without it.
+        """
+        with self._lock:
+            if key == self._avatar_path:
+                return self._default_ref
+            ref = self._avatar_refs.get(key)
+            if ref is not None:
+                self._avatar_refs.move_to_end(key)
+                return ref
+        ref = self._ray.put(Avatar.load(key).engine_payload())
+        evicted = []  # released after the lock (a Ray Client ref's release waits for the server)
+        with self._lock:
             self._avatar_refs[key] = ref
             while len(self._avatar_refs) > MAX_AVATAR_OBJECTS:
-                self._avatar_refs.popitem(last=False)  # actors that still use it hold their own reference
-        else:
-            self._avatar_refs.move_to_end(key)
+                evicted.append(self._avatar_refs.popitem(last=False))  # actors using it hold their own reference
+        evicted.clear()
         return ref
 
-    def _send_ping(self, actor: _Actor) -> None:
-        try:
-            actor.ping = actor.handle.ping.remote({self._avatar_path: [self._default_ref]})
-        except Exception as exc:  # the cluster unreachable: ask again in a second
-            logger.warning("pinging Ray actor %d: %s: %s", actor.index, type(exc).__name__, exc)
-            actor.ping, actor.ping_retry_at = None, time.monotonic() + 1.0
-            return
-        actor.ping_retry_at = None
+    def _request_ping(self, actor: _Actor, delay_s: float = 0.0) -> None:
+        """Have the monitor ping ``actor`` in ``delay_s`` seconds; an outstanding ping's answer is ignored.
 
-    # ----------------------------------------------------------------- supervision
+        Lock held; no Ray call (the monitor sends it: :meth:`_send_pings`).
+        """
+        self._drop(actor.ping)
+        actor.ping, actor.liveness_sent = None, None
+        actor.ping_retry_at = time.monotonic() + delay_s
+
+    def _drop(self, ref: Any) -> None:
+        """Give up on ``ref`` (lock held): the monitor releases it later, without the lock.
+
+        Dropping the last reference to a Ray Client's ref runs its destructor, which waits for the
+        server to have named it: with the lock held, that froze ``/health`` (the Ray Client server
+        stopped). At most two per actor wait here (its call and its ping), until the monitor's next poll.
+        """
+        if ref is not None:
+            self._released.append(ref)
+
+    def _release_dropped(self) -> None:
+        """Release what :meth:`_drop` kept (monitor thread, without the lock: this may wait on Ray)."""
+        with self._lock:
+            released, self._released = self._released, []
+        released.clear()
+
+    # ----------------------------------------------------------------- the sender
+    def _send_calls(self) -> None:
+        """The sender thread: make the chunk calls :meth:`_dispatch` queued, without the lock."""
+        while not self._stop.is_set():
+            with self._lock:
+                todo = [a for a in self._actors if a.send == "queued"]
+                if not todo:
+                    self._sendable.wait(SEND_IDLE_S)
+                    continue
+                batch = []
+                for a in todo:
+                    a.send = "sending"
+                    assert a.dispatch_id is not None, "a call is queued with its dispatch id (_dispatch)"
+                    batch.append((a, a.dispatch_id, a.handle, list(self._running.get(a.dispatch_id, []))))
+            for actor, dispatch_id, handle, jobs in batch:
+                try:
+                    with self._in_ray_call("sender"):  # the refs it drops may wait on Ray too
+                        self._send_call(actor, dispatch_id, handle, jobs)
+                except Exception:  # the sender must outlive any one call
+                    logger.exception("Ray pool sender")
+
+    def _send_call(self, actor: _Actor, dispatch_id: int, handle: Any, jobs: list[Job]) -> None:
+        """Send one chunk call; record its ObjectRef unless the call was given up on meanwhile."""
+        if not jobs:  # already requeued or failed (its deadline passed while it waited)
+            with self._lock:
+                if actor.dispatch_id == dispatch_id and actor.send == "sending":
+                    actor.send, actor.dispatch_id = "", None
+                    self._dispatch_waiting()
+            return
+        key = jobs[0].job.avatar or self._avatar_path
+        try:
+            refs = {key: [self._avatar_ref(key)]}
+            call = handle.chunks.remote([entry.job for entry in jobs], refs)
+        except Exception as exc:  # the call never left: its jobs go back with their deadlines (a 2nd time: failed)
+            logger.warning("dispatching %s failed: %s: %s", jobs[0].job.label, type(exc).__name__, exc)
+            with self._lock:
+                if actor.dispatch_id == dispatch_id and actor.send == "sending":
+                    actor.send, actor.dispatch_id = "", None
+                    lost = self._running.pop(dispatch_id, [])
+                    self._requeue(lost, f"dispatch failed: {type(exc).__name__}: {exc}")
+                    self._dispatch_waiting()
+            return
+        with self._lock:
+            if actor.dispatch_id == dispatch_id and actor.send == "sending":
+                actor.send, actor.call = "", call
+            # else: its jobs were requeued (deadline, watchdog) meanwhile: the answer, if any, is ignored
+
+    @contextlib.contextmanager
+    def _in_ray_call(self, role: str) -> Iterator[None]:
+        """Mark the current thread (``role``) as waiting on Ray, for the watchdog (:meth:`_check_stall`)."""
+        with self._lock:
+            self._in_ray[role] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_ray.pop(role, None)
+
+    # ----------------------------------------------------------------- the watchdog
+    def _guard(self) -> None:
+        """The watchdog thread: :meth:`_check_stall` every :data:`WATCHDOG_PERIOD_S` (no Ray call here)."""
+        period_s = min(WATCHDOG_PERIOD_S, self._deadline_s / 4)
+        while not self._stop.wait(period_s):
+            try:
+                self._check_stall()
+            except Exception:  # the watchdog must outlive any one bad check
+                logger.exception("Ray pool watchdog")
+
+    def _check_stall(self) -> None:
+        """Mark the cluster unreachable while a Ray call (a poll, a send) has not returned for the chunk deadline.
+
+        While it is marked, readiness fails, ``/health`` says why (:meth:`_unavailable`), calls past
+        their deadline count lost and their jobs are retried or failed (the monitor would do it, but
+        it is the one blocked), and queued jobs fail with the reason. The mark goes as soon as no
+        call is that late any more; the actors then take jobs again once they answer a ping.
+        """
+        now = time.monotonic()
+        with self._lock:
+            late = [(since, role) for role, since in self._in_ray.items() if now - since > self._deadline_s]
+            if late and self._stalled is None:
+                self._stalled = min(late)
+                logger.error(
+                    "the Ray cluster has not answered the pool's %s for %.1f s (chunk deadline %.1f s): "
+                    "the engine is not ready",
+                    self._stalled[1],
+                    now - self._stalled[0],
+                    self._deadline_s,
+                )
+            elif not late and self._stalled is not None:
+                logger.info("the Ray cluster answers again after %.0f s", now - self._stalled[0])
+                self._stalled = None
+            if self._stalled is None:
+                return
+            self._expire_calls(now)
+        self._check_available()
+
+    # ----------------------------------------------------------------- the monitor
     def _watch(self) -> None:
         while not self._stop.is_set():
             try:
@@ -613,36 +793,67 @@ class RayWorkerPool(SchedulingPool):
                 self._stop.wait(0.5)
 
     def _poll(self, timeout_s: float) -> None:
-        """Wait up to ``timeout_s`` for answers, handle them, and enforce the deadlines.
+        """Send due pings, wait up to ``timeout_s`` for answers, handle them, and enforce the deadlines.
 
         The deadlines and the availability are checked whatever the wait did: when waiting on the
         cluster raises (a dropped ``ray://`` connection, the GCS gone), the pool reports itself not
         ready, running jobs still miss their deadlines and are retried or failed, and queued jobs
-        fail once no actor could take them for the chunk deadline.
+        fail once no actor could take them for the chunk deadline. When it blocks instead, the
+        watchdog does the same (:meth:`_check_stall`).
         """
-        try:
-            self._wait_and_handle(timeout_s)
-        finally:
-            self._check_deadlines()
-            self._check_available()
+        with self._in_ray_call("monitor"):
+            try:
+                self._send_pings()
+                self._wait_and_handle(timeout_s)
+            finally:
+                self._check_deadlines()
+                self._release_dropped()
+        self._check_available()
+
+    def _send_pings(self) -> None:
+        """Ping the actors whose ping is due, and the ready ones idle for :data:`IDLE_PING_S` (liveness)."""
+        now = time.monotonic()
+        with self._lock:
+            due: list[tuple[_Actor, Any, float | None]] = []
+            for a in self._actors:
+                if a.ping is not None:
+                    continue
+                if a.ping_retry_at is not None and now >= a.ping_retry_at:
+                    due.append((a, a.handle, None))
+                elif (
+                    a.ping_retry_at is None
+                    and a.state == "ready"
+                    and a.call is None
+                    and not a.send
+                    and now - a.last_answer >= IDLE_PING_S
+                ):
+                    due.append((a, a.handle, now))  # liveness: a failure or no answer in time loses it
+            for a, _, _ in due:
+                a.ping_retry_at = None
+            refs = {self._avatar_path: [self._default_ref]}
+        for actor, handle, liveness in due:
+            try:
+                ref = handle.ping.remote(refs)
+            except Exception as exc:  # the cluster unreachable: ask again in a second
+                logger.warning("pinging Ray actor %d: %s: %s", actor.index, type(exc).__name__, exc)
+                with self._lock:
+                    if actor.ping is None and actor.ping_retry_at is None:
+                        actor.ping_retry_at = time.monotonic() + 1.0
+                continue
+            with self._lock:
+                if actor.ping is None and actor.ping_retry_at is None and actor.handle is handle:
+                    actor.ping, actor.liveness_sent = ref, liveness
+                # else: asked again meanwhile (lost, replaced): the next poll sends a fresh one
 
     def _wait_and_handle(self, timeout_s: float) -> None:
         ray = self._ray
-        now = time.monotonic()
         with self._lock:
-            waiting = {}
-            for a in self._actors:
-                if a.ping is None and a.ping_retry_at is not None and now >= a.ping_retry_at:
-                    self._send_ping(a)
-                elif a.state == "ready" and a.call is None and a.ping is None and now - a.last_answer >= IDLE_PING_S:
-                    self._send_ping(a)  # liveness: a failure or no answer in time loses it (_on_ping, _check_deadlines)
-                    a.liveness_sent = now if a.ping is not None else None
-                if a.call is not None:
-                    waiting[a.call] = a
-                if a.ping is not None:
-                    waiting[a.ping] = a
+            # (ref, actor) pairs, never hashed or compared here: a Ray Client's ref learns its id from
+            # the server, so its hash and == wait for an answer (and would hold the lock meanwhile)
+            waiting = [(a.call, a) for a in self._actors if a.call is not None]
+            waiting += [(a.ping, a) for a in self._actors if a.ping is not None]
         if waiting:
-            refs = list(waiting)
+            refs = [ref for ref, _ in waiting]
             try:
                 done, rest = ray.wait(refs, num_returns=1, timeout=timeout_s)  # returns at the first answer
                 if done and rest:
@@ -661,8 +872,10 @@ class RayWorkerPool(SchedulingPool):
         else:
             done = []
             self._stop.wait(timeout_s)
-        for ref in done:
-            actor = waiting[ref]
+        for answered in done:
+            # the ref we sent, not the one wait returned: a Ray Client (ray://) returns equal copies,
+            # and the answer is matched to its actor's outstanding call or ping by identity
+            ref, actor = next((ref, actor) for ref, actor in waiting if ref == answered)
             if ref is actor.ping:
                 self._on_ping(actor, ref)
             elif ref is actor.call:
@@ -684,6 +897,12 @@ class RayWorkerPool(SchedulingPool):
 
     def _unavailable(self) -> str | None:
         """Why no job can run: the cluster or every actor unreachable for longer than the chunk deadline (lock held)."""
+        if self._stalled is not None:
+            began, role = self._stalled
+            return (
+                f"the Ray cluster has not answered for {time.monotonic() - began:.0f} s (a call from the pool's "
+                f"{role} is blocked: Ray Client's server or the network to the cluster is not answering)"
+            )
         if self._cluster_error is not None and time.monotonic() - self._cluster_error[0] > self._deadline_s:
             return (
                 f"the Ray cluster has been unreachable for {time.monotonic() - self._cluster_error[0]:.0f} s "
@@ -709,25 +928,32 @@ class RayWorkerPool(SchedulingPool):
         except ray.exceptions.ActorDiedError as exc:  # for good (killed without restart): a new actor
             logger.warning("Ray actor %d died for good (%s): placing a new one", actor.index, exc.__class__.__name__)
             with self._lock:
-                if actor.ping is ref and self._started:
-                    old, actor.handle = actor.handle, self._new_handle()  # the same loss: counted once
-                    self._send_ping(actor)
-                else:
-                    old = None
-            if old is not None:
-                try:
-                    ray.kill(old, no_restart=True)
-                except Exception as kill_exc:  # already gone
-                    logger.debug("killing the dead actor %d: %s", actor.index, kill_exc)
+                if actor.ping is not ref or not self._started:
+                    return
+                actor.ping, old = None, actor.handle
+            try:
+                new = self._new_handle()  # a Ray call: without the lock
+            except Exception as new_exc:  # the cluster unreachable: the old handle's next ping says it again
+                logger.warning("placing a new Ray actor %d: %s: %s", actor.index, type(new_exc).__name__, new_exc)
+                with self._lock:
+                    self._request_ping(actor, PING_RETRY_S)
+                return
+            with self._lock:
+                actor.handle = new  # the same loss: counted once
+                self._request_ping(actor)
+            try:
+                ray.kill(old, no_restart=True)
+            except Exception as kill_exc:  # already gone
+                logger.debug("killing the dead actor %d: %s", actor.index, kill_exc)
             return
         except Exception as exc:  # being restarted or placed by Ray: ask again soon
             logger.warning("Ray actor %d did not answer its ping: %s", actor.index, type(exc).__name__)
             with self._lock:
                 if actor.ping is ref and actor.state == "ready":  # a liveness ping: it is gone
-                    actor.ping, actor.liveness_sent = None, None
+                    actor.ping, actor.liveness_sent = None, None  # `ref` still holds it: not the last reference
                     self._lose(actor, None, f"worker {actor.index} lost ({type(exc).__name__} to its ping)")
                 elif actor.ping is ref:
-                    actor.ping, actor.ping_retry_at = None, time.monotonic() + PING_RETRY_S
+                    self._request_ping(actor, PING_RETRY_S)
             return
         with self._lock:
             if actor.ping is not ref:
@@ -769,23 +995,38 @@ class RayWorkerPool(SchedulingPool):
         self._deliver(dispatch_id, results)
 
     def _check_deadlines(self) -> None:
-        now = time.monotonic()
+        """Give up on calls and liveness pings past their deadline; kill those calls' actors (Ray restarts them)."""
         with self._lock:
-            for actor in self._actors:
-                if actor.liveness_sent is not None and now - actor.liveness_sent > self._deadline_s:
-                    actor.ping, actor.liveness_sent = None, None  # its answer, if it comes, is ignored
-                    self._lose(actor, None, f"worker {actor.index} did not answer its ping in {self._deadline_s:.1f} s")
-                    continue
-                dispatch_id = actor.dispatch_id if actor.call is not None else None
-                jobs = self._running.get(dispatch_id) if dispatch_id is not None else None
-                if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
-                    reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
-                    actor.call, actor.dispatch_id = None, None
-                    try:
-                        self._ray.kill(actor.handle, no_restart=False)  # Ray restarts it
-                    except Exception as exc:  # unreachable: the restart comes when it is back
-                        logger.warning("killing Ray actor %d: %s", actor.index, exc)
-                    self._lose(actor, dispatch_id, reason)
+            self._expire_calls(time.monotonic())
+            kills = [(a.index, a.handle) for a in self._actors if a.kill_due]
+            for a in self._actors:
+                a.kill_due = False
+        for index, handle in kills:  # Ray calls: without the lock
+            try:
+                self._ray.kill(handle, no_restart=False)  # Ray restarts it
+            except Exception as exc:  # unreachable: the restart comes when it is back
+                logger.warning("killing Ray actor %d: %s", index, exc)
+
+    def _expire_calls(self, now: float) -> None:
+        """Calls (sent, or still with the sender) and liveness pings past their deadline count lost.
+
+        Lock held; no Ray call: the watchdog calls it too.
+        The actor of a call that was sent is marked for the monitor to kill (:meth:`_check_deadlines`).
+        """
+        for actor in self._actors:
+            if actor.liveness_sent is not None and now - actor.liveness_sent > self._deadline_s:
+                self._drop(actor.ping)
+                actor.ping, actor.liveness_sent = None, None  # its answer, if it comes, is ignored
+                self._lose(actor, None, f"worker {actor.index} did not answer its ping in {self._deadline_s:.1f} s")
+                continue
+            dispatch_id = actor.dispatch_id if actor.call is not None or actor.send else None
+            jobs = self._running.get(dispatch_id) if dispatch_id is not None else None
+            if jobs and now - jobs[0].submitted_at > self._deadline_s * len(jobs):
+                reason = f"{jobs[0].job.label} missed its {self._deadline_s:.1f} s deadline on worker {actor.index}"
+                actor.kill_due = actor.call is not None
+                self._drop(actor.call)
+                actor.call, actor.dispatch_id, actor.send = None, None, ""
+                self._lose(actor, dispatch_id, reason)
 
     def _lose(self, actor: _Actor, dispatch_id: int | None, reason: str) -> None:
         """The actor's call is lost: requeue its jobs, and trust it again only after a ping (lock held)."""
@@ -797,5 +1038,5 @@ class RayWorkerPool(SchedulingPool):
         self._rebuilds += 1
         logger.warning("%s: %d job(s) queued again", reason, len(jobs))
         self._requeue(jobs, reason)
-        self._send_ping(actor)
+        self._request_ping(actor)
         self._dispatch_waiting()
