@@ -33,22 +33,25 @@ run: setup
 	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
 
 # Tiers are pytest markers (pyproject.toml; tests/conftest.py marks "unit" every test with none of the others).
-# make test runs the unit tier, then the rest, one after the other: beside the real-time tests, even at
-# nice 19, the unit tier made a browser test fail once.
+# make test runs the unit tier, then the rest, one after the other (beside the real-time tests, even at nice 19,
+# the unit tier made a browser test fail once), each on TEST_WORKERS pytest-xdist workers: a module's tests stay
+# on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S).
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 ## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the unit tier
-## first (make test-fast, 90-110 s), then the tests that start servers, FFmpeg, browsers, workers or Ray
+## first (make test-fast), then the tests that start servers, FFmpeg, browsers, workers or Ray
 test: setup setup-ray
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
-	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	$(VENV)/bin/python -m pytest -m "not unit" $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m unit $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m "not unit" $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 ## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m unit $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m unit $(XDIST) $(PYTEST_ARGS)
 
 ## lint: ruff, the format check, the import contracts of latentsync (pyproject.toml [tool.importlinter]) and mypy
 ## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly) and, strictly, the client

@@ -10,6 +10,7 @@ marker it lacks.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python
 HEAVY_MARKERS = ("slow", "rtmp", "server", "ffmpeg", "workers", "ray", "browser", "gpu")
 #: Markers a test gets from a fixture it uses.
 FIXTURE_MARKERS = {"rtmp_server": ("rtmp",), "ray_cluster": ("ray", "slow")}
+#: make test runs each tier under pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``): the tests of one
+#: module run on one worker, one after the other, sharing module-scoped servers; the Ray tests are one group, so
+#: that two local Ray clusters never run at once. Groups listed here start first, longest first (wall seconds of
+#: the group on a 2-core machine, ``pytest --durations=0`` summed per module, rounded); the others follow in
+#: collection order.
+LONG_GROUPS_S = {
+    "ray": 290.0,
+    "tests.serving.egress.test_outputs": 117.0,
+    "tests.serving.api.test_hostile": 114.0,
+    "tests.serving.test_leaks": 84.0,
+    "tests.serving.test_stream_e2e": 78.0,
+    "tests.serving.api.test_hostile_media": 77.0,
+    "tests.serving.runtime.test_channel_faults": 67.0,
+    "tests.serving.runtime.test_channels": 63.0,
+    "tests.serving.test_speech_e2e": 58.0,
+    "tests.serving.egress.test_frames": 58.0,
+    "tests.serving.api.test_service": 50.0,
+    "tests.serving.test_speech_stream_e2e": 49.0,
+    "tests.serving.test_latentsync_server_e2e": 40.0,
+    "tests.serving.api.test_browser_channels": 36.0,
+    "tests.test_latentsync_engine": 32.0,
+}
 #: What a unit test may not start, and the marker that would move it out of the unit tier.
 FORBIDDEN_IN_UNIT = ((ServerProcess, "server"), (RtmpServer, "rtmp"), (RayCluster, "ray"))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker's torch takes one thread: two workers on two cores, not four threads."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("markexpr") == "unit":
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the markers added here must count
@@ -39,6 +70,14 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(name)
         if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
             item.add_marker("unit")
+        item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
+    # Longest first (a stable sort: the rest keep their order), so no worker is left with a long module at the end.
+    items.sort(key=lambda item: -LONG_GROUPS_S.get(_worker_group(item), 0.0))
+
+
+def _worker_group(item: pytest.Item) -> str:
+    """The pytest-xdist group of a test: its module (module-scoped servers are shared), or ``ray`` for any Ray test."""
+    return "ray" if item.get_closest_marker("ray") else item.module.__name__
 
 
 def _refuse(helper: type, marker: str):
