@@ -340,6 +340,17 @@ def test_any_rate_and_stereo_play_an_empty_segment_sends_nothing(server):
     assert wait_closed(server) == 0
 
 
+def test_jpeg_frames_come_out_as_rgb_of_the_asked_size(server):
+    r = run(service_for(server, video_format="jpeg", width=128), [SleepFrame(sleep=1.0)])
+    assert not r.errors(), r.errors()
+    ticks = r.ticks()
+    assert len(ticks) >= 0.8 * FPS
+    for _, image, _, _ in ticks:
+        width, height = image.size
+        assert width == 128 and image.format == "RGB" and len(image.image) == width * height * 3
+    assert wait_closed(server) == 0
+
+
 @pytest.mark.parametrize(
     ("options", "category", "words"),
     [

@@ -258,6 +258,7 @@ class LatentSyncVideoService(AIService):
         self._frames_task: asyncio.Task[None] | None = None
         self._sender_task: asyncio.Task[None] | None = None
         self._reader_task: asyncio.Task[None] | None = None
+        self._canceller_task: asyncio.Task[None] | None = None  # the server-side cancels of the last interruption
         self._commands: asyncio.Queue[_Command] = asyncio.Queue(maxsize=max_queued_packets)
         self._stream: SpeechStream | None = None
         self._segment: _Segment | None = None  # the segment the TTS is feeding
@@ -309,6 +310,8 @@ class LatentSyncVideoService(AIService):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await self._cancel_utterances()
+                if self._canceller_task is not None:
+                    await asyncio.wait([self._canceller_task])
         await self._close()
 
     async def cleanup(self) -> None:
@@ -319,7 +322,7 @@ class LatentSyncVideoService(AIService):
     async def _close(self) -> None:
         """Stop the tasks and close the connections and the HTTP client. Safe to call twice."""
         self._closed = True
-        for name in ("_frames_task", "_sender_task", "_reader_task"):
+        for name in ("_frames_task", "_sender_task", "_reader_task", "_canceller_task"):
             task: asyncio.Task[None] | None = getattr(self, name)
             setattr(self, name, None)
             if task is not None:
@@ -364,9 +367,11 @@ class LatentSyncVideoService(AIService):
         elif isinstance(frame, InterruptionFrame) or (
             isinstance(frame, UserStartedSpeakingFrame) and self._interrupt_on_user_speech
         ):
-            await self._interrupt()
-            await self.push_frame(frame, direction)
-            await self._cancel_utterances()
+            if await self._interrupt():
+                await self.push_frame(frame, direction)
+                await self._cancel_utterances()
+            else:
+                await self.push_frame(frame, direction)
         else:
             await self.push_frame(frame, direction)
 
@@ -444,11 +449,15 @@ class LatentSyncVideoService(AIService):
             await asyncio.sleep(0.02)
 
     # ------------------------------------------------------------------------------------------ interruption
-    async def _interrupt(self) -> None:
-        """Silence this service's utterances at once and drop their queued audio (the server is told after)."""
+    async def _interrupt(self) -> bool:
+        """Silence this service's utterances at once and drop their queued audio (the server is told after).
+
+        Returns:
+            False when there was nothing to interrupt.
+        """
         live = list(self._live)
         if not live and self._segment is None:
-            return
+            return False
         for segment in live:
             segment.cancelled = True
             if segment.task_id is not None:
@@ -471,31 +480,34 @@ class LatentSyncVideoService(AIService):
         self._sent_until = time.monotonic()
         if not self._closed:
             self._sender_task = self.create_task(self._run_sender(), name="latentsync-sender")
+        return True
 
     async def _cancel_utterances(self) -> None:
         """Tell the server to cancel every utterance of this service not finished yet.
 
-        The one open on the connection (perhaps not accepted yet) by ``cancel``; the earlier ones
-        (ended, still queued or playing) by ``DELETE /tasks/<id>``.
+        The latest one of the connection (perhaps not accepted yet) by a ``cancel`` message, sent
+        here before any later ``start`` can be; the earlier ones (ended, still queued or playing) by
+        ``DELETE /tasks/<id>`` in a task of their own (a system frame does not wait on HTTP).
         """
         stream, client = self._stream, self._client
-        jobs = []
-        sent = [s for s in self._live if s.sent_start]
-        latest = sent[-1] if sent else None
+        sent = [s for s in self._live if s.sent_start and not s.finished.is_set()]
         for segment in sent:
             segment.cancelled = True
-            if segment.finished.is_set():
-                continue
-            if segment is latest and stream is not None and not stream.closed:
-                jobs.append(self._send_cancel(stream, segment))
-            elif segment.task_id is not None and client is not None:
-                jobs.append(self._rest_cancel(client, segment.task_id))
-        if jobs:
-            await asyncio.gather(*jobs)
+        if sent and stream is not None and not stream.closed:
+            await self._send_cancel(stream, sent[-1])
+            sent = sent[:-1]
+        task_ids = [s.task_id for s in sent if s.task_id is not None]
+        if task_ids and client is not None:
+            if self._canceller_task is not None:
+                await self.cancel_task(self._canceller_task, timeout=1.0)
+            self._canceller_task = self.create_task(self._rest_cancels(client, task_ids), name="latentsync-cancel")
+
+    async def _rest_cancels(self, client: AsyncClient, task_ids: list[str]) -> None:
+        await asyncio.gather(*(self._rest_cancel(client, task_id) for task_id in task_ids))
 
     async def _send_cancel(self, stream: SpeechStream, segment: _Segment) -> None:
         try:
-            async with asyncio.timeout(self._open_timeout_s):
+            async with asyncio.timeout(0.5):  # a write to the socket: no answer is awaited
                 await stream.cancel()
         except (LatentSyncError, TimeoutError, OSError) as exc:
             logger.debug(f"{self}: cancel of segment {segment.number} not sent: {exc!r}")
@@ -623,6 +635,9 @@ class LatentSyncVideoService(AIService):
 
     async def _segment_failed(self, segment: _Segment, exc: BaseException) -> None:
         segment.failed = True
+        if self._ttfb_segment is segment:  # it will never be on air: no TTFB for it
+            self._ttfb_segment = None
+            await self.cancel_ttfb_metrics()  # type: ignore[no-untyped-call]  # unannotated in pipecat 1.14
         if not segment.sent_start:
             segment.finished.set()
         if self._unusable:
