@@ -152,6 +152,22 @@ def on_air(log: Log) -> bool:
     return any(f.metadata["latentsync"].state == "speaking" for _, f in log.of(OutputImageRawFrame))
 
 
+def idle_after_speech(log: Log, ticks: int) -> bool:
+    """An utterance was on air, and the last ``ticks`` ticks out are idle."""
+    states = [f.metadata["latentsync"].state for _, f in log.of(OutputImageRawFrame)]
+    return "speaking" in states and len(states) > ticks and set(states[-ticks:]) == {"idle"}
+
+
+def release_when(gate: WaitFrame, predicate, timeout_s: float = 30.0):
+    """A controller for :func:`run`: lets ``gate`` go once ``predicate(outlog)`` holds."""
+
+    async def controller(inlog: Log, outlog: Log):
+        await until(lambda: predicate(outlog), timeout_s)
+        gate.event.set()
+
+    return controller
+
+
 def segment(pcm: np.ndarray, rate_hz: int) -> list[Frame]:
     """A TTS segment as Pipecat's TTS services send it: started, 20 ms audio frames (at once), stopped."""
     channels = 1 if pcm.ndim == 1 else pcm.shape[1]
@@ -214,7 +230,12 @@ def best_lag_r(mouth: np.ndarray, envelope: np.ndarray, lags=(-1, 0, 1)) -> floa
 def test_segment_lip_synced_at_25_fps_then_idle(server, tmp_path):
     rate = 24000
     seconds = 2.5
-    r = run(service_for(server), [*segment(speech_pcm(seconds, rate), rate), SleepFrame(sleep=seconds + 2.0)])
+    gate = WaitFrame()  # EndFrame waits behind it until a second of idle ticks followed the speech
+    r = run(
+        service_for(server),
+        [*segment(speech_pcm(seconds, rate), rate), gate],
+        release_when(gate, lambda log: idle_after_speech(log, FPS + 2)),
+    )
     assert not r.errors(), r.errors()
     # the TTS's own audio never goes on: every audio frame out is the server's, paired with its image
     assert not any(isinstance(f, TTSAudioRawFrame) for f in r.down)
