@@ -361,6 +361,28 @@ def test_any_rate_and_stereo_play_an_empty_segment_sends_nothing(server):
     assert wait_closed(server) == 0
 
 
+def test_unusable_tts_audio_is_a_clear_error_and_the_next_segment_plays(server):
+    rate = 16000
+    good = speech_pcm(0.8, rate)
+    bad = [
+        [
+            TTSStartedFrame(),
+            TTSAudioRawFrame(audio=good.tobytes(), sample_rate=4000, num_channels=1),
+            TTSStoppedFrame(),
+        ],
+        [TTSStartedFrame(), TTSAudioRawFrame(audio=b"\x00" * 642, sample_rate=rate, num_channels=9), TTSStoppedFrame()],
+        [TTSStartedFrame(), TTSAudioRawFrame(audio=b"\x00" * 643, sample_rate=rate, num_channels=1), TTSStoppedFrame()],
+    ]
+    r = run(service_for(server), [*(f for s in bad for f in s), *segment(good, rate), SleepFrame(sleep=2.0)])
+    errors = r.errors()
+    assert [e.category for e in errors] == [ErrorCategory.APPLICATION] * 3, errors
+    assert "4000 Hz" in errors[0].error and "9 channels" in errors[1].error and "643 bytes" in errors[2].error
+    assert not any(e.fatal for e in errors)
+    heard = {info.task_id for _, _, a, info in r.ticks() if info.task_id and rms(a.audio) > 0.01}
+    assert len(heard) == 1 and task_status(server, heard.pop()) == "done"
+    assert wait_closed(server) == 0
+
+
 def test_jpeg_frames_come_out_as_rgb_of_the_asked_size(server):
     r = run(service_for(server, video_format="jpeg", width=128), [SleepFrame(sleep=1.0)])
     assert not r.errors(), r.errors()

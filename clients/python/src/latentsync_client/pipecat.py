@@ -73,6 +73,10 @@ __all__ = ["LatentSyncVideoService", "TickInfo"]
 #: Refusals of ``/ws/frames`` no retry can fix (a wrong token, an unknown channel, a bad hello).
 _PERMANENT = (Unauthorized, Forbidden, NotFound, BadRequest, PayloadTooLarge, ProtocolError)
 _PERMANENT_CLOSE = (CLOSE_BAD_HELLO, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED, CLOSE_MESSAGE_TOO_BIG)
+#: What ``/ws/speech`` takes (docs/streaming-speech.md): sample rates in Hz, interleaved channels.
+MIN_RATE_HZ = 8000
+MAX_RATE_HZ = 192000
+MAX_CHANNELS = 8
 #: Key of :attr:`pipecat.frames.frames.Frame.metadata` under which each emitted frame carries its :class:`TickInfo`.
 METADATA_KEY = "latentsync"
 
@@ -111,6 +115,7 @@ class _Segment:
         ended: ``end`` was queued (no more audio will come).
         cancelled: Interrupted: its audio is muted and the server told to cancel it.
         failed: The server refused it or the connection went away: the rest of it is dropped.
+        reported: An ``ErrorFrame`` about its TTS audio was pushed (one per segment).
         task_id: The server's task, once ``accepted``.
         first_audio_at: ``time.monotonic()`` of its first TTS audio frame.
         first_frame_at: ``time.monotonic()`` of its first tick on air.
@@ -125,6 +130,7 @@ class _Segment:
     ended: bool = False
     cancelled: bool = False
     failed: bool = False
+    reported: bool = False
     task_id: str | None = None
     first_audio_at: float | None = None
     first_frame_at: float | None = None
@@ -395,17 +401,24 @@ class LatentSyncVideoService(AIService):
             segment = self._segment = self._new_segment()
         if segment.failed or segment.cancelled:
             return
-        channels = max(1, int(frame.num_channels))
-        if len(frame.audio) % (2 * channels):
-            segment.failed = True
-            await self.push_error(
-                f"TTS audio of {len(frame.audio)} bytes is not whole s16le frames of {channels} channel(s): "
-                f"segment {segment.number} dropped",
-                category=ErrorCategory.APPLICATION,
-            )
+        rate, channels = int(frame.sample_rate), int(frame.num_channels)
+        problem = None
+        if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
+            problem = f"a sample rate of {rate} Hz (the server takes {MIN_RATE_HZ}..{MAX_RATE_HZ})"
+        elif not 1 <= channels <= MAX_CHANNELS:
+            problem = f"{channels} channels (the server takes 1..{MAX_CHANNELS})"
+        elif len(frame.audio) % (2 * channels):
+            problem = f"{len(frame.audio)} bytes, not whole s16le frames of {channels} channel(s)"
+        if problem is not None:
+            # Nothing sent yet: the whole segment is dropped. Else this frame only (the utterance still ends).
+            segment.failed = segment.failed or not segment.started
+            if not segment.reported:
+                segment.reported = True
+                dropped = f"segment {segment.number} dropped" if segment.failed else "frame dropped"
+                await self.push_error(f"TTS audio with {problem}: {dropped}", category=ErrorCategory.APPLICATION)
             return
         if not segment.started:
-            segment.sample_rate_hz, segment.channels = int(frame.sample_rate), channels
+            segment.sample_rate_hz, segment.channels = rate, channels
             segment.started = True
             segment.first_audio_at = time.monotonic()
             self._live.append(segment)
