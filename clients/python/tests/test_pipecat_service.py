@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import CROSSFADE_FRAMES, REPO, SERVER_PYTHON, TOKEN, established_to, speech_pcm
 from pipecat.frames.frames import (
+    CancelFrame,
     ControlFrame,
     ErrorFrame,
     Frame,
@@ -128,14 +129,21 @@ def service_for(server, **kwargs) -> LatentSyncVideoService:
     return LatentSyncVideoService(**options)
 
 
-def run(service: LatentSyncVideoService, frames: list[Frame], controller=None, timeout_s: float = 60.0) -> Run:
+def run(
+    service: LatentSyncVideoService, frames: list[Frame], controller=None, timeout_s: float = 60.0, end: bool = True
+) -> Run:
     """``run_test`` of ``[gate, inlog, service, outlog]``; ``controller(inlog, outlog)`` runs beside it."""
     inlog, outlog = Log(), Log()
     pipeline = Pipeline([Gate(), inlog, service, outlog])
 
     async def go():
         async with asyncio.timeout(timeout_s):
-            test = run_test(pipeline, frames_to_send=frames, pipeline_params=PipelineParams(enable_metrics=True))
+            test = run_test(
+                pipeline,
+                frames_to_send=frames,
+                pipeline_params=PipelineParams(enable_metrics=True),
+                send_end_frame=end,
+            )
             if controller is None:
                 return await test
             return (await asyncio.gather(test, controller(inlog, outlog)))[0]
@@ -325,6 +333,21 @@ def test_interruption_stops_audio_at_once_and_face_goes_idle(server):
     later = {info.task_id for t, _, a, info in ticks if info.task_id not in (None, first_task) and rms(a.audio) > 0.01}
     assert len(later) == 1, later
     assert task_status(server, later.pop()) == "done"
+    assert wait_closed(server) == 0
+
+
+def test_cancel_frame_cancels_on_the_server_and_closes_everything(server):
+    rate = 16000
+    r = run(
+        service_for(server), [*segment(speech_pcm(4.0, rate), rate)[:-1], SleepFrame(2.0), CancelFrame()], end=False
+    )
+    assert not r.errors(), r.errors()
+    task_ids = {info.task_id for *_, info in r.ours() if info.task_id}
+    assert len(task_ids) == 1, task_ids
+    deadline = time.monotonic() + 5
+    while (status := task_status(server, next(iter(task_ids)))) != "cancelled" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status == "cancelled"
     assert wait_closed(server) == 0
 
 
