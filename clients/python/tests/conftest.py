@@ -32,6 +32,7 @@ RTMP_SCRIPT = REPO / "scripts" / "rtmp_server.sh"
 MEDIA = REPO / "tests" / "data" / "media"
 TOKEN = "agents-test-token-5c1e"
 CROSSFADE_FRAMES = 2
+SPEECH_IDLE_TIMEOUT_S = 2
 
 
 def free_port() -> int:
@@ -188,6 +189,7 @@ def server(tmp_path_factory):
             f"api.token={TOKEN}",
             "api.auth_failures_per_min=1000",
             f"stream.crossfade_frames={CROSSFADE_FRAMES}",
+            f"speech_stream.idle_timeout_s={SPEECH_IDLE_TIMEOUT_S}",  # an idle /ws/speech is closed soon
             "webrtc.enabled=false",
         ],
         tmp,

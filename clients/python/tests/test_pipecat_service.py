@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CROSSFADE_FRAMES, REPO, SERVER_PYTHON, TOKEN, established_to, speech_pcm
+from conftest import CROSSFADE_FRAMES, REPO, SERVER_PYTHON, SPEECH_IDLE_TIMEOUT_S, TOKEN, established_to, speech_pcm
 from pipecat.frames.frames import (
     CancelFrame,
     ControlFrame,
@@ -348,6 +348,21 @@ def test_cancel_frame_cancels_on_the_server_and_closes_everything(server):
     while (status := task_status(server, next(iter(task_ids)))) != "cancelled" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status == "cancelled"
+    assert wait_closed(server) == 0
+
+
+def test_a_segment_after_the_server_closed_the_idle_connection_plays(server):
+    rate = 16000
+    frames = [
+        *segment(speech_pcm(0.6, rate), rate),
+        SleepFrame(sleep=0.6 + SPEECH_IDLE_TIMEOUT_S + 1.5),  # the server closes /ws/speech (idle_timeout)
+        *segment(speech_pcm(0.6, rate, offset_s=2.0), rate),
+        SleepFrame(sleep=1.0),
+    ]
+    r = run(service_for(server), frames)
+    assert not r.errors(), r.errors()
+    heard = list(dict.fromkeys(info.task_id for _, _, a, info in r.ours() if info.task_id and rms(a.audio) > 0.01))
+    assert len(heard) == 2 and [task_status(server, t) for t in heard] == ["done", "done"], heard
     assert wait_closed(server) == 0
 
 
