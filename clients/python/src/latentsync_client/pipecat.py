@@ -23,24 +23,30 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from loguru import logger
-from pipecat.frames.frames import (
-    CancelFrame,
-    EndFrame,
-    Frame,
-    InterruptionFrame,
-    OutputImageRawFrame,
-    SpeechOutputAudioRawFrame,
-    StartFrame,
-    TTSAudioRawFrame,
-    TTSStartedFrame,
-    TTSStoppedFrame,
-    UserStartedSpeakingFrame,
-)
-from pipecat.processors.frame_processor import FrameDirection
-from pipecat.services.ai_service import AIService
-from pipecat.services.settings import ServiceSettings
-from pipecat.utils.errors import ErrorCategory
+try:
+    from loguru import logger
+    from pipecat.frames.frames import (
+        CancelFrame,
+        EndFrame,
+        Frame,
+        InterruptionFrame,
+        OutputImageRawFrame,
+        SpeechOutputAudioRawFrame,
+        StartFrame,
+        TTSAudioRawFrame,
+        TTSStartedFrame,
+        TTSStoppedFrame,
+        UserStartedSpeakingFrame,
+    )
+    from pipecat.processors.frame_processor import FrameDirection
+    from pipecat.services.ai_service import AIService
+    from pipecat.services.settings import ServiceSettings
+    from pipecat.utils.errors import ErrorCategory
+except ModuleNotFoundError as exc:  # the rest of latentsync_client works without pipecat
+    raise ModuleNotFoundError(
+        f"latentsync_client.pipecat needs pipecat-ai ({exc}): bash scripts/agents_venv.sh, "
+        "or pip install -r clients/python/requirements-agents.txt"
+    ) from exc
 
 from latentsync_client.client import AsyncClient
 from latentsync_client.errors import (
