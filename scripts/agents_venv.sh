@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv-agents (Python 3.11) with the agent integrations of the client (pipecat-ai) and their test tools,
+# Create .venv-agents (Python 3.11) with the agent integrations of the client (pipecat-ai, livekit-agents) and their test tools,
 # from clients/python/requirements-agents.txt. Idempotent: does nothing while .venv-agents/.installed is newer
 # than the requirement files. Apart from .venv: pipecat-ai needs protobuf >= 5.29.6, the server's mediapipe < 5.
 #
