@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,10 +99,15 @@ class EspeakTTSService(TTSService):
             for i in range(0, len(pcm), step):
                 yield pcm[i : i + step]
 
+        first = True
         async for frame in self._stream_audio_frames_from_iterator(
             chunks(), in_sample_rate=ESPEAK_RATE_HZ, context_id=context_id
         ):
             await self.stop_ttfb_metrics()
+            if first:  # the wall clock, to compare with what a browser on this machine hears
+                first = False
+                seconds = len(pcm) / (2 * ESPEAK_RATE_HZ)
+                logger.info(f"TTS audio out at epoch {time.time():.3f} s: {seconds:.1f} s of speech for {text!r}")
             yield frame
 
     async def _synthesize(self, text: str) -> bytes:
