@@ -256,7 +256,8 @@ class Bot:
 
     async def _run(self, session: Session) -> None:
         try:
-            await session.runner.run(session.worker)
+            await session.runner.add_workers(session.worker)
+            await session.runner.run()
         finally:
             self.sessions.pop(session.connection.pc_id, None)
 
