@@ -442,6 +442,8 @@ class LatentSyncVideoGenerator(VideoGenerator):
         open_segment = next((s for s in reversed(live) if s.sent_start and not s.end_sent), None)
         for segment in live:
             segment.cancelled = True
+            if segment.task_id is not None and not segment.on_air:  # muted by id; nothing follows it any more
+                self._by_task.pop(segment.task_id, None)
             if segment is open_segment and stream is not None and not stream.closed:
                 with contextlib.suppress(LatentSyncError, TimeoutError, OSError, RuntimeError):
                     async with asyncio.timeout(0.5):  # a write to the socket: no answer awaited
@@ -597,7 +599,8 @@ class LatentSyncVideoGenerator(VideoGenerator):
             return
         segment, answer = self._awaiting.popleft()
         segment.task_id = event.task_id
-        self._by_task[event.task_id] = segment
+        if not segment.cancelled:
+            self._by_task[event.task_id] = segment
         if not answer.done():
             answer.set_result(event)
         if segment.cancelled:  # cleared before the server answered
