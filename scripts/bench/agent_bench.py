@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Agent integrations benchmark (issue 36): the avatar's latency behind Pipecat and LiveKit Agents.
+
+Runs in the agents' virtualenv (``.venv-agents``: pipecat-ai, livekit-agents) against a server with
+the parametric engine, which it starts from the server's venv (``.venv/bin/python infer_serv.py``,
+RTMP output to ``scripts/rtmp_server.sh``) unless ``--url`` names a running one. For each integration,
+``--runs`` times (median printed):
+
+* latency: a 1.5 s speech segment pushed in 20 ms frames (as fast as the integration takes them,
+  like a TTS) → the first lip-synced (not idle) picture out of the integration;
+* interruption, 0.6 s into a 4 s segment: → the first audio tick out that is silent (of that segment),
+  and → the first idle picture out.
+
+    bash scripts/agents_venv.sh && bash scripts/rtmp_server.sh start
+    .venv-agents/bin/python scripts/bench/agent_bench.py [--runs 10] [--url http://127.0.0.1:11001 --token T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from benchclient import free_port, http, stop_server  # scripts/bench/
+from livekit import rtc
+from livekit.agents.voice.avatar import AudioSegmentEnd
+from pipecat.frames.frames import (
+    Frame,
+    InterruptionFrame,
+    OutputImageRawFrame,
+    SpeechOutputAudioRawFrame,
+    TTSAudioRawFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+from pipecat.workers.runner import WorkerRunner
+
+from latentsync_client.livekit import USERDATA_KEY, LatentSyncVideoGenerator
+from latentsync_client.pipecat import METADATA_KEY, LatentSyncVideoService
+
+ROOT = Path(__file__).resolve().parents[2]
+SPEECH = ROOT / "tests" / "data" / "media" / "audio" / "7s_shan_0801_01.wav"
+IDLE_VIDEO = ROOT / "tests" / "data" / "media" / "video" / "nanmote002.mp4"
+RATE_HZ = 16000
+FRAME_S = 0.02
+
+
+def speech(seconds: float, offset_s: float = 0.0) -> bytes:
+    """``seconds`` of the test recording as mono s16le at :data:`RATE_HZ`."""
+    audio, rate = sf.read(SPEECH, dtype="float32")
+    audio = audio.mean(axis=1) if audio.ndim > 1 else audio
+    audio = np.tile(audio, 4)[int(offset_s * rate) : int((offset_s + seconds) * rate)]
+    n = int(seconds * RATE_HZ)
+    resampled = np.interp(np.arange(n) * rate / RATE_HZ, np.arange(len(audio)), audio)
+    return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def frames_of(pcm: bytes) -> list[bytes]:
+    step = int(RATE_HZ * FRAME_S) * 2
+    return [pcm[i : i + step] for i in range(0, len(pcm), step)]
+
+
+async def until(predicate: Callable[..., bool], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+# ------------------------------------------------------------------------------------------------ LiveKit
+async def livekit_runs(url: str, token: str | None, runs: int) -> dict[str, list[float]]:
+    """The generator driven as ``AvatarRunner`` drives it; every tick out timed on arrival."""
+    out: list[tuple[float, dict]] = []  # (time, tick info) per audio frame (one per tick)
+    gen = LatentSyncVideoGenerator(url=url, token=token)
+    await gen.start()
+
+    async def consume() -> None:
+        async for item in gen:
+            if isinstance(item, rtc.AudioFrame):
+                info = dict(item.userdata[USERDATA_KEY])
+                info["silent"] = not any(bytes(item.data.cast("B")))
+                out.append((time.monotonic(), info))
+
+    consumer = asyncio.create_task(consume())
+    result: dict[str, list[float]] = {"latency": [], "audio_stop": [], "face_idle": []}
+    try:
+        for run in range(runs):
+            await asyncio.sleep(0.5)
+            start = len(out)
+            t_in = time.monotonic()
+            for chunk in frames_of(speech(1.5, offset_s=run * 0.3)):
+                await gen.push_audio(rtc.AudioFrame(chunk, RATE_HZ, 1, len(chunk) // 2))
+            await gen.push_audio(AudioSegmentEnd())
+            await until(lambda start=start: any(i["state"] != "idle" for _, i in out[start:]), 10.0)
+            result["latency"].append(next(t for t, i in out[start:] if i["state"] != "idle") - t_in)
+            await until(lambda: out[-1][1]["state"] == "idle", 10.0)
+            # interruption
+            await asyncio.sleep(0.5)
+            start = len(out)
+            pusher = asyncio.create_task(push_livekit(gen, speech(4.0, offset_s=1.0)))
+            await until(lambda start=start: any(i["state"] == "speaking" for _, i in out[start:]), 10.0)
+            await asyncio.sleep(0.6)
+            task_id = next(i["task_id"] for _, i in reversed(out) if i["state"] == "speaking")
+            t_int = time.monotonic()
+            await gen.clear_buffer()
+            pusher.cancel()
+            await asyncio.wait([pusher], timeout=1.0)
+            await until(lambda t_int=t_int: any(t > t_int and i["state"] == "idle" for t, i in out), 5.0)
+            after = [(t, i) for t, i in out if t > t_int]
+            result["audio_stop"].append(next(t for t, i in after if i["task_id"] != task_id or i["silent"]) - t_int)
+            result["face_idle"].append(next(t for t, i in after if i["state"] == "idle") - t_int)
+    finally:
+        await gen.aclose()
+        await asyncio.wait_for(consumer, 3.0)
+    return result
+
+
+async def push_livekit(gen: LatentSyncVideoGenerator, pcm: bytes) -> None:
+    for chunk in frames_of(pcm):
+        await gen.push_audio(rtc.AudioFrame(chunk, RATE_HZ, 1, len(chunk) // 2))
+
+
+# ------------------------------------------------------------------------------------------------ Pipecat
+class Recorder(FrameProcessor):
+    """After the service: times each image and audio frame it emits, with its tick info."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[float, str, str | None]] = []  # (time, state, task id)
+        self.audio: list[tuple[float, bool, str | None]] = []  # (time, silent, task id)
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
+        await super().process_frame(frame, direction)
+        info = frame.metadata.get(METADATA_KEY)
+        if isinstance(frame, OutputImageRawFrame) and info is not None:
+            self.images.append((time.monotonic(), info.state, info.task_id))
+        elif isinstance(frame, SpeechOutputAudioRawFrame) and info is not None:
+            self.audio.append((time.monotonic(), not any(frame.audio), info.task_id))
+        await self.push_frame(frame, direction)
+
+
+async def pipecat_runs(url: str, token: str | None, runs: int) -> dict[str, list[float]]:
+    """The service in a pipeline ``[service, recorder]``; TTS frames queued as a TTS would push them."""
+    recorder = Recorder()
+    service = LatentSyncVideoService(url=url, token=token)
+    worker = PipelineWorker(Pipeline([service, recorder]), params=PipelineParams(enable_metrics=True))
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(worker)
+    running = asyncio.create_task(runner.run())
+    result: dict[str, list[float]] = {"latency": [], "audio_stop": [], "face_idle": []}
+    try:
+        await until(lambda: len(recorder.images) > 10, 20.0)
+        for run in range(runs):
+            await asyncio.sleep(0.5)
+            start = len(recorder.images)
+            t_in = time.monotonic()
+            await worker.queue_frames([TTSStartedFrame(), *tts_frames(speech(1.5, offset_s=run * 0.3))])
+            await worker.queue_frames([TTSStoppedFrame()])
+            await until(lambda start=start: any(s != "idle" for _, s, _ in recorder.images[start:]), 10.0)
+            result["latency"].append(next(t for t, s, _ in recorder.images[start:] if s != "idle") - t_in)
+            await until(lambda: recorder.images[-1][1] == "idle", 10.0)
+            await asyncio.sleep(0.5)
+            start = len(recorder.images)
+            await worker.queue_frames([TTSStartedFrame(), *tts_frames(speech(4.0, offset_s=1.0))])
+            await until(lambda start=start: any(s == "speaking" for _, s, _ in recorder.images[start:]), 10.0)
+            await asyncio.sleep(0.6)
+            task_id = next(k for _, s, k in reversed(recorder.images) if s == "speaking")
+            t_int = time.monotonic()
+            await worker.queue_frames([InterruptionFrame()])
+            await until(lambda t_int=t_int: any(t > t_int and s == "idle" for t, s, _ in recorder.images), 5.0)
+            audio = [(t, silent, k) for t, silent, k in recorder.audio if t > t_int]
+            result["audio_stop"].append(next(t for t, silent, k in audio if k != task_id or silent) - t_int)
+            result["face_idle"].append(next(t for t, s, _ in recorder.images if t > t_int and s == "idle") - t_int)
+    finally:
+        await worker.cancel()
+        await asyncio.wait([running], timeout=10.0)
+    return result
+
+
+def tts_frames(pcm: bytes) -> list[TTSAudioRawFrame]:
+    return [TTSAudioRawFrame(audio=chunk, sample_rate=RATE_HZ, num_channels=1) for chunk in frames_of(pcm)]
+
+
+# ------------------------------------------------------------------------------------------------ main
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
+    python = os.environ.get("LATENTSYNC_SERVER_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+    rtmp_url = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "rtmp_server.sh"), "publish-url", "agent-bench"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
+    port = free_port()
+    cmd = [
+        python,
+        str(ROOT / "infer_serv.py"),
+        f"server.port={port}",
+        "engine.name=parametric",
+        f"avatar.idle_video={IDLE_VIDEO}",
+        f"stream.rtmp_url={rtmp_url}",
+        "webrtc.enabled=false",
+        f"stream.crossfade_frames={args.crossfade_frames}",
+        *args.overrides,
+    ]
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if http("GET", base + "/health", timeout_s=2)[1].get("engine_ready"):
+                return server, base
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_server(server, 10)
+            raise SystemExit("server did not start")
+        time.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10, help="measurements per figure (median printed)")
+    parser.add_argument("--url", default="", help="a running server (default: start one, parametric engine)")
+    parser.add_argument("--token", default=os.environ.get("LATENTSYNC_TOKEN"), help="its api.token")
+    parser.add_argument(
+        "--crossfade-frames", type=int, default=5, help="stream.crossfade_frames (of the server it starts; 5 default)"
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value for the server the bench starts")
+    args = parser.parse_args()
+    server, url = (None, args.url) if args.url else start_server(args)
+    try:
+        results = {
+            "Pipecat service": asyncio.run(pipecat_runs(url, args.token, args.runs)),
+            "LiveKit generator": asyncio.run(livekit_runs(url, args.token, args.runs)),
+        }
+    finally:
+        if server is not None:
+            stop_server(server, 15)
+    print(f"agent_bench: median of {args.runs}, parametric engine, {os.cpu_count()} CPUs, {url}")
+    header = f"{'figure':<62} | {'Pipecat service':>15} | {'LiveKit generator':>17} | goal"
+    print(header)
+    print("-" * len(header))
+    fade_ms = args.crossfade_frames * 40
+    rows = [
+        ("first TTS audio frame in -> first lip-synced image out", "latency", "<= 0.35 s"),
+        ("interruption -> audio out silent", "audio_stop", "<= 40 ms (one tick)"),
+        ("interruption -> face idle", "face_idle", f"<= crossfade ({args.crossfade_frames} frames, {fade_ms} ms)"),
+    ]
+    for name, key, goal in rows:
+        cells = [f"{statistics.median(results[k][key]) * 1000:>12.0f} ms" for k in results]
+        print(f"{name:<62} | {cells[0]:>15} | {cells[1]:>17} | {goal}")
+    heard = "first TTS audio frame -> speech heard in a Chromium peer"
+    print(f"{heard:<62} | {'see the test':>15} | {'-':>17} | <= 0.50 s (clients/python/tests/test_pipecat_bot.py)")
+    print(f"{'10-minute conversation, gaps > 80 ms in images out':<62} | {'not run':>15} | {'not run':>17} | 0")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
