@@ -5,7 +5,7 @@ RTMP_PORT ?= 1935
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast setup setup-ray lint format rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test test-fast setup setup-ray setup-agents lint bench-agents format rtmp-start rtmp-stop bench bench-webrtc clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -22,6 +22,14 @@ $(RAY_STAMP): $(STAMP) requirements-ray.txt
 ## setup-ray: add the optional Ray backend (pool.backend=ray) to .venv
 setup-ray: $(RAY_STAMP)
 
+AGENTS_VENV := .venv-agents
+AGENTS_STAMP := $(AGENTS_VENV)/.installed
+$(AGENTS_STAMP): clients/python/requirements-agents.txt clients/python/requirements.txt clients/python/pyproject.toml scripts/agents_venv.sh
+	@bash scripts/agents_venv.sh
+
+## setup-agents: the agent integrations' own virtualenv (.venv-agents: the client, pipecat-ai, livekit-agents; docs/agents.md)
+setup-agents: $(AGENTS_STAMP)
+
 ## run: set up, start the local RTMP server and stream the avatar (Ctrl-C stops)
 run: setup
 	@bash scripts/tts.sh install
@@ -37,17 +45,18 @@ run: setup
 # the unit tier made a browser test fail once), each on TEST_WORKERS pytest-xdist workers: a module's tests stay
 # on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S).
 TEST_WORKERS ?= 2
-XDIST = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 ## test: set up (nginx-rtmp and chromium too), lint (make lint), then the whole pytest suite: the unit tier
 ## first (make test-fast), then the tests that start servers, FFmpeg, browsers, workers or Ray
-test: setup setup-ray
+test: setup setup-ray setup-agents
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest -m unit $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(VENV)/bin/python -m pytest -m "not unit" $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(AGENTS_VENV)/bin/python -m pytest clients/python/tests $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 ## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
 test-fast: setup
@@ -55,12 +64,15 @@ test-fast: setup
 
 ## lint: ruff, the format check, the import contracts of latentsync (pyproject.toml [tool.importlinter]) and mypy
 ## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly) and, strictly, the client
-lint: setup
+## (its Pipecat and LiveKit modules and the example bot in .venv-agents, where their frameworks are)
+lint: setup setup-agents
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(VENV)/bin/mypy latentsync/serving
 	$(VENV)/bin/mypy --strict clients/python/src
+	$(AGENTS_VENV)/bin/mypy --strict clients/python/src/latentsync_client/pipecat.py \
+	  clients/python/src/latentsync_client/livekit.py examples/pipecat_bot.py
 
 ## format: reformat the tree (what make test checks)
 format: setup
@@ -76,6 +88,10 @@ rtmp-stop:
 bench: setup
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 	$(VENV)/bin/python scripts/bench/stream_bench.py --seconds 60
+
+## bench-agents: the agent integrations' figures (scripts/bench/agent_bench.py: TTFF, interruption; docs/agents.md)
+bench-agents: setup setup-agents
+	$(AGENTS_VENV)/bin/python scripts/bench/agent_bench.py
 
 ## bench-webrtc: server CPU with 0/1/4/8 WebRTC viewers, POST -> speech heard in the browser
 bench-webrtc: setup

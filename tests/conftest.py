@@ -27,27 +27,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python
 HEAVY_MARKERS = ("slow", "rtmp", "server", "ffmpeg", "workers", "ray", "browser", "gpu")
 #: Markers a test gets from a fixture it uses.
 FIXTURE_MARKERS = {"rtmp_server": ("rtmp",), "ray_cluster": ("ray", "slow")}
-#: make test runs each tier under pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``): the tests of one
-#: module run on one worker, one after the other, sharing module-scoped servers; the Ray tests are one group, so
-#: that two local Ray clusters never run at once. Groups listed here start first, longest first (wall seconds of
-#: the group on a 2-core machine, ``pytest --durations=0`` summed per module, rounded); the others follow in
-#: collection order.
+#: make test runs each tier under pytest-xdist (``-n 2 --dist loadscope --no-loadscope-reorder``) with the groups of
+#: :func:`worker_group`: the tests of one module run on one worker, one after the other, sharing module-scoped
+#: servers; the Ray modules are one group, so that two local Ray clusters never run at once.
+RAY_MODULES = ("tests/serving/test_ray_e2e.py", "tests/serving/compute/test_ray_pool.py")
+#: Groups listed here start first, longest first (wall seconds of the group on a 2-core machine, ``pytest
+#: --durations=0`` summed per module, rounded); the others follow in collection order.
 LONG_GROUPS_S = {
     "ray": 290.0,
-    "tests.serving.egress.test_outputs": 117.0,
-    "tests.serving.api.test_hostile": 114.0,
-    "tests.serving.test_leaks": 84.0,
-    "tests.serving.test_stream_e2e": 78.0,
-    "tests.serving.api.test_hostile_media": 77.0,
-    "tests.serving.runtime.test_channel_faults": 67.0,
-    "tests.serving.runtime.test_channels": 63.0,
-    "tests.serving.test_speech_e2e": 58.0,
-    "tests.serving.egress.test_frames": 58.0,
-    "tests.serving.api.test_service": 50.0,
-    "tests.serving.test_speech_stream_e2e": 49.0,
-    "tests.serving.test_latentsync_server_e2e": 40.0,
-    "tests.serving.api.test_browser_channels": 36.0,
-    "tests.test_latentsync_engine": 32.0,
+    "tests/serving/egress/test_outputs.py": 117.0,
+    "tests/serving/api/test_hostile.py": 114.0,
+    "tests/serving/test_leaks.py": 84.0,
+    "tests/serving/test_stream_e2e.py": 78.0,
+    "tests/serving/api/test_hostile_media.py": 77.0,
+    "tests/serving/runtime/test_channel_faults.py": 67.0,
+    "tests/serving/runtime/test_channels.py": 63.0,
+    "tests/serving/test_speech_e2e.py": 58.0,
+    "tests/serving/egress/test_frames.py": 58.0,
+    "tests/serving/api/test_service.py": 50.0,
+    "tests/serving/test_speech_stream_e2e.py": 49.0,
+    "tests/serving/test_latentsync_server_e2e.py": 40.0,
+    "tests/serving/api/test_browser_channels.py": 36.0,
+    "tests/test_latentsync_engine.py": 32.0,
 }
 #: What a unit test may not start, and the marker that would move it out of the unit tier.
 FORBIDDEN_IN_UNIT = ((ServerProcess, "server"), (RtmpServer, "rtmp"), (RayCluster, "ray"))
@@ -70,14 +71,33 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(name)
         if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
             item.add_marker("unit")
-        item.add_marker(pytest.mark.xdist_group(_worker_group(item)))
     # Longest first (a stable sort: the rest keep their order), so no worker is left with a long module at the end.
-    items.sort(key=lambda item: -LONG_GROUPS_S.get(_worker_group(item), 0.0))
+    items.sort(key=lambda item: -LONG_GROUPS_S.get(worker_group(item.nodeid), 0.0))
 
 
-def _worker_group(item: pytest.Item) -> str:
-    """The pytest-xdist group of a test: its module (module-scoped servers are shared), or ``ray`` for any Ray test."""
-    return "ray" if item.get_closest_marker("ray") else item.module.__name__
+def worker_group(nodeid: str) -> str:
+    """The group of a test under pytest-xdist (:func:`pytest_xdist_make_scheduler`): its module's path
+    (module-scoped servers are shared), or ``ray`` for the modules in :data:`RAY_MODULES`."""
+    module = nodeid.split("::", 1)[0]
+    return "ray" if module in RAY_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadscope``, one work unit per :func:`worker_group`, handed out in collection order.
+
+    Ours, not ``--dist loadgroup``: pytest-xdist 3.8 names a group by rewriting ``item._nodeid``, which pytest
+    9 no longer reads, so its groups are silently ignored.
+    """
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 def _refuse(helper: type, marker: str):
