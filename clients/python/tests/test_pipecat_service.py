@@ -123,6 +123,24 @@ class Run:
         return [f for f in self.up if isinstance(f, ErrorFrame)]
 
 
+@pytest.fixture(autouse=True)
+def idle_at_start(request):
+    """Each test starts with the channel idle: an earlier test's task still fading out is never heard as ours."""
+    if "server" not in request.fixturenames:
+        return
+    server = request.getfixturevalue("server")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    deadline = time.monotonic() + 30.0
+    health: dict = {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(urllib.request.Request(f"{server.url}/health", headers=headers), timeout=5) as r:
+            health = json.loads(r.read())
+        if health.get("state") == "idle" and health.get("on_air_task") is None:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the channel is not idle before the test: {health}")
+
+
 def service_for(server, **kwargs) -> LatentSyncVideoService:
     options = {"url": server.url, "token": TOKEN, "backoff": Backoff(initial_s=0.3, max_s=1.0)}
     options.update(kwargs)
