@@ -332,7 +332,9 @@ class Runtime:
         """Give ``channel`` its TaskManager on the shared pool if it is ``starting`` with its avatar prepared.
 
         Called by the channel's start thread and by the engine start (whichever comes last attaches).
-        A created channel that becomes ``ready`` is written to ``channels_file`` (never before).
+        A created channel that becomes ``ready`` is written to ``channels_file`` just before its state
+        turns ``ready`` (so a client that saw ``ready`` finds it in the file); if it fails to attach
+        instead, the file is written again without it.
 
         Returns:
             True when this call made the channel ``ready``.
@@ -343,12 +345,16 @@ class Runtime:
                 return False  # the pool is not running yet (the engine start attaches it), or it was deleted
             if channel.state is not ChannelState.starting or channel.avatar is None:
                 return False  # still preparing (its thread attaches it), already ready, failed or closing
-            if not channel.attach(pool):
-                return False
             name = channel.name
-            if name != DEFAULT_CHANNEL and (name not in self._configured or name in self._deleted):
+            kept = name != DEFAULT_CHANNEL and (name not in self._configured or name in self._deleted)
+            if kept:  # written before the API can report it ready: a client that saw "ready" finds it kept
                 self._kept.add(name)
                 self._persist()
+            if not channel.attach(pool):
+                if kept:
+                    self._kept.discard(name)
+                    self._persist()
+                return False
         logger.info("channel %s ready: uploads accepted", channel.name)
         return True
 
