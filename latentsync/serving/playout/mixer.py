@@ -1,16 +1,19 @@
 """ProgramMixer: what goes on air at each tick — idle loop, speech programs, crossfades, underruns.
 
-State machine (docs/architecture.md): ``IDLE --program ready--> FADE_IN --n frames--> SPEAKING
---program done--> FADE_OUT --n frames--> IDLE``; ``SPEAKING --next program ready--> FADE_IN``
+State machine (docs/architecture.md): ``IDLE --program ready--> FADE_IN --n-1 frames--> SPEAKING
+--program done--> FADE_OUT --n-1 frames--> IDLE``; ``SPEAKING --next program ready--> FADE_IN``
 (speech→speech crossfade); any state ``--interrupt--> FADE_OUT``.
 
-Video crossfades blend the outgoing picture into the incoming one over ``crossfade_frames``.
-A program's audio starts exactly on its first frame at full level (no silence inserted, no speech
-delayed); the outgoing audio (idle sound, or an interrupted program's speech) fades out over the
-same frames, and idle sound fades back in on the way out. When a program's next frame is not
-generated yet (underrun), the last frame is held with silence and the program does not advance,
-so its speech stays in sync with its video. Everything here runs on the controller thread and
-never blocks.
+A crossfade of ``crossfade_frames`` = N frames reaches what comes in on its Nth frame: frames
+1 .. N-1 blend the outgoing picture into the incoming one with weight k/N (k = 1 .. N-1), frame N
+is the incoming picture alone and is reported with its state (``SPEAKING`` at the end of a fade-in,
+``IDLE`` at the end of a fade-out); N = 0 and N = 1 are hard cuts. So an interrupted program is off
+air (``OFF_AIR``, idle on air) on the Nth tick from the interrupt. A program's audio starts exactly
+on its first frame at full level (no silence inserted, no speech delayed); the outgoing audio (idle
+sound, or an interrupted program's speech) fades out with the same weights, and idle sound fades
+back in on the way out. When a program's next frame is not generated yet (underrun), the last
+frame is held with silence and the program does not advance, so its speech stays in sync with its
+video. Everything here runs on the controller thread and never blocks.
 
 A program that raises while its tick is made (its frame, audio or callbacks), or hands over a frame
 or audio that is not the stream's, is dropped: :meth:`Program.abort` fails its task with the reason,
@@ -156,7 +159,8 @@ class ProgramMixer:
 
     Args:
         idle: The idle loop.
-        crossfade_frames: Length of every crossfade, in frames (0: hard cuts).
+        crossfade_frames: Length of every crossfade, in frames: its last one shows what comes in
+            alone, the ``crossfade_frames - 1`` before it are blends (0 or 1: hard cuts).
         max_programs: Capacity of the playlist (programs waiting to go on air; the channel derives
             it from ``api.max_queued``).
     """
@@ -173,8 +177,7 @@ class ProgramMixer:
         self._pos = 0  # next frame index of the current program
         self._audio_pos = 0  # next sample of the current program's audio
         self._outgoing: _Outgoing | None = None
-        self._fade_step = 0  # frames of the running crossfade already emitted
-        self._fading_in = False
+        self._fade_step = 0  # blended frames of the running crossfade already emitted
         self._last_frame: np.ndarray | None = None
         self._tick_task_id: str | None = None
         self._culprit: Program | None = None  # the program being asked for this tick's content
@@ -286,20 +289,25 @@ class ProgramMixer:
             self._switch_idle_now()
         if self._current is None:
             self._start_next_program()
-        if self._current is not None:
-            self._set_state(StreamState.FADE_IN if self._fading_in else StreamState.SPEAKING)
+        return self._play(num_samples)
+
+    def _play(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """This tick's frame and audio from what is on air: a crossfade's next frame, speech, or idle."""
+        if self._outgoing is not None and self._fade_step + 1 >= self._crossfade:
+            # the crossfade's last frame (or a cut): what comes in, alone; what went out is off air now
+            self._end_fade_out(self._outgoing)
+        if self._current is not None:  # fading in while something still goes out, else speaking
+            self._set_state(StreamState.FADE_IN if self._outgoing is not None else StreamState.SPEAKING)
             self._tick_task_id = self._current.task_id
-            frame, audio = self._speech_tick(num_samples)
-        elif self._outgoing is not None:
+            return self._speech_tick(num_samples)
+        if self._outgoing is not None:
             self._set_state(StreamState.FADE_OUT)
             program = self._outgoing.program
             self._tick_task_id = program.task_id if program is not None else None
-            frame, audio = self._fade_out_tick(num_samples)
-        else:
-            self._tick_task_id = None
-            self._set_state(StreamState.IDLE)
-            frame, audio = self._idle.next(num_samples)
-        return frame, audio
+            return self._fade_out_tick(num_samples)
+        self._tick_task_id = None
+        self._set_state(StreamState.IDLE)
+        return self._idle.next(num_samples)
 
     def _drop_failed(self, program: Program, exc: Exception) -> None:
         """``program`` raised making this tick: take it out of the playlist and off air, fail its task."""
@@ -311,24 +319,19 @@ class ProgramMixer:
         outgoing = self._outgoing
         if self._current is program:
             self._current = None
-            self._fading_in = False
             if outgoing is not None and outgoing.program is not None and outgoing.program is not program:
                 try:  # what it was fading in from is gone with it
                     self._end_fade_out(outgoing)
                 except Exception:
                     logger.exception("task %s: its off-air callback failed", outgoing.program.task_id)
                 self._culprit = None
-            # the picture fades from the last frame on air (before any: the idle loop's first) to idle;
-            # a cut without crossfade
-            self._outgoing = None
-            if self._crossfade > 0:
-                still = self._last_frame if self._last_frame is not None else self._idle.frames[0]
-                self._outgoing = _Outgoing(None, None, index=0, audio_pos=0, fade_audio=False, still=still)
-                self._fade_step = 0
+            # the picture fades from the last frame on air (before any: the idle loop's first) to idle
+            still = self._last_frame if self._last_frame is not None else self._idle.frames[0]
+            self._outgoing = _Outgoing(None, None, index=0, audio_pos=0, fade_audio=False, still=still)
+            self._fade_step = 0
         elif outgoing is not None and outgoing.program is program:
             if self._current is not None:  # the program fading in cuts in
                 self._outgoing = None
-                self._fading_in = False
             else:
                 self._outgoing = (
                     _Outgoing(None, None, index=0, audio_pos=0, fade_audio=False, still=self._last_frame)
@@ -358,7 +361,7 @@ class ProgramMixer:
         if pending is None:
             return
         idle, on_switched = pending
-        if self._outgoing is None and self._crossfade > 0:  # the old loop fades into the new one
+        if self._outgoing is None:  # the old loop fades into the new one
             self._outgoing = _Outgoing(self._idle, None, index=0, audio_pos=0, fade_audio=True)
             self._fade_step = 0
         self._idle = idle
@@ -382,9 +385,6 @@ class ProgramMixer:
             self._outgoing = _Outgoing(None, current, index=self._pos, audio_pos=self._audio_pos, fade_audio=True)
             self._fade_step = 0
             self._current = None
-            self._fading_in = False
-            if self._crossfade == 0:
-                self._end_fade_out(self._outgoing)
 
     def _start_next_program(self) -> None:
         with self._lock:
@@ -406,9 +406,6 @@ class ProgramMixer:
         self._pos = 0
         self._audio_pos = 0
         self._fade_step = 0
-        self._fading_in = self._crossfade > 0
-        if not self._fading_in:
-            self._outgoing = None
 
     def _speech_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
         program = self._current
@@ -419,8 +416,7 @@ class ProgramMixer:
             with self._lock:
                 self._interrupts.add(program.task_id)
             self._apply_interrupts()
-            self._set_state(StreamState.FADE_OUT)
-            return self._fade_out_tick(num_samples)
+            return self._play(num_samples)
         if getattr(program, "in_gap", False):  # the program filled a starved tick with a gap frame
             self.underrun_ticks += 1
         if frame is None:  # underrun: hold the picture, silence, do not advance the program
@@ -432,29 +428,24 @@ class ProgramMixer:
         self._checked(frame, audio, num_samples)
         if self._pos == 0:
             program.on_air(ProgramEvent.FIRST_FRAME, 0)
-        if self._fading_in and self._outgoing is not None:
-            alpha = (self._fade_step + 1) / (self._crossfade + 1)
+        if self._outgoing is not None:  # fading in
+            alpha = self._fade_alpha()
             self._culprit = self._outgoing.program
             out_frame, out_audio = self._outgoing.next(num_samples)
             self._checked(out_frame, out_audio, num_samples)
             self._culprit = program
             frame = _blend(out_frame, frame, alpha, self._blend_buffer(frame))
             audio = _mix(audio, 1.0, out_audio, 1.0 - alpha)
-            self._fade_step += 1
-            if self._fade_step >= self._crossfade:
-                self._fading_in = False
-                self._end_fade_out(self._outgoing)
         self._pos += 1
         self._audio_pos += num_samples
         if self._pos >= program.num_frames:
             program.on_air(ProgramEvent.DONE, self._pos)
             self.programs_finished += 1
+            if self._outgoing is not None:  # done before its fade-in ended: what it came from is off air
+                self._end_fade_out(self._outgoing)
             self._current = None
-            self._fading_in = False
             self._outgoing = _Outgoing(None, program, index=self._pos, audio_pos=self._audio_pos, fade_audio=False)
             self._fade_step = 0
-            if self._crossfade == 0:
-                self._end_fade_out(self._outgoing)
         return frame, audio
 
     def _fade_out_tick(self, num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -465,13 +456,19 @@ class ProgramMixer:
         self._checked(out_frame, out_audio, num_samples)
         self._culprit = None
         idle_frame, idle_audio = self._idle.next(num_samples)
-        alpha = (self._fade_step + 1) / (self._crossfade + 1)
+        alpha = self._fade_alpha()
         frame = _blend(out_frame, idle_frame, alpha, self._blend_buffer(idle_frame))
         audio = _mix(out_audio, 1.0 - alpha, idle_audio, alpha)
-        self._fade_step += 1
-        if self._fade_step >= self._crossfade:
-            self._end_fade_out(outgoing)
         return frame, audio
+
+    def _fade_alpha(self) -> float:
+        """Count one blended frame of the running crossfade: the incoming picture's weight in it.
+
+        ``k / crossfade_frames`` for its ``k``-th frame, ``k = 1 .. crossfade_frames - 1``; the
+        last frame is no blend (:meth:`_play` ends the fade there).
+        """
+        self._fade_step += 1
+        return self._fade_step / self._crossfade
 
     def _blend_buffer(self, like: np.ndarray) -> np.ndarray:
         """A recycled buffer shaped like ``like`` for one crossfade frame (:class:`FramePool`)."""

@@ -99,25 +99,26 @@ def test_idle_fade_in_speech_fade_out_idle():
     assert mixer.enqueue(program)
     ticks = run(mixer, 20 + FADE + 3)
     states = [mixer_state for mixer_state, _, _ in ticks]
-    # Fade in over FADE frames (the program already plays), speak, fade out over FADE frames, idle.
-    assert states[:FADE] == [StreamState.FADE_IN] * FADE
-    assert states[FADE:20] == [StreamState.SPEAKING] * (20 - FADE)
-    assert states[20 : 20 + FADE] == [StreamState.FADE_OUT] * FADE
-    assert states[-1] is StreamState.IDLE
+    # A crossfade of FADE frames: FADE - 1 blends, then on its FADE-th frame what comes in, alone.
+    # Fade in (the program already plays), speak, fade out, idle.
+    assert states[: FADE - 1] == [StreamState.FADE_IN] * (FADE - 1)
+    assert states[FADE - 1 : 20] == [StreamState.SPEAKING] * (20 - FADE + 1)
+    assert states[20 : 20 + FADE - 1] == [StreamState.FADE_OUT] * (FADE - 1)
+    assert states[20 + FADE - 1 :] == [StreamState.IDLE] * 4
     # Video: blended from black towards the program's grey, strictly increasing, then pure.
     grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
-    assert grey[:FADE] == sorted(grey[:FADE]) and 0 < grey[0] < grey[FADE - 1] < 200
-    assert grey[FADE:20] == [200] * (20 - FADE)
+    assert grey[: FADE - 1] == sorted(grey[: FADE - 1]) and 0 < grey[0] < grey[FADE - 2] < 200
+    assert grey[FADE - 1 : 20] == [200] * (20 - FADE + 1)
     # The program's own frames play in order from its first frame, none skipped.
-    assert [int(f[0, 0, 0]) for _, f, _ in ticks[FADE:20]] == list(range(FADE, 20))
+    assert [int(f[0, 0, 0]) for _, f, _ in ticks[FADE - 1 : 20]] == list(range(FADE - 1, 20))
     # Audio: the speech starts on the program's first frame at full level; the idle hum fades out under it.
     speech = np.concatenate([a for _, _, a in ticks[:20]]).astype(np.int64)
     hum = speech - program.audio_track[: 20 * N]
-    assert hum[0] > 0 and np.all(np.diff(hum[::N][:FADE]) < 0) and np.all(hum[FADE * N :] == 0)
-    # After the program: hum fades back in.
+    assert hum[0] > 0 and np.all(np.diff(hum[::N][:FADE]) < 0) and np.all(hum[(FADE - 1) * N :] == 0)
+    # After the program: hum fades back in, at full level on the fade's FADE-th frame.
     tail = [int(a[0]) for _, _, a in ticks[20:]]
-    assert tail == sorted(tail) and tail[-1] == 1000
-    assert program.events == [("first_frame", 0), ("done", 20), ("off_air", 20 + FADE)]
+    assert tail == sorted(tail) and tail[FADE - 2] < 1000 == tail[FADE - 1]
+    assert program.events == [("first_frame", 0), ("done", 20), ("off_air", 20 + FADE - 1)]
     assert mixer.programs_finished == 1 and mixer.underrun_ticks == 0
 
 
@@ -131,11 +132,11 @@ def test_underrun_holds_the_last_frame_in_silence_and_keeps_sync():
         assert int(frame[0, 0, 0]) == 9 and not audio.any()
     assert mixer.underrun_ticks == 4
     program.available = 30  # the next chunk arrives
-    rest = run(mixer, 20)
+    rest = run(mixer, 21)  # its frames 10..29, then idle (a cut: off air on the first idle tick)
     # Frame 10 comes with audio of frame 10: the pause did not shift speech against video.
     assert int(rest[0][1][0, 0, 0]) == 10
     np.testing.assert_array_equal(rest[0][2], program.audio_track[10 * N : 11 * N])
-    assert program.events[-1] == ("off_air", 30)
+    assert program.events[-1] == ("off_air", 30) and rest[-1][0] is StreamState.IDLE
 
 
 def test_back_to_back_programs_never_return_to_idle():
@@ -145,9 +146,10 @@ def test_back_to_back_programs_never_return_to_idle():
     mixer.enqueue(b)
     states = [s for s, _, _ in run(mixer, 24 + FADE)]
     assert StreamState.IDLE not in states[:24]
-    assert states[12 : 12 + FADE] == [StreamState.FADE_IN] * FADE  # speech→speech crossfade
-    assert a.events == [("first_frame", 0), ("done", 12), ("off_air", 12 + FADE)]  # faded under b's start
-    assert b.events[-2:] == [("done", 12), ("off_air", 12 + FADE)]
+    assert states[12 : 12 + FADE - 1] == [StreamState.FADE_IN] * (FADE - 1)  # speech→speech crossfade
+    assert states[12 + FADE - 1] is StreamState.SPEAKING
+    assert a.events == [("first_frame", 0), ("done", 12), ("off_air", 12 + FADE - 1)]  # faded under b's start
+    assert b.events[-2:] == [("done", 12), ("off_air", 12 + FADE - 1)]
 
 
 def test_program_waits_for_the_jitter_buffer():
@@ -166,14 +168,49 @@ def test_interrupt_on_air_fades_out_within_crossfade_frames():
     run(mixer, 20)
     mixer.interrupt("a")
     ticks = run(mixer, FADE + 1)
-    assert [s for s, _, _ in ticks[:FADE]] == [StreamState.FADE_OUT] * FADE
-    assert ticks[FADE][0] is StreamState.IDLE
-    # Interrupted at frame 20; off air (idle back) after exactly FADE more frames.
-    assert program.events[-2:] == [("interrupted", 20), ("off_air", 20 + FADE)]
+    assert [s for s, _, _ in ticks[: FADE - 1]] == [StreamState.FADE_OUT] * (FADE - 1)
+    assert [s for s, _, _ in ticks[FADE - 1 :]] == [StreamState.IDLE] * 2
+    # Interrupted at frame 20; off air (idle back) on the FADE-th tick, after FADE - 1 blended frames.
+    assert program.events[-2:] == [("interrupted", 20), ("off_air", 20 + FADE - 1)]
     # The speech fades out under the returning hum instead of being cut.
     speech_level = [np.abs(a.astype(np.int64) - 1000).mean() for _, _, a in ticks[:FADE]]
     assert speech_level == sorted(speech_level, reverse=True)
     assert mixer.programs_interrupted == 1
+
+
+@pytest.mark.parametrize("fade", [0, 1, 2, 3, FADE])
+def test_a_crossfade_of_n_frames_reaches_its_target_on_its_nth_frame(fade):
+    """Fade-in and fade-out on interrupt: n - 1 blends (weights k / n), then the target alone on tick n; 0, 1: cuts."""
+    n = max(fade, 1)
+    mixer = ProgramMixer(flat_loop(0, 1000), fade)
+    run(mixer, 2)
+    program = FakeProgram("a", 100)
+    mixer.enqueue(program)
+    # Fade-in, from the program's first tick S: S .. S+n-2 blends of black into its grey 200, S+n-1 its frame alone.
+    fade_in = run(mixer, n)
+    assert [s for s, _, _ in fade_in] == [StreamState.FADE_IN] * (n - 1) + [StreamState.SPEAKING]
+    speech_weight = [int(f[1, 1, 0]) / 200 for _, f, _ in fade_in[:-1]]
+    assert np.all(np.diff(speech_weight) > 0)
+    np.testing.assert_allclose(speech_weight, [k / n for k in range(1, n)], atol=0.01)
+    np.testing.assert_array_equal(fade_in[-1][1], program.frame(n - 1))
+    np.testing.assert_array_equal(fade_in[-1][2], program.audio((n - 1) * N, N))
+    run(mixer, 3)
+    on_air = n + 3  # frames of the program played so far
+    # Interrupt applied at tick T: T .. T+n-2 blends of its continuation (grey 100) into black, T+n-1 idle alone,
+    # the program off air on that very tick.
+    mixer.interrupt("a")
+    idle_weight = []
+    for _ in range(n - 1):
+        state, frame, _ = run(mixer, 1)[0]
+        assert state is StreamState.FADE_OUT and mixer.tick_task_id == "a"
+        assert program.events[-1] == ("interrupted", on_air)  # not off air yet
+        idle_weight.append(1 - int(frame[1, 1, 0]) / 100)
+    assert np.all(np.diff(idle_weight) > 0)
+    np.testing.assert_allclose(idle_weight, [k / n for k in range(1, n)], atol=0.01)
+    state, frame, audio = run(mixer, 1)[0]
+    assert state is StreamState.IDLE and mixer.tick_task_id is None
+    assert not frame.any() and (audio == 1000).all()  # the pure idle frame and hum
+    assert program.events[-1] == ("off_air", on_air + n - 1)
 
 
 def test_interrupt_or_cancel_of_a_queued_program_drops_it():
@@ -196,7 +233,7 @@ def test_failed_generation_fades_out_instead_of_holding_forever():
     run(mixer, 16)
     program.cancelled = True  # what SpeechProgram reports once the missing chunk will never come
     ticks = run(mixer, FADE + 1)
-    assert [s for s, _, _ in ticks] == [StreamState.FADE_OUT] * FADE + [StreamState.IDLE]
+    assert [s for s, _, _ in ticks] == [StreamState.FADE_OUT] * (FADE - 1) + [StreamState.IDLE] * 2
     assert mixer.underrun_ticks == 0
 
 
@@ -252,7 +289,7 @@ def flat_loop(value: int, hum: int) -> IdleLoop:
 
 def test_an_idle_switch_waits_for_the_idle_moment_then_crossfades_old_loop_into_new():
     mixer = ProgramMixer(flat_loop(0, 1000), FADE)
-    mixer.enqueue(FakeProgram("a", 8))  # on air on ticks 1..8, fading back to idle on ticks 9..13
+    mixer.enqueue(FakeProgram("a", 8))  # on air on ticks 1..8, fading back to idle on ticks 9..12, idle on 13
     ticks = run(mixer, 2)
     switched = []
     mixer.switch_idle(flat_loop(250, 3000), lambda: switched.append(mixer.ticks))
@@ -260,17 +297,20 @@ def test_an_idle_switch_waits_for_the_idle_moment_then_crossfades_old_loop_into_
     states = [s for s, _, _ in ticks]
     grey = [int(f[1, 1, 0]) for _, f, _ in ticks]
     # The speech and its fade-out back to the old (black) loop are untouched by the waiting switch.
-    assert states[:8] == [StreamState.FADE_IN] * FADE + [StreamState.SPEAKING] * (8 - FADE)
-    fade_back = grey[8 : 8 + FADE]
-    assert states[8 : 8 + FADE] == [StreamState.FADE_OUT] * FADE and fade_back == sorted(fade_back, reverse=True)
-    assert 0 < fade_back[-1] < fade_back[0] < 200
+    assert states[:8] == [StreamState.FADE_IN] * (FADE - 1) + [StreamState.SPEAKING] * (8 - FADE + 1)
+    fade_back = grey[8 : 8 + FADE - 1]
+    assert states[8 : 8 + FADE - 1] == [StreamState.FADE_OUT] * (FADE - 1)
+    assert fade_back == sorted(fade_back, reverse=True) and 0 < fade_back[-1] < fade_back[0] < 200
+    assert states[8 + FADE - 1] is StreamState.IDLE and grey[8 + FADE - 1] == 0  # the old loop alone
     assert switched == [8 + FADE + 1], "the switch begins on the first tick after the fade-out ended"
     # Then the old loop crossfades into the new one (the hum too), strictly increasing, then the new loop.
-    switch = grey[8 + FADE : 8 + 2 * FADE]
+    switch = grey[8 + FADE : 8 + 2 * FADE - 1]
+    assert states[8 + FADE : 8 + 2 * FADE - 1] == [StreamState.FADE_OUT] * (FADE - 1)
     assert switch == sorted(switch) and 0 < switch[0] < switch[-1] < 250
-    hums = [int(a[0]) for _, _, a in ticks[8 + FADE : 8 + 2 * FADE]]
+    hums = [int(a[0]) for _, _, a in ticks[8 + FADE : 8 + 2 * FADE - 1]]
     assert hums == sorted(hums) and 1000 < hums[0] < hums[-1] < 3000
-    assert grey[-2:] == [250, 250] and int(ticks[-1][2][0]) == 3000 and states[-1] is StreamState.IDLE
+    assert grey[8 + 2 * FADE - 1 :] == [250] * 3 and int(ticks[8 + 2 * FADE - 1][2][0]) == 3000
+    assert states[8 + 2 * FADE - 1 :] == [StreamState.IDLE] * 3
     assert not mixer.idle_switch_pending and mixer.idle_switches == 1
 
 
@@ -292,14 +332,16 @@ def test_a_program_whose_frame_raises_is_dropped_with_a_reason_and_idle_follows(
     program = BrokenProgram("a", 40, "frame", after=10)
     mixer.enqueue(program)
     ticks = run(mixer, 10 + 1 + FADE + 5)  # 10 frames, then its 11th raises
-    assert [s for s, _, _ in ticks[:10]] == [StreamState.FADE_IN] * FADE + [StreamState.SPEAKING] * (10 - FADE)
+    assert [s for s, _, _ in ticks[:10]] == [StreamState.FADE_IN] * (FADE - 1) + [StreamState.SPEAKING] * (
+        10 - FADE + 1
+    )
     assert program.aborted == "playout of task a failed: RuntimeError: frame exploded"
     assert mixer.programs_failed == 1 and mixer.current_task_id is None
     # The last frame on air (its frame 9) fades to idle, in the idle hum, then idle goes on.
-    assert [s for s, _, _ in ticks[10 : 10 + FADE]] == [StreamState.FADE_OUT] * FADE
-    held = [int(f[1, 1, 0]) for _, f, _ in ticks[10 : 10 + FADE]]
+    assert [s for s, _, _ in ticks[10 : 10 + FADE - 1]] == [StreamState.FADE_OUT] * (FADE - 1)
+    held = [int(f[1, 1, 0]) for _, f, _ in ticks[10 : 10 + FADE - 1]]
     assert held == sorted(held, reverse=True) and held[0] < 200 and held[-1] > 0
-    assert [s for s, _, _ in ticks[10 + FADE :]] == [StreamState.IDLE] * 6
+    assert [s for s, _, _ in ticks[10 + FADE - 1 :]] == [StreamState.IDLE] * 7
     assert not ticks[-1][1].any() and (ticks[-1][2] == 1000).all()
     assert program.calls == 11  # never asked again
 
