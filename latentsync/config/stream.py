@@ -16,6 +16,10 @@ class StreamConfig:
 
     ``width``/``height`` of None take the idle avatar video's own size (rounded down to even), or,
     when its longest side is over ``max_side``, its aspect ratio with the longest side ``max_side``.
+    ``crossfade_frames``: length N of every crossfade (idle <-> speech, speech -> speech, an
+    interrupt's fade-out, an idle loop switch): N - 1 blended frames, then on the Nth frame what
+    comes in, alone (after an interrupt: idle on the Nth tick); 0 or 1: hard cuts. Also the silent
+    frames generated after each speech.
     ``rtmp_url``: ``rtmp://`` or ``rtmps://``; the characters FFmpeg's tee muxer gives a meaning
     (``|``, ``[``, ``]``, a backslash) and whitespace are refused.
     ``record_path``: a local copy of the stream through FFmpeg's tee muxer: a file name (no
