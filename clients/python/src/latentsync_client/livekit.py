@@ -38,20 +38,24 @@ except ModuleNotFoundError as exc:  # the rest of latentsync_client works withou
     ) from exc
 
 from latentsync_client.client import AsyncClient
-from latentsync_client.errors import ConnectionFailed, LatentSyncError, StreamClosed, StreamRefused
+from latentsync_client.errors import LatentSyncError
 from latentsync_client.frames import Backoff, Disconnected, FramesStream, Reconnected
 from latentsync_client.frames import Frame as TickFrame
 from latentsync_client.frames_protocol import Ready, TickState
-from latentsync_client.speech import START_REFUSALS, Accepted, Done, ErrorEvent, SpeechStream
+from latentsync_client.speech import Accepted, Done, ErrorEvent
+from latentsync_client.speech_session import (
+    MAX_CHANNELS,
+    MAX_RATE_HZ,
+    MIN_RATE_HZ,
+    SessionHandler,
+    SpeechSession,
+    Utterance,
+)
 
 __all__ = ["LatentSyncVideoGenerator", "SegmentMetrics"]
 
 logger = logging.getLogger(__name__)
 
-#: What ``/ws/speech`` takes (docs/streaming-speech.md): sample rates in Hz, interleaved channels.
-MIN_RATE_HZ = 8000
-MAX_RATE_HZ = 192000
-MAX_CHANNELS = 8
 #: Key of ``rtc.AudioFrame.userdata`` under which each tick's audio carries what the server said of the tick:
 #: ``{"tick": int, "pts_s": float, "state": "idle" | "speaking" | "fade_in" | "fade_out", "task_id": str | None,
 #: "muted": bool}`` (muted: its utterance was cleared, the audio is silence).
@@ -75,54 +79,20 @@ class SegmentMetrics:
 
 
 @dataclass(eq=False)
-class _Segment:
-    """One audio segment: one utterance on the ``/ws/speech`` connection.
+class _Segment(Utterance):
+    """One audio segment: one utterance of the speech session (:class:`~latentsync_client.speech_session.Utterance`).
 
     Attributes:
-        number: Its order (1, 2, ...).
-        sample_rate_hz: Its audio's rate in Hz (set by its first frame).
-        channels: Interleaved channels of its audio.
-        sent_start: ``start`` went to the server (a ``cancel`` reaches it).
-        task_id: The server's task, once accepted.
-        end_sent: ``end`` went to the server.
-        cancelled: Cleared by :meth:`LatentSyncVideoGenerator.clear_buffer`: muted, no ``AudioSegmentEnd``.
-        failed: The server refused it or its connection was lost: the rest of its audio is dropped.
         on_air: One of its ticks was put out.
         end_emitted: Its ``AudioSegmentEnd`` was put out.
         first_audio_at: ``time.monotonic()`` of its first audio frame.
     """
 
-    number: int
-    sample_rate_hz: int = 0
-    channels: int = 1
-    task_id: str | None = None
-    sent_start: bool = False
-    end_sent: bool = False
-    cancelled: bool = False
-    failed: bool = False
     on_air: bool = False
     end_emitted: bool = False
     first_audio_at: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class _Start:
-    segment: _Segment
-
-
-@dataclass(frozen=True, slots=True)
-class _Pcm:
-    segment: _Segment
-    pcm: bytes  # s16le, interleaved, whole sample frames
-    duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    segment: _Segment
-
-
-_Command = _Start | _Pcm | _End
 _Out = TickFrame | AudioSegmentEnd
 
 
@@ -223,23 +193,16 @@ class LatentSyncVideoGenerator(VideoGenerator):
         self._client: AsyncClient | None = None
         self._frames: FramesStream | None = None
         self._ready: Ready | None = None
+        self._max_queued_packets = max_queued_packets
         self._frames_task: asyncio.Task[None] | None = None
-        self._sender_task: asyncio.Task[None] | None = None
-        self._cancel_tasks: set[asyncio.Task[None]] = set()
-        self._stream: SpeechStream | None = None  # the one /ws/speech connection, opened at the first segment
-        self._reader: asyncio.Task[None] | None = None
-        # starts sent on the connection awaiting the server's answer, oldest first (None: connection lost)
-        self._awaiting: deque[tuple[_Segment, asyncio.Future[Accepted | ErrorEvent | None]]] = deque()
-        self._commands: asyncio.Queue[_Command] = asyncio.Queue(maxsize=max_queued_packets)
+        self._session: SpeechSession[_Segment] | None = None  # /ws/speech, made at start()
         self._out: deque[_Out] = deque()
         self._out_ready = asyncio.Event()
         self._segment: _Segment | None = None  # the segment being pushed
         self._segments = 0
         self._live: deque[_Segment] = deque()  # started, not finished on the server, oldest first
         self._by_task: dict[str, _Segment] = {}
-        self._muted: deque[str] = deque(maxlen=64)  # task ids whose audio is silenced
         self._on_air_task: str | None = None
-        self._sent_until = 0.0  # time.monotonic() at which the audio sent so far ends playing, at the latest
         self._dropped_ticks = 0
         self._frames_error: LatentSyncError | None = None  # /ws/frames refused for good
         self._cleared = False  # clear_buffer() and no audio since: the next AudioSegmentEnd is the cleared one's
@@ -312,8 +275,20 @@ class LatentSyncVideoGenerator(VideoGenerator):
             raise
         assert frames.ready is not None
         self._client, self._frames, self._ready = client, frames, frames.ready
+        handler = SessionHandler(
+            accepted=self._accepted, done=self._done, error=self._error, failed=self._failed, lost=self._lost
+        )
+        self._session = SpeechSession(
+            client,
+            handler,
+            seed=self._seed,
+            max_lead_s=self._max_lead_s,
+            max_queued_packets=self._max_queued_packets,
+            queue_timeout_s=self._queue_timeout_s,
+            open_timeout_s=self._open_timeout_s,
+        )
+        self._session.start()
         self._frames_task = asyncio.create_task(self._run_frames(frames), name="latentsync-frames")
-        self._sender_task = asyncio.create_task(self._run_sender(), name="latentsync-sender")
         return self.options
 
     async def aclose(self) -> None:
@@ -324,17 +299,14 @@ class LatentSyncVideoGenerator(VideoGenerator):
             async with asyncio.timeout(1.0):
                 await self._cancel_live()
         self._closed = True
-        tasks = [t for t in (self._frames_task, self._sender_task) if t is not None]
-        tasks += list(self._cancel_tasks)
-        self._frames_task = self._sender_task = None
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
-        await self._drop_stream()
+        frames_task, self._frames_task = self._frames_task, None
+        if frames_task is not None:
+            frames_task.cancel()
+            await asyncio.wait([frames_task], timeout=2.0)
+        if self._session is not None:
+            await self._session.aclose()
         self._live.clear()
         self._by_task.clear()
-        self._drain_commands()
         if self._frames is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -360,7 +332,8 @@ class LatentSyncVideoGenerator(VideoGenerator):
             LatentSyncError: ``/ws/frames`` was refused for good (nothing can play).
             ValueError: A rate outside 8000..192000 Hz or over 8 channels (nothing is sent of it).
         """
-        if self._frames_task is None or self._closed:
+        session = self._session
+        if self._frames_task is None or self._closed or session is None:
             raise RuntimeError("LatentSyncVideoGenerator: push_audio before start() or after aclose()")
         if self._frames_error is not None:
             raise self._frames_error
@@ -370,8 +343,8 @@ class LatentSyncVideoGenerator(VideoGenerator):
                 self._cleared = False  # the end of the segment clear_buffer() cut
             elif segment is None:
                 self._put_out(AudioSegmentEnd())
-            elif not segment.cancelled and not segment.failed:
-                await self._put(_End(segment))
+            elif not segment.cancelled and not segment.failed and self._session is not None:
+                await self._session.send_end(segment)
             return
         rate, channels = int(frame.sample_rate), int(frame.num_channels)
         if not MIN_RATE_HZ <= rate <= MAX_RATE_HZ:
@@ -390,20 +363,11 @@ class LatentSyncVideoGenerator(VideoGenerator):
             self._segments += 1
             segment = self._segment = _Segment(self._segments, rate, channels, first_audio_at=time.monotonic())
             self._live.append(segment)
-            if not await self._put(_Start(segment)):
+            if not await session.send_start(segment):
                 return
         if segment.cancelled or segment.failed:
             return
-        await self._put(_Pcm(segment, pcm, len(pcm) / (2 * channels * rate)))
-
-    async def _put(self, command: _Command) -> bool:
-        try:
-            async with asyncio.timeout(self._queue_timeout_s):
-                await self._commands.put(command)
-            return True
-        except TimeoutError:
-            await self._fail(command.segment, f"no room for audio for {self._queue_timeout_s:g} s")
-            return False
+        await session.send_pcm(segment, pcm)
 
     # ------------------------------------------------------------------------------------------ interruption
     async def clear_buffer(self) -> None:
@@ -414,211 +378,52 @@ class LatentSyncVideoGenerator(VideoGenerator):
         """
         if self._frames_task is None or self._closed:
             return
-        live = list(self._live)
-        for segment in live:
-            segment.cancelled = True
-            if segment.task_id is not None:
-                self._mute(segment.task_id)
         self._segment = None
         self._cleared = True
-        self._sent_until = time.monotonic()
-        # The sender may be in a pacing sleep or a send: restart it on an empty queue.
-        if self._sender_task is not None:
-            self._sender_task.cancel()
-            await asyncio.wait([self._sender_task], timeout=1.0)
-        self._drain_commands()
-        self._sender_task = asyncio.create_task(self._run_sender(), name="latentsync-sender")
         await self._cancel_live()
 
     async def _cancel_live(self) -> None:
-        """Tell the server to cancel every live segment, then forget them (their tick audio stays muted).
+        """Cancel every live segment (muted at once, the server told, queued audio dropped) and forget them.
 
-        The connection's open utterance (perhaps not accepted yet) by a ``cancel`` message; the earlier
-        ones (ended, still queued or playing) by ``DELETE /tasks/<id>`` in tasks of their own.
+        Ticks of one on air stay muted; the others are forgotten at once (nothing follows them any more).
         """
         live = list(self._live)
         self._live.clear()
-        stream = self._stream
-        open_segment = next((s for s in reversed(live) if s.sent_start and not s.end_sent), None)
         for segment in live:
-            segment.cancelled = True
-            if segment.task_id is not None and not segment.on_air:  # muted by id; nothing follows it any more
+            if segment.task_id is not None and not segment.on_air:
                 self._by_task.pop(segment.task_id, None)
-            if segment is open_segment and stream is not None and not stream.closed:
-                with contextlib.suppress(LatentSyncError, TimeoutError, OSError, RuntimeError):
-                    async with asyncio.timeout(0.5):  # a write to the socket: no answer awaited
-                        await stream.cancel()
-            elif segment.task_id is not None and self._client is not None:
-                task = asyncio.create_task(self._rest_cancel(self._client, segment.task_id))
-                self._cancel_tasks.add(task)
-                task.add_done_callback(self._cancel_tasks.discard)
+        if self._session is not None:
+            await self._session.interrupt(live)
 
-    async def _rest_cancel(self, client: AsyncClient, task_id: str) -> None:
-        try:
-            async with asyncio.timeout(self._open_timeout_s):
-                await client.cancel_task(task_id)
-        except (LatentSyncError, TimeoutError, OSError) as exc:  # already finished (409/404) or unreachable
-            logger.debug("DELETE /tasks/%s: %r", task_id, exc)
-
-    def _mute(self, task_id: str) -> None:
-        if task_id not in self._muted:
-            self._muted.append(task_id)
-
-    def _drain_commands(self) -> None:
-        while True:
-            try:
-                self._commands.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-
-    # ------------------------------------------------------------------------------------------ /ws/speech
-    async def _run_sender(self) -> None:
-        """Send the queued commands in order on one ``/ws/speech`` connection, paced to ``max_lead_s``."""
-        while True:
-            command = await self._commands.get()
-            segment = command.segment
-            if segment.cancelled or segment.failed:
-                continue
-            try:
-                if isinstance(command, _Start):
-                    await self._open(segment)
-                elif isinstance(command, _Pcm):
-                    lead_s = self._sent_until - time.monotonic()
-                    if lead_s > self._max_lead_s:
-                        await asyncio.sleep(lead_s - self._max_lead_s)
-                    await self._current_stream().send_pcm(command.pcm)
-                    self._sent_until = max(self._sent_until, time.monotonic()) + command.duration_s
-                else:
-                    segment.end_sent = True
-                    await self._current_stream().end()
-            except (LatentSyncError, OSError, TimeoutError, ValueError) as exc:
-                await self._fail(segment, f"{exc}")
-
-    def _current_stream(self) -> SpeechStream:
-        if self._stream is None or self._stream.closed:
-            raise ConnectionFailed("the /ws/speech connection was lost mid-segment")
-        return self._stream
-
-    async def _open(self, segment: _Segment) -> None:
-        """Open the segment's utterance and wait for ``accepted``.
-
-        On a fresh connection when there is none (once more if it closed meanwhile: the server closes an
-        idle one after ``speech_stream.idle_timeout_s``). The previous utterance of the connection may
-        still be draining its ``end`` (``already_open``): retried every 20 ms for up to ``open_timeout_s``
-        after that utterance's audio has played.
-
-        Raises:
-            StreamRefused: The server refused it (``too_many_streams``, ``queue_full``...).
-            StreamClosed, ConnectionFailed: The connection failed twice.
-            TimeoutError: No answer in time.
-        """
-        deadline = max(time.monotonic(), self._sent_until) + self._open_timeout_s
-        lost = 0
-        while True:
-            if self._stream is None or self._stream.closed:
-                await self._open_stream()
-            stream = self._stream
-            assert stream is not None
-            answer: asyncio.Future[Accepted | ErrorEvent | None] = asyncio.get_running_loop().create_future()
-            self._awaiting.append((segment, answer))
-            try:
-                await stream.start(segment.sample_rate_hz, channels=segment.channels, seed=self._seed, wait=False)
-                segment.sent_start = True  # a cancel from now on reaches it
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    event = await answer
-                if event is None:
-                    raise StreamClosed(1000, "the /ws/speech connection closed before the answer")
-            except (StreamClosed, ConnectionFailed):
-                segment.sent_start = False
-                await self._drop_stream()
-                lost += 1
-                if lost >= 2:
-                    raise
-                continue
-            if isinstance(event, Accepted):
-                return
-            segment.sent_start = False
-            if event.code == "already_open" and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                continue
-            raise StreamRefused(event.message, code=event.code)
-
-    async def _open_stream(self) -> None:
-        assert self._client is not None
-        stream = self._client.speech(open_timeout_s=self._open_timeout_s)
-        await stream.connect()
-        self._stream = stream
-        self._reader = asyncio.create_task(self._follow(stream), name="latentsync-speech-events")
-
-    async def _drop_stream(self) -> None:
-        """Close the speech connection and stop its reader."""
-        stream, self._stream = self._stream, None
-        reader, self._reader = self._reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            await asyncio.wait([reader], timeout=1.0)
-        await _close_stream(stream)
-        self._connection_lost()
-
-    def _connection_lost(self) -> None:
-        """Answers to ``start`` can no longer come. Accepted segments are followed on ``/ws/frames``."""
-        while self._awaiting:
-            _, answer = self._awaiting.popleft()
-            if not answer.done():
-                answer.set_result(None)
-
-    async def _follow(self, stream: SpeechStream) -> None:
-        """Read the connection's events (answers to ``start``, ``done``, errors) until it closes."""
-        try:
-            while (event := await stream.next_event()) is not None:
-                if isinstance(event, Accepted):
-                    await self._accepted(event)
-                elif isinstance(event, ErrorEvent):
-                    if event.code in START_REFUSALS and self._awaiting:
-                        _, answer = self._awaiting.popleft()
-                        if not answer.done():
-                            answer.set_result(event)  # the sender raises it (or retries already_open)
-                    elif event.code not in ("idle_timeout", "not_open"):
-                        logger.warning("/ws/speech: %s: %s", event.code, event.message)
-                elif isinstance(event, Done):
-                    segment = self._by_task.get(event.task_id)
-                    if event.status == "failed" and segment is not None and not segment.cancelled:
-                        logger.warning("segment %d failed on the server: %s", segment.number, event.error)
-                    if segment is not None:
-                        self._finished_through(segment)
-        except LatentSyncError as exc:
-            logger.warning("/ws/speech of %s lost: %s", self._url, exc)
-        if self._stream is stream:  # the server closed it (idle_timeout, going away, ...)
-            self._stream = None
-            self._reader = None
-            self._connection_lost()
-            await _close_stream(stream)
-
-    async def _accepted(self, event: Accepted) -> None:
-        if not self._awaiting:
-            return
-        segment, answer = self._awaiting.popleft()
-        segment.task_id = event.task_id
-        if not segment.cancelled:
+    # ------------------------------------------------------------------------------------------ /ws/speech events
+    async def _accepted(self, segment: _Segment, event: Accepted) -> None:
+        if not segment.cancelled:  # a cleared one is muted and cancelled by the session
             self._by_task[event.task_id] = segment
-        if not answer.done():
-            answer.set_result(event)
-        if segment.cancelled:  # cleared before the server answered
-            self._mute(event.task_id)
-            if self._client is not None:  # a second cancel of the same task is answered 409: harmless
-                await self._rest_cancel(self._client, event.task_id)
 
-    async def _fail(self, segment: _Segment, why: str) -> None:
-        """The segment cannot be played (refused, connection lost): drop the rest, end it for the consumer."""
-        if segment.failed or segment.cancelled:
+    async def _done(self, event: Done) -> None:
+        segment = self._by_task.get(event.task_id)
+        if segment is None:
             return
-        segment.failed = True
-        self.last_error = LatentSyncError(why)
-        logger.error("segment %d not delivered to %s: %s", segment.number, self._url, why)
+        if event.status == "failed" and not segment.cancelled:
+            logger.warning("segment %d failed on the server: %s", segment.number, event.error)
+        self._finished_through(segment)
+
+    async def _error(self, event: ErrorEvent, segment: _Segment | None) -> None:
+        if segment is None:
+            logger.warning("/ws/speech: %s: %s", event.code, event.message)
+        else:  # its sender gave up waiting already (and failed it)
+            logger.debug("segment %d: late answer %s", segment.number, event.code)
+
+    async def _lost(self, error: LatentSyncError | None) -> None:
+        if error is not None:  # accepted segments are still followed on /ws/frames
+            logger.warning("/ws/speech of %s lost: %s", self._url, error)
+
+    async def _failed(self, segment: _Segment, exc: Exception) -> None:
+        """The segment cannot be played (refused, no room, connection lost): end it for the consumer."""
+        self.last_error = exc if isinstance(exc, LatentSyncError) else LatentSyncError(str(exc))
+        logger.error("segment %d not delivered to %s: %s", segment.number, self._url, exc)
         if self._segment is segment:
             self._segment = None
-        if segment.sent_start and not segment.end_sent:
-            await self._drop_stream()  # a half-sent utterance: the server ends it when its connection goes
         if not segment.on_air:
             self._emit_end(segment)
 
@@ -743,18 +548,14 @@ class LatentSyncVideoGenerator(VideoGenerator):
         if not tick.audio:
             return video, None
         segment = self._by_task.get(h.task_id) if h.task_id is not None else None
-        muted = h.task_id is not None and (h.task_id in self._muted or (segment is not None and segment.cancelled))
+        muted = h.task_id is not None and (
+            (self._session is not None and self._session.is_muted(h.task_id))
+            or (segment is not None and segment.cancelled)
+        )
         pcm = bytes(len(tick.audio)) if muted else tick.audio
         info = {"tick": h.tick, "pts_s": h.pts_s, "state": h.state.name, "task_id": h.task_id, "muted": muted}
         audio = rtc.AudioFrame(pcm, h.sample_rate_hz, 1, len(pcm) // 2, userdata={USERDATA_KEY: info})
         return video, audio
-
-
-async def _close_stream(stream: SpeechStream | None) -> None:
-    if stream is not None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2.0):
-                await stream.close()
 
 
 def _jpeg_to_rgb(data: bytes) -> bytes:

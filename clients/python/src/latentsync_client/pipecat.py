@@ -72,17 +72,21 @@ from latentsync_client.frames_protocol import (
     CLOSE_UNSUPPORTED,
     TickState,
 )
-from latentsync_client.speech import START_REFUSALS, Accepted, Done, ErrorEvent, SpeechStream
+from latentsync_client.speech import Accepted, Done, ErrorEvent
+from latentsync_client.speech_session import (
+    MAX_CHANNELS,
+    MAX_RATE_HZ,
+    MIN_RATE_HZ,
+    SessionHandler,
+    SpeechSession,
+    Utterance,
+)
 
 __all__ = ["LatentSyncVideoService", "TickInfo"]
 
 #: Refusals of ``/ws/frames`` no retry can fix (a wrong token, an unknown channel, a bad hello).
 _PERMANENT = (Unauthorized, Forbidden, NotFound, BadRequest, PayloadTooLarge, ProtocolError)
 _PERMANENT_CLOSE = (CLOSE_BAD_HELLO, CLOSE_TOO_LARGE, CLOSE_UNSUPPORTED, CLOSE_MESSAGE_TOO_BIG)
-#: What ``/ws/speech`` takes (docs/streaming-speech.md): sample rates in Hz, interleaved channels.
-MIN_RATE_HZ = 8000
-MAX_RATE_HZ = 192000
-MAX_CHANNELS = 8
 #: Key of :attr:`pipecat.frames.frames.Frame.metadata` under which each emitted frame carries its :class:`TickInfo`.
 METADATA_KEY = "latentsync"
 
@@ -109,58 +113,24 @@ class TickInfo:
 
 
 @dataclass(eq=False)
-class _Segment:
-    """One TTS segment: one utterance on the server (``start`` … PCM … ``end``).
+class _Segment(Utterance):
+    """One TTS segment: one utterance of the speech session (:class:`~latentsync_client.speech_session.Utterance`).
 
     Attributes:
-        number: Its order among this service's segments (1, 2, ...).
-        sample_rate_hz: The TTS audio's rate in Hz (set by its first audio frame; 0 before).
-        channels: Interleaved channels of the TTS audio.
         started: ``start`` was queued for the sender (the segment had audio).
-        sent_start: ``start`` went to the server.
         ended: ``end`` was queued (no more audio will come).
-        cancelled: Interrupted: its audio is muted and the server told to cancel it.
-        failed: The server refused it or the connection went away: the rest of it is dropped.
         reported: An ``ErrorFrame`` about its TTS audio was pushed (one per segment).
-        task_id: The server's task, once ``accepted``.
         first_audio_at: ``time.monotonic()`` of its first TTS audio frame.
         first_frame_at: ``time.monotonic()`` of its first tick on air.
         finished: Set once its task reached a final state (or can no longer be followed).
     """
 
-    number: int
-    sample_rate_hz: int = 0
-    channels: int = 1
     started: bool = False
-    sent_start: bool = False
     ended: bool = False
-    cancelled: bool = False
-    failed: bool = False
     reported: bool = False
-    task_id: str | None = None
     first_audio_at: float | None = None
     first_frame_at: float | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass(frozen=True, slots=True)
-class _Start:
-    segment: _Segment
-
-
-@dataclass(frozen=True, slots=True)
-class _Pcm:
-    segment: _Segment
-    pcm: bytes  # s16le, interleaved, whole sample frames
-    duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class _End:
-    segment: _Segment
-
-
-_Command = _Start | _Pcm | _End
 
 
 class LatentSyncVideoService(AIService):
@@ -268,19 +238,11 @@ class LatentSyncVideoService(AIService):
 
         self._client: AsyncClient | None = None
         self._frames_task: asyncio.Task[None] | None = None
-        self._sender_task: asyncio.Task[None] | None = None
-        self._reader_task: asyncio.Task[None] | None = None
-        self._canceller_task: asyncio.Task[None] | None = None  # the server-side cancels of the last interruption
-        self._commands: asyncio.Queue[_Command] = asyncio.Queue(maxsize=max_queued_packets)
-        self._stream: SpeechStream | None = None
+        self._session: SpeechSession[_Segment] | None = None  # /ws/speech, made at start()
         self._segment: _Segment | None = None  # the segment the TTS is feeding
         self._segments = 0  # segments opened so far
         self._live: deque[_Segment] = deque()  # started and not finished, oldest first
-        # starts sent on the current connection awaiting the server's answer, oldest first (None: connection lost)
-        self._awaiting: deque[tuple[_Segment, asyncio.Future[Accepted | ErrorEvent | None]]] = deque()
         self._by_task: dict[str, _Segment] = {}  # task id -> live segment
-        self._muted: deque[str] = deque(maxlen=64)  # task ids whose audio is silenced (interrupted)
-        self._sent_until = 0.0  # time.monotonic() at which the audio sent so far ends playing, at the latest
         self._ttfb_segment: _Segment | None = None
         self._unusable = False  # a permanent refusal (token, channel): nothing more is sent
         self._frames_down = False  # an ErrorFrame was pushed for the current outage of /ws/frames
@@ -292,23 +254,39 @@ class LatentSyncVideoService(AIService):
         return True
 
     async def start(self, frame: StartFrame) -> None:
-        """Make the HTTP client (connections open in :meth:`process_frame`, after ``StartFrame`` went on)."""
+        """Make the HTTP client and the speech session (connections open after ``StartFrame`` went on)."""
         await super().start(frame)
         self._closed = False
         if self._client is None:
             self._client = AsyncClient(
                 self._url, token=self._token, channel=self._channel, use_tickets=self._use_tickets
             )
+        if self._session is None:
+            handler = SessionHandler(
+                accepted=self._accepted, done=self._done, error=self._error, failed=self._failed, lost=self._lost
+            )
+            self._session = SpeechSession(
+                self._client,
+                handler,
+                seed=self._seed,
+                max_lead_s=self._max_lead_s,
+                max_queued_packets=self._max_queued_packets,
+                queue_timeout_s=self._queue_timeout_s,
+                open_timeout_s=self._open_timeout_s,
+            )
 
     async def stop(self, frame: EndFrame) -> None:
         """End gracefully: the segment being fed ends, what was sent plays to its end (bounded), then close."""
         await super().stop(frame)
         await self._end_segment()
-        if self._sender_task is not None and not self._unusable:
-            await self._drain_commands()
+        session = self._session
+        if session is not None and not self._unusable:  # wait until the sender has sent everything queued
+            await session.drain(
+                max(0.0, session.sent_until - time.monotonic()) + self._max_lead_s + self._end_timeout_s
+            )
         pending = [] if self._unusable else [s.finished.wait() for s in self._live if not s.failed]
-        if pending:
-            timeout_s = max(0.0, self._sent_until - time.monotonic()) + self._end_timeout_s
+        if pending and session is not None:
+            timeout_s = max(0.0, session.sent_until - time.monotonic()) + self._end_timeout_s
             try:
                 async with asyncio.timeout(timeout_s):
                     await asyncio.gather(*pending)
@@ -321,9 +299,7 @@ class LatentSyncVideoService(AIService):
         await super().cancel(frame)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
-                await self._cancel_utterances()
-                if self._canceller_task is not None:
-                    await asyncio.wait([self._canceller_task])
+                await self._interrupt()
         await self._close()
 
     async def cleanup(self) -> None:
@@ -334,13 +310,12 @@ class LatentSyncVideoService(AIService):
     async def _close(self) -> None:
         """Stop the tasks and close the connections and the HTTP client. Safe to call twice."""
         self._closed = True
-        for name in ("_frames_task", "_sender_task", "_reader_task", "_canceller_task"):
-            task: asyncio.Task[None] | None = getattr(self, name)
-            setattr(self, name, None)
-            if task is not None:
-                await self.cancel_task(task, timeout=2.0)
-        await self._drop_stream()
-        self._drain_queue()
+        frames_task, self._frames_task = self._frames_task, None
+        if frames_task is not None:
+            await self.cancel_task(frames_task, timeout=2.0)
+        session, self._session = self._session, None
+        if session is not None:
+            await session.aclose()
         for segment in self._live:
             segment.finished.set()
         self._live.clear()
@@ -365,8 +340,8 @@ class LatentSyncVideoService(AIService):
             await self.push_frame(frame, direction)
             if self._frames_task is None:
                 self._frames_task = self.create_task(self._run_frames(), name="latentsync-frames")
-            if self._sender_task is None:
-                self._sender_task = self.create_task(self._run_sender(), name="latentsync-sender")
+            if self._session is not None:
+                self._session.start()
         elif isinstance(frame, TTSAudioRawFrame):
             await self._feed(frame)  # consumed: the server's audio of the same tick replaces it
         elif isinstance(frame, TTSStartedFrame):
@@ -379,11 +354,8 @@ class LatentSyncVideoService(AIService):
         elif isinstance(frame, InterruptionFrame) or (
             isinstance(frame, UserStartedSpeakingFrame) and self._interrupt_on_user_speech
         ):
-            if await self._interrupt():
-                await self.push_frame(frame, direction)
-                await self._cancel_utterances()
-            else:
-                await self.push_frame(frame, direction)
+            await self._interrupt()  # the server is told before the interruption goes downstream
+            await self.push_frame(frame, direction)
         else:
             await self.push_frame(frame, direction)
 
@@ -393,7 +365,8 @@ class LatentSyncVideoService(AIService):
 
     async def _feed(self, frame: TTSAudioRawFrame) -> None:
         """Queue one TTS audio frame (s16le, ``num_channels`` interleaved at ``sample_rate`` Hz) for the server."""
-        if self._unusable or self._closed or not frame.audio:
+        session = self._session
+        if self._unusable or self._closed or session is None or not frame.audio:
             return
         segment = self._segment
         if (
@@ -431,25 +404,9 @@ class LatentSyncVideoService(AIService):
             if self._ttfb_segment is None:
                 self._ttfb_segment = segment
                 await self.start_ttfb_metrics()
-            if not await self._put(_Start(segment)):
+            if not await session.send_start(segment):
                 return
-        duration_s = len(frame.audio) / (2 * channels * segment.sample_rate_hz)
-        await self._put(_Pcm(segment, bytes(frame.audio), duration_s))
-
-    async def _put(self, command: _Command) -> bool:
-        """Queue a command for the sender, waiting at most ``queue_timeout_s`` for room."""
-        try:
-            async with asyncio.timeout(self._queue_timeout_s):
-                await self._commands.put(command)
-            return True
-        except TimeoutError:
-            command.segment.failed = True
-            await self.push_error(
-                f"no room for TTS audio for {self._queue_timeout_s:g} s (the server does not take it): "
-                f"segment {command.segment.number} dropped",
-                category=ErrorCategory.SERVER,
-            )
-            return False
+        await session.send_pcm(segment, bytes(frame.audio))
 
     async def _end_segment(self) -> None:
         """The TTS segment being fed is over: its utterance ends after what was sent (nothing was sent: nothing)."""
@@ -457,19 +414,12 @@ class LatentSyncVideoService(AIService):
         if segment is None or not segment.started or segment.ended:
             return
         segment.ended = True
-        if not segment.failed and not segment.cancelled:
-            await self._put(_End(segment))
-
-    async def _drain_commands(self) -> None:
-        """Wait until the sender has sent everything queued (bounded by the audio's pacing)."""
-        timeout_s = max(0.0, self._sent_until - time.monotonic()) + self._max_lead_s + self._end_timeout_s
-        deadline = time.monotonic() + timeout_s
-        while not self._commands.empty() and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        if not segment.failed and not segment.cancelled and self._session is not None:
+            await self._session.send_end(segment)
 
     # ------------------------------------------------------------------------------------------ interruption
     async def _interrupt(self) -> bool:
-        """Silence this service's utterances at once and drop their queued audio (the server is told after).
+        """Silence this service's utterances at once, tell the server to cancel them, drop their queued audio.
 
         Returns:
             False when there was nothing to interrupt.
@@ -477,182 +427,27 @@ class LatentSyncVideoService(AIService):
         live = list(self._live)
         if not live and self._segment is None:
             return False
-        for segment in live:
-            segment.cancelled = True
-            if segment.task_id is not None:
-                self._mute(segment.task_id)
         if self._segment is not None:
             self._segment.cancelled = True
             self._segment = None
         if self._ttfb_segment is not None:
             self._ttfb_segment = None
             await self.cancel_ttfb_metrics()  # type: ignore[no-untyped-call]  # unannotated in pipecat 1.14
-        # The sender may be waiting on the pacing or in a send: restart it on an empty queue.
-        if self._sender_task is not None:
-            await self.cancel_task(self._sender_task, timeout=1.0)
-            self._sender_task = None
-        self._drain_queue()
+        if self._session is not None:
+            await self._session.interrupt([s for s in live if not s.finished.is_set()])
         for segment in live:
+            segment.cancelled = True
             if not segment.sent_start:  # never reached the server: nothing to cancel or follow
                 segment.finished.set()
         self._prune()
-        self._sent_until = time.monotonic()
-        if not self._closed:
-            self._sender_task = self.create_task(self._run_sender(), name="latentsync-sender")
         return True
 
-    async def _cancel_utterances(self) -> None:
-        """Tell the server to cancel every utterance of this service not finished yet.
+    # ------------------------------------------------------------------------------------------ /ws/speech events
+    async def _failed(self, segment: _Segment, exc: Exception) -> None:
+        """The speech session could not deliver ``segment`` (refused, no room, connection lost)."""
+        await self._segment_failed(segment, exc)
 
-        The latest one of the connection (perhaps not accepted yet) by a ``cancel`` message, sent
-        here before any later ``start`` can be; the earlier ones (ended, still queued or playing) by
-        ``DELETE /tasks/<id>`` in a task of their own (a system frame does not wait on HTTP).
-        """
-        stream, client = self._stream, self._client
-        sent = [s for s in self._live if s.sent_start and not s.finished.is_set()]
-        for segment in sent:
-            segment.cancelled = True
-        if sent and stream is not None and not stream.closed:
-            await self._send_cancel(stream, sent[-1])
-            sent = sent[:-1]
-        task_ids = [s.task_id for s in sent if s.task_id is not None]
-        if task_ids and client is not None:
-            if self._canceller_task is not None:
-                await self.cancel_task(self._canceller_task, timeout=1.0)
-            self._canceller_task = self.create_task(self._rest_cancels(client, task_ids), name="latentsync-cancel")
-
-    async def _rest_cancels(self, client: AsyncClient, task_ids: list[str]) -> None:
-        await asyncio.gather(*(self._rest_cancel(client, task_id) for task_id in task_ids))
-
-    async def _send_cancel(self, stream: SpeechStream, segment: _Segment) -> None:
-        try:
-            async with asyncio.timeout(0.5):  # a write to the socket: no answer is awaited
-                await stream.cancel()
-        except (LatentSyncError, TimeoutError, OSError) as exc:
-            logger.debug(f"{self}: cancel of segment {segment.number} not sent: {exc!r}")
-
-    async def _rest_cancel(self, client: AsyncClient, task_id: str) -> None:
-        try:
-            async with asyncio.timeout(self._open_timeout_s):
-                await client.cancel_task(task_id)
-        except (LatentSyncError, TimeoutError, OSError) as exc:  # already finished (409/404) or unreachable
-            logger.debug(f"{self}: DELETE /tasks/{task_id}: {exc!r}")
-
-    def _mute(self, task_id: str) -> None:
-        if task_id not in self._muted:
-            self._muted.append(task_id)
-
-    def _drain_queue(self) -> None:
-        while True:
-            try:
-                self._commands.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-
-    # ------------------------------------------------------------------------------------------ /ws/speech
-    async def _run_sender(self) -> None:
-        """Send the queued segments in order on one ``/ws/speech`` connection, paced to ``max_lead_s``."""
-        while True:
-            command = await self._commands.get()
-            segment = command.segment
-            if segment.failed or segment.cancelled or self._unusable:
-                if not segment.sent_start:  # never reached the server: nothing to follow
-                    segment.finished.set()
-                continue
-            try:
-                if isinstance(command, _Start):
-                    await self._send_start(segment)
-                elif isinstance(command, _Pcm):
-                    lead_s = self._sent_until - time.monotonic()
-                    if lead_s > self._max_lead_s:
-                        await asyncio.sleep(lead_s - self._max_lead_s)
-                    await self._current_stream().send_pcm(command.pcm)
-                    self._sent_until = max(self._sent_until, time.monotonic()) + command.duration_s
-                else:
-                    await self._current_stream().end()
-            except (LatentSyncError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
-                await self._segment_failed(segment, exc)
-
-    def _current_stream(self) -> SpeechStream:
-        if self._stream is None or self._stream.closed:
-            raise ConnectionFailed("the /ws/speech connection was lost mid-segment")
-        return self._stream
-
-    async def _send_start(self, segment: _Segment) -> None:
-        """Open the segment's utterance and wait for the server's answer.
-
-        On a fresh connection when there is none (once more if it closed meanwhile: an idle
-        connection is closed by the server after ``speech_stream.idle_timeout_s``). The previous
-        utterance of the connection may still be draining its ``end`` (``already_open``): retried
-        every 20 ms for up to ``open_timeout_s``.
-
-        Raises:
-            StreamRefused: The server refused it (``bad_sample_rate``, ``too_many_streams``...).
-            StreamClosed, ConnectionFailed: The connection failed twice.
-            TimeoutError: No answer within ``open_timeout_s``.
-        """
-        deadline = time.monotonic() + self._open_timeout_s
-        lost = 0
-        while True:
-            if self._stream is None or self._stream.closed:
-                await self._open_stream()
-            stream = self._stream
-            assert stream is not None
-            answer: asyncio.Future[Accepted | ErrorEvent | None] = asyncio.get_running_loop().create_future()
-            self._awaiting.append((segment, answer))
-            try:
-                await stream.start(segment.sample_rate_hz, channels=segment.channels, seed=self._seed, wait=False)
-                segment.sent_start = True  # a cancel from now on reaches it
-                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                    event = await answer
-                if event is None:
-                    raise StreamClosed(1000, "the /ws/speech connection closed before the answer")
-            except (StreamClosed, ConnectionFailed):
-                segment.sent_start = False
-                await self._drop_stream()
-                lost += 1
-                if lost >= 2:
-                    raise
-                continue
-            if isinstance(event, Accepted):
-                return
-            segment.sent_start = False
-            if event.code == "already_open" and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-                continue
-            raise StreamRefused(event.message, code=event.code)
-
-    async def _open_stream(self) -> None:
-        assert self._client is not None
-        stream = self._client.speech(open_timeout_s=self._open_timeout_s)
-        await stream.connect()
-        self._stream = stream
-        self._reader_task = self.create_task(self._run_reader(stream), name="latentsync-speech-events")
-
-    async def _drop_stream(self) -> None:
-        """Close the speech connection and stop its reader (the server plays what it was sent)."""
-        stream, self._stream = self._stream, None
-        reader, self._reader_task = self._reader_task, None
-        if reader is not None and reader is not asyncio.current_task():
-            await self.cancel_task(reader, timeout=1.0)
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2.0):
-                    await stream.close()
-        self._connection_lost(stream, None)
-
-    def _connection_lost(self, stream: SpeechStream | None, error: LatentSyncError | None) -> None:
-        """The utterances of a lost connection can no longer be followed: their ``done`` cannot come."""
-        while self._awaiting:
-            _, answer = self._awaiting.popleft()
-            if not answer.done():
-                answer.set_result(None)
-        for segment in self._live:
-            if segment.sent_start:
-                segment.finished.set()
-        self._prune()
-
-    async def _segment_failed(self, segment: _Segment, exc: BaseException) -> None:
+    async def _segment_failed(self, segment: _Segment, exc: Exception) -> None:
         segment.failed = True
         if self._ttfb_segment is segment:  # it will never be on air: no TTFB for it
             self._ttfb_segment = None
@@ -673,49 +468,27 @@ class LatentSyncVideoService(AIService):
             return
         if isinstance(exc, Unauthorized | Forbidden | NotFound):
             self._unusable = True  # the frames stream says the same: one error is enough
-        await self._drop_stream()
+            if self._session is not None:
+                self._session.disabled = True
         await self.push_error(
             f"segment {segment.number} not delivered to {self._url}: {exc}",
-            exception=exc if isinstance(exc, Exception) else None,
-            category=self._classify_error(exc) if isinstance(exc, Exception) else ErrorCategory.UNKNOWN,
+            exception=exc,
+            category=self._classify_error(exc) or ErrorCategory.SERVER,
         )
 
-    async def _run_reader(self, stream: SpeechStream) -> None:
-        """Follow the connection's events (answers to ``start``, ``done``, errors) until it closes."""
-        error: LatentSyncError | None = None
-        try:
-            while (event := await stream.next_event()) is not None:
-                if isinstance(event, Accepted):
-                    await self._accepted(event)
-                elif isinstance(event, Done):
-                    await self._done(event)
-                elif isinstance(event, ErrorEvent):
-                    await self._error_event(event)
-        except LatentSyncError as exc:
-            error = exc
-        if self._stream is stream:  # the server closed it (idle_timeout, going away, ...)
-            self._stream = None
-            self._reader_task = None
-            self._connection_lost(stream, error)
-            if error is not None and not self._closed:
-                await self.push_error(
-                    f"/ws/speech of {self._url} lost: {error}", exception=error, category=ErrorCategory.CONNECTIVITY
-                )
-            with contextlib.suppress(Exception):
-                await stream.close()
+    async def _lost(self, error: LatentSyncError | None) -> None:
+        """The connection is gone: the ``done`` of the utterances sent there cannot come."""
+        for segment in self._live:
+            if segment.sent_start:
+                segment.finished.set()
+        self._prune()
+        if error is not None and not self._closed:
+            await self.push_error(
+                f"/ws/speech of {self._url} lost: {error}", exception=error, category=ErrorCategory.CONNECTIVITY
+            )
 
-    async def _accepted(self, event: Accepted) -> None:
-        if not self._awaiting:
-            return
-        segment, answer = self._awaiting.popleft()
-        segment.task_id = event.task_id
-        self._by_task[event.task_id] = segment
-        if not answer.done():
-            answer.set_result(event)
-        if segment.cancelled:  # interrupted before the server answered
-            self._mute(event.task_id)
-            if self._client is not None:  # a second cancel of the same task is answered 409: harmless
-                await self._rest_cancel(self._client, event.task_id)
+    async def _accepted(self, segment: _Segment, event: Accepted) -> None:
+        self._by_task[event.task_id] = segment  # an interrupted one is muted and cancelled by the session
 
     async def _done(self, event: Done) -> None:
         segment = self._by_task.get(event.task_id)
@@ -728,15 +501,11 @@ class LatentSyncVideoService(AIService):
                 category=ErrorCategory.SERVER,
             )
 
-    async def _error_event(self, event: ErrorEvent) -> None:
-        if event.code in START_REFUSALS and self._awaiting:
-            segment, answer = self._awaiting.popleft()
-            if not answer.done():
-                answer.set_result(event)  # the sender reports it (or retries already_open)
-            elif not segment.sent_start or segment.cancelled:
+    async def _error(self, event: ErrorEvent, segment: _Segment | None) -> None:
+        if segment is not None:  # a refusal its sender gave up waiting for
+            if not segment.sent_start or segment.cancelled:
                 segment.finished.set()
-        elif event.code in ("idle_timeout", "not_open"):  # an idle connection closing; a cancel after done
-            logger.debug(f"{self}: /ws/speech: {event.code}: {event.message}")
+                self._prune()
         else:
             await self.push_error(f"/ws/speech: {event.code}: {event.message}", category=ErrorCategory.SERVER)
 
@@ -820,7 +589,10 @@ class LatentSyncVideoService(AIService):
         h = tick.header
         now = time.monotonic()
         segment = self._by_task.get(h.task_id) if h.task_id is not None else None
-        muted = h.task_id is not None and (h.task_id in self._muted or (segment is not None and segment.cancelled))
+        muted = h.task_id is not None and (
+            (self._session is not None and self._session.is_muted(h.task_id))
+            or (segment is not None and segment.cancelled)
+        )
         info = TickInfo(tick=h.tick, pts_s=h.pts_s, state=h.state.name, task_id=h.task_id, muted=muted)
         rgb = tick.video if self._video_format == "rgb24" else await asyncio.to_thread(_jpeg_to_rgb, tick.video)
         image = OutputImageRawFrame(image=rgb, size=(h.width, h.height), format="RGB")
