@@ -70,6 +70,13 @@ def speech_pcm(seconds: float, rate_hz: int, channels: int = 1, offset_s: float 
     return samples if channels == 1 else np.repeat(samples[:, None], channels, axis=1)
 
 
+def task_status(url: str, task_id: str) -> str:
+    """The server's status of ``task_id`` (``GET /tasks/<id>``): queued, processing, done, cancelled, failed."""
+    request = urllib.request.Request(f"{url}/tasks/{task_id}", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as r:
+        return str(json.loads(r.read())["status"])
+
+
 class RtmpServer:
     """A private nginx-rtmp on free loopback ports (scripts/rtmp_server.sh), the server's RTMP output."""
 

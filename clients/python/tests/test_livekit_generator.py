@@ -17,7 +17,14 @@ import pytest
 
 pytest.importorskip("livekit.agents", reason="livekit-agents is not installed: run scripts/agents_venv.sh")
 
-from conftest import CROSSFADE_FRAMES, SPEECH_IDLE_TIMEOUT_S, TOKEN, established_to, speech_pcm  # noqa: E402
+from conftest import (  # noqa: E402
+    CROSSFADE_FRAMES,
+    SPEECH_IDLE_TIMEOUT_S,
+    TOKEN,
+    established_to,
+    speech_pcm,
+    task_status,
+)
 from livekit import rtc  # noqa: E402
 from livekit.agents.voice.avatar import AudioSegmentEnd  # noqa: E402
 
@@ -241,6 +248,52 @@ def test_clear_buffer_mid_segment_stops_audio_at_once_and_the_face_goes_idle(ser
     assert len(later) == 1
     loud = [rms(out.ticks[i][2]) for i in out.speaking() if out.info(i)["task_id"] in later]
     assert np.median(loud) > 0.02
+
+
+def test_a_ten_minute_segment_is_taken_at_the_pace_of_playback_and_clear_buffer_ends_it(server):
+    """An agent pushing 10 minutes as fast as it can: push_audio holds it back (bounded lead and queue)."""
+    rate = 16000
+    lead_s, packets = 2.0, 50  # at most 2 s sent ahead of playback, 1 s queued for the sender
+    pushed: list[float] = []  # time.monotonic() of each 20 ms frame taken
+
+    async def push_all(gen: LatentSyncVideoGenerator, pcm: np.ndarray) -> None:
+        for i in range(0, len(pcm), rate // 50):
+            chunk = pcm[i : i + rate // 50]
+            await gen.push_audio(rtc.AudioFrame(chunk.tobytes(), rate, 1, len(chunk)))
+            pushed.append(time.monotonic())
+
+    async def main() -> tuple[Out, dict[str, float]]:
+        gen = generator(server, max_lead_s=lead_s, max_queued_packets=packets)
+        await gen.start()
+        out = Out()
+        consumer = asyncio.create_task(collect(gen, out))
+        seen: dict[str, float] = {}
+        try:
+            pusher = asyncio.create_task(push_all(gen, speech_pcm(600.0, rate)))
+            await until(lambda: any(out.info(i)["state"] == "speaking" for i in range(len(out.ticks))))
+            await asyncio.sleep(4.0)
+            seen["elapsed_s"] = time.monotonic() - pushed[0]
+            seen["taken_s"] = len(pushed) * 0.02
+            seen["t_clear"] = time.monotonic()
+            await gen.clear_buffer()
+            pusher.cancel()  # the runner stops pushing the interrupted speech
+            await asyncio.wait([pusher], timeout=1.0)
+            await asyncio.sleep(1.0)
+        finally:
+            await gen.aclose()
+            await asyncio.wait_for(consumer, 3.0)
+        seen["left"] = await closed_after(server)
+        return out, seen
+
+    out, seen = asyncio.run(main())
+    print(seen)
+    assert seen["elapsed_s"] - 0.5 <= seen["taken_s"] <= seen["elapsed_s"] + lead_s + packets * 0.02 + 0.5, seen
+    task = next(out.info(i)["task_id"] for i in out.speaking())
+    assert task_status(server.url, task) == "cancelled"
+    after = [i for i in range(len(out.ticks)) if out.ticks[i][0] > seen["t_clear"] + 0.04]
+    assert all(rms(out.ticks[i][2]) == 0.0 for i in after if out.info(i)["task_id"] == task)
+    assert not out.ends  # no AudioSegmentEnd for a cleared segment
+    assert seen["left"] == 0
 
 
 @pytest.mark.parametrize(

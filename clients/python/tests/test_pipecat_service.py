@@ -18,13 +18,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CROSSFADE_FRAMES, REPO, SERVER_PYTHON, SPEECH_IDLE_TIMEOUT_S, TOKEN, established_to, speech_pcm
+from conftest import (
+    CROSSFADE_FRAMES,
+    REPO,
+    SERVER_PYTHON,
+    SPEECH_IDLE_TIMEOUT_S,
+    TOKEN,
+    established_to,
+    speech_pcm,
+    task_status,
+)
 from pipecat.frames.frames import (
     CancelFrame,
     ControlFrame,
     ErrorFrame,
     Frame,
     InterruptionFrame,
+    InterruptionWorkerFrame,
     MetricsFrame,
     OutputAudioRawFrame,
     OutputImageRawFrame,
@@ -215,12 +225,6 @@ def rms(audio: bytes) -> float:
     return float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
 
 
-def task_status(server, task_id: str) -> str:
-    request = urllib.request.Request(f"{server.url}/tasks/{task_id}", headers={"Authorization": f"Bearer {TOKEN}"})
-    with urllib.request.urlopen(request, timeout=5) as r:
-        return json.loads(r.read())["status"]
-
-
 def wait_closed(server, timeout_s: float = 3.0) -> int:
     """ESTABLISHED connections to the server left after ``timeout_s`` at most (0 once all are closed)."""
     deadline = time.monotonic() + timeout_s
@@ -281,7 +285,7 @@ def test_segment_lip_synced_at_25_fps_then_idle(server, tmp_path):
     task_ids = {info.task_id for *_, info in r.ours() if info.task_id}
     assert len(task_ids) == 1, task_ids
     (task_id,) = task_ids
-    assert task_status(server, task_id) == "done"
+    assert task_status(server.url, task_id) == "done"
     on_air = [i for i, (*_, info) in enumerate(ticks) if info.task_id == task_id]
     assert len(on_air) == pytest.approx(seconds * FPS + 2 * CROSSFADE_FRAMES, abs=4), len(on_air)
     # idle before and after: the face never freezes, the audio is silent
@@ -346,11 +350,48 @@ def test_interruption_stops_audio_at_once_and_face_goes_idle(server):
     first_idle = next(i for i, (_, info) in enumerate(after) if info.state == "idle")
     print(f"face idle after {first_idle} ticks ({(after[first_idle][0] - t_int) * 1000:.0f} ms)")
     assert first_idle <= CROSSFADE_FRAMES + 2, [info.state for _, info in after[: first_idle + 1]]
-    assert task_status(server, first_task) == "cancelled"
+    assert task_status(server.url, first_task) == "cancelled"
     # the next segment plays normally
     later = {info.task_id for t, _, a, info in ticks if info.task_id not in (None, first_task) and rms(a.audio) > 0.01}
     assert len(later) == 1, later
-    assert task_status(server, later.pop()) == "done"
+    assert task_status(server.url, later.pop()) == "done"
+    assert wait_closed(server) == 0
+
+
+def test_a_ten_minute_segment_is_taken_at_the_pace_of_playback_and_an_interruption_drops_the_rest(server):
+    """A TTS pushing 10 minutes at once: the service holds it back (bounded lead and queue); a barge-in ends it."""
+    rate = 16000
+    lead_s, packets = 2.0, 50  # at most 2 s sent ahead of playback, 1 s queued for the sender
+    seen: dict[str, float] = {}
+
+    async def barge_in(inlog: Log, outlog: Log):
+        await until(lambda: on_air(outlog))
+        await asyncio.sleep(4.0)
+        seen["elapsed_s"] = time.monotonic() - inlog.of(TTSAudioRawFrame)[0][0]
+        seen["taken_s"] = len(inlog.of(TTSAudioRawFrame)) * PACKET_S
+        seen["t_int"] = time.monotonic()
+        # as Pipecat's user-turn handling does: the worker sends an InterruptionFrame from the source,
+        # which drops the TTS audio still queued upstream of the service
+        await inlog.push_frame(InterruptionWorkerFrame(), FrameDirection.UPSTREAM)
+        await asyncio.sleep(1.5)
+        seen["taken_after_s"] = len(inlog.of(TTSAudioRawFrame)) * PACKET_S
+
+    frames = segment(speech_pcm(600.0, rate), rate)[:-1]  # 30,000 frames at once; cut: no TTSStoppedFrame
+    service = service_for(server, max_lead_s=lead_s, max_queued_packets=packets)
+    r = run(service, frames, barge_in, timeout_s=60.0, end=False)
+    print(seen)
+    assert not r.errors(), r.errors()
+    # held back: taken no faster than playback plus the lead and the queue (+0.5 s for the ticks in flight),
+    # and no slower than playback (the utterance never starved)
+    assert seen["elapsed_s"] - 0.5 <= seen["taken_s"] <= seen["elapsed_s"] + lead_s + packets * PACKET_S + 0.5, seen
+    # the rest of the 10 minutes is dropped: at most the frames in flight were taken after the barge-in
+    assert seen["taken_after_s"] - seen["taken_s"] <= 0.5, seen
+    task = next(info.task_id for *_, info in r.ours() if info.task_id)
+    assert task_status(server.url, task) == "cancelled"
+    loud_after = [
+        t for t, _, a, info in r.ticks() if t > seen["t_int"] + 0.040 and info.task_id == task and rms(a.audio)
+    ]
+    assert not loud_after
     assert wait_closed(server) == 0
 
 
@@ -363,7 +404,7 @@ def test_cancel_frame_cancels_on_the_server_and_closes_everything(server):
     task_ids = {info.task_id for *_, info in r.ours() if info.task_id}
     assert len(task_ids) == 1, task_ids
     deadline = time.monotonic() + 5
-    while (status := task_status(server, next(iter(task_ids)))) != "cancelled" and time.monotonic() < deadline:
+    while (status := task_status(server.url, next(iter(task_ids)))) != "cancelled" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert status == "cancelled"
     assert wait_closed(server) == 0
@@ -380,7 +421,7 @@ def test_a_segment_after_the_server_closed_the_idle_connection_plays(server):
     r = run(service_for(server), frames)
     assert not r.errors(), r.errors()
     heard = list(dict.fromkeys(info.task_id for _, _, a, info in r.ours() if info.task_id and rms(a.audio) > 0.01))
-    assert len(heard) == 2 and [task_status(server, t) for t in heard] == ["done", "done"], heard
+    assert len(heard) == 2 and [task_status(server.url, t) for t in heard] == ["done", "done"], heard
     assert wait_closed(server) == 0
 
 
@@ -399,7 +440,7 @@ def test_two_segments_back_to_back_play_in_order(server):
     assert order == [first] * order.count(first) + [second] * order.count(second), "interleaved"
     for task_id in (first, second):
         assert order.count(task_id) >= 1.5 * FPS - 2
-        assert task_status(server, task_id) == "done"
+        assert task_status(server.url, task_id) == "done"
     # no idle gap between them beyond the crossfades
     i_last_first = max(i for i, (*_, info) in enumerate(ticks) if info.task_id == first)
     i_first_second = min(i for i, (*_, info) in enumerate(ticks) if info.task_id == second)
@@ -417,7 +458,7 @@ def test_any_rate_and_stereo_play_an_empty_segment_sends_nothing(server):
     assert not r.errors(), r.errors()
     heard = list(dict.fromkeys(info.task_id for _, _, a, info in r.ours() if info.task_id and rms(a.audio) > 0.01))
     assert len(heard) == len(cases), heard  # the empty segment opened no utterance
-    assert [task_status(server, t) for t in heard] == ["done"] * len(cases)
+    assert [task_status(server.url, t) for t in heard] == ["done"] * len(cases)
     assert wait_closed(server) == 0
 
 
@@ -439,7 +480,7 @@ def test_unusable_tts_audio_is_a_clear_error_and_the_next_segment_plays(server):
     assert "4000 Hz" in errors[0].error and "9 channels" in errors[1].error and "643 bytes" in errors[2].error
     assert not any(e.fatal for e in errors)
     heard = {info.task_id for _, _, a, info in r.ours() if info.task_id and rms(a.audio) > 0.01}
-    assert len(heard) == 1 and task_status(server, heard.pop()) == "done"
+    assert len(heard) == 1 and task_status(server.url, heard.pop()) == "done"
     assert wait_closed(server) == 0
 
 
@@ -510,5 +551,5 @@ def test_server_gone_is_an_error_and_the_service_recovers(server):
     ticks = r.ticks()
     heard = {info.task_id for t, _, a, info in ticks if t > t_back and info.task_id and rms(a.audio) > 0.01}
     assert len(heard) == 1, "the segment after the restart did not play"
-    assert task_status(server, heard.pop()) == "done"
+    assert task_status(server.url, heard.pop()) == "done"
     assert wait_closed(server) == 0

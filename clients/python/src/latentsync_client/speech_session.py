@@ -247,6 +247,10 @@ class SpeechSession(Generic[U]):
         try:
             async with asyncio.timeout(self._queue_timeout_s):
                 await self._commands.put(command)
+            # A put with room never suspends: a TTS handing over seconds of audio at once would hold
+            # the event loop for all of it, and the ticks coming in beside it would wait (a gap in the
+            # picture out). One turn of the loop per command lets them through.
+            await asyncio.sleep(0)
             return True
         except TimeoutError:
             why = f"no room for audio for {self._queue_timeout_s:g} s (the server does not take it)"
