@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,8 @@ def test_versions_and_original_yaml_sections():
     assert UNet3DConfig.for_version("1.0") == UNet3DConfig()
     assert UNet3DConfig.for_version("1.6") == UNet3DConfig.for_version("1.5")  # 1.6: same network, 512 px data
     assert UNet3DConfig.from_original(STAGE2_MODEL) == UNet3DConfig.for_version("1.5")
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/unet/stage2.yaml").read_text())
+    assert UNet3DConfig.from_original(shipped["model"]) == UNet3DConfig.for_version("1.5")
     with pytest.raises(ValueError, match="unknown LatentSync version"):
         UNet3DConfig.for_version("2.0")
     for bad in (

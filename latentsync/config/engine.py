@@ -15,7 +15,7 @@ CHUNK_FRAMES = 16
 #: Chunk lengths ``(shortest, longest)`` in frames an engine generates without changing its output.
 #: parametric: every frame is rendered on its own from its own features -> 1..16.
 #: latentsync: LatentSync 1.0's ResNet GroupNorms normalise over all frames of a chunk jointly
-#: (docs/latentsync-1.0.md), so a frame's face depends on the 15 others: 16 only (shown in
+#: (docs/latentsync.md), so a frame's face depends on the 15 others: 16 only (shown in
 #: tests/test_unet.py); a shorter last chunk is padded by repeating its last frame.
 CHUNK_FRAMES_RANGE = {"parametric": (1, CHUNK_FRAMES), "latentsync": (CHUNK_FRAMES, CHUNK_FRAMES)}
 #: Chunk lengths of an engine not in :data:`CHUNK_FRAMES_RANGE`: 16 only (the safe choice).
@@ -91,7 +91,7 @@ class EngineConfig:
     dropped first (docs/channels.md). ``first_chunk_frames``: length of a task's first chunk, what
     its first frame on air waits for (null: the engine's, ``latentsync.engines.FIRST_CHUNK_FRAMES``:
     parametric 4, latentsync 16, which LatentSync 1.0 needs: its U-Net normalises over all 16
-    frames of a chunk, docs/latentsync-1.0.md); later chunks are 16 frames, shorter only while
+    frames of a chunk, docs/latentsync.md); later chunks are 16 frames, shorter only while
     audio streams in at real time (docs/streaming-speech.md). ``max_queued_jobs``: chunk jobs the
     pool's queue holds at most (a bound far above what the scheduler ever queues).
     """

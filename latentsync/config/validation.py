@@ -253,7 +253,7 @@ def _validate_engine(config: AppConfig) -> None:
         f"{low}..{high} frames or null for the {e.name.value} engine"
         + (
             " (LatentSync 1.0's U-Net normalises over all 16 frames of a chunk: a shorter chunk changes every"
-            " frame, docs/latentsync-1.0.md)"
+            " frame, docs/latentsync.md)"
             if low == high
             else ""
         ),

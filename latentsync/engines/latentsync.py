@@ -355,7 +355,7 @@ class LatentSyncEngine:
         log-mel is still computed over the whole clip, so the rows equal the whole-clip rows).
 
         Frame ``i`` takes encoder positions ``int(i * 50 / fps) - 4 .. + 5`` clamped to the clip, so frames
-        past the audio's end repeat its last positions (docs/latentsync-1.0.md, "Audio features").
+        past the audio's end repeat its last positions (docs/latentsync.md, "Audio features").
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1] (int16 is rescaled by 1/32768).
