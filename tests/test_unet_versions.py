@@ -336,3 +336,29 @@ def test_tiny_checkpoints_of_each_version_load_and_are_reported(tmp_path, versio
     report = check.check_unet(paths["unet_path"], other)
     assert report.problems and "holds a LatentSync" in report.problems[0]
     assert ("1.5 or 1.6 U-Net" in report.notes[0]) == (version != "1.0")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_1_5_channels_last_half_precision_close_to_float32(dtype):
+    model = tiny_temporal_model()
+    sample, audio = inputs(frames=16)
+    with torch.inference_mode():
+        expected = model(sample, 700, audio)
+        model = model.to("cuda", dtype).to(memory_format=torch.channels_last)
+        out = model(sample.to("cuda", dtype), 700, audio.to("cuda", dtype))
+    assert out.dtype == dtype and out.is_contiguous()
+    assert (out.float().cpu() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_1_5_compiled_forward_matches_eager():
+    model = tiny_temporal_model().to("cuda").to(memory_format=torch.channels_last)
+    sample, audio = (t.to("cuda") for t in inputs(frames=16))
+    compiled = torch.compile(model, dynamic=False)
+    with torch.inference_mode():
+        expected = model(sample, torch.tensor(700, device="cuda"), audio)
+        out = compiled(sample, torch.tensor(700, device="cuda"), audio)
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
