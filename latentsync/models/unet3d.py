@@ -67,7 +67,8 @@ class UNet3DConfig:
             ``"attn2"`` (1.5 / 1.6, whose code renamed the layer ``norm2`` / ``attn2``).
         use_motion_module: Temporal layers (LatentSync 1.5 / 1.6) after every ResNet of the down/up blocks.
         motion_module_resolutions: Levels that get them, as downsampling factors (1, 2, 4, 8 = all four);
-            down level ``i`` has factor ``2**i``, up level ``i`` ``2**(levels - 1 - i)``.
+            down level ``i`` has factor ``2**i``, up level ``i`` ``2**(levels - 1 - i)`` (the original writes
+            ``2**(3 - i)``: the same for its four levels; they differ only for other depths with a partial list).
         motion_module_mid_block: Also after the mid block's transformer (False in 1.5 / 1.6).
         motion_module_decoder_only: Only in the up blocks (False in 1.5 / 1.6).
         motion_module_heads: Heads of the temporal attention (8, each ``C / 8`` wide).
