@@ -1,10 +1,13 @@
-"""Check a user's LatentSync 1.0 checkpoint files without running any model.
+"""Check a user's LatentSync checkpoint files (1.0, 1.5 or 1.6) without running any model.
 
-Reads only what it needs: the U-Net is memory-mapped (shapes come from the file's index, its 3.4 GB are
-not read), the Whisper file is small, the VAE is checked through its config.json and the index of its
-weight file. Prints a report and exits 1 if anything is wrong (0 if all is well).
+Reads only what it needs: the U-Net is memory-mapped (shapes come from the file's index, its 3.4 GB (1.0) or
+5.1 GB (1.5 / 1.6) are not read), the Whisper file is small, the VAE is checked through its config.json and
+the index of its weight file. Says which LatentSync version the U-Net is (told from its tensors: 1.0, or 1.5
+or 1.6, which have the same tensors), prints a report and exits 1 if anything is wrong (0 if all is well).
 
-    python scripts/check_checkpoints.py [--unet PATH] [--whisper PATH] [--vae DIR]
+    python scripts/check_checkpoints.py [--unet PATH] [--whisper PATH] [--vae DIR] [--version 1.0|1.5|1.6]
+
+``--version`` also fails a U-Net of the other family (what ``engine.latentsync.version`` would refuse).
 """
 
 from __future__ import annotations
@@ -19,8 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentsync.models.loading import CheckpointError, check_state_dict, read_checkpoint  # noqa: E402
-from latentsync.models.unet3d import UNet3DConditionModel  # noqa: E402
+from latentsync.models.loading import (  # noqa: E402
+    CheckpointError,
+    check_state_dict,
+    check_version,
+    describe_version,
+    detect_version,
+    read_checkpoint,
+)
+from latentsync.models.unet3d import VERSIONS, UNet3DConditionModel, UNet3DConfig  # noqa: E402
 from latentsync.models.vae import sd_vae_ft_mse_config  # noqa: E402
 from latentsync.models.whisper_features import (  # noqa: E402
     WhisperCheckpointError,
@@ -54,7 +64,8 @@ class Report:
             print(f"   !!  {line}")
 
 
-def check_unet(path: Path) -> Report:
+def check_unet(path: Path, version: str | None = None) -> Report:
+    """Check the U-Net file; ``version`` None accepts either family and says which one it is."""
     report = Report("U-Net", path)
     try:
         checkpoint = read_checkpoint(path)
@@ -62,9 +73,18 @@ def check_unet(path: Path) -> Report:
         report.problems.append(str(exc))
         return report
     state_dict = checkpoint.state_dict
-    expected = {k: v.shape for k, v in UNet3DConditionModel(device="meta").state_dict().items()}
+    found = detect_version(state_dict)
+    report.notes.append(f"holds {describe_version(state_dict)}")
     try:
-        extra = check_state_dict(state_dict, expected, str(path))
+        if version is not None:
+            check_version(state_dict, version, str(path), "--version")
+        family = version or found
+        expected = {
+            k: v.shape
+            for k, v in UNet3DConditionModel(UNet3DConfig.for_version(family), device="meta").state_dict().items()
+        }
+        model_name = "the LatentSync 1.0 U-Net" if family == "1.0" else "the LatentSync 1.5 / 1.6 U-Net"
+        extra = check_state_dict(state_dict, expected, str(path), model_name)
     except CheckpointError as exc:
         report.problems.append(str(exc))
         return report
@@ -88,7 +108,9 @@ def check_whisper(path: Path) -> Report:
         report.problems.append(str(exc))
         return report
     if encoder.dims != WhisperDims():
-        report.problems.append(f"not Whisper tiny: encoder dims {encoder.dims}, LatentSync 1.0 needs {WhisperDims()}")
+        report.problems.append(
+            f"not Whisper tiny: encoder dims {encoder.dims}, every LatentSync version needs {WhisperDims()}"
+        )
     else:
         report.notes.append(f"tiny encoder: {encoder.dims}")
     return report
@@ -136,9 +158,9 @@ def check_vae(folder: Path) -> Report:
             f"no scaling_factor in config.json: diffusers' default {reference['scaling_factor']} applies"
         )
     elif abs(float(scaling) - reference["scaling_factor"]) > 1e-9:
-        report.problems.append(f"scaling_factor {scaling}, LatentSync 1.0 uses {reference['scaling_factor']}")
+        report.problems.append(f"scaling_factor {scaling}, LatentSync uses {reference['scaling_factor']}")
     if config.get("shift_factor") not in (None, 0, 0.0):
-        report.problems.append(f"shift_factor {config['shift_factor']}, LatentSync 1.0 uses none (0)")
+        report.problems.append(f"shift_factor {config['shift_factor']}, LatentSync uses none (0)")
     weights = next((folder / name for name in VAE_WEIGHT_FILES if (folder / name).is_file()), None)
     if weights is None:
         report.problems.append(f"no weight file in {folder} (expected one of {', '.join(VAE_WEIGHT_FILES)})")
@@ -183,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet", type=Path, default=Path("checkpoints/latentsync_unet.pt"))
     parser.add_argument("--whisper", type=Path, default=Path("checkpoints/whisper/tiny.pt"))
     parser.add_argument("--vae", type=Path, default=Path("checkpoints/sd-vae-ft-mse"))
+    parser.add_argument("--version", choices=VERSIONS, default=None, help="expected version (default: any)")
     args = parser.parse_args(argv)
-    reports = [check_unet(args.unet), check_whisper(args.whisper), check_vae(args.vae)]
+    reports = [check_unet(args.unet, args.version), check_whisper(args.whisper), check_vae(args.vae)]
     for report in reports:
         report.print()
     failed = [r.name for r in reports if r.problems]

@@ -264,3 +264,46 @@ def test_with_avatar_shares_models_and_matches_a_fresh_engine(engine, tiny_files
         alone.close()
     shared.close()
     assert engine.loaded  # closing the shared one leaves the models in place
+
+
+@pytest.fixture(scope="module")
+def tiny_files_1_5(tmp_path_factory) -> dict[str, Path]:
+    return load_script("make_tiny_checkpoints").make_tiny_checkpoints(tmp_path_factory.mktemp("tiny15"), version="1.5")
+
+
+def test_version_1_5_generates_with_its_temporal_u_net(tiny_files_1_5, avatar):
+    engine = create_engine("latentsync", options(tiny_files_1_5, version=1.5), avatar)  # a number, as YAML reads it
+    assert engine.options.version == "1.5"
+    engine.load()
+    try:
+        assert engine._pipeline.unet.config.use_motion_module
+        features = engine.features(speech_16k()[:16000])
+        result = engine.generate(chunk(np.concatenate([features, features[:-9]]), 0))
+        keep = np.asarray(avatar.mask) == 1
+        assert result.faces.shape == (16, 256, 256, 3)
+        np.testing.assert_array_equal(result.faces[:, keep], np.asarray(avatar.faces[:16])[:, keep])
+    finally:
+        engine.close()
+
+
+def test_a_version_mismatch_is_a_clear_start_error(tiny_files, tiny_files_1_5, avatar):
+    from latentsync.models.loading import CheckpointVersionError
+
+    engine = create_engine("latentsync", options(tiny_files, version="1.6"), avatar)  # 1.0 yaml and file
+    with pytest.raises(
+        ValueError, match=r"unet_config: .*unet\.yaml describes a LatentSync 1\.0 U-Net .*latentsync\.version is 1\.6"
+    ):
+        engine.load()
+    mixed = options(tiny_files_1_5, version="1.5", unet_path=str(tiny_files["unet_path"]))  # 1.5 yaml, 1.0 file
+    with pytest.raises(CheckpointVersionError) as info:
+        create_engine("latentsync", mixed, avatar).load()
+    assert str(info.value).startswith(
+        f"{tiny_files['unet_path']} holds a LatentSync 1.0 U-Net (no motion-module tensors) "
+        "but engine.latentsync.version is 1.5"
+    )
+    engine = create_engine("latentsync", options(tiny_files_1_5, version="1.6"), avatar)
+    with pytest.raises(ValueError, match="version is 1.6: its 512x512 face path .* not built yet"):
+        engine.load()
+    with pytest.raises(ValueError, match=r"version.*'2\.0'"):
+        create_engine("latentsync", {"version": "2.0"}, avatar)
+    assert not engine.loaded

@@ -1,4 +1,7 @@
-"""Tests of the LatentSync 1.0 U-Net: checkpoint layout, shapes, gradients, frame coupling, dtypes."""
+"""Tests of the LatentSync 1.0 U-Net: checkpoint layout, shapes, gradients, frame coupling, dtypes.
+
+The 1.5 / 1.6 temporal layers are tested in tests/test_unet_versions.py.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from latentsync.models.resnet import JointGroupNorm
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from tests.datafiles import data_file
 
-OFFICIAL_PARAMETER_COUNT = 849_962_244  # docs/latentsync-1.0.md
+OFFICIAL_PARAMETER_COUNT = 849_962_244  # docs/latentsync.md
 
 
 def read_listing() -> list[tuple[str, tuple[int, ...]]]:
@@ -268,8 +271,12 @@ def test_config_from_original_yaml_section():
         "motion_module_kwargs": {"num_attention_heads": 8},
     }
     assert UNet3DConfig.from_original(section) == UNet3DConfig()
-    with pytest.raises(ValueError, match="use_motion_module"):
-        UNet3DConfig.from_original({**section, "use_motion_module": True})
+    # use_motion_module: true is LatentSync 1.5 / 1.6 (tests/test_unet_versions.py); other motion modules are refused.
+    assert UNet3DConfig.from_original({**section, "use_motion_module": True}).use_motion_module
+    with pytest.raises(ValueError, match="motion_module_type"):
+        UNet3DConfig.from_original({**section, "use_motion_module": True, "motion_module_type": "Conv"})
+    with pytest.raises(ValueError, match="unet_use_temporal_attention"):
+        UNet3DConfig.from_original({**section, "unet_use_temporal_attention": True})
     with pytest.raises(ValueError, match="same length"):
         UNet3DConfig(block_out_channels=(32, 64))
 

@@ -15,7 +15,7 @@ CHUNK_FRAMES = 16
 #: Chunk lengths ``(shortest, longest)`` in frames an engine generates without changing its output.
 #: parametric: every frame is rendered on its own from its own features -> 1..16.
 #: latentsync: LatentSync 1.0's ResNet GroupNorms normalise over all frames of a chunk jointly
-#: (docs/latentsync-1.0.md), so a frame's face depends on the 15 others: 16 only (shown in
+#: (docs/latentsync.md), so a frame's face depends on the 15 others: 16 only (shown in
 #: tests/test_unet.py); a shorter last chunk is padded by repeating its last frame.
 CHUNK_FRAMES_RANGE = {"parametric": (1, CHUNK_FRAMES), "latentsync": (CHUNK_FRAMES, CHUNK_FRAMES)}
 #: Chunk lengths of an engine not in :data:`CHUNK_FRAMES_RANGE`: 16 only (the safe choice).
@@ -25,6 +25,9 @@ DEFAULT_CHUNK_FRAMES_RANGE = (CHUNK_FRAMES, CHUNK_FRAMES)
 GUIDANCE_SCALE_RANGE = (1.0, 20.0)
 #: DDIM denoising steps accepted by ``engine.latentsync.inference_steps``.
 INFERENCE_STEPS_RANGE = (1, 1000)
+#: LatentSync versions ``engine.latentsync.version`` accepts (``docs/latentsync.md``, "Versions"): 1.0 (no
+#: temporal layers, 256 px faces), 1.5 (temporal layers, 256 px) and 1.6 (1.5's network trained at 512 px).
+LATENTSYNC_VERSIONS = ("1.0", "1.5", "1.6")
 #: Most parametric workers ``engine.workers: null`` starts (one per core up to this).
 PARAMETRIC_MAX_DEFAULT_WORKERS = 4
 
@@ -46,8 +49,16 @@ class DType(str, enum.Enum):
 
 @dataclass(kw_only=True)
 class LatentSyncConfig:
-    """LatentSync 1.0 files and sampling settings (the files are the user's; never downloaded)."""
+    """LatentSync files and sampling settings (the files are the user's; never downloaded).
 
+    ``version``: which LatentSync the files are, one of :data:`LATENTSYNC_VERSIONS` (a string; YAML's
+    ``1.5`` works too). It chooses the U-Net (1.5 / 1.6 have temporal layers; ``unet_config`` must agree:
+    second_stage.yaml for 1.0, stage2.yaml / stage2_512.yaml for 1.5 / 1.6) and the engine refuses at
+    start a ``unet_path`` of the other family, naming both (a file tells 1.0 from 1.5 / 1.6 by its
+    tensors, but not 1.5 from 1.6, which differ only in the face resolution they were trained at).
+    """
+
+    version: str = "1.0"
     unet_path: str = "checkpoints/latentsync_unet.pt"
     unet_config: str = "configs/unet/second_stage.yaml"
     whisper_path: str = "checkpoints/whisper/tiny.pt"
@@ -80,7 +91,7 @@ class EngineConfig:
     dropped first (docs/channels.md). ``first_chunk_frames``: length of a task's first chunk, what
     its first frame on air waits for (null: the engine's, ``latentsync.engines.FIRST_CHUNK_FRAMES``:
     parametric 4, latentsync 16, which LatentSync 1.0 needs: its U-Net normalises over all 16
-    frames of a chunk, docs/latentsync-1.0.md); later chunks are 16 frames, shorter only while
+    frames of a chunk, docs/latentsync.md); later chunks are 16 frames, shorter only while
     audio streams in at real time (docs/streaming-speech.md). ``max_queued_jobs``: chunk jobs the
     pool's queue holds at most (a bound far above what the scheduler ever queues).
     """

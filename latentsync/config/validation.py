@@ -22,6 +22,7 @@ from latentsync.config.engine import (
     DEFAULT_CHUNK_FRAMES_RANGE,
     GUIDANCE_SCALE_RANGE,
     INFERENCE_STEPS_RANGE,
+    LATENTSYNC_VERSIONS,
     DType,
     LatentSyncConfig,
 )
@@ -252,7 +253,7 @@ def _validate_engine(config: AppConfig) -> None:
         f"{low}..{high} frames or null for the {e.name.value} engine"
         + (
             " (LatentSync 1.0's U-Net normalises over all 16 frames of a chunk: a shorter chunk changes every"
-            " frame, docs/latentsync-1.0.md)"
+            " frame, docs/latentsync.md)"
             if low == high
             else ""
         ),
@@ -504,6 +505,9 @@ def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync"
         ConfigError: Naming the first key whose value is out of range.
     """
     check_value(isinstance(ls.dtype, DType), f"{section}.dtype", ls.dtype, f"one of {[d.value for d in DType]}")
+    check_value(
+        ls.version in LATENTSYNC_VERSIONS, f"{section}.version", ls.version, f"one of {list(LATENTSYNC_VERSIONS)}"
+    )
     steps, scale = ls.inference_steps, ls.guidance_scale
     low, high = INFERENCE_STEPS_RANGE
     check_value(

@@ -1,9 +1,12 @@
-"""The ``latentsync`` engine: LatentSync 1.0 (audio-conditioned latent diffusion) behind the Engine protocol.
+"""The ``latentsync`` engine: LatentSync (audio-conditioned latent diffusion) behind the Engine protocol.
 
-The user brings the files (never downloaded): the U-Net checkpoint and its yaml, Whisper ``tiny.pt``,
-the ``sd-vae-ft-mse`` folder and the DDIM scheduler config (docs/latentsync-1.0.md, "Files a user
-brings"). :meth:`LatentSyncEngine.load` checks that every one exists before loading anything, then loads
-the models (float32 on CPU, the configured dtype on a GPU) and the avatar's latent cache.
+``engine.latentsync.version`` says which LatentSync the files are: 1.0 or 1.5 (256x256 faces; 1.5 adds
+temporal layers to the U-Net). 1.6 (1.5's network at 512x512) is recognised but refused at start: the
+512x512 face path is not built yet. The user brings the files (never downloaded): the U-Net checkpoint
+and its yaml, Whisper ``tiny.pt``, the ``sd-vae-ft-mse`` folder and the DDIM scheduler config
+(docs/latentsync.md, "Files a user brings"); a checkpoint of another version than the configured one
+is refused at start, naming both. :meth:`LatentSyncEngine.load` checks that every one exists before
+loading anything, then loads the models (float32 on CPU, the configured dtype on a GPU) and the avatar's latent cache.
 
 Latent cache: a chunk needs, per avatar frame, the VAE latents of the aligned face (reference) and of the
 face with its generated region greyed out (masked). They depend only on the avatar frame, the VAE weights
@@ -70,7 +73,7 @@ def _find(key: str, value: str, hint: str, is_dir: bool = False) -> Path:
 
 
 class LatentSyncEngine:
-    """LatentSync 1.0 lip sync for one prepared avatar (engine name ``"latentsync"``).
+    """LatentSync lip sync for one prepared avatar (engine name ``"latentsync"``).
 
     Args:
         avatar: The prepared :class:`latentsync.avatar.Avatar` (aligned 256x256 faces, keep-mask, fps,
@@ -156,16 +159,20 @@ class LatentSyncEngine:
 
         Raises:
             FileNotFoundError: If a file is missing (before any model is loaded; names the config key).
+            latentsync.models.loading.CheckpointVersionError: If the U-Net file holds another LatentSync
+                version than ``engine.latentsync.version`` (1.0 against 1.5 / 1.6).
             latentsync.models.loading.CheckpointError: If the U-Net file does not fit the yaml's model.
             latentsync.models.whisper_features.WhisperCheckpointError: If ``tiny.pt`` is not Whisper.
-            ValueError: If the U-Net yaml has no usable ``model`` section, or models do not fit together.
+            ValueError: If the U-Net yaml has no usable ``model`` section or describes another version than
+                ``engine.latentsync.version``, if that version is 1.6 (its 512x512 path is not built yet), or
+                models do not fit together.
 
         """
         if self.loaded:
             return
         from diffusers import AutoencoderKL
 
-        from latentsync.models.loading import load_unet, resolve_dtype
+        from latentsync.models.loading import check_version, load_unet, read_state_dict, resolve_dtype
         from latentsync.models.unet3d import UNet3DConfig
         from latentsync.models.whisper_features import WhisperFeatureExtractor
         from latentsync.pipelines import LipsyncPipeline, load_scheduler
@@ -180,11 +187,30 @@ class LatentSyncEngine:
         if yaml_model is None:
             raise ValueError(f"{CONFIG_SECTION}.unet_config: {files['unet_config']} has no 'model' section")
         unet_config = UNet3DConfig.from_original(OmegaConf.to_container(yaml_model, resolve=True))
+        version, setting = self.options.version, f"{CONFIG_SECTION}.version"
+        if unet_config.version_family != UNet3DConfig.for_version(version).version_family:
+            raise ValueError(
+                f"{CONFIG_SECTION}.unet_config: {files['unet_config']} describes a LatentSync "
+                f"{'1.0' if unet_config.version_family == '1.0' else '1.5 or 1.6'} U-Net "
+                f"(use_motion_module: {str(unet_config.use_motion_module).lower()}) but {setting} is {version}"
+            )
+        check_version(read_state_dict(files["unet_path"]), version, str(files["unet_path"]), setting)  # mmap: cheap
+        if version == "1.6":
+            raise ValueError(
+                f"{setting} is 1.6: its 512x512 face path (alignment, mask, latents, paste-back at 512) is not "
+                "built yet; use a 1.0 or 1.5 checkpoint"
+            )
         timings["check"] = time.perf_counter() - t
 
         t = time.perf_counter()
         unet = load_unet(  # channels-last on every device: one memory layout end to end, converted once here
-            files["unet_path"], device=device, dtype=dtype, config=unet_config, channels_last=True
+            files["unet_path"],
+            device=device,
+            dtype=dtype,
+            config=unet_config,
+            channels_last=True,
+            version=version,
+            version_setting=setting,
         )
         timings["unet"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -329,7 +355,7 @@ class LatentSyncEngine:
         log-mel is still computed over the whole clip, so the rows equal the whole-clip rows).
 
         Frame ``i`` takes encoder positions ``int(i * 50 / fps) - 4 .. + 5`` clamped to the clip, so frames
-        past the audio's end repeat its last positions (docs/latentsync-1.0.md, "Audio features").
+        past the audio's end repeat its last positions (docs/latentsync.md, "Audio features").
 
         Args:
             audio_16k: ``(N,) float32`` mono audio at 16 kHz in [-1, 1] (int16 is rescaled by 1/32768).
@@ -475,6 +501,8 @@ def create(options: Mapping[str, Any] | None, avatar) -> LatentSyncEngine:
             raise ValueError(
                 f"{CONFIG_SECTION}.dtype: {values['dtype']!r} is invalid, expected one of {[d.value for d in DType]}"
             ) from None
+    if "version" in values and isinstance(values["version"], float):
+        values["version"] = f"{values['version']:.1f}"  # 1.5 as a number, as YAML reads it
     for key in ("unet_path", "unet_config", "whisper_path", "vae_path", "scheduler_config"):
         if key in values:
             values[key] = os.fspath(values[key])

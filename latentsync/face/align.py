@@ -1,6 +1,6 @@
 """Landmark smoothing, the three alignment points and the similarity transform onto the template.
 
-All constants come from docs/latentsync-1.0.md ("Face preparation"). Coordinates are ``(x, y)``
+All constants come from docs/latentsync.md ("Face preparation"). Coordinates are ``(x, y)``
 pixels; an affine is a ``(2, 3) float64`` matrix mapping full-frame pixels to template pixels.
 """
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from latentsync.face.native_log import NativeLogCapture
 
-#: MediaPipe face-mesh indices of the 68-point layout, in order (docs/latentsync-1.0.md).
+#: MediaPipe face-mesh indices of the 68-point layout, in order (docs/latentsync.md).
 MESH_TO_68 = (
     162, 234, 93, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 323, 454, 389,
     71, 63, 105, 66, 107, 336, 296, 334, 293, 301,

@@ -7,11 +7,11 @@ import numpy as np
 #: Side of the aligned face and of the mask, in pixels (LatentSync 1.0 resolution).
 MASK_SIZE = 256
 
-#: Rows ``[start, stop)`` where only the two cheek bands are generated (docs/latentsync-1.0.md).
+#: Rows ``[start, stop)`` where only the two cheek bands are generated (docs/latentsync.md).
 _CHEEK_ROWS = (95, 128)
 #: Inclusive ``x`` ranges of the two cheek bands; the nose (x 78-177) is kept.
 _CHEEK_BANDS = ((9, 77), (178, 246))
-#: Sampled rows of the U-shaped lower region and their inclusive ``x`` bounds (docs/latentsync-1.0.md).
+#: Sampled rows of the U-shaped lower region and their inclusive ``x`` bounds (docs/latentsync.md).
 _U_ROWS = (128, 144, 160, 176, 184, 192, 200, 208, 216, 224, 232, 240)
 _U_LEFT = (9, 10, 11, 15, 20, 26, 33, 40, 51, 64, 80, 104)
 _U_RIGHT = (247, 246, 245, 240, 235, 230, 223, 216, 207, 196, 180, 160)
@@ -36,7 +36,7 @@ def _u_bounds(row: int) -> tuple[int, int]:
 def make_keep_mask(size: int = MASK_SIZE) -> np.ndarray:
     """Build the fixed LatentSync 1.0 keep-mask.
 
-    The geometry (documented in docs/latentsync-1.0.md, "Fixed mask") is defined on a 256x256
+    The geometry (documented in docs/latentsync.md, "Fixed mask") is defined on a 256x256
     grid: rows 0-94 keep everything, rows 95-127 generate two cheek bands beside the nose, rows
     128-245 generate one U-shaped region around mouth and chin, rows 246+ keep everything. About
     40.8 % of the pixels are generated (the original's mask image: about 40.7 %).

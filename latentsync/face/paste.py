@@ -1,6 +1,6 @@
 """Paste generated faces back into full frames through a soft mask.
 
-Two implementations of one operation (docs/latentsync-1.0.md, "Face preparation"):
+Two implementations of one operation (docs/latentsync.md, "Face preparation"):
 :func:`paste_face_reference` warps and blends over the whole frame, as LatentSync 1.0 does;
 :func:`paste_face` does the same work only on the face's bounding box plus the blur margin, which
 gives the same pixels (outside the box the soft mask is exactly zero) at a fraction of the cost;

@@ -1,7 +1,9 @@
-"""Attention pieces of the LatentSync 1.0 U-Net: per-frame self-attention and audio cross-attention.
+"""Attention pieces of the LatentSync U-Net: per-frame self-attention and audio cross-attention.
 
-Module and parameter names follow the official checkpoint (``attn1.to_q``, ``audio_cross_attn.attn.to_k``,
-``ff.net.0.proj``, ...). Nothing here mixes frames: every frame is one attention batch element.
+Module and parameter names follow the official checkpoints (``attn1.to_q``, ``ff.net.0.proj``, ...). The audio
+cross-attention is ``audio_cross_attn.{norm, attn}`` in LatentSync 1.0 and ``norm2`` / ``attn2`` in 1.5 and 1.6
+(same layers, renamed at the 1.5 release; :data:`AUDIO_LAYER_NAMES`). Nothing here mixes frames: every frame
+is one attention batch element (the temporal layers of 1.5 / 1.6 are in :mod:`latentsync.models.motion_module`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention import FeedForward
 from torch import nn
+
+#: Checkpoint names of the audio cross-attention: ``"audio_cross_attn"`` (LatentSync 1.0:
+#: ``audio_cross_attn.norm``, ``audio_cross_attn.attn``) or ``"attn2"`` (1.5 / 1.6: ``norm2``, ``attn2``).
+AUDIO_LAYER_NAMES = ("audio_cross_attn", "attn2")
 
 
 class Attention(nn.Module):
@@ -96,14 +102,27 @@ class TransformerBlock(nn.Module):
         dim: Token channels.
         heads: Attention heads.
         audio_dim: Audio feature width.
+        audio_layer_names: One of :data:`AUDIO_LAYER_NAMES`: how the checkpoint names the audio layer.
+
+    Raises:
+        ValueError: For another ``audio_layer_names``.
 
     """
 
-    def __init__(self, dim: int, heads: int, audio_dim: int) -> None:
+    def __init__(self, dim: int, heads: int, audio_dim: int, audio_layer_names: str = "audio_cross_attn") -> None:
         super().__init__()
+        if audio_layer_names not in AUDIO_LAYER_NAMES:
+            raise ValueError(f"audio_layer_names must be one of {AUDIO_LAYER_NAMES}, got {audio_layer_names!r}")
         self.attn1 = Attention(dim, heads)
         self.norm1 = nn.LayerNorm(dim)
-        self.audio_cross_attn = AudioCrossAttention(dim, heads, audio_dim)
+        self.audio_cross_attn: AudioCrossAttention | None = None
+        self.norm2: nn.LayerNorm | None = None
+        self.attn2: Attention | None = None
+        if audio_layer_names == "audio_cross_attn":
+            self.audio_cross_attn = AudioCrossAttention(dim, heads, audio_dim)
+        else:
+            self.norm2 = nn.LayerNorm(dim)
+            self.attn2 = Attention(dim, heads, context_dim=audio_dim)
         # GEGLU: net.0.proj maps dim -> 2 * 4 * dim, net.2 maps 4 * dim -> dim.
         self.ff = FeedForward(dim, activation_fn="geglu")
         self.norm3 = nn.LayerNorm(dim)
@@ -121,7 +140,10 @@ class TransformerBlock(nn.Module):
         """
         x = self.attn1(self.norm1(x)) + x
         if audio is not None:
-            x = self.audio_cross_attn(x, audio)
+            if self.audio_cross_attn is not None:
+                x = self.audio_cross_attn(x, audio)
+            elif self.attn2 is not None and self.norm2 is not None:
+                x = self.attn2(self.norm2(x), audio) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -138,17 +160,26 @@ class FrameTransformer(nn.Module):
         groups: GroupNorm groups (32).
         eps: GroupNorm epsilon (1e-6 in LatentSync 1.0).
         num_layers: Transformer blocks (1).
+        audio_layer_names: Checkpoint names of the audio layer (:data:`AUDIO_LAYER_NAMES`).
 
     """
 
     def __init__(
-        self, channels: int, *, heads: int, audio_dim: int, groups: int, eps: float = 1e-6, num_layers: int = 1
+        self,
+        channels: int,
+        *,
+        heads: int,
+        audio_dim: int,
+        groups: int,
+        eps: float = 1e-6,
+        num_layers: int = 1,
+        audio_layer_names: str = "audio_cross_attn",
     ) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels, eps=eps, affine=True)
         self.proj_in = nn.Conv2d(channels, channels, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, audio_dim) for _ in range(num_layers)]
+            [TransformerBlock(channels, heads, audio_dim, audio_layer_names) for _ in range(num_layers)]
         )
         self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
 

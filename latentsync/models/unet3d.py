@@ -1,14 +1,16 @@
-"""LatentSync 1.0 U-Net: a checkpoint-compatible ``UNet3DConditionModel`` written for inference.
+"""LatentSync U-Net (1.0, 1.5, 1.6): a checkpoint-compatible ``UNet3DConditionModel`` written for inference.
 
 The network is Stable-Diffusion-1.5-shaped and runs on video latents ``(B, C, F, H, W)``. Convolutions and
-attention work on every frame independently; the ResNet GroupNorms and ``conv_norm_out`` normalise over
-all F frames of a chunk jointly, which is the only place where frames interact (see
-``docs/latentsync-1.0.md``). Internally activations are kept frame-flattened,
-``(B * F, C, H, W)``, so no layout change is needed between layers; channels-last memory is supported
-and makes the attention token reshapes free.
+spatial attention work on every frame independently; the ResNet GroupNorms and ``conv_norm_out`` normalise
+over all F frames of a chunk jointly, which in 1.0 is the only place where frames interact. LatentSync 1.5
+and 1.6 add temporal layers (motion modules, :mod:`latentsync.models.motion_module`) after every ResNet of
+the down and up blocks, which attend across the frames (``docs/latentsync.md``). Internally activations are
+kept frame-flattened, ``(B * F, C, H, W)``, so no layout change is needed between layers; channels-last
+memory is supported and makes the attention token reshapes free.
 
 ``UNet3DConditionModel(UNet3DConfig()).state_dict()`` has exactly the 686 names and shapes of the
-official ``latentsync_unet.pt``.
+official 1.0 ``latentsync_unet.pt``; ``UNet3DConfig.for_version("1.5")`` (or ``"1.6"``, the same network)
+gives the 1.5 / 1.6 layout, 1,246 tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from latentsync.models.attention import FrameTransformer
+from latentsync.models.attention import AUDIO_LAYER_NAMES, FrameTransformer
+from latentsync.models.motion_module import MotionModule
 from latentsync.models.resnet import Downsample, JointGroupNorm, ResnetBlock, Upsample
 
 CROSS_ATTN_DOWN = "CrossAttnDownBlock3D"
@@ -30,10 +33,16 @@ DOWN = "DownBlock3D"
 CROSS_ATTN_UP = "CrossAttnUpBlock3D"
 UP = "UpBlock3D"
 
+#: LatentSync versions whose U-Net this module builds. 1.5 and 1.6 share one network (1.6 was trained at
+#: 512x512 without changing it), so a checkpoint's tensors tell 1.0 from "1.5 or 1.6" but not 1.5 from 1.6.
+VERSIONS = ("1.0", "1.5", "1.6")
+
 
 @dataclass(frozen=True, kw_only=True)
 class UNet3DConfig:
     """Architecture of the U-Net. Defaults are the ``model`` section of LatentSync 1.0's second_stage.yaml.
+
+    :meth:`for_version` gives 1.5 / 1.6 (stage2.yaml, stage2_512.yaml: the same model section).
 
     Attributes:
         in_channels: Input channels (13 = noisy latents 4 + mask 1 + masked latents 4 + reference latents 4).
@@ -54,6 +63,23 @@ class UNet3DConfig:
         sample_size: Nominal latent size (64; LatentSync runs at 32 for 256 px faces). Informational.
         joint_frame_norm: True reproduces LatentSync 1.0 (ResNet norms over all frames). False makes them
             per frame; that variant is NOT checkpoint-faithful and exists for experiments and tests.
+        audio_layer_names: Checkpoint names of the audio cross-attention: ``"audio_cross_attn"`` (1.0) or
+            ``"attn2"`` (1.5 / 1.6, whose code renamed the layer ``norm2`` / ``attn2``).
+        use_motion_module: Temporal layers (LatentSync 1.5 / 1.6) after every ResNet of the down/up blocks.
+        motion_module_resolutions: Levels that get them, as downsampling factors (1, 2, 4, 8 = all four);
+            down level ``i`` has factor ``2**i``, up level ``i`` ``2**(levels - 1 - i)`` (the original writes
+            ``2**(3 - i)``: the same for its four levels; they differ only for other depths with a partial list).
+        motion_module_mid_block: Also after the mid block's transformer (False in 1.5 / 1.6).
+        motion_module_decoder_only: Only in the up blocks (False in 1.5 / 1.6).
+        motion_module_heads: Heads of the temporal attention (8, each ``C / 8`` wide).
+        motion_module_layers: Transformer blocks per motion module (1).
+        motion_module_attentions: Temporal self-attentions per block (2: ``Temporal_Self`` twice).
+        motion_module_norm_groups: Groups of each motion module's entry GroupNorm (32: the original fixes it,
+            whatever ``norm_num_groups`` says).
+        temporal_position_encoding: Add the sinusoidal frame-index encoding before each temporal attention.
+        temporal_position_encoding_max_len: Its rows, the longest chunk in frames (24 in 1.5 / 1.6).
+        motion_module_zero_initialize: Zero each motion module's ``proj_out`` at construction (as the
+            original; loading weights replaces it).
 
     """
 
@@ -74,6 +100,18 @@ class UNet3DConfig:
     mid_block_scale_factor: float = 1.0
     sample_size: int = 64
     joint_frame_norm: bool = field(default=True)
+    audio_layer_names: str = "audio_cross_attn"
+    use_motion_module: bool = False
+    motion_module_resolutions: tuple[int, ...] = (1, 2, 4, 8)
+    motion_module_mid_block: bool = False
+    motion_module_decoder_only: bool = False
+    motion_module_heads: int = 8
+    motion_module_layers: int = 1
+    motion_module_attentions: int = 2
+    motion_module_norm_groups: int = 32
+    temporal_position_encoding: bool = True
+    temporal_position_encoding_max_len: int = 24
+    motion_module_zero_initialize: bool = True
 
     def __post_init__(self) -> None:
         """Validate the configuration.
@@ -100,11 +138,73 @@ class UNet3DConfig:
                     f"channels {channels} must be divisible by norm_num_groups {self.norm_num_groups} "
                     f"and attention_heads {self.attention_heads}"
                 )
+        if self.audio_layer_names not in AUDIO_LAYER_NAMES:
+            raise ValueError(f"audio_layer_names must be one of {AUDIO_LAYER_NAMES}, got {self.audio_layer_names!r}")
+        if self.use_motion_module:
+            for channels in self.block_out_channels:
+                if channels % self.motion_module_heads or channels % self.motion_module_norm_groups:
+                    raise ValueError(
+                        f"channels {channels} must be divisible by motion_module_heads {self.motion_module_heads} "
+                        f"and motion_module_norm_groups {self.motion_module_norm_groups}"
+                    )
+            if self.temporal_position_encoding and self.temporal_position_encoding_max_len <= 0:
+                raise ValueError(
+                    f"temporal_position_encoding_max_len must be > 0, got {self.temporal_position_encoding_max_len}"
+                )
+
+    @property
+    def version_family(self) -> str:
+        """``"1.0"`` without temporal layers, ``"1.5"`` (meaning 1.5 or 1.6) with them."""
+        return "1.5" if self.use_motion_module else "1.0"
+
+    def has_motion_module(self, level: int, *, up: bool) -> bool:
+        """Whether the down (``up=False``) or up block ``level`` (0 = first built) has motion modules."""
+        if not self.use_motion_module or (not up and self.motion_module_decoder_only):
+            return False
+        levels = len(self.block_out_channels)
+        factor = 2 ** (levels - 1 - level) if up else 2**level
+        return factor in self.motion_module_resolutions
+
+    def motion_module(self, channels: int) -> MotionModule:
+        """Build one motion module of this config for a level of ``channels`` channels."""
+        return MotionModule(
+            channels,
+            heads=self.motion_module_heads,
+            groups=self.motion_module_norm_groups,
+            num_layers=self.motion_module_layers,
+            attentions=self.motion_module_attentions,
+            max_len=self.temporal_position_encoding_max_len if self.temporal_position_encoding else None,
+            zero_initialize=self.motion_module_zero_initialize,
+        )
 
     @property
     def time_embed_dim(self) -> int:
         """Width of the timestep embedding, ``4 * block_out_channels[0]`` (1280)."""
         return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def for_version(cls, version: str, **overrides: Any) -> UNet3DConfig:
+        """Return the full-size U-Net of a LatentSync version.
+
+        Args:
+            version: ``"1.0"``, ``"1.5"`` or ``"1.6"`` (1.5 and 1.6 give the same network: temporal layers on,
+                audio layers named ``attn2``).
+            **overrides: Fields to change (e.g. those of :meth:`tiny` for tests).
+
+        Returns:
+            The config.
+
+        Raises:
+            ValueError: For an unknown version.
+
+        """
+        if version not in VERSIONS:
+            raise ValueError(f"unknown LatentSync version {version!r}; expected one of {VERSIONS}")
+        values: dict[str, Any] = {}
+        if version != "1.0":
+            values = {"use_motion_module": True, "audio_layer_names": "attn2"}
+        values.update(overrides)
+        return cls(**values)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> UNet3DConfig:
@@ -130,22 +230,29 @@ class UNet3DConfig:
 
     @classmethod
     def from_original(cls, model_section: Mapping[str, Any]) -> UNet3DConfig:
-        """Build from the ``model`` section of an original LatentSync yaml (e.g. second_stage.yaml).
+        """Build from the ``model`` section of an original LatentSync yaml.
+
+        1.0's second_stage.yaml (``use_motion_module: false``) gives the 1.0 network; 1.5's stage2.yaml and
+        1.6's stage2_512.yaml (``use_motion_module: true``, ``motion_module_type: Vanilla``) give the 1.5 / 1.6
+        network, whose code also names the audio layers ``attn2`` (the yaml does not say so: it follows
+        from the version, as in the original code at each release).
 
         Args:
-            model_section: Mapping with the original keys (``attention_head_dim``, ``use_motion_module``...).
+            model_section: Mapping with the original keys (``attention_head_dim``, ``use_motion_module``,
+                ``motion_module_kwargs``...). ``motion_module_kwargs`` may also hold ``norm_num_groups``
+                (ours, for tiny test models: the original fixes 32).
 
         Returns:
             The config.
 
         Raises:
-            ValueError: If the section asks for a feature LatentSync 1.0 does not use and this model lacks
-                (motion modules, temporal or cross-frame attention, group-norm audio conditioning,
-                scale-shift time embedding, a custom audio layer) or lacks the audio layer.
+            ValueError: If the section asks for a feature this model lacks (cross-frame or per-layer temporal
+                attention, group-norm audio conditioning, scale-shift time embedding, a custom audio layer,
+                another motion-module type or attention type, cross-frame attention in the motion module)
+                or lacks the audio layer.
 
         """
         unsupported = {
-            "use_motion_module": False,
             "unet_use_cross_frame_attention": False,
             "unet_use_temporal_attention": False,
             "custom_audio_layer": False,
@@ -155,12 +262,14 @@ class UNet3DConfig:
             "resnet_time_scale_shift": "default",
             "mid_block_type": "UNetMidBlock3DCrossAttn",
             "act_fn": "silu",
+            "use_inflated_groupnorm": False,
         }
         for key, supported in unsupported.items():
             if key in model_section and model_section[key] != supported:
                 raise ValueError(f"unsupported model option {key}={model_section[key]!r} (need {supported!r})")
         renames = {"attention_head_dim": "attention_heads"}
-        known = {f.name for f in fields(cls)}
+        motion_keys = {"motion_module_resolutions", "motion_module_mid_block", "motion_module_decoder_only"}
+        known = {f.name for f in fields(cls)} - motion_keys - {"use_motion_module", "audio_layer_names"}
         values: dict[str, Any] = {}
         for key, value in model_section.items():
             key = renames.get(key, key)
@@ -169,7 +278,50 @@ class UNet3DConfig:
         for key in ("norm_eps", "mid_block_scale_factor"):
             if key in values:
                 values[key] = float(values[key])
+        if model_section.get("use_motion_module", False):
+            values.update(cls._motion_values(model_section))
         return cls(**values)
+
+    @staticmethod
+    def _motion_values(section: Mapping[str, Any]) -> dict[str, Any]:
+        kind = section.get("motion_module_type", "Vanilla")
+        if kind != "Vanilla":
+            raise ValueError(f"unsupported model option motion_module_type={kind!r} (need 'Vanilla')")
+        # The original module's own defaults where the yaml is silent (its stage2 yamls set them all).
+        kwargs = {
+            "num_attention_heads": 8,
+            "num_transformer_block": 2,
+            "temporal_position_encoding": False,
+            "temporal_position_encoding_max_len": 24,
+            **dict(section.get("motion_module_kwargs") or {}),
+        }
+        values: dict[str, Any] = {"use_motion_module": True, "audio_layer_names": "attn2"}
+        for key in ("motion_module_resolutions", "motion_module_mid_block", "motion_module_decoder_only"):
+            if key in section:
+                value = section[key]
+                values[key] = tuple(value) if isinstance(value, list | tuple) else value
+        block_types = list(kwargs.pop("attention_block_types", ["Temporal_Self", "Temporal_Self"]))
+        if not block_types or any(t != "Temporal_Self" for t in block_types):
+            raise ValueError(
+                f"unsupported motion_module_kwargs.attention_block_types={block_types!r} (need Temporal_Self only)"
+            )
+        values["motion_module_attentions"] = len(block_types)
+        for key, supported in (("temporal_attention_dim_div", 1), ("cross_frame_attention_mode", None)):
+            if kwargs.pop(key, supported) != supported:
+                raise ValueError(f"unsupported motion_module_kwargs.{key} (need {supported!r})")
+        renames = {
+            "num_attention_heads": "motion_module_heads",
+            "num_transformer_block": "motion_module_layers",
+            "norm_num_groups": "motion_module_norm_groups",
+            "temporal_position_encoding": "temporal_position_encoding",
+            "temporal_position_encoding_max_len": "temporal_position_encoding_max_len",
+            "zero_initialize": "motion_module_zero_initialize",
+        }
+        unknown = sorted(set(kwargs) - set(renames))
+        if unknown:
+            raise ValueError(f"unsupported motion_module_kwargs key(s) {unknown}")
+        values.update({renames[k]: v for k, v in kwargs.items()})
+        return values
 
 
 class DownBlock(nn.Module):
@@ -181,6 +333,7 @@ class DownBlock(nn.Module):
         config: The U-Net config (groups, eps, heads, audio width).
         has_attention: ``CrossAttnDownBlock3D`` (True) or ``DownBlock3D`` (False).
         add_downsample: Whether a ``downsamplers.0`` conv ends the level.
+        has_motion: Whether a motion module follows each ResNet (and its transformer): 1.5 / 1.6.
 
     """
 
@@ -192,6 +345,7 @@ class DownBlock(nn.Module):
         config: UNet3DConfig,
         has_attention: bool,
         add_downsample: bool,
+        has_motion: bool = False,
     ) -> None:
         super().__init__()
         c = config
@@ -204,6 +358,7 @@ class DownBlock(nn.Module):
                         audio_dim=c.cross_attention_dim,
                         groups=c.norm_num_groups,
                         eps=c.transformer_norm_eps,
+                        audio_layer_names=c.audio_layer_names,
                     )
                     for _ in range(c.layers_per_block)
                 ]
@@ -223,6 +378,9 @@ class DownBlock(nn.Module):
                 )
                 for i in range(c.layers_per_block)
             ]
+        )
+        self.motion_modules = (
+            nn.ModuleList([c.motion_module(out_channels) for _ in range(c.layers_per_block)]) if has_motion else None
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels, c.downsample_padding)]) if add_downsample else None
 
@@ -247,6 +405,8 @@ class DownBlock(nn.Module):
             x = resnet(x, temb, num_frames)
             if self.attentions is not None:
                 x = self.attentions[i](x, audio)
+            if self.motion_modules is not None:
+                x = self.motion_modules[i](x, num_frames)
             skips += (x,)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -266,6 +426,7 @@ class UpBlock(nn.Module):
         config: The U-Net config.
         has_attention: ``CrossAttnUpBlock3D`` (True) or ``UpBlock3D`` (False).
         add_upsample: Whether an ``upsamplers.0`` ends the level.
+        has_motion: Whether a motion module follows each ResNet (and its transformer): 1.5 / 1.6.
 
     """
 
@@ -278,6 +439,7 @@ class UpBlock(nn.Module):
         config: UNet3DConfig,
         has_attention: bool,
         add_upsample: bool,
+        has_motion: bool = False,
     ) -> None:
         super().__init__()
         c = config
@@ -291,6 +453,7 @@ class UpBlock(nn.Module):
                         audio_dim=c.cross_attention_dim,
                         groups=c.norm_num_groups,
                         eps=c.transformer_norm_eps,
+                        audio_layer_names=c.audio_layer_names,
                     )
                     for _ in range(num_layers)
                 ]
@@ -313,6 +476,9 @@ class UpBlock(nn.Module):
                 )
             )
         self.resnets = nn.ModuleList(resnets)
+        self.motion_modules = (
+            nn.ModuleList([c.motion_module(out_channels) for _ in range(num_layers)]) if has_motion else None
+        )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
 
     def forward(
@@ -342,13 +508,17 @@ class UpBlock(nn.Module):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
             if self.attentions is not None:
                 x = self.attentions[i](x, audio)
+            if self.motion_modules is not None:
+                x = self.motion_modules[i](x, num_frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
 
 
 class MidBlock(nn.Module):
-    """Bottleneck: ResNet, then (transformer, ResNet) ``num_layers`` times (1 in LatentSync 1.0).
+    """Bottleneck: ResNet, then (transformer, [motion module,] ResNet) ``num_layers`` times (1).
+
+    LatentSync 1.5 / 1.6 have no motion module here (``motion_module_mid_block`` false).
 
     Args:
         channels: Channels of the deepest level.
@@ -368,6 +538,7 @@ class MidBlock(nn.Module):
                     audio_dim=c.cross_attention_dim,
                     groups=c.norm_num_groups,
                     eps=c.transformer_norm_eps,
+                    audio_layer_names=c.audio_layer_names,
                 )
                 for _ in range(num_layers)
             ]
@@ -386,20 +557,28 @@ class MidBlock(nn.Module):
                 for _ in range(num_layers + 1)
             ]
         )
+        has_motion = c.use_motion_module and c.motion_module_mid_block
+        self.motion_modules = (
+            nn.ModuleList([c.motion_module(channels) for _ in range(num_layers)]) if has_motion else None
+        )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None, num_frames: int) -> torch.Tensor:
         """``(B * F, C, H, W)`` -> same shape."""
         x = self.resnets[0](x, temb, num_frames)
-        for attention, resnet in zip(self.attentions, self.resnets[1:], strict=True):
-            x = resnet(attention(x, audio), temb, num_frames)
+        for i, (attention, resnet) in enumerate(zip(self.attentions, self.resnets[1:], strict=True)):
+            x = attention(x, audio)
+            if self.motion_modules is not None:
+                x = self.motion_modules[i](x, num_frames)
+            x = resnet(x, temb, num_frames)
         return x
 
 
 class UNet3DConditionModel(nn.Module):
-    """LatentSync 1.0 denoising U-Net (audio-conditioned, checkpoint-compatible, inference-oriented).
+    """LatentSync denoising U-Net (audio-conditioned, checkpoint-compatible, inference-oriented).
 
     Args:
-        config: Architecture; defaults to LatentSync 1.0 (second_stage.yaml).
+        config: Architecture; defaults to LatentSync 1.0 (second_stage.yaml); ``UNet3DConfig.for_version``
+            gives 1.5 / 1.6.
         device: Where to create the parameters (``"meta"`` builds a shape-only model in no time).
         dtype: Parameter dtype (float32 by default; float16/bfloat16 for GPU inference).
 
@@ -442,6 +621,7 @@ class UNet3DConditionModel(nn.Module):
                     config=c,
                     has_attention=block_type == CROSS_ATTN_DOWN,
                     add_downsample=i < len(channels) - 1,
+                    has_motion=c.has_motion_module(i, up=False),
                 )
             )
 
@@ -460,6 +640,7 @@ class UNet3DConditionModel(nn.Module):
                     config=c,
                     has_attention=block_type == CROSS_ATTN_UP,
                     add_upsample=i < len(channels) - 1,
+                    has_motion=c.has_motion_module(i, up=True),
                 )
             )
         self.mid_block = MidBlock(channels[-1], c)

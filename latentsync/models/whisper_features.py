@@ -1,6 +1,6 @@
 """Whisper-tiny audio features for LatentSync 1.0, computed as the original does, window by window.
 
-Pipeline (facts from ``docs/latentsync-1.0.md``; constants are OpenAI Whisper's):
+Pipeline (facts from ``docs/latentsync.md``; constants are OpenAI Whisper's):
 
 1. 16 kHz mono float audio -> log-mel spectrogram of the whole clip: STFT (n_fft 400, hop 160, Hann,
    centred), power, 80 mel filters (``librosa.filters.mel(sr=16000, n_fft=400, n_mels=80)``, the

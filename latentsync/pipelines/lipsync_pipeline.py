@@ -1,7 +1,7 @@
 """LatentSync 1.0 inference for one chunk of aligned faces: glue between U-Net, VAE and DDIM scheduler.
 
 The models hold no sampling logic and the scheduler only ``set_timesteps``/``step``s (diffusers' split);
-this module wires them together, following docs/latentsync-1.0.md, "One chunk (16 frames) at
+this module wires them together, following docs/latentsync.md, "One chunk (16 frames) at
 inference":
 
 1. Per avatar frame, once (:meth:`LipsyncPipeline.encode_faces`): reference latents
