@@ -70,11 +70,16 @@ def speech_pcm(seconds: float, rate_hz: int, channels: int = 1, offset_s: float 
     return samples if channels == 1 else np.repeat(samples[:, None], channels, axis=1)
 
 
-def task_status(url: str, task_id: str) -> str:
-    """The server's status of ``task_id`` (``GET /tasks/<id>``): queued, processing, done, cancelled, failed."""
+def task_info(url: str, task_id: str) -> dict:
+    """``GET /tasks/<id>`` of the server at ``url``."""
     request = urllib.request.Request(f"{url}/tasks/{task_id}", headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=5) as r:
-        return str(json.loads(r.read())["status"])
+        return dict(json.loads(r.read()))
+
+
+def task_status(url: str, task_id: str) -> str:
+    """The server's status of ``task_id``: queued, processing, done, cancelled, failed."""
+    return str(task_info(url, task_id)["status"])
 
 
 class RtmpServer:

@@ -26,6 +26,7 @@ from conftest import (
     TOKEN,
     established_to,
     speech_pcm,
+    task_info,
     task_status,
 )
 from pipecat.frames.frames import (
@@ -358,38 +359,43 @@ def test_interruption_stops_audio_at_once_and_face_goes_idle(server):
     assert wait_closed(server) == 0
 
 
-def test_a_ten_minute_segment_is_taken_at_the_pace_of_playback_and_an_interruption_drops_the_rest(server):
-    """A TTS pushing 10 minutes at once: the service holds it back (bounded lead and queue); a barge-in ends it."""
+def test_a_ten_minute_segment_is_sent_at_the_pace_of_playback_and_an_interruption_drops_the_rest(server):
+    """A TTS handing over 10 minutes at once: the server gets it paced (a bounded lead); a barge-in ends it."""
     rate = 16000
-    lead_s, packets = 2.0, 50  # at most 2 s sent ahead of playback, 1 s queued for the sender
-    seen: dict[str, float] = {}
+    lead_s = 2.0  # audio sent ahead of playback at most
+    seen: dict = {}
 
     async def barge_in(inlog: Log, outlog: Log):
         await until(lambda: on_air(outlog))
+        t_air = time.monotonic()
+        task = next(
+            f.metadata["latentsync"].task_id
+            for _, f in outlog.of(OutputImageRawFrame)
+            if f.metadata["latentsync"].state == "speaking"
+        )
         await asyncio.sleep(4.0)
-        seen["elapsed_s"] = time.monotonic() - inlog.of(TTSAudioRawFrame)[0][0]
-        seen["taken_s"] = len(inlog.of(TTSAudioRawFrame)) * PACKET_S
+        seen["task"], seen["played_s"] = task, time.monotonic() - t_air
+        seen["received_s"] = (await asyncio.to_thread(task_info, server.url, task))["audio_duration_s"]
         seen["t_int"] = time.monotonic()
         # as Pipecat's user-turn handling does: the worker sends an InterruptionFrame from the source,
-        # which drops the TTS audio still queued upstream of the service
+        # which drops the TTS audio still queued in front of the service
         await inlog.push_frame(InterruptionWorkerFrame(), FrameDirection.UPSTREAM)
         await asyncio.sleep(1.5)
-        seen["taken_after_s"] = len(inlog.of(TTSAudioRawFrame)) * PACKET_S
+        seen["after"] = await asyncio.to_thread(task_info, server.url, task)
 
-    frames = segment(speech_pcm(600.0, rate), rate)[:-1]  # 30,000 frames at once; cut: no TTSStoppedFrame
-    service = service_for(server, max_lead_s=lead_s, max_queued_packets=packets)
-    r = run(service, frames, barge_in, timeout_s=60.0, end=False)
-    print(seen)
+    # 30,000 frames at once, cut: no TTSStoppedFrame; the EndFrame behind them survives the interruption
+    frames = segment(speech_pcm(600.0, rate), rate)[:-1]
+    r = run(service_for(server, max_lead_s=lead_s), frames, barge_in, timeout_s=60.0)
+    print({k: v for k, v in seen.items() if k != "after"}, seen["after"]["audio_duration_s"])
     assert not r.errors(), r.errors()
-    # held back: taken no faster than playback plus the lead and the queue (+0.5 s for the ticks in flight),
-    # and no slower than playback (the utterance never starved)
-    assert seen["elapsed_s"] - 0.5 <= seen["taken_s"] <= seen["elapsed_s"] + lead_s + packets * PACKET_S + 0.5, seen
-    # the rest of the 10 minutes is dropped: at most the frames in flight were taken after the barge-in
-    assert seen["taken_after_s"] - seen["taken_s"] <= 0.5, seen
-    task = next(info.task_id for *_, info in r.ours() if info.task_id)
-    assert task_status(server.url, task) == "cancelled"
+    # paced: the server received what played plus at most the lead (+0.5 s: the start latency, a packet)
+    assert seen["played_s"] <= seen["received_s"] <= seen["played_s"] + lead_s + 0.5, seen
+    # the rest of the 10 minutes is dropped: nothing more reached the server, no new utterance began
+    assert seen["after"]["status"] == "cancelled"
+    assert seen["after"]["audio_duration_s"] <= seen["received_s"] + 0.1, seen["after"]
+    assert {info.task_id for t, *_, info in r.ticks() if t > seen["t_int"] + 0.2} <= {None, seen["task"]}
     loud_after = [
-        t for t, _, a, info in r.ticks() if t > seen["t_int"] + 0.040 and info.task_id == task and rms(a.audio)
+        t for t, _, a, info in r.ticks() if t > seen["t_int"] + 0.040 and info.task_id == seen["task"] and rms(a.audio)
     ]
     assert not loud_after
     assert wait_closed(server) == 0
