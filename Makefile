@@ -43,7 +43,8 @@ run: setup
 # Tiers are pytest markers (pyproject.toml; tests/conftest.py marks "unit" every test with none of the others).
 # make test runs the unit tier, then the rest, one after the other (beside the real-time tests, even at nice 19,
 # the unit tier made a browser test fail once), each on TEST_WORKERS pytest-xdist workers: a module's tests stay
-# on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S).
+# on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S). The
+# rest tier lists its slowest tests (--durations): where the next minutes of make test are to be found.
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
@@ -55,7 +56,7 @@ test: setup setup-ray setup-agents
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest -m unit $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	$(VENV)/bin/python -m pytest -m "not unit" $(XDIST) $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m "not unit" $(XDIST) --durations=25 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(AGENTS_VENV)/bin/python -m pytest clients/python/tests $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 ## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
@@ -89,7 +90,8 @@ bench: setup
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 	$(VENV)/bin/python scripts/bench/stream_bench.py --seconds 60
 
-## bench-agents: the agent integrations' figures (scripts/bench/agent_bench.py: TTFF, interruption; docs/agents.md)
+## bench-agents: the agent integrations' figures (scripts/bench/agent_bench.py: TTFF, interruption, heard in Chromium;
+## the 10-minute conversation: .venv-agents/bin/python scripts/bench/agent_bench.py --conversation-s 600; docs/agents.md)
 bench-agents: setup setup-agents
 	$(AGENTS_VENV)/bin/python scripts/bench/agent_bench.py
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -195,12 +196,15 @@ async def pipecat_runs(url: str, token: str | None, runs: int) -> dict[str, list
     return result
 
 
-async def pipecat_conversation(url: str, token: str | None, seconds: float) -> dict[str, float | str]:
+async def pipecat_conversation(
+    url: str, token: str | None, seconds: float, freeze: bool = True
+) -> dict[str, float | str]:
     """A conversation of ``seconds`` through the service: a turn every 15 s, every 4th one interrupted.
 
     Each turn the bot says 3 to 8 s of speech (queued at once, as a TTS pushes it); the images the
     service emits are timed on arrival. Returns the turns, the interruptions, the images out, their
-    rate, and the gaps between two images (longest; how many over 80 ms, two ticks).
+    rate, and the gaps between two images (longest; how many over 80 ms, two ticks). ``freeze``:
+    ``gc.freeze()`` the heap first, as a bot should (else a full collection stalls the loop).
     """
     recorder = Recorder()
     service = LatentSyncVideoService(url=url, token=token)
@@ -212,7 +216,24 @@ async def pipecat_conversation(url: str, token: str | None, seconds: float) -> d
     await runner.add_workers(worker)
     running = asyncio.create_task(runner.run())
     rng = np.random.default_rng(36)
+    pauses: list[tuple[float, float]] = []  # (time.monotonic() at its end, seconds) of each gen-2 collection
+    started = [0.0]
+
+    def timed_gc(phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.monotonic()
+        else:
+            pauses.append((time.monotonic(), time.monotonic() - started[0]))
+
+    gc.callbacks.append(timed_gc)
+    health = http("GET", url + "/health", headers={"Authorization": f"Bearer {token}"} if token else None)[1]
+    before = health
     turns = max(1, round(seconds / TURN_S))
+    if freeze:  # as examples/pipecat_bot.py does once it is set up (docs/agents.md, "Smooth video")
+        gc.collect()
+        gc.freeze()
     lengths = [float(rng.uniform(3.0, 8.0)) for _ in range(turns)]
     said = [speech(length_s, offset_s=turn * 0.7 % 20) for turn, length_s in enumerate(lengths)]  # made before
     interrupted = 0
@@ -229,13 +250,21 @@ async def pipecat_conversation(url: str, token: str | None, seconds: float) -> d
             await asyncio.sleep(max(0.0, t0 + (turn + 1) * TURN_S - time.monotonic()))
         times = np.array([t for t, _, _ in recorder.images[first_image:]])
     finally:
+        gc.callbacks.remove(timed_gc)
         await worker.cancel()
         await asyncio.wait([running], timeout=10.0)
+    health = http("GET", url + "/health", headers={"Authorization": f"Bearer {token}"} if token else None)[1]
     gaps = np.diff(times)
     late = np.flatnonzero(gaps > 0.080)
     events = ", ".join(f"{times[i] - t0:.1f} s: {gaps[i] * 1000:.0f} ms" for i in late[:20])
+    long_gc = [(t - t0, d) for t, d in pauses if d > 0.020]
     return {
         "gaps": events,
+        "server": f"{health.get('late_ticks', 0) - before.get('late_ticks', 0)} ticks late by over half a frame "
+        f"(worst since start {health.get('max_tick_lateness_ms', 0):.0f} ms), "
+        f"{health.get('dropped_ticks', 0) - before.get('dropped_ticks', 0)} dropped",
+        "gc": f"{len(pauses)} full collections, longest {max((d for _, d in pauses), default=0) * 1000:.0f} ms"
+        + "".join(f"; {t:.1f} s: {d * 1000:.0f} ms" for t, d in long_gc[:10]),
         "turns": turns,
         "interruptions": interrupted,
         "images": len(times),
@@ -387,6 +416,9 @@ def main() -> int:
         help="seconds of conversation through the Pipecat service (a turn every 15 s, every 4th interrupted; "
         "600: the issue's 10 minutes; default 0: not run)",
     )
+    parser.add_argument(
+        "--no-gc-freeze", action="store_true", help="do not gc.freeze() before the conversation (see its stalls)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for the server the bench starts")
     args = parser.parse_args()
     server, url = (None, args.url) if args.url else start_server(args)
@@ -397,7 +429,11 @@ def main() -> int:
         }
         heard_runs = args.runs if args.heard_runs is None else args.heard_runs
         heard, why_not = chromium_heard(url, args.token, heard_runs) if heard_runs > 0 else ([], "skipped")
-        talk = asyncio.run(pipecat_conversation(url, args.token, args.conversation_s)) if args.conversation_s else None
+        talk = (
+            asyncio.run(pipecat_conversation(url, args.token, args.conversation_s, freeze=not args.no_gc_freeze))
+            if args.conversation_s
+            else None
+        )
     finally:
         if server is not None:
             stop_server(server, 15)
@@ -428,6 +464,7 @@ def main() -> int:
             f"  {talk['turns']} turns ({talk['tasks']} on air), {talk['interruptions']} interruptions, "
             f"{talk['images']} images at {talk['fps']:.2f} fps, longest gap {talk['max_gap_ms']:.0f} ms"
         )
+        print(f"  the server's clock: {talk['server']}; this process: {talk['gc']}")
         if talk["gaps"]:
             print(f"  gaps over 80 ms (time into the conversation: gap): {talk['gaps']}")
     if heard:
