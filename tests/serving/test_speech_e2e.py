@@ -106,6 +106,10 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
     reference = decode_audio(speech_path, RATE).astype(np.float32) / 32768.0
     assert task["frames_streamed"] == task["frames_total"] == -(-len(reference) * FPS // RATE)
     assert task["time_to_first_frame_s"] is not None and task["time_to_first_frame_s"] < 5.0
+    # (e) no tick was dropped and none held for want of a chunk (checked first: either would also
+    # spoil the speech found in (a), and this says which).
+    assert health["dropped_ticks"] == 0, health
+    assert health["underrun_ticks"] == 0, health
 
     # (a) the uploaded speech is in the stream's audio, whole: find it by cross-correlating envelopes.
     hop = RATE // 100  # 10 ms
@@ -154,10 +158,6 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
     best = max(lags, key=lags.get)
     assert lags[best] >= 0.5, lags
     assert abs(best) <= 1, f"mouth and speech offset by {best} frames: {lags}"
-
-    # (e) no tick was dropped.
-    assert health["dropped_ticks"] == 0, health
-    assert health["underrun_ticks"] == 0, health
 
 
 def test_back_to_back_tasks_play_in_order_without_idle(server):
