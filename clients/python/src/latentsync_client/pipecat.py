@@ -445,9 +445,6 @@ class LatentSyncVideoService(AIService):
     # ------------------------------------------------------------------------------------------ /ws/speech events
     async def _failed(self, segment: _Segment, exc: Exception) -> None:
         """The speech session could not deliver ``segment`` (refused, no room, connection lost)."""
-        await self._segment_failed(segment, exc)
-
-    async def _segment_failed(self, segment: _Segment, exc: Exception) -> None:
         segment.failed = True
         if self._ttfb_segment is segment:  # it will never be on air: no TTFB for it
             self._ttfb_segment = None
