@@ -18,6 +18,7 @@ import pytest
 
 from latentsync.media import decode_audio
 from tests.datafiles import media_file
+from tests.speechclient import SpeechClient
 from tests.streamtools import FFMPEG, Api, ServerProcess, StreamRecorder, decode_recording, mouth_openings, rms_envelope
 
 pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
@@ -162,18 +163,33 @@ def test_speech_goes_on_air_in_sync(server, rtmp_server, tmp_path):
 
 def test_back_to_back_tasks_play_in_order_without_idle(server):
     wait_idle(server)
-    first_clip = media_file("audio/7s_shan_0801_01.wav").read_bytes()
-    # The second is short, so that it is wholly generated while the first plays on any host that
-    # generates faster than real time at all (both back to back on an 832x1248 channel would need
-    # twice real time): what is tested is the playlist's hand-over, not the machine's speed.
+    # The first utterance comes over /ws/speech and is held open until the second (an upload queued
+    # behind it) is wholly generated: the hand-over then meets a ready successor on any host, however
+    # slowly it generates (two uploads back to back left that to the host's speed: on a loaded 2-core
+    # CI host the second was not ready and the jitter buffer rightly played 16 idle ticks between).
+    first_pcm = (np.clip(decode_audio(media_file("audio/7s_shan_0801_01.wav"), 16000), -1, 1) * 32767).astype(np.int16)
     speech = decode_audio(media_file("audio/4s_Wavfile_1719704064_11.wav"), 16000)
     second_clip = wav_bytes((np.clip(speech[:24000], -1, 1) * 32767).astype(np.int16), 16000)  # 1.5 s
-    s1, first = server.api.post_audio(first_clip)
-    s2, second = server.api.post_audio(second_clip)
-    assert (s1, s2) == (202, 202) and second["position"] == first["position"] + 1
+    client = SpeechClient(server.port)
+    try:
+        client.start(16000)
+        first = client.wait("accepted")
+        client.send_pcm(first_pcm[: 3 * 16000].astype("<i2").tobytes())  # 3 s, the utterance left open
+        s2, second = server.api.post_audio(second_clip)
+        assert s2 == 202 and second["position"] == 1, second
+        deadline = time.monotonic() + 60
+        while (t2 := server.api.task(second["task_id"]))["chunks_generated"] < t2["chunks_total"] or not t2["audio_complete"]:
+            assert time.monotonic() < deadline and t2["status"] in ("queued", "preparing", "generating"), t2
+            time.sleep(0.05)
+        assert server.api.task(first["task_id"])["status"] in ("generating", "streaming")  # still open
+        client.send_pcm(first_pcm[3 * 16000 :].astype("<i2").tobytes())
+        client.send_json({"type": "end"})
+        client.wait("done", 60)
+    finally:
+        client.close()
     t1 = server.api.wait_task(first["task_id"], ("done", "failed"), 60)
     t2 = server.api.wait_task(second["task_id"], ("done", "failed"), 60)
-    assert t1["status"] == t2["status"] == "done"
+    assert t1["status"] == t2["status"] == "done", (t1, t2)
     assert t1["first_frame_on_air_at"] < t2["first_frame_on_air_at"]
     # The second starts on the tick after the first ends (speech→speech crossfade, no idle between):
     # counted in stream ticks, which a busy machine cannot stretch as it stretches wall-clock time.
