@@ -178,7 +178,7 @@ def test_back_to_back_tasks_play_in_order_without_idle(server):
         s2, second = server.api.post_audio(second_clip)
         assert s2 == 202 and second["position"] == 1, second
         deadline = time.monotonic() + 60
-        while (t2 := server.api.task(second["task_id"]))["chunks_generated"] < t2["chunks_total"] or not t2["audio_complete"]:
+        while not _wholly_generated(t2 := server.api.task(second["task_id"])):
             assert time.monotonic() < deadline and t2["status"] in ("queued", "preparing", "generating"), t2
             time.sleep(0.05)
         assert server.api.task(first["task_id"])["status"] in ("generating", "streaming")  # still open
@@ -194,6 +194,10 @@ def test_back_to_back_tasks_play_in_order_without_idle(server):
     # The second starts on the tick after the first ends (speech→speech crossfade, no idle between):
     # counted in stream ticks, which a busy machine cannot stretch as it stretches wall-clock time.
     assert t2["first_frame_tick"] == t1["last_frame_tick"] + 1, (t1, t2)
+
+
+def _wholly_generated(task: dict) -> bool:
+    return task["audio_complete"] and task["chunks_generated"] == task["chunks_total"]
 
 
 def test_delete_interrupts_within_crossfade(server):
