@@ -146,6 +146,7 @@ class Recorder(FrameProcessor):
     def __init__(self) -> None:
         super().__init__()
         self.images: list[tuple[float, str, str | None]] = []  # (time, state, task id)
+        self.ticks: list[tuple[int, float]] = []  # the server tick and its PTS (s) of each of ``images``
         self.audio: list[tuple[float, bool, str | None]] = []  # (time, silent, task id)
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
@@ -153,6 +154,7 @@ class Recorder(FrameProcessor):
         info = frame.metadata.get(METADATA_KEY)
         if isinstance(frame, OutputImageRawFrame) and info is not None:
             self.images.append((time.monotonic(), info.state, info.task_id))
+            self.ticks.append((info.tick, info.pts_s))
         elif isinstance(frame, SpeechOutputAudioRawFrame) and info is not None:
             self.audio.append((time.monotonic(), not any(frame.audio), info.task_id))
         await self.push_frame(frame, direction)
@@ -228,6 +230,17 @@ async def pipecat_conversation(
             pauses.append((time.monotonic(), time.monotonic() - started[0]))
 
     gc.callbacks.append(timed_gc)
+    lags: list[tuple[float, float]] = []  # (time.monotonic(), s) of each late wake-up of a 10 ms sleeper
+
+    async def loop_lag() -> None:  # the client's event loop: was it busy when an image came late?
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.010)
+            late_s = time.monotonic() - before - 0.010
+            if late_s > 0.020:
+                lags.append((time.monotonic(), late_s))
+
+    watching = asyncio.create_task(loop_lag())
     health = http("GET", url + "/health", headers={"Authorization": f"Bearer {token}"} if token else None)[1]
     before = health
     turns = max(1, round(seconds / TURN_S))
@@ -249,20 +262,38 @@ async def pipecat_conversation(
                 interrupted += 1
             await asyncio.sleep(max(0.0, t0 + (turn + 1) * TURN_S - time.monotonic()))
         times = np.array([t for t, _, _ in recorder.images[first_image:]])
+        ticks = np.array([k for k, _ in recorder.ticks[first_image:]])
+        pts = np.array([p for _, p in recorder.ticks[first_image:]])
     finally:
+        watching.cancel()
         gc.callbacks.remove(timed_gc)
         await worker.cancel()
         await asyncio.wait([running], timeout=10.0)
     health = http("GET", url + "/health", headers={"Authorization": f"Bearer {token}"} if token else None)[1]
     gaps = np.diff(times)
     late = np.flatnonzero(gaps > 0.080)
-    events = ", ".join(f"{times[i] - t0:.1f} s: {gaps[i] * 1000:.0f} ms" for i in late[:20])
+    # an image's lateness on the server's clock: its arrival minus the earliest arrival of any image
+    # for its PTS; ticks skipped = images the server never sent this client
+    lateness = times - pts
+    lateness -= lateness.min()
+
+    def lag_near(t: float) -> float:
+        return max((d for w, d in lags if t - 0.3 <= w <= t + 0.05), default=0.0)
+
+    events = ", ".join(
+        f"{times[i] - t0:.1f} s: {gaps[i] * 1000:.0f} ms (tick +{ticks[i + 1] - ticks[i]}, "
+        f"{lateness[i + 1] * 1000:.0f} ms late on the stream clock, "
+        f"client loop late {lag_near(times[i + 1]) * 1000:.0f} ms)"
+        for i in late[:20]
+    )
     long_gc = [(t - t0, d) for t, d in pauses if d > 0.020]
     return {
         "gaps": events,
         "server": f"{health.get('late_ticks', 0) - before.get('late_ticks', 0)} ticks late by over half a frame "
         f"(worst since start {health.get('max_tick_lateness_ms', 0):.0f} ms), "
         f"{health.get('dropped_ticks', 0) - before.get('dropped_ticks', 0)} dropped",
+        "loop": f"{len(lags)} late wake-ups of the client's loop over 20 ms, longest "
+        f"{max((d for _, d in lags), default=0) * 1000:.0f} ms",
         "gc": f"{len(pauses)} full collections, longest {max((d for _, d in pauses), default=0) * 1000:.0f} ms"
         + "".join(f"; {t:.1f} s: {d * 1000:.0f} ms" for t, d in long_gc[:10]),
         "turns": turns,
@@ -286,11 +317,11 @@ HEARD_DRIVER = r"""
 import json, sys, time, urllib.request
 from playwright.sync_api import sync_playwright
 page_url, chromium, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from tests.browsertools import launch_chromium
 sentences = ["The weather is lovely today.", "I can help you with that right away.", "Let me look it up for you."]
 with sync_playwright() as pw:
-    browser = pw.chromium.launch(executable_path=chromium, args=[
-        "--headless=new", "--no-sandbox", "--allow-loopback-in-peer-connection",
-        "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"])
+    browser = launch_chromium(pw, chromium)
     try:
         page = browser.new_page()
         page.goto(page_url)
@@ -343,7 +374,7 @@ def chromium_heard(url: str, token: str | None, runs: int) -> tuple[list[float],
                     if bot.poll() is not None or time.monotonic() > deadline:
                         return [], "the example bot did not start"
                     time.sleep(0.3)
-            driver = [python, "-c", HEARD_DRIVER, f"http://127.0.0.1:{port}/", chromium, str(runs)]
+            driver = [python, "-c", HEARD_DRIVER, f"http://127.0.0.1:{port}/", chromium, str(runs), str(ROOT)]
             run = subprocess.run(driver, capture_output=True, text=True, timeout=60 + 6 * runs)
             if run.returncode != 0:
                 return [], f"the Chromium driver failed: {run.stderr[-500:]}"
@@ -464,7 +495,7 @@ def main() -> int:
             f"  {talk['turns']} turns ({talk['tasks']} on air), {talk['interruptions']} interruptions, "
             f"{talk['images']} images at {talk['fps']:.2f} fps, longest gap {talk['max_gap_ms']:.0f} ms"
         )
-        print(f"  the server's clock: {talk['server']}; this process: {talk['gc']}")
+        print(f"  the server's clock: {talk['server']}; this process: {talk['gc']}; {talk['loop']}")
         if talk["gaps"]:
             print(f"  gaps over 80 ms (time into the conversation: gap): {talk['gaps']}")
     if heard:
