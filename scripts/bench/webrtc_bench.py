@@ -37,16 +37,10 @@ from benchclient import free_port, http, stop_server  # noqa: E402  (scripts/ben
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from latentsync.serving.ops.procfs import cpu_seconds  # noqa: E402
+from tests.browsertools import launch_chromium  # noqa: E402
 
 VIDEO = ROOT / "tests/data/media/video/2s_GirlMuseum_0730.mp4"
 SPEECH = ROOT / "tests/data/media/audio/4s_Wavfile_1719704064_11.wav"
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--allow-loopback-in-peer-connection",
-    "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 
 def ready(base: str) -> bool:
@@ -141,7 +135,7 @@ def browser_trials(base: str, posts: int) -> tuple[list[float], dict]:
     b64 = base64.b64encode(buf.getvalue()).decode()
     heard = []
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=CHROMIUM_ARGS)
+        browser = launch_chromium(pw, shutil.which("chromium"))
         page = browser.new_page()
         page.goto(base + "/")
         page.wait_for_function(

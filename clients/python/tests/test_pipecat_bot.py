@@ -33,12 +33,11 @@ import json, sys, time
 import cv2, numpy as np
 from playwright.sync_api import sync_playwright
 sys.path.insert(0, sys.argv[4])
+from tests.browsertools import launch_chromium
 from tests.streamtools import mouth_openings
 url, chromium, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with sync_playwright() as pw:
-    browser = pw.chromium.launch(executable_path=chromium, args=[
-        "--headless=new", "--no-sandbox", "--allow-loopback-in-peer-connection",
-        "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required"])
+    browser = launch_chromium(pw, chromium)
     try:
         page = browser.new_page()
         page.goto(url)

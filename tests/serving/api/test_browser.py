@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browsertools import launch_chromium
 from tests.datafiles import media_file
 from tests.streamtools import REPO, ServerProcess
 from tests.whep_client import http
@@ -57,21 +58,6 @@ FAKE_MICROPHONE_ARGS = (
     "--use-fake-device-for-media-stream",
     f"--use-file-for-fake-audio-capture={media_file(MIC_SPEECH)}",
 )
-
-
-def launch_chromium(pw, executable: str, extra_args: tuple[str, ...] | list[str] = ()):
-    """Headless Chromium (Playwright) that connects WebRTC over loopback and autoplays sound."""
-    return pw.chromium.launch(
-        executable_path=executable,
-        args=[
-            "--headless=new",
-            "--no-sandbox",
-            "--allow-loopback-in-peer-connection",
-            "--disable-features=WebRtcHideLocalIpsWithMdns",
-            "--autoplay-policy=no-user-gesture-required",
-            *extra_args,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.browsertools import launch_chromium
 from tests.datafiles import MEDIA, make_faceless_video, media_file
-from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path, launch_chromium
+from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path
 from tests.streamtools import ServerProcess
 from tests.whep_client import http
 
