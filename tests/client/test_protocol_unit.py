@@ -295,3 +295,12 @@ def test_send_pcm_checks_whole_sample_frames_and_dtype():
     asyncio.run(run())
     assert sent[-1] == np.array([1, -1, 2, -2], "<i2").tobytes()
     assert len(sent) == 2  # the start message and one PCM message; nothing for empty input
+
+
+@pytest.mark.parametrize("name", ["max_lead_s", "max_queued_packets", "queue_timeout_s", "open_timeout_s"])
+def test_speech_session_options_refuse_a_bound_not_positive(name):
+    from latentsync_client.speech_session import SessionOptions
+
+    with pytest.raises(ValueError, match=f"{name} 0: must be positive"):
+        SessionOptions(**{name: 0})
+    assert getattr(SessionOptions(), name) > 0

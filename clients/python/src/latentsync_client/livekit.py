@@ -48,6 +48,7 @@ from latentsync_client.speech_session import (
     MAX_RATE_HZ,
     MIN_RATE_HZ,
     SessionHandler,
+    SessionOptions,
     SpeechSession,
     Utterance,
 )
@@ -166,11 +167,7 @@ class LatentSyncVideoGenerator(VideoGenerator):
         if video_format not in ("rgb24", "jpeg"):
             raise ValueError(f"video_format {video_format!r}: rgb24 or jpeg")
         for name, value in (
-            ("max_lead_s", max_lead_s),
-            ("max_queued_packets", max_queued_packets),
-            ("queue_timeout_s", queue_timeout_s),
             ("max_out_ticks", max_out_ticks),
-            ("open_timeout_s", open_timeout_s),
             ("receive_timeout_s", receive_timeout_s),
         ):
             if value <= 0:
@@ -182,18 +179,21 @@ class LatentSyncVideoGenerator(VideoGenerator):
         self._video_format = video_format
         self._width = width
         self._height = height
-        self._seed = seed
-        self._max_lead_s = max_lead_s
-        self._queue_timeout_s = queue_timeout_s
+        # checked here, so a bad bound refuses the integration when it is built
+        self._speech = SessionOptions(
+            seed=seed,
+            max_lead_s=max_lead_s,
+            max_queued_packets=max_queued_packets,
+            queue_timeout_s=queue_timeout_s,
+            open_timeout_s=open_timeout_s,
+        )
         self._max_out_ticks = max_out_ticks
-        self._open_timeout_s = open_timeout_s
         self._receive_timeout_s = receive_timeout_s
         self._backoff = backoff or Backoff(initial_s=0.5, factor=2.0, max_s=5.0)
 
         self._client: AsyncClient | None = None
         self._frames: FramesStream | None = None
         self._ready: Ready | None = None
-        self._max_queued_packets = max_queued_packets
         self._frames_task: asyncio.Task[None] | None = None
         self._session: SpeechSession[_Segment] | None = None  # /ws/speech, made at start()
         self._out: deque[_Out] = deque()
@@ -262,7 +262,7 @@ class LatentSyncVideoGenerator(VideoGenerator):
             reconnect=True,
             backoff=self._backoff,
             receive_timeout_s=self._receive_timeout_s,
-            open_timeout_s=self._open_timeout_s,
+            open_timeout_s=self._speech.open_timeout_s,
         )
         try:
             await frames.connect()
@@ -281,11 +281,7 @@ class LatentSyncVideoGenerator(VideoGenerator):
         self._session = SpeechSession(
             client,
             handler,
-            seed=self._seed,
-            max_lead_s=self._max_lead_s,
-            max_queued_packets=self._max_queued_packets,
-            queue_timeout_s=self._queue_timeout_s,
-            open_timeout_s=self._open_timeout_s,
+            self._speech,
         )
         self._session.start()
         self._frames_task = asyncio.create_task(self._run_frames(frames), name="latentsync-frames")

@@ -78,6 +78,7 @@ from latentsync_client.speech_session import (
     MAX_RATE_HZ,
     MIN_RATE_HZ,
     SessionHandler,
+    SessionOptions,
     SpeechSession,
     Utterance,
 )
@@ -209,15 +210,8 @@ class LatentSyncVideoService(AIService):
     ) -> None:
         if video_format not in ("rgb24", "jpeg"):
             raise ValueError(f"video_format {video_format!r}: rgb24 or jpeg")
-        for name, value in (
-            ("max_lead_s", max_lead_s),
-            ("max_queued_packets", max_queued_packets),
-            ("queue_timeout_s", queue_timeout_s),
-            ("open_timeout_s", open_timeout_s),
-            ("receive_timeout_s", receive_timeout_s),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} {value}: must be positive")
+        if receive_timeout_s <= 0:
+            raise ValueError(f"receive_timeout_s {receive_timeout_s}: must be positive")
         super().__init__(settings=ServiceSettings(model=None), **kwargs)
         self._url = url
         self._token = token
@@ -226,13 +220,16 @@ class LatentSyncVideoService(AIService):
         self._video_format = video_format
         self._width = width
         self._height = height
-        self._seed = seed
+        # checked here, so a bad bound refuses the integration when it is built
+        self._speech = SessionOptions(
+            seed=seed,
+            max_lead_s=max_lead_s,
+            max_queued_packets=max_queued_packets,
+            queue_timeout_s=queue_timeout_s,
+            open_timeout_s=open_timeout_s,
+        )
         self._interrupt_on_user_speech = interrupt_on_user_speech
-        self._max_lead_s = max_lead_s
-        self._max_queued_packets = max_queued_packets
-        self._queue_timeout_s = queue_timeout_s
         self._end_timeout_s = end_timeout_s
-        self._open_timeout_s = open_timeout_s
         self._receive_timeout_s = receive_timeout_s
         self._backoff = backoff or Backoff(initial_s=0.5, factor=2.0, max_s=5.0)
 
@@ -268,11 +265,7 @@ class LatentSyncVideoService(AIService):
             self._session = SpeechSession(
                 self._client,
                 handler,
-                seed=self._seed,
-                max_lead_s=self._max_lead_s,
-                max_queued_packets=self._max_queued_packets,
-                queue_timeout_s=self._queue_timeout_s,
-                open_timeout_s=self._open_timeout_s,
+                self._speech,
             )
 
     async def stop(self, frame: EndFrame) -> None:
@@ -282,7 +275,7 @@ class LatentSyncVideoService(AIService):
         session = self._session
         if session is not None and not self._unusable:  # wait until the sender has sent everything queued
             await session.drain(
-                max(0.0, session.sent_until - time.monotonic()) + self._max_lead_s + self._end_timeout_s
+                max(0.0, session.sent_until - time.monotonic()) + self._speech.max_lead_s + self._end_timeout_s
             )
         pending = [] if self._unusable else [s.finished.wait() for s in self._live if not s.failed]
         if pending and session is not None:
@@ -548,7 +541,7 @@ class LatentSyncVideoService(AIService):
                 height=self._height,
                 audio="pcm_s16le",
                 receive_timeout_s=self._receive_timeout_s,
-                open_timeout_s=self._open_timeout_s,
+                open_timeout_s=self._speech.open_timeout_s,
             )
             error: LatentSyncError
             try:

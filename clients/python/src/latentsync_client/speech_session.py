@@ -25,7 +25,15 @@ from latentsync_client.client import AsyncClient
 from latentsync_client.errors import ConnectionFailed, LatentSyncError, StreamClosed, StreamRefused
 from latentsync_client.speech import START_REFUSALS, Accepted, Done, ErrorEvent, SpeechStream
 
-__all__ = ["MAX_CHANNELS", "MAX_RATE_HZ", "MIN_RATE_HZ", "SessionHandler", "SpeechSession", "Utterance"]
+__all__ = [
+    "MAX_CHANNELS",
+    "MAX_RATE_HZ",
+    "MIN_RATE_HZ",
+    "SessionHandler",
+    "SessionOptions",
+    "SpeechSession",
+    "Utterance",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +100,36 @@ class SessionHandler(Generic[U]):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """How a :class:`SpeechSession` sends: the integrations take these as keyword arguments and pass them on.
+
+    Attributes:
+        seed: Generation seed of every utterance (None: the server's).
+        max_lead_s: Seconds of audio sent ahead of playback at most (keep it under the server's
+            ``speech_stream.max_buffered_s / 2``).
+        max_queued_packets: Commands waiting for the sender at most; past it :meth:`SpeechSession.send_pcm` waits.
+        queue_timeout_s: Longest wait in seconds for room in that queue; past it the utterance fails.
+        open_timeout_s: Seconds for the connection and handshake, and for the answer to ``start``
+            (counted from when the audio sent before it has played).
+
+    Raises:
+        ValueError: A bound not positive (at construction, so an integration refuses it when built).
+    """
+
+    seed: int | None = None
+    max_lead_s: float = 5.0
+    max_queued_packets: int = 512
+    queue_timeout_s: float = 30.0
+    open_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_lead_s", "max_queued_packets", "queue_timeout_s", "open_timeout_s"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"{name} {value}: must be positive")
+
+
+@dataclass(frozen=True, slots=True)
 class _Start(Generic[U]):
     utterance: U
 
@@ -117,44 +155,18 @@ class SpeechSession(Generic[U]):
     Args:
         client: The client (its channel, token and tickets); not closed here.
         handler: Told about answers, ``done``, errors, failures and lost connections.
-        seed: Generation seed of every utterance (None: the server's).
-        max_lead_s: Seconds of audio sent ahead of playback at most (keep it under the server's
-            ``speech_stream.max_buffered_s / 2``).
-        max_queued_packets: Commands waiting for the sender at most; past it :meth:`send_pcm` waits.
-        queue_timeout_s: Longest wait for room in that queue; past it the utterance fails.
-        open_timeout_s: Seconds for the connection and handshake, and for the answer to ``start``
-            (counted from when the audio sent before it has played).
-
-    Raises:
-        ValueError: A bound not positive.
+        options: Seed, pacing and bounds (the defaults: :class:`SessionOptions`).
     """
 
-    def __init__(
-        self,
-        client: AsyncClient,
-        handler: SessionHandler[U],
-        *,
-        seed: int | None = None,
-        max_lead_s: float = 5.0,
-        max_queued_packets: int = 512,
-        queue_timeout_s: float = 30.0,
-        open_timeout_s: float = 5.0,
-    ) -> None:
-        for name, value in (
-            ("max_lead_s", max_lead_s),
-            ("max_queued_packets", max_queued_packets),
-            ("queue_timeout_s", queue_timeout_s),
-            ("open_timeout_s", open_timeout_s),
-        ):
-            if value <= 0:
-                raise ValueError(f"{name} {value}: must be positive")
+    def __init__(self, client: AsyncClient, handler: SessionHandler[U], options: SessionOptions | None = None) -> None:
+        options = options or SessionOptions()
         self._client = client
         self._handler = handler
-        self._seed = seed
-        self._max_lead_s = max_lead_s
-        self._queue_timeout_s = queue_timeout_s
-        self._open_timeout_s = open_timeout_s
-        self._commands: asyncio.Queue[_Command[U]] = asyncio.Queue(maxsize=max_queued_packets)
+        self._seed = options.seed
+        self._max_lead_s = options.max_lead_s
+        self._queue_timeout_s = options.queue_timeout_s
+        self._open_timeout_s = options.open_timeout_s
+        self._commands: asyncio.Queue[_Command[U]] = asyncio.Queue(maxsize=options.max_queued_packets)
         self._sender: asyncio.Task[None] | None = None
         self._stream: SpeechStream | None = None
         self._reader: asyncio.Task[None] | None = None
