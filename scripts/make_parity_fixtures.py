@@ -28,8 +28,11 @@ The original process needs ``einops`` (pass ``--deps DIR`` for a folder made by
 ``pip install --target DIR --no-deps einops==0.8.2``; it is put on that process's path only). Its
 ``latentsync/utils/util.py`` (which imports cv2, decord, matplotlib...) is replaced in that process by a stub with
 the one function ``unet.py`` imports, ``zero_rank_log`` (a logging helper, not used in a forward pass). The 1.5
-and 1.6 U-Nets import cleanly with diffusers 0.42.1; 1.0's does not (it imports ``diffusers.modeling_utils`` and
-``CrossAttention``, removed from diffusers long ago), so 1.0 is not offered.
+and 1.6 U-Nets import cleanly with the venv's diffusers (0.42.1). 1.0's does not (it imports
+``diffusers.modeling_utils`` and ``CrossAttention``, removed from diffusers long ago): for 1.0 pass a ``--deps``
+folder holding its own pins, ``pip install --target DIR --no-deps diffusers==0.11.1 huggingface_hub==0.25.2
+einops==0.8.2``; that process then also hides ``transformers`` (see :data:`RELEASES`). Our own side (the check
+of our U-Net after the build) always runs in this process, with the venv's packages.
 
 Example (the command that built the committed fixtures)::
 
@@ -60,6 +63,22 @@ DEFAULT_OUT = REPO / "tests" / "data" / "parity"
 #: ``git hash-object`` gives them) of the files the U-Net is built from at that commit: an extract that is not
 #: a git checkout is verified against these.
 RELEASES: dict[str, dict[str, Any]] = {
+    "1.0": {
+        "commit": "df72abbbca1b513147ecc7498a6b5cccb2f10ce7",
+        "yaml": "configs/unet/second_stage.yaml",
+        "blobs": {
+            "configs/unet/second_stage.yaml": "430ed0c0ec6d364d64bfb8f47d08096377a45ea0",
+            "latentsync/models/attention.py": "5b933823e91b8acb82e7424398aebdd3b3e76b72",
+            "latentsync/models/motion_module.py": "0622c86463a7033be170d01096ee47127188ad9a",
+            "latentsync/models/resnet.py": "3654ae3510a69bfb06516162a574916ac5c17fe1",
+            "latentsync/models/unet.py": "1429cf37401988106c7e669d92594cbf9b479a1b",
+            "latentsync/models/unet_blocks.py": "cc913a0cd7a7ed335d5e65d06af554dc018f216e",
+            "latentsync/models/utils.py": "b96595ca3831950bb7dee07c234cca47e629f317",
+        },
+        # diffusers 0.11.1 (1.0's pin, from --deps) imports transformers when it can find it, and the venv's
+        # transformers needs a newer huggingface_hub than 0.11.1's: hide transformers (the U-Net does not use it).
+        "hidden_modules": ["transformers"],
+    },
     "1.5": {
         "commit": "75a4a1733c7314a8f6bf092f1fbe4ced008cccd7",
         "yaml": "configs/unet/stage2.yaml",
@@ -98,7 +117,7 @@ FRAMES = 16
 LATENT_SIZE = 16  # 256 px faces give 32 x 32 latents, 512 px 64 x 64: the same code on fewer tokens, 4x cheaper here
 AUDIO_TOKENS = 50
 TIMESTEP = 951
-SEEDS = {"1.5": 1505, "1.6": 1606}
+SEEDS = {"1.0": 1000, "1.5": 1505, "1.6": 1606}
 MAX_REL_ERROR = 1e-5
 
 
@@ -156,6 +175,8 @@ def _worker(job_path: str) -> None:
     util = types.ModuleType("latentsync.utils.util")
     util.zero_rank_log = lambda logger, message: None
     sys.modules.update({"latentsync": package, "latentsync.utils": utils, "latentsync.utils.util": util})
+    for name in job["hidden_modules"]:
+        sys.modules[name] = None  # find_spec() says "not installed", import raises ImportError
 
     import torch
 
@@ -296,6 +317,7 @@ def build(original: Path, version: str, out_root: Path, deps: list[str], commit:
         "deps": [str(Path(d).resolve()) for d in deps],
         "section": section,
         "seed": SEEDS[version],
+        "hidden_modules": RELEASES[version].get("hidden_modules", []),
         "frames": FRAMES,
         "latent_size": LATENT_SIZE,
         "audio_tokens": AUDIO_TOKENS,
