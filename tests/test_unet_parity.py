@@ -24,7 +24,7 @@ from latentsync.models.unet3d import UNet3DConfig
 from tests.datafiles import DATA, data_file
 
 PARITY = DATA / "parity"
-VERSIONS = ("1.5", "1.6")
+VERSIONS = ("1.0", "1.5", "1.6")
 MAX_RELATIVE_ERROR = 1e-5
 
 
@@ -65,9 +65,13 @@ def run_ours(version: str, tmp_path: Path, fixtures, *, channels_last: bool) -> 
     return ours, io["output"]
 
 
-# channels_last is load_unet's default (the server's path); contiguous is its other layout.
-@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "contiguous"])
-@pytest.mark.parametrize("version", VERSIONS)
+# channels_last is load_unet's default (the server's path); its other layout, contiguous, on the 1.6 network only
+# (one forward less per version keeps the file within a few seconds).
+@pytest.mark.parametrize(
+    ("version", "channels_last"),
+    [("1.0", True), ("1.5", True), ("1.6", True), ("1.6", False)],
+    ids=["1.0-channels_last", "1.5-channels_last", "1.6-channels_last", "1.6-contiguous"],
+)
 def test_unet_matches_original(version, channels_last, tmp_path, fixtures):
     meta = json.loads(data_file(f"parity/{version}/meta.json").read_text())
     assert meta["version"] == version and meta["commit"] == meta["release_commit"]
