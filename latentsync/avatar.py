@@ -31,7 +31,7 @@ from latentsync.face import (
 )
 from latentsync.framing_plan import load_clip_to_file
 from latentsync.media.frame_file import FrameFile
-from latentsync.media.framing import Fit, check_background
+from latentsync.media.framing import FACE_FRACTION, Fit, check_background
 from latentsync.media.video import FrameBudget
 
 #: Bump when the prepared data changes meaning, so old caches are not reused.
@@ -68,6 +68,10 @@ class AvatarSettings:
             ``stretch`` (:mod:`latentsync.media.framing`). The paste-back geometry is computed on
             the framed frames.
         background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
+        face_fraction: ``cover``: the face's width over the picture's width, 0-1 (the window's size;
+            :func:`latentsync.media.framing.cover_width`).
+        min_face_px: ``cover``: the window is narrowed (never below ``size``) until the face is at least
+            this many output pixels wide (``avatar.min_face_px``, 96; 0: no such bound).
 
     """
 
@@ -79,6 +83,8 @@ class AvatarSettings:
     tracker: TrackerOptions = dataclasses.field(default_factory=TrackerOptions)
     fit: str = "cover"
     background: str = "blur"
+    face_fraction: float = FACE_FRACTION
+    min_face_px: int = 96  # avatar.min_face_px's default (a channel with the defaults finds what this prepares)
 
     def __post_init__(self) -> None:
         Fit(self.fit)  # ValueError for an unknown mode
@@ -91,6 +97,10 @@ class AvatarSettings:
             raise ValueError(f"size must be (width, height) > 0 or None, got {self.size!r}")
         if not 0.0 <= self.min_face_fraction <= 1.0:
             raise ValueError(f"min_face_fraction must be in [0, 1], got {self.min_face_fraction!r}")
+        if not 0.0 < self.face_fraction <= 1.0:
+            raise ValueError(f"face_fraction must be in (0, 1], got {self.face_fraction!r}")
+        if self.min_face_px < 0:
+            raise ValueError(f"min_face_px must be >= 0, got {self.min_face_px!r}")
 
     def to_json(self) -> dict:
         """Plain-JSON form (used in the cache key and the cache's meta file)."""
@@ -479,6 +489,8 @@ def _prepare_into(
         fit=settings.fit,
         background=settings.background,
         budget=budget,
+        face_fraction=settings.face_fraction,
+        min_face_px=settings.min_face_px,
     )
     n = clip.num_frames
     t_decode = time.monotonic() - t0

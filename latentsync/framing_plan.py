@@ -9,6 +9,7 @@ of face. Docs: docs/avatars.md ("Framing").
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,14 @@ from latentsync.face import FaceTracker, TrackerOptions
 from latentsync.face.native_log import NativeLogCapture
 from latentsync.media.errors import MediaProbeError
 from latentsync.media.framing import (
+    FACE_FRACTION,
     FaceBox,
     Fit,
     Framing,
     check_background,
     cover_window,
     displayed_size,
+    largest_window,
     same_aspect,
 )
 from latentsync.media.probe import MediaInfo, probe_media
@@ -86,12 +89,21 @@ def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None,
 
 
 def plan_framing(
-    path: str | Path, coded: tuple[int, int], size: tuple[int, int], fit: Fit | str, background: str = "blur"
+    path: str | Path,
+    coded: tuple[int, int],
+    size: tuple[int, int],
+    fit: Fit | str,
+    background: str = "blur",
+    face_fraction: float | None = FACE_FRACTION,
+    min_face_px: float = 0.0,
 ) -> Framing:
     """How to frame the video at ``path`` into ``size``.
 
-    ``cover`` looks for the face (:func:`find_face`: up to 60 small frames, a second or two);
-    ``contain`` and ``stretch`` decode nothing here (``contain``'s filter works out the bars itself).
+    ``cover`` looks for the face (:func:`find_face`: up to 60 small frames, a second or two) and crops
+    the window :func:`~latentsync.media.framing.cover_window` places and sizes on it, unless the video
+    has the frame's aspect ratio and is no larger (no smaller window is possible without upscaling:
+    it is only scaled, nothing decoded here); ``contain`` and ``stretch`` decode nothing here
+    (``contain``'s filter works out the bars itself).
 
     Args:
         path: The video.
@@ -99,6 +111,10 @@ def plan_framing(
         size: The frame's ``(width, height)`` in pixels.
         fit: The mode.
         background: ``contain``'s bars.
+        face_fraction: ``cover``: the face's width over the picture's width (``avatar.face_fraction``);
+            None: the largest window (the rule before it).
+        min_face_px: ``cover``: the narrowest face on air the window allows where the source can give
+            it (``avatar.min_face_px``; 0: none), in output pixels.
 
     Raises:
         ValueError: For an unknown mode or background.
@@ -108,18 +124,23 @@ def plan_framing(
     fit = Fit(fit)
     background = check_background(background)
     size = (int(size[0]), int(size[1]))
-    if fit is Fit.stretch or same_aspect(coded, size):  # (a quarter-turned video never has the same aspect)
-        return Framing(fit=Fit.stretch, size=size, background=background)
+    scaled = Framing(fit=Fit.stretch, size=size, background=background)
+    # (a quarter-turned video never has the same aspect)
+    if fit is Fit.stretch or (fit is Fit.contain and same_aspect(coded, size)):
+        return scaled
     if fit is Fit.contain:
         return Framing(fit=Fit.contain, size=size, background=background)
+    if same_aspect(coded, size) and (coded[0] <= size[0] or face_fraction is None):
+        return scaled
     face, source = find_face(path, coded)
     if min(source) < MIN_SOURCE_SIDE:
         raise MediaProbeError(
             f"{Path(path).name}: {source[0]}x{source[1]} is too small to frame (under {MIN_SOURCE_SIDE} px)"
         )
-    if same_aspect(source, size):
-        return Framing(fit=Fit.stretch, size=size, background=background, face=face)
-    return Framing(fit=Fit.cover, size=size, crop=cover_window(source, size, face), background=background, face=face)
+    crop = cover_window(source, size, face, face_fraction, min_face_px)
+    if same_aspect(source, size) and crop[2:] == largest_window(source, size):  # the whole picture
+        return dataclasses.replace(scaled, face=face)
+    return Framing(fit=Fit.cover, size=size, crop=crop, background=background, face=face)
 
 
 def load_clip(
@@ -132,6 +153,8 @@ def load_clip(
     what: str = "video",
     fit: Fit | str = Fit.stretch,
     background: str = "blur",
+    face_fraction: float | None = FACE_FRACTION,
+    min_face_px: float = 0.0,
 ) -> VideoClip:
     """Decode a video and its audio onto the stream time base, framed into ``size`` (FFmpeg confined to the file).
 
@@ -150,6 +173,8 @@ def load_clip(
         fit: How a video of another aspect ratio than ``size`` fills it (:mod:`latentsync.media.framing`:
             ``cover`` crops around the face, ``contain`` letterboxes, ``stretch`` distorts).
         background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
+        face_fraction: ``cover``'s face width over the picture's width (:func:`plan_framing`).
+        min_face_px: ``cover``'s narrowest face on air where the source can give it (:func:`plan_framing`).
 
     Returns:
         The :class:`~latentsync.media.video.VideoClip` (its ``framing`` says how it was framed, None
@@ -159,7 +184,7 @@ def load_clip(
         latentsync.media.MediaProbeError: If the file is missing, unreadable or has no video stream.
         latentsync.media.video.MediaLimitError: If it is over one of ``limits``.
     """
-    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background)
+    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background, face_fraction, min_face_px)
     return decode_clip(path, fps, sample_rate_hz, size, with_audio, info=info, framing=framing)
 
 
@@ -175,6 +200,8 @@ def load_clip_to_file(
     fit: Fit | str = Fit.stretch,
     background: str = "blur",
     budget: FrameBudget | None = None,
+    face_fraction: float | None = FACE_FRACTION,
+    min_face_px: float = 0.0,
 ) -> StoredClip:
     """:func:`load_clip` with the frames streamed to ``target`` (a ``.npy`` file), never all in memory.
 
@@ -194,6 +221,8 @@ def load_clip_to_file(
         background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
         budget: Most frames the video may decode to, counted while decoding
             (:class:`~latentsync.media.video.FrameBudget`); None: no such budget.
+        face_fraction: ``cover``'s face width over the picture's width (:func:`plan_framing`).
+        min_face_px: ``cover``'s narrowest face on air where the source can give it (:func:`plan_framing`).
 
     Returns:
         The :class:`~latentsync.media.video.StoredClip`.
@@ -203,7 +232,7 @@ def load_clip_to_file(
         latentsync.media.video.MediaLimitError: If it is over one of ``limits``, or decodes to more
             frames than ``budget`` allows.
     """
-    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background)
+    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background, face_fraction, min_face_px)
     return decode_clip_to_file(
         path, target, fps, sample_rate_hz, size, with_audio, info=info, framing=framing, budget=budget
     )
@@ -217,6 +246,8 @@ def _probe_and_plan(
     what: str,
     fit: Fit | str,
     background: str,
+    face_fraction: float | None,
+    min_face_px: float,
 ) -> tuple[MediaInfo, Framing | None]:
     """The probe (checked against ``limits``) and the framing (None without ``size``) of :func:`load_clip`."""
     info = probe_media(path, formats=VIDEO_FORMATS)
@@ -224,5 +255,5 @@ def _probe_and_plan(
         check_clip_limits(info, fps, size, limits, what)
     framing = None
     if size is not None:
-        framing = plan_framing(path, (info.width, info.height), size, fit, background)
+        framing = plan_framing(path, (info.width, info.height), size, fit, background, face_fraction, min_face_px)
     return info, framing

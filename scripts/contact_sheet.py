@@ -5,8 +5,11 @@ lip-synced to the speech at its most open moments, each a crop around the face o
 (pasted) output frame. Usage: python scripts/contact_sheet.py VIDEO [VIDEO ...] [--audio WAV]
 
 With ``--framing WxH [WxH ...]`` it writes out/framing_<video stem>.png instead: one row per channel
-size, one column per ``avatar.fit`` (stretch = what channels showed before, cover, contain), the
-frame 1 s in as a channel of that size shows it (docs/avatars.md "Framing").
+size, one column per framing (stretch = what channels showed before any framing; "cover before" =
+cover's largest window, the rule before ``avatar.face_fraction``; "cover" = the window sized on the
+face, ``--face-fraction`` and ``--min-face-px`` as ``avatar.face_fraction`` and ``avatar.min_face_px``;
+contain), the frame 1 s in as a channel of that size shows it, labelled with the window and the face's
+width on air (docs/avatars.md "Framing").
 """
 
 from __future__ import annotations
@@ -72,26 +75,61 @@ def contact_sheet(video: Path, audio_path: Path, out_dir: Path, cache_dir: Path,
     return path
 
 
-FITS = ("stretch", "cover", "contain")
+#: The sheet's columns: label, ``avatar.fit``, whether ``face_fraction`` sizes the cover window.
+COLUMNS = (
+    ("stretch", "stretch", False),
+    ("cover before", "cover", False),
+    ("cover", "cover", True),
+    ("contain", "contain", True),
+)
 CELL_PX = 320
 
 
-def framing_sheet(video: Path, sizes: list[tuple[int, int]], out_dir: Path) -> Path:
-    """One row per channel size, one column per fit mode; each cell fits in CELL_PX, labelled."""
+def framing_sheet(
+    video: Path, sizes: list[tuple[int, int]], out_dir: Path, face_fraction: float = 0.3, min_face_px: int = 96
+) -> Path:
+    """One row per channel size, one column per framing (:data:`COLUMNS`); each cell fits in CELL_PX, labelled.
+
+    Args:
+        video: The presenter video.
+        sizes: Channel ``(width, height)`` sizes in pixels.
+        out_dir: Where ``framing_<stem>.png`` is written.
+        face_fraction: ``avatar.face_fraction`` for the "cover" column.
+        min_face_px: ``avatar.min_face_px`` for the "cover" column.
+
+    Returns:
+        The PNG's path.
+    """
     from latentsync.framing_plan import load_clip
 
     rows = []
     for size in sizes:
         cells = []
-        for fit in FITS:
-            frame = load_clip(video, 1, 16000, size, with_audio=False, fit=fit).frames[0]
+        for label, fit, sized in COLUMNS:
+            clip = load_clip(
+                video,
+                1,
+                16000,
+                size,
+                with_audio=False,
+                fit=fit,
+                face_fraction=face_fraction if sized else None,
+                min_face_px=min_face_px if sized else 0,
+            )
+            frame = clip.frames[min(1, clip.num_frames - 1)]
             scale = CELL_PX / max(size)
             small = cv2.resize(frame, (round(size[0] * scale), round(size[1] * scale)), interpolation=cv2.INTER_AREA)
-            cell = np.full((CELL_PX + 24, CELL_PX + 8, 3), 32, np.uint8)
-            y, x = 24 + (CELL_PX - small.shape[0]) // 2, 4 + (CELL_PX - small.shape[1]) // 2
+            cell = np.full((CELL_PX + 40, CELL_PX + 8, 3), 32, np.uint8)
+            y, x = 40 + (CELL_PX - small.shape[0]) // 2, 4 + (CELL_PX - small.shape[1]) // 2
             cell[y : y + small.shape[0], x : x + small.shape[1]] = small
-            label = f"{fit} {size[0]}x{size[1]}"
-            cv2.putText(cell, label, (6, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+            framing, note = clip.framing, ""
+            if framing is not None and framing.face is not None and framing.crop is not None:
+                face_px = framing.face.width * size[0] / framing.crop[2]
+                note = f"window {framing.crop[2]}x{framing.crop[3]}, face {face_px:.0f} px"
+            for line, text in enumerate((f"{label} {size[0]}x{size[1]}", note)):
+                cv2.putText(
+                    cell, text, (6, 15 + 17 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA
+                )
             cells.append(cell)
         rows.append(np.hstack(cells))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,11 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "out")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "avatars")
     parser.add_argument("--framing", nargs="+", metavar="WxH", help="framing sheet for these channel sizes")
+    parser.add_argument("--face-fraction", type=float, default=0.3, help="avatar.face_fraction (--framing)")
+    parser.add_argument("--min-face-px", type=int, default=96, help="avatar.min_face_px (--framing)")
     args = parser.parse_args(argv)
     if args.framing:
-        sizes = [tuple(int(v) for v in s.split("x")) for s in args.framing]
+        sizes = [(int(w), int(h)) for w, h in (s.split("x") for s in args.framing)]
         for video in args.videos:
-            print(framing_sheet(video, sizes, args.out_dir))
+            print(framing_sheet(video, sizes, args.out_dir, args.face_fraction, args.min_face_px))
         return 0
     for path in (args.audio, *args.videos):
         if not path.is_file():

@@ -60,6 +60,8 @@ def test_shipped_server_yaml_loads_and_has_every_key():
         (["engine.workers=0"], "engine.workers"),
         (["avatar.idle_video=/no/such/video.mp4"], "avatar.idle_video"),
         (["avatar.prepare_max_rss_mb=10"], "avatar.prepare_max_rss_mb"),
+        (["avatar.face_fraction=0"], "avatar.face_fraction"),
+        (["avatar.face_fraction=1.5"], "avatar.face_fraction"),
         (["server.port=70000"], "server.port"),
         (["server.header_timeout_s=0"], "server.header_timeout_s"),
         (["server.body_timeout_s=-1"], "server.body_timeout_s"),

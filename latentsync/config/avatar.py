@@ -23,12 +23,18 @@ class AvatarConfig:
     ``prepare_timeout_s`` seconds and ``prepare_max_rss_mb`` MiB of resident memory (the preparation
     process's peak, read from /proc; frames stream through disk, so a minute of 1080p needs ~210 MiB).
     ``min_face_fraction``: an uploaded video whose face is found on fewer than this fraction of its
-    frames fails to prepare. ``fit``: how a video of another aspect
-    ratio than the channel fills its frame: ``cover`` (crop around the presenter's face, head in the
-    upper third), ``contain`` (whole video, bars filled with ``background``: ``blur`` or ``#rrggbb``)
-    or ``stretch`` (distorted; only when asked for). docs/avatars.md, "Framing". ``min_face_px``: an
-    uploaded avatar whose face is narrower than this at the stream's size (after framing) gets a
-    ``face_too_small`` warning, and ``PUT /channels/<name>`` refuses it (409) unless ``"force": true``.
+    frames fails to prepare. ``fit``: how a video of another aspect ratio than the channel, or a
+    larger one, fills its frame: ``cover`` (crop around the presenter's face, head in the upper third,
+    the window sized so the face is ``face_fraction`` of the picture's width: head and shoulders;
+    never upscaled, never beyond the picture), ``contain`` (whole video, bars filled with
+    ``background``: ``blur`` or ``#rrggbb``) or ``stretch`` (distorted; only when asked for).
+    docs/avatars.md, "Framing". ``min_face_px``: an uploaded avatar whose face is narrower than this
+    at the stream's size (after framing) gets a ``face_too_small`` warning, and
+    ``PUT /channels/<name>`` refuses it (409, naming the largest face the source allows without
+    upscaling) unless ``"force": true``; ``cover`` narrows its window (down to the channel's size in
+    source pixels) to reach it where the source can. ``face_fraction`` (0.3): the face's width over
+    the picture's width in a ``cover`` window (0.05-1; docs/avatars.md, "Framing"). An upload of the
+    same bytes as an avatar that is ready or preparing is that avatar (no copy).
     """
 
     idle_video: str | None = None
@@ -44,6 +50,7 @@ class AvatarConfig:
     fit: str = "cover"
     background: str = "blur"
     min_face_px: int = 96
+    face_fraction: float = 0.3  # latentsync.media.framing.FACE_FRACTION
 
 
 def uploaded_avatar_video(cache_dir: str | Path, avatar_id: str) -> Path:

@@ -224,6 +224,9 @@ def _validate_avatar(config: AppConfig) -> None:
     check_value(av.fit in ("cover", "contain", "stretch"), "avatar.fit", av.fit, "cover, contain or stretch")
     check_value(0 <= av.min_face_px <= 4096, "avatar.min_face_px", av.min_face_px, "0..4096 (0: no check)")
     check_value(
+        0.05 <= av.face_fraction <= 1, "avatar.face_fraction", av.face_fraction, "0.05..1 (face width / picture width)"
+    )
+    check_value(
         av.background == "blur" or re.fullmatch(r"#[0-9a-fA-F]{6}", str(av.background)) is not None,
         "avatar.background",
         av.background,

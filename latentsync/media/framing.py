@@ -2,11 +2,12 @@
 
 A video whose aspect ratio differs from the channel's is never distorted unless asked for:
 
-- ``cover`` (the default) crops the largest window of the channel's aspect ratio out of the video,
-  centred on the presenter's face horizontally and with the face's centre on the upper third line
-  (as a camera operator frames a head-and-shoulders shot), then scales it. The window is one for
-  the whole clip (from the median face position over frames sampled across it), so the picture
-  never pans.
+- ``cover`` (the default) crops a window of the channel's aspect ratio out of the video, sized so
+  that the face is ``face_fraction`` of the picture's width (head and shoulders; never smaller than
+  the channel in source pixels, so never upscaled, and never beyond the picture), centred on the
+  presenter's face horizontally and with the face's centre on the upper third line (as a camera
+  operator frames a head-and-shoulders shot), then scales it. The window is one for the whole clip
+  (from the median face position over frames sampled across it), so the picture never pans.
 - ``contain`` scales the whole video into the frame and fills the bars with a blurred, enlarged copy
   of the video (``background: blur``) or a solid colour (``background: "#rrggbb"``).
 - ``stretch`` scales to the frame whatever the aspect ratio (the old behaviour).
@@ -31,6 +32,12 @@ SAME_ASPECT = 0.01
 FACE_LINE = 1.0 / 3.0
 #: Room kept above the face's centre in a ``cover`` window, in face heights (forehead and hair).
 HEADROOM_FACES = 0.9
+#: The face's width over the picture's width in a ``cover`` window (``avatar.face_fraction``'s default):
+#: head and shoulders (docs/avatars.md, "Framing": why 0.3).
+FACE_FRACTION = 0.3
+#: A ``cover`` window is at least this many face widths high (headroom, the face, neck and shoulders):
+#: on a landscape channel the height, not ``face_fraction``, sets the window's size.
+WINDOW_HEIGHT_FACES = 3.0
 #: Strength of the ``contain`` background blur (FFmpeg ``boxblur`` luma radius, pixels at stream size).
 BLUR_RADIUS = 20
 COLOUR_RE = re.compile(r"#[0-9a-fA-F]{6}")
@@ -78,18 +85,12 @@ class FaceBox:
     sampled: int
 
 
-def cover_window(source: tuple[int, int], target: tuple[int, int], face: FaceBox | None) -> tuple[int, int, int, int]:
-    """The crop ``(x, y, w, h)`` in source pixels that ``cover`` scales to ``target``.
-
-    The largest window of the target's aspect ratio inside the source; horizontally centred on the
-    face, vertically with the face centre on :data:`FACE_LINE` but never less than
-    :data:`HEADROOM_FACES` face heights below the window's top; clamped into the source. Without a
-    face: centred. Sizes and offsets are even (YUV 4:2:0 sources).
+def largest_window(source: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """The largest ``(w, h)`` of the target's aspect ratio inside the source, in source pixels (even sizes).
 
     Args:
         source: Source ``(width, height)`` in pixels.
         target: Target ``(width, height)`` in pixels.
-        face: The face, or None.
     """
     sw, sh = source
     tw, th = target
@@ -99,7 +100,81 @@ def cover_window(source: tuple[int, int], target: tuple[int, int], face: FaceBox
     else:
         w = sw - sw % 2
         h = min(sh, int(round(w * th / tw)))
-    w, h = w - w % 2, h - h % 2
+    return w - w % 2, h - h % 2
+
+
+def cover_width(
+    source: tuple[int, int],
+    target: tuple[int, int],
+    face_width: float | None,
+    face_fraction: float | None = FACE_FRACTION,
+    min_face_px: float = 0.0,
+) -> int:
+    """Width in source pixels of ``cover``'s window (its height follows from the target's aspect ratio).
+
+    The window that frames the presenter head-and-shoulders: the face ``face_fraction`` of the picture's
+    width, or less where the picture is too low for :data:`WINDOW_HEIGHT_FACES` face widths (landscape
+    channels); but never so wide that the face is under ``min_face_px`` on air, never narrower than the
+    target (no upscaling: at least ``target`` source pixels, unless the source itself is smaller) and
+    never wider than :func:`largest_window`.
+
+    Args:
+        source: Source ``(width, height)`` in pixels.
+        target: Target ``(width, height)`` in pixels.
+        face_width: The face's width in source pixels (None: no face; the largest window).
+        face_fraction: The face's width on air over the picture's width, 0-1 (``avatar.face_fraction``);
+            None: the largest window (the rule before ``face_fraction``).
+        min_face_px: ``avatar.min_face_px``: the window is narrowed (down to the target's width) until
+            the face is at least this wide on air, in output pixels (0: no such bound).
+
+    Returns:
+        The width, even, in source pixels.
+    """
+    w_max, _ = largest_window(source, target)
+    if face_width is None or face_width <= 0 or face_fraction is None:
+        return w_max
+    tw, th = target
+    compose = max(face_width / face_fraction, WINDOW_HEIGHT_FACES * face_width * tw / th)
+    if min_face_px > 0:
+        compose = min(compose, face_width * tw / min_face_px)
+    floor = min(tw, w_max)
+    w = min(w_max, max(floor, compose))
+    even = int(w) - int(w) % 2  # rounded down: the face is never under min_face_px by rounding ...
+    return max(2, even if even >= floor else min(w_max, floor + floor % 2))  # ... nor upscaled by it
+
+
+def cover_window(
+    source: tuple[int, int],
+    target: tuple[int, int],
+    face: FaceBox | None,
+    face_fraction: float | None = FACE_FRACTION,
+    min_face_px: float = 0.0,
+) -> tuple[int, int, int, int]:
+    """The crop ``(x, y, w, h)`` in source pixels that ``cover`` scales to ``target``.
+
+    A window of the target's aspect ratio, as wide as :func:`cover_width` says (the face
+    ``face_fraction`` of the picture's width, no upscaling, inside the source); horizontally centred
+    on the face, vertically with the face centre on :data:`FACE_LINE` but never less than
+    :data:`HEADROOM_FACES` face heights below the window's top; clamped into the source (a face near
+    an edge is off-centre). Without a face: the largest window, centred. Sizes and offsets are even
+    (YUV 4:2:0 sources).
+
+    Args:
+        source: Source ``(width, height)`` in pixels.
+        target: Target ``(width, height)`` in pixels.
+        face: The face, or None.
+        face_fraction: ``avatar.face_fraction`` (None: the largest window, wherever the face is).
+        min_face_px: ``avatar.min_face_px`` (0: no bound); see :func:`cover_width`.
+    """
+    sw, sh = source
+    tw, th = target
+    w_max, h_max = largest_window(source, target)
+    w = cover_width(source, target, None if face is None else face.width, face_fraction, min_face_px)
+    if w >= w_max:
+        w, h = w_max, h_max
+    else:
+        h = min(h_max, int(round(w * th / tw)))
+        h -= h % 2
     if face is None:
         x, y = (sw - w) / 2, (sh - h) / 2
     else:
@@ -108,6 +183,21 @@ def cover_window(source: tuple[int, int], target: tuple[int, int], face: FaceBox
     x = int(np.clip(round(x), 0, sw - w))
     y = int(np.clip(round(y), 0, sh - h))
     return x - x % 2, y - y % 2, w, h
+
+
+def largest_face_px(source: tuple[int, int], target: tuple[int, int], face_width: float) -> float:
+    """The widest the face can be on air, in output pixels, framed with ``cover`` and no upscaling.
+
+    The face's own width in source pixels (the window as narrow as the target), or more when the source
+    is smaller than the target (its largest window must be enlarged anyway).
+
+    Args:
+        source: Source ``(width, height)`` in pixels.
+        target: Target ``(width, height)`` in pixels.
+        face_width: The face's width in source pixels.
+    """
+    w_max, _ = largest_window(source, target)
+    return face_width * target[0] / max(1, min(target[0], w_max))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +251,8 @@ class Framing:
 def face_scale(source: tuple[int, int], size: tuple[int, int], fit: Fit | str) -> float:
     """Output pixels per source pixel, horizontally, when ``source`` is framed into ``size`` with ``fit``.
 
-    A face ``w`` source pixels wide is ``w * face_scale(...)`` pixels wide on air.
+    A face ``w`` source pixels wide is ``w * face_scale(...)`` pixels wide on air. ``cover``: with its
+    largest window (no face found); a window sized on the face is :func:`cover_width`.
     """
     fit = Fit(fit)
     sx, sy = size[0] / source[0], size[1] / source[1]

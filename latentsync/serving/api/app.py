@@ -24,7 +24,8 @@ Routes:
     never redirects: a 308 would make clients re-send an upload). An unknown channel is 404
     ``no_channel``.
     ``POST /avatars`` (multipart ``video_file``, optional ``name``) → 202 with the new avatar's
-    record, prepared in the background; ``GET /avatars``, ``GET /avatars/<id>`` (progress, failure
+    record, prepared in the background (200 with the existing avatar's record for bytes uploaded
+    before); ``GET /avatars``, ``GET /avatars/<id>`` (progress, failure
     reason), ``GET /avatars/<id>/still?channel=<name>`` (JPEG: the avatar framed as that channel
     would show it), ``DELETE /avatars/<id>`` (:mod:`latentsync.serving.avatars`, docs/avatars.md).
 
@@ -298,8 +299,8 @@ def create_app(runtime: Runtime | None = None) -> Flask:
             raise ApiError("no_file", "multipart field 'video_file' is required")
         name = request.form.get("name") or PurePath(upload.filename or "avatar").stem
         with stored_upload(upload, store.incoming_root) as path:
-            record = store.add(path, name)  # AvatarError: its own 4xx/5xx
-        return jsonify(record), 202
+            record, created = store.add(path, name)  # AvatarError: its own 4xx/5xx
+        return jsonify(record), 202 if created else 200  # 200: these bytes are that avatar already
 
     @app.get("/avatars")
     def list_avatars():

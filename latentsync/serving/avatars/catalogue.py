@@ -57,6 +57,8 @@ class AvatarRecord:
             ``face_lost`` (with ``frames_without_face`` and ``num_frames``) when the face is not
             found in some frames (it leaves the picture, turns away): speech plays there unsynced.
             Both from :mod:`latentsync.serving.avatars.face_policy`.
+        sha256: SHA-256 hex digest of the uploaded bytes (None in records from before it was kept): an
+            upload of the same bytes is this avatar while it is preparing or ready.
     """
 
     id: str
@@ -76,6 +78,7 @@ class AvatarRecord:
     face_width_px: float | None = None
     face_px: float | None = None
     warnings: list[dict] = dataclasses.field(default_factory=list)
+    sha256: str | None = None
 
     def to_json(self, used_by: list[str] | None = None) -> dict:
         """The record as JSON, with ``used_by`` (names of the channels using it) and ``status_url``."""
@@ -158,6 +161,19 @@ class AvatarCatalogue:
         """The record of ``avatar_id`` (the live object: :meth:`finish` changes it), or None."""
         with self._lock:
             return self._records.get(avatar_id)
+
+    def same_content(self, sha256: str) -> dict | None:
+        """The JSON record of an avatar uploaded with these bytes that is preparing or ready (the oldest), or None.
+
+        Args:
+            sha256: SHA-256 hex digest of an upload's bytes.
+        """
+        with self._lock:
+            twins = [r for r in self._records.values() if r.sha256 == sha256 and r.status in (PREPARING, READY)]
+        if not twins:
+            return None
+        twin = min(twins, key=lambda r: r.created_at)
+        return twin.to_json(self.users().get(twin.id))
 
     def list(self) -> list[dict]:
         """Every uploaded avatar, newest first (JSON records)."""

@@ -37,10 +37,13 @@ def measure_face(avatar, video: str) -> dict:
     framing = meta.get("framing")
     info = probe_media(video, formats=VIDEO_FORMATS)
     source = display_size(video, (info.width, info.height))  # rotation applied
-    fit = framing["fit"] if framing else "stretch"
+    if framing and framing.get("crop"):  # cover: the window, however large, is scaled to the frame
+        scale = size[0] / framing["crop"][2]
+    else:
+        scale = face_scale(source, size, framing["fit"] if framing else "stretch")
     return {
         "source_size": list(source),
-        "face_width_px": round(face_px / face_scale(source, size, fit), 1),
+        "face_width_px": round(face_px / scale, 1),
         "face_px": round(face_px, 1),
     }
 
@@ -71,10 +74,42 @@ class FacePolicy:
 
     Args:
         min_face_px: ``avatar.min_face_px``: the narrowest face, in pixels on air, that is accepted.
+        face_fraction: ``avatar.face_fraction``: how ``cover`` sizes its window
+            (:func:`latentsync.media.framing.cover_width`), so the face's width on a channel is foreseen.
     """
 
-    def __init__(self, min_face_px: int):
+    def __init__(self, min_face_px: int, face_fraction: float = 0.3):
         self.min_face_px = min_face_px
+        self.face_fraction = face_fraction
+
+    def face_on_air(self, record: AvatarRecord, size: tuple[int, int], fit: str) -> tuple[float, float]:
+        """The face's width on a channel of ``size``, and the widest the video allows there without upscaling.
+
+        Args:
+            record: A ready avatar's record with its face measured (``source_size``, ``face_width_px``).
+            size: The channel's ``(width, height)`` in pixels.
+            fit: The channel's ``avatar.fit``.
+
+        Returns:
+            ``(face_px, largest_px)`` in output pixels: as the channel would frame it (``cover``: the
+            window :func:`~latentsync.media.framing.cover_width` sizes on this face), and framed with
+            ``cover`` in the narrowest window that does not upscale
+            (:func:`~latentsync.media.framing.largest_face_px`).
+
+        Raises:
+            ValueError: If the record has no face measured.
+        """
+        from latentsync.media.framing import Fit, cover_width, face_scale, largest_face_px
+
+        if record.face_width_px is None or record.source_size is None:
+            raise ValueError(f"avatar {record.id} has no face measured")
+        source = (int(record.source_size[0]), int(record.source_size[1]))
+        face = float(record.face_width_px)
+        if Fit(fit) is Fit.cover:
+            scale = size[0] / cover_width(source, size, face, self.face_fraction, self.min_face_px)
+        else:
+            scale = face_scale(source, size, fit)
+        return face * scale, largest_face_px(source, size, face)
 
     def too_small_warnings(self, face_px: float, size) -> list[dict]:
         """``face_too_small`` when ``face_px`` (at ``size``) is under ``avatar.min_face_px``.
@@ -108,17 +143,16 @@ class FacePolicy:
             fit: The channel's ``avatar.fit``.
 
         Raises:
-            AvatarError: 409 ``face_too_small`` naming the measured and the required width.
+            AvatarError: 409 ``face_too_small`` naming the width it would have, the required width and the
+                largest the video allows at that size without upscaling.
         """
-        from latentsync.media.framing import face_scale
-
         if size is None or record.face_width_px is None or record.source_size is None:
             return
-        source_width, source_height = record.source_size
-        face_px = record.face_width_px * face_scale((source_width, source_height), size, fit)
+        face_px, largest_px = self.face_on_air(record, size, fit)
         if face_px < self.min_face_px:
             raise AvatarError(
                 "face_too_small",
                 f"avatar {record.id}'s face would be {face_px:.0f} px across at {size[0]}x{size[1]} ({fit}), under "
-                f'avatar.min_face_px = {self.min_face_px}; send "force": true to put it on air anyway',
+                f"avatar.min_face_px = {self.min_face_px}; the largest this video allows at {size[0]}x{size[1]} "
+                f'without upscaling is {largest_px:.0f} px (cover); send "force": true to put it on air anyway',
             )

@@ -23,10 +23,14 @@ class StillCache:
 
     Args:
         cache_dir: ``avatar.cache_dir`` (the uploads' copies).
+        face_fraction: ``avatar.face_fraction`` (``cover``'s window size, as channels frame it).
+        min_face_px: ``avatar.min_face_px`` (``cover`` narrows its window to reach it where it can).
     """
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, face_fraction: float = 0.3, min_face_px: int = 96):
         self._cache_dir = cache_dir
+        self._face_fraction = face_fraction
+        self._min_face_px = min_face_px
         self._lock = threading.Lock()
         self._stills: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
 
@@ -77,7 +81,9 @@ class StillCache:
             )
         video = uploaded_avatar_video(self._cache_dir, avatar_id)
         info = probe_media(video, formats=VIDEO_FORMATS)
-        framing = plan_framing(video, (info.width, info.height), size, fit, background)
+        framing = plan_framing(
+            video, (info.width, info.height), size, fit, background, self._face_fraction, self._min_face_px
+        )
         frames = decode_video_frames(video, 1, size, max_frames=2, info=info, video_filter=framing.video_filter())
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
         if not ok:

@@ -21,6 +21,7 @@ The records live in the :mod:`~latentsync.serving.avatars.catalogue`; stills in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import shutil
@@ -50,6 +51,15 @@ logger = logging.getLogger(__name__)
 
 #: Longest display name kept from the upload.
 MAX_NAME_CHARS = 64
+
+
+def _sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes (read 1 MiB at a time)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _clean_name(text: str) -> str:
@@ -84,8 +94,9 @@ class AvatarStore:
             prepare_upload=self._prepare_upload,
         )
         self.quota = CacheQuota(self._catalogue, quota_mb=self._cfg.cache_quota_mb, busy=self._queue.busy_uploads)
-        self.face_policy = FacePolicy(self._cfg.min_face_px)
-        self._stills = StillCache(self._cfg.cache_dir)  # GET /avatars/<id>/still
+        self.face_policy = FacePolicy(self._cfg.min_face_px, self._cfg.face_fraction)
+        # GET /avatars/<id>/still
+        self._stills = StillCache(self._cfg.cache_dir, self._cfg.face_fraction, self._cfg.min_face_px)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -206,15 +217,20 @@ class AvatarStore:
         """
         return self._catalogue.uploads / ".incoming"
 
-    def add(self, upload: Path, name: str) -> dict:
+    def add(self, upload: Path, name: str) -> tuple[dict, bool]:
         """Take an uploaded video: copy it (confined), check it, queue its preparation.
+
+        The same bytes as an avatar that is preparing or ready (SHA-256 of the upload) are that avatar:
+        nothing is copied or prepared again (its name is kept). A failed one is not matched (the
+        upload is a new attempt).
 
         Args:
             upload: The uploaded file (stored under :attr:`incoming_root`; left for the caller to delete).
             name: Display name.
 
         Returns:
-            The new record's JSON (status ``preparing``).
+            ``(record, created)``: the record's JSON, and True for a new avatar (status ``preparing``),
+            False for the existing avatar with these bytes.
 
         Raises:
             AvatarError: 429 ``busy`` (``avatar.max_preparing`` uploads prepare or wait), 400
@@ -223,10 +239,15 @@ class AvatarStore:
                 prepared frames do not fit ``avatar.cache_quota_mb`` even after deleting every
                 unused avatar), 503 ``stopping``.
         """
+        digest = _sha256(upload)
+        twin = self._catalogue.same_content(digest)
+        if twin is not None:  # before the slot: the same video again is never "busy"
+            logger.info("avatar upload %r: the same bytes as %s (%s)", _clean_name(name), twin["id"], twin["name"])
+            return twin, False
         with self._queue.upload_slot(self._cfg.max_preparing):  # taken before the (possibly long) copy
-            return self._take_in(upload, name)
+            return self._take_in(upload, name, digest)
 
-    def _take_in(self, upload: Path, name: str) -> dict:
+    def _take_in(self, upload: Path, name: str, digest: str) -> tuple[dict, bool]:
         """:meth:`add` once its slot is reserved."""
         cfg = self._cfg
         avatar_id = "av-" + secrets.token_hex(6)
@@ -265,8 +286,13 @@ class AvatarStore:
                 fps=self._fps,
                 num_frames=num_frames,
                 created_at=round(time.time(), 3),
+                sha256=digest,
             )
             with self.quota.admission():
+                twin = self._catalogue.same_content(digest)  # the same bytes, taken in meanwhile
+                if twin is not None:
+                    shutil.rmtree(video.parent, ignore_errors=True)
+                    return twin, False
                 self.quota.make_room(need, keep={avatar_id})
                 self._catalogue.add(record)
                 self.quota.reserve(avatar_id, need - tree_bytes(video.parent))  # the copy is on disk
@@ -279,7 +305,7 @@ class AvatarStore:
         logger.info(
             "avatar %s uploaded (%s, %.1f s, %dx%d): preparing", avatar_id, record.name, info.duration_s, width, height
         )
-        return record.to_json()
+        return record.to_json(), True
 
     def delete(self, avatar_id: str) -> dict:
         """Delete an uploaded avatar (its video, record and prepared folders).
@@ -349,6 +375,8 @@ class AvatarStore:
             min_face_fraction=self._cfg.min_face_fraction,
             fit=self._cfg.fit,
             background=self._cfg.background,
+            face_fraction=self._cfg.face_fraction,
+            min_face_px=self._cfg.min_face_px,
         )
 
         def progress(fraction: float) -> None:

@@ -81,6 +81,8 @@ def avatar_settings(config: AppConfig, size: tuple[int, int] | None) -> AvatarSe
         min_face_fraction=a.min_face_fraction,
         fit=a.fit,
         background=a.background,
+        face_fraction=a.face_fraction,
+        min_face_px=a.min_face_px,
     )
 
 
@@ -257,7 +259,16 @@ class Channel:
         t = time.monotonic()
         a = cfg.avatar
         clip = self._clips.load(
-            idle_path, s.fps, s.audio_sample_rate, size, s.idle_audio, clip_limits(cfg), a.fit, a.background
+            idle_path,
+            s.fps,
+            s.audio_sample_rate,
+            size,
+            s.idle_audio,
+            clip_limits(cfg),
+            a.fit,
+            a.background,
+            a.face_fraction,
+            a.min_face_px,
         )
         self._clip = clip
         self.stream_size = clip.size
@@ -446,6 +457,8 @@ class Channel:
                 clip_limits(config),
                 a.fit,
                 a.background,
+                a.face_fraction,
+                a.min_face_px,
             )
             settings = avatar_settings(config, self.stream_size)
             avatar = self._preparations.prepare(

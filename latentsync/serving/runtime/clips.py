@@ -11,6 +11,7 @@ from pathlib import Path
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
 from latentsync.framing_plan import load_clip
+from latentsync.media.framing import FACE_FRACTION
 from latentsync.media.probe import probe_media
 from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
 
@@ -49,8 +50,13 @@ class ClipCache:
         limits: ClipLimits | None = None,
         fit: str = "stretch",
         background: str = "blur",
+        face_fraction: float = FACE_FRACTION,
+        min_face_px: int = 0,
     ) -> VideoClip:
         """:func:`latentsync.framing_plan.load_clip`, or the clip already decoded with these arguments.
+
+        ``fit``, ``background``, ``face_fraction`` and ``min_face_px``: the framing (``avatar.*``; as
+        :func:`~latentsync.framing_plan.load_clip`).
 
         The key includes the file's size and modification time, so a replaced file is decoded again.
 
@@ -61,13 +67,31 @@ class ClipCache:
         try:
             st = os.stat(path)
             file_key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-            key = (*file_key, fps, sample_rate_hz, size, with_audio, fit, background)
+            key = (*file_key, fps, sample_rate_hz, size, with_audio, fit, background, face_fraction, min_face_px)
         except OSError:  # the usual error
-            return load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video", fit, background)
+            key = None
+
+        def load() -> VideoClip:
+            return load_clip(
+                path,
+                fps,
+                sample_rate_hz,
+                size,
+                with_audio,
+                limits,
+                "idle video",
+                fit,
+                background,
+                face_fraction,
+                min_face_px,
+            )
+
+        if key is None:
+            return load()
         with self._lock:  # one decode per key, even when two channels start at once
             clip = self._clips.get(key)
             if clip is None:
-                clip = load_clip(path, fps, sample_rate_hz, size, with_audio, limits, "idle video", fit, background)
+                clip = load()
                 clip.frames.flags.writeable = False
                 if clip.audio is not None:
                     clip.audio.flags.writeable = False

@@ -42,6 +42,7 @@ def server(rtmp_server, tmp_path_factory):
             f"avatar.cache_dir={tmp / 'avatars'}",  # private: the avatar list starts empty
             f'channels=[{{name: hall, rtmp_url: "{rtmp_server.url("page-hall")}", idle_video: "{video}"}}]',
             f"media.root={MEDIA}",  # PUT may name the test videos by path
+            "avatar.min_face_px=200",  # over the guide's ~173 px, the most her video gives: the page asks first
         ],
         tmp / "server.log",
     ).start()
@@ -233,6 +234,18 @@ def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the
     _wait(lambda: page.query_selector(f"#avatar-{failed_id}") is None, 10, "the failed avatar's row gone")
     assert api(server, "GET", f"/avatars/{failed_id}")[0] == 404
 
+    # the first still the page asks for is refused (429, as api.stills_per_min does): it is asked again
+    refused: list[str] = []
+
+    def refuse_the_first_still(route) -> None:
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        error = {"error": {"code": "rate_limited", "message": "too many avatar stills (test)"}}
+        route.fulfill(status=429, content_type="application/json", body=json.dumps(error))
+
+    page.route("**/avatars/*/still*", refuse_the_first_still)
     page.set_input_files("#avatar-file", str(media_file(FACE_VIDEO)))
     page.fill("#avatar-name", "guide")
     page.click("#avatar-upload")
@@ -245,11 +258,21 @@ def test_avatars_uploaded_from_the_page_fail_with_the_reason_or_go_on_air_on_the
     assert page.is_enabled(f"{row} .use")
     assert get(server, f"/avatars/{avatar_id}")["status"] == "ready"
     # the still: the avatar framed as hall (256x456) would show it, before anything goes on air
-    _wait(lambda: page.is_visible(f"{row} .still"), 30, "the still shown")
+    _wait(lambda: page.is_visible(f"{row} .still"), 30, "the still shown (asked again after a 429)")
+    page.unroute("**/avatars/*/still*")
+    assert len(refused) == 1, refused
     natural = page.eval_on_selector(f"{row} .still", "img => [img.naturalWidth, img.naturalHeight]")
     assert natural == [256, 456], natural
+    # the same file again: the server answers 200 with that avatar; nothing more is listed or prepared
+    page.set_input_files("#avatar-file", str(media_file(FACE_VIDEO)))
+    page.fill("#avatar-name", "guide again")
+    page.click("#avatar-upload")
+    _wait(lambda: "already uploaded as avatar guide" in page.inner_text("#avatar-message"), 10, "the same video")
+    assert [a["id"] for a in get(server, "/avatars")["avatars"]] == [avatar_id]
+    assert len(page.query_selector_all("#avatar-list li")) == 1
 
-    # on hall the guide's face would be ~64 px across (avatar.min_face_px 96): the page asks first
+    # on hall the guide's face would be ~173 px across (cover's window narrowed to hall's 256 source
+    # pixels: the most her video gives without upscaling), under avatar.min_face_px 200: the page asks first
     dialogs = []
 
     def accept(dialog) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.serving.api.errors import HTTP_STATUS
 from latentsync.serving.avatars import AvatarError, AvatarStore, lost_face_warnings
 from tests.datafiles import make_faceless_video, media_file
+from tests.streamtools import FFMPEG
 
 FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
 SPEECH = media_file("audio/7s_shan_0801_01.wav")
@@ -28,6 +30,17 @@ MIB = 2**20
 def config_for(cache_dir: Path, **avatar) -> AppConfig:
     base = AppConfig()
     return dataclasses.replace(base, avatar=dataclasses.replace(base.avatar, cache_dir=str(cache_dir), **avatar))
+
+
+def other_bytes(source: Path, folder: Path, tag: str) -> Path:
+    """The same video with other bytes: its streams copied into a new MP4 with ``tag`` as its comment."""
+    out = folder / f"{source.stem}-{tag}.mp4"
+    subprocess.run(
+        [FFMPEG, "-v", "error", "-i", str(source), "-c", "copy", "-metadata", f"comment={tag}", "-y", str(out)],
+        check=True,
+        timeout=60,
+    )
+    return out
 
 
 def upload_of(source: Path, tmp_path: Path, name: str = "upload") -> Path:
@@ -64,8 +77,8 @@ def prepared(tmp_path_factory):
     cache = root / "cache"
     store = AvatarStore(config_for(cache), lambda: {})
     store.start()
-    record = store.add(upload_of(FACE_VIDEO, root), "Museum guide")
-    assert record["status"] == "preparing" and record["name"] == "Museum guide"
+    record, created = store.add(upload_of(FACE_VIDEO, root), "Museum guide")
+    assert created and record["status"] == "preparing" and record["name"] == "Museum guide"
     done = wait_until_done(store, record["id"])
     yield store, done, cache
     store.close()
@@ -113,7 +126,7 @@ def test_a_video_without_a_face_fails_with_the_reason(tmp_path, faceless_video):
     store = AvatarStore(config_for(tmp_path / "cache"), lambda: {})
     store.start()
     try:
-        record = wait_until_done(store, store.add(upload_of(faceless_video, tmp_path), "bars")["id"])
+        record = wait_until_done(store, store.add(upload_of(faceless_video, tmp_path), "bars")[0]["id"])
     finally:
         store.close()
     assert record["status"] == "failed"
@@ -145,11 +158,28 @@ def test_bad_uploads_are_refused_and_leave_nothing(tmp_path):
 
 def test_too_many_preparations_at_once_are_refused(tmp_path):
     store = AvatarStore(config_for(tmp_path / "cache", max_preparing=1), lambda: {})  # not started: one waits
-    first = store.add(upload_of(FACE_VIDEO, tmp_path), "one")
+    first, _ = store.add(upload_of(FACE_VIDEO, tmp_path), "one")
     with pytest.raises(AvatarError) as err:
-        store.add(upload_of(FACE_VIDEO, tmp_path), "two")
+        store.add(upload_of(other_bytes(FACE_VIDEO, tmp_path, "two"), tmp_path), "two")
     assert (HTTP_STATUS[err.value.code], err.value.code) == (429, "busy")
     assert [r["id"] for r in store.list()] == [first["id"]]
+    # the same bytes again are that avatar, not one more preparation: never busy
+    assert store.add(upload_of(FACE_VIDEO, tmp_path), "one again") == (store.get(first["id"]), False)
+
+
+def test_the_same_bytes_are_one_avatar_and_other_bytes_with_the_same_name_another(tmp_path):
+    cache = tmp_path / "cache"
+    store = AvatarStore(config_for(cache), lambda: {})  # not started: nothing prepares, the records wait
+    first, created = store.add(upload_of(FACE_VIDEO, tmp_path), "guide")
+    assert created and first["sha256"] is not None
+    again, created = store.add(upload_of(FACE_VIDEO, tmp_path), "guide (again)")
+    assert not created and again["id"] == first["id"] and again["name"] == "guide"  # the record as it was
+    other, created = store.add(upload_of(other_bytes(FACE_VIDEO, tmp_path, "copy"), tmp_path), "guide")
+    assert created and other["id"] != first["id"] and other["name"] == "guide"
+    assert sorted(r["id"] for r in store.list()) == sorted([first["id"], other["id"]])
+    assert sorted(p.name for p in (cache / "uploads").iterdir()) == sorted([first["id"], other["id"]])
+    # the digest is in the record on disk: after a restart the same bytes are still that avatar
+    assert json.loads((cache / "uploads" / first["id"] / "avatar.json").read_text())["sha256"] == first["sha256"]
 
 
 def fake_entry(cache: Path, name: str, mib: int, age_s: float, upload: bool) -> Path:
@@ -204,9 +234,11 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
 
 def test_simultaneous_uploads_never_overshoot_max_preparing_nor_the_quota(tmp_path):
     probe = AvatarStore(config_for(tmp_path / "probe"), lambda: {})  # not started: learn what one upload needs
-    first = probe.add(upload_of(FACE_VIDEO, tmp_path), "probe")
+    first, _ = probe.add(upload_of(FACE_VIDEO, tmp_path), "probe")
     need = probe.quota.reserved_bytes(first["id"]) + probe.usage_bytes()
     probe.close()
+
+    videos = [other_bytes(FACE_VIDEO, tmp_path, f"u{i}") for i in range(8)]  # eight different uploads
 
     def eight_at_once(store: AvatarStore) -> list:
         results: list = [None] * 8
@@ -215,7 +247,7 @@ def test_simultaneous_uploads_never_overshoot_max_preparing_nor_the_quota(tmp_pa
         def add(i: int) -> None:
             barrier.wait(10)
             try:
-                results[i] = store.add(upload_of(FACE_VIDEO, tmp_path, f"u{i}"), f"u{i}")["id"]
+                results[i] = store.add(upload_of(videos[i], tmp_path, f"u{i}"), f"u{i}")[0]["id"]
             except AvatarError as exc:
                 results[i] = exc.code
 
@@ -265,17 +297,48 @@ def test_the_record_measures_the_face_and_a_channel_too_small_for_it_is_refused(
     store, record, _ = prepared
     assert record["source_size"] == [832, 1248] and record["warnings"] == []
     assert 150 < record["face_width_px"] < 220 and record["face_px"] == pytest.approx(record["face_width_px"], rel=0.01)
-    store.check_face_size(record["id"], (512, 512), "cover")  # ~107 px across: enough
+    store.check_face_size(record["id"], (512, 512), "cover")  # ~154 px across (face_fraction 0.3): enough
+    store.check_face_size(record["id"], (256, 456), "cover")  # the window narrowed to 96 px (min_face_px)
     store.check_face_size(record["id"], None, "cover")  # size not known yet: nothing to check
-    for size, fit in (((512, 512), "contain"), ((128, 128), "stretch"), ((256, 456), "cover")):
+    face = record["face_width_px"]
+    for size, fit in (((512, 512), "contain"), ((128, 128), "stretch")):
         with pytest.raises(AvatarError) as info:
             store.check_face_size(record["id"], size, fit)
         assert info.value.code == "face_too_small" and HTTP_STATUS[info.value.code] == 409
         assert f"{size[0]}x{size[1]}" in info.value.message and '"force": true' in info.value.message
+        assert f"without upscaling is {face:.0f} px" in info.value.message  # cover, a window the channel's size
     strict = AvatarStore(config_for(tmp_path / "strict", min_face_px=400), lambda: {})
     (warning,) = strict.face_policy.too_small_warnings(record["face_px"], record["size"])
     assert warning["code"] == "face_too_small" and warning["min_face_px"] == 400
     assert warning["face_px"] == pytest.approx(record["face_px"], abs=0.1)
+
+
+def test_a_face_the_source_cannot_make_wide_enough_is_refused_naming_the_largest_it_allows():
+    from latentsync.serving.avatars import FacePolicy
+    from latentsync.serving.avatars.catalogue import AvatarRecord
+
+    def record(source: list[int], face_width_px: float) -> AvatarRecord:
+        return AvatarRecord(
+            id="av-0123456789ab", name="x", status="ready", progress=1.0, error=None, duration_s=2.0,
+            size=source, fps=25, num_frames=50, created_at=0.0, source_size=source, face_width_px=face_width_px,
+        )  # fmt: skip
+
+    policy = FacePolicy(96, 0.3)
+    # the issue's phone video (1080x1920, face 190 px) on 512x512: 154 px in a 632 px window (was 90)
+    face_px, largest = policy.face_on_air(record([1080, 1920], 190.0), (512, 512), "cover")
+    assert face_px == pytest.approx(0.3 * 512, rel=0.01) and largest == 190.0
+    policy.check(record([1080, 1920], 190.0), (512, 512), "cover")
+    # nanmote002's face (57.6 px in 256x456) on a channel its own size: 58 px at most without upscaling
+    with pytest.raises(AvatarError) as info:
+        policy.check(record([256, 456], 57.6), (256, 456), "cover")
+    assert info.value.code == "face_too_small" and HTTP_STATUS[info.value.code] == 409
+    assert "would be 58 px" in info.value.message and "without upscaling is 58 px" in info.value.message
+    # a landscape source with a small face (87 px in 1280x720) on 512x512: the window at 512, the face 87
+    with pytest.raises(AvatarError) as info:
+        policy.check(record([1280, 720], 87.0), (512, 512), "cover")
+    assert "would be 87 px" in info.value.message and "without upscaling is 87 px" in info.value.message
+    # a source smaller than the channel is enlarged anyway (its largest window): 115 px, accepted
+    assert policy.face_on_air(record([256, 456], 57.6), (512, 512), "cover")[0] == pytest.approx(115.2)
 
 
 def test_frames_without_a_face_are_a_warning_with_their_count():

@@ -585,16 +585,32 @@ function renderAvatarButtons(row = null, record = null) {
 
 // The avatar framed as the chosen channel would show it (GET /avatars/<id>/still?channel=...), before
 // it is switched on air. Fetched with the token (an <img src> could not send it) into a blob URL.
-async function loadStill(row, id) {
+// A still refused for now (429 rate_limited: api.stills_per_min counts the stills a client has made;
+// the channel starting; the network) is asked again later, so every ready row gets its thumbnail:
+// before, a refused still was never asked again and only some rows showed one.
+const STILL_RETRY_MS = 5000;  // doubled at each refusal, at most STILL_RETRY_MAX_MS
+const STILL_RETRY_MAX_MS = 60000;
+async function loadStill(row, id, retryMs = STILL_RETRY_MS) {
   const img = row.querySelector(".still");
   if (img.dataset.channel === channel) return;
   const name = channel;
   img.dataset.channel = name;
-  let response;
+  let response = null;
   try {
     response = await fetch(`/avatars/${encodeURIComponent(id)}/still?channel=${encodeURIComponent(name)}`, { headers: authHeaders() });
-  } catch (_) { img.dataset.channel = ""; return; }
-  if (!response.ok || channel !== name) { img.dataset.channel = ""; return; }
+  } catch (_) { /* the network: asked again below */ }
+  if (channel !== name) { if (img.dataset.channel === name) img.dataset.channel = ""; return; }
+  if (!response || !response.ok) {
+    img.dataset.channel = "";
+    if (response && (response.status === 404 || response.status === 400)) return;  // gone, or no such channel
+    setTimeout(() => {
+      const record = avatars.get(id);
+      if (record && record.status === "ready" && row.isConnected && channel === name) {
+        loadStill(row, id, Math.min(2 * retryMs, STILL_RETRY_MAX_MS));
+      }
+    }, retryMs);
+    return;
+  }
   if (img.src) URL.revokeObjectURL(img.src);
   img.src = URL.createObjectURL(await response.blob());
   img.title = `as ${name} would show it`;
@@ -655,14 +671,16 @@ $("avatar-form").addEventListener("submit", async (event) => {
   avatarSay(`uploading ${file.name}…`);
   try {
     const { status, body } = await postAvatar(form, (f) => { bar.value = f; });
-    if (status !== 202 || !body) {
+    if ((status !== 202 && status !== 200) || !body) {
       const e = body && body.error;
       avatarSay(`avatar refused: ${e ? `${e.code}: ${e.message}` : `HTTP ${status}`}`);
       return;
     }
-    avatarSay(`avatar ${body.id} uploaded, preparing…`);
+    // 200: these bytes were uploaded before; that avatar is shown, nothing is prepared again
+    avatarSay(status === 200 ? `already uploaded as avatar ${body.name || body.id} (${body.status})` :
+      `avatar ${body.id} uploaded, preparing…`);
     renderAvatar(body);
-    pollAvatar(body.id);
+    if (body.status === "preparing") pollAvatar(body.id);
   } finally {
     bar.hidden = true;
     $("avatar-upload").disabled = false;
