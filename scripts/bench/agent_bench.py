@@ -13,7 +13,8 @@ RTMP output to ``scripts/rtmp_server.sh``) unless ``--url`` names a running one.
 * heard (``--heard-runs``, default ``--runs``): ``examples/pipecat_bot.py`` with Chromium as its
   WebRTC peer, one sentence at a time: the bot's TTS puts out its first audio → the page hears speech;
 * a conversation (``--conversation-s 600``: the issue's 10 minutes, 40 turns, 10 interruptions)
-  through the Pipecat service: gaps between two images out (0 over 80 ms is the goal).
+  through the Pipecat service, its TTS streaming 0.1 s chunks at ``--tts-speed`` (5) x real time:
+  gaps between two images out (0 over 80 ms is the goal).
 
     bash scripts/agents_venv.sh && bash scripts/rtmp_server.sh start
     .venv-agents/bin/python scripts/bench/agent_bench.py [--runs 10] [--conversation-s 600] [--url URL --token T]
@@ -63,6 +64,10 @@ IDLE_VIDEO = ROOT / "tests" / "data" / "media" / "video" / "nanmote002.mp4"
 RATE_HZ = 16000
 FRAME_S = 0.02
 TURN_S = 15.0  # one turn of the conversation: 40 in 10 minutes
+#: The conversation's TTS: seconds of audio per push (a streaming TTS's chunk, e.g. one WebSocket
+#: message) and how much faster than real time its chunks come (default of ``--tts-speed``).
+TTS_CHUNK_S = 0.1
+TTS_SPEED = 5.0
 
 
 def speech(seconds: float, offset_s: float = 0.0) -> bytes:
@@ -199,14 +204,18 @@ async def pipecat_runs(url: str, token: str | None, runs: int) -> dict[str, list
 
 
 async def pipecat_conversation(
-    url: str, token: str | None, seconds: float, freeze: bool = True
+    url: str, token: str | None, seconds: float, freeze: bool = True, tts_speed: float = TTS_SPEED
 ) -> dict[str, float | str]:
     """A conversation of ``seconds`` through the service: a turn every 15 s, every 4th one interrupted.
 
-    Each turn the bot says 3 to 8 s of speech (queued at once, as a TTS pushes it); the images the
-    service emits are timed on arrival. Returns the turns, the interruptions, the images out, their
-    rate, and the gaps between two images (longest; how many over 80 ms, two ticks). ``freeze``:
-    ``gc.freeze()`` the heap first, as a bot should (else a full collection stalls the loop).
+    Each turn the bot says 3 to 8 s of speech, streamed as a streaming TTS service pushes it:
+    :data:`TTS_CHUNK_S` of audio (in 20 ms frames) at a time, ``tts_speed`` times faster than real time
+    (0: the whole segment in one ``queue_frames`` call, a burst no streaming TTS makes: Pipecat's own
+    worker and RTVI processor then hold the event loop for tens of ms); a barge-in stops the TTS, as
+    Pipecat's interruption does. The images the service emits are timed on arrival. Returns the
+    turns, the interruptions, the images out, their rate, and the gaps between two images (longest;
+    how many over 80 ms, two ticks). ``freeze``: ``gc.freeze()`` the heap first, as a bot should
+    (else a full collection stalls the loop).
     """
     recorder = Recorder()
     service = LatentSyncVideoService(url=url, token=token)
@@ -255,11 +264,13 @@ async def pipecat_conversation(
         t0 = time.monotonic()
         first_image = len(recorder.images)
         for turn, length_s in enumerate(lengths):
-            await worker.queue_frames([TTSStartedFrame(), *tts_frames(said[turn]), TTSStoppedFrame()])
+            speaking = asyncio.create_task(tts(worker, said[turn], tts_speed))
             if turn % 4 == 3:  # the user barges in
                 await asyncio.sleep(length_s * float(rng.uniform(0.4, 0.7)))
+                speaking.cancel()  # the TTS stops
                 await worker.queue_frames([InterruptionFrame()])
                 interrupted += 1
+            await asyncio.wait([speaking], timeout=TURN_S)
             await asyncio.sleep(max(0.0, t0 + (turn + 1) * TURN_S - time.monotonic()))
         times = np.array([t for t, _, _ in recorder.images[first_image:]])
         ticks = np.array([k for k, _ in recorder.ticks[first_image:]])
@@ -304,6 +315,20 @@ async def pipecat_conversation(
         "gaps_over_80ms": int((gaps > 0.080).sum()),
         "tasks": len({k for _, _, k in recorder.images[first_image:] if k is not None}),
     }
+
+
+async def tts(worker: PipelineWorker, pcm: bytes, speed: float) -> None:
+    """Push ``pcm`` as a streaming TTS does: started, :data:`TTS_CHUNK_S` chunks at ``speed`` x real time, stopped."""
+    frames = tts_frames(pcm)
+    if speed <= 0:
+        await worker.queue_frames([TTSStartedFrame(), *frames, TTSStoppedFrame()])
+        return
+    per_chunk = max(1, round(TTS_CHUNK_S / FRAME_S))
+    await worker.queue_frames([TTSStartedFrame()])
+    for i in range(0, len(frames), per_chunk):
+        await worker.queue_frames(frames[i : i + per_chunk])
+        await asyncio.sleep(per_chunk * FRAME_S / speed)
+    await worker.queue_frames([TTSStoppedFrame()])
 
 
 def tts_frames(pcm: bytes) -> list[TTSAudioRawFrame]:
@@ -450,6 +475,13 @@ def main() -> int:
     parser.add_argument(
         "--no-gc-freeze", action="store_true", help="do not gc.freeze() before the conversation (see its stalls)"
     )
+    parser.add_argument(
+        "--tts-speed",
+        type=float,
+        default=TTS_SPEED,
+        help=f"the conversation's TTS: {TTS_CHUNK_S:g} s chunks this many times faster than real time "
+        f"(default {TTS_SPEED:g}; 0: each segment in one burst)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value for the server the bench starts")
     args = parser.parse_args()
     server, url = (None, args.url) if args.url else start_server(args)
@@ -461,7 +493,11 @@ def main() -> int:
         heard_runs = args.runs if args.heard_runs is None else args.heard_runs
         heard, why_not = chromium_heard(url, args.token, heard_runs) if heard_runs > 0 else ([], "skipped")
         talk = (
-            asyncio.run(pipecat_conversation(url, args.token, args.conversation_s, freeze=not args.no_gc_freeze))
+            asyncio.run(
+                pipecat_conversation(
+                    url, args.token, args.conversation_s, freeze=not args.no_gc_freeze, tts_speed=args.tts_speed
+                )
+            )
             if args.conversation_s
             else None
         )
