@@ -121,10 +121,11 @@ def test_the_bot_speaks_in_a_browser_and_the_face_moves(server, tmp_path):
     tts_out = float(re.search(r"TTS audio out at epoch ([0-9.]+)", bot_log).group(1))
     heard_s = (stats["timeOrigin"] + stats["speechAt"]) / 1000 - tts_out
     print(f"first TTS audio out of the bot's TTS -> speech heard in Chromium: {heard_s * 1000:.0f} ms")
-    # Only that the sound heard is the greeting: the latency figure (warm server, median of 10) is the
-    # bench's (scripts/bench/agent_bench.py); this is the session's first utterance on a fresh server,
-    # 0.6-2 s here depending on the load of the 2 shared cores.
-    assert 0 < heard_s < 5.0
+    # Only that the sound heard is the greeting, after the bot's TTS put it out and within the page's
+    # 9 s of listening: the latency figure (warm server, median of 10) is the bench's
+    # (scripts/bench/agent_bench.py). This is the session's first utterance on a fresh server: 0.6-2 s
+    # on a quiet host, 6.4 s measured with two other CPU-bound jobs on the 2 cores.
+    assert 0 < heard_s < 9.0
     # face: the mouth moves while the speech is heard, and rests in the idle clip after it
     pairs = [(o, lv) for o, lv in zip(stats["openings"], stats["levels"], strict=True) if o is not None]
     talking = np.array([o for o, lv in pairs if lv > 0.02])
