@@ -39,6 +39,25 @@ def speech_wav(seconds: float, relative: str = "audio/7s_shan_0801_01.wav") -> b
     return out.getvalue()
 
 
+def other_bytes(source: Path, folder: Path, tag: str) -> Path:
+    """The same video with other bytes (``POST /avatars`` takes the same bytes again as the same avatar).
+
+    Its streams are copied, not re-encoded, into ``folder/<stem>-<tag>.mp4`` with ``tag`` as its comment.
+    """
+    import subprocess
+
+    import imageio_ffmpeg
+
+    out = folder / f"{source.stem}-{tag}.mp4"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(source), "-c", "copy"]
+        + ["-metadata", f"comment={tag}", "-y", str(out)],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
 def make_faceless_video(path: Path) -> Path:
     """Write 2 s of FFmpeg's colour-bar test pattern (no face) at 256x256, 25 fps, H.264 in MP4, to ``path``."""
     import subprocess

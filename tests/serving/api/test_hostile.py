@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from latentsync.serving.ops import procfs
-from tests.datafiles import media_file
+from tests.datafiles import media_file, other_bytes
 from tests.speechclient import SpeechClient
 from tests.streamtools import FFMPEG, GunicornProcess, ServerProcess
 from tests.whep_client import WhepViewer
@@ -731,18 +731,20 @@ def test_simultaneous_whep_offers_never_exceed_max_viewers_nor_block_the_loop(se
 
 
 # ------------------------------------------------------------------------------------------ avatar intake
-def test_eight_simultaneous_avatar_uploads_never_exceed_max_preparing(server):
+def test_eight_simultaneous_avatar_uploads_never_exceed_max_preparing(server, tmp_path):
     port = server.port
-    video = media_file("video/2s_GirlMuseum_0730.mp4").read_bytes()
+    # eight different files (the same bytes again would be the same avatar, answered 200)
+    videos = [other_bytes(media_file("video/2s_GirlMuseum_0730.mp4"), tmp_path, f"u{i}").read_bytes() for i in range(8)]
     boundary = "----hostile-avatar"
-    body = (
+    bodies = [
         (
             f'--{boundary}\r\nContent-Disposition: form-data; name="video_file"; filename="a.mp4"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
         + video
         + f"\r\n--{boundary}--\r\n".encode()
-    )
+        for video in videos
+    ]
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     busy_seen: list[int] = []
     stop = threading.Event()
@@ -760,7 +762,7 @@ def test_eight_simultaneous_avatar_uploads_never_exceed_max_preparing(server):
 
     def send(i: int) -> None:
         barrier.wait(10)
-        results[i] = call(port, "POST", "/avatars", body, headers)
+        results[i] = call(port, "POST", "/avatars", bodies[i], headers)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
     for t in threads:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig, uploaded_avatar_video
 from latentsync.serving.api.errors import HTTP_STATUS
 from latentsync.serving.avatars import AvatarError, AvatarStore, lost_face_warnings
-from tests.datafiles import make_faceless_video, media_file
-from tests.streamtools import FFMPEG
+from tests.datafiles import make_faceless_video, media_file, other_bytes
 
 FACE_VIDEO = media_file("video/2s_GirlMuseum_0730.mp4")
 SPEECH = media_file("audio/7s_shan_0801_01.wav")
@@ -30,17 +28,6 @@ MIB = 2**20
 def config_for(cache_dir: Path, **avatar) -> AppConfig:
     base = AppConfig()
     return dataclasses.replace(base, avatar=dataclasses.replace(base.avatar, cache_dir=str(cache_dir), **avatar))
-
-
-def other_bytes(source: Path, folder: Path, tag: str) -> Path:
-    """The same video with other bytes: its streams copied into a new MP4 with ``tag`` as its comment."""
-    out = folder / f"{source.stem}-{tag}.mp4"
-    subprocess.run(
-        [FFMPEG, "-v", "error", "-i", str(source), "-c", "copy", "-metadata", f"comment={tag}", "-y", str(out)],
-        check=True,
-        timeout=60,
-    )
-    return out
 
 
 def upload_of(source: Path, tmp_path: Path, name: str = "upload") -> Path:
