@@ -28,7 +28,7 @@ def become_helper_process() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         return
     tqdm.set_lock(threading.RLock())
