@@ -7,11 +7,12 @@ Checked, in backticks or code blocks of every document:
   is some file of the repository;
 - a class or function given with its module (```TappedSink` (`playout/tap.py`)``, ```playout/mixer.py`
   (`ProgramMixer.switch_idle`)``): defined in that module;
-- a state machine given with its module (``state machine (`serving/playout/state.py`)``): that module builds
-  the move table (``check_table``);
+- a part placed in a module (``state machine (`serving/playout/state.py`)``, ```x.py` (tick tap, ...)``): that
+  module holds it (:data:`CONCEPTS`: the move table ``check_table``, the class ``TappedSink``);
 - dotted config keys (``avatar.fit``, ``engine.latentsync.unet_path``, ``pool.ray_*``): a field of the config
-  dataclasses of ``latentsync/config/``;
-- endpoints after an HTTP method (``GET /avatars/<id>``): a route of the Flask app;
+  dataclasses of ``latentsync/config/`` (or of the ``/health`` snapshot: ``webrtc.inbox_dropped_ticks``);
+- endpoints after an HTTP method (``GET /avatars/<id>``; a stem such as ``PUT /channels`` names its family):
+  a route of the Flask app;
 - the stream state machine of docs/architecture.md: its diagram names every ``StreamState`` and its move table
   is ``STREAM_MOVES``; its layer table names every module of ``latentsync/serving/``.
 
