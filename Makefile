@@ -3,6 +3,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 RTMP_PORT ?= 1935
 ARGS ?=
+# make run's API port: PORT, else the last server.port=... of ARGS, else the config's 11001 (for the printed URLs)
+PORT ?=
+RUN_PORT = $(or $(lastword $(patsubst server.port=%,%,$(filter server.port=%,$(ARGS)))),$(PORT),11001)
 PYTEST_ARGS ?=
 
 .PHONY: run test test-fast setup setup-ray setup-agents lint bench-agents format rtmp-start rtmp-stop bench bench-webrtc clean
@@ -30,15 +33,23 @@ $(AGENTS_STAMP): clients/python/requirements-agents.txt clients/python/requireme
 ## setup-agents: the agent integrations' own virtualenv (.venv-agents: the client, pipecat-ai, livekit-agents; docs/agents.md)
 setup-agents: $(AGENTS_STAMP)
 
-## run: set up, start the local RTMP server and stream the avatar (Ctrl-C stops)
+## run: set up, start the local RTMP server and stream the avatar; Ctrl-C stops the server, then the
+## local nginx-rtmp if this run started it. Ports: RTMP_PORT (1935), PORT or ARGS="server.port=..." (11001)
 run: setup
 	@bash scripts/tts.sh install
-	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
-	@echo ""
-	@echo "  Live stream:  rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar   (VLC: Media > Open Network Stream; or ffplay)"
-	@echo "  Health:       http://127.0.0.1:11001/health"
-	@echo ""
-	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" $(ARGS)
+	@if RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh status >/dev/null; then started=; else started=1; fi; \
+	RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start || exit 1; \
+	echo ""; \
+	echo "  Live stream:   rtmp://127.0.0.1:$(RTMP_PORT)/live/avatar   (VLC: Media > Open Network Stream; or ffplay)"; \
+	echo "  Control page:  http://127.0.0.1:$(RUN_PORT)/"; \
+	echo "  Health:        http://127.0.0.1:$(RUN_PORT)/health"; \
+	echo "  Stop:          Ctrl-C$${started:+ (stops this nginx-rtmp too)}"; \
+	echo ""; \
+	trap : INT TERM; \
+	$(VENV)/bin/python infer_serv.py "stream.rtmp_url=$$(RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh publish-url avatar)" \
+	  $(if $(PORT),server.port=$(PORT)) $(ARGS); rc=$$?; \
+	if [ -n "$$started" ]; then RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh stop; fi; \
+	exit $$rc
 
 # Tiers are pytest markers (pyproject.toml; tests/conftest.py marks "unit" every test with none of the others).
 # make test runs the unit tier, then the rest, one after the other (beside the real-time tests, even at nice 19,
@@ -79,6 +90,7 @@ lint: setup setup-agents
 format: setup
 	$(VENV)/bin/ruff format .
 
+## rtmp-start / rtmp-stop: the local nginx-rtmp on RTMP_PORT (make run starts one and stops it if it started it)
 rtmp-start:
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 

@@ -198,6 +198,8 @@ def test_missing_file_names_file_and_key(tiny_files, avatar, tmp_path):
     message = str(info.value)
     assert "engine.latentsync.unet_path" in message and str(missing) in message
     assert "never downloaded" in message and "checkpoints/README.md" in message
+    assert "chunyu-li/LatentSync" in message and "ByteDance/LatentSync-1.5" in message
+    assert "stabilityai/sd-vae-ft-mse" in message and "hf download" in message
     assert not engine.loaded and engine.load_timings_s == {}
     for key in ("whisper_path", "vae_path", "unet_config", "scheduler_config"):
         engine = create_engine("latentsync", options(tiny_files, **{key: str(tmp_path / "gone")}), avatar)

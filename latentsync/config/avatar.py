@@ -14,6 +14,9 @@ AVATAR_ID_RE = re.compile(r"av-[0-9a-f]{12}")
 class AvatarConfig:
     """The digital human: idle loop and base video for speech (None: the built-in default avatar).
 
+    Each defaults to the other: ``video`` alone is the idle loop too (set by
+    :func:`latentsync.config.loading.load_config`), ``idle_video`` alone the base video too.
+
     ``cache_dir`` holds the prepared avatars and the videos uploaded with ``POST /avatars``
     (docs/avatars.md). The ``upload_*``, ``cache_quota_mb``, ``max_preparing`` and
     ``prepare_timeout_s`` keys bound those uploads: a video file at most ``upload_max_mb``

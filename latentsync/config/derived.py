@@ -59,6 +59,8 @@ def channel_configs(config: AppConfig) -> dict[str, AppConfig]:
         )
         if ch.idle_video is not None and ch.video is None:  # its own idle video is its base video too
             avatar = dataclasses.replace(avatar, video=None)
+        if ch.video is not None and ch.idle_video is None:  # and its own base video its idle loop
+            avatar = dataclasses.replace(avatar, idle_video=ch.video)
         if ch.avatar is not None:  # an uploaded avatar is its idle and base video
             upload = str(uploaded_avatar_video(config.avatar.cache_dir, ch.avatar))
             avatar = dataclasses.replace(avatar, idle_video=upload, video=None)

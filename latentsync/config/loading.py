@@ -55,6 +55,8 @@ def load_config(config_file: str | Path | None = None, overrides: Sequence[str] 
     except OmegaConfBaseException as exc:
         raise ConfigError(omegaconf_message(exc)) from None
     assert isinstance(config, AppConfig)
+    if config.avatar.video is not None and config.avatar.idle_video is None:
+        config.avatar.idle_video = config.avatar.video  # the presenter's own video is its idle loop too
     validate(config)
     return config
 

@@ -132,7 +132,12 @@ class LatentSyncEngine:
 
         """
         o = self.options
-        weights = "LatentSync weights are never downloaded; see checkpoints/README.md"
+        weights = (
+            "weights are never downloaded by the server: LatentSync's U-Net and whisper/tiny.pt are on Hugging Face"
+            " (1.0: chunyu-li/LatentSync, 1.5: ByteDance/LatentSync-1.5, 1.6: ByteDance/LatentSync-1.6), the VAE is"
+            " stabilityai/sd-vae-ft-mse; e.g. `.venv/bin/hf download chunyu-li/LatentSync latentsync_unet.pt"
+            " whisper/tiny.pt --local-dir checkpoints`; every command: checkpoints/README.md"
+        )
         found = {
             "unet_path": _find("unet_path", o.unet_path, weights),
             "unet_config": _find("unet_config", o.unet_config, "the U-Net yaml (configs/unet/second_stage.yaml)"),

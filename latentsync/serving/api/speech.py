@@ -105,11 +105,13 @@ def register_speech_routes(app: Flask, runtime, origin_ok, admission: Admission)
         body = json_body(runtime.config.api.max_json_kb)  # capped and parsed first: 413/400 in any state
         tasks = channel_tasks(name)
         source = TextSource.from_request(runtime.speech, body)
-        utterance = tasks.open_source(source, received).utterance
+        opened = tasks.open_source(source, received)
+        utterance = opened.utterance
         return jsonify(
             {
                 "task_id": utterance.task_id,
                 "status": "queued",
+                "position": opened.position,  # as POST /generate_video gives it
                 "status_url": url_for("get_task", name=name, task_id=utterance.task_id),
             }
         ), 202

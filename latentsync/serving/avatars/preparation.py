@@ -36,6 +36,7 @@ from latentsync.media.video import FrameBudget, MediaLimitError
 from latentsync.serving.avatars.catalogue import AvatarError
 from latentsync.serving.avatars.face_policy import measure_face
 from latentsync.serving.ops import procfs
+from latentsync.serving.ops.children import become_helper_process
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def _prepare_child(video: str, settings, cache_dir: str, conn, budget: FrameBudg
         budget: :class:`latentsync.media.video.FrameBudget`: most frames the video may decode to
             (``too_long`` past it); None: none.
     """
+    become_helper_process()  # the server stops it, and a stop mid-way leaves no semaphore registered (ops.children)
     conn.send(("progress", 0.0))  # started: from now on the parent's memory readings are this process's own
     try:
         os.nice(10)  # the stream clocks and the engine workers come first

@@ -10,7 +10,6 @@ calls the functions here); the server process never writes it. A Ray actor holds
 from __future__ import annotations
 
 import os
-import signal
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from latentsync.engines import ChunkRequest, ChunkResult, Engine
 from latentsync.serving.compute.jobs import ChunkJob
+from latentsync.serving.ops.children import become_helper_process
 from latentsync.serving.ops.threads import limit_native_threads
 
 if TYPE_CHECKING:
@@ -148,8 +148,9 @@ def worker_init(
 ) -> None:
     """Pool initializer: load the default avatar and the engine once. Never raises (errors are kept)."""
     # Ctrl-C in a terminal reaches the whole process group: the server owns shutdown, not its workers
-    # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (a worker dying on SIGINT mid-read would also leave the pool's queue lock held); and a worker the pool
+    # terminates leaves no tqdm semaphore registered with the server's resource tracker (ops.children).
+    become_helper_process()
     if nice:
         os.nice(nice)  # behind the clock and FFmpeg when the cores are busy (engine.worker_nice)
     try:

@@ -32,8 +32,10 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import imageio_ffmpeg
 
@@ -72,6 +74,9 @@ STDERR_TAIL_LINES = 20
 OPUS_SAMPLE_RATE_HZ = 48000  # libopus takes 8/12/16/24/48 kHz; WebRTC receivers expect 48 kHz
 WHIP_AUDIO_BITRATE_KBPS = 96
 RTMP_C1_BYTES = 1536  # RTMP handshake: C0 is one version byte (3), C1 1536 bytes (RTMP spec 5.2)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: What FFmpeg prints when an RTMP server refuses a publish or drops it at once (local_publish_hint).
+PUBLISH_REFUSED_SIGNS = ("Error opening output", "Input/output error", "I/O error", "Connection reset by peer")
 
 
 class OutputState(str, enum.Enum):
@@ -296,6 +301,36 @@ def prune_recordings(record: Path, keep: int) -> list[Path]:
         except OSError as exc:
             logger.warning("recording %s not deleted: %s", old.name, exc)
     return gone
+
+
+def local_publish_hint(url: str, stderr_lines: Iterable[str]) -> str | None:
+    """Why a local nginx-rtmp may have refused a publish, when it looks like it (for the output's error).
+
+    The nginx-rtmp of ``scripts/rtmp_server.sh`` (``make run``) accepts a publish only with its secret
+    as the stream name's query (``?secret=``); without it FFmpeg only says that the output could not
+    be opened (``Input/output error``).
+
+    Args:
+        url: The output's URL (may hold a stream key: never logged here).
+        stderr_lines: The relay's last lines on stderr (secrets scrubbed).
+
+    Returns:
+        The hint, naming ``?secret=`` and ``publish-url``, for an ``rtmp://`` URL on 127.0.0.1, ::1 or
+        localhost without ``secret=`` whose relay ended with such an error; else None.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return None
+    if parts.scheme != "rtmp" or host not in LOCAL_HOSTS or "secret=" in parts.query:
+        return None
+    if not any(sign in line for line in stderr_lines for sign in PUBLISH_REFUSED_SIGNS):
+        return None
+    return (
+        "a local nginx-rtmp of scripts/rtmp_server.sh accepts a publish only with its ?secret=...: "
+        "`scripts/rtmp_server.sh publish-url KEY` prints the URL to use"
+    )
 
 
 def rtmp_server_answers(host: str, port: int, tls: bool, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -666,6 +701,9 @@ class Output:
                 self._read_stderr(relay)
                 tail = " | ".join(list(self._stderr_tail)[-2:])
                 self._last_error = tail or f"relay exited with code {relay.proc.returncode}"
+                hint = None if live_since else local_publish_hint(self.target.url.url, self._stderr_tail)
+                if hint:
+                    self._last_error = f"{self._last_error} ({hint})"
                 self._move(OutputState.backoff, self._last_error)
                 return "exited", live_since
             now = time.monotonic()

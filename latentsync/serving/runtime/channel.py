@@ -184,6 +184,7 @@ class Channel:
         # (generation, videos) of the switch under way: in use from the PUT on, so an avatar cannot
         # be deleted while it is being prepared for this channel (issue 35)
         self._switch_videos: tuple[int, list[Path]] | None = None
+        self._outputs_were_live = False  # every required output has been live at least once (reported_status)
 
     # ----------------------------------------------------------------- accessors
     @property
@@ -254,7 +255,7 @@ class Channel:
     def _build_stream(self) -> None:
         cfg = self.config
         s = cfg.stream
-        idle_path = cfg.avatar.idle_video or ensure_default_avatar(cfg.avatar.cache_dir)
+        idle_path = cfg.avatar.idle_video or cfg.avatar.video or ensure_default_avatar(cfg.avatar.cache_dir)
         size = (s.width, s.height) if s.width and s.height else own_size(idle_path, s.max_side, s.fps, clip_limits(cfg))
         t = time.monotonic()
         a = cfg.avatar
@@ -445,7 +446,7 @@ class Channel:
     def _switch_to(self, config: AppConfig, generation: int, on_done: Callable[[], None] | None) -> None:
         s, a = config.stream, config.avatar
         try:
-            idle_path = a.idle_video or ensure_default_avatar(a.cache_dir)
+            idle_path = a.idle_video or a.video or ensure_default_avatar(a.cache_dir)  # a base video alone: idle too
             base_video = a.video or idle_path
             t = time.monotonic()
             clip = self._clips.load(
@@ -751,12 +752,38 @@ class Channel:
         body["channel"] = self.name
         return snapshot.streaming, body
 
+    def reported_status(self, outputs: list[dict]) -> str:
+        """The phase as ``GET /channels`` reports it: ``ready`` only once the stream has reached its destinations.
+
+        A channel ``ready`` (uploads accepted) while one of its required outputs has never been live
+        (refused from the start: a wrong URL or key, a local nginx-rtmp without ``?secret=``) is
+        reported ``starting``; from the first moment every required output has been live it is
+        ``ready``, whatever its outputs do later (``/health`` tells those).
+
+        Args:
+            outputs: The channel's outputs as ``/health`` gives them (``required``, ``last_progress_s``:
+                None while no byte has left).
+
+        Returns:
+            One of :class:`ChannelState`'s values.
+        """
+        status = self.status
+        if status != ChannelState.ready.value or self._outputs_were_live:
+            return status
+        if any(o.get("required") and o.get("last_progress_s") is None for o in outputs):
+            return ChannelState.starting.value
+        self._outputs_were_live = True
+        return status
+
     def describe(self) -> dict:
-        """The channel for ``GET /channels``: name, state, format, on-air task, outputs (URLs without keys)."""
+        """The channel for ``GET /channels``: name, state, format, on-air task, outputs (URLs without keys).
+
+        ``status`` is :meth:`reported_status`: ``starting`` until every required output has been live once.
+        """
         streaming, body = self.health()
         return {
             "name": self.name,
-            "status": self.status,
+            "status": self.reported_status(body.get("outputs", [])),
             "error": self.error,
             "state": body.get("state"),
             "streaming": streaming,

@@ -180,3 +180,16 @@ def test_old_recording_files_are_deleted(tmp_path):
     gone = prune_recordings(tmp_path / "live.mkv", keep=2)
     assert sorted(p.name for p in gone) == [f"live-000-{i:04d}.mkv" for i in range(3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live-000-0003.mkv", "live-000-0004.mkv", "other.mkv"]
+
+
+def test_a_local_publish_refused_for_lack_of_the_secret_gets_a_hint():
+    from latentsync.serving.egress.outputs import local_publish_hint
+
+    refused = ["[out#0/flv @ 0x55] Error opening output rtmp://127.0.0.1:1935/live/***: Input/output error"]
+    for url in ("rtmp://127.0.0.1:1935/live/hall", "rtmp://localhost/live/x", "rtmp://[::1]:1936/live/x"):
+        hint = local_publish_hint(url, refused)
+        assert hint is not None and "?secret=" in hint and "publish-url" in hint, url
+    assert local_publish_hint("rtmp://127.0.0.1:1935/live/hall?secret=abc", refused) is None
+    assert local_publish_hint("rtmp://live.example.com/app/key", refused) is None  # not ours to guess
+    assert local_publish_hint("rtmps://127.0.0.1/live/x", refused) is None
+    assert local_publish_hint("rtmp://127.0.0.1:1935/live/hall", ["Conversion failed!"]) is None

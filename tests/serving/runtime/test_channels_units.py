@@ -421,3 +421,41 @@ def test_channels_made_through_the_api_never_record_to_another_channels_file(tmp
     outputs = [{"url": "rtmp://h/live/o"}, {"url": "record:popup-show.mkv"}]
     put = client.put("/channels/other", json={"outputs": outputs})
     assert put.status_code == 400 and "channel popup's record:popup-show.mkv" in put.json["error"]["message"]
+
+
+def test_a_base_video_alone_is_the_idle_loop_too():
+    """``avatar.video`` without ``avatar.idle_video``: one person, idle and speaking (issue 40), for channels too."""
+    from tests.datafiles import media_file
+
+    presenter, other = str(media_file("video/nanmote002.mp4")), str(media_file("video/2s_GirlMuseum_0730.mp4"))
+    config = load_config(
+        None,
+        [
+            f"avatar.video={presenter}",
+            f'channels=[{{name: hall, rtmp_url: "rtmp://h/live/hall", video: "{other}"}}, '
+            f'{{name: lobby, rtmp_url: "rtmp://h/live/lobby"}}]',
+        ],
+    )
+    assert (config.avatar.idle_video, config.avatar.video) == (presenter, presenter)
+    by_name = channel_configs(config)
+    assert (by_name["hall"].avatar.idle_video, by_name["hall"].avatar.video) == (other, other)
+    assert (by_name["lobby"].avatar.idle_video, by_name["lobby"].avatar.video) == (presenter, presenter)
+    both = load_config(None, [f"avatar.idle_video={other}", f"avatar.video={presenter}"])
+    assert (both.avatar.idle_video, both.avatar.video) == (other, presenter)  # an idle loop given is kept
+
+
+def test_a_channel_is_reported_ready_only_once_its_required_outputs_have_been_live():
+    """A destination that refuses from the start keeps the channel ``starting``; one that connects late does not."""
+    from latentsync.serving.runtime.channel import Channel, ChannelState
+
+    channel = Channel("main", load_config(None, []))
+    never = [{"name": "main", "required": True, "last_progress_s": None}]
+    optional = [{"name": "extra", "required": False, "last_progress_s": None}]
+    live = [{"name": "main", "required": True, "last_progress_s": 0.1}]
+    assert channel.reported_status(never) == "created"  # only a ready channel is held back
+    channel._machine.move(ChannelState.starting)
+    channel._machine.move(ChannelState.ready)
+    assert channel.reported_status(never) == "starting"
+    assert channel.reported_status(optional) == "ready"
+    assert channel.reported_status(live) == "ready"  # it connected late
+    assert channel.reported_status(never) == "ready"  # and stays ready: /health tells what its outputs do now
