@@ -164,3 +164,11 @@ def test_interval_is_validated():
 def test_server_yaml_documents_the_key():
     text = (REPO / "configs" / "server.yaml").read_text()
     assert "    deepcache_interval: 0  #" in text
+
+
+def test_engine_checks_the_interval():
+    from latentsync.engines.latentsync import LatentSyncEngine
+
+    assert LatentSyncEngine(None, LatentSyncConfig(deepcache_interval=3)).options.deepcache_interval == 3
+    with pytest.raises(ConfigError, match="engine.latentsync.deepcache_interval: -1 is invalid"):
+        LatentSyncEngine(None, LatentSyncConfig(deepcache_interval=-1))
