@@ -56,6 +56,13 @@ class LatentSyncConfig:
     second_stage.yaml for 1.0, stage2.yaml / stage2_512.yaml for 1.5 / 1.6) and the engine refuses at
     start a ``unet_path`` of the other family, naming both (a file tells 1.0 from 1.5 / 1.6 by its
     tensors, but not 1.5 from 1.6, which differ only in the face resolution they were trained at).
+
+    ``deepcache_interval``: DeepCache (an int >= 0; 0, the default, and 1 are off). N > 1 runs the whole
+    U-Net only at DDIM steps 0, N, 2N... of each chunk and, at the others, only its shallow part (``conv_in``,
+    the last decoder layer, the output head) on the deep features kept from the last full step: the original
+    LatentSync 1.6's ``scripts/inference.py`` turns it on with N = 3 (``DeepCacheSDHelper``, branch 0), and
+    ours gives the same latents as that (docs/latentsync.md, "DeepCache"). Fewer deep-layer evaluations
+    (7 full steps of 20 at N = 3) for a somewhat different face than without it; any version.
     """
 
     version: str = "1.0"
@@ -69,6 +76,7 @@ class LatentSyncConfig:
     guidance_scale: float = 1.0
     seed: int = 1247
     compile: bool = False
+    deepcache_interval: int = 0
 
 
 @dataclass(kw_only=True)

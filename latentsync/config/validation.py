@@ -527,3 +527,10 @@ def validate_latentsync(ls: LatentSyncConfig, section: str = "engine.latentsync"
         f"{low:g}..{high:g}",
     )
     check_value(isinstance(ls.seed, int) and not isinstance(ls.seed, bool), f"{section}.seed", ls.seed, "an integer")
+    interval = ls.deepcache_interval
+    check_value(
+        isinstance(interval, int) and not isinstance(interval, bool) and interval >= 0,
+        f"{section}.deepcache_interval",
+        interval,
+        "an integer >= 0 (0: off)",
+    )

@@ -227,7 +227,13 @@ class LatentSyncEngine:
         if channels_last:
             vae.to(memory_format=torch.channels_last)
         scheduler = load_scheduler(files["scheduler_config"])
-        pipeline = LipsyncPipeline(unet, vae, scheduler, compile_models=self.options.compile)
+        pipeline = LipsyncPipeline(
+            unet,
+            vae,
+            scheduler,
+            compile_models=self.options.compile,
+            deepcache_interval=self.options.deepcache_interval,
+        )
         timings["vae"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -504,14 +504,40 @@ class UpBlock(nn.Module):
             ``(B * F, out_channels, H', W')``.
 
         """
-        for i, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb, num_frames)
-            if self.attentions is not None:
-                x = self.attentions[i](x, audio)
-            if self.motion_modules is not None:
-                x = self.motion_modules[i](x, num_frames)
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, skips[-1 - i], temb, audio, num_frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
+        return x
+
+    def layer(
+        self,
+        index: int,
+        x: torch.Tensor,
+        skip: torch.Tensor,
+        temb: torch.Tensor,
+        audio: torch.Tensor | None,
+        num_frames: int,
+    ) -> torch.Tensor:
+        """Run layer ``index`` alone: ResNet on ``cat([x, skip])``, then its transformer and motion module if any.
+
+        Args:
+            index: Layer, ``0 .. len(resnets) - 1``.
+            x: ``(B * F, C_in, H, W)``, the previous layer's output (or the deeper level's, for layer 0).
+            skip: ``(B * F, C_skip, H, W)``, the skip activation of this layer.
+            temb: ``(B, time_embed_dim)``.
+            audio: ``(B * F, S, cross_attention_dim)`` or ``None``.
+            num_frames: ``F``.
+
+        Returns:
+            ``(B * F, out_channels, H, W)``.
+
+        """
+        x = self.resnets[index](torch.cat([x, skip], dim=1), temb, num_frames)
+        if self.attentions is not None:
+            x = self.attentions[index](x, audio)
+        if self.motion_modules is not None:
+            x = self.motion_modules[index](x, num_frames)
         return x
 
 
@@ -682,6 +708,55 @@ class UNet3DConditionModel(nn.Module):
             ValueError: If the shapes of ``sample``, ``timestep`` or ``audio_embeds`` do not fit.
 
         """
+        return self._run(sample, timestep, audio_embeds, deep_features=None, keep_deep_features=False)[0]
+
+    def forward_deepcache(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        audio_embeds: torch.Tensor | None,
+        deep_features: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward for DeepCache: the whole U-Net keeping its deep features, or the shallow part reusing them.
+
+        DeepCache (Ma et al., 2023) reuses the slowly changing deep features of the U-Net across denoising steps.
+        This is the semantics of the original LatentSync 1.6 (``DeepCacheSDHelper`` of the ``DeepCache`` package
+        with ``cache_branch_id=0``, as its ``scripts/inference.py`` sets it), reimplemented: on a cached step the
+        helper replays every down block (the first included), the mid block, every up block but the last, and
+        the last up block's layers but its last one, from what they returned at the last full step, so the only
+        layers that compute are ``conv_in``, the last layer (ResNet, transformer, motion module) of the last up
+        block and the output head, and the deep input of that last layer is the one of the last full step.
+
+        Args:
+            sample: As in :meth:`forward`.
+            timestep: As in :meth:`forward`.
+            audio_embeds: As in :meth:`forward`.
+            deep_features: ``None``: run the whole U-Net (a full step). Otherwise the features a full step of
+                the same batch returned: ``(B * F, block_out_channels[0], H, W)`` in the model's dtype; only the
+                shallow part runs (a cached step).
+
+        Returns:
+            ``(noise, deep_features)``: the predicted noise as :meth:`forward` returns it, and the input of the
+            last up block's last layer before its skip is concatenated: computed on a full step, the given
+            tensor itself on a cached step.
+
+        Raises:
+            ValueError: If the shapes do not fit (as :meth:`forward`), or ``deep_features`` is not
+                ``(B * F, block_out_channels[0], H, W)``.
+
+        """
+        return self._run(sample, timestep, audio_embeds, deep_features=deep_features, keep_deep_features=True)
+
+    def _run(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        audio_embeds: torch.Tensor | None,
+        *,
+        deep_features: torch.Tensor | None,
+        keep_deep_features: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward` (``keep_deep_features`` False) and :meth:`forward_deepcache`."""
         if sample.dim() != 5 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"sample must be (B, {self.config.in_channels}, F, H, W), got {tuple(sample.shape)}")
         batch, _, num_frames, height, width = sample.shape
@@ -700,23 +775,38 @@ class UNet3DConditionModel(nn.Module):
             x = sample.transpose(1, 2).reshape(batch * num_frames, -1, height, width).contiguous()
 
         x = self.conv_in(x)
-        skips: tuple[torch.Tensor, ...] = (x,)
-        for down_block in self.down_blocks:
-            x, block_skips = down_block(x, temb, audio, num_frames)
-            skips += block_skips
+        last = self.up_blocks[-1]
+        last_layer = len(last.resnets) - 1
+        if deep_features is not None:  # cached step: conv_in, the last layer, the head
+            expected = (batch * num_frames, self.config.block_out_channels[0], height, width)
+            if tuple(deep_features.shape) != expected:
+                raise ValueError(f"deep_features must be {expected}, got {tuple(deep_features.shape)}")
+            # The last up block's last skip is conv_in's output (the first skip the down path makes).
+            x = last.layer(last_layer, deep_features, x, temb, audio, num_frames)
+        else:
+            skips: tuple[torch.Tensor, ...] = (x,)
+            for down_block in self.down_blocks:
+                x, block_skips = down_block(x, temb, audio, num_frames)
+                skips += block_skips
 
-        x = self.mid_block(x, temb, audio, num_frames)
+            x = self.mid_block(x, temb, audio, num_frames)
 
-        factor = 2 ** (len(self.up_blocks) - 1)
-        force_size = height % factor != 0 or width % factor != 0
-        for i, up_block in enumerate(self.up_blocks):
-            n = len(up_block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            upsample_size = tuple(skips[-1].shape[-2:]) if force_size and i < len(self.up_blocks) - 1 else None
-            x = up_block(x, block_skips, temb, audio, num_frames, upsample_size)
+            factor = 2 ** (len(self.up_blocks) - 1)
+            force_size = height % factor != 0 or width % factor != 0
+            for up_block in self.up_blocks[:-1]:
+                n = len(up_block.resnets)
+                block_skips, skips = skips[-n:], skips[:-n]
+                upsample_size = tuple(skips[-1].shape[-2:]) if force_size else None
+                x = up_block(x, block_skips, temb, audio, num_frames, upsample_size)
+            # The last up block (it has no upsampler), layer by layer: the input of its last layer is what
+            # DeepCache keeps.
+            for i in range(last_layer):
+                x = last.layer(i, x, skips[-1 - i], temb, audio, num_frames)
+            deep_features = x if keep_deep_features else None
+            x = last.layer(last_layer, x, skips[-1 - last_layer], temb, audio, num_frames)
 
         x = self.conv_out(torch.nn.functional.silu(self.conv_norm_out(x, num_frames)))
-        return x.reshape(batch, num_frames, -1, height, width).transpose(1, 2).contiguous()
+        return x.reshape(batch, num_frames, -1, height, width).transpose(1, 2).contiguous(), deep_features
 
     def _flatten_audio(self, audio_embeds: torch.Tensor | None, batch: int, num_frames: int) -> torch.Tensor | None:
         if audio_embeds is None:

@@ -11,15 +11,19 @@ inference":
    result does not depend on how frames are batched.
 2. Per chunk (:meth:`LipsyncPipeline.__call__`): one ``(1, 4, 1, h, w)`` Gaussian sample (the task's,
    see :func:`initial_noise`) repeated over the frames; DDIM with eta 0 (20 steps: timesteps 951, 901,
-   ..., 1); U-Net input channels in the order noisy latents (4), keep-mask resized (nearest) to the latent
-   size (1), masked-image latents (4), reference latents (4). With ``guidance_scale > 1`` the
-   unconditional branch (all-zero audio features) runs in the same U-Net call as the conditional one.
+   ..., 1); U-Net input channels in the order noisy latents (4, through the scheduler's
+   ``scale_model_input``, the identity for DDIM), keep-mask resized (nearest) to the latent size (1),
+   masked-image latents (4), reference latents (4). With ``guidance_scale > 1`` the unconditional branch
+   (all-zero audio features) runs in the same U-Net call as the conditional one. With DeepCache
+   (``deepcache_interval`` N > 1) only steps 0, N, 2N... run the whole U-Net; the others reuse its deep
+   features (:meth:`UNet3DConditionModel.forward_deepcache`), as the original 1.6 does with interval 3.
 3. Decode ``latents / 0.18215`` with the VAE and keep the generated pixels only where the keep-mask is 0:
    ``out = decoded * (1 - mask) + face * mask``, so kept pixels are the input face's, bit for bit.
 
 Where we differ from the original: the DDIM state (latents) is kept in float32 whatever the model dtype
 (the U-Net still runs in its own dtype), and non-finite decoded values are zeroed before composing
-(a float16 overflow shows as grey, never as garbage in the stream).
+(a float16 overflow shows as grey, never as garbage in the stream). In float32 the denoising loop gives the
+original's final latents (``tests/test_pipeline_parity.py``, DeepCache included: ``tests/test_deepcache.py``).
 """
 
 from __future__ import annotations
@@ -142,9 +146,14 @@ class LipsyncPipeline:
         compile_mode: ``torch.compile`` mode when ``compile_models`` is set: ``None`` (default),
             ``"reduce-overhead"`` (CUDA graphs: each static input shape is captured once, then replayed),
             ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
+        deepcache_interval: DeepCache: 0 or 1 runs the whole U-Net at every DDIM step; N > 1 runs it at
+            steps 0, N, 2N, ... of each chunk and only its shallow part at the others, reusing the deep
+            features of the last full step (:meth:`UNet3DConditionModel.forward_deepcache`; the original
+            LatentSync 1.6 uses 3). About N times fewer deep-layer evaluations, at some cost in fidelity.
 
     Raises:
-        ValueError: If the U-Net's input channels are not ``3 * latent_channels + 1`` of the VAE.
+        ValueError: If the U-Net's input channels are not ``3 * latent_channels + 1`` of the VAE, or
+            ``deepcache_interval`` is not an int >= 0.
 
     """
 
@@ -156,8 +165,11 @@ class LipsyncPipeline:
         *,
         compile_models: bool = False,
         compile_mode: str | None = None,
+        deepcache_interval: int = 0,
     ) -> None:
         latent_channels = int(vae.config.latent_channels)
+        if isinstance(deepcache_interval, bool) or not isinstance(deepcache_interval, int) or deepcache_interval < 0:
+            raise ValueError(f"deepcache_interval must be an int >= 0, got {deepcache_interval!r}")
         if unet.config.in_channels != 3 * latent_channels + 1:
             raise ValueError(
                 f"U-Net in_channels {unet.config.in_channels} != 3 * VAE latent_channels {latent_channels} + 1"
@@ -168,11 +180,18 @@ class LipsyncPipeline:
         self.latent_channels = latent_channels
         #: Pixels per latent cell: diffusers' encoder halves the size in every block but the last.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.deepcache_interval = deepcache_interval
         if compile_models:
             self._unet_forward = torch.compile(unet, dynamic=False, mode=compile_mode)
             self._vae_decode = torch.compile(vae.decode, dynamic=False, mode=compile_mode)
+            self._unet_deepcache = (
+                torch.compile(unet.forward_deepcache, dynamic=False, mode=compile_mode)
+                if deepcache_interval > 1
+                else unet.forward_deepcache
+            )
         else:
             self._unet_forward, self._vae_decode = unet, vae.decode
+            self._unet_deepcache = unet.forward_deepcache
         #: CUDA graphs (reduce-overhead) reuse their output buffers: each call is marked as a new step, and
         #: every output is consumed (``.float()`` copy, scheduler step, decode) before the next call.
         self._cuda_graphs = compile_models and compile_mode in ("reduce-overhead", "max-autotune")
@@ -372,68 +391,20 @@ class LipsyncPipeline:
         """
         if not chunks:
             return []
-        for c in chunks:
-            self.check_inputs(
-                c.faces,
-                c.reference_latents,
-                c.masked_latents,
-                keep_mask,
-                c.audio_features,
-                c.noise,
-                num_inference_steps,
-                guidance_scale,
-            )
-        shapes = {_shape(c.faces) for c in chunks}
-        if len(shapes) != 1:
-            raise ValueError(f"chunks of one batch must have the same faces shape, got {sorted(shapes)}")
+        self._check_batch(chunks, keep_mask, num_inference_steps, guidance_scale)
         timings: dict[str, float] = {}
-        device, dtype = self.device, self.dtype
-        do_cfg = guidance_scale > 1.0
+        device = self.device
         t0 = time.perf_counter()
-
         frames, height, width = _shape(chunks[0].faces)[:3]
         n = len(chunks)
-        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         faces_t = torch.cat([_as_tensor(c.faces) for c in chunks]).to(device, non_blocking=True)  # (N*F, H, W, 3)
         mask_t = _as_tensor(keep_mask).to(device, torch.float32)
-        mask_latent = F.interpolate(mask_t[None, None], size=latent_hw, mode="nearest")  # (1, 1, h, w)
-
-        def video(xs) -> torch.Tensor:  # N x (F, C, h, w) -> (N, C, F, h, w)
-            return torch.stack([_as_tensor(x).to(device, dtype, non_blocking=True).transpose(0, 1) for x in xs])
-
-        cond = torch.cat(
-            [
-                mask_latent.to(dtype)[:, :, None].expand(n, 1, frames, *latent_hw),
-                video([c.masked_latents for c in chunks]),
-                video([c.reference_latents for c in chunks]),
-            ],
-            dim=1,
-        )  # (N, 9, F, h, w)
-        audio = torch.stack([_as_tensor(c.audio_features).to(device, dtype, non_blocking=True) for c in chunks])
-        if do_cfg:
-            cond = torch.cat([cond, cond])
-            audio = torch.cat([torch.zeros_like(audio), audio])  # unconditional first
-        noise = torch.cat([c.noise.to(device, torch.float32) for c in chunks])  # (N, 4, 1, h, w)
-        latents = noise.repeat(1, 1, frames, 1, 1) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(int(num_inference_steps))
-        timesteps_cpu = self.scheduler.timesteps  # indexes the scheduler's CPU tables: no device sync
-        timesteps_dev = timesteps_cpu.to(device)
+        cond, audio, noise = self._model_inputs(chunks, mask_t, guidance_scale)
         self._sync()
         t1 = time.perf_counter()
         timings["inputs"] = t1 - t0
 
-        for i, t in enumerate(timesteps_cpu):
-            model_latents = latents.to(dtype)
-            if do_cfg:
-                model_latents = torch.cat([model_latents, model_latents])
-            model_input = torch.cat([model_latents, cond], dim=1)
-            if self._cuda_graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            noise_pred = self._unet_forward(model_input, timesteps_dev[i], audio).float()
-            if do_cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
-            latents = self.scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+        latents = self._denoise(cond, audio, noise, frames, int(num_inference_steps), guidance_scale)
         self._sync()
         t2 = time.perf_counter()
         timings["unet"] = t2 - t1
@@ -452,3 +423,143 @@ class LipsyncPipeline:
         result = out.round_().to(torch.uint8).cpu().numpy().reshape(n, frames, height, width, 3)
         timings["compose"] = time.perf_counter() - t3
         return [LipsyncOutput(result[k], dict(timings)) for k in range(n)]
+
+    @torch.inference_mode()
+    def denoise_batch(
+        self,
+        chunks: Sequence[LipsyncChunk],
+        keep_mask: np.ndarray | torch.Tensor,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """The denoising loop of :meth:`generate_batch` alone: the final latents, before the VAE decode.
+
+        The same code path as :meth:`generate_batch` up to the decode (the parity tests compare its result
+        with the original's, ``tests/test_pipeline_parity.py``). ``faces`` are only checked, not used.
+
+        Args:
+            chunks: As in :meth:`generate_batch`.
+            keep_mask: ``(H, W)`` float keep-mask, 1 = keep, 0 = generated.
+            num_inference_steps: DDIM steps, eta 0.
+            guidance_scale: Classifier-free guidance scale (1.0: conditional branch only).
+
+        Returns:
+            ``(N, 4, F, H / 8, W / 8) float32`` latents on the pipeline's device (scaled: divide by 0.18215
+            before decoding); ``(0, 4, 0, 0, 0)`` for no chunks.
+
+        Raises:
+            ValueError: As :meth:`generate_batch`.
+
+        """
+        if not chunks:
+            return torch.empty((0, self.latent_channels, 0, 0, 0), device=self.device)
+        self._check_batch(chunks, keep_mask, num_inference_steps, guidance_scale)
+        frames = _shape(chunks[0].faces)[0]
+        mask_t = _as_tensor(keep_mask).to(self.device, torch.float32)
+        cond, audio, noise = self._model_inputs(chunks, mask_t, guidance_scale)
+        return self._denoise(cond, audio, noise, frames, int(num_inference_steps), guidance_scale)
+
+    def _check_batch(
+        self,
+        chunks: Sequence[LipsyncChunk],
+        keep_mask: np.ndarray | torch.Tensor,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> None:
+        """:meth:`check_inputs` on every chunk, and one faces shape for all of them (raises ``ValueError``)."""
+        for c in chunks:
+            self.check_inputs(
+                c.faces,
+                c.reference_latents,
+                c.masked_latents,
+                keep_mask,
+                c.audio_features,
+                c.noise,
+                num_inference_steps,
+                guidance_scale,
+            )
+        shapes = {_shape(c.faces) for c in chunks}
+        if len(shapes) != 1:
+            raise ValueError(f"chunks of one batch must have the same faces shape, got {sorted(shapes)}")
+
+    def _model_inputs(
+        self, chunks: Sequence[LipsyncChunk], mask_t: torch.Tensor, guidance_scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The U-Net's fixed inputs of a batch (checked chunks; ``mask_t`` the ``(H, W)`` float32 keep-mask).
+
+        Returns:
+            ``(cond, audio, noise)``: ``cond`` ``(B, 9, F, h, w)`` mask, masked-image and reference latents
+            in the U-Net's dtype; ``audio`` ``(B, F, S, D)`` in that dtype; ``noise`` ``(N, 4, 1, h, w)``
+            float32. ``B = 2N`` with guidance (unconditional half first, zero audio), else ``N``.
+
+        """
+        device, dtype = self.device, self.dtype
+        frames = _shape(chunks[0].faces)[0]
+        n = len(chunks)
+        latent_hw = (mask_t.shape[0] // self.vae_scale_factor, mask_t.shape[1] // self.vae_scale_factor)
+        mask_latent = F.interpolate(mask_t[None, None], size=latent_hw, mode="nearest")  # (1, 1, h, w)
+
+        def video(xs) -> torch.Tensor:  # N x (F, C, h, w) -> (N, C, F, h, w)
+            return torch.stack([_as_tensor(x).to(device, dtype, non_blocking=True).transpose(0, 1) for x in xs])
+
+        cond = torch.cat(
+            [
+                mask_latent.to(dtype)[:, :, None].expand(n, 1, frames, *latent_hw),
+                video([c.masked_latents for c in chunks]),
+                video([c.reference_latents for c in chunks]),
+            ],
+            dim=1,
+        )  # (N, 9, F, h, w)
+        audio = torch.stack([_as_tensor(c.audio_features).to(device, dtype, non_blocking=True) for c in chunks])
+        if guidance_scale > 1.0:
+            cond = torch.cat([cond, cond])
+            audio = torch.cat([torch.zeros_like(audio), audio])  # unconditional first
+        noise = torch.cat([c.noise.to(device, torch.float32) for c in chunks])  # (N, 4, 1, h, w)
+        return cond, audio, noise
+
+    def _denoise(
+        self,
+        cond: torch.Tensor,
+        audio: torch.Tensor,
+        noise: torch.Tensor,
+        frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """DDIM (eta 0) from ``noise`` repeated over ``frames``; returns ``(N, 4, F, h, w)`` float32 latents.
+
+        Per step: ``scale_model_input`` (the identity for DDIM), the U-Net on ``cat([latents (x2 with
+        guidance), cond])`` (whole, or its shallow part on DeepCache's cached steps), guidance
+        ``uncond + scale * (cond - uncond)``, ``scheduler.step``.
+        """
+        do_cfg = guidance_scale > 1.0
+        dtype = self.dtype
+        latents = noise.repeat(1, 1, frames, 1, 1) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps_cpu = self.scheduler.timesteps  # indexes the scheduler's CPU tables: no device sync
+        timesteps_dev = timesteps_cpu.to(self.device)
+        interval = self.deepcache_interval
+        deep: torch.Tensor | None = None
+        for i, t in enumerate(timesteps_cpu):
+            model_latents = self.scheduler.scale_model_input(latents, t).to(dtype)
+            if do_cfg:
+                model_latents = torch.cat([model_latents, model_latents])
+            model_input = torch.cat([model_latents, cond], dim=1)
+            if self._cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            if interval > 1:
+                # Steps 0, N, 2N... are full; the original counts steps from the first of the chunk too.
+                cached = i % interval != 0
+                noise_pred, features = self._unet_deepcache(
+                    model_input, timesteps_dev[i], audio, deep if cached else None
+                )
+                if not cached:  # a CUDA graph's outputs are overwritten by its next replay: keep a copy
+                    deep = features.clone() if self._cuda_graphs else features
+                noise_pred = noise_pred.float()
+            else:
+                noise_pred = self._unet_forward(model_input, timesteps_dev[i], audio).float()
+            if do_cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            latents = self.scheduler.step(noise_pred, t, latents, eta=0.0, return_dict=False)[0]
+        return latents

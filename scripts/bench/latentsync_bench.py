@@ -3,9 +3,10 @@
 GPU (the default, ``--device cuda``): builds the U-Net, the sd-vae-ft-mse VAE and the Whisper-tiny encoder
 with scale-preserving random weights, and runs the product's code path, ``LipsyncPipeline.generate_batch``
 (20 DDIM steps, CFG batched, compose), for every combination of dtype (fp16, bf16), compile mode (eager,
-``torch.compile``, ``torch.compile(mode="reduce-overhead")`` = CUDA graphs), guidance (1.0, 1.5) and
-chunks per batch (1-4). Per row: U-Net ms per DDIM step (one batched call), VAE decode ms per chunk, fps at
-N steps and peak VRAM, from the pipeline's own stage timings (the device is synchronised at stage
+``torch.compile``, ``torch.compile(mode="reduce-overhead")`` = CUDA graphs), DeepCache interval
+(``--deepcache-interval``, default 0 = off), guidance (1.0, 1.5) and chunks per batch (1-4). Per row: U-Net
+ms per DDIM step (one batched call; with DeepCache the mean over full and cached steps), VAE decode ms per
+chunk, fps at N steps and peak VRAM, from the pipeline's own stage timings (the device is synchronised at stage
 boundaries only). Per dtype/mode: VAE encode ms per chunk (16 faces + 16 masked faces; cached per avatar
 in the product), Whisper ms per 30 s window, and the first-chunk latency (log-mel + first window + one
 chunk generated alone). Then the numerical check: fp16/bf16 faces against fp32 faces for the same inputs
@@ -16,6 +17,7 @@ and noise, max and mean absolute difference in grey levels over the generated pi
     python scripts/bench/latentsync_bench.py --dtypes float16 --modes eager default   # each part < 10 min)
     python scripts/bench/latentsync_bench.py --device cpu              # full-size U-Net ms/step, 2 and 16 frames
     python scripts/bench/latentsync_bench.py --device cpu --tiny       # seconds-long smoke test of every path
+    python scripts/bench/latentsync_bench.py --deepcache-interval 0 3  # rows without and with DeepCache
 
 CPU (``--device cpu`` without ``--tiny``): the full-size U-Net forward only (fp32, channels-last as loaded
 by ``load_unet``), ms per step for 2 and 16 frames, with the thread count (``--threads``). ``--tiny`` runs
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import platform
 import statistics
 import subprocess
@@ -191,6 +194,7 @@ def make_chunks(pipeline: LipsyncPipeline, inputs: Inputs, frames: int, count: i
 class Row:
     dtype: str
     mode: str
+    deepcache: int  # engine.latentsync.deepcache_interval (0: off)
     guidance: float
     chunks: int
     unet_ms: float  # one batched U-Net call (one DDIM step)
@@ -230,43 +234,49 @@ def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tu
     dtype = resolve_dtype(dtype_name, device)
     unet, vae, whisper = build_models(device, dtype, args.tiny)
     compile_mode = MODES[mode]
-    pipeline = LipsyncPipeline(
-        unet,
-        vae,
-        load_scheduler(REPO / "configs/scheduler_config.json"),
-        compile_models=compile_mode is not None,
-        compile_mode=None if compile_mode == "default" else compile_mode,
-    )
+    pipelines = {
+        interval: LipsyncPipeline(
+            unet,
+            vae,
+            load_scheduler(REPO / "configs/scheduler_config.json"),
+            compile_models=compile_mode is not None,
+            compile_mode=None if compile_mode == "default" else compile_mode,
+            deepcache_interval=interval,
+        )
+        for interval in args.deepcache_interval
+    }
+    pipeline = pipelines[args.deepcache_interval[0]]
     frames = args.frames
     keep = torch.from_numpy(inputs.keep_mask).to(device)
     all_chunks = make_chunks(pipeline, inputs, frames, max(args.chunks))
     rows = []
-    for guidance in args.guidance:
-        for count in args.chunks:
-            chunks = all_chunks[:count]
-            # Compiled: the first call compiles this shape; with CUDA graphs the next ones record, then replay.
-            warmup = args.warmup if compile_mode is None else max(args.warmup, 3)
-            with peak_memory(device) as peak:
-                for _ in range(warmup):
-                    run_generate(pipeline, chunks, keep, args.steps, guidance, device)
-                runs = [run_generate(pipeline, chunks, keep, args.steps, guidance, device) for _ in range(args.iters)]
-            wall_s = statistics.median(r[1] for r in runs)
-            unet_s = statistics.median(r[0][0].timings_s["unet"] for r in runs)
-            decode_s = statistics.median(r[0][0].timings_s["vae_decode"] for r in runs)
-            rows.append(
-                Row(
-                    dtype_name,
-                    mode,
-                    guidance,
-                    count,
-                    1000 * unet_s / args.steps,
-                    1000 * decode_s / count,
-                    count * frames / wall_s,
-                    peak[0],
-                )
+    for (interval, pipeline), guidance, count in itertools.product(pipelines.items(), args.guidance, args.chunks):
+        chunks = all_chunks[:count]
+        # Compiled: the first call compiles this shape; with CUDA graphs the next ones record, then replay.
+        warmup = args.warmup if compile_mode is None else max(args.warmup, 3)
+        with peak_memory(device) as peak:
+            for _ in range(warmup):
+                run_generate(pipeline, chunks, keep, args.steps, guidance, device)
+            runs = [run_generate(pipeline, chunks, keep, args.steps, guidance, device) for _ in range(args.iters)]
+        wall_s = statistics.median(r[1] for r in runs)
+        unet_s = statistics.median(r[0][0].timings_s["unet"] for r in runs)
+        decode_s = statistics.median(r[0][0].timings_s["vae_decode"] for r in runs)
+        rows.append(
+            Row(
+                dtype_name,
+                mode,
+                interval,
+                guidance,
+                count,
+                1000 * unet_s / args.steps,
+                1000 * decode_s / count,
+                count * frames / wall_s,
+                peak[0],
             )
-            print_row(rows[-1], args)
+        )
+        print_row(rows[-1], args)
 
+    pipeline = pipelines[args.deepcache_interval[0]]
     faces = inputs.faces[:frames]
     encode_ms = time_ms(lambda: pipeline.encode_faces(faces, inputs.keep_mask, seed=1247), device, 1, args.iters)
     with torch.inference_mode():
@@ -297,15 +307,15 @@ def release_models(device: torch.device) -> None:
 
 
 ROW_HEADER = (
-    f"{'dtype':9s} {'mode':15s} {'cfg':>4s} {'chunks':>6s} {'unet ms/step':>12s} {'ms/step/chunk':>13s} "
-    f"{'decode ms/chunk':>15s} {'fps':>7s} {'peak MiB':>9s}"
+    f"{'dtype':9s} {'mode':15s} {'deepcache':>9s} {'cfg':>4s} {'chunks':>6s} {'unet ms/step':>12s} "
+    f"{'ms/step/chunk':>13s} {'decode ms/chunk':>15s} {'fps':>7s} {'peak MiB':>9s}"
 )
 
 
 def print_row(r: Row, args) -> None:
     peak = f"{r.peak_mib:9.0f}" if r.peak_mib is not None else f"{'n/a':>9s}"
     print(
-        f"{r.dtype:9s} {r.mode:15s} {r.guidance:4.1f} {r.chunks:6d} {r.unet_ms:12.1f} "
+        f"{r.dtype:9s} {r.mode:15s} {r.deepcache:9d} {r.guidance:4.1f} {r.chunks:6d} {r.unet_ms:12.1f} "
         f"{r.unet_ms / r.chunks:13.1f} {r.vae_decode_ms:15.1f} {r.fps:7.1f} {peak}",
         flush=True,
     )
@@ -403,7 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per shape (default 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls, median (default 3; 1 quick/tiny)")
     parser.add_argument("--no-check", action="store_true", help="skip the fp16/bf16 vs fp32 numerical check")
+    parser.add_argument(
+        "--deepcache-interval",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="DeepCache intervals, one row each (engine.latentsync.deepcache_interval; default 0 = off)",
+    )
     args = parser.parse_args(argv)
+    if any(interval < 0 for interval in args.deepcache_interval):
+        parser.error("--deepcache-interval takes integers >= 0")
 
     from diffusers.utils import logging as diffusers_logging
 
