@@ -262,6 +262,10 @@ def test_a_ten_minute_segment_is_taken_at_the_pace_of_playback_and_clear_buffer_
             await gen.push_audio(rtc.AudioFrame(chunk.tobytes(), rate, 1, len(chunk)))
             pushed.append(time.monotonic())
 
+    # made before the generator starts: 10 minutes of speech take ~2 s to synthesise, which on the event
+    # loop would keep the generator's frames reader from its ticks past its 2 s receive timeout
+    ten_minutes = speech_pcm(600.0, rate)
+
     async def main() -> tuple[Out, dict[str, float]]:
         gen = generator(server, max_lead_s=lead_s, max_queued_packets=packets)
         await gen.start()
@@ -269,7 +273,7 @@ def test_a_ten_minute_segment_is_taken_at_the_pace_of_playback_and_clear_buffer_
         consumer = asyncio.create_task(collect(gen, out))
         seen: dict[str, float] = {}
         try:
-            pusher = asyncio.create_task(push_all(gen, speech_pcm(600.0, rate)))
+            pusher = asyncio.create_task(push_all(gen, ten_minutes))
             await until(lambda: any(out.info(i)["state"] == "speaking" for i in range(len(out.ticks))))
             await asyncio.sleep(4.0)
             seen["elapsed_s"] = time.monotonic() - pushed[0]

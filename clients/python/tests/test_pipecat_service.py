@@ -365,12 +365,15 @@ def test_a_ten_minute_segment_is_sent_at_the_pace_of_playback_and_an_interruptio
     lead_s = 2.0  # audio sent ahead of playback at most
     seen: dict = {}
     gate = WaitFrame(timeout_s=60.0)  # holds the pipeline open (then its EndFrame) while the test feeds it
+    # made before the pipeline runs: 10 minutes of speech take ~2 s to synthesise, which on the event
+    # loop kept the service's frames reader from its ticks past its 2 s receive timeout (a CI failure)
+    frames = segment(speech_pcm(600.0, rate), rate)[:-1]
 
     async def barge_in(inlog: Log, outlog: Log):
         await until(outlog.image.is_set)  # the service is up: its frames flow
         # 30,000 frames handed over at once (cut: no TTSStoppedFrame), as fast as the service's queue takes
         # them; a turn of the loop every 100 so this harness does not hold the loop for seconds itself
-        for i, frame in enumerate(segment(speech_pcm(600.0, rate), rate)[:-1]):
+        for i, frame in enumerate(frames):
             await inlog.push_frame(frame)
             if i % 100 == 0:
                 await asyncio.sleep(0)
