@@ -54,8 +54,10 @@ run: setup
 # Tiers are pytest markers (pyproject.toml; tests/conftest.py marks "unit" every test with none of the others).
 # make test runs the unit tier, then the rest, one after the other (beside the real-time tests, even at nice 19,
 # the unit tier made a browser test fail once), each on TEST_WORKERS pytest-xdist workers: a module's tests stay
-# on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S). The
-# tiers list their slowest tests (--durations): where the next minutes of make test are to be found.
+# on one worker (they share its servers), the longest groups start first (tests/conftest.py LONG_GROUPS_S). Last,
+# the modules marked solo (tests/conftest.py SOLO_MODULES: CPU-heavy, or timed against the clock) run one test at
+# a time with nothing beside them. The tiers list their slowest tests (--durations): where the next minutes of
+# make test are to be found.
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
@@ -67,7 +69,8 @@ test: setup setup-ray setup-agents
 	@bash scripts/chromium.sh install
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest -m unit $(XDIST) --durations=15 --durations-min=2 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	$(VENV)/bin/python -m pytest -m "not unit" $(XDIST) --durations=25 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m "not unit and not solo" $(XDIST) --durations=25 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(VENV)/bin/python -m pytest -m solo --durations=10 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(AGENTS_VENV)/bin/python -m pytest clients/python/tests $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
 ## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv

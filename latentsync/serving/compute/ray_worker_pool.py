@@ -267,7 +267,8 @@ class RayWorkerPool(SchedulingPool):
     Args:
         engine_name: ``"parametric"`` or ``"latentsync"``.
         engine_options: Options for :func:`latentsync.engines.create_engine` (picklable).
-        avatar_path: Cache directory of the default prepared avatar (read here, put in the object store).
+        avatar_path: Cache directory of the default prepared avatar (read at :meth:`start`, put in the
+            object store); None: given later with :meth:`set_default_avatar`, before :meth:`start`.
         workers: Actors to run; None: every GPU of the cluster (``gpus_per_worker`` set), or one per
             alive node (CPU engines).
         address: ``auto``, ``host:port``, ``ray://host:port``; None or empty: start a private Ray.
@@ -289,7 +290,7 @@ class RayWorkerPool(SchedulingPool):
         engine_name: str,
         engine_options: Mapping[str, Any],
         *,
-        avatar_path: str | Path,
+        avatar_path: str | Path | None,
         workers: int | None,
         address: str | None = None,
         cpus_per_worker: float = 1.0,
@@ -309,7 +310,7 @@ class RayWorkerPool(SchedulingPool):
         )
         self._engine_name = engine_name
         self._engine_options = dict(engine_options)
-        self._avatar_path = str(avatar_path)
+        self._avatar_path = "" if avatar_path is None else str(avatar_path)
         self._requested = workers
         self._address = address or None
         self._cpus = float(cpus_per_worker)
@@ -340,16 +341,36 @@ class RayWorkerPool(SchedulingPool):
         self._release_ray = threading.Event()  # tells it to shut that Ray down
 
     # ----------------------------------------------------------------- lifecycle
-    def start(self) -> None:
-        """Connect to (or start) Ray, place the actors and wait until every one loaded its engine.
+    def set_default_avatar(self, avatar_path: str | Path) -> None:
+        """Serve ``avatar_path`` (a prepared avatar's cache directory) by default; before :meth:`start` only.
+
+        Raises:
+            RuntimeError: If the pool has started.
+        """
+        with self._lock:
+            if self._started:
+                raise RuntimeError("the default avatar of a started Ray pool cannot change")
+            self._avatar_path = str(avatar_path)
+
+    @property
+    def connected(self) -> bool:
+        """True once :meth:`connect` (or :meth:`start`) connected this process to Ray."""
+        return self._ray is not None and self._ray.is_initialized()
+
+    def connect(self) -> None:
+        """Connect this process's Ray driver to ``address`` (or start a private Ray); nothing if connected.
+
+        The runtime calls it before any channel's clock ticks when ``pool.ray_address`` is set: Ray
+        builds the driver's core worker holding the GIL (1.0-1.3 s measured on 2 loaded cores,
+        Ray 2.60), which stalls every thread of the process, the output clock included (ticks
+        skipped past ``stream.max_catchup_s``). :meth:`start` connects if this was not called.
 
         Raises:
             ClusterUnreachable: If nothing accepts a connection at ``address`` (worth retrying).
-            WorkerPoolError: If Ray is not installed or unreachable, an actor's engine failed to
-                load (its message is included), or no actor answered within ``start_timeout_s``
-                (the cluster has no room for them: the message says what each needs). Actors
-                beyond the room there is start ``unplaced`` and join when a node has room.
+            WorkerPoolError: If Ray is not installed, or ``ray.init`` fails.
         """
+        if self.connected:
+            return
         try:
             import ray
         except ImportError:
@@ -388,6 +409,21 @@ class RayWorkerPool(SchedulingPool):
                     os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
+
+    def start(self) -> None:
+        """Connect to (or start) Ray (:meth:`connect`), place the actors and wait until every one loaded its engine.
+
+        Raises:
+            ClusterUnreachable: If nothing accepts a connection at ``address`` (worth retrying).
+            WorkerPoolError: If Ray is not installed or unreachable, no default avatar was given, an
+                actor's engine failed to load (its message is included), or no actor answered within
+                ``start_timeout_s`` (the cluster has no room for them: the message says what each
+                needs). Actors beyond the room there is start ``unplaced`` and join when a node has room.
+        """
+        if not self._avatar_path:
+            raise WorkerPoolError("the Ray pool has no default avatar (set_default_avatar before start)")
+        self.connect()
+        ray = self._ray
         try:
             self._workers = self._requested or self._default_workers()
             remote = ray.remote(EngineActor)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from latentsync.avatar import Avatar
 from latentsync.config import (
@@ -75,6 +75,9 @@ from latentsync.serving.tasks.task_manager import TaskManager
 from latentsync.serving.telemetry.events import EventBroadcaster
 from latentsync.serving.telemetry.health import HealthSnapshot
 from latentsync.serving.telemetry.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from latentsync.serving.compute.ray_worker_pool import RayWorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,7 @@ class Runtime:
         self._others_started = False  # main is on air: a channel added from now starts at once
         self._start_threads: list[threading.Thread] = []  # channel starts still running (close() joins them)
         self._pool: SchedulingPool | None = None
+        self._connected_pool: RayWorkerPool | None = None  # a Ray pool connected before the clocks (start)
         self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
         self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
@@ -264,6 +268,7 @@ class Runtime:
                 return
             self._started = True
         self.avatars.start()
+        self._connect_cluster()
         self._start_main(prepare=False)
         with self._channels_lock:
             if self._stopped:
@@ -277,6 +282,39 @@ class Runtime:
             self._watchdog.close()
             return
         self._start_engine()
+
+    def _connect_cluster(self) -> None:
+        """With ``pool.ray_address`` set, connect the Ray driver now, before any clock ticks.
+
+        Ray builds the driver holding the GIL for about a second (:meth:`RayWorkerPool.connect`): done
+        once the stream runs, every channel would skip that second of ticks. A cluster that does not
+        answer now is left to the engine start and its retries (the stream goes on air meanwhile; that
+        later connection may still cost a skipped second, logged by the clock); any other failure
+        there too, where it is reported as before.
+        """
+        cfg = self.config
+        if cfg.pool.backend is not PoolBackend.ray or not cfg.pool.ray_address:
+            return  # the local pool, or a private Ray (started with the engine: the stream goes on air first)
+        from latentsync.serving.compute.ray_worker_pool import RayWorkerPool  # needs the optional ray package
+
+        pool = self._make_pool(None)
+        if not isinstance(pool, RayWorkerPool):
+            raise TypeError(f"pool.backend=ray made a {type(pool).__name__}")
+        t = time.monotonic()
+        try:
+            pool.connect()
+        except Exception as exc:  # ClusterUnreachable, WorkerPoolError: the engine start tries again and reports
+            logger.info("Ray not connected before the stream (%s): the engine start connects", exc)
+            pool.close()
+            return
+        logger.info(
+            "Ray driver connected to %s in %.1f s, before the stream", cfg.pool.ray_address, time.monotonic() - t
+        )
+        with self._lock:
+            if self._stopped:
+                pool.close()
+                return
+            self._connected_pool = pool
 
     def _start_main(self, prepare: bool) -> None:
         """Start ``main``'s stream (``prepare`` False) or prepare its avatar (True); see :meth:`start`."""
@@ -375,7 +413,14 @@ class Runtime:
         if main_avatar is None or self._stopped:  # closed while preparing
             return
         t = time.monotonic()
-        pool = self._make_pool(main_avatar.path)
+        with self._lock:
+            connected, self._connected_pool = self._connected_pool, None
+        pool: SchedulingPool
+        if connected is None:
+            pool = self._make_pool(main_avatar.path)
+        else:
+            connected.set_default_avatar(main_avatar.path)
+            pool = connected
         delay_s = ENGINE_RETRY_S
         while True:
             try:
@@ -414,8 +459,11 @@ class Runtime:
         self._speech = SpeechService.from_config(cfg)
         self.avatars.enforce_quota()  # every channel's avatar is known now: the rest may go
 
-    def _make_pool(self, avatar_path: Path) -> SchedulingPool:
-        """The worker pool the config asks for (not started), serving ``avatar_path`` by default."""
+    def _make_pool(self, avatar_path: Path | None) -> SchedulingPool:
+        """The worker pool the config asks for (not started), serving ``avatar_path`` by default.
+
+        None: a Ray pool that gets it later (:meth:`RayWorkerPool.set_default_avatar`); the local pool needs it.
+        """
         cfg = self.config
         engine = cfg.engine
         latentsync = engine.name is EngineName.latentsync
@@ -446,6 +494,8 @@ class Runtime:
                 **common,
             )
         else:
+            if avatar_path is None:
+                raise ValueError("the local worker pool needs its default avatar")
             devices = _engine_devices(engine.device) if latentsync else []
             if engine.workers is not None:
                 workers = engine.workers
@@ -480,6 +530,9 @@ class Runtime:
         steps += [(f"channel {name}", channel.close) for name, channel in list(self.channels.items())]
         steps.append(("channel starts", self._join_starts))
         steps.append(("workers", self._pool.close if self._pool else None))
+        with self._lock:
+            connected, self._connected_pool = self._connected_pool, None
+        steps.append(("Ray driver", connected.close if connected else None))
         for name, step in steps:
             if step is None:
                 continue

@@ -1063,6 +1063,8 @@ def loris_server(request, rtmp_server, tmp_path_factory):
     ).start()
     try:
         proc.wait_healthy()
+        # the stalled upload must meet the body deadline, not a 503 "starting" (a loaded CI run was that slow)
+        proc.wait_engine_ready()
         yield proc
     finally:
         code, took_s = proc.stop()
