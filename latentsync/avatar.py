@@ -20,8 +20,9 @@ from latentsync.face import (
     PasteGeometry,
     PasteScratch,
     TrackerOptions,
+    check_face_size,
     compute_affines,
-    make_keep_mask,
+    face_keep_mask,
     paste_face,
     smooth_landmarks,
     template_to_face_affine,
@@ -72,6 +73,11 @@ class AvatarSettings:
             :func:`latentsync.media.framing.cover_width`).
         min_face_px: ``cover``: the window is narrowed (never below ``size``) until the face is at least
             this many output pixels wide (``avatar.min_face_px``, 96; 0: no such bound).
+        face_size: Side in pixels of the aligned faces (and of the keep-mask): 256 for LatentSync 1.0 / 1.5
+            and the parametric engine, 512 for LatentSync 1.6. The server takes it from the engine's
+            configuration (:func:`latentsync.config.engine_face_size`); the latentsync engine refuses an
+            avatar of another size. Part of the cache key, so preparations at 256 and 512 of one video
+            never share a folder (:func:`cache_key`).
 
     """
 
@@ -85,9 +91,11 @@ class AvatarSettings:
     background: str = "blur"
     face_fraction: float = FACE_FRACTION
     min_face_px: int = 96  # avatar.min_face_px's default (a channel with the defaults finds what this prepares)
+    face_size: int = FACE_SIZE
 
     def __post_init__(self) -> None:
         Fit(self.fit)  # ValueError for an unknown mode
+        check_face_size(self.face_size)
         check_background(self.background)
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps!r}")
@@ -145,12 +153,19 @@ def file_digest(path: str | Path) -> str:
 def cache_key(video: str | Path, settings: AvatarSettings) -> str:
     """Cache key of a prepared avatar: a hash of the video bytes and the settings.
 
+    ``face_size`` is hashed only when it is not 256: a 256 preparation keeps the key it had before
+    face sizes existed (its data is the same, so avatars prepared then stay valid), and a 512 one
+    (LatentSync 1.6) gets another key.
+
     Returns:
         24 hex characters.
 
     """
+    keyed = settings.to_json()
+    if keyed["face_size"] == FACE_SIZE:
+        del keyed["face_size"]
     payload = json.dumps(
-        {"video": file_digest(video), "settings": settings.to_json(), "version": PREPARATION_VERSION},
+        {"video": file_digest(video), "settings": keyed, "version": PREPARATION_VERSION},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -178,14 +193,17 @@ class Avatar:
 
     Attributes:
         frames: ``(F, H, W, 3) uint8`` RGB base frames at ``fps``.
-        faces: ``(F, 256, 256, 3) uint8`` RGB aligned faces.
-        affines: ``(F, 2, 3) float64`` frame-to-template (210x280) affines.
+        faces: ``(F, S, S, 3) uint8`` RGB aligned faces, ``S`` = :attr:`face_size` (256, or 512 for
+            LatentSync 1.6).
+        affines: ``(F, 2, 3) float64`` frame-to-template affines onto the 256 template (210x280) whatever
+            ``S`` (:func:`latentsync.face.align.affine_at_face_size` scales them to ``S``'s template).
         landmarks: ``(F, 68, 2) float32`` detected (or interpolated) landmarks in frame pixels.
-        aligned_landmarks: ``(F, 68, 2) float32`` the same landmarks in aligned 256x256 face pixels.
+        aligned_landmarks: ``(F, 68, 2) float32`` the same landmarks in aligned ``S`` x ``S`` face pixels.
         boxes: ``(F, 4) float32`` face boxes ``(x0, y0, x1, y1)`` in frame pixels.
         found: ``(F,) bool``: the face was detected in this frame (not interpolated).
         pasteable: ``(F,) bool``: a generated face may be pasted into this frame.
-        mask: ``(256, 256) float32`` fixed keep-mask (1 = keep, 0 = generated).
+        mask: ``(S, S) float32`` fixed keep-mask in [0, 1] (1 = keep, 0 = generated;
+            :func:`latentsync.face.face_keep_mask`).
         audio: ``(N,) int16`` the video's own audio at ``sample_rate_hz``, or None.
         fps: Frame rate in frames per second.
         sample_rate_hz: Audio sample rate in Hz.
@@ -223,6 +241,11 @@ class Avatar:
         return len(self)
 
     @property
+    def face_size(self) -> int:
+        """Side ``S`` of the aligned faces in pixels (256, or 512 for LatentSync 1.6)."""
+        return int(self.faces.shape[1])
+
+    @property
     def frame_size(self) -> tuple[int, int]:
         """``(width, height)`` of the frames in pixels."""
         return int(self.frames.shape[2]), int(self.frames.shape[1])
@@ -239,7 +262,7 @@ class Avatar:
         """
         geometry = self._geometries.get(index)
         if geometry is None:
-            geometry = PasteGeometry.from_affine(self.affines[index], self.frame_size)
+            geometry = PasteGeometry.from_affine(self.affines[index], self.frame_size, self.face_size)
             if self._geometry_bytes + geometry.nbytes <= _GEOMETRY_CACHE_BYTES:
                 self._geometries[index] = geometry
                 self._geometry_bytes += geometry.nbytes
@@ -255,7 +278,7 @@ class Avatar:
 
         Args:
             index: Base frame index in ``[0, F)``.
-            face: ``(256, 256, 3) uint8`` RGB generated face aligned like ``faces[index]``.
+            face: ``(S, S, 3) uint8`` RGB generated face aligned like ``faces[index]`` (``S`` = :attr:`face_size`).
             frame: Frame to paste into, ``(H, W, 3) uint8`` RGB; default: a copy of the base frame.
                 It is modified in place when given.
             scratch: Reusable buffers for the warped face and the blend's weights
@@ -349,7 +372,8 @@ class Avatar:
 
         Steps: decode at ``settings.fps`` (and size), track one face (largest/most central),
         fill frames without a face from their neighbours, smooth the landmarks, compute the
-        template affines, cut the aligned 256x256 faces; store everything under
+        template affines, cut the aligned faces (``settings.face_size``: 256, or 512 for LatentSync
+        1.6) and make the keep-mask at that size; store everything under
         ``cache_dir/<video stem>-<key>``, written to a temporary folder and renamed when complete.
 
         Memory stays bounded whatever the video's length: the decoded frames go straight to
@@ -511,14 +535,15 @@ def _prepare_into(
         smoothed = smooth_landmarks(track.landmarks)
         affines = compute_affines(smoothed)
         aligned = np.empty((n, 68, 2), np.float32)
-        with open(folder / "faces.npy", "wb") as faces:  # (n, 256, 256, 3) uint8, a face at a time
+        size = settings.face_size
+        with open(folder / "faces.npy", "wb") as faces:  # (n, size, size, 3) uint8, a face at a time
             np.lib.format.write_array_header_1_0(
-                faces, {"descr": "|u1", "fortran_order": False, "shape": (n, FACE_SIZE, FACE_SIZE, 3)}
+                faces, {"descr": "|u1", "fortran_order": False, "shape": (n, size, size, 3)}
             )
             for i in range(n):
-                face = np.ascontiguousarray(warp_face(frames[i], affines[i]), dtype=np.uint8)
+                face = np.ascontiguousarray(warp_face(frames[i], affines[i], size), dtype=np.uint8)
                 faces.write(memoryview(face).cast("B"))
-                aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i]))
+                aligned[i] = transform_points(track.landmarks[i], template_to_face_affine(affines[i], size))
     pasteable = pasteable_frames(track.found, settings.max_gap_frames)
     np.save(folder / "affines.npy", affines)
     np.save(folder / "landmarks.npy", track.landmarks.astype(np.float32))
@@ -526,7 +551,7 @@ def _prepare_into(
     np.save(folder / "boxes.npy", track.boxes.astype(np.float32))
     np.save(folder / "found.npy", track.found)
     np.save(folder / "pasteable.npy", pasteable)
-    np.save(folder / "mask.npy", make_keep_mask())
+    np.save(folder / "mask.npy", face_keep_mask(size))
     if clip.audio is not None:
         np.save(folder / "audio.npy", clip.audio)
     report(1.0)

@@ -105,10 +105,11 @@ class FakePool:
 
 
 class FakeAvatar:
-    """An avatar of 50 blank 2x2 base frames whose paste returns the face as is."""
+    """An avatar of 50 blank 2x2 base frames whose paste returns the face as is (its faces: 2x2, as FakePool's)."""
 
     num_frames = 50
     path = "fake-avatar"
+    face_size = 2
     frames = np.zeros((num_frames, 2, 2, 3), np.uint8)
 
     def frame_index(self, i: int) -> int:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from latentsync.avatar import (
+    PREPARATION_VERSION,
     Avatar,
     AvatarSettings,
     cache_key,
+    file_digest,
     frames_to_nearest_face,
     pasteable_frames,
     pingpong_index,
 )
-from latentsync.face import FACE_SIZE, template_to_face_affine, transform_points
+from latentsync.face import FACE_SIZE, face_keep_mask, template_to_face_affine, transform_points
 from tests.datafiles import media_file
 
 VIDEOS = [
@@ -149,3 +154,51 @@ def test_paste_changes_only_the_face_box(prepared):
     # Pasting the frame's own aligned face back changes little (two resamplings).
     same = avatar.paste(i, np.asarray(avatar.faces[i]))
     assert np.abs(same[y0:y1, x0:x1].astype(np.int16) - base[y0:y1, x0:x1]).mean() < 4.0
+
+
+def test_settings_key_the_face_size_and_256_keeps_its_old_key():
+    video = _video("nanmote002.mp4")
+    with pytest.raises(ValueError, match="face_size"):
+        AvatarSettings(face_size=0)
+    at_256, at_512 = AvatarSettings(fps=25), AvatarSettings(fps=25, face_size=512)
+    assert at_256.face_size == FACE_SIZE == 256
+    assert cache_key(video, at_512) != cache_key(video, at_256)
+    # The key of a 256 preparation is the one it had before face sizes existed: caches prepared then stay valid.
+    before = {k: v for k, v in at_256.to_json().items() if k != "face_size"}
+    payload = json.dumps(
+        {"video": file_digest(video), "settings": before, "version": PREPARATION_VERSION}, sort_keys=True
+    )
+    assert cache_key(video, at_256) == hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def test_an_avatar_prepared_at_512_has_512_faces_in_its_own_folder(avatar_cache):
+    """LatentSync 1.6's avatar: the same tracking and affines as at 256, faces and mask at 512."""
+    video = _video("nanmote002.mp4")
+    small = Avatar.prepare(video, AvatarSettings(fps=25), avatar_cache)
+    big = Avatar.prepare(video, AvatarSettings(fps=25, face_size=512), avatar_cache)
+    n = big.num_frames
+    assert big.key != small.key and big.path != small.path
+    assert big.face_size == 512 and small.face_size == 256
+    assert big.faces.shape == (n, 512, 512, 3) and big.faces.dtype == np.uint8
+    assert np.array_equal(np.asarray(big.mask), face_keep_mask(512))
+    assert np.array_equal(np.asarray(big.affines), np.asarray(small.affines))  # one affine serves both sizes
+    # Aligned landmarks in 512 pixels: twice the 256 ones, up to the resize's pixel-centre offset.
+    offset = 0.5 - 0.5 * np.array([256 / 210, 256 / 280])  # template -> face resize scale, x and y
+    twice = 2 * np.asarray(small.aligned_landmarks) + offset
+    np.testing.assert_allclose(np.asarray(big.aligned_landmarks), twice, atol=1e-3)
+    down = np.stack([cv2.resize(np.asarray(f), (256, 256), interpolation=cv2.INTER_AREA) for f in big.faces[:8]])
+    assert np.abs(down.astype(np.int16) - np.asarray(small.faces[:8])).mean() < 3.0
+    assert Avatar.load(big.path).face_size == 512
+    # Paste-back at 512: only the face's box changes, the frame's own face pasted back changes little.
+    i = n // 2
+    base = np.asarray(big.frames[i])
+    x0, y0, x1, y1 = big.paste_geometry(i).box
+    assert (x0, y0, x1, y1) == small.paste_geometry(i).box
+    out = big.paste(i, np.zeros((512, 512, 3), np.uint8))
+    changed = np.argwhere((out != base).any(axis=2))
+    assert len(changed) > 0 and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+    same = big.paste(i, np.asarray(big.faces[i]))
+    assert np.abs(same[y0:y1, x0:x1].astype(np.int16) - base[y0:y1, x0:x1]).mean() < 4.0
+    with pytest.raises(ValueError, match="paste geometry is for 512 px"):
+        big.paste(i, np.zeros((256, 256, 3), np.uint8))

@@ -15,13 +15,18 @@ from latentsync.face import (
     FaceTracker,
     PasteGeometry,
     PasteScratch,
+    affine_at_face_size,
     alignment_points,
     compute_affines,
+    face_keep_mask,
+    face_size_of,
     make_keep_mask,
     paste_face,
     paste_face_reference,
     similarity_transform,
     smooth_landmarks,
+    template_size,
+    template_to_face_affine,
     track_face,
     transform_points,
     warp_face,
@@ -151,3 +156,107 @@ def test_paste_with_a_scratch_buffer_equals_paste_without_it():
         out = paste_face(target, face, affine, inplace=True, scratch=scratch)
         assert out is target and np.array_equal(out, expected)
     assert scratch.view(10, 10).base is not None  # a view of the grown buffer, not a fresh array
+
+
+# ----------------------------------------------------------------------------- face sizes (LatentSync 1.6: 512)
+
+
+def _face_affine(cx: float = 300.0, cy: float = 260.0, face_w: float = 120.0) -> np.ndarray:
+    """A frame-to-template affine (256 template) of a slightly tilted face centred near ``(cx, cy)``."""
+    src = np.array([[cx - face_w / 2, cy], [cx + face_w / 2, cy + 6], [cx + 2, cy + face_w / 2]])
+    return similarity_transform(src, TEMPLATE_POINTS)
+
+
+def _smooth_frame(h: int = 540, w: int = 600, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), np.uint8), (0, 0), 3)
+
+
+def test_template_and_affines_scale_with_the_face_size_and_256_is_unchanged():
+    # The original: ratio = size / 256 * 2.8, crop (int(75 ratio), int(100 ratio)), points [[17, 20], [58, 20],
+    # [37.5, 40]] * ratio.
+    assert template_size(256) == (210, 280) and template_size(512) == (420, 560)
+    np.testing.assert_allclose(TEMPLATE_POINTS, np.array([[17, 20], [58, 20], [37.5, 40]]) * 2.8, atol=1e-12)
+    affine = _face_affine()
+    assert np.array_equal(affine_at_face_size(affine, 256), affine)
+    src = transform_points(TEMPLATE_POINTS, cv2.invertAffineTransform(affine))  # frame points on the template
+    np.testing.assert_allclose(transform_points(src, affine_at_face_size(affine, 512)), 2 * TEMPLATE_POINTS, atol=1e-9)
+    # In aligned-face pixels (the resize's pixel-centre convention): template x -> x * 512 / 420 + offset.
+    sx, sy = 512 / 420, 512 / 560
+    expected = 2 * TEMPLATE_POINTS * (sx, sy) + (0.5 * sx - 0.5, 0.5 * sy - 0.5)
+    np.testing.assert_allclose(transform_points(src, template_to_face_affine(affine, 512)), expected, atol=1e-9)
+    with pytest.raises(ValueError, match="face_size"):
+        warp_face(_smooth_frame(), affine, 0)
+
+
+def test_warp_at_256_is_bit_identical_to_the_1_0_warp():
+    frame, affine = _smooth_frame(), _face_affine()
+    crop = cv2.warpAffine(
+        frame, affine, (210, 280), flags=cv2.INTER_LANCZOS4, borderMode=cv2.BORDER_CONSTANT, borderValue=(127,) * 3
+    )
+    one_zero = cv2.resize(crop, (256, 256), interpolation=cv2.INTER_LANCZOS4)
+    assert np.array_equal(warp_face(frame, affine), one_zero)
+    assert np.array_equal(warp_face(frame, affine, 256), one_zero)
+
+
+def test_warp_at_512_puts_the_template_points_where_expected():
+    affine = _face_affine()
+    frame = np.zeros((540, 600, 3), np.uint8)
+    points = transform_points(TEMPLATE_POINTS, cv2.invertAffineTransform(affine))  # brows, nose in the frame
+    for x, y in points:
+        cv2.circle(frame, (int(round(x)), int(round(y))), 2, (255, 255, 255), -1)
+    frame = cv2.GaussianBlur(frame, (0, 0), 1.5)
+    face = warp_face(frame, affine, 512)
+    assert face.shape == (512, 512, 3) and face.dtype == np.uint8
+    where = transform_points(points, template_to_face_affine(affine, 512))
+    grey = face[..., 0].astype(np.float32)
+    for x, y in where:
+        x0, y0 = int(x) - 12, int(y) - 12
+        window = grey[y0 : y0 + 25, x0 : x0 + 25]
+        peak_y, peak_x = np.unravel_index(np.argmax(window), window.shape)
+        assert abs(x0 + peak_x - x) <= 2.0 and abs(y0 + peak_y - y) <= 2.0, (x, y, x0 + peak_x, y0 + peak_y)
+    # The same crop as at 256, sampled twice as finely.
+    small = cv2.resize(warp_face(_smooth_frame(), affine, 512), (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(np.int16) - warp_face(_smooth_frame(), affine)).mean() < 2.0
+
+
+def test_keep_mask_at_512_is_the_256_geometry_resized():
+    assert np.array_equal(face_keep_mask(256), make_keep_mask())
+    mask = face_keep_mask(512)
+    assert mask.shape == (512, 512) and mask.dtype == np.float32
+    assert mask.min() == 0.0 and mask.max() == 1.0
+    assert abs((1.0 - mask).mean() - (1.0 - make_keep_mask()).mean()) < 0.005
+    # Away from the edges (Lanczos reaches 4 source pixels), rows 0-94 and 246+ of the 256 grid and the nose keep.
+    assert mask[:180].min() == 1.0 and mask[500:].min() == 1.0
+    assert mask[220, 170:340].min() == 1.0
+    # A soft edge (Lanczos, as the original: 3.5 % of the pixels, within 7 px of an edge; 1.3 % in 0.05-0.95).
+    assert 0 < ((mask > 0) & (mask < 1)).mean() < 0.04 and ((mask > 0.05) & (mask < 0.95)).mean() < 0.015
+    binary = (mask[::2, ::2] >= 0.5).astype(np.float32)
+    assert (binary != make_keep_mask()).mean() < 0.01
+
+
+def test_a_512_face_pastes_like_a_256_face():
+    rng = np.random.default_rng(4)
+    w, h = 600, 540
+    frame = rng.integers(0, 256, (h, w, 3), np.uint8)
+    face256 = cv2.GaussianBlur(rng.integers(0, 256, (256, 256, 3), np.uint8), (0, 0), 3)
+    face512 = cv2.resize(face256, (512, 512), interpolation=cv2.INTER_CUBIC)
+    affine = _face_affine()
+    assert face_size_of(face512) == 512 and face_size_of(np.zeros((560, 420, 3), np.uint8)) == 512
+    assert face_size_of(face256) == 256 and face_size_of(np.zeros((280, 210, 3), np.uint8)) == 256
+    with pytest.raises(ValueError, match="square"):
+        face_size_of(np.zeros((300, 200, 3), np.uint8))
+    geometry = PasteGeometry.from_affine(affine, (w, h), 512)
+    assert geometry.face_size == 512 and geometry.box == PasteGeometry.from_affine(affine, (w, h)).box
+    ours = paste_face(frame, face512, geometry=geometry)
+    assert np.array_equal(ours, paste_face(frame, face512, affine))
+    ref = paste_face_reference(frame, face512, affine)
+    x0, y0, x1, y1 = geometry.box
+    outside = np.ones((h, w), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(ours[outside], frame[outside]) and np.array_equal(ref[outside], frame[outside])
+    assert np.abs(ref[y0:y1, x0:x1].astype(np.int16) - ours[y0:y1, x0:x1]).mean() < 1.0
+    at_256 = paste_face(frame, face256, affine)
+    assert np.abs(at_256[y0:y1, x0:x1].astype(np.int16) - ours[y0:y1, x0:x1]).mean() < 2.0
+    with pytest.raises(ValueError, match="512 px face, the paste geometry is for 256 px"):
+        paste_face(frame, face512, geometry=PasteGeometry.from_affine(affine, (w, h)))

@@ -303,9 +303,89 @@ def test_a_version_mismatch_is_a_clear_start_error(tiny_files, tiny_files_1_5, a
         f"{tiny_files['unet_path']} holds a LatentSync 1.0 U-Net (no motion-module tensors) "
         "but engine.latentsync.version is 1.5"
     )
-    engine = create_engine("latentsync", options(tiny_files_1_5, version="1.6"), avatar)
-    with pytest.raises(ValueError, match="version is 1.6: its 512x512 face path .* not built yet"):
+    engine = create_engine("latentsync", options(tiny_files_1_5, version="1.6"), avatar)  # 1.5's yaml: 256
+    with pytest.raises(
+        ValueError, match=r"unet_config: .*unet\.yaml has data\.resolution 256 but .*version is 1\.6, .* 512x512 faces"
+    ):
         engine.load()
     with pytest.raises(ValueError, match=r"version.*'2\.0'"):
         create_engine("latentsync", {"version": "2.0"}, avatar)
     assert not engine.loaded
+
+
+@pytest.fixture(scope="module")
+def tiny_files_1_6(tmp_path_factory) -> dict[str, Path]:
+    return load_script("make_tiny_checkpoints").make_tiny_checkpoints(tmp_path_factory.mktemp("tiny16"), version="1.6")
+
+
+@pytest.fixture(scope="module")
+def avatar_512(tmp_path_factory) -> Avatar:
+    """nanmote002 prepared at 512 (LatentSync 1.6), in the cache tests/test_avatar.py uses too."""
+    video = media_file("video/nanmote002.mp4")
+    return Avatar.prepare(video, AvatarSettings(fps=25, face_size=512), tmp_path_factory.getbasetemp() / "avatars")
+
+
+def first_frames(avatar: Avatar, n: int, folder: Path) -> Avatar:
+    """An engine's view of ``avatar`` cut to its first ``n`` frames (fewer faces to VAE-encode at load)."""
+    payload = avatar.engine_payload()
+    payload["arrays"] = {k: v if k == "mask" else v[:n] for k, v in payload["arrays"].items()}
+    return Avatar.from_engine_payload(payload, folder)
+
+
+def test_version_1_6_generates_512_faces_that_paste_back(tiny_files_1_6, avatar_512, avatar, tmp_path):
+    from latentsync.serving.playout.paste import FramePaster
+
+    engine = create_engine("latentsync", options(tiny_files_1_6, version="1.6"), first_frames(avatar_512, 16, tmp_path))
+    assert engine.face_size == 512
+    engine.load()
+    try:
+        assert engine._pipeline.unet.config.use_motion_module
+        assert np.load(engine.latent_cache_path, mmap_mode="r").shape == (16, 2, 4, 64, 64)  # 64x64 latents
+        features = engine.features(speech_16k()[:16000])
+        result = engine.generate(chunk(np.concatenate([features, features[:-9]]), 0))
+        assert result.faces.shape == (16, 512, 512, 3) and result.faces.dtype == np.uint8
+        keep = np.asarray(avatar_512.mask) == 1
+        faces = np.asarray(avatar_512.faces[:16])
+        np.testing.assert_array_equal(result.faces[:, keep], faces[:, keep])
+        assert (result.faces[:, ~keep] != faces[:, ~keep]).any()
+        with pytest.raises(ValueError, match=r"holds faces of shape \(256, 256, 3\) .*version is 1\.6.* 512x512"):
+            engine.with_avatar(avatar)
+    finally:
+        engine.close()
+    # Paste-back at 512 on the clock thread's side: the program's FramePaster into the base frame.
+    i = 3
+    pasted = FramePaster(avatar_512).paste(i, result.faces[i])
+    base = np.asarray(avatar_512.frames[i])
+    assert pasted.shape == base.shape and np.array_equal(pasted, avatar_512.paste(i, result.faces[i]))
+    x0, y0, x1, y1 = avatar_512.paste_geometry(i).box
+    changed = np.argwhere((pasted != base).any(axis=2))
+    assert len(changed) > 0 and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1
+    # A 1.6 engine refuses a 256 avatar at start, before loading a model.
+    wrong = create_engine("latentsync", options(tiny_files_1_6, version="1.6"), avatar)
+    with pytest.raises(ValueError, match=r"prepare the avatar with face_size=512"):
+        wrong.load()
+    assert not wrong.loaded
+
+
+def test_a_512_job_takes_512_faces_only():
+    from latentsync.engines import ChunkResult
+    from latentsync.serving.compute.jobs import ChunkJob, result_problem
+
+    job = ChunkJob(
+        task_id="t",
+        chunk_index=0,
+        avatar="a",
+        audio_16k=np.zeros(640, np.float32),
+        rows=(0, 16),
+        frame_indices=np.arange(16, dtype=np.int64),
+        due_at=0.0,
+        face_size=512,
+    )
+
+    def answer(side: int) -> ChunkResult:
+        faces = np.zeros((16, side, side, 3), np.uint8)
+        return ChunkResult(task_id="t", chunk_index=0, frame_indices=job.frame_indices, faces=faces, generate_s=0.0)
+
+    assert result_problem(job, answer(512)) is None
+    assert "expected (16, 512, 512, 3) uint8" in result_problem(job, answer(256))

@@ -28,6 +28,12 @@ INFERENCE_STEPS_RANGE = (1, 1000)
 #: LatentSync versions ``engine.latentsync.version`` accepts (``docs/latentsync.md``, "Versions"): 1.0 (no
 #: temporal layers, 256 px faces), 1.5 (temporal layers, 256 px) and 1.6 (1.5's network trained at 512 px).
 LATENTSYNC_VERSIONS = ("1.0", "1.5", "1.6")
+#: Side in pixels of the aligned face crops each LatentSync version runs on: the ``data.resolution`` of its
+#: U-Net yaml in the original repository (1.0 ``second_stage.yaml`` and 1.5 ``stage2.yaml``: 256; 1.6
+#: ``stage2_512.yaml``: 512, i.e. 64x64 latents; docs/latentsync.md, "Versions").
+LATENTSYNC_FACE_SIZE_PX = {"1.0": 256, "1.5": 256, "1.6": 512}
+#: Side in pixels of the aligned face crops the parametric engine draws on (LatentSync 1.0's 256 px crops).
+PARAMETRIC_FACE_SIZE_PX = 256
 #: Most parametric workers ``engine.workers: null`` starts (one per core up to this).
 PARAMETRIC_MAX_DEFAULT_WORKERS = 4
 
@@ -114,3 +120,41 @@ class EngineConfig:
     first_chunk_frames: int | None = None
     max_queued_jobs: int = 4096
     latentsync: LatentSyncConfig = field(default_factory=LatentSyncConfig)
+
+
+def latentsync_face_size(version: str) -> int:
+    """Side in pixels of the aligned faces a LatentSync version runs on (:data:`LATENTSYNC_FACE_SIZE_PX`).
+
+    Args:
+        version: One of :data:`LATENTSYNC_VERSIONS` (``"1.0"``, ``"1.5"``, ``"1.6"``).
+
+    Returns:
+        256 for 1.0 and 1.5, 512 for 1.6.
+
+    Raises:
+        ValueError: If ``version`` is not one of :data:`LATENTSYNC_VERSIONS` (quoted).
+    """
+    try:
+        return LATENTSYNC_FACE_SIZE_PX[version]
+    except KeyError:
+        raise ValueError(
+            f"unknown LatentSync version {version!r}, expected one of {list(LATENTSYNC_VERSIONS)}"
+        ) from None
+
+
+def engine_face_size(engine: EngineConfig) -> int:
+    """Side in pixels of the aligned faces the configured engine works on: what avatars are prepared at.
+
+    The one place that says it: the server prepares every avatar at this size (the latentsync engine
+    refuses an avatar of another), and the worker pool expects faces of it back.
+
+    Args:
+        engine: The ``engine`` section.
+
+    Returns:
+        ``latentsync``: its version's size (:func:`latentsync_face_size`: 512 for 1.6, else 256);
+        ``parametric``: :data:`PARAMETRIC_FACE_SIZE_PX` (256).
+    """
+    if engine.name == EngineName.latentsync:  # a str-valued enum: the plain string matches too
+        return latentsync_face_size(engine.latentsync.version)
+    return PARAMETRIC_FACE_SIZE_PX

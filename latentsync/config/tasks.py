@@ -12,7 +12,8 @@ class TasksConfig:
     ``generate_ahead``: tasks after the one on air that may generate at once; later tasks wait
     holding only their decoded audio (bounded memory per waiting task). ``max_frames_ahead``:
     frames a task may have generated or in flight ahead of the frame on air (768 = 48 chunks of
-    16, ~30 s at 25 fps; 196 kB per 256x256 face). ``max_finished``: finished tasks kept for ``GET /tasks``.
+    16, ~30 s at 25 fps; 196 kB per 256x256 face, 786 kB per 512x512 one). ``max_finished``: finished
+    tasks kept for ``GET /tasks``.
     """
 
     generate_ahead: int = 1

@@ -81,7 +81,8 @@ class ChunkResult:
         task_id: Id of the task, as in the request.
         chunk_index: Chunk position, as in the request.
         frame_indices: ``(16,) int64`` avatar base-frame indices, as in the request.
-        faces: ``(16, 256, 256, 3) uint8`` RGB aligned faces, to paste into the base frames.
+        faces: ``(16, S, S, 3) uint8`` RGB aligned faces, to paste into the base frames; ``S`` is the avatar's
+            face size (256; 512 for LatentSync 1.6).
         generate_s: Seconds spent in :meth:`Engine.generate`.
         timings_s: Optional breakdown of ``generate_s`` by stage, in seconds.
 

@@ -1,8 +1,10 @@
 """The ``latentsync`` engine: LatentSync (audio-conditioned latent diffusion) behind the Engine protocol.
 
 ``engine.latentsync.version`` says which LatentSync the files are: 1.0 or 1.5 (256x256 faces; 1.5 adds
-temporal layers to the U-Net). 1.6 (1.5's network at 512x512) is recognised but refused at start: the
-512x512 face path is not built yet. The user brings the files (never downloaded): the U-Net checkpoint
+temporal layers to the U-Net) or 1.6 (1.5's network on 512x512 faces, 64x64 latents). The version decides the
+face size (:func:`latentsync.config.latentsync_face_size`): the avatar must be prepared at it (the server
+does so, :func:`latentsync.config.engine_face_size`), and a U-Net yaml whose ``data.resolution`` says another
+size is refused. The user brings the files (never downloaded): the U-Net checkpoint
 and its yaml, Whisper ``tiny.pt``, the ``sd-vae-ft-mse`` folder and the DDIM scheduler config
 (docs/latentsync.md, "Files a user brings"); a checkpoint of another version than the configured one
 is refused at start, naming both. :meth:`LatentSyncEngine.load` checks that every one exists before
@@ -12,7 +14,8 @@ Latent cache: a chunk needs, per avatar frame, the VAE latents of the aligned fa
 face with its generated region greyed out (masked). They depend only on the avatar frame, the VAE weights
 and the dtype, so they are computed once, for every frame, the first time an avatar is loaded with a given
 VAE file and dtype, and stored beside the avatar's own cache as ``<avatar.path>/latents-<key>.npy``
-(``(F, 2, 4, 32, 32) float32``: ``[:, 0]`` reference, ``[:, 1]`` masked); later loads memory-map it.
+(``(F, 2, 4, S/8, S/8) float32``, 32x32 at 256 px faces, 64x64 at 512: ``[:, 0]`` reference, ``[:, 1]``
+masked); later loads memory-map it.
 ``key`` hashes the VAE's config and weight bytes, the dtype, the sampling seed and a format version.
 """
 
@@ -33,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from latentsync.avatar import file_digest
-from latentsync.config import DType, LatentSyncConfig, validate_latentsync
+from latentsync.config import DType, LatentSyncConfig, latentsync_face_size, validate_latentsync
 from latentsync.engines.base import ENGINE_SAMPLE_RATE_HZ, ChunkRequest, ChunkResult, num_output_frames
 
 logger = logging.getLogger(__name__)
@@ -76,8 +79,8 @@ class LatentSyncEngine:
     """LatentSync lip sync for one prepared avatar (engine name ``"latentsync"``).
 
     Args:
-        avatar: The prepared :class:`latentsync.avatar.Avatar` (aligned 256x256 faces, keep-mask, fps,
-            cache folder ``path`` where the latent cache is written).
+        avatar: The prepared :class:`latentsync.avatar.Avatar` (aligned faces at the version's size: 256x256,
+            512x512 for 1.6; keep-mask, fps, cache folder ``path`` where the latent cache is written).
         options: Files and sampling settings: the server's ``engine.latentsync`` section as is
             (None: its defaults).
         device: ``"cuda"``, ``"cuda:1"``, ``"cpu"``...; None: ``cuda`` when available, else ``cpu``.
@@ -168,8 +171,9 @@ class LatentSyncEngine:
                 version than ``engine.latentsync.version`` (1.0 against 1.5 / 1.6).
             latentsync.models.loading.CheckpointError: If the U-Net file does not fit the yaml's model.
             latentsync.models.whisper_features.WhisperCheckpointError: If ``tiny.pt`` is not Whisper.
-            ValueError: If the U-Net yaml has no usable ``model`` section or describes another version than
-                ``engine.latentsync.version``, if that version is 1.6 (its 512x512 path is not built yet), or
+            ValueError: If the U-Net yaml has no usable ``model`` section, describes another version than
+                ``engine.latentsync.version`` or another face size (``data.resolution``: 256 for 1.0 / 1.5,
+                512 for 1.6), if the avatar's faces are not of the version's size (:meth:`check_avatar`), or
                 models do not fit together.
 
         """
@@ -188,7 +192,8 @@ class LatentSyncEngine:
         device = torch.device(self._device_option or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float32 if device.type == "cpu" else resolve_dtype(self.options.dtype.value, device)
         channels_last = device.type == "cuda"
-        yaml_model = OmegaConf.load(files["unet_config"]).get("model")
+        yaml_doc = OmegaConf.load(files["unet_config"])
+        yaml_model = yaml_doc.get("model")
         if yaml_model is None:
             raise ValueError(f"{CONFIG_SECTION}.unet_config: {files['unet_config']} has no 'model' section")
         unet_config = UNet3DConfig.from_original(OmegaConf.to_container(yaml_model, resolve=True))
@@ -199,12 +204,16 @@ class LatentSyncEngine:
                 f"{'1.0' if unet_config.version_family == '1.0' else '1.5 or 1.6'} U-Net "
                 f"(use_motion_module: {str(unet_config.use_motion_module).lower()}) but {setting} is {version}"
             )
-        check_version(read_state_dict(files["unet_path"]), version, str(files["unet_path"]), setting)  # mmap: cheap
-        if version == "1.6":
+        face_size = latentsync_face_size(version)
+        resolution = OmegaConf.select(yaml_doc, "data.resolution", default=None)
+        if resolution is not None and int(resolution) != face_size:
             raise ValueError(
-                f"{setting} is 1.6: its 512x512 face path (alignment, mask, latents, paste-back at 512) is not "
-                "built yet; use a 1.0 or 1.5 checkpoint"
+                f"{CONFIG_SECTION}.unet_config: {files['unet_config']} has data.resolution {resolution} but {setting} "
+                f"is {version}, which runs on {face_size}x{face_size} faces (1.6: configs/unet/stage2_512.yaml; "
+                "1.5: configs/unet/stage2.yaml; 1.0: configs/unet/second_stage.yaml)"
             )
+        check_version(read_state_dict(files["unet_path"]), version, str(files["unet_path"]), setting)  # mmap: cheap
+        self.check_avatar(self.avatar)
         timings["check"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -254,6 +263,31 @@ class LatentSyncEngine:
             ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
         )
 
+    @property
+    def face_size(self) -> int:
+        """Side in pixels of the aligned faces this engine's version runs on (256; 512 for 1.6)."""
+        return latentsync_face_size(self.options.version)
+
+    def check_avatar(self, avatar) -> None:
+        """Refuse an avatar prepared at another face size than this engine's version runs on.
+
+        Args:
+            avatar: A prepared :class:`latentsync.avatar.Avatar` (its ``faces`` ``(F, S, S, 3)``).
+
+        Raises:
+            ValueError: If ``S`` is not :attr:`face_size`, naming the avatar's folder, both sizes and the version.
+
+        """
+        shape = tuple(np.shape(avatar.faces))
+        size = self.face_size
+        if shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"avatar {avatar.path} holds faces of shape {shape[1:]} but {CONFIG_SECTION}.version is "
+                f"{self.options.version}, which runs on {size}x{size} faces: prepare the avatar with "
+                f"face_size={size} (latentsync.avatar.AvatarSettings; the server prepares avatars at the size of "
+                "the configured engine, latentsync.config.engine_face_size)"
+            )
+
     def with_avatar(self, avatar) -> LatentSyncEngine:
         """A loaded engine for another avatar that shares this engine's models (one copy per worker).
 
@@ -270,9 +304,11 @@ class LatentSyncEngine:
         Raises:
             RuntimeError: If this engine is not loaded.
             FileNotFoundError: If the VAE files went away since :meth:`load`.
+            ValueError: If the avatar's faces are not of this version's size (:meth:`check_avatar`).
         """
         self._require_loaded("with_avatar")
         assert self.dtype is not None and self.device is not None
+        self.check_avatar(avatar)
         other = LatentSyncEngine(avatar, self.options, self._device_option)
         keep_mask = np.asarray(avatar.mask, np.float32)
         t = time.perf_counter()
@@ -408,9 +444,9 @@ class LatentSyncEngine:
                 from :meth:`features` (the caller pads the last chunk).
 
         Returns:
-            :class:`ChunkResult` with ``(len(frame_indices), 256, 256, 3) uint8`` RGB faces (pixels where the
-            avatar's keep-mask is 1 are the avatar face's) and timings ``features``, ``inputs``, ``unet``,
-            ``vae_decode``, ``compose`` in seconds.
+            :class:`ChunkResult` with ``(len(frame_indices), S, S, 3) uint8`` RGB faces, ``S`` = :attr:`face_size`
+            (256; 512 for 1.6; pixels where the avatar's keep-mask is 1 are the avatar face's) and timings
+            ``features``, ``inputs``, ``unet``, ``vae_decode``, ``compose`` in seconds.
 
         Raises:
             RuntimeError: If :meth:`load` was not called.

@@ -1,13 +1,16 @@
-"""Face geometry for LatentSync 1.0: landmarks, alignment onto the template, fixed mask, paste-back."""
+"""Face geometry for LatentSync: landmarks, alignment onto the template, fixed mask, paste-back (256 or 512 px)."""
 
 from latentsync.face.align import (
     FACE_SIZE,
     TEMPLATE_POINTS,
     TEMPLATE_SIZE,
+    affine_at_face_size,
     alignment_points,
+    check_face_size,
     compute_affines,
     similarity_transform,
     smooth_landmarks,
+    template_size,
     template_to_face_affine,
     transform_points,
     warp_face,
@@ -21,8 +24,8 @@ from latentsync.face.landmarks import (
     TrackerOptions,
     track_face,
 )
-from latentsync.face.mask import MASK_SIZE, make_keep_mask
-from latentsync.face.paste import PasteGeometry, PasteScratch, paste_face, paste_face_reference
+from latentsync.face.mask import MASK_SIZE, face_keep_mask, make_keep_mask
+from latentsync.face.paste import PasteGeometry, PasteScratch, face_size_of, paste_face, paste_face_reference
 
 __all__ = [
     "FACE_SIZE",
@@ -37,13 +40,18 @@ __all__ = [
     "PasteGeometry",
     "PasteScratch",
     "TrackerOptions",
+    "affine_at_face_size",
     "alignment_points",
+    "check_face_size",
     "compute_affines",
+    "face_keep_mask",
+    "face_size_of",
     "make_keep_mask",
     "paste_face",
     "paste_face_reference",
     "similarity_transform",
     "smooth_landmarks",
+    "template_size",
     "template_to_face_affine",
     "track_face",
     "transform_points",

@@ -1,7 +1,14 @@
 """Landmark smoothing, the three alignment points and the similarity transform onto the template.
 
-All constants come from docs/latentsync.md ("Face preparation"). Coordinates are ``(x, y)``
+All constants come from docs/latentsync.md ("Faces", "Versions"). Coordinates are ``(x, y)``
 pixels; an affine is a ``(2, 3) float64`` matrix mapping full-frame pixels to template pixels.
+
+Face sizes: LatentSync 1.0 / 1.5 run on 256x256 faces, 1.6 on 512x512 (``face_size``; the engine's
+version decides it, :func:`latentsync.config.engine_face_size`). The original scales its whole
+template with the face size (``ratio = resolution / 256 * 2.8``: points and crop), so one affine
+serves every size: the affines here always map onto the 256 template (210x280,
+:data:`TEMPLATE_POINTS`), and :func:`affine_at_face_size` scales one to the template of another
+size (420x560 at 512). At 256 every function here computes exactly what it did before sizes existed.
 """
 
 from __future__ import annotations
@@ -9,11 +16,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-#: Template crop size ``(width, height)`` in pixels onto which faces are aligned.
+#: Template crop size ``(width, height)`` in pixels onto which faces are aligned, at :data:`FACE_SIZE`
+#: (the original's ``(int(75 * ratio), int(100 * ratio))`` with ``ratio = 2.8``; :func:`template_size`).
 TEMPLATE_SIZE = (210, 280)
-#: Template positions of the three alignment points: brow 17-21, brow 22-26, nose 27-35.
+#: Template positions of the three alignment points at :data:`FACE_SIZE`: brow 17-21, brow 22-26, nose
+#: 27-35 (the original's ``[[17, 20], [58, 20], [37.5, 40]] * ratio`` with ``ratio = 2.8``).
 TEMPLATE_POINTS = np.array([[47.6, 56.0], [162.4, 56.0], [105.0, 112.0]], np.float64)
-#: Side of the aligned face given to the model, in pixels.
+#: Side of the aligned face given to the model, in pixels: LatentSync 1.0 / 1.5 (1.6: 512, ``face_size``).
 FACE_SIZE = 256
 #: Grey used outside the frame when warping (RGB).
 BORDER_VALUE = (127, 127, 127)
@@ -138,42 +147,108 @@ def transform_points(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return pts @ affine[:, :2].T + affine[:, 2]
 
 
-def template_to_face_affine(affine: np.ndarray) -> np.ndarray:
-    """Compose a frame-to-template affine with the 210x280 -> 256x256 resize.
+def check_face_size(face_size: int) -> int:
+    """Check an aligned face size.
 
     Args:
-        affine: ``(2, 3)`` frame-to-template affine.
+        face_size: Side of the aligned face in pixels (256 for LatentSync 1.0 / 1.5, 512 for 1.6).
 
     Returns:
-        ``(2, 3) float64`` affine mapping frame pixels to aligned 256x256 face pixels
-        (pixel-centre convention of ``cv2.resize``).
+        ``face_size`` as an int.
+
+    Raises:
+        ValueError: If it is not an integer of at least 8 (quoted).
 
     """
-    sx, sy = FACE_SIZE / TEMPLATE_SIZE[0], FACE_SIZE / TEMPLATE_SIZE[1]
+    if isinstance(face_size, bool) or not isinstance(face_size, int | np.integer) or face_size < 8:
+        raise ValueError(f"face_size must be an integer >= 8 (256 or 512), got {face_size!r}")
+    return int(face_size)
+
+
+def template_size(face_size: int = FACE_SIZE) -> tuple[int, int]:
+    """Template crop ``(width, height)`` in pixels for aligned faces of side ``face_size``.
+
+    The original's ``(int(75 * ratio), int(100 * ratio))`` with ``ratio = face_size / 256 * 2.8``,
+    in integers: 210x280 at 256, 420x560 at 512.
+
+    Raises:
+        ValueError: If ``face_size`` is not valid (:func:`check_face_size`).
+
+    """
+    face_size = check_face_size(face_size)
+    return TEMPLATE_SIZE[0] * face_size // FACE_SIZE, TEMPLATE_SIZE[1] * face_size // FACE_SIZE
+
+
+def affine_at_face_size(affine: np.ndarray, face_size: int = FACE_SIZE) -> np.ndarray:
+    """Scale a frame-to-template affine (256 template) to the template of another face size.
+
+    The original aligns onto the template points times ``face_size / 256 * 2.8``; the least-squares
+    similarity onto points scaled by ``k`` is the similarity onto the unscaled ones, scaled by ``k``
+    (translation included, and the translation smoothing is linear), so this is that alignment.
+
+    Args:
+        affine: ``(2, 3)`` frame-to-template affine onto :data:`TEMPLATE_POINTS` (210x280).
+        face_size: Side of the aligned face in pixels.
+
+    Returns:
+        ``(2, 3) float64`` frame-to-template affine onto the :func:`template_size` template of
+        ``face_size``; at 256 the same values as ``affine``.
+
+    Raises:
+        ValueError: If ``face_size`` is not valid (:func:`check_face_size`).
+
+    """
+    return np.asarray(affine, np.float64) * (check_face_size(face_size) / FACE_SIZE)
+
+
+def template_to_face_affine(affine: np.ndarray, face_size: int = FACE_SIZE) -> np.ndarray:
+    """Compose a frame-to-template affine with the template -> aligned face resize.
+
+    Args:
+        affine: ``(2, 3)`` frame-to-template affine (256 template, as :func:`compute_affines` gives).
+        face_size: Side of the aligned face in pixels (256: the 210x280 -> 256x256 resize; 512: the
+            template scaled to 420x560, then 420x560 -> 512x512).
+
+    Returns:
+        ``(2, 3) float64`` affine mapping frame pixels to aligned ``face_size`` x ``face_size`` face
+        pixels (pixel-centre convention of ``cv2.resize``).
+
+    Raises:
+        ValueError: If ``face_size`` is not valid (:func:`check_face_size`).
+
+    """
+    affine = affine_at_face_size(affine, face_size)
+    tw, th = template_size(face_size)
+    sx, sy = face_size / tw, face_size / th
     scale = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
     return np.hstack([scale[:, :2] @ affine[:, :2], (scale[:, :2] @ affine[:, 2] + scale[:, 2])[:, None]])
 
 
-def warp_face(frame: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def warp_face(frame: np.ndarray, affine: np.ndarray, face_size: int = FACE_SIZE) -> np.ndarray:
     """Cut the aligned face out of a frame.
 
-    Warps onto the 210x280 template with Lanczos and a constant grey border, then resizes to
-    256x256 with Lanczos (aspect not preserved), as LatentSync 1.0 does.
+    Warps onto the template of ``face_size`` (210x280 at 256, 420x560 at 512: :func:`template_size`)
+    with Lanczos and a constant grey border, then resizes to ``face_size`` x ``face_size`` with
+    Lanczos (aspect not preserved), as LatentSync does at each version's resolution.
 
     Args:
         frame: ``(H, W, 3) uint8`` RGB frame.
-        affine: ``(2, 3)`` frame-to-template affine.
+        affine: ``(2, 3)`` frame-to-template affine (256 template, as :func:`compute_affines` gives).
+        face_size: Side of the aligned face in pixels (256 for LatentSync 1.0 / 1.5, 512 for 1.6).
 
     Returns:
-        ``(256, 256, 3) uint8`` RGB aligned face.
+        ``(face_size, face_size, 3) uint8`` RGB aligned face.
+
+    Raises:
+        ValueError: If ``face_size`` is not valid (:func:`check_face_size`).
 
     """
     crop = cv2.warpAffine(
         frame,
-        affine,
-        TEMPLATE_SIZE,
+        affine_at_face_size(affine, face_size),
+        template_size(face_size),
         flags=cv2.INTER_LANCZOS4,
         borderMode=cv2.BORDER_CONSTANT,
         borderValue=BORDER_VALUE,
     )
-    return cv2.resize(crop, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+    return cv2.resize(crop, (face_size, face_size), interpolation=cv2.INTER_LANCZOS4)

@@ -1,10 +1,14 @@
-"""The fixed LatentSync 1.0 mouth mask, generated from its documented geometry."""
+"""The fixed LatentSync mouth mask, generated from its documented geometry, at each face size."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
-#: Side of the aligned face and of the mask, in pixels (LatentSync 1.0 resolution).
+from latentsync.face.align import check_face_size
+
+#: Side of the grid the mask geometry is defined on, in pixels (LatentSync 1.0 / 1.5 resolution; 1.6's
+#: 512 mask is this grid resized, :func:`face_keep_mask`).
 MASK_SIZE = 256
 
 #: Rows ``[start, stop)`` where only the two cheek bands are generated (docs/latentsync.md).
@@ -58,3 +62,32 @@ def make_keep_mask(size: int = MASK_SIZE) -> np.ndarray:
         idx = (np.arange(size) * MASK_SIZE) // size
         mask = mask[np.ix_(idx, idx)]
     return mask
+
+
+def face_keep_mask(face_size: int = MASK_SIZE) -> np.ndarray:
+    """The keep-mask of aligned faces of side ``face_size``, as the original builds it for its resolution.
+
+    The original reads one 256x256 mask image at every version and resizes it to the resolution with
+    Lanczos on 8 bits, then divides by 255 (``load_fixed_mask`` at the 1.5 / 1.6 releases): the
+    identity at 256, at 512 (LatentSync 1.6) the same geometry with a soft edge (Lanczos's ringing,
+    within 7 px of the edges: 3.5 % of the pixels). Here the image is :func:`make_keep_mask`'s 256
+    grid, resized the same way.
+
+    Args:
+        face_size: Side of the aligned face in pixels (256 for LatentSync 1.0 / 1.5, 512 for 1.6).
+
+    Returns:
+        ``(face_size, face_size) float32`` in [0, 1], 1.0 = keep the original pixel, 0.0 = generated;
+        at 256 exactly :func:`make_keep_mask`'s.
+
+    Raises:
+        ValueError: If ``face_size`` is not an integer of at least 8.
+
+    """
+    face_size = check_face_size(face_size)
+    grid = make_keep_mask()
+    if face_size == MASK_SIZE:
+        return grid
+    image = (grid * 255.0).astype(np.uint8)
+    resized = cv2.resize(image, (face_size, face_size), interpolation=cv2.INTER_LANCZOS4)  # saturates to 0..255
+    return (resized.astype(np.float32) / np.float32(255.0)).astype(np.float32)

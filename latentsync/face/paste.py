@@ -5,6 +5,11 @@ Two implementations of one operation (docs/latentsync.md, "Face preparation"):
 :func:`paste_face` does the same work only on the face's bounding box plus the blur margin, which
 gives the same pixels (outside the box the soft mask is exactly zero) at a fraction of the cost;
 it also works on 8-bit masks and blends with OpenCV (within one grey level of the reference).
+
+Faces of any size the alignment makes paste back (256x256 for LatentSync 1.0 / 1.5, 512x512 for 1.6,
+or their templates, 210x280 and 420x560): the face goes back to its size's template, then through
+the inverse of the affine scaled to that template (:func:`latentsync.face.align.affine_at_face_size`).
+The soft mask is computed in frame pixels, so its edge is the same at every size.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from latentsync.face.align import FACE_SIZE, TEMPLATE_SIZE
+from latentsync.face.align import FACE_SIZE, TEMPLATE_SIZE, affine_at_face_size, template_size
 from latentsync.media.buffers import written_into
 
 #: First erosion of the warped face mask, kernel side in pixels (LatentSync 1.0: 2).
@@ -24,11 +29,35 @@ _FIRST_EROSION_PX = 2
 _EDGE_DIVISOR = 20
 
 
-def _face_to_template(face: np.ndarray) -> np.ndarray:
-    """Resize a 256x256 face back to the 210x280 template (bilinear)."""
-    if face.shape[:2] == (TEMPLATE_SIZE[1], TEMPLATE_SIZE[0]):
+def face_size_of(face: np.ndarray) -> int:
+    """The aligned face size a face (or template crop) is of.
+
+    Args:
+        face: ``(S, S, 3)`` aligned face, or ``(h, w, 3)`` template crop of a face size (210x280 for 256,
+            420x560 for 512: :func:`latentsync.face.align.template_size`).
+
+    Returns:
+        ``S``, or the face size whose template is ``w`` x ``h``.
+
+    Raises:
+        ValueError: If the shape is neither (quoted).
+
+    """
+    h, w = face.shape[:2]
+    if h == w and h >= 8:
+        return int(h)
+    size = w * FACE_SIZE // TEMPLATE_SIZE[0]
+    if size >= 8 and template_size(size) == (w, h):
+        return int(size)
+    raise ValueError(f"face must be square (256x256, 512x512) or a template crop (210x280, 420x560), got {face.shape}")
+
+
+def _face_to_template(face: np.ndarray, face_size: int) -> np.ndarray:
+    """Resize an aligned face back to its size's template (bilinear); a template crop is returned as is."""
+    size = template_size(face_size)
+    if face.shape[:2] == (size[1], size[0]):
         return face
-    return cv2.resize(face, TEMPLATE_SIZE, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(face, size, interpolation=cv2.INTER_LINEAR)
 
 
 def _soft_mask(warped_ones: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,17 +120,23 @@ def paste_face_reference(frame: np.ndarray, face: np.ndarray, affine: np.ndarray
 
     Args:
         frame: ``(H, W, 3) uint8`` RGB frame.
-        face: ``(256, 256, 3)`` or ``(280, 210, 3)`` uint8 RGB aligned face.
-        affine: ``(2, 3)`` frame-to-template affine of this frame.
+        face: ``(S, S, 3)`` uint8 RGB aligned face (S = 256 or 512), or its template crop
+            (``(280, 210, 3)``, ``(560, 420, 3)``).
+        affine: ``(2, 3)`` frame-to-template affine of this frame (256 template, as the avatar keeps it).
 
     Returns:
         ``(H, W, 3) uint8`` RGB frame with the face pasted (a new array).
 
+    Raises:
+        ValueError: If the face's shape is not one of those (:func:`face_size_of`).
+
     """
     h, w = frame.shape[:2]
-    inverse = cv2.invertAffineTransform(np.asarray(affine, np.float64))
-    restored = cv2.warpAffine(_face_to_template(face), inverse, (w, h))
-    ones = np.ones((TEMPLATE_SIZE[1], TEMPLATE_SIZE[0]), np.float32)
+    face_size = face_size_of(face)
+    inverse = cv2.invertAffineTransform(affine_at_face_size(affine, face_size))
+    restored = cv2.warpAffine(_face_to_template(face, face_size), inverse, (w, h))
+    tw, th = template_size(face_size)
+    ones = np.ones((th, tw), np.float32)
     hard, soft = _soft_mask(cv2.warpAffine(ones, inverse, (w, h)))
     return _blend(frame, restored, hard, soft)
 
@@ -115,9 +150,11 @@ class PasteGeometry:
 
     Attributes:
         box: ``(x0, y0, x1, y1)`` int region of the frame that the paste may change.
-        inverse: ``(2, 3) float64`` template-to-box affine (the inverse affine shifted to the box).
+        inverse: ``(2, 3) float64`` template-to-box affine (the inverse affine shifted to the box), from
+            the template of ``face_size``.
         hard: ``(y1 - y0, x1 - x0) uint8`` eroded warped face mask (0-255).
         soft: ``(y1 - y0, x1 - x0) uint8`` the same eroded further and blurred: the feathered edge.
+        face_size: Side in pixels of the aligned faces it pastes (256, or 512 for LatentSync 1.6).
 
     """
 
@@ -125,6 +162,7 @@ class PasteGeometry:
     inverse: np.ndarray
     hard: np.ndarray
     soft: np.ndarray
+    face_size: int = FACE_SIZE
 
     @property
     def nbytes(self) -> int:
@@ -146,24 +184,25 @@ class PasteGeometry:
         return face, frame
 
     @classmethod
-    def from_affine(cls, affine: np.ndarray, frame_size: tuple[int, int]) -> PasteGeometry:
+    def from_affine(cls, affine: np.ndarray, frame_size: tuple[int, int], face_size: int = FACE_SIZE) -> PasteGeometry:
         """Compute the paste geometry of one frame.
 
         Args:
-            affine: ``(2, 3)`` frame-to-template affine.
+            affine: ``(2, 3)`` frame-to-template affine (256 template, as the avatar keeps it).
             frame_size: ``(width, height)`` of the full frame in pixels.
+            face_size: Side in pixels of the aligned faces to paste (256; 512 for LatentSync 1.6).
 
         Returns:
             The geometry; its box covers the warped template plus the soft-edge margin, clipped
             to the frame.
 
         Raises:
-            ValueError: If the face lies entirely outside the frame.
+            ValueError: If the face lies entirely outside the frame, or ``face_size`` is not valid.
 
         """
         w, h = frame_size
-        inverse = cv2.invertAffineTransform(np.asarray(affine, np.float64))
-        tw, th = TEMPLATE_SIZE
+        inverse = cv2.invertAffineTransform(affine_at_face_size(affine, face_size))
+        tw, th = template_size(face_size)
         corners = np.array([[0, 0], [tw, 0], [0, th], [tw, th]], np.float64)
         pts = corners @ inverse[:, :2].T + inverse[:, 2]
         # The edge width can only be smaller than the one of the unclipped warped area.
@@ -179,7 +218,7 @@ class PasteGeometry:
         shifted[:, 2] -= (x0, y0)
         ones = np.full((th, tw), 255, np.uint8)
         hard, soft = _soft_mask_fast(cv2.warpAffine(ones, shifted, (x1 - x0, y1 - y0)))
-        return cls((x0, y0, x1, y1), shifted, hard, soft)
+        return cls((x0, y0, x1, y1), shifted, hard, soft, int(face_size))
 
 
 class PasteScratch:
@@ -226,9 +265,11 @@ def paste_face(
 
     Args:
         frame: ``(H, W, 3) uint8`` RGB frame.
-        face: ``(256, 256, 3)`` or ``(280, 210, 3)`` uint8 RGB aligned face.
-        affine: ``(2, 3)`` frame-to-template affine; needed when ``geometry`` is None.
-        geometry: Precomputed :class:`PasteGeometry` of this frame (saves about half the work).
+        face: ``(S, S, 3)`` uint8 RGB aligned face (S = 256, or 512 for LatentSync 1.6), or its template
+            crop (``(280, 210, 3)``, ``(560, 420, 3)``).
+        affine: ``(2, 3)`` frame-to-template affine (256 template); needed when ``geometry`` is None.
+        geometry: Precomputed :class:`PasteGeometry` of this frame (saves about half the work), made for
+            this face size.
         inplace: Write into ``frame`` instead of a copy.
         scratch: Where the warped face and the weights go (:class:`PasteScratch`); None: fresh arrays.
 
@@ -236,19 +277,22 @@ def paste_face(
         ``(H, W, 3) uint8`` RGB frame with the face pasted (``frame`` itself when ``inplace``).
 
     Raises:
-        ValueError: If neither ``affine`` nor ``geometry`` is given, or the face is not 256x256
-            or 210x280.
+        ValueError: If neither ``affine`` nor ``geometry`` is given, the face's shape is not one of those
+            (:func:`face_size_of`), or it is of another face size than ``geometry``'s.
 
     """
-    if face.shape[:2] not in ((FACE_SIZE, FACE_SIZE), (TEMPLATE_SIZE[1], TEMPLATE_SIZE[0])):
-        raise ValueError(f"face must be 256x256 or 210x280 (w x h), got shape {face.shape}")
+    face_size = face_size_of(face)
     if geometry is None:
         if affine is None:
             raise ValueError("paste_face needs an affine or a PasteGeometry")
-        geometry = PasteGeometry.from_affine(affine, (frame.shape[1], frame.shape[0]))
+        geometry = PasteGeometry.from_affine(affine, (frame.shape[1], frame.shape[0]), face_size)
+    elif geometry.face_size != face_size:
+        raise ValueError(
+            f"face of shape {face.shape} is a {face_size} px face, the paste geometry is for {geometry.face_size} px"
+        )
     x0, y0, x1, y1 = geometry.box
     size = (x1 - x0, y1 - y0)
-    template = _face_to_template(face)
+    template = _face_to_template(face, face_size)
     view = scratch.view(size[1], size[0]) if scratch is not None else None
     restored = cv2.warpAffine(template, geometry.inverse, size, dst=view)
     out = frame if inplace else frame.copy()

@@ -77,7 +77,7 @@ def initial_noise(seed: int, height: int, width: int, channels: int = VAE_LATENT
 
     Args:
         seed: Random seed (any Python int accepted by ``manual_seed``).
-        height: Latent height (32 for 256 px faces).
+        height: Latent height (32 for 256 px faces, 64 for LatentSync 1.6's 512 px faces).
         width: Latent width.
         channels: Latent channels (4).
 
@@ -233,7 +233,7 @@ class LipsyncPipeline:
         """VAE latents of aligned faces: what a chunk needs per avatar frame (cache them).
 
         Args:
-            faces: ``(N, H, W, 3) uint8`` RGB aligned faces (H = W = 256 for LatentSync 1.0).
+            faces: ``(N, H, W, 3) uint8`` RGB aligned faces (H = W = 256 for LatentSync 1.0 / 1.5, 512 for 1.6).
             keep_mask: ``(H, W)`` float keep-mask, 1 = keep, 0 = generated.
             seed: Seed of the latent sampling noise; frame ``k`` of this batch uses a CPU generator
                 seeded ``seed + first_index + k`` (reference noise first, then masked).
@@ -334,7 +334,8 @@ class LipsyncPipeline:
         """Generate one chunk of lip-synced faces.
 
         Args:
-            faces: ``(F, H, W, 3) uint8`` RGB aligned faces of the chunk's avatar frames (F = 16; H = W = 256).
+            faces: ``(F, H, W, 3) uint8`` RGB aligned faces of the chunk's avatar frames (F = 16; H = W = 256, 512
+                for LatentSync 1.6).
             reference_latents: ``(F, 4, H / 8, W / 8)`` float reference latents of those frames
                 (:meth:`encode_faces`, scaled by 0.18215).
             masked_latents: ``(F, 4, H / 8, W / 8)`` float masked-image latents of those frames.

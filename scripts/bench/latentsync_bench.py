@@ -1,4 +1,7 @@
-"""Benchmark LatentSync 1.0 with random weights of the real size (no checkpoint needed); prints one table.
+"""Benchmark LatentSync with random weights of the real size (no checkpoint needed); prints one table.
+
+``--version`` (1.0 default, 1.5, 1.6) picks the U-Net (1.5 / 1.6: with the temporal layers) and the face size
+(1.6: 512x512 faces, 64x64 latents; else 256x256, 32x32).
 
 GPU (the default, ``--device cuda``): builds the U-Net, the sd-vae-ft-mse VAE and the Whisper-tiny encoder
 with scale-preserving random weights, and runs the product's code path, ``LipsyncPipeline.generate_batch``
@@ -18,6 +21,7 @@ and noise, max and mean absolute difference in grey levels over the generated pi
     python scripts/bench/latentsync_bench.py --device cpu              # full-size U-Net ms/step, 2 and 16 frames
     python scripts/bench/latentsync_bench.py --device cpu --tiny       # seconds-long smoke test of every path
     python scripts/bench/latentsync_bench.py --deepcache-interval 0 3  # rows without and with DeepCache
+    python scripts/bench/latentsync_bench.py --quick --version 1.6     # 1.6: temporal U-Net, 512 px faces
 
 CPU (``--device cpu`` without ``--tiny``): the full-size U-Net forward only (fp32, channels-last as loaded
 by ``load_unet``), ms per step for 2 and 16 frames, with the thread count (``--threads``). ``--tiny`` runs
@@ -44,8 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from latentsync.config import DType  # noqa: E402
-from latentsync.face.mask import make_keep_mask  # noqa: E402
+from latentsync.config import LATENTSYNC_VERSIONS, DType, latentsync_face_size  # noqa: E402
+from latentsync.face.mask import face_keep_mask  # noqa: E402
 from latentsync.models.loading import resolve_dtype  # noqa: E402
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig  # noqa: E402
 from latentsync.models.vae import sd_vae_ft_mse_config  # noqa: E402
@@ -62,7 +66,6 @@ REPO = Path(__file__).resolve().parents[2]
 DTYPES = tuple(d.value for d in DType)
 #: ``--modes`` values: eager, ``torch.compile`` default, and CUDA graphs through ``reduce-overhead``.
 MODES = {"eager": None, "default": "default", "reduce-overhead": "reduce-overhead"}
-FACE_PX = 256
 AUDIO_WIDTH = 384
 AUDIO_TOKENS = 50
 
@@ -116,19 +119,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
 # --------------------------------------------------------------------------------------------- models
 
 
-def build_unet(device: torch.device, dtype: torch.dtype, tiny: bool) -> UNet3DConditionModel:
-    """Random real-size (or tiny) U-Net, channels-last, as ``load_unet`` delivers it."""
-    config = UNet3DConfig.tiny() if tiny else UNet3DConfig()
+def build_unet(device: torch.device, dtype: torch.dtype, tiny: bool, version: str = "1.0") -> UNet3DConditionModel:
+    """Random real-size (or tiny) U-Net of a LatentSync version, channels-last, as ``load_unet`` delivers it."""
+    config = UNet3DConfig.for_version(version)
+    if tiny:
+        config = UNet3DConfig.tiny(
+            use_motion_module=config.use_motion_module, audio_layer_names=config.audio_layer_names
+        )
     unet = random_init_(UNet3DConditionModel(config, device="meta").to_empty(device="cpu"))
     unet = unet.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
     return unet.eval().requires_grad_(False)
 
 
-def build_models(device: torch.device, dtype: torch.dtype, tiny: bool):
+def build_models(device: torch.device, dtype: torch.dtype, tiny: bool, version: str = "1.0"):
     """Random U-Net, VAE and Whisper encoder (the same weights for every dtype), as the engine loads them."""
     from diffusers import AutoencoderKL
 
-    unet = build_unet(device, dtype, tiny)
+    unet = build_unet(device, dtype, tiny, version)
     vae_config = sd_vae_ft_mse_config()
     if tiny:
         vae_config.update(
@@ -153,21 +160,21 @@ def build_models(device: torch.device, dtype: torch.dtype, tiny: bool):
 class Inputs:
     """One avatar's worth of bench inputs (seeded): faces, keep-mask, speech-like audio, chunk features."""
 
-    faces: np.ndarray  # (4 * 16, 256, 256, 3) uint8
-    keep_mask: np.ndarray  # (256, 256) float32
+    faces: np.ndarray  # (4 * 16, S, S, 3) uint8, S = the version's face size (256; 512 for 1.6)
+    keep_mask: np.ndarray  # (S, S) float32
     audio: np.ndarray  # (10 s,) float32
     features: np.ndarray  # (4 * 16, 50, 384) float32
 
 
-def make_inputs(frames: int, max_chunks: int, audio_width: int) -> Inputs:
+def make_inputs(frames: int, max_chunks: int, audio_width: int, face_px: int = 256) -> Inputs:
     rng = np.random.default_rng(0)
     n = frames * max_chunks
     # Smooth random faces (a blurred pattern, not white noise): closer to the VAE's training images.
-    coarse = rng.integers(0, 256, (n, FACE_PX // 16, FACE_PX // 16, 3), dtype=np.uint8)
+    coarse = rng.integers(0, 256, (n, face_px // 16, face_px // 16, 3), dtype=np.uint8)
     faces = np.repeat(np.repeat(coarse, 16, axis=1), 16, axis=2)
     audio = (0.1 * rng.standard_normal(10 * SAMPLE_RATE_HZ)).astype(np.float32)
     features = rng.standard_normal((n, AUDIO_TOKENS, audio_width)).astype(np.float32)
-    return Inputs(faces, make_keep_mask(FACE_PX).astype(np.float32), audio, features)
+    return Inputs(faces, face_keep_mask(face_px).astype(np.float32), audio, features)
 
 
 def make_chunks(pipeline: LipsyncPipeline, inputs: Inputs, frames: int, count: int) -> list[LipsyncChunk]:
@@ -232,7 +239,7 @@ def run_generate(pipeline, chunks, keep_mask, steps, guidance, device):
 
 def bench_models(args, device, dtype_name: str, mode: str, inputs: Inputs) -> tuple[list[Row], ModelFigures]:
     dtype = resolve_dtype(dtype_name, device)
-    unet, vae, whisper = build_models(device, dtype, args.tiny)
+    unet, vae, whisper = build_models(device, dtype, args.tiny, args.version)
     compile_mode = MODES[mode]
     pipelines = {
         interval: LipsyncPipeline(
@@ -328,7 +335,7 @@ def numerical_check(args, device, inputs: Inputs) -> list[str]:
     generated = inputs.keep_mask == 0
     faces: dict[tuple[str, float], np.ndarray] = {}
     for dtype_name in ["float32", *[d for d in args.dtypes if d != "float32"]]:
-        unet, vae, _ = build_models(device, resolve_dtype(dtype_name, device), args.tiny)
+        unet, vae, _ = build_models(device, resolve_dtype(dtype_name, device), args.tiny, args.version)
         pipeline = LipsyncPipeline(unet, vae, load_scheduler(REPO / "configs/scheduler_config.json"))
         # Cached latents are computed once per avatar: the fp32 ones feed every dtype (only the U-Net loop
         # and the decode differ, as when a cache file is shared).
@@ -353,7 +360,7 @@ def numerical_check(args, device, inputs: Inputs) -> list[str]:
 
 
 def gpu_report(args, device) -> None:
-    inputs = make_inputs(args.frames, max(args.chunks), AUDIO_WIDTH)
+    inputs = make_inputs(args.frames, max(args.chunks), AUDIO_WIDTH, latentsync_face_size(args.version))
     print(ROW_HEADER)
     print("-" * len(ROW_HEADER))
     figures = []
@@ -383,7 +390,7 @@ def gpu_report(args, device) -> None:
 
 def cpu_unet_report(args, device) -> None:
     """Full-size U-Net forward on the CPU, fp32, ms per DDIM step for each frame count (B = 1, no CFG)."""
-    unet = build_unet(device, torch.float32, tiny=False)
+    unet = build_unet(device, torch.float32, tiny=False, version=args.version)
     print(f"{'frames':>6s} {'unet ms/step':>12s} {'ms/step/frame':>13s} {'threads':>7s}")
     print("-" * 41)
     generator = torch.Generator().manual_seed(0)
@@ -397,8 +404,14 @@ def cpu_unet_report(args, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="LatentSync 1.0 benchmark (random weights of the real size)")
+    parser = argparse.ArgumentParser(description="LatentSync benchmark (random weights of the real size)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--version",
+        choices=LATENTSYNC_VERSIONS,
+        default="1.0",
+        help="LatentSync version: its U-Net and face size (1.6: 512 px faces, 64x64 latents)",
+    )
     parser.add_argument("--quick", action="store_true", help="GPU subset that fits in ~5 min on an H100")
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net/VAE/Whisper configs (smoke test)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
@@ -408,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps per chunk (default 20; 2 tiny)")
     parser.add_argument("--frames", type=int, default=None, help="frames per chunk (default 16; 2 tiny)")
     parser.add_argument("--cpu-frames", nargs="+", type=int, default=[2, 16], help="CPU U-Net frame counts")
-    parser.add_argument("--latent-size", type=int, default=32, help="CPU U-Net latent H = W (32 = 256 px)")
+    parser.add_argument(
+        "--latent-size", type=int, default=None, help="CPU U-Net latent H = W (default: the version's, 32 = 256 px)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per shape (default 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed calls, median (default 3; 1 quick/tiny)")
@@ -423,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(interval < 0 for interval in args.deepcache_interval):
         parser.error("--deepcache-interval takes integers >= 0")
+    args.latent_size = args.latent_size or latentsync_face_size(args.version) // 8
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -455,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.accumulated_cache_size_limit = 512
 
     size = "tiny configs" if args.tiny else "full size, random weights"
-    print(f"device: {device_name(device)}; torch {torch.__version__}; {size}")
+    face_px = latentsync_face_size(args.version)
+    version = f"LatentSync {args.version}, {face_px} px faces"
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {size}; {version}")
     if device.type == "cpu" and not args.tiny:
         print(f"U-Net forward, fp32, channels-last, B=1, latents {args.latent_size}x{args.latent_size}")
         cpu_unet_report(args, device)
@@ -471,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled = argparse.Namespace(**{**vars(args), "guidance": [1.0], "chunks": [1], "iters": 3})
         print(ROW_HEADER)
         print("-" * len(ROW_HEADER))
-        inputs = make_inputs(args.frames, 1, AUDIO_WIDTH)
+        inputs = make_inputs(args.frames, 1, AUDIO_WIDTH, latentsync_face_size(args.version))
         _, fig = bench_models(compiled, device, "float16", "reduce-overhead", inputs)
         release_models(device)
         print(f"  whisper ms/window {fig.whisper_ms:.1f}, first chunk ms {fig.first_chunk_ms:.0f}")

@@ -23,9 +23,21 @@ from latentsync.serving.avatars.catalogue import AvatarCatalogue, AvatarError
 
 logger = logging.getLogger(__name__)
 
-#: Bytes per frame a prepared avatar holds besides its ``W x H x 3`` frames: the aligned 256x256x3
-#: face plus the per-frame geometry (affine, 68 landmarks twice, box, flags); from latentsync/avatar.py.
-PREPARED_BYTES_PER_FRAME = 256 * 256 * 3 + 6 * 8 + 2 * 68 * 2 * 4 + 4 * 4 + 2
+#: Bytes per frame of a prepared avatar's per-frame geometry (affine, 68 landmarks twice, box, flags);
+#: from latentsync/avatar.py.
+GEOMETRY_BYTES_PER_FRAME = 6 * 8 + 2 * 68 * 2 * 4 + 4 * 4 + 2
+
+
+def prepared_bytes_per_frame(face_size: int) -> int:
+    """Bytes per frame a prepared avatar holds besides its ``W x H x 3`` frames.
+
+    Args:
+        face_size: Side of its aligned faces in pixels (256; 512 for LatentSync 1.6).
+
+    Returns:
+        The aligned ``face_size x face_size x 3`` uint8 face plus :data:`GEOMETRY_BYTES_PER_FRAME`.
+    """
+    return face_size * face_size * 3 + GEOMETRY_BYTES_PER_FRAME
 
 
 def tree_bytes(path: Path) -> int:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from latentsync.config import AppConfig, uploaded_avatar_video
+from latentsync.config import AppConfig, engine_face_size, uploaded_avatar_video
 from latentsync.media import MediaProbeError
 from latentsync.media.errors import MediaDecodeTimeout
 from latentsync.media.video import FrameBudget, decode_video_frames, remux_untrusted_video
@@ -44,7 +44,7 @@ from latentsync.serving.avatars.catalogue import (
 )
 from latentsync.serving.avatars.face_policy import FacePolicy, lost_face_warnings
 from latentsync.serving.avatars.preparation import CHILD_EXIT_S, PreparationQueue
-from latentsync.serving.avatars.quota import PREPARED_BYTES_PER_FRAME, CacheQuota, tree_bytes
+from latentsync.serving.avatars.quota import CacheQuota, prepared_bytes_per_frame, tree_bytes
 from latentsync.serving.avatars.stills import StillCache
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class AvatarStore:
     """Uploaded avatars: intake, background preparation, listing, deletion and the cache's disk quota.
 
     Args:
-        config: The server configuration (``avatar.*`` limits, ``stream.fps`` and size).
+        config: The server configuration (``avatar.*`` limits, ``stream.fps`` and size, the engine: the face size).
         in_use: Returns what the channels use now: resolved paths (prepared avatar folders and
             video files) mapped to the names of the channels using them. Never deleted by the quota.
 
@@ -84,6 +84,7 @@ class AvatarStore:
         self._cfg = config.avatar
         self._max_clip_s = float(config.media.max_clip_s)  # a channel's base video (counted while decoding)
         self._fps = int(config.stream.fps)
+        self._face_size = engine_face_size(config.engine)  # what the engine needs (512 for LatentSync 1.6)
         s = config.stream
         self._size = (int(s.width), int(s.height)) if s.width and s.height else None
         self._catalogue = AvatarCatalogue(self._cfg.cache_dir, in_use)
@@ -274,7 +275,8 @@ class AvatarStore:
                 raise AvatarError("not_video", "the upload's video decodes to no frames") from None
             height, width = int(first.shape[1]), int(first.shape[2])
             num_frames = max(1, round(info.duration_s * self._fps))
-            need = num_frames * (width * height * 3 + PREPARED_BYTES_PER_FRAME) + tree_bytes(video.parent)
+            per_frame = width * height * 3 + prepared_bytes_per_frame(self._face_size)
+            need = num_frames * per_frame + tree_bytes(video.parent)
             record = AvatarRecord(
                 id=avatar_id,
                 name=_clean_name(name),
@@ -377,6 +379,7 @@ class AvatarStore:
             background=self._cfg.background,
             face_fraction=self._cfg.face_fraction,
             min_face_px=self._cfg.min_face_px,
+            face_size=self._face_size,  # as the channels' (runtime.channel.avatar_settings): the same cache folder
         )
 
         def progress(fraction: float) -> None:

@@ -110,7 +110,8 @@ class EngineHost:
         window, the last row repeated when the job's frames were padded to the engine's shortest chunk.
 
         Returns:
-            One :class:`ChunkResult` per job, in order (faces ``(n, 256, 256, 3) uint8`` RGB).
+            One :class:`ChunkResult` per job, in order (faces ``(n, S, S, 3) uint8`` RGB, ``S`` the avatar's
+            face size: 256, 512 for LatentSync 1.6).
         """
         engine = self.engine(jobs[0].avatar)
         requests = []

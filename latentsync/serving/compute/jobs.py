@@ -43,6 +43,8 @@ class ChunkJob:
             serves the earliest first).
         seed: Random seed for engines that sample noise (None: engine default).
         guidance_scale: Classifier-free guidance scale (None: the engine's default).
+        face_size: Side in pixels of the avatar's aligned faces, what the answer's faces must be
+            (256; 512 for LatentSync 1.6: :func:`latentsync.config.engine_face_size`).
     """
 
     task_id: str
@@ -54,6 +56,7 @@ class ChunkJob:
     due_at: float
     seed: int | None = None
     guidance_scale: float | None = None
+    face_size: int = FACE_SIZE
 
     @property
     def label(self) -> str:
@@ -78,16 +81,15 @@ class JobQueue(Protocol):
         ...
 
 
-def result_problem(job: ChunkJob, result: object, face_size: int = FACE_SIZE) -> str | None:
+def result_problem(job: ChunkJob, result: object) -> str | None:
     """Why a worker's answer to ``job`` cannot be played, or None when it can.
 
     A worker is another process (or another machine): what it returns is checked before it reaches
     a task, so a wrong answer fails its job with a reason instead of raising on the clock thread.
 
     Args:
-        job: The job the answer is for.
+        job: The job the answer is for (its ``face_size``: the side of the square faces it must hold).
         result: What the worker returned for it.
-        face_size: Side of the square faces the engines make (the avatar's aligned face crops).
 
     Returns:
         The reason, naming the job and what was wrong (its ids, or its faces' shape or dtype), or None.
@@ -97,7 +99,7 @@ def result_problem(job: ChunkJob, result: object, face_size: int = FACE_SIZE) ->
     if result.task_id != job.task_id or result.chunk_index != job.chunk_index:
         return f"worker returned chunk {result.chunk_index!r} of task {result.task_id!r} for {job.label}"
     n = len(job.frame_indices)
-    expected = (n, face_size, face_size, 3)
+    expected = (n, job.face_size, job.face_size, 3)
     faces = result.faces
     shape = getattr(faces, "shape", None)
     dtype = getattr(faces, "dtype", None)

@@ -1,7 +1,8 @@
 """Paste-back on the clock thread: generated faces into copies of the avatar's base frames, in recycled buffers.
 
 A speaking program hands the mixer one frame per tick: the base frame with the generated face
-pasted just in time (so buffered chunks hold only 256x256 faces). :class:`FramePaster` does the
+pasted just in time (so buffered chunks hold only the aligned faces: 256x256, 512x512 for LatentSync
+1.6). :class:`FramePaster` does the
 paste into buffers it recycles (:class:`~latentsync.media.buffers.FramePool` for the frames,
 :class:`~latentsync.face.paste.PasteScratch` for the warped face and the blend's weights): at
 832x1248 a fresh frame a tick would be 3 MB allocated 25 times a second.
@@ -40,7 +41,8 @@ class FramePaster:
 
         Args:
             base: Base frame index in ``[0, F)``.
-            face: ``(256, 256, 3) uint8`` RGB generated face, aligned like the avatar's faces.
+            face: ``(S, S, 3) uint8`` RGB generated face, aligned like the avatar's faces (``S`` its face
+                size: 256, 512 for LatentSync 1.6).
 
         Returns:
             ``(H, W, 3) uint8`` RGB frame in a recycled buffer (back in the pool once nothing references it).

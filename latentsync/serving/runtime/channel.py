@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from latentsync.avatar import Avatar, AvatarSettings
-from latentsync.config import AppConfig, OutputTarget, channel_outputs
+from latentsync.config import AppConfig, OutputTarget, channel_outputs, engine_face_size
 from latentsync.media.default_avatar import ensure_default_avatar
 from latentsync.media.framing import capped_size
 from latentsync.media.probe import probe_media
@@ -73,7 +73,11 @@ def own_size(video: str | Path, max_side: int, fps: int, limits: ClipLimits) -> 
 
 
 def avatar_settings(config: AppConfig, size: tuple[int, int] | None) -> AvatarSettings:
-    """How a channel prepares its base video: at its fps and ``size``, framed as ``avatar.fit`` says."""
+    """How a channel prepares its base video: at its fps and ``size``, framed as ``avatar.fit`` says.
+
+    Its aligned faces are of the engine's size (:func:`latentsync.config.engine_face_size`: 512 for
+    LatentSync 1.6, else 256), as the avatar store's uploads are, so both find the same cache folder.
+    """
     a = config.avatar
     return AvatarSettings(
         fps=config.stream.fps,
@@ -83,6 +87,7 @@ def avatar_settings(config: AppConfig, size: tuple[int, int] | None) -> AvatarSe
         background=a.background,
         face_fraction=a.face_fraction,
         min_face_px=a.min_face_px,
+        face_size=engine_face_size(config.engine),
     )
 
 

@@ -5,7 +5,7 @@ task's *content* frames (frames of its audio), planned by the processor in order
 (:meth:`SpeechProgram.plan`); their faces arrive in any order (:meth:`SpeechProgram.add_chunk`)
 and are handed out in order, pasted into the avatar's base frames just in time on the controller
 thread (:class:`~latentsync.serving.playout.paste.FramePaster`), so buffered chunks hold only
-256x256 faces.
+aligned faces (256x256; 512x512 for LatentSync 1.6).
 
 Frames the mixer plays = content frames + *gap* frames: when the next content frame is not
 generated at its turn (its audio arrives slower than real time, or its chunk is still in the
@@ -107,7 +107,7 @@ class SpeechProgram:
         min_chunk_frames: The shortest chunk the processor cuts while audio streams in (the jitter
             buffer predicts the next chunk with it).
         max_frames_ahead: Frames a task may have generated or in flight ahead of the frame on air
-            (``tasks.max_frames_ahead``; bounds memory: 196 kB per 256x256 face).
+            (``tasks.max_frames_ahead``; bounds memory: 196 kB per 256x256 face, 786 kB per 512x512 one).
         start_margin_s: Slack the jitter buffer keeps for an open utterance's next chunk, in seconds
             (``speech_stream.start_margin_s``).
         tick_counter: Returns the mixer's tick count (interrupt latency in frames); None: not measured.
@@ -149,7 +149,7 @@ class SpeechProgram:
         self.changed = threading.Condition(self._lock)
         self._starts: list[int] = []  # chunk index -> first content frame (planned in order)
         self._ends: list[int] = []  # chunk index -> one past its last content frame
-        self._faces: dict[int, np.ndarray] = {}  # chunk index -> (n, 256, 256, 3) faces not yet played
+        self._faces: dict[int, np.ndarray] = {}  # chunk index -> (n, S, S, 3) faces not yet played
         self._next_ready = 0  # chunks 0 .. _next_ready - 1 have arrived
         self._ready_frames = 0  # content frames 0 .. _ready_frames - 1 are generated
         self._received = 0

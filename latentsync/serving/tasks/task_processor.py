@@ -242,4 +242,5 @@ class TaskProcessor:
             due_at=self._due_at(start),
             seed=task.seed,
             guidance_scale=task.guidance_scale,
+            face_size=self._avatar.face_size,
         )
