@@ -389,3 +389,27 @@ def test_a_512_job_takes_512_faces_only():
 
     assert result_problem(job, answer(512)) is None
     assert "expected (16, 512, 512, 3) uint8" in result_problem(job, answer(256))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("version", ["1.5", "1.6"])
+def test_versions_generate_on_gpu_half_precision(version, request, avatar, tmp_path):
+    """1.5 (temporal U-Net, 256 px faces) and 1.6 (512 px faces, 64x64 latents) on CUDA in float16, as for 1.0."""
+    files = request.getfixturevalue("tiny_files_1_5" if version == "1.5" else "tiny_files_1_6")
+    prepared = avatar if version == "1.5" else request.getfixturevalue("avatar_512")
+    size = 256 if version == "1.5" else 512
+    engine = create_engine(
+        "latentsync",
+        options(files, version=version, device="cuda", dtype="float16"),
+        first_frames(prepared, 16, tmp_path),
+    )
+    engine.load()
+    try:
+        assert engine.dtype == torch.float16
+        result = engine.generate(chunk(engine.features(speech_16k()[:48000])))
+        assert result.faces.shape == (16, size, size, 3) and result.faces.dtype == np.uint8
+        keep = np.asarray(prepared.mask) == 1
+        np.testing.assert_array_equal(result.faces[:, keep], np.asarray(prepared.faces[:16])[:, keep])
+    finally:
+        engine.close()
