@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ import soundfile as sf
 
 DATA = Path(__file__).resolve().parent / "data"
 MEDIA = DATA / "media"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def data_file(relative: str) -> Path:
@@ -23,6 +27,26 @@ def data_file(relative: str) -> Path:
     if not path.is_file():
         pytest.fail(f"test data missing: {path} (it is part of the repository: is the checkout complete?)")
     return path
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` (not a package) as module ``name``, registered in ``sys.modules``.
+
+    The tests use the scripts' own functions (``make_tiny_checkpoints``, ``make_parity_fixtures``) rather
+    than copies of them.
+
+    Raises:
+        FileNotFoundError: If the script is not in ``scripts/``.
+    """
+    path = SCRIPTS / f"{name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no script {path}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def media_file(relative: str) -> Path:

@@ -9,7 +9,6 @@ within 1e-5 (max relative error). The other tests pin the semantics on tiny rand
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -21,7 +20,8 @@ from latentsync.config import ConfigError, LatentSyncConfig, validate_latentsync
 from latentsync.face import make_keep_mask
 from latentsync.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from latentsync.pipelines import LipsyncChunk, LipsyncPipeline, initial_noise, load_scheduler
-from tests.datafiles import DATA, data_file
+from tests.datafiles import DATA, data_file, load_script
+from tests.torchtools import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 PARITY = DATA / "parity"
 MAX_RELATIVE_ERROR = 1e-5
@@ -29,24 +29,8 @@ REPO = DATA.parents[1]
 FRAMES = 4
 
 
-def _fixtures_module():
-    path = data_file("../../scripts/make_parity_fixtures.py")
-    spec = importlib.util.spec_from_file_location("make_parity_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_deepcache_matches_original_1_6():
-    fixtures = _fixtures_module()
+    fixtures = load_script("make_parity_fixtures")
     meta = json.loads(data_file("parity/1.6/pipeline.json").read_text())
     ref = torch.load(data_file("parity/1.6/pipeline.pt"), weights_only=True)
     interval = ref["deepcache_interval"]

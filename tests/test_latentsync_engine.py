@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import librosa
@@ -14,18 +12,9 @@ import torch
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.engines import ChunkRequest, Engine, create_engine, num_output_frames
-from tests.datafiles import media_file
+from tests.datafiles import load_script, media_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    path = REPO / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def speech_16k(name: str = "7s_shan_0801_01.wav") -> np.ndarray:

@@ -15,14 +15,14 @@ our own ``configs/scheduler_config.json``; no original code is needed. Relative 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
 
 from latentsync.pipelines import load_scheduler
-from tests.datafiles import DATA, data_file
+from tests.datafiles import DATA, data_file, load_script
+from tests.torchtools import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 PARITY = DATA / "parity"
 VERSIONS = ("1.0", "1.5", "1.6")
@@ -30,26 +30,9 @@ MAX_RELATIVE_ERROR = 1e-4
 REPO = DATA.parents[1]
 
 
-def _fixtures_module():
-    path = data_file("../../scripts/make_parity_fixtures.py")
-    spec = importlib.util.spec_from_file_location("make_parity_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fixtures():
-    return _fixtures_module()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the same sums in the same order on any host, and no stall on a busy two-core one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_script("make_parity_fixtures")
 
 
 def stored(version: str) -> dict:

@@ -12,7 +12,6 @@ Relative error, as asserted: ``max|ours - ref| / max|ref|`` over the whole (1, 4
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,34 +20,17 @@ import torch
 
 from latentsync.models.loading import load_unet
 from latentsync.models.unet3d import UNet3DConfig
-from tests.datafiles import DATA, data_file
+from tests.datafiles import DATA, data_file, load_script
+from tests.torchtools import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 PARITY = DATA / "parity"
 VERSIONS = ("1.0", "1.5", "1.6")
 MAX_RELATIVE_ERROR = 1e-5
 
 
-def _fixtures_module():
-    path = data_file("../../scripts/make_parity_fixtures.py")
-    spec = importlib.util.spec_from_file_location("make_parity_fixtures", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def fixtures():
-    return _fixtures_module()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: the same sums in the same order on any host, and no two-thread stall on a busy one
-    (0.3 s a forward alone; with two threads beside another process, several seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return load_script("make_parity_fixtures")
 
 
 def run_ours(version: str, tmp_path: Path, fixtures, *, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:

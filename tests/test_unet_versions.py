@@ -7,8 +7,6 @@ bytedance/LatentSync 75a4a17, and at the 1.6 release, d058a61).
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,7 @@ from latentsync.models.loading import (
 )
 from latentsync.models.motion_module import PositionEncoding, TemporalTransformer, sinusoidal_position_table
 from latentsync.models.unet3d import VERSIONS, UNet3DConditionModel, UNet3DConfig
-from tests.datafiles import data_file
+from tests.datafiles import data_file, load_script
 
 #: Parameters of the 1.5 / 1.6 U-Net: 1.0's 849,962,244 plus 20 motion modules of 22 C^2 + 19 C each
 #: (C = 320 x5, 640 x5, 1280 x10); the 40 position tables (1, 24, C) are buffers, not parameters.
@@ -309,15 +307,6 @@ def test_config_version_is_validated(tmp_path):
     assert load_config(None, []).engine.latentsync.version == "1.0"
     with pytest.raises(ConfigError, match=r"engine\.latentsync\.version"):
         validate_latentsync(LatentSyncConfig(version="2.0"))
-
-
-def load_script(name: str):
-    path = data_file("../../scripts/" + name + ".py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("version", ["1.0", "1.5", "1.6"])
