@@ -16,7 +16,7 @@ package is the original's, never ours, and writes what that process computed:
                      the float32 weights that produced the reference output.
     ``io.pt``        the inputs in the same form (``sample`` (1, 13, 16, H, W) and ``audio_embeds``
                      (16, 50, 384)), ``timestep`` (a 0-d int64) and the original's float32 ``output``
-                     (1, 4, 16, H, W), computed in float32 on CPU (H = W = :data:`LATENT_SIZE`).
+                     (1, 4, 16, H, W), computed in float32 on CPU (H = W = the version's :data:`LATENT_SIZES`).
     ``meta.json``    commit compared against, whether it was verified, torch / diffusers versions, seed, shapes,
                      the command that built it, and the relative error of our U-Net on it at build time.
     ``pipeline.pt``  (``--what pipeline``, after the above) the original ``LipsyncPipeline.__call__`` denoising one
@@ -135,10 +135,16 @@ RELEASES: dict[str, dict[str, Any]] = {
 #: motion-module settings, cross_attention_dim 384, in/out channels 13/4...) stays as the release has it.
 #: 32 is the smallest width: every GroupNorm (the motion modules' included, fixed at 32 groups) needs a multiple
 #: of 32. Four levels keep the original's level arithmetic (``res = 2 ** (3 - i)`` in the up blocks).
-TINY_OVERRIDES: dict[str, Any] = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1, "sample_size": 16}
+#: ``sample_size`` is set to the version's latent size (:data:`LATENT_SIZES`).
+TINY_OVERRIDES: dict[str, Any] = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
 
 FRAMES = 16
-LATENT_SIZE = 16  # 256 px faces give 32 x 32 latents, 512 px 64 x 64: the same code on fewer tokens, 4x cheaper here
+#: Latents of each version's face resolution (the release yaml's ``data.resolution`` / 8, the VAE's factor): 256 px
+#: faces (1.0, 1.5) give 32 x 32, 512 px (1.6) 64 x 64. Also the tiny section's ``sample_size``.
+LATENT_SIZES = {"1.0": 32, "1.5": 32, "1.6": 64}
+#: The pipeline fixture's latents: the loop's arithmetic (noise, mask, CFG batch, DDIM steps) does not depend on the
+#: size, and 10 tiny U-Net forwards at 64 x 64 take minutes on one CPU thread; the U-Net fixture covers each size.
+PIPELINE_LATENT_SIZE = 16
 AUDIO_TOKENS = 50
 TIMESTEP = 951
 SEEDS = {"1.0": 1000, "1.5": 1505, "1.6": 1606}
@@ -553,6 +559,7 @@ def tiny_section(original: Path, version: str) -> dict[str, Any]:
     path = original / RELEASES[version]["yaml"]
     section = dict(yaml.safe_load(path.read_text())["model"])
     section.update(TINY_OVERRIDES)
+    section["sample_size"] = LATENT_SIZES[version]
     # PyYAML reads "1e-5" as a string; the original's OmegaConf reads a float.
     section["norm_eps"] = float(section["norm_eps"])
     return section
@@ -610,7 +617,7 @@ def build(original: Path, version: str, out_root: Path, deps: list[str], commit:
         "seed": SEEDS[version],
         "hidden_modules": RELEASES[version].get("hidden_modules", []),
         "frames": FRAMES,
-        "latent_size": LATENT_SIZE,
+        "latent_size": LATENT_SIZES[version],
         "audio_tokens": AUDIO_TOKENS,
         "cross_attention_dim": section["cross_attention_dim"],
         "timestep": TIMESTEP,
@@ -634,7 +641,7 @@ def build(original: Path, version: str, out_root: Path, deps: list[str], commit:
         "tiny_overrides": TINY_OVERRIDES,
         "seed": SEEDS[version],
         "frames": FRAMES,
-        "latent_size": [LATENT_SIZE, LATENT_SIZE],
+        "latent_size": [LATENT_SIZES[version]] * 2,
         "audio_tokens": AUDIO_TOKENS,
         "timestep": TIMESTEP,
         "relative_error_definition": "max|ours - ref| / max|ref| over the whole output",
@@ -681,7 +688,7 @@ def build_pipeline(
 
     The original ``LipsyncPipeline.__call__`` (:func:`_pipeline_worker`) denoises one chunk with the U-Net of
     the version's U-Net fixture (``unet.pt`` and ``config.json``, which must exist: build them first), inputs
-    drawn from :data:`PIPELINE_SEEDS` and our keep-mask at 8 x :data:`LATENT_SIZE` pixels.
+    drawn from :data:`PIPELINE_SEEDS` and our keep-mask at 8 x :data:`PIPELINE_LATENT_SIZE` pixels.
 
     Args:
         original: The original LatentSync at ``commit`` (a checkout or an extract).
@@ -717,7 +724,7 @@ def build_pipeline(
     section = json.loads((out / "config.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         keep_path = Path(tmp) / "keep_mask.pt"
-        torch.save(torch.from_numpy(make_keep_mask(8 * LATENT_SIZE)).to(torch.uint8), keep_path)
+        torch.save(torch.from_numpy(make_keep_mask(8 * PIPELINE_LATENT_SIZE)).to(torch.uint8), keep_path)
         job = {
             "what": "pipeline",
             "original": str(original.resolve()),
@@ -729,7 +736,7 @@ def build_pipeline(
             "seed": PIPELINE_SEEDS[version],
             "noise_seed": PIPELINE_SEEDS[version] + 1,
             "frames": FRAMES,
-            "latent_size": LATENT_SIZE,
+            "latent_size": PIPELINE_LATENT_SIZE,
             "latent_channels": 4,
             "audio_tokens": AUDIO_TOKENS,
             "cross_attention_dim": section["cross_attention_dim"],
@@ -757,8 +764,8 @@ def build_pipeline(
         "seed": PIPELINE_SEEDS[version],
         "noise_seed": PIPELINE_SEEDS[version] + 1,
         "frames": FRAMES,
-        "latent_size": [LATENT_SIZE, LATENT_SIZE],
-        "keep_mask": f"latentsync.face.mask.make_keep_mask({8 * LATENT_SIZE}) (ours, an input only)",
+        "latent_size": [PIPELINE_LATENT_SIZE] * 2,
+        "keep_mask": f"latentsync.face.mask.make_keep_mask({8 * PIPELINE_LATENT_SIZE}) (ours, an input only)",
         "steps": steps,
         "guidance_scale": guidance_scale,
         "eta": 0.0,
