@@ -137,8 +137,10 @@ class RtmpServer:
 class ServerProcess:
     """``infer_serv.py`` as a subprocess with its own port and RTMP key."""
 
-    def __init__(self, overrides: list[str], log_path: Path, tmpdir: Path | None = None):
+    def __init__(self, overrides: list[str], log_path: Path, tmpdir: Path | None = None, script: Path | None = None):
+        """``script``: what runs instead of ``infer_serv.py`` with the same arguments (tests/flaky_server.py)."""
         self.port = free_port()
+        self.script = script or REPO / "infer_serv.py"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
         if tmpdir is not None:
             self.env["TMPDIR"] = str(tmpdir)  # the server's private FIFO directory goes here
@@ -149,7 +151,7 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "infer_serv.py"), *self.overrides],
+            [sys.executable, str(self.script), *self.overrides],
             cwd=REPO,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -88,14 +88,20 @@ def _stats(page) -> dict:
     return page.evaluate(STATS_JS)
 
 
-def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
+def _wait(predicate, timeout_s: float, what: str, poll_s: float = 0.1, detail=None):
+    """Poll ``predicate`` until truthy (returned); else AssertionError naming ``what`` and ``detail()``, if given."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll_s)
-    raise AssertionError(f"{what} not within {timeout_s} s")
+    raise AssertionError(f"{what} not within {timeout_s} s" + (f": {detail()}" if detail else ""))
+
+
+def live_detail(page, task) -> str:
+    """What the page and the server say of a live utterance (for a failure's message): ``task()`` is its record."""
+    return f"page: {page.inner_text('#live-status')!r}, {page.inner_text('#message')!r}; task: {task()}"
 
 
 def _speaks_and_returns_to_idle(page, timeout_s: float = 60.0, shot: Path | None = None) -> list[str]:
@@ -170,7 +176,9 @@ def test_microphone_live_over_the_websocket_speaks_while_talking(page):
     _wait(lambda: "live (microphone)" in page.inner_text("#message"), 10, "utterance opened")
     task_id = page.inner_text("#message").split()[1]
     # the avatar starts speaking while the microphone is still sending (not after the recording)
-    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 10, "on air while talking")
+    record = lambda: json.loads(http("GET", page.url.rstrip("/") + f"/tasks/{task_id}")[2])  # noqa: E731
+    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 10, "on air while talking",
+          detail=lambda: live_detail(page, record))  # fmt: skip
     _wait(lambda: page.inner_text("#state") in ("speaking", "fade_in"), 5, "badge 'speaking' while talking")
     time.sleep(1.5)
     page.click("#live-stop")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.browsertools import launch_chromium
 from tests.datafiles import MEDIA, make_faceless_video, media_file
-from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path
+from tests.serving.api.test_browser import FAKE_MICROPHONE_ARGS, SHOTS, STATS_JS, _wait, chromium_path, live_detail
 from tests.streamtools import ServerProcess
 from tests.whep_client import http
 
@@ -156,7 +156,8 @@ def test_text_to_speech_and_talk_live_speak_on_the_chosen_channel(page, server):
     page.click("#live-start")  # the fake microphone, over /channels/hall/ws/speech
     _wait(lambda: "live (microphone) on hall" in page.inner_text("#message"), 10, "live utterance opened on hall")
     live_id = page.inner_text("#message").split()[1]
-    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 15, "on air while talking")
+    _wait(lambda: page.inner_text("#live-status").startswith("on air"), 15, "on air while talking",
+          detail=lambda: live_detail(page, lambda: get(server, f"/channels/hall/tasks/{live_id}")))  # fmt: skip
     _wait(lambda: _label(page, "hall") in ("hall (speaking)", "hall (fade_in)"), 5, "hall speaking in the list")
     # Talk on until more than half a second has arrived: a fast host is on air after less than that.
     _wait(

@@ -30,6 +30,8 @@ import pytest
 
 from latentsync.serving.ops import procfs
 from tests.datafiles import media_file, other_bytes
+from tests.flaky_server import OPTIONS_ENV
+from tests.flaky_server import __file__ as FLAKY_SERVER
 from tests.speechclient import SpeechClient
 from tests.streamtools import FFMPEG, GunicornProcess, ServerProcess
 from tests.whep_client import WhepViewer
@@ -187,6 +189,7 @@ def server(rtmp_server, tmp_path_factory):
     make_clip(media / "eightk.mp4", "7680x4320", 120, 0.1)
     make_clip(media / "long.mp4", "64x64", 5, 40.0)
     key = f"hostile-{rtmp_server.port}"
+    wrong_flag = tmp / "wrong-faces"  # while it exists, the workers answer faces of the wrong size
     proc = ServerProcess(
         [
             f"avatar.idle_video={presenter}",
@@ -206,8 +209,11 @@ def server(rtmp_server, tmp_path_factory):
         ],
         tmp / "server.log",
         tmpdir=tmp / "tmp",
-    ).start()
-    proc.tmp, proc.media, proc.outside, proc.rtmp = tmp, media, outside, rtmp_server
+        script=FLAKY_SERVER,  # the parametric engine until wrong_flag exists
+    )
+    proc.env[OPTIONS_ENV] = json.dumps({"wrong_flag": str(wrong_flag)})
+    proc.start()
+    proc.tmp, proc.media, proc.outside, proc.rtmp, proc.wrong_flag = tmp, media, outside, rtmp_server, wrong_flag
     try:
         proc.wait_healthy()
         proc.wait_engine_ready()
@@ -459,6 +465,62 @@ def test_the_hostile_matrix_is_refused_and_nothing_happens(server):
         f"hostile matrix (/health: {summary['n']} polls, max {summary['max_s'] * 1000:.0f} ms, "
         f"dropped ticks {summary['dropped']}; server RSS {rss_before:.0f} → {rss_before + grew:.0f} MB)",
         rows,
+    )
+
+
+def wait_task(port: int, task_id: str, timeout_s: float = 60.0) -> dict:
+    """The task's record once it reached a final state (done, failed, cancelled)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = call(port, "GET", f"/tasks/{task_id}")
+        if status == 200 and body.get("status") in ("done", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, f"task {task_id} not final within {timeout_s} s: {status} {body}"
+        time.sleep(0.1)
+
+
+def test_a_worker_answering_faces_of_the_wrong_size_fails_its_task_and_the_stream_goes_on(server):
+    """A real worker process answers every chunk with faces of half the avatar's side (tests/flaky_engine.py
+    ``wrong_flag``, as a worker of another engine build would). Before issue 35 such faces reached the clock
+    thread, whose paste-back raised: the stream stopped. Now the pool fails the job with the reason, so the task
+    fails, the stream never drops a tick, the worker is kept, and the next upload is spoken whole."""
+    port, pid = server.port, server.serving_pid()
+    wav = media_file("audio/4s_Wavfile_1719704064_11.wav").read_bytes()
+    before = call(port, "GET", "/health")[1]
+    watch = Watch(port)
+    try:
+        server.wrong_flag.touch()
+        try:
+            status, body = upload(port, wav)
+            assert status == 202, body
+            failed = wait_task(port, body["task_id"])
+        finally:
+            server.wrong_flag.unlink()
+        status, body = upload(port, wav)
+        assert status == 202, body
+        spoken = wait_task(port, body["task_id"], timeout_s=90.0)
+    finally:
+        summary = watch.close()
+    assert failed["status"] == "failed", failed
+    assert "worker returned faces of shape (" in failed["error"] and ", 3) uint8 for " in failed["error"], failed
+    assert "expected (" in failed["error"], failed
+    assert spoken["status"] == "done" and spoken["frames_streamed"] == spoken["frames_total"], spoken
+    deadline = time.monotonic() + 10  # the crossfade back to the idle loop after the last frame
+    while (after := call(port, "GET", "/health")[1])["state"] != "idle" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert summary["statuses"] == {200} and summary["dropped"] == before["dropped_ticks"] == 0, summary
+    assert after["state"] == "idle" and after["dropped_ticks"] == 0 and rss_mb(pid) > 0, after
+    assert after["workers"]["rebuilds"] == before["workers"]["rebuilds"], (before["workers"], after["workers"])  # kept
+    table(
+        "a worker's wrong answer (a real worker process, tests/flaky_engine.py)",
+        [
+            (
+                "a worker answers half-size faces for every chunk of an upload",
+                f"task failed: {failed['error']}",
+                f"dropped ticks {summary['dropped']}, /health max {summary['max_s'] * 1000:.0f} ms; "
+                f"the next upload done ({spoken['frames_streamed']} frames on air), worker kept",
+            )
+        ],
     )
 
 

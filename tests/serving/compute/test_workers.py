@@ -167,6 +167,37 @@ def test_rebuilt_pool_whose_engine_cannot_load_is_broken_and_fails_fast(avatar, 
         pool.close()
 
 
+def test_a_worker_answering_wrong_faces_fails_that_job_with_the_reason_and_serves_the_next(avatar, tmp_path):
+    """A real worker process whose engine answers faces of the wrong size (``wrong_flag``): the pool's check
+    fails that job with a reason naming the shape (the task would fail, never the clock thread), keeps the
+    worker (it is alive and answering), and the next job is served whole."""
+    flag = tmp_path / "wrong-faces"
+    pool = WorkerPool(
+        "tests.flaky_engine:create", {"wrong_flag": str(flag)}, avatar_path=avatar.path, workers=1, start_timeout_s=60
+    )
+    pool.start()
+    try:
+        side = avatar.faces.shape[1]
+        pid = pool.worker_pids()[0]
+        flag.touch()
+        results, done, errors = submit_all(pool, avatar, 1)
+        deadline = time.monotonic() + 60
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert errors and not results, "the wrong answer was neither failed nor delivered"
+        assert f"faces of shape (16, {side // 2}, {side // 2}, 3) uint8" in errors[0], errors
+        assert f"expected (16, {side}, {side}, 3) uint8" in errors[0] and "chunk 0 of task task" in errors[0], errors
+        flag.unlink()
+        results, done, errors = submit_all(pool, avatar, 1)
+        assert done.wait(60) and not errors, errors
+        assert results[0].faces.shape == (16, side, side, 3) and results[0].faces.dtype == np.uint8
+        stats = pool.stats()
+        assert stats.failed == 1 and stats.completed == 1 and stats.rebuilds == 0
+        assert pool.worker_pids() == [pid] and pool.ready() and pool.broken is None
+    finally:
+        pool.close()
+
+
 def test_jobs_of_several_avatars_share_one_pool_in_deadline_order_with_an_lru_of_avatars(avatar, tmp_path):
     """Channels share the pool: each job runs on its own avatar, EDF across avatars, batches never mix them."""
     other = Avatar.prepare(
