@@ -73,9 +73,10 @@ test: setup setup-ray setup-agents
 	$(VENV)/bin/python -m pytest -m solo --durations=10 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(AGENTS_VENV)/bin/python -m pytest clients/python/tests $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 
-## test-fast: the unit tier only (pytest -m unit: no server, FFmpeg push, browser, Ray or worker processes); needs only .venv
+## test-fast: the unit tier without its slow tests (pytest -m "unit and not slow": no server, FFmpeg push, browser,
+## Ray or worker processes, nor a test over a few seconds); needs only .venv
 test-fast: setup
-	$(VENV)/bin/python -m pytest -m unit $(XDIST) $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "unit and not slow" $(XDIST) $(PYTEST_ARGS)
 
 ## lint: ruff, the format check, the import contracts of latentsync (pyproject.toml [tool.importlinter]) and mypy
 ## over latentsync/serving (pyproject.toml [tool.mypy]; the pool protocol in compute/ strictly) and, strictly, the client

@@ -1,8 +1,10 @@
 """Shared fixtures, and the test tiers (pyproject.toml [tool.pytest.ini_options] ``markers``).
 
-A test that carries none of :data:`HEAVY_MARKERS` is in the ``unit`` tier (``make test-fast``,
-``pytest -m unit``): no server, no FFmpeg pushing or recording, no browser, no Ray, no engine
-worker processes. Tests that use the ``rtmp_server`` or ``ray_cluster`` fixture get their markers
+A test that carries none of :data:`PROCESS_MARKERS` is in the ``unit`` tier (``pytest -m unit``): no
+server, no FFmpeg pushing or recording, no browser, no Ray, no engine worker processes. ``make test``
+runs that tier first, on both cores; ``make test-fast`` (the edit loop) runs it without the tests
+marked ``slow`` (each over a few seconds of CPU: the CPU ``latentsync`` engine, the 512 px and 1080p
+preparations, the 1.5/1.6 parity runs). Tests that use the ``rtmp_server`` or ``ray_cluster`` fixture get their markers
 from :data:`FIXTURE_MARKERS`; the rest are marked in their modules. A ``unit`` test that starts a
 server process, nginx-rtmp or a Ray cluster through the helpers of ``tests/`` fails, naming the
 marker it lacks.
@@ -23,8 +25,9 @@ from tests.streamtools import RtmpServer, ServerProcess, require_rtmp_tools
 # it editable into .venv, and a worktree sharing another checkout's .venv would import that checkout's copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "clients" / "python" / "src"))
 
-#: Markers that put a test outside the unit tier.
-HEAVY_MARKERS = ("slow", "rtmp", "server", "ffmpeg", "workers", "ray", "browser", "gpu")
+#: Markers that put a test outside the unit tier: what it starts (``slow`` does not: a slow unit test runs in
+#: make test's unit tier, and only make test-fast leaves it out).
+PROCESS_MARKERS = ("rtmp", "server", "ffmpeg", "workers", "ray", "browser", "gpu")
 #: Markers a test gets from a fixture it uses.
 FIXTURE_MARKERS = {"rtmp_server": ("rtmp",), "ray_cluster": ("ray", "slow")}
 #: make test runs each tier under pytest-xdist (``-n 2 --dist loadscope --no-loadscope-reorder``) with the groups of
@@ -45,20 +48,27 @@ SOLO_MODULES = (
     "tests/serving/api/test_browser_channels.py",
 )
 #: Groups listed here start first, longest first (wall seconds of the group on a 2-core machine, ``pytest
-#: --durations=0`` summed per module, rounded); the others follow in collection order.
+#: --durations=0`` summed per module, rounded; the unit tier's modules measured with -m unit); the others follow in
+#: collection order. test_hostile_media.py's 1080p preparation (127 s) is a unit test: it starts the unit tier.
 LONG_GROUPS_S = {
+    "tests/serving/api/test_hostile_media.py": 130.0,
     "tests/serving/egress/test_outputs.py": 117.0,
     "tests/serving/api/test_hostile.py": 114.0,
     "tests/serving/test_leaks.py": 84.0,
     "tests/serving/test_stream_e2e.py": 78.0,
-    "tests/serving/api/test_hostile_media.py": 77.0,
     "tests/serving/runtime/test_channel_faults.py": 67.0,
     "tests/serving/runtime/test_channels.py": 63.0,
     "tests/serving/egress/test_frames.py": 58.0,
     "tests/serving/api/test_service.py": 50.0,
     "tests/serving/test_speech_stream_e2e.py": 49.0,
     "tests/serving/api/test_browser_channels.py": 36.0,
-    "tests/test_latentsync_engine.py": 32.0,
+    "tests/test_latentsync_engine.py": 66.0,
+    "tests/test_unet_parity.py": 55.0,
+    "tests/test_framing.py": 27.0,
+    "tests/test_avatar.py": 16.0,
+    "tests/serving/avatars/test_avatars.py": 15.0,
+    "tests/test_pipeline_parity.py": 12.0,
+    "tests/serving/runtime/test_channels_units.py": 10.0,
 }
 #: What a unit test may not start, and the marker that would move it out of the unit tier.
 FORBIDDEN_IN_UNIT = ((ServerProcess, "server"), (RtmpServer, "rtmp"), (RayCluster, "ray"))
@@ -66,7 +76,7 @@ FORBIDDEN_IN_UNIT = ((ServerProcess, "server"), (RtmpServer, "rtmp"), (RayCluste
 
 def pytest_configure(config):
     """Under pytest-xdist each worker's torch takes one thread: two workers on two cores, not four threads."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("markexpr") == "unit":
+    if os.environ.get("PYTEST_XDIST_WORKER") and config.getoption("markexpr").startswith("unit"):
         import torch
 
         torch.set_num_threads(1)
@@ -79,7 +89,7 @@ def pytest_collection_modifyitems(config, items):
             if fixture in item.fixturenames:
                 for name in markers:
                     item.add_marker(name)
-        if not any(item.get_closest_marker(name) for name in HEAVY_MARKERS):
+        if not any(item.get_closest_marker(name) for name in PROCESS_MARKERS):
             item.add_marker("unit")
         if item.nodeid.split("::", 1)[0] in SOLO_MODULES:
             item.add_marker("solo")

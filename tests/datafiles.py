@@ -90,7 +90,7 @@ def make_faceless_video(path: Path) -> Path:
 
     subprocess.run(
         [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=256x256:rate=25"]
-        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)],
+        + ["-t", "2", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", str(path)],
         check=True,
         timeout=60,
     )

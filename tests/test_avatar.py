@@ -171,6 +171,7 @@ def test_settings_key_the_face_size_and_256_keeps_its_old_key():
     assert cache_key(video, at_256) == hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+@pytest.mark.slow  # a second preparation at 512 px: ~6 s
 def test_an_avatar_prepared_at_512_has_512_faces_in_its_own_folder(avatar_cache):
     """LatentSync 1.6's avatar: the same tracking and affines as at 256, faces and mask at 512."""
     video = _video("nanmote002.mp4")

@@ -29,6 +29,7 @@ REPO = DATA.parents[1]
 FRAMES = 4
 
 
+@pytest.mark.slow  # 3.5 s; test_forward_deepcache_full_and_cached_steps stays in make test-fast
 def test_deepcache_matches_original_1_6():
     fixtures = load_script("make_parity_fixtures")
     meta = json.loads(data_file("parity/1.6/pipeline.json").read_text())
@@ -117,6 +118,7 @@ def make_pipeline(unet, interval: int) -> LipsyncPipeline:
     )
 
 
+@pytest.mark.slow  # 4 s
 def test_pipeline_runs_the_whole_unet_every_interval_steps(chunk_inputs, monkeypatch):
     unet = tiny_unet("1.5")
     keep = make_keep_mask(128)

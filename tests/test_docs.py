@@ -22,6 +22,8 @@ The README's curl examples run against a real server in tests/serving/api/test_r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import re
 import types
 import typing
@@ -60,12 +62,28 @@ def _code(text: str) -> list[str]:
     return blocks + _CODE_SPAN.findall(rest)
 
 
+@functools.cache
+def _files_named(name: str) -> tuple[Path, ...]:
+    """The repository's files called ``name`` (a bare file name), sorted; virtualenvs, caches and dot-folders
+    (``.git``, ``.venv``, ``.cache``: hundreds of thousands of files) are not walked."""
+    return tuple(p for p in _repo_files() if p.name == name)
+
+
+@functools.cache
+def _repo_files() -> tuple[Path, ...]:
+    found = []
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__pycache__")) and d not in ("node_modules",))
+        found += [Path(root, f) for f in sorted(files)]
+    return tuple(found)
+
+
 def _resolve(name: str) -> Path | None:
     """Where a module path of the docs is: in the repository, under latentsync/, under latentsync/serving/."""
     if name.startswith("tests/data/"):
         return None
     if "/" not in name:
-        return next((p for p in REPO.rglob(name) if ".venv" not in p.parts and ".git" not in p.parts), None)
+        return next(iter(_files_named(name)), None)
     for base in (REPO, REPO / "latentsync", REPO / "latentsync" / "serving", REPO / "clients" / "python" / "src"):
         if (base / name).is_file():
             return base / name
@@ -118,7 +136,7 @@ def test_names_given_with_a_module_are_defined_there(doc: Path):
         if module in IGNORED or path is None or not re.match(r"[A-Z]\w*(\.\w+)?$|\w+\(\)$", name):
             continue  # a class, Class.method or function(): not a config key or a file name
         name = name.removesuffix("()")
-        paths = [path] if "/" in module else [p for p in REPO.rglob(module) if ".venv" not in p.parts]
+        paths = [path] if "/" in module else list(_files_named(module))
         if not any(_defines(p, name) for p in paths):
             wrong.append(f"{name} not in {module}")
     assert not wrong, f"{doc.name}: {wrong}"

@@ -148,6 +148,7 @@ def face_box(frames: np.ndarray) -> np.ndarray:
     return np.median(np.asarray(boxes), axis=0)
 
 
+@pytest.mark.slow  # face tracking over the portrait video: ~4 s
 def test_a_portrait_presenter_on_a_square_channel_keeps_the_face_proportions():
     """The issue's measure: face width/height on air vs in the source, within 3 % (cover, contain).
 
@@ -197,7 +198,7 @@ def test_tiny_and_faceless_videos_are_framed_or_refused_clearly(tmp_path):
     for path, source in ((tiny, "color=c=gray:s=14x10:r=25:d=1"), (bars, "testsrc2=s=640x360:r=25:d=1")):
         subprocess.run(
             [FFMPEG, "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", source, "-pix_fmt", "yuv444p",
-             "-c:v", "libx264", "-y", str(path)],
+             "-c:v", "libx264", "-preset", "ultrafast", "-y", str(path)],
             check=True,
             timeout=60,
         )  # fmt: skip
@@ -241,6 +242,7 @@ def test_a_video_with_rotation_metadata_is_framed_as_displayed(tmp_path):
     assert (w, h) == (256, 256) and x + w <= 456 and y + h <= 256 and clip.size == (256, 256)
 
 
+@pytest.mark.slow  # a clip made and prepared: ~5 s
 def test_a_face_that_leaves_the_frame_is_framed_where_it_mostly_is_and_never_pasted_where_it_is_gone(tmp_path):
     """The presenter slides out of the picture after 1.2 s (0.8 s of the 2 s clip without her)."""
     from latentsync.avatar import EDGE_GAP_FRAMES, Avatar
@@ -251,7 +253,7 @@ def test_a_face_that_leaves_the_frame_is_framed_where_it_mostly_is_and_never_pas
             FFMPEG, "-v", "error", "-i", str(media_file(PORTRAIT)),
             "-filter_complex",
             "color=c=0x204060:s=832x1248:r=25[bg];[bg][0:v]overlay=x='max(0,(t-1.2)*2600)':shortest=1",
-            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-an", str(video),
+            "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-an", str(video),
         ],
         check=True,
     )  # fmt: skip
@@ -290,7 +292,7 @@ def landscape_presenters(tmp_path_factory) -> dict:
     for name, path in clips.items():
         subprocess.run(
             [FFMPEG, "-v", "error", "-i", str(media_file(PORTRAIT)), "-filter_complex", graphs[name],
-             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-an", "-y", str(path)],
+             "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-an", "-y", str(path)],
             check=True,
             timeout=120,
         )  # fmt: skip

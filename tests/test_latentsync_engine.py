@@ -16,6 +16,10 @@ from tests.datafiles import load_script, media_file
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The engine loads (tiny checkpoints, an avatar's latents) in ~20 s and each generation takes seconds on the CPU:
+#: make test runs the module in its unit tier, make test-fast leaves it out.
+pytestmark = pytest.mark.slow
+
 
 def speech_16k(name: str = "7s_shan_0801_01.wav") -> np.ndarray:
     audio, rate = soundfile.read(media_file(f"audio/{name}"), dtype="float32", always_2d=True)
@@ -235,7 +239,6 @@ def test_generate_on_gpu_half_precision(tiny_files, avatar):
         engine.close()
 
 
-@pytest.mark.slow  # prepares a second avatar and runs two engines: ~7 s
 def test_with_avatar_shares_models_and_matches_a_fresh_engine(engine, tiny_files, avatar, tmp_path):
     """A second avatar in the same worker: same models (one copy), its own latents, same faces as alone."""
     other_avatar = Avatar.prepare(

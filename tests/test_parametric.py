@@ -95,6 +95,7 @@ def test_engine_interface(avatar, speech):
         ChunkRequest(task_id="t", chunk_index=0, frame_indices=idx, features=feats[:15])
 
 
+@pytest.mark.slow  # face landmarks re-detected on every output frame: 4 s
 def test_lip_sync_on_redetected_output(avatar, speech):
     """Mouth opening measured by a fresh face mesh on the pasted frames follows the speech."""
     import mediapipe as mp

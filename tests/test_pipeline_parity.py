@@ -39,7 +39,9 @@ def stored(version: str) -> dict:
     return torch.load(data_file(f"parity/{version}/pipeline.pt"), weights_only=True)
 
 
-@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    "version", [pytest.param(v, marks=pytest.mark.slow if v != "1.0" else ()) for v in VERSIONS]
+)  # 3-5 s each on the CPU: make test-fast keeps 1.0's, make test runs all three
 def test_denoising_loop_matches_original(version, fixtures):
     meta = json.loads(data_file(f"parity/{version}/pipeline.json").read_text())
     assert meta["version"] == version and meta["commit"] == meta["release_commit"]
@@ -53,6 +55,7 @@ def test_denoising_loop_matches_original(version, fixtures):
     assert error <= MAX_RELATIVE_ERROR, f"max relative error {error:.3g} > {MAX_RELATIVE_ERROR:g} for {version}"
 
 
+@pytest.mark.slow  # 4 s
 def test_contiguous_layout_matches_too(fixtures):
     """load_unet's other memory layout (contiguous weights), on the 1.6 network."""
     ours = fixtures.run_our_pipeline(PARITY / "1.6", "1.6", channels_last=False)

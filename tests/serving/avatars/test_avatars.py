@@ -219,6 +219,7 @@ def test_the_quota_deletes_least_recently_used_avatars_no_channel_uses(tmp_path)
         store.close()
 
 
+@pytest.mark.slow  # several preparations at once: ~4 s
 def test_simultaneous_uploads_never_overshoot_max_preparing_nor_the_quota(tmp_path):
     probe = AvatarStore(config_for(tmp_path / "probe"), lambda: {})  # not started: learn what one upload needs
     first, _ = probe.add(upload_of(FACE_VIDEO, tmp_path), "probe")

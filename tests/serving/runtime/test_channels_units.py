@@ -266,6 +266,7 @@ def test_avatar_uploads_have_their_own_size_limit_and_the_rate_limit(tmp_path):
     assert list((tmp_path / "avatars" / "uploads" / ".incoming").iterdir()) == []
 
 
+@pytest.mark.slow  # face tracking of a real video, twice over: 5 s
 def test_channels_preparing_the_same_avatar_run_one_face_tracking_and_a_closing_channel_stops_its_own(
     tmp_path, monkeypatch
 ):
