@@ -67,6 +67,7 @@ test: setup setup-ray setup-agents
 	@bash scripts/rtmp_server.sh install
 	@bash scripts/tts.sh install
 	@bash scripts/chromium.sh install
+	@bash scripts/prometheus.sh install
 	@$(MAKE) --no-print-directory lint
 	$(VENV)/bin/python -m pytest -m unit $(XDIST) --durations=15 --durations-min=2 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(VENV)/bin/python -m pytest -m "not unit and not solo" $(XDIST) --durations=25 --durations-min=10 $(PYTEST_ARGS); rc=$$?; test $$rc -eq 0 -o $$rc -eq 5

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -43,6 +43,9 @@ class ServerMetrics:
 
     def __init__(self, snapshot: Callable[[], HealthSnapshot | Mapping[str, HealthSnapshot]]):
         self.registry = CollectorRegistry(auto_describe=True)
+        # The server process's resident memory, descriptors, CPU seconds and start time (prometheus-client reads
+        # /proc/self; nothing on a system without /proc): process_resident_memory_bytes, process_open_fds, ...
+        ProcessCollector(registry=self.registry)
         self.chunk_seconds = Histogram(
             "latentsync_chunk_generation_seconds",
             "Wall time from a chunk's dispatch to its faces coming back.",
@@ -136,7 +139,7 @@ GAUGES = (
         "latentsync_streaming",
         "1 while the clock ticks, the encoders run and every required output is live.",
     ),
-    ("max_tick_lateness_ms", "latentsync_max_tick_lateness_ms", "Worst tick lateness, in milliseconds."),
+    ("max_tick_lateness_ms", "latentsync_max_tick_lateness_seconds", "Worst tick lateness, in seconds."),
     ("ffmpeg_up", "latentsync_ffmpeg_up", "1 while every encoder FFmpeg runs with both FIFOs open."),
     ("engine_ready", "latentsync_engine_ready", "1 once uploads are accepted and the worker pool is not broken."),
     ("workers.count", "latentsync_workers", "Engine worker processes."),
@@ -145,6 +148,9 @@ GAUGES = (
     ("frames.clients", "latentsync_frames_clients_connected", "Frames WebSocket clients connected now."),
     ("frames.encoders", "latentsync_frames_encoders", "Frames encodings running (one per format and size)."),
 )
+#: Snapshot fields kept in another unit than the metric's, and the factor to its base unit: Prometheus names carry
+#: base units (seconds, bytes; https://prometheus.io/docs/practices/naming/), ``/health`` keeps milliseconds.
+TO_BASE_UNIT = {"max_tick_lateness_ms": 1e-3}
 #: Queue depths, one ``latentsync_queue_depth`` series each: (snapshot attribute path, ``queue`` label).
 QUEUES = (
     ("tasks_waiting", "tasks_waiting"),
@@ -174,7 +180,7 @@ SPECIAL = {
     "stream": "latentsync_stream_format{width,height,fps,audio_sample_rate}",
     "workers.pids": "/health only: process ids are not measurements",
     "workers.backend": "latentsync_pool_info{backend}",
-    "workers.actors": "latentsync_pool_worker_{jobs,failures,restarts,latency_ms,ready}{worker,node}",
+    "workers.actors": "latentsync_pool_worker_{jobs,failures,restarts,latency_seconds,ready}{worker,node}",
     "webrtc.codec": "/health only: configuration, not a measurement",
     "webrtc.width": "/health only: configuration, not a measurement",
     "webrtc.height": "/health only: configuration, not a measurement",
@@ -212,12 +218,13 @@ class _RuntimeCollector(Collector):
         by_channel = sorted(snaps.items())
         for kind, table in ((CounterMetricFamily, COUNTERS), (GaugeMetricFamily, GAUGES)):
             for path, name, doc in table:
+                scale = TO_BASE_UNIT.get(path, 1.0)
                 if server_wide(path):
-                    yield kind(name, doc, value=snapshot_value(server, path))
+                    yield kind(name, doc, value=scale * snapshot_value(server, path))
                     continue
                 family = kind(name, doc, labels=["channel"])
                 for channel, s in by_channel:
-                    family.add_metric([channel], snapshot_value(s, path))
+                    family.add_metric([channel], scale * snapshot_value(s, path))
                 yield family
         depth = GaugeMetricFamily("latentsync_queue_depth", "Items waiting, by queue.", labels=["channel", "queue"])
         for path, label in QUEUES:
@@ -306,7 +313,9 @@ def _pool_families(server: HealthSnapshot) -> Iterator:
     )
     restarts = CounterMetricFamily("latentsync_pool_worker_restarts", "Times a worker was restarted.", labels=labels)
     latency = GaugeMetricFamily(
-        "latentsync_pool_worker_latency_ms", "Median ms, dispatch to result, of a worker's calls.", labels=labels
+        "latentsync_pool_worker_latency_seconds",
+        "Median seconds, dispatch to result, of a worker's calls.",
+        labels=labels,
     )
     ready = GaugeMetricFamily("latentsync_pool_worker_ready", "1 while a worker takes jobs.", labels=labels)
     for actor in workers.actors if workers is not None else ():
@@ -314,6 +323,6 @@ def _pool_families(server: HealthSnapshot) -> Iterator:
         jobs.add_metric(key, actor.jobs)
         failures.add_metric(key, actor.failures)
         restarts.add_metric(key, actor.restarts)
-        latency.add_metric(key, actor.latency_ms)
+        latency.add_metric(key, actor.latency_ms / 1000.0)
         ready.add_metric(key, 1.0 if actor.state == "ready" else 0.0)
     yield from (jobs, failures, restarts, latency, ready)
