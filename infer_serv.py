@@ -24,7 +24,7 @@ from latentsync.serving.api.http_server import make_guarded_server
 from latentsync.serving.compute.scheduling_pool import WorkerPoolError
 from latentsync.serving.ops.exit import exit_now
 from latentsync.serving.ops.logs import configure_logging
-from latentsync.serving.ops.memory import bound_heap_growth, freeze_heap
+from latentsync.serving.ops.memory import HeapFreezer, bound_heap_growth
 from latentsync.serving.ops.systemd import sd_notify
 from latentsync.serving.ops.threads import limit_native_threads
 from latentsync.serving.runtime.runtime import Runtime
@@ -71,11 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_native_threads(config.server.native_threads)  # a process setting: this is the process's entry point
 
-    def refreeze(why: str) -> None:  # latentsync/serving/ops/memory.py: full collections skip what lives on
-        logger.info("heap frozen (%s): %d objects out of the garbage collector's way", why, freeze_heap())
+    heap = HeapFreezer()  # latentsync/serving/ops/memory.py: full collections skip what lives on
 
-    # A deleted channel's start-up objects in reference cycles are collected, the rest frozen again.
-    runtime = Runtime(config, after_release=lambda: refreeze("channel deleted"))
+    def release(made_at: float) -> None:
+        # A deleted channel's objects in reference cycles are collected: a channel frozen with the server by
+        # one full collection (a pause), one created since by a collection of the unfrozen heap only.
+        how, count = heap.release(made_at)
+        logger.info("channel deleted: heap %s (%d objects)", how, count)
+
+    runtime = Runtime(config, after_release=release)
     # Header/body deadlines and per-address connection caps (issue 35: a slow-loris client)
     server = make_guarded_server(config.server.host, config.server.port, create_app(runtime), config.server)
     http_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             return
         if not stop.is_set():
-            refreeze("started")  # what start-up made lives as long as the server
+            frozen = heap.freeze()  # what start-up made lives as long as the server
+            logger.info("heap frozen (started): %d objects out of the garbage collector's way", frozen)
             logger.info(
                 "ready: streaming to %s; POST audio to http://%s:%d/generate_video",
                 redact_rtmp_url(config.stream.rtmp_url),

@@ -193,6 +193,11 @@ class Channel:
 
     # ----------------------------------------------------------------- accessors
     @property
+    def created_monotonic(self) -> float:
+        """When this channel was built (``time.monotonic()`` seconds): its objects are at least that old."""
+        return self._created_monotonic
+
+    @property
     def work_dir(self) -> Path | None:
         """Private temporary directory (mode 0700): the FIFOs and ``uploads/``; None when not running."""
         return self._work_dir

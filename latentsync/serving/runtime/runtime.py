@@ -114,12 +114,13 @@ class Runtime:
 
     Args:
         config: The validated server configuration.
-        after_release: Called (on the API thread) after a deleted channel was closed, to let the
-            process reclaim what it held; ``infer_serv.py`` passes one that calls
-            :func:`latentsync.serving.ops.memory.freeze_heap` and logs it. None: nothing.
+        after_release: Called (on the API thread) after a deleted channel was closed, with the
+            ``time.monotonic()`` at which it was built, to let the process reclaim what it held;
+            ``infer_serv.py`` passes :meth:`latentsync.serving.ops.memory.HeapFreezer.release` (and logs
+            it). None: nothing.
     """
 
-    def __init__(self, config: AppConfig, after_release: Callable[[], object] | None = None):
+    def __init__(self, config: AppConfig, after_release: Callable[[float], object] | None = None):
         self._after_release = after_release
         self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
         self._file_config = config  # main's avatar as configured, if the one kept in channels_file fails
@@ -787,7 +788,7 @@ class Runtime:
             channel.close()
             logger.info("channel %s deleted", name)
             if self._after_release is not None:
-                self._after_release()
+                self._after_release(channel.created_monotonic)
         return channel
 
     # ----------------------------------------------------------------- health and metrics

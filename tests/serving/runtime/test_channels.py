@@ -249,9 +249,11 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
     assert hall_rtmp.publishing("hall") and rtmp_server.publishing("main-ch")
-    # the deleted channel's start-up objects were collected and the heap frozen again (ops/memory.py)
+    # popup was made after the start-up freeze: its cycles were found by a collection of the unfrozen heap only,
+    # not by the full unfreeze-collect-freeze that paused every clock for 75-90 ms (ops/memory.py HeapFreezer)
     whole_log = server.log_path.read_text(errors="replace")
-    assert "heap frozen (started)" in whole_log and "heap frozen (channel deleted)" in whole_log
+    assert "heap frozen (started)" in whole_log and "channel deleted: heap collected" in whole_log
+    assert "channel deleted: heap refrozen" not in whole_log
 
 
 NEW_AVATAR = "video/2s_GirlMuseum_0730.mp4"  # another person: the switch is visible on air
