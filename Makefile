@@ -8,7 +8,7 @@ PORT ?=
 RUN_PORT = $(or $(lastword $(patsubst server.port=%,%,$(filter server.port=%,$(ARGS)))),$(PORT),11001)
 PYTEST_ARGS ?=
 
-.PHONY: run test test-fast setup setup-ray setup-agents lint bench-agents format rtmp-start rtmp-stop bench bench-webrtc clean
+.PHONY: run test test-fast setup setup-ray setup-agents lint bench-agents format rtmp-start rtmp-stop bench bench-webrtc soak clean
 
 $(STAMP): requirements.txt scripts/bootstrap.sh
 	@bash scripts/bootstrap.sh
@@ -118,5 +118,15 @@ bench-webrtc: setup
 	@RTMP_PORT=$(RTMP_PORT) bash scripts/rtmp_server.sh start
 	$(VENV)/bin/python scripts/bench/webrtc_bench.py
 
+## soak: the chaos soak's 10-minute mode (scripts/bench/chaos_soak.py --quick: mixed load, every fault once; figures,
+## summary and plot under out/soak-*); SOAK_ARGS="--minutes 120" for a long run (docs/reliability.md)
+SOAK_ARGS ?= --quick
+soak: setup
+	@bash scripts/rtmp_server.sh install
+	@bash scripts/tts.sh install
+	@bash scripts/prometheus.sh install
+	$(VENV)/bin/pip install -q -r requirements-soak.txt
+	$(VENV)/bin/python scripts/bench/chaos_soak.py $(SOAK_ARGS)
+
 clean:
-	rm -rf .cache .run out
+	rm -rf .cache .run out .tools

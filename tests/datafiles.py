@@ -30,7 +30,7 @@ def data_file(relative: str) -> Path:
 
 
 def load_script(name: str) -> ModuleType:
-    """Import ``scripts/<name>.py`` (not a package) as module ``name``, registered in ``sys.modules``.
+    """Import ``scripts/<name>.py`` (not a package; ``name`` may be ``bench/x``) as module ``x``, in ``sys.modules``.
 
     The tests use the scripts' own functions (``make_tiny_checkpoints``, ``make_parity_fixtures``) rather
     than copies of them.
@@ -41,7 +41,7 @@ def load_script(name: str) -> ModuleType:
     path = SCRIPTS / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(f"no script {path}")
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(Path(name).name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
