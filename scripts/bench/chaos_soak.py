@@ -943,6 +943,8 @@ def run(args: argparse.Namespace, out: Path, tmp: Path, tmpfs: Path | None) -> i
             f"media.root={ROOT}",
             f"engine.chunk_deadline_s={CHUNK_DEADLINE_S}",
             "api.max_queued=64",
+            # 0.8x must be ended too_slow (issue 38); the default 0.5 plays it with gaps (docs/streaming-speech.md)
+            "speech_stream.min_arrival_ratio=0.9",
             *args.overrides,
         ],
         out / "server.log",

@@ -94,11 +94,23 @@ class HeapFreezer:
         self._frozen_at: float | None = None  # time.monotonic() of the last freeze, None before the first
 
     def freeze(self) -> int:
-        """:func:`freeze_heap` now; returns the objects in the permanent generation."""
+        """:func:`freeze_heap` now (one full collection: a pause); returns the objects in the permanent generation."""
         with self._lock:
             count = freeze_heap()
             self._frozen_at = time.monotonic()
             return count
+
+    def freeze_survivors(self) -> int:
+        """Freeze every object tracked now, without a collection (no pause: the clocks may be ticking).
+
+        What became garbage in reference cycles since the last collection is frozen with the rest and
+        only freed by a later :meth:`freeze`: call it where that is little and once, right after start-up
+        (after a :meth:`freeze` before it). Returns the objects in the permanent generation.
+        """
+        with self._lock:
+            gc.freeze()
+            self._frozen_at = time.monotonic()
+            return gc.get_freeze_count()
 
     def release(self, made_at: float) -> tuple[str, int]:
         """Reclaim what a part made at ``made_at`` (``time.monotonic()`` seconds) held, now let go.

@@ -79,3 +79,19 @@ def test_a_part_frozen_with_the_server_is_reclaimed_by_one_refreeze(unfrozen):
     assert how == "refrozen" and ref() is None and frozen > 0
     later = time.monotonic()
     assert heap.release(later)[0] == "collected"  # made after that refreeze: no second pause
+
+
+def test_survivors_are_frozen_without_a_collection(unfrozen):
+    """After start-up, with the clocks ticking: no collection (no pause), and what lives is frozen."""
+    heap = HeapFreezer()
+    heap.freeze()
+    part = cycle()
+    collections: list[int] = []
+    gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "start" else None)
+    try:
+        frozen = heap.freeze_survivors()
+    finally:
+        gc.callbacks.pop()
+    assert collections == [] and frozen > 0
+    assert all(o is not part for o in gc.get_objects())  # out of the collected generations
+    assert heap.release(time.monotonic() - 3600)[0] == "refrozen"  # a part made before it: the full way
