@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from latentsync.config import ConfigError, load_config, redact_rtmp_url, to_yaml
-from latentsync.face.landmarks import preload_face_mesh
 from latentsync.media.probe import MediaProbeError
 from latentsync.serving.api.app import create_app
 from latentsync.serving.api.http_server import make_guarded_server
@@ -32,6 +31,8 @@ from latentsync.serving.ops.threads import limit_native_threads
 from latentsync.serving.runtime.runtime import Runtime
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "server.yaml"
+#: Seconds a stopping server waits for the requests in flight to be answered (PUT applied, answer unsent).
+DRAIN_S = 2.0
 logger = logging.getLogger("latentsync.serve")
 
 
@@ -93,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     def start() -> None:
         # In a thread, so SIGTERM during a long first start (avatar preparation, model loading)
         # still stops the server within 10 s.
-        # Before any clock ticks: MediaPipe imported (else at the first in-process face search, after the freeze)
-        # and the heap frozen by one full collection, which stops every thread for 100-190 ms (ops/memory.py).
-        preload_face_mesh()
+        # Before any clock ticks: the heap frozen by one full collection, which stops every thread (ops/memory.py).
         logger.info("heap frozen (imports): %d objects out of the garbage collector's way", heap.freeze())
         try:
             runtime.start()
@@ -128,9 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             pass
     finally:
         sd_notify("STOPPING=1")
-        server.shutdown()
+        server.shutdown()  # no new connections; the requests in flight go on
         http_thread.join(2.0)
         runtime.close()
+        unanswered = server.drain(DRAIN_S)
+        if unanswered:
+            logger.warning("stopping with %d requests unanswered after %.0f s", unanswered, DRAIN_S)
     code = 0
     if failure:
         logger.error("cannot start: %s", failure[0])

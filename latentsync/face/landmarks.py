@@ -76,21 +76,6 @@ def _mesh_points(face_landmarks, width: int, height: int) -> np.ndarray:
     return np.array([(p.x * width, p.y * height) for p in face_landmarks.landmark], np.float64)
 
 
-def preload_face_mesh() -> None:
-    """Import MediaPipe's face mesh now, rather than at the first face search.
-
-    For a long-lived process that freezes its heap (``latentsync/serving/ops/memory.py``): modules
-    imported after the freeze are never collected yet visited by every full garbage collection. The
-    server searches faces in-process when a channel's clip is framed (an avatar switched on, a channel
-    created with ``cover``): that import (1.5 s; ~59,000 objects, matplotlib's among them; +51 MB RSS)
-    came after the start-up freeze, and the full collections grew to 30-85 ms, every clock of the
-    process late each time (issue 38's chaos soak). Importing here, before the freeze, keeps them out.
-    """
-    import mediapipe as mp
-
-    _ = mp.solutions.face_mesh
-
-
 class FaceTracker:
     """Follows one face through consecutive frames of a clip.
 

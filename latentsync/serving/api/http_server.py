@@ -119,6 +119,14 @@ class Refusals:
             self._since_log = 0
 
 
+def is_stream_request(upgrade: str | None, accept: str | None) -> bool:
+    """Whether a request opens a long-lived stream: a WebSocket (``Upgrade``) or server-sent events (``Accept``).
+
+    A stream lasts as long as its client wants; :meth:`GuardedWSGIServer.drain` does not wait for it.
+    """
+    return bool(upgrade) or "text/event-stream" in (accept or "")
+
+
 class DeadlineRequestHandler(QueryRedactingRequestHandler):
     """Request handler whose socket reads and writes have deadlines (see the module docstring).
 
@@ -128,16 +136,30 @@ class DeadlineRequestHandler(QueryRedactingRequestHandler):
 
     server: GuardedWSGIServer
 
+    _answering = False
+
     def handle_one_request(self) -> None:
-        """Read one request under the header deadline (it also bounds the idle time before it)."""
+        """Read one request under the header deadline (it also bounds the idle time before it) and answer it.
+
+        From its parsed headers to its last byte written, a request that is not a stream counts as in
+        flight (:meth:`GuardedWSGIServer.drain`).
+        """
         self.connection.settimeout(self.server.header_timeout_s)
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        finally:
+            if self._answering:
+                self._answering = False
+                self.server.request_ended()
 
     def parse_request(self) -> bool:
         """Parse the request line and headers, then switch the socket to the body deadline."""
         ok = super().parse_request()
         if ok:
             self.connection.settimeout(self.server.body_timeout_s)
+            if not is_stream_request(self.headers.get("Upgrade"), self.headers.get("Accept")):
+                self._answering = True
+                self.server.request_started()
         return ok
 
     def connection_dropped(self, error: BaseException, environ: Any = None) -> None:
@@ -191,6 +213,8 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         self._refusals = Refusals(f"{max_connections_per_ip} per address, {max_connections} in all")
         self._lock = threading.Lock()
         self._open: dict[Any, str] = {}  # socket -> its client address
+        self._answering = 0  # requests between their parsed headers and their last byte written
+        self._all_answered = threading.Condition(self._lock)
         super().__init__(host, port, app, handler)
 
     @property
@@ -203,6 +227,35 @@ class GuardedWSGIServer(ThreadedWSGIServer):
         """Connections accepted and not yet closed."""
         with self._lock:
             return len(self._open)
+
+    def request_started(self) -> None:
+        """A request's headers are parsed (its handler thread): it is in flight until :meth:`request_ended`."""
+        with self._lock:
+            self._answering += 1
+
+    def request_ended(self) -> None:
+        """A request counted by :meth:`request_started` is answered, or its connection was lost."""
+        with self._lock:
+            self._answering -= 1
+            if self._answering == 0:
+                self._all_answered.notify_all()
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait for the requests in flight to be answered, after :meth:`shutdown` stopped accepting new ones.
+
+        The handler threads are daemons: a process that exits while one writes cuts its client off
+        after the headers (``IncompleteRead``), and a ``PUT`` applied is never confirmed. WebSockets and
+        server-sent events are not waited for (:func:`is_stream_request`).
+
+        Args:
+            timeout_s: Seconds to wait at most.
+
+        Returns:
+            The requests still in flight when it returned (0: all answered).
+        """
+        with self._lock:
+            self._all_answered.wait_for(lambda: self._answering == 0, timeout_s)
+            return self._answering
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit a new connection if its address and the server are under their caps (accepting thread).

@@ -221,3 +221,70 @@ def test_a_trusted_proxy_is_exempt_from_the_per_address_connection_cap_and_no_on
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_a_stopping_server_answers_the_requests_in_flight_and_does_not_wait_for_streams():
+    """shutdown() then drain(): a slow PUT in flight is answered whole; an event stream is not waited for."""
+    import http.client
+    import json
+
+    from flask import Flask, Response
+
+    from latentsync.serving.api.http_server import GuardedWSGIServer
+
+    release, stream_open = threading.Event(), threading.Event()
+    app = Flask("drain")
+
+    @app.put("/slow")
+    def slow():
+        release.wait(10)
+        return {"applied": True, "padding": "x" * 200}
+
+    @app.get("/events")
+    def events():
+        def forever():
+            stream_open.set()
+            while True:
+                yield "data: tick\n\n"
+                time.sleep(0.05)
+
+        return Response(forever(), mimetype="text/event-stream")
+
+    server = GuardedWSGIServer(
+        "127.0.0.1", 0, app, header_timeout_s=5, body_timeout_s=5, max_connections_per_ip=8, max_connections=16
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    answers: list = []
+    viewer = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        viewer.request("GET", "/events", headers={"Accept": "text/event-stream"})
+        assert viewer.getresponse().status == 200 and stream_open.wait(5)
+
+        def put() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("PUT", "/slow", body=b"{}", headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+            conn.close()
+
+        client = threading.Thread(target=put, daemon=True)
+        client.start()
+        deadline = time.monotonic() + 5
+        while server.drain(0.0) == 0:  # until the PUT's headers are parsed
+            assert time.monotonic() < deadline, "the PUT never counted as in flight"
+            time.sleep(0.02)
+        server.shutdown()
+        thread.join(5)
+        assert server.drain(0.2) == 1  # the PUT, not the event stream
+        release.set()
+        t = time.monotonic()
+        assert server.drain(5.0) == 0
+        assert time.monotonic() - t < 2.0  # the open event stream did not hold it
+        client.join(5)
+        assert answers == [(200, {"applied": True, "padding": "x" * 200})]
+    finally:
+        release.set()
+        viewer.close()
+        server.server_close()
