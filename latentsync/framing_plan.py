@@ -10,6 +10,7 @@ of face. Docs: docs/avatars.md ("Framing").
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,9 @@ FACE_SEARCH_FPS = 2
 FACE_SEARCH_MAX_FRAMES = 60
 #: A video narrower or lower than this is refused by ``cover`` (nothing to crop a window from).
 MIN_SOURCE_SIDE = 16
+#: ``finder(path, coded) -> (face, source)``: how :func:`plan_framing` looks for the face (:func:`find_face`
+#: in this process; the server runs each search in a child, ``latentsync.serving.ops.face_search``).
+FaceFinder = Callable[[str | Path, tuple[int, int]], tuple[FaceBox | None, tuple[int, int]]]
 
 
 def find_face(path: str | Path, coded: tuple[int, int]) -> tuple[FaceBox | None, tuple[int, int]]:
@@ -96,6 +100,7 @@ def plan_framing(
     background: str = "blur",
     face_fraction: float | None = FACE_FRACTION,
     min_face_px: float = 0.0,
+    face_finder: FaceFinder | None = None,
 ) -> Framing:
     """How to frame the video at ``path`` into ``size``.
 
@@ -115,11 +120,12 @@ def plan_framing(
             None: the largest window (the rule before it).
         min_face_px: ``cover``: the narrowest face on air the window allows where the source can give
             it (``avatar.min_face_px``; 0: none), in output pixels.
+        face_finder: How the face is looked for (:data:`FaceFinder`); None: :func:`find_face` here.
 
     Raises:
         ValueError: For an unknown mode or background.
         latentsync.media.MediaProbeError: ``cover`` of a video under :data:`MIN_SOURCE_SIDE`
-            pixels on a side (or one FFmpeg cannot decode).
+            pixels on a side (or one FFmpeg cannot decode, or a search ``face_finder`` could not make).
     """
     fit = Fit(fit)
     background = check_background(background)
@@ -132,7 +138,7 @@ def plan_framing(
         return Framing(fit=Fit.contain, size=size, background=background)
     if same_aspect(coded, size) and (coded[0] <= size[0] or face_fraction is None):
         return scaled
-    face, source = find_face(path, coded)
+    face, source = (face_finder or find_face)(path, coded)
     if min(source) < MIN_SOURCE_SIDE:
         raise MediaProbeError(
             f"{Path(path).name}: {source[0]}x{source[1]} is too small to frame (under {MIN_SOURCE_SIDE} px)"
@@ -155,6 +161,7 @@ def load_clip(
     background: str = "blur",
     face_fraction: float | None = FACE_FRACTION,
     min_face_px: float = 0.0,
+    face_finder: FaceFinder | None = None,
 ) -> VideoClip:
     """Decode a video and its audio onto the stream time base, framed into ``size`` (FFmpeg confined to the file).
 
@@ -175,6 +182,7 @@ def load_clip(
         background: ``contain``'s bars: ``"blur"`` or ``"#rrggbb"``.
         face_fraction: ``cover``'s face width over the picture's width (:func:`plan_framing`).
         min_face_px: ``cover``'s narrowest face on air where the source can give it (:func:`plan_framing`).
+        face_finder: How ``cover`` looks for the face (:data:`FaceFinder`); None: :func:`find_face` here.
 
     Returns:
         The :class:`~latentsync.media.video.VideoClip` (its ``framing`` says how it was framed, None
@@ -184,7 +192,9 @@ def load_clip(
         latentsync.media.MediaProbeError: If the file is missing, unreadable or has no video stream.
         latentsync.media.video.MediaLimitError: If it is over one of ``limits``.
     """
-    info, framing = _probe_and_plan(path, fps, size, limits, what, fit, background, face_fraction, min_face_px)
+    info, framing = _probe_and_plan(
+        path, fps, size, limits, what, fit, background, face_fraction, min_face_px, face_finder
+    )
     return decode_clip(path, fps, sample_rate_hz, size, with_audio, info=info, framing=framing)
 
 
@@ -248,6 +258,7 @@ def _probe_and_plan(
     background: str,
     face_fraction: float | None,
     min_face_px: float,
+    face_finder: FaceFinder | None = None,
 ) -> tuple[MediaInfo, Framing | None]:
     """The probe (checked against ``limits``) and the framing (None without ``size``) of :func:`load_clip`."""
     info = probe_media(path, formats=VIDEO_FORMATS)
@@ -255,5 +266,7 @@ def _probe_and_plan(
         check_clip_limits(info, fps, size, limits, what)
     framing = None
     if size is not None:
-        framing = plan_framing(path, (info.width, info.height), size, fit, background, face_fraction, min_face_px)
+        framing = plan_framing(
+            path, (info.width, info.height), size, fit, background, face_fraction, min_face_px, face_finder
+        )
     return info, framing

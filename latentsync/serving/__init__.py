@@ -9,7 +9,7 @@ Layers, top to bottom (``a | b``: siblings that do not import each other)::
     tasks                  TaskManager, processors, utterances, programs (reorder and jitter buffers)
     compute                the EDF scheduling pool, its local and Ray backends, the engine host
     playout | egress       clock, mixer, idle loop, tick tap | encoders and outputs (FFmpeg), WHEP, frames
-    ops                    systemd, logs, heap, native threads, /proc, TCP send state
+    ops                    systemd, logs, heap, native threads, /proc, TCP send state, face searches
     core                   state machines, errors shared by all
 
 Nothing is re-exported here: import from the folders (each ``__init__`` says what it exports) or their modules.

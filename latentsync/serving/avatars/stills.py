@@ -25,10 +25,19 @@ class StillCache:
         cache_dir: ``avatar.cache_dir`` (the uploads' copies).
         face_fraction: ``avatar.face_fraction`` (``cover``'s window size, as channels frame it).
         min_face_px: ``avatar.min_face_px`` (``cover`` narrows its window to reach it where it can).
+        face_finder: How ``cover`` looks for the face, a :data:`latentsync.framing_plan.FaceFinder` (the
+            server's runs each search in a child process); None: in this process.
     """
 
-    def __init__(self, cache_dir: str | Path, face_fraction: float = 0.3, min_face_px: int = 96):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        face_fraction: float = 0.3,
+        min_face_px: int = 96,
+        face_finder: Callable | None = None,
+    ):
         self._cache_dir = cache_dir
+        self._face_finder = face_finder
         self._face_fraction = face_fraction
         self._min_face_px = min_face_px
         self._lock = threading.Lock()
@@ -82,7 +91,14 @@ class StillCache:
         video = uploaded_avatar_video(self._cache_dir, avatar_id)
         info = probe_media(video, formats=VIDEO_FORMATS)
         framing = plan_framing(
-            video, (info.width, info.height), size, fit, background, self._face_fraction, self._min_face_px
+            video,
+            (info.width, info.height),
+            size,
+            fit,
+            background,
+            self._face_fraction,
+            self._min_face_px,
+            self._face_finder,
         )
         frames = decode_video_frames(video, 1, size, max_frames=2, info=info, video_filter=framing.video_filter())
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(frames[-1], cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])

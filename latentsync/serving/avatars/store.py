@@ -74,13 +74,20 @@ class AvatarStore:
         config: The server configuration (``avatar.*`` limits, ``stream.fps`` and size, the engine: the face size).
         in_use: Returns what the channels use now: resolved paths (prepared avatar folders and
             video files) mapped to the names of the channels using them. Never deleted by the quota.
+        face_finder: How stills framed ``cover`` look for the face (a
+            :data:`latentsync.framing_plan.FaceFinder`); None: in this process.
 
     Attributes:
         quota: The cache's disk quota (:class:`~latentsync.serving.avatars.quota.CacheQuota`).
         face_policy: The ``avatar.min_face_px`` rule (:class:`~latentsync.serving.avatars.face_policy.FacePolicy`).
     """
 
-    def __init__(self, config: AppConfig, in_use: Callable[[], dict[Path, list[str]]]):
+    def __init__(
+        self,
+        config: AppConfig,
+        in_use: Callable[[], dict[Path, list[str]]],
+        face_finder: Callable | None = None,
+    ):
         self._cfg = config.avatar
         self._max_clip_s = float(config.media.max_clip_s)  # a channel's base video (counted while decoding)
         self._fps = int(config.stream.fps)
@@ -97,7 +104,7 @@ class AvatarStore:
         self.quota = CacheQuota(self._catalogue, quota_mb=self._cfg.cache_quota_mb, busy=self._queue.busy_uploads)
         self.face_policy = FacePolicy(self._cfg.min_face_px, self._cfg.face_fraction)
         # GET /avatars/<id>/still
-        self._stills = StillCache(self._cfg.cache_dir, self._cfg.face_fraction, self._cfg.min_face_px)
+        self._stills = StillCache(self._cfg.cache_dir, self._cfg.face_fraction, self._cfg.min_face_px, face_finder)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from latentsync.avatar import Avatar, AvatarSettings
 from latentsync.config import AppConfig
-from latentsync.framing_plan import load_clip
+from latentsync.framing_plan import FaceFinder, load_clip
 from latentsync.media.framing import FACE_FRACTION
 from latentsync.media.probe import probe_media
 from latentsync.media.video import VIDEO_FORMATS, ClipLimits, VideoClip, check_clip_limits
@@ -34,9 +34,14 @@ class ClipCache:
     the same idle video hold one copy. Entries are weak: a clip is freed when the last channel using
     it is gone (``DELETE /channels/<name>``). Shared frames are made read-only (the idle loop only
     reads them; a write would raise instead of changing another channel's picture).
+
+    Args:
+        face_finder: How ``cover`` framing looks for the face (the server's:
+            :class:`~latentsync.serving.ops.face_search.ChildFaceFinder`); None: in this process.
     """
 
-    def __init__(self):
+    def __init__(self, face_finder: FaceFinder | None = None):
+        self._face_finder = face_finder
         self._clips: weakref.WeakValueDictionary[tuple, VideoClip] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
@@ -84,6 +89,7 @@ class ClipCache:
                 background,
                 face_fraction,
                 min_face_px,
+                self._face_finder,
             )
 
         if key is None:

@@ -52,6 +52,7 @@ from latentsync.serving.core.errors import public_reason
 from latentsync.serving.egress.sink import EgressSink
 from latentsync.serving.egress.whep import WebRtcHub
 from latentsync.serving.ingest.speech_service import SpeechService
+from latentsync.serving.ops.face_search import ChildFaceFinder
 from latentsync.serving.ops.systemd import Watchdog
 from latentsync.serving.playout.clock import StreamingController
 from latentsync.serving.playout.mixer import ProgramMixer
@@ -140,7 +141,9 @@ class Runtime:
         self._connected_pool: RayWorkerPool | None = None  # a Ray pool connected before the clocks (start)
         self._speech: SpeechService | None = None  # text to speech, for every channel
         self._created_monotonic = time.monotonic()
-        self._clips = ClipCache()  # channels looping the same idle video share its decoded frames
+        # cover framing's face searches, each in a child: MediaPipe never enters this process (ops/face_search.py)
+        self._face_finder = ChildFaceFinder()
+        self._clips = ClipCache(self._face_finder)  # channels looping the same idle video share its decoded frames
         # ... and prepare the same base video once, in the avatar store's queue (a child process)
         self._preparations = AvatarPreparations(self._prepare_in_store)
         self.channels: dict[str, Channel] = {
@@ -150,7 +153,7 @@ class Runtime:
         self._watchdog = Watchdog(self._clock_alive)
         self._specs: dict[str, ChannelConfig] = {c.name: c for c in config.channels}  # all but main
         self._channels_lock = threading.Lock()  # PUT/DELETE /channels/<name>
-        self.avatars = AvatarStore(config, self._avatars_in_use)  # POST /avatars (docs/avatars.md)
+        self.avatars = AvatarStore(config, self._avatars_in_use, self._face_finder)  # POST /avatars (docs/avatars.md)
         self.metrics.registry.register(self.avatars)
 
     def _prepare_in_store(self, video, settings, cache_dir, stopping) -> Avatar:
@@ -527,6 +530,7 @@ class Runtime:
         steps: list[tuple[str, Callable[[], None] | None]] = [
             ("watchdog", self._watchdog.close),
             ("avatar preparation", self.avatars.close),
+            ("face searches", self._face_finder.close),
         ]
         steps += [(f"channel {name}", channel.close) for name, channel in list(self.channels.items())]
         steps.append(("channel starts", self._join_starts))

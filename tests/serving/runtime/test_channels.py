@@ -14,6 +14,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,6 +378,10 @@ def test_an_uploaded_avatar_replaces_halls_at_its_next_idle_moment(two_channels,
     speak_until_done(api, "hall", 2.0)
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
+    # cover framed the switch and the still on a face found in a child process: MediaPipe's native library was
+    # never loaded into the server (it would be ~59,000 objects every full collection visits: ops/face_search.py)
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "_framework_bindings" not in maps and "mediapipe" not in maps
 
 
 def test_a_restart_brings_back_the_channels_and_avatars_the_api_changed(two_channels, rtmp_server, hall_rtmp, tmp_path):
