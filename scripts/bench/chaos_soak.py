@@ -225,7 +225,7 @@ async def health(soak: Soak, channel: str = "main") -> dict:
 
 # ------------------------------------------------------------------------------------------------ load
 async def uploads(soak: Soak) -> None:
-    """An upload every 15-45 s on a random channel; a fifth are cancelled a few seconds after going on air."""
+    """An upload every 15-45 s on a random channel; a fifth of those of 10 s or more cancelled 2-6 s into the air."""
     rng = random.Random(soak.rng.random())
     while await sleep_until(soak, rng.uniform(15, 45)):
         path, seconds = rng.choices(soak.uploads, weights=[1 / (1 + s / 30) for _, s in soak.uploads])[0]
@@ -237,7 +237,7 @@ async def uploads(soak: Soak) -> None:
             soak.note("upload refused", channel=channel, file=path.name, error=str(exc))
             continue
         soak.track(accepted.task_id, channel, f"upload {path.suffix[1:]} {seconds:.0f}s")
-        if rng.random() < 0.2:
+        if seconds >= 10 and rng.random() < 0.2:  # shorter ones could end before the cancel
             asyncio.ensure_future(cancel_on_air(soak, accepted.task_id, channel, rng.uniform(2, 6)))
 
 
@@ -252,7 +252,8 @@ async def cancel_on_air(soak: Soak, task_id: str, channel: str, after_s: float) 
                 await asyncio.sleep(after_s)
                 async with soak.gate:
                     await c.cancel_task(task_id)
-                soak.note("cancelled mid-speech", task_id=task_id, channel=channel)
+                status = (await c.task(task_id)).status  # cancelled, or done if it ended first
+                soak.note("cancelled mid-speech", task_id=task_id, channel=channel, status=status)
                 return
             await asyncio.sleep(0.5)
 
@@ -328,32 +329,35 @@ async def live_speech(soak: Soak) -> None:
 
 
 async def whep_viewers(soak: Soak) -> None:
-    """A WHEP viewer joins a random channel every 30-90 s, watches 20-60 s and leaves (or vanishes)."""
+    """A WHEP viewer joins a random channel every 30-90 s, watches 20-60 s and leaves (or vanishes).
+
+    The whole visit holds the gate, as the other clients' sessions do: a channel cycle measures the server with
+    none of them opening or closing (a vanished one is waited for on the server: :func:`quiet`).
+    """
     rng = random.Random(soak.rng.random())
     while await sleep_until(soak, rng.uniform(30, 90)):
         channel = rng.choice(("main", "second"))
         prefix = "" if channel == "main" else f"/channels/{channel}"
         viewer = WhepViewer(soak.base + prefix, audio=True)
         stop, arrivals = threading.Event(), []
-        try:
-            async with soak.gate:
-                status, _, _ = await viewer.connect()
-            if status != 201:
-                soak.note("whep refused", channel=channel, status=status)
-                continue
-            watching = asyncio.ensure_future(viewer.watch(stop, arrivals))
-            await sleep_until(soak, rng.uniform(20, 60))
-            stop.set()
-            await asyncio.wait_for(watching, 10)
-        except Exception as exc:  # noqa: BLE001
-            soak.note("whep viewer failed", channel=channel, error=repr(exc))
-        finally:
-            viewer.base_url = soak.base  # the session's Location is a path from the server's root
+        async with soak.gate:
             try:
-                async with soak.gate:
-                    await viewer.close(delete=rng.random() < 0.8)
+                status, _, _ = await viewer.connect()
+                if status != 201:
+                    soak.note("whep refused", channel=channel, status=status)
+                    continue
+                watching = asyncio.ensure_future(viewer.watch(stop, arrivals))
+                await sleep_until(soak, rng.uniform(20, 60))
+                stop.set()
+                await asyncio.wait_for(watching, 10)
             except Exception as exc:  # noqa: BLE001
-                soak.note("whep close failed", error=repr(exc))
+                soak.note("whep viewer failed", channel=channel, error=repr(exc))
+            finally:
+                viewer.base_url = soak.base  # the session's Location is a path from the server's root
+                try:
+                    await viewer.close(delete=rng.random() < 0.8)
+                except Exception as exc:  # noqa: BLE001
+                    soak.note("whep close failed", error=repr(exc))
         soak.note("whep viewer", channel=channel, frames=len(arrivals))
 
 
@@ -385,6 +389,16 @@ async def frames_clients(soak: Soak) -> None:
         await deaf.close()
 
 
+async def switched(c, channel: str, timeout_s: float = 120.0) -> str:
+    """The last avatar switch's final state on ``channel`` (``done`` or ``failed``), or its state at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = ((await c.get_channel(channel)).get("switch") or {}).get("state", "none")
+        if state in ("done", "failed", "none") or time.monotonic() > deadline:
+            return state
+        await asyncio.sleep(0.5)
+
+
 async def avatars(soak: Soak) -> None:
     """Upload an avatar video, put it on ``second``; switch back to the idle video's avatar later; repeat."""
     rng = random.Random(soak.rng.random())
@@ -409,9 +423,11 @@ async def avatars(soak: Soak) -> None:
         while True:
             fields = {"avatar": avatar_id} if not on else {"video": str(IDLE)}
             try:
-                answer = await c.put_channel("second", fields, force=True)
-                on = not on
-                soak.note("avatar switched", channel="second", to=fields, answer=answer.get("status"))
+                async with soak.gate:  # a channel cycle never measures across a switch
+                    answer = await c.put_channel("second", fields, force=True)
+                    on = not on
+                    state = await switched(c, "second")
+                soak.note("avatar switched", channel="second", to=fields, answer=answer.get("status"), state=state)
             except LatentSyncError as exc:
                 soak.note("avatar switch refused", error=str(exc))
             if not await sleep_until(soak, period * rng.uniform(0.5, 1.0)):
@@ -434,9 +450,16 @@ def levels(pid: int) -> dict[str, int]:
 
 
 async def quiet(soak: Soak, timeout_s: float = 400.0) -> bool:
-    """Wait until no task of ``soak`` is unfinished (the gate held: none starts); False if not within the time."""
+    """Wait (the gate held: nothing starts) until no task of ``soak`` is unfinished and no WHEP session is open on the
+    server (a viewer that vanished without ``DELETE`` is closed by the server later); False if not within the time."""
     deadline = time.monotonic() + timeout_s
-    while any(t["status"] not in (*FINAL, GONE) for t in soak.tasks.values()):
+    while True:
+        busy = any(t["status"] not in (*FINAL, GONE) for t in soak.tasks.values())
+        if not busy:
+            bodies = [await health(soak, ch) for ch in ("main", "second")]
+            busy = any((b.get("webrtc") or {}).get("viewers", 0) for b in bodies)
+        if not busy:
+            break
         if time.monotonic() > deadline or soak.stopping:
             return False
         await asyncio.sleep(1)
