@@ -318,6 +318,8 @@ async def live_speech(soak: Soak) -> None:
         channel = rng.choice(("main", "second"))
         pcm = await asyncio.to_thread(speech_pcm, rng.uniform(6, 20))
         async with soak.gate:
+            if soak.stopping:  # the gate came after the end: no new session
+                return
             task_id, outcome = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
         if task_id is not None:
             soak.track(task_id, channel, f"ws {speed}x")
@@ -827,9 +829,9 @@ async def minute_figures(soak: Soak, tmpdir: Path) -> list[dict]:
 
 
 async def task_states(soak: Soak) -> None:
-    """Follow every task to its final state (the registry's ``status``)."""
+    """Follow every task to its final state (the registry's ``status``), until cancelled."""
     async with client(soak) as c:
-        while not soak.stopping or any(t["status"] not in (*FINAL, GONE) for t in soak.tasks.values()):
+        while True:  # until drive() cancels it: a load may still submit a task after soak.stopping
             for task_id, task in list(soak.tasks.items()):
                 if task["status"] in (*FINAL, GONE):
                     continue
@@ -841,9 +843,9 @@ async def task_states(soak: Soak) -> None:
                 except LatentSyncError as exc:
                     if exc.status == 404 and task["channel"] == "third":
                         task["status"] = GONE
+                except Exception as exc:  # noqa: BLE001 (a timeout under a fault): asked again in 2 s, never given up
+                    task["poll_error"] = repr(exc)[:200]
             await asyncio.sleep(2)
-            if soak.stopping and time.monotonic() > soak.deadline + 600:
-                return
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -879,6 +881,8 @@ async def drive(soak: Soak, tmpdir: Path) -> list[dict]:
             break
         await asyncio.sleep(2)
     for task in samplers:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            soak.problems.append(f"{task.get_coro().__name__} failed: {task.exception()!r}")
         task.cancel()
     return await figures
 
