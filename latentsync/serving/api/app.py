@@ -330,12 +330,12 @@ def create_app(runtime: Runtime | None = None) -> Flask:
     @app.delete("/channels/<name>")
     def delete_channel(name: str):
         try:
-            channel = runtime.remove_channel(name)
+            status = runtime.remove_channel(name)
         except ValueError as exc:
             raise ApiError("main_channel", str(exc)) from None
-        if channel is None:
+        if status is None:
             raise no_channel(name)
-        return jsonify({"name": name, "status": channel.status})
+        return jsonify({"name": name, "status": status})
 
     @app.get("/health", defaults={"name": DEFAULT_CHANNEL})
     @app.get("/channels/<name>/health")

@@ -765,14 +765,18 @@ class Runtime:
                 used.setdefault(path.resolve(), []).append(name)
         return used
 
-    def remove_channel(self, name: str) -> Channel | None:
+    def remove_channel(self, name: str) -> str | None:
         """Delete a channel (``DELETE /channels/<name>``): its speech fades out, its FFmpeg flushes and exits.
 
         Its tasks end (cancelled), its work directory goes; the workers drop its avatar when their
-        LRU evicts it (``engine.max_avatars_per_worker``). ``main`` cannot be removed.
+        LRU evicts it (``engine.max_avatars_per_worker``). ``main`` cannot be removed. Once it is
+        closed, nothing here refers to it any more, then ``after_release`` runs: its collection finds
+        the channel unreachable and frees it now (its avatar's memory maps, its buffers), not at the
+        next deletion's collection (issue 38's chaos soak: the last deleted channel's 10 descriptors
+        outlived it).
 
         Returns:
-            The stopped channel, or None if there is none of that name.
+            The stopped channel's status (``stopped``), or None if there is none of that name.
 
         Raises:
             ValueError: For ``main``.
@@ -788,12 +792,15 @@ class Runtime:
                     self._deleted.add(name)
                 self._live.pop(name, None)
                 self._persist()
-        if channel is not None:
-            channel.close()
-            logger.info("channel %s deleted", name)
-            if self._after_release is not None:
-                self._after_release(channel.created_monotonic)
-        return channel
+        if channel is None:
+            return None
+        channel.close()
+        status, made_at = channel.status, channel.created_monotonic
+        del channel  # the last reference here: the collection in after_release must find it unreachable
+        logger.info("channel %s deleted", name)
+        if self._after_release is not None:
+            self._after_release(made_at)
+        return status
 
     # ----------------------------------------------------------------- health and metrics
     def uptime_s(self) -> float:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentsync.serving.ops import procfs
 from tests.datafiles import MEDIA, media_file, speech_wav
 from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
 
@@ -233,6 +234,7 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     assert api.request("DELETE", "/channels/nope")[0] == 404
     assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
 
+    files_before = procfs.descriptor_kinds(server.serving_pid()).get("file", 0)  # memory maps: avatars' arrays
     body = json.dumps({"rtmp_url": url, "idle_video": str(media_file(VIDEO)), "fps": 20}).encode()
     status, created = api.request("PUT", "/channels/popup", body, {"Content-Type": "application/json"})
     assert status == 202 and created["name"] == "popup" and created["status"] in ("starting", "ready"), created
@@ -247,6 +249,9 @@ def test_a_channel_created_and_deleted_at_run_time(two_channels, hall_rtmp, rtmp
     assert seconds_until(lambda: not hall_rtmp.publishing("popup"), 10) is not None  # its FFmpeg flushed and left
     assert api.request("GET", "/channels/popup/health")[0] == 404
     assert [c["name"] for c in api.request("GET", "/channels")[1]["channels"]] == ["main", "hall"]
+    # freed by the deletion's own collection (its avatar's 10 memory-mapped arrays among them), not by the next one
+    files_after = procfs.descriptor_kinds(server.serving_pid()).get("file", 0)
+    assert files_after <= files_before, (files_before, files_after)
     main = health(api, "main")
     assert main["dropped_ticks"] == before_main["dropped_ticks"] and main["ffmpeg_pid"] == before_main["ffmpeg_pid"]
     assert hall_rtmp.publishing("hall") and rtmp_server.publishing("main-ch")
