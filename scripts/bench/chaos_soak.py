@@ -465,8 +465,20 @@ async def quiet(soak: Soak, timeout_s: float = 400.0) -> bool:
         if time.monotonic() > deadline or soak.stopping:
             return False
         await asyncio.sleep(1)
-    await asyncio.sleep(3)  # the last task's threads joined
+    await settled_levels(soak)  # the last session's threads joined, its descriptors closed
     return True
+
+
+async def settled_levels(soak: Soak, max_s: float = 30.0) -> dict[str, int]:
+    """The server's :func:`levels` once they read the same twice 3 s apart (or after ``max_s``)."""
+    end = time.monotonic() + max_s
+    seen = levels(soak.pid)
+    while True:
+        await asyncio.sleep(3)
+        now = levels(soak.pid)
+        if now == seen or time.monotonic() > end:
+            return now
+        seen = now
 
 
 async def third_channel_cycle(soak: Soak, rng: random.Random) -> None:
@@ -496,7 +508,7 @@ async def third_channel_cycle(soak: Soak, rng: random.Random) -> None:
         await c.delete_channel("third")
         await asyncio.sleep(5)  # its FFmpeg flushed, its threads joined
         deleted = {ch: (await health(soak, ch))["late_ticks"] - mid[ch] for ch in others}
-    after = levels(soak.pid)
+    after = await settled_levels(soak)
     in_fault = soak.in_fault(time.monotonic())
     change = {"t_s": round(soak.now_s()), "before": before, "after": after, "late_on_create": created,
               "late_on_delete": deleted, "in_fault_window": in_fault, "quiet": calm}  # fmt: skip
