@@ -792,6 +792,8 @@ async def tick_sampler(soak: Soak) -> None:
                 h = await health(soak, ch)
             except Exception:  # noqa: BLE001 - counted when it answers again
                 continue
+            if not all(field in h for field in ("dropped_ticks", "late_ticks", "underrun_ticks", "ticks")):
+                continue  # an answer without the counters (a refusal under a fault): counted when they come back
             soak.last_health[ch] = h
             prev = last.get(ch)
             last[ch] = h
