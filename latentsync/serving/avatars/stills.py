@@ -9,10 +9,14 @@ import collections
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentsync.config import uploaded_avatar_video
 from latentsync.media.video import decode_video_frames
 from latentsync.serving.avatars.catalogue import AvatarError
+
+if TYPE_CHECKING:
+    from latentsync.framing_plan import FaceFinder
 
 #: Stills (``GET /avatars/<id>/still``) kept, least recently used dropped first (~50 kB each).
 STILL_CACHE = 32
@@ -34,7 +38,7 @@ class StillCache:
         cache_dir: str | Path,
         face_fraction: float = 0.3,
         min_face_px: int = 96,
-        face_finder: Callable | None = None,
+        face_finder: FaceFinder | None = None,
     ):
         self._cache_dir = cache_dir
         self._face_finder = face_finder

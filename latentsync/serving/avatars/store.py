@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentsync.config import AppConfig, engine_face_size, uploaded_avatar_video
 from latentsync.media import MediaProbeError
@@ -46,6 +47,9 @@ from latentsync.serving.avatars.face_policy import FacePolicy, lost_face_warning
 from latentsync.serving.avatars.preparation import CHILD_EXIT_S, PreparationQueue
 from latentsync.serving.avatars.quota import CacheQuota, prepared_bytes_per_frame, tree_bytes
 from latentsync.serving.avatars.stills import StillCache
+
+if TYPE_CHECKING:
+    from latentsync.framing_plan import FaceFinder
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +90,7 @@ class AvatarStore:
         self,
         config: AppConfig,
         in_use: Callable[[], dict[Path, list[str]]],
-        face_finder: Callable | None = None,
+        face_finder: FaceFinder | None = None,
     ):
         self._cfg = config.avatar
         self._max_clip_s = float(config.media.max_clip_s)  # a channel's base video (counted while decoding)
