@@ -907,12 +907,15 @@ def check(soak: Soak, figures: list[dict], drift: dict, prom_summary: list) -> t
     late_out = sum(v["late_out"] for v in soak.ticks.values())
     dropped_out = sum(v["dropped_out"] for v in soak.ticks.values())
     after = [f for f in figures if f["t_s"] >= min(900, figures[-1]["t_s"] / 3)]
-    if len(after) >= 2:
+    if len(after) >= 4:
         hours = (after[-1]["t_s"] - after[0]["t_s"]) / 3600 or 1
-        slope = np.polyfit([f["t_s"] / 3600 for f in after],
-                           [f["server_rss_mb"] + f["children_rss_mb"] for f in after], 1)[0]  # fmt: skip
+        # least squares over every minute's figure; its standard error says how finely the run can judge growth
+        # (uploads, encoders and worker restarts move RSS by tens of MB from minute to minute)
+        fit, cov = np.polyfit([f["t_s"] / 3600 for f in after],
+                              [f["server_rss_mb"] + f["children_rss_mb"] for f in after], 1, cov=True)  # fmt: skip
+        slope, slope_se = float(fit[0]), float(np.sqrt(cov[0, 0]))
     else:
-        hours, slope = 0, float("nan")
+        hours, slope, slope_se = 0, float("nan"), float("nan")
     changes = [c for c in soak.channel_changes if not c["in_fault_window"] and c["quiet"]]
     level_ok = all(
         abs(c["after"]["fds"] - c["before"]["fds"]) <= 2 and abs(c["after"]["threads"] - c["before"]["threads"]) <= 2
@@ -930,7 +933,9 @@ def check(soak: Soak, figures: list[dict], drift: dict, prom_summary: list) -> t
         "late_outside_pct": (round(100 * late_out / out_ticks, 4), late_out / out_ticks <= 0.001),
         # a run without 15 minutes after its first 15 cannot judge it: said so, not counted as a miss
         "rss_growth_mb_per_h": (
-            round(float(slope), 2) if hours >= 0.25 else f"not judged: {hours * 60:.0f} min of figures ({slope:.0f})",
+            f"{slope:.2f} (standard error {slope_se:.2f})"
+            if hours >= 0.25
+            else f"not judged: {hours * 60:.0f} min of figures ({slope:.0f})",
             hours < 0.25 or slope <= 5.0,
         ),
         "channel_change_levels": ([(c["before"], c["after"]) for c in changes], level_ok and bool(changes)),
