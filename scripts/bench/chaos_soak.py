@@ -274,34 +274,57 @@ async def speaker(soak: Soak) -> None:
             soak.note("speak refused", channel=channel, error=str(exc))
 
 
-def utterance(port: int, channel: str, pcm: np.ndarray, speed: float) -> tuple[str | None, str]:
+#: How long an utterance may wait for its final event: 120 s once on air; before that, as long as the longest
+#: upload (300 s) queued ahead of it on its channel may play, with margin.
+FINAL_AFTER_ON_AIR_S = 120.0
+FINAL_BEFORE_ON_AIR_S = 660.0
+#: On air this long before its last packet, a 0.8x utterance must end ``too_slow`` (starve window 5 s + 3 s).
+STARVE_JUDGED_S = 8.0
+
+
+def utterance(port: int, channel: str, pcm: np.ndarray, speed: float) -> tuple[str | None, str, float | None]:
     """One ``/ws/speech`` utterance, paced in its own thread (16 kHz PCM in 20 ms packets at ``speed`` x real
-    time, then ``end``); ``(task id, outcome)``: ``done``, or the final event's status/code and reason."""
+    time, then ``end``).
+
+    Returns:
+        ``(task id, outcome, lead)``: the outcome is ``done``, or the final event's status/code and reason;
+        ``lead`` is how many seconds before its last packet was sent the utterance went on air (None: it went on
+        air only after, e.g. queued behind other speech on its channel, or never).
+    """
     speech = SpeechClient(port, channel=None if channel == "main" else channel)
-    task_id = None
+    task_id, lead, final = None, None, None
     try:
         speech.start(16000)
         task_id = speech.wait("accepted", timeout_s=10)["task_id"]
+        t0 = time.monotonic()
         try:
             speech.stream(pcm, 16000, speed=speed)
             speech.send_json({"type": "end"})
         except simple_websocket.ConnectionClosed:
             pass  # the server ended it (too_slow): its last event says why
-        deadline = time.monotonic() + 120
+        ended = time.monotonic()
+        sent_s = ended - t0
         while True:
+            on_air = next((e for e in speech.events if e["type"] == "on_air"), None)
             final = next((e for e in speech.events if e["type"] in ("done", "error")), None)
-            if final is not None or speech.closed or time.monotonic() > deadline:
+            waited = time.monotonic() - ended
+            if final is not None or speech.closed:
+                break
+            if waited > (FINAL_AFTER_ON_AIR_S if on_air is not None else FINAL_BEFORE_ON_AIR_S):
                 break
             speech.poll(0.5)
+        if on_air is not None and on_air.get("first_byte_to_air_s") is not None:
+            lead = round(sent_s - on_air["first_byte_to_air_s"], 2)
+            lead = lead if lead > 0 else None
     except (AssertionError, OSError, simple_websocket.ConnectionClosed) as exc:
-        return task_id, f"client failed: {exc!r}"[:300]
+        return task_id, f"client failed: {exc!r}"[:300], lead
     finally:
         speech.close()
     if final is None:
-        return task_id, "no final event (connection closed)" if speech.closed else "no final event in 120 s"
+        return task_id, ("no final event (connection closed)" if speech.closed else "no final event in time"), lead
     if final["type"] == "error":
-        return task_id, f"{final.get('code')}: {final.get('message')}"
-    return task_id, final["status"] + (f": {final['error']}" if final.get("error") else "")
+        return task_id, f"{final.get('code')}: {final.get('message')}", lead
+    return task_id, final["status"] + (f": {final['error']}" if final.get("error") else ""), lead
 
 
 async def live_speech(soak: Soak) -> None:
@@ -320,12 +343,14 @@ async def live_speech(soak: Soak) -> None:
         async with soak.gate:
             if soak.stopping:  # the gate came after the end: no new session
                 return
-            task_id, outcome = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
+            task_id, outcome, lead = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
         if task_id is not None:
             soak.track(task_id, channel, f"ws {speed}x")
-        soak.note("ws speech", channel=channel, speed=speed, outcome=outcome)
-        if speed < 1.0 and "too_slow" not in outcome:
-            soak.problems.append(f"a /ws/speech utterance at 0.8x ended {outcome!r}, not too_slow")
+        soak.note("ws speech", channel=channel, speed=speed, outcome=outcome, on_air_before_end_s=lead)
+        # too_slow needs the utterance generating while its audio trickles in: on air at least the starve window
+        # (5 s) plus a margin before its last packet. Queued behind an upload, it is whole before it plays: done.
+        if speed < 1.0 and "too_slow" not in outcome and lead is not None and lead >= STARVE_JUDGED_S:
+            soak.problems.append(f"a /ws/speech utterance at 0.8x on air {lead} s before its end ended {outcome!r}")
         if speed == 1.0 and not outcome.startswith("done"):
             soak.problems.append(f"a /ws/speech utterance at 1.0x on {channel} ended {outcome!r}")
 
