@@ -328,7 +328,8 @@ def utterance(port: int, channel: str, pcm: np.ndarray, speed: float) -> tuple[s
 
 
 async def live_speech(soak: Soak) -> None:
-    """A ``/ws/speech`` utterance every 60-120 s at 1.0x; every fourth at 0.8x, which must end ``too_slow``.
+    """A ``/ws/speech`` utterance every 60-120 s at 1.0x; every fourth at 0.8x, which must end ``too_slow`` when
+    it goes on air while its audio still trickles in.
 
     The PCM is paced by a thread of its own (:func:`utterance`), never by this event loop, which also decodes
     the WHEP viewers' video: a late packet must be the server's doing, not the soak's.
