@@ -40,12 +40,14 @@ RAY_MODULES = ("tests/serving/test_ray_e2e.py", "tests/serving/compute/test_ray_
 #: frame, underrun ticks, a browser's microphone on air within 10-15 s). Every one of them failed at least once on a
 #: bare-clone run of 2026-12-06/07 with a CPU-heavy module on the other xdist worker, and passed alone (the
 #: browser's channel page: CI run of 2026-12-07, its live microphone not on air within 15 s; PCM streamed at real
-#: time: 24 underrun ticks on a CI run of 2026-12-07, 0 alone).
+#: time: 24 underrun ticks on a CI run of 2026-12-07, 0 alone; two channels' fairness: hall 36 and main 32 underrun
+#: ticks on a CI run of 2026-12-07, 0 alone).
 SOLO_MODULES = (
     *RAY_MODULES,
     "tests/serving/test_latentsync_server_e2e.py",
     "tests/serving/test_speech_e2e.py",
     "tests/serving/test_speech_stream_e2e.py",
+    "tests/serving/runtime/test_channels.py",
     "tests/serving/api/test_browser.py",
     "tests/serving/api/test_browser_channels.py",
 )
