@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     heap = HeapFreezer()  # latentsync/serving/ops/memory.py: full collections skip what lives on
 
-    def release(made_at: float) -> None:
-        # A deleted channel's objects in reference cycles are collected: a channel frozen with the server by
-        # one full collection (a pause), one created since by a collection of the unfrozen heap only.
+    def release(made_at: float, what: str) -> None:
+        # What a deleted channel or a switched-away avatar left in reference cycles is collected: a channel
+        # frozen with the server by one full collection (a pause), anything made since by a collection of the
+        # unfrozen heap only.
         t = time.monotonic()
         how, count = heap.release(made_at)
-        logger.info("channel deleted: heap %s (%d objects, %.1f ms)", how, count, (time.monotonic() - t) * 1000)
+        logger.info("%s: heap %s (%d objects, %.1f ms)", what, how, count, (time.monotonic() - t) * 1000)
 
     runtime = Runtime(config, after_release=release)
     # Header/body deadlines and per-address connection caps (issue 35: a slow-loris client)

@@ -115,13 +115,16 @@ class Runtime:
 
     Args:
         config: The validated server configuration.
-        after_release: Called (on the API thread) after a deleted channel was closed, with the
-            ``time.monotonic()`` at which it was built, to let the process reclaim what it held;
-            ``infer_serv.py`` passes :meth:`latentsync.serving.ops.memory.HeapFreezer.release` (and logs
-            it). None: nothing.
+        after_release: Called with ``(made_at, what)`` to let the process reclaim what a channel let go
+            of: on the API thread after a deleted channel was closed (``made_at``: the
+            ``time.monotonic()`` at which it was built), and on the switch's thread once a channel's new
+            avatar is on air (``made_at``: that moment; the outgoing avatar and its idle clip are then
+            held only by the reference cycles of the tasks that played them, all made after the
+            server's heap was frozen). ``what`` says which, for the log. ``infer_serv.py`` passes
+            :meth:`latentsync.serving.ops.memory.HeapFreezer.release` (and logs it). None: nothing.
     """
 
-    def __init__(self, config: AppConfig, after_release: Callable[[float], object] | None = None):
+    def __init__(self, config: AppConfig, after_release: Callable[[float, str], object] | None = None):
         self._after_release = after_release
         self._configured = {c.name for c in config.channels}  # of the config file (the rest: created by PUT)
         self._file_config = config  # main's avatar as configured, if the one kept in channels_file fails
@@ -677,8 +680,13 @@ class Runtime:
                     self._live[name] = {**self._live.get(name, {}), **live}
                 self._persist()
 
+        def switched() -> None:  # the new avatar is on air: the outgoing one's memory maps go now
+            keep()
+            if self._after_release is not None:
+                self._after_release(time.monotonic(), f"channel {name} switched its avatar")
+
         with self._channels_lock:
-            channel.switch_avatar(new, label, on_done=keep)
+            channel.switch_avatar(new, label, on_done=switched)
         return channel, True
 
     def _set_outputs(self, channel: Channel, outputs: list[OutputConfig] | None) -> None:
@@ -799,7 +807,7 @@ class Runtime:
         del channel  # the last reference here: the collection in after_release must find it unreachable
         logger.info("channel %s deleted", name)
         if self._after_release is not None:
-            self._after_release(made_at)
+            self._after_release(made_at, f"channel {name} deleted")
         return status
 
     # ----------------------------------------------------------------- health and metrics
