@@ -876,6 +876,7 @@ async def minute_figures(soak: Soak, tmpdir: Path) -> list[dict]:
             role["rss_mb"] = round(role["rss_mb"] + procfs.rss_mb(child), 1)
         server_rss = round(procfs.rss_mb(soak.pid), 1)
         standing = server_rss + sum(by_role.get(r, {}).get("rss_mb", 0.0) for r in STANDING_ROLES)
+        fd_kinds = procfs.descriptor_kinds(soak.pid)  # one reading: the total and the kinds agree
         row = {
             "t_s": round(soak.now_s(), 1),
             "server_rss_mb": server_rss,
@@ -883,8 +884,8 @@ async def minute_figures(soak: Soak, tmpdir: Path) -> list[dict]:
             "standing_rss_mb": round(standing, 1),
             "rss_by_role": by_role,
             "children": len(children),
-            "fds": sum(procfs.descriptor_kinds(soak.pid).values()),
-            "fd_kinds": procfs.descriptor_kinds(soak.pid),
+            "fds": sum(fd_kinds.values()),
+            "fd_kinds": fd_kinds,
             "threads": procfs.thread_count(soak.pid),
             "fifos": fifos,
             "work_files": files,
@@ -977,12 +978,14 @@ def check(soak: Soak, figures: list[dict], drift: dict, prom_summary: list) -> t
         # judged on the server and the children that live as long as it (STANDING_ROLES); the total with the
         # passing children (a viewer's encoder, an upload's decoder) is printed beside it
         hours_x = [f["t_s"] / 3600 for f in after]
-        fit, cov = np.polyfit(hours_x, [f.get("standing_rss_mb", f["server_rss_mb"] + f["children_rss_mb"])
-                                        for f in after], 1, cov=True)  # fmt: skip
-        slope, slope_se = float(fit[0]), float(np.sqrt(cov[0, 0]))
-        total_fit, total_cov = np.polyfit(hours_x, [f["server_rss_mb"] + f["children_rss_mb"] for f in after], 1,
-                                          cov=True)  # fmt: skip
-        total = f"; with the passing children {total_fit[0]:.2f} (standard error {np.sqrt(total_cov[0, 0]):.2f})"
+
+        def growth(mb: list[float]) -> tuple[float, float]:  # (MB per hour, its standard error)
+            fit, cov = np.polyfit(hours_x, mb, 1, cov=True)
+            return float(fit[0]), float(np.sqrt(cov[0, 0]))
+
+        slope, slope_se = growth([f["standing_rss_mb"] for f in after])
+        total_slope, total_se = growth([f["server_rss_mb"] + f["children_rss_mb"] for f in after])
+        total = f"; with the passing children {total_slope:.2f} (standard error {total_se:.2f})"
     else:
         hours, slope, slope_se, total = 0, float("nan"), float("nan"), ""
     changes = [c for c in soak.channel_changes if not c["in_fault_window"] and c["quiet"]]

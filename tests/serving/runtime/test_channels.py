@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentsync.engines import CHUNK_FRAMES  # an upload's chunks after its first: 16 frames
 from latentsync.serving.ops import procfs
 from tests.datafiles import MEDIA, media_file, speech_wav
 from tests.streamtools import Api, RtmpServer, ServerProcess, require_rtmp_tools, seconds_until
@@ -28,7 +29,6 @@ pytestmark = [pytest.mark.rtmp, pytest.mark.server, pytest.mark.slow]
 VIDEO = "video/nanmote002.mp4"  # 256x456: small, so two channels fit on two shared cores
 SPEECH = "audio/7s_shan_0801_01.wav"
 LONG_UPLOAD_S = 60.0
-CHUNK_FRAMES = 16  # an upload's chunks after its first (config/engine.py, EngineConfig)
 
 
 @pytest.fixture(scope="module")
