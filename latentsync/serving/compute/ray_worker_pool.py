@@ -1007,28 +1007,49 @@ class RayWorkerPool(SchedulingPool):
             self._announce_broken()
 
     def _on_call(self, actor: _Actor, ref: Any) -> None:
+        """A chunk call answered: fetch its results and hand them to its jobs.
+
+        The call stays the actor's while its results are fetched, so that a fetch that blocks (the
+        cluster stopped answering between ``wait`` and ``get``) still counts against the call's
+        deadline: the watchdog then gives up on it (:meth:`_expire_calls`) and its jobs are retried
+        or failed, where they used to wait, attached to nothing, until the cluster came back. An
+        answer fetched after its call was given up on is ignored.
+        """
         ray = self._ray
         with self._lock:
             if actor.call is not ref:
                 return
-            dispatch_id, actor.call, actor.dispatch_id = actor.dispatch_id, None, None
+            dispatch_id = actor.dispatch_id
             assert dispatch_id is not None, "a call is sent with its dispatch id (_dispatch)"
             jobs = self._running.get(dispatch_id, [])
             started = jobs[0].submitted_at if jobs else time.monotonic()
         try:
             results = ray.get(ref)
         except ray.exceptions.RayTaskError as exc:  # the engine raised: deterministic, no retry
-            self._engine_failed(dispatch_id, exc.cause if exc.cause is not None else exc)
+            if self._settle(actor, ref):
+                self._engine_failed(dispatch_id, exc.cause if exc.cause is not None else exc)
             return
         except Exception as exc:  # the actor or its node is gone
             with self._lock:
-                self._lose(actor, dispatch_id, f"worker {actor.index} lost ({type(exc).__name__})")
+                if actor.call is ref:
+                    actor.call, actor.dispatch_id = None, None
+                    self._lose(actor, dispatch_id, f"worker {actor.index} lost ({type(exc).__name__})")
+            return
+        if not self._settle(actor, ref):
             return
         with self._lock:
             actor.jobs += len(jobs)
             actor.last_answer = time.monotonic()
             actor.latencies.append(time.monotonic() - started)
         self._deliver(dispatch_id, results)
+
+    def _settle(self, actor: _Actor, ref: Any) -> bool:
+        """The answer to ``ref`` was fetched: free the actor; False when the call was given up on meanwhile."""
+        with self._lock:
+            if actor.call is not ref:
+                return False  # its deadline passed while the answer was fetched: its jobs were retried or failed
+            actor.call, actor.dispatch_id = None, None
+            return True
 
     def _check_deadlines(self) -> None:
         """Give up on calls and liveness pings past their deadline; kill those calls' actors (Ray restarts them)."""

@@ -307,3 +307,50 @@ def test_answers_that_a_ray_client_returns_as_copies_reach_their_actor():
         assert within(5, lambda: done) is not None, errors
     finally:
         pool.close()
+
+
+class StopsBeforeGet(Stalling):
+    """The fake cluster stops answering between ``wait`` and ``get``: once :attr:`cut` is set, the
+    ``get`` of the next chunk call's answer blocks, as on a Ray Client server SIGSTOPped just then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = threading.Event()
+
+    def get(self, ref: Any, timeout: float | None = None) -> Any:
+        if self.cut.is_set() and isinstance(ref.value, list):  # a chunk call's answer (a ping's is a tuple)
+            self.cut.clear()
+            self.answering.clear()
+        return super().get(ref, timeout)
+
+
+def test_a_cluster_that_stops_answering_while_an_answer_is_fetched_fails_the_job_by_its_deadline():
+    """Red CI of 2026-12-07 (test_ray_e2e's 40 s cut): the task on air was still streaming at the end.
+
+    The monitor let go of the call (the actor free, the job attached to no call) before fetching
+    its answer; the cut came between ``wait`` and ``get``, so the job's deadline was never checked
+    and the task waited for the whole cut. The job now fails by its deadline, the late answer is
+    ignored, and the next job is served once the cluster answers again.
+    """
+    ray = StopsBeforeGet()
+    pool = running_pool(ray, deadline_s=0.5)
+    done: list[Any] = []
+    errors: list[str] = []
+    try:
+        ray.cut.set()
+        t0 = time.monotonic()
+        pool.submit(chunk_job("cut"), done.append, errors.append)
+        assert within(5, lambda: errors) is not None, "the job whose answer was being fetched never ended"
+        assert time.monotonic() - t0 < 0.5 + 1.0  # by its deadline (+ the watchdog's period)
+        assert "has not answered" in errors[0], errors
+        assert not pool.ready()
+        ray.answering.set()  # the cluster answers again: the blocked get returns a stale answer
+        assert within(5, pool.ready) is not None, pool.problem
+        pool.submit(chunk_job("after"), done.append, errors.append)
+        assert within(5, lambda: done) is not None, errors
+        time.sleep(0.2)
+        assert [r.task_id for r in done] == ["after"]  # the given-up answer never reached its job
+        assert len(errors) == 1
+    finally:
+        ray.answering.set()
+        pool.close()
