@@ -212,24 +212,60 @@ class WorkerPool(SchedulingPool):
 
     @staticmethod
     def _terminate(pool: multiprocessing.pool.Pool) -> None:
-        """Terminate a pool without ever hanging the caller, and leave no worker process behind.
+        """Terminate a pool without ever hanging the caller, and leave no worker process or thread behind.
 
-        ``Pool.terminate`` takes the task-queue lock, which an idle worker holds while it waits
-        for work; a worker killed while holding it would block ``terminate`` forever. So healthy
-        workers are left to ``terminate`` (in a daemon thread, bounded wait), only stopped (hung)
-        workers are killed first, and whatever is still alive afterwards is killed.
+        ``Pool.terminate`` first takes the task queue's read lock, which an idle worker holds while
+        it waits for work (CPython's ``Pool._help_stuff_finish``). A worker killed while idle (a
+        ``kill -9``, the OOM killer) never gives it back, so ``terminate`` used to wait forever: its
+        thread, the old pool and the pool's 10 pipe descriptors stayed in the server for good (the
+        chaos soak's descriptors rose by 10 after each such fault, issue 38). So when a worker is
+        dead, or ``terminate`` is still waiting after :data:`POOL_TERMINATE_TIMEOUT_S`, every worker
+        is killed (the pool is being discarded: its jobs were queued again) and the lock, which no
+        live process can hold any more, is given back; ``terminate`` then finishes. Stopped
+        (SIGSTOPped) workers are killed first, since SIGTERM would wait for them forever; healthy
+        workers of a healthy pool get ``terminate``'s SIGTERM.
         """
         procs = list(getattr(pool, "_pool", []))
         for proc in procs:
             if proc.pid is not None and process_state(proc.pid) == "T":  # SIGSTOPped: SIGTERM would wait forever
                 proc.kill()
+                proc.join(1.0)
+        if any(proc.exitcode is not None for proc in procs):  # one died: it may hold the read lock
+            WorkerPool._kill_all(pool, procs)
         closer = threading.Thread(target=pool.terminate, name="worker-pool-terminate", daemon=True)
         closer.start()
         closer.join(POOL_TERMINATE_TIMEOUT_S)
+        if closer.is_alive():  # waiting for the read lock of a worker that died meanwhile, or a hung one
+            WorkerPool._kill_all(pool, procs)
+            closer.join(POOL_TERMINATE_TIMEOUT_S)
+            if closer.is_alive():
+                logger.error("a discarded worker pool did not terminate in %.0f s", 2 * POOL_TERMINATE_TIMEOUT_S)
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join(1.0)
+        if not closer.is_alive():
+            # the calls still unanswered refer to the pool, and it to them (its cache): a cycle that
+            # kept the pool's pipes open until a full collection, rare in a server with a frozen heap
+            getattr(pool, "_cache", {}).clear()
+
+    @staticmethod
+    def _kill_all(pool: multiprocessing.pool.Pool, procs: list[Any]) -> None:
+        """Kill every worker of a discarded ``pool`` and give back its task queue's read lock if a dead one held it."""
+        procs = procs + [p for p in getattr(pool, "_pool", []) if p not in procs]  # respawned by the pool meanwhile
+        for proc in procs:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in procs:
+            proc.join(1.0)
+        lock = getattr(getattr(pool, "_inqueue", None), "_rlock", None)
+        if lock is None or any(proc.exitcode is None for proc in procs):
+            return  # a worker survived SIGKILL (uninterruptible sleep): it may hold the lock yet
+        try:  # free after this either way: taken and given back, or given back for the dead worker that held it
+            lock.acquire(False)
+            lock.release()
+        except ValueError:  # released meanwhile: nothing to give back
+            pass
 
     def _watch(self) -> None:
         while not self._stop.wait(MONITOR_INTERVAL_S):

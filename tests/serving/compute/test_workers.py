@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from latentsync.serving.api.app import create_app
 from latentsync.serving.compute.jobs import ChunkJob, JobFailed
 from latentsync.serving.compute.scheduling_pool import WorkerPoolError
 from latentsync.serving.compute.worker_pool import WorkerPool
+from latentsync.serving.ops.procfs import descriptor_kinds
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
 
@@ -89,6 +91,54 @@ def test_dead_worker_mid_batch_retries_every_chunk_of_the_batch(pool, avatar):
     assert sorted(results) == list(range(6)) and not errors
     stats = pool.stats()
     assert stats.rebuilds >= 1 and stats.retried >= 1
+
+
+def leftovers(pipes_before: int) -> tuple[int, list[str]]:
+    """Pipes this process holds beyond ``pipes_before``, and its threads left by discarded pools."""
+    extra = descriptor_kinds().get("pipe", 0) - pipes_before
+    return extra, [t.name for t in threading.enumerate() if t.name == "worker-pool-terminate"]
+
+
+def test_a_replaced_pool_leaves_no_pipe_or_thread_behind(avatar):
+    """Issue 38: each worker fault of the chaos soak left 10 pipes (and a thread) in the server for good.
+
+    An idle worker waits for work holding the task queue's read lock, and ``Pool.terminate``
+    takes that lock first: with the worker killed (kill -9) or stopped past its deadline (then
+    killed) the old pool's terminate waited forever, holding the pool and its pipes. A pool of one
+    worker makes that worker the holder every time. Each fault is replaced, the job served, and
+    nothing of the old pools stays.
+    """
+    pool = WorkerPool("parametric", {}, avatar_path=avatar.path, workers=1, max_batch=1, deadline_s=2.0)
+    pool.start()
+    try:
+        results, errors = [], []
+        pool.submit(job("warm", 0, avatar), results.append, errors.append)
+        assert within(60, lambda: results), errors
+        pipes_before = descriptor_kinds().get("pipe", 0)
+        for n, sig in enumerate([signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL]):
+            old = pool.worker_pids()
+            os.kill(old[0], sig)
+            if sig == signal.SIGKILL:
+                assert within(30, lambda old=old, n=n: pool.worker_pids() != old and pool.stats().rebuilds == n + 1)
+            pool.submit(job(f"after-{n}", 0, avatar), results.append, errors.append)  # a stopped one: its deadline
+            assert within(60, lambda n=n: len(results) == n + 2), errors
+            assert pool.stats().rebuilds == n + 1
+            # the old pool's terminate: a 5 s wait at most when a lock holder dies meanwhile, then its pipes close
+            clean = within(20, lambda: leftovers(pipes_before) == (0, []))
+            assert clean, (signal.Signals(sig).name, leftovers(pipes_before))
+        assert not errors
+    finally:
+        pool.close()
+
+
+def within(seconds: float, check: Callable[[], bool]) -> bool:
+    """True once ``check()`` is, polled every 0.1 s for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
