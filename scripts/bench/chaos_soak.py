@@ -60,6 +60,7 @@ from soak_metrics import Prometheus, plot, summary  # noqa: E402  (scripts/bench
 from stream_in_bench import lag_and_freeze  # noqa: E402  (scripts/bench/)
 
 from latentsync.serving.ops import procfs  # noqa: E402
+from latentsync.serving.tasks.utterance import STARVING_BUFFER_S  # noqa: E402
 from latentsync_client import AsyncClient  # noqa: E402
 from latentsync_client.errors import LatentSyncError  # noqa: E402
 from latentsync_client.frames_protocol import hello_message  # noqa: E402
@@ -281,21 +282,45 @@ async def speaker(soak: Soak) -> None:
 #: upload (300 s) queued ahead of it on its channel may play, with margin.
 FINAL_AFTER_ON_AIR_S = 120.0
 FINAL_BEFORE_ON_AIR_S = 660.0
-#: On air this long before its last packet, a 0.8x utterance must end ``too_slow`` (starve window 5 s + 3 s).
-STARVE_JUDGED_S = 8.0
+#: Seconds over which arrivals are judged (``speech_stream.starve_timeout_s``, the server's default).
+STARVE_WINDOW_S = 5.0
+#: A slow utterance must end ``too_slow`` when its audio still came this long after it starved (the
+#: processor checks every 0.1 s; the margin covers the send loop's and the clock's jitter).
+STARVE_MARGIN_S = 3.0
 
 
-def utterance(port: int, channel: str, pcm: np.ndarray, speed: float) -> tuple[str | None, str, float | None]:
+def starved_for_s(sent_s: float, to_air_s: float, speed: float) -> float | None:
+    """Seconds a slow utterance's audio kept arriving after the server should have found it starving.
+
+    From its first byte the server holds ``speed * t`` seconds of audio and, once on air at ``to_air_s``,
+    has played ``t - to_air_s``: under :data:`STARVING_BUFFER_S` left to play from ``t = (to_air_s -
+    STARVING_BUFFER_S) / (1 - speed)``, and judged only after :data:`STARVE_WINDOW_S`. An utterance that went
+    on air late holds seconds of audio, so it may end before that moment: then it is ``done``, as it should
+    be. (On air 4 s after its first byte, a 0.8x utterance holds 3.2 s and starves 15 s after its first
+    byte, 11 s after it went on air: the old rule, "on air 8 s before its end", flagged it wrongly.)
+
+    Returns:
+        ``sent_s`` minus that moment (negative: it never starved), or None at real time or faster.
+    """
+    if speed >= 1.0:
+        return None
+    return sent_s - max(STARVE_WINDOW_S, (to_air_s - STARVING_BUFFER_S) / (1.0 - speed))
+
+
+def utterance(
+    port: int, channel: str, pcm: np.ndarray, speed: float
+) -> tuple[str | None, str, float | None, float | None]:
     """One ``/ws/speech`` utterance, paced in its own thread (16 kHz PCM in 20 ms packets at ``speed`` x real
     time, then ``end``).
 
     Returns:
-        ``(task id, outcome, lead)``: the outcome is ``done``, or the final event's status/code and reason;
-        ``lead`` is how many seconds before its last packet was sent the utterance went on air (None: it went on
-        air only after, e.g. queued behind other speech on its channel, or never).
+        ``(task id, outcome, lead, starved)``: the outcome is ``done``, or the final event's status/code and
+        reason; ``lead`` is how many seconds before its last packet was sent the utterance went on air (None: it
+        went on air only after, e.g. queued behind other speech on its channel, or never); ``starved`` is
+        :func:`starved_for_s` (None at 1.0x, or never on air before its end).
     """
     speech = SpeechClient(port, channel=None if channel == "main" else channel)
-    task_id, lead, final = None, None, None
+    task_id, lead, starved, final = None, None, None, None
     try:
         speech.start(16000)
         task_id = speech.wait("accepted", timeout_s=10)["task_id"]
@@ -319,15 +344,18 @@ def utterance(port: int, channel: str, pcm: np.ndarray, speed: float) -> tuple[s
         if on_air is not None and on_air.get("first_byte_to_air_s") is not None:
             lead = round(sent_s - on_air["first_byte_to_air_s"], 2)
             lead = lead if lead > 0 else None
+            starved = starved_for_s(sent_s, on_air["first_byte_to_air_s"], speed) if lead is not None else None
+            starved = None if starved is None else round(starved, 2)
     except (AssertionError, OSError, simple_websocket.ConnectionClosed) as exc:
-        return task_id, f"client failed: {exc!r}"[:300], lead
+        return task_id, f"client failed: {exc!r}"[:300], lead, starved
     finally:
         speech.close()
     if final is None:
-        return task_id, ("no final event (connection closed)" if speech.closed else "no final event in time"), lead
+        closed = "no final event (connection closed)" if speech.closed else "no final event in time"
+        return task_id, closed, lead, starved
     if final["type"] == "error":
-        return task_id, f"{final.get('code')}: {final.get('message')}", lead
-    return task_id, final["status"] + (f": {final['error']}" if final.get("error") else ""), lead
+        return task_id, f"{final.get('code')}: {final.get('message')}", lead, starved
+    return task_id, final["status"] + (f": {final['error']}" if final.get("error") else ""), lead, starved
 
 
 async def live_speech(soak: Soak) -> None:
@@ -347,14 +375,19 @@ async def live_speech(soak: Soak) -> None:
         async with soak.gate:
             if soak.stopping:  # the gate came after the end: no new session
                 return
-            task_id, outcome, lead = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
+            task_id, outcome, lead, starved = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
         if task_id is not None:
             soak.track(task_id, channel, f"ws {speed}x")
-        soak.note("ws speech", channel=channel, speed=speed, outcome=outcome, on_air_before_end_s=lead)
-        # too_slow needs the utterance generating while its audio trickles in: on air at least the starve window
-        # (5 s) plus a margin before its last packet. Queued behind an upload, it is whole before it plays: done.
-        if speed < 1.0 and "too_slow" not in outcome and lead is not None and lead >= STARVE_JUDGED_S:
-            soak.problems.append(f"a /ws/speech utterance at 0.8x on air {lead} s before its end ended {outcome!r}")
+        soak.note(
+            "ws speech", channel=channel, speed=speed, outcome=outcome, on_air_before_end_s=lead, starved_s=starved
+        )
+        # too_slow needs the utterance on air with under 1 s left to play while its audio still trickles in
+        # (starved_for_s). Queued behind an upload, or on air late with seconds in hand, it ends whole: done.
+        if speed < 1.0 and "too_slow" not in outcome and starved is not None and starved >= STARVE_MARGIN_S:
+            soak.problems.append(
+                f"a /ws/speech utterance at 0.8x, on air {lead} s before its end and starving for {starved} s "
+                f"before it, ended {outcome!r}"
+            )
         if speed == 1.0 and not outcome.startswith("done"):
             soak.problems.append(f"a /ws/speech utterance at 1.0x on {channel} ended {outcome!r}")
 
