@@ -6,7 +6,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from latentsync.serving.compute.worker_pool import WorkerPool
 from latentsync.serving.ops.procfs import descriptor_kinds
 from latentsync.serving.runtime.runtime import Runtime
 from tests.datafiles import media_file
+from tests.streamtools import seconds_until
 
 pytestmark = pytest.mark.workers
 
@@ -113,32 +113,25 @@ def test_a_replaced_pool_leaves_no_pipe_or_thread_behind(avatar):
     try:
         results, errors = [], []
         pool.submit(job("warm", 0, avatar), results.append, errors.append)
-        assert within(60, lambda: results), errors
+        assert seconds_until(lambda: results, 60) is not None, errors
         pipes_before = descriptor_kinds().get("pipe", 0)
         for n, sig in enumerate([signal.SIGKILL, signal.SIGSTOP, signal.SIGKILL]):
             old = pool.worker_pids()
             os.kill(old[0], sig)
             if sig == signal.SIGKILL:
-                assert within(30, lambda old=old, n=n: pool.worker_pids() != old and pool.stats().rebuilds == n + 1)
+                replaced = seconds_until(
+                    lambda old=old, n=n: pool.worker_pids() != old and pool.stats().rebuilds == n + 1, 30
+                )
+                assert replaced is not None
             pool.submit(job(f"after-{n}", 0, avatar), results.append, errors.append)  # a stopped one: its deadline
-            assert within(60, lambda n=n: len(results) == n + 2), errors
+            assert seconds_until(lambda n=n: len(results) == n + 2, 60) is not None, errors
             assert pool.stats().rebuilds == n + 1
             # the old pool's terminate: a 5 s wait at most when a lock holder dies meanwhile, then its pipes close
-            clean = within(20, lambda: leftovers(pipes_before) == (0, []))
+            clean = seconds_until(lambda: leftovers(pipes_before) == (0, []), 20) is not None
             assert clean, (signal.Signals(sig).name, leftovers(pipes_before))
         assert not errors
     finally:
         pool.close()
-
-
-def within(seconds: float, check: Callable[[], bool]) -> bool:
-    """True once ``check()`` is, polled every 0.1 s for at most ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 def test_engine_that_cannot_load_is_a_clear_start_error(avatar):
