@@ -59,6 +59,7 @@ from soak_bench import measure_drift  # noqa: E402  (scripts/bench/)
 from soak_metrics import Prometheus, plot, summary  # noqa: E402  (scripts/bench/)
 from stream_in_bench import lag_and_freeze  # noqa: E402  (scripts/bench/)
 
+from latentsync.config.speech import SpeechStreamConfig  # noqa: E402
 from latentsync.serving.ops import procfs  # noqa: E402
 from latentsync.serving.tasks.utterance import STARVING_BUFFER_S  # noqa: E402
 from latentsync_client import AsyncClient  # noqa: E402
@@ -282,8 +283,8 @@ async def speaker(soak: Soak) -> None:
 #: upload (300 s) queued ahead of it on its channel may play, with margin.
 FINAL_AFTER_ON_AIR_S = 120.0
 FINAL_BEFORE_ON_AIR_S = 660.0
-#: Seconds over which arrivals are judged (``speech_stream.starve_timeout_s``, the server's default).
-STARVE_WINDOW_S = 5.0
+#: Seconds over which arrivals are judged (``speech_stream.starve_timeout_s``: the soak keeps the default).
+STARVE_WINDOW_S = SpeechStreamConfig.starve_timeout_s
 #: A slow utterance must end ``too_slow`` when its audio still came this long after it starved (the
 #: processor checks every 0.1 s; the margin covers the send loop's and the clock's jitter).
 STARVE_MARGIN_S = 3.0
