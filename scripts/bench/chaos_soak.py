@@ -870,14 +870,19 @@ async def tick_sampler(soak: Soak) -> None:
 
 
 #: Children that live as long as the server (restarted only by a fault): the RSS goal is judged on these and the
-#: server. The others (an upload's decoder, a WHEP or frames client's encoder, a face search) end with what they
-#: serve, so they cannot grow for hours; their RSS is in ``children_rss_mb`` and ``rss_by_role``.
+#: server. The others (an upload's decoder, a WHEP or frames client's encoder, a face search, the encoder and relay
+#: of ``third``, which lives a few minutes at a time) end with what they serve, so they cannot grow for hours;
+#: their RSS is in ``children_rss_mb`` and ``rss_by_role``.
 STANDING_ROLES = ("engine worker", "resource tracker", "encoder", "relay")
 
 
 def child_role(pid: int) -> str:
     """What a child of the server is, from its command line (``STANDING_ROLES`` or a passing one)."""
     cmd = procfs.command_line(pid)
+    # third's encoder reads FIFOs in its channel's folder (runtime/channel.py: latentsync-rt-<name>-); its relay
+    # pushes to live/third
+    if "latentsync-rt-third-" in cmd or "/live/third?" in cmd:
+        return "third channel (passing)"
     if "spawn_main" in cmd:
         return "engine worker"
     if "resource_tracker" in cmd:
