@@ -279,8 +279,8 @@ async def speaker(soak: Soak) -> None:
             soak.note("speak refused", channel=channel, error=str(exc))
 
 
-#: How long an utterance may wait for its final event: 120 s once on air; before that, as long as the longest
-#: upload (300 s) queued ahead of it on its channel may play, with margin.
+#: How long an utterance may wait for its final event: 120 s from the moment it goes on air; before that, as long
+#: as the longest upload (300 s) queued ahead of it on its channel may play, with margin, from its last packet.
 FINAL_AFTER_ON_AIR_S = 120.0
 FINAL_BEFORE_ON_AIR_S = 660.0
 #: Seconds over which arrivals are judged (``speech_stream.starve_timeout_s``: the soak keeps the default).
@@ -333,13 +333,16 @@ def utterance(
             pass  # the server ended it (too_slow): its last event says why
         ended = time.monotonic()
         sent_s = ended - t0
+        on_air_seen = None  # when this client first saw on_air: a queued utterance goes on air long after its end
         while True:
             on_air = next((e for e in speech.events if e["type"] == "on_air"), None)
             final = next((e for e in speech.events if e["type"] in ("done", "error")), None)
-            waited = time.monotonic() - ended
+            now = time.monotonic()
+            if on_air is not None and on_air_seen is None:
+                on_air_seen = now
             if final is not None or speech.closed:
                 break
-            if waited > (FINAL_AFTER_ON_AIR_S if on_air is not None else FINAL_BEFORE_ON_AIR_S):
+            if now - (on_air_seen or ended) > (FINAL_AFTER_ON_AIR_S if on_air_seen else FINAL_BEFORE_ON_AIR_S):
                 break
             speech.poll(0.5)
         if on_air is not None and on_air.get("first_byte_to_air_s") is not None:
