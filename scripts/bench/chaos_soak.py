@@ -350,6 +350,8 @@ def utterance(
             lead = lead if lead > 0 else None
             starved = starved_for_s(sent_s, on_air["first_byte_to_air_s"], speed) if lead is not None else None
             starved = None if starved is None else round(starved, 2)
+    except simple_websocket.ConnectionError as exc:  # refused at the handshake: 503 over the per-address cap
+        return task_id, f"refused: HTTP {exc.status_code}", lead, starved
     except (AssertionError, OSError, simple_websocket.ConnectionClosed) as exc:
         return task_id, f"client failed: {exc!r}"[:300], lead, starved
     finally:
@@ -379,12 +381,19 @@ async def live_speech(soak: Soak) -> None:
         async with soak.gate:
             if soak.stopping:  # the gate came after the end: no new session
                 return
+            started = time.monotonic()
             task_id, outcome, lead, starved = await asyncio.to_thread(utterance, soak.port, channel, pcm, speed)
         if task_id is not None:
             soak.track(task_id, channel, f"ws {speed}x")
         soak.note(
             "ws speech", channel=channel, speed=speed, outcome=outcome, on_air_before_end_s=lead, starved_s=starved
         )
+        if outcome.startswith("refused"):
+            # slow_clients holds the server's per-address connection cap, and the soak's clients share the address:
+            # a refusal then is the server's rule; at any other time it is a problem
+            if not soak.in_fault(started):
+                soak.problems.append(f"a /ws/speech utterance on {channel} was {outcome} outside every fault")
+            continue
         # too_slow needs the utterance on air with under 1 s left to play while its audio still trickles in
         # (starved_for_s). Queued behind an upload, or on air late with seconds in hand, it ends whole: done.
         if speed < 1.0 and "too_slow" not in outcome and starved is not None and starved >= STARVE_MARGIN_S:
