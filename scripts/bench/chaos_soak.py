@@ -320,7 +320,10 @@ def utterance(
         went on air only after, e.g. queued behind other speech on its channel, or never); ``starved`` is
         :func:`starved_for_s` (None at 1.0x, or never on air before its end).
     """
-    speech = SpeechClient(port, channel=None if channel == "main" else channel)
+    try:  # the client connects as it is made
+        speech = SpeechClient(port, channel=None if channel == "main" else channel)
+    except simple_websocket.ConnectionError as exc:  # refused at the handshake: 503 over the per-address cap
+        return None, f"refused: HTTP {exc.status_code}", None, None
     task_id, lead, starved, final = None, None, None, None
     try:
         speech.start(16000)
@@ -350,8 +353,6 @@ def utterance(
             lead = lead if lead > 0 else None
             starved = starved_for_s(sent_s, on_air["first_byte_to_air_s"], speed) if lead is not None else None
             starved = None if starved is None else round(starved, 2)
-    except simple_websocket.ConnectionError as exc:  # refused at the handshake: 503 over the per-address cap
-        return task_id, f"refused: HTTP {exc.status_code}", lead, starved
     except (AssertionError, OSError, simple_websocket.ConnectionClosed) as exc:
         return task_id, f"client failed: {exc!r}"[:300], lead, starved
     finally:
